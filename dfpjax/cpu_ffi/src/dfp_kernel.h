@@ -1,0 +1,73 @@
+/* dfpjax CPU kernel: exact INT16 x INT16 -> float matrix products (docs/numerics.md).
+ *
+ * Portable C API used by the XLA FFI binding (ffi_binding.cc). Layout of the
+ * implementation, BLIS style:
+ *   isa.c               run-time CPU feature detection and the DFPJAX_ISA override
+ *   pack.c              packing into the VNNI pair layout + per-block norms (portable)
+ *   gemm.c              macro-loop: blocking, threading, exact chunk selection, output
+ *   ukernel_*.c         one register-blocked microkernel per ISA
+ *   encode.h            exact int64 -> float rounding and power-of-two scaling
+ */
+#ifndef DFPJAX_DFP_KERNEL_H_
+#define DFPJAX_DFP_KERNEL_H_
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef enum {
+  DFP_ISA_PORTABLE = 0,
+  DFP_ISA_AVX2 = 1,
+  DFP_ISA_AVX_VNNI = 2,
+  DFP_ISA_AVX512_VNNI = 3,
+  DFP_ISA_COUNT = 4,
+} dfp_isa;
+
+typedef enum { DFP_OUT_F32 = 0, DFP_OUT_BF16 = 1, DFP_OUT_F16 = 2 } dfp_out_format;
+
+/* Runs task(arg, i) for i in [0, n) on a thread pool and returns when all are done. */
+typedef void (*dfp_task_fn)(void* arg, size_t i);
+typedef struct {
+  void (*parallel_for)(void* pool, size_t n, dfp_task_fn task, void* arg);
+  void* pool;
+  int num_threads;
+} dfp_parallel;
+
+/* out[b, m, n] = fl(sum_k A[b, m, k] * B[b, k, n]) * 2**(ea[b, m] + eb[b, n]), exactly.
+ * A is [batch, M, K] (a_kmajor = 0) or [batch, K, M] (a_kmajor = 1), dense row-major;
+ * B is [batch, K, N] (b_nmajor = 0) or [batch, N, K] (b_nmajor = 1). Exponents are
+ * indexed with the given strides (0 broadcasts); INT32_MAX marks a non-finite operand
+ * and makes the whole output NaN. Mantissas must satisfy |m| <= 32767. */
+typedef struct {
+  size_t batch, m, n, k;
+  const int16_t* a;
+  int a_kmajor;
+  const int16_t* b;
+  int b_nmajor;
+  const int32_t* ea;
+  size_t ea_batch_stride, ea_stride;
+  const int32_t* eb;
+  size_t eb_batch_stride, eb_stride;
+  void* out;
+  dfp_out_format out_format;
+} dfp_gemm_args;
+
+/* 0 on success, else a negative dfp_status. */
+enum { DFP_OK = 0, DFP_ERR_ISA_UNSUPPORTED = -1, DFP_ERR_ALLOC = -2, DFP_ERR_BAD_MANTISSA = -3 };
+
+int dfp_gemm(const dfp_gemm_args* args, dfp_isa isa, const dfp_parallel* par);
+
+int dfp_isa_supported(dfp_isa isa);       /* compiled in and runnable on this CPU */
+const char* dfp_isa_name(dfp_isa isa);    /* "portable", "avx2", "avx_vnni", "avx512_vnni" */
+dfp_isa dfp_best_isa(void);
+/* The path a call uses: DFPJAX_ISA if set (>= 0), else the best; -1 if DFPJAX_ISA names
+ * an unknown path. */
+int dfp_selected_isa(void);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

@@ -1,0 +1,53 @@
+/* Exact output stage of spec section 3: fl(S) * 2**k for an exact integer S.
+ * Integer-only (no float arithmetic), so flush-to-zero modes cannot change it; the
+ * pure-JAX reference (numerics/floatbits.py: encode_scaled) is the same algorithm. */
+#ifndef DFPJAX_ENCODE_H_
+#define DFPJAX_ENCODE_H_
+
+#include <stdint.h>
+
+typedef struct {
+  int precision;  /* significant bits, implicit one included */
+  int bias, emin, emax, width;
+} dfp_float_format;
+
+static const dfp_float_format kDfpF32 = {24, 127, -126, 127, 32};
+static const dfp_float_format kDfpBF16 = {8, 127, -126, 127, 16};
+static const dfp_float_format kDfpF16 = {11, 15, -14, 15, 16};
+
+static inline int dfp_bit_length64(uint64_t v) { return v ? 64 - __builtin_clzll(v) : 0; }
+
+/* v * 2**-r rounded to nearest, ties to even (r >= 0). */
+static inline uint64_t dfp_round_shift_right(uint64_t v, int r) {
+  if (r == 0) return v;
+  if (r > 64) return 0;
+  uint64_t q = r == 64 ? 0 : v >> r;
+  uint64_t rem = r == 64 ? v : v & ((UINT64_C(1) << r) - 1);
+  uint64_t half = UINT64_C(1) << (r - 1);
+  return q + (rem > half || (rem == half && (q & 1)));
+}
+
+/* Bit pattern of fl(S) * 2**k in the given format (round to precision once, then
+ * IEEE scaling: Inf above the range, nearest-even subnormals below it; 0 -> +0). */
+static inline uint32_t dfp_encode_scaled(int64_t s, int32_t k, const dfp_float_format* f) {
+  if (s == 0) return 0;
+  uint32_t sign = s < 0 ? UINT32_C(1) << (f->width - 1) : 0;
+  uint64_t mag = s < 0 ? (uint64_t)0 - (uint64_t)s : (uint64_t)s;
+  int n = dfp_bit_length64(mag);
+  int p = f->precision;
+  uint64_t sig = n > p ? dfp_round_shift_right(mag, n - p) : mag << (p - n);
+  int lead = n - 1 + k;
+  if (sig >> p) { sig >>= 1; lead += 1; }
+  uint32_t bits;
+  if (lead > f->emax) {
+    bits = (uint32_t)((1 << (f->width - 1 - (p - 1))) - 1) << (p - 1);  /* Inf */
+  } else if (lead >= f->emin) {
+    bits = ((uint32_t)(lead + f->bias) << (p - 1)) | (uint32_t)(sig & ((UINT64_C(1) << (p - 1)) - 1));
+  } else {
+    int shift = f->emin - lead;
+    bits = (uint32_t)dfp_round_shift_right(sig, shift > 2 * p + 2 ? 2 * p + 2 : shift);
+  }
+  return sign | bits;
+}
+
+#endif

@@ -1,0 +1,71 @@
+/* Run-time ISA selection: CPUID feature bits plus the OS's saved-register support. */
+#include <stdlib.h>
+#include <string.h>
+
+#include "dfp_kernel.h"
+#include "ukernel.h"
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <cpuid.h>
+
+static unsigned long long xgetbv0(void) {
+  unsigned int lo, hi;
+  __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+  return ((unsigned long long)hi << 32) | lo;
+}
+
+static int detect(dfp_isa isa) {
+  unsigned int a, b, c, d;
+  if (!__get_cpuid(1, &a, &b, &c, &d)) return 0;
+  const int osxsave = (c >> 27) & 1;
+  if (!osxsave) return 0;
+  const unsigned long long xcr0 = xgetbv0();
+  const int ymm_os = (xcr0 & 0x6) == 0x6;
+  const int zmm_os = (xcr0 & 0xe6) == 0xe6;
+  if (__get_cpuid_max(0, 0) < 7) return 0;
+  unsigned int b7, c7, d7, a7;
+  __cpuid_count(7, 0, a7, b7, c7, d7);
+  unsigned int a71, b71, c71, d71;
+  __cpuid_count(7, 1, a71, b71, c71, d71);
+  const int avx2 = ymm_os && ((b7 >> 5) & 1);
+  switch (isa) {
+    case DFP_ISA_AVX2:
+      return avx2;
+    case DFP_ISA_AVX_VNNI:
+      return avx2 && ((a71 >> 4) & 1);
+    case DFP_ISA_AVX512_VNNI:
+      return zmm_os && ((b7 >> 16) & 1) /* F */ && ((b7 >> 30) & 1) /* BW */ &&
+             ((c7 >> 11) & 1) /* VNNI */;
+    default:
+      return 0;
+  }
+}
+#else
+static int detect(dfp_isa isa) { (void)isa; return 0; }
+#endif
+
+int dfp_isa_supported(dfp_isa isa) {
+  if (isa == DFP_ISA_PORTABLE) return 1;
+  if (isa < 0 || isa >= DFP_ISA_COUNT || dfp_ukernel_for(isa) == NULL) return 0;
+  return detect(isa);
+}
+
+static const char* const kNames[DFP_ISA_COUNT] = {"portable", "avx2", "avx_vnni", "avx512_vnni"};
+
+const char* dfp_isa_name(dfp_isa isa) {
+  return (isa >= 0 && isa < DFP_ISA_COUNT) ? kNames[isa] : "unknown";
+}
+
+dfp_isa dfp_best_isa(void) {
+  for (int isa = DFP_ISA_COUNT - 1; isa > 0; --isa)
+    if (dfp_isa_supported((dfp_isa)isa)) return (dfp_isa)isa;
+  return DFP_ISA_PORTABLE;
+}
+
+int dfp_selected_isa(void) {
+  const char* forced = getenv("DFPJAX_ISA");
+  if (forced == NULL || forced[0] == '\0') return dfp_best_isa();
+  for (int isa = 0; isa < DFP_ISA_COUNT; ++isa)
+    if (strcmp(forced, kNames[isa]) == 0) return isa;
+  return -1;
+}

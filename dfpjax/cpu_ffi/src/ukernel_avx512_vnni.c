@@ -1,0 +1,46 @@
+/* AVX-512 VNNI microkernel, 8 x 32: vpdpwssd on zmm, 16 accumulators of 16 INT32 lanes. */
+#include <immintrin.h>
+#include <string.h>
+
+#include "ukernel.h"
+
+enum { MR = 8, NR = 32 };
+
+static inline __m512i broadcast_pair(const int16_t* p) {
+  int32_t w;
+  memcpy(&w, p, sizeof w);
+  return _mm512_set1_epi32(w);
+}
+
+static inline void spill(__m512i v, int64_t* dst) {
+  __m512i lo = _mm512_cvtepi32_epi64(_mm512_castsi512_si256(v));
+  __m512i hi = _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(v, 1));
+  _mm512_storeu_si512(dst, _mm512_add_epi64(_mm512_loadu_si512(dst), lo));
+  _mm512_storeu_si512(dst + 8, _mm512_add_epi64(_mm512_loadu_si512(dst + 8), hi));
+}
+
+static void ukernel(size_t kpairs, size_t chunk, const int16_t* a, const int16_t* b, int64_t* acc) {
+  for (size_t done = 0; done < kpairs; done += chunk) {
+    const size_t n = chunk < kpairs - done ? chunk : kpairs - done;
+    __m512i c[MR][2];
+#pragma GCC unroll 8
+    for (int i = 0; i < MR; ++i) c[i][0] = c[i][1] = _mm512_setzero_si512();
+    for (size_t p = 0; p < n; ++p, a += 2 * MR, b += 2 * NR) {
+      const __m512i b0 = _mm512_loadu_si512(b);
+      const __m512i b1 = _mm512_loadu_si512(b + 32);
+#pragma GCC unroll 8
+      for (int i = 0; i < MR; ++i) {
+        const __m512i ai = broadcast_pair(a + 2 * i);
+        c[i][0] = _mm512_dpwssd_epi32(c[i][0], ai, b0);
+        c[i][1] = _mm512_dpwssd_epi32(c[i][1], ai, b1);
+      }
+    }
+#pragma GCC unroll 8
+    for (int i = 0; i < MR; ++i) {
+      spill(c[i][0], acc + i * NR);
+      spill(c[i][1], acc + i * NR + 16);
+    }
+  }
+}
+
+const dfp_ukernel dfp_ukernel_avx512_vnni = {MR, NR, ukernel};

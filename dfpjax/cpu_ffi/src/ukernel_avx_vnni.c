@@ -1,0 +1,47 @@
+/* AVX-VNNI microkernel, 6 x 16: vpdpwssd (VEX, 256-bit) fuses the pair multiply and the add. */
+#include <immintrin.h>
+#include <string.h>
+
+#include "ukernel.h"
+
+enum { MR = 6, NR = 16 };
+
+static inline __m256i broadcast_pair(const int16_t* p) {
+  int32_t w;
+  memcpy(&w, p, sizeof w);
+  return _mm256_set1_epi32(w);
+}
+
+static inline void spill(__m256i v, int64_t* dst) {
+  __m256i lo = _mm256_cvtepi32_epi64(_mm256_castsi256_si128(v));
+  __m256i hi = _mm256_cvtepi32_epi64(_mm256_extracti128_si256(v, 1));
+  _mm256_storeu_si256((__m256i*)dst, _mm256_add_epi64(_mm256_loadu_si256((const __m256i*)dst), lo));
+  _mm256_storeu_si256((__m256i*)(dst + 4),
+                      _mm256_add_epi64(_mm256_loadu_si256((const __m256i*)(dst + 4)), hi));
+}
+
+static void ukernel(size_t kpairs, size_t chunk, const int16_t* a, const int16_t* b, int64_t* acc) {
+  for (size_t done = 0; done < kpairs; done += chunk) {
+    const size_t n = chunk < kpairs - done ? chunk : kpairs - done;
+    __m256i c[MR][2];
+#pragma GCC unroll 8
+    for (int i = 0; i < MR; ++i) c[i][0] = c[i][1] = _mm256_setzero_si256();
+    for (size_t p = 0; p < n; ++p, a += 2 * MR, b += 2 * NR) {
+      const __m256i b0 = _mm256_loadu_si256((const __m256i*)b);
+      const __m256i b1 = _mm256_loadu_si256((const __m256i*)(b + 16));
+#pragma GCC unroll 8
+      for (int i = 0; i < MR; ++i) {
+        const __m256i ai = broadcast_pair(a + 2 * i);
+        c[i][0] = _mm256_dpwssd_avx_epi32(c[i][0], ai, b0);
+        c[i][1] = _mm256_dpwssd_avx_epi32(c[i][1], ai, b1);
+      }
+    }
+#pragma GCC unroll 8
+    for (int i = 0; i < MR; ++i) {
+      spill(c[i][0], acc + i * NR);
+      spill(c[i][1], acc + i * NR + 8);
+    }
+  }
+}
+
+const dfp_ukernel dfp_ukernel_avx_vnni = {MR, NR, ukernel};

@@ -1,0 +1,146 @@
+"""Float -> DFP quantization (spec section 2) and its inverse."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from dfpjax.numerics import floatbits, rng
+from dfpjax.numerics.config import QuantConfig
+
+# The exponent of an operand that held a NaN or an Inf: every product with it is NaN.
+NONFINITE_EXPONENT = np.iinfo(np.int32).max
+# floor(log2(0)) stand-in; far below any real exponent, far above int32 overflow when offset.
+_LOG2_OF_ZERO = -(1 << 24)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class DFPTensor:
+  """INT16 mantissas sharing power-of-two exponents: value = mantissa * 2**exponent.
+
+  ``exponent`` is a scalar (per-tensor) or a vector along ``channel_axis``. It is
+  ``NONFINITE_EXPONENT`` everywhere when the quantized tensor held a NaN or an Inf.
+  """
+
+  mantissa: jax.Array
+  exponent: jax.Array
+  channel_axis: int | None = dataclasses.field(default=None, metadata=dict(static=True))
+
+  @property
+  def shape(self):
+    return self.mantissa.shape
+
+  @property
+  def is_nonfinite(self):
+    return jnp.any(self.exponent == NONFINITE_EXPONENT)
+
+  def broadcast_exponent(self):
+    """The exponent broadcast to the mantissa's rank (size 1 off the channel axis)."""
+    if self.channel_axis is None:
+      return jnp.reshape(self.exponent, (1,) * self.mantissa.ndim)
+    shape = [1] * self.mantissa.ndim
+    shape[self.channel_axis] = self.mantissa.shape[self.channel_axis]
+    return jnp.reshape(self.exponent, shape)
+
+
+def _normalize_axis(axis, ndim):
+  if not isinstance(axis, (int, np.integer)) or not -ndim <= axis < ndim:
+    raise ValueError(f"channel axis {axis!r} is out of range for a rank-{ndim} tensor")
+  return int(axis) % ndim
+
+
+def quantize(x, bits: int = 16, rounding: str = "nearest", key: Any = None,
+             granularity: str = "tensor", axis: int | None = None, headroom: int = 0,
+             *, scale_exponent=None) -> DFPTensor:
+  """Quantizes a float tensor to DFP exactly as spec section 2 defines.
+
+  Args:
+    x: float32, bfloat16 or float16 array.
+    bits, rounding, headroom, granularity: see :class:`dfpjax.QuantConfig`.
+    key: a ``jax.random`` key; required for ``rounding="stochastic"``.
+    axis: the channel axis for ``granularity="channel"`` (one exponent per index).
+    scale_exponent: optional int32 array broadcastable to ``x``; quantizes
+      ``x * 2**scale_exponent`` without forming it in floating point (used to fold
+      per-channel exponents of a partner operand into a gradient).
+  Returns:
+    A :class:`DFPTensor` with int16 mantissas and int32 exponents.
+  """
+  config = QuantConfig(bits=bits, headroom=headroom, rounding=rounding, granularity=granularity)
+  x = jnp.asarray(x)
+  floatbits.float_format(x.dtype)  # raises for integer, complex, float64 ...
+  if rounding == "stochastic" and key is None:
+    raise ValueError("rounding='stochastic' needs a key (a jax.random key)")
+  if granularity == "channel":
+    if axis is None:
+      raise ValueError("granularity='channel' needs the channel axis")
+    axis = _normalize_axis(axis, x.ndim)
+    reduce_axes = tuple(a for a in range(x.ndim) if a != axis)
+  else:
+    if axis is not None:
+      raise ValueError("axis is only meaningful with granularity='channel'")
+    reduce_axes = tuple(range(x.ndim))
+  return _quantize(x, config, key, axis, reduce_axes, scale_exponent)
+
+
+def quantize_with(x, config: QuantConfig, key=None, axis=None, scale_exponent=None) -> DFPTensor:
+  """:func:`quantize` with the settings of a :class:`QuantConfig`."""
+  return quantize(x, config.bits, config.rounding, key, config.granularity,
+                  axis if config.granularity == "channel" else None, config.headroom,
+                  scale_exponent=scale_exponent)
+
+
+def _quantize(x, config: QuantConfig, key, axis, reduce_axes, scale_exponent) -> DFPTensor:
+  p, s = config.bits, config.headroom
+  mag = floatbits.magnitude_bits(x)
+  nonfinite = jnp.any(mag >= floatbits.nonfinite_threshold(x.dtype))
+  negative, sig, exp2 = floatbits.decode(x)
+  offset = jnp.zeros((), jnp.int32) if scale_exponent is None else jnp.asarray(scale_exponent, jnp.int32)
+  exp2 = exp2 + offset
+
+  log2 = jnp.where(mag == 0, _LOG2_OF_ZERO, floatbits.floor_log2_of_magnitude_bits(mag, x.dtype) + offset)
+  top = jnp.max(log2, axis=reduce_axes, keepdims=True)
+  exponent = jnp.where(top == _LOG2_OF_ZERO, 0, top - (p - 2) + s)
+
+  shift = exp2 - exponent  # m = R(sig * 2**shift)
+  q, t, sticky = floatbits.split_shift(sig, jnp.maximum(-shift, 0))
+  if config.rounding == "nearest":
+    magnitude = (q + floatbits.round_half_even_up(q, t, sticky).astype(jnp.uint32)).astype(jnp.int32)
+    m = jnp.where(negative, -magnitude, magnitude)
+  else:
+    u = rng.uniform_bits(key, x.shape)
+    # floor(v + u) over 32 fraction bits, exact (docs/numerics.md): for v >= 0 it is
+    # q + carry(t + U); for v < 0 it is -q - [frac != 0] + carry((-c) + U), with
+    # c = ceil(frac * 2**32) = t + sticky.
+    carry_pos = ((t + u) < u).astype(jnp.int32)
+    c = t + sticky.astype(jnp.uint32)
+    carry_neg = (((jnp.uint32(0) - c) + u) < u).astype(jnp.int32)
+    qi = q.astype(jnp.int32)
+    m = jnp.where(negative, -qi - (c != 0).astype(jnp.int32) + carry_neg, qi + carry_pos)
+  exact = (sig << jnp.clip(shift, 0, 31).astype(jnp.uint32)).astype(jnp.int32)
+  m = jnp.where(shift >= 0, jnp.where(negative, -exact, exact), m)
+  limit = (1 << (p - 1)) - 1
+  m = jnp.clip(m, -limit, limit)
+
+  m = jnp.where(nonfinite, 0, m).astype(jnp.int16)
+  exponent = jnp.where(nonfinite, NONFINITE_EXPONENT, exponent).astype(jnp.int32)
+  exponent = exponent.reshape(()) if axis is None else exponent.reshape(x.shape[axis])
+  return DFPTensor(m, exponent, axis)
+
+
+def dequantize(t: DFPTensor, dtype=jnp.float32):
+  """The exact value ``mantissa * 2**exponent`` as ``dtype`` (NaN for a non-finite tensor).
+
+  Exact whenever the value is representable in ``dtype``; otherwise rounded as IEEE
+  scaling does (to Inf above the range, to nearest-even subnormals below it).
+  """
+  m = t.mantissa.astype(jnp.int32)
+  e = t.broadcast_exponent()
+  magnitude = jnp.abs(m).astype(jnp.uint32)
+  y = floatbits.encode_scaled(m < 0, magnitude, jnp.broadcast_to(e, m.shape), dtype)
+  return jnp.where(e == NONFINITE_EXPONENT, jnp.array(jnp.nan, dtype), y)

@@ -1,0 +1,5 @@
+"""DFP primitives: exact products of quantized operands, with batching, AD and lowerings."""
+
+from dfpjax.primitives.dot_general import dfp_dot_general, dfp_dot_general_p
+
+__all__ = ["dfp_dot_general", "dfp_dot_general_p"]

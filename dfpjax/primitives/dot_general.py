@@ -1,0 +1,358 @@
+"""DFP ``dot_general``: spec section 3 forward, section 4 gradients.
+
+Two layers, each defined once:
+
+* ``dfp_dot_general_p`` -- the exact product of already-quantized operands in a
+  canonical batched-matrix form, with abstract evaluation, a batching rule, a CPU
+  lowering to the C kernel through XLA FFI and a pure-XLA lowering elsewhere. Its
+  inputs are integers, so it needs no differentiation rule of its own.
+* ``dfp_dot_general`` -- the user-facing op with ``lax.dot_general``'s signature:
+  quantizes, calls the primitive, and carries the DFP gradient rule (a ``custom_vjp``
+  whose backward ops are again DFP products of the quantized cotangent with the
+  *same* quantized operands the forward used).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.extend import core
+from jax.interpreters import batching, mlir
+
+from dfpjax import cpu_ffi
+from dfpjax.numerics import floatbits
+from dfpjax.numerics.config import DFPConfig, QuantConfig
+from dfpjax.numerics.quantize import NONFINITE_EXPONENT, DFPTensor, quantize_with
+from dfpjax.primitives import reference
+from dfpjax.primitives.operands import (check_float_operand, fold_key, output_dtype,
+                                        partner_folded)
+
+# ---------------------------------------------------------------------------------------
+# The primitive: exact product of quantized operands, canonical [B, M, K] x [B, K, N].
+# ---------------------------------------------------------------------------------------
+
+dfp_dot_general_p = core.Primitive("dfp_dot_general")
+
+
+def _canonical_sizes(a_shape, b_shape, lhs_kmajor, rhs_nmajor):
+  batch, m, k = (a_shape[0], a_shape[2], a_shape[1]) if lhs_kmajor else a_shape
+  batch_b, k_b, n = (b_shape[0], b_shape[2], b_shape[1]) if rhs_nmajor else b_shape
+  return batch, batch_b, m, k, k_b, n
+
+
+def _abstract_eval(a, ea, b, eb, *, lhs_kmajor, rhs_nmajor, out_dtype):
+  if a.dtype != jnp.int16 or b.dtype != jnp.int16 or ea.dtype != jnp.int32 or eb.dtype != jnp.int32:
+    raise TypeError("dfp_dot_general_p takes int16 mantissas and int32 exponents, got "
+                    f"{a.dtype}, {ea.dtype}, {b.dtype}, {eb.dtype}")
+  if a.ndim != 3 or b.ndim != 3 or ea.ndim != 2 or eb.ndim != 2:
+    raise ValueError("dfp_dot_general_p takes rank-3 mantissas and rank-2 exponents")
+  batch, batch_b, m, k, k_b, n = _canonical_sizes(a.shape, b.shape, lhs_kmajor, rhs_nmajor)
+  if batch != batch_b or k != k_b:
+    raise ValueError(f"dfp_dot_general_p: incompatible operands {a.shape} and {b.shape}")
+  if ea.shape[0] not in (1, batch) or ea.shape[1] not in (1, m) or \
+     eb.shape[0] not in (1, batch) or eb.shape[1] not in (1, n):
+    raise ValueError(f"dfp_dot_general_p: exponent shapes {ea.shape}, {eb.shape} do not broadcast")
+  return jax.core.ShapedArray((batch, m, n), out_dtype)
+
+
+def _impl(*args, **params):
+  return _jitted_bind(**params)(*args)
+
+
+@functools.cache
+def _jitted_bind(**params):
+  return jax.jit(functools.partial(dfp_dot_general_p.bind, **params))
+
+
+def _cpu_lowering(ctx, a, ea, b, eb, *, lhs_kmajor, rhs_nmajor, out_dtype):
+  del out_dtype  # carried by the result's type
+  cpu_ffi.register()
+  return jax.ffi.ffi_lowering(cpu_ffi.DOT_GENERAL_TARGET)(
+      ctx, a, ea, b, eb, lhs_kmajor=np.int32(lhs_kmajor), rhs_nmajor=np.int32(rhs_nmajor))
+
+
+def _to_front(x, bdim, size):
+  return batching.bdim_at_front(x, bdim, size)
+
+
+def _fold_into_rows(x, size, kmajor):
+  """[v, B, R, K] -> [B, v*R, K] (or [v, B, K, R] -> [B, K, v*R] when ``kmajor``)."""
+  v, batch, d1, d2 = x.shape
+  if kmajor:
+    return jnp.transpose(x, (1, 2, 0, 3)).reshape(batch, d1, v * d2)
+  return jnp.transpose(x, (1, 0, 2, 3)).reshape(batch, v * d1, d2)
+
+
+def _fold_exponent_into_rows(e, size, rows):
+  """[v, Be, Re] -> [Be, v*rows]."""
+  e = jnp.broadcast_to(e, (size, e.shape[1], rows))
+  return jnp.transpose(e, (1, 0, 2)).reshape(e.shape[1], size * rows)
+
+
+def _batch_rule(args, dims, *, lhs_kmajor, rhs_nmajor, out_dtype):
+  a, ea, b, eb = args
+  da, dea, db, deb = dims
+  nm = batching.not_mapped
+  size = next(x.shape[d] for x, d in zip(args, dims) if d is not nm)
+  params = dict(lhs_kmajor=lhs_kmajor, rhs_nmajor=rhs_nmajor, out_dtype=out_dtype)
+  lhs_mapped = da is not nm or dea is not nm
+  rhs_mapped = db is not nm or deb is not nm
+  batch, _, m, _, _, n = _canonical_sizes(
+      a.shape if da is nm else np.delete(a.shape, da), b.shape if db is nm else np.delete(b.shape, db),
+      lhs_kmajor, rhs_nmajor)
+  if lhs_mapped and rhs_mapped:
+    # Both sides vary: the mapped axis becomes part of the batch.
+    def merge(x, d, is_exponent):
+      x = _to_front(x, d, size)
+      if is_exponent:
+        x = jnp.broadcast_to(x, (size, batch, x.shape[2]))
+      return x.reshape((size * x.shape[1],) + x.shape[2:])
+    out = dfp_dot_general_p.bind(merge(a, da, False), merge(ea, dea, True), merge(b, db, False),
+                                 merge(eb, deb, True), **params)
+    return out.reshape((size, batch, m, n)), 0
+  if lhs_mapped:
+    # Only the lhs varies: its copies stack along M, sharing the rhs (no copies of it).
+    a2 = _fold_into_rows(_to_front(a, da, size), size, lhs_kmajor)
+    ea2 = _fold_exponent_into_rows(_to_front(ea, dea, size), size, m)
+    out = dfp_dot_general_p.bind(a2, ea2, b, eb, **params)
+    return out.reshape(batch, size, m, n), 1
+  b2 = _fold_into_rows(_to_front(b, db, size), size, not rhs_nmajor)
+  eb2 = _fold_exponent_into_rows(_to_front(eb, deb, size), size, n)
+  out = dfp_dot_general_p.bind(a, ea, b2, eb2, **params)
+  return out.reshape(batch, m, size, n), 2
+
+
+dfp_dot_general_p.def_impl(_impl)
+dfp_dot_general_p.def_abstract_eval(_abstract_eval)
+batching.primitive_batchers[dfp_dot_general_p] = _batch_rule
+mlir.register_lowering(dfp_dot_general_p, _cpu_lowering, platform="cpu")
+mlir.register_lowering(dfp_dot_general_p, mlir.lower_fun(reference.dot, multiple_results=False))
+
+# ---------------------------------------------------------------------------------------
+# Dimension numbers, handled by name.
+# ---------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class DotDims:
+  lhs_contract: tuple[int, ...]
+  rhs_contract: tuple[int, ...]
+  lhs_batch: tuple[int, ...]
+  rhs_batch: tuple[int, ...]
+  lhs_ndim: int
+  rhs_ndim: int
+
+  @property
+  def lhs_free(self):
+    return tuple(d for d in range(self.lhs_ndim) if d not in self.lhs_contract + self.lhs_batch)
+
+  @property
+  def rhs_free(self):
+    return tuple(d for d in range(self.rhs_ndim) if d not in self.rhs_contract + self.rhs_batch)
+
+  @property
+  def lax_dims(self):
+    return ((self.lhs_contract, self.rhs_contract), (self.lhs_batch, self.rhs_batch))
+
+  @property
+  def lhs_channel_axis(self):
+    """A per-channel lhs exponent runs along its last free axis (e.g. rows of activations)."""
+    return self.lhs_free[-1] if self.lhs_free else None
+
+  @property
+  def rhs_channel_axis(self):
+    """A per-channel rhs exponent runs along its last free axis (e.g. a Dense layer's outputs)."""
+    return self.rhs_free[-1] if self.rhs_free else None
+
+  def transpose_lhs(self):
+    """Dims of ``d lhs = dot(g, rhs)``, and the permutation of its result into lhs order."""
+    nb, nlf = len(self.lhs_batch), len(self.lhs_free)
+    y_rhs_free = tuple(range(nb + nlf, nb + nlf + len(self.rhs_free)))
+    dims = DotDims(y_rhs_free, self.rhs_free, tuple(range(nb)), self.rhs_batch,
+                   nb + nlf + len(self.rhs_free), self.rhs_ndim)
+    # Result axes: batch, lhs free, then rhs's remaining (contracting) axes in ascending order.
+    rc_sorted = sorted(self.rhs_contract)
+    position = {}
+    for i, d in enumerate(self.lhs_batch):
+      position[d] = i
+    for j, d in enumerate(self.lhs_free):
+      position[d] = nb + j
+    for lc, rc in zip(self.lhs_contract, self.rhs_contract):
+      position[lc] = nb + nlf + rc_sorted.index(rc)
+    return dims, tuple(position[d] for d in range(self.lhs_ndim))
+
+  def swapped(self):
+    return DotDims(self.rhs_contract, self.lhs_contract, self.rhs_batch, self.lhs_batch,
+                   self.rhs_ndim, self.lhs_ndim)
+
+  def transpose_rhs(self):
+    """Dims of ``d rhs = dot(g', lhs)`` (g' the cotangent with lhs/rhs free axes swapped)."""
+    return self.swapped().transpose_lhs()
+
+
+def _canonical_dims(dimension_numbers, lhs_shape, rhs_shape) -> DotDims:
+  try:
+    (lc, rc), (lb, rb) = dimension_numbers
+    lc, rc, lb, rb = (tuple(int(d) for d in x) for x in (lc, rc, lb, rb))
+  except (TypeError, ValueError) as err:
+    raise ValueError(
+        "dimension_numbers must be ((lhs_contracting, rhs_contracting), (lhs_batch, rhs_batch)), "
+        f"got {dimension_numbers!r}") from err
+  for name, dims, ndim in (("lhs", lc + lb, len(lhs_shape)), ("rhs", rc + rb, len(rhs_shape))):
+    if any(not 0 <= d < ndim for d in dims) or len(set(dims)) != len(dims):
+      raise ValueError(f"dfp_dot_general: {name} contracting/batch dimensions {dims} are out of "
+                       f"range or repeated for a rank-{ndim} operand")
+  if len(lc) != len(rc) or len(lb) != len(rb):
+    raise ValueError("dfp_dot_general: lhs and rhs need as many contracting (and batch) dimensions, "
+                     f"got {dimension_numbers}")
+  for kind, ls, rs in (("contracting", lc, rc), ("batch", lb, rb)):
+    for l, r in zip(ls, rs):
+      if lhs_shape[l] != rhs_shape[r]:
+        raise ValueError(f"dfp_dot_general: {kind} dimension sizes differ: lhs axis {l} has "
+                         f"{lhs_shape[l]}, rhs axis {r} has {rhs_shape[r]}")
+  return DotDims(lc, rc, lb, rb, len(lhs_shape), len(rhs_shape))
+
+
+# ---------------------------------------------------------------------------------------
+# Exact product of two DFP tensors under general dimension numbers.
+# ---------------------------------------------------------------------------------------
+
+
+def _as_matrix(x, batch, free, contract, free_first):
+  """Transposes x to (batch, free, contract) or (batch, contract, free) and flattens to rank 3.
+
+  Picks the order that is already x's layout when there is one, so XLA moves no data.
+  """
+  shape = x.shape
+  b, f, c = (math.prod(shape[d] for d in ds) for ds in (batch, free, contract))
+  by_free = batch + free + contract
+  by_contract = batch + contract + free
+  use_free_first = free_first if by_free != by_contract else True
+  if by_contract == tuple(range(x.ndim)) and by_free != tuple(range(x.ndim)):
+    use_free_first = False
+  elif by_free == tuple(range(x.ndim)):
+    use_free_first = True
+  perm = by_free if use_free_first else by_contract
+  x = jnp.transpose(x, perm)
+  return x.reshape((b, f, c) if use_free_first else (b, c, f)), use_free_first
+
+
+def _exponent_row(t: DFPTensor, free, shape):
+  """The exponent as [1, prod(free)] (channel) or [1, 1] (tensor)."""
+  if t.channel_axis is None:
+    return jnp.reshape(t.exponent, (1, 1))
+  free_shape = tuple(shape[d] for d in free)
+  return jnp.broadcast_to(t.exponent, free_shape).reshape(1, -1)
+
+
+def exact_dot(qa: DFPTensor, qb: DFPTensor, dims: DotDims, out_dtype):
+  """``fl(dot_general(ma, mb)) * 2**(ea + eb)`` (spec section 3) for quantized operands."""
+  lf, rf = dims.lhs_free, dims.rhs_free
+  a3, a_free_first = _as_matrix(qa.mantissa, dims.lhs_batch, lf, dims.lhs_contract, True)
+  b3, b_free_first = _as_matrix(qb.mantissa, dims.rhs_batch, rf, dims.rhs_contract, False)
+  y = dfp_dot_general_p.bind(a3, _exponent_row(qa, lf, qa.shape), b3, _exponent_row(qb, rf, qb.shape),
+                             lhs_kmajor=not a_free_first, rhs_nmajor=b_free_first,
+                             out_dtype=np.dtype(out_dtype))
+  out_shape = (tuple(qa.shape[d] for d in dims.lhs_batch) + tuple(qa.shape[d] for d in lf)
+               + tuple(qb.shape[d] for d in rf))
+  return y.reshape(out_shape)
+
+
+# ---------------------------------------------------------------------------------------
+# The differentiable op.
+# ---------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class _Spec:
+  dims: DotDims
+  lhs_cfg: QuantConfig
+  rhs_cfg: QuantConfig
+  grad_cfg: QuantConfig
+  out_dtype: np.dtype
+
+
+def _quantize_operand(x, q, cfg, key, axis):
+  if q is not None:
+    return q
+  if axis is None and cfg.granularity == "channel":
+    cfg = dataclasses.replace(cfg, granularity="tensor")  # no free axis to carry a channel
+  return quantize_with(x, cfg, key, axis)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _dfp_dot(lhs, rhs, lhs_q, rhs_q, key, spec: _Spec):
+  return _dfp_dot_fwd(lhs, rhs, lhs_q, rhs_q, key, spec)[0]
+
+
+def _dfp_dot_fwd(lhs, rhs, lhs_q, rhs_q, key, spec: _Spec):
+  qa = _quantize_operand(lhs, lhs_q, spec.lhs_cfg, fold_key(key, 0), spec.dims.lhs_channel_axis)
+  qb = _quantize_operand(rhs, rhs_q, spec.rhs_cfg, fold_key(key, 1), spec.dims.rhs_channel_axis)
+  return exact_dot(qa, qb, spec.dims, spec.out_dtype), (lhs, rhs, qa, qb, key)
+
+
+def _dfp_dot_bwd(spec: _Spec, residuals, g):
+  lhs, rhs, qa, qb, key = residuals
+  dims = spec.dims
+  nb, nlf = len(dims.lhs_batch), len(dims.lhs_free)
+  key_g = fold_key(key, 2)
+
+  # d lhs = dot(g, rhs): all of rhs's free axes (its channel axis among them) are
+  # contracted, so rhs's exponent is folded into g before g is quantized.
+  da_dims, da_perm = dims.transpose_lhs()
+  g_q, rhs_m = partner_folded(g, qb, g.ndim - 1, spec.grad_cfg, key_g)
+  da = _dfp_dot(g, rhs, g_q, rhs_m, fold_key(key, 3),
+                _Spec(da_dims, spec.grad_cfg, spec.rhs_cfg, spec.grad_cfg, np.dtype(lhs.dtype)))
+
+  # d rhs = dot(g', lhs), g' being g with its lhs-free axes moved last: lhs's free axes
+  # are contracted. g is quantized in its own layout (the stochastic draws are indexed
+  # by it) and then transposed.
+  db_dims, db_perm = dims.transpose_rhs()
+  g_perm = tuple(range(nb)) + tuple(range(nb + nlf, g.ndim)) + tuple(range(nb, nb + nlf))
+  g_q2, lhs_m = partner_folded(g, qa, nb + nlf - 1, spec.grad_cfg, key_g)
+  g_q2 = DFPTensor(jnp.transpose(g_q2.mantissa, g_perm), g_q2.exponent)
+  db = _dfp_dot(jnp.transpose(g, g_perm), lhs, g_q2, lhs_m, fold_key(key, 4),
+                _Spec(db_dims, spec.grad_cfg, spec.lhs_cfg, spec.grad_cfg, np.dtype(rhs.dtype)))
+  return jnp.transpose(da, da_perm), jnp.transpose(db, db_perm), None, None, None
+
+
+_dfp_dot.defvjp(_dfp_dot_fwd, _dfp_dot_bwd)
+
+
+def dfp_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, *,
+                    config: DFPConfig | None = None, key=None):
+  """``jax.lax.dot_general`` computed in DFP (spec sections 3 and 4).
+
+  Both operands are quantized to DFP with ``config.forward`` (per tensor by default;
+  with channel granularity, along each operand's last free axis), multiplied exactly
+  over the integers and scaled once into the output type. Gradients are DFP products
+  of the cotangent, quantized with ``config.gradient``, and the forward's quantized
+  operands.
+
+  Args:
+    lhs, rhs: float32, bfloat16 or float16 arrays.
+    dimension_numbers: ``((lhs_contracting, rhs_contracting), (lhs_batch, rhs_batch))``.
+    precision: accepted for signature compatibility; DFP fixes its own precision.
+    preferred_element_type: a floating output dtype (default float32).
+    config: a :class:`dfpjax.DFPConfig` (default: the paper's 16-bit per-tensor DFP).
+    key: a ``jax.random`` key, required when a rounding is stochastic.
+  """
+  del precision
+  config = DFPConfig() if config is None else config
+  if not isinstance(config, DFPConfig):
+    raise TypeError(f"config must be a dfpjax.DFPConfig, got {type(config).__name__}")
+  lhs, rhs = jnp.asarray(lhs), jnp.asarray(rhs)
+  check_float_operand(lhs, "lhs", "dfp_dot_general")
+  check_float_operand(rhs, "rhs", "dfp_dot_general")
+  dims = _canonical_dims(dimension_numbers, lhs.shape, rhs.shape)
+  if config.needs_key and key is None:
+    raise ValueError("dfp_dot_general: stochastic rounding needs key=jax.random.key(...)")
+  spec = _Spec(dims, config.forward, config.forward, config.gradient,
+               output_dtype(preferred_element_type, "dfp_dot_general"))
+  return _dfp_dot(lhs, rhs, None, None, key if config.needs_key else None, spec)

@@ -1,0 +1,55 @@
+"""Operand handling shared by the DFP primitives: validation, keys, gradient folding."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dfpjax.numerics import floatbits
+from dfpjax.numerics.config import QuantConfig
+from dfpjax.numerics.quantize import NONFINITE_EXPONENT, DFPTensor, quantize_with
+
+
+def check_float_operand(x, name: str, op: str) -> None:
+  if np.dtype(x.dtype) not in floatbits.FORMATS:
+    raise TypeError(f"{op}: {name} must be float32, bfloat16 or float16 to be quantized to DFP, "
+                    f"got {x.dtype}")
+
+
+def output_dtype(preferred_element_type, op: str) -> np.dtype:
+  if preferred_element_type is None:
+    return np.dtype(jnp.float32)
+  dtype = np.dtype(preferred_element_type)
+  if dtype not in floatbits.FORMATS:
+    raise TypeError(f"{op}: preferred_element_type must be float32, bfloat16 or float16 "
+                    f"(DFP outputs are floating point), got {dtype}")
+  return dtype
+
+
+def fold_key(key, n: int):
+  """The key for the n-th quantization of an op (docs/numerics.md), or None."""
+  return None if key is None else jax.random.fold_in(key, n)
+
+
+def partner_folded(g, partner: DFPTensor, channel_axis_in_g, cfg: QuantConfig, key):
+  """Quantizes cotangent ``g`` for a backward op that contracts ``partner``'s channel axis.
+
+  The partner's exponent (per tensor, or per channel along ``channel_axis_in_g`` of g) is
+  folded into g exactly before quantization, so that the backward op is an integer product
+  of g's mantissas with the partner's unchanged mantissas. Returns ``(g_q, partner_m)``
+  where ``partner_m`` is the partner's mantissas with exponent 0.
+  """
+  if partner.channel_axis is None:
+    offset = partner.exponent
+  else:
+    shape = [1] * g.ndim
+    shape[channel_axis_in_g] = g.shape[channel_axis_in_g]
+    offset = partner.exponent.reshape(shape)
+  nonfinite = jnp.any(partner.exponent == NONFINITE_EXPONENT)
+  offset = jnp.where(offset == NONFINITE_EXPONENT, 0, offset)
+  g_q = quantize_with(g, dataclasses.replace(cfg, granularity="tensor"), key, scale_exponent=offset)
+  g_q = DFPTensor(g_q.mantissa, jnp.where(nonfinite, NONFINITE_EXPONENT, g_q.exponent))
+  return g_q, DFPTensor(partner.mantissa, jnp.zeros((), jnp.int32))
