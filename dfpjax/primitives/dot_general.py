@@ -28,7 +28,7 @@ from jax.interpreters import batching, mlir
 from dfpjax import cpu_ffi
 from dfpjax.numerics import floatbits
 from dfpjax.numerics.config import DFPConfig, QuantConfig
-from dfpjax.numerics.quantize import NONFINITE_EXPONENT, DFPTensor, quantize_with
+from dfpjax.numerics.quantization import NONFINITE_EXPONENT, DFPTensor, quantize_with
 from dfpjax.primitives import reference
 from dfpjax.primitives.operands import (check_float_operand, fold_key, output_dtype,
                                         partner_folded)

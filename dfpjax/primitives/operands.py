@@ -10,7 +10,7 @@ import numpy as np
 
 from dfpjax.numerics import floatbits
 from dfpjax.numerics.config import QuantConfig
-from dfpjax.numerics.quantize import NONFINITE_EXPONENT, DFPTensor, quantize_with
+from dfpjax.numerics.quantization import NONFINITE_EXPONENT, DFPTensor, quantize_with
 
 
 def check_float_operand(x, name: str, op: str) -> None:

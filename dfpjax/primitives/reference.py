@@ -13,7 +13,7 @@ import numpy as np
 from jax import lax
 
 from dfpjax.numerics import floatbits
-from dfpjax.numerics.quantize import NONFINITE_EXPONENT
+from dfpjax.numerics.quantization import NONFINITE_EXPONENT
 
 
 def encode_exact(s, exponent, nonfinite, out_dtype):

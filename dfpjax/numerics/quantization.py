@@ -96,6 +96,50 @@ def quantize_with(x, config: QuantConfig, key=None, axis=None, scale_exponent=No
 
 
 def _quantize(x, config: QuantConfig, key, axis, reduce_axes, scale_exponent) -> DFPTensor:
+  if config.rounding == "nearest" and scale_exponent is None:
+    return _quantize_nearest(x, config, axis, reduce_axes)
+  return _quantize_exact(x, config, key, axis, reduce_axes, scale_exponent)
+
+
+def _finish(m, exponent, nonfinite, config, x_shape, axis) -> DFPTensor:
+  limit = (1 << (config.bits - 1)) - 1
+  m = jnp.where(nonfinite, 0, jnp.clip(m, -limit, limit)).astype(jnp.int16)
+  exponent = jnp.where(nonfinite, NONFINITE_EXPONENT, exponent).astype(jnp.int32)
+  exponent = exponent.reshape(()) if axis is None else exponent.reshape(x_shape[axis])
+  return DFPTensor(m, exponent, axis)
+
+
+def _quantize_nearest(x, config: QuantConfig, axis, reduce_axes) -> DFPTensor:
+  """Round-to-nearest quantization with float arithmetic where it is provably exact.
+
+  Scaling by ``2**-e`` is exact for normal results, and ``lax.round`` rounds half to
+  even. Flush-to-zero cannot change a result when every group's ``e >= -125``: then a
+  subnormal input scales below 1/2 and rounds to 0 either way. Groups with smaller (or
+  zero) maxima take the integer path, which is exact everywhere.
+  """
+  p, s = config.bits, config.headroom
+  xf = x.astype(jnp.float32)
+  # XLA's max may drop NaNs: count them as Inf, which max keeps.
+  amax = jnp.max(jnp.where(jnp.isnan(xf), jnp.inf, jnp.abs(xf)), axis=reduce_axes, keepdims=True)
+  nonfinite = ~jnp.isfinite(jnp.max(amax))
+  log2 = floatbits.floor_log2_of_magnitude_bits(floatbits.magnitude_bits(amax), jnp.float32)
+  exponent = log2 - (p - 2) + s
+  fast = jnp.all((amax >= np.float32(2.0**-126)) & (exponent >= -125)) | nonfinite
+
+  def float_path(xf, exponent):
+    scale = lax.bitcast_convert_type(((127 - exponent) << 23).astype(jnp.int32), jnp.float32)
+    return _finish(lax.round(xf * scale, lax.RoundingMethod.TO_NEAREST_EVEN).astype(jnp.int32),
+                   exponent, nonfinite, config, x.shape, axis)
+
+  def integer_path(xf, exponent):
+    del xf, exponent
+    return _quantize_exact(x, config, None, axis, reduce_axes, None)
+
+  return lax.cond(fast, float_path, integer_path, xf, exponent)
+
+
+def _quantize_exact(x, config: QuantConfig, key, axis, reduce_axes, scale_exponent) -> DFPTensor:
+  """Quantization on the integer bit patterns: exact for every input, subnormals included."""
   p, s = config.bits, config.headroom
   mag = floatbits.magnitude_bits(x)
   nonfinite = jnp.any(mag >= floatbits.nonfinite_threshold(x.dtype))
@@ -124,13 +168,7 @@ def _quantize(x, config: QuantConfig, key, axis, reduce_axes, scale_exponent) ->
     m = jnp.where(negative, -qi - (c != 0).astype(jnp.int32) + carry_neg, qi + carry_pos)
   exact = (sig << jnp.clip(shift, 0, 31).astype(jnp.uint32)).astype(jnp.int32)
   m = jnp.where(shift >= 0, jnp.where(negative, -exact, exact), m)
-  limit = (1 << (p - 1)) - 1
-  m = jnp.clip(m, -limit, limit)
-
-  m = jnp.where(nonfinite, 0, m).astype(jnp.int16)
-  exponent = jnp.where(nonfinite, NONFINITE_EXPONENT, exponent).astype(jnp.int32)
-  exponent = exponent.reshape(()) if axis is None else exponent.reshape(x.shape[axis])
-  return DFPTensor(m, exponent, axis)
+  return _finish(m, exponent, nonfinite, config, x.shape, axis)
 
 
 def dequantize(t: DFPTensor, dtype=jnp.float32):

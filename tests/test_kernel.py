@@ -1,0 +1,153 @@
+"""The C kernel (every ISA path the CPU runs) against the pure-JAX reference and the oracle.
+
+Spec section 3: the integer sum is exact for every input, so all paths and the reference
+agree bit for bit, including where a plain INT32 accumulator would wrap.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+
+from dfpjax import cpu_ffi
+from dfpjax.numerics.quantization import NONFINITE_EXPONENT
+from dfpjax.primitives import reference
+from dfpjax.primitives.dot_general import dfp_dot_general_p
+import spec_oracle
+
+
+@functools.cache
+def _kernel(lhs_kmajor, rhs_nmajor, out_dtype):
+  return jax.jit(functools.partial(dfp_dot_general_p.bind, lhs_kmajor=lhs_kmajor,
+                                   rhs_nmajor=rhs_nmajor, out_dtype=np.dtype(out_dtype)))
+
+
+@functools.cache
+def _reference(lhs_kmajor, rhs_nmajor, out_dtype):
+  return jax.jit(functools.partial(reference.dot, lhs_kmajor=lhs_kmajor, rhs_nmajor=rhs_nmajor,
+                                   out_dtype=np.dtype(out_dtype)))
+
+
+def _operands(rng, batch, m, k, n, lhs_kmajor, rhs_nmajor, scale=32767, ea=None, eb=None):
+  a = rng.integers(-scale, scale + 1, (batch, m, k)).astype(np.int16)
+  b = rng.integers(-scale, scale + 1, (batch, k, n)).astype(np.int16)
+  ea = rng.integers(-40, 0, (batch, m)).astype(np.int32) if ea is None else ea
+  eb = rng.integers(-40, 0, (1, 1)).astype(np.int32) if eb is None else eb
+  a_in = np.swapaxes(a, 1, 2).copy() if lhs_kmajor else a
+  b_in = np.swapaxes(b, 1, 2).copy() if rhs_nmajor else b
+  return (a, ea, b, eb), (a_in, ea, b_in, eb)
+
+
+def _bits(x):
+  x = np.asarray(x)
+  return x.view(np.uint16 if x.itemsize == 2 else np.uint32)
+
+
+def _assert_kernel_matches(args, lhs_kmajor, rhs_nmajor, out_dtype=np.float32):
+  got = _kernel(lhs_kmajor, rhs_nmajor, out_dtype)(*map(jnp.asarray, args))
+  want = _reference(lhs_kmajor, rhs_nmajor, out_dtype)(*map(jnp.asarray, args))
+  np.testing.assert_array_equal(_bits(got), _bits(want))
+  return np.asarray(got)
+
+
+SHAPES = [(1, 1, 1, 1), (1, 7, 3, 5), (2, 6, 16, 16), (1, 13, 37, 29), (3, 17, 1, 33),
+          (1, 65, 130, 47), (2, 100, 513, 70), (1, 1, 2049, 1), (1, 130, 600, 260)]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("layout", [(False, False), (True, False), (False, True), (True, True)],
+                         ids=["mk_kn", "km_kn", "mk_nk", "km_nk"])
+def test_random_shapes_and_layouts(isa, shape, layout):
+  rng = np.random.default_rng(hash(shape) % 2**32)
+  batch, m, k, n = shape
+  eb = rng.integers(-30, 0, (batch, n)).astype(np.int32)
+  _, args = _operands(rng, batch, m, k, n, *layout, eb=eb)
+  _assert_kernel_matches(args, *layout)
+
+
+def test_matches_oracle(isa):
+  rng = np.random.default_rng(5)
+  (a, ea, b, eb), args = _operands(rng, 1, 9, 70, 11, False, False, eb=np.array([[-3]], np.int32))
+  got = _assert_kernel_matches(args, False, False)
+  want = spec_oracle.dot_2d(a[0], ea[0], b[0], eb[0, 0])
+  np.testing.assert_array_equal(_bits(got[0]), _bits(want))
+
+
+@pytest.mark.parametrize("k", [2**16, 2**16 + 3, 3 * 2**16 + 1])
+@pytest.mark.parametrize("sign", [1, -1])
+def test_adversarial_overflow_is_exact(isa, k, sign):
+  """Every mantissa at +-32767 with equal signs: a wrapping INT32 sum is wrong after 2 products."""
+  a = np.full((1, 3, k), 32767, np.int16)
+  b = np.full((1, k, 2), sign * 32767, np.int16)
+  a[0, 1, ::2] = -32767  # a row of alternating products: exact sum 0 or -32767**2
+  zero = np.zeros((1, 1), np.int32)
+  got = _assert_kernel_matches((a, zero, b, zero), False, False)
+  exact = np.array([sign * k * 32767**2, sign * (k % 2) * -32767**2, sign * k * 32767**2], np.int64)
+  np.testing.assert_array_equal(got[0, :, 0], exact.astype(np.float32))
+  wrapped = np.int64(k * 32767**2).astype(np.int32)  # what plain INT32 accumulation returns
+  assert got[0, 0, 0] != np.float32(sign * wrapped)
+
+
+def test_mixed_magnitudes_take_every_chunk_length(isa):
+  """Blocks of large and small values make the kernel pick short and long safe chunks."""
+  rng = np.random.default_rng(11)
+  k = 4096
+  scale = np.where((np.arange(k) // 96) % 3 == 0, 32767, 64)
+  a = (rng.integers(-1000, 1001, (2, 37, k)) * scale // 1000).astype(np.int16)
+  b = (rng.integers(0, 1001, (2, k, 45)) * scale[:, None] // 1000).astype(np.int16)
+  zero = np.zeros((1, 1), np.int32)
+  got = _assert_kernel_matches((a, zero, b, zero), False, False)
+  s = np.einsum("bmk,bkn->bmn", a.astype(np.int64), b.astype(np.int64))
+  assert np.abs(s).max() > 2**31  # the exact sums do leave int32
+  np.testing.assert_array_equal(got, s.astype(np.float32))
+
+
+@pytest.mark.parametrize("out_dtype", [np.float32, ml_dtypes.bfloat16, np.float16])
+def test_output_types_and_range_ends(isa, out_dtype):
+  """Rounding once to each output type; overflow to Inf and subnormal results at the ends."""
+  rng = np.random.default_rng(3)
+  (a, _, b, _), _ = _operands(rng, 1, 12, 40, 10, False, False)
+  _, emin, emax = spec_oracle.FORMATS[np.dtype(out_dtype)]
+  ea = np.array([[emax - 25, emax - 40, 0, -10, emin - 30, emin - 45, emin - 60, -140, 20, -3, 5,
+                  emin - 35]], np.int32)
+  eb = np.array([[-5]], np.int32)
+  got = _assert_kernel_matches((a, ea, b, eb), False, False, out_dtype)
+  want = spec_oracle.dot_2d(a[0], ea[0], b[0], eb[0, 0], out_dtype)
+  np.testing.assert_array_equal(_bits(got[0]), _bits(want))
+  assert np.isinf(got).any() and (got[0] != 0).any()
+
+
+def test_nonfinite_exponent_makes_output_nan(isa):
+  rng = np.random.default_rng(4)
+  (a, ea, b, eb), _ = _operands(rng, 2, 5, 8, 6, False, False)
+  ea = ea.copy()
+  ea[1, :] = NONFINITE_EXPONENT  # batch element 1's lhs held a NaN
+  got = _assert_kernel_matches((a, ea, b, eb), False, False)
+  assert np.isnan(got[1]).all() and not np.isnan(got[0]).any()
+
+
+def test_minimum_int16_is_rejected(isa):
+  a = np.full((1, 2, 4), -32768, np.int16)
+  b = np.ones((1, 4, 2), np.int16)
+  zero = np.zeros((1, 1), np.int32)
+  with pytest.raises(Exception, match="-32768"):
+    jax.block_until_ready(_kernel(False, False, np.float32)(a, zero, b, zero))
+
+
+def test_unsupported_or_unknown_isa_is_an_error(monkeypatch):
+  missing = [name for name in cpu_ffi.ISAS if name not in cpu_ffi.supported_isas()]
+  a = jnp.ones((1, 2, 4), jnp.int16)
+  zero = jnp.zeros((1, 1), jnp.int32)
+  b = jnp.ones((1, 4, 2), jnp.int16)
+  for name, match in [(n, "cannot run") for n in missing] + [("sse9", "DFPJAX_ISA must be one of")]:
+    monkeypatch.setenv("DFPJAX_ISA", name)
+    with pytest.raises(Exception, match=match):
+      jax.block_until_ready(_kernel(False, False, np.float32)(a, zero, b, zero))
+
+
+def test_every_path_reports_consistently():
+  assert cpu_ffi.supported_isas()[0] == "portable"
+  assert cpu_ffi.best_isa() == cpu_ffi.supported_isas()[-1]

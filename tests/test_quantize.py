@@ -1,0 +1,172 @@
+"""Spec section 2: float -> DFP, checked against the plain oracle in spec_oracle.py."""
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+
+import dfpjax
+from dfpjax.numerics import quantization
+from dfpjax.numerics.config import QuantConfig
+import spec_oracle
+
+FLOATS = [np.float32, ml_dtypes.bfloat16, np.float16]
+
+
+def _key_words(key):
+  return tuple(int(w) for w in np.asarray(jax.random.key_data(key)))
+
+
+def _special_values(dtype):
+  """Zeros, subnormals, powers of two, rounding ties and the extremes of the format."""
+  info = ml_dtypes.finfo(dtype)
+  tiny = float(info.smallest_subnormal)
+  values = [0.0, -0.0, tiny, -tiny, 3 * tiny, float(info.smallest_normal), 1.0, -2.0, 0.5, 0.75,
+            1.5, 2.5, -3.5, 1 + float(info.eps), float(info.max), -float(info.max) / 3]
+  return np.array(values, dtype)
+
+
+def _check(x, **kw):
+  t = dfpjax.quantize(jnp.asarray(x), **{k: v for k, v in kw.items() if k != "key_words"})
+  m, e = spec_oracle.quantize(np.asarray(x), bits=kw.get("bits", 16), headroom=kw.get("headroom", 0),
+                              rounding=kw.get("rounding", "nearest"), key_words=kw.get("key_words"),
+                              axis=kw.get("axis"))
+  assert t.mantissa.dtype == jnp.int16 and t.exponent.dtype == jnp.int32
+  np.testing.assert_array_equal(np.asarray(t.mantissa), m)
+  np.testing.assert_array_equal(np.asarray(t.exponent), e)
+  return t
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("bits", [2, 3, 8, 12, 16])
+def test_nearest_matches_oracle(dtype, bits):
+  rng = np.random.default_rng(bits)
+  x = (rng.standard_normal((7, 13)) * 10.0 ** rng.integers(-3, 3, (7, 13))).astype(dtype)
+  _check(x, bits=bits)
+  _check(x, bits=bits, headroom=bits - 2)
+  _check(x, bits=bits, granularity="channel", axis=1)
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_special_values_match_oracle(dtype):
+  x = _special_values(dtype)
+  _check(x)
+  _check(x[:4])                      # a tensor of zeros and subnormals only
+  _check(x[4:] * 0)                  # all zeros: exponent 0, mantissas 0
+  for scale in [2.0**-10, 2.0**-20]:  # pushes values into the subnormal range
+    _check((x.astype(np.float32) * scale).astype(dtype), bits=5)
+
+
+def test_rounding_ties_go_to_even():
+  # amax 2**14 gives exponent 0: the mantissa is x itself, so x.5 is an exact tie.
+  x = np.array([16384.0, 0.5, 1.5, 2.5, -2.5, -3.5, 100.5], np.float32)
+  t = dfpjax.quantize(jnp.asarray(x))
+  assert int(t.exponent) == 0
+  np.testing.assert_array_equal(np.asarray(t.mantissa), [16384, 0, 2, 2, -2, -4, 100])
+
+
+def test_saturation_is_symmetric():
+  # Rounding the maximum up reaches 2**15: it saturates to 32767, never to -32768.
+  x = np.array([-32767.75, 32767.75, 1.0], np.float32)
+  t = dfpjax.quantize(jnp.asarray(x))
+  np.testing.assert_array_equal(np.asarray(t.mantissa), [-32767, 32767, 1])
+  _check(x)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_nonfinite_marks_the_whole_tensor(bad):
+  x = np.array([[1.0, 2.0], [bad, 4.0]], np.float32)
+  for kw in ({}, {"granularity": "channel", "axis": 0}):
+    t = dfpjax.quantize(jnp.asarray(x), **kw)
+    assert np.all(np.asarray(t.exponent) == quantization.NONFINITE_EXPONENT)
+    assert bool(jnp.all(jnp.isnan(dfpjax.dequantize(t))))
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_stochastic_matches_oracle_and_is_reproducible(dtype):
+  rng = np.random.default_rng(0)
+  x = np.concatenate([rng.standard_normal(40), _special_values(np.float32)[:8]]).astype(dtype)
+  key = jax.random.key(7)
+  t = _check(x, rounding="stochastic", key=key, key_words=_key_words(key), bits=6)
+  again = dfpjax.quantize(jnp.asarray(x), bits=6, rounding="stochastic", key=key)
+  np.testing.assert_array_equal(np.asarray(t.mantissa), np.asarray(again.mantissa))
+  other = dfpjax.quantize(jnp.asarray(x), bits=6, rounding="stochastic", key=jax.random.key(8))
+  assert np.any(np.asarray(other.mantissa) != np.asarray(t.mantissa))
+
+
+def test_stochastic_rounding_is_unbiased():
+  x = jnp.asarray(np.random.default_rng(1).uniform(-1, 1, 64).astype(np.float32))
+  keys = jax.random.split(jax.random.key(0), 2000)
+  q = jax.vmap(lambda k: dfpjax.dequantize(dfpjax.quantize(x, bits=4, rounding="stochastic", key=k)))(keys)
+  step = 2.0 ** float(dfpjax.quantize(x, bits=4).exponent)
+  # Values beyond the largest mantissa (7 steps) saturate; the rest are unbiased: each
+  # element's mean is within 5 standard errors of x (a draw's std is at most step / 2).
+  inside = jnp.abs(x) <= 7 * step
+  assert int(inside.sum()) > 50
+  error = jnp.where(inside, jnp.abs(q.mean(0) - x), 0)
+  assert float(jnp.max(error)) < 5 * (step / 2) / np.sqrt(len(keys))
+  nearest = dfpjax.dequantize(dfpjax.quantize(x, bits=4))
+  assert float(jnp.mean(jnp.where(inside, jnp.abs(nearest - x), 0))) > 5 * float(jnp.mean(error))
+
+
+def test_float_and_integer_paths_agree():
+  """Round-to-nearest takes an exact float shortcut when it can; it must equal the integer path."""
+  rng = np.random.default_rng(3)
+  base = rng.standard_normal((33, 17)).astype(np.float32)
+  cases = [base, base * 1e-36, base * 1e-30, base * 1e30, np.where(base > 1, base * 1e-40, base),
+           base.astype(ml_dtypes.bfloat16), (base * 1e-5).astype(np.float16)]
+  for x in cases:
+    x = jnp.asarray(x)
+    for bits, headroom in [(16, 0), (8, 3), (2, 0)]:
+      cfg = QuantConfig(bits=bits, headroom=headroom)
+      for axis, reduce_axes in [(None, (0, 1)), (0, (1,))]:
+        fast = quantization._quantize(x, cfg, None, axis, reduce_axes, None)
+        exact = quantization._quantize_exact(x, cfg, None, axis, reduce_axes, None)
+        np.testing.assert_array_equal(np.asarray(fast.mantissa), np.asarray(exact.mantissa))
+        np.testing.assert_array_equal(np.asarray(fast.exponent), np.asarray(exact.exponent))
+
+
+def test_dequantize_is_exact():
+  x = jnp.asarray(np.random.default_rng(2).standard_normal(100).astype(np.float32))
+  t = dfpjax.quantize(x)
+  m, e = np.asarray(t.mantissa, np.float64), int(t.exponent)
+  np.testing.assert_array_equal(np.asarray(dfpjax.dequantize(t), np.float64), m * 2.0**e)
+  # Quantization error of round-to-nearest is at most half a step.
+  assert float(jnp.max(jnp.abs(dfpjax.dequantize(t) - x))) <= 2.0 ** (e - 1)
+
+
+def test_quantize_under_jit_and_vmap():
+  x = jnp.asarray(np.random.default_rng(4).standard_normal((5, 9)).astype(np.float32))
+  eager = dfpjax.quantize(x, bits=9)
+  jitted = jax.jit(lambda x: dfpjax.quantize(x, bits=9))(x)
+  np.testing.assert_array_equal(np.asarray(eager.mantissa), np.asarray(jitted.mantissa))
+  rows = jax.vmap(lambda r: dfpjax.quantize(r, bits=9))(x)
+  for i in range(5):
+    np.testing.assert_array_equal(np.asarray(rows.mantissa[i]),
+                                  np.asarray(dfpjax.quantize(x[i], bits=9).mantissa))
+
+
+@pytest.mark.parametrize("dtype", [jnp.int32, jnp.int16, jnp.complex64, jnp.bool_])
+def test_non_float_input_is_rejected(dtype):
+  with pytest.raises(TypeError, match="float32, bfloat16 and float16"):
+    dfpjax.quantize(jnp.zeros((3,), dtype))
+
+
+@pytest.mark.parametrize("bits", [0, 1, 17, 32])
+def test_bits_out_of_range_is_rejected(bits):
+  with pytest.raises(ValueError, match="bits must be an integer in 2..16"):
+    dfpjax.quantize(jnp.ones(3), bits=bits)
+
+
+def test_bad_settings_are_rejected():
+  with pytest.raises(ValueError, match="needs a key"):
+    dfpjax.quantize(jnp.ones(3), rounding="stochastic")
+  with pytest.raises(ValueError, match="headroom"):
+    dfpjax.quantize(jnp.ones(3), bits=8, headroom=7)
+  with pytest.raises(ValueError, match="channel axis"):
+    dfpjax.quantize(jnp.ones((2, 3)), granularity="channel")
+  with pytest.raises(ValueError, match="out of range"):
+    dfpjax.quantize(jnp.ones((2, 3)), granularity="channel", axis=2)
+  with pytest.raises(ValueError, match="rounding"):
+    dfpjax.quantize(jnp.ones(3), rounding="up")
