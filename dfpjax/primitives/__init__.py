@@ -1,5 +1,6 @@
 """DFP primitives: exact products of quantized operands, with batching, AD and lowerings."""
 
 from dfpjax.primitives.dot_general import dfp_dot_general, dfp_dot_general_p
+from dfpjax.primitives.reference import reference_mode
 
-__all__ = ["dfp_dot_general", "dfp_dot_general_p"]
+__all__ = ["dfp_dot_general", "dfp_dot_general_p", "reference_mode"]

@@ -98,7 +98,7 @@ def _fold_exponent_into_rows(e, size, rows):
 def _batch_rule(args, dims, *, lhs_kmajor, rhs_nmajor, out_dtype):
   a, ea, b, eb = args
   da, dea, db, deb = dims
-  nm = batching.not_mapped
+  nm = None  # how batching marks an unmapped operand
   size = next(x.shape[d] for x, d in zip(args, dims) if d is not nm)
   params = dict(lhs_kmajor=lhs_kmajor, rhs_nmajor=rhs_nmajor, out_dtype=out_dtype)
   lhs_mapped = da is not nm or dea is not nm
@@ -256,9 +256,9 @@ def exact_dot(qa: DFPTensor, qb: DFPTensor, dims: DotDims, out_dtype):
   lf, rf = dims.lhs_free, dims.rhs_free
   a3, a_free_first = _as_matrix(qa.mantissa, dims.lhs_batch, lf, dims.lhs_contract, True)
   b3, b_free_first = _as_matrix(qb.mantissa, dims.rhs_batch, rf, dims.rhs_contract, False)
-  y = dfp_dot_general_p.bind(a3, _exponent_row(qa, lf, qa.shape), b3, _exponent_row(qb, rf, qb.shape),
-                             lhs_kmajor=not a_free_first, rhs_nmajor=b_free_first,
-                             out_dtype=np.dtype(out_dtype))
+  impl = reference.dot if reference.in_reference_mode() else dfp_dot_general_p.bind
+  y = impl(a3, _exponent_row(qa, lf, qa.shape), b3, _exponent_row(qb, rf, qb.shape),
+           lhs_kmajor=not a_free_first, rhs_nmajor=b_free_first, out_dtype=np.dtype(out_dtype))
   out_shape = (tuple(qa.shape[d] for d in dims.lhs_batch) + tuple(qa.shape[d] for d in lf)
                + tuple(qb.shape[d] for d in rf))
   return y.reshape(out_shape)
@@ -272,33 +272,33 @@ def exact_dot(qa: DFPTensor, qb: DFPTensor, dims: DotDims, out_dtype):
 @dataclasses.dataclass(frozen=True)
 class _Spec:
   dims: DotDims
-  lhs_cfg: QuantConfig
-  rhs_cfg: QuantConfig
-  grad_cfg: QuantConfig
+  forward: QuantConfig
+  gradient: QuantConfig
   out_dtype: np.dtype
+  lhs_dtype: np.dtype  # the cotangents' types
+  rhs_dtype: np.dtype
 
 
-def _quantize_operand(x, q, cfg, key, axis):
-  if q is not None:
-    return q
+def _quantize_operand(x, cfg, key, axis):
   if axis is None and cfg.granularity == "channel":
     cfg = dataclasses.replace(cfg, granularity="tensor")  # no free axis to carry a channel
   return quantize_with(x, cfg, key, axis)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _dfp_dot(lhs, rhs, lhs_q, rhs_q, key, spec: _Spec):
-  return _dfp_dot_fwd(lhs, rhs, lhs_q, rhs_q, key, spec)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _dfp_dot(lhs, rhs, key, spec: _Spec):
+  return _dfp_dot_fwd(lhs, rhs, key, spec)[0]
 
 
-def _dfp_dot_fwd(lhs, rhs, lhs_q, rhs_q, key, spec: _Spec):
-  qa = _quantize_operand(lhs, lhs_q, spec.lhs_cfg, fold_key(key, 0), spec.dims.lhs_channel_axis)
-  qb = _quantize_operand(rhs, rhs_q, spec.rhs_cfg, fold_key(key, 1), spec.dims.rhs_channel_axis)
-  return exact_dot(qa, qb, spec.dims, spec.out_dtype), (lhs, rhs, qa, qb, key)
+def _dfp_dot_fwd(lhs, rhs, key, spec: _Spec):
+  qa = _quantize_operand(lhs, spec.forward, fold_key(key, 0), spec.dims.lhs_channel_axis)
+  qb = _quantize_operand(rhs, spec.forward, fold_key(key, 1), spec.dims.rhs_channel_axis)
+  # Only the INT16 mantissas (and exponents) are kept for the backward pass.
+  return exact_dot(qa, qb, spec.dims, spec.out_dtype), (qa, qb, key)
 
 
 def _dfp_dot_bwd(spec: _Spec, residuals, g):
-  lhs, rhs, qa, qb, key = residuals
+  qa, qb, key = residuals
   dims = spec.dims
   nb, nlf = len(dims.lhs_batch), len(dims.lhs_free)
   key_g = fold_key(key, 2)
@@ -306,20 +306,18 @@ def _dfp_dot_bwd(spec: _Spec, residuals, g):
   # d lhs = dot(g, rhs): all of rhs's free axes (its channel axis among them) are
   # contracted, so rhs's exponent is folded into g before g is quantized.
   da_dims, da_perm = dims.transpose_lhs()
-  g_q, rhs_m = partner_folded(g, qb, g.ndim - 1, spec.grad_cfg, key_g)
-  da = _dfp_dot(g, rhs, g_q, rhs_m, fold_key(key, 3),
-                _Spec(da_dims, spec.grad_cfg, spec.rhs_cfg, spec.grad_cfg, np.dtype(lhs.dtype)))
+  g_q, rhs_m = partner_folded(g, qb, g.ndim - 1, spec.gradient, key_g)
+  da = exact_dot(g_q, rhs_m, da_dims, spec.lhs_dtype)
 
   # d rhs = dot(g', lhs), g' being g with its lhs-free axes moved last: lhs's free axes
   # are contracted. g is quantized in its own layout (the stochastic draws are indexed
   # by it) and then transposed.
   db_dims, db_perm = dims.transpose_rhs()
   g_perm = tuple(range(nb)) + tuple(range(nb + nlf, g.ndim)) + tuple(range(nb, nb + nlf))
-  g_q2, lhs_m = partner_folded(g, qa, nb + nlf - 1, spec.grad_cfg, key_g)
+  g_q2, lhs_m = partner_folded(g, qa, nb + nlf - 1, spec.gradient, key_g)
   g_q2 = DFPTensor(jnp.transpose(g_q2.mantissa, g_perm), g_q2.exponent)
-  db = _dfp_dot(jnp.transpose(g, g_perm), lhs, g_q2, lhs_m, fold_key(key, 4),
-                _Spec(db_dims, spec.grad_cfg, spec.lhs_cfg, spec.grad_cfg, np.dtype(rhs.dtype)))
-  return jnp.transpose(da, da_perm), jnp.transpose(db, db_perm), None, None, None
+  db = exact_dot(g_q2, lhs_m, db_dims, spec.rhs_dtype)
+  return jnp.transpose(da, da_perm), jnp.transpose(db, db_perm), None
 
 
 _dfp_dot.defvjp(_dfp_dot_fwd, _dfp_dot_bwd)
@@ -353,6 +351,7 @@ def dfp_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_eleme
   dims = _canonical_dims(dimension_numbers, lhs.shape, rhs.shape)
   if config.needs_key and key is None:
     raise ValueError("dfp_dot_general: stochastic rounding needs key=jax.random.key(...)")
-  spec = _Spec(dims, config.forward, config.forward, config.gradient,
-               output_dtype(preferred_element_type, "dfp_dot_general"))
-  return _dfp_dot(lhs, rhs, None, None, key if config.needs_key else None, spec)
+  spec = _Spec(dims, config.forward, config.gradient,
+               output_dtype(preferred_element_type, "dfp_dot_general"), np.dtype(lhs.dtype),
+               np.dtype(rhs.dtype))
+  return _dfp_dot(lhs, rhs, key if config.needs_key else None, spec)

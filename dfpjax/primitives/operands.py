@@ -35,7 +35,7 @@ def fold_key(key, n: int):
 
 
 def partner_folded(g, partner: DFPTensor, channel_axis_in_g, cfg: QuantConfig, key):
-  """Quantizes cotangent ``g`` for a backward op that contracts ``partner``'s channel axis.
+  """Quantizes cotangent ``g`` for a backward op that contracts ``partner``'s exponent.
 
   The partner's exponent (per tensor, or per channel along ``channel_axis_in_g`` of g) is
   folded into g exactly before quantization, so that the backward op is an integer product

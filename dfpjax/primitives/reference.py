@@ -7,6 +7,9 @@ operations while the user's program stays 32-bit.
 
 from __future__ import annotations
 
+import contextlib
+import threading
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -39,3 +42,25 @@ def dot(a, ea, b, eb, *, lhs_kmajor: bool, rhs_nmajor: bool, out_dtype):
     shape = s.shape
     return encode_exact(s, jnp.broadcast_to(exponent, shape), jnp.broadcast_to(nonfinite, shape),
                         np.dtype(out_dtype))
+
+
+_mode = threading.local()
+
+
+@contextlib.contextmanager
+def reference_mode():
+  """Within this context, DFP ops are traced with these pure-XLA implementations on every
+  platform instead of binding the kernel primitives (the CPU path's bit-exact twin).
+
+  It acts when a function is traced: a function jitted earlier keeps what it compiled.
+  """
+  previous = getattr(_mode, "active", False)
+  _mode.active = True
+  try:
+    yield
+  finally:
+    _mode.active = previous
+
+
+def in_reference_mode() -> bool:
+  return getattr(_mode, "active", False)
