@@ -50,4 +50,13 @@ static inline uint32_t dfp_encode_scaled(int64_t s, int32_t k, const dfp_float_f
   return sign | bits;
 }
 
+/* The exponent INT32_MAX marks an operand that held NaN or Inf (spec section 2). */
+#define DFP_NONFINITE_EXPONENT 0x7fffffff
+
+/* One f32 output element: NaN for a non-finite operand, else fl(s) * 2**(ea + eb). */
+static inline uint32_t dfp_encode_f32(int64_t s, int32_t ea, int32_t eb) {
+  if (ea == DFP_NONFINITE_EXPONENT || eb == DFP_NONFINITE_EXPONENT) return 0x7fc00000u;
+  return dfp_encode_scaled(s, ea + eb, &kDfpF32);
+}
+
 #endif

@@ -11,7 +11,6 @@
 enum {
   MC_ROWS = 64,       /* rows of a cache block, rounded up to whole micro-panels */
   NC_COLS = 128,      /* columns of a cache block */
-  NONFINITE = 0x7fffffff,
 };
 
 const dfp_ukernel* dfp_ukernel_for(dfp_isa isa) {
@@ -80,37 +79,39 @@ static void pack_b_task(void* arg, size_t t) {
     fail(g, DFP_ERR_BAD_MANTISSA);
 }
 
+#if defined(DFPJAX_X86)
+void dfp_encode_row_f32_avx2(const int64_t* s, size_t n, int32_t ea, const int32_t* eb,
+                             size_t eb_stride, uint32_t* out);
+#endif
+
+static void encode_row_f32(const int64_t* s, size_t n, int32_t ea, const int32_t* eb,
+                           size_t eb_stride, uint32_t* out) {
+#if defined(DFPJAX_X86)
+  /* Every ISA path but the portable one has AVX2; the stage is exact either way. */
+  static int avx2 = -1;
+  if (avx2 < 0) avx2 = dfp_isa_supported(DFP_ISA_AVX2);
+  if (avx2) {
+    dfp_encode_row_f32_avx2(s, n, ea, eb, eb_stride, out);
+    return;
+  }
+#endif
+  for (size_t j = 0; j < n; ++j) out[j] = dfp_encode_f32(s[j], ea, eb[j * eb_stride]);
+}
+
 /* Writes fl(s[j]) * 2**(ea + eb[j * eb_stride]) for one output row segment. */
 static void encode_row(const dfp_gemm_args* a, const int64_t* s, size_t n, int32_t ea,
                        const int32_t* eb, size_t eb_stride, size_t out_index) {
   if (a->out_format == DFP_OUT_F32) {
-    uint32_t* out = (uint32_t*)a->out + out_index;
-    for (size_t j = 0; j < n; ++j) {
-      const int32_t e = eb[j * eb_stride];
-      uint32_t bits;
-      if (ea == NONFINITE || e == NONFINITE) {
-        bits = 0x7fc00000u;
-      } else {
-        /* Fast path: the hardware int64 -> f32 conversion rounds once to nearest even,
-         * and adding k to a normal result's exponent field is exact scaling. */
-        const int32_t k = ea + e;
-        const float f = (float)s[j];
-        memcpy(&bits, &f, sizeof bits);
-        const int32_t biased = (int32_t)((bits >> 23) & 0xff) + k;
-        if (s[j] != 0 && biased >= 1 && biased <= 254) bits += (uint32_t)k << 23;
-        else bits = dfp_encode_scaled(s[j], k, &kDfpF32);
-      }
-      out[j] = bits;
-    }
-  } else {
-    const int bf16 = a->out_format == DFP_OUT_BF16;
-    uint16_t* out = (uint16_t*)a->out + out_index;
-    for (size_t j = 0; j < n; ++j) {
-      const int32_t e = eb[j * eb_stride];
-      out[j] = (ea == NONFINITE || e == NONFINITE)
-                   ? (bf16 ? 0x7fc0 : 0x7e00)
-                   : (uint16_t)dfp_encode_scaled(s[j], ea + e, bf16 ? &kDfpBF16 : &kDfpF16);
-    }
+    encode_row_f32(s, n, ea, eb, eb_stride, (uint32_t*)a->out + out_index);
+    return;
+  }
+  const int bf16 = a->out_format == DFP_OUT_BF16;
+  uint16_t* out = (uint16_t*)a->out + out_index;
+  for (size_t j = 0; j < n; ++j) {
+    const int32_t e = eb[j * eb_stride];
+    out[j] = (ea == DFP_NONFINITE_EXPONENT || e == DFP_NONFINITE_EXPONENT)
+                 ? (bf16 ? 0x7fc0 : 0x7e00)
+                 : (uint16_t)dfp_encode_scaled(s[j], ea + e, bf16 ? &kDfpBF16 : &kDfpF16);
   }
 }
 
