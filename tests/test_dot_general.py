@@ -216,3 +216,26 @@ def test_nan_or_inf_operand_gives_all_nan_output():
   # d a = g . Q(b)^T has finite operands; d b = Q(a)^T . g has the Inf.
   da, db = vjp(np.ones((3, 2), np.float32))
   assert np.isfinite(np.asarray(da)).all() and np.isnan(np.asarray(db)).all()
+
+
+@pytest.mark.parametrize("bits", [2, 5, 8, 11, 16])
+def test_any_bit_width(bits):
+  rng = np.random.default_rng(bits)
+  a, b = rng.standard_normal((9, 30)).astype(np.float32), rng.standard_normal((30, 7)).astype(np.float32)
+  cfg = dfpjax.DFPConfig(forward=dfpjax.QuantConfig(bits=bits, headroom=bits // 4))
+  qa = dfpjax.quantize(a, bits=bits, headroom=bits // 4)
+  qb = dfpjax.quantize(b, bits=bits, headroom=bits // 4)
+  np.testing.assert_array_equal(np.asarray(dfpjax.dfp_dot_general(a, b, DENSE, config=cfg)),
+                                _exact(lambda a, b: a @ b, qa, qb))
+
+
+def test_other_platforms_lower_to_pure_xla():
+  """Without a GPU here, lower for CUDA: the primitive must become plain XLA ops (the reference),
+  with no CPU custom call left."""
+  f = jax.jit(jax.value_and_grad(lambda a, b: dfpjax.dfp_dot_general(a, b, DENSE).sum(), argnums=(0, 1)))
+  a, b = jnp.ones((8, 16)), jnp.ones((16, 4))
+  cuda = f.trace(a, b).lower(lowering_platforms=("cuda",)).as_text()
+  cpu = f.trace(a, b).lower(lowering_platforms=("cpu",)).as_text()
+  assert "dfpjax_dot_general" in cpu
+  assert "dfpjax_dot_general" not in cuda and "custom_call" not in cuda
+  assert "dot_general" in cuda and "i64" in cuda  # the exact int64 product
