@@ -119,19 +119,21 @@ static void encode_row(const dfp_gemm_args* a, const int64_t* s, size_t n, int32
 static void block_task(void* arg, size_t t) {
   gemm_plan* g = (gemm_plan*)arg;
   const dfp_gemm_args* a = g->args;
-  const int mr = g->uk->mr, nr = g->uk->nr, tile = mr * nr;
+  const int mr = g->uk->mr, nr = g->uk->nr;
   const size_t mcp = (MC_ROWS + mr - 1) / mr, ncp = (NC_COLS + nr - 1) / nr;
+  const size_t ldc = ncp * nr; /* the block accumulator is row-major [mcp * mr][ldc] */
   const size_t per_batch = g->mblocks * g->nblocks;
   const size_t b = t / per_batch, ib = (t % per_batch) / g->nblocks, jb = t % g->nblocks;
   const size_t p0 = ib * mcp, p1 = p0 + mcp < g->mpanels ? p0 + mcp : g->mpanels;
   const size_t q0 = jb * ncp, q1 = q0 + ncp < g->npanels ? q0 + ncp : g->npanels;
 
-  int64_t* acc = (int64_t*)aligned_alloc(64, ((mcp * ncp * tile * sizeof(int64_t)) + 63) / 64 * 64);
+  const size_t acc_bytes = mcp * mr * ldc * sizeof(int64_t);
+  int64_t* acc = (int64_t*)aligned_alloc(64, (acc_bytes + 63) / 64 * 64);
   if (acc == NULL) {
     fail(g, DFP_ERR_ALLOC);
     return;
   }
-  memset(acc, 0, mcp * ncp * tile * sizeof(int64_t));
+  memset(acc, 0, acc_bytes);
   for (size_t pc = 0; pc < g->kpairs; pc += DFP_KC_PAIRS) {
     const size_t kc = g->kpairs - pc < DFP_KC_PAIRS ? g->kpairs - pc : DFP_KC_PAIRS;
     const size_t level_offset = (pc / DFP_KC_PAIRS) * DFP_CHUNK_LEVELS;
@@ -143,21 +145,16 @@ static void block_task(void* arg, size_t t) {
         const size_t ap = b * g->mpanels + p;
         const size_t chunk = safe_chunk(g->abound + ap * g->kblocks * DFP_CHUNK_LEVELS + level_offset, bb);
         g->uk->fn(kc, chunk < kc ? chunk : kc, g->apack + (ap * g->kpairs + pc) * mr * 2, bp,
-                  acc + ((p - p0) * ncp + (q - q0)) * tile);
+                  acc + (p - p0) * mr * ldc + (q - q0) * nr, ldc);
       }
     }
   }
-  for (size_t p = p0; p < p1; ++p)
-    for (int i = 0; i < mr && p * mr + i < a->m; ++i) {
-      const size_t row = p * mr + i;
-      const int32_t ea = a->ea[b * a->ea_batch_stride + row * a->ea_stride];
-      for (size_t q = q0; q < q1; ++q) {
-        const size_t col = q * nr, n = a->n - col < (size_t)nr ? a->n - col : (size_t)nr;
-        encode_row(a, acc + ((p - p0) * ncp + (q - q0)) * tile + i * nr, n, ea,
-                   a->eb + b * a->eb_batch_stride + col * a->eb_stride, a->eb_stride,
-                   (b * a->m + row) * a->n + col);
-      }
-    }
+  const size_t col0 = q0 * nr, cols = a->n - col0 < ldc ? a->n - col0 : ldc;
+  for (size_t row = p0 * mr; row < p1 * mr && row < a->m; ++row)
+    encode_row(a, acc + (row - p0 * mr) * ldc, cols,
+               a->ea[b * a->ea_batch_stride + row * a->ea_stride],
+               a->eb + b * a->eb_batch_stride + col0 * a->eb_stride, a->eb_stride,
+               (b * a->m + row) * a->n + col0);
   free(acc);
 }
 

@@ -8,56 +8,60 @@ enum {
   BLOCKS_PER_KC = DFP_KC_PAIRS / DFP_NORM_BLOCK_PAIRS,
 };
 
-/* Copies columns [c0, c1) of the panel (c0 even) and accumulates each row's squared norm
- * per norm block of the K block into sq. Returns the smallest element seen. */
-static int16_t copy_block(const int16_t* src, size_t c0, size_t c1, size_t row_stride,
-                          size_t col_stride, size_t valid, int width, int16_t* dst,
-                          uint64_t sq[BLOCKS_PER_KC][MAX_WIDTH]) {
-  int16_t lowest = 0;
-  uint32_t* out = (uint32_t*)dst;
-  const size_t full_pairs = (c1 - c0) / 2;
+/* Copies columns [c0, c1) of the panel's valid rows (c0 even) into dst[pair][width][2]. */
+static inline __attribute__((always_inline)) void copy_block(const int16_t* src, size_t c0, size_t c1, size_t row_stride,
+                       size_t col_stride, size_t valid, int width, int16_t* dst) {
+  const size_t pairs = (c1 - c0) / 2;
   if (col_stride == 1) {
     /* Rows contiguous in k: each row's pairs are consecutive 32-bit words. */
+    uint32_t* out = (uint32_t*)dst;
     for (size_t i = 0; i < valid; ++i) {
       const int16_t* row = src + i * row_stride + c0;
-      for (size_t p = 0; p < full_pairs; ++p) {
+      for (size_t p = 0; p < pairs; ++p) {
         uint32_t w;
         memcpy(&w, row + 2 * p, sizeof w);
         out[p * (size_t)width + i] = w;
       }
-      if ((c1 - c0) & 1) out[full_pairs * (size_t)width + i] = (uint16_t)row[c1 - c0 - 1];
-      for (size_t c = 0; c < c1 - c0; c += NORM_BLOCK) {
-        const size_t end = c + NORM_BLOCK < c1 - c0 ? c + NORM_BLOCK : c1 - c0;
-        int64_t s = 0;
-        int16_t low = 0;
-        for (size_t cc = c; cc < end; ++cc) {
-          s += (int32_t)row[cc] * row[cc];
-          low = row[cc] < low ? row[cc] : low;
-        }
-        sq[c / NORM_BLOCK][i] = (uint64_t)s;
-        lowest = low < lowest ? low : lowest;
-      }
+      if ((c1 - c0) & 1) out[pairs * (size_t)width + i] = (uint16_t)row[c1 - c0 - 1];
     }
   } else {
     /* Rows contiguous at fixed k: interleave two k-rows of the panel per pair. */
-    for (size_t p = 0; p * 2 < c1 - c0; ++p) {
+    for (size_t p = 0; p < pairs; ++p) {
       const int16_t* in0 = src + (c0 + 2 * p) * col_stride;
-      const int16_t* in1 = c0 + 2 * p + 1 < c1 ? in0 + col_stride : NULL;
+      const int16_t* in1 = in0 + col_stride;
       int16_t* o = dst + p * (size_t)width * 2;
-      uint64_t* s = sq[2 * p / NORM_BLOCK];
-      int16_t low = 0;
       for (size_t i = 0; i < valid; ++i) {
-        const int16_t v0 = in0[i], v1 = in1 ? in1[i] : 0;
-        o[2 * i] = v0;
-        o[2 * i + 1] = v1;
-        s[i] += (uint32_t)((int32_t)v0 * v0 + (int32_t)v1 * v1);
-        low = v0 < low ? v0 : low;
-        low = v1 < low ? v1 : low;
+        o[2 * i] = in0[i];
+        o[2 * i + 1] = in1[i];
       }
-      lowest = low < lowest ? low : lowest;
+    }
+    if ((c1 - c0) & 1) {
+      const int16_t* in0 = src + (c1 - 1) * col_stride;
+      int16_t* o = dst + pairs * (size_t)width * 2;
+      for (size_t i = 0; i < valid; ++i) o[2 * i] = in0[i];
     }
   }
-  return lowest;
+}
+
+/* Squared norm of each lane (row) over each norm block of a packed K block. */
+static inline __attribute__((always_inline)) void block_norms(const int16_t* dst, size_t kpairs, int width,
+                        uint64_t sq[BLOCKS_PER_KC][MAX_WIDTH]) {
+  for (size_t p0 = 0, blk = 0; p0 < kpairs; p0 += DFP_NORM_BLOCK_PAIRS, ++blk) {
+    const size_t p1 = p0 + DFP_NORM_BLOCK_PAIRS < kpairs ? p0 + DFP_NORM_BLOCK_PAIRS : kpairs;
+    uint64_t* s = sq[blk];
+    for (int i = 0; i < width; ++i) s[i] = 0;
+    for (size_t p = p0; p < p1; ++p) {
+      const int16_t* v = dst + p * (size_t)width * 2;
+      for (int i = 0; i < width; ++i)  /* a pair's two squares stay below 2**31 */
+        s[i] += (uint32_t)((int32_t)v[2 * i] * v[2 * i] + (int32_t)v[2 * i + 1] * v[2 * i + 1]);
+    }
+  }
+}
+
+static inline __attribute__((always_inline)) int16_t lowest(const int16_t* v, size_t n) {
+  int16_t low = 0;
+  for (size_t i = 0; i < n; ++i) low = v[i] < low ? v[i] : low;
+  return low;
 }
 
 /* Packing is a fifth of the GEMM's time: build it for AVX2 as well as the baseline. */
@@ -70,14 +74,12 @@ int dfp_pack_panel(const int16_t* src, size_t rows, size_t k, size_t row_stride,
   const size_t valid = rows - row0 < (size_t)width ? rows - row0 : (size_t)width;
   src += row0 * row_stride;
   memset(dst, 0, kpairs * (size_t)width * 2 * sizeof(int16_t));
-  int16_t lowest = 0;
   for (size_t c0 = 0; c0 < k; c0 += 2 * DFP_KC_PAIRS, bounds += DFP_CHUNK_LEVELS) {
     const size_t c1 = c0 + 2 * DFP_KC_PAIRS < k ? c0 + 2 * DFP_KC_PAIRS : k;
+    int16_t* block = dst + (c0 / 2) * (size_t)width * 2;
+    copy_block(src, c0, c1, row_stride, col_stride, valid, width, block);
     uint64_t sq[BLOCKS_PER_KC][MAX_WIDTH];
-    memset(sq, 0, sizeof sq);
-    const int16_t low = copy_block(src, c0, c1, row_stride, col_stride, valid, width,
-                                   dst + (c0 / 2) * (size_t)width * 2, sq);
-    lowest = low < lowest ? low : lowest;
+    block_norms(block, (c1 - c0 + 1) / 2, width, sq);
     /* Level 0: the panel's largest row norm per norm block; level l + 1 sums pairs of
      * level-l chunks. Each level's bound is its largest chunk. */
     uint64_t chunk[BLOCKS_PER_KC];
@@ -96,5 +98,5 @@ int dfp_pack_panel(const int16_t* src, size_t rows, size_t k, size_t row_stride,
       count = (count + 1) / 2;
     }
   }
-  return lowest == INT16_MIN ? -1 : 0;
+  return lowest(dst, kpairs * (size_t)width * 2) == INT16_MIN ? -1 : 0;
 }

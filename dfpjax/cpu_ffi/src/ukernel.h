@@ -4,7 +4,7 @@
  * (row i's pair k is one 32-bit word, broadcast by the kernel), a B micro-panel is
  * [kpairs][NR][2] int16 (NR 32-bit words per pair, loaded as vectors).
  *
- * The kernel adds A_panel x B_panel into the int64 tile acc[MR][NR]. It accumulates
+ * The kernel adds A_panel x B_panel into the int64 tile acc[i * ldc + j], i < MR, j < NR. It accumulates
  * in int32 registers for `chunk` pairs at a time and then spills into acc; the
  * caller guarantees (gemm.c) that no partial sum within a chunk leaves int32, which
  * makes the result exact. chunk = 1 is safe for any input with |m| <= 32767. */
@@ -17,7 +17,7 @@
 #include "dfp_kernel.h"
 
 typedef void (*dfp_ukernel_fn)(size_t kpairs, size_t chunk, const int16_t* a, const int16_t* b,
-                               int64_t* acc);
+                               int64_t* acc, size_t ldc);
 
 typedef struct {
   int mr, nr;

@@ -29,7 +29,8 @@ static inline void spill(__m256i v, int64_t* dst) {
   "vpmaddwd %%ymm13, %%ymm15, %%ymm15\n\t"                                              \
   "vpaddd %%ymm15, %[" #c1 "], %[" #c1 "]\n\t"
 
-static void ukernel(size_t kpairs, size_t chunk, const int16_t* a, const int16_t* b, int64_t* acc) {
+static void ukernel(size_t kpairs, size_t chunk, const int16_t* a, const int16_t* b, int64_t* acc,
+                    size_t ldc) {
   for (size_t done = 0; done < kpairs; done += chunk) {
     size_t n = chunk < kpairs - done ? chunk : kpairs - done;
     __m256i c00 = _mm256_setzero_si256(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00,
@@ -63,8 +64,8 @@ static void ukernel(size_t kpairs, size_t chunk, const int16_t* a, const int16_t
         : "rax", "xmm12", "xmm13", "xmm14", "xmm15", "cc", "memory");
     const __m256i c[MR][2] = {{c00, c01}, {c10, c11}, {c20, c21}, {c30, c31}, {c40, c41}, {c50, c51}};
     for (int i = 0; i < MR; ++i) {
-      spill(c[i][0], acc + i * NR);
-      spill(c[i][1], acc + i * NR + 8);
+      spill(c[i][0], acc + i * ldc);
+      spill(c[i][1], acc + i * ldc + 8);
     }
   }
 }

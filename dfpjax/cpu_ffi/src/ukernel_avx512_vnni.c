@@ -19,7 +19,8 @@ static inline void spill(__m512i v, int64_t* dst) {
   _mm512_storeu_si512(dst + 8, _mm512_add_epi64(_mm512_loadu_si512(dst + 8), hi));
 }
 
-static void ukernel(size_t kpairs, size_t chunk, const int16_t* a, const int16_t* b, int64_t* acc) {
+static void ukernel(size_t kpairs, size_t chunk, const int16_t* a, const int16_t* b, int64_t* acc,
+                    size_t ldc) {
   for (size_t done = 0; done < kpairs; done += chunk) {
     const size_t n = chunk < kpairs - done ? chunk : kpairs - done;
     __m512i c[MR][2];
@@ -37,8 +38,8 @@ static void ukernel(size_t kpairs, size_t chunk, const int16_t* a, const int16_t
     }
 #pragma GCC unroll 8
     for (int i = 0; i < MR; ++i) {
-      spill(c[i][0], acc + i * NR);
-      spill(c[i][1], acc + i * NR + 16);
+      spill(c[i][0], acc + i * ldc);
+      spill(c[i][1], acc + i * ldc + 16);
     }
   }
 }

@@ -20,7 +20,8 @@ static inline void spill(__m256i v, int64_t* dst) {
                       _mm256_add_epi64(_mm256_loadu_si256((const __m256i*)(dst + 4)), hi));
 }
 
-static void ukernel(size_t kpairs, size_t chunk, const int16_t* a, const int16_t* b, int64_t* acc) {
+static void ukernel(size_t kpairs, size_t chunk, const int16_t* a, const int16_t* b, int64_t* acc,
+                    size_t ldc) {
   for (size_t done = 0; done < kpairs; done += chunk) {
     const size_t n = chunk < kpairs - done ? chunk : kpairs - done;
     __m256i c[MR][2];
@@ -38,8 +39,8 @@ static void ukernel(size_t kpairs, size_t chunk, const int16_t* a, const int16_t
     }
 #pragma GCC unroll 8
     for (int i = 0; i < MR; ++i) {
-      spill(c[i][0], acc + i * NR);
-      spill(c[i][1], acc + i * NR + 8);
+      spill(c[i][0], acc + i * ldc);
+      spill(c[i][1], acc + i * ldc + 8);
     }
   }
 }
