@@ -2,11 +2,12 @@
 
 Layers (each imports only the ones above it):
   numerics    the DFP contract: DFPConfig, quantize/dequantize (docs/numerics.md)
-  primitives  exact DFP dot_general (and conv) primitives; cpu_ffi is their C kernel
+  primitives  exact DFP dot_general and conv_general_dilated; cpu_ffi is their C kernel
 """
 
 from dfpjax.numerics import DFPConfig, DFPTensor, QuantConfig, dequantize, quantize
-from dfpjax.primitives import dfp_dot_general
+from dfpjax.primitives import dfp_conv_general_dilated, dfp_dot_general
 
-__all__ = ["DFPConfig", "QuantConfig", "DFPTensor", "quantize", "dequantize", "dfp_dot_general"]
+__all__ = ["DFPConfig", "QuantConfig", "DFPTensor", "quantize", "dequantize", "dfp_dot_general",
+           "dfp_conv_general_dilated"]
 __version__ = "0.1.0"

@@ -170,3 +170,10 @@ def test_bad_settings_are_rejected():
     dfpjax.quantize(jnp.ones((2, 3)), granularity="channel", axis=2)
   with pytest.raises(ValueError, match="rounding"):
     dfpjax.quantize(jnp.ones(3), rounding="up")
+
+
+def test_empty_tensors_quantize_to_exponent_zero():
+  t = dfpjax.quantize(jnp.zeros((0, 3)))
+  assert t.mantissa.shape == (0, 3) and int(t.exponent) == 0
+  y = dfpjax.dfp_dot_general(jnp.zeros((0, 3)), jnp.ones((3, 2)), (((1,), (0,)), ((), ())))
+  assert y.shape == (0, 2)

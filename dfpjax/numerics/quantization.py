@@ -120,8 +120,9 @@ def _quantize_nearest(x, config: QuantConfig, axis, reduce_axes) -> DFPTensor:
   p, s = config.bits, config.headroom
   xf = x.astype(jnp.float32)
   # XLA's max may drop NaNs: count them as Inf, which max keeps.
-  amax = jnp.max(jnp.where(jnp.isnan(xf), jnp.inf, jnp.abs(xf)), axis=reduce_axes, keepdims=True)
-  nonfinite = ~jnp.isfinite(jnp.max(amax))
+  amax = jnp.max(jnp.where(jnp.isnan(xf), jnp.inf, jnp.abs(xf)), axis=reduce_axes, keepdims=True,
+                 initial=0.0)
+  nonfinite = ~jnp.isfinite(jnp.max(amax, initial=0.0))
   log2 = floatbits.floor_log2_of_magnitude_bits(floatbits.magnitude_bits(amax), jnp.float32)
   exponent = log2 - (p - 2) + s
   fast = jnp.all((amax >= np.float32(2.0**-126)) & (exponent >= -125)) | nonfinite
@@ -148,7 +149,7 @@ def _quantize_exact(x, config: QuantConfig, key, axis, reduce_axes, scale_expone
   exp2 = exp2 + offset
 
   log2 = jnp.where(mag == 0, _LOG2_OF_ZERO, floatbits.floor_log2_of_magnitude_bits(mag, x.dtype) + offset)
-  top = jnp.max(log2, axis=reduce_axes, keepdims=True)
+  top = jnp.max(log2, axis=reduce_axes, keepdims=True, initial=_LOG2_OF_ZERO)
   exponent = jnp.where(top == _LOG2_OF_ZERO, 0, top - (p - 2) + s)
 
   shift = exp2 - exponent  # m = R(sig * 2**shift)

@@ -1,0 +1,142 @@
+"""dfp_conv_general_dilated: spec section 3 forward and section 4 gradients over the parameter space.
+
+Expected values: the quantized operands dequantized into float64 (exact), convolved with
+XLA's float64 convolution (exact at these sizes), rounded once to float32; gradients through
+JAX's own transpose rules on those values.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+import dfpjax
+from dfpjax.primitives import reference_mode
+
+
+def _f64(t):
+  return np.asarray(t.mantissa, np.float64) * np.ldexp(1.0, int(t.exponent))
+
+
+def _exact(fn, *quantized):
+  with jax.enable_x64(True):
+    return np.asarray(fn(*[jnp.asarray(_f64(t)) for t in quantized])).astype(np.float32)
+
+
+LAYOUTS = {1: [("NWC", "WIO", "NWC"), ("NCW", "OIW", "NCW")],
+           2: [("NHWC", "HWIO", "NHWC"), ("NCHW", "OIHW", "NCHW"), ("NHWC", "OHWI", "NCHW")],
+           3: [("NDHWC", "DHWIO", "NDHWC")]}
+
+
+def _random_conv(rng):
+  """A random valid convolution: rank, layout, strides, padding, dilations, groups."""
+  nd = int(rng.choice([1, 2, 2, 2, 3]))
+  layout = LAYOUTS[nd][rng.integers(len(LAYOUTS[nd]))]
+  groups = int(rng.choice([1, 1, 2, 4]))
+  depthwise = rng.random() < 0.2
+  batch_groups = 1 if groups > 1 or depthwise else int(rng.choice([1, 1, 2]))
+  in_features = int(rng.integers(1, 4)) * groups
+  if depthwise:
+    groups = in_features = int(rng.integers(2, 5))
+  out_features = int(rng.integers(1, 3)) * groups * batch_groups
+  batch = int(rng.integers(1, 3)) * batch_groups
+  spatial = [int(rng.integers(3, 9 if nd < 3 else 6)) for _ in range(nd)]
+  window = [int(rng.integers(1, 4)) for _ in range(nd)]
+  strides = [int(rng.integers(1, 4)) for _ in range(nd)]  # stride > kernel included
+  rhs_dilation = [int(rng.integers(1, 3)) for _ in range(nd)]
+  lhs_dilation = [int(rng.integers(1, 3)) for _ in range(nd)] if rng.random() < 0.3 else None
+  if lhs_dilation is None and rng.random() < 0.5:
+    padding = str(rng.choice(["SAME", "VALID"]))
+  else:
+    padding = [(int(rng.integers(0, 3)), int(rng.integers(0, 3))) for _ in range(nd)]
+  lhs_spec, rhs_spec, _ = layout
+  dims = dict(N=batch, C=in_features, O=out_features, I=in_features // groups)
+  lhs_shape = [dims[c] if c in "NC" else spatial["DHW"[-nd:].index(c)] for c in lhs_spec]
+  rhs_shape = [dims[c] if c in "OI" else window["DHW"[-nd:].index(c)] for c in rhs_spec]
+  kwargs = dict(window_strides=strides, padding=padding, lhs_dilation=lhs_dilation,
+                rhs_dilation=rhs_dilation, dimension_numbers=layout, feature_group_count=groups,
+                batch_group_count=batch_groups)
+  try:
+    out = jax.eval_shape(lambda a, b: lax.conv_general_dilated(a, b, **kwargs),
+                         jax.ShapeDtypeStruct(lhs_shape, jnp.float32),
+                         jax.ShapeDtypeStruct(rhs_shape, jnp.float32))
+  except (ValueError, TypeError):
+    return _random_conv(rng)
+  if 0 in out.shape:
+    return _random_conv(rng)
+  lhs = rng.standard_normal(lhs_shape).astype(np.float32)
+  rhs = rng.standard_normal(rhs_shape).astype(np.float32)
+  return lhs, rhs, kwargs
+
+
+@pytest.mark.parametrize("seed", range(16))
+def test_random_convolutions_forward_and_gradients(seed):
+  rng = np.random.default_rng(seed)
+  lhs, rhs, kw = _random_conv(rng)
+  f = lambda a, b: dfpjax.dfp_conv_general_dilated(a, b, **kw)
+  y, vjp = jax.vjp(f, lhs, rhs)
+  g = rng.standard_normal(y.shape).astype(np.float32)
+  da, db = vjp(g)
+  qa, qb, qg = dfpjax.quantize(lhs), dfpjax.quantize(rhs), dfpjax.quantize(g)
+  conv = lambda a, b: lax.conv_general_dilated(a, b, **kw)
+  np.testing.assert_array_equal(np.asarray(y), _exact(conv, qa, qb))
+  want_da = _exact(lambda g, b: jax.vjp(lambda a: conv(a, b), jnp.zeros(lhs.shape, g.dtype))[1](g)[0], qg, qb)
+  want_db = _exact(lambda g, a: jax.vjp(lambda b: conv(a, b), jnp.zeros(rhs.shape, g.dtype))[1](g)[0], qg, qa)
+  np.testing.assert_array_equal(np.asarray(da), want_da)
+  np.testing.assert_array_equal(np.asarray(db), want_db)
+  assert y.shape == conv(lhs, rhs).shape
+
+
+def test_strided_grouped_gradients_under_jit_and_vmap():
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal((3, 2, 11, 11, 8)).astype(np.float32)
+  w = rng.standard_normal((3, 3, 2, 8)).astype(np.float32)
+  f = lambda x, w: dfpjax.dfp_conv_general_dilated(
+      x, w, (2, 2), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=4)
+  loss = lambda x, w: jnp.sum(jnp.tanh(f(x, w)))
+  per_example = jax.jit(jax.vmap(jax.grad(loss, argnums=(0, 1)), (0, None)))(x, w)
+  for i in range(3):
+    gx, gw = jax.grad(loss, argnums=(0, 1))(x[i], w)
+    np.testing.assert_array_equal(np.asarray(per_example[0][i]), np.asarray(gx))
+    np.testing.assert_array_equal(np.asarray(per_example[1][i]), np.asarray(gw))
+  with reference_mode():
+    ref = jax.jit(lambda x, w: jax.grad(loss, argnums=(0, 1))(x, w))(x[0], w)
+  np.testing.assert_array_equal(np.asarray(ref[1]), np.asarray(jax.grad(loss, argnums=1)(x[0], w)))
+
+
+def test_weight_gradient_with_long_reduction_is_exact():
+  """Backward-weights of a 1x1 convolution sums over N*H*W = 2**17 products of full-range
+  same-sign mantissas: the exact sum is far beyond int32."""
+  x = np.full((8, 128, 128, 1), 1.5, np.float32)
+  w = np.full((1, 1, 1, 1), 0.75, np.float32)
+  f = lambda x, w: dfpjax.dfp_conv_general_dilated(x, w, (1, 1), "VALID",
+                                                   dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  _, vjp = jax.vjp(f, x, w)
+  _, dw = vjp(np.full((8, 128, 128, 1), 1.25, np.float32))
+  assert float(dw[0, 0, 0, 0]) == 8 * 128 * 128 * 1.5 * 1.25
+
+
+def test_nan_operand_gives_all_nan_output():
+  x = np.ones((1, 5, 5, 2), np.float32)
+  x[0, 2, 2, 1] = np.nan
+  y = dfpjax.dfp_conv_general_dilated(x, np.ones((3, 3, 2, 2), np.float32), (1, 1), "SAME",
+                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  assert np.isnan(np.asarray(y)).all()
+
+
+def test_invalid_configurations_raise_at_trace_time():
+  x, w = jnp.ones((1, 8, 8, 4)), jnp.ones((3, 3, 4, 6))
+  nhwc = ("NHWC", "HWIO", "NHWC")
+  with pytest.raises(TypeError, match="lhs must be float32"):
+    dfpjax.dfp_conv_general_dilated(x.astype(jnp.int32), w, (1, 1), "SAME", dimension_numbers=nhwc)
+  with pytest.raises((TypeError, ValueError)):
+    dfpjax.dfp_conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=nhwc, feature_group_count=3)
+  with pytest.raises((TypeError, ValueError)):
+    dfpjax.dfp_conv_general_dilated(x, jnp.ones((3, 3, 5, 6)), (1, 1), "SAME", dimension_numbers=nhwc)
+  with pytest.raises(ValueError, match="lhs_dilation"):
+    dfpjax.dfp_conv_general_dilated(x, w, (1, 1), "SAME", lhs_dilation=(2, 2), dimension_numbers=nhwc)
+  with pytest.raises(NotImplementedError, match="granularity"):
+    dfpjax.dfp_conv_general_dilated(
+        x, w, (1, 1), "SAME", dimension_numbers=nhwc,
+        config=dfpjax.DFPConfig(forward=dfpjax.QuantConfig(granularity="channel")))
