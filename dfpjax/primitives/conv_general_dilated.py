@@ -1,35 +1,33 @@
 """DFP ``conv_general_dilated``: spec section 3 forward, section 4 gradients.
 
-Same two layers as ``dot_general.py``: the primitive ``dfp_conv_general_dilated_p`` is the
-exact convolution of quantized operands (INT16 mantissas, per-tensor exponents), and
-``dfp_conv_general_dilated`` quantizes, calls it and carries the DFP gradient rule. The
-backward-data and backward-weights passes are again exact convolutions of the quantized
-cotangent with the forward's quantized operands, with the parameters JAX's own transpose
-rules derive (``_transpose_lhs`` / ``_transpose_rhs`` below follow them line by line).
+``exact_conv`` is the exact convolution of quantized operands (INT16 mantissas, per-tensor
+exponents) and ``dfp_conv_general_dilated`` quantizes, calls it and carries the DFP gradient
+rule. The backward-data and backward-weights passes are again exact convolutions of the
+quantized cotangent with the forward's quantized operands, with the parameters JAX's own
+transpose rules derive (``_transpose_lhs`` / ``_transpose_rhs`` follow them line by line).
 
-Status: the primitive lowers to the exact pure-XLA reference on every platform, CPU
-included; the implicit-im2col C kernel is not written yet (issue 3).
+Status (issue 3): ``exact_conv`` materializes the input patches with XLA and multiplies
+them with the exact DFP GEMM (the C kernel on CPU). The implicit-im2col kernel that packs
+patches on the fly, and a primitive of its own, are still to come.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
+import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 from jax._src.lax import convolution as lax_conv  # JAX's transpose helpers; JAX is pinned
-from jax.extend import core
-from jax.interpreters import batching, mlir
 
 from dfpjax.numerics.config import DFPConfig, QuantConfig
-from dfpjax.numerics.quantization import quantize_with
-from dfpjax.primitives import reference
+from dfpjax.numerics.quantization import DFPTensor, quantize_with
+from dfpjax.primitives.dot_general import DotDims, exact_dot
 from dfpjax.primitives.operands import check_float_operand, fold_key, output_dtype
-
-dfp_conv_general_dilated_p = core.Primitive("dfp_conv_general_dilated")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,7 +42,7 @@ class ConvParams:
   batch_group_count: int
 
   def as_kwargs(self):
-    return dataclasses.asdict(self) | {"dimension_numbers": self.dimension_numbers}
+    return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
 
 def _float_conv_shape(lhs_shape, rhs_shape, params: ConvParams):
@@ -55,46 +53,56 @@ def _float_conv_shape(lhs_shape, rhs_shape, params: ConvParams):
   return out.shape
 
 
-def _abstract_eval(a, ea, b, eb, *, params: ConvParams, out_dtype):
-  if a.dtype != jnp.int16 or b.dtype != jnp.int16 or ea.dtype != jnp.int32 or eb.dtype != jnp.int32:
-    raise TypeError("dfp_conv_general_dilated_p takes int16 mantissas and int32 exponents")
-  if ea.shape != () or eb.shape != ():
-    raise ValueError("dfp_conv_general_dilated_p takes per-tensor (scalar) exponents")
-  return jax.core.ShapedArray(_float_conv_shape(a.shape, b.shape, params), out_dtype)
+def _patches(x, window_shape, out_spatial, p: ConvParams):
+  """Input patches [N, *out_spatial, prod(window), C] of channels-last ``x`` [N, *spatial, C].
+
+  Pure data movement (pad with interior dilation, strided slices), so it is exact for the
+  int16 mantissas: every element is an input value or a padding zero.
+  """
+  config = ([(0, 0, 0)] + [(lo, hi, d - 1) for (lo, hi), d in zip(p.padding, p.lhs_dilation)]
+            + [(0, 0, 0)])
+  x = lax.pad(x, jnp.zeros((), x.dtype), config)
+  slices = []
+  for offset in itertools.product(*(range(w) for w in window_shape)):
+    start = [0] + [o * d for o, d in zip(offset, p.rhs_dilation)] + [0]
+    limit = ([x.shape[0]]
+             + [s + (n - 1) * st + 1 for s, n, st in zip(start[1:], out_spatial, p.window_strides)]
+             + [x.shape[-1]])
+    slices.append(lax.slice(x, start, limit, [1] + list(p.window_strides) + [1]))
+  return jnp.stack(slices, axis=-2)
 
 
-def _impl(*args, **params):
-  return _jitted_bind(**params)(*args)
+def exact_conv(qa: DFPTensor, qb: DFPTensor, params: ConvParams, out_dtype):
+  """``fl(conv(ma, mb)) * 2**(ea + eb)`` (spec section 3) for per-tensor quantized operands.
 
-
-@functools.cache
-def _jitted_bind(**params):
-  return jax.jit(functools.partial(dfp_conv_general_dilated_p.bind, **params))
-
-
-def _batch_rule(args, dims, *, params, out_dtype):
-  # Each vmapped instance has its own exponents; map the exact convolution over them.
-  size = next(x.shape[d] for x, d in zip(args, dims) if d is not None)
-  args = [batching.bdim_at_front(x, d, size) for x, d in zip(args, dims)]
-  out = lax.map(lambda xs: dfp_conv_general_dilated_p.bind(*xs, params=params, out_dtype=out_dtype),
-                args)
-  return out, 0
-
-
-dfp_conv_general_dilated_p.def_impl(_impl)
-dfp_conv_general_dilated_p.def_abstract_eval(_abstract_eval)
-batching.primitive_batchers[dfp_conv_general_dilated_p] = _batch_rule
-mlir.register_lowering(
-    dfp_conv_general_dilated_p,
-    mlir.lower_fun(lambda a, ea, b, eb, *, params, out_dtype: reference.conv(
-        a, ea, b, eb, out_dtype=out_dtype, **params.as_kwargs()), multiple_results=False))
-
-
-def exact_conv(ma, ea, mb, eb, params: ConvParams, out_dtype):
-  """``fl(conv(ma, mb)) * 2**(ea + eb)`` (spec section 3) for quantized operands."""
-  if reference.in_reference_mode():
-    return reference.conv(ma, ea, mb, eb, out_dtype=np.dtype(out_dtype), **params.as_kwargs())
-  return dfp_conv_general_dilated_p.bind(ma, ea, mb, eb, params=params, out_dtype=np.dtype(out_dtype))
+  Computed as the exact DFP matrix product of the input patches with the weights (grouped
+  convolutions as a batch of products), so every platform -- and the C kernel on CPU --
+  runs the same exact integer arithmetic as ``dot_general``.
+  """
+  lhs_spec, rhs_spec, out_spec = params.dimension_numbers
+  nd = len(lhs_spec) - 2
+  x = jnp.transpose(qa.mantissa, (lhs_spec[0], *lhs_spec[2:], lhs_spec[1]))  # N, spatial, C
+  w = jnp.transpose(qb.mantissa, (*rhs_spec[2:], rhs_spec[1], rhs_spec[0]))  # window, I, O
+  out_shape = _float_conv_shape(qa.shape, qb.shape, params)
+  out_spatial = [out_shape[d] for d in out_spec[2:]]
+  window = w.shape[:nd]
+  taps, in_per_group, features = math.prod(window), w.shape[nd], w.shape[nd + 1]
+  patches = _patches(x, window, out_spatial, params)  # N, out_spatial, taps, C
+  n, positions = x.shape[0], math.prod(out_spatial)
+  fg, bg = params.feature_group_count, params.batch_group_count
+  groups = fg * bg  # at most one of them exceeds 1
+  if bg > 1:  # the lhs batch and the output features split into groups
+    patches = patches.reshape(bg, n // bg * positions, taps * in_per_group)
+  else:  # the input channels and the output features split into groups
+    patches = patches.reshape(n * positions, taps, fg, in_per_group)
+    patches = jnp.transpose(patches, (2, 0, 1, 3)).reshape(fg, n * positions, taps * in_per_group)
+  w = jnp.transpose(w.reshape(taps * in_per_group, groups, features // groups), (1, 0, 2))
+  batched = DotDims((2,), (1,), (0,), (0,), 3, 3)
+  y = exact_dot(DFPTensor(patches, qa.exponent), DFPTensor(w, qb.exponent), batched, out_dtype)
+  n_out = n // bg
+  y = jnp.transpose(y.reshape(groups, n_out, positions, features // groups), (1, 2, 0, 3))
+  y = y.reshape(n_out, *out_spatial, features)  # N, out_spatial, O
+  return jnp.transpose(y, np.argsort((out_spec[0], *out_spec[2:], out_spec[1])))
 
 
 def _transpose_lhs(mg, mb, lhs_shape, p: ConvParams) -> tuple:
@@ -167,7 +175,7 @@ def _dfp_conv(lhs, rhs, key, spec: _Spec):
 def _dfp_conv_fwd(lhs, rhs, key, spec: _Spec):
   qa = quantize_with(lhs, spec.forward, fold_key(key, 0))
   qb = quantize_with(rhs, spec.forward, fold_key(key, 1))
-  y = exact_conv(qa.mantissa, qa.exponent, qb.mantissa, qb.exponent, spec.params, spec.out_dtype)
+  y = exact_conv(qa, qb, spec.params, spec.out_dtype)
   return y, (qa, qb, key)  # only INT16 mantissas and exponents are kept
 
 
@@ -175,10 +183,10 @@ def _dfp_conv_bwd(spec: _Spec, residuals, g):
   qa, qb, key = residuals
   qg = quantize_with(g, spec.gradient, fold_key(key, 2))
   x, w, params = _transpose_lhs(qg.mantissa, qb.mantissa, spec.lhs_shape, spec.params)
-  da = _finish_transpose_lhs(exact_conv(x, qg.exponent, w, qb.exponent, params, spec.lhs_dtype),
-                             spec.params)
+  da = exact_conv(DFPTensor(x, qg.exponent), DFPTensor(w, qb.exponent), params, spec.lhs_dtype)
+  da = _finish_transpose_lhs(da, spec.params)
   x, w, params = _transpose_rhs(qg.mantissa, qa.mantissa, spec.rhs_shape, spec.params)
-  db = exact_conv(x, qa.exponent, w, qg.exponent, params, spec.rhs_dtype)
+  db = exact_conv(DFPTensor(x, qa.exponent), DFPTensor(w, qg.exponent), params, spec.rhs_dtype)
   return da, db, None
 
 

@@ -44,17 +44,6 @@ def dot(a, ea, b, eb, *, lhs_kmajor: bool, rhs_nmajor: bool, out_dtype):
                         np.dtype(out_dtype))
 
 
-def conv(a, ea, b, eb, *, out_dtype, **conv_params):
-  """The exact DFP convolution of int16 mantissas with scalar exponents; ``conv_params`` are
-  ``lax.conv_general_dilated``'s (explicit padding). Returns ``out_dtype``."""
-  with jax.enable_x64(True):
-    s = lax.conv_general_dilated(a.astype(jnp.int64), b.astype(jnp.int64),
-                                 preferred_element_type=jnp.int64, **conv_params)
-    nonfinite = (ea == NONFINITE_EXPONENT) | (eb == NONFINITE_EXPONENT)
-    return encode_exact(s, jnp.broadcast_to(ea + eb, s.shape), jnp.broadcast_to(nonfinite, s.shape),
-                        np.dtype(out_dtype))
-
-
 _mode = threading.local()
 
 

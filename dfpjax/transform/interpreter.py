@@ -1,0 +1,541 @@
+"""The jaxpr interpreter behind ``dfp_transform``.
+
+``eval_jaxpr`` follows ``jax._src.core.eval_jaxpr``: every equation is bound with
+``primitive.get_bind_params(params)`` under its own source info (name stack,
+traceback) and context, except
+
+* the DFP sites, floating ``dot_general`` and ``conv_general_dilated``, which become
+  ``dfp_dot_general`` / ``dfp_conv_general_dilated`` unless the config keeps them;
+* higher-order primitives, whose sub-jaxprs are rewritten by this same interpreter and
+  bound again, one rule per primitive (``_HIGHER_ORDER_RULES``);
+* any other primitive that carries a computation (a jaxpr or a traceable function in
+  its params), which raises ``NotImplementedError`` rather than pass it through
+  unrewritten.
+
+Stochastic rounding: a ``Scope`` carries a key. Site ``i`` (the i-th floating
+``dot_general``/``conv_general_dilated`` met, rewritten or kept) uses
+``fold_in(scope_key, i)``; a loop body's scope key is the enclosing one folded with the
+loop's iteration counter. Keys enter every sub-computation as explicit operands, never
+as closed-over tracers: custom rules are traced lazily, when AD needs them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax._src import api_util, core, source_info_util
+from jax._src import linear_util as lu
+from jax._src.ad_util import SymbolicZero, Zero
+from jax._src.interpreters import ad
+from jax._src.interpreters import partial_eval as pe
+from jax._src.lax.control_flow.common import _merge_common_consts
+from jax._src.shard_map import shard_map_p
+from jax._src.sharding_impls import UNSPECIFIED
+from jax._src.tree_util import FlatTree
+from jax.extend.core import primitives as prims
+
+import dfpjax
+from dfpjax.numerics import floatbits
+from dfpjax.numerics.config import DFPConfig
+from dfpjax.transform.names import is_backward, module_path
+
+NameStack = source_info_util.NameStack
+
+# ---------------------------------------------------------------------------------------
+# State.
+# ---------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class SiteRecord:
+  """One ``dot_general``/``conv_general_dilated`` equation met by the interpreter.
+
+  Attributes:
+    index: the site's index (keys are ``fold_in(key, index)``); None when the operands
+      are not floating point.
+    primitive: ``"dot_general"`` or ``"conv_general_dilated"``.
+    shapes, dtypes: of the two operands.
+    out_dtype: the equation's output type (the DFP op's ``preferred_element_type``).
+    path: the module path (see ``names.module_path``).
+    direction: ``"backward"`` when the equation came from a transpose, else ``"forward"``.
+    mode: ``"dfp"`` (rewritten), ``"float"`` (kept in floating point) or ``"unchanged"``
+      (operands not floating point, nothing to rewrite).
+    reason: why.
+  """
+  index: int | None
+  primitive: str
+  shapes: tuple[tuple[int, ...], ...]
+  dtypes: tuple[np.dtype, ...]
+  out_dtype: np.dtype
+  path: str
+  direction: str
+  mode: str
+  reason: str
+
+
+@dataclasses.dataclass
+class Context:
+  """What one interpretation rewrites (``config``), and what it has met so far."""
+  config: DFPConfig
+  records: list[SiteRecord] | None = None  # collected for ``report`` when a list
+  num_sites: int = 0
+
+  def new_site(self) -> int:
+    self.num_sites += 1
+    return self.num_sites - 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Scope:
+  """Where an equation sits: its absolute name stack and the key of its scope."""
+  name_stack: NameStack
+  key: Any = None  # None: deterministic rounding
+
+  def enter(self, eqn) -> Scope:
+    return dataclasses.replace(self, name_stack=self.name_stack + eqn.source_info.name_stack)
+
+  def with_key(self, keys) -> Scope:
+    """``keys`` is ``[key]`` or ``[]`` (how rules pass an optional key operand)."""
+    return dataclasses.replace(self, key=keys[0] if keys else None)
+
+  def key_operands(self) -> list:
+    return [] if self.key is None else [self.key]
+
+  def in_iteration(self, i) -> Scope:
+    return dataclasses.replace(self, key=jax.random.fold_in(self.key, i))
+
+
+# ---------------------------------------------------------------------------------------
+# The interpreter.
+# ---------------------------------------------------------------------------------------
+
+
+def eval_jaxpr(ctx: Context, jaxpr: core.Jaxpr, consts, args, scope: Scope) -> list:
+  """Evaluates ``jaxpr`` with its DFP sites rewritten (see the module docstring)."""
+  def read(v):
+    return v.val if isinstance(v, core.Literal) else env[v]
+
+  def write(v, val):
+    env[v] = val
+
+  env: dict[core.Var, Any] = {}
+  for v, x in zip(jaxpr.constvars, consts, strict=True):
+    write(v, x)
+  for v, x in zip(jaxpr.invars, args, strict=True):
+    write(v, x)
+  lu_ = core.last_used(jaxpr)
+  for eqn in jaxpr.eqns:
+    name_stack = source_info_util.current_name_stack() + eqn.source_info.name_stack
+    with (source_info_util.user_context(eqn.source_info.traceback, name_stack=name_stack),
+          eqn.ctx.manager):
+      ans = _eval_eqn(ctx, eqn, [read(v) for v in eqn.invars], scope.enter(eqn))
+    if eqn.primitive.multiple_results:
+      for v, x in zip(eqn.outvars, ans, strict=True):
+        write(v, x)
+    else:
+      write(eqn.outvars[0], ans)
+    core.clean_up_dead_vars(eqn, env, lu_)
+  return [read(v) for v in jaxpr.outvars]
+
+
+def _eval_eqn(ctx, eqn, invals, scope):
+  prim = eqn.primitive
+  if prim in _SITE_PRIMITIVES:
+    return _site(ctx, eqn, invals, scope)
+  rule = _HIGHER_ORDER_RULES.get(prim)
+  if rule is not None:
+    return rule(ctx, eqn, invals, scope)
+  _check_nothing_hidden(eqn)
+  return prim.bind(*invals, **prim.get_bind_params(eqn.params))
+
+
+# ---------------------------------------------------------------------------------------
+# DFP sites.
+# ---------------------------------------------------------------------------------------
+
+_SITE_PRIMITIVES = {prims.dot_general_p: "dot_general",
+                    prims.conv_general_dilated_p: "conv_general_dilated"}
+
+
+def _site(ctx: Context, eqn, invals, scope: Scope):
+  op = _SITE_PRIMITIVES[eqn.primitive]
+  lhs, rhs = invals
+  avals = [core.typeof(x) for x in invals]
+  floating = all(jnp.issubdtype(a.dtype, jnp.floating) for a in avals)
+  index = ctx.new_site() if floating else None
+  path = module_path(scope.name_stack)
+  if not floating:
+    mode, reason = "unchanged", "operands are not floating point"
+  elif op not in ctx.config.ops:
+    mode, reason = "float", f"{op} is not in config.ops"
+  elif ctx.config.keeps_float(path):
+    mode, reason = "float", "path matches config.keep_float"
+  else:
+    mode, reason = "dfp", "rewritten"
+  out_dtype = np.dtype(eqn.outvars[0].aval.dtype)
+  if ctx.records is not None:
+    ctx.records.append(SiteRecord(
+        index, op, tuple(a.shape for a in avals), tuple(np.dtype(a.dtype) for a in avals),
+        out_dtype, path, "backward" if is_backward(scope.name_stack) else "forward", mode,
+        reason))
+  if mode != "dfp":
+    return eqn.primitive.bind(*invals, **eqn.params)
+  for a in avals:
+    if np.dtype(a.dtype) not in floatbits.FORMATS:
+      raise TypeError(f"dfp_transform: {op} at {path or '<top>'!r} has a {a.dtype} operand; DFP "
+                      "quantizes float32, bfloat16 and float16 only. Keep the site in float "
+                      "with DFPConfig(keep_float=...).")
+  key = None if scope.key is None else jax.random.fold_in(scope.key, index)
+  p = eqn.params
+  if op == "dot_general":
+    return dfpjax.dfp_dot_general(lhs, rhs, p["dimension_numbers"], p["precision"], out_dtype,
+                                  config=ctx.config, key=key)
+  return _conv_op()(lhs, rhs, p["window_strides"], p["padding"], p["lhs_dilation"],
+                    p["rhs_dilation"], p["dimension_numbers"], p["feature_group_count"],
+                    p["batch_group_count"], p["precision"], out_dtype, config=ctx.config,
+                    key=key)
+
+
+def _conv_op():
+  conv = getattr(dfpjax, "dfp_conv_general_dilated", None)
+  if conv is None:
+    raise NotImplementedError("dfp_transform: this dfpjax has no dfp_conv_general_dilated yet; "
+                              "keep convolutions in float with "
+                              "DFPConfig(ops=('dot_general',))")
+  return conv
+
+
+# ---------------------------------------------------------------------------------------
+# Helpers for rules.
+# ---------------------------------------------------------------------------------------
+
+
+def _trace(fun: Callable, in_avals) -> tuple[core.ClosedJaxpr, list]:
+  """Traces ``fun`` (flat in, flat list out) to a const-free ClosedJaxpr taking the
+  hoisted consts first, and those consts (closed-over values, tracers included)."""
+  dbg = api_util.debug_info("dfp_transform", fun, tuple(in_avals), {})
+  closed, _ = pe.trace_to_jaxpr(fun, FlatTree.flatten_args(*in_avals), dbg)
+  new, consts = pe.separate_consts(closed)
+  return new, list(consts)
+
+
+def _rewrite_closed(ctx, closed: core.ClosedJaxpr, scope: Scope):
+  """``closed``'s computation with its sites rewritten, as ``_trace`` returns it."""
+  return _trace(lambda *args: eval_jaxpr(ctx, closed.jaxpr, closed.consts, args, scope),
+                closed.in_avals)
+
+
+def _counter_aval():
+  return core.ShapedArray((), np.dtype(np.int32))
+
+
+def _split(xs, sizes):
+  out, start = [], 0
+  for n in sizes:
+    out.append(list(xs[start:start + n]))
+    start += n
+  out.append(list(xs[start:]))
+  return out
+
+
+# ---------------------------------------------------------------------------------------
+# Rules for higher-order primitives: (ctx, eqn, invals, scope) -> outputs.
+# ---------------------------------------------------------------------------------------
+
+
+def _jit_rule(ctx, eqn, invals, scope):
+  p = eqn.params
+  new, hoisted = _rewrite_closed(ctx, p["jaxpr"], scope)
+  n = len(hoisted)  # prepended operands: unsharded, not donated, default layout
+  params = dict(p, jaxpr=new, in_shardings=(UNSPECIFIED,) * n + tuple(p["in_shardings"]),
+                in_layouts=(None,) * n + tuple(p["in_layouts"]),
+                donated_invars=(False,) * n + tuple(p["donated_invars"]))
+  return eqn.primitive.bind(*hoisted, *invals, **params)
+
+
+def _call_rule(ctx, eqn, invals, scope):
+  # CallPrimitive.get_bind_params with our eval_jaxpr in place of core.eval_jaxpr.
+  params = dict(eqn.params)
+  call_jaxpr = params.pop("call_jaxpr")
+  jaxpr, consts = ((call_jaxpr.jaxpr, call_jaxpr.consts)
+                   if isinstance(call_jaxpr, core.ClosedJaxpr) else (call_jaxpr, ()))
+  fun = lu.wrap_init(lambda *args: eval_jaxpr(ctx, jaxpr, consts, args, scope),
+                     debug_info=jaxpr.debug_info)
+  return eqn.primitive.bind(*invals, subfuns=(fun,), **params)
+
+
+def _remat_rule(ctx, eqn, invals, scope):
+  p = eqn.params
+  new, hoisted = _rewrite_closed(ctx, pe.close_jaxpr(p["jaxpr"]), scope)
+  prevent_cse = p["prevent_cse"]
+  if isinstance(prevent_cse, tuple):
+    prevent_cse = (True,) * len(hoisted) + prevent_cse
+  return eqn.primitive.bind(*hoisted, *invals, jaxpr=new.jaxpr, prevent_cse=prevent_cse,
+                            differentiated=p["differentiated"], policy=p["policy"])
+
+
+def _cond_rule(ctx, eqn, invals, scope):
+  index, *ops = invals
+  rewritten = [_rewrite_closed(ctx, branch, scope) for branch in eqn.params["branches"]]
+  # Branches must take the same operands: each gets every branch's hoisted consts.
+  branches, consts = _merge_common_consts(*zip(*rewritten))
+  return eqn.primitive.bind(index, *consts, *ops,
+                            **dict(eqn.params, branches=tuple(branches)))
+
+
+def _loop_body(ctx, closed: core.ClosedJaxpr, num_consts: int, scope: Scope, *, count: bool):
+  """The body's traced rewrite; with ``count``, it takes and returns an int32 iteration
+  counter after its consts, and its sites' keys fold in the iteration."""
+  if not count:
+    return _rewrite_closed(ctx, closed, scope)
+
+  def body(*args):
+    consts, (i,), rest = _split(args, [num_consts, 1])
+    outs = eval_jaxpr(ctx, closed.jaxpr, closed.consts, consts + rest, scope.in_iteration(i))
+    return [i + 1, *outs]
+  avals = list(closed.in_avals)
+  return _trace(body, avals[:num_consts] + [_counter_aval()] + avals[num_consts:])
+
+
+def _scan_rule(ctx, eqn, invals, scope):
+  p = eqn.params
+  nc = p["num_consts"]
+  count = scope.key is not None
+  body, hoisted = _loop_body(ctx, p["jaxpr"], nc, scope, count=count)
+  consts, rest = _split(invals, [nc])
+  counter = [jnp.zeros((), jnp.int32)] if count else []
+  outs = eqn.primitive.bind(*hoisted, *consts, *counter, *rest,
+                            **dict(p, jaxpr=body, num_consts=len(hoisted) + nc,
+                                   num_carry=p["num_carry"] + len(counter)))
+  return outs[len(counter):]
+
+
+def _while_rule(ctx, eqn, invals, scope):
+  p = eqn.params
+  cn, bn = p["cond_nconsts"], p["body_nconsts"]
+  count = scope.key is not None
+  cond_consts, body_consts, carry = _split(invals, [cn, bn])
+  cond = p["cond_jaxpr"]
+  if count:
+    # The condition sees (and ignores) the counter that the body carries.
+    def cond_fun(*args):
+      consts, (i,), rest = _split(args, [cn, 1])
+      return eval_jaxpr(ctx, cond.jaxpr, cond.consts, consts + rest, scope.in_iteration(i))
+    avals = list(cond.in_avals)
+    new_cond, cond_hoisted = _trace(cond_fun, avals[:cn] + [_counter_aval()] + avals[cn:])
+  else:
+    new_cond, cond_hoisted = _rewrite_closed(ctx, cond, scope)
+  new_body, body_hoisted = _loop_body(ctx, p["body_jaxpr"], bn, scope, count=count)
+  counter = [jnp.zeros((), jnp.int32)] if count else []
+  outs = eqn.primitive.bind(
+      *cond_hoisted, *cond_consts, *body_hoisted, *body_consts, *counter, *carry,
+      **dict(p, cond_jaxpr=new_cond, body_jaxpr=new_body,
+             cond_nconsts=len(cond_hoisted) + cn, body_nconsts=len(body_hoisted) + bn))
+  return outs[len(counter):]
+
+
+def _shard_map_rule(ctx, eqn, invals, scope):
+  # ShardMapPrimitive.get_bind_params with our eval_jaxpr; the key enters replicated
+  # and is folded with the device's index along the manual axes.
+  params = dict(eqn.params)
+  jaxpr = params.pop("jaxpr")
+  out_specs = params.pop("out_specs")
+  keys = scope.key_operands()
+  axes = tuple(a for a in params["mesh"].axis_names if a in params["newly_manual_axes"])
+
+  def body(*args):
+    key_args, args = _split(args, [len(keys)])
+    inner = scope.with_key(key_args)
+    if key_args:
+      inner = inner.in_iteration(jax.lax.axis_index(axes))
+    result = eval_jaxpr(ctx, jaxpr, (), args, inner)
+    return FlatTree.flatten(result).with_aux(out_specs)
+
+  dbg = jaxpr.debug_info
+  if keys and dbg.arg_names is not None:
+    dbg = dbg._replace(arg_names=("dfp_key",) * len(keys) + tuple(dbg.arg_names))
+  params["in_specs"] = (jax.sharding.PartitionSpec(),) * len(keys) + tuple(params["in_specs"])
+  params["subfuns"] = (body,)
+  params["debug_info"] = dbg
+  return eqn.primitive.bind(*keys, *invals, **params)
+
+
+def _custom_jvp_rule(ctx, eqn, invals, scope):
+  # CustomJVPCallPrimitive.get_bind_params and lift_jvp with our eval_jaxpr. The key,
+  # if any, is one more leading const: the jvp rule is traced lazily, maybe after the
+  # trace that owns the scope's key has ended.
+  params = dict(eqn.params)
+  call_jaxpr = params.pop("call_jaxpr")
+  num_consts = params.pop("num_consts")
+  jvp_jaxpr_fun = params.pop("jvp_jaxpr_fun")
+  keys = scope.key_operands()
+  nk = len(keys)
+
+  def fun(*args):
+    key_args, args = _split(args, [nk])
+    return eval_jaxpr(ctx, call_jaxpr.jaxpr, call_jaxpr.consts, args, scope.with_key(key_args))
+
+  def jvp(*xs):
+    n = len(xs) // 2
+    key_args = list(xs[:nk])
+    primals, tangents = xs[nk + num_consts:n], xs[n + nk + num_consts:]
+    zeros = [type(t) is SymbolicZero for t in tangents]
+    jvp_jaxpr, jvp_consts, out_zeros = jvp_jaxpr_fun.call_wrapped(*zeros)
+    nonzero_tangents = [t for t in tangents if type(t) is not SymbolicZero]
+    out = eval_jaxpr(ctx, jvp_jaxpr, jvp_consts, [*primals, *nonzero_tangents],
+                     scope.with_key(key_args))
+    out_primals, nz_out_tangents = _split(out, [len(out_zeros)])
+    nz_iter = iter(nz_out_tangents)
+    out_tangents = [SymbolicZero(core.typeof(p).to_tangent_aval()) if z else next(nz_iter)
+                    for p, z in zip(out_primals, out_zeros)]
+    return [*out_primals, *out_tangents]
+
+  subfuns = (lu.wrap_init(fun, debug_info=call_jaxpr.jaxpr.debug_info),
+             lu.wrap_init(jvp, debug_info=jvp_jaxpr_fun.debug_info))
+  return eqn.primitive.bind(*keys, *invals, subfuns=subfuns, **params)
+
+
+def _custom_vjp_rule(ctx, eqn, invals, scope):
+  # CustomVJPCallPrimitive.get_bind_params and lift_fwd with our eval_jaxpr, and the
+  # user's bwd traced and rewritten whenever AD calls it: the user's rule is kept. The
+  # key, if any, is one more leading const and travels to bwd as the last residual.
+  params = dict(eqn.params)
+  call_jaxpr = params.pop("call_jaxpr")
+  num_consts = params.pop("num_consts")
+  fwd_jaxpr_thunk = params.pop("fwd_jaxpr_thunk")
+  bwd = params.pop("bwd")
+  out_trees = params.pop("out_trees")
+  const_avals = call_jaxpr.in_avals[:num_consts]
+  keys = scope.key_operands()
+  nk = len(keys)
+
+  def new_out_trees():
+    out_tree, res_tree, input_fwds = out_trees()
+    if not nk:
+      return out_tree, res_tree, input_fwds
+    res_tree = jax.tree_util.treedef_tuple((res_tree, jax.tree.structure(0)))
+    return out_tree, res_tree, [None if f is None else f + nk for f in input_fwds] + [None]
+
+  def fun(*args):
+    key_args, args = _split(args, [nk])
+    return eval_jaxpr(ctx, call_jaxpr.jaxpr, call_jaxpr.consts, args, scope.with_key(key_args))
+
+  def fwd(*args):
+    vals, nonzeros = args[::2], args[1::2]
+    key_args, consts_and_primals = _split(vals, [nk])
+    const_nonzeros, in_nonzeros = _split(nonzeros[nk:], [num_consts])
+    if any(const_nonzeros):
+      raise ad.CustomVJPException()
+    fwd_jaxpr, fwd_consts = fwd_jaxpr_thunk.call_wrapped(*in_nonzeros)
+    out = eval_jaxpr(ctx, fwd_jaxpr, fwd_consts, consts_and_primals[num_consts:],
+                     scope.with_key(key_args))
+    if not nk:
+      return out
+    _, res_tree, input_fwds = out_trees()
+    num_res = res_tree.num_leaves - sum(f is not None for f in input_fwds)
+    return [*out[:num_res], *key_args, *out[num_res:]]
+
+  def new_bwd(*args):
+    if nk:
+      _, res_tree, _ = out_trees()
+      res, key_args, cts = _split(args, [res_tree.num_leaves, nk])
+      args = res + cts
+    else:
+      key_args = []
+    cts_in = _rewrite_call(ctx, bwd, args, scope.with_key(key_args))
+    # No cotangent for the key; zeros for consts, as _handle_consts_in_bwd gives.
+    return [Zero(core.typeof(k).to_ct_aval()) for k in key_args] + \
+           [Zero(a) for a in const_avals] + list(cts_in)
+
+  subfuns = (lu.wrap_init(fun, debug_info=call_jaxpr.jaxpr.debug_info),
+             lu.wrap_init(fwd, debug_info=fwd_jaxpr_thunk.debug_info),
+             lu.wrap_init(new_bwd, debug_info=bwd.debug_info))
+  return eqn.primitive.bind(*keys, *invals, subfuns=subfuns, out_trees=new_out_trees,
+                            **params)
+
+
+def _rewrite_call(ctx, f: lu.WrappedFun, args, scope: Scope) -> list:
+  """Calls the opaque function ``f`` (a custom rule) with its sites rewritten: traces it
+  to a jaxpr and interprets that. Symbolic zeros (in or out) pass around the trace."""
+  is_zero = [isinstance(x, (Zero, SymbolicZero)) or x is None for x in args]
+  values = [x for x, z in zip(args, is_zero) if not z]
+  out_zeros: list = []
+
+  def traceable(*vals):
+    it = iter(vals)
+    outs = f.call_wrapped(*[x if z else next(it) for x, z in zip(args, is_zero)])
+    out_zeros[:] = [o if isinstance(o, (Zero, SymbolicZero)) else None for o in outs]
+    return [o for o in outs if not isinstance(o, (Zero, SymbolicZero))]
+
+  closed, consts = _trace(traceable, [core.typeof(v) for v in values])
+  outs = iter(eval_jaxpr(ctx, closed.jaxpr, (), [*consts, *values], scope))
+  return [next(outs) if z is None else z for z in out_zeros]
+
+
+def _call_hi_rule(ctx, eqn, invals, scope):
+  del ctx, invals, scope
+  what = type(eqn.params.get("_prim")).__name__
+  raise NotImplementedError(
+      f"dfp_transform does not support call_hi_primitive ({what}); it is how JAX stages a "
+      "jax.custom_vjp under jax_custom_vjp3=True, and its rule is not a jaxpr this "
+      "interpreter can rewrite. Run with jax.config.update('jax_custom_vjp3', False).")
+
+
+_HIGHER_ORDER_RULES: dict[core.Primitive, Callable] = {
+    prims.jit_p: _jit_rule,
+    prims.closed_call_p: _call_rule,
+    prims.call_p: _call_rule,
+    prims.remat_p: _remat_rule,
+    prims.cond_p: _cond_rule,
+    prims.scan_p: _scan_rule,
+    prims.while_p: _while_rule,
+    prims.custom_jvp_call_p: _custom_jvp_rule,
+    prims.custom_vjp_call_p: _custom_vjp_rule,
+    shard_map_p: _shard_map_rule,
+}
+
+
+# ---------------------------------------------------------------------------------------
+# Everything else: bound as it is, unless it hides a computation.
+# ---------------------------------------------------------------------------------------
+
+# Params that hold a scalar combiner (e.g. scatter-add's ``update_jaxpr``), not a
+# computation of the user's that could contain a site.
+_COMBINER_PARAMS = {
+    prims.scatter_p: {"update_jaxpr"},
+    prims.scatter_add_p: {"update_jaxpr"},
+    prims.scatter_mul_p: {"update_jaxpr"},
+    prims.scatter_min_p: {"update_jaxpr"},
+    prims.scatter_max_p: {"update_jaxpr"},
+    prims.reduce_p: {"jaxpr"},
+    prims.reduce_window_p: {"jaxpr"},
+    prims.select_and_scatter_p: {"select_jaxpr", "scatter_jaxpr"},
+}
+
+
+def _holds_computation(value) -> bool:
+  if isinstance(value, (core.Jaxpr, core.ClosedJaxpr, lu.WrappedFun)):
+    return True
+  if isinstance(value, (tuple, list)):
+    return any(_holds_computation(v) for v in value)
+  if isinstance(value, dict):
+    return any(_holds_computation(v) for v in value.values())
+  return False
+
+
+def _check_nothing_hidden(eqn):
+  prim = eqn.primitive
+  if prim.name == "call_hi_primitive":
+    _call_hi_rule(None, eqn, None, None)
+  allowed = _COMBINER_PARAMS.get(prim, set())
+  hidden = sorted(k for k, v in eqn.params.items() if k not in allowed and _holds_computation(v))
+  if hidden:
+    raise NotImplementedError(
+        f"dfp_transform cannot rewrite inside the higher-order primitive '{prim.name}' "
+        f"(params {hidden} hold a computation); rather than run it unrewritten it stops "
+        "here. Supported: " + ", ".join(sorted(p.name for p in _HIGHER_ORDER_RULES)) + ".")
