@@ -1,14 +1,17 @@
 """DFP matrix products against XLA's FP32 dot, measured in the same process.
 
-    python benchmarks/matmul.py                # the table recorded in docs/performance.md
-    python benchmarks/matmul.py --quick        # three small shapes, a smoke run
+    python benchmarks/matmul.py                      # five square and FC shapes, 15 repeats
+    python benchmarks/matmul.py --quick              # three small shapes, a smoke run
+    python benchmarks/matmul.py --shapes 1024x1024x1024,4096x1024x1024 --json rows.json
+    DFPJAX_ISA=portable python benchmarks/matmul.py  # pin the kernel path
 
 For each (M, K, N) it times, interleaved so that machine noise hits all alike (median of
---repeats runs after warm-up, both cores through XLA's intra-op pool):
-  fp32    jax.jit(jnp.dot) on float32 operands
+--repeats runs after 2 warm-up calls, both cores through XLA's intra-op pool):
+  fp32    jax.jit(jnp.dot) on float32 Gaussian operands (M, K) x (K, N)
   dfp     jax.jit(dfpjax.dfp_dot_general) on the same operands (quantization included)
   kernel  the exact product of operands quantized beforehand (the C kernel alone)
-and prints the speed-ups over FP32 and the kernel's fraction of a reference INT16 peak.
+and prints speed-ups over FP32 (FP32 time / DFP time, > 1 means DFP is faster), GOP/s
+(2*M*N*K / time) and the kernel's fraction of a reference INT16 peak (see REFERENCE_PEAKS).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import datetime
 import json
 import os
 import platform
+import sys
 import time
 
 import jax
@@ -26,44 +30,82 @@ import numpy as np
 
 import dfpjax
 from dfpjax import cpu_ffi
-# Kernel-only timing needs the exact product of pre-quantized operands, below the public op.
+# Kernel-only timing needs the exact product of pre-quantized operands, which sits below the
+# public op (dfp_dot_general always quantizes its float operands first).
 from dfpjax.primitives.dot_general import _canonical_dims, exact_dot
 
 DENSE = (((1,), (0,)), ((), ()))
 SHAPES = [(256, 256, 256), (512, 512, 512), (1024, 1024, 1024), (2048, 1024, 1024),
           (4096, 1024, 1024)]
 QUICK_SHAPES = [(128, 128, 128), (256, 256, 256), (512, 256, 384)]
-# Measured 2-core INT16 multiply-accumulate peaks (GOP/s): vpdpwssd on AMD Zen 4, and
-# vpmaddwd + vpaddd in our 6x16 register block on AMD Zen 3 (L1-resident, long chunks).
-REFERENCE_PEAKS = {"avx512_vnni": 469.0, "avx_vnni": 469.0, "avx2": 320.0}
+QUICK_REPEATS = 5
+WARMUP = 2
+# Reference INT16 multiply-accumulate peaks (GOP/s, 2 cores), measured once on other machines
+# with a register-resident microbenchmark of the kernel path's inner instruction; they are
+# not measured on the machine running this script. Override with --peak-gops.
+REFERENCE_PEAKS = {
+    "avx512_vnni": (469.0, "measured 2-core vpdpwssd peak on AMD Zen 4"),
+    "avx2": (320.0, "measured 2-core vpmaddwd+vpaddd peak on AMD Zen 3"),
+}
 
 
 def _cpu_model() -> str:
+  """/proc/cpuinfo's model name, with family and model (VMs often show only "AMD EPYC")."""
+  fields = {}
   try:
     with open("/proc/cpuinfo") as f:
       for line in f:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip()
+        if not line.strip():
+          break  # the first processor is enough
+        key, _, value = line.partition(":")
+        fields[key.strip()] = value.strip()
   except OSError:
     pass
-  return platform.processor() or "unknown"
+  name = fields.get("model name") or platform.processor() or "unknown"
+  if "cpu family" in fields and "model" in fields:
+    name += f" (family {fields['cpu family']}, model {fields['model']})"
+  return name
 
 
-def _time_interleaved(fns, repeats):
-  """Median seconds of each zero-argument function, their runs interleaved."""
+def _parse_shapes(text: str) -> list[tuple[int, int, int]]:
+  shapes = []
+  for item in text.split(","):
+    dims = tuple(int(d) for d in item.lower().split("x"))
+    if len(dims) != 3 or min(dims) < 1:
+      raise argparse.ArgumentTypeError(f"shape {item!r} is not MxKxN")
+    shapes.append(dims)
+  return shapes
+
+
+def _peak(isa: str, given: float | None) -> tuple[float | None, str]:
+  """The INT16 peak for the kernel-fraction column and a line saying where it comes from."""
+  if given:
+    return given, f"{given:.0f} GOP/s, given by --peak-gops"
+  if isa in REFERENCE_PEAKS:
+    gops, source = REFERENCE_PEAKS[isa]
+    return gops, f"{gops:.0f} GOP/s, a reference figure for {isa} ({source}), not this machine's"
+  return None, f"no reference figure for {isa}; pass --peak-gops"
+
+
+def _time_interleaved(fns, repeats: int) -> list[float]:
+  """Median seconds of each zero-argument function, their runs interleaved.
+
+  The order rotates every round so that no function always runs right after the same one.
+  """
   for f in fns:
-    for _ in range(2):
+    for _ in range(WARMUP):
       jax.block_until_ready(f())
   times = [[] for _ in fns]
-  for _ in range(repeats):
-    for f, ts in zip(fns, times):
+  for r in range(repeats):
+    for i in range(len(fns)):
+      j = (i + r) % len(fns)
       start = time.perf_counter()
-      jax.block_until_ready(f())
-      ts.append(time.perf_counter() - start)
+      jax.block_until_ready(fns[j]())
+      times[j].append(time.perf_counter() - start)
   return [float(np.median(ts)) for ts in times]
 
 
-def measure(m, k, n, repeats):
+def measure(m: int, k: int, n: int, repeats: int) -> dict:
   ka, kb = jax.random.split(jax.random.key(0))
   a = jax.random.normal(ka, (m, k), jnp.float32)
   b = jax.random.normal(kb, (k, n), jnp.float32)
@@ -72,49 +114,75 @@ def measure(m, k, n, repeats):
   fp32 = jax.jit(jnp.dot)
   dfp = jax.jit(lambda a, b: dfpjax.dfp_dot_general(a, b, DENSE))
   kernel = jax.jit(lambda qa, qb: exact_dot(qa, qb, dims, jnp.float32))
+  if cpu_ffi.DOT_GENERAL_TARGET not in dfp.lower(a, b).as_text():
+    raise RuntimeError("dfp_dot_general did not lower to the C kernel; the timing would be XLA's")
   t_fp32, t_dfp, t_kernel = _time_interleaved(
       [lambda: fp32(a, b), lambda: dfp(a, b), lambda: kernel(qa, qb)], repeats)
+  ref = fp32(a, b)
+  rel_err = float(jnp.linalg.norm(dfp(a, b) - ref) / jnp.linalg.norm(ref))
   ops = 2.0 * m * n * k
   return dict(m=m, k=k, n=n, fp32_ms=t_fp32 * 1e3, dfp_ms=t_dfp * 1e3, kernel_ms=t_kernel * 1e3,
               fp32_gops=ops / t_fp32 / 1e9, dfp_gops=ops / t_dfp / 1e9,
               kernel_gops=ops / t_kernel / 1e9, speedup=t_fp32 / t_dfp,
-              kernel_speedup=t_fp32 / t_kernel)
+              kernel_speedup=t_fp32 / t_kernel, rel_err=rel_err)
+
+
+def _row(r: dict, peak: float | None) -> str:
+  share = f"{100 * r['kernel_gops'] / peak:.0f}%" if peak else "n/a"
+  return (f"| {r['m']}x{r['k']}x{r['n']} | {r['fp32_ms']:.2f} ({r['fp32_gops']:.0f}) "
+          f"| {r['dfp_ms']:.2f} ({r['dfp_gops']:.0f}) | {r['speedup']:.2f}x "
+          f"| {r['kernel_ms']:.2f} ({r['kernel_gops']:.0f}) | {r['kernel_speedup']:.2f}x "
+          f"| {share} | {r['rel_err']:.1e} |")
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--shapes", help="comma-separated MxKxN, e.g. 1024x1024x1024,4096x1024x1024")
-  parser.add_argument("--repeats", type=int, default=15)
-  parser.add_argument("--quick", action="store_true", help="three small shapes, 5 repeats")
-  parser.add_argument("--peak-gops", type=float, help="INT16 MAC peak of this machine (GOP/s)")
-  parser.add_argument("--json", help="also write the rows to this file")
+  parser = argparse.ArgumentParser(description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--shapes", type=_parse_shapes,
+                      help="comma-separated MxKxN, e.g. 1024x1024x1024,4096x1024x1024")
+  parser.add_argument("--repeats", type=int, help=f"timed runs per shape (default 15, "
+                      f"{QUICK_REPEATS} with --quick)")
+  parser.add_argument("--quick", action="store_true", help="three small shapes, a smoke run")
+  parser.add_argument("--peak-gops", type=float,
+                      help="INT16 MAC peak (GOP/s) for the kernel-fraction column "
+                      "(default: the reference figure for the kernel path)")
+  parser.add_argument("--json", metavar="PATH", help="also write the rows to this file")
   args = parser.parse_args()
-  shapes = QUICK_SHAPES if args.quick else SHAPES
-  if args.shapes:
-    shapes = [tuple(int(d) for d in s.split("x")) for s in args.shapes.split(",")]
-  repeats = 5 if args.quick else args.repeats
+  shapes = args.shapes or (QUICK_SHAPES if args.quick else SHAPES)
+  repeats = args.repeats or (QUICK_REPEATS if args.quick else 15)
 
-  isa = cpu_ffi.selected_isa()
-  peak = args.peak_gops or REFERENCE_PEAKS.get(isa)
-  print(f"# {datetime.date.today()}  {_cpu_model()}  ({os.cpu_count()} CPUs)")
-  print(f"# jax {jax.__version__}; kernel paths {cpu_ffi.supported_isas()}, running {isa}")
-  print(f"# INT16 peak for the kernel-fraction column: {peak} GOP/s "
-        f"({'given' if args.peak_gops else 'reference figure for ' + isa})")
-  print(f"# median of {repeats} interleaved runs; speed-up = FP32 time / DFP time\n")
+  try:
+    isa = cpu_ffi.selected_isa()
+  except ValueError as err:
+    sys.exit(f"error: {err}")
+  supported = cpu_ffi.supported_isas()
+  if isa not in supported:
+    sys.exit(f"error: DFPJAX_ISA={isa} but this CPU runs only {supported}")
+  peak, peak_note = _peak(isa, args.peak_gops)
+  forced = os.environ.get("DFPJAX_ISA")
+  facts = dict(date=datetime.datetime.now().isoformat(timespec="seconds"), cpu=_cpu_model(),
+               cpus=os.cpu_count(), jax=jax.__version__, dfpjax=dfpjax.__version__,
+               supported_isas=list(supported), selected_isa=isa, dfpjax_isa_env=forced,
+               peak_gops=peak, peak_source=peak_note, repeats=repeats)
+
+  print(f"# {facts['date']}  {facts['cpu']}  ({facts['cpus']} CPUs)  "
+        f"jax {jax.__version__}  dfpjax {dfpjax.__version__}")
+  print(f"# kernel paths supported: {', '.join(supported)}; selected: {isa}"
+        + (f" (DFPJAX_ISA={forced})" if forced else ""))
+  print(f"# INT16 peak: {peak_note}")
+  print(f"# median of {repeats} interleaved runs after {WARMUP} warm-ups; "
+        "speed-up = FP32 time / DFP time (> 1: DFP faster); rel. error = ||DFP - FP32|| / ||FP32||")
+  print()
   print("| M x K x N | XLA FP32 ms (GFLOP/s) | DFP ms (GOP/s) | speed-up | kernel ms (GOP/s) "
-        "| kernel speed-up | kernel % of peak |")
-  print("|---|---|---|---|---|---|---|")
+        "| kernel speed-up | kernel % of peak | DFP rel. error |")
+  print("|---|---|---|---|---|---|---|---|")
   rows = []
   for m, k, n in shapes:
-    r = measure(m, k, n, repeats)
-    rows.append(r)
-    peak_share = f"{100 * r['kernel_gops'] / peak:.0f}%" if peak else "n/a"
-    print(f"| {m}x{k}x{n} | {r['fp32_ms']:.2f} ({r['fp32_gops']:.0f}) | {r['dfp_ms']:.2f} "
-          f"({r['dfp_gops']:.0f}) | {r['speedup']:.2f}x | {r['kernel_ms']:.2f} ({r['kernel_gops']:.0f}) "
-          f"| {r['kernel_speedup']:.2f}x | {peak_share} |", flush=True)
+    rows.append(measure(m, k, n, repeats))
+    print(_row(rows[-1], peak), flush=True)
   if args.json:
     with open(args.json, "w") as f:
-      json.dump(dict(isa=isa, cpu=_cpu_model(), jax=jax.__version__, rows=rows), f, indent=2)
+      json.dump(dict(facts, rows=rows), f, indent=2)
 
 
 if __name__ == "__main__":

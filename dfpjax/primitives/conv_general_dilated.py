@@ -57,19 +57,28 @@ def _patches(x, window_shape, out_spatial, p: ConvParams):
   """Input patches [N, *out_spatial, prod(window), C] of channels-last ``x`` [N, *spatial, C].
 
   Pure data movement (pad with interior dilation, strided slices), so it is exact for the
-  int16 mantissas: every element is an input value or a padding zero.
+  int16 mantissas: every element is an input value or a padding zero. One strided slice per
+  window tap, or per output position when there are fewer of those (backward-weights
+  convolutions have windows as large as the image and few output positions).
   """
   config = ([(0, 0, 0)] + [(lo, hi, d - 1) for (lo, hi), d in zip(p.padding, p.lhs_dilation)]
             + [(0, 0, 0)])
   x = lax.pad(x, jnp.zeros((), x.dtype), config)
-  slices = []
-  for offset in itertools.product(*(range(w) for w in window_shape)):
-    start = [0] + [o * d for o, d in zip(offset, p.rhs_dilation)] + [0]
-    limit = ([x.shape[0]]
-             + [s + (n - 1) * st + 1 for s, n, st in zip(start[1:], out_spatial, p.window_strides)]
-             + [x.shape[-1]])
-    slices.append(lax.slice(x, start, limit, [1] + list(p.window_strides) + [1]))
-  return jnp.stack(slices, axis=-2)
+  n, c = x.shape[0], x.shape[-1]
+
+  def window_slice(first, count, step):
+    start = [0, *first, 0]
+    limit = [n, *(f + (k - 1) * st + 1 for f, k, st in zip(first, count, step)), c]
+    return lax.slice(x, start, limit, [1, *step, 1])
+
+  if math.prod(window_shape) <= math.prod(out_spatial):
+    taps = [window_slice([o * d for o, d in zip(offset, p.rhs_dilation)], out_spatial, p.window_strides)
+            for offset in itertools.product(*map(range, window_shape))]
+    return jnp.stack(taps, axis=-2)
+  positions = [window_slice([o * st for o, st in zip(pos, p.window_strides)], window_shape,
+                            p.rhs_dilation).reshape(n, -1, c)
+               for pos in itertools.product(*map(range, out_spatial))]
+  return jnp.stack(positions, axis=1).reshape(n, *out_spatial, -1, c)
 
 
 def exact_conv(qa: DFPTensor, qb: DFPTensor, params: ConvParams, out_dtype):
