@@ -105,7 +105,7 @@ def test_adaptive_avg_pool_matches_torchvision_bins(size, out):
 @pytest.mark.parametrize("groups", [1, 2])
 def test_local_response_norm(groups):
   x = np.random.default_rng(1).normal(scale=20.0, size=(2, 3, 3, 8)).astype(np.float32)
-  size, alpha, beta, k = 5, 1e-4, 0.75, 2.0
+  alpha, beta, k = 1e-4, 0.75, 2.0  # size 5: channels c-2..c+2 within the group
   expected = np.empty_like(x)
   width = 8 // groups
   for c in range(8):

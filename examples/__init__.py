@@ -1,0 +1,1 @@
+"""Examples for dfpjax (run from the repository root, e.g. ``python -m examples.imagenet.main``)."""

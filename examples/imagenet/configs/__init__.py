@@ -1,0 +1,1 @@
+"""Training configurations: each module has a ``get_config()`` returning a ``Config``."""

@@ -1,0 +1,1 @@
+"""Offline data shipped with the examples (see FASHION_MNIST_LICENSE)."""

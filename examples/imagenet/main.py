@@ -1,0 +1,89 @@
+"""Command line for the ImageNet example.
+
+    python -m examples.imagenet.main --config fashion_mnist_resnet --workdir /tmp/fmnist
+    python -m examples.imagenet.main --config default --data_dir /data/imagenet --workdir /tmp/r50
+    python -m examples.imagenet.main compare --config fashion_mnist_resnet --workdir /tmp/cmp
+
+``train`` (the default mode) trains one run, resuming from --workdir's latest checkpoint;
+``compare`` trains FP32 and DFP from the same seed and data order and tabulates both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import importlib.util
+import sys
+
+from examples.imagenet import compare, input_pipeline, train
+from examples.imagenet.configs.base import Config
+
+
+def load_config(name_or_path: str) -> Config:
+  """A module of examples/imagenet/configs by name (``default``), or a path to a .py file."""
+  if name_or_path.endswith(".py"):
+    spec = importlib.util.spec_from_file_location("imagenet_config", name_or_path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+  else:
+    module = importlib.import_module(f"examples.imagenet.configs.{name_or_path}")
+  return module.get_config()
+
+
+def _patterns(text: str) -> tuple[str, ...]:
+  return tuple(p.strip() for p in text.split(",") if p.strip())
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+  parser = argparse.ArgumentParser(description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("mode", nargs="?", choices=("train", "compare"), default="train")
+  parser.add_argument("--config", default="default",
+                      help="config name in examples/imagenet/configs, or a .py path")
+  parser.add_argument("--workdir", required=True, help="checkpoints, metrics and plots go here")
+  # Every flag below overrides the config field of the same name (dest) when given.
+  parser.add_argument("--dfp", action=argparse.BooleanOptionalAction, default=None,
+                      help="run convolutions and matmuls in INT16 dynamic fixed point")
+  parser.add_argument("--dfp_bits", type=int, help="DFP mantissa bits (2..16)")
+  parser.add_argument("--dfp_rounding", choices=("nearest", "stochastic"))
+  parser.add_argument("--dfp_keep_float", type=_patterns,
+                      help="comma-separated module-path globs kept in float, "
+                      "e.g. '*/conv_init,*/head'")
+  parser.add_argument("--steps", type=int, dest="num_train_steps",
+                      help="train this many steps (the schedule is fitted to them)")
+  parser.add_argument("--batch_size", type=int)
+  parser.add_argument("--learning_rate", type=float, dest="base_learning_rate",
+                      help="learning rate per 256 images")
+  parser.add_argument("--num_epochs", type=float)
+  parser.add_argument("--model", choices=sorted(train.models.MODELS))
+  parser.add_argument("--dataset", choices=input_pipeline.DATASETS)
+  parser.add_argument("--data_dir", help="ImageFolder root (train/, val/) or tfds data_dir")
+  parser.add_argument("--image_size", type=int)
+  parser.add_argument("--num_workers", type=int, help="decoding processes (0: in-process)")
+  parser.add_argument("--seed", type=int)
+  parser.add_argument("--log_every_steps", type=int)
+  parser.add_argument("--eval_every_steps", type=int)
+  parser.add_argument("--checkpoint_every_steps", type=int)
+  return parser.parse_args(argv)
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+  """The --config file's config with the fields that flags set replaced."""
+  fields = {f.name for f in dataclasses.fields(Config)}
+  overrides = {k: v for k, v in vars(args).items() if k in fields and v is not None}
+  return dataclasses.replace(load_config(args.config), **overrides)
+
+
+def main(argv=None):
+  args = parse_args(argv)
+  config = config_from_args(args)
+  if args.mode == "compare":
+    print(compare.run_compare(config, args.workdir))
+  else:
+    summary = train.train_and_evaluate(config, args.workdir)
+    print(", ".join(f"{k} {v:.4g}" for k, v in summary.items()))
+
+
+if __name__ == "__main__":
+  sys.exit(main())

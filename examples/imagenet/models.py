@@ -1,0 +1,367 @@
+"""The four networks of Das et al. (ICLR 2018) plus ResNet-18, in Flax linen (NHWC).
+
+Every convolution and dense layer is a plain ``nn.Conv``/``nn.Dense``, so each one is a
+``conv_general_dilated``/``dot_general`` in the jaxpr, which is what ``dfpjax.dfp_transform``
+rewrites. Pooling and normalisation never use a matmul for the same reason.
+
+All models take ``(batch, height, width, 3)`` images, are called as
+``model.apply(variables, x, train=...)`` and return float32 logits. They run at 224x224 with the
+canonical parameter counts and also at small sizes such as 32x32 (see ``max_pool`` and
+``adaptive_avg_pool``).
+"""
+
+import functools
+import math
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+ModuleDef = Any
+
+# torchvision's initialisation for convolutions (He et al. 2015, fan-out) and classifiers.
+conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+dense_init = nn.initializers.normal(0.01)
+
+
+def max_pool(x, window: int, stride: int):
+  """Max pooling with Caffe's ceil-mode output size, but never smaller than 1x1.
+
+  At 224x224 this gives the canonical feature-map sizes; on small inputs the right/bottom edge is
+  padded with -inf so that a map smaller than the window still yields one output.
+  """
+  pads = []
+  for size in x.shape[1:3]:
+    out = max(1, math.ceil((size - window) / stride) + 1)
+    pads.append((0, (out - 1) * stride + window - size))
+  return nn.max_pool(x, (window, window), (stride, stride), padding=pads)
+
+
+def adaptive_avg_pool(x, out: int):
+  """torchvision's ``AdaptiveAvgPool2d(out)``: bin i covers [floor(i*n/out), ceil((i+1)*n/out)).
+
+  The identity when the map already is out x out (VGG/AlexNet at 224, so parameter counts are
+  canonical); a map smaller than out x out is replicated, so small inputs keep the classifier's
+  shape.
+  """
+  def pool_axis(x, axis):
+    n = x.shape[axis]
+    if n == out:
+      return x
+    bins = [jax.lax.slice_in_dim(x, (i * n) // out, -(-(i + 1) * n // out), axis=axis)
+            .mean(axis=axis, keepdims=True) for i in range(out)]
+    return jnp.concatenate(bins, axis=axis)
+  return pool_axis(pool_axis(x, 1), 2)
+
+
+def local_response_norm(x, size: int = 5, alpha: float = 1e-4, beta: float = 0.75,
+                        k: float = 2.0, groups: int = 1):
+  """Cross-channel LRN as in Krizhevsky et al. (2012): x / (k + alpha * sum_window x^2)^beta.
+
+  Unlike Caffe and PyTorch, ``alpha`` is not divided by ``size``. With ``groups > 1`` the window
+  stays inside each group of channels, as it did on each GPU of the two-tower AlexNet.
+  """
+  *lead, c = x.shape
+  sq = jnp.square(x.reshape(*lead, groups, c // groups))
+  half = size // 2
+  padded = jnp.pad(sq, [(0, 0)] * (sq.ndim - 1) + [(half, half)])
+  # A sum of shifted slices: differentiable, and no matmul for DFP to pick up.
+  sq_sum = sum(padded[..., i:i + sq.shape[-1]] for i in range(size))
+  return x / jnp.power(k + alpha * sq_sum, beta).reshape(x.shape)
+
+
+def same_conv(features: int, kernel_size: tuple[int, int], strides=(1, 1), **kwargs):
+  """``nn.Conv`` with symmetric k//2 padding (Caffe/PyTorch), He-initialised."""
+  padding = [(k // 2, k // 2) for k in kernel_size]
+  kwargs.setdefault("kernel_init", conv_init)
+  return nn.Conv(features, kernel_size, strides, padding=padding, **kwargs)
+
+
+# ----------------------------------------------------------------------------- ResNet
+
+
+class ResNetBlock(nn.Module):
+  """Basic two-conv residual block (ResNet-18/34)."""
+  filters: int
+  conv: ModuleDef
+  norm: ModuleDef
+  act: Callable
+  strides: tuple[int, int] = (1, 1)
+
+  @nn.compact
+  def __call__(self, x):
+    residual = x
+    y = self.conv(self.filters, (3, 3), self.strides)(x)
+    y = self.act(self.norm()(y))
+    y = self.conv(self.filters, (3, 3))(y)
+    # Zero-init of the last BN scale makes each block start as the identity (Goyal et al. 2017).
+    y = self.norm(scale_init=nn.initializers.zeros_init())(y)
+    if residual.shape != y.shape:
+      residual = self.conv(self.filters, (1, 1), self.strides, name="conv_proj")(residual)
+      residual = self.norm(name="norm_proj")(residual)
+    return self.act(residual + y)
+
+
+class BottleneckResNetBlock(nn.Module):
+  """Bottleneck block of ResNet v1.5: the stride sits on the 3x3 convolution."""
+  filters: int
+  conv: ModuleDef
+  norm: ModuleDef
+  act: Callable
+  strides: tuple[int, int] = (1, 1)
+
+  @nn.compact
+  def __call__(self, x):
+    residual = x
+    y = self.act(self.norm()(self.conv(self.filters, (1, 1))(x)))
+    y = self.act(self.norm()(self.conv(self.filters, (3, 3), self.strides)(y)))
+    y = self.conv(self.filters * 4, (1, 1))(y)
+    y = self.norm(scale_init=nn.initializers.zeros_init())(y)
+    if residual.shape != y.shape:
+      residual = self.conv(self.filters * 4, (1, 1), self.strides, name="conv_proj")(residual)
+      residual = self.norm(name="norm_proj")(residual)
+    return self.act(residual + y)
+
+
+class ResNet(nn.Module):
+  """ResNet v1.5 (He et al. 2016; stride on the 3x3 conv as in torchvision)."""
+  stage_sizes: Sequence[int]
+  block_cls: ModuleDef
+  num_classes: int
+  num_filters: int = 64
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool = True):
+    conv = functools.partial(same_conv, use_bias=False, dtype=self.dtype)
+    norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9,
+                             epsilon=1e-5, dtype=self.dtype)
+    x = conv(self.num_filters, (7, 7), (2, 2), name="conv_init")(jnp.asarray(x, self.dtype))
+    x = nn.relu(norm(name="bn_init")(x))
+    x = nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
+    for i, block_size in enumerate(self.stage_sizes):
+      for j in range(block_size):
+        strides = (2, 2) if i > 0 and j == 0 else (1, 1)
+        x = self.block_cls(self.num_filters * 2**i, strides=strides, conv=conv, norm=norm,
+                           act=nn.relu)(x)
+    x = jnp.mean(x, axis=(1, 2))
+    x = nn.Dense(self.num_classes, dtype=self.dtype, name="head")(x)
+    # Logits in float32 whatever the compute dtype: the softmax needs the range.
+    return jnp.asarray(x, jnp.float32)
+
+
+ResNet18 = functools.partial(ResNet, stage_sizes=(2, 2, 2, 2), block_cls=ResNetBlock)
+ResNet50 = functools.partial(ResNet, stage_sizes=(3, 4, 6, 3), block_cls=BottleneckResNetBlock)
+
+
+# ----------------------------------------------------------------------------- GoogLeNet
+
+
+class Inception(nn.Module):
+  """Inception module of GoogLeNet: four branches concatenated along channels."""
+  c1: int
+  c3_reduce: int
+  c3: int
+  c5_reduce: int
+  c5: int
+  pool_proj: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    def conv_relu(y, features, k, name):
+      return nn.relu(same_conv(features, (k, k), dtype=self.dtype, name=name)(y))
+
+    b1 = conv_relu(x, self.c1, 1, "1x1")
+    b2 = conv_relu(conv_relu(x, self.c3_reduce, 1, "3x3_reduce"), self.c3, 3, "3x3")
+    b3 = conv_relu(conv_relu(x, self.c5_reduce, 1, "5x5_reduce"), self.c5, 5, "5x5")
+    pooled = nn.max_pool(x, (3, 3), (1, 1), padding=((1, 1), (1, 1)))
+    b4 = conv_relu(pooled, self.pool_proj, 1, "pool_proj")
+    return jnp.concatenate([b1, b2, b3, b4], axis=-1)
+
+
+class InceptionAux(nn.Module):
+  """Auxiliary classifier on inception 4a/4d (training only).
+
+  Pools to 4x4 adaptively (as torchvision does) instead of the paper's 5x5/3 average pool, which
+  gives the same 4x4 map at 224 and keeps working on small inputs.
+  """
+  num_classes: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    x = adaptive_avg_pool(x, 4)
+    x = nn.relu(same_conv(128, (1, 1), dtype=self.dtype, name="conv")(x))
+    x = x.reshape(x.shape[0], -1)
+    x = nn.relu(nn.Dense(1024, dtype=self.dtype, kernel_init=dense_init, name="fc")(x))
+    x = nn.Dropout(0.7, deterministic=not train)(x)
+    return nn.Dense(self.num_classes, dtype=self.dtype, kernel_init=dense_init,
+                    name="classifier")(x)
+
+
+# (1x1, 3x3 reduce, 3x3, 5x5 reduce, 5x5, pool proj) per module, Szegedy et al. (2015) Table 1.
+INCEPTION_CONFIGS = {
+    "3a": (64, 96, 128, 16, 32, 32),
+    "3b": (128, 128, 192, 32, 96, 64),
+    "4a": (192, 96, 208, 16, 48, 64),
+    "4b": (160, 112, 224, 24, 64, 64),
+    "4c": (128, 128, 256, 24, 64, 64),
+    "4d": (112, 144, 288, 32, 64, 64),
+    "4e": (256, 160, 320, 32, 128, 128),
+    "5a": (256, 160, 320, 32, 128, 128),
+    "5b": (384, 192, 384, 48, 128, 128),
+}
+
+
+class GoogLeNet(nn.Module):
+  """GoogLeNet / Inception v1 as in the paper and Caffe's bvlc_googlenet: no BatchNorm, biased
+  convolutions, true 5x5 convolutions, LRN in the stem.
+
+  With ``aux_logits`` the two auxiliary heads exist and, in training, the model returns
+  ``(logits, (aux1, aux2))``; the paper weights their losses by 0.3.
+  """
+  num_classes: int
+  aux_logits: bool = False
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool = True):
+    conv = functools.partial(same_conv, dtype=self.dtype)
+    # bvlc_googlenet's LRN: Caffe's k defaults to 1 and it divides alpha by the window size.
+    lrn = functools.partial(local_response_norm, size=5, alpha=1e-4 / 5, beta=0.75, k=1.0)
+    inception = lambda key, y: Inception(*INCEPTION_CONFIGS[key], dtype=self.dtype,
+                                         name=f"inception_{key}")(y)
+    x = nn.relu(conv(64, (7, 7), (2, 2), name="conv1")(jnp.asarray(x, self.dtype)))
+    x = lrn(max_pool(x, 3, 2))
+    x = nn.relu(conv(64, (1, 1), name="conv2_reduce")(x))
+    x = nn.relu(conv(192, (3, 3), name="conv2")(x))
+    x = max_pool(lrn(x), 3, 2)
+    x = inception("3b", inception("3a", x))
+    x = inception("4a", max_pool(x, 3, 2))
+    # The heads run in training only, but must exist after an init in eval mode.
+    with_aux = self.aux_logits and (train or self.is_initializing())
+    aux = []
+    if with_aux:
+      aux.append(InceptionAux(self.num_classes, self.dtype, name="aux1")(x, train))
+    x = inception("4d", inception("4c", inception("4b", x)))
+    if with_aux:
+      aux.append(InceptionAux(self.num_classes, self.dtype, name="aux2")(x, train))
+    x = inception("4e", x)
+    x = inception("5b", inception("5a", max_pool(x, 3, 2)))
+    x = jnp.mean(x, axis=(1, 2))  # the paper's 7x7 average pool at 224
+    x = nn.Dropout(0.4, deterministic=not train)(x)
+    x = nn.Dense(self.num_classes, dtype=self.dtype, kernel_init=dense_init, name="fc")(x)
+    logits = jnp.asarray(x, jnp.float32)
+    if train and aux:
+      return logits, tuple(jnp.asarray(a, jnp.float32) for a in aux)
+    return logits
+
+
+# ----------------------------------------------------------------------------- VGG
+
+VGG16_LAYERS = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M",
+                512, 512, 512, "M")
+
+
+def classifier(x, num_classes: int, hidden: int, train: bool, dtype):
+  """fc6/fc7 (ReLU, dropout 0.5) and fc8 of AlexNet and VGG."""
+  x = x.reshape(x.shape[0], -1)
+  for name in ("fc6", "fc7"):
+    x = nn.relu(nn.Dense(hidden, dtype=dtype, kernel_init=dense_init, name=name)(x))
+    x = nn.Dropout(0.5, deterministic=not train)(x)
+  x = nn.Dense(num_classes, dtype=dtype, kernel_init=dense_init, name="fc8")(x)
+  return jnp.asarray(x, jnp.float32)
+
+
+class VGG(nn.Module):
+  """VGG (Simonyan & Zisserman 2015), configuration D (VGG-16) by default.
+
+  ``batch_norm=True`` adds BatchNorm after each convolution (torchvision's vgg16_bn); the original
+  has none.
+  """
+  num_classes: int
+  layers: Sequence[Any] = VGG16_LAYERS
+  batch_norm: bool = False
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool = True):
+    x = jnp.asarray(x, self.dtype)
+    block, index = 1, 1
+    for width in self.layers:
+      if width == "M":
+        x = max_pool(x, 2, 2)
+        block, index = block + 1, 1
+        continue
+      x = same_conv(width, (3, 3), dtype=self.dtype, name=f"conv{block}_{index}")(x)
+      if self.batch_norm:
+        x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
+                         dtype=self.dtype, name=f"bn{block}_{index}")(x)
+      x = nn.relu(x)
+      index += 1
+    return classifier(adaptive_avg_pool(x, 7), self.num_classes, 4096, train, self.dtype)
+
+
+# ----------------------------------------------------------------------------- AlexNet
+
+
+class AlexNet(nn.Module):
+  """AlexNet (Krizhevsky et al. 2012).
+
+  Default: the original two-tower net. Its towers are grouped convolutions
+  (``feature_group_count=2``) on conv2, conv4 and conv5; conv1 (each tower sees the whole image)
+  and conv3 (the towers exchange features) are ungrouped; LRN (size 5, alpha 1e-4, beta 0.75,
+  k 2, within each tower) follows conv1 and conv2. 60,965,224 parameters at 1000 classes:
+  conv1 96*3*11*11+96, conv2 256*48*5*5+256, conv3 384*256*3*3+384, conv4 384*192*3*3+384,
+  conv5 256*192*3*3+256, fc6 9216*4096+4096, fc7 4096*4096+4096, fc8 4096*1000+1000
+  (the same as Caffe's bvlc_alexnet).
+
+  ``one_tower=True``: torchvision's single-tower variant (64/192/384/256/256 channels, no LRN,
+  61,100,840 parameters).
+  """
+  num_classes: int
+  one_tower: bool = False
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool = True):
+    if self.one_tower:
+      widths, groups, towers = (64, 192, 384, 256, 256), (1, 1, 1, 1, 1), 1
+    else:
+      widths, groups, towers = (96, 256, 384, 384, 256), (1, 2, 1, 2, 2), 2
+    conv = functools.partial(same_conv, dtype=self.dtype)
+    x = jnp.asarray(x, self.dtype)
+    # Padding 2 (torchvision) gives the canonical 55x55 conv1 map from a 224x224 input.
+    x = nn.relu(nn.Conv(widths[0], (11, 11), (4, 4), padding=((2, 2), (2, 2)),
+                        kernel_init=conv_init, dtype=self.dtype, name="conv1")(x))
+    if not self.one_tower:
+      x = local_response_norm(x, groups=towers)
+    x = max_pool(x, 3, 2)
+    x = nn.relu(conv(widths[1], (5, 5), feature_group_count=groups[1], name="conv2")(x))
+    if not self.one_tower:
+      x = local_response_norm(x, groups=towers)
+    x = max_pool(x, 3, 2)
+    for i in (2, 3, 4):
+      x = nn.relu(conv(widths[i], (3, 3), feature_group_count=groups[i], name=f"conv{i + 1}")(x))
+    x = max_pool(x, 3, 2)
+    return classifier(adaptive_avg_pool(x, 6), self.num_classes, 4096, train, self.dtype)
+
+
+# ----------------------------------------------------------------------------- registry
+
+MODELS = {
+    "resnet18": ResNet18,
+    "resnet50": ResNet50,
+    "googlenet": GoogLeNet,
+    "vgg16": VGG,
+    "alexnet": AlexNet,
+}
+
+
+def create_model(name: str, num_classes: int, **kwargs) -> nn.Module:
+  """Builds ``MODELS[name]``; kwargs are the model's fields (``dtype``, ``aux_logits``, ...)."""
+  if name not in MODELS:
+    raise ValueError(f"unknown model {name!r}; available: {sorted(MODELS)}")
+  return MODELS[name](num_classes=num_classes, **kwargs)

@@ -1,0 +1,277 @@
+"""Training and evaluation loop, in FP32 or with DFP convolutions and matmuls (``config.dfp``).
+
+A run is fully determined by its config: the initialisation and dropout keys derive from
+``config.seed`` and the step, and the data order from ``config.seed`` (input_pipeline), so a run
+resumed from a checkpoint takes exactly the steps an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from flax.training import train_state
+
+from examples.imagenet import input_pipeline, models, reporting
+from examples.imagenet.configs.base import Config
+
+
+class TrainState(train_state.TrainState):
+  batch_stats: Any
+  # Base key: step t draws from fold_in(rng, t), so (rng, step) restore all randomness.
+  rng: jax.Array
+
+
+def step_keys(state: TrainState) -> tuple[jax.Array, jax.Array]:
+  """This step's dropout key and stochastic-rounding key: two independent streams."""
+  dropout_rng, rounding_rng = jax.random.split(state.rng)
+  return (jax.random.fold_in(dropout_rng, state.step),
+          jax.random.wrap_key_data(jax.random.fold_in(rounding_rng, state.step)))
+
+
+def create_model(config: Config, num_classes: int):
+  return models.create_model(config.model, num_classes, dtype=jnp.dtype(config.dtype),
+                             **config.model_kwargs)
+
+
+def create_learning_rate_fn(config: Config, steps_per_epoch: float) -> optax.Schedule:
+  """Linear warm-up from 0, then step decay or cosine decay to 0 at ``num_epochs``."""
+  peak = config.base_learning_rate * config.batch_size / 256  # linear scaling (Goyal et al.)
+  warmup = int(config.warmup_epochs * steps_per_epoch)
+  total = max(warmup + 1, int(config.num_epochs * steps_per_epoch))
+  if config.lr_schedule == "cosine":
+    decay = optax.cosine_decay_schedule(peak, total - warmup)
+  elif config.lr_schedule == "step":
+    boundaries = {}
+    for epoch in config.lr_decay_epochs:
+      step = int(epoch * steps_per_epoch) - warmup
+      boundaries[step] = boundaries.get(step, 1.0) * config.lr_decay_factor
+    decay = optax.piecewise_constant_schedule(peak, boundaries)
+  else:
+    raise ValueError(f"lr_schedule must be 'step' or 'cosine', got {config.lr_schedule!r}")
+  if warmup == 0:
+    return decay
+  return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), decay], [warmup])
+
+
+def create_optimizer(config: Config, learning_rate_fn: optax.Schedule):
+  """SGD with momentum; weight decay (added to the gradient, as in Caffe) on kernels only."""
+  decay_mask = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)  # not biases or BN
+  return optax.chain(
+      optax.add_decayed_weights(config.weight_decay, mask=decay_mask),
+      optax.sgd(learning_rate_fn, momentum=config.momentum, nesterov=config.nesterov))
+
+
+def create_train_state(config: Config, model, image_size: int, learning_rate_fn) -> TrainState:
+  # XLA's RngBitGenerator compiles several times faster than threefry for the one-off init
+  # (tens of seconds on CPU for a big net); its bits may differ across XLA versions and platforms.
+  init_key = jax.random.key(config.seed, impl="rbg")
+  image = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
+  variables = jax.jit(functools.partial(model.init, train=False))({"params": init_key}, image)
+  return TrainState.create(
+      apply_fn=model.apply, params=variables["params"],
+      tx=create_optimizer(config, learning_rate_fn), batch_stats=variables.get("batch_stats", {}),
+      rng=jax.random.PRNGKey(config.seed))
+
+
+def cross_entropy(logits, labels):
+  return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+
+
+def topk_correct(logits, labels, k: int):
+  k = min(k, logits.shape[-1])
+  return jnp.any(jax.lax.top_k(logits, k)[1] == labels[:, None], axis=-1).astype(jnp.float32)
+
+
+def train_step(state: TrainState, batch, aux_loss_weight: float = 0.3):
+  """One SGD step; returns the new state and the batch's loss, top-1 and top-5 accuracy."""
+  dropout_key, _ = step_keys(state)
+
+  def loss_fn(params):
+    outputs, updates = state.apply_fn(
+        {"params": params, "batch_stats": state.batch_stats}, batch["image"], train=True,
+        rngs={"dropout": dropout_key}, mutable=["batch_stats"])
+    logits, aux = outputs if isinstance(outputs, tuple) else (outputs, ())
+    loss = cross_entropy(logits, batch["label"]).mean()
+    loss += sum(aux_loss_weight * cross_entropy(a, batch["label"]).mean() for a in aux)
+    return loss, (logits, updates.get("batch_stats", state.batch_stats))
+
+  (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+  metrics = {"loss": loss, "top1": topk_correct(logits, batch["label"], 1).mean(),
+             "top5": topk_correct(logits, batch["label"], 5).mean()}
+  return state, metrics
+
+
+def eval_step(state: TrainState, batch):
+  """Sums of loss, top-1 and top-5 hits over the unpadded examples of a batch."""
+  logits = state.apply_fn({"params": state.params, "batch_stats": state.batch_stats},
+                          batch["image"], train=False)
+  mask = batch["mask"]
+  return {"loss": jnp.sum(cross_entropy(logits, batch["label"]) * mask),
+          "top1": jnp.sum(topk_correct(logits, batch["label"], 1) * mask),
+          "top5": jnp.sum(topk_correct(logits, batch["label"], 5) * mask),
+          "count": jnp.sum(mask)}
+
+
+def make_dfp_step(step_fn, config: Config):
+  """``step_fn`` with every convolution and matmul in INT16 dynamic fixed point.
+
+  The one place the examples call into dfpjax; imported lazily so FP32 runs never need it.
+  ``step_fn(state, batch)`` keeps its signature: stochastic rounding takes its key from the state,
+  as dropout does, so DFP runs stay reproducible and resume exactly.
+  """
+  import dfpjax  # pylint: disable=g-import-not-at-top
+  if not hasattr(dfpjax, "dfp_transform"):
+    raise NotImplementedError(
+        f"--dfp needs dfpjax.dfp_transform, which dfpjax {dfpjax.__version__} does not have yet; "
+        "run with --no-dfp")
+  quant = dfpjax.QuantConfig(bits=config.dfp_bits, rounding=config.dfp_rounding)
+  dfp_config = dfpjax.DFPConfig(forward=quant, gradient=quant, keep_float=config.dfp_keep_float)
+  dfp_step = dfpjax.dfp_transform(step_fn, dfp_config)
+  if not dfp_config.needs_key:
+    return dfp_step
+
+  @functools.wraps(step_fn)
+  def stochastic_step(state, batch):
+    return dfp_step(state, batch, dfp_key=step_keys(state)[1])
+  return stochastic_step
+
+
+def checkpoint_manager(workdir: str, config: Config) -> ocp.CheckpointManager:
+  # Synchronous saves: the state's buffers are donated to the next step right after a save.
+  options = ocp.CheckpointManagerOptions(max_to_keep=config.max_checkpoints, create=True,
+                                         enable_async_checkpointing=False)
+  return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")),
+                               options=options)
+
+
+def restore_checkpoint(manager: ocp.CheckpointManager, state: TrainState) -> TrainState:
+  step = manager.latest_step()
+  if step is None:
+    return state
+  return manager.restore(step, args=ocp.args.StandardRestore(state))
+
+
+def evaluate(p_eval_step, state, source, config: Config) -> dict[str, float]:
+  totals = {}
+  with input_pipeline.Loader(source, batch_size=config.batch_size, train=False,
+                             image_size=config.image_size,
+                             num_workers=config.num_workers) as loader:
+    for batch in loader:
+      for k, v in p_eval_step(state, batch).items():
+        totals[k] = totals.get(k, 0.0) + v
+  count = float(totals.pop("count"))
+  return {k: float(v) / count for k, v in totals.items()}
+
+
+def _every(value: int, steps_per_epoch: int) -> int:
+  return value if value > 0 else steps_per_epoch
+
+
+def train_and_evaluate(config: Config, workdir: str) -> dict[str, Any]:
+  """Trains (resuming from ``workdir``'s latest checkpoint), evaluates, and writes to ``workdir``:
+  config.json, metrics.jsonl, tensorboard/, checkpoints/, curves.png and summary.json.
+
+  Returns the summary: final train/eval metrics, images/s and wall time.
+  """
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+    json.dump(dataclasses.asdict(config), f, indent=2)
+  train_source = input_pipeline.make_source(config.dataset, "train", config.data_dir)
+  eval_source = input_pipeline.make_source(config.dataset, "eval", config.data_dir)
+  steps_per_epoch = len(train_source.records) // config.batch_size
+  num_steps = (config.num_train_steps if config.num_train_steps > 0
+               else int(config.num_epochs * steps_per_epoch))
+  # The schedule's epochs are stretched over num_steps (a no-op unless num_train_steps is set).
+  schedule_epoch = num_steps / config.num_epochs
+  learning_rate_fn = create_learning_rate_fn(config, schedule_epoch)
+
+  model = create_model(config, train_source.num_classes)
+  state = create_train_state(config, model, config.image_size, learning_rate_fn)
+  manager = checkpoint_manager(workdir, config)
+  state = restore_checkpoint(manager, state)
+  start_step = int(state.step)
+
+  step_fn = functools.partial(train_step, aux_loss_weight=config.aux_loss_weight)
+  eval_fn = eval_step
+  if config.dfp:
+    step_fn, eval_fn = make_dfp_step(step_fn, config), make_dfp_step(eval_fn, config)
+  p_train_step = jax.jit(step_fn, donate_argnums=0)
+  p_eval_step = jax.jit(eval_fn)
+
+  print(f"{config.model}: {train_source.description}; eval on {eval_source.description}; "
+        f"{'DFP' if config.dfp else 'FP32'}, steps {start_step}..{num_steps}", flush=True)
+  writer = reporting.MetricWriter(workdir)
+  progress = reporting.ProgressBar(num_steps, start_step)
+  log_every = config.log_every_steps
+  eval_every = _every(config.eval_every_steps, steps_per_epoch)
+  checkpoint_every = _every(config.checkpoint_every_steps, steps_per_epoch)
+  window, timed_images, timed_seconds = [], 0, 0.0
+  train_summary, eval_summary = {}, {}
+  start_time = time.perf_counter()
+  with input_pipeline.Loader(train_source, batch_size=config.batch_size, train=True,
+                             image_size=config.image_size, seed=config.seed,
+                             start_step=start_step, num_workers=config.num_workers,
+                             crop_scale=config.crop_scale) as train_iter:
+    tick = None
+    for step in range(start_step, num_steps):
+      state, metrics = p_train_step(state, next(train_iter))
+      window.append(metrics)
+      done = step + 1
+      if tick is None:  # images/s leaves out the first step, which compiles
+        jax.block_until_ready(metrics)
+        tick, window_images = time.perf_counter(), 0
+      else:
+        window_images += config.batch_size
+      progress.update(done)
+      if done % log_every == 0 or done == num_steps:
+        window = jax.device_get(window)
+        now = time.perf_counter()
+        train_summary = {k: float(np.mean([m[k] for m in window])) for k in window[0]}
+        train_summary["learning_rate"] = float(learning_rate_fn(step))
+        if window_images:
+          train_summary["images_per_sec"] = window_images / (now - tick)
+          timed_images, timed_seconds = timed_images + window_images, timed_seconds + now - tick
+        writer.write(done, "train", train_summary)
+        progress.update(done, **{k: v for k, v in train_summary.items() if k != "top5"})
+        window, tick, window_images = [], time.perf_counter(), 0
+      run_eval = done % eval_every == 0 or done == num_steps
+      run_save = done % checkpoint_every == 0 or done == num_steps
+      if run_eval or run_save:
+        jax.block_until_ready(state)  # queued training steps finish on the training clock
+        paused = time.perf_counter()
+        if run_eval:
+          eval_summary = evaluate(p_eval_step, state, eval_source, config)
+          writer.write(done, "eval", eval_summary)
+          progress.update(done, **{f"eval_{k}": v for k, v in eval_summary.items()})
+        if run_save:
+          manager.save(done, args=ocp.args.StandardSave(state))
+        tick += time.perf_counter() - paused  # evaluating and saving are not training time
+  manager.close()
+  progress.close()
+  writer.close()
+
+  summary = {
+      "steps": num_steps,
+      "train_loss": train_summary.get("loss", float("nan")),
+      "eval_loss": eval_summary.get("loss", float("nan")),
+      "eval_top1": eval_summary.get("top1", float("nan")),
+      "eval_top5": eval_summary.get("top5", float("nan")),
+      "images_per_sec": timed_images / timed_seconds if timed_seconds else float("nan"),
+      "wall_time_s": time.perf_counter() - start_time,
+  }
+  with open(os.path.join(workdir, "summary.json"), "w", encoding="utf-8") as f:
+    json.dump(summary, f, indent=2)
+  reporting.plot_curves({config.model: reporting.read_metrics(workdir)},
+                        os.path.join(workdir, "curves.png"))
+  return summary

@@ -1,0 +1,193 @@
+"""Tests of the example trainer: FP32 training on the shipped images, exact resume, CLI, configs."""
+
+import dataclasses
+import importlib.util
+import json
+import os
+import pkgutil
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from PIL import Image
+
+from examples.imagenet import configs, input_pipeline, main, models, reporting, train
+from examples.imagenet.configs.base import Config
+
+# A narrow ResNet-18 on the shipped Fashion-MNIST subset: 93 steps per epoch, so resuming from
+# the step-90 checkpoint crosses an epoch boundary (a new data order) before step 100.
+RUN = Config(
+    model="resnet18", model_kwargs={"num_filters": 8}, dataset="fashion_mnist_subset",
+    image_size=32, crop_scale=(0.35, 1.0), num_workers=0, batch_size=64, base_learning_rate=0.2,
+    lr_schedule="cosine", warmup_epochs=0.1, num_epochs=1.0, num_train_steps=100,
+    weight_decay=5e-4, log_every_steps=10, eval_every_steps=50, checkpoint_every_steps=90)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("run"))
+  return workdir, train.train_and_evaluate(RUN, workdir)
+
+
+def test_fp32_training_learns(run):
+  workdir, summary = run
+  records = reporting.read_metrics(workdir)
+  train_loss = [r["loss"] for r in records if r["split"] == "train"]
+  assert len(train_loss) == 10
+  assert train_loss[-1] < 0.6 * train_loss[0]
+  assert summary["train_loss"] == train_loss[-1]
+  # Ten balanced classes: chance is 10% top-1 and ln(10) = 2.30 loss.
+  assert summary["eval_top1"] > 0.5 and summary["eval_loss"] < 1.2
+  assert summary["eval_top5"] >= summary["eval_top1"]
+  assert [r["step"] for r in records if r["split"] == "eval"] == [50, 100]
+  assert summary["images_per_sec"] > 0 and summary["steps"] == 100
+
+
+def test_run_outputs(run):
+  workdir, summary = run
+  with open(os.path.join(workdir, "config.json"), encoding="utf-8") as f:
+    assert Config(**json.load(f)).model_kwargs == {"num_filters": 8}
+  with open(os.path.join(workdir, "summary.json"), encoding="utf-8") as f:
+    assert json.load(f) == summary
+  with Image.open(os.path.join(workdir, "curves.png")) as png:
+    assert png.format == "PNG" and png.size[0] > 500
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["100", "90"]
+  has_tensorboard = importlib.util.find_spec("tensorboardX") is not None
+  tb_dir = os.path.join(workdir, "tensorboard")
+  assert os.path.isdir(tb_dir) == has_tensorboard
+  if has_tensorboard:
+    assert any(name.startswith("events.out.tfevents") for name in os.listdir(tb_dir))
+
+
+def restore_raw(workdir, step):
+  path = os.path.join(workdir, "checkpoints", str(step), "default")
+  return ocp.StandardCheckpointer().restore(path)
+
+
+def test_resume_takes_exactly_the_uninterrupted_steps(run, tmp_path):
+  workdir, summary = run
+  resumed = str(tmp_path / "resumed")
+  shutil.copytree(workdir, resumed)
+  shutil.rmtree(os.path.join(resumed, "checkpoints", "100"))  # as if stopped after step 90
+  resumed_summary = train.train_and_evaluate(RUN, resumed)
+
+  expected, actual = restore_raw(workdir, 100), restore_raw(resumed, 100)
+  assert int(actual["step"]) == 100
+  flat_expected = jax.tree_util.tree_leaves_with_path(expected)
+  flat_actual = jax.tree_util.tree_leaves_with_path(actual)
+  assert [p for p, _ in flat_expected] == [p for p, _ in flat_actual]
+  for (path, a), (_, b) in zip(flat_expected, flat_actual):
+    np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))
+  for key in ("train_loss", "eval_loss", "eval_top1", "eval_top5"):
+    assert resumed_summary[key] == summary[key]
+  # The re-done steps replaced the first run's records: one record per (split, step).
+  records = reporting.read_metrics(resumed)
+  assert len({(r["split"], r["step"]) for r in records}) == len(records) == 12
+
+
+def test_learning_rate_schedules():
+  config = Config(batch_size=512, base_learning_rate=0.1, warmup_epochs=2, num_epochs=10,
+                  lr_decay_epochs=(4, 8), lr_decay_factor=0.1)
+  lr = train.create_learning_rate_fn(config, steps_per_epoch=10)
+  peak = 0.2  # 0.1 per 256 images at batch 512
+  np.testing.assert_allclose([lr(0), lr(10), lr(19), lr(20), lr(39)], [0, 0.1, 0.19, peak, peak],
+                             rtol=1e-6)
+  np.testing.assert_allclose([lr(40), lr(79), lr(80), lr(99)],
+                             [peak / 10, peak / 10, peak / 100, peak / 100], rtol=1e-5)
+  cosine = train.create_learning_rate_fn(dataclasses.replace(config, lr_schedule="cosine"), 10)
+  np.testing.assert_allclose([cosine(20), cosine(60), cosine(100)], [peak, peak / 2, 0],
+                             atol=1e-7)
+  # Stretched to 1000 steps (--steps), the same schedule decays at steps 400 and 800.
+  stretched = train.create_learning_rate_fn(config, steps_per_epoch=100)
+  np.testing.assert_allclose([stretched(399), stretched(400), stretched(800)],
+                             [peak, peak / 10, peak / 100], rtol=1e-5)
+  with pytest.raises(ValueError, match="cosine"):
+    train.create_learning_rate_fn(dataclasses.replace(config, lr_schedule="poly"), 10)
+
+
+def test_weight_decay_spares_biases_and_batchnorm():
+  config = Config(weight_decay=0.5, momentum=0.0, base_learning_rate=256.0, batch_size=1,
+                  warmup_epochs=0)
+  tx = train.create_optimizer(config, train.create_learning_rate_fn(config, 10))
+  params = {"conv": {"kernel": jnp.ones((3, 3, 2, 2)), "bias": jnp.ones(2)},
+            "bn": {"scale": jnp.ones(2), "bias": jnp.ones(2)}}
+  zero_grads = jax.tree.map(jnp.zeros_like, params)
+  updates, _ = tx.update(zero_grads, tx.init(params), params)
+  np.testing.assert_allclose(updates["conv"]["kernel"], -0.5)  # lr 1 * decay 0.5 * weight 1
+  for leaf in (updates["conv"]["bias"], updates["bn"]["scale"], updates["bn"]["bias"]):
+    np.testing.assert_array_equal(leaf, 0)
+
+
+def test_every_config_builds_its_model():
+  names = [m.name for m in pkgutil.iter_modules(configs.__path__) if m.name != "base"]
+  assert {"default", "fashion_mnist_resnet", "resnet18", "resnet50", "googlenet", "vgg16",
+          "alexnet"} <= set(names)
+  for name in names:
+    config = main.load_config(name)
+    assert config.dataset in input_pipeline.DATASETS and config.model in models.MODELS
+    assert train.create_model(config, 10).num_classes == 10  # model_kwargs are model fields
+    lr = train.create_learning_rate_fn(config, steps_per_epoch=100)
+    peak = config.base_learning_rate * config.batch_size / 256
+    assert 0 < float(lr(int(config.num_epochs * 100) - 1)) < peak
+  assert main.load_config("default") == main.load_config("resnet50")
+
+
+def test_command_line_overrides(tmp_path):
+  config_file = tmp_path / "mine.py"
+  config_file.write_text("from examples.imagenet.configs.base import Config\n"
+                         "def get_config():\n  return Config(model='alexnet', seed=3)\n")
+  args = main.parse_args(["compare", "--config", str(config_file), "--workdir", "w", "--dfp",
+                          "--dfp_bits", "12", "--dfp_rounding", "stochastic", "--dfp_keep_float",
+                          "*/conv1, */fc8,", "--steps", "5", "--batch_size", "8"])
+  config = main.config_from_args(args)
+  assert args.mode == "compare"
+  assert (config.model, config.seed, config.dfp, config.dfp_bits, config.dfp_rounding) == \
+      ("alexnet", 3, True, 12, "stochastic")
+  assert config.dfp_keep_float == ("*/conv1", "*/fc8")
+  assert (config.num_train_steps, config.batch_size) == (5, 8)
+  plain = main.config_from_args(main.parse_args(["--workdir", "w", "--no-dfp"]))
+  assert plain == dataclasses.replace(main.load_config("default"), dfp=False)
+  assert main.parse_args(["--workdir", "w"]).mode == "train"
+
+
+def test_comparison_table():
+  row = {"steps": 10, "train_loss": 1.0, "eval_loss": 2.0, "eval_top1": 0.5, "eval_top5": 0.9,
+         "images_per_sec": 100.0, "wall_time_s": 5.0}
+  table = reporting.comparison_table({"FP32": row, "DFP16": {**row, "eval_top1": 0.4375}})
+  lines = table.splitlines()
+  assert lines[0] == "| metric | FP32 | DFP16 | difference |"
+  assert "| eval top-1 | 0.5000 | 0.4375 | -0.0625 |" in lines
+  assert "| steps | 10 | 10 | +0 |" in lines
+  assert len(lines) == 2 + len(reporting.SUMMARY_ROWS)
+
+
+class FakeTerminal:
+  def __init__(self, tty):
+    self.tty, self.text = tty, ""
+
+  def isatty(self):
+    return self.tty
+
+  def write(self, text):
+    self.text += text
+
+  def flush(self):
+    pass
+
+
+def test_progress_bar():
+  terminal = FakeTerminal(tty=True)
+  bar = reporting.ProgressBar(100, start=40, stream=terminal, width=10)
+  bar.update(50, loss=1.25, images_per_sec=12.0)
+  bar.update(51)  # within 0.1 s of the last draw: not redrawn
+  bar.close()
+  assert "\r[#####.....] 50/100  loss 1.25  images_per_sec 12" in terminal.text
+  assert terminal.text.endswith("\n")
+  log = FakeTerminal(tty=False)
+  bar = reporting.ProgressBar(100, stream=log)
+  bar.update(1)
+  bar.update(10, loss=2.0)
+  assert log.text == "step 10/100  loss 2\n"
