@@ -12,17 +12,20 @@ traceback) and context, except
   its params), which raises ``NotImplementedError`` rather than pass it through
   unrewritten.
 
-Stochastic rounding: a ``Scope`` carries a key. Site ``i`` (the i-th floating
-``dot_general``/``conv_general_dilated`` met, rewritten or kept) uses
-``fold_in(scope_key, i)``; a loop body's scope key is the enclosing one folded with the
-loop's iteration counter. Keys enter every sub-computation as explicit operands, never
-as closed-over tracers: custom rules are traced lazily, when AD needs them.
+Stochastic rounding: a ``Scope`` carries a key and a site counter. The i-th floating
+``dot_general``/``conv_general_dilated`` it meets (rewritten or kept) uses
+``fold_in(key, i)``. A loop body's key is the enclosing one folded with the iteration
+counter. A custom_jvp/custom_vjp call takes one number n and its rules count afresh, with
+key ``fold_in(fold_in(key, n), 0)`` for the primal function, its fwd and its jvp rule and
+``fold_in(fold_in(key, n), 1)`` for bwd, so that a site gets the same key whether JAX
+runs the primal function or the rule. Keys enter every sub-computation as explicit
+operands, never as closed-over tracers: custom rules are traced lazily, when AD needs
+them, possibly after the trace that owned the key has ended.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any, Callable
 
 import jax
@@ -31,6 +34,7 @@ import numpy as np
 from jax._src import api_util, core, source_info_util
 from jax._src import linear_util as lu
 from jax._src.ad_util import SymbolicZero, Zero
+from jax._src.hijax import call_hi_primitive_p
 from jax._src.interpreters import ad
 from jax._src.interpreters import partial_eval as pe
 from jax._src.lax.control_flow.common import _merge_common_consts
@@ -56,8 +60,8 @@ class SiteRecord:
   """One ``dot_general``/``conv_general_dilated`` equation met by the interpreter.
 
   Attributes:
-    index: the site's index (keys are ``fold_in(key, index)``); None when the operands
-      are not floating point.
+    index: the site's position among the floating sites met, in order; None when the
+      operands are not floating point.
     primitive: ``"dot_general"`` or ``"conv_general_dilated"``.
     shapes, dtypes: of the two operands.
     out_dtype: the equation's output type (the DFP op's ``preferred_element_type``).
@@ -90,18 +94,36 @@ class Context:
     return self.num_sites - 1
 
 
+class _Counter:
+  """Numbers the sites of one key namespace (see the module docstring)."""
+
+  def __init__(self):
+    self.n = 0
+
+  def next(self) -> int:
+    self.n += 1
+    return self.n - 1
+
+
 @dataclasses.dataclass(frozen=True)
 class Scope:
-  """Where an equation sits: its absolute name stack and the key of its scope."""
+  """Where an equation sits: its absolute name stack, the key of its scope and, when
+  every site in it must stay in float, why."""
   name_stack: NameStack
   key: Any = None  # None: deterministic rounding
+  keep_reason: str | None = None
+  sites: _Counter = dataclasses.field(default_factory=_Counter, compare=False)
 
   def enter(self, eqn) -> Scope:
     return dataclasses.replace(self, name_stack=self.name_stack + eqn.source_info.name_stack)
 
-  def with_key(self, keys) -> Scope:
-    """``keys`` is ``[key]`` or ``[]`` (how rules pass an optional key operand)."""
-    return dataclasses.replace(self, key=keys[0] if keys else None)
+  def in_rule(self, keys, number: int, part: int) -> Scope:
+    """The scope of a sub-computation that may be traced more than once or late (custom
+    rules, call bodies): a fresh site namespace with key
+    ``fold_in(fold_in(key, number), part)`` (part 0: primal, fwd, jvp, body; 1: bwd).
+    ``keys`` is ``[key]`` or ``[]``: how rules pass an optional key operand."""
+    key = jax.random.fold_in(jax.random.fold_in(keys[0], number), part) if keys else None
+    return dataclasses.replace(self, key=key, sites=_Counter())
 
   def key_operands(self) -> list:
     return [] if self.key is None else [self.key]
@@ -109,14 +131,26 @@ class Scope:
   def in_iteration(self, i) -> Scope:
     return dataclasses.replace(self, key=jax.random.fold_in(self.key, i))
 
+  def keeping(self, reason: str) -> Scope:
+    return dataclasses.replace(self, keep_reason=reason)
+
+
+_TANGENT = "computes a tangent in a custom_jvp rule, which must stay linear"
+
 
 # ---------------------------------------------------------------------------------------
 # The interpreter.
 # ---------------------------------------------------------------------------------------
 
 
-def eval_jaxpr(ctx: Context, jaxpr: core.Jaxpr, consts, args, scope: Scope) -> list:
-  """Evaluates ``jaxpr`` with its DFP sites rewritten (see the module docstring)."""
+def eval_jaxpr(ctx: Context, jaxpr: core.Jaxpr, consts, args, scope: Scope,
+               linear: list[bool] | None = None) -> list:
+  """Evaluates ``jaxpr`` with its DFP sites rewritten (see the module docstring).
+
+  ``linear`` marks the invars that are tangents (in a custom_jvp rule): equations that
+  depend on them keep their sites in float, as a DFP product is not linear and could
+  not be transposed.
+  """
   def read(v):
     return v.val if isinstance(v, core.Literal) else env[v]
 
@@ -128,12 +162,19 @@ def eval_jaxpr(ctx: Context, jaxpr: core.Jaxpr, consts, args, scope: Scope) -> l
     write(v, x)
   for v, x in zip(jaxpr.invars, args, strict=True):
     write(v, x)
+  tangents = set()
+  if linear is not None:
+    tangents = {v for v, t in zip(jaxpr.invars, linear, strict=True) if t}
   lu_ = core.last_used(jaxpr)
   for eqn in jaxpr.eqns:
+    eqn_scope = scope.enter(eqn)
+    if tangents and any(isinstance(v, core.Var) and v in tangents for v in eqn.invars):
+      tangents.update(eqn.outvars)
+      eqn_scope = eqn_scope.keeping(_TANGENT)
     name_stack = source_info_util.current_name_stack() + eqn.source_info.name_stack
     with (source_info_util.user_context(eqn.source_info.traceback, name_stack=name_stack),
           eqn.ctx.manager):
-      ans = _eval_eqn(ctx, eqn, [read(v) for v in eqn.invars], scope.enter(eqn))
+      ans = _eval_eqn(ctx, eqn, [read(v) for v in eqn.invars], eqn_scope)
     if eqn.primitive.multiple_results:
       for v, x in zip(eqn.outvars, ans, strict=True):
         write(v, x)
@@ -168,6 +209,7 @@ def _site(ctx: Context, eqn, invals, scope: Scope):
   avals = [core.typeof(x) for x in invals]
   floating = all(jnp.issubdtype(a.dtype, jnp.floating) for a in avals)
   index = ctx.new_site() if floating else None
+  number = scope.sites.next() if floating else None
   path = module_path(scope.name_stack)
   if not floating:
     mode, reason = "unchanged", "operands are not floating point"
@@ -175,6 +217,8 @@ def _site(ctx: Context, eqn, invals, scope: Scope):
     mode, reason = "float", f"{op} is not in config.ops"
   elif ctx.config.keeps_float(path):
     mode, reason = "float", "path matches config.keep_float"
+  elif scope.keep_reason is not None:
+    mode, reason = "float", scope.keep_reason
   else:
     mode, reason = "dfp", "rewritten"
   out_dtype = np.dtype(eqn.outvars[0].aval.dtype)
@@ -190,7 +234,7 @@ def _site(ctx: Context, eqn, invals, scope: Scope):
       raise TypeError(f"dfp_transform: {op} at {path or '<top>'!r} has a {a.dtype} operand; DFP "
                       "quantizes float32, bfloat16 and float16 only. Keep the site in float "
                       "with DFPConfig(keep_float=...).")
-  key = None if scope.key is None else jax.random.fold_in(scope.key, index)
+  key = None if scope.key is None else jax.random.fold_in(scope.key, number)
   p = eqn.params
   if op == "dot_general":
     return dfpjax.dfp_dot_general(lhs, rhs, p["dimension_numbers"], p["precision"], out_dtype,
@@ -264,7 +308,9 @@ def _call_rule(ctx, eqn, invals, scope):
   call_jaxpr = params.pop("call_jaxpr")
   jaxpr, consts = ((call_jaxpr.jaxpr, call_jaxpr.consts)
                    if isinstance(call_jaxpr, core.ClosedJaxpr) else (call_jaxpr, ()))
-  fun = lu.wrap_init(lambda *args: eval_jaxpr(ctx, jaxpr, consts, args, scope),
+  # The body is numbered afresh, however often it is traced.
+  inner = scope.in_rule(scope.key_operands(), scope.sites.next(), 0)
+  fun = lu.wrap_init(lambda *args: eval_jaxpr(ctx, jaxpr, consts, args, inner),
                      debug_info=jaxpr.debug_info)
   return eqn.primitive.bind(*invals, subfuns=(fun,), **params)
 
@@ -346,11 +392,12 @@ def _shard_map_rule(ctx, eqn, invals, scope):
   jaxpr = params.pop("jaxpr")
   out_specs = params.pop("out_specs")
   keys = scope.key_operands()
+  number = scope.sites.next()  # the body is numbered afresh, however often it is traced
   axes = tuple(a for a in params["mesh"].axis_names if a in params["newly_manual_axes"])
 
   def body(*args):
     key_args, args = _split(args, [len(keys)])
-    inner = scope.with_key(key_args)
+    inner = scope.in_rule(key_args, number, 0)
     if key_args:
       inner = inner.in_iteration(jax.lax.axis_index(axes))
     result = eval_jaxpr(ctx, jaxpr, (), args, inner)
@@ -375,10 +422,12 @@ def _custom_jvp_rule(ctx, eqn, invals, scope):
   jvp_jaxpr_fun = params.pop("jvp_jaxpr_fun")
   keys = scope.key_operands()
   nk = len(keys)
+  number = scope.sites.next()
 
   def fun(*args):
     key_args, args = _split(args, [nk])
-    return eval_jaxpr(ctx, call_jaxpr.jaxpr, call_jaxpr.consts, args, scope.with_key(key_args))
+    return eval_jaxpr(ctx, call_jaxpr.jaxpr, call_jaxpr.consts, args,
+                      scope.in_rule(key_args, number, 0))
 
   def jvp(*xs):
     n = len(xs) // 2
@@ -388,7 +437,8 @@ def _custom_jvp_rule(ctx, eqn, invals, scope):
     jvp_jaxpr, jvp_consts, out_zeros = jvp_jaxpr_fun.call_wrapped(*zeros)
     nonzero_tangents = [t for t in tangents if type(t) is not SymbolicZero]
     out = eval_jaxpr(ctx, jvp_jaxpr, jvp_consts, [*primals, *nonzero_tangents],
-                     scope.with_key(key_args))
+                     scope.in_rule(key_args, number, 0),
+                     linear=[False] * len(primals) + [True] * len(nonzero_tangents))
     out_primals, nz_out_tangents = _split(out, [len(out_zeros)])
     nz_iter = iter(nz_out_tangents)
     out_tangents = [SymbolicZero(core.typeof(p).to_tangent_aval()) if z else next(nz_iter)
@@ -413,6 +463,7 @@ def _custom_vjp_rule(ctx, eqn, invals, scope):
   const_avals = call_jaxpr.in_avals[:num_consts]
   keys = scope.key_operands()
   nk = len(keys)
+  number = scope.sites.next()
 
   def new_out_trees():
     out_tree, res_tree, input_fwds = out_trees()
@@ -423,7 +474,8 @@ def _custom_vjp_rule(ctx, eqn, invals, scope):
 
   def fun(*args):
     key_args, args = _split(args, [nk])
-    return eval_jaxpr(ctx, call_jaxpr.jaxpr, call_jaxpr.consts, args, scope.with_key(key_args))
+    return eval_jaxpr(ctx, call_jaxpr.jaxpr, call_jaxpr.consts, args,
+                      scope.in_rule(key_args, number, 0))
 
   def fwd(*args):
     vals, nonzeros = args[::2], args[1::2]
@@ -433,7 +485,7 @@ def _custom_vjp_rule(ctx, eqn, invals, scope):
       raise ad.CustomVJPException()
     fwd_jaxpr, fwd_consts = fwd_jaxpr_thunk.call_wrapped(*in_nonzeros)
     out = eval_jaxpr(ctx, fwd_jaxpr, fwd_consts, consts_and_primals[num_consts:],
-                     scope.with_key(key_args))
+                     scope.in_rule(key_args, number, 0))
     if not nk:
       return out
     _, res_tree, input_fwds = out_trees()
@@ -447,7 +499,7 @@ def _custom_vjp_rule(ctx, eqn, invals, scope):
       args = res + cts
     else:
       key_args = []
-    cts_in = _rewrite_call(ctx, bwd, args, scope.with_key(key_args))
+    cts_in = _rewrite_call(ctx, bwd, args, scope.in_rule(key_args, number, 1))
     # No cotangent for the key; zeros for consts, as _handle_consts_in_bwd gives.
     return [Zero(core.typeof(k).to_ct_aval()) for k in key_args] + \
            [Zero(a) for a in const_avals] + list(cts_in)
@@ -478,12 +530,14 @@ def _rewrite_call(ctx, f: lu.WrappedFun, args, scope: Scope) -> list:
 
 
 def _call_hi_rule(ctx, eqn, invals, scope):
+  # A hijax primitive carries Python objects (for a custom_vjp: a jit-traced primal, the
+  # user's fwd and bwd functions), not jaxprs this interpreter could rewrite.
   del ctx, invals, scope
   what = type(eqn.params.get("_prim")).__name__
   raise NotImplementedError(
-      f"dfp_transform does not support call_hi_primitive ({what}); it is how JAX stages a "
-      "jax.custom_vjp under jax_custom_vjp3=True, and its rule is not a jaxpr this "
-      "interpreter can rewrite. Run with jax.config.update('jax_custom_vjp3', False).")
+      f"dfp_transform does not support call_hi_primitive ({what}); this is how JAX stages "
+      "a jax.custom_vjp under jax_custom_vjp3=True. Run with "
+      "jax.config.update('jax_custom_vjp3', False).")
 
 
 _HIGHER_ORDER_RULES: dict[core.Primitive, Callable] = {
@@ -497,6 +551,7 @@ _HIGHER_ORDER_RULES: dict[core.Primitive, Callable] = {
     prims.custom_jvp_call_p: _custom_jvp_rule,
     prims.custom_vjp_call_p: _custom_vjp_rule,
     shard_map_p: _shard_map_rule,
+    call_hi_primitive_p: _call_hi_rule,
 }
 
 
@@ -530,12 +585,11 @@ def _holds_computation(value) -> bool:
 
 def _check_nothing_hidden(eqn):
   prim = eqn.primitive
-  if prim.name == "call_hi_primitive":
-    _call_hi_rule(None, eqn, None, None)
   allowed = _COMBINER_PARAMS.get(prim, set())
   hidden = sorted(k for k, v in eqn.params.items() if k not in allowed and _holds_computation(v))
   if hidden:
     raise NotImplementedError(
         f"dfp_transform cannot rewrite inside the higher-order primitive '{prim.name}' "
         f"(params {hidden} hold a computation); rather than run it unrewritten it stops "
-        "here. Supported: " + ", ".join(sorted(p.name for p in _HIGHER_ORDER_RULES)) + ".")
+        "here. Supported: " + ", ".join(sorted(p.name for p, rule in _HIGHER_ORDER_RULES.items()
+                                              if rule is not _call_hi_rule)) + ".")
