@@ -58,8 +58,8 @@ class DFPConfig:
       the two backward ops, so a per-channel exponent could not stay outside the sum.
     ops: the primitives that ``dfp_transform`` rewrites.
     keep_float: glob patterns over call-site paths (the Flax module path in the
-      equation's name stack, e.g. ``"*/conv_init"`` or ``"Dense_*"``) whose ops stay
-      in floating point.
+      equation's name stack, from the top module, e.g. ``"ResNet/conv_init"`` or
+      ``"*/Dense_*"``; docs/transform.md) whose ops stay in floating point.
   """
 
   forward: QuantConfig = QuantConfig()
