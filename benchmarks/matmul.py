@@ -20,15 +20,14 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 import dfpjax
+from common import WARMUP, cpu_model, time_interleaved
 from dfpjax import cpu_ffi
 # Kernel-only timing needs the exact product of pre-quantized operands, which sits below the
 # public op (dfp_dot_general always quantizes its float operands first).
@@ -39,7 +38,6 @@ SHAPES = [(256, 256, 256), (512, 512, 512), (1024, 1024, 1024), (2048, 1024, 102
           (4096, 1024, 1024)]
 QUICK_SHAPES = [(128, 128, 128), (256, 256, 256), (512, 256, 384)]
 QUICK_REPEATS = 5
-WARMUP = 2
 # Reference INT16 multiply-accumulate peaks (GOP/s, 2 cores), measured once on other machines
 # with a register-resident microbenchmark of the kernel path's inner instruction; they are
 # not measured on the machine running this script. Override with --peak-gops.
@@ -47,24 +45,6 @@ REFERENCE_PEAKS = {
     "avx512_vnni": (469.0, "measured 2-core vpdpwssd peak on AMD Zen 4"),
     "avx2": (320.0, "measured 2-core vpmaddwd+vpaddd peak on AMD Zen 3"),
 }
-
-
-def _cpu_model() -> str:
-  """/proc/cpuinfo's model name, with family and model (VMs often show only "AMD EPYC")."""
-  fields = {}
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if not line.strip():
-          break  # the first processor is enough
-        key, _, value = line.partition(":")
-        fields[key.strip()] = value.strip()
-  except OSError:
-    pass
-  name = fields.get("model name") or platform.processor() or "unknown"
-  if "cpu family" in fields and "model" in fields:
-    name += f" (family {fields['cpu family']}, model {fields['model']})"
-  return name
 
 
 def _parse_shapes(text: str) -> list[tuple[int, int, int]]:
@@ -87,24 +67,6 @@ def _peak(isa: str, given: float | None) -> tuple[float | None, str]:
   return None, f"no reference figure for {isa}; pass --peak-gops"
 
 
-def _time_interleaved(fns, repeats: int) -> list[float]:
-  """Median seconds of each zero-argument function, their runs interleaved.
-
-  The order rotates every round so that no function always runs right after the same one.
-  """
-  for f in fns:
-    for _ in range(WARMUP):
-      jax.block_until_ready(f())
-  times = [[] for _ in fns]
-  for r in range(repeats):
-    for i in range(len(fns)):
-      j = (i + r) % len(fns)
-      start = time.perf_counter()
-      jax.block_until_ready(fns[j]())
-      times[j].append(time.perf_counter() - start)
-  return [float(np.median(ts)) for ts in times]
-
-
 def measure(m: int, k: int, n: int, repeats: int) -> dict:
   ka, kb = jax.random.split(jax.random.key(0))
   a = jax.random.normal(ka, (m, k), jnp.float32)
@@ -116,7 +78,7 @@ def measure(m: int, k: int, n: int, repeats: int) -> dict:
   kernel = jax.jit(lambda qa, qb: exact_dot(qa, qb, dims, jnp.float32))
   if cpu_ffi.DOT_GENERAL_TARGET not in dfp.lower(a, b).as_text():
     raise RuntimeError("dfp_dot_general did not lower to the C kernel; the timing would be XLA's")
-  t_fp32, t_dfp, t_kernel = _time_interleaved(
+  t_fp32, t_dfp, t_kernel = time_interleaved(
       [lambda: fp32(a, b), lambda: dfp(a, b), lambda: kernel(qa, qb)], repeats)
   ref = fp32(a, b)
   rel_err = float(jnp.linalg.norm(dfp(a, b) - ref) / jnp.linalg.norm(ref))
@@ -160,7 +122,7 @@ def main():
     sys.exit(f"error: DFPJAX_ISA={isa} but this CPU runs only {supported}")
   peak, peak_note = _peak(isa, args.peak_gops)
   forced = os.environ.get("DFPJAX_ISA")
-  facts = dict(date=datetime.datetime.now().isoformat(timespec="seconds"), cpu=_cpu_model(),
+  facts = dict(date=datetime.datetime.now().isoformat(timespec="seconds"), cpu=cpu_model(),
                cpus=os.cpu_count(), jax=jax.__version__, dfpjax=dfpjax.__version__,
                supported_isas=list(supported), selected_isa=isa, dfpjax_isa_env=forced,
                peak_gops=peak, peak_source=peak_note, repeats=repeats)

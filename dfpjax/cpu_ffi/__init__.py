@@ -14,6 +14,7 @@ import jax
 
 ISAS = ("portable", "avx2", "avx_vnni", "avx512_vnni")
 DOT_GENERAL_TARGET = "dfpjax_dot_general"
+CONV_TARGET = "dfpjax_conv"
 
 
 @functools.cache
@@ -37,6 +38,7 @@ def register() -> None:
   lib = _library()
   jax.ffi.register_ffi_target(DOT_GENERAL_TARGET, jax.ffi.pycapsule(lib.DfpDotGeneral),
                               platform="cpu")
+  jax.ffi.register_ffi_target(CONV_TARGET, jax.ffi.pycapsule(lib.DfpConv), platform="cpu")
 
 
 def supported_isas() -> tuple[str, ...]:

@@ -1,14 +1,19 @@
 """DFP ``conv_general_dilated``: spec section 3 forward, section 4 gradients.
 
-``exact_conv`` is the exact convolution of quantized operands (INT16 mantissas, per-tensor
-exponents) and ``dfp_conv_general_dilated`` quantizes, calls it and carries the DFP gradient
-rule. The backward-data and backward-weights passes are again exact convolutions of the
-quantized cotangent with the forward's quantized operands, with the parameters JAX's own
-transpose rules derive (``_transpose_lhs`` / ``_transpose_rhs`` follow them line by line).
+Two layers, as for ``dot_general``:
 
-Status (issue 3): ``exact_conv`` materializes the input patches with XLA and multiplies
-them with the exact DFP GEMM (the C kernel on CPU). The implicit-im2col kernel that packs
-patches on the fly, and a primitive of its own, are still to come.
+* ``dfp_conv_p`` -- the exact convolution of quantized operands in the kernel's
+  channels-last form (``x [N, *spatial, G*cin]``, ``w [*window, cin, G*cout]``), in two
+  modes: ``forward`` and ``backward_weights`` (the weight gradient from ``x`` and ``dy``).
+  Abstract evaluation, a batching rule, a CPU lowering to the C kernel's implicit-im2col
+  convolution through XLA FFI, and a pure-XLA lowering (input patches times the exact
+  integer product) on every other platform.
+* ``dfp_conv_general_dilated`` -- the user-facing op with ``lax.conv_general_dilated``'s
+  signature: quantizes, transposes the mantissas into the canonical layout (a no-op for
+  Flax's NHWC/HWIO), calls the primitive and carries the DFP gradient rule. Backward-data is
+  a forward convolution with the parameters JAX's own transpose rule derives
+  (``_transpose_lhs`` follows it line by line); backward-weights is the primitive's second
+  mode, reading the forward's quantized input and the quantized cotangent as they are.
 """
 
 from __future__ import annotations
@@ -22,11 +27,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.extend import core
 from jax._src.lax import convolution as lax_conv  # JAX's transpose helpers; JAX is pinned
+from jax.interpreters import batching, mlir
 
+from dfpjax import cpu_ffi
 from dfpjax.numerics.config import DFPConfig, QuantConfig
 from dfpjax.numerics.quantization import DFPTensor, quantize_with
-from dfpjax.primitives.dot_general import DotDims, exact_dot
+from dfpjax.primitives import reference
 from dfpjax.primitives.operands import check_float_operand, fold_key, output_dtype
 
 
@@ -81,37 +89,184 @@ def _patches(x, window_shape, out_spatial, p: ConvParams):
   return jnp.stack(positions, axis=1).reshape(n, *out_spatial, -1, c)
 
 
-def exact_conv(qa: DFPTensor, qb: DFPTensor, params: ConvParams, out_dtype):
-  """``fl(conv(ma, mb)) * 2**(ea + eb)`` (spec section 3) for per-tensor quantized operands.
+@dataclasses.dataclass(frozen=True)
+class Geometry:
+  """A channels-last convolution as the kernel sees it (per spatial dimension)."""
+  window: tuple[int, ...]
+  strides: tuple[int, ...]
+  padding: tuple[tuple[int, int], ...]
+  lhs_dilation: tuple[int, ...]
+  rhs_dilation: tuple[int, ...]
+  groups: int
 
-  Computed as the exact DFP matrix product of the input patches with the weights (grouped
-  convolutions as a batch of products), so every platform -- and the C kernel on CPU --
-  runs the same exact integer arithmetic as ``dot_general``.
-  """
-  lhs_spec, rhs_spec, out_spec = params.dimension_numbers
-  nd = len(lhs_spec) - 2
-  x = jnp.transpose(qa.mantissa, (lhs_spec[0], *lhs_spec[2:], lhs_spec[1]))  # N, spatial, C
-  w = jnp.transpose(qb.mantissa, (*rhs_spec[2:], rhs_spec[1], rhs_spec[0]))  # window, I, O
-  out_shape = _float_conv_shape(qa.shape, qb.shape, params)
-  out_spatial = [out_shape[d] for d in out_spec[2:]]
-  window = w.shape[:nd]
-  taps, in_per_group, features = math.prod(window), w.shape[nd], w.shape[nd + 1]
-  patches = _patches(x, window, out_spatial, params)  # N, out_spatial, taps, C
-  n, positions = x.shape[0], math.prod(out_spatial)
-  fg, bg = params.feature_group_count, params.batch_group_count
-  groups = fg * bg  # at most one of them exceeds 1
-  if bg > 1:  # the lhs batch and the output features split into groups
-    patches = patches.reshape(bg, n // bg * positions, taps * in_per_group)
-  else:  # the input channels and the output features split into groups
-    patches = patches.reshape(n * positions, taps, fg, in_per_group)
-    patches = jnp.transpose(patches, (2, 0, 1, 3)).reshape(fg, n * positions, taps * in_per_group)
-  w = jnp.transpose(w.reshape(taps * in_per_group, groups, features // groups), (1, 0, 2))
-  batched = DotDims((2,), (1,), (0,), (0,), 3, 3)
-  y = exact_dot(DFPTensor(patches, qa.exponent), DFPTensor(w, qb.exponent), batched, out_dtype)
-  n_out = n // bg
-  y = jnp.transpose(y.reshape(groups, n_out, positions, features // groups), (1, 2, 0, 3))
-  y = y.reshape(n_out, *out_spatial, features)  # N, out_spatial, O
+  def out_spatial(self, in_spatial):
+    return tuple(max(0, ((i - 1) * ld + 1 + lo + hi - ((k - 1) * rd + 1)) // s + 1)
+                 for i, k, s, (lo, hi), ld, rd in zip(in_spatial, self.window, self.strides,
+                                                      self.padding, self.lhs_dilation,
+                                                      self.rhs_dilation))
+
+  def params(self) -> ConvParams:
+    """The same convolution as ``lax.conv_general_dilated`` parameters (NHWC, HWIO)."""
+    nd = len(self.window)
+    spatial = tuple(range(1, nd + 1))
+    dnums = lax.ConvDimensionNumbers((0, nd + 1) + spatial, (nd + 1, nd) + tuple(range(nd)),
+                                     (0, nd + 1) + spatial)
+    return ConvParams(self.strides, self.padding, self.lhs_dilation, self.rhs_dilation, dnums,
+                      self.groups, 1)
+
+  def kernel_attribute(self, batch, in_spatial, cin, cout) -> np.ndarray:
+    """``dfp_conv_shape`` (dfp_kernel.h) as 25 int64s, unused leading dimensions of size 1."""
+    pad = lambda values, fill: (fill,) * (3 - len(values)) + tuple(values)
+    fields = (batch, *pad(in_spatial, 1), *pad(self.out_spatial(in_spatial), 1),
+              *pad(self.window, 1), *pad(self.strides, 1), *pad([lo for lo, _ in self.padding], 0),
+              *pad(self.lhs_dilation, 1), *pad(self.rhs_dilation, 1), self.groups, cin, cout)
+    return np.asarray(fields, np.int64)
+
+
+dfp_conv_p = core.Primitive("dfp_conv")
+MODES = ("forward", "backward_weights")
+
+
+def _abstract_eval(x, ex, b, eb, *, geometry: Geometry, mode, out_dtype):
+  if x.dtype != jnp.int16 or b.dtype != jnp.int16 or ex.dtype != jnp.int32 or eb.dtype != jnp.int32:
+    raise TypeError("dfp_conv_p takes int16 mantissas and int32 exponents, got "
+                    f"{x.dtype}, {ex.dtype}, {b.dtype}, {eb.dtype}")
+  nd, g = len(geometry.window), geometry.groups
+  if x.ndim != nd + 2 or b.ndim != nd + 2 or x.shape[-1] % g:
+    raise ValueError(f"dfp_conv_p: operands {x.shape}, {b.shape} do not fit {geometry}")
+  if ex.shape not in ((1,), (x.shape[0],)) or eb.shape != (1,):
+    raise ValueError(f"dfp_conv_p: exponent shapes {ex.shape}, {eb.shape}")
+  batch, cin = x.shape[0], x.shape[-1] // g
+  out_spatial = geometry.out_spatial(x.shape[1:-1])
+  if mode == "forward":
+    if b.shape[:-1] != (*geometry.window, cin) or b.shape[-1] % g:
+      raise ValueError(f"dfp_conv_p: weights {b.shape} do not fit input {x.shape} and {geometry}")
+    return jax.core.ShapedArray((batch, *out_spatial, b.shape[-1]), out_dtype)
+  if b.shape[:-1] != (batch, *out_spatial) or b.shape[-1] % g or ex.shape != (1,):
+    raise ValueError(f"dfp_conv_p: output gradient {b.shape} does not fit input {x.shape} and "
+                     f"{geometry}")
+  return jax.core.ShapedArray((*geometry.window, cin, b.shape[-1]), out_dtype)
+
+
+def _impl(*args, **params):
+  return _jitted_bind(**params)(*args)
+
+
+@functools.cache
+def _jitted_bind(**params):
+  return jax.jit(functools.partial(dfp_conv_p.bind, **params))
+
+
+def _cpu_lowering(ctx, x, ex, b, eb, *, geometry: Geometry, mode, out_dtype):
+  del out_dtype  # carried by the result's type
+  cpu_ffi.register()
+  x_aval = ctx.avals_in[0]
+  cin = x_aval.shape[-1] // geometry.groups
+  cout = ctx.avals_in[2].shape[-1] // geometry.groups
+  attribute = geometry.kernel_attribute(x_aval.shape[0], x_aval.shape[1:-1], cin, cout)
+  return jax.ffi.ffi_lowering(cpu_ffi.CONV_TARGET)(
+      ctx, x, ex, b, eb, geometry=attribute, backward=np.int32(mode == "backward_weights"))
+
+
+def _reference(x, ex, b, eb, *, geometry: Geometry, mode, out_dtype):
+  """The exact pure-XLA twin of the kernel: input patches times ``reference.dot``."""
+  nd, g = len(geometry.window), geometry.groups
+  batch, cin = x.shape[0], x.shape[-1] // g
+  out_spatial = geometry.out_spatial(x.shape[1:-1])
+  taps, positions = math.prod(geometry.window), math.prod(out_spatial)
+  patches = _patches(x, geometry.window, out_spatial, geometry.params())  # N, out, taps, G*cin
+  patches = patches.reshape(batch * positions, taps, g, cin)
+  patches = jnp.transpose(patches, (2, 0, 1, 3)).reshape(g, batch * positions, taps * cin)
+  cout = b.shape[-1] // g
+  if mode == "forward":
+    w = jnp.transpose(b.reshape(taps * cin, g, cout), (1, 0, 2))
+    rows = ex if ex.shape[0] == 1 else jnp.repeat(ex, positions)
+    y = reference.dot(patches, rows.reshape(1, -1), w, eb.reshape(1, 1), lhs_kmajor=False,
+                      rhs_nmajor=False, out_dtype=out_dtype)  # G, N*positions, cout
+    return jnp.transpose(y, (1, 0, 2)).reshape(batch, *out_spatial, g * cout)
+  dy = jnp.transpose(b.reshape(batch * positions, g, cout), (1, 0, 2))
+  dw = reference.dot(patches, ex.reshape(1, 1), dy, eb.reshape(1, 1), lhs_kmajor=True,
+                     rhs_nmajor=False, out_dtype=out_dtype)  # G, taps*cin, cout
+  return jnp.transpose(dw, (1, 0, 2)).reshape(*geometry.window, cin, g * cout)
+
+
+def _batch_rule(args, dims, *, geometry, mode, out_dtype):
+  x, ex, b, eb = args
+  dx, dex, db, deb = dims
+  params = dict(geometry=geometry, mode=mode, out_dtype=out_dtype)
+  size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
+  if mode == "forward" and db is None and deb is None:
+    # Only the input varies: the copies join the batch, each keeping its own exponent.
+    x = batching.bdim_at_front(x, dx, size)
+    batch = x.shape[1]
+    ex = batching.bdim_at_front(ex, dex, size) if dex is not None else ex[None]
+    ex = jnp.broadcast_to(ex, (size, batch)).reshape(size * batch)
+    y = dfp_conv_p.bind(x.reshape(size * batch, *x.shape[2:]), ex, b, eb, **params)
+    return y.reshape(size, batch, *y.shape[1:]), 0
+  # Otherwise one convolution per element (exact, but serial over the mapped axis).
+  moved = [batching.bdim_at_front(a, d, size) if d is not None else None for a, d in zip(args, dims)]
+  def one(mapped):
+    full = [m if m is not None else a for a, m in zip(args, mapped)]
+    return dfp_conv_p.bind(*full, **params)
+  return lax.map(one, moved), 0
+
+
+dfp_conv_p.def_impl(_impl)
+dfp_conv_p.def_abstract_eval(_abstract_eval)
+batching.primitive_batchers[dfp_conv_p] = _batch_rule
+mlir.register_lowering(dfp_conv_p, _cpu_lowering, platform="cpu")
+mlir.register_lowering(dfp_conv_p, mlir.lower_fun(_reference, multiple_results=False))
+
+
+# ---------------------------------------------------------------------------------------
+# Exact convolutions of DFP tensors under general parameters.
+# ---------------------------------------------------------------------------------------
+
+
+def _bind(*args, **params):
+  impl = _reference if reference.in_reference_mode() else dfp_conv_p.bind
+  return impl(*args, **params)
+
+
+def _canonical(ma, mb, p: ConvParams):
+  """Mantissas in the kernel's layout, batch groups folded into feature groups."""
+  lhs_spec, rhs_spec, _ = p.dimension_numbers
+  x = jnp.transpose(ma, (lhs_spec[0], *lhs_spec[2:], lhs_spec[1]))  # N, spatial, C
+  w = jnp.transpose(mb, (*rhs_spec[2:], rhs_spec[1], rhs_spec[0]))  # window, I, O
+  groups = p.feature_group_count
+  if p.batch_group_count > 1:
+    # Batch group j of the input pairs with output-feature group j: as channel groups.
+    bg = groups = p.batch_group_count
+    x = x.reshape(bg, x.shape[0] // bg, *x.shape[1:])
+    x = jnp.moveaxis(x, 0, -2).reshape(*x.shape[1:-1], bg * x.shape[-1])
+  geometry = Geometry(tuple(w.shape[:-2]), p.window_strides, p.padding, p.lhs_dilation,
+                      p.rhs_dilation, groups)
+  return x, w, geometry
+
+
+def exact_conv(qa: DFPTensor, qb: DFPTensor, params: ConvParams, out_dtype):
+  """``fl(conv(ma, mb)) * 2**(ea + eb)`` (spec section 3) for per-tensor quantized operands."""
+  x, w, geometry = _canonical(qa.mantissa, qb.mantissa, params)
+  y = _bind(x, jnp.reshape(qa.exponent, (1,)), w, jnp.reshape(qb.exponent, (1,)),
+            geometry=geometry, mode="forward", out_dtype=np.dtype(out_dtype))
+  out_spec = params.dimension_numbers.out_spec
   return jnp.transpose(y, np.argsort((out_spec[0], *out_spec[2:], out_spec[1])))
+
+
+def _exact_backward_weights(qx: DFPTensor, qg: DFPTensor, rhs_shape, p: ConvParams, out_dtype):
+  """The weight gradient of the convolution ``p`` from its quantized input and cotangent."""
+  if p.batch_group_count > 1:  # JAX's transposed convolution, through the forward kernel
+    x, g, params = _transpose_rhs(qg.mantissa, qx.mantissa, rhs_shape, p)
+    return exact_conv(DFPTensor(x, qx.exponent), DFPTensor(g, qg.exponent), params, out_dtype)
+  lhs_spec, rhs_spec, out_spec = p.dimension_numbers
+  x = jnp.transpose(qx.mantissa, (lhs_spec[0], *lhs_spec[2:], lhs_spec[1]))
+  dy = jnp.transpose(qg.mantissa, (out_spec[0], *out_spec[2:], out_spec[1]))
+  window = tuple(rhs_shape[d] for d in rhs_spec[2:])
+  geometry = Geometry(window, p.window_strides, p.padding, p.lhs_dilation, p.rhs_dilation,
+                      p.feature_group_count)
+  dw = _bind(x, jnp.reshape(qx.exponent, (1,)), dy, jnp.reshape(qg.exponent, (1,)),
+             geometry=geometry, mode="backward_weights", out_dtype=np.dtype(out_dtype))
+  return jnp.transpose(dw, np.argsort((*rhs_spec[2:], rhs_spec[1], rhs_spec[0])))
 
 
 def _transpose_lhs(mg, mb, lhs_shape, p: ConvParams) -> tuple:
@@ -194,8 +349,7 @@ def _dfp_conv_bwd(spec: _Spec, residuals, g):
   x, w, params = _transpose_lhs(qg.mantissa, qb.mantissa, spec.lhs_shape, spec.params)
   da = exact_conv(DFPTensor(x, qg.exponent), DFPTensor(w, qb.exponent), params, spec.lhs_dtype)
   da = _finish_transpose_lhs(da, spec.params)
-  x, w, params = _transpose_rhs(qg.mantissa, qa.mantissa, spec.rhs_shape, spec.params)
-  db = exact_conv(DFPTensor(x, qa.exponent), DFPTensor(w, qg.exponent), params, spec.rhs_dtype)
+  db = _exact_backward_weights(qa, qg, spec.rhs_shape, spec.params, spec.rhs_dtype)
   return da, db, None
 
 

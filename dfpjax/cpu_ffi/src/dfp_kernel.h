@@ -4,7 +4,9 @@
  * implementation, BLIS style:
  *   isa.c               run-time CPU feature detection and the DFPJAX_ISA override
  *   pack.c              packing into the VNNI pair layout + per-block norms (portable)
- *   gemm.c              macro-loop: blocking, threading, exact chunk selection, output
+ *   im2col.c            implicit-im2col packing of convolution inputs (portable)
+ *   gemm.c, conv.c      macro-loops: blocking, threading, exact chunk selection
+ *   macro.c             what the macro-loops share: chunk bounds, the output stage
  *   ukernel_*.c         one register-blocked microkernel per ISA
  *   encode.h            exact int64 -> float rounding and power-of-two scaling
  */
@@ -56,9 +58,48 @@ typedef struct {
 } dfp_gemm_args;
 
 /* 0 on success, else a negative dfp_status. */
-enum { DFP_OK = 0, DFP_ERR_ISA_UNSUPPORTED = -1, DFP_ERR_ALLOC = -2, DFP_ERR_BAD_MANTISSA = -3 };
+enum {
+  DFP_OK = 0,
+  DFP_ERR_ISA_UNSUPPORTED = -1,
+  DFP_ERR_ALLOC = -2,
+  DFP_ERR_BAD_MANTISSA = -3,
+  DFP_ERR_BAD_SHAPE = -4,
+};
 
 int dfp_gemm(const dfp_gemm_args* args, dfp_isa isa, const dfp_parallel* par);
+
+/* Geometry of a channels-last convolution with up to 3 spatial dimensions (unused ones
+ * have size 1 and unit parameters) and feature groups:
+ *   x [batch][in0][in1][in2][groups * cin]      the input
+ *   w [win0][win1][win2][cin][groups * cout]    the weights
+ *   y [batch][out0][out1][out2][groups * cout]  the output
+ * Tap t of output pixel p reads coordinate u = p * stride + t * rhs_dil - pad_lo of the
+ * lhs-dilated input, which holds x[u / lhs_dil] where lhs_dil divides u and zero elsewhere
+ * (as lax.conv_general_dilated; pad_lo may be negative). */
+typedef struct {
+  size_t batch, in[3], out[3], window[3];
+  int64_t stride[3], pad_lo[3], lhs_dil[3], rhs_dil[3];
+  size_t groups, cin, cout;
+} dfp_conv_shape;
+
+/* dfp_conv_forward:          out = y  from x and b = w, exactly (spec section 3);
+ * dfp_conv_backward_weights: out = dw[t][c][g * cout + o] = sum over batch and output pixels
+ *                            of x[n][u(p, t)][g * cin + c] * b[n][p][g * cout + o], b = dy.
+ * The output is scaled by 2**(ex[n * ex_batch_stride] + eb) (backward_weights contracts the
+ * batch: ex_batch_stride must be 0 there). Mantissas must satisfy |m| <= 32767. */
+typedef struct {
+  dfp_conv_shape shape;
+  const int16_t* x;
+  const int32_t* ex;
+  size_t ex_batch_stride;
+  const int16_t* b;
+  int32_t eb;
+  void* out;
+  dfp_out_format out_format;
+} dfp_conv_args;
+
+int dfp_conv_forward(const dfp_conv_args* args, dfp_isa isa, const dfp_parallel* par);
+int dfp_conv_backward_weights(const dfp_conv_args* args, dfp_isa isa, const dfp_parallel* par);
 
 int dfp_isa_supported(dfp_isa isa);       /* compiled in and runnable on this CPU */
 const char* dfp_isa_name(dfp_isa isa);    /* "portable", "avx2", "avx_vnni", "avx512_vnni" */

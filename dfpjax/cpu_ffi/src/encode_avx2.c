@@ -6,24 +6,25 @@
 
 /* Four lanes: s converts to double exactly (|s| < 2**51, the 2**52 + 2**51 magic-number
  * trick), rounds once to nearest-even f32, and adding k to a normal exponent field is
- * exact scaling. Returns 0 when some lane is outside that case. */
+ * exact scaling; zero sums stay +0. Returns 0 when some lane is outside that case. */
 static inline int encode4(const int64_t* s, __m128i k, uint32_t* out) {
   const __m256i v = _mm256_loadu_si256((const __m256i*)s);
   const __m256i magic = _mm256_set1_epi64x(0x4338000000000000LL);
   const __m256d d = _mm256_sub_pd(_mm256_castsi256_pd(_mm256_add_epi64(v, magic)),
                                   _mm256_set1_pd(6755399441055744.0));
   const __m128i bits = _mm_castps_si128(_mm256_cvtpd_ps(d));
+  const __m128i zero = _mm_cmpeq_epi32(bits, _mm_setzero_si128());
   const __m256i shifted = _mm256_add_epi64(v, _mm256_set1_epi64x(INT64_C(1) << 51));
   const __m256i bad64 = _mm256_or_si256(
-      _mm256_or_si256(_mm256_cmpeq_epi64(v, _mm256_setzero_si256()),
-                      _mm256_cmpgt_epi64(_mm256_setzero_si256(), shifted)),
+      _mm256_cmpgt_epi64(_mm256_setzero_si256(), shifted),
       _mm256_cmpgt_epi64(shifted, _mm256_set1_epi64x((INT64_C(1) << 52) - 1)));
   const __m128i biased = _mm_add_epi32(_mm_and_si128(_mm_srli_epi32(bits, 23), _mm_set1_epi32(0xff)), k);
-  const __m128i bad32 = _mm_or_si128(_mm_cmplt_epi32(biased, _mm_set1_epi32(1)),
-                                     _mm_cmpgt_epi32(biased, _mm_set1_epi32(254)));
+  const __m128i bad32 = _mm_andnot_si128(
+      zero, _mm_or_si128(_mm_cmplt_epi32(biased, _mm_set1_epi32(1)),
+                         _mm_cmpgt_epi32(biased, _mm_set1_epi32(254))));
   if (_mm256_movemask_pd(_mm256_castsi256_pd(bad64)) | _mm_movemask_ps(_mm_castsi128_ps(bad32)))
     return 0;
-  _mm_storeu_si128((__m128i*)out, _mm_add_epi32(bits, _mm_slli_epi32(k, 23)));
+  _mm_storeu_si128((__m128i*)out, _mm_andnot_si128(zero, _mm_add_epi32(bits, _mm_slli_epi32(k, 23))));
   return 1;
 }
 
@@ -33,9 +34,10 @@ void dfp_encode_row_f32_avx2(const int64_t* s, size_t n, int32_t ea, const int32
   if (ea != DFP_NONFINITE_EXPONENT) {
     for (; j + 4 <= n; j += 4) {
       const __m128i e = eb_stride ? _mm_loadu_si128((const __m128i*)(eb + j)) : _mm_set1_epi32(eb[0]);
-      if (_mm_movemask_ps(_mm_castsi128_ps(_mm_cmpeq_epi32(e, _mm_set1_epi32(DFP_NONFINITE_EXPONENT)))))
-        break;
-      if (!encode4(s + j, _mm_add_epi32(e, _mm_set1_epi32(ea)), out + j)) break;
+      const int nonfinite =
+          _mm_movemask_ps(_mm_castsi128_ps(_mm_cmpeq_epi32(e, _mm_set1_epi32(DFP_NONFINITE_EXPONENT))));
+      if (nonfinite || !encode4(s + j, _mm_add_epi32(e, _mm_set1_epi32(ea)), out + j))
+        for (size_t i = j; i < j + 4; ++i) out[i] = dfp_encode_f32(s[i], ea, eb[i * eb_stride]);
     }
   }
   for (; j < n; ++j) out[j] = dfp_encode_f32(s[j], ea, eb[j * eb_stride]);

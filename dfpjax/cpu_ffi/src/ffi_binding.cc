@@ -1,4 +1,4 @@
-// The thin XLA FFI binding: decodes buffers and attributes, runs dfp_gemm on XLA's
+// The thin XLA FFI binding: decodes buffers and attributes, runs the kernels on XLA's
 // intra-op thread pool, turns kernel status codes into XLA errors.
 #include <algorithm>
 #include <atomic>
@@ -53,18 +53,38 @@ ffi::Error StatusToError(int status, dfp_isa isa) {
     case DFP_ERR_BAD_MANTISSA:
       return ffi::Error(ffi::ErrorCode::kInvalidArgument,
                         "dfpjax: a mantissa is -32768; DFP mantissas are symmetric, |m| <= 32767");
+    case DFP_ERR_BAD_SHAPE:
+      return ffi::Error(ffi::ErrorCode::kInvalidArgument, "dfpjax: invalid convolution geometry");
     default:
       return ffi::Error(ffi::ErrorCode::kResourceExhausted, "dfpjax: out of memory in the DFP kernel");
+  }
+}
+
+// The kernel path for this call (DFPJAX_ISA or the best), or an error.
+ffi::ErrorOr<dfp_isa> SelectedIsa() {
+  const int selected = dfp_selected_isa();
+  if (selected < 0)
+    return ffi::Unexpected(ffi::Error::InvalidArgument(
+        "dfpjax: DFPJAX_ISA must be one of portable, avx2, avx_vnni, avx512_vnni"));
+  return static_cast<dfp_isa>(selected);
+}
+
+ffi::ErrorOr<dfp_out_format> OutFormat(ffi::DataType type) {
+  switch (type) {
+    case ffi::DataType::F32: return DFP_OUT_F32;
+    case ffi::DataType::BF16: return DFP_OUT_BF16;
+    case ffi::DataType::F16: return DFP_OUT_F16;
+    default: return ffi::Unexpected(ffi::Error::InvalidArgument("dfpjax: output must be f32, bf16 or f16"));
   }
 }
 
 ffi::Error DotGeneral(ffi::ThreadPool pool, ffi::Buffer<ffi::S16> a, ffi::Buffer<ffi::S32> ea,
                       ffi::Buffer<ffi::S16> b, ffi::Buffer<ffi::S32> eb,
                       ffi::Result<ffi::AnyBuffer> out, int32_t lhs_kmajor, int32_t rhs_nmajor) {
-  const int selected = dfp_selected_isa();
-  if (selected < 0)
-    return ffi::Error(ffi::ErrorCode::kInvalidArgument,
-                      "dfpjax: DFPJAX_ISA must be one of portable, avx2, avx_vnni, avx512_vnni");
+  const auto isa = SelectedIsa();
+  if (isa.has_error()) return isa.error();
+  const auto format = OutFormat(out->element_type());
+  if (format.has_error()) return format.error();
   const auto ad = a.dimensions(), bd = b.dimensions(), ead = ea.dimensions(), ebd = eb.dimensions();
   if (ad.size() != 3 || bd.size() != 3 || ead.size() != 2 || ebd.size() != 2)
     return ffi::Error::InvalidArgument("dfpjax: dot kernel expects rank-3 mantissas, rank-2 exponents");
@@ -84,15 +104,62 @@ ffi::Error DotGeneral(ffi::ThreadPool pool, ffi::Buffer<ffi::S16> a, ffi::Buffer
   args.eb_batch_stride = ebd[0] == 1 ? 0 : ebd[1];
   args.eb_stride = ebd[1] == 1 ? 0 : 1;
   args.out = out->untyped_data();
-  switch (out->element_type()) {
-    case ffi::DataType::F32: args.out_format = DFP_OUT_F32; break;
-    case ffi::DataType::BF16: args.out_format = DFP_OUT_BF16; break;
-    case ffi::DataType::F16: args.out_format = DFP_OUT_F16; break;
-    default: return ffi::Error::InvalidArgument("dfpjax: output must be f32, bf16 or f16");
-  }
+  args.out_format = *format;
   dfp_parallel par{PoolParallelFor, &pool, static_cast<int>(pool.num_threads())};
-  const dfp_isa isa = static_cast<dfp_isa>(selected);
-  return StatusToError(dfp_gemm(&args, isa, &par), isa);
+  return StatusToError(dfp_gemm(&args, *isa, &par), *isa);
+}
+
+// geometry: batch, in[3], out[3], window[3], stride[3], pad_lo[3], lhs_dil[3], rhs_dil[3],
+// groups, cin, cout (dfp_conv_shape). backward = 0: y = conv(x, w); 1: dw from x and dy.
+ffi::Error Conv(ffi::ThreadPool pool, ffi::Buffer<ffi::S16> x, ffi::Buffer<ffi::S32> ex,
+                ffi::Buffer<ffi::S16> b, ffi::Buffer<ffi::S32> eb, ffi::Result<ffi::AnyBuffer> out,
+                ffi::Span<const int64_t> geometry, int32_t backward) {
+  const auto isa = SelectedIsa();
+  if (isa.has_error()) return isa.error();
+  const auto format = OutFormat(out->element_type());
+  if (format.has_error()) return format.error();
+  if (geometry.size() != 25) return ffi::Error::InvalidArgument("dfpjax: conv geometry needs 25 numbers");
+  for (size_t i = 0; i < geometry.size(); ++i)
+    if (geometry[i] < 0 && !(i >= 13 && i < 16))  // only pad_lo may be negative
+      return ffi::Error::InvalidArgument("dfpjax: negative size in the conv geometry");
+  dfp_conv_shape s{};
+  const int64_t* g = geometry.begin();
+  s.batch = g[0];
+  for (int d = 0; d < 3; ++d) {
+    s.in[d] = g[1 + d];
+    s.out[d] = g[4 + d];
+    s.window[d] = g[7 + d];
+    s.stride[d] = g[10 + d];
+    s.pad_lo[d] = g[13 + d];
+    s.lhs_dil[d] = g[16 + d];
+    s.rhs_dil[d] = g[19 + d];
+  }
+  s.groups = g[22];
+  s.cin = g[23];
+  s.cout = g[24];
+  const size_t in_pixels = s.batch * s.in[0] * s.in[1] * s.in[2];
+  const size_t out_pixels = s.batch * s.out[0] * s.out[1] * s.out[2];
+  const size_t taps = s.window[0] * s.window[1] * s.window[2];
+  const size_t channels_out = s.groups * s.cout;
+  const size_t b_size = backward ? out_pixels * channels_out : taps * s.cin * channels_out;
+  const size_t out_size = backward ? taps * s.cin * channels_out : out_pixels * channels_out;
+  if (x.element_count() != in_pixels * s.groups * s.cin || b.element_count() != b_size ||
+      out->element_count() != out_size || eb.element_count() != 1 ||
+      (ex.element_count() != 1 && ex.element_count() != s.batch))
+    return ffi::Error::InvalidArgument("dfpjax: conv operand sizes do not match the geometry");
+  dfp_conv_args args{};
+  args.shape = s;
+  args.x = x.typed_data();
+  args.ex = ex.typed_data();
+  args.ex_batch_stride = ex.element_count() == 1 ? 0 : 1;
+  args.b = b.typed_data();
+  args.eb = eb.typed_data()[0];
+  args.out = out->untyped_data();
+  args.out_format = *format;
+  dfp_parallel par{PoolParallelFor, &pool, static_cast<int>(pool.num_threads())};
+  const int status = backward ? dfp_conv_backward_weights(&args, *isa, &par)
+                              : dfp_conv_forward(&args, *isa, &par);
+  return StatusToError(status, *isa);
 }
 
 }  // namespace
@@ -107,3 +174,14 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(DfpDotGeneral, DotGeneral,
                                   .Ret<ffi::AnyBuffer>()
                                   .Attr<int32_t>("lhs_kmajor")
                                   .Attr<int32_t>("rhs_nmajor"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DfpConv, Conv,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::S16>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S16>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<ffi::Span<const int64_t>>("geometry")
+                                  .Attr<int32_t>("backward"));

@@ -4,7 +4,7 @@
 #include <string.h>
 
 #include "dfp_kernel.h"
-#include "encode.h"
+#include "macro.h"
 #include "pack.h"
 #include "ukernel.h"
 
@@ -23,21 +23,6 @@ const dfp_ukernel* dfp_ukernel_for(dfp_isa isa) {
 #endif
     default: return NULL;
   }
-}
-
-/* Longest chunk (in pairs) over which every partial sum of an A-panel row with a B-panel
- * column provably fits int32, from the panels' bounds for one K block (pack.h). By
- * Cauchy-Schwarz |sum_k a_k b_k| <= ||a|| ||b||, and a row's squared norm over a chunk is
- * at most the bound of its level. Returns 1 (always safe: one pair is at most
- * 2 * 32767^2 < 2^31) when not even the shortest level is proven safe. */
-static size_t safe_chunk(const uint64_t* abound, const uint64_t* bbound) {
-  const unsigned __int128 limit = (unsigned __int128)INT32_MAX * INT32_MAX;
-  size_t chunk = 1;
-  for (int level = 0; level < DFP_CHUNK_LEVELS; ++level) {
-    if ((unsigned __int128)abound[level] * bbound[level] > limit) break;
-    chunk = (size_t)DFP_NORM_BLOCK_PAIRS << level;
-  }
-  return chunk;
 }
 
 typedef struct {
@@ -79,42 +64,6 @@ static void pack_b_task(void* arg, size_t t) {
     fail(g, DFP_ERR_BAD_MANTISSA);
 }
 
-#if defined(DFPJAX_X86)
-void dfp_encode_row_f32_avx2(const int64_t* s, size_t n, int32_t ea, const int32_t* eb,
-                             size_t eb_stride, uint32_t* out);
-#endif
-
-static void encode_row_f32(const int64_t* s, size_t n, int32_t ea, const int32_t* eb,
-                           size_t eb_stride, uint32_t* out) {
-#if defined(DFPJAX_X86)
-  /* Every ISA path but the portable one has AVX2; the stage is exact either way. */
-  static int avx2 = -1;
-  if (avx2 < 0) avx2 = dfp_isa_supported(DFP_ISA_AVX2);
-  if (avx2) {
-    dfp_encode_row_f32_avx2(s, n, ea, eb, eb_stride, out);
-    return;
-  }
-#endif
-  for (size_t j = 0; j < n; ++j) out[j] = dfp_encode_f32(s[j], ea, eb[j * eb_stride]);
-}
-
-/* Writes fl(s[j]) * 2**(ea + eb[j * eb_stride]) for one output row segment. */
-static void encode_row(const dfp_gemm_args* a, const int64_t* s, size_t n, int32_t ea,
-                       const int32_t* eb, size_t eb_stride, size_t out_index) {
-  if (a->out_format == DFP_OUT_F32) {
-    encode_row_f32(s, n, ea, eb, eb_stride, (uint32_t*)a->out + out_index);
-    return;
-  }
-  const int bf16 = a->out_format == DFP_OUT_BF16;
-  uint16_t* out = (uint16_t*)a->out + out_index;
-  for (size_t j = 0; j < n; ++j) {
-    const int32_t e = eb[j * eb_stride];
-    out[j] = (ea == DFP_NONFINITE_EXPONENT || e == DFP_NONFINITE_EXPONENT)
-                 ? (bf16 ? 0x7fc0 : 0x7e00)
-                 : (uint16_t)dfp_encode_scaled(s[j], ea + e, bf16 ? &kDfpBF16 : &kDfpF16);
-  }
-}
-
 /* One cache block: rows [i0, i0 + MC) x cols [j0, j0 + NC) of batch element b. */
 static void block_task(void* arg, size_t t) {
   gemm_plan* g = (gemm_plan*)arg;
@@ -143,7 +92,7 @@ static void block_task(void* arg, size_t t) {
       const uint64_t* bb = g->bbound + bq * g->kblocks * DFP_CHUNK_LEVELS + level_offset;
       for (size_t p = p0; p < p1; ++p) {
         const size_t ap = b * g->mpanels + p;
-        const size_t chunk = safe_chunk(g->abound + ap * g->kblocks * DFP_CHUNK_LEVELS + level_offset, bb);
+        const size_t chunk = dfp_safe_chunk(g->abound + ap * g->kblocks * DFP_CHUNK_LEVELS + level_offset, bb);
         g->uk->fn(kc, chunk < kc ? chunk : kc, g->apack + (ap * g->kpairs + pc) * mr * 2, bp,
                   acc + (p - p0) * mr * ldc + (q - q0) * nr, ldc);
       }
@@ -151,22 +100,16 @@ static void block_task(void* arg, size_t t) {
   }
   const size_t col0 = q0 * nr, cols = a->n - col0 < ldc ? a->n - col0 : ldc;
   for (size_t row = p0 * mr; row < p1 * mr && row < a->m; ++row)
-    encode_row(a, acc + (row - p0 * mr) * ldc, cols,
-               a->ea[b * a->ea_batch_stride + row * a->ea_stride],
-               a->eb + b * a->eb_batch_stride + col0 * a->eb_stride, a->eb_stride,
-               (b * a->m + row) * a->n + col0);
+    dfp_encode_row(a->out_format, a->out, (b * a->m + row) * a->n + col0,
+                   acc + (row - p0 * mr) * ldc, cols,
+                   a->ea[b * a->ea_batch_stride + row * a->ea_stride],
+                   a->eb + b * a->eb_batch_stride + col0 * a->eb_stride, a->eb_stride);
   free(acc);
-}
-
-static void serial_for(void* pool, size_t n, dfp_task_fn task, void* arg) {
-  (void)pool;
-  for (size_t i = 0; i < n; ++i) task(arg, i);
 }
 
 int dfp_gemm(const dfp_gemm_args* args, dfp_isa isa, const dfp_parallel* par) {
   if (!dfp_isa_supported(isa)) return DFP_ERR_ISA_UNSUPPORTED;
-  const dfp_parallel serial = {serial_for, NULL, 1};
-  if (par == NULL) par = &serial;
+  if (par == NULL) par = &dfp_serial;
   gemm_plan g;
   memset(&g, 0, sizeof g);
   g.args = args;

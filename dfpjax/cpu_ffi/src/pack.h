@@ -22,6 +22,10 @@ enum {
 int dfp_pack_panel(const int16_t* src, size_t rows, size_t k, size_t row_stride, size_t col_stride,
                    size_t row0, int width, int16_t* dst, uint64_t* bounds);
 
+/* The bounds above for one packed K block dst[kpairs][width][2] (kpairs <= DFP_KC_PAIRS,
+ * width <= 64); -1 if an element is -32768, else 0. For packers of other sources (im2col.c). */
+int dfp_block_bounds(const int16_t* block, size_t kpairs, int width, uint64_t* bounds);
+
 static inline size_t dfp_kc_blocks(size_t kpairs) {
   return (kpairs + DFP_KC_PAIRS - 1) / DFP_KC_PAIRS;
 }

@@ -1,0 +1,128 @@
+"""DFP convolutions against XLA FP32 over the ResNet-50 layer set, measured in the same process.
+
+    python benchmarks/conv.py                  # all layers at batch 32, 5 repeats
+    python benchmarks/conv.py --batch 8 --layers conv2_3x3,conv5_3x3 --repeats 3
+    DFPJAX_ISA=portable python benchmarks/conv.py --quick
+
+For each layer (NHWC activations, HWIO weights, Gaussian data) and each pass it times,
+interleaved (median of --repeats runs after warm-up, both cores through XLA's intra-op pool):
+  forward           y = conv(x, w)
+  backward-data     dx = vjp with respect to x, applied to a cotangent dy
+  backward-weights  dw = vjp with respect to w, applied to dy
+in XLA FP32 (lax.conv_general_dilated) and in DFP (dfpjax.dfp_conv_general_dilated, each pass
+including the quantization of the operands it reads), and prints speed-ups over FP32
+(FP32 time / DFP time, > 1: DFP faster) per layer and in total over the set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+import dfpjax
+from common import WARMUP, cpu_model, time_interleaved
+from dfpjax import cpu_ffi
+
+NHWC = ("NHWC", "HWIO", "NHWC")
+# name: (input spatial size, input channels, window, stride, output channels)
+LAYERS = {
+    "conv1_7x7s2": (224, 3, 7, 2, 64),
+    "conv2_1x1_reduce": (56, 256, 1, 1, 64),
+    "conv2_1x1": (56, 64, 1, 1, 64),
+    "conv2_3x3": (56, 64, 3, 1, 64),
+    "conv2_1x1_expand": (56, 64, 1, 1, 256),
+    "conv3_3x3": (28, 128, 3, 1, 128),
+    "conv3_1x1_expand": (28, 128, 1, 1, 512),
+    "conv4_3x3": (14, 256, 3, 1, 256),
+    "conv4_1x1_expand": (14, 256, 1, 1, 1024),
+    "conv5_3x3": (7, 512, 3, 1, 512),
+    "conv5_1x1_expand": (7, 512, 1, 1, 2048),
+}
+PASSES = ("forward", "backward-data", "backward-weights")
+
+
+def _passes(conv, x, w, dy):
+  """Zero-argument jitted functions computing each pass with ``conv``."""
+  fwd = jax.jit(conv)
+  bwd_data = jax.jit(lambda x, w, dy: jax.vjp(lambda x: conv(x, w), x)[1](dy)[0])
+  bwd_weights = jax.jit(lambda x, w, dy: jax.vjp(lambda w: conv(x, w), w)[1](dy)[0])
+  return [lambda: fwd(x, w), lambda: bwd_data(x, w, dy), lambda: bwd_weights(x, w, dy)]
+
+
+def measure(name: str, batch: int, repeats: int) -> dict:
+  size, cin, window, stride, cout = LAYERS[name]
+  padding = [((window - 1) // 2, window // 2)] * 2
+  kx, kw, kg = jax.random.split(jax.random.key(0), 3)
+  x = jax.random.normal(kx, (batch, size, size, cin), jnp.float32)
+  w = jax.random.normal(kw, (window, window, cin, cout), jnp.float32) / np.sqrt(window * window * cin)
+  fp32 = lambda x, w: lax.conv_general_dilated(x, w, (stride, stride), padding,
+                                               dimension_numbers=NHWC)
+  dfp = lambda x, w: dfpjax.dfp_conv_general_dilated(x, w, (stride, stride), padding,
+                                                     dimension_numbers=NHWC)
+  dy = jax.random.normal(kg, jax.eval_shape(fp32, x, w).shape, jnp.float32)
+  if cpu_ffi.CONV_TARGET not in jax.jit(dfp).lower(x, w).as_text():
+    raise RuntimeError("dfp_conv_general_dilated did not lower to the C kernel")
+  fns = _passes(fp32, x, w, dy) + _passes(dfp, x, w, dy)
+  times = time_interleaved(fns, repeats)
+  out = dy.shape[1]
+  flops = 2.0 * batch * out * out * cout * window * window * cin
+  row = dict(layer=name, batch=batch, gflop=flops / 1e9)
+  for i, p in enumerate(PASSES):
+    row[p] = dict(fp32_ms=times[i] * 1e3, dfp_ms=times[3 + i] * 1e3)
+  return row
+
+
+def _cell(t: dict) -> str:
+  return f"{t['fp32_ms']:.1f} / {t['dfp_ms']:.1f} ({t['fp32_ms'] / t['dfp_ms']:.2f}x)"
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--batch", type=int, default=32)
+  parser.add_argument("--layers", default=",".join(LAYERS),
+                      help=f"comma-separated subset of {', '.join(LAYERS)}")
+  parser.add_argument("--repeats", type=int, default=5)
+  parser.add_argument("--quick", action="store_true", help="batch 2, three layers, 3 repeats")
+  parser.add_argument("--json", metavar="PATH", help="also write the rows to this file")
+  args = parser.parse_args()
+  layers = args.layers.split(",")
+  if args.quick:
+    args.batch, args.repeats, layers = 2, 3, ["conv1_7x7s2", "conv2_3x3", "conv5_1x1_expand"]
+  unknown = [name for name in layers if name not in LAYERS]
+  if unknown:
+    parser.error(f"unknown layers {unknown}; choose from {list(LAYERS)}")
+
+  isa = cpu_ffi.selected_isa()
+  print(f"# {datetime.datetime.now().isoformat(timespec='seconds')}  {cpu_model()}  "
+        f"({os.cpu_count()} CPUs)  jax {jax.__version__}  dfpjax {dfpjax.__version__}  "
+        f"kernel path {isa}")
+  print(f"# batch {args.batch}; median of {args.repeats} interleaved runs after {WARMUP} warm-ups; "
+        "cells: XLA FP32 ms / DFP ms (speed-up = FP32 / DFP)")
+  print()
+  print("| layer | GFLOP | " + " | ".join(PASSES) + " |")
+  print("|---|---|---|---|---|")
+  rows = []
+  for name in layers:
+    rows.append(measure(name, args.batch, args.repeats))
+    r = rows[-1]
+    print(f"| {name} | {r['gflop']:.1f} | " + " | ".join(_cell(r[p]) for p in PASSES) + " |",
+          flush=True)
+  totals = {p: dict(fp32_ms=sum(r[p]["fp32_ms"] for r in rows),
+                    dfp_ms=sum(r[p]["dfp_ms"] for r in rows)) for p in PASSES}
+  print(f"| **total** | {sum(r['gflop'] for r in rows):.1f} | "
+        + " | ".join(_cell(totals[p]) for p in PASSES) + " |")
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump(dict(isa=isa, batch=args.batch, rows=rows, totals=totals), f, indent=2)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,220 @@
+/* Macro-loops of the exact DFP convolutions (dfp_kernel.h), per feature group g:
+ *   forward           y[(n,p), o]  = sum over (t,c) of patches[(n,p), (t,c)] * w[(t,c), o]
+ *   backward-weights  dw[(t,c), o] = sum over (n,p) of patches[(n,p), (t,c)] * dy[(n,p), o]
+ * The weights (forward) or the output gradient (backward-weights) are packed once as the
+ * B operand; the patches are packed per cache block as the A operand (im2col.c), so no
+ * patch matrix is materialized. The microkernels, chunk bounds and output stage are the
+ * GEMM's. Backward-data is a forward convolution of dy with the flipped weights; the
+ * caller sets up its geometry. */
+#include <stdlib.h>
+#include <string.h>
+
+#include "dfp_kernel.h"
+#include "im2col.h"
+#include "macro.h"
+#include "pack.h"
+#include "ukernel.h"
+
+enum {
+  CONV_MC = 64,    /* rows of a cache block, rounded up to whole micro-panels */
+  CONV_NC = 256,   /* columns of a cache block */
+  TASKS_PER_THREAD = 4,
+};
+
+typedef struct {
+  const dfp_conv_args* args;
+  const dfp_ukernel* uk;
+  int backward;
+  size_t m, n, k;                 /* the per-group GEMM */
+  size_t kpairs, kblocks;
+  size_t mcp, ncp;                /* micro-panels per cache block */
+  size_t mblocks, nblocks, npanels;
+  size_t ksplit, kblocks_per_split; /* backward: K ranges summed after the fact */
+  int16_t* bpack;                 /* [groups][npanels][kpairs][NR][2] */
+  uint64_t* bbound;               /* [groups][npanels][kblocks][DFP_CHUNK_LEVELS] */
+  int64_t* sums;                  /* backward: [ksplit][groups][mblocks * mcp * MR][npanels * NR] */
+  int status;
+} conv_plan;
+
+static void fail(conv_plan* c, int status) { __atomic_store_n(&c->status, status, __ATOMIC_RELAXED); }
+
+static size_t min_size(size_t a, size_t b) { return a < b ? a : b; }
+static size_t ceil_div(size_t a, size_t b) { return (a + b - 1) / b; }
+
+static void pack_b_task(void* arg, size_t t) {
+  conv_plan* c = (conv_plan*)arg;
+  const dfp_conv_shape* s = &c->args->shape;
+  const size_t g = t / c->npanels, q = t % c->npanels;
+  const int nr = c->uk->nr;
+  /* w [taps * cin][groups * cout] or dy [pixels][groups * cout]: K rows, this group's columns. */
+  if (dfp_pack_panel(c->args->b + g * s->cout, c->n, c->k, 1, s->groups * s->cout, q * nr, nr,
+                     c->bpack + t * c->kpairs * nr * 2, c->bbound + t * c->kblocks * DFP_CHUNK_LEVELS))
+    fail(c, DFP_ERR_BAD_MANTISSA);
+}
+
+/* Adds K blocks [kb0, kb1) of cache block (mb, nb) of group g into acc (row stride ldc). */
+static void run_block(conv_plan* c, size_t g, size_t mb, size_t nb, size_t kb0, size_t kb1,
+                      int64_t* acc, size_t ldc) {
+  const dfp_conv_args* a = c->args;
+  const int mr = c->uk->mr, nr = c->uk->nr;
+  const dfp_patches patches = {a->x, &a->shape, g * a->shape.cin};
+  const size_t row0 = mb * c->mcp * mr;
+  const size_t panels = min_size(c->mcp, ceil_div(c->m - row0, mr));
+  const size_t q0 = nb * c->ncp, q1 = min_size(q0 + c->ncp, c->npanels);
+  const size_t panel_stride = (size_t)DFP_KC_PAIRS * mr * 2;
+  int16_t* apack = (int16_t*)malloc(panels * panel_stride * sizeof(int16_t));
+  uint64_t abound[DFP_IM2COL_MAX_ROWS * DFP_CHUNK_LEVELS];
+  if (apack == NULL) {
+    fail(c, DFP_ERR_ALLOC);
+    return;
+  }
+  for (size_t kb = kb0; kb < kb1; ++kb) {
+    const size_t k0 = kb * 2 * DFP_KC_PAIRS, k1 = min_size(k0 + 2 * DFP_KC_PAIRS, c->k);
+    const size_t kc = (k1 - k0 + 1) / 2;
+    if (c->backward)
+      dfp_im2col_pack_taps(&patches, c->m, row0, mr, panels, k0, k1, apack, panel_stride);
+    else
+      dfp_im2col_pack_pixels(&patches, c->m, row0, mr, panels, k0, k1, apack, panel_stride);
+    for (size_t p = 0; p < panels; ++p)
+      if (dfp_block_bounds(apack + p * panel_stride, kc, mr, abound + p * DFP_CHUNK_LEVELS))
+        fail(c, DFP_ERR_BAD_MANTISSA);
+    for (size_t q = q0; q < q1; ++q) {
+      const size_t bq = g * c->npanels + q;
+      const int16_t* bp = c->bpack + (bq * c->kpairs + kb * DFP_KC_PAIRS) * nr * 2;
+      const uint64_t* bb = c->bbound + (bq * c->kblocks + kb) * DFP_CHUNK_LEVELS;
+      for (size_t p = 0; p < panels; ++p) {
+        const size_t chunk = dfp_safe_chunk(abound + p * DFP_CHUNK_LEVELS, bb);
+        c->uk->fn(kc, min_size(chunk, kc), apack + p * panel_stride, bp,
+                  acc + p * mr * ldc + (q - q0) * nr, ldc);
+      }
+    }
+  }
+  free(apack);
+}
+
+static void forward_task(void* arg, size_t t) {
+  conv_plan* c = (conv_plan*)arg;
+  const dfp_conv_args* a = c->args;
+  const dfp_conv_shape* s = &a->shape;
+  const int mr = c->uk->mr, nr = c->uk->nr;
+  const size_t per_group = c->mblocks * c->nblocks;
+  const size_t g = t / per_group, mb = t % per_group / c->nblocks, nb = t % c->nblocks;
+  const size_t ldc = c->ncp * nr;
+  const size_t bytes = c->mcp * mr * ldc * sizeof(int64_t);
+  int64_t* acc = (int64_t*)aligned_alloc(64, ceil_div(bytes, 64) * 64);
+  if (acc == NULL) {
+    fail(c, DFP_ERR_ALLOC);
+    return;
+  }
+  memset(acc, 0, bytes);
+  run_block(c, g, mb, nb, 0, c->kblocks, acc, ldc);
+  const size_t row0 = mb * c->mcp * mr, row1 = min_size(row0 + c->mcp * mr, c->m);
+  const size_t col0 = nb * c->ncp * nr, cols = min_size(ldc, c->n - col0);
+  const size_t pixels_per_image = s->out[0] * s->out[1] * s->out[2];
+  for (size_t row = row0; row < row1; ++row)
+    dfp_encode_row(a->out_format, a->out, row * s->groups * s->cout + g * s->cout + col0,
+                   acc + (row - row0) * ldc, cols,
+                   a->ex[row / pixels_per_image * a->ex_batch_stride], &a->eb, 0);
+  free(acc);
+}
+
+static size_t sums_rows(const conv_plan* c) { return c->mblocks * c->mcp * c->uk->mr; }
+
+static void backward_task(void* arg, size_t t) {
+  conv_plan* c = (conv_plan*)arg;
+  const size_t groups = c->args->shape.groups, per_group = c->mblocks * c->nblocks;
+  const size_t ks = t / (groups * per_group), rest = t % (groups * per_group);
+  const size_t g = rest / per_group, mb = rest % per_group / c->nblocks, nb = rest % c->nblocks;
+  const size_t ldc = c->npanels * c->uk->nr;
+  int64_t* acc = c->sums + ((ks * groups + g) * sums_rows(c) + mb * c->mcp * c->uk->mr) * ldc +
+                 nb * c->ncp * c->uk->nr;
+  const size_t kb0 = ks * c->kblocks_per_split;
+  run_block(c, g, mb, nb, kb0, min_size(kb0 + c->kblocks_per_split, c->kblocks), acc, ldc);
+}
+
+/* Sums the K ranges of one row block of one group and writes its weight gradient rows. */
+static void backward_encode_task(void* arg, size_t t) {
+  conv_plan* c = (conv_plan*)arg;
+  const dfp_conv_args* a = c->args;
+  const dfp_conv_shape* s = &a->shape;
+  const size_t g = t / c->mblocks, mb = t % c->mblocks;
+  const size_t ldc = c->npanels * c->uk->nr, split_stride = s->groups * sums_rows(c) * ldc;
+  const size_t row0 = mb * c->mcp * c->uk->mr, row1 = min_size(row0 + c->mcp * c->uk->mr, c->m);
+  for (size_t row = row0; row < row1; ++row) {
+    int64_t* sum = c->sums + (g * sums_rows(c) + row) * ldc;
+    for (size_t ks = 1; ks < c->ksplit; ++ks)
+      for (size_t j = 0; j < c->n; ++j) sum[j] += sum[ks * split_stride + j];
+    dfp_encode_row(a->out_format, a->out, row * s->groups * s->cout + g * s->cout, sum, c->n,
+                   a->ex[0], &a->eb, 0);
+  }
+}
+
+static int valid_shape(const dfp_conv_args* a, int backward) {
+  const dfp_conv_shape* s = &a->shape;
+  for (int d = 0; d < 3; ++d)
+    if (s->stride[d] < 1 || s->lhs_dil[d] < 1 || s->rhs_dil[d] < 1) return 0;
+  return s->groups >= 1 && !(backward && a->ex_batch_stride != 0);
+}
+
+static int conv_run(const dfp_conv_args* args, int backward, dfp_isa isa, const dfp_parallel* par) {
+  if (!dfp_isa_supported(isa)) return DFP_ERR_ISA_UNSUPPORTED;
+  if (!valid_shape(args, backward)) return DFP_ERR_BAD_SHAPE;
+  if (par == NULL) par = &dfp_serial;
+  const dfp_conv_shape* s = &args->shape;
+  conv_plan c;
+  memset(&c, 0, sizeof c);
+  c.args = args;
+  c.uk = dfp_ukernel_for(isa);
+  c.backward = backward;
+  const int mr = c.uk->mr, nr = c.uk->nr;
+  const size_t taps = s->window[0] * s->window[1] * s->window[2];
+  const size_t pixels = s->batch * s->out[0] * s->out[1] * s->out[2];
+  c.m = backward ? taps * s->cin : pixels;
+  c.k = backward ? pixels : taps * s->cin;
+  c.n = s->cout;
+  if (c.m == 0 || c.n == 0) return DFP_OK;
+  c.kpairs = (c.k + 1) / 2;
+  c.kblocks = dfp_kc_blocks(c.kpairs);
+  c.npanels = ceil_div(c.n, nr);
+  c.mcp = ceil_div(CONV_MC, mr);
+  c.ncp = ceil_div(CONV_NC, nr);
+  c.mblocks = ceil_div(ceil_div(c.m, mr), c.mcp);
+  c.nblocks = ceil_div(c.npanels, c.ncp);
+  const size_t blocks = s->groups * c.mblocks * c.nblocks;
+  c.ksplit = 1;
+  c.kblocks_per_split = c.kblocks;
+  if (backward && c.kblocks > 1) {
+    /* Few output blocks (1x1 layers): split the long pixel reduction across threads. */
+    const size_t want = ceil_div(TASKS_PER_THREAD * (size_t)(par->num_threads > 0 ? par->num_threads : 1), blocks);
+    c.kblocks_per_split = ceil_div(c.kblocks, min_size(want, c.kblocks));
+    c.ksplit = ceil_div(c.kblocks, c.kblocks_per_split);
+  }
+  const size_t bpanels = s->groups * c.npanels;
+  c.bpack = (int16_t*)malloc(bpanels * (c.kpairs ? c.kpairs : 1) * nr * 2 * sizeof(int16_t));
+  c.bbound = (uint64_t*)malloc(bpanels * (c.kblocks ? c.kblocks : 1) * DFP_CHUNK_LEVELS * sizeof(uint64_t));
+  if (backward)
+    c.sums = (int64_t*)calloc(c.ksplit * s->groups * sums_rows(&c) * c.npanels * nr, sizeof(int64_t));
+  if (!c.bpack || !c.bbound || (backward && !c.sums)) {
+    c.status = DFP_ERR_ALLOC;
+  } else {
+    par->parallel_for(par->pool, bpanels, pack_b_task, &c);
+    if (c.status == DFP_OK && !backward) par->parallel_for(par->pool, blocks, forward_task, &c);
+    if (c.status == DFP_OK && backward) {
+      par->parallel_for(par->pool, c.ksplit * blocks, backward_task, &c);
+      if (c.status == DFP_OK)
+        par->parallel_for(par->pool, s->groups * c.mblocks, backward_encode_task, &c);
+    }
+  }
+  free(c.bpack);
+  free(c.bbound);
+  free(c.sums);
+  return c.status;
+}
+
+int dfp_conv_forward(const dfp_conv_args* args, dfp_isa isa, const dfp_parallel* par) {
+  return conv_run(args, 0, isa, par);
+}
+
+int dfp_conv_backward_weights(const dfp_conv_args* args, dfp_isa isa, const dfp_parallel* par) {
+  return conv_run(args, 1, isa, par);
+}

@@ -1,0 +1,24 @@
+/* Pieces shared by the macro-loops of the GEMM (gemm.c) and the convolutions (conv.c):
+ * the exact int32 chunk length for a pair of packed panels, the output stage, and the
+ * serial fallback for a missing thread pool. */
+#ifndef DFPJAX_MACRO_H_
+#define DFPJAX_MACRO_H_
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "dfp_kernel.h"
+
+/* Longest chunk (in pairs) over which every partial sum of an A-panel row with a B-panel
+ * column provably fits int32, from the panels' bounds for one K block (pack.h). */
+size_t dfp_safe_chunk(const uint64_t* abound, const uint64_t* bbound);
+
+/* out[out_index + j] = fl(s[j]) * 2**(ea + eb[j * eb_stride]) for j < n, in the output
+ * format; NaN where an exponent marks a non-finite operand (spec sections 2 and 3). */
+void dfp_encode_row(dfp_out_format format, void* out, size_t out_index, const int64_t* s, size_t n,
+                    int32_t ea, const int32_t* eb, size_t eb_stride);
+
+/* parallel_for over the calling thread alone. */
+extern const dfp_parallel dfp_serial;
+
+#endif
