@@ -213,3 +213,20 @@ def test_vmap_keeps_each_examples_exponent():
   both = np.asarray(jax.jit(jax.vmap(f))(x, ws))
   for i in (0, 1, 3):
     np.testing.assert_array_equal(both[i], np.asarray(f(x[i], ws[i])))
+
+
+def test_strided_backward_data_phases_without_taps():
+  """Backward-data of a 1x1 stride-3 convolution: 8 of 9 input phases get no tap (exact zeros),
+  and a NaN in the cotangent still turns every element NaN (spec section 2)."""
+  f = lambda x, w: dfpjax.dfp_conv_general_dilated(x, w, (3, 3), "VALID",
+                                                   dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  x, w = np.ones((1, 9, 9, 2), np.float32), np.ones((1, 1, 2, 2), np.float32)
+  y, vjp = jax.vjp(f, x, w)
+  dx = np.asarray(vjp(np.ones(y.shape, np.float32))[0])
+  hit = np.zeros((9, 9), bool)
+  hit[::3, ::3] = True
+  assert np.all(dx[0][hit] == 2.0) and np.all(dx[0][~hit] == 0.0)
+  g = np.ones(y.shape, np.float32)
+  g[0, 1, 2, 0] = np.nan
+  dx, dw = vjp(g)
+  assert np.isnan(np.asarray(dx)).all() and np.isnan(np.asarray(dw)).all()

@@ -33,7 +33,7 @@ from jax.interpreters import batching, mlir
 
 from dfpjax import cpu_ffi
 from dfpjax.numerics.config import DFPConfig, QuantConfig
-from dfpjax.numerics.quantization import DFPTensor, quantize_with
+from dfpjax.numerics.quantization import NONFINITE_EXPONENT, DFPTensor, quantize_with
 from dfpjax.primitives import reference
 from dfpjax.primitives.operands import check_float_operand, fold_key, output_dtype
 
@@ -244,11 +244,81 @@ def _canonical(ma, mb, p: ConvParams):
   return x, w, geometry
 
 
+def _phases(geometry: Geometry, in_spatial):
+  """Sub-pixel form of a convolution over an lhs-dilated input (a strided convolution's
+  backward-data), or None where it does not apply.
+
+  Along a dimension dilated by d (stride and rhs dilation 1), output q = d*j + r reads only
+  the taps t = t0 + d*m with t0 = (pad_lo - r) mod d, from the undilated input at
+  j + m + (r + t0 - pad_lo) / d: a stride-1 convolution with the sub-kernel w[t0::d]. So the
+  d-fold waste of multiplying inserted zeros disappears. Returns, per dimension, the list of
+  phases (tap slice, padding, output length); undilated dimensions have one phase.
+  """
+  if all(d == 1 for d in geometry.lhs_dilation):
+    return None
+  per_dim = []
+  for size, k, s, (lo, hi), d, rd, q in zip(in_spatial, geometry.window, geometry.strides,
+                                            geometry.padding, geometry.lhs_dilation,
+                                            geometry.rhs_dilation, geometry.out_spatial(in_spatial)):
+    if d == 1:
+      per_dim.append([(slice(None), (lo, hi), q)])
+      continue
+    if s != 1 or rd != 1:
+      return None
+    phases = []
+    for r in range(d):
+      t0 = (lo - r) % d
+      taps, out = len(range(t0, k, d)), max(0, -(-(q - r) // d))
+      pad_lo = -((r + t0 - lo) // d)
+      phases.append((slice(t0, None, d), (pad_lo, out - 1 + taps - size - pad_lo), out))
+    per_dim.append(phases)
+  return per_dim
+
+
+def _forward_by_phases(x, ex, w, eb, geometry: Geometry, per_dim, out_dtype):
+  """The forward convolution as one stride-1 convolution per phase, interleaved."""
+  out_spatial = geometry.out_spatial(x.shape[1:-1])
+  ys = {}
+  for phase in itertools.product(*(range(len(p)) for p in per_dim)):
+    chosen = [per_dim[i][r] for i, r in enumerate(phase)]
+    sub = Geometry(tuple(len(range(w.shape[i])[c[0]]) for i, c in enumerate(chosen)),
+                   geometry.strides, tuple(c[1] for c in chosen), (1,) * len(per_dim),
+                   geometry.rhs_dilation, geometry.groups)
+    if 0 in sub.window:  # no tap lands on this phase: an empty sum, or NaN (spec section 2)
+      shape = (x.shape[0], *(c[2] for c in chosen), w.shape[-1])
+      nonfinite = (ex[0] == NONFINITE_EXPONENT) | (eb[0] == NONFINITE_EXPONENT)
+      ys[phase] = jnp.where(nonfinite, jnp.nan, jnp.zeros(shape, out_dtype)).astype(out_dtype)
+      continue
+    ys[phase] = _bind(x, ex, w[tuple(c[0] for c in chosen)], eb, geometry=sub, mode="forward",
+                      out_dtype=out_dtype)
+  # Interleave, last dimension first: stack the phases after their axis, merge, trim.
+  for i in reversed(range(len(per_dim))):
+    d = len(per_dim[i])
+    longest = max(p[2] for p in per_dim[i])
+    merged = {}
+    for phase in {k[:i] + k[i + 1:] for k in ys}:
+      parts = []
+      for r in range(d):
+        y = ys[phase[:i] + (r,) + phase[i:]]
+        widths = [(0, 0)] * y.ndim
+        widths[1 + i] = (0, longest - y.shape[1 + i])
+        parts.append(jnp.pad(y, widths))
+      y = jnp.stack(parts, axis=2 + i)
+      y = y.reshape(*y.shape[:1 + i], longest * d, *y.shape[3 + i:])
+      merged[phase[:i] + (0,) + phase[i:]] = lax.slice_in_dim(y, 0, out_spatial[i], axis=1 + i)
+    ys = merged
+  return ys[(0,) * len(per_dim)]
+
+
 def exact_conv(qa: DFPTensor, qb: DFPTensor, params: ConvParams, out_dtype):
   """``fl(conv(ma, mb)) * 2**(ea + eb)`` (spec section 3) for per-tensor quantized operands."""
   x, w, geometry = _canonical(qa.mantissa, qb.mantissa, params)
-  y = _bind(x, jnp.reshape(qa.exponent, (1,)), w, jnp.reshape(qb.exponent, (1,)),
-            geometry=geometry, mode="forward", out_dtype=np.dtype(out_dtype))
+  ex, eb = jnp.reshape(qa.exponent, (1,)), jnp.reshape(qb.exponent, (1,))
+  per_dim = _phases(geometry, x.shape[1:-1])
+  if per_dim is None:
+    y = _bind(x, ex, w, eb, geometry=geometry, mode="forward", out_dtype=np.dtype(out_dtype))
+  else:
+    y = _forward_by_phases(x, ex, w, eb, geometry, per_dim, np.dtype(out_dtype))
   out_spec = params.dimension_numbers.out_spec
   return jnp.transpose(y, np.argsort((out_spec[0], *out_spec[2:], out_spec[1])))
 

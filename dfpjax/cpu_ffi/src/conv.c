@@ -99,7 +99,7 @@ static void forward_task(void* arg, size_t t) {
   const int mr = c->uk->mr, nr = c->uk->nr;
   const size_t per_group = c->mblocks * c->nblocks;
   const size_t g = t / per_group, mb = t % per_group / c->nblocks, nb = t % c->nblocks;
-  const size_t ldc = c->ncp * nr;
+  const size_t ldc = (min_size(c->ncp * (nb + 1), c->npanels) - c->ncp * nb) * nr; /* this block's columns */
   const size_t bytes = c->mcp * mr * ldc * sizeof(int64_t);
   int64_t* acc = (int64_t*)aligned_alloc(64, ceil_div(bytes, 64) * 64);
   if (acc == NULL) {

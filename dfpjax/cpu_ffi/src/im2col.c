@@ -43,11 +43,41 @@ static inline size_t split_pixel(const dfp_conv_shape* s, size_t pixel, size_t p
   return pixel / s->out[0];
 }
 
+/* Where fill_row writes: a contiguous row, or -- with an even channel count, where every
+ * run starts and ends on a pair boundary -- straight into one lane of a packed panel. */
+typedef struct {
+  int16_t* row;
+  uint32_t* lane; /* pair j at lane[j * stride] */
+  size_t stride;
+} row_sink;
+
+static inline void sink_copy(const row_sink* o, size_t at, const int16_t* src, size_t len) {
+  if (o->row) {
+    memcpy(o->row + at, src, len * sizeof(int16_t));
+    return;
+  }
+  uint32_t* lane = o->lane + at / 2 * o->stride;
+  for (size_t j = 0; j < len / 2; ++j) {
+    uint32_t w;
+    memcpy(&w, src + 2 * j, sizeof w);
+    lane[j * o->stride] = w;
+  }
+}
+
+static inline void sink_zero(const row_sink* o, size_t at, size_t len) {
+  if (o->row) {
+    memset(o->row + at, 0, len * sizeof(int16_t));
+    return;
+  }
+  uint32_t* lane = o->lane + at / 2 * o->stride;
+  for (size_t j = 0; j < len / 2; ++j) lane[j * o->stride] = 0;
+}
+
 /* Columns [k0, k1) of one pixels-view row. A "unit" is a run of taps whose elements lie
  * contiguously in x: a whole window row along the last dimension when the input has one
  * feature group and no dilation there (a 7x7 stem on 3 channels copies 7 runs of 21, not
  * 49 runs of 3), else one tap. Each unit is one pointer computation and at most one copy. */
-static void fill_row(const dfp_patches* P, size_t row, size_t k0, size_t k1, int16_t* dst) {
+static void fill_row(const dfp_patches* P, size_t row, size_t k0, size_t k1, const row_sink* dst) {
   const dfp_conv_shape* s = P->shape;
   const int whole_rows = s->groups == 1 && s->rhs_dil[2] == 1 && s->lhs_dil[2] == 1;
   const size_t unit_taps = whole_rows ? s->window[2] : 1, unit = unit_taps * s->cin;
@@ -75,10 +105,10 @@ static void fill_row(const dfp_patches* P, size_t row, size_t k0, size_t k1, int
       valid1 = first + hi * s->cin < end ? first + hi * s->cin : end;
       if (valid0 > end) valid0 = end;
       if (valid1 < valid0) valid1 = valid0;
-      memcpy(dst + (valid0 - k0), src + (valid0 - first - lo * s->cin), (valid1 - valid0) * sizeof(int16_t));
+      sink_copy(dst, valid0 - k0, src + (valid0 - first - lo * s->cin), valid1 - valid0);
     }
-    memset(dst + (k - k0), 0, (valid0 - k) * sizeof(int16_t));
-    memset(dst + (valid1 - k0), 0, (end - valid1) * sizeof(int16_t));
+    sink_zero(dst, k - k0, valid0 - k);
+    sink_zero(dst, valid1 - k0, end - valid1);
     k = end;
   }
 }
@@ -86,22 +116,25 @@ static void fill_row(const dfp_patches* P, size_t row, size_t k0, size_t k1, int
 void dfp_im2col_pack_pixels(const dfp_patches* P, size_t rows, size_t row0, int width, size_t panels,
                             size_t k0, size_t k1, int16_t* dst, size_t panel_stride) {
   const size_t pairs = (k1 - k0 + 1) / 2;
+  const int direct = P->shape->cin % 2 == 0;
   int16_t row[2 * DFP_KC_PAIRS];
   for (size_t q = 0; q < panels; ++q) {
     uint32_t* out = (uint32_t*)(dst + q * panel_stride);
     for (int i = 0; i < width; ++i) {
       const size_t r = row0 + q * (size_t)width + (size_t)i;
-      if (r < rows) {
-        fill_row(P, r, k0, k1, row);
-        if ((k1 - k0) & 1) row[k1 - k0] = 0; /* the odd tail's partner */
-      } else {
-        memset(row, 0, pairs * 2 * sizeof(int16_t));
+      const row_sink lane = {NULL, out + i, (size_t)width};
+      if (r >= rows) {
+        sink_zero(&lane, 0, 2 * pairs);
+        continue;
       }
-      for (size_t pair = 0; pair < pairs; ++pair) {
-        uint32_t w;
-        memcpy(&w, row + 2 * pair, sizeof w);
-        out[pair * (size_t)width + (size_t)i] = w;
+      if (direct) {
+        fill_row(P, r, k0, k1, &lane);
+        continue;
       }
+      const row_sink contiguous = {row, NULL, 0};
+      fill_row(P, r, k0, k1, &contiguous);
+      if ((k1 - k0) & 1) row[k1 - k0] = 0; /* the odd tail's partner */
+      sink_copy(&lane, 0, row, 2 * pairs);
     }
   }
 }
