@@ -120,6 +120,19 @@ def test_output_types_and_range_ends(isa, out_dtype):
   assert np.isinf(got).any() and (got[0] != 0).any()
 
 
+def test_scales_at_the_ends_of_the_normal_range(isa):
+  """Rows scaled by 2**k at and just past the normal range (k = -126/-127, 76/77 around sums
+  up to 2**42): the output stage's vector fast path and its scalar fallback agree bit for bit."""
+  rng = np.random.default_rng(5)
+  a = rng.integers(-32767, 32768, (1, 8, 4096)).astype(np.int16)
+  a[0, ::2] = np.abs(a[0, ::2])  # same-sign rows: sums near 2**42
+  b = np.abs(rng.integers(-32767, 32768, (1, 4096, 20))).astype(np.int16)
+  ea = np.array([[-126, -127, 76, 77, -170, 50, -300, 100]], np.int32)
+  got = _assert_kernel_matches((a, ea, b, np.zeros((1, 1), np.int32)), False, False)
+  row4 = np.abs(got[0, 4])
+  assert np.isinf(got[0, 7]).any() and ((row4 > 0) & (row4 < 2.0**-126)).any()
+
+
 def test_nonfinite_exponent_makes_output_nan(isa):
   rng = np.random.default_rng(4)
   (a, ea, b, eb), _ = _operands(rng, 2, 5, 8, 6, False, False)

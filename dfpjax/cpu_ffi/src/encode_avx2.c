@@ -28,10 +28,32 @@ static inline int encode4(const int64_t* s, __m128i k, uint32_t* out) {
   return 1;
 }
 
+/* Four lanes with one scale 2**k, -126 <= k <= 76, where every |s| in [1, 2**51) (rounding up to at most 2**51) lands on a
+ * normal float: only the 2**51 range is left to check. */
+static inline int encode4_normal(const int64_t* s, __m128i kbits, uint32_t* out) {
+  const __m256i v = _mm256_loadu_si256((const __m256i*)s);
+  const __m256i shifted = _mm256_add_epi64(v, _mm256_set1_epi64x(INT64_C(1) << 51));
+  const __m256i high = _mm256_srli_epi64(shifted, 52);
+  if (!_mm256_testz_si256(high, high)) return 0;
+  const __m256i magic = _mm256_set1_epi64x(0x4338000000000000LL);
+  const __m256d d = _mm256_sub_pd(_mm256_castsi256_pd(_mm256_add_epi64(v, magic)),
+                                  _mm256_set1_pd(6755399441055744.0));
+  const __m128i bits = _mm_castps_si128(_mm256_cvtpd_ps(d));
+  const __m128i zero = _mm_cmpeq_epi32(bits, _mm_setzero_si128());
+  _mm_storeu_si128((__m128i*)out, _mm_andnot_si128(zero, _mm_add_epi32(bits, kbits)));
+  return 1;
+}
+
 void dfp_encode_row_f32_avx2(const int64_t* s, size_t n, int32_t ea, const int32_t* eb,
                              size_t eb_stride, uint32_t* out) {
   size_t j = 0;
-  if (ea != DFP_NONFINITE_EXPONENT) {
+  if (eb_stride == 0 && ea != DFP_NONFINITE_EXPONENT && eb[0] != DFP_NONFINITE_EXPONENT &&
+      ea + (int64_t)eb[0] >= -126 && ea + (int64_t)eb[0] <= 76) {
+    const __m128i kbits = _mm_set1_epi32((int32_t)((uint32_t)(ea + eb[0]) << 23));
+    for (; j + 4 <= n; j += 4)
+      if (!encode4_normal(s + j, kbits, out + j))
+        for (size_t i = j; i < j + 4; ++i) out[i] = dfp_encode_f32(s[i], ea, eb[0]);
+  } else if (ea != DFP_NONFINITE_EXPONENT) {
     for (; j + 4 <= n; j += 4) {
       const __m128i e = eb_stride ? _mm_loadu_si128((const __m128i*)(eb + j)) : _mm_set1_epi32(eb[0]);
       const int nonfinite =
