@@ -3,8 +3,10 @@
 Two layers, as for ``dot_general``:
 
 * ``dfp_conv_p`` -- the exact convolution of quantized operands in the kernel's
-  channels-last form (``x [N, *spatial, G*cin]``, ``w [*window, cin, G*cout]``), in two
-  modes: ``forward`` and ``backward_weights`` (the weight gradient from ``x`` and ``dy``).
+  channels-last form (``x [N, *spatial, G*cin]``, ``w [*window, cin, G*cout]``), in three
+  modes: ``forward``, ``backward_weights`` (the weight gradient from ``x`` and ``dy``) and
+  ``backward_data`` (the input gradient from ``dy`` and ``w``, run as col2im: the route for
+  inputs with few channels, such as an RGB stem).
   Abstract evaluation, a batching rule, a CPU lowering to the C kernel's implicit-im2col
   convolution through XLA FFI, and a pure-XLA lowering (input patches times the exact
   integer product) on every other platform.
@@ -12,8 +14,9 @@ Two layers, as for ``dot_general``:
   signature: quantizes, transposes the mantissas into the canonical layout (a no-op for
   Flax's NHWC/HWIO), calls the primitive and carries the DFP gradient rule. Backward-data is
   a forward convolution with the parameters JAX's own transpose rule derives
-  (``_transpose_lhs`` follows it line by line); backward-weights is the primitive's second
-  mode, reading the forward's quantized input and the quantized cotangent as they are.
+  (``_transpose_lhs`` follows it line by line), split into stride-1 phases where the input
+  is dilated, or col2im for inputs with few channels; backward-weights is the primitive's
+  second mode, reading the forward's quantized input and the quantized cotangent as they are.
 """
 
 from __future__ import annotations
@@ -98,6 +101,7 @@ class Geometry:
   lhs_dilation: tuple[int, ...]
   rhs_dilation: tuple[int, ...]
   groups: int
+  input_spatial: tuple[int, ...] | None = None  # backward_data: the shape it produces
 
   def out_spatial(self, in_spatial):
     return tuple(max(0, ((i - 1) * ld + 1 + lo + hi - ((k - 1) * rd + 1)) // s + 1)
@@ -124,7 +128,7 @@ class Geometry:
 
 
 dfp_conv_p = core.Primitive("dfp_conv")
-MODES = ("forward", "backward_weights")
+MODES = ("forward", "backward_weights", "backward_data")
 
 
 def _abstract_eval(x, ex, b, eb, *, geometry: Geometry, mode, out_dtype):
@@ -132,17 +136,25 @@ def _abstract_eval(x, ex, b, eb, *, geometry: Geometry, mode, out_dtype):
     raise TypeError("dfp_conv_p takes int16 mantissas and int32 exponents, got "
                     f"{x.dtype}, {ex.dtype}, {b.dtype}, {eb.dtype}")
   nd, g = len(geometry.window), geometry.groups
-  if x.ndim != nd + 2 or b.ndim != nd + 2 or x.shape[-1] % g:
-    raise ValueError(f"dfp_conv_p: operands {x.shape}, {b.shape} do not fit {geometry}")
-  if ex.shape not in ((1,), (x.shape[0],)) or eb.shape != (1,):
+  if mode not in MODES or x.ndim != nd + 2 or b.ndim != nd + 2 or x.shape[-1] % g:
+    raise ValueError(f"dfp_conv_p: operands {x.shape}, {b.shape} do not fit {mode} {geometry}")
+  if ex.shape not in ((1,), (x.shape[0],)) or eb.shape != (1,) or (mode != "forward" and ex.shape != (1,)):
     raise ValueError(f"dfp_conv_p: exponent shapes {ex.shape}, {eb.shape}")
-  batch, cin = x.shape[0], x.shape[-1] // g
+  batch = x.shape[0]
+  if mode == "backward_data":  # x is dy, b the weights
+    cin = b.shape[-2]
+    if (x.shape[1:-1] != geometry.out_spatial(geometry.input_spatial) or x.shape[-1] != b.shape[-1]
+        or b.shape[:-2] != geometry.window or b.shape[-1] % g):
+      raise ValueError(f"dfp_conv_p: output gradient {x.shape} and weights {b.shape} do not fit "
+                       f"{geometry}")
+    return jax.core.ShapedArray((batch, *geometry.input_spatial, g * cin), out_dtype)
+  cin = x.shape[-1] // g
   out_spatial = geometry.out_spatial(x.shape[1:-1])
   if mode == "forward":
     if b.shape[:-1] != (*geometry.window, cin) or b.shape[-1] % g:
       raise ValueError(f"dfp_conv_p: weights {b.shape} do not fit input {x.shape} and {geometry}")
     return jax.core.ShapedArray((batch, *out_spatial, b.shape[-1]), out_dtype)
-  if b.shape[:-1] != (batch, *out_spatial) or b.shape[-1] % g or ex.shape != (1,):
+  if b.shape[:-1] != (batch, *out_spatial) or b.shape[-1] % g:
     raise ValueError(f"dfp_conv_p: output gradient {b.shape} does not fit input {x.shape} and "
                      f"{geometry}")
   return jax.core.ShapedArray((*geometry.window, cin, b.shape[-1]), out_dtype)
@@ -160,16 +172,25 @@ def _jitted_bind(**params):
 def _cpu_lowering(ctx, x, ex, b, eb, *, geometry: Geometry, mode, out_dtype):
   del out_dtype  # carried by the result's type
   cpu_ffi.register()
-  x_aval = ctx.avals_in[0]
-  cin = x_aval.shape[-1] // geometry.groups
-  cout = ctx.avals_in[2].shape[-1] // geometry.groups
-  attribute = geometry.kernel_attribute(x_aval.shape[0], x_aval.shape[1:-1], cin, cout)
+  x_aval, b_aval = ctx.avals_in[0], ctx.avals_in[2]
+  cout = b_aval.shape[-1] // geometry.groups
+  if mode == "backward_data":
+    in_spatial, cin = geometry.input_spatial, b_aval.shape[-2]
+  else:
+    in_spatial, cin = x_aval.shape[1:-1], x_aval.shape[-1] // geometry.groups
+  attribute = geometry.kernel_attribute(x_aval.shape[0], in_spatial, cin, cout)
   return jax.ffi.ffi_lowering(cpu_ffi.CONV_TARGET)(
-      ctx, x, ex, b, eb, geometry=attribute, backward=np.int32(mode == "backward_weights"))
+      ctx, x, ex, b, eb, geometry=attribute, mode=np.int32(MODES.index(mode)))
 
 
 def _reference(x, ex, b, eb, *, geometry: Geometry, mode, out_dtype):
   """The exact pure-XLA twin of the kernel: input patches times ``reference.dot``."""
+  if mode == "backward_data":  # as JAX's transpose rule: a forward convolution of dy
+    lhs_shape = (x.shape[0], *geometry.input_spatial, geometry.groups * b.shape[-2])
+    dy, w, params = _transpose_lhs(x, b, lhs_shape, geometry.params())
+    with reference.reference_mode():
+      return exact_conv(DFPTensor(dy, ex.reshape(())), DFPTensor(w, eb.reshape(())), params,
+                        out_dtype)
   nd, g = len(geometry.window), geometry.groups
   batch, cin = x.shape[0], x.shape[-1] // g
   out_spatial = geometry.out_spatial(x.shape[1:-1])
@@ -221,6 +242,11 @@ mlir.register_lowering(dfp_conv_p, mlir.lower_fun(_reference, multiple_results=F
 # ---------------------------------------------------------------------------------------
 # Exact convolutions of DFP tensors under general parameters.
 # ---------------------------------------------------------------------------------------
+
+
+# Input channels (per group) below which backward-data runs as col2im: with fewer than one
+# microkernel column panel, im2col packing of dy would dominate the forward-style route.
+_COL2IM_MAX_CHANNELS = 16
 
 
 def _bind(*args, **params):
@@ -323,6 +349,24 @@ def exact_conv(qa: DFPTensor, qb: DFPTensor, params: ConvParams, out_dtype):
   return jnp.transpose(y, np.argsort((out_spec[0], *out_spec[2:], out_spec[1])))
 
 
+def _exact_backward_data(qg: DFPTensor, qw: DFPTensor, lhs_shape, p: ConvParams, out_dtype):
+  """The input gradient of the convolution ``p`` from its quantized cotangent and weights."""
+  lhs_spec, rhs_spec, out_spec = p.dimension_numbers
+  in_per_group = lhs_shape[lhs_spec[1]] // p.feature_group_count
+  if p.batch_group_count > 1 or in_per_group >= _COL2IM_MAX_CHANNELS:
+    dy, w, params = _transpose_lhs(qg.mantissa, qw.mantissa, lhs_shape, p)
+    dx = exact_conv(DFPTensor(dy, qg.exponent), DFPTensor(w, qw.exponent), params, out_dtype)
+    return _finish_transpose_lhs(dx, p)
+  dy = jnp.transpose(qg.mantissa, (out_spec[0], *out_spec[2:], out_spec[1]))
+  w = jnp.transpose(qw.mantissa, (*rhs_spec[2:], rhs_spec[1], rhs_spec[0]))
+  geometry = Geometry(tuple(w.shape[:-2]), p.window_strides, p.padding, p.lhs_dilation,
+                      p.rhs_dilation, p.feature_group_count,
+                      tuple(lhs_shape[d] for d in lhs_spec[2:]))
+  dx = _bind(dy, jnp.reshape(qg.exponent, (1,)), w, jnp.reshape(qw.exponent, (1,)),
+             geometry=geometry, mode="backward_data", out_dtype=np.dtype(out_dtype))
+  return jnp.transpose(dx, np.argsort((lhs_spec[0], *lhs_spec[2:], lhs_spec[1])))
+
+
 def _exact_backward_weights(qx: DFPTensor, qg: DFPTensor, rhs_shape, p: ConvParams, out_dtype):
   """The weight gradient of the convolution ``p`` from its quantized input and cotangent."""
   if p.batch_group_count > 1:  # JAX's transposed convolution, through the forward kernel
@@ -416,9 +460,7 @@ def _dfp_conv_fwd(lhs, rhs, key, spec: _Spec):
 def _dfp_conv_bwd(spec: _Spec, residuals, g):
   qa, qb, key = residuals
   qg = quantize_with(g, spec.gradient, fold_key(key, 2))
-  x, w, params = _transpose_lhs(qg.mantissa, qb.mantissa, spec.lhs_shape, spec.params)
-  da = exact_conv(DFPTensor(x, qg.exponent), DFPTensor(w, qb.exponent), params, spec.lhs_dtype)
-  da = _finish_transpose_lhs(da, spec.params)
+  da = _exact_backward_data(qg, qb, spec.lhs_shape, spec.params, spec.lhs_dtype)
   db = _exact_backward_weights(qa, qg, spec.rhs_shape, spec.params, spec.rhs_dtype)
   return da, db, None
 

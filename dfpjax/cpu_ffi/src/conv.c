@@ -4,8 +4,9 @@
  * The weights (forward) or the output gradient (backward-weights) are packed once as the
  * B operand; the patches are packed per cache block as the A operand (im2col.c), so no
  * patch matrix is materialized. The microkernels, chunk bounds and output stage are the
- * GEMM's. Backward-data is a forward convolution of dy with the flipped weights; the
- * caller sets up its geometry. */
+ * GEMM's. Backward-data is usually a forward convolution of dy with the flipped weights (the
+ * caller sets up its geometry); for inputs with few channels dfp_conv_backward_data runs it
+ * as col2im instead (below). */
 #include <stdlib.h>
 #include <string.h>
 
@@ -208,6 +209,134 @@ static int conv_run(const dfp_conv_args* args, int backward, dfp_isa isa, const 
   free(c.bpack);
   free(c.bbound);
   free(c.sums);
+  return c.status;
+}
+
+/* Backward-data by col2im: per image and group, cols[p, (t,c)] = sum_o dy[p, o] * w[(t,c), o]
+ * is one GEMM with dy as A (read as it lies) and the weights as B, and each column is added,
+ * exactly in int64, into the input pixel its tap reads. With few input channels (a stem's 3)
+ * this beats a forward convolution of dy, whose packed patches would each serve only cin
+ * output columns. Images are tasks of their own, so no two tasks touch one input pixel. */
+typedef struct {
+  const dfp_conv_args* args;
+  const dfp_ukernel* uk;
+  size_t pixels, taps;            /* output pixels per image; window taps */
+  size_t n, k, kpairs, kblocks, npanels; /* the GEMM: N = taps * cin, K = cout */
+  int16_t* bpack;                 /* [groups][npanels][kpairs][NR][2] */
+  uint64_t* bbound;
+  int64_t* dx;                    /* [batch][input pixels][groups * cin] */
+  int status;
+} col2im_plan;
+
+static void col2im_pack_b_task(void* arg, size_t t) {
+  col2im_plan* c = (col2im_plan*)arg;
+  const dfp_conv_shape* s = &c->args->shape;
+  const size_t g = t / c->npanels, q = t % c->npanels;
+  const int nr = c->uk->nr;
+  /* Row (tap, c) of W^T is w[tap][c][g * cout + o] over o. */
+  if (dfp_pack_panel(c->args->b + g * s->cout, c->n, c->k, s->groups * s->cout, 1, q * nr, nr,
+                     c->bpack + t * c->kpairs * nr * 2, c->bbound + t * c->kblocks * DFP_CHUNK_LEVELS))
+    __atomic_store_n(&c->status, DFP_ERR_BAD_MANTISSA, __ATOMIC_RELAXED);
+}
+
+static void col2im_task(void* arg, size_t t) {
+  col2im_plan* c = (col2im_plan*)arg;
+  const dfp_conv_shape* s = &c->args->shape;
+  const int mr = c->uk->mr, nr = c->uk->nr;
+  const size_t image = t / s->groups, g = t % s->groups;
+  const size_t mcp = ceil_div(CONV_MC, mr), ldc = c->npanels * nr, levels = c->kblocks * DFP_CHUNK_LEVELS;
+  const size_t kp = c->kpairs ? c->kpairs : 1;
+  int16_t* apack = (int16_t*)malloc(mcp * kp * mr * 2 * sizeof(int16_t));
+  uint64_t* abound = (uint64_t*)malloc(mcp * (levels ? levels : 1) * sizeof(uint64_t));
+  int64_t* acc = (int64_t*)malloc(mcp * mr * ldc * sizeof(int64_t));
+  if (!apack || !abound || !acc) {
+    __atomic_store_n(&c->status, DFP_ERR_ALLOC, __ATOMIC_RELAXED);
+  } else {
+    const size_t channels_out = s->groups * s->cout, channels_in = s->groups * s->cin;
+    const int16_t* dy = c->args->x + image * c->pixels * channels_out + g * s->cout;
+    for (size_t row0 = 0; row0 < c->pixels; row0 += mcp * mr) {
+      const size_t panels = min_size(mcp, ceil_div(c->pixels - row0, mr));
+      for (size_t p = 0; p < panels; ++p)
+        if (dfp_pack_panel(dy, c->pixels, c->k, channels_out, 1, row0 + p * mr, mr,
+                           apack + p * kp * mr * 2, abound + p * levels))
+          __atomic_store_n(&c->status, DFP_ERR_BAD_MANTISSA, __ATOMIC_RELAXED);
+      memset(acc, 0, panels * mr * ldc * sizeof(int64_t));
+      for (size_t kb = 0; kb < c->kblocks; ++kb) {
+        const size_t kc = min_size(c->kpairs - kb * DFP_KC_PAIRS, DFP_KC_PAIRS);
+        for (size_t q = 0; q < c->npanels; ++q) {
+          const size_t bq = g * c->npanels + q;
+          const int16_t* bp = c->bpack + (bq * c->kpairs + kb * DFP_KC_PAIRS) * nr * 2;
+          const uint64_t* bb = c->bbound + (bq * c->kblocks + kb) * DFP_CHUNK_LEVELS;
+          for (size_t p = 0; p < panels; ++p) {
+            const size_t chunk = dfp_safe_chunk(abound + p * levels + kb * DFP_CHUNK_LEVELS, bb);
+            c->uk->fn(kc, min_size(chunk, kc), apack + (p * kp + kb * DFP_KC_PAIRS) * mr * 2, bp,
+                      acc + p * mr * ldc + q * nr, ldc);
+          }
+        }
+      }
+      const size_t row1 = min_size(row0 + panels * mr, c->pixels);
+      for (size_t row = row0; row < row1; ++row) {
+        size_t pos[3], tap_pos[3];
+        dfp_split_pixel(s, row, pos);
+        for (size_t tap = 0; tap < c->taps; ++tap) {
+          dfp_split_tap(s, tap, tap_pos);
+          const int64_t pixel = dfp_input_pixel(s, image, pos, tap_pos);
+          if (pixel < 0) continue;
+          int64_t* dst = c->dx + (size_t)pixel * channels_in + g * s->cin;
+          const int64_t* src = acc + (row - row0) * ldc + tap * s->cin;
+          for (size_t ch = 0; ch < s->cin; ++ch) dst[ch] += src[ch];
+        }
+      }
+    }
+  }
+  free(apack);
+  free(abound);
+  free(acc);
+}
+
+static void col2im_encode_task(void* arg, size_t image) {
+  col2im_plan* c = (col2im_plan*)arg;
+  const dfp_conv_args* a = c->args;
+  const dfp_conv_shape* s = &a->shape;
+  const size_t in_pixels = s->in[0] * s->in[1] * s->in[2], channels = s->groups * s->cin;
+  for (size_t pixel = image * in_pixels; pixel < (image + 1) * in_pixels; ++pixel)
+    dfp_encode_row(a->out_format, a->out, pixel * channels, c->dx + pixel * channels, channels,
+                   a->ex[0], &a->eb, 0);
+}
+
+int dfp_conv_backward_data(const dfp_conv_args* args, dfp_isa isa, const dfp_parallel* par) {
+  if (!dfp_isa_supported(isa)) return DFP_ERR_ISA_UNSUPPORTED;
+  if (!valid_shape(args, 1)) return DFP_ERR_BAD_SHAPE;
+  if (par == NULL) par = &dfp_serial;
+  const dfp_conv_shape* s = &args->shape;
+  col2im_plan c;
+  memset(&c, 0, sizeof c);
+  c.args = args;
+  c.uk = dfp_ukernel_for(isa);
+  const int nr = c.uk->nr;
+  c.pixels = s->out[0] * s->out[1] * s->out[2];
+  c.taps = s->window[0] * s->window[1] * s->window[2];
+  c.n = c.taps * s->cin;
+  c.k = s->cout;
+  c.kpairs = (c.k + 1) / 2;
+  c.kblocks = dfp_kc_blocks(c.kpairs);
+  c.npanels = ceil_div(c.n, nr);
+  const size_t in_elements = s->batch * s->in[0] * s->in[1] * s->in[2] * s->groups * s->cin;
+  if (in_elements == 0) return DFP_OK;
+  const size_t bpanels = s->groups * c.npanels;
+  c.bpack = (int16_t*)malloc((bpanels ? bpanels : 1) * (c.kpairs ? c.kpairs : 1) * nr * 2 * sizeof(int16_t));
+  c.bbound = (uint64_t*)malloc((bpanels ? bpanels : 1) * (c.kblocks ? c.kblocks : 1) * DFP_CHUNK_LEVELS * sizeof(uint64_t));
+  c.dx = (int64_t*)calloc(in_elements, sizeof(int64_t));
+  if (!c.bpack || !c.bbound || !c.dx) {
+    c.status = DFP_ERR_ALLOC;
+  } else {
+    par->parallel_for(par->pool, bpanels, col2im_pack_b_task, &c);
+    if (c.status == DFP_OK && c.n > 0) par->parallel_for(par->pool, s->batch * s->groups, col2im_task, &c);
+    if (c.status == DFP_OK) par->parallel_for(par->pool, s->batch, col2im_encode_task, &c);
+  }
+  free(c.bpack);
+  free(c.bbound);
+  free(c.dx);
   return c.status;
 }
 

@@ -84,9 +84,12 @@ typedef struct {
 
 /* dfp_conv_forward:          out = y  from x and b = w, exactly (spec section 3);
  * dfp_conv_backward_weights: out = dw[t][c][g * cout + o] = sum over batch and output pixels
- *                            of x[n][u(p, t)][g * cin + c] * b[n][p][g * cout + o], b = dy.
- * The output is scaled by 2**(ex[n * ex_batch_stride] + eb) (backward_weights contracts the
- * batch: ex_batch_stride must be 0 there). Mantissas must satisfy |m| <= 32767. */
+ *                            of x[n][u(p, t)][g * cin + c] * b[n][p][g * cout + o], b = dy;
+ * dfp_conv_backward_data:    out = dx, the transposed convolution of x = dy (shaped like y)
+ *                            with b = w: dx[n][u(p, t)][g * cin + c] sums dy[n][p][g * cout + o]
+ *                            * w[t][c][g * cout + o] over o, t and the p whose tap t reads it.
+ * The output is scaled by 2**(ex[n * ex_batch_stride] + eb) (the backward passes need one
+ * exponent: ex_batch_stride must be 0 there). Mantissas must satisfy |m| <= 32767. */
 typedef struct {
   dfp_conv_shape shape;
   const int16_t* x;
@@ -100,6 +103,7 @@ typedef struct {
 
 int dfp_conv_forward(const dfp_conv_args* args, dfp_isa isa, const dfp_parallel* par);
 int dfp_conv_backward_weights(const dfp_conv_args* args, dfp_isa isa, const dfp_parallel* par);
+int dfp_conv_backward_data(const dfp_conv_args* args, dfp_isa isa, const dfp_parallel* par);
 
 int dfp_isa_supported(dfp_isa isa);       /* compiled in and runnable on this CPU */
 const char* dfp_isa_name(dfp_isa isa);    /* "portable", "avx2", "avx_vnni", "avx512_vnni" */

@@ -110,15 +110,17 @@ ffi::Error DotGeneral(ffi::ThreadPool pool, ffi::Buffer<ffi::S16> a, ffi::Buffer
 }
 
 // geometry: batch, in[3], out[3], window[3], stride[3], pad_lo[3], lhs_dil[3], rhs_dil[3],
-// groups, cin, cout (dfp_conv_shape). backward = 0: y = conv(x, w); 1: dw from x and dy.
+// groups, cin, cout (dfp_conv_shape, of the forward convolution). mode 0: y = conv(x, w);
+// 1: dw from x and b = dy; 2: dx from x = dy and b = w.
 ffi::Error Conv(ffi::ThreadPool pool, ffi::Buffer<ffi::S16> x, ffi::Buffer<ffi::S32> ex,
                 ffi::Buffer<ffi::S16> b, ffi::Buffer<ffi::S32> eb, ffi::Result<ffi::AnyBuffer> out,
-                ffi::Span<const int64_t> geometry, int32_t backward) {
+                ffi::Span<const int64_t> geometry, int32_t mode) {
   const auto isa = SelectedIsa();
   if (isa.has_error()) return isa.error();
   const auto format = OutFormat(out->element_type());
   if (format.has_error()) return format.error();
   if (geometry.size() != 25) return ffi::Error::InvalidArgument("dfpjax: conv geometry needs 25 numbers");
+  if (mode < 0 || mode > 2) return ffi::Error::InvalidArgument("dfpjax: conv mode must be 0, 1 or 2");
   for (size_t i = 0; i < geometry.size(); ++i)
     if (geometry[i] < 0 && !(i >= 13 && i < 16))  // only pad_lo may be negative
       return ffi::Error::InvalidArgument("dfpjax: negative size in the conv geometry");
@@ -141,9 +143,11 @@ ffi::Error Conv(ffi::ThreadPool pool, ffi::Buffer<ffi::S16> x, ffi::Buffer<ffi::
   const size_t out_pixels = s.batch * s.out[0] * s.out[1] * s.out[2];
   const size_t taps = s.window[0] * s.window[1] * s.window[2];
   const size_t channels_out = s.groups * s.cout;
-  const size_t b_size = backward ? out_pixels * channels_out : taps * s.cin * channels_out;
-  const size_t out_size = backward ? taps * s.cin * channels_out : out_pixels * channels_out;
-  if (x.element_count() != in_pixels * s.groups * s.cin || b.element_count() != b_size ||
+  const size_t x_size = (mode == 2 ? out_pixels * channels_out : in_pixels * s.groups * s.cin);
+  const size_t b_size = mode == 1 ? out_pixels * channels_out : taps * s.cin * channels_out;
+  const size_t out_size = mode == 0 ? out_pixels * channels_out
+                          : mode == 1 ? taps * s.cin * channels_out : in_pixels * s.groups * s.cin;
+  if (x.element_count() != x_size || b.element_count() != b_size ||
       out->element_count() != out_size || eb.element_count() != 1 ||
       (ex.element_count() != 1 && ex.element_count() != s.batch))
     return ffi::Error::InvalidArgument("dfpjax: conv operand sizes do not match the geometry");
@@ -157,8 +161,9 @@ ffi::Error Conv(ffi::ThreadPool pool, ffi::Buffer<ffi::S16> x, ffi::Buffer<ffi::
   args.out = out->untyped_data();
   args.out_format = *format;
   dfp_parallel par{PoolParallelFor, &pool, static_cast<int>(pool.num_threads())};
-  const int status = backward ? dfp_conv_backward_weights(&args, *isa, &par)
-                              : dfp_conv_forward(&args, *isa, &par);
+  const int status = mode == 0   ? dfp_conv_forward(&args, *isa, &par)
+                     : mode == 1 ? dfp_conv_backward_weights(&args, *isa, &par)
+                                 : dfp_conv_backward_data(&args, *isa, &par);
   return StatusToError(status, *isa);
 }
 
@@ -184,4 +189,4 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(DfpConv, Conv,
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::AnyBuffer>()
                                   .Attr<ffi::Span<const int64_t>>("geometry")
-                                  .Attr<int32_t>("backward"));
+                                  .Attr<int32_t>("mode"));

@@ -4,43 +4,11 @@
 
 #include "pack.h"
 
-/* Input coordinate of tap t at output position p along dimension d, or -1 for padding. */
-static inline int64_t coordinate(const dfp_conv_shape* s, int d, size_t p, size_t t) {
-  int64_t u = (int64_t)p * s->stride[d] + (int64_t)t * s->rhs_dil[d] - s->pad_lo[d];
-  if (u < 0) return -1;
-  if (s->lhs_dil[d] != 1) {
-    if (u % s->lhs_dil[d]) return -1;
-    u /= s->lhs_dil[d];
-  }
-  return u < (int64_t)s->in[d] ? u : -1;
-}
-
 /* &x[n][u(p, t)][channel0], or NULL where the tap reads padding. */
 static inline const int16_t* tap_source(const dfp_patches* P, size_t n, const size_t p[3],
                                         const size_t t[3]) {
-  const dfp_conv_shape* s = P->shape;
-  const int64_t u0 = coordinate(s, 0, p[0], t[0]);
-  const int64_t u1 = coordinate(s, 1, p[1], t[1]);
-  const int64_t u2 = coordinate(s, 2, p[2], t[2]);
-  if ((u0 | u1 | u2) < 0) return NULL;
-  const size_t pixel = ((n * s->in[0] + (size_t)u0) * s->in[1] + (size_t)u1) * s->in[2] + (size_t)u2;
-  return P->x + pixel * s->groups * s->cin + P->channel0;
-}
-
-static inline void split_tap(const dfp_conv_shape* s, size_t tap, size_t t[3]) {
-  t[2] = tap % s->window[2];
-  t[1] = tap / s->window[2] % s->window[1];
-  t[0] = tap / s->window[2] / s->window[1];
-}
-
-/* Output pixel -> (n, p); returns n. */
-static inline size_t split_pixel(const dfp_conv_shape* s, size_t pixel, size_t p[3]) {
-  p[2] = pixel % s->out[2];
-  pixel /= s->out[2];
-  p[1] = pixel % s->out[1];
-  pixel /= s->out[1];
-  p[0] = pixel % s->out[0];
-  return pixel / s->out[0];
+  const int64_t pixel = dfp_input_pixel(P->shape, n, p, t);
+  return pixel < 0 ? NULL : P->x + (size_t)pixel * P->shape->groups * P->shape->cin + P->channel0;
 }
 
 /* Where fill_row writes: a contiguous row, or -- with an even channel count, where every
@@ -82,10 +50,10 @@ static void fill_row(const dfp_patches* P, size_t row, size_t k0, size_t k1, con
   const int whole_rows = s->groups == 1 && s->rhs_dil[2] == 1 && s->lhs_dil[2] == 1;
   const size_t unit_taps = whole_rows ? s->window[2] : 1, unit = unit_taps * s->cin;
   size_t p[3], t[3];
-  const size_t n = split_pixel(s, row, p);
+  const size_t n = dfp_split_pixel(s, row, p);
   for (size_t k = k0; k < k1;) {
     const size_t first = k - k % unit, end = first + unit < k1 ? first + unit : k1;
-    split_tap(s, first / s->cin, t);
+    dfp_split_tap(s, first / s->cin, t);
     /* Taps [lo, hi) of the unit read the input; the others read padding. */
     size_t lo = 0, hi = unit_taps;
     const int64_t u2 = (int64_t)p[2] * s->stride[2] - s->pad_lo[2];
@@ -149,9 +117,9 @@ void dfp_im2col_pack_taps(const dfp_patches* P, size_t rows, size_t row0, int wi
   /* The taps the rows span, split once: the pixel loop below is the hot one. */
   const size_t tap0 = row0 / s->cin, ntaps = (end - 1) / s->cin - tap0 + 1;
   size_t taps[DFP_IM2COL_MAX_ROWS + 1][3];
-  for (size_t j = 0; j < ntaps; ++j) split_tap(s, tap0 + j, taps[j]);
+  for (size_t j = 0; j < ntaps; ++j) dfp_split_tap(s, tap0 + j, taps[j]);
   size_t p[3];
-  size_t n = split_pixel(s, k0, p);
+  size_t n = dfp_split_pixel(s, k0, p);
   for (size_t k = k0; k < k1; ++k) {
     int16_t* column = dst + ((k - k0) / 2) * (size_t)width * 2 + (k - k0) % 2;
     for (size_t j = 0; j < ntaps; ++j) {

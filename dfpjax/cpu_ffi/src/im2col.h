@@ -21,6 +21,43 @@ typedef struct {
 
 enum { DFP_IM2COL_MAX_ROWS = 128 }; /* rows one call packs, at most */
 
+/* Input coordinate of tap t at output position p along dimension d, or -1 for padding. */
+static inline int64_t dfp_input_coordinate(const dfp_conv_shape* s, int d, size_t p, size_t t) {
+  int64_t u = (int64_t)p * s->stride[d] + (int64_t)t * s->rhs_dil[d] - s->pad_lo[d];
+  if (u < 0) return -1;
+  if (s->lhs_dil[d] != 1) {
+    if (u % s->lhs_dil[d]) return -1;
+    u /= s->lhs_dil[d];
+  }
+  return u < (int64_t)s->in[d] ? u : -1;
+}
+
+/* Index of the input pixel (n, u(p, t)) over the whole batch, or -1 for padding. */
+static inline int64_t dfp_input_pixel(const dfp_conv_shape* s, size_t n, const size_t p[3],
+                                      const size_t t[3]) {
+  const int64_t u0 = dfp_input_coordinate(s, 0, p[0], t[0]);
+  const int64_t u1 = dfp_input_coordinate(s, 1, p[1], t[1]);
+  const int64_t u2 = dfp_input_coordinate(s, 2, p[2], t[2]);
+  if ((u0 | u1 | u2) < 0) return -1;
+  return (int64_t)(((n * s->in[0] + (size_t)u0) * s->in[1] + (size_t)u1) * s->in[2] + (size_t)u2);
+}
+
+static inline void dfp_split_tap(const dfp_conv_shape* s, size_t tap, size_t t[3]) {
+  t[2] = tap % s->window[2];
+  t[1] = tap / s->window[2] % s->window[1];
+  t[0] = tap / s->window[2] / s->window[1];
+}
+
+/* Output pixel index within an image -> p; returns the image (for indices over the batch). */
+static inline size_t dfp_split_pixel(const dfp_conv_shape* s, size_t pixel, size_t p[3]) {
+  p[2] = pixel % s->out[2];
+  pixel /= s->out[2];
+  p[1] = pixel % s->out[1];
+  pixel /= s->out[1];
+  p[0] = pixel % s->out[0];
+  return pixel / s->out[0];
+} /* rows one call packs, at most */
+
 /* Packs rows [row0, row0 + panels * width) of a view with `rows` rows, columns [k0, k1)
  * (k0 even, k1 - k0 <= 2 * DFP_KC_PAIRS), as `panels` micro-panels [pairs][width][2] at
  * dst + i * panel_stride. Rows past the view are zero. */
