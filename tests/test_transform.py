@@ -1,6 +1,7 @@
 """dfp_transform and report (docs/transform.md)."""
 
 import functools
+import logging
 
 import flax.linen as nn
 import jax
@@ -260,6 +261,35 @@ def test_control_flow_grad_commutes_bitwise(loop_data):
   w, xs = loop_data
   assert_bitwise_equal(run(jax.grad(dfp_transform(control_flow)), w, xs),
                        run(dfp_transform(jax.grad(control_flow)), w, xs))
+
+
+def test_eager_calls_reuse_the_rewritten_sub_jaxprs(loop_data, caplog):
+  # Freshly rewritten sub-jaxprs at every call would make JAX compile each jit, scan, while,
+  # cond and remat in them again.
+  w, xs = loop_data
+  key = jax.random.key(0)
+  for fn in (control_flow, while_loop):
+    for config, kwargs in ((None, {}), (STOCHASTIC, {"dfp_key": key})):
+      f = functools.partial(dfp_transform(fn, config), **kwargs)
+      first, again = (jax.make_jaxpr(f)(w, xs).jaxpr.eqns for _ in range(2))
+      pairs = [(a, b) for a, b in zip(first, again)
+               if a.primitive.name in ("jit", "scan", "while", "cond", "remat2")]
+      assert pairs and all(x is y for a, b in pairs for x, y in
+                           zip(core.jaxprs_in_params(a.params), core.jaxprs_in_params(b.params)))
+  # Eagerly, with stochastic rounding: round-to-nearest quantization has a lax.cond of its
+  # own (dfpjax.numerics), which JAX compiles at every eager call.
+  f = dfp_transform(while_loop, STOCHASTIC)
+  first = f(w, xs, dfp_key=key)
+  caplog.clear()
+  with jax.log_compiles(True), caplog.at_level(logging.WARNING):
+    assert_bitwise_equal(f(w, xs, dfp_key=key), first)
+  assert not [r for r in caplog.records if r.getMessage().startswith("Compiling")]
+  # The reused jaxprs take the key as an operand: another key gives a fresh trace's bits.
+  other = f(w, xs, dfp_key=jax.random.key(1))
+  assert not np.array_equal(other, first)
+  assert_bitwise_equal(other, dfp_transform(while_loop, STOCHASTIC)(w, xs,
+                                                                    dfp_key=jax.random.key(1)))
+  assert [r.mode for r in report(f, w, xs)] == ["dfp"]  # report still meets the loop's site
 
 
 def test_remat_keeps_policy():
@@ -564,6 +594,13 @@ def test_conv_net_rewritten_and_grad_commutes():
   kept = report(loss, params, x, config=dfpjax.DFPConfig(keep_float=("*/grouped",)))
   assert {(r.path, r.mode) for r in kept} == {("ConvNet/conv", "dfp"),
                                                ("ConvNet/grouped", "float")}
+  # The output shapes tell the passes apart (x is not differentiated: conv has no dx).
+  assert sorted((r.path, r.direction, r.out_shape) for r in report(jax.grad(loss), params, x)) == [
+      ("ConvNet/conv", "backward", (3, 3, 3, 4)),         # weight gradient
+      ("ConvNet/conv", "forward", (2, 6, 6, 4)),
+      ("ConvNet/grouped", "backward", (2, 6, 6, 4)),      # input gradient
+      ("ConvNet/grouped", "backward", (3, 3, 2, 4)),      # weight gradient
+      ("ConvNet/grouped", "forward", (2, 3, 3, 4))]
 
 
 # ---------------------------------------------------------------------------------------

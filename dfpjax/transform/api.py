@@ -15,6 +15,7 @@ from dfpjax.transform import interpreter
 class _Traced(NamedTuple):
   jaxpr: core.ClosedJaxpr
   out_tree: Any
+  rewrites: dict  # its sub-computations, rewritten (interpreter.Context.rewrites)
 
 
 class Transform:
@@ -36,6 +37,8 @@ class Transform:
   def __call__(self, ctx: interpreter.Context, key, args, kwargs):
     """fn(*args, **kwargs) with its sites rewritten; ``key`` the stochastic-rounding key."""
     leaves, traced = self._traced(args, kwargs)
+    if ctx.records is None:  # report must meet every site again
+      ctx.rewrites = traced.rewrites
     scope = interpreter.Scope(source_info_util.current_name_stack(), key)
     outs = interpreter.eval_jaxpr(ctx, traced.jaxpr.jaxpr, traced.jaxpr.consts, leaves, scope)
     return jax.tree.unflatten(traced.out_tree, outs)
@@ -78,7 +81,7 @@ class Transform:
       return out_leaves
 
     jaxpr = jax.make_jaxpr(flat_fn)(*leaves)
-    return _Traced(jaxpr, out_tree[0])
+    return _Traced(jaxpr, out_tree[0], {})
 
 
 def dfp_transform(fn: Callable, config: DFPConfig | None = None, *,

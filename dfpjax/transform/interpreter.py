@@ -65,6 +65,8 @@ class SiteRecord:
     primitive: ``"dot_general"`` or ``"conv_general_dilated"``.
     shapes, dtypes: of the two operands.
     out_dtype: the equation's output type (the DFP op's ``preferred_element_type``).
+    out_shape: the output's shape. In the backward pass it tells an input gradient (the
+      forward input's shape) from a weight gradient (the weight's, up to a transpose).
     path: the module path (see ``names.module_path``).
     direction: ``"backward"`` when the equation came from a transpose, else ``"forward"``.
     mode: ``"dfp"`` (rewritten), ``"float"`` (kept in floating point) or ``"unchanged"``
@@ -76,6 +78,7 @@ class SiteRecord:
   shapes: tuple[tuple[int, ...], ...]
   dtypes: tuple[np.dtype, ...]
   out_dtype: np.dtype
+  out_shape: tuple[int, ...]
   path: str
   direction: str
   mode: str
@@ -87,6 +90,7 @@ class Context:
   """What one interpretation rewrites (``config``), and what it has met so far."""
   config: DFPConfig
   records: list[SiteRecord] | None = None  # collected for ``report`` when a list
+  rewrites: dict | None = None  # sub-computations rewritten by earlier calls (``_rewrite``)
   num_sites: int = 0
 
   def new_site(self) -> int:
@@ -221,12 +225,13 @@ def _site(ctx: Context, eqn, invals, scope: Scope):
     mode, reason = "float", scope.keep_reason
   else:
     mode, reason = "dfp", "rewritten"
-  out_dtype = np.dtype(eqn.outvars[0].aval.dtype)
+  out_aval = eqn.outvars[0].aval
+  out_dtype = np.dtype(out_aval.dtype)
   if ctx.records is not None:
     ctx.records.append(SiteRecord(
         index, op, tuple(a.shape for a in avals), tuple(np.dtype(a.dtype) for a in avals),
-        out_dtype, path, "backward" if is_backward(scope.name_stack) else "forward", mode,
-        reason))
+        out_dtype, tuple(out_aval.shape), path,
+        "backward" if is_backward(scope.name_stack) else "forward", mode, reason))
   if mode != "dfp":
     return eqn.primitive.bind(*invals, **eqn.params)
   for a in avals:
@@ -268,10 +273,40 @@ def _trace(fun: Callable, in_avals) -> tuple[core.ClosedJaxpr, list]:
   return new, list(consts)
 
 
-def _rewrite_closed(ctx, closed: core.ClosedJaxpr, scope: Scope):
-  """``closed``'s computation with its sites rewritten, as ``_trace`` returns it."""
-  return _trace(lambda *args: eval_jaxpr(ctx, closed.jaxpr, closed.consts, args, scope),
-                closed.in_avals)
+def _rewrite(ctx, ident, scope: Scope, in_avals, body: Callable):
+  """Traces ``body(scope, *args)`` as ``_trace`` does, with the scope's key, if any, as an
+  operand after the hoisted consts; returns the jaxpr and its leading operands (the hoisted
+  consts, then the key).
+
+  The result does not depend on the key's value, so ``ctx.rewrites`` keeps it for later
+  calls, under ``ident`` (the sub-jaxpr rewritten) and where it is met: an eager call then
+  binds the same jaxprs as the call before, which JAX has compiled already, instead of new
+  ones that it would compile again.
+  """
+  keys = scope.key_operands()
+  cache_key = (ident, scope.name_stack, scope.keep_reason, len(keys), scope.sites.n)
+  cached = None if ctx.rewrites is None else ctx.rewrites.get(cache_key)
+  if cached is None:
+    start = scope.sites.n
+
+    def fun(*args):
+      key_args, args = _split(args, [len(keys)])
+      return body(dataclasses.replace(scope, key=key_args[0] if keys else None), *args)
+    jaxpr, consts = _trace(fun, [core.typeof(k) for k in keys] + list(in_avals))
+    cached = jaxpr, consts, scope.sites.n - start
+    # A jaxpr that closed over an outer tracer is valid in this trace only.
+    if ctx.rewrites is not None and not any(isinstance(c, core.Tracer) for c in consts):
+      ctx.rewrites[cache_key] = cached
+  else:
+    scope.sites.n += cached[2]  # the sites numbered inside, as if traced again
+  jaxpr, consts, _ = cached
+  return jaxpr, [*consts, *keys]
+
+
+def _rewrite_closed(ctx, closed: core.ClosedJaxpr, scope: Scope, ident=None):
+  """``closed``'s computation with its sites rewritten, as ``_rewrite`` returns it."""
+  return _rewrite(ctx, closed if ident is None else ident, scope, closed.in_avals,
+                  lambda inner, *args: eval_jaxpr(ctx, closed.jaxpr, closed.consts, args, inner))
 
 
 def _counter_aval():
@@ -317,7 +352,7 @@ def _call_rule(ctx, eqn, invals, scope):
 
 def _remat_rule(ctx, eqn, invals, scope):
   p = eqn.params
-  new, hoisted = _rewrite_closed(ctx, pe.close_jaxpr(p["jaxpr"]), scope)
+  new, hoisted = _rewrite_closed(ctx, pe.close_jaxpr(p["jaxpr"]), scope, ident=p["jaxpr"])
   prevent_cse = p["prevent_cse"]
   if isinstance(prevent_cse, tuple):
     prevent_cse = (True,) * len(hoisted) + prevent_cse
@@ -334,27 +369,28 @@ def _cond_rule(ctx, eqn, invals, scope):
                             **dict(eqn.params, branches=tuple(branches)))
 
 
-def _loop_body(ctx, closed: core.ClosedJaxpr, num_consts: int, scope: Scope, *, count: bool):
-  """The body's traced rewrite; with ``count``, it takes and returns an int32 iteration
-  counter after its consts, and its sites' keys fold in the iteration."""
-  if not count:
+def _loop_part(ctx, closed: core.ClosedJaxpr, num_consts: int, scope: Scope, *, body: bool):
+  """A loop's body or condition rewritten. With a key, it also takes an int32 iteration
+  counter after its consts (a body returns the next count first), and its sites' keys fold
+  in the iteration."""
+  if scope.key is None:
     return _rewrite_closed(ctx, closed, scope)
 
-  def body(*args):
+  def fun(inner, *args):
     consts, (i,), rest = _split(args, [num_consts, 1])
-    outs = eval_jaxpr(ctx, closed.jaxpr, closed.consts, consts + rest, scope.in_iteration(i))
-    return [i + 1, *outs]
+    outs = eval_jaxpr(ctx, closed.jaxpr, closed.consts, consts + rest, inner.in_iteration(i))
+    return [i + 1, *outs] if body else outs
   avals = list(closed.in_avals)
-  return _trace(body, avals[:num_consts] + [_counter_aval()] + avals[num_consts:])
+  in_avals = avals[:num_consts] + [_counter_aval()] + avals[num_consts:]
+  return _rewrite(ctx, closed, scope, in_avals, fun)
 
 
 def _scan_rule(ctx, eqn, invals, scope):
   p = eqn.params
   nc = p["num_consts"]
-  count = scope.key is not None
-  body, hoisted = _loop_body(ctx, p["jaxpr"], nc, scope, count=count)
+  body, hoisted = _loop_part(ctx, p["jaxpr"], nc, scope, body=True)
   consts, rest = _split(invals, [nc])
-  counter = [jnp.zeros((), jnp.int32)] if count else []
+  counter = [] if scope.key is None else [jnp.zeros((), jnp.int32)]
   outs = eqn.primitive.bind(*hoisted, *consts, *counter, *rest,
                             **dict(p, jaxpr=body, num_consts=len(hoisted) + nc,
                                    num_carry=p["num_carry"] + len(counter)))
@@ -364,20 +400,11 @@ def _scan_rule(ctx, eqn, invals, scope):
 def _while_rule(ctx, eqn, invals, scope):
   p = eqn.params
   cn, bn = p["cond_nconsts"], p["body_nconsts"]
-  count = scope.key is not None
   cond_consts, body_consts, carry = _split(invals, [cn, bn])
-  cond = p["cond_jaxpr"]
-  if count:
-    # The condition sees (and ignores) the counter that the body carries.
-    def cond_fun(*args):
-      consts, (i,), rest = _split(args, [cn, 1])
-      return eval_jaxpr(ctx, cond.jaxpr, cond.consts, consts + rest, scope.in_iteration(i))
-    avals = list(cond.in_avals)
-    new_cond, cond_hoisted = _trace(cond_fun, avals[:cn] + [_counter_aval()] + avals[cn:])
-  else:
-    new_cond, cond_hoisted = _rewrite_closed(ctx, cond, scope)
-  new_body, body_hoisted = _loop_body(ctx, p["body_jaxpr"], bn, scope, count=count)
-  counter = [jnp.zeros((), jnp.int32)] if count else []
+  # With a key, the condition sees (and ignores) the counter that the body carries.
+  new_cond, cond_hoisted = _loop_part(ctx, p["cond_jaxpr"], cn, scope, body=False)
+  new_body, body_hoisted = _loop_part(ctx, p["body_jaxpr"], bn, scope, body=True)
+  counter = [] if scope.key is None else [jnp.zeros((), jnp.int32)]
   outs = eqn.primitive.bind(
       *cond_hoisted, *cond_consts, *body_hoisted, *body_consts, *counter, *carry,
       **dict(p, cond_jaxpr=new_cond, body_jaxpr=new_body,

@@ -25,7 +25,7 @@ class Report(list):
          r.direction,
          r.path or "<top>",
          " x ".join(f"{_short(d)}{list(s)}" for s, d in zip(r.shapes, r.dtypes)),
-         _short(r.out_dtype),
+         f"{_short(r.out_dtype)}{list(r.out_shape)}",
          r.mode,
          r.reason) for r in self]
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
@@ -45,8 +45,8 @@ def report(fn: Callable, *args, config: DFPConfig | None = None, **kwargs) -> Re
   """Lists the ``dot_general``/``conv_general_dilated`` sites of ``fn(*args, **kwargs)``.
 
   One record per equation in the traced program, in the order ``dfp_transform`` meets
-  them (a site in a loop body is listed once): primitive, operand shapes and dtypes,
-  module path, pass (``"backward"`` when it came from a transpose), mode (``"dfp"``,
+  them (a site in a loop body is listed once): primitive, operand and output shapes and
+  dtypes, module path, pass (``"backward"`` when it came from a transpose), mode (``"dfp"``,
   ``"float"`` or ``"unchanged"``) and the reason. Nothing is computed: the arguments
   may be ``jax.ShapeDtypeStruct``s.
 
