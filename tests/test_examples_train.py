@@ -1,4 +1,5 @@
-"""Tests of the example trainer: FP32 training on the shipped images, exact resume, CLI, configs."""
+"""Tests of the example trainer: FP32 and DFP training on the shipped images, exact resume, CLI,
+configs."""
 
 import dataclasses
 import importlib.util
@@ -14,7 +15,7 @@ import orbax.checkpoint as ocp
 import pytest
 from PIL import Image
 
-from examples.imagenet import configs, input_pipeline, main, models, reporting, train
+from examples.imagenet import compare, configs, input_pipeline, main, models, reporting, train
 from examples.imagenet.configs.base import Config
 
 # A narrow ResNet-18 on the shipped Fashion-MNIST subset: 93 steps per epoch, so resuming from
@@ -24,16 +25,21 @@ RUN = Config(
     image_size=32, crop_scale=(0.35, 1.0), num_workers=0, batch_size=64, base_learning_rate=0.2,
     lr_schedule="cosine", warmup_epochs=0.1, num_epochs=1.0, num_train_steps=100,
     weight_decay=5e-4, log_every_steps=10, eval_every_steps=50, checkpoint_every_steps=90)
+# The same run through dfp_transform (the trainer's --dfp), with one block per stage (DFP steps
+# compile several times slower than FP32 ones) and stochastic rounding, so that resuming must
+# also restore the rounding keys.
+DFP_RUN = dataclasses.replace(RUN, model_kwargs={"num_filters": 8, "stage_sizes": (1, 1, 1, 1)},
+                              dfp=True, dfp_rounding="stochastic")
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
+@pytest.fixture(scope="module", params=[RUN, DFP_RUN], ids=["fp32", "dfp"])
+def run(request, tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("run"))
-  return workdir, train.train_and_evaluate(RUN, workdir)
+  return request.param, workdir, train.train_and_evaluate(request.param, workdir)
 
 
-def test_fp32_training_learns(run):
-  workdir, summary = run
+def test_training_learns(run):
+  _, workdir, summary = run
   records = reporting.read_metrics(workdir)
   train_loss = [r["loss"] for r in records if r["split"] == "train"]
   assert len(train_loss) == 10
@@ -47,9 +53,9 @@ def test_fp32_training_learns(run):
 
 
 def test_run_outputs(run):
-  workdir, summary = run
+  config, workdir, summary = run
   with open(os.path.join(workdir, "config.json"), encoding="utf-8") as f:
-    assert Config(**json.load(f)).model_kwargs == {"num_filters": 8}
+    assert json.load(f) == json.loads(json.dumps(dataclasses.asdict(config)))
   with open(os.path.join(workdir, "summary.json"), encoding="utf-8") as f:
     assert json.load(f) == summary
   with Image.open(os.path.join(workdir, "curves.png")) as png:
@@ -68,11 +74,11 @@ def restore_raw(workdir, step):
 
 
 def test_resume_takes_exactly_the_uninterrupted_steps(run, tmp_path):
-  workdir, summary = run
+  config, workdir, summary = run
   resumed = str(tmp_path / "resumed")
   shutil.copytree(workdir, resumed)
   shutil.rmtree(os.path.join(resumed, "checkpoints", "100"))  # as if stopped after step 90
-  resumed_summary = train.train_and_evaluate(RUN, resumed)
+  resumed_summary = train.train_and_evaluate(config, resumed)
 
   expected, actual = restore_raw(workdir, 100), restore_raw(resumed, 100)
   assert int(actual["step"]) == 100
@@ -151,6 +157,12 @@ def test_command_line_overrides(tmp_path):
   plain = main.config_from_args(main.parse_args(["--workdir", "w", "--no-dfp"]))
   assert plain == dataclasses.replace(main.load_config("default"), dfp=False)
   assert main.parse_args(["--workdir", "w"]).mode == "train"
+
+
+def test_compare_rejects_bad_dfp_settings_before_training(tmp_path):
+  with pytest.raises(ValueError, match="2..16"):
+    compare.run_compare(dataclasses.replace(RUN, dfp_bits=17), str(tmp_path))
+  assert not (tmp_path / "fp32").exists()
 
 
 def test_comparison_table():

@@ -15,7 +15,7 @@ def run_compare(config: Config, workdir: str) -> str:
   Both runs start from the same initialisation and see the same batches, so the difference is the
   arithmetic alone. Writes workdir/compare.md and workdir/compare.png; returns the markdown.
   """
-  train.make_dfp_step(train.train_step, config)  # fail before the FP32 run if DFP is unavailable
+  train.make_dfp_config(config)  # bad DFP settings fail before the FP32 run starts
   summaries, records = {}, {}
   for label, dfp in (("FP32", False), (f"DFP{config.dfp_bits}", True)):
     run_dir = os.path.join(workdir, "dfp" if dfp else "fp32")

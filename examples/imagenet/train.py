@@ -123,20 +123,22 @@ def eval_step(state: TrainState, batch):
           "count": jnp.sum(mask)}
 
 
+def make_dfp_config(config: Config):
+  """The ``dfpjax.DFPConfig`` of ``config``'s DFP fields (also what ``dfpjax.report`` takes)."""
+  import dfpjax  # pylint: disable=g-import-not-at-top
+  quant = dfpjax.QuantConfig(bits=config.dfp_bits, rounding=config.dfp_rounding)
+  return dfpjax.DFPConfig(forward=quant, gradient=quant, keep_float=config.dfp_keep_float)
+
+
 def make_dfp_step(step_fn, config: Config):
   """``step_fn`` with every convolution and matmul in INT16 dynamic fixed point.
 
-  The one place the examples call into dfpjax; imported lazily so FP32 runs never need it.
-  ``step_fn(state, batch)`` keeps its signature: stochastic rounding takes its key from the state,
-  as dropout does, so DFP runs stay reproducible and resume exactly.
+  This and ``make_dfp_config`` are the examples' only uses of dfpjax, imported lazily so that
+  FP32 runs never need it. ``step_fn(state, batch)`` keeps its signature: stochastic rounding
+  takes its key from the state, as dropout does, so DFP runs stay reproducible and resume exactly.
   """
   import dfpjax  # pylint: disable=g-import-not-at-top
-  if not hasattr(dfpjax, "dfp_transform"):
-    raise NotImplementedError(
-        f"--dfp needs dfpjax.dfp_transform, which dfpjax {dfpjax.__version__} does not have yet; "
-        "run with --no-dfp")
-  quant = dfpjax.QuantConfig(bits=config.dfp_bits, rounding=config.dfp_rounding)
-  dfp_config = dfpjax.DFPConfig(forward=quant, gradient=quant, keep_float=config.dfp_keep_float)
+  dfp_config = make_dfp_config(config)
   dfp_step = dfpjax.dfp_transform(step_fn, dfp_config)
   if not dfp_config.needs_key:
     return dfp_step
@@ -155,11 +157,15 @@ def checkpoint_manager(workdir: str, config: Config) -> ocp.CheckpointManager:
                                options=options)
 
 
-def restore_checkpoint(manager: ocp.CheckpointManager, state: TrainState) -> TrainState:
+def restore_or_create(manager: ocp.CheckpointManager, create_state) -> TrainState:
+  """The latest checkpoint, or ``create_state()`` when there is none.
+
+  Restoring needs only the state's shapes, so a resumed run skips the (compiled) initialisation.
+  """
   step = manager.latest_step()
   if step is None:
-    return state
-  return manager.restore(step, args=ocp.args.StandardRestore(state))
+    return create_state()
+  return manager.restore(step, args=ocp.args.StandardRestore(jax.eval_shape(create_state)))
 
 
 def evaluate(p_eval_step, state, source, config: Config) -> dict[str, float]:
@@ -197,9 +203,9 @@ def train_and_evaluate(config: Config, workdir: str) -> dict[str, Any]:
   learning_rate_fn = create_learning_rate_fn(config, schedule_epoch)
 
   model = create_model(config, train_source.num_classes)
-  state = create_train_state(config, model, config.image_size, learning_rate_fn)
   manager = checkpoint_manager(workdir, config)
-  state = restore_checkpoint(manager, state)
+  state = restore_or_create(manager, functools.partial(
+      create_train_state, config, model, config.image_size, learning_rate_fn))
   start_step = int(state.step)
 
   step_fn = functools.partial(train_step, aux_loss_weight=config.aux_loss_weight)
