@@ -68,6 +68,13 @@ def test_run_outputs(run):
     assert any(name.startswith("events.out.tfevents") for name in os.listdir(tb_dir))
 
 
+def test_a_finished_run_reports_its_summary_again(run):
+  config, workdir, summary = run
+  assert train.train_and_evaluate(config, workdir) == summary
+  with open(os.path.join(workdir, "summary.json"), encoding="utf-8") as f:
+    assert json.load(f) == summary
+
+
 def restore_raw(workdir, step):
   path = os.path.join(workdir, "checkpoints", str(step), "default")
   return ocp.StandardCheckpointer().restore(path)

@@ -188,7 +188,8 @@ def train_and_evaluate(config: Config, workdir: str) -> dict[str, Any]:
   """Trains (resuming from ``workdir``'s latest checkpoint), evaluates, and writes to ``workdir``:
   config.json, metrics.jsonl, tensorboard/, checkpoints/, curves.png and summary.json.
 
-  Returns the summary: final train/eval metrics, images/s and wall time.
+  Returns the summary: final train/eval metrics, images/s and wall time. A workdir trained to
+  the end already returns its summary.json.
   """
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
@@ -204,6 +205,11 @@ def train_and_evaluate(config: Config, workdir: str) -> dict[str, Any]:
 
   model = create_model(config, train_source.num_classes)
   manager = checkpoint_manager(workdir, config)
+  summary_path = os.path.join(workdir, "summary.json")
+  if manager.latest_step() == num_steps and os.path.exists(summary_path):
+    manager.close()  # nothing to train: report the run that finished rather than an empty one
+    with open(summary_path, encoding="utf-8") as f:
+      return json.load(f)
   state = restore_or_create(manager, functools.partial(
       create_train_state, config, model, config.image_size, learning_rate_fn))
   start_step = int(state.step)
@@ -276,7 +282,7 @@ def train_and_evaluate(config: Config, workdir: str) -> dict[str, Any]:
       "images_per_sec": timed_images / timed_seconds if timed_seconds else float("nan"),
       "wall_time_s": time.perf_counter() - start_time,
   }
-  with open(os.path.join(workdir, "summary.json"), "w", encoding="utf-8") as f:
+  with open(summary_path, "w", encoding="utf-8") as f:
     json.dump(summary, f, indent=2)
   reporting.plot_curves({config.model: reporting.read_metrics(workdir)},
                         os.path.join(workdir, "curves.png"))
