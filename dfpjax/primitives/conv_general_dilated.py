@@ -254,11 +254,21 @@ def _bind(*args, **params):
   return impl(*args, **params)
 
 
+def _channels_last(spec) -> tuple[int, ...]:
+  """Activations ``spec`` (N, C, spatial...) -> the kernel's N, spatial..., C."""
+  return (spec[0], *spec[2:], spec[1])
+
+
+def _window_first(spec) -> tuple[int, ...]:
+  """Weights ``spec`` (O, I, spatial...) -> the kernel's window..., I, O."""
+  return (*spec[2:], spec[1], spec[0])
+
+
 def _canonical(ma, mb, p: ConvParams):
   """Mantissas in the kernel's layout, batch groups folded into feature groups."""
   lhs_spec, rhs_spec, _ = p.dimension_numbers
-  x = jnp.transpose(ma, (lhs_spec[0], *lhs_spec[2:], lhs_spec[1]))  # N, spatial, C
-  w = jnp.transpose(mb, (*rhs_spec[2:], rhs_spec[1], rhs_spec[0]))  # window, I, O
+  x = jnp.transpose(ma, _channels_last(lhs_spec))  # N, spatial, C
+  w = jnp.transpose(mb, _window_first(rhs_spec))  # window, I, O
   groups = p.feature_group_count
   if p.batch_group_count > 1:
     # Batch group j of the input pairs with output-feature group j: as channel groups.
@@ -346,7 +356,7 @@ def exact_conv(qa: DFPTensor, qb: DFPTensor, params: ConvParams, out_dtype):
   else:
     y = _forward_by_phases(x, ex, w, eb, geometry, per_dim, np.dtype(out_dtype))
   out_spec = params.dimension_numbers.out_spec
-  return jnp.transpose(y, np.argsort((out_spec[0], *out_spec[2:], out_spec[1])))
+  return jnp.transpose(y, np.argsort(_channels_last(out_spec)))
 
 
 def _exact_backward_data(qg: DFPTensor, qw: DFPTensor, lhs_shape, p: ConvParams, out_dtype):
@@ -357,14 +367,14 @@ def _exact_backward_data(qg: DFPTensor, qw: DFPTensor, lhs_shape, p: ConvParams,
     dy, w, params = _transpose_lhs(qg.mantissa, qw.mantissa, lhs_shape, p)
     dx = exact_conv(DFPTensor(dy, qg.exponent), DFPTensor(w, qw.exponent), params, out_dtype)
     return _finish_transpose_lhs(dx, p)
-  dy = jnp.transpose(qg.mantissa, (out_spec[0], *out_spec[2:], out_spec[1]))
-  w = jnp.transpose(qw.mantissa, (*rhs_spec[2:], rhs_spec[1], rhs_spec[0]))
+  dy = jnp.transpose(qg.mantissa, _channels_last(out_spec))
+  w = jnp.transpose(qw.mantissa, _window_first(rhs_spec))
   geometry = Geometry(tuple(w.shape[:-2]), p.window_strides, p.padding, p.lhs_dilation,
                       p.rhs_dilation, p.feature_group_count,
                       tuple(lhs_shape[d] for d in lhs_spec[2:]))
   dx = _bind(dy, jnp.reshape(qg.exponent, (1,)), w, jnp.reshape(qw.exponent, (1,)),
              geometry=geometry, mode="backward_data", out_dtype=np.dtype(out_dtype))
-  return jnp.transpose(dx, np.argsort((lhs_spec[0], *lhs_spec[2:], lhs_spec[1])))
+  return jnp.transpose(dx, np.argsort(_channels_last(lhs_spec)))
 
 
 def _exact_backward_weights(qx: DFPTensor, qg: DFPTensor, rhs_shape, p: ConvParams, out_dtype):
@@ -373,14 +383,14 @@ def _exact_backward_weights(qx: DFPTensor, qg: DFPTensor, rhs_shape, p: ConvPara
     x, g, params = _transpose_rhs(qg.mantissa, qx.mantissa, rhs_shape, p)
     return exact_conv(DFPTensor(x, qx.exponent), DFPTensor(g, qg.exponent), params, out_dtype)
   lhs_spec, rhs_spec, out_spec = p.dimension_numbers
-  x = jnp.transpose(qx.mantissa, (lhs_spec[0], *lhs_spec[2:], lhs_spec[1]))
-  dy = jnp.transpose(qg.mantissa, (out_spec[0], *out_spec[2:], out_spec[1]))
+  x = jnp.transpose(qx.mantissa, _channels_last(lhs_spec))
+  dy = jnp.transpose(qg.mantissa, _channels_last(out_spec))
   window = tuple(rhs_shape[d] for d in rhs_spec[2:])
   geometry = Geometry(window, p.window_strides, p.padding, p.lhs_dilation, p.rhs_dilation,
                       p.feature_group_count)
   dw = _bind(x, jnp.reshape(qx.exponent, (1,)), dy, jnp.reshape(qg.exponent, (1,)),
              geometry=geometry, mode="backward_weights", out_dtype=np.dtype(out_dtype))
-  return jnp.transpose(dw, np.argsort((*rhs_spec[2:], rhs_spec[1], rhs_spec[0])))
+  return jnp.transpose(dw, np.argsort(_window_first(rhs_spec)))
 
 
 def _transpose_lhs(mg, mb, lhs_shape, p: ConvParams) -> tuple:

@@ -37,7 +37,8 @@ typedef struct {
   int status;
 } conv_plan;
 
-static void fail(conv_plan* c, int status) { __atomic_store_n(&c->status, status, __ATOMIC_RELAXED); }
+/* Records a task's error; any one of several concurrent ones is kept. */
+static void fail(int* status, int code) { __atomic_store_n(status, code, __ATOMIC_RELAXED); }
 
 static size_t min_size(size_t a, size_t b) { return a < b ? a : b; }
 static size_t ceil_div(size_t a, size_t b) { return (a + b - 1) / b; }
@@ -50,7 +51,7 @@ static void pack_b_task(void* arg, size_t t) {
   /* w [taps * cin][groups * cout] or dy [pixels][groups * cout]: K rows, this group's columns. */
   if (dfp_pack_panel(c->args->b + g * s->cout, c->n, c->k, 1, s->groups * s->cout, q * nr, nr,
                      c->bpack + t * c->kpairs * nr * 2, c->bbound + t * c->kblocks * DFP_CHUNK_LEVELS))
-    fail(c, DFP_ERR_BAD_MANTISSA);
+    fail(&c->status, DFP_ERR_BAD_MANTISSA);
 }
 
 /* Adds K blocks [kb0, kb1) of cache block (mb, nb) of group g into acc (row stride ldc). */
@@ -66,7 +67,7 @@ static void run_block(conv_plan* c, size_t g, size_t mb, size_t nb, size_t kb0, 
   int16_t* apack = (int16_t*)malloc(panels * panel_stride * sizeof(int16_t));
   uint64_t abound[DFP_IM2COL_MAX_ROWS * DFP_CHUNK_LEVELS];
   if (apack == NULL) {
-    fail(c, DFP_ERR_ALLOC);
+    fail(&c->status, DFP_ERR_ALLOC);
     return;
   }
   for (size_t kb = kb0; kb < kb1; ++kb) {
@@ -78,7 +79,7 @@ static void run_block(conv_plan* c, size_t g, size_t mb, size_t nb, size_t kb0, 
       dfp_im2col_pack_pixels(&patches, c->m, row0, mr, panels, k0, k1, apack, panel_stride);
     for (size_t p = 0; p < panels; ++p)
       if (dfp_block_bounds(apack + p * panel_stride, kc, mr, abound + p * DFP_CHUNK_LEVELS))
-        fail(c, DFP_ERR_BAD_MANTISSA);
+        fail(&c->status, DFP_ERR_BAD_MANTISSA);
     for (size_t q = q0; q < q1; ++q) {
       const size_t bq = g * c->npanels + q;
       const int16_t* bp = c->bpack + (bq * c->kpairs + kb * DFP_KC_PAIRS) * nr * 2;
@@ -104,7 +105,7 @@ static void forward_task(void* arg, size_t t) {
   const size_t bytes = c->mcp * mr * ldc * sizeof(int64_t);
   int64_t* acc = (int64_t*)aligned_alloc(64, ceil_div(bytes, 64) * 64);
   if (acc == NULL) {
-    fail(c, DFP_ERR_ALLOC);
+    fail(&c->status, DFP_ERR_ALLOC);
     return;
   }
   memset(acc, 0, bytes);
@@ -236,7 +237,7 @@ static void col2im_pack_b_task(void* arg, size_t t) {
   /* Row (tap, c) of W^T is w[tap][c][g * cout + o] over o. */
   if (dfp_pack_panel(c->args->b + g * s->cout, c->n, c->k, s->groups * s->cout, 1, q * nr, nr,
                      c->bpack + t * c->kpairs * nr * 2, c->bbound + t * c->kblocks * DFP_CHUNK_LEVELS))
-    __atomic_store_n(&c->status, DFP_ERR_BAD_MANTISSA, __ATOMIC_RELAXED);
+    fail(&c->status, DFP_ERR_BAD_MANTISSA);
 }
 
 static void col2im_task(void* arg, size_t t) {
@@ -250,7 +251,7 @@ static void col2im_task(void* arg, size_t t) {
   uint64_t* abound = (uint64_t*)malloc(mcp * (levels ? levels : 1) * sizeof(uint64_t));
   int64_t* acc = (int64_t*)malloc(mcp * mr * ldc * sizeof(int64_t));
   if (!apack || !abound || !acc) {
-    __atomic_store_n(&c->status, DFP_ERR_ALLOC, __ATOMIC_RELAXED);
+    fail(&c->status, DFP_ERR_ALLOC);
   } else {
     const size_t channels_out = s->groups * s->cout, channels_in = s->groups * s->cin;
     const int16_t* dy = c->args->x + image * c->pixels * channels_out + g * s->cout;
@@ -259,7 +260,7 @@ static void col2im_task(void* arg, size_t t) {
       for (size_t p = 0; p < panels; ++p)
         if (dfp_pack_panel(dy, c->pixels, c->k, channels_out, 1, row0 + p * mr, mr,
                            apack + p * kp * mr * 2, abound + p * levels))
-          __atomic_store_n(&c->status, DFP_ERR_BAD_MANTISSA, __ATOMIC_RELAXED);
+          fail(&c->status, DFP_ERR_BAD_MANTISSA);
       memset(acc, 0, panels * mr * ldc * sizeof(int64_t));
       for (size_t kb = 0; kb < c->kblocks; ++kb) {
         const size_t kc = min_size(c->kpairs - kb * DFP_KC_PAIRS, DFP_KC_PAIRS);
