@@ -2,6 +2,10 @@
 
 import functools
 import logging
+import os
+import subprocess
+import sys
+from typing import Callable
 
 import flax.linen as nn
 import jax
@@ -11,6 +15,7 @@ import optax
 import pytest
 from jax import lax
 from jax._src import config as jax_config
+from jax._src import hijax
 from jax._src import source_info_util
 from jax.extend import core
 from jax.sharding import PartitionSpec as P
@@ -19,10 +24,6 @@ import dfpjax
 from dfpjax.primitives import reference_mode
 from dfpjax.transform import dfp_transform, report
 from dfpjax.transform.names import is_backward, module_path
-
-HAS_CONV = getattr(dfpjax, "dfp_conv_general_dilated", None) is not None
-requires_conv = pytest.mark.skipif(
-    not HAS_CONV, reason="dfpjax.dfp_conv_general_dilated is not written yet")
 
 # Compile options. FAST: less LLVM optimization (compile time dominates these tests).
 # SAME_CODEGEN: also no HLO fusion. XLA compiles the float code around a DFP product
@@ -62,6 +63,8 @@ def walk(jaxpr, name_stack=source_info_util.NameStack()):
     stack = name_stack + eqn.source_info.name_stack
     yield eqn, stack
     for value in eqn.params.values():
+      if isinstance(value, hijax.CustomVJPTraced):   # a custom_vjp under jax_custom_vjp3
+        value = value.traced.jaxpr
       for v in value if isinstance(value, tuple) else (value,):
         if isinstance(v, core.ClosedJaxpr):
           yield from walk(v.jaxpr, stack)
@@ -300,11 +303,6 @@ def test_remat_keeps_policy():
   assert remat.params["policy"] is policy and remat.params["prevent_cse"] is False
 
 
-@jax.custom_vjp
-def half_grad_matmul(x, w):
-  return x @ w
-
-
 def _half_fwd(x, w):
   return x @ w, (x, w)
 
@@ -314,7 +312,18 @@ def _half_bwd(res, g):
   return 0.5 * (g @ w.T), x.T @ g   # deliberately not the true gradient of x
 
 
-half_grad_matmul.defvjp(_half_fwd, _half_bwd)
+def make_half_grad_matmul():
+  """x @ w with a user's custom_vjp, in the form the jax_custom_vjp3 flag in force picks:
+  a custom_vjp_call equation, or a call_hi_primitive (hijax) one."""
+  @jax.custom_vjp
+  def half_grad_matmul(x, w):
+    return x @ w
+  half_grad_matmul.defvjp(_half_fwd, _half_bwd)
+  return half_grad_matmul
+
+
+half_grad_matmul = make_half_grad_matmul()
+CUSTOM_VJP_FORMS = {"classic": False, "vjp3": True}
 
 
 @jax.custom_jvp
@@ -329,10 +338,15 @@ def _cubed_jvp(primals, tangents):
   return y ** 3, 3 * y ** 2 * (dx @ w + x @ dw)
 
 
-def test_custom_vjp_keeps_the_users_rule():
+@pytest.mark.parametrize("form", CUSTOM_VJP_FORMS)
+def test_custom_vjp_keeps_the_users_rule(form):
+  with jax_config.custom_vjp3(CUSTOM_VJP_FORMS[form]):
+    matmul = make_half_grad_matmul()
   x = jax.random.normal(jax.random.key(5), (4, 3))
   w = jax.random.normal(jax.random.key(6), (3, 2))
-  f = lambda x, w: half_grad_matmul(x, w).sum()
+  f = lambda x, w: matmul(x, w).sum()
+  closed = jax.make_jaxpr(dfp_transform(f))(x, w)
+  assert float_sites(closed) == [] and count(closed, "dfp_dot_general") == 1
   dx, dw = run(jax.grad(dfp_transform(f), argnums=(0, 1)), x, w)
   ref_dx, ref_dw = jax.grad(f, argnums=(0, 1))(x, w)
   np.testing.assert_allclose(dx, ref_dx, atol=1e-3)     # half the true gradient
@@ -341,6 +355,56 @@ def test_custom_vjp_keeps_the_users_rule():
   assert float_sites(closed) == []                       # the bwd rule's dots too
   assert_bitwise_equal(
       (dx, dw), run(dfp_transform(jax.grad(f, argnums=(0, 1))), x, w))
+  # vmap of the transformed function quantizes each example on its own. So does the
+  # transformed vmap under jax_custom_vjp3, which keeps a vmapped custom_vjp a vmap of
+  # its primal; the classic form batches the primal's jaxpr (one exponent per batch).
+  xs = jnp.stack([x, -2 * x])
+  per_example = jnp.stack([run(dfp_transform(f), xi, w) for xi in xs])
+  assert_bitwise_equal(run(jax.vmap(dfp_transform(f), (0, None)), xs, w), per_example)
+  batched = jax.vmap(f, (0, None))
+  assert float_sites(jax.make_jaxpr(dfp_transform(batched))(xs, w)) == []
+  if form == "vjp3":
+    assert_bitwise_equal(run(dfp_transform(batched), xs, w), per_example)
+
+
+def _hijax_scaled_matmuls():
+  """Two custom_vjp forms of 2 * (x @ w) under jax_custom_vjp3, whose fwd rules call the
+  function itself (a hijax equation inside the rule): one with a static argument, one
+  with symbolic zeros. Neither gives w a gradient."""
+  with jax_config.custom_vjp3(True):
+    @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+    def static_scale(x, w, scale):
+      return scale * (x @ w)
+    static_scale.defvjp(lambda x, w, scale: (static_scale(x, w, scale), w),
+                        lambda scale, w, g: (scale * (g @ w.T), None))
+
+    @jax.custom_vjp
+    def symbolic(x, w):
+      return 2.0 * (x @ w)
+
+    def fwd(x, w):
+      assert x.perturbed and not w.perturbed
+      return symbolic(x.value, w.value), w.value
+    symbolic.defvjp(fwd, lambda w, g: (2.0 * (g @ w.T), None), symbolic_zeros=True)
+  return (lambda x, w: static_scale(x, w, 2.0)), symbolic
+
+
+@pytest.mark.parametrize("which", [0, 1], ids=["static_args", "symbolic_zeros"])
+def test_hijax_custom_vjp_rules_are_rewritten(which):
+  matmul = _hijax_scaled_matmuls()[which]
+  x = jax.random.normal(jax.random.key(5), (4, 3))
+  w = jax.random.normal(jax.random.key(6), (3, 2))
+  f = lambda x: matmul(x, w).sum()
+  closed = jax.make_jaxpr(dfp_transform(f))(x)
+  assert float_sites(closed) == [] and count(closed, "dfp_dot_general") == 1
+  grad = jax.make_jaxpr(jax.grad(dfp_transform(f)))(x)
+  assert float_sites(grad) == [] and count(grad, "dfp_dot_general") == 2
+  dx = run(jax.grad(dfp_transform(f)), x)
+  np.testing.assert_allclose(dx, jax.grad(f)(x), rtol=1e-3)
+  assert_bitwise_equal(dx, run(dfp_transform(jax.grad(f)), x))
+  for config in (None, STOCHASTIC):
+    records = report(jax.grad(f), x, config=config)
+    assert [(r.direction, r.mode) for r in records] == [("forward", "dfp"), ("backward", "dfp")]
 
 
 def test_custom_jvp_keeps_the_users_rule():
@@ -362,15 +426,55 @@ def test_shard_map_is_rewritten():
   mesh = jax.make_mesh((1,), ("d",), axis_types=(jax.sharding.AxisType.Auto,))
 
   def f(x, w):
-    # check_vma=False: the DFP primitives do not propagate varying manual axes yet.
     return jax.shard_map(lambda x, w: lax.psum(x @ w, "d"), mesh=mesh,
-                         in_specs=(P("d"), P()), out_specs=P(), check_vma=False)(x, w)
+                         in_specs=(P("d"), P()), out_specs=P(), check_vma=True)(x, w)
 
   x, w = jnp.ones((4, 3)), jnp.full((3, 2), 0.5)
   for config, kwargs in ((None, {}), (STOCHASTIC, {"dfp_key": jax.random.key(0)})):
     g = dfp_transform(f, config)
     assert float_sites(jax.make_jaxpr(functools.partial(g, **kwargs))(x, w)) == []
     np.testing.assert_array_equal(run(g, x, w, **kwargs), f(x, w))
+
+
+_TWO_DEVICES = """
+import jax, jax.numpy as jnp, numpy as np
+from jax import lax
+from jax.sharding import PartitionSpec as P
+import dfpjax
+from dfpjax.transform import dfp_transform
+
+assert jax.device_count() == 2
+x = jax.random.normal(jax.random.key(0), (4, 3))
+w = jax.random.normal(jax.random.key(1), (3, 2))
+dfp = lambda x, w: jnp.tanh(dfpjax.dfp_dot_general(x, w, (((1,), (0,)), ((), ()))))
+
+# shard_map with check_vma: w is invariant, the product varies over 'd'; each device
+# quantizes its own block of x.
+mesh = jax.make_mesh((2,), ("d",), axis_types=(jax.sharding.AxisType.Auto,))
+f = jax.shard_map(lambda x, w: lax.psum(jnp.tanh(x @ w), "d"), mesh=mesh,
+                  in_specs=(P("d"), P()), out_specs=P(), check_vma=True)
+assert np.array_equal(dfp_transform(f)(x, w), dfp(x[:2], w) + dfp(x[2:], w))
+loss = lambda x, w: f(x, w).sum()
+g1 = jax.jit(jax.grad(dfp_transform(loss), argnums=(0, 1)))(x, w)
+g2 = jax.jit(dfp_transform(jax.grad(loss, argnums=(0, 1))))(x, w)
+ref = jax.grad(lambda x, w: (dfp(x[:2], w) + dfp(x[2:], w)).sum(), argnums=(0, 1))(x, w)
+for a, b, r in zip(g1, g2, ref):
+  assert np.array_equal(a, b) and np.array_equal(a, r)  # w's gradient summed over 'd'
+
+# pmap is jit(shard_map(...)).
+xs = x.reshape(2, 2, 3)
+pmapped = dfp_transform(jax.pmap(lambda x, w: jnp.tanh(x @ w), in_axes=(0, None)))
+assert np.array_equal(pmapped(xs, w), jnp.stack([dfp(xs[0], w), dfp(xs[1], w)]))
+print("ok")
+"""
+
+
+def test_shard_map_and_pmap_on_two_devices():
+  # A fresh process: JAX fixes the number of CPU devices when it starts.
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  done = subprocess.run([sys.executable, "-c", _TWO_DEVICES], env=env, capture_output=True,
+                        text=True, timeout=600)
+  assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
 
 
 # ---------------------------------------------------------------------------------------
@@ -410,7 +514,9 @@ def test_stochastic_keys_reach_lazily_traced_rules():
   # Custom rules are traced when AD needs them, after the jit trace that owned the key.
   x = jax.random.normal(jax.random.key(5), (4, 3))
   w = jax.random.normal(jax.random.key(6), (3, 2))
-  for user_fn in (half_grad_matmul, cubed_matmul):
+  with jax_config.custom_vjp3(True):
+    hijax_half_grad_matmul = make_half_grad_matmul()
+  for user_fn in (half_grad_matmul, hijax_half_grad_matmul, cubed_matmul):
     f = dfp_transform(lambda x, w: user_fn(x, w).sum(), STOCHASTIC)
     key = jax.random.key(0)
     late = run(jax.grad(jax.jit(f)), x, w, dfp_key=key)   # rules traced after the jit trace
@@ -438,14 +544,20 @@ def test_unknown_higher_order_primitive_raises():
     report(f, x)
 
 
-def test_custom_vjp3_raises():
-  with jax_config.custom_vjp3(True):
-    @jax.custom_vjp
-    def f(x):
+def test_unknown_hijax_primitive_raises():
+  class Square(hijax.VJPHiPrimitive):
+    def __init__(self, aval):
+      self.in_avals, self.out_aval, self.params = (aval,), aval, {}
+      super().__init__()
+
+    def expand(self, x):
       return x @ x
-    f.defvjp(lambda x: (f(x), x), lambda x, g: (g @ x.T + x.T @ g,))
-    with pytest.raises(NotImplementedError, match="call_hi_primitive"):
-      dfp_transform(f)(jnp.ones((2, 2)))
+
+  x = jnp.ones((2, 2))
+  f = lambda x: Square(jax.typeof(x))(x)
+  assert_bitwise_equal(jax.jit(f)(x), x @ x)
+  with pytest.raises(NotImplementedError, match="hijax primitive Square"):
+    dfp_transform(f)(x)
 
 
 def test_combiner_jaxprs_pass_through():
@@ -470,21 +582,24 @@ class Block(nn.Module):
 
 class UserDense(nn.Module):
   features: int
+  matmul: Callable
 
   @nn.compact
   def __call__(self, x):
     w = self.param("w", nn.initializers.lecun_normal(), (x.shape[-1], self.features))
-    return half_grad_matmul(x, w)
+    return self.matmul(x, w)
 
 
 class Net(nn.Module):
+  matmul: Callable = half_grad_matmul   # with a user's custom_vjp
+
   @nn.compact
   def __call__(self, x, train: bool):
     x = nn.BatchNorm(use_running_average=not train, name="bn")(x)
     x = nn.Dropout(0.1, deterministic=not train)(x)
     x, _ = nn.scan(Block, variable_axes={"params": 0}, split_rngs={"params": True},
                    length=2)(name="blocks")(x, None)
-    x = nn.remat(UserDense)(16, name="user")(x)
+    x = nn.remat(UserDense)(16, self.matmul, name="user")(x)
     gate = self.param("gate", nn.initializers.lecun_normal(), (16, 16))
     x = lax.cond(x.mean() > 0, lambda h: jnp.tanh(h @ gate), lambda h: -h, x)
     return nn.Dense(4, name="head")(x)
@@ -493,8 +608,8 @@ class Net(nn.Module):
 KEEP_HEAD = dfpjax.DFPConfig(keep_float=("*/head",))
 
 
-def make_net():
-  model, tx = Net(), optax.adam(1e-2)
+def make_net(matmul=half_grad_matmul):
+  model, tx = Net(matmul), optax.adam(1e-2)
   x = jax.random.normal(jax.random.key(10), (16, 6))
   y = jnp.arange(16) % 4
   variables = jax.jit(model.init, static_argnames="train")(jax.random.key(11), x, train=False)
@@ -515,9 +630,11 @@ def make_net():
   return dict(state=state, x=x, y=y, key=jax.random.key(12), step=step, loss_fn=loss_fn)
 
 
-@pytest.fixture(scope="module")
-def net():
-  return make_net()
+@pytest.fixture(scope="module", params=CUSTOM_VJP_FORMS)
+def net(request):
+  with jax_config.custom_vjp3(CUSTOM_VJP_FORMS[request.param]):
+    matmul = make_half_grad_matmul()
+  return make_net(matmul)
 
 
 def test_net_train_step_leaves_only_excluded_sites_in_float(net):
@@ -580,7 +697,6 @@ class ConvNet(nn.Module):
     return nn.Conv(4, (3, 3), strides=2, feature_group_count=2, name="grouped")(x)
 
 
-@requires_conv
 def test_conv_net_rewritten_and_grad_commutes():
   model = ConvNet()
   x = jax.random.normal(jax.random.key(20), (2, 6, 6, 3))

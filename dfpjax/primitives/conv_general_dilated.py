@@ -38,7 +38,8 @@ from dfpjax import cpu_ffi
 from dfpjax.numerics.config import DFPConfig, QuantConfig
 from dfpjax.numerics.quantization import NONFINITE_EXPONENT, DFPTensor, quantize_with
 from dfpjax.primitives import reference
-from dfpjax.primitives.operands import check_float_operand, fold_key, output_dtype
+from dfpjax.primitives.operands import (check_float_operand, classic_custom_vjp, fold_key,
+                                        matching_manual_axes, output_aval, output_dtype)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,17 +148,17 @@ def _abstract_eval(x, ex, b, eb, *, geometry: Geometry, mode, out_dtype):
         or b.shape[:-2] != geometry.window or b.shape[-1] % g):
       raise ValueError(f"dfp_conv_p: output gradient {x.shape} and weights {b.shape} do not fit "
                        f"{geometry}")
-    return jax.core.ShapedArray((batch, *geometry.input_spatial, g * cin), out_dtype)
+    return output_aval((batch, *geometry.input_spatial, g * cin), out_dtype, x, ex, b, eb)
   cin = x.shape[-1] // g
   out_spatial = geometry.out_spatial(x.shape[1:-1])
   if mode == "forward":
     if b.shape[:-1] != (*geometry.window, cin) or b.shape[-1] % g:
       raise ValueError(f"dfp_conv_p: weights {b.shape} do not fit input {x.shape} and {geometry}")
-    return jax.core.ShapedArray((batch, *out_spatial, b.shape[-1]), out_dtype)
+    return output_aval((batch, *out_spatial, b.shape[-1]), out_dtype, x, ex, b, eb)
   if b.shape[:-1] != (batch, *out_spatial) or b.shape[-1] % g:
     raise ValueError(f"dfp_conv_p: output gradient {b.shape} does not fit input {x.shape} and "
                      f"{geometry}")
-  return jax.core.ShapedArray((*geometry.window, cin, b.shape[-1]), out_dtype)
+  return output_aval((*geometry.window, cin, b.shape[-1]), out_dtype, x, ex, b, eb)
 
 
 def _impl(*args, **params):
@@ -455,7 +456,7 @@ class _Spec:
   rhs_dtype: np.dtype
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+@functools.partial(classic_custom_vjp, nondiff_argnums=(3,))
 def _dfp_conv(lhs, rhs, key, spec: _Spec):
   return _dfp_conv_fwd(lhs, rhs, key, spec)[0]
 
@@ -531,4 +532,5 @@ def dfp_conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=Non
   spec = _Spec(params, config.forward, config.gradient,
                output_dtype(preferred_element_type, "dfp_conv_general_dilated"), lhs.shape,
                rhs.shape, np.dtype(lhs.dtype), np.dtype(rhs.dtype))
+  lhs, rhs = matching_manual_axes(lhs, rhs)
   return _dfp_conv(lhs, rhs, key if config.needs_key else None, spec)

@@ -30,7 +30,8 @@ from dfpjax.numerics import floatbits
 from dfpjax.numerics.config import DFPConfig, QuantConfig
 from dfpjax.numerics.quantization import NONFINITE_EXPONENT, DFPTensor, quantize_with
 from dfpjax.primitives import reference
-from dfpjax.primitives.operands import (check_float_operand, fold_key, output_dtype,
+from dfpjax.primitives.operands import (check_float_operand, classic_custom_vjp, fold_key,
+                                        matching_manual_axes, output_aval, output_dtype,
                                         partner_folded)
 
 # ---------------------------------------------------------------------------------------
@@ -58,7 +59,7 @@ def _abstract_eval(a, ea, b, eb, *, lhs_kmajor, rhs_nmajor, out_dtype):
   if ea.shape[0] not in (1, batch) or ea.shape[1] not in (1, m) or \
      eb.shape[0] not in (1, batch) or eb.shape[1] not in (1, n):
     raise ValueError(f"dfp_dot_general_p: exponent shapes {ea.shape}, {eb.shape} do not broadcast")
-  return jax.core.ShapedArray((batch, m, n), out_dtype)
+  return output_aval((batch, m, n), out_dtype, a, ea, b, eb)
 
 
 def _impl(*args, **params):
@@ -285,7 +286,7 @@ def _quantize_operand(x, cfg, key, axis):
   return quantize_with(x, cfg, key, axis)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+@functools.partial(classic_custom_vjp, nondiff_argnums=(3,))
 def _dfp_dot(lhs, rhs, key, spec: _Spec):
   return _dfp_dot_fwd(lhs, rhs, key, spec)[0]
 
@@ -354,4 +355,5 @@ def dfp_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_eleme
   spec = _Spec(dims, config.forward, config.gradient,
                output_dtype(preferred_element_type, "dfp_dot_general"), np.dtype(lhs.dtype),
                np.dtype(rhs.dtype))
+  lhs, rhs = matching_manual_axes(lhs, rhs)
   return _dfp_dot(lhs, rhs, key if config.needs_key else None, spec)

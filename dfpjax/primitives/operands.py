@@ -1,4 +1,4 @@
-"""Operand handling shared by the DFP primitives: validation, keys, gradient folding."""
+"""Shared by the DFP primitives: operand validation, keys, gradient folding, custom_vjp."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax._src import config as jax_config
+from jax._src import core
 
 from dfpjax.numerics import floatbits
 from dfpjax.numerics.config import QuantConfig
@@ -27,6 +29,31 @@ def output_dtype(preferred_element_type, op: str) -> np.dtype:
     raise TypeError(f"{op}: preferred_element_type must be float32, bfloat16 or float16 "
                     f"(DFP outputs are floating point), got {dtype}")
   return dtype
+
+
+def classic_custom_vjp(fun, nondiff_argnums=()):
+  """``jax.custom_vjp(fun, nondiff_argnums)`` in its classic form whatever
+  ``jax_custom_vjp3`` says: the DFP ops then stay ``custom_vjp_call`` equations whose
+  jaxprs show their DFP primitives (to ``dfpjax.report`` and jaxpr walkers), and avoid
+  JAX 0.10's failure to differentiate a hijax custom_vjp inside ``jax.checkpoint``."""
+  with jax_config.custom_vjp3(False):
+    return jax.custom_vjp(fun, nondiff_argnums=nondiff_argnums)
+
+
+def matching_manual_axes(lhs, rhs):
+  """``lhs, rhs`` made to vary over the same manual axes inside a ``shard_map`` with
+  ``check_vma`` (``pvary`` on the invariant one), as ``lax.dot_general`` does: an
+  invariant operand's gradient is then summed over those axes by ``pvary``'s transpose."""
+  return core.auto_insert_reshard(lhs, rhs)
+
+
+def output_aval(shape, dtype, *operands) -> core.ShapedArray:
+  """A DFP primitive's output type: varying over the manual axes its operands vary over."""
+  varying = frozenset().union(*(a.mat.varying for a in operands))
+  if not varying:
+    return core.ShapedArray(shape, dtype)
+  return core.ShapedArray(shape, dtype, sharding=core.get_cur_mesh_sharding(),
+                          manual_axis_type=operands[0].mat.update(varying=varying))
 
 
 def fold_key(key, n: int):

@@ -8,9 +8,12 @@ traceback) and context, except
   ``dfp_dot_general`` / ``dfp_conv_general_dilated`` unless the config keeps them;
 * higher-order primitives, whose sub-jaxprs are rewritten by this same interpreter and
   bound again, one rule per primitive (``_HIGHER_ORDER_RULES``);
+* a ``jax.custom_vjp`` staged as a hijax ``call_hi_primitive`` (under
+  ``jax_custom_vjp3``), bound again as a custom_vjp whose primal, fwd and bwd are
+  rewritten;
 * any other primitive that carries a computation (a jaxpr or a traceable function in
-  its params), which raises ``NotImplementedError`` rather than pass it through
-  unrewritten.
+  its params), and any other hijax primitive, which raise ``NotImplementedError``
+  rather than run unrewritten.
 
 Stochastic rounding: a ``Scope`` carries a key and a site counter. The i-th floating
 ``dot_general``/``conv_general_dilated`` it meets (rewritten or kept) uses
@@ -34,6 +37,8 @@ import numpy as np
 from jax._src import api_util, core, source_info_util
 from jax._src import linear_util as lu
 from jax._src.ad_util import SymbolicZero, Zero
+from jax._src import hijax
+from jax._src.custom_derivatives import CustomVJPPrimal
 from jax._src.hijax import call_hi_primitive_p
 from jax._src.interpreters import ad
 from jax._src.interpreters import partial_eval as pe
@@ -244,19 +249,10 @@ def _site(ctx: Context, eqn, invals, scope: Scope):
   if op == "dot_general":
     return dfpjax.dfp_dot_general(lhs, rhs, p["dimension_numbers"], p["precision"], out_dtype,
                                   config=ctx.config, key=key)
-  return _conv_op()(lhs, rhs, p["window_strides"], p["padding"], p["lhs_dilation"],
-                    p["rhs_dilation"], p["dimension_numbers"], p["feature_group_count"],
-                    p["batch_group_count"], p["precision"], out_dtype, config=ctx.config,
-                    key=key)
-
-
-def _conv_op():
-  conv = getattr(dfpjax, "dfp_conv_general_dilated", None)
-  if conv is None:
-    raise NotImplementedError("dfp_transform: this dfpjax has no dfp_conv_general_dilated yet; "
-                              "keep convolutions in float with "
-                              "DFPConfig(ops=('dot_general',))")
-  return conv
+  return dfpjax.dfp_conv_general_dilated(
+      lhs, rhs, p["window_strides"], p["padding"], p["lhs_dilation"], p["rhs_dilation"],
+      p["dimension_numbers"], p["feature_group_count"], p["batch_group_count"],
+      p["precision"], out_dtype, config=ctx.config, key=key)
 
 
 # ---------------------------------------------------------------------------------------
@@ -526,7 +522,7 @@ def _custom_vjp_rule(ctx, eqn, invals, scope):
       args = res + cts
     else:
       key_args = []
-    cts_in = _rewrite_call(ctx, bwd, args, scope.in_rule(key_args, number, 1))
+    cts_in = _rewrite_call(ctx, bwd.call_wrapped, args, scope.in_rule(key_args, number, 1))
     # No cotangent for the key; zeros for consts, as _handle_consts_in_bwd gives.
     return [Zero(core.typeof(k).to_ct_aval()) for k in key_args] + \
            [Zero(a) for a in const_avals] + list(cts_in)
@@ -538,33 +534,95 @@ def _custom_vjp_rule(ctx, eqn, invals, scope):
                             **params)
 
 
-def _rewrite_call(ctx, f: lu.WrappedFun, args, scope: Scope) -> list:
-  """Calls the opaque function ``f`` (a custom rule) with its sites rewritten: traces it
-  to a jaxpr and interprets that. Symbolic zeros (in or out) pass around the trace."""
-  is_zero = [isinstance(x, (Zero, SymbolicZero)) or x is None for x in args]
-  values = [x for x, z in zip(args, is_zero) if not z]
-  out_zeros: list = []
+def _rewrite_call(ctx, fn: Callable, args, scope: Scope):
+  """``fn(*args)`` (an opaque Python function: a user's custom rule) with its sites
+  rewritten: traces it to a jaxpr, every array operand a hoisted const, and interprets
+  that. Leaves of the result that are not arrays (None, symbolic zeros) pass around the
+  trace as they are."""
+  result = []
 
-  def traceable(*vals):
-    it = iter(vals)
-    outs = f.call_wrapped(*[x if z else next(it) for x, z in zip(args, is_zero)])
-    out_zeros[:] = [o if isinstance(o, (Zero, SymbolicZero)) else None for o in outs]
-    return [o for o in outs if not isinstance(o, (Zero, SymbolicZero))]
+  def traceable():
+    leaves, tree = jax.tree.flatten(fn(*args), is_leaf=_is_zero)
+    arrays = [isinstance(x, (core.Tracer, jax.Array)) for x in leaves]
+    result[:] = [tree, leaves, arrays]
+    return [x for x, a in zip(leaves, arrays) if a]
 
-  closed, consts = _trace(traceable, [core.typeof(v) for v in values])
-  outs = iter(eval_jaxpr(ctx, closed.jaxpr, (), [*consts, *values], scope))
-  return [next(outs) if z is None else z for z in out_zeros]
+  closed, consts = _trace(traceable, [])
+  outs = iter(eval_jaxpr(ctx, closed.jaxpr, (), consts, scope))
+  tree, leaves, arrays = result
+  return jax.tree.unflatten(tree, [next(outs) if a else x for x, a in zip(leaves, arrays)])
+
+
+def _is_zero(x) -> bool:
+  return isinstance(x, (Zero, SymbolicZero))
 
 
 def _call_hi_rule(ctx, eqn, invals, scope):
-  # A hijax primitive carries Python objects (for a custom_vjp: a jit-traced primal, the
-  # user's fwd and bwd functions), not jaxprs this interpreter could rewrite.
-  del ctx, invals, scope
-  what = type(eqn.params.get("_prim")).__name__
-  raise NotImplementedError(
-      f"dfp_transform does not support call_hi_primitive ({what}); this is how JAX stages "
-      "a jax.custom_vjp under jax_custom_vjp3=True. Run with "
-      "jax.config.update('jax_custom_vjp3', False).")
+  # Under jax_custom_vjp3 a custom_vjp is a hijax primitive holding Python objects: the
+  # primal traced by jit, the user's fwd and bwd. It is bound again as a new custom_vjp
+  # whose primal is the interpreted jaxpr and whose fwd and bwd call the user's rules
+  # rewritten; the key, if any, is one more leading argument and, for bwd, a residual.
+  # A vmapped custom_vjp (VmapOf) is rebuilt around the rewritten one.
+  prim = eqn.params["_prim"]
+  inner = prim.prim if isinstance(prim, hijax.VmapOf) else prim
+  if not isinstance(inner, hijax.CustomVJPTraced):
+    raise NotImplementedError(
+        f"dfp_transform cannot rewrite inside the hijax primitive {type(inner).__name__} "
+        "(only a jax.custom_vjp's, as jax_custom_vjp3 stages it); rather than run it "
+        "unrewritten it stops here.")
+  keys = scope.key_operands()
+  cache_key = (inner, scope.name_stack, scope.keep_reason, len(keys), scope.sites.n)
+  rewritten = None if ctx.rewrites is None else ctx.rewrites.get(cache_key)
+  if rewritten is None:
+    rewritten = _rewritten_custom_vjp(ctx, inner, scope, scope.sites.next(),
+                                      [core.typeof(k) for k in keys])
+    if ctx.rewrites is not None:
+      ctx.rewrites[cache_key] = rewritten
+  else:
+    scope.sites.next()
+  if inner is not prim:
+    rewritten = hijax.VmapOf(rewritten, prim.axis_data, (None,) * len(keys) + prim.in_dims,
+                             prim.out_dim)
+  return call_hi_primitive_p.bind(*keys, *invals, _prim=rewritten)
+
+
+def _rewritten_custom_vjp(ctx, prim, scope: Scope, number: int, key_avals):
+  """A ``CustomVJPTraced`` like ``prim`` whose primal, fwd and bwd rewrite their sites
+  (keys as in the module docstring) and whose first ``len(key_avals)`` arguments are the
+  scope's key."""
+  nk = len(key_avals)
+  static = set(prim.static_argnums)
+  traced = prim.traced
+
+  def primal(*args):
+    key_args, args = _split(args, [nk])
+    dynamic = [a for i, a in enumerate(args) if i not in static]
+    leaves = traced.in_tree.flatten_up_to((tuple(dynamic), {}))
+    outs = eval_jaxpr(ctx, traced.jaxpr.jaxpr, traced.jaxpr.consts, leaves,
+                      scope.in_rule(key_args, number, 0))
+    return jax.tree.unflatten(traced.out_tree, outs)
+
+  def fwd(*args):
+    key_args, args = _split(args, [nk])
+    key_args = [k.value if isinstance(k, CustomVJPPrimal) else k for k in key_args]
+    out, res = _rewrite_call(ctx, prim.fwd, args, scope.in_rule(key_args, number, 0))
+    return out, (res, key_args) if nk else res
+
+  def bwd(*args):
+    *static_args, res, cts = args
+    key_args = []
+    if nk:
+      res, key_args = res
+    cts_in = _rewrite_call(ctx, prim.bwd, (*static_args, res, cts),
+                           scope.in_rule(key_args, number, 1))
+    return (None,) * nk + tuple(cts_in)
+
+  in_avals = tuple(jax.ShapeDtypeStruct(a.shape, a.dtype) for a in key_avals) + prim.in_avals
+  static_argnums = tuple(i + nk for i in prim.static_argnums)
+  trace_args = [a.val if isinstance(a, hijax.Static) else a for a in in_avals]
+  new_traced = jax.jit(primal, static_argnums=static_argnums).trace(*trace_args)
+  return hijax.CustomVJPTraced(new_traced, fwd, bwd, (*key_avals, *prim.in_avals),
+                               prim.symbolic_zeros, static_argnums, prim.opt_remat)
 
 
 _HIGHER_ORDER_RULES: dict[core.Primitive, Callable] = {
@@ -618,5 +676,4 @@ def _check_nothing_hidden(eqn):
     raise NotImplementedError(
         f"dfp_transform cannot rewrite inside the higher-order primitive '{prim.name}' "
         f"(params {hidden} hold a computation); rather than run it unrewritten it stops "
-        "here. Supported: " + ", ".join(sorted(p.name for p, rule in _HIGHER_ORDER_RULES.items()
-                                              if rule is not _call_hi_rule)) + ".")
+        "here. Supported: " + ", ".join(sorted(p.name for p in _HIGHER_ORDER_RULES)) + ".")
