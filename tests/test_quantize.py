@@ -9,6 +9,7 @@ import pytest
 import dfpjax
 from dfpjax.numerics import quantization
 from dfpjax.numerics.config import QuantConfig
+from dfpjax.primitives.quantize import dfp_quantize_p
 import spec_oracle
 
 FLOATS = [np.float32, ml_dtypes.bfloat16, np.float16]
@@ -115,6 +116,7 @@ def test_float_and_integer_paths_agree():
   rng = np.random.default_rng(3)
   base = rng.standard_normal((33, 17)).astype(np.float32)
   cases = [base, base * 1e-36, base * 1e-30, base * 1e30, np.where(base > 1, base * 1e-40, base),
+           base / np.abs(base).max() * np.float32(3e38),   # 2-bit exponents reach 127
            base.astype(ml_dtypes.bfloat16), (base * 1e-5).astype(np.float16)]
   for x in cases:
     x = jnp.asarray(x)
@@ -177,3 +179,53 @@ def test_empty_tensors_quantize_to_exponent_zero():
   assert t.mantissa.shape == (0, 3) and int(t.exponent) == 0
   y = dfpjax.dfp_dot_general(jnp.zeros((0, 3)), jnp.ones((3, 2)), (((1,), (0,)), ((), ())))
   assert y.shape == (0, 2)
+
+
+# ---------------------------------------------------------------------------------------
+# The C kernel's quantization (dfp_quantize_p, float32, per group), on every path.
+# ---------------------------------------------------------------------------------------
+
+
+def _kernel_quantize(x, bits=16, headroom=0):
+  m, e = jax.jit(lambda x: dfp_quantize_p.bind(x, bits=bits, headroom=headroom))(x)
+  return np.asarray(m), np.asarray(e)
+
+
+def _kernel_cases():
+  rng = np.random.default_rng(11)
+  special = _special_values(np.float32)
+  big = rng.standard_normal(2 * 32768 + 21).astype(np.float32)   # several chunks and a tail
+  return [special, special[:4], special[4:] * 0, special * np.float32(2.0**-20),
+          rng.standard_normal(1000).astype(np.float32) * np.float32(1e-40),  # subnormals only
+          np.append(rng.standard_normal(99).astype(np.float32) * np.float32(1e-40), 2.0**-112),
+          np.arange(-40, 41, dtype=np.float32) / 4,                        # ties at every bit count
+          big / np.abs(big).max() * np.float32(3e38), big, big * np.float32(1e-35)]
+
+
+@pytest.mark.parametrize("bits, headroom", [(16, 0), (16, 2), (8, 3), (3, 1), (2, 0)])
+def test_kernel_quantization_matches_oracle(isa, bits, headroom):
+  for x in _kernel_cases():
+    m, e = _kernel_quantize(x[None], bits, headroom)
+    if x.size <= 1000:
+      want_m, want_e = spec_oracle.quantize(x, bits=bits, headroom=headroom)
+    else:  # the oracle is slow on big tensors; the jnp quantizer matches it above
+      t = dfpjax.quantize(jnp.asarray(x), bits=bits, headroom=headroom)
+      want_m, want_e = np.asarray(t.mantissa), np.asarray(t.exponent)
+    np.testing.assert_array_equal(m[0], want_m)
+    assert e[0] == want_e
+
+
+def test_kernel_quantization_groups_and_nonfinite(isa):
+  rng = np.random.default_rng(12)
+  x = rng.standard_normal((4, 3, 50)).astype(np.float32) * np.float32([[[1e-3]], [[1.0]], [[1e3]], [[1.0]]])
+  x[3, 1, 7] = np.nan
+  m, e = _kernel_quantize(x)
+  for g in range(3):
+    t = dfpjax.quantize(jnp.asarray(x[g]))
+    np.testing.assert_array_equal(m[g], np.asarray(t.mantissa))
+    assert e[g] == int(t.exponent)
+  assert e[3] == quantization.NONFINITE_EXPONENT and not m[3].any()
+  # vmap folds into the groups: one exponent per example.
+  mv, ev = jax.jit(jax.vmap(lambda x: dfp_quantize_p.bind(x, bits=16, headroom=0)))(x[:, None])
+  np.testing.assert_array_equal(np.asarray(mv)[:, 0], m)
+  np.testing.assert_array_equal(np.asarray(ev)[:, 0], e)

@@ -15,6 +15,7 @@ import jax
 ISAS = ("portable", "avx2", "avx_vnni", "avx512_vnni")
 DOT_GENERAL_TARGET = "dfpjax_dot_general"
 CONV_TARGET = "dfpjax_conv"
+QUANTIZE_TARGET = "dfpjax_quantize"
 
 
 @functools.cache
@@ -39,6 +40,7 @@ def register() -> None:
   jax.ffi.register_ffi_target(DOT_GENERAL_TARGET, jax.ffi.pycapsule(lib.DfpDotGeneral),
                               platform="cpu")
   jax.ffi.register_ffi_target(CONV_TARGET, jax.ffi.pycapsule(lib.DfpConv), platform="cpu")
+  jax.ffi.register_ffi_target(QUANTIZE_TARGET, jax.ffi.pycapsule(lib.DfpQuantize), platform="cpu")
 
 
 def supported_isas() -> tuple[str, ...]:

@@ -112,10 +112,12 @@ def _finish(m, exponent, nonfinite, config, x_shape, axis) -> DFPTensor:
 def _quantize_nearest(x, config: QuantConfig, axis, reduce_axes) -> DFPTensor:
   """Round-to-nearest quantization with float arithmetic where it is provably exact.
 
-  Scaling by ``2**-e`` is exact for normal results, and ``lax.round`` rounds half to
-  even. Flush-to-zero cannot change a result when every group's ``e >= -125``: then a
-  subnormal input scales below 1/2 and rounds to 0 either way. Groups with smaller (or
-  zero) maxima take the integer path, which is exact everywhere.
+  Scaling by ``2**-e`` is exact for normal results when ``2**-e`` is a normal float
+  (``e <= 126``; only 2-bit mantissas of values near the top of the float range go
+  beyond), and ``lax.round`` rounds half to even. Flush-to-zero cannot change a result
+  when every group's ``e >= -125``: then a subnormal input scales below 1/2 and rounds
+  to 0 either way. Other groups, and all-zero ones, take the integer path, which is
+  exact everywhere.
   """
   p, s = config.bits, config.headroom
   xf = x.astype(jnp.float32)
@@ -125,7 +127,7 @@ def _quantize_nearest(x, config: QuantConfig, axis, reduce_axes) -> DFPTensor:
   nonfinite = ~jnp.isfinite(jnp.max(amax, initial=0.0))
   log2 = floatbits.floor_log2_of_magnitude_bits(floatbits.magnitude_bits(amax), jnp.float32)
   exponent = log2 - (p - 2) + s
-  fast = jnp.all((amax >= np.float32(2.0**-126)) & (exponent >= -125)) | nonfinite
+  fast = jnp.all((amax >= np.float32(2.0**-126)) & (exponent >= -125) & (exponent <= 126)) | nonfinite
 
   def float_path(xf, exponent):
     scale = lax.bitcast_convert_type(((127 - exponent) << 23).astype(jnp.int32), jnp.float32)

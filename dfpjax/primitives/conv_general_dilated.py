@@ -36,10 +36,11 @@ from jax.interpreters import batching, mlir
 
 from dfpjax import cpu_ffi
 from dfpjax.numerics.config import DFPConfig, QuantConfig
-from dfpjax.numerics.quantization import NONFINITE_EXPONENT, DFPTensor, quantize_with
+from dfpjax.numerics.quantization import NONFINITE_EXPONENT, DFPTensor
 from dfpjax.primitives import reference
 from dfpjax.primitives.operands import (check_float_operand, classic_custom_vjp, fold_key,
                                         matching_manual_axes, output_aval, output_dtype)
+from dfpjax.primitives.quantize import quantize_operand
 
 
 @dataclasses.dataclass(frozen=True)
@@ -462,15 +463,15 @@ def _dfp_conv(lhs, rhs, key, spec: _Spec):
 
 
 def _dfp_conv_fwd(lhs, rhs, key, spec: _Spec):
-  qa = quantize_with(lhs, spec.forward, fold_key(key, 0))
-  qb = quantize_with(rhs, spec.forward, fold_key(key, 1))
+  qa = quantize_operand(lhs, spec.forward, fold_key(key, 0))
+  qb = quantize_operand(rhs, spec.forward, fold_key(key, 1))
   y = exact_conv(qa, qb, spec.params, spec.out_dtype)
   return y, (qa, qb, key)  # only INT16 mantissas and exponents are kept
 
 
 def _dfp_conv_bwd(spec: _Spec, residuals, g):
   qa, qb, key = residuals
-  qg = quantize_with(g, spec.gradient, fold_key(key, 2))
+  qg = quantize_operand(g, spec.gradient, fold_key(key, 2))
   da = _exact_backward_data(qg, qb, spec.lhs_shape, spec.params, spec.lhs_dtype)
   db = _exact_backward_weights(qa, qg, spec.rhs_shape, spec.params, spec.rhs_dtype)
   return da, db, None

@@ -28,11 +28,12 @@ from jax.interpreters import batching, mlir
 from dfpjax import cpu_ffi
 from dfpjax.numerics import floatbits
 from dfpjax.numerics.config import DFPConfig, QuantConfig
-from dfpjax.numerics.quantization import NONFINITE_EXPONENT, DFPTensor, quantize_with
+from dfpjax.numerics.quantization import NONFINITE_EXPONENT, DFPTensor
 from dfpjax.primitives import reference
 from dfpjax.primitives.operands import (check_float_operand, classic_custom_vjp, fold_key,
                                         matching_manual_axes, output_aval, output_dtype,
                                         partner_folded)
+from dfpjax.primitives.quantize import quantize_operand
 
 # ---------------------------------------------------------------------------------------
 # The primitive: exact product of quantized operands, canonical [B, M, K] x [B, K, N].
@@ -283,7 +284,7 @@ class _Spec:
 def _quantize_operand(x, cfg, key, axis):
   if axis is None and cfg.granularity == "channel":
     cfg = dataclasses.replace(cfg, granularity="tensor")  # no free axis to carry a channel
-  return quantize_with(x, cfg, key, axis)
+  return quantize_operand(x, cfg, key, axis)
 
 
 @functools.partial(classic_custom_vjp, nondiff_argnums=(3,))

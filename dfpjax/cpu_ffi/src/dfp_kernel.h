@@ -7,6 +7,7 @@
  *   im2col.c            implicit-im2col packing of convolution inputs (portable)
  *   gemm.c, conv.c      macro-loops: blocking, threading, exact chunk selection
  *   macro.c             what the macro-loops share: chunk bounds, the output stage
+ *   quantize*.c         float -> INT16 DFP operands (portable rows + AVX2 rows)
  *   ukernel_*.c         one register-blocked microkernel per ISA
  *   encode.h            exact int64 -> float rounding and power-of-two scaling
  */
@@ -104,6 +105,21 @@ typedef struct {
 int dfp_conv_forward(const dfp_conv_args* args, dfp_isa isa, const dfp_parallel* par);
 int dfp_conv_backward_weights(const dfp_conv_args* args, dfp_isa isa, const dfp_parallel* par);
 int dfp_conv_backward_data(const dfp_conv_args* args, dfp_isa isa, const dfp_parallel* par);
+
+/* Spec section 2 for float32, one exponent per group, round half to even: x and m are
+ * [groups][n]; e[g] = floor(log2(amax of group g)) - (bits - 2) + headroom, 0 for an
+ * all-zero group, DFP_NONFINITE_EXPONENT for one holding NaN or Inf (its m all 0);
+ * m = saturate(R(x * 2**-e)) with |m| <= 2**(bits - 1) - 1. Integer-only, so it is exact
+ * under any floating-point mode. bits in [2, 16], headroom in [0, bits - 2]. */
+typedef struct {
+  size_t groups, n;
+  const float* x;
+  int bits, headroom;
+  int16_t* m;
+  int32_t* e;
+} dfp_quantize_args;
+
+int dfp_quantize(const dfp_quantize_args* args, dfp_isa isa, const dfp_parallel* par);
 
 int dfp_isa_supported(dfp_isa isa);       /* compiled in and runnable on this CPU */
 const char* dfp_isa_name(dfp_isa isa);    /* "portable", "avx2", "avx_vnni", "avx512_vnni" */

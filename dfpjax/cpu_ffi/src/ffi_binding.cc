@@ -167,7 +167,38 @@ ffi::Error Conv(ffi::ThreadPool pool, ffi::Buffer<ffi::S16> x, ffi::Buffer<ffi::
   return StatusToError(status, *isa);
 }
 
+// x [groups, ...] float32 -> m (int16, shaped like x) and e [groups] (int32).
+ffi::Error Quantize(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Result<ffi::Buffer<ffi::S16>> m,
+                    ffi::Result<ffi::Buffer<ffi::S32>> e, int32_t bits, int32_t headroom) {
+  const auto isa = SelectedIsa();
+  if (isa.has_error()) return isa.error();
+  const size_t groups = e->element_count();
+  if (m->element_count() != x.element_count() || (groups && x.element_count() % groups))
+    return ffi::Error::InvalidArgument("dfpjax: quantize operand sizes do not match");
+  if (bits < 2 || bits > 16 || headroom < 0 || headroom > bits - 2)
+    return ffi::Error::InvalidArgument("dfpjax: quantize needs 2 <= bits <= 16, 0 <= headroom <= bits - 2");
+  dfp_quantize_args args{};
+  args.groups = groups;
+  args.n = groups ? x.element_count() / groups : 0;
+  args.x = x.typed_data();
+  args.bits = bits;
+  args.headroom = headroom;
+  args.m = m->typed_data();
+  args.e = e->typed_data();
+  dfp_parallel par{PoolParallelFor, &pool, static_cast<int>(pool.num_threads())};
+  return StatusToError(dfp_quantize(&args, *isa, &par), *isa);
+}
+
 }  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DfpQuantize, Quantize,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::S16>>()
+                                  .Ret<ffi::Buffer<ffi::S32>>()
+                                  .Attr<int32_t>("bits")
+                                  .Attr<int32_t>("headroom"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(DfpDotGeneral, DotGeneral,
                               ffi::Ffi::Bind()

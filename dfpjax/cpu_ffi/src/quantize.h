@@ -1,0 +1,38 @@
+/* Float -> DFP quantization rows (spec section 2, round half to even), integer-only so
+ * that flush-to-zero modes and the rounding mode cannot change them. The portable rows
+ * in quantize.c are the specification; quantize_avx2.c computes the same bits. */
+#ifndef DFPJAX_QUANTIZE_H_
+#define DFPJAX_QUANTIZE_H_
+
+#include <stddef.h>
+#include <stdint.h>
+
+/* The largest magnitude bit pattern (sign cleared) of x[0, n). */
+uint32_t dfp_max_magnitude_portable(const float* x, size_t n);
+uint32_t dfp_max_magnitude_avx2(const float* x, size_t n);
+
+/* m[i] = saturate(R(x[i] * 2**-e)) with |m| <= limit, for a finite x whose largest
+ * magnitude gives e (spec section 2), so |x[i]| * 2**-e < 2**15. */
+void dfp_quantize_row_portable(const float* x, size_t n, int32_t e, int32_t limit, int16_t* m);
+void dfp_quantize_row_avx2(const float* x, size_t n, int32_t e, int32_t limit, int16_t* m);
+
+/* One element, shared by both row kinds (the AVX2 rows' tails). */
+static inline int16_t dfp_quantize_one(uint32_t u, int32_t e, int32_t limit) {
+  const uint32_t mag = u & 0x7fffffffu, biased = mag >> 23;
+  const uint32_t sig = biased ? (mag & 0x7fffffu) | 0x800000u : mag;
+  const int32_t shift = (int32_t)(biased ? biased : 1) - 150 - e;  /* |x| = sig * 2**(shift + e) */
+  uint32_t q;
+  if (shift >= 0) {
+    q = sig << shift;
+  } else {
+    /* Past 25 bits every sig (< 2**24) rounds to 0, as at 25. */
+    const int r = -shift > 25 ? 25 : -shift;
+    const uint32_t rem = sig & ((1u << r) - 1), half = 1u << (r - 1);
+    q = (sig >> r);
+    q += rem > half || (rem == half && (q & 1));
+  }
+  const int32_t v = q > (uint32_t)limit ? limit : (int32_t)q;
+  return (int16_t)(u >> 31 ? -v : v);
+}
+
+#endif

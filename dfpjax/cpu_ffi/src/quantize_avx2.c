@@ -1,0 +1,78 @@
+/* AVX2 quantization rows: dfp_quantize_one on eight lanes, by float arithmetic where that
+ * is provably exact. */
+#include <immintrin.h>
+
+#include "quantize.h"
+
+uint32_t dfp_max_magnitude_avx2(const float* x, size_t n) {
+  const __m256i clear_sign = _mm256_set1_epi32(0x7fffffff);
+  __m256i top = _mm256_setzero_si256();
+  size_t i = 0;
+  for (; i + 8 <= n; i += 8)  /* magnitudes < 2**31: a signed max is the unsigned one */
+    top = _mm256_max_epi32(top, _mm256_and_si256(_mm256_loadu_si256((const __m256i*)(x + i)), clear_sign));
+  __m128i t = _mm_max_epi32(_mm256_castsi256_si128(top), _mm256_extracti128_si256(top, 1));
+  t = _mm_max_epi32(t, _mm_shuffle_epi32(t, _MM_SHUFFLE(1, 0, 3, 2)));
+  t = _mm_max_epi32(t, _mm_shuffle_epi32(t, _MM_SHUFFLE(2, 3, 0, 1)));
+  const uint32_t head = (uint32_t)_mm_cvtsi128_si32(t);
+  const uint32_t tail = dfp_max_magnitude_portable(x + i, n - i);
+  return head > tail ? head : tail;
+}
+
+/* Eight lanes of dfp_quantize_one as int32. Every quantity stays below 2**26, so signed
+ * compares serve; srlv/sllv give 0 for counts of 32 and more. */
+static inline __m256i quantize8(__m256i u, __m256i e, __m256i limit) {
+  const __m256i one = _mm256_set1_epi32(1), zero = _mm256_setzero_si256();
+  const __m256i mag = _mm256_and_si256(u, _mm256_set1_epi32(0x7fffffff));
+  const __m256i biased = _mm256_srli_epi32(mag, 23);
+  const __m256i is_normal = _mm256_cmpgt_epi32(biased, zero);
+  const __m256i sig = _mm256_or_si256(_mm256_and_si256(mag, _mm256_set1_epi32(0x7fffff)),
+                                      _mm256_and_si256(is_normal, _mm256_set1_epi32(0x800000)));
+  const __m256i shift = _mm256_sub_epi32(_mm256_sub_epi32(_mm256_max_epi32(biased, one),
+                                                          _mm256_set1_epi32(150)), e);
+  const __m256i left = _mm256_sllv_epi32(sig, _mm256_max_epi32(shift, zero));
+  const __m256i r = _mm256_min_epi32(_mm256_max_epi32(_mm256_sub_epi32(zero, shift), zero),
+                                     _mm256_set1_epi32(25));
+  const __m256i q = _mm256_srlv_epi32(sig, r);
+  const __m256i rem = _mm256_and_si256(sig, _mm256_sub_epi32(_mm256_sllv_epi32(one, r), one));
+  const __m256i half = _mm256_srli_epi32(_mm256_sllv_epi32(one, r), 1);
+  const __m256i tie_odd = _mm256_and_si256(_mm256_cmpeq_epi32(rem, half), _mm256_and_si256(q, one));
+  const __m256i up = _mm256_and_si256(
+      _mm256_or_si256(_mm256_cmpgt_epi32(rem, half), _mm256_cmpeq_epi32(tie_odd, one)),
+      _mm256_cmpgt_epi32(r, zero));
+  const __m256i rounded = _mm256_sub_epi32(q, up);  /* up is all ones: -1 adds one */
+  const __m256i right_shifted = _mm256_cmpgt_epi32(r, zero);
+  const __m256i v = _mm256_min_epi32(_mm256_blendv_epi8(left, rounded, right_shifted), limit);
+  const __m256i negative = _mm256_srai_epi32(u, 31);
+  return _mm256_sub_epi32(_mm256_xor_si256(v, negative), negative);
+}
+
+/* Eight lanes as x * 2**-e rounded by the FPU, exact when 2**-e is a normal float
+ * (-125 <= e <= 126): a normal product is exact, a subnormal one is below 1/2 and so is
+ * a flushed-to-zero input's, so every flush mode gives R's result. */
+static inline __m256i quantize8_float(__m256 x, __m256 scale, __m256i limit) {
+  const __m256 y = _mm256_round_ps(_mm256_mul_ps(x, scale), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m256i v = _mm256_cvtps_epi32(y);  /* |y| <= 2**15: exact */
+  return _mm256_max_epi32(_mm256_min_epi32(v, limit), _mm256_sub_epi32(_mm256_setzero_si256(), limit));
+}
+
+void dfp_quantize_row_avx2(const float* x, size_t n, int32_t e, int32_t limit, int16_t* m) {
+  const __m256i ev = _mm256_set1_epi32(e), lv = _mm256_set1_epi32(limit);
+  const int by_float = e >= -125 && e <= 126;
+  const __m256 scale = _mm256_castsi256_ps(_mm256_set1_epi32(by_float ? (127 - e) << 23 : 0));
+  size_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    __m256i a, b;
+    if (by_float) {
+      a = quantize8_float(_mm256_loadu_ps(x + i), scale, lv);
+      b = quantize8_float(_mm256_loadu_ps(x + i + 8), scale, lv);
+    } else {
+      a = quantize8(_mm256_loadu_si256((const __m256i*)(x + i)), ev, lv);
+      b = quantize8(_mm256_loadu_si256((const __m256i*)(x + i + 8)), ev, lv);
+    }
+    /* packs works per 128-bit lane: restore the element order. */
+    const __m256i packed = _mm256_permute4x64_epi64(_mm256_packs_epi32(a, b), _MM_SHUFFLE(3, 1, 2, 0));
+    _mm256_storeu_si256((__m256i*)(m + i), packed);
+  }
+  const uint32_t* u = (const uint32_t*)x;
+  for (; i < n; ++i) m[i] = dfp_quantize_one(u[i], e, limit);
+}
