@@ -176,10 +176,11 @@ def pass_of(ins: Instr, kernel_sizes: dict[str, int]) -> str:
 class Categorizer:
   """The category of each executed instruction, from the module's HLO (first rule that applies):
 
-  * ``DFP kernel: <pass>``: a custom call to one of dfpjax's targets (``dfpjax_*``).
-  * ``quantization: <forward or backward>``: reads floating point and writes INT16 (rounding to
+  * ``quantization: <forward or backward>``: a custom call to dfpjax's quantization kernel
+    (``dfpjax_quantize``); XLA code that reads floating point and writes INT16 (rounding to
     mantissas, with whatever XLA fused into it); a max-reduction to one element (a per-tensor
     abs-max) and what feeds only such reductions (``|x|``).
+  * ``DFP kernel: <pass>``: a custom call to one of dfpjax's other targets (``dfpjax_*``).
   * ``INT16 data movement``: INT16 in or out and no float input: patches, pads, layout copies.
   * ``XLA conv: <pass>``, ``XLA dot: <pass>``: contains a float convolution / dot.
   * ``pooling`` (reduce-window, select-and-scatter), ``reductions`` (other reduces).
@@ -218,6 +219,8 @@ class Categorizer:
 
   def __call__(self, name: str) -> str:
     ins = self.instrs[name]
+    if ins.target == "dfpjax_quantize":
+      return self.quantization(ins)
     if ins.target.startswith("dfpjax"):
       return f"DFP kernel: {pass_of(ins, self.kernel_sizes)}"
     operand_types = frozenset().union(*(self.instrs[o].dtypes for o in ins.operands
