@@ -50,7 +50,8 @@ static void pack_b_task(void* arg, size_t t) {
   const int nr = c->uk->nr;
   /* w [taps * cin][groups * cout] or dy [pixels][groups * cout]: K rows, this group's columns. */
   if (dfp_pack_panel(c->args->b + g * s->cout, c->n, c->k, 1, s->groups * s->cout, q * nr, nr,
-                     c->bpack + t * c->kpairs * nr * 2, c->bbound + t * c->kblocks * DFP_CHUNK_LEVELS))
+                     c->bpack + t * c->kpairs * nr * 2, c->bbound + t * c->kblocks * DFP_CHUNK_LEVELS,
+                     c->uk->avx2))
     fail(&c->status, DFP_ERR_BAD_MANTISSA);
 }
 
@@ -78,7 +79,7 @@ static void run_block(conv_plan* c, size_t g, size_t mb, size_t nb, size_t kb0, 
     else
       dfp_im2col_pack_pixels(&patches, c->m, row0, mr, panels, k0, k1, apack, panel_stride);
     for (size_t p = 0; p < panels; ++p)
-      if (dfp_block_bounds(apack + p * panel_stride, kc, mr, abound + p * DFP_CHUNK_LEVELS))
+      if (dfp_block_bounds(apack + p * panel_stride, kc, mr, abound + p * DFP_CHUNK_LEVELS, c->uk->avx2))
         fail(&c->status, DFP_ERR_BAD_MANTISSA);
     for (size_t q = q0; q < q1; ++q) {
       const size_t bq = g * c->npanels + q;
@@ -116,7 +117,7 @@ static void forward_task(void* arg, size_t t) {
   for (size_t row = row0; row < row1; ++row)
     dfp_encode_row(a->out_format, a->out, row * s->groups * s->cout + g * s->cout + col0,
                    acc + (row - row0) * ldc, cols,
-                   a->ex[row / pixels_per_image * a->ex_batch_stride], &a->eb, 0);
+                   a->ex[row / pixels_per_image * a->ex_batch_stride], &a->eb, 0, c->uk->avx2);
   free(acc);
 }
 
@@ -147,7 +148,7 @@ static void backward_encode_task(void* arg, size_t t) {
     for (size_t ks = 1; ks < c->ksplit; ++ks)
       for (size_t j = 0; j < c->n; ++j) sum[j] += sum[ks * split_stride + j];
     dfp_encode_row(a->out_format, a->out, row * s->groups * s->cout + g * s->cout, sum, c->n,
-                   a->ex[0], &a->eb, 0);
+                   a->ex[0], &a->eb, 0, c->uk->avx2);
   }
 }
 
@@ -236,7 +237,8 @@ static void col2im_pack_b_task(void* arg, size_t t) {
   const int nr = c->uk->nr;
   /* Row (tap, c) of W^T is w[tap][c][g * cout + o] over o. */
   if (dfp_pack_panel(c->args->b + g * s->cout, c->n, c->k, s->groups * s->cout, 1, q * nr, nr,
-                     c->bpack + t * c->kpairs * nr * 2, c->bbound + t * c->kblocks * DFP_CHUNK_LEVELS))
+                     c->bpack + t * c->kpairs * nr * 2, c->bbound + t * c->kblocks * DFP_CHUNK_LEVELS,
+                     c->uk->avx2))
     fail(&c->status, DFP_ERR_BAD_MANTISSA);
 }
 
@@ -259,7 +261,7 @@ static void col2im_task(void* arg, size_t t) {
       const size_t panels = min_size(mcp, ceil_div(c->pixels - row0, mr));
       for (size_t p = 0; p < panels; ++p)
         if (dfp_pack_panel(dy, c->pixels, c->k, channels_out, 1, row0 + p * mr, mr,
-                           apack + p * kp * mr * 2, abound + p * levels))
+                           apack + p * kp * mr * 2, abound + p * levels, c->uk->avx2))
           fail(&c->status, DFP_ERR_BAD_MANTISSA);
       memset(acc, 0, panels * mr * ldc * sizeof(int64_t));
       for (size_t kb = 0; kb < c->kblocks; ++kb) {
@@ -302,7 +304,7 @@ static void col2im_encode_task(void* arg, size_t image) {
   const size_t in_pixels = s->in[0] * s->in[1] * s->in[2], channels = s->groups * s->cin;
   for (size_t pixel = image * in_pixels; pixel < (image + 1) * in_pixels; ++pixel)
     dfp_encode_row(a->out_format, a->out, pixel * channels, c->dx + pixel * channels, channels,
-                   a->ex[0], &a->eb, 0);
+                   a->ex[0], &a->eb, 0, c->uk->avx2);
 }
 
 int dfp_conv_backward_data(const dfp_conv_args* args, dfp_isa isa, const dfp_parallel* par) {

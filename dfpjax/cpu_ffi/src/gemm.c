@@ -48,7 +48,7 @@ static void pack_a_task(void* arg, size_t t) {
   const int16_t* src = a->a + b * a->m * a->k;
   const size_t rs = a->a_kmajor ? 1 : a->k, cs = a->a_kmajor ? a->m : 1;
   if (dfp_pack_panel(src, a->m, a->k, rs, cs, panel * mr, mr,
-                     g->apack + t * g->kpairs * mr * 2, g->abound + t * g->kblocks * DFP_CHUNK_LEVELS))
+                     g->apack + t * g->kpairs * mr * 2, g->abound + t * g->kblocks * DFP_CHUNK_LEVELS, g->uk->avx2))
     fail(g, DFP_ERR_BAD_MANTISSA);
 }
 
@@ -60,7 +60,7 @@ static void pack_b_task(void* arg, size_t t) {
   const int16_t* src = a->b + b * a->n * a->k;
   const size_t rs = a->b_nmajor ? a->k : 1, cs = a->b_nmajor ? 1 : a->n;
   if (dfp_pack_panel(src, a->n, a->k, rs, cs, panel * nr, nr,
-                     g->bpack + t * g->kpairs * nr * 2, g->bbound + t * g->kblocks * DFP_CHUNK_LEVELS))
+                     g->bpack + t * g->kpairs * nr * 2, g->bbound + t * g->kblocks * DFP_CHUNK_LEVELS, g->uk->avx2))
     fail(g, DFP_ERR_BAD_MANTISSA);
 }
 
@@ -103,7 +103,7 @@ static void block_task(void* arg, size_t t) {
     dfp_encode_row(a->out_format, a->out, (b * a->m + row) * a->n + col0,
                    acc + (row - p0 * mr) * ldc, cols,
                    a->ea[b * a->ea_batch_stride + row * a->ea_stride],
-                   a->eb + b * a->eb_batch_stride + col0 * a->eb_stride, a->eb_stride);
+                   a->eb + b * a->eb_batch_stride + col0 * a->eb_stride, a->eb_stride, g->uk->avx2);
   free(acc);
 }
 

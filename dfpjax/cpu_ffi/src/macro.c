@@ -22,23 +22,22 @@ void dfp_encode_row_f32_avx2(const int64_t* s, size_t n, int32_t ea, const int32
 #endif
 
 static void encode_row_f32(const int64_t* s, size_t n, int32_t ea, const int32_t* eb,
-                           size_t eb_stride, uint32_t* out) {
+                           size_t eb_stride, uint32_t* out, int avx2) {
 #if defined(DFPJAX_X86)
-  /* Every ISA path but the portable one has AVX2; the stage is exact either way. */
-  static int avx2 = -1;
-  if (avx2 < 0) avx2 = dfp_isa_supported(DFP_ISA_AVX2);
   if (avx2) {
     dfp_encode_row_f32_avx2(s, n, ea, eb, eb_stride, out);
     return;
   }
+#else
+  (void)avx2;
 #endif
   for (size_t j = 0; j < n; ++j) out[j] = dfp_encode_f32(s[j], ea, eb[j * eb_stride]);
 }
 
 void dfp_encode_row(dfp_out_format format, void* out, size_t out_index, const int64_t* s, size_t n,
-                    int32_t ea, const int32_t* eb, size_t eb_stride) {
+                    int32_t ea, const int32_t* eb, size_t eb_stride, int avx2) {
   if (format == DFP_OUT_F32) {
-    encode_row_f32(s, n, ea, eb, eb_stride, (uint32_t*)out + out_index);
+    encode_row_f32(s, n, ea, eb, eb_stride, (uint32_t*)out + out_index, avx2);
     return;
   }
   const int bf16 = format == DFP_OUT_BF16;

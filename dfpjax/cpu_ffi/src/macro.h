@@ -14,9 +14,10 @@
 size_t dfp_safe_chunk(const uint64_t* abound, const uint64_t* bbound);
 
 /* out[out_index + j] = fl(s[j]) * 2**(ea + eb[j * eb_stride]) for j < n, in the output
- * format; NaN where an exponent marks a non-finite operand (spec sections 2 and 3). */
+ * format; NaN where an exponent marks a non-finite operand (spec sections 2 and 3). avx2
+ * selects the AVX2 float32 stage (dfp_ukernel.avx2). */
 void dfp_encode_row(dfp_out_format format, void* out, size_t out_index, const int64_t* s, size_t n,
-                    int32_t ea, const int32_t* eb, size_t eb_stride);
+                    int32_t ea, const int32_t* eb, size_t eb_stride, int avx2);
 
 /* parallel_for over the calling thread alone. */
 extern const dfp_parallel dfp_serial;

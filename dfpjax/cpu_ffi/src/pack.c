@@ -99,16 +99,15 @@ __attribute__((target("avx2"))) static int level0_avx2(const int16_t* block, siz
 #endif
 
 
-int dfp_block_bounds(const int16_t* block, size_t kpairs, int width, uint64_t* bounds) {
+int dfp_block_bounds(const int16_t* block, size_t kpairs, int width, uint64_t* bounds, int avx2) {
   /* Level 0: the panel's largest row norm per norm block; level l + 1 sums pairs of
    * level-l chunks. Each level's bound is its largest chunk. */
   uint64_t chunk[BLOCKS_PER_KC];
   int low;
 #if defined(DFPJAX_X86)
-  static int avx2 = -1;
-  if (avx2 < 0) avx2 = dfp_isa_supported(DFP_ISA_AVX2);
   low = avx2 ? level0_avx2(block, kpairs, width, chunk) : level0_portable(block, kpairs, width, chunk);
 #else
+  (void)avx2;
   low = level0_portable(block, kpairs, width, chunk);
 #endif
   size_t count = (kpairs + DFP_NORM_BLOCK_PAIRS - 1) / DFP_NORM_BLOCK_PAIRS;
@@ -128,7 +127,7 @@ int dfp_block_bounds(const int16_t* block, size_t kpairs, int width, uint64_t* b
 __attribute__((target_clones("avx2", "default")))
 #endif
 int dfp_pack_panel(const int16_t* src, size_t rows, size_t k, size_t row_stride, size_t col_stride,
-                   size_t row0, int width, int16_t* dst, uint64_t* bounds) {
+                   size_t row0, int width, int16_t* dst, uint64_t* bounds, int avx2) {
   const size_t kpairs = (k + 1) / 2;
   const size_t valid = rows - row0 < (size_t)width ? rows - row0 : (size_t)width;
   src += row0 * row_stride;
@@ -138,7 +137,7 @@ int dfp_pack_panel(const int16_t* src, size_t rows, size_t k, size_t row_stride,
     const size_t c1 = c0 + 2 * DFP_KC_PAIRS < k ? c0 + 2 * DFP_KC_PAIRS : k;
     int16_t* block = dst + (c0 / 2) * (size_t)width * 2;
     copy_block(src, c0, c1, row_stride, col_stride, valid, width, block);
-    status |= dfp_block_bounds(block, (c1 - c0 + 1) / 2, width, bounds);
+    status |= dfp_block_bounds(block, (c1 - c0 + 1) / 2, width, bounds, avx2);
   }
   return status;
 }

@@ -70,4 +70,4 @@ static void ukernel(size_t kpairs, size_t chunk, const int16_t* a, const int16_t
   }
 }
 
-const dfp_ukernel dfp_ukernel_avx2 = {MR, NR, ukernel};
+const dfp_ukernel dfp_ukernel_avx2 = {MR, NR, ukernel, 1};
