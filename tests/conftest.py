@@ -17,5 +17,7 @@ def isa(request, monkeypatch):
 
 
 def pytest_report_header(config):
+  emulated = cpu_ffi.emulated_isas()
   return (f"dfpjax kernel paths on this CPU: {cpu_ffi.supported_isas()}; "
-          f"default {cpu_ffi.best_isa()}; DFPJAX_ISA={os.environ.get('DFPJAX_ISA', '')!r}")
+          f"default {cpu_ffi.best_isa()}; DFPJAX_ISA={os.environ.get('DFPJAX_ISA', '')!r}"
+          + (f"; emulated (SIMDe, verification build): {emulated}" if emulated else ""))

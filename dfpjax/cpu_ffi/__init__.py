@@ -28,6 +28,7 @@ def _library() -> ctypes.CDLL:
         "(it compiles the kernel with CMake)") from err
   lib = ctypes.CDLL(_kernel.__file__)
   lib.dfp_isa_supported.argtypes = [ctypes.c_int]
+  lib.dfp_isa_emulated.argtypes = [ctypes.c_int]
   lib.dfp_isa_name.restype = ctypes.c_char_p
   lib.dfp_isa_name.argtypes = [ctypes.c_int]
   return lib
@@ -49,8 +50,14 @@ def supported_isas() -> tuple[str, ...]:
   return tuple(name for i, name in enumerate(ISAS) if lib.dfp_isa_supported(i))
 
 
+def emulated_isas() -> tuple[str, ...]:
+  """The paths this build runs on emulated intrinsics (a verification build, never the default)."""
+  lib = _library()
+  return tuple(name for i, name in enumerate(ISAS) if lib.dfp_isa_emulated(i))
+
+
 def best_isa() -> str:
-  """The path a call takes when ``DFPJAX_ISA`` is unset."""
+  """The path a call takes when ``DFPJAX_ISA`` is unset (never an emulated one)."""
   return ISAS[_library().dfp_best_isa()]
 
 

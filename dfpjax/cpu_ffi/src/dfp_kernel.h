@@ -122,8 +122,9 @@ typedef struct {
 int dfp_quantize(const dfp_quantize_args* args, dfp_isa isa, const dfp_parallel* par);
 
 int dfp_isa_supported(dfp_isa isa);       /* compiled in and runnable on this CPU */
+int dfp_isa_emulated(dfp_isa isa);        /* built on emulated intrinsics (DFPJAX_EMULATE_VNNI) */
 const char* dfp_isa_name(dfp_isa isa);    /* "portable", "avx2", "avx_vnni", "avx512_vnni" */
-dfp_isa dfp_best_isa(void);
+dfp_isa dfp_best_isa(void);               /* the fastest supported path that is not emulated */
 /* The path a call uses: DFPJAX_ISA if set (>= 0), else the best; -1 if DFPJAX_ISA names
  * an unknown path. */
 int dfp_selected_isa(void);

@@ -44,10 +44,20 @@ static int detect(dfp_isa isa) {
 static int detect(dfp_isa isa) { (void)isa; return 0; }
 #endif
 
+int dfp_isa_emulated(dfp_isa isa) {
+#if defined(DFPJAX_EMULATE_VNNI)
+  return isa == DFP_ISA_AVX_VNNI || isa == DFP_ISA_AVX512_VNNI;
+#else
+  (void)isa;
+  return 0;
+#endif
+}
+
 int dfp_isa_supported(dfp_isa isa) {
   if (isa == DFP_ISA_PORTABLE) return 1;
   if (isa < 0 || isa >= DFP_ISA_COUNT || dfp_ukernel_for(isa) == NULL) return 0;
-  return detect(isa);
+  /* An emulated microkernel is AVX2 code (vnni_emulation.h). */
+  return detect(dfp_isa_emulated(isa) ? DFP_ISA_AVX2 : isa);
 }
 
 static const char* const kNames[DFP_ISA_COUNT] = {"portable", "avx2", "avx_vnni", "avx512_vnni"};
@@ -58,7 +68,7 @@ const char* dfp_isa_name(dfp_isa isa) {
 
 dfp_isa dfp_best_isa(void) {
   for (int isa = DFP_ISA_COUNT - 1; isa > 0; --isa)
-    if (dfp_isa_supported((dfp_isa)isa)) return (dfp_isa)isa;
+    if (dfp_isa_supported((dfp_isa)isa) && !dfp_isa_emulated((dfp_isa)isa)) return (dfp_isa)isa;
   return DFP_ISA_PORTABLE;
 }
 

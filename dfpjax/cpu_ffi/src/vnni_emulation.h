@@ -1,0 +1,24 @@
+/* Verification builds only (CMake option DFPJAX_EMULATE_VNNI): force-included into the two
+ * VNNI microkernels so that they compile for plain AVX2 with SIMDe's portable definitions
+ * of the instructions this CPU lacks (vpdpwssd, and what the AVX-512 kernel uses around it).
+ * Their C code, tile shapes and the macro-loops around them then run, bit for bit, on a
+ * machine without VNNI, about two orders of magnitude slower. Release builds never see it. */
+#ifndef DFPJAX_VNNI_EMULATION_H_
+#define DFPJAX_VNNI_EMULATION_H_
+
+#define SIMDE_ENABLE_NATIVE_ALIASES
+#include <simde/x86/avx512.h>
+
+/* AVX-VNNI's VEX form has the semantics of the EVEX 256-bit one SIMDe provides. */
+#define _mm256_dpwssd_avx_epi32 simde_mm256_dpwssd_epi32
+
+/* vpmovsxdq zmm, ymm: missing from SIMDe 0.7. */
+static inline simde__m512i dfp_emulated_cvtepi32_epi64(simde__m256i v) {
+  simde__m256i_private a = simde__m256i_to_private(v);
+  simde__m512i_private r;
+  for (int i = 0; i < 8; ++i) r.i64[i] = a.i32[i];
+  return simde__m512i_from_private(r);
+}
+#define _mm512_cvtepi32_epi64 dfp_emulated_cvtepi32_epi64
+
+#endif
