@@ -670,6 +670,19 @@ def test_net_grad_commutes_bitwise(net):
   assert_bitwise_equal(g1, g2)
 
 
+def test_net_train_step_vmaps_over_batches(net):
+  # Three mini-batches at once, each with its own BatchNorm statistics, DFP exponents and
+  # cond branch: equal to stepping each alone.
+  xs = jax.random.normal(jax.random.key(13), (3, *net["x"].shape)) * jnp.array([1., -1., 3.])[:, None, None]
+  ys = jnp.stack([jnp.roll(net["y"], i) for i in range(3)])
+  step = dfp_transform(net["step"], KEEP_HEAD)
+  batched = run(jax.vmap(step, in_axes=(None, 0, 0, None)), net["state"], xs, ys, net["key"],
+                options=SAME_CODEGEN)
+  single = compiled(step, net["state"], xs[0], ys[0], net["key"], options=SAME_CODEGEN)
+  per_batch = [single(net["state"], x, y, net["key"]) for x, y in zip(xs, ys)]
+  assert_bitwise_equal(batched, jax.tree.map(lambda *leaves: jnp.stack(leaves), *per_batch))
+
+
 def test_net_report(net):
   args = (net["state"], net["x"], net["y"], net["key"])
   records = report(dfp_transform(net["step"], KEEP_HEAD), *args)
