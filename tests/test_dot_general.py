@@ -127,6 +127,34 @@ def test_channel_granularity_forward_and_gradients():
   np.testing.assert_array_equal(np.asarray(db), _exact(lambda g, a: a.T @ g, qg_a, ma))
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_quantized_operands_are_multiplied_as_they_are(isa, seed):
+  lhs, rhs, dims = _random_problem(np.random.default_rng(100 + seed))
+  qa, qb = dfpjax.quantize(lhs, bits=7), dfpjax.quantize(rhs, bits=7)
+  got = jax.jit(lambda qa, qb: dfpjax.dfp_dot_general(qa, qb, dims))(qa, qb)
+  np.testing.assert_array_equal(np.asarray(got), _exact(lambda a, b: lax.dot_general(a, b, dims), qa, qb))
+  # The same bits as quantizing inside the op with the same settings.
+  cfg = dfpjax.DFPConfig(forward=dfpjax.QuantConfig(bits=7))
+  np.testing.assert_array_equal(np.asarray(dfpjax.dfp_dot_general(lhs, rhs, dims, config=cfg)),
+                                np.asarray(got))
+
+
+def test_quantized_operands_per_channel_and_errors():
+  rng = np.random.default_rng(4)
+  a = (rng.standard_normal((6, 20)) * np.logspace(-3, 3, 6)[:, None]).astype(np.float32)
+  b = rng.standard_normal((20, 5)).astype(np.float32)
+  qa, qb = dfpjax.quantize(a, granularity="channel", axis=0), dfpjax.quantize(b)
+  np.testing.assert_array_equal(np.asarray(dfpjax.dfp_dot_general(qa, qb, DENSE)),
+                                _exact(lambda a, b: a @ b, qa, qb))
+  along_k = dfpjax.quantize(a, granularity="channel", axis=1)
+  with pytest.raises(ValueError, match="channel axis to be its last free axis"):
+    dfpjax.dfp_dot_general(along_k, qb, DENSE)
+  with pytest.raises(TypeError, match="both as DFPTensors"):
+    dfpjax.dfp_dot_general(qa, b, DENSE)
+  with pytest.raises(ValueError, match="used as they are"):
+    dfpjax.dfp_dot_general(qa, qb, DENSE, config=dfpjax.DFPConfig())
+
+
 def test_gradient_settings_apply_to_the_cotangent():
   rng = np.random.default_rng(4)
   a, b = rng.standard_normal((8, 16)).astype(np.float32), rng.standard_normal((16, 4)).astype(np.float32)

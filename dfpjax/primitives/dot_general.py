@@ -325,6 +325,23 @@ def _dfp_dot_bwd(spec: _Spec, residuals, g):
 _dfp_dot.defvjp(_dfp_dot_fwd, _dfp_dot_bwd)
 
 
+def _dot_of_quantized(lhs, rhs, dimension_numbers, preferred_element_type, config, key):
+  """Spec section 3 from its second step, for operands quantized beforehand."""
+  if not (isinstance(lhs, DFPTensor) and isinstance(rhs, DFPTensor)):
+    raise TypeError("dfp_dot_general: pass both operands as float arrays or both as DFPTensors, "
+                    f"got {type(lhs).__name__} and {type(rhs).__name__}")
+  if config is not None or key is not None:
+    raise ValueError("dfp_dot_general: config and key choose how float operands are quantized; "
+                     "DFPTensor operands are used as they are")
+  dims = _canonical_dims(dimension_numbers, lhs.shape, rhs.shape)
+  for name, t, free in (("lhs", lhs, dims.lhs_free), ("rhs", rhs, dims.rhs_free)):
+    if t.channel_axis is not None and (not free or t.channel_axis != free[-1]):
+      raise ValueError(f"dfp_dot_general: a per-channel {name} DFPTensor needs its channel axis "
+                       f"to be its last free axis ({free[-1] if free else 'it has none'}), got "
+                       f"{t.channel_axis}")
+  return exact_dot(lhs, rhs, dims, output_dtype(preferred_element_type, "dfp_dot_general"))
+
+
 def dfp_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, *,
                     config: DFPConfig | None = None, key=None):
   """``jax.lax.dot_general`` computed in DFP (spec sections 3 and 4).
@@ -335,8 +352,13 @@ def dfp_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_eleme
   of the cotangent, quantized with ``config.gradient``, and the forward's quantized
   operands.
 
+  Operands quantized beforehand (both :class:`dfpjax.DFPTensor`, e.g. from
+  :func:`dfpjax.quantize`; a per-channel one along its last free axis) are multiplied as
+  they are: the exact product of their mantissas, scaled once. That product has no
+  gradient (its inputs are integers), and ``config`` and ``key`` must be left unset.
+
   Args:
-    lhs, rhs: float32, bfloat16 or float16 arrays.
+    lhs, rhs: float32, bfloat16 or float16 arrays, or two DFPTensors.
     dimension_numbers: ``((lhs_contracting, rhs_contracting), (lhs_batch, rhs_batch))``.
     precision: accepted for signature compatibility; DFP fixes its own precision.
     preferred_element_type: a floating output dtype (default float32).
@@ -344,6 +366,8 @@ def dfp_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_eleme
     key: a ``jax.random`` key, required when a rounding is stochastic.
   """
   del precision
+  if isinstance(lhs, DFPTensor) or isinstance(rhs, DFPTensor):
+    return _dot_of_quantized(lhs, rhs, dimension_numbers, preferred_element_type, config, key)
   config = DFPConfig() if config is None else config
   if not isinstance(config, DFPConfig):
     raise TypeError(f"config must be a dfpjax.DFPConfig, got {type(config).__name__}")
