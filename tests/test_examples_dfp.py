@@ -13,7 +13,7 @@ import pytest
 import dfpjax
 from examples.imagenet import train
 from examples.imagenet.configs.base import Config
-from test_examples_models import he_filled
+from example_variables import he_filled
 
 SIZE, BATCH, CLASSES = 32, 8, 10  # tiny inputs; the networks keep their full widths
 
