@@ -672,7 +672,7 @@ def test_net_grad_commutes_bitwise(net):
 
 def test_net_train_step_vmaps_over_batches(net):
   # Three mini-batches at once, each with its own BatchNorm statistics, DFP exponents and
-  # cond branch: equal to stepping each alone.
+  # cond predicate: equal to stepping each alone.
   xs = jax.random.normal(jax.random.key(13), (3, *net["x"].shape)) * jnp.array([1., -1., 3.])[:, None, None]
   ys = jnp.stack([jnp.roll(net["y"], i) for i in range(3)])
   step = dfp_transform(net["step"], KEEP_HEAD)

@@ -9,6 +9,7 @@
  *   macro.c             what the macro-loops share: chunk bounds, the output stage
  *   quantize*.c         float -> INT16 DFP operands (portable rows + AVX2 rows)
  *   ukernel_*.c         one register-blocked microkernel per ISA
+ *   vnni_emulation.h    verification builds only: the VNNI intrinsics emulated (SIMDe)
  *   encode.h            exact int64 -> float rounding and power-of-two scaling
  */
 #ifndef DFPJAX_DFP_KERNEL_H_
