@@ -5,6 +5,7 @@
 #include "dfp_kernel.h"
 #include "encode.h"
 #include "quantize.h"
+#include "ukernel.h"
 
 enum { kChunk = 1 << 15 };  /* elements per task: big enough to amortize scheduling */
 
@@ -77,7 +78,7 @@ int dfp_quantize(const dfp_quantize_args* args, dfp_isa isa, const dfp_parallel*
   if (args->bits < 2 || args->bits > 16 || args->headroom < 0 || args->headroom > args->bits - 2)
     return DFP_ERR_BAD_SHAPE;
   if (args->groups == 0) return DFP_OK;
-  job j = {args, args->n ? (args->n + kChunk - 1) / kChunk : 1, NULL, isa != DFP_ISA_PORTABLE};
+  job j = {args, args->n ? (args->n + kChunk - 1) / kChunk : 1, NULL, dfp_ukernel_for(isa)->avx2};
   const size_t tasks = args->groups * j.chunks_per_group;
   j.chunk_max = (uint32_t*)calloc(tasks, sizeof(uint32_t));
   if (j.chunk_max == NULL) return DFP_ERR_ALLOC;

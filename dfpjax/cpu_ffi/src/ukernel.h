@@ -22,8 +22,8 @@ typedef void (*dfp_ukernel_fn)(size_t kpairs, size_t chunk, const int16_t* a, co
 typedef struct {
   int mr, nr;
   dfp_ukernel_fn fn;
-  /* The path's helpers (packing bounds, float32 output stage) use AVX2; the portable path's
-   * do not, so that forcing it runs, and tests, the portable C. */
+  /* The path's helpers (packing bounds, float32 output stage, quantization) use AVX2; the
+   * portable path's do not, so that forcing it runs, and tests, the portable C. */
   int avx2;
 } dfp_ukernel;
 
