@@ -53,7 +53,7 @@ def _assert_kernel_matches(args, lhs_kmajor, rhs_nmajor, out_dtype=np.float32):
   return np.asarray(got)
 
 
-SHAPES = [(1, 1, 1, 1), (1, 7, 3, 5), (2, 6, 16, 16), (1, 13, 37, 29), (3, 17, 1, 33),
+SHAPES = [(1, 1, 1, 1), (1, 3, 0, 5), (1, 7, 3, 5), (2, 6, 16, 16), (1, 13, 37, 29), (3, 17, 1, 33),
           (1, 65, 130, 47), (2, 100, 513, 70), (1, 1, 2049, 1), (1, 130, 600, 260)]
 
 
@@ -89,6 +89,24 @@ def test_adversarial_overflow_is_exact(isa, k, sign):
   np.testing.assert_array_equal(got[0, :, 0], exact.astype(np.float32))
   wrapped = np.int64(k * 32767**2).astype(np.int32)  # what plain INT32 accumulation returns
   assert got[0, 0, 0] != np.float32(sign * wrapped)
+
+
+@pytest.mark.parametrize("last", [11585, 11588], ids=["below_limit", "above_limit"])
+def test_chunk_sums_at_the_carry_limit(isa, last):
+  """Rows equal to their columns make Cauchy-Schwarz tight: every 8-pair chunk sums to
+  exactly its bound, 15 * 11585**2 + last**2. Below INT32_MAX - 0xffff (11585) the kernel
+  runs 8-pair chunks, each starting from the remainder the previous one carried; above it
+  (11588, still below INT32_MAX) a chunk started from that remainder would wrap int32."""
+  block = np.array([11585] * 15 + [last], np.int64)
+  assert (block**2).sum() <= 2**31 - 1
+  k = 16 * 40
+  row = np.tile(block, k // 16).astype(np.int16)
+  a = np.broadcast_to(row, (1, 7, k)).copy()
+  b = np.broadcast_to(row[:, None], (1, k, 17)).copy()
+  zero = np.zeros((1, 1), np.int32)
+  got = _assert_kernel_matches((a, zero, b, zero), False, False)
+  exact = 40 * (block**2).sum()
+  np.testing.assert_array_equal(got, np.full((1, 7, 17), exact, np.float32))
 
 
 def test_mixed_magnitudes_take_every_chunk_length(isa):

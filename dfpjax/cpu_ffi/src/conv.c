@@ -55,7 +55,8 @@ static void pack_b_task(void* arg, size_t t) {
     fail(&c->status, DFP_ERR_BAD_MANTISSA);
 }
 
-/* Adds K blocks [kb0, kb1) of cache block (mb, nb) of group g into acc (row stride ldc). */
+/* Stores the sum of K blocks [kb0, kb1) of cache block (mb, nb) of group g in acc (row
+ * stride ldc). */
 static void run_block(conv_plan* c, size_t g, size_t mb, size_t nb, size_t kb0, size_t kb1,
                       int64_t* acc, size_t ldc) {
   const dfp_conv_args* a = c->args;
@@ -88,7 +89,7 @@ static void run_block(conv_plan* c, size_t g, size_t mb, size_t nb, size_t kb0, 
       for (size_t p = 0; p < panels; ++p) {
         const size_t chunk = dfp_safe_chunk(abound + p * DFP_CHUNK_LEVELS, bb);
         c->uk->fn(kc, min_size(chunk, kc), apack + p * panel_stride, bp,
-                  acc + p * mr * ldc + (q - q0) * nr, ldc);
+                  acc + p * mr * ldc + (q - q0) * nr, ldc, kb > kb0);
       }
     }
   }
@@ -109,7 +110,7 @@ static void forward_task(void* arg, size_t t) {
     fail(&c->status, DFP_ERR_ALLOC);
     return;
   }
-  memset(acc, 0, bytes);
+  if (c->kblocks == 0) memset(acc, 0, bytes);
   run_block(c, g, mb, nb, 0, c->kblocks, acc, ldc);
   const size_t row0 = mb * c->mcp * mr, row1 = min_size(row0 + c->mcp * mr, c->m);
   const size_t col0 = nb * c->ncp * nr, cols = min_size(ldc, c->n - col0);
@@ -263,7 +264,7 @@ static void col2im_task(void* arg, size_t t) {
         if (dfp_pack_panel(dy, c->pixels, c->k, channels_out, 1, row0 + p * mr, mr,
                            apack + p * kp * mr * 2, abound + p * levels, c->uk->avx2))
           fail(&c->status, DFP_ERR_BAD_MANTISSA);
-      memset(acc, 0, panels * mr * ldc * sizeof(int64_t));
+      if (c->kblocks == 0) memset(acc, 0, panels * mr * ldc * sizeof(int64_t));
       for (size_t kb = 0; kb < c->kblocks; ++kb) {
         const size_t kc = min_size(c->kpairs - kb * DFP_KC_PAIRS, DFP_KC_PAIRS);
         for (size_t q = 0; q < c->npanels; ++q) {
@@ -273,7 +274,7 @@ static void col2im_task(void* arg, size_t t) {
           for (size_t p = 0; p < panels; ++p) {
             const size_t chunk = dfp_safe_chunk(abound + p * levels + kb * DFP_CHUNK_LEVELS, bb);
             c->uk->fn(kc, min_size(chunk, kc), apack + (p * kp + kb * DFP_KC_PAIRS) * mr * 2, bp,
-                      acc + p * mr * ldc + q * nr, ldc);
+                      acc + p * mr * ldc + q * nr, ldc, kb > 0);
           }
         }
       }

@@ -82,7 +82,7 @@ static void block_task(void* arg, size_t t) {
     fail(g, DFP_ERR_ALLOC);
     return;
   }
-  memset(acc, 0, acc_bytes);
+  if (g->kpairs == 0) memset(acc, 0, acc_bytes); /* else the first K block stores its sums */
   for (size_t pc = 0; pc < g->kpairs; pc += DFP_KC_PAIRS) {
     const size_t kc = g->kpairs - pc < DFP_KC_PAIRS ? g->kpairs - pc : DFP_KC_PAIRS;
     const size_t level_offset = (pc / DFP_KC_PAIRS) * DFP_CHUNK_LEVELS;
@@ -94,7 +94,7 @@ static void block_task(void* arg, size_t t) {
         const size_t ap = b * g->mpanels + p;
         const size_t chunk = dfp_safe_chunk(g->abound + ap * g->kblocks * DFP_CHUNK_LEVELS + level_offset, bb);
         g->uk->fn(kc, chunk < kc ? chunk : kc, g->apack + (ap * g->kpairs + pc) * mr * 2, bp,
-                  acc + (p - p0) * mr * ldc + (q - q0) * nr, ldc);
+                  acc + (p - p0) * mr * ldc + (q - q0) * nr, ldc, pc > 0);
       }
     }
   }

@@ -5,9 +5,9 @@
 
 /* By Cauchy-Schwarz |sum_k a_k b_k| <= ||a|| ||b||, and a row's squared norm over a chunk
  * is at most the bound of its level. Returns 1 (always safe: one pair is at most
- * 2 * 32767^2 < 2^31) when not even the shortest level is proven safe. */
+ * 2 * 32767^2 < DFP_CHUNK_SUM_MAX) when not even the shortest level is proven safe. */
 size_t dfp_safe_chunk(const uint64_t* abound, const uint64_t* bbound) {
-  const unsigned __int128 limit = (unsigned __int128)INT32_MAX * INT32_MAX;
+  const unsigned __int128 limit = (unsigned __int128)DFP_CHUNK_SUM_MAX * DFP_CHUNK_SUM_MAX;
   size_t chunk = 1;
   for (int level = 0; level < DFP_CHUNK_LEVELS; ++level) {
     if ((unsigned __int128)abound[level] * bbound[level] > limit) break;

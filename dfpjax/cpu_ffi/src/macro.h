@@ -9,8 +9,12 @@
 
 #include "dfp_kernel.h"
 
+/* The largest partial sum a chunk may reach (ukernel.h): int32 less a carried remainder. */
+#define DFP_CHUNK_SUM_MAX (INT32_MAX - 0xffff)
+
 /* Longest chunk (in pairs) over which every partial sum of an A-panel row with a B-panel
- * column provably fits int32, from the panels' bounds for one K block (pack.h). */
+ * column provably stays within +-DFP_CHUNK_SUM_MAX, from the panels' bounds for one K block
+ * (pack.h). */
 size_t dfp_safe_chunk(const uint64_t* abound, const uint64_t* bbound);
 
 /* out[out_index + j] = fl(s[j]) * 2**(ea + eb[j * eb_stride]) for j < n, in the output

@@ -4,10 +4,14 @@
  * (row i's pair k is one 32-bit word, broadcast by the kernel), a B micro-panel is
  * [kpairs][NR][2] int16 (NR 32-bit words per pair, loaded as vectors).
  *
- * The kernel adds A_panel x B_panel into the int64 tile acc[i * ldc + j], i < MR, j < NR. It accumulates
- * in int32 registers for `chunk` pairs at a time and then spills into acc; the
- * caller guarantees (gemm.c) that no partial sum within a chunk leaves int32, which
- * makes the result exact. chunk = 1 is safe for any input with |m| <= 32767. */
+ * The kernel adds A_panel x B_panel (kpairs <= DFP_KC_PAIRS) into the int64 tile
+ * acc[i * ldc + j], i < MR, j < NR, or with add = 0 stores it there (a tile's first K block,
+ * so that the macro-loops need not zero their accumulators). It accumulates in int32 lanes for `chunk` pairs at a
+ * time; between chunks a lane may keep its low 16 bits and carry the rest out (into int32
+ * carries, each at most 2**15 a chunk). The caller guarantees (macro.h) that every partial
+ * sum within a chunk stays within +-DFP_CHUNK_SUM_MAX = INT32_MAX - 0xffff, so a chunk that
+ * starts from a carried remainder below 2**16 never leaves int32, which makes the result
+ * exact. chunk = 1 is safe for any input with |m| <= 32767 (2 * 32767**2 < DFP_CHUNK_SUM_MAX). */
 #ifndef DFPJAX_UKERNEL_H_
 #define DFPJAX_UKERNEL_H_
 
@@ -17,7 +21,7 @@
 #include "dfp_kernel.h"
 
 typedef void (*dfp_ukernel_fn)(size_t kpairs, size_t chunk, const int16_t* a, const int16_t* b,
-                               int64_t* acc, size_t ldc);
+                               int64_t* acc, size_t ldc, int add);
 
 typedef struct {
   int mr, nr;

@@ -1,73 +1,105 @@
 /* AVX2 microkernel, 6 x 16: vpmaddwd multiplies INT16 pairs into INT32, vpaddd accumulates.
- * The k loop is inline assembly: with intrinsics GCC rotates the twelve accumulators
- * through extra register moves and loses about 30% of the throughput. */
+ * The k loop, chunks and carries included, is one block of inline assembly on fixed
+ * registers (ymm0-11 hold the twelve accumulators): with intrinsics, or with the chunk loop
+ * in C, GCC moves the accumulators through the stack at every chunk and loses up to 30%. */
 #include <immintrin.h>
 
 #include "ukernel.h"
 
 enum { MR = 6, NR = 16 };
 
-static inline void spill(__m256i v, int64_t* dst) {
-  __m256i lo = _mm256_cvtepi32_epi64(_mm256_castsi256_si128(v));
-  __m256i hi = _mm256_cvtepi32_epi64(_mm256_extracti128_si256(v, 1));
-  _mm256_storeu_si256((__m256i*)dst, _mm256_add_epi64(_mm256_loadu_si256((const __m256i*)dst), lo));
-  _mm256_storeu_si256((__m256i*)(dst + 4),
-                      _mm256_add_epi64(_mm256_loadu_si256((const __m256i*)(dst + 4)), hi));
-}
-
-/* Pair p, row i: broadcast the row's pair, multiply with both B vectors, accumulate. */
+/* Pair p: both B vectors times each row's broadcast pair, into ymm(2i) and ymm(2i + 1). */
 #define PAIR(p)                                                                         \
   "vmovdqu " #p "*64(%[b]), %%ymm12\n\t"                                                \
   "vmovdqu " #p "*64+32(%[b]), %%ymm13\n\t"                                             \
-  ROW(p, 0, c00, c01) ROW(p, 1, c10, c11) ROW(p, 2, c20, c21) ROW(p, 3, c30, c31)        \
-  ROW(p, 4, c40, c41) ROW(p, 5, c50, c51)
+  ROW(p, 0, 0, 1) ROW(p, 1, 2, 3) ROW(p, 2, 4, 5) ROW(p, 3, 6, 7) ROW(p, 4, 8, 9)        \
+  ROW(p, 5, 10, 11)
 
 #define ROW(p, i, c0, c1)                                                               \
   "vpbroadcastd " #p "*24+" #i "*4(%[a]), %%ymm15\n\t"                                  \
   "vpmaddwd %%ymm12, %%ymm15, %%ymm14\n\t"                                              \
-  "vpaddd %%ymm14, %[" #c0 "], %[" #c0 "]\n\t"                                          \
+  "vpaddd %%ymm14, %%ymm" #c0 ", %%ymm" #c0 "\n\t"                                      \
   "vpmaddwd %%ymm13, %%ymm15, %%ymm15\n\t"                                              \
-  "vpaddd %%ymm15, %[" #c1 "], %[" #c1 "]\n\t"
+  "vpaddd %%ymm15, %%ymm" #c1 ", %%ymm" #c1 "\n\t"
 
-static void ukernel(size_t kpairs, size_t chunk, const int16_t* a, const int16_t* b, int64_t* acc,
-                    size_t ldc) {
-  for (size_t done = 0; done < kpairs; done += chunk) {
-    size_t n = chunk < kpairs - done ? chunk : kpairs - done;
-    __m256i c00 = _mm256_setzero_si256(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00,
-            c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
-    /* Unrolled by four pairs: short loops of a fixed trip count predict perfectly. */
-    __asm__ volatile(
-        "mov %[n], %%rax\n\t"
-        "shr $2, %%rax\n\t"
-        "jz 2f\n\t"
-        "1:\n\t"
-        PAIR(0) PAIR(1) PAIR(2) PAIR(3)
-        "add $96, %[a]\n\t"
-        "add $256, %[b]\n\t"
-        "dec %%rax\n\t"
-        "jnz 1b\n\t"
-        "2:\n\t"
-        "and $3, %[n]\n\t"
-        "jz 4f\n\t"
-        "3:\n\t"
-        PAIR(0)
-        "add $24, %[a]\n\t"
-        "add $64, %[b]\n\t"
-        "dec %[n]\n\t"
-        "jnz 3b\n\t"
-        "4:\n\t"
-        : [a] "+r"(a), [b] "+r"(b), [n] "+r"(n), [c00] "+x"(c00),
-          [c01] "+x"(c01), [c10] "+x"(c10), [c11] "+x"(c11), [c20] "+x"(c20), [c21] "+x"(c21),
-          [c30] "+x"(c30), [c31] "+x"(c31), [c40] "+x"(c40), [c41] "+x"(c41), [c50] "+x"(c50),
-          [c51] "+x"(c51)
-        :
-        : "rax", "xmm12", "xmm13", "xmm14", "xmm15", "cc", "memory");
-    const __m256i c[MR][2] = {{c00, c01}, {c10, c11}, {c20, c21}, {c30, c31}, {c40, c41}, {c50, c51}};
-    for (int i = 0; i < MR; ++i) {
-      spill(c[i][0], acc + i * ldc);
-      spill(c[i][1], acc + i * ldc + 8);
-    }
+/* Accumulator c keeps its low 16 bits (mask in ymm12) and adds c >> 16 to carry[c]. */
+#define CARRY(c)                                                                        \
+  "vpsrad $16, %%ymm" #c ", %%ymm13\n\t"                                                \
+  "vpaddd " #c "*32(%[carry]), %%ymm13, %%ymm13\n\t"                                    \
+  "vmovdqu %%ymm13, " #c "*32(%[carry])\n\t"                                            \
+  "vpand %%ymm12, %%ymm" #c ", %%ymm" #c "\n\t"
+
+#define ZERO(c) "vpxor %%xmm" #c ", %%xmm" #c ", %%xmm" #c "\n\t"
+#define ZERO_CARRY(c) "vmovdqu %%ymm0, " #c "*32(%[carry])\n\t"
+#define STORE(c) "vmovdqu %%ymm" #c ", " #c "*32(%[low])\n\t"
+#define ALL12(X) X(0) X(1) X(2) X(3) X(4) X(5) X(6) X(7) X(8) X(9) X(10) X(11)
+
+/* acc[0..7] (+)= carry * 2**16 + low, in int64; carry is NULL when no chunk carried. */
+static inline void spill(__m256i low, const __m256i* carry, int64_t* acc, int add) {
+  __m256i s0 = _mm256_cvtepi32_epi64(_mm256_castsi256_si128(low));
+  __m256i s1 = _mm256_cvtepi32_epi64(_mm256_extracti128_si256(low, 1));
+  if (carry != NULL) {
+    const __m256i c = _mm256_loadu_si256(carry);
+    s0 = _mm256_add_epi64(s0, _mm256_slli_epi64(_mm256_cvtepi32_epi64(_mm256_castsi256_si128(c)), 16));
+    s1 = _mm256_add_epi64(s1, _mm256_slli_epi64(_mm256_cvtepi32_epi64(_mm256_extracti128_si256(c, 1)), 16));
   }
+  __m256i* dst = (__m256i*)acc;
+  if (add) {
+    s0 = _mm256_add_epi64(_mm256_loadu_si256(dst), s0);
+    s1 = _mm256_add_epi64(_mm256_loadu_si256(dst + 1), s1);
+  }
+  _mm256_storeu_si256(dst, s0);
+  _mm256_storeu_si256(dst + 1, s1);
+}
+
+/* Between chunks each accumulator carries all but its low 16 bits into an int32 lane in
+ * memory (ukernel.h): four instructions a vector, where an int64 spill takes nine. */
+static void ukernel(size_t kpairs, size_t chunk, const int16_t* a, const int16_t* b, int64_t* acc,
+                    size_t ldc, int add) {
+  __m256i carry[MR * 2], low[MR * 2];
+  const int carried = chunk < kpairs;
+  __asm__ volatile(
+      ALL12(ZERO)
+      ALL12(ZERO_CARRY)
+      "5:\n\t"
+      "mov %[chunk], %%rcx\n\t"
+      "cmp %[k], %%rcx\n\t"
+      "cmova %[k], %%rcx\n\t"
+      "sub %%rcx, %[k]\n\t"
+      /* Unrolled by four pairs: short loops of a fixed trip count predict perfectly. */
+      "mov %%rcx, %%rax\n\t"
+      "shr $2, %%rax\n\t"
+      "jz 2f\n\t"
+      "1:\n\t"
+      PAIR(0) PAIR(1) PAIR(2) PAIR(3)
+      "add $96, %[a]\n\t"
+      "add $256, %[b]\n\t"
+      "dec %%rax\n\t"
+      "jnz 1b\n\t"
+      "2:\n\t"
+      "and $3, %%rcx\n\t"
+      "jz 4f\n\t"
+      "3:\n\t"
+      PAIR(0)
+      "add $24, %[a]\n\t"
+      "add $64, %[b]\n\t"
+      "dec %%rcx\n\t"
+      "jnz 3b\n\t"
+      "4:\n\t"
+      "test %[k], %[k]\n\t"
+      "jz 6f\n\t"
+      "vpcmpeqd %%ymm12, %%ymm12, %%ymm12\n\t"
+      "vpsrld $16, %%ymm12, %%ymm12\n\t"
+      ALL12(CARRY)
+      "jmp 5b\n\t"
+      "6:\n\t"
+      ALL12(STORE)
+      : [a] "+r"(a), [b] "+r"(b), [k] "+r"(kpairs)
+      : [chunk] "r"(chunk), [carry] "r"(carry), [low] "r"(low)
+      : "rax", "rcx", "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8",
+        "xmm9", "xmm10", "xmm11", "xmm12", "xmm13", "xmm14", "xmm15", "cc", "memory");
+  for (int i = 0; i < MR * 2; ++i)
+    spill(low[i], carried ? &carry[i] : NULL, acc + (i / 2) * ldc + (i % 2) * 8, add);
 }
 
 const dfp_ukernel dfp_ukernel_avx2 = {MR, NR, ukernel, 1};

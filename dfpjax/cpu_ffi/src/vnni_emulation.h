@@ -12,7 +12,7 @@
 /* AVX-VNNI's VEX form has the semantics of the EVEX 256-bit one SIMDe provides. */
 #define _mm256_dpwssd_avx_epi32 simde_mm256_dpwssd_epi32
 
-/* vpmovsxdq zmm, ymm: missing from SIMDe 0.7. */
+/* vpmovsxdq zmm, ymm and vpsrad zmm, imm: missing from SIMDe 0.7. */
 static inline simde__m512i dfp_emulated_cvtepi32_epi64(simde__m256i v) {
   simde__m256i_private a = simde__m256i_to_private(v);
   simde__m512i_private r;
@@ -20,5 +20,12 @@ static inline simde__m512i dfp_emulated_cvtepi32_epi64(simde__m256i v) {
   return simde__m512i_from_private(r);
 }
 #define _mm512_cvtepi32_epi64 dfp_emulated_cvtepi32_epi64
+
+static inline simde__m512i dfp_emulated_srai_epi32(simde__m512i v, int shift) {
+  simde__m512i_private a = simde__m512i_to_private(v), r;
+  for (int i = 0; i < 16; ++i) r.i32[i] = a.i32[i] >> shift; /* arithmetic in GCC and Clang */
+  return simde__m512i_from_private(r);
+}
+#define _mm512_srai_epi32 dfp_emulated_srai_epi32
 
 #endif
