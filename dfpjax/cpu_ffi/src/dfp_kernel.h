@@ -8,7 +8,8 @@
  *   gemm.c, conv.c      macro-loops: blocking, threading, exact chunk selection
  *   macro.c             what the macro-loops share: chunk bounds, the output stage
  *   quantize*.c         float -> INT16 DFP operands (portable rows + AVX2 rows)
- *   ukernel_*.c         one register-blocked microkernel per ISA
+ *   ukernel_*.c         one register-blocked microkernel per ISA (spill256.h: the
+ *                       INT64 spill the two 256-bit ones share)
  *   vnni_emulation.h    verification builds only: the VNNI intrinsics emulated (SIMDe)
  *   encode.h            exact int64 -> float rounding and power-of-two scaling
  */

@@ -4,6 +4,7 @@
  * in C, GCC moves the accumulators through the stack at every chunk and loses up to 30%. */
 #include <immintrin.h>
 
+#include "spill256.h"
 #include "ukernel.h"
 
 enum { MR = 6, NR = 16 };
@@ -33,24 +34,6 @@ enum { MR = 6, NR = 16 };
 #define ZERO_CARRY(c) "vmovdqu %%ymm0, " #c "*32(%[carry])\n\t"
 #define STORE(c) "vmovdqu %%ymm" #c ", " #c "*32(%[low])\n\t"
 #define ALL12(X) X(0) X(1) X(2) X(3) X(4) X(5) X(6) X(7) X(8) X(9) X(10) X(11)
-
-/* acc[0..7] (+)= carry * 2**16 + low, in int64; carry is NULL when no chunk carried. */
-static inline void spill(__m256i low, const __m256i* carry, int64_t* acc, int add) {
-  __m256i s0 = _mm256_cvtepi32_epi64(_mm256_castsi256_si128(low));
-  __m256i s1 = _mm256_cvtepi32_epi64(_mm256_extracti128_si256(low, 1));
-  if (carry != NULL) {
-    const __m256i c = _mm256_loadu_si256(carry);
-    s0 = _mm256_add_epi64(s0, _mm256_slli_epi64(_mm256_cvtepi32_epi64(_mm256_castsi256_si128(c)), 16));
-    s1 = _mm256_add_epi64(s1, _mm256_slli_epi64(_mm256_cvtepi32_epi64(_mm256_extracti128_si256(c, 1)), 16));
-  }
-  __m256i* dst = (__m256i*)acc;
-  if (add) {
-    s0 = _mm256_add_epi64(_mm256_loadu_si256(dst), s0);
-    s1 = _mm256_add_epi64(_mm256_loadu_si256(dst + 1), s1);
-  }
-  _mm256_storeu_si256(dst, s0);
-  _mm256_storeu_si256(dst + 1, s1);
-}
 
 /* Between chunks each accumulator carries all but its low 16 bits into an int32 lane in
  * memory (ukernel.h): four instructions a vector, where an int64 spill takes nine. */
@@ -99,7 +82,7 @@ static void ukernel(size_t kpairs, size_t chunk, const int16_t* a, const int16_t
       : "rax", "rcx", "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8",
         "xmm9", "xmm10", "xmm11", "xmm12", "xmm13", "xmm14", "xmm15", "cc", "memory");
   for (int i = 0; i < MR * 2; ++i)
-    spill(low[i], carried ? &carry[i] : NULL, acc + (i / 2) * ldc + (i % 2) * 8, add);
+    dfp_spill256(low[i], carried ? &carry[i] : NULL, acc + (i / 2) * ldc + (i % 2) * 8, add);
 }
 
 const dfp_ukernel dfp_ukernel_avx2 = {MR, NR, ukernel, 1};

@@ -2,6 +2,7 @@
 #include <immintrin.h>
 #include <string.h>
 
+#include "spill256.h"
 #include "ukernel.h"
 
 enum { MR = 6, NR = 16 };
@@ -10,21 +11,6 @@ static inline __m256i broadcast_pair(const int16_t* p) {
   int32_t w;
   memcpy(&w, p, sizeof w);
   return _mm256_set1_epi32(w);
-}
-
-/* acc[0..7] (+)= carry * 2**16 + low, in int64. */
-static inline void spill(__m256i low, __m256i carry, int64_t* acc, int add) {
-  __m256i s0 = _mm256_add_epi64(_mm256_cvtepi32_epi64(_mm256_castsi256_si128(low)),
-                                      _mm256_slli_epi64(_mm256_cvtepi32_epi64(_mm256_castsi256_si128(carry)), 16));
-  __m256i s1 = _mm256_add_epi64(_mm256_cvtepi32_epi64(_mm256_extracti128_si256(low, 1)),
-                                      _mm256_slli_epi64(_mm256_cvtepi32_epi64(_mm256_extracti128_si256(carry, 1)), 16));
-  __m256i* dst = (__m256i*)acc;
-  if (add) {
-    s0 = _mm256_add_epi64(_mm256_loadu_si256(dst), s0);
-    s1 = _mm256_add_epi64(_mm256_loadu_si256(dst + 1), s1);
-  }
-  _mm256_storeu_si256(dst, s0);
-  _mm256_storeu_si256(dst + 1, s1);
 }
 
 /* Between chunks each accumulator carries all but its low 16 bits out (ukernel.h). */
@@ -57,8 +43,8 @@ static void ukernel(size_t kpairs, size_t chunk, const int16_t* a, const int16_t
   }
 #pragma GCC unroll 8
   for (int i = 0; i < MR; ++i) {
-    spill(c[i][0], carry[i][0], acc + i * ldc, add);
-    spill(c[i][1], carry[i][1], acc + i * ldc + 8, add);
+    dfp_spill256(c[i][0], &carry[i][0], acc + i * ldc, add);
+    dfp_spill256(c[i][1], &carry[i][1], acc + i * ldc + 8, add);
   }
 }
 
