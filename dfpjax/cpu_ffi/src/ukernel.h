@@ -6,9 +6,9 @@
  *
  * The kernel adds A_panel x B_panel (kpairs <= DFP_KC_PAIRS) into the int64 tile
  * acc[i * ldc + j], i < MR, j < NR, or with add = 0 stores it there (a tile's first K block,
- * so that the macro-loops need not zero their accumulators). It accumulates in int32 lanes for `chunk` pairs at a
- * time; between chunks a lane may keep its low 16 bits and carry the rest out (into int32
- * carries, each at most 2**15 a chunk). The caller guarantees (macro.h) that every partial
+ * so that the macro-loops need not zero their accumulators). It accumulates in int32 lanes
+ * for `chunk` pairs at a time; between chunks a lane may keep its low 16 bits and carry the
+ * rest out (into int32 carries, each at most 2**15 a chunk). The caller guarantees (macro.h) that every partial
  * sum within a chunk stays within +-DFP_CHUNK_SUM_MAX = INT32_MAX - 0xffff, so a chunk that
  * starts from a carried remainder below 2**16 never leaves int32, which makes the result
  * exact. chunk = 1 is safe for any input with |m| <= 32767 (2 * 32767**2 < DFP_CHUNK_SUM_MAX). */

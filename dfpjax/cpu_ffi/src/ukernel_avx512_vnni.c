@@ -15,9 +15,9 @@ static inline __m512i broadcast_pair(const int16_t* p) {
 /* acc[0..15] (+)= carry * 2**16 + low, in int64. */
 static inline void spill(__m512i low, __m512i carry, int64_t* acc, int add) {
   __m512i s0 = _mm512_add_epi64(_mm512_cvtepi32_epi64(_mm512_castsi512_si256(low)),
-                                      _mm512_slli_epi64(_mm512_cvtepi32_epi64(_mm512_castsi512_si256(carry)), 16));
+                                _mm512_slli_epi64(_mm512_cvtepi32_epi64(_mm512_castsi512_si256(carry)), 16));
   __m512i s1 = _mm512_add_epi64(_mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(low, 1)),
-                                      _mm512_slli_epi64(_mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(carry, 1)), 16));
+                                _mm512_slli_epi64(_mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(carry, 1)), 16));
   if (add) {
     s0 = _mm512_add_epi64(_mm512_loadu_si512(acc), s0);
     s1 = _mm512_add_epi64(_mm512_loadu_si512(acc + 8), s1);

@@ -41,10 +41,11 @@ static void ukernel(size_t kpairs, size_t chunk, const int16_t* a, const int16_t
       }
     }
   }
+  const int carried = chunk < kpairs;
 #pragma GCC unroll 8
   for (int i = 0; i < MR; ++i) {
-    dfp_spill256(c[i][0], &carry[i][0], acc + i * ldc, add);
-    dfp_spill256(c[i][1], &carry[i][1], acc + i * ldc + 8, add);
+    dfp_spill256(c[i][0], carried ? &carry[i][0] : NULL, acc + i * ldc, add);
+    dfp_spill256(c[i][1], carried ? &carry[i][1] : NULL, acc + i * ldc + 8, add);
   }
 }
 
