@@ -21,25 +21,23 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
-from jax.extend import core
-from jax.interpreters import batching, mlir
+from jax.interpreters import batching
 
 from dfpjax import cpu_ffi
-from dfpjax.numerics import floatbits
 from dfpjax.numerics.config import DFPConfig, QuantConfig
-from dfpjax.numerics.quantization import NONFINITE_EXPONENT, DFPTensor
-from dfpjax.primitives import reference
-from dfpjax.primitives.operands import (check_float_operand, classic_custom_vjp, fold_key,
-                                        matching_manual_axes, output_aval, output_dtype,
-                                        partner_folded)
+from dfpjax.numerics.quantization import DFPTensor
+from dfpjax.primitives import reference, registry
+from dfpjax.primitives.operands import (classic_custom_vjp, float_operands, fold_key,
+                                        matching_manual_axes, output_dtype, partner_folded)
 from dfpjax.primitives.quantize import quantize_operand
+from dfpjax.primitives.registry import output_aval
 
-# ---------------------------------------------------------------------------------------
 # The primitive: exact product of quantized operands, canonical [B, M, K] x [B, K, N].
-# ---------------------------------------------------------------------------------------
+dfp_dot_general_p = registry.new_primitive("dfp_dot_general")
 
-dfp_dot_general_p = core.Primitive("dfp_dot_general")
+# ---------------------------------------------------------------------------------------
+# Shape rule.
+# ---------------------------------------------------------------------------------------
 
 
 def _canonical_sizes(a_shape, b_shape, lhs_kmajor, rhs_nmajor):
@@ -49,9 +47,7 @@ def _canonical_sizes(a_shape, b_shape, lhs_kmajor, rhs_nmajor):
 
 
 def _abstract_eval(a, ea, b, eb, *, lhs_kmajor, rhs_nmajor, out_dtype):
-  if a.dtype != jnp.int16 or b.dtype != jnp.int16 or ea.dtype != jnp.int32 or eb.dtype != jnp.int32:
-    raise TypeError("dfp_dot_general_p takes int16 mantissas and int32 exponents, got "
-                    f"{a.dtype}, {ea.dtype}, {b.dtype}, {eb.dtype}")
+  registry.check_integer_operands("dfp_dot_general_p", a, ea, b, eb)
   if a.ndim != 3 or b.ndim != 3 or ea.ndim != 2 or eb.ndim != 2:
     raise ValueError("dfp_dot_general_p takes rank-3 mantissas and rank-2 exponents")
   batch, batch_b, m, k, k_b, n = _canonical_sizes(a.shape, b.shape, lhs_kmajor, rhs_nmajor)
@@ -63,20 +59,9 @@ def _abstract_eval(a, ea, b, eb, *, lhs_kmajor, rhs_nmajor, out_dtype):
   return output_aval((batch, m, n), out_dtype, a, ea, b, eb)
 
 
-def _impl(*args, **params):
-  return _jitted_bind(**params)(*args)
-
-
-@functools.cache
-def _jitted_bind(**params):
-  return jax.jit(functools.partial(dfp_dot_general_p.bind, **params))
-
-
-def _cpu_lowering(ctx, a, ea, b, eb, *, lhs_kmajor, rhs_nmajor, out_dtype):
-  del out_dtype  # carried by the result's type
-  cpu_ffi.register()
-  return jax.ffi.ffi_lowering(cpu_ffi.DOT_GENERAL_TARGET)(
-      ctx, a, ea, b, eb, lhs_kmajor=np.int32(lhs_kmajor), rhs_nmajor=np.int32(rhs_nmajor))
+# ---------------------------------------------------------------------------------------
+# Batching.
+# ---------------------------------------------------------------------------------------
 
 
 def _to_front(x, bdim, size):
@@ -130,11 +115,20 @@ def _batch_rule(args, dims, *, lhs_kmajor, rhs_nmajor, out_dtype):
   return out.reshape(batch, m, size, n), 2
 
 
-dfp_dot_general_p.def_impl(_impl)
-dfp_dot_general_p.def_abstract_eval(_abstract_eval)
-batching.primitive_batchers[dfp_dot_general_p] = _batch_rule
-mlir.register_lowering(dfp_dot_general_p, _cpu_lowering, platform="cpu")
-mlir.register_lowering(dfp_dot_general_p, mlir.lower_fun(reference.dot, multiple_results=False))
+# ---------------------------------------------------------------------------------------
+# Lowerings: the C kernel on CPU, its pure-XLA twin (``reference.dot``) elsewhere.
+# ---------------------------------------------------------------------------------------
+
+
+def _cpu_lowering(ctx, a, ea, b, eb, *, lhs_kmajor, rhs_nmajor, out_dtype):
+  del out_dtype  # carried by the result's type
+  cpu_ffi.register()
+  return jax.ffi.ffi_lowering(cpu_ffi.DOT_GENERAL_TARGET)(
+      ctx, a, ea, b, eb, lhs_kmajor=np.int32(lhs_kmajor), rhs_nmajor=np.int32(rhs_nmajor))
+
+
+registry.register(dfp_dot_general_p, abstract_eval=_abstract_eval, batch_rule=_batch_rule,
+                  cpu_lowering=_cpu_lowering, xla_lowering=reference.dot)
 
 # ---------------------------------------------------------------------------------------
 # Dimension numbers, handled by name.
@@ -267,7 +261,7 @@ def exact_dot(qa: DFPTensor, qb: DFPTensor, dims: DotDims, out_dtype):
 
 
 # ---------------------------------------------------------------------------------------
-# The differentiable op.
+# Differentiation: the DFP gradient rule (spec section 4).
 # ---------------------------------------------------------------------------------------
 
 
@@ -324,6 +318,10 @@ def _dfp_dot_bwd(spec: _Spec, residuals, g):
 
 _dfp_dot.defvjp(_dfp_dot_fwd, _dfp_dot_bwd)
 
+# ---------------------------------------------------------------------------------------
+# The op.
+# ---------------------------------------------------------------------------------------
+
 
 def _dot_of_quantized(lhs, rhs, dimension_numbers, preferred_element_type, config, key):
   """Spec section 3 from its second step, for operands quantized beforehand."""
@@ -368,15 +366,8 @@ def dfp_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_eleme
   del precision
   if isinstance(lhs, DFPTensor) or isinstance(rhs, DFPTensor):
     return _dot_of_quantized(lhs, rhs, dimension_numbers, preferred_element_type, config, key)
-  config = DFPConfig() if config is None else config
-  if not isinstance(config, DFPConfig):
-    raise TypeError(f"config must be a dfpjax.DFPConfig, got {type(config).__name__}")
-  lhs, rhs = jnp.asarray(lhs), jnp.asarray(rhs)
-  check_float_operand(lhs, "lhs", "dfp_dot_general")
-  check_float_operand(rhs, "rhs", "dfp_dot_general")
+  lhs, rhs, config = float_operands("dfp_dot_general", lhs, rhs, config, key)
   dims = _canonical_dims(dimension_numbers, lhs.shape, rhs.shape)
-  if config.needs_key and key is None:
-    raise ValueError("dfp_dot_general: stochastic rounding needs key=jax.random.key(...)")
   spec = _Spec(dims, config.forward, config.gradient,
                output_dtype(preferred_element_type, "dfp_dot_general"), np.dtype(lhs.dtype),
                np.dtype(rhs.dtype))

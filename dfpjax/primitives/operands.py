@@ -1,4 +1,4 @@
-"""Shared by the DFP primitives: operand validation, keys, gradient folding, custom_vjp."""
+"""Shared by the DFP ops: argument checks, keys, gradient folding, custom_vjp."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from jax._src import config as jax_config
 from jax._src import core
 
 from dfpjax.numerics import floatbits
-from dfpjax.numerics.config import QuantConfig
+from dfpjax.numerics.config import DFPConfig, QuantConfig
 from dfpjax.numerics.quantization import NONFINITE_EXPONENT, DFPTensor, quantize_with
 
 
@@ -19,6 +19,20 @@ def check_float_operand(x, name: str, op: str) -> None:
   if np.dtype(x.dtype) not in floatbits.FORMATS:
     raise TypeError(f"{op}: {name} must be float32, bfloat16 or float16 to be quantized to DFP, "
                     f"got {x.dtype}")
+
+
+def float_operands(op: str, lhs, rhs, config, key):
+  """``lhs, rhs`` as arrays and ``config`` (default ``DFPConfig()``), checked for a DFP op
+  that quantizes float operands."""
+  config = DFPConfig() if config is None else config
+  if not isinstance(config, DFPConfig):
+    raise TypeError(f"config must be a dfpjax.DFPConfig, got {type(config).__name__}")
+  lhs, rhs = jnp.asarray(lhs), jnp.asarray(rhs)
+  check_float_operand(lhs, "lhs", op)
+  check_float_operand(rhs, "rhs", op)
+  if config.needs_key and key is None:
+    raise ValueError(f"{op}: stochastic rounding needs key=jax.random.key(...)")
+  return lhs, rhs, config
 
 
 def output_dtype(preferred_element_type, op: str) -> np.dtype:
@@ -45,15 +59,6 @@ def matching_manual_axes(lhs, rhs):
   ``check_vma`` (``pvary`` on the invariant one), as ``lax.dot_general`` does: an
   invariant operand's gradient is then summed over those axes by ``pvary``'s transpose."""
   return core.auto_insert_reshard(lhs, rhs)
-
-
-def output_aval(shape, dtype, *operands) -> core.ShapedArray:
-  """A DFP primitive's output type: varying over the manual axes its operands vary over."""
-  varying = frozenset().union(*(a.mat.varying for a in operands))
-  if not varying:
-    return core.ShapedArray(shape, dtype)
-  return core.ShapedArray(shape, dtype, sharding=core.get_cur_mesh_sharding(),
-                          manual_axis_type=operands[0].mat.update(varying=varying))
 
 
 def fold_key(key, n: int):

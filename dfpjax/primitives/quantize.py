@@ -11,22 +11,22 @@ numerics module's code.
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.extend import core
-from jax.interpreters import batching, mlir
+from jax.interpreters import batching
 
 from dfpjax import cpu_ffi
 from dfpjax.numerics.config import QuantConfig
 from dfpjax.numerics.quantization import DFPTensor, quantize_with
-from dfpjax.primitives import reference
-from dfpjax.primitives.operands import output_aval
+from dfpjax.primitives import reference, registry
+from dfpjax.primitives.registry import output_aval
 
-dfp_quantize_p = core.Primitive("dfp_quantize")
-dfp_quantize_p.multiple_results = True
+dfp_quantize_p = registry.new_primitive("dfp_quantize", multiple_results=True)
+
+# ---------------------------------------------------------------------------------------
+# Shape rule.
+# ---------------------------------------------------------------------------------------
 
 
 def _abstract_eval(x, *, bits, headroom):
@@ -35,25 +35,9 @@ def _abstract_eval(x, *, bits, headroom):
   return (output_aval(x.shape, jnp.int16, x), output_aval(x.shape[:1], jnp.int32, x))
 
 
-def _reference(x, *, bits, headroom):
-  config = QuantConfig(bits=bits, headroom=headroom)
-  t = jax.vmap(lambda group: quantize_with(group, config))(x)
-  return t.mantissa, t.exponent
-
-
-def _impl(x, **params):
-  return _jitted_bind(**params)(x)
-
-
-@functools.cache
-def _jitted_bind(**params):
-  return jax.jit(functools.partial(dfp_quantize_p.bind, **params))
-
-
-def _cpu_lowering(ctx, x, *, bits, headroom):
-  cpu_ffi.register()
-  return jax.ffi.ffi_lowering(cpu_ffi.QUANTIZE_TARGET)(
-      ctx, x, bits=np.int32(bits), headroom=np.int32(headroom))
+# ---------------------------------------------------------------------------------------
+# Batching.
+# ---------------------------------------------------------------------------------------
 
 
 def _batch_rule(args, dims, *, bits, headroom):
@@ -65,11 +49,23 @@ def _batch_rule(args, dims, *, bits, headroom):
   return (m.reshape(x.shape), e.reshape(size, groups)), (0, 0)
 
 
-dfp_quantize_p.def_impl(_impl)
-dfp_quantize_p.def_abstract_eval(_abstract_eval)
-batching.primitive_batchers[dfp_quantize_p] = _batch_rule
-mlir.register_lowering(dfp_quantize_p, _cpu_lowering, platform="cpu")
-mlir.register_lowering(dfp_quantize_p, mlir.lower_fun(_reference, multiple_results=True))
+# ---------------------------------------------------------------------------------------
+# Lowerings: the C kernel on CPU, its pure-XLA twin (``reference.quantize``) elsewhere.
+# ---------------------------------------------------------------------------------------
+
+
+def _cpu_lowering(ctx, x, *, bits, headroom):
+  cpu_ffi.register()
+  return jax.ffi.ffi_lowering(cpu_ffi.QUANTIZE_TARGET)(
+      ctx, x, bits=np.int32(bits), headroom=np.int32(headroom))
+
+
+registry.register(dfp_quantize_p, abstract_eval=_abstract_eval, batch_rule=_batch_rule,
+                  cpu_lowering=_cpu_lowering, xla_lowering=reference.quantize)
+
+# ---------------------------------------------------------------------------------------
+# The op (its integer outputs need no differentiation rule).
+# ---------------------------------------------------------------------------------------
 
 
 def quantize_operand(x, config: QuantConfig, key=None, axis=None) -> DFPTensor:
