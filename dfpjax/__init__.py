@@ -1,11 +1,12 @@
 """dfpjax: train JAX models in INT16 dynamic fixed point (DFP).
 
-Layers (each imports only the ones above it):
+Layers (each imports only the ones above it; JAX's internals only through _jax_compat):
   numerics    the DFP contract: DFPConfig, quantize/dequantize (docs/numerics.md)
   primitives  exact DFP dot_general and conv_general_dilated; cpu_ffi is their C kernel
   transform   dfp_transform: run any JAX/Flax function's products in DFP; report
 """
 
+from dfpjax import _jax_compat  # noqa: F401  (first: checks that JAX is a supported version)
 from dfpjax.numerics import DFPConfig, DFPTensor, QuantConfig, dequantize, quantize
 from dfpjax.primitives import dfp_conv_general_dilated, dfp_dot_general
 from dfpjax.transform import dfp_transform, report

@@ -14,8 +14,8 @@ import itertools
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
-from jax._src.lax import convolution as lax_conv  # JAX's transpose helpers; JAX is pinned
 
+from dfpjax._jax_compat import lax_conv
 from dfpjax.numerics.quantization import NONFINITE_EXPONENT, DFPTensor
 from dfpjax.primitives.conv_params import ConvParams, Geometry, canonical, channels_last
 

@@ -7,9 +7,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax._src import config as jax_config
-from jax._src import core
 
+from dfpjax._jax_compat import auto_insert_reshard, custom_vjp3
 from dfpjax.numerics import floatbits
 from dfpjax.numerics.config import DFPConfig, QuantConfig
 from dfpjax.numerics.quantization import NONFINITE_EXPONENT, DFPTensor, quantize_with
@@ -50,7 +49,7 @@ def classic_custom_vjp(fun, nondiff_argnums=()):
   ``jax_custom_vjp3`` says: the DFP ops then stay ``custom_vjp_call`` equations whose
   jaxprs show their DFP primitives (to ``dfpjax.report`` and jaxpr walkers), and avoid
   JAX 0.10's failure to differentiate a hijax custom_vjp inside ``jax.checkpoint``."""
-  with jax_config.custom_vjp3(False):
+  with custom_vjp3(False):
     return jax.custom_vjp(fun, nondiff_argnums=nondiff_argnums)
 
 
@@ -58,7 +57,7 @@ def matching_manual_axes(lhs, rhs):
   """``lhs, rhs`` made to vary over the same manual axes inside a ``shard_map`` with
   ``check_vma`` (``pvary`` on the invariant one), as ``lax.dot_general`` does: an
   invariant operand's gradient is then summed over those axes by ``pvary``'s transpose."""
-  return core.auto_insert_reshard(lhs, rhs)
+  return auto_insert_reshard(lhs, rhs)
 
 
 def fold_key(key, n: int):

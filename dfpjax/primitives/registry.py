@@ -7,9 +7,10 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from jax._src import core as jax_core
 from jax.extend import core
 from jax.interpreters import batching, mlir
+
+from dfpjax._jax_compat import ShapedArray, get_cur_mesh_sharding
 
 
 def new_primitive(name: str, *, multiple_results: bool = False) -> core.Primitive:
@@ -46,10 +47,10 @@ def check_integer_operands(op: str, x, ex, y, ey) -> None:
 
 
 
-def output_aval(shape, dtype, *operands) -> jax_core.ShapedArray:
+def output_aval(shape, dtype, *operands) -> ShapedArray:
   """A DFP primitive's output type: varying over the manual axes its operands vary over."""
   varying = frozenset().union(*(a.mat.varying for a in operands))
   if not varying:
-    return jax_core.ShapedArray(shape, dtype)
-  return jax_core.ShapedArray(shape, dtype, sharding=jax_core.get_cur_mesh_sharding(),
-                              manual_axis_type=operands[0].mat.update(varying=varying))
+    return ShapedArray(shape, dtype)
+  return ShapedArray(shape, dtype, sharding=get_cur_mesh_sharding(),
+                     manual_axis_type=operands[0].mat.update(varying=varying))

@@ -6,8 +6,8 @@ import functools
 from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
-from jax._src import api_util, core, source_info_util
 
+from dfpjax._jax_compat import api_util, core, source_info_util
 from dfpjax.numerics.config import DFPConfig
 from dfpjax.transform import interpreter
 

@@ -1,6 +1,6 @@
 """The jaxpr interpreter behind ``dfp_transform``.
 
-``eval_jaxpr`` follows ``jax._src.core.eval_jaxpr``: every equation is bound with
+``eval_jaxpr`` follows JAX's own ``core.eval_jaxpr``: every equation is bound with
 ``primitive.get_bind_params(params)`` under its own source info (name stack,
 traceback) and context, except
 
@@ -34,23 +34,14 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax._src import api_util, core, source_info_util
-from jax._src import linear_util as lu
-from jax._src.ad_util import SymbolicZero, Zero
-from jax._src import hijax
-from jax._src.custom_derivatives import CustomVJPPrimal
-from jax._src.hijax import call_hi_primitive_p
-from jax._src.interpreters import ad
-from jax._src.interpreters import partial_eval as pe
-from jax._src.lax.control_flow.common import _merge_common_consts
-from jax._src.shard_map import shard_map_p
-from jax._src.sharding_impls import UNSPECIFIED
-from jax._src.tree_util import FlatTree
 from jax.extend.core import primitives as prims
 
-import dfpjax
+from dfpjax._jax_compat import (UNSPECIFIED, CustomVJPPrimal, FlatTree, SymbolicZero, Zero,
+                                _merge_common_consts, ad, api_util, call_hi_primitive_p, core,
+                                hijax, lu, pe, shard_map_p, source_info_util)
 from dfpjax.numerics import floatbits
 from dfpjax.numerics.config import DFPConfig
+from dfpjax.primitives import dfp_conv_general_dilated, dfp_dot_general
 from dfpjax.transform.names import is_backward, module_path
 
 NameStack = source_info_util.NameStack
@@ -247,9 +238,9 @@ def _site(ctx: Context, eqn, invals, scope: Scope):
   key = None if scope.key is None else jax.random.fold_in(scope.key, number)
   p = eqn.params
   if op == "dot_general":
-    return dfpjax.dfp_dot_general(lhs, rhs, p["dimension_numbers"], p["precision"], out_dtype,
-                                  config=ctx.config, key=key)
-  return dfpjax.dfp_conv_general_dilated(
+    return dfp_dot_general(lhs, rhs, p["dimension_numbers"], p["precision"], out_dtype,
+                           config=ctx.config, key=key)
+  return dfp_conv_general_dilated(
       lhs, rhs, p["window_strides"], p["padding"], p["lhs_dilation"], p["rhs_dilation"],
       p["dimension_numbers"], p["feature_group_count"], p["batch_group_count"],
       p["precision"], out_dtype, config=ctx.config, key=key)

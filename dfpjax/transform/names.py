@@ -8,7 +8,7 @@ concatenates them (as ``jax.core.eval_jaxpr`` does) before asking for a path.
 
 from __future__ import annotations
 
-from jax._src import source_info_util  # NameStack frames; JAX is pinned
+from dfpjax._jax_compat import source_info_util
 
 Scope = source_info_util.Scope
 Transform = source_info_util.Transform

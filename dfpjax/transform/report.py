@@ -6,8 +6,8 @@ from typing import Callable
 
 import jax
 import numpy as np
-from jax._src import dtypes
 
+from dfpjax._jax_compat import short_dtype_name
 from dfpjax.numerics.config import DFPConfig
 from dfpjax.transform import interpreter
 from dfpjax.transform.api import Transform
@@ -38,7 +38,7 @@ class Report(list):
 
 
 def _short(dtype) -> str:
-  return dtypes.short_dtype_name(np.dtype(dtype))
+  return short_dtype_name(np.dtype(dtype))
 
 
 def report(fn: Callable, *args, config: DFPConfig | None = None, **kwargs) -> Report:

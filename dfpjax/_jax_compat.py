@@ -1,0 +1,71 @@
+"""The one door to JAX's internals: every private JAX name dfpjax uses, each with why.
+
+``jax.extend`` and the public API do not reach these, and they carry no compatibility
+promise, so dfpjax supports the JAX range it pins (in its package metadata, from
+pyproject.toml) and checks it here, at import, before touching any of them.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+
+import jax
+from packaging.requirements import Requirement
+from packaging.specifiers import SpecifierSet
+from packaging.version import Version
+
+
+def supported_jax() -> str:
+  """The JAX versions dfpjax supports, as its installed metadata pins them (">=a,<b")."""
+  try:
+    requirements = importlib.metadata.requires("dfpjax") or []
+  except importlib.metadata.PackageNotFoundError as err:
+    raise ImportError("dfpjax is not installed (its metadata pins the JAX versions it "
+                      "supports): install it, e.g. `pip install -e .` in its checkout") from err
+  for line in requirements:
+    requirement = Requirement(line)
+    if requirement.name == "jax" and requirement.marker is None:  # lower bound first
+      return ",".join(sorted(map(str, requirement.specifier), key=lambda s: s.startswith("<")))
+  raise ImportError("dfpjax's metadata names no jax requirement: reinstall dfpjax")
+
+
+def check_jax_version(installed: str, supported: str) -> None:
+  """Raises ImportError unless JAX ``installed`` is within ``supported`` (a specifier)."""
+  if Version(installed) not in SpecifierSet(supported):
+    raise ImportError(f"dfpjax supports jax{supported}, but jax {installed} is installed; "
+                      f"install a supported version (pip install 'jax{supported}')")
+
+
+check_jax_version(jax.__version__, supported_jax())
+
+# pylint: disable=g-bad-import-order,wrong-import-position
+# Tracing and interpreting jaxprs (transform/): the jaxpr data types, tracing a function
+# to a jaxpr and binding equations under their source info, as core.eval_jaxpr does.
+from jax._src import api_util  # debug_info and static argnums of the functions we trace
+from jax._src import core  # Jaxpr, Var, Literal, typeof, last_used: what eval_jaxpr walks
+from jax._src import linear_util as lu  # WrappedFun: the subfuns call primitives bind with
+from jax._src import source_info_util  # name stacks: module paths, the backward marker
+from jax._src.ad_util import SymbolicZero, Zero  # the symbolic zeros custom rules pass
+from jax._src.interpreters import ad  # CustomVJPException, raised as JAX's custom_vjp does
+from jax._src.interpreters import partial_eval as pe  # trace_to_jaxpr, separate_consts
+from jax._src.tree_util import FlatTree  # the flat-args form trace_to_jaxpr takes
+# Higher-order primitives the interpreter rewrites inside, absent from jax.extend.
+from jax._src import hijax  # VmapOf and CustomVJPTraced: custom_vjp under jax_custom_vjp3
+from jax._src.custom_derivatives import CustomVJPPrimal  # a custom_vjp3 fwd's wrapped inputs
+from jax._src.hijax import call_hi_primitive_p  # how jax_custom_vjp3 stages a custom_vjp
+from jax._src.lax.control_flow.common import _merge_common_consts  # cond branches' consts
+from jax._src.shard_map import shard_map_p  # shard_map's primitive, to rewrite its body
+from jax._src.sharding_impls import UNSPECIFIED  # in_shardings of operands added to a jit
+# The DFP primitives (primitives/).
+from jax._src.config import custom_vjp3  # custom_vjp3(False): classic custom_vjp staging
+from jax._src.core import auto_insert_reshard  # pvary operands as lax.dot_general does
+from jax._src.core import ShapedArray, get_cur_mesh_sharding  # outputs' varying manual axes
+from jax._src.lax import convolution as lax_conv  # JAX's conv transpose-rule helpers
+# Reports (transform/report.py).
+from jax._src.dtypes import short_dtype_name  # "f32"-style names, as jaxprs print them
+
+__all__ = ["api_util", "core", "lu", "source_info_util", "SymbolicZero", "Zero", "ad", "pe",
+           "FlatTree", "hijax", "CustomVJPPrimal", "call_hi_primitive_p", "_merge_common_consts",
+           "shard_map_p", "UNSPECIFIED", "custom_vjp3", "auto_insert_reshard", "ShapedArray",
+           "get_cur_mesh_sharding", "lax_conv", "short_dtype_name", "check_jax_version",
+           "supported_jax"]

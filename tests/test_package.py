@@ -1,0 +1,84 @@
+"""The package's shape: JAX internals behind one door, the supported JAX range checked at
+import, and layers that import only downward."""
+
+import ast
+import pathlib
+import subprocess
+import sys
+
+import jax
+import pytest
+
+from dfpjax import _jax_compat
+
+PACKAGE = pathlib.Path(_jax_compat.__file__).parent
+
+# numerics -> primitives (+ the cpu_ffi binding) -> transform: a module imports only its own
+# layer or those below it, and none imports the top-level ``dfpjax`` package.
+LAYERS = {"_jax_compat": 0, "numerics": 1, "cpu_ffi": 2, "primitives": 3, "transform": 4}
+
+
+def test_supported_range_is_the_pinned_one():
+  assert _jax_compat.supported_jax() == ">=0.10.2,<0.11"
+
+
+@pytest.mark.parametrize("version", ["0.10.2", "0.10.9"])
+def test_a_supported_jax_passes(version):
+  _jax_compat.check_jax_version(version, ">=0.10.2,<0.11")
+
+
+@pytest.mark.parametrize("version", ["0.10.1", "0.11.0", "0.9.0"])
+def test_an_unsupported_jax_is_a_clear_import_error(version):
+  with pytest.raises(ImportError) as err:
+    _jax_compat.check_jax_version(version, ">=0.10.2,<0.11")
+  assert f"jax {version} is installed" in str(err.value)
+  assert "supports jax>=0.10.2,<0.11" in str(err.value)
+
+
+def test_importing_dfpjax_under_an_unsupported_jax_fails_naming_both_versions():
+  program = "import jax; jax.__version__ = '0.11.1'; import dfpjax"
+  run = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True,
+                       check=False)
+  assert run.returncode != 0
+  assert "ImportError: dfpjax supports jax>=0.10.2,<0.11, but jax 0.11.1 is installed" in run.stderr
+
+
+def test_only_the_compat_module_names_jax_internals():
+  mentions = sorted(str(p.relative_to(PACKAGE)) for p in PACKAGE.rglob("*")
+                    if p.is_file() and p.suffix in (".py", ".c", ".cc", ".h", ".txt", ".md")
+                    and "jax._src" in p.read_text(errors="replace"))
+  assert mentions == ["_jax_compat.py"]
+
+
+def _imported_modules(path: pathlib.Path):
+  """The dfpjax modules ``path`` imports (``from dfpjax import x`` names module x when x is
+  one, else the top-level package)."""
+  for node in ast.walk(ast.parse(path.read_text())):
+    if isinstance(node, ast.Import):
+      yield from (a.name for a in node.names if a.name.split(".")[0] == "dfpjax")
+    elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module \
+        and node.module.split(".")[0] == "dfpjax":
+      for alias in node.names:
+        parts = [*node.module.split(".")[1:], alias.name]
+        sub = PACKAGE.joinpath(*parts)
+        is_module = sub.is_dir() or sub.with_suffix(".py").is_file()
+        yield ".".join(["dfpjax", *parts]) if is_module else node.module
+
+
+def test_layers_import_only_downward():
+  checked = 0
+  for path in sorted(PACKAGE.rglob("*.py")):
+    parts = path.relative_to(PACKAGE).with_suffix("").parts
+    if parts == ("__init__",):
+      continue  # the top-level package re-exports the public API
+    layer = LAYERS[parts[0]]
+    for module in _imported_modules(path):
+      target = module.split(".")
+      assert len(target) > 1, f"{path.relative_to(PACKAGE)} imports the top-level dfpjax package"
+      assert LAYERS[target[1]] <= layer, f"{path.relative_to(PACKAGE)} imports {module} (upward)"
+      checked += 1
+  assert checked > 20  # the walk saw the package's imports
+
+
+def test_jax_version_is_supported_here():
+  _jax_compat.check_jax_version(jax.__version__, _jax_compat.supported_jax())
