@@ -227,8 +227,8 @@ def dfp_conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=Non
                              config: DFPConfig | None = None, key=None):
   """``jax.lax.conv_general_dilated`` computed in DFP (spec sections 3 and 4).
 
-  Any number of spatial dimensions, dimension numbers, padding, strides, lhs/rhs dilation,
-  feature groups (depthwise included) and batch groups. Both operands are quantized per
+  One to three spatial dimensions (the kernel's), any dimension numbers, padding, strides,
+  lhs/rhs dilation, feature groups (depthwise included) and batch groups. Both operands are quantized per
   tensor with ``config.forward``, convolved exactly over the integers and scaled once into
   the output type; backward-data and backward-weights are exact convolutions of the
   cotangent (quantized with ``config.gradient``) with the forward's quantized operands.

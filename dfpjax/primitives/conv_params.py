@@ -76,15 +76,50 @@ def _float_conv_shape(lhs_shape, rhs_shape, params: ConvParams):
   return out.shape
 
 
+# The kernel's convolution shape (``dfp_conv_shape``) holds 1 to 3 spatial dimensions.
+MAX_SPATIAL_DIMS = 3
+
+
+def unsupported_rank(ndim: int) -> str | None:
+  """Why a convolution of rank-``ndim`` operands cannot run in DFP, or None."""
+  if 1 <= ndim - 2 <= MAX_SPATIAL_DIMS:
+    return None
+  return (f"the DFP kernel convolves 1 to {MAX_SPATIAL_DIMS} spatial dimensions (operands of "
+          f"rank 3 to {MAX_SPATIAL_DIMS + 2}), this convolution has rank-{ndim} operands")
+
+
+def _positive_ints(name: str, values, count: int) -> tuple[int, ...]:
+  """``values`` as ``count`` integers >= 1, or a ValueError naming argument ``name``."""
+  try:
+    ints = tuple(int(v) for v in values)
+    valid = len(ints) == count and all(i == v and i >= 1 for i, v in zip(ints, values))
+  except (TypeError, ValueError):
+    valid = False
+  if not valid:
+    raise ValueError(f"dfp_conv_general_dilated: {name} must be {count} positive integers, one "
+                     f"per spatial dimension, got {values!r}")
+  return ints
+
+
 def canonical_params(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
                      dimension_numbers, feature_group_count, batch_group_count) -> ConvParams:
-  """``lax.conv_general_dilated``'s arguments as ``ConvParams``, validated by JAX's rule."""
+  """``lax.conv_general_dilated``'s arguments as ``ConvParams``, validated: strides and
+  dilations here (JAX divides by them before checking), the rest by JAX's shape rule."""
+  why = unsupported_rank(lhs.ndim)
+  if why is not None:
+    raise ValueError(f"dfp_conv_general_dilated: lhs has shape {lhs.shape}: {why}")
   nspatial = lhs.ndim - 2
-  if nspatial < 1:
-    raise ValueError(f"dfp_conv_general_dilated needs operands of rank 3 or more, got {lhs.shape}")
+  window_strides = _positive_ints("window_strides", window_strides, nspatial)
+  lhs_dilation = _positive_ints("lhs_dilation", (1,) * nspatial if lhs_dilation is None
+                                else lhs_dilation, nspatial)
+  rhs_dilation = _positive_ints("rhs_dilation", (1,) * nspatial if rhs_dilation is None
+                                else rhs_dilation, nspatial)
+  for name, count in (("feature_group_count", feature_group_count),
+                      ("batch_group_count", batch_group_count)):
+    if not isinstance(count, (int, np.integer)) or count < 1:
+      raise ValueError(f"dfp_conv_general_dilated: {name} must be a positive integer, got "
+                       f"{count!r}")
   dnums = lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
-  lhs_dilation = tuple(lhs_dilation) if lhs_dilation is not None else (1,) * nspatial
-  rhs_dilation = tuple(rhs_dilation) if rhs_dilation is not None else (1,) * nspatial
   if isinstance(padding, str):
     if any(d != 1 for d in lhs_dilation):
       raise ValueError("dfp_conv_general_dilated: string padding is not defined with lhs_dilation; "
@@ -93,10 +128,13 @@ def canonical_params(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilati
     effective_rhs = [(k - 1) * r + 1 for k, r in zip(np.take(rhs.shape, rhs_perm)[2:], rhs_dilation)]
     padding = lax.padtype_to_pads(np.take(lhs.shape, lhs_perm)[2:], effective_rhs, window_strides,
                                   padding)
-  params = ConvParams(tuple(int(s) for s in window_strides),
-                      tuple((int(lo), int(hi)) for lo, hi in padding),
-                      tuple(int(d) for d in lhs_dilation), tuple(int(d) for d in rhs_dilation),
-                      dnums, int(feature_group_count), int(batch_group_count))
+  try:
+    padding = tuple((int(lo), int(hi)) for lo, hi in padding)
+  except (TypeError, ValueError) as err:
+    raise ValueError("dfp_conv_general_dilated: padding must be 'SAME', 'SAME_LOWER', 'VALID' or "
+                     f"one (low, high) pair per spatial dimension, got {padding!r}") from err
+  params = ConvParams(window_strides, padding, lhs_dilation, rhs_dilation, dnums,
+                      int(feature_group_count), int(batch_group_count))
   _float_conv_shape(lhs.shape, rhs.shape, params)  # JAX's checks, with JAX's messages
   return params
 

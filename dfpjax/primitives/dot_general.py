@@ -27,8 +27,9 @@ from dfpjax import cpu_ffi
 from dfpjax.numerics.config import DFPConfig, QuantConfig
 from dfpjax.numerics.quantization import DFPTensor
 from dfpjax.primitives import reference, registry
-from dfpjax.primitives.operands import (classic_custom_vjp, float_operands, fold_key,
-                                        matching_manual_axes, output_dtype, partner_folded)
+from dfpjax.primitives.operands import (check_dfp_operand, classic_custom_vjp, float_operands,
+                                        fold_key, matching_manual_axes, output_dtype,
+                                        partner_folded)
 from dfpjax.primitives.quantize import quantize_operand
 from dfpjax.primitives.registry import output_aval
 
@@ -331,6 +332,8 @@ def _dot_of_quantized(lhs, rhs, dimension_numbers, preferred_element_type, confi
   if config is not None or key is not None:
     raise ValueError("dfp_dot_general: config and key choose how float operands are quantized; "
                      "DFPTensor operands are used as they are")
+  check_dfp_operand(lhs, "lhs", "dfp_dot_general")
+  check_dfp_operand(rhs, "rhs", "dfp_dot_general")
   dims = _canonical_dims(dimension_numbers, lhs.shape, rhs.shape)
   for name, t, free in (("lhs", lhs, dims.lhs_free), ("rhs", rhs, dims.rhs_free)):
     if t.channel_axis is not None and (not free or t.channel_axis != free[-1]):

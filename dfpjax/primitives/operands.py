@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -23,6 +24,10 @@ def check_float_operand(x, name: str, op: str) -> None:
 def float_operands(op: str, lhs, rhs, config, key):
   """``lhs, rhs`` as arrays and ``config`` (default ``DFPConfig()``), checked for a DFP op
   that quantizes float operands."""
+  for name, x in (("lhs", lhs), ("rhs", rhs)):
+    if isinstance(x, DFPTensor):
+      raise TypeError(f"{op}: {name} is a DFPTensor; {op} takes float arrays and quantizes them "
+                      "itself (dfp_dot_general also multiplies two DFPTensors as they are)")
   config = DFPConfig() if config is None else config
   if not isinstance(config, DFPConfig):
     raise TypeError(f"config must be a dfpjax.DFPConfig, got {type(config).__name__}")
@@ -32,6 +37,32 @@ def float_operands(op: str, lhs, rhs, config, key):
   if config.needs_key and key is None:
     raise ValueError(f"{op}: stochastic rounding needs key=jax.random.key(...)")
   return lhs, rhs, config
+
+
+def check_dfp_operand(t: DFPTensor, name: str, op: str) -> None:
+  """Checks a DFPTensor operand: int16 mantissas, and integer exponents shaped as its
+  ``channel_axis`` says (one per tensor, or one per index along that axis)."""
+  if np.dtype(t.mantissa.dtype) != np.int16:
+    raise TypeError(f"{op}: {name} is a DFPTensor with {t.mantissa.dtype} mantissas; DFP "
+                    "mantissas are int16")
+  exponent_dtype = jnp.result_type(t.exponent)
+  if not jnp.issubdtype(exponent_dtype, jnp.integer):
+    raise TypeError(f"{op}: {name} is a DFPTensor with a {exponent_dtype} exponent; DFP "
+                    "exponents are integers (int32)")
+  shape = np.shape(t.exponent)
+  if t.channel_axis is None:
+    if math.prod(shape) != 1:
+      raise ValueError(f"{op}: {name} is a DFPTensor with an exponent of shape {shape} and no "
+                       "channel_axis; a per-channel exponent needs DFPTensor(..., channel_axis=...)")
+    return
+  if not 0 <= t.channel_axis < len(t.shape):
+    raise ValueError(f"{op}: {name} is a DFPTensor with channel_axis {t.channel_axis}, out of "
+                     f"range for its rank-{len(t.shape)} mantissa")
+  channels = t.shape[t.channel_axis]
+  if shape not in ((), (1,), (channels,)):
+    raise ValueError(f"{op}: {name} is a DFPTensor with an exponent of shape {shape}; along its "
+                     f"channel_axis {t.channel_axis} (mantissa shape {t.shape}) it needs one "
+                     f"exponent per channel, shape ({channels},)")
 
 
 def output_dtype(preferred_element_type, op: str) -> np.dtype:

@@ -42,6 +42,7 @@ from dfpjax._jax_compat import (UNSPECIFIED, CustomVJPPrimal, FlatTree, Symbolic
 from dfpjax.numerics import floatbits
 from dfpjax.numerics.config import DFPConfig
 from dfpjax.primitives import dfp_conv_general_dilated, dfp_dot_general
+from dfpjax.primitives.conv_params import unsupported_rank
 from dfpjax.transform.names import is_backward, module_path
 
 NameStack = source_info_util.NameStack
@@ -215,6 +216,8 @@ def _site(ctx: Context, eqn, invals, scope: Scope):
     mode, reason = "unchanged", "operands are not floating point"
   elif op not in ctx.config.ops:
     mode, reason = "float", f"{op} is not in config.ops"
+  elif op == "conv_general_dilated" and unsupported_rank(avals[0].ndim) is not None:
+    mode, reason = "float", unsupported_rank(avals[0].ndim)
   elif ctx.config.keeps_float(path):
     mode, reason = "float", "path matches config.keep_float"
   elif scope.keep_reason is not None:
