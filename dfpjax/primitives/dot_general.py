@@ -69,7 +69,7 @@ def _to_front(x, bdim, size):
   return batching.bdim_at_front(x, bdim, size)
 
 
-def _fold_into_rows(x, size, kmajor):
+def _fold_into_rows(x, kmajor):
   """[v, B, R, K] -> [B, v*R, K] (or [v, B, K, R] -> [B, K, v*R] when ``kmajor``)."""
   v, batch, d1, d2 = x.shape
   if kmajor:
@@ -106,11 +106,11 @@ def _batch_rule(args, dims, *, lhs_kmajor, rhs_nmajor, out_dtype):
     return out.reshape((size, batch, m, n)), 0
   if lhs_mapped:
     # Only the lhs varies: its copies stack along M, sharing the rhs (no copies of it).
-    a2 = _fold_into_rows(_to_front(a, da, size), size, lhs_kmajor)
+    a2 = _fold_into_rows(_to_front(a, da, size), lhs_kmajor)
     ea2 = _fold_exponent_into_rows(_to_front(ea, dea, size), size, m)
     out = dfp_dot_general_p.bind(a2, ea2, b, eb, **params)
     return out.reshape(batch, size, m, n), 1
-  b2 = _fold_into_rows(_to_front(b, db, size), size, not rhs_nmajor)
+  b2 = _fold_into_rows(_to_front(b, db, size), not rhs_nmajor)
   eb2 = _fold_exponent_into_rows(_to_front(eb, deb, size), size, n)
   out = dfp_dot_general_p.bind(a, ea, b2, eb2, **params)
   return out.reshape(batch, m, size, n), 2

@@ -46,7 +46,6 @@ def check_integer_operands(op: str, x, ex, y, ey) -> None:
                     f"{x.dtype}, {ex.dtype}, {y.dtype}, {ey.dtype}")
 
 
-
 def output_aval(shape, dtype, *operands) -> ShapedArray:
   """A DFP primitive's output type: varying over the manual axes its operands vary over."""
   varying = frozenset().union(*(a.mat.varying for a in operands))

@@ -2,7 +2,8 @@
 convolutions run in DFP (docs/transform.md).
 
   api          dfp_transform: tracing, static arguments, the trace cache, dfp_key
-  interpreter  the jaxpr interpreter: site rewriting, one rule per higher-order primitive
+  interpreter  the jaxpr interpreter: state, site rewriting, what it refuses
+  rules        its rules, one per higher-order primitive (jit, scan, custom_vjp, ...)
   names        module paths and forward/backward from an equation's name stack
   report       report(fn, *args): the sites and what dfp_transform does with each
 """

@@ -10,6 +10,7 @@ import jax
 from dfpjax._jax_compat import api_util, core, source_info_util
 from dfpjax.numerics.config import DFPConfig
 from dfpjax.transform import interpreter
+from dfpjax.transform import rules  # noqa: F401  (registers the higher-order primitives' rules)
 
 
 class _Traced(NamedTuple):
