@@ -3,11 +3,13 @@ import, and layers that import only downward."""
 
 import ast
 import pathlib
+import re
 import subprocess
 import sys
 
 import jax
 import pytest
+from packaging.requirements import Requirement
 
 from dfpjax import _jax_compat
 
@@ -18,8 +20,12 @@ PACKAGE = pathlib.Path(_jax_compat.__file__).parent
 LAYERS = {"_jax_compat": 0, "numerics": 1, "cpu_ffi": 2, "primitives": 3, "transform": 4}
 
 
-def test_supported_range_is_the_pinned_one():
-  assert _jax_compat.supported_jax() == ">=0.10.2,<0.11"
+def test_supported_range_is_the_one_pyproject_pins():
+  pyproject = (PACKAGE.parent / "pyproject.toml").read_text()
+  (pinned,) = re.findall(r'^\s*"(jax[<>=!~].*)",', pyproject, re.MULTILINE)  # dependencies
+  pinned = Requirement(pinned).specifier
+  supported = _jax_compat.supported_jax()
+  assert supported.startswith(">=") and Requirement(f"jax{supported}").specifier == pinned
 
 
 @pytest.mark.parametrize("version", ["0.10.2", "0.10.9"])
@@ -40,7 +46,8 @@ def test_importing_dfpjax_under_an_unsupported_jax_fails_naming_both_versions():
   run = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True,
                        check=False)
   assert run.returncode != 0
-  assert "ImportError: dfpjax supports jax>=0.10.2,<0.11, but jax 0.11.1 is installed" in run.stderr
+  supported = _jax_compat.supported_jax()
+  assert f"ImportError: dfpjax supports jax{supported}, but jax 0.11.1 is installed" in run.stderr
 
 
 def test_only_the_compat_module_names_jax_internals():
