@@ -219,8 +219,8 @@ def _site(ctx: Context, eqn, invals, scope: Scope):
     mode, reason = "unchanged", "operands are not floating point"
   elif op not in ctx.config.ops:
     mode, reason = "float", f"{op} is not in config.ops"
-  elif op == "conv_general_dilated" and unsupported_rank(avals[0].ndim) is not None:
-    mode, reason = "float", unsupported_rank(avals[0].ndim)
+  elif op == "conv_general_dilated" and (why := unsupported_rank(avals[0].ndim)) is not None:
+    mode, reason = "float", why
   elif ctx.config.keeps_float(path):
     mode, reason = "float", "path matches config.keep_float"
   elif scope.keep_reason is not None:
