@@ -92,7 +92,8 @@ def conv_attributes(*, batch, in_spatial, out_spatial, window, strides, padding_
   for name, values in spatial.items():
     values = tuple(int(v) for v in values)
     if len(values) != nd:
-      raise ValueError(f"conv_attributes: {name} {values} must have {nd} entries like window")
+      raise ValueError(f"conv_attributes: {name} {values} has {len(values)} entries where window "
+                       f"{tuple(window)} has {nd}")
     low = least.get(name, 1)
     if low is not None and any(v < low for v in values):
       raise ValueError(f"conv_attributes: {name} {values} must be >= {low}")
