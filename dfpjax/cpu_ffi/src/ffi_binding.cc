@@ -11,7 +11,6 @@
 #include <string>
 #include <string_view>
 #include <thread>
-#include <utility>
 
 #include "dfp_kernel.h"
 #include "xla/ffi/api/ffi.h"
@@ -156,21 +155,23 @@ struct ConvAttributes {
 };
 
 ffi::ErrorOr<dfp_conv_shape> ConvShape(const ConvAttributes& at) {
-  const std::pair<const char*, ffi::Span<const int64_t>> spans[] = {
-      {"in_spatial", at.in_spatial}, {"out_spatial", at.out_spatial}, {"window", at.window},
-      {"strides", at.strides},       {"padding_lo", at.padding_lo},   {"lhs_dilation", at.lhs_dilation},
-      {"rhs_dilation", at.rhs_dilation}};
-  for (const auto& [name, span] : spans) {
-    if (span.size() != 3) return ffi::Unexpected(Invalid(std::string("conv: attribute ") + name + " needs 3 values"));
-    const int64_t least = std::string_view(name) == "padding_lo" ? INT64_MIN
-                          : std::string_view(name).find("spatial") != std::string_view::npos ||
-                                  std::string_view(name) == "window"
-                              ? 0
-                              : 1;
-    for (int64_t v : span)
-      if (v < least)
-        return ffi::Unexpected(Invalid(std::string("conv: attribute ") + name + " holds " + std::to_string(v) +
-                                       ", below its least value " + std::to_string(least)));
+  struct Named {
+    const char* name;
+    ffi::Span<const int64_t> values;
+    int64_t least;
+  };
+  const Named spans[] = {{"in_spatial", at.in_spatial, 0},     {"out_spatial", at.out_spatial, 0},
+                         {"window", at.window, 0},             {"strides", at.strides, 1},
+                         {"padding_lo", at.padding_lo, INT64_MIN}, {"lhs_dilation", at.lhs_dilation, 1},
+                         {"rhs_dilation", at.rhs_dilation, 1}};
+  for (const Named& span : spans) {
+    if (span.values.size() != 3)
+      return ffi::Unexpected(Invalid(std::string("conv: attribute ") + span.name + " needs 3 values"));
+    for (int64_t v : span.values)
+      if (v < span.least)
+        return ffi::Unexpected(Invalid(std::string("conv: attribute ") + span.name + " holds " +
+                                       std::to_string(v) + ", below its least value " +
+                                       std::to_string(span.least)));
   }
   if (at.batch < 0 || at.groups < 1 || at.in_channels < 0 || at.out_channels < 0)
     return ffi::Unexpected(Invalid("conv: batch, in_channels, out_channels must be >= 0 and groups >= 1"));
