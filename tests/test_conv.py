@@ -5,6 +5,8 @@ XLA's float64 convolution (exact at these sizes), rounded once to float32; gradi
 JAX's own transpose rules on those values.
 """
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,6 +15,8 @@ from jax import lax
 
 import dfpjax
 from dfpjax.primitives import reference_mode
+from dfpjax.primitives.conv_general_dilated import MODES, Geometry, dfp_conv_p
+import spec_oracle
 
 
 def _f64(t):
@@ -230,3 +234,34 @@ def test_strided_backward_data_phases_without_taps():
   g[0, 1, 2, 0] = np.nan
   dx, dw = vjp(g)
   assert np.isnan(np.asarray(dx)).all() and np.isnan(np.asarray(dw)).all()
+
+
+def _expected_scaled(s, k):
+  """Spec section 3 in float32 for any integer exponent k: past +-1000 no int64 sum escapes
+  Inf or 0 (the oracle would build 2**k exactly)."""
+  if s == 0 or abs(k) <= 1000:
+    return spec_oracle.encode(s, k, np.float32)
+  return math.copysign(math.inf if k > 0 else 0.0, s)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("ex,eb", [(2**31 - 2, 2**30), (-2**31, -2**30), (2**30 + 7, -2**30)],
+                         ids=["to_inf", "to_zero", "cancelling"])
+def test_huge_exponent_sums_saturate_exactly_on_every_path(isa, mode, ex, eb):
+  """Hand-built exponents whose sum leaves int32 give the exact +-Inf or +-0 (zero sums stay
+  +0) in every mode, and two huge exponents that cancel give the finite product."""
+  rng = np.random.default_rng(7)
+  x = rng.integers(-300, 301, (2, 5, 5, 3)).astype(np.int16)
+  w = rng.integers(-300, 301, (1, 1, 3, 4)).astype(np.int16)
+  dy = rng.integers(-300, 301, (2, 5, 5, 4)).astype(np.int16)
+  x[0, 0, 0], dy[0, 0, 0] = 0, 0  # zero sums at pixel 0 (forward, backward-data)
+  lhs, rhs, s = {"forward": (x, w, np.einsum("nhwc,co->nhwo", x, w[0, 0], dtype=np.int64)),
+                 "backward_weights": (x, dy, np.einsum("nhwc,nhwo->co", x, dy, dtype=np.int64)[None, None]),
+                 "backward_data": (dy, w, np.einsum("nhwo,co->nhwc", dy, w[0, 0], dtype=np.int64))}[mode]
+  geometry = Geometry((1, 1), (1, 1), ((0, 0), (0, 0)), (1, 1), (1, 1), 1,
+                      (5, 5) if mode == "backward_data" else None)
+  got = np.asarray(dfp_conv_p.bind(lhs, np.array([ex], np.int32), rhs, np.array([eb], np.int32),
+                                   geometry=geometry, mode=mode, out_dtype=np.dtype(np.float32)))
+  want = np.vectorize(lambda v: _expected_scaled(int(v), ex + eb), otypes=[np.float32])(s)
+  np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))
+  assert (np.isfinite(got) & (got != 0)).any() == (abs(ex + eb) < 100)

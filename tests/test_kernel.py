@@ -5,6 +5,10 @@ agree bit for bit, including where a plain INT32 accumulator would wrap.
 """
 
 import functools
+import math
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -160,6 +164,39 @@ def test_nonfinite_exponent_makes_output_nan(isa):
   assert np.isnan(got[1]).all() and not np.isnan(got[0]).any()
 
 
+def _expected_scaled(s, k, out_dtype):
+  """Spec section 3 for any integer exponent k: past +-1000 no float format and no int64 sum
+  can escape Inf or 0 (the oracle would build 2**k exactly)."""
+  if s == 0 or abs(k) <= 1000:
+    return spec_oracle.encode(s, k, out_dtype)
+  return math.copysign(math.inf if k > 0 else 0.0, s)
+
+
+HUGE = [2**30, -2**30, 2**31 - 2, -2**31, 2**30 + 3, 5, -2**30 - 1]
+
+
+@pytest.mark.parametrize("out_dtype", [np.float32, ml_dtypes.bfloat16, np.float16])
+@pytest.mark.parametrize("per_column", [False, True], ids=["eb_scalar", "eb_per_column"])
+def test_huge_exponent_sums_saturate_exactly(isa, out_dtype, per_column):
+  """Hand-built exponents near +-2**31: their sum leaves int32, and the output is still the
+  exact result: +-Inf above the range, +-0 below it, 0 for a zero sum, NaN for a non-finite
+  operand, and finite where two huge exponents cancel."""
+  rng = np.random.default_rng(6)
+  (a, _, b, _), _ = _operands(rng, 1, len(HUGE) + 1, 24, 9, False, False, scale=300)
+  a[0, 0] = 0  # a zero row: zero sums, whatever the scale
+  ea = np.array([[2**31 - 2, *HUGE[:-1], NONFINITE_EXPONENT]], np.int32)
+  eb = np.array([[-2**30 - 1 if per_column else 2**30 - 2, *HUGE, 2**30][:9 if per_column else 1]], np.int32)
+  got = _assert_kernel_matches((a, ea, b, eb), False, False, out_dtype)
+  s = a[0].astype(np.int64) @ b[0].astype(np.int64)
+  want = np.array([[np.nan if NONFINITE_EXPONENT in (ea[0, i], eb[0, j % eb.shape[1]]) else
+                    _expected_scaled(int(s[i, j]), int(ea[0, i]) + int(eb[0, j % eb.shape[1]]), out_dtype)
+                    for j in range(s.shape[1])] for i in range(s.shape[0])], out_dtype)
+  np.testing.assert_array_equal(_bits(got[0]), _bits(want))
+  finite = np.isfinite(got[0, :-1])
+  assert np.isinf(got).any() and (got[0, 1:-1] == 0).any() and (finite & (got[0, :-1] != 0)).any()
+  assert (_bits(got[0, 0]) == 0).all() and np.isnan(got[0, -1]).all()
+
+
 def test_minimum_int16_is_rejected(isa):
   a = np.full((1, 2, 4), -32768, np.int16)
   b = np.ones((1, 4, 2), np.int16)
@@ -182,3 +219,95 @@ def test_unsupported_or_unknown_isa_is_an_error(monkeypatch):
 def test_every_path_reports_consistently():
   assert cpu_ffi.supported_isas()[0] == "portable"
   assert cpu_ffi.best_isa() == cpu_ffi.supported_isas()[-1]
+
+
+def test_kernel_info_reports_the_paths_and_their_tiles():
+  info = cpu_ffi.kernel_info()
+  assert set(info) == {"supported_isas", "emulated_isas", "best_isa", "selected_isa", "microkernel"}
+  assert info["supported_isas"] == cpu_ffi.supported_isas() and info["best_isa"] == cpu_ffi.best_isa()
+  assert info["selected_isa"] == cpu_ffi.selected_isa()
+  assert tuple(info["microkernel"]) == info["supported_isas"]
+  tiles = {name: tuple(map(int, tile.split("x"))) for name, tile in info["microkernel"].items()}
+  assert all(mr >= 1 and nr >= 1 for mr, nr in tiles.values())
+  # Each tile is the kernel's: a product one row and one column longer than a tile still
+  # equals the reference (edge panels), on the path that reports it.
+  rng = np.random.default_rng(11)
+  for name, (mr, nr) in tiles.items():
+    with pytest.MonkeyPatch.context() as mp:
+      mp.setenv("DFPJAX_ISA", name)
+      assert cpu_ffi.kernel_info()["selected_isa"] == name
+      _, args = _operands(rng, 1, mr + 1, 9, nr + 1, False, False)
+      _assert_kernel_matches(args, False, False)
+
+
+def test_a_bad_isa_variable_fails_when_the_first_op_is_lowered():
+  """DFPJAX_ISA is checked where the targets are registered, naming the variable, the bad
+  value and the valid ones (and checked again by the kernel when it runs)."""
+  program = ("import jax.numpy as jnp, dfpjax\n"
+             "dfpjax.dfp_dot_general(jnp.ones((2, 3)), jnp.ones((3, 2)), (((1,), (0,)), ((), ())))\n")
+  env = {**os.environ, "DFPJAX_ISA": "avx9000"}
+  run = subprocess.run([sys.executable, "-c", program], env=env, capture_output=True, text=True,
+                       timeout=300)
+  assert run.returncode != 0
+  assert "ValueError: DFPJAX_ISA='avx9000' is not a kernel path" in run.stderr
+  assert "portable, avx2, avx_vnni, avx512_vnni" in run.stderr
+
+
+def test_conv_attributes_pad_to_three_dimensions_and_validate():
+  kw = dict(batch=2, in_spatial=(9,), out_spatial=(4,), window=(3,), strides=(2,), padding_lo=(-1,),
+            lhs_dilation=(1,), rhs_dilation=(2,), groups=3, in_channels=4, out_channels=5,
+            mode="backward_data")
+  got = cpu_ffi.conv_attributes(**kw)
+  assert got["mode"] == "backward_data" and got["groups"] == 3 and got["groups"].dtype == np.int64
+  for name, want in [("in_spatial", [1, 1, 9]), ("out_spatial", [1, 1, 4]), ("window", [1, 1, 3]),
+                     ("strides", [1, 1, 2]), ("padding_lo", [0, 0, -1]), ("rhs_dilation", [1, 1, 2])]:
+    assert got[name].dtype == np.int64 and got[name].tolist() == want, name
+  for bad, match in [(dict(mode="transpose"), "mode 'transpose' must be one of"),
+                     (dict(strides=(0,)), "strides .* must be >= 1"),
+                     (dict(strides=(1, 2)), r"strides \(1, 2\) has 2 entries where window \(3,\) has 1"),
+                     (dict(groups=0), "groups = 0 must be >= 1"),
+                     (dict(in_spatial=(1, 1, 1, 9), out_spatial=(1, 1, 1, 4), window=(1, 1, 1, 3),
+                           strides=(1,) * 4, padding_lo=(0,) * 4, lhs_dilation=(1,) * 4,
+                           rhs_dilation=(1,) * 4), "more than 3 spatial dimensions")]:
+    with pytest.raises(ValueError, match=match):
+      cpu_ffi.conv_attributes(**{**kw, **bad})
+
+
+def _ffi(target, out, *args, **attributes):
+  cpu_ffi.register()
+  return jax.block_until_ready(jax.jit(lambda *a: jax.ffi.ffi_call(target, out)(*a, **attributes))(*args))
+
+
+def test_every_handler_checks_its_operand_sizes():
+  """Operands that do not fit the attributes are an InvalidArgument naming the operand."""
+  i16, i32 = lambda *s: jnp.ones(s, jnp.int16), lambda *s: jnp.zeros(s, jnp.int32)
+  f32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.float32)
+  dot = dict(lhs_kmajor=np.int32(0), rhs_nmajor=np.int32(0))
+  target = cpu_ffi.DOT_GENERAL_TARGET
+  with pytest.raises(Exception, match="operand b is"):
+    _ffi(target, f32(1, 2, 3), i16(1, 2, 4), i32(1, 1), i16(1, 5, 3), i32(1, 1), **dot)
+  with pytest.raises(Exception, match="operand ea must be"):
+    _ffi(target, f32(2, 2, 3), i16(2, 2, 4), i32(3, 1), i16(2, 4, 3), i32(1, 1), **dot)
+  with pytest.raises(Exception, match="operand eb must be"):
+    _ffi(target, f32(1, 2, 3), i16(1, 2, 4), i32(1, 1), i16(1, 4, 3), i32(1, 2), **dot)
+  with pytest.raises(Exception, match="operand out has 4 elements"):
+    _ffi(target, f32(1, 2, 2), i16(1, 2, 4), i32(1, 1), i16(1, 4, 3), i32(1, 1), **dot)
+  conv = cpu_ffi.conv_attributes(batch=1, in_spatial=(5,), out_spatial=(3,), window=(3,), strides=(1,),
+                                 padding_lo=(0,), lhs_dilation=(1,), rhs_dilation=(1,), groups=1,
+                                 in_channels=2, out_channels=4, mode="forward")
+  target = cpu_ffi.CONV_TARGET
+  _ffi(target, f32(1, 3, 4), i16(1, 5, 2), i32(1), i16(3, 2, 4), i32(1), **conv)  # fits
+  for args, name in [((i16(1, 6, 2), i32(1), i16(3, 2, 4), i32(1)), "x"),
+                     ((i16(1, 5, 2), i32(1), i16(3, 2, 5), i32(1)), "b"),
+                     ((i16(1, 5, 2), i32(2), i16(3, 2, 4), i32(1)), "ex"),
+                     ((i16(1, 5, 2), i32(1), i16(3, 2, 4), i32(2)), "eb")]:
+    with pytest.raises(Exception, match=f"operand {name} has"):
+      _ffi(target, f32(1, 3, 4), *args, **conv)
+  with pytest.raises(Exception, match="operand out has"):
+    _ffi(target, f32(1, 4, 4), i16(1, 5, 2), i32(1), i16(3, 2, 4), i32(1), **conv)
+  with pytest.raises(Exception, match="mode 'sideways' is not one of"):
+    _ffi(target, f32(1, 3, 4), i16(1, 5, 2), i32(1), i16(3, 2, 4), i32(1), **{**conv, "mode": "sideways"})
+  quantize = (jax.ShapeDtypeStruct((2, 8), jnp.int16), jax.ShapeDtypeStruct((3,), jnp.int32))
+  with pytest.raises(Exception, match="operand e has 3 elements"):
+    _ffi(cpu_ffi.QUANTIZE_TARGET, quantize, jnp.ones((2, 8), jnp.float32), bits=np.int32(16),
+         headroom=np.int32(0))

@@ -1,21 +1,27 @@
-"""The one binding to the C kernel: loads it, registers its XLA FFI targets, exposes ISA facts.
+"""The one binding to the C kernel: loads it, registers its XLA FFI targets, states the kernel
+contract (the named attributes of each target), exposes ISA facts.
 
 The kernel is chosen per call from the CPU's features; the environment variable
-``DFPJAX_ISA`` (``portable``, ``avx2``, ``avx_vnni``, ``avx512_vnni``) forces a path,
-read each time the kernel runs. Forcing a path the CPU lacks fails with an error.
+``DFPJAX_ISA`` (``portable``, ``avx2``, ``avx_vnni``, ``avx512_vnni``) forces a path. It is
+checked when the targets are registered and again each time the kernel runs (it may change in
+between); forcing a path the CPU lacks fails with an error.
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
+import os
 
 import jax
+import numpy as np
 
 ISAS = ("portable", "avx2", "avx_vnni", "avx512_vnni")
 DOT_GENERAL_TARGET = "dfpjax_dot_general"
 CONV_TARGET = "dfpjax_conv"
 QUANTIZE_TARGET = "dfpjax_quantize"
+CONV_MODES = ("forward", "backward_weights", "backward_data")
+KERNEL_SPATIAL_DIMS = 3  # dfp_conv_shape: a convolution of fewer dimensions pads with size 1
 
 
 @functools.cache
@@ -31,17 +37,77 @@ def _library() -> ctypes.CDLL:
   lib.dfp_isa_emulated.argtypes = [ctypes.c_int]
   lib.dfp_isa_name.restype = ctypes.c_char_p
   lib.dfp_isa_name.argtypes = [ctypes.c_int]
+  lib.dfp_isa_tile.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.c_int), ctypes.POINTER(ctypes.c_int)]
   return lib
 
 
-@functools.cache
+def _bad_isa_variable() -> ValueError:
+  return ValueError(f"DFPJAX_ISA={os.environ.get('DFPJAX_ISA')!r} is not a kernel path; DFPJAX_ISA "
+                    f"must be one of {', '.join(ISAS)} (or unset for the best this CPU runs)")
+
+
+def _check_isa_variable() -> None:
+  """Raises ``ValueError`` naming ``DFPJAX_ISA`` and its value if it names no kernel path."""
+  if os.environ.get("DFPJAX_ISA", "") not in ("", *ISAS):
+    raise _bad_isa_variable()
+
+
 def register() -> None:
-  """Registers the FFI targets with XLA for the CPU platform (idempotent)."""
+  """Registers the FFI targets with XLA for the CPU platform (once), after checking
+  ``DFPJAX_ISA``: a bad value raises here, when the first DFP op is lowered."""
+  _check_isa_variable()
+  _register()
+
+
+@functools.cache
+def _register() -> None:
   lib = _library()
   jax.ffi.register_ffi_target(DOT_GENERAL_TARGET, jax.ffi.pycapsule(lib.DfpDotGeneral),
                               platform="cpu")
   jax.ffi.register_ffi_target(CONV_TARGET, jax.ffi.pycapsule(lib.DfpConv), platform="cpu")
   jax.ffi.register_ffi_target(QUANTIZE_TARGET, jax.ffi.pycapsule(lib.DfpQuantize), platform="cpu")
+
+
+def conv_attributes(*, batch, in_spatial, out_spatial, window, strides, padding_lo, lhs_dilation,
+                    rhs_dilation, groups, in_channels, out_channels, mode) -> dict:
+  """The named attributes of ``CONV_TARGET``: the kernel contract for one convolution.
+
+  Describes the forward convolution (``dfp_conv_shape`` in the kernel's ``dfp_kernel.h``),
+  channels-last, of at most 3 spatial dimensions: ``x`` [batch, *in_spatial, groups *
+  in_channels], ``w`` [*window, in_channels, groups * out_channels], ``y`` [batch,
+  *out_spatial, groups * out_channels]; ``mode`` (one of ``CONV_MODES``) says which of them
+  the call computes. The spatial sequences are padded in front to the kernel's 3 dimensions
+  (size 1, stride and dilations 1, padding 0). Returns keyword arguments for
+  ``jax.ffi.ffi_lowering(CONV_TARGET)``, typed as the handler decodes them: int64 scalars,
+  int64 arrays and the mode's name. Raises ``ValueError`` naming a bad argument.
+  """
+  spatial = dict(in_spatial=in_spatial, out_spatial=out_spatial, window=window, strides=strides,
+                 padding_lo=padding_lo, lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation)
+  nd = len(window)
+  if nd > KERNEL_SPATIAL_DIMS:
+    raise ValueError(f"conv_attributes: window {tuple(window)} has more than "
+                     f"{KERNEL_SPATIAL_DIMS} spatial dimensions")
+  least = dict(in_spatial=0, out_spatial=0, window=0, padding_lo=None)  # the rest: at least 1
+  attributes = {}
+  for name, values in spatial.items():
+    values = tuple(int(v) for v in values)
+    if len(values) != nd:
+      raise ValueError(f"conv_attributes: {name} {values} has {len(values)} entries where window "
+                       f"{tuple(window)} has {nd}")
+    low = least.get(name, 1)
+    if low is not None and any(v < low for v in values):
+      raise ValueError(f"conv_attributes: {name} {values} must be >= {low}")
+    fill = 0 if name == "padding_lo" else 1
+    attributes[name] = np.asarray((fill,) * (KERNEL_SPATIAL_DIMS - nd) + values, np.int64)
+  for name, value, low in (("batch", batch, 0), ("groups", groups, 1),
+                           ("in_channels", in_channels, 0), ("out_channels", out_channels, 0)):
+    if int(value) < low:
+      raise ValueError(f"conv_attributes: {name} = {value} must be >= {low}")
+    attributes[name] = np.int64(value)
+  if mode not in CONV_MODES:
+    raise ValueError(f"conv_attributes: mode {mode!r} must be one of {CONV_MODES}")
+  attributes["mode"] = mode
+  return attributes
 
 
 def supported_isas() -> tuple[str, ...]:
@@ -65,5 +131,25 @@ def selected_isa() -> str:
   """The path the next call takes, honouring ``DFPJAX_ISA``."""
   index = _library().dfp_selected_isa()
   if index < 0:
-    raise ValueError(f"DFPJAX_ISA must be one of {ISAS}")
+    raise _bad_isa_variable()
   return ISAS[index]
+
+
+def kernel_info() -> dict:
+  """Facts about the C kernel on this machine, for logs and bug reports.
+
+  Keys: ``supported_isas``, ``emulated_isas``, ``best_isa`` and ``selected_isa`` (as the
+  functions of those names; ``selected_isa`` raises ``ValueError`` for a bad ``DFPJAX_ISA``),
+  and ``microkernel``: for each supported path its register tile as a string ``"MRxNR"``
+  (rows of the left operand by columns of the right one per microkernel call), read from the
+  kernel's per-ISA table.
+  """
+  lib = _library()
+  tiles = {}
+  for name in supported_isas():
+    mr, nr = ctypes.c_int(), ctypes.c_int()
+    if lib.dfp_isa_tile(ISAS.index(name), ctypes.byref(mr), ctypes.byref(nr)) != 0:
+      raise RuntimeError(f"dfpjax: the kernel reports {name} as supported but has no tile for it")
+    tiles[name] = f"{mr.value}x{nr.value}"
+  return dict(supported_isas=supported_isas(), emulated_isas=emulated_isas(), best_isa=best_isa(),
+              selected_isa=selected_isa(), microkernel=tiles)

@@ -42,7 +42,7 @@ from dfpjax.primitives.quantize import quantize_operand
 from dfpjax.primitives.registry import output_aval
 
 dfp_conv_p = registry.new_primitive("dfp_conv")
-MODES = ("forward", "backward_weights", "backward_data")
+MODES = cpu_ffi.CONV_MODES  # the kernel contract names them
 
 # ---------------------------------------------------------------------------------------
 # Shape rule.
@@ -116,9 +116,8 @@ def _cpu_lowering(ctx, x, ex, b, eb, *, geometry: Geometry, mode, out_dtype):
     in_spatial, cin = geometry.input_spatial, b_aval.shape[-2]
   else:
     in_spatial, cin = x_aval.shape[1:-1], x_aval.shape[-1] // geometry.groups
-  attribute = geometry.kernel_attribute(x_aval.shape[0], in_spatial, cin, cout)
-  return jax.ffi.ffi_lowering(cpu_ffi.CONV_TARGET)(
-      ctx, x, ex, b, eb, geometry=attribute, mode=np.int32(MODES.index(mode)))
+  attributes = geometry.kernel_attributes(x_aval.shape[0], in_spatial, cin, cout, mode)
+  return jax.ffi.ffi_lowering(cpu_ffi.CONV_TARGET)(ctx, x, ex, b, eb, **attributes)
 
 
 registry.register(dfp_conv_p, abstract_eval=_abstract_eval, batch_rule=_batch_rule,

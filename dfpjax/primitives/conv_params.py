@@ -11,6 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from dfpjax import cpu_ffi
+
 
 @dataclasses.dataclass(frozen=True)
 class ConvParams:
@@ -59,13 +61,13 @@ class Geometry:
     return ConvParams(self.strides, self.padding, self.lhs_dilation, self.rhs_dilation, dnums,
                       self.groups, 1)
 
-  def kernel_attribute(self, batch, in_spatial, cin, cout) -> np.ndarray:
-    """``dfp_conv_shape`` (dfp_kernel.h) as 25 int64s, unused leading dimensions of size 1."""
-    pad = lambda values, fill: (fill,) * (3 - len(values)) + tuple(values)
-    fields = (batch, *pad(in_spatial, 1), *pad(self.out_spatial(in_spatial), 1),
-              *pad(self.window, 1), *pad(self.strides, 1), *pad([lo for lo, _ in self.padding], 0),
-              *pad(self.lhs_dilation, 1), *pad(self.rhs_dilation, 1), self.groups, cin, cout)
-    return np.asarray(fields, np.int64)
+  def kernel_attributes(self, batch, in_spatial, cin, cout, mode) -> dict:
+    """The kernel's named attributes for this convolution (``cpu_ffi.conv_attributes``)."""
+    return cpu_ffi.conv_attributes(
+        batch=batch, in_spatial=in_spatial, out_spatial=self.out_spatial(in_spatial),
+        window=self.window, strides=self.strides, padding_lo=[lo for lo, _ in self.padding],
+        lhs_dilation=self.lhs_dilation, rhs_dilation=self.rhs_dilation, groups=self.groups,
+        in_channels=cin, out_channels=cout, mode=mode)
 
 
 def _float_conv_shape(lhs_shape, rhs_shape, params: ConvParams):

@@ -26,8 +26,13 @@ from dfpjax.primitives.conv_params import ConvParams, Geometry
 
 
 def encode_exact(s, exponent, nonfinite, out_dtype):
-  """``fl(s) * 2**exponent`` for exact int64 sums ``s`` (spec section 3), NaN where ``nonfinite``."""
+  """``fl(s) * 2**exponent`` for exact int64 sums ``s`` (spec section 3), NaN where ``nonfinite``.
+
+  ``exponent`` may be any int64 (a sum of two int32 exponents): past +-2**20 every non-zero
+  sum gives +-Inf or +-0 in any format, so clamping there keeps the arithmetic in range.
+  """
   with jax.enable_x64(True):
+    exponent = jnp.clip(exponent.astype(jnp.int64), -(1 << 20), 1 << 20).astype(jnp.int32)
     y = floatbits.encode_scaled(s < 0, jnp.abs(s).astype(jnp.uint64), exponent, out_dtype)
     return jnp.where(nonfinite, jnp.array(jnp.nan, out_dtype), y)
 
@@ -43,7 +48,7 @@ def dot(a, ea, b, eb, *, lhs_kmajor: bool, rhs_nmajor: bool, out_dtype):
     dims = (((1 if lhs_kmajor else 2,), (2 if rhs_nmajor else 1,)), ((0,), (0,)))
     s = lax.dot_general(a.astype(jnp.int64), b.astype(jnp.int64), dims,
                         preferred_element_type=jnp.int64)
-    exponent = ea[:, :, None] + eb[:, None, :]
+    exponent = ea.astype(jnp.int64)[:, :, None] + eb.astype(jnp.int64)[:, None, :]  # never wraps
     nonfinite = (ea == NONFINITE_EXPONENT)[:, :, None] | (eb == NONFINITE_EXPONENT)[:, None, :]
     shape = s.shape
     return encode_exact(s, jnp.broadcast_to(exponent, shape), jnp.broadcast_to(nonfinite, shape),

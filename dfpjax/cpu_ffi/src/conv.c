@@ -3,8 +3,8 @@
  *   backward-weights  dw[(t,c), o] = sum over (n,p) of patches[(n,p), (t,c)] * dy[(n,p), o]
  * The weights (forward) or the output gradient (backward-weights) are packed once as the
  * B operand; the patches are packed per cache block as the A operand (im2col.c), so no
- * patch matrix is materialized. The microkernels, chunk bounds and output stage are the
- * GEMM's. Backward-data is usually a forward convolution of dy with the flipped weights (the
+ * patch matrix is materialized. The block routine and output stage are the GEMM's
+ * (macro.h). Backward-data is usually a forward convolution of dy with the flipped weights (the
  * caller sets up its geometry); for inputs with few channels dfp_conv_backward_data runs it
  * as col2im instead (below). */
 #include <stdlib.h>
@@ -12,19 +12,20 @@
 
 #include "dfp_kernel.h"
 #include "im2col.h"
+#include "isa_config.h"
 #include "macro.h"
 #include "pack.h"
-#include "ukernel.h"
 
 enum {
-  CONV_MC = 64,    /* rows of a cache block, rounded up to whole micro-panels */
-  CONV_NC = 256,   /* columns of a cache block */
+  CONV_MC_ROWS = 64,   /* rows of a cache block, rounded up to whole micro-panels */
+  CONV_NC_COLS = 256,  /* columns of a cache block */
   TASKS_PER_THREAD = 4,
 };
 
 typedef struct {
   const dfp_conv_args* args;
-  const dfp_ukernel* uk;
+  const dfp_isa_config* cfg;
+  int mr, nr;
   int backward;
   size_t m, n, k;                 /* the per-group GEMM */
   size_t kpairs, kblocks;
@@ -37,9 +38,6 @@ typedef struct {
   int status;
 } conv_plan;
 
-/* Records a task's error; any one of several concurrent ones is kept. */
-static void fail(int* status, int code) { __atomic_store_n(status, code, __ATOMIC_RELAXED); }
-
 static size_t min_size(size_t a, size_t b) { return a < b ? a : b; }
 static size_t ceil_div(size_t a, size_t b) { return (a + b - 1) / b; }
 
@@ -47,12 +45,11 @@ static void pack_b_task(void* arg, size_t t) {
   conv_plan* c = (conv_plan*)arg;
   const dfp_conv_shape* s = &c->args->shape;
   const size_t g = t / c->npanels, q = t % c->npanels;
-  const int nr = c->uk->nr;
+  const int nr = c->nr;
   /* w [taps * cin][groups * cout] or dy [pixels][groups * cout]: K rows, this group's columns. */
-  if (dfp_pack_panel(c->args->b + g * s->cout, c->n, c->k, 1, s->groups * s->cout, q * nr, nr,
-                     c->bpack + t * c->kpairs * nr * 2, c->bbound + t * c->kblocks * DFP_CHUNK_LEVELS,
-                     c->uk->avx2))
-    fail(&c->status, DFP_ERR_BAD_MANTISSA);
+  if (dfp_pack_panel(c->cfg, c->args->b + g * s->cout, c->n, c->k, 1, s->groups * s->cout, q * nr, nr,
+                     c->bpack + t * c->kpairs * nr * 2, c->bbound + t * c->kblocks * DFP_CHUNK_LEVELS))
+    dfp_fail(&c->status, DFP_ERR_BAD_MANTISSA);
 }
 
 /* Stores the sum of K blocks [kb0, kb1) of cache block (mb, nb) of group g in acc (row
@@ -60,7 +57,7 @@ static void pack_b_task(void* arg, size_t t) {
 static void run_block(conv_plan* c, size_t g, size_t mb, size_t nb, size_t kb0, size_t kb1,
                       int64_t* acc, size_t ldc) {
   const dfp_conv_args* a = c->args;
-  const int mr = c->uk->mr, nr = c->uk->nr;
+  const int mr = c->mr, nr = c->nr;
   const dfp_patches patches = {a->x, &a->shape, g * a->shape.cin};
   const size_t row0 = mb * c->mcp * mr;
   const size_t panels = min_size(c->mcp, ceil_div(c->m - row0, mr));
@@ -69,9 +66,10 @@ static void run_block(conv_plan* c, size_t g, size_t mb, size_t nb, size_t kb0, 
   int16_t* apack = (int16_t*)malloc(panels * panel_stride * sizeof(int16_t));
   uint64_t abound[DFP_IM2COL_MAX_ROWS * DFP_CHUNK_LEVELS];
   if (apack == NULL) {
-    fail(&c->status, DFP_ERR_ALLOC);
+    dfp_fail(&c->status, DFP_ERR_ALLOC);
     return;
   }
+  const size_t bq0 = g * c->npanels + q0;
   for (size_t kb = kb0; kb < kb1; ++kb) {
     const size_t k0 = kb * 2 * DFP_KC_PAIRS, k1 = min_size(k0 + 2 * DFP_KC_PAIRS, c->k);
     const size_t kc = (k1 - k0 + 1) / 2;
@@ -80,18 +78,17 @@ static void run_block(conv_plan* c, size_t g, size_t mb, size_t nb, size_t kb0, 
     else
       dfp_im2col_pack_pixels(&patches, c->m, row0, mr, panels, k0, k1, apack, panel_stride);
     for (size_t p = 0; p < panels; ++p)
-      if (dfp_block_bounds(apack + p * panel_stride, kc, mr, abound + p * DFP_CHUNK_LEVELS, c->uk->avx2))
-        fail(&c->status, DFP_ERR_BAD_MANTISSA);
-    for (size_t q = q0; q < q1; ++q) {
-      const size_t bq = g * c->npanels + q;
-      const int16_t* bp = c->bpack + (bq * c->kpairs + kb * DFP_KC_PAIRS) * nr * 2;
-      const uint64_t* bb = c->bbound + (bq * c->kblocks + kb) * DFP_CHUNK_LEVELS;
-      for (size_t p = 0; p < panels; ++p) {
-        const size_t chunk = dfp_safe_chunk(abound + p * DFP_CHUNK_LEVELS, bb);
-        c->uk->fn(kc, min_size(chunk, kc), apack + p * panel_stride, bp,
-                  acc + p * mr * ldc + (q - q0) * nr, ldc, kb > kb0);
-      }
-    }
+      if (dfp_block_bounds(c->cfg, apack + p * panel_stride, kc, mr, abound + p * DFP_CHUNK_LEVELS))
+        dfp_fail(&c->status, DFP_ERR_BAD_MANTISSA);
+    const dfp_block block = {
+        .a = apack, .a_stride = panel_stride, .mpanels = panels,
+        .abound = abound, .abound_stride = DFP_CHUNK_LEVELS,
+        .b = c->bpack + (bq0 * c->kpairs + kb * DFP_KC_PAIRS) * nr * 2, .b_stride = c->kpairs * nr * 2,
+        .npanels = q1 - q0,
+        .bbound = c->bbound + (bq0 * c->kblocks + kb) * DFP_CHUNK_LEVELS,
+        .bbound_stride = c->kblocks * DFP_CHUNK_LEVELS,
+        .kpairs = kc};
+    dfp_multiply_block(c->cfg->ukernel, &block, acc, ldc, kb > kb0);
   }
   free(apack);
 }
@@ -100,14 +97,14 @@ static void forward_task(void* arg, size_t t) {
   conv_plan* c = (conv_plan*)arg;
   const dfp_conv_args* a = c->args;
   const dfp_conv_shape* s = &a->shape;
-  const int mr = c->uk->mr, nr = c->uk->nr;
+  const int mr = c->mr, nr = c->nr;
   const size_t per_group = c->mblocks * c->nblocks;
   const size_t g = t / per_group, mb = t % per_group / c->nblocks, nb = t % c->nblocks;
   const size_t ldc = (min_size(c->ncp * (nb + 1), c->npanels) - c->ncp * nb) * nr; /* this block's columns */
   const size_t bytes = c->mcp * mr * ldc * sizeof(int64_t);
   int64_t* acc = (int64_t*)aligned_alloc(64, ceil_div(bytes, 64) * 64);
   if (acc == NULL) {
-    fail(&c->status, DFP_ERR_ALLOC);
+    dfp_fail(&c->status, DFP_ERR_ALLOC);
     return;
   }
   if (c->kblocks == 0) memset(acc, 0, bytes);
@@ -116,22 +113,22 @@ static void forward_task(void* arg, size_t t) {
   const size_t col0 = nb * c->ncp * nr, cols = min_size(ldc, c->n - col0);
   const size_t pixels_per_image = s->out[0] * s->out[1] * s->out[2];
   for (size_t row = row0; row < row1; ++row)
-    dfp_encode_row(a->out_format, a->out, row * s->groups * s->cout + g * s->cout + col0,
-                   acc + (row - row0) * ldc, cols,
-                   a->ex[row / pixels_per_image * a->ex_batch_stride], &a->eb, 0, c->uk->avx2);
+    dfp_encode_row(c->cfg, a->out_format, a->out, row * s->groups * s->cout + g * s->cout + col0,
+                   acc + (row - row0) * ldc, cols, a->ex[row / pixels_per_image * a->ex_batch_stride],
+                   &a->eb, 0);
   free(acc);
 }
 
-static size_t sums_rows(const conv_plan* c) { return c->mblocks * c->mcp * c->uk->mr; }
+static size_t sums_rows(const conv_plan* c) { return c->mblocks * c->mcp * c->mr; }
 
 static void backward_task(void* arg, size_t t) {
   conv_plan* c = (conv_plan*)arg;
   const size_t groups = c->args->shape.groups, per_group = c->mblocks * c->nblocks;
   const size_t ks = t / (groups * per_group), rest = t % (groups * per_group);
   const size_t g = rest / per_group, mb = rest % per_group / c->nblocks, nb = rest % c->nblocks;
-  const size_t ldc = c->npanels * c->uk->nr;
-  int64_t* acc = c->sums + ((ks * groups + g) * sums_rows(c) + mb * c->mcp * c->uk->mr) * ldc +
-                 nb * c->ncp * c->uk->nr;
+  const size_t ldc = c->npanels * c->nr;
+  int64_t* acc = c->sums + ((ks * groups + g) * sums_rows(c) + mb * c->mcp * c->mr) * ldc +
+                 nb * c->ncp * c->nr;
   const size_t kb0 = ks * c->kblocks_per_split;
   run_block(c, g, mb, nb, kb0, min_size(kb0 + c->kblocks_per_split, c->kblocks), acc, ldc);
 }
@@ -142,14 +139,14 @@ static void backward_encode_task(void* arg, size_t t) {
   const dfp_conv_args* a = c->args;
   const dfp_conv_shape* s = &a->shape;
   const size_t g = t / c->mblocks, mb = t % c->mblocks;
-  const size_t ldc = c->npanels * c->uk->nr, split_stride = s->groups * sums_rows(c) * ldc;
-  const size_t row0 = mb * c->mcp * c->uk->mr, row1 = min_size(row0 + c->mcp * c->uk->mr, c->m);
+  const size_t ldc = c->npanels * c->nr, split_stride = s->groups * sums_rows(c) * ldc;
+  const size_t row0 = mb * c->mcp * c->mr, row1 = min_size(row0 + c->mcp * c->mr, c->m);
   for (size_t row = row0; row < row1; ++row) {
     int64_t* sum = c->sums + (g * sums_rows(c) + row) * ldc;
     for (size_t ks = 1; ks < c->ksplit; ++ks)
       for (size_t j = 0; j < c->n; ++j) sum[j] += sum[ks * split_stride + j];
-    dfp_encode_row(a->out_format, a->out, row * s->groups * s->cout + g * s->cout, sum, c->n,
-                   a->ex[0], &a->eb, 0, c->uk->avx2);
+    dfp_encode_row(c->cfg, a->out_format, a->out, row * s->groups * s->cout + g * s->cout, sum, c->n,
+                   a->ex[0], &a->eb, 0);
   }
 }
 
@@ -168,9 +165,11 @@ static int conv_run(const dfp_conv_args* args, int backward, dfp_isa isa, const 
   conv_plan c;
   memset(&c, 0, sizeof c);
   c.args = args;
-  c.uk = dfp_ukernel_for(isa);
+  c.cfg = dfp_isa_config_for(isa);
+  c.mr = c.cfg->ukernel->mr;
+  c.nr = c.cfg->ukernel->nr;
   c.backward = backward;
-  const int mr = c.uk->mr, nr = c.uk->nr;
+  const int mr = c.mr, nr = c.nr;
   const size_t taps = s->window[0] * s->window[1] * s->window[2];
   const size_t pixels = s->batch * s->out[0] * s->out[1] * s->out[2];
   c.m = backward ? taps * s->cin : pixels;
@@ -180,8 +179,8 @@ static int conv_run(const dfp_conv_args* args, int backward, dfp_isa isa, const 
   c.kpairs = (c.k + 1) / 2;
   c.kblocks = dfp_kc_blocks(c.kpairs);
   c.npanels = ceil_div(c.n, nr);
-  c.mcp = ceil_div(CONV_MC, mr);
-  c.ncp = ceil_div(CONV_NC, nr);
+  c.mcp = ceil_div(CONV_MC_ROWS, mr);
+  c.ncp = ceil_div(CONV_NC_COLS, nr);
   c.mblocks = ceil_div(ceil_div(c.m, mr), c.mcp);
   c.nblocks = ceil_div(c.npanels, c.ncp);
   const size_t blocks = s->groups * c.mblocks * c.nblocks;
@@ -222,7 +221,8 @@ static int conv_run(const dfp_conv_args* args, int backward, dfp_isa isa, const 
  * output columns. Images are tasks of their own, so no two tasks touch one input pixel. */
 typedef struct {
   const dfp_conv_args* args;
-  const dfp_ukernel* uk;
+  const dfp_isa_config* cfg;
+  int mr, nr;
   size_t pixels, taps;            /* output pixels per image; window taps */
   size_t n, k, kpairs, kblocks, npanels; /* the GEMM: N = taps * cin, K = cout */
   int16_t* bpack;                 /* [groups][npanels][kpairs][NR][2] */
@@ -235,48 +235,45 @@ static void col2im_pack_b_task(void* arg, size_t t) {
   col2im_plan* c = (col2im_plan*)arg;
   const dfp_conv_shape* s = &c->args->shape;
   const size_t g = t / c->npanels, q = t % c->npanels;
-  const int nr = c->uk->nr;
+  const int nr = c->nr;
   /* Row (tap, c) of W^T is w[tap][c][g * cout + o] over o. */
-  if (dfp_pack_panel(c->args->b + g * s->cout, c->n, c->k, s->groups * s->cout, 1, q * nr, nr,
-                     c->bpack + t * c->kpairs * nr * 2, c->bbound + t * c->kblocks * DFP_CHUNK_LEVELS,
-                     c->uk->avx2))
-    fail(&c->status, DFP_ERR_BAD_MANTISSA);
+  if (dfp_pack_panel(c->cfg, c->args->b + g * s->cout, c->n, c->k, s->groups * s->cout, 1, q * nr, nr,
+                     c->bpack + t * c->kpairs * nr * 2, c->bbound + t * c->kblocks * DFP_CHUNK_LEVELS))
+    dfp_fail(&c->status, DFP_ERR_BAD_MANTISSA);
 }
 
 static void col2im_task(void* arg, size_t t) {
   col2im_plan* c = (col2im_plan*)arg;
   const dfp_conv_shape* s = &c->args->shape;
-  const int mr = c->uk->mr, nr = c->uk->nr;
+  const int mr = c->mr, nr = c->nr;
   const size_t image = t / s->groups, g = t % s->groups;
-  const size_t mcp = ceil_div(CONV_MC, mr), ldc = c->npanels * nr, levels = c->kblocks * DFP_CHUNK_LEVELS;
+  const size_t mcp = ceil_div(CONV_MC_ROWS, mr), ldc = c->npanels * nr, levels = c->kblocks * DFP_CHUNK_LEVELS;
   const size_t kp = c->kpairs ? c->kpairs : 1;
   int16_t* apack = (int16_t*)malloc(mcp * kp * mr * 2 * sizeof(int16_t));
   uint64_t* abound = (uint64_t*)malloc(mcp * (levels ? levels : 1) * sizeof(uint64_t));
   int64_t* acc = (int64_t*)malloc(mcp * mr * ldc * sizeof(int64_t));
   if (!apack || !abound || !acc) {
-    fail(&c->status, DFP_ERR_ALLOC);
+    dfp_fail(&c->status, DFP_ERR_ALLOC);
   } else {
     const size_t channels_out = s->groups * s->cout, channels_in = s->groups * s->cin;
     const int16_t* dy = c->args->x + image * c->pixels * channels_out + g * s->cout;
     for (size_t row0 = 0; row0 < c->pixels; row0 += mcp * mr) {
       const size_t panels = min_size(mcp, ceil_div(c->pixels - row0, mr));
       for (size_t p = 0; p < panels; ++p)
-        if (dfp_pack_panel(dy, c->pixels, c->k, channels_out, 1, row0 + p * mr, mr,
-                           apack + p * kp * mr * 2, abound + p * levels, c->uk->avx2))
-          fail(&c->status, DFP_ERR_BAD_MANTISSA);
+        if (dfp_pack_panel(c->cfg, dy, c->pixels, c->k, channels_out, 1, row0 + p * mr, mr,
+                           apack + p * kp * mr * 2, abound + p * levels))
+          dfp_fail(&c->status, DFP_ERR_BAD_MANTISSA);
       if (c->kblocks == 0) memset(acc, 0, panels * mr * ldc * sizeof(int64_t));
       for (size_t kb = 0; kb < c->kblocks; ++kb) {
-        const size_t kc = min_size(c->kpairs - kb * DFP_KC_PAIRS, DFP_KC_PAIRS);
-        for (size_t q = 0; q < c->npanels; ++q) {
-          const size_t bq = g * c->npanels + q;
-          const int16_t* bp = c->bpack + (bq * c->kpairs + kb * DFP_KC_PAIRS) * nr * 2;
-          const uint64_t* bb = c->bbound + (bq * c->kblocks + kb) * DFP_CHUNK_LEVELS;
-          for (size_t p = 0; p < panels; ++p) {
-            const size_t chunk = dfp_safe_chunk(abound + p * levels + kb * DFP_CHUNK_LEVELS, bb);
-            c->uk->fn(kc, min_size(chunk, kc), apack + (p * kp + kb * DFP_KC_PAIRS) * mr * 2, bp,
-                      acc + p * mr * ldc + q * nr, ldc, kb > 0);
-          }
-        }
+        const dfp_block block = {
+            .a = apack + kb * DFP_KC_PAIRS * mr * 2, .a_stride = kp * mr * 2, .mpanels = panels,
+            .abound = abound + kb * DFP_CHUNK_LEVELS, .abound_stride = levels,
+            .b = c->bpack + (g * c->npanels * c->kpairs + kb * DFP_KC_PAIRS) * nr * 2,
+            .b_stride = c->kpairs * nr * 2, .npanels = c->npanels,
+            .bbound = c->bbound + (g * c->npanels * c->kblocks + kb) * DFP_CHUNK_LEVELS,
+            .bbound_stride = c->kblocks * DFP_CHUNK_LEVELS,
+            .kpairs = min_size(c->kpairs - kb * DFP_KC_PAIRS, DFP_KC_PAIRS)};
+        dfp_multiply_block(c->cfg->ukernel, &block, acc, ldc, kb > 0);
       }
       const size_t row1 = min_size(row0 + panels * mr, c->pixels);
       for (size_t row = row0; row < row1; ++row) {
@@ -304,8 +301,8 @@ static void col2im_encode_task(void* arg, size_t image) {
   const dfp_conv_shape* s = &a->shape;
   const size_t in_pixels = s->in[0] * s->in[1] * s->in[2], channels = s->groups * s->cin;
   for (size_t pixel = image * in_pixels; pixel < (image + 1) * in_pixels; ++pixel)
-    dfp_encode_row(a->out_format, a->out, pixel * channels, c->dx + pixel * channels, channels,
-                   a->ex[0], &a->eb, 0, c->uk->avx2);
+    dfp_encode_row(c->cfg, a->out_format, a->out, pixel * channels, c->dx + pixel * channels, channels,
+                   a->ex[0], &a->eb, 0);
 }
 
 int dfp_conv_backward_data(const dfp_conv_args* args, dfp_isa isa, const dfp_parallel* par) {
@@ -316,8 +313,10 @@ int dfp_conv_backward_data(const dfp_conv_args* args, dfp_isa isa, const dfp_par
   col2im_plan c;
   memset(&c, 0, sizeof c);
   c.args = args;
-  c.uk = dfp_ukernel_for(isa);
-  const int nr = c.uk->nr;
+  c.cfg = dfp_isa_config_for(isa);
+  c.mr = c.cfg->ukernel->mr;
+  c.nr = c.cfg->ukernel->nr;
+  const int nr = c.nr;
   c.pixels = s->out[0] * s->out[1] * s->out[2];
   c.taps = s->window[0] * s->window[1] * s->window[2];
   c.n = c.taps * s->cin;

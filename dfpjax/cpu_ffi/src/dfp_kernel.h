@@ -1,13 +1,17 @@
 /* dfpjax CPU kernel: exact INT16 x INT16 -> float matrix products (docs/numerics.md).
  *
  * Portable C API used by the XLA FFI binding (ffi_binding.cc). Layout of the
- * implementation, BLIS style:
- *   isa.c               run-time CPU feature detection and the DFPJAX_ISA override
- *   pack.c              packing into the VNNI pair layout + per-block norms (portable)
- *   im2col.c            implicit-im2col packing of convolution inputs (portable)
- *   gemm.c, conv.c      macro-loops: blocking, threading, exact chunk selection
- *   macro.c             what the macro-loops share: chunk bounds, the output stage
- *   quantize*.c         float -> INT16 DFP operands (portable rows + AVX2 rows)
+ * implementation, BLIS style, with an XNNPACK-style per-ISA configuration:
+ *   isa_config.h, isa.c the per-ISA table of function pointers (microkernel and MR x NR,
+ *                       packing copies, norm bounds, float32 output stage, quantization
+ *                       rows), CPU feature detection and the DFPJAX_ISA override
+ *   gemm.c, conv.c      macro-loops: blocking, threading, packing (portable)
+ *   macro.c             what the macro-loops share: the block routine (chunk bound ->
+ *                       microkernel), the output stage, the task error record
+ *   pack.c, im2col.c    packing into the VNNI pair layout + per-block norms; implicit
+ *                       im2col of convolution inputs (portable)
+ *   quantize.c          float -> INT16 DFP operands (portable rows and driver)
+ *   *_avx2.c            the AVX2 entries: pack_avx2.c, encode_avx2.c, quantize_avx2.c
  *   ukernel_*.c         one register-blocked microkernel per ISA (spill256.h: the
  *                       INT64 spill the two 256-bit ones share)
  *   vnni_emulation.h    verification builds only: the VNNI intrinsics emulated (SIMDe)
@@ -60,13 +64,13 @@ typedef struct {
   dfp_out_format out_format;
 } dfp_gemm_args;
 
-/* 0 on success, else a negative dfp_status. */
+/* 0 on success, else a negative dfp_status (ffi_binding.cc gives each its own message). */
 enum {
   DFP_OK = 0,
-  DFP_ERR_ISA_UNSUPPORTED = -1,
-  DFP_ERR_ALLOC = -2,
-  DFP_ERR_BAD_MANTISSA = -3,
-  DFP_ERR_BAD_SHAPE = -4,
+  DFP_ERR_ISA_UNSUPPORTED = -1,  /* the path is not compiled in or this CPU cannot run it */
+  DFP_ERR_ALLOC = -2,            /* out of memory */
+  DFP_ERR_BAD_MANTISSA = -3,     /* a mantissa is -32768 */
+  DFP_ERR_BAD_SHAPE = -4,        /* invalid geometry or quantization parameters */
 };
 
 int dfp_gemm(const dfp_gemm_args* args, dfp_isa isa, const dfp_parallel* par);
@@ -127,6 +131,8 @@ int dfp_isa_supported(dfp_isa isa);       /* compiled in and runnable on this CP
 int dfp_isa_emulated(dfp_isa isa);        /* built on emulated intrinsics (DFPJAX_EMULATE_VNNI) */
 const char* dfp_isa_name(dfp_isa isa);    /* "portable", "avx2", "avx_vnni", "avx512_vnni" */
 dfp_isa dfp_best_isa(void);               /* the fastest supported path that is not emulated */
+/* The microkernel's register tile of a path compiled into this build: 0 and *mr x *nr, else -1. */
+int dfp_isa_tile(dfp_isa isa, int* mr, int* nr);
 /* The path a call uses: DFPJAX_ISA if set (>= 0), else the best; -1 if DFPJAX_ISA names
  * an unknown path. */
 int dfp_selected_isa(void);

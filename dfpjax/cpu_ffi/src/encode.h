@@ -1,6 +1,8 @@
 /* Exact output stage of spec section 3: fl(S) * 2**k for an exact integer S.
  * Integer-only (no float arithmetic), so flush-to-zero modes cannot change it; the
- * pure-JAX reference (numerics/floatbits.py: encode_scaled) is the same algorithm. */
+ * pure-JAX reference (numerics/floatbits.py: encode_scaled) is the same algorithm. Exponent
+ * sums are formed in int64: hand-built operands with exponents near +-2**31 give +-Inf or
+ * +-0 as the exact result does, never a wrapped scale. */
 #ifndef DFPJAX_ENCODE_H_
 #define DFPJAX_ENCODE_H_
 
@@ -28,15 +30,16 @@ static inline uint64_t dfp_round_shift_right(uint64_t v, int r) {
 }
 
 /* Bit pattern of fl(S) * 2**k in the given format (round to precision once, then
- * IEEE scaling: Inf above the range, nearest-even subnormals below it; 0 -> +0). */
-static inline uint32_t dfp_encode_scaled(int64_t s, int32_t k, const dfp_float_format* f) {
+ * IEEE scaling: Inf above the range, nearest-even subnormals below it; 0 -> +0). k is the
+ * int64 sum of two int32 exponents, so |k| <= 2**32 and no step below overflows. */
+static inline uint32_t dfp_encode_scaled(int64_t s, int64_t k, const dfp_float_format* f) {
   if (s == 0) return 0;
   uint32_t sign = s < 0 ? UINT32_C(1) << (f->width - 1) : 0;
   uint64_t mag = s < 0 ? (uint64_t)0 - (uint64_t)s : (uint64_t)s;
   int n = dfp_bit_length64(mag);
   int p = f->precision;
   uint64_t sig = n > p ? dfp_round_shift_right(mag, n - p) : mag << (p - n);
-  int lead = n - 1 + k;
+  int64_t lead = n - 1 + k;
   if (sig >> p) { sig >>= 1; lead += 1; }
   uint32_t bits;
   if (lead > f->emax) {
@@ -44,8 +47,8 @@ static inline uint32_t dfp_encode_scaled(int64_t s, int32_t k, const dfp_float_f
   } else if (lead >= f->emin) {
     bits = ((uint32_t)(lead + f->bias) << (p - 1)) | (uint32_t)(sig & ((UINT64_C(1) << (p - 1)) - 1));
   } else {
-    int shift = f->emin - lead;
-    bits = (uint32_t)dfp_round_shift_right(sig, shift > 2 * p + 2 ? 2 * p + 2 : shift);
+    const int64_t shift = f->emin - lead;
+    bits = (uint32_t)dfp_round_shift_right(sig, shift > 2 * p + 2 ? 2 * p + 2 : (int)shift);
   }
   return sign | bits;
 }
@@ -56,7 +59,7 @@ static inline uint32_t dfp_encode_scaled(int64_t s, int32_t k, const dfp_float_f
 /* One f32 output element: NaN for a non-finite operand, else fl(s) * 2**(ea + eb). */
 static inline uint32_t dfp_encode_f32(int64_t s, int32_t ea, int32_t eb) {
   if (ea == DFP_NONFINITE_EXPONENT || eb == DFP_NONFINITE_EXPONENT) return 0x7fc00000u;
-  return dfp_encode_scaled(s, ea + eb, &kDfpF32);
+  return dfp_encode_scaled(s, (int64_t)ea + eb, &kDfpF32);
 }
 
 #endif

@@ -1,8 +1,13 @@
 /* AVX2 output stage: fl(s) * 2**k for four int64 sums at a time (the scalar stage in
- * gemm.c is the specification; lanes this fast path cannot prove exact fall back to it). */
+ * encode.h is the specification; lanes this fast path cannot prove exact fall back to it). */
 #include <immintrin.h>
 
 #include "encode.h"
+#include "macro.h"
+
+/* Exponents within +-2**29 add in int32 lanes without wrapping; larger ones (hand-built
+ * operands, and the non-finite marker) take the scalar stage, which adds in int64. */
+#define LANE_EXPONENT_MAX (1 << 29)
 
 /* Four lanes: s converts to double exactly (|s| < 2**51, the 2**52 + 2**51 magic-number
  * trick), rounds once to nearest-even f32, and adding k to a normal exponent field is
@@ -44,8 +49,8 @@ static inline int encode4_normal(const int64_t* s, __m128i kbits, uint32_t* out)
   return 1;
 }
 
-void dfp_encode_row_f32_avx2(const int64_t* s, size_t n, int32_t ea, const int32_t* eb,
-                             size_t eb_stride, uint32_t* out) {
+void dfp_encode_f32_avx2(const int64_t* s, size_t n, int32_t ea, const int32_t* eb,
+                         size_t eb_stride, uint32_t* out) {
   size_t j = 0;
   if (eb_stride == 0 && ea != DFP_NONFINITE_EXPONENT && eb[0] != DFP_NONFINITE_EXPONENT &&
       ea + (int64_t)eb[0] >= -126 && ea + (int64_t)eb[0] <= 76) {
@@ -53,12 +58,13 @@ void dfp_encode_row_f32_avx2(const int64_t* s, size_t n, int32_t ea, const int32
     for (; j + 4 <= n; j += 4)
       if (!encode4_normal(s + j, kbits, out + j))
         for (size_t i = j; i < j + 4; ++i) out[i] = dfp_encode_f32(s[i], ea, eb[0]);
-  } else if (ea != DFP_NONFINITE_EXPONENT) {
+  } else if (ea >= -LANE_EXPONENT_MAX && ea <= LANE_EXPONENT_MAX) {
     for (; j + 4 <= n; j += 4) {
       const __m128i e = eb_stride ? _mm_loadu_si128((const __m128i*)(eb + j)) : _mm_set1_epi32(eb[0]);
-      const int nonfinite =
-          _mm_movemask_ps(_mm_castsi128_ps(_mm_cmpeq_epi32(e, _mm_set1_epi32(DFP_NONFINITE_EXPONENT))));
-      if (nonfinite || !encode4(s + j, _mm_add_epi32(e, _mm_set1_epi32(ea)), out + j))
+      const int wide = _mm_movemask_ps(_mm_castsi128_ps(
+          _mm_or_si128(_mm_cmpgt_epi32(e, _mm_set1_epi32(LANE_EXPONENT_MAX)),
+                       _mm_cmplt_epi32(e, _mm_set1_epi32(-LANE_EXPONENT_MAX)))));
+      if (wide || !encode4(s + j, _mm_add_epi32(e, _mm_set1_epi32(ea)), out + j))
         for (size_t i = j; i < j + 4; ++i) out[i] = dfp_encode_f32(s[i], ea, eb[i * eb_stride]);
     }
   }

@@ -1,10 +1,15 @@
-// The thin XLA FFI binding: decodes buffers and attributes, runs the kernels on XLA's
-// intra-op thread pool, turns kernel status codes into XLA errors.
+// The thin XLA FFI binding: decodes buffers and named attributes, checks every operand's size
+// against them (an InvalidArgument naming the operand), runs the kernels on XLA's intra-op
+// thread pool, turns each kernel status code into its own XLA error. The attribute names are
+// the contract with dfpjax/cpu_ffi/__init__.py (conv_attributes).
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <cstdlib>
+#include <initializer_list>
 #include <memory>
 #include <string>
+#include <string_view>
 #include <thread>
 
 #include "dfp_kernel.h"
@@ -50,22 +55,31 @@ ffi::Error StatusToError(int status, dfp_isa isa) {
       return ffi::Error(ffi::ErrorCode::kFailedPrecondition,
                         std::string("dfpjax: DFPJAX_ISA=") + dfp_isa_name(isa) +
                             " forces a kernel path this CPU (or build) cannot run");
+    case DFP_ERR_ALLOC:
+      return ffi::Error(ffi::ErrorCode::kResourceExhausted, "dfpjax: out of memory in the DFP kernel");
     case DFP_ERR_BAD_MANTISSA:
       return ffi::Error(ffi::ErrorCode::kInvalidArgument,
                         "dfpjax: a mantissa is -32768; DFP mantissas are symmetric, |m| <= 32767");
     case DFP_ERR_BAD_SHAPE:
-      return ffi::Error(ffi::ErrorCode::kInvalidArgument, "dfpjax: invalid convolution geometry");
+      return ffi::Error(ffi::ErrorCode::kInvalidArgument,
+                        "dfpjax: the DFP kernel rejected its geometry or quantization parameters");
     default:
-      return ffi::Error(ffi::ErrorCode::kResourceExhausted, "dfpjax: out of memory in the DFP kernel");
+      return ffi::Error(ffi::ErrorCode::kInternal,
+                        "dfpjax: the DFP kernel returned unknown status " + std::to_string(status));
   }
 }
 
-// The kernel path for this call (DFPJAX_ISA or the best), or an error.
+ffi::Error Invalid(const std::string& message) { return ffi::Error::InvalidArgument("dfpjax: " + message); }
+
+// The kernel path for this call (DFPJAX_ISA or the best), or an error naming the bad value.
 ffi::ErrorOr<dfp_isa> SelectedIsa() {
   const int selected = dfp_selected_isa();
-  if (selected < 0)
-    return ffi::Unexpected(ffi::Error::InvalidArgument(
-        "dfpjax: DFPJAX_ISA must be one of portable, avx2, avx_vnni, avx512_vnni"));
+  if (selected < 0) {
+    const char* value = std::getenv("DFPJAX_ISA");
+    return ffi::Unexpected(Invalid(std::string("DFPJAX_ISA='") + (value ? value : "") +
+                                   "' is unknown; DFPJAX_ISA must be one of portable, avx2, avx_vnni, "
+                                   "avx512_vnni"));
+  }
   return static_cast<dfp_isa>(selected);
 }
 
@@ -74,8 +88,15 @@ ffi::ErrorOr<dfp_out_format> OutFormat(ffi::DataType type) {
     case ffi::DataType::F32: return DFP_OUT_F32;
     case ffi::DataType::BF16: return DFP_OUT_BF16;
     case ffi::DataType::F16: return DFP_OUT_F16;
-    default: return ffi::Unexpected(ffi::Error::InvalidArgument("dfpjax: output must be f32, bf16 or f16"));
+    default: return ffi::Unexpected(Invalid("output must be f32, bf16 or f16"));
   }
+}
+
+// "" when operand `name` of `op` has the `expected` element count, else the complaint.
+std::string CheckSize(const char* op, const char* name, size_t actual, size_t expected) {
+  if (actual == expected) return "";
+  return std::string(op) + ": operand " + name + " has " + std::to_string(actual) +
+         " elements where its attributes need " + std::to_string(expected);
 }
 
 ffi::Error DotGeneral(ffi::ThreadPool pool, ffi::Buffer<ffi::S16> a, ffi::Buffer<ffi::S32> ea,
@@ -85,14 +106,30 @@ ffi::Error DotGeneral(ffi::ThreadPool pool, ffi::Buffer<ffi::S16> a, ffi::Buffer
   if (isa.has_error()) return isa.error();
   const auto format = OutFormat(out->element_type());
   if (format.has_error()) return format.error();
+  if ((lhs_kmajor != 0 && lhs_kmajor != 1) || (rhs_nmajor != 0 && rhs_nmajor != 1))
+    return Invalid("dot_general: lhs_kmajor and rhs_nmajor must be 0 or 1");
   const auto ad = a.dimensions(), bd = b.dimensions(), ead = ea.dimensions(), ebd = eb.dimensions();
   if (ad.size() != 3 || bd.size() != 3 || ead.size() != 2 || ebd.size() != 2)
-    return ffi::Error::InvalidArgument("dfpjax: dot kernel expects rank-3 mantissas, rank-2 exponents");
+    return Invalid("dot_general: operands a and b must have rank 3, ea and eb rank 2");
   dfp_gemm_args args{};
   args.batch = ad[0];
   args.m = lhs_kmajor ? ad[2] : ad[1];
   args.k = lhs_kmajor ? ad[1] : ad[2];
   args.n = rhs_nmajor ? bd[1] : bd[2];
+  const size_t b_k = rhs_nmajor ? bd[2] : bd[1];
+  if (static_cast<size_t>(bd[0]) != args.batch || b_k != args.k)
+    return Invalid("dot_general: operand b is [" + std::to_string(bd[0]) + ", " + std::to_string(bd[1]) +
+                   ", " + std::to_string(bd[2]) + "], which does not fit a's batch " +
+                   std::to_string(args.batch) + " and contraction " + std::to_string(args.k));
+  auto fits = [](int64_t d, size_t full) { return d == 1 || static_cast<size_t>(d) == full; };
+  if (!fits(ead[0], args.batch) || !fits(ead[1], args.m))
+    return Invalid("dot_general: operand ea must be [1 or batch, 1 or M] = [1 or " +
+                   std::to_string(args.batch) + ", 1 or " + std::to_string(args.m) + "]");
+  if (!fits(ebd[0], args.batch) || !fits(ebd[1], args.n))
+    return Invalid("dot_general: operand eb must be [1 or batch, 1 or N] = [1 or " +
+                   std::to_string(args.batch) + ", 1 or " + std::to_string(args.n) + "]");
+  const std::string bad = CheckSize("dot_general", "out", out->element_count(), args.batch * args.m * args.n);
+  if (!bad.empty()) return Invalid(bad);
   args.a = a.typed_data();
   args.a_kmajor = lhs_kmajor;
   args.b = b.typed_data();
@@ -109,61 +146,106 @@ ffi::Error DotGeneral(ffi::ThreadPool pool, ffi::Buffer<ffi::S16> a, ffi::Buffer
   return StatusToError(dfp_gemm(&args, *isa, &par), *isa);
 }
 
-// geometry: batch, in[3], out[3], window[3], stride[3], pad_lo[3], lhs_dil[3], rhs_dil[3],
-// groups, cin, cout (dfp_conv_shape, of the forward convolution). mode 0: y = conv(x, w);
-// 1: dw from x and b = dy; 2: dx from x = dy and b = w.
+// The convolution's named attributes (dfpjax/cpu_ffi/__init__.py: conv_attributes) as a
+// dfp_conv_shape, or the first attribute that is wrong.
+struct ConvAttributes {
+  int64_t batch;
+  ffi::Span<const int64_t> in_spatial, out_spatial, window, strides, padding_lo, lhs_dilation, rhs_dilation;
+  int64_t groups, in_channels, out_channels;
+};
+
+ffi::ErrorOr<dfp_conv_shape> ConvShape(const ConvAttributes& at) {
+  struct Named {
+    const char* name;
+    ffi::Span<const int64_t> values;
+    int64_t least;
+  };
+  const Named spans[] = {{"in_spatial", at.in_spatial, 0},     {"out_spatial", at.out_spatial, 0},
+                         {"window", at.window, 0},             {"strides", at.strides, 1},
+                         {"padding_lo", at.padding_lo, INT64_MIN}, {"lhs_dilation", at.lhs_dilation, 1},
+                         {"rhs_dilation", at.rhs_dilation, 1}};
+  for (const Named& span : spans) {
+    if (span.values.size() != 3)
+      return ffi::Unexpected(Invalid(std::string("conv: attribute ") + span.name + " needs 3 values"));
+    for (int64_t v : span.values)
+      if (v < span.least)
+        return ffi::Unexpected(Invalid(std::string("conv: attribute ") + span.name + " holds " +
+                                       std::to_string(v) + ", below its least value " +
+                                       std::to_string(span.least)));
+  }
+  if (at.batch < 0 || at.groups < 1 || at.in_channels < 0 || at.out_channels < 0)
+    return ffi::Unexpected(Invalid("conv: batch, in_channels, out_channels must be >= 0 and groups >= 1"));
+  dfp_conv_shape s{};
+  s.batch = at.batch;
+  for (int d = 0; d < 3; ++d) {
+    s.in[d] = at.in_spatial[d];
+    s.out[d] = at.out_spatial[d];
+    s.window[d] = at.window[d];
+    s.stride[d] = at.strides[d];
+    s.pad_lo[d] = at.padding_lo[d];
+    s.lhs_dil[d] = at.lhs_dilation[d];
+    s.rhs_dil[d] = at.rhs_dilation[d];
+  }
+  s.groups = at.groups;
+  s.cin = at.in_channels;
+  s.cout = at.out_channels;
+  return s;
+}
+
+// Element count of an operand of 1 + 3 + 1 dimensions, or SIZE_MAX if it overflows.
+size_t Elements(std::initializer_list<size_t> dims) {
+  size_t total = 1;
+  for (size_t d : dims)
+    if (__builtin_mul_overflow(total, d, &total)) return SIZE_MAX;
+  return total;
+}
+
+// mode "forward": y = conv(x, b = w); "backward_weights": dw from x and b = dy;
+// "backward_data": dx from x = dy and b = w. The geometry is the forward convolution's.
 ffi::Error Conv(ffi::ThreadPool pool, ffi::Buffer<ffi::S16> x, ffi::Buffer<ffi::S32> ex,
                 ffi::Buffer<ffi::S16> b, ffi::Buffer<ffi::S32> eb, ffi::Result<ffi::AnyBuffer> out,
-                ffi::Span<const int64_t> geometry, int32_t mode) {
+                int64_t batch, ffi::Span<const int64_t> in_spatial, ffi::Span<const int64_t> out_spatial,
+                ffi::Span<const int64_t> window, ffi::Span<const int64_t> strides,
+                ffi::Span<const int64_t> padding_lo, ffi::Span<const int64_t> lhs_dilation,
+                ffi::Span<const int64_t> rhs_dilation, int64_t groups, int64_t in_channels,
+                int64_t out_channels, std::string_view mode) {
   const auto isa = SelectedIsa();
   if (isa.has_error()) return isa.error();
   const auto format = OutFormat(out->element_type());
   if (format.has_error()) return format.error();
-  if (geometry.size() != 25) return ffi::Error::InvalidArgument("dfpjax: conv geometry needs 25 numbers");
-  if (mode < 0 || mode > 2) return ffi::Error::InvalidArgument("dfpjax: conv mode must be 0, 1 or 2");
-  for (size_t i = 0; i < geometry.size(); ++i)
-    if (geometry[i] < 0 && !(i >= 13 && i < 16))  // only pad_lo may be negative
-      return ffi::Error::InvalidArgument("dfpjax: negative size in the conv geometry");
-  dfp_conv_shape s{};
-  const int64_t* g = geometry.begin();
-  s.batch = g[0];
-  for (int d = 0; d < 3; ++d) {
-    s.in[d] = g[1 + d];
-    s.out[d] = g[4 + d];
-    s.window[d] = g[7 + d];
-    s.stride[d] = g[10 + d];
-    s.pad_lo[d] = g[13 + d];
-    s.lhs_dil[d] = g[16 + d];
-    s.rhs_dil[d] = g[19 + d];
-  }
-  s.groups = g[22];
-  s.cin = g[23];
-  s.cout = g[24];
-  const size_t in_pixels = s.batch * s.in[0] * s.in[1] * s.in[2];
-  const size_t out_pixels = s.batch * s.out[0] * s.out[1] * s.out[2];
-  const size_t taps = s.window[0] * s.window[1] * s.window[2];
-  const size_t channels_out = s.groups * s.cout;
-  const size_t x_size = (mode == 2 ? out_pixels * channels_out : in_pixels * s.groups * s.cin);
-  const size_t b_size = mode == 1 ? out_pixels * channels_out : taps * s.cin * channels_out;
-  const size_t out_size = mode == 0 ? out_pixels * channels_out
-                          : mode == 1 ? taps * s.cin * channels_out : in_pixels * s.groups * s.cin;
-  if (x.element_count() != x_size || b.element_count() != b_size ||
-      out->element_count() != out_size || eb.element_count() != 1 ||
-      (ex.element_count() != 1 && ex.element_count() != s.batch))
-    return ffi::Error::InvalidArgument("dfpjax: conv operand sizes do not match the geometry");
+  const int forward = mode == "forward", weights = mode == "backward_weights", data = mode == "backward_data";
+  if (!forward && !weights && !data)
+    return Invalid("conv: mode '" + std::string(mode) +
+                   "' is not one of forward, backward_weights, backward_data");
+  const auto shape = ConvShape({batch, in_spatial, out_spatial, window, strides, padding_lo, lhs_dilation,
+                                rhs_dilation, groups, in_channels, out_channels});
+  if (shape.has_error()) return shape.error();
+  const dfp_conv_shape& s = *shape;
+  const size_t input = Elements({s.batch, s.in[0], s.in[1], s.in[2], s.groups, s.cin});
+  const size_t output = Elements({s.batch, s.out[0], s.out[1], s.out[2], s.groups, s.cout});
+  const size_t weight = Elements({s.window[0], s.window[1], s.window[2], s.cin, s.groups, s.cout});
+  const size_t ex_count = ex.element_count();
+  std::string bad = CheckSize("conv", "x", x.element_count(), data ? output : input);
+  if (bad.empty()) bad = CheckSize("conv", "b", b.element_count(), weights ? output : weight);
+  if (bad.empty()) bad = CheckSize("conv", "out", out->element_count(), forward ? output : weights ? weight : input);
+  if (bad.empty()) bad = CheckSize("conv", "eb", eb.element_count(), 1);
+  if (bad.empty() && ex_count != 1 && (!forward || ex_count != s.batch))
+    bad = "conv: operand ex has " + std::to_string(ex_count) + " elements where " + std::string(mode) +
+          (forward ? " needs 1 or batch = " + std::to_string(s.batch) : " needs 1");
+  if (!bad.empty()) return Invalid(bad);
   dfp_conv_args args{};
   args.shape = s;
   args.x = x.typed_data();
   args.ex = ex.typed_data();
-  args.ex_batch_stride = ex.element_count() == 1 ? 0 : 1;
+  args.ex_batch_stride = ex_count == 1 ? 0 : 1;
   args.b = b.typed_data();
   args.eb = eb.typed_data()[0];
   args.out = out->untyped_data();
   args.out_format = *format;
   dfp_parallel par{PoolParallelFor, &pool, static_cast<int>(pool.num_threads())};
-  const int status = mode == 0   ? dfp_conv_forward(&args, *isa, &par)
-                     : mode == 1 ? dfp_conv_backward_weights(&args, *isa, &par)
-                                 : dfp_conv_backward_data(&args, *isa, &par);
+  const int status = forward   ? dfp_conv_forward(&args, *isa, &par)
+                     : weights ? dfp_conv_backward_weights(&args, *isa, &par)
+                               : dfp_conv_backward_data(&args, *isa, &par);
   return StatusToError(status, *isa);
 }
 
@@ -172,11 +254,14 @@ ffi::Error Quantize(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Result<f
                     ffi::Result<ffi::Buffer<ffi::S32>> e, int32_t bits, int32_t headroom) {
   const auto isa = SelectedIsa();
   if (isa.has_error()) return isa.error();
-  const size_t groups = e->element_count();
-  if (m->element_count() != x.element_count() || (groups && x.element_count() % groups))
-    return ffi::Error::InvalidArgument("dfpjax: quantize operand sizes do not match");
   if (bits < 2 || bits > 16 || headroom < 0 || headroom > bits - 2)
-    return ffi::Error::InvalidArgument("dfpjax: quantize needs 2 <= bits <= 16, 0 <= headroom <= bits - 2");
+    return Invalid("quantize: needs 2 <= bits <= 16, 0 <= headroom <= bits - 2");
+  const auto xd = x.dimensions();
+  if (xd.size() < 1) return Invalid("quantize: operand x needs a leading groups dimension");
+  const size_t groups = xd[0];
+  std::string bad = CheckSize("quantize", "m", m->element_count(), x.element_count());
+  if (bad.empty()) bad = CheckSize("quantize", "e", e->element_count(), groups);
+  if (!bad.empty()) return Invalid(bad);
   dfp_quantize_args args{};
   args.groups = groups;
   args.n = groups ? x.element_count() / groups : 0;
@@ -219,5 +304,15 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(DfpConv, Conv,
                                   .Arg<ffi::Buffer<ffi::S16>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::AnyBuffer>()
-                                  .Attr<ffi::Span<const int64_t>>("geometry")
-                                  .Attr<int32_t>("mode"));
+                                  .Attr<int64_t>("batch")
+                                  .Attr<ffi::Span<const int64_t>>("in_spatial")
+                                  .Attr<ffi::Span<const int64_t>>("out_spatial")
+                                  .Attr<ffi::Span<const int64_t>>("window")
+                                  .Attr<ffi::Span<const int64_t>>("strides")
+                                  .Attr<ffi::Span<const int64_t>>("padding_lo")
+                                  .Attr<ffi::Span<const int64_t>>("lhs_dilation")
+                                  .Attr<ffi::Span<const int64_t>>("rhs_dilation")
+                                  .Attr<int64_t>("groups")
+                                  .Attr<int64_t>("in_channels")
+                                  .Attr<int64_t>("out_channels")
+                                  .Attr<std::string_view>("mode"));

@@ -1,9 +1,41 @@
-/* Run-time ISA selection: CPUID feature bits plus the OS's saved-register support. */
+/* The per-ISA configurations (isa_config.h) and run-time ISA selection: CPUID feature bits
+ * plus the OS's saved-register support. */
 #include <stdlib.h>
 #include <string.h>
 
 #include "dfp_kernel.h"
-#include "ukernel.h"
+#include "isa_config.h"
+#include "macro.h"
+#include "pack.h"
+#include "quantize.h"
+
+static const dfp_isa_config kConfigs[DFP_ISA_COUNT] = {
+    [DFP_ISA_PORTABLE] = {&dfp_ukernel_portable, dfp_pack_rows_portable, dfp_pack_columns_portable,
+                          dfp_norm_bounds_portable, dfp_encode_f32_portable,
+                          dfp_max_magnitude_portable, dfp_quantize_row_portable},
+#if defined(DFPJAX_X86)
+#define AVX2_HELPERS                                                                        \
+  dfp_pack_rows_avx2, dfp_pack_columns_avx2, dfp_norm_bounds_avx2, dfp_encode_f32_avx2,     \
+      dfp_max_magnitude_avx2, dfp_quantize_row_avx2
+    [DFP_ISA_AVX2] = {&dfp_ukernel_avx2, AVX2_HELPERS},
+    [DFP_ISA_AVX_VNNI] = {&dfp_ukernel_avx_vnni, AVX2_HELPERS},
+    [DFP_ISA_AVX512_VNNI] = {&dfp_ukernel_avx512_vnni, AVX2_HELPERS},
+#undef AVX2_HELPERS
+#endif
+};
+
+const dfp_isa_config* dfp_isa_config_for(dfp_isa isa) {
+  if ((int)isa < 0 || isa >= DFP_ISA_COUNT || kConfigs[isa].ukernel == NULL) return NULL;
+  return &kConfigs[isa];
+}
+
+int dfp_isa_tile(dfp_isa isa, int* mr, int* nr) {
+  const dfp_isa_config* cfg = dfp_isa_config_for(isa);
+  if (cfg == NULL) return -1;
+  *mr = cfg->ukernel->mr;
+  *nr = cfg->ukernel->nr;
+  return 0;
+}
 
 #if defined(__x86_64__) || defined(__i386__)
 #include <cpuid.h>
@@ -55,7 +87,7 @@ int dfp_isa_emulated(dfp_isa isa) {
 
 int dfp_isa_supported(dfp_isa isa) {
   if (isa == DFP_ISA_PORTABLE) return 1;
-  if (isa < 0 || isa >= DFP_ISA_COUNT || dfp_ukernel_for(isa) == NULL) return 0;
+  if (dfp_isa_config_for(isa) == NULL) return 0;
   /* An emulated microkernel is AVX2 code (vnni_emulation.h). */
   return detect(dfp_isa_emulated(isa) ? DFP_ISA_AVX2 : isa);
 }
@@ -63,7 +95,7 @@ int dfp_isa_supported(dfp_isa isa) {
 static const char* const kNames[DFP_ISA_COUNT] = {"portable", "avx2", "avx_vnni", "avx512_vnni"};
 
 const char* dfp_isa_name(dfp_isa isa) {
-  return (isa >= 0 && isa < DFP_ISA_COUNT) ? kNames[isa] : "unknown";
+  return ((int)isa >= 0 && isa < DFP_ISA_COUNT) ? kNames[isa] : "unknown";
 }
 
 dfp_isa dfp_best_isa(void) {

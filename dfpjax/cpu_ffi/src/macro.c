@@ -16,28 +16,29 @@ size_t dfp_safe_chunk(const uint64_t* abound, const uint64_t* bbound) {
   return chunk;
 }
 
-#if defined(DFPJAX_X86)
-void dfp_encode_row_f32_avx2(const int64_t* s, size_t n, int32_t ea, const int32_t* eb,
-                             size_t eb_stride, uint32_t* out);
-#endif
-
-static void encode_row_f32(const int64_t* s, size_t n, int32_t ea, const int32_t* eb,
-                           size_t eb_stride, uint32_t* out, int avx2) {
-#if defined(DFPJAX_X86)
-  if (avx2) {
-    dfp_encode_row_f32_avx2(s, n, ea, eb, eb_stride, out);
-    return;
+void dfp_multiply_block(const dfp_ukernel* uk, const dfp_block* block, int64_t* acc, size_t ldc,
+                        int add) {
+  const size_t kc = block->kpairs, mr = (size_t)uk->mr, nr = (size_t)uk->nr;
+  for (size_t j = 0; j < block->npanels; ++j) {
+    const int16_t* b = block->b + j * block->b_stride;
+    const uint64_t* bbound = block->bbound + j * block->bbound_stride;
+    for (size_t i = 0; i < block->mpanels; ++i) {
+      const size_t chunk = dfp_safe_chunk(block->abound + i * block->abound_stride, bbound);
+      uk->fn(kc, chunk < kc ? chunk : kc, block->a + i * block->a_stride, b, acc + i * mr * ldc + j * nr,
+             ldc, add);
+    }
   }
-#else
-  (void)avx2;
-#endif
+}
+
+void dfp_encode_f32_portable(const int64_t* s, size_t n, int32_t ea, const int32_t* eb,
+                             size_t eb_stride, uint32_t* out) {
   for (size_t j = 0; j < n; ++j) out[j] = dfp_encode_f32(s[j], ea, eb[j * eb_stride]);
 }
 
-void dfp_encode_row(dfp_out_format format, void* out, size_t out_index, const int64_t* s, size_t n,
-                    int32_t ea, const int32_t* eb, size_t eb_stride, int avx2) {
+void dfp_encode_row(const dfp_isa_config* cfg, dfp_out_format format, void* out, size_t out_index,
+                    const int64_t* s, size_t n, int32_t ea, const int32_t* eb, size_t eb_stride) {
   if (format == DFP_OUT_F32) {
-    encode_row_f32(s, n, ea, eb, eb_stride, (uint32_t*)out + out_index, avx2);
+    cfg->encode_f32(s, n, ea, eb, eb_stride, (uint32_t*)out + out_index);
     return;
   }
   const int bf16 = format == DFP_OUT_BF16;
@@ -46,7 +47,7 @@ void dfp_encode_row(dfp_out_format format, void* out, size_t out_index, const in
     const int32_t e = eb[j * eb_stride];
     o[j] = (ea == DFP_NONFINITE_EXPONENT || e == DFP_NONFINITE_EXPONENT)
                ? (bf16 ? 0x7fc0 : 0x7e00)
-               : (uint16_t)dfp_encode_scaled(s[j], ea + e, bf16 ? &kDfpBF16 : &kDfpF16);
+               : (uint16_t)dfp_encode_scaled(s[j], (int64_t)ea + e, bf16 ? &kDfpBF16 : &kDfpF16);
   }
 }
 

@@ -1,6 +1,9 @@
-/* Pieces shared by the macro-loops of the GEMM (gemm.c) and the convolutions (conv.c):
- * the exact int32 chunk length for a pair of packed panels, the output stage, and the
- * serial fallback for a missing thread pool. */
+/* What the macro-loops of the GEMM (gemm.c) and the convolutions (conv.c) share: the block
+ * routine (exact int32 chunk bound -> microkernel, which carries between chunks), the output
+ * stage, the error record of parallel tasks, and the serial fallback for a missing thread pool.
+ *
+ * Block sizes are named <SCOPE>_<BLOCK>_<UNIT>: DFP_KC_PAIRS (pack.h) for the K block shared by
+ * all, GEMM_MC_ROWS / GEMM_NC_COLS and CONV_MC_ROWS / CONV_NC_COLS for the cache blocks. */
 #ifndef DFPJAX_MACRO_H_
 #define DFPJAX_MACRO_H_
 
@@ -8,6 +11,7 @@
 #include <stdint.h>
 
 #include "dfp_kernel.h"
+#include "isa_config.h"
 
 /* The largest partial sum a chunk may reach (ukernel.h): int32 less a carried remainder. */
 #define DFP_CHUNK_SUM_MAX (INT32_MAX - 0xffff)
@@ -17,11 +21,43 @@
  * (pack.h). */
 size_t dfp_safe_chunk(const uint64_t* abound, const uint64_t* bbound);
 
+/* Packed micro-panels over one K block of kpairs <= DFP_KC_PAIRS pairs: A panel i at
+ * a + i * a_stride with its DFP_CHUNK_LEVELS bounds at abound + i * abound_stride, and the
+ * same for B panel j. */
+typedef struct {
+  const int16_t* a;
+  size_t a_stride, mpanels;
+  const uint64_t* abound;
+  size_t abound_stride;
+  const int16_t* b;
+  size_t b_stride, npanels;
+  const uint64_t* bbound;
+  size_t bbound_stride;
+  size_t kpairs;
+} dfp_block;
+
+/* The one block routine: tile (i, j) of acc, at acc + i * MR * ldc + j * NR, gets A panel i x
+ * B panel j added (add = 1) or stored (add = 0), exactly, each tile with the longest chunk its
+ * panels' bounds prove safe. */
+void dfp_multiply_block(const dfp_ukernel* uk, const dfp_block* block, int64_t* acc, size_t ldc,
+                        int add);
+
 /* out[out_index + j] = fl(s[j]) * 2**(ea + eb[j * eb_stride]) for j < n, in the output
- * format; NaN where an exponent marks a non-finite operand (spec sections 2 and 3). avx2
- * selects the AVX2 float32 stage (dfp_ukernel.avx2). */
-void dfp_encode_row(dfp_out_format format, void* out, size_t out_index, const int64_t* s, size_t n,
-                    int32_t ea, const int32_t* eb, size_t eb_stride, int avx2);
+ * format; NaN where an exponent marks a non-finite operand (spec sections 2 and 3). Any
+ * exponents give the exact result: the sum is never formed in int32. */
+void dfp_encode_row(const dfp_isa_config* cfg, dfp_out_format format, void* out, size_t out_index,
+                    const int64_t* s, size_t n, int32_t ea, const int32_t* eb, size_t eb_stride);
+
+/* The configuration's float32 output stage (isa_config.h): the scalar specification and the
+ * AVX2 version (encode_avx2.c). */
+void dfp_encode_f32_portable(const int64_t* s, size_t n, int32_t ea, const int32_t* eb,
+                             size_t eb_stride, uint32_t* out);
+void dfp_encode_f32_avx2(const int64_t* s, size_t n, int32_t ea, const int32_t* eb,
+                         size_t eb_stride, uint32_t* out);
+
+/* Records a parallel task's error in *status (a negative dfp_status); of several concurrent
+ * ones any one is kept. */
+static inline void dfp_fail(int* status, int code) { __atomic_store_n(status, code, __ATOMIC_RELAXED); }
 
 /* parallel_for over the calling thread alone. */
 extern const dfp_parallel dfp_serial;

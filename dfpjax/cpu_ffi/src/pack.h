@@ -1,10 +1,14 @@
-/* Packing into the VNNI pair layout (see ukernel.h), with the norm summaries that
- * gemm.c uses to prove int32 chunks safe. Portable C shared by every ISA. */
+/* Packing into the VNNI pair layout (see ukernel.h), with the norm summaries from which
+ * macro.c proves int32 chunks safe. The loops are portable; the copies and the norm bounds
+ * are entries of the path's configuration (isa_config.h): the portable ones here, the AVX2
+ * ones in pack_avx2.c. */
 #ifndef DFPJAX_PACK_H_
 #define DFPJAX_PACK_H_
 
 #include <stddef.h>
 #include <stdint.h>
+
+#include "isa_config.h"
 
 enum {
   DFP_KC_PAIRS = 256,      /* K block in pairs: a B micro-panel of KC x NR stays in L1 */
@@ -18,17 +22,39 @@ enum {
  * DFP_CHUNK_LEVELS bounds: bound[l] = the largest, over the block's chunks of
  * DFP_NORM_BLOCK_PAIRS << l pairs, of the sum over the chunk's norm blocks of the
  * largest squared row norm in the panel. Returns -1 if an element is -32768 (outside
- * the symmetric DFP range, where even one pair could overflow int32), else 0. avx2 selects
- * the AVX2 bounds (dfp_ukernel.avx2). */
-int dfp_pack_panel(const int16_t* src, size_t rows, size_t k, size_t row_stride, size_t col_stride,
-                   size_t row0, int width, int16_t* dst, uint64_t* bounds, int avx2);
+ * the symmetric DFP range, where even one pair could overflow int32), else 0. */
+int dfp_pack_panel(const dfp_isa_config* cfg, const int16_t* src, size_t rows, size_t k,
+                   size_t row_stride, size_t col_stride, size_t row0, int width, int16_t* dst,
+                   uint64_t* bounds);
 
 /* The bounds above for one packed K block dst[kpairs][width][2] (kpairs <= DFP_KC_PAIRS,
  * width <= 64); -1 if an element is -32768, else 0. For packers of other sources (im2col.c). */
-int dfp_block_bounds(const int16_t* block, size_t kpairs, int width, uint64_t* bounds, int avx2);
+int dfp_block_bounds(const dfp_isa_config* cfg, const int16_t* block, size_t kpairs, int width,
+                     uint64_t* bounds);
 
 static inline size_t dfp_kc_blocks(size_t kpairs) {
   return (kpairs + DFP_KC_PAIRS - 1) / DFP_KC_PAIRS;
 }
+
+/* The configuration's packing entries. pack_rows: `pairs` pairs of each of the `valid` rows
+ * src + i * row_stride (contiguous in k) into out[pair * width + i]. pack_columns: `pairs`
+ * pairs of k-rows src + 2p * col_stride and src + (2p + 1) * col_stride, lanes [0, valid),
+ * interleaved into out[(pair * width + i) * 2 + {0, 1}]. norm_bounds: for each norm block of
+ * DFP_NORM_BLOCK_PAIRS pairs the largest squared row norm of the panel's lanes (an upper
+ * bound), into chunk[block]; returns 1 if an element is -32768. */
+void dfp_pack_rows_portable(const int16_t* src, size_t pairs, size_t row_stride, size_t valid,
+                            int width, uint32_t* out);
+void dfp_pack_columns_portable(const int16_t* src, size_t pairs, size_t col_stride, size_t valid,
+                               int width, int16_t* out);
+int dfp_norm_bounds_portable(const int16_t* block, size_t kpairs, int width, uint64_t* chunk);
+void dfp_pack_rows_avx2(const int16_t* src, size_t pairs, size_t row_stride, size_t valid, int width,
+                        uint32_t* out);
+void dfp_pack_columns_avx2(const int16_t* src, size_t pairs, size_t col_stride, size_t valid, int width,
+                           int16_t* out);
+int dfp_norm_bounds_avx2(const int16_t* block, size_t kpairs, int width, uint64_t* chunk);
+
+/* What the AVX2 row copy leaves to plain C: pairs [first, pairs) of pack_rows. */
+void dfp_pack_rows_from(const int16_t* src, size_t first, size_t pairs, size_t row_stride,
+                        size_t valid, int width, uint32_t* out);
 
 #endif

@@ -5,7 +5,8 @@
 #include "dfp_kernel.h"
 #include "encode.h"
 #include "quantize.h"
-#include "ukernel.h"
+#include "isa_config.h"
+#include "macro.h"
 
 enum { kChunk = 1 << 15 };  /* elements per task: big enough to amortize scheduling */
 
@@ -34,7 +35,7 @@ typedef struct {
   const dfp_quantize_args* args;
   size_t chunks_per_group;
   uint32_t* chunk_max;
-  int avx2;
+  const dfp_isa_config* cfg;
 } job;
 
 static void chunk_range(const job* j, size_t task, size_t* group, size_t* begin, size_t* len) {
@@ -48,11 +49,7 @@ static void max_task(void* arg, size_t task) {
   const job* j = (const job*)arg;
   size_t g, begin, len;
   chunk_range(j, task, &g, &begin, &len);
-  const float* x = j->args->x + g * j->args->n + begin;
-#ifdef DFPJAX_X86
-  if (j->avx2) { j->chunk_max[task] = dfp_max_magnitude_avx2(x, len); return; }
-#endif
-  j->chunk_max[task] = dfp_max_magnitude_portable(x, len);
+  j->chunk_max[task] = j->cfg->max_magnitude(j->args->x + g * j->args->n + begin, len);
 }
 
 static void quantize_task(void* arg, size_t task) {
@@ -67,10 +64,7 @@ static void quantize_task(void* arg, size_t task) {
     for (size_t i = 0; i < len; ++i) m[i] = 0;  /* non-finite or all-zero group */
     return;
   }
-#ifdef DFPJAX_X86
-  if (j->avx2) { dfp_quantize_row_avx2(x, len, e, limit, m); return; }
-#endif
-  dfp_quantize_row_portable(x, len, e, limit, m);
+  j->cfg->quantize_row(x, len, e, limit, m);
 }
 
 int dfp_quantize(const dfp_quantize_args* args, dfp_isa isa, const dfp_parallel* par) {
@@ -78,7 +72,8 @@ int dfp_quantize(const dfp_quantize_args* args, dfp_isa isa, const dfp_parallel*
   if (args->bits < 2 || args->bits > 16 || args->headroom < 0 || args->headroom > args->bits - 2)
     return DFP_ERR_BAD_SHAPE;
   if (args->groups == 0) return DFP_OK;
-  job j = {args, args->n ? (args->n + kChunk - 1) / kChunk : 1, NULL, dfp_ukernel_for(isa)->avx2};
+  if (par == NULL) par = &dfp_serial;
+  job j = {args, args->n ? (args->n + kChunk - 1) / kChunk : 1, NULL, dfp_isa_config_for(isa)};
   const size_t tasks = args->groups * j.chunks_per_group;
   j.chunk_max = (uint32_t*)calloc(tasks, sizeof(uint32_t));
   if (j.chunk_max == NULL) return DFP_ERR_ALLOC;

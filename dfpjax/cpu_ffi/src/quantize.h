@@ -1,6 +1,7 @@
 /* Float -> DFP quantization rows (spec section 2, round half to even), integer-only so
  * that flush-to-zero modes and the rounding mode cannot change them. The portable rows
- * in quantize.c are the specification; quantize_avx2.c computes the same bits. */
+ * in quantize.c are the specification; quantize_avx2.c computes the same bits. Each path's
+ * pair of them is an entry of its configuration (isa_config.h). */
 #ifndef DFPJAX_QUANTIZE_H_
 #define DFPJAX_QUANTIZE_H_
 

@@ -11,7 +11,8 @@
  * rest out (into int32 carries, each at most 2**15 a chunk). The caller guarantees (macro.h) that every partial
  * sum within a chunk stays within +-DFP_CHUNK_SUM_MAX = INT32_MAX - 0xffff, so a chunk that
  * starts from a carried remainder below 2**16 never leaves int32, which makes the result
- * exact. chunk = 1 is safe for any input with |m| <= 32767 (2 * 32767**2 < DFP_CHUNK_SUM_MAX). */
+ * exact. chunk = 1 is safe for any input with |m| <= 32767 (2 * 32767**2 < DFP_CHUNK_SUM_MAX).
+ * Each path's kernel is an entry of its configuration (isa_config.h). */
 #ifndef DFPJAX_UKERNEL_H_
 #define DFPJAX_UKERNEL_H_
 
@@ -23,16 +24,11 @@
 typedef void (*dfp_ukernel_fn)(size_t kpairs, size_t chunk, const int16_t* a, const int16_t* b,
                                int64_t* acc, size_t ldc, int add);
 
+/* A microkernel with its register tile: MR rows of A by NR columns of B. */
 typedef struct {
   int mr, nr;
   dfp_ukernel_fn fn;
-  /* The path's helpers (packing bounds, float32 output stage, quantization) use AVX2; the
-   * portable path's do not, so that forcing it runs, and tests, the portable C. */
-  int avx2;
 } dfp_ukernel;
-
-/* NULL when the ISA is not compiled into this build (for example on non-x86 hosts). */
-const dfp_ukernel* dfp_ukernel_for(dfp_isa isa);
 
 extern const dfp_ukernel dfp_ukernel_portable;
 #if defined(DFPJAX_X86)

@@ -85,4 +85,4 @@ static void ukernel(size_t kpairs, size_t chunk, const int16_t* a, const int16_t
     dfp_spill256(low[i], carried ? &carry[i] : NULL, acc + (i / 2) * ldc + (i % 2) * 8, add);
 }
 
-const dfp_ukernel dfp_ukernel_avx2 = {MR, NR, ukernel, 1};
+const dfp_ukernel dfp_ukernel_avx2 = {MR, NR, ukernel};

@@ -61,4 +61,4 @@ static void ukernel(size_t kpairs, size_t chunk, const int16_t* a, const int16_t
   }
 }
 
-const dfp_ukernel dfp_ukernel_avx512_vnni = {MR, NR, ukernel, 1};
+const dfp_ukernel dfp_ukernel_avx512_vnni = {MR, NR, ukernel};

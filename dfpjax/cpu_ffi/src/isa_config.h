@@ -1,0 +1,38 @@
+/* The per-ISA configuration, XNNPACK style: everything a kernel path brings of its own, as
+ * function pointers chosen once per call (isa.c) and passed down to the portable macro-loops,
+ * which never ask which ISA they run on. The portable path's entries are plain C, so forcing
+ * it runs, and tests, what a CPU without AVX2 would run; the x86 paths share the AVX2 helpers
+ * (pack_avx2.c, encode_avx2.c, quantize_avx2.c) and differ in their microkernels. */
+#ifndef DFPJAX_ISA_CONFIG_H_
+#define DFPJAX_ISA_CONFIG_H_
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "dfp_kernel.h"
+#include "ukernel.h"
+
+typedef struct {
+  /* The microkernel and its MR x NR tile (ukernel.h). */
+  const dfp_ukernel* ukernel;
+  /* Packing (pack.h): the whole pairs of a K block of a panel whose rows are contiguous in k,
+   * or whose rows are contiguous at fixed k. */
+  void (*pack_rows)(const int16_t* src, size_t pairs, size_t row_stride, size_t valid, int width,
+                    uint32_t* out);
+  void (*pack_columns)(const int16_t* src, size_t pairs, size_t col_stride, size_t valid, int width,
+                       int16_t* out);
+  /* The level-0 norm bounds of a packed K block (pack.h). */
+  int (*norm_bounds)(const int16_t* block, size_t kpairs, int width, uint64_t* chunk);
+  /* The float32 output stage of one row (macro.h). */
+  void (*encode_f32)(const int64_t* s, size_t n, int32_t ea, const int32_t* eb, size_t eb_stride,
+                     uint32_t* out);
+  /* Quantization rows (quantize.h). */
+  uint32_t (*max_magnitude)(const float* x, size_t n);
+  void (*quantize_row)(const float* x, size_t n, int32_t e, int32_t limit, int16_t* m);
+} dfp_isa_config;
+
+/* The configuration of a path compiled into this build, else NULL (an unknown index, or an
+ * x86 path on another host). Whether the CPU runs it is dfp_isa_supported's question. */
+const dfp_isa_config* dfp_isa_config_for(dfp_isa isa);
+
+#endif

@@ -1,0 +1,92 @@
+/* The AVX2 entries of packing (pack.h): the panel copies and the level-0 norm bounds. */
+#include <immintrin.h>
+
+#include "pack.h"
+
+/* Rows contiguous in k, six rows (the panels of the 6 x 16 kernels): eight pairs at a time
+ * as a 6 x 8 transpose of 32-bit words. Returns the pairs done, a multiple of eight. */
+static size_t copy_six_rows(const int16_t* src, size_t pairs, size_t row_stride, uint32_t* out) {
+  size_t p = 0;
+  for (; p + 8 <= pairs; p += 8, src += 16, out += 48) {
+    __m256i r[6];
+    for (int i = 0; i < 6; ++i) r[i] = _mm256_loadu_si256((const __m256i*)(src + i * row_stride));
+    /* t: rows (0,1), (2,3), (4,5) interleaved; u: rows 0-3 of pairs (0|4), (1|5), (2|6), (3|7). */
+    const __m256i t0 = _mm256_unpacklo_epi32(r[0], r[1]), t1 = _mm256_unpackhi_epi32(r[0], r[1]);
+    const __m256i t2 = _mm256_unpacklo_epi32(r[2], r[3]), t3 = _mm256_unpackhi_epi32(r[2], r[3]);
+    const __m256i t4 = _mm256_unpacklo_epi32(r[4], r[5]), t5 = _mm256_unpackhi_epi32(r[4], r[5]);
+    const __m256i u[4] = {_mm256_unpacklo_epi64(t0, t2), _mm256_unpackhi_epi64(t0, t2),
+                          _mm256_unpacklo_epi64(t1, t3), _mm256_unpackhi_epi64(t1, t3)};
+    const __m128i rows45[4] = {_mm256_castsi256_si128(t4), _mm256_castsi256_si128(t5),
+                               _mm256_extracti128_si256(t4, 1), _mm256_extracti128_si256(t5, 1)};
+    for (int half = 0; half < 2; ++half)
+      for (int j = 0; j < 4; ++j) {
+        uint32_t* o = out + (half * 4 + j) * 6;
+        const __m128i r03 = half ? _mm256_extracti128_si256(u[j], 1) : _mm256_castsi256_si128(u[j]);
+        const __m128d r45 = _mm_castsi128_pd(rows45[half * 2 + j / 2]);
+        _mm_storeu_si128((__m128i*)o, r03);
+        if (j % 2) _mm_storeh_pd((double*)(o + 4), r45);
+        else _mm_storel_pd((double*)(o + 4), r45);
+      }
+  }
+  return p;
+}
+
+void dfp_pack_rows_avx2(const int16_t* src, size_t pairs, size_t row_stride, size_t valid, int width,
+                        uint32_t* out) {
+  const size_t done = width == 6 && valid == 6 ? copy_six_rows(src, pairs, row_stride, out) : 0;
+  dfp_pack_rows_from(src, done, pairs, row_stride, valid, width, out);
+}
+
+/* Rows contiguous at fixed k: sixteen lanes of two k-rows interleaved into pairs. */
+static inline void interleave16(const int16_t* in0, const int16_t* in1, int16_t* o) {
+  const __m256i x = _mm256_loadu_si256((const __m256i*)in0), y = _mm256_loadu_si256((const __m256i*)in1);
+  const __m256i lo = _mm256_unpacklo_epi16(x, y), hi = _mm256_unpackhi_epi16(x, y);
+  _mm256_storeu_si256((__m256i*)o, _mm256_permute2x128_si256(lo, hi, 0x20));
+  _mm256_storeu_si256((__m256i*)(o + 16), _mm256_permute2x128_si256(lo, hi, 0x31));
+}
+
+void dfp_pack_columns_avx2(const int16_t* src, size_t pairs, size_t col_stride, size_t valid, int width,
+                           int16_t* out) {
+  for (size_t p = 0; p < pairs; ++p) {
+    const int16_t* in0 = src + 2 * p * col_stride;
+    const int16_t* in1 = in0 + col_stride;
+    int16_t* o = out + p * (size_t)width * 2;
+    size_t i = 0;
+    for (; i + 16 <= valid; i += 16) interleave16(in0 + i, in1 + i, o + 2 * i);
+    for (; i < valid; ++i) {
+      o[2 * i] = in0[i];
+      o[2 * i + 1] = in1[i];
+    }
+  }
+}
+
+/* vpmaddwd squares a pair per 32-bit lane, eight lanes at a time. A pair's square s < 2**31
+ * enters the sum as floor(s / 8), so that eight of them fit 32 bits; the block's bound
+ * 8 * sum + 7 * pairs is then at least the exact sum and at most 56 above. */
+int dfp_norm_bounds_avx2(const int16_t* block, size_t kpairs, int width, uint64_t* chunk) {
+  __m256i least = _mm256_set1_epi16(INT16_MAX);
+  for (size_t p0 = 0, blk = 0; p0 < kpairs; p0 += DFP_NORM_BLOCK_PAIRS, ++blk) {
+    const size_t p1 = p0 + DFP_NORM_BLOCK_PAIRS < kpairs ? p0 + DFP_NORM_BLOCK_PAIRS : kpairs;
+    __m256i best = _mm256_setzero_si256();
+    for (int g = 0; g < width; g += 8) {
+      const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(width - g),
+                                              _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+      const int whole = width - g >= 8;
+      __m256i sum = _mm256_setzero_si256();
+      for (size_t p = p0; p < p1; ++p) {
+        const int16_t* at = block + (p * (size_t)width + (size_t)g) * 2;
+        const __m256i v = whole ? _mm256_loadu_si256((const __m256i*)at)
+                                : _mm256_maskload_epi32((const int*)at, mask);
+        least = _mm256_min_epi16(least, v);
+        sum = _mm256_add_epi32(sum, _mm256_srli_epi32(_mm256_madd_epi16(v, v), 3));
+      }
+      best = _mm256_max_epu32(best, sum);
+    }
+    best = _mm256_max_epu32(best, _mm256_permute2x128_si256(best, best, 1));
+    best = _mm256_max_epu32(best, _mm256_shuffle_epi32(best, _MM_SHUFFLE(1, 0, 3, 2)));
+    best = _mm256_max_epu32(best, _mm256_shuffle_epi32(best, _MM_SHUFFLE(2, 3, 0, 1)));
+    chunk[blk] = 8 * (uint64_t)(uint32_t)_mm256_cvtsi256_si32(best) + 7 * (p1 - p0);
+  }
+  const __m256i low = _mm256_cmpeq_epi16(least, _mm256_set1_epi16(INT16_MIN));
+  return !_mm256_testz_si256(low, low);
+}
