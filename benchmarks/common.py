@@ -3,16 +3,24 @@
 from __future__ import annotations
 
 import platform
+import sys
 import time
 
 import jax
 import numpy as np
 
+import dfpjax
+
 WARMUP = 2
 
 
-def cpu_model() -> str:
-  """/proc/cpuinfo's model name, with family and model (VMs often show only "AMD EPYC")."""
+# The CPU flags that decide the kernel path (and XLA's FP32 and PyTorch's bf16 code).
+SIMD_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16",
+              "amx_bf16", "amx_int8")
+
+
+def _cpuinfo() -> dict[str, str]:
+  """The first processor's fields of /proc/cpuinfo (empty where there is none)."""
   fields = {}
   try:
     with open("/proc/cpuinfo") as f:
@@ -23,10 +31,43 @@ def cpu_model() -> str:
         fields[key.strip()] = value.strip()
   except OSError:
     pass
+  return fields
+
+
+def cpu_model() -> str:
+  """/proc/cpuinfo's model name, with family and model (VMs often show only "AMD EPYC")."""
+  fields = _cpuinfo()
   name = fields.get("model name") or platform.processor() or "unknown"
   if "cpu family" in fields and "model" in fields:
     name += f" (family {fields['cpu family']}, model {fields['model']})"
   return name
+
+
+def cpu_flags() -> list[str]:
+  """Which of SIMD_FLAGS the CPU reports."""
+  flags = set(_cpuinfo().get("flags", "").split())
+  return [f for f in SIMD_FLAGS if f in flags]
+
+
+def kernel_paths() -> dict:
+  """``dfpjax.kernel_info()``, or exit with the reason when ``DFPJAX_ISA`` forces a path
+  that does not exist or that this CPU cannot run."""
+  try:
+    info = dfpjax.kernel_info()
+  except ValueError as err:
+    sys.exit(f"error: {err}")
+  if info["selected_isa"] not in info["supported_isas"]:
+    sys.exit(f"error: DFPJAX_ISA={info['selected_isa']} but this CPU runs only "
+             f"{', '.join(info['supported_isas'])}")
+  return info
+
+
+def check_calls_kernel(lowered_text: str, what: str) -> None:
+  """Raises unless the lowered DFP function calls the C kernel (custom calls) and leaves no
+  product (``dot_general``, ``convolution``) to XLA: otherwise its timing would be XLA's."""
+  xla_products = ("stablehlo.dot_general", "stablehlo.convolution")
+  if "stablehlo.custom_call" not in lowered_text or any(p in lowered_text for p in xla_products):
+    raise RuntimeError(f"{what} did not lower to the C kernel; the timing would be XLA's")
 
 
 def time_interleaved(fns, repeats: int) -> list[float]:

@@ -27,8 +27,7 @@ import numpy as np
 from jax import lax
 
 import dfpjax
-from common import WARMUP, cpu_model, time_interleaved
-from dfpjax import cpu_ffi
+from common import WARMUP, check_calls_kernel, cpu_model, kernel_paths, time_interleaved
 
 NHWC = ("NHWC", "HWIO", "NHWC")
 # name: (input spatial size, input channels, window, stride, output channels)
@@ -67,8 +66,7 @@ def measure(name: str, batch: int, repeats: int) -> dict:
   dfp = lambda x, w: dfpjax.dfp_conv_general_dilated(x, w, (stride, stride), padding,
                                                      dimension_numbers=NHWC)
   dy = jax.random.normal(kg, jax.eval_shape(fp32, x, w).shape, jnp.float32)
-  if cpu_ffi.CONV_TARGET not in jax.jit(dfp).lower(x, w).as_text():
-    raise RuntimeError("dfp_conv_general_dilated did not lower to the C kernel")
+  check_calls_kernel(jax.jit(dfp).lower(x, w).as_text(), "dfp_conv_general_dilated")
   fns = _passes(fp32, x, w, dy) + _passes(dfp, x, w, dy)
   times = time_interleaved(fns, repeats)
   out = dy.shape[1]
@@ -100,7 +98,7 @@ def main():
   if unknown:
     parser.error(f"unknown layers {unknown}; choose from {list(LAYERS)}")
 
-  isa = cpu_ffi.selected_isa()
+  isa = kernel_paths()["selected_isa"]
   print(f"# {datetime.datetime.now().isoformat(timespec='seconds')}  {cpu_model()}  "
         f"({os.cpu_count()} CPUs)  jax {jax.__version__}  dfpjax {dfpjax.__version__}  "
         f"kernel path {isa}")

@@ -20,15 +20,13 @@ import argparse
 import datetime
 import json
 import os
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 import dfpjax
-from common import WARMUP, cpu_model, time_interleaved
-from dfpjax import cpu_ffi
+from common import WARMUP, check_calls_kernel, cpu_model, kernel_paths, time_interleaved
 
 DENSE = (((1,), (0,)), ((), ()))
 SHAPES = [(256, 256, 256), (512, 512, 512), (1024, 1024, 1024), (2048, 1024, 1024),
@@ -72,8 +70,7 @@ def measure(m: int, k: int, n: int, repeats: int) -> dict:
   fp32 = jax.jit(jnp.dot)
   dfp = jax.jit(lambda a, b: dfpjax.dfp_dot_general(a, b, DENSE))
   kernel = jax.jit(lambda qa, qb: dfpjax.dfp_dot_general(qa, qb, DENSE))  # pre-quantized
-  if cpu_ffi.DOT_GENERAL_TARGET not in dfp.lower(a, b).as_text():
-    raise RuntimeError("dfp_dot_general did not lower to the C kernel; the timing would be XLA's")
+  check_calls_kernel(dfp.lower(a, b).as_text(), "dfp_dot_general")
   t_fp32, t_dfp, t_kernel = time_interleaved(
       [lambda: fp32(a, b), lambda: dfp(a, b), lambda: kernel(qa, qb)], repeats)
   ref = fp32(a, b)
@@ -109,13 +106,8 @@ def main():
   shapes = args.shapes or (QUICK_SHAPES if args.quick else SHAPES)
   repeats = args.repeats or (QUICK_REPEATS if args.quick else 15)
 
-  try:
-    isa = cpu_ffi.selected_isa()
-  except ValueError as err:
-    sys.exit(f"error: {err}")
-  supported = cpu_ffi.supported_isas()
-  if isa not in supported:
-    sys.exit(f"error: DFPJAX_ISA={isa} but this CPU runs only {supported}")
+  kernel = kernel_paths()
+  isa, supported = kernel["selected_isa"], kernel["supported_isas"]
   peak, peak_note = _peak(isa, args.peak_gops)
   forced = os.environ.get("DFPJAX_ISA")
   facts = dict(date=datetime.datetime.now().isoformat(timespec="seconds"), cpu=cpu_model(),
