@@ -12,41 +12,39 @@ after the timed steps and before profiling) is its own and a crash or --timeout 
   flax-dfp    the same step through ``train.make_dfp_step`` (``dfpjax.dfp_transform``): every
               convolution and matmul in INT16 DFP, forward and backward
   torch-fp32, torch-bf16
-              ResNet-50 only, when PyTorch is importable (``pip install -e ".[bench]"``): a
-              ResNet-50 v1.5 written below (torchvision is not needed), channels_last, SGD with
-              momentum, in FP32 and under bf16 autocast; a reference, not part of dfpjax
+              ResNet-50 only, when PyTorch is importable (``pip install -e ".[bench]"``): the
+              ResNet-50 v1.5 of torch_resnet.py (torchvision is not needed), channels_last, SGD
+              with momentum, in FP32 and under bf16 autocast; a reference, not part of dfpjax
 Images and labels are random (no input pipeline). Each step is timed alone after compilation and
 one warm-up step; the table gives the median over --steps, images/s relative to flax-fp32 of the
 same network and batch in this run, and the CPUs the timed steps kept busy on average (below the
-machine's count when others share it). Progress goes to stderr, the markdown report to stdout.
+machine's count when others share it). Progress goes to stderr, the markdown report to stdout;
+its header gives the CPU, its SIMD flags and the DFP kernel path (``dfpjax.kernel_info``).
 
-The Flax steps are then profiled over --profile-steps more steps with ``jax.profiler.trace``: its
-Chrome-trace JSON has one event per executed HLO instruction (thunk), which the compiled module's
-HLO text (``Compiled.as_text()``) maps to a category; see ``Categorizer``. Shares are of the summed
-time of all instructions, which can exceed the step's wall time when XLA runs independent
-instructions on several threads.
+The Flax steps are then profiled over --profile-steps more steps with ``jax.profiler.trace``, by
+category of HLO instruction (hlo_profile.py). Shares are of the summed time of all instructions,
+which can exceed the step's wall time when XLA runs independent instructions on several threads.
+
+The report ends with one line per network and batch: the DFP step against Flax FP32 and against
+the faster of PyTorch FP32 and bf16 (when those rows exist), with each one's peak memory.
 """
 
 from __future__ import annotations
 
 import argparse
-import collections
 import dataclasses
 import datetime
 import functools
-import glob
-import gzip
 import json
-import math
 import os
-import platform
-import re
 import resource
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+
+import hlo_profile  # plain Python; jax, dfpjax and torch load only in the processes that use them
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NETWORKS = ("resnet50", "resnet18", "googlenet", "vgg16", "alexnet")
@@ -87,192 +85,6 @@ def time_steps(run_step, steps: int) -> dict:
     log(f"  step {i + 1}/{steps}: {times[-1]:.2f} s")
   return {"first_step_s": first, "step_s": times,
           "cpus_used": (cpu_seconds() - cpu_start) / sum(times)}
-
-
-# ------------------------------------------------------------------------------ HLO categories
-
-
-@dataclasses.dataclass
-class Instr:
-  name: str
-  opcode: str
-  dtypes: frozenset[str]  # element types of the result (all of a tuple's)
-  elements: int  # of the first array of the result
-  operands: list[str]
-  op_name: str  # metadata: the JAX name stack and primitive
-  target: str  # custom_call_target
-  called: list[str]  # fusion bodies and reducers: run inside this instruction, not as thunks
-
-
-def _split_type(rest: str) -> tuple[str, str]:
-  """(result type, remainder) of the text after ``name = ``; tuple types nest parentheses."""
-  if not rest.startswith("("):
-    return rest.split(" ", 1)
-  depth = 0
-  for i, ch in enumerate(rest):
-    depth += {"(": 1, ")": -1}.get(ch, 0)
-    if depth == 0:
-      return rest[:i + 1], rest[i + 1:].lstrip()
-  raise ValueError(f"unbalanced type in {rest[:200]!r}")
-
-
-def parse_hlo(text: str) -> tuple[dict[str, Instr], dict[str, list[Instr]]]:
-  """A module's HLO text: its instructions by name, and each computation's instructions."""
-  instrs, computations, computation = {}, collections.defaultdict(list), ""
-  for line in text.splitlines():
-    head = re.match(r"(?:ENTRY )?%([\w.\-]+) .*\{$", line)
-    if head:
-      computation = head.group(1)
-      continue
-    m = re.match(r"\s+(?:ROOT )?%([\w.\-]+) = (.*)$", line)
-    if not m:
-      continue
-    rtype, rest = _split_type(m.group(2))
-    opcode, _, rest = rest.partition("(")
-    args, _, attrs = rest.partition(")")
-    arrays = re.findall(r"([a-z]+\d*)\[([\d,]*)\]", rtype)
-    dims = [int(d) for d in arrays[0][1].split(",") if d] if arrays else []
-    target = re.search(r'custom_call_target="([^"]*)"', attrs)
-    op_name = re.search(r'op_name="([^"]*)"', attrs)
-    ins = Instr(name=m.group(1), opcode=opcode, dtypes=frozenset(t for t, _ in arrays),
-                elements=math.prod(dims), operands=re.findall(r"%([\w.\-]+)", args),
-                op_name=op_name.group(1).split(";")[0] if op_name else "",
-                target=target.group(1) if target else "",
-                called=re.findall(r"(?:calls|to_apply)=%([\w.\-]+)", attrs))
-    instrs[ins.name] = ins
-    computations[computation].append(ins)
-  return instrs, computations
-
-
-FLOATS = {"f32", "bf16", "f16", "f64"}
-DATA_MOVEMENT = {"copy", "transpose", "bitcast", "reshape", "broadcast", "slice", "dynamic-slice",
-                 "dynamic-update-slice", "pad", "concatenate", "reverse", "parameter", "constant",
-                 "tuple", "get-tuple-element", "iota", "fusion"}  # fusion: a fused body's wrapper
-CONTROL = {"conditional", "while", "call"}
-
-
-def pass_of(ins: Instr, kernel_sizes: dict[str, int]) -> str:
-  """forward / backward-data / backward-weights of a product, from its name stack and size.
-
-  JAX names the products its transpose rules write ``.../transpose(jvp(Model))/<module path>/
-  <primitive>``; of a layer's two backward products, the weight gradient is the one with as many
-  elements as the layer's kernel. XLA:CPU drops the name of the weight-gradient convolutions it
-  rewrites (``convolution-window-dilated``): without a name, a product as large as some kernel is
-  taken for a weight gradient.
-  """
-  if not ins.op_name:
-    return "backward-weights" if ins.elements in kernel_sizes.values() else "unnamed"
-  if "transpose(" not in ins.op_name:
-    return "forward"
-  scopes = [s for s in ins.op_name.split("/") if "(" not in s]
-  for start in range(len(scopes)):
-    for stop in range(len(scopes), start, -1):
-      size = kernel_sizes.get("/".join(scopes[start:stop]))
-      if size is not None:
-        return "backward-weights" if ins.elements == size else "backward-data"
-  return "backward"
-
-
-class Categorizer:
-  """The category of each executed instruction, from the module's HLO (first rule that applies):
-
-  * ``quantization: <forward or backward>``: a custom call to dfpjax's quantization kernel
-    (``dfpjax_quantize``); XLA code that reads floating point and writes INT16 (rounding to
-    mantissas, with whatever XLA fused into it); a max-reduction to one element (a per-tensor
-    abs-max) and what feeds only such reductions (``|x|``).
-  * ``DFP kernel: <pass>``: a custom call to one of dfpjax's other targets (``dfpjax_*``).
-  * ``INT16 data movement``: INT16 in or out and no float input: patches, pads, layout copies.
-  * ``XLA conv: <pass>``, ``XLA dot: <pass>``: contains a float convolution / dot.
-  * ``pooling`` (reduce-window, select-and-scatter), ``reductions`` (other reduces).
-  * ``scalars and control flow``: conditionals, loops, and results of at most 16 elements (DFP's
-    exponent arithmetic, the step counter, RNG keys).
-  * ``transposes and copies``: nothing but data movement; ``elementwise fusions``: the rest.
-  """
-
-  def __init__(self, hlo_text: str, kernel_sizes: dict[str, int]):
-    self.instrs, self.computations = parse_hlo(hlo_text)
-    self.kernel_sizes = kernel_sizes
-    self._body = {}
-    users = collections.defaultdict(list)
-    for ins in self.instrs.values():
-      for o in ins.operands:
-        users[o].append(ins)
-    self.amax_inputs = {name for name, us in users.items() if all(map(self._is_amax, us))}
-
-  def body(self, ins: Instr) -> frozenset[str]:
-    """Opcodes of the computations ``ins`` runs inside itself (fusion bodies, reducers)."""
-    if ins.name not in self._body:
-      self._body[ins.name] = frozenset().union(*(
-          {i.opcode for i in self.computations[c]} | self.body_of(c) for c in ins.called))
-    return self._body[ins.name]
-
-  def body_of(self, computation: str) -> frozenset[str]:
-    return frozenset().union(*(self.body(i) for i in self.computations[computation]))
-
-  def _is_amax(self, ins: Instr) -> bool:
-    ops = self.body(ins) | {ins.opcode}
-    return ins.elements == 1 and "reduce" in ops and "maximum" in ops
-
-  @staticmethod
-  def quantization(ins: Instr) -> str:
-    return f"quantization: {'backward' if 'transpose(' in ins.op_name else 'forward'}"
-
-  def __call__(self, name: str) -> str:
-    ins = self.instrs[name]
-    if ins.target == "dfpjax_quantize":
-      return self.quantization(ins)
-    if ins.target.startswith("dfpjax"):
-      return f"DFP kernel: {pass_of(ins, self.kernel_sizes)}"
-    operand_types = frozenset().union(*(self.instrs[o].dtypes for o in ins.operands
-                                        if o in self.instrs))
-    if "s16" in ins.dtypes | operand_types:
-      return self.quantization(ins) if operand_types & FLOATS else "INT16 data movement"
-    ops = self.body(ins) | {ins.opcode}
-    if "convolution" in ops:
-      return f"XLA conv: {pass_of(ins, self.kernel_sizes)}"
-    if "dot" in ops:
-      return f"XLA dot: {pass_of(ins, self.kernel_sizes)}"
-    if ops & {"reduce-window", "select-and-scatter"}:
-      return "pooling"
-    if self._is_amax(ins) or name in self.amax_inputs:
-      return self.quantization(ins)
-    if "reduce" in ops:
-      return "reductions"
-    if ins.opcode in CONTROL or ins.elements <= 16:
-      return "scalars and control flow"
-    if ops <= DATA_MOVEMENT:
-      return "transposes and copies"
-    return "elementwise fusions"
-
-
-def profile_categories(trace_dir: str, hlo_text: str, kernel_sizes: dict[str, int],
-                       steps: int) -> dict[str, float]:
-  """Milliseconds per step by category, from the self times of the traced HLO instructions."""
-  module = re.match(r"HloModule (\S+?),", hlo_text).group(1)
-  path, = glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"), recursive=True)
-  with gzip.open(path) as f:
-    events = [e for e in json.load(f)["traceEvents"]
-              if e.get("ph") == "X" and e.get("args", {}).get("hlo_module") == module]
-  # Instructions nest (a conditional's branches run inside it): keep each one's self time.
-  self_us = collections.Counter()
-  by_thread = collections.defaultdict(list)
-  for e in events:
-    by_thread[e["tid"]].append(e)
-  for thread in by_thread.values():
-    thread.sort(key=lambda e: (e["ts"], -e["dur"]))
-    stack = []
-    for e in thread:
-      while stack and stack[-1]["ts"] + stack[-1]["dur"] <= e["ts"]:
-        stack.pop()
-      if stack:
-        self_us[stack[-1]["args"]["hlo_op"]] -= e["dur"]
-      self_us[e["args"]["hlo_op"]] += e["dur"]
-      stack.append(e)
-  categorize = Categorizer(hlo_text, kernel_sizes)
-  ms = collections.Counter()
-  for name, us in self_us.items():
-    ms[categorize(name) if name in categorize.instrs else "other"] += us / 1e3 / steps
-  return dict(ms)
 
 
 # ------------------------------------------------------------------------------------- workers
@@ -336,64 +148,19 @@ def flax_worker(spec: dict, save) -> None:
         for _ in range(spec["profile_steps"]):
           run_step()
         result["profiled_step_s"] = (time.perf_counter() - start) / spec["profile_steps"]
-      result["profile_ms"] = profile_categories(trace_dir, hlo, kernel_sizes,
-                                                spec["profile_steps"])
+      result["profile_ms"] = hlo_profile.profile_categories(trace_dir, hlo, kernel_sizes,
+                                                            spec["profile_steps"])
       save(result)
 
 
-def torch_resnet50(nn):
-  """ResNet-50 v1.5 (stride on the 3x3 conv), torchvision's layout: 25,557,032 parameters."""
-
-  class Bottleneck(nn.Module):
-    def __init__(self, cin, width, stride):
-      super().__init__()
-      cout = 4 * width
-      self.body = nn.Sequential(
-          nn.Conv2d(cin, width, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True),
-          nn.Conv2d(width, width, 3, stride, 1, bias=False), nn.BatchNorm2d(width),
-          nn.ReLU(inplace=True), nn.Conv2d(width, cout, 1, bias=False), nn.BatchNorm2d(cout))
-      self.proj = (nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-                   if stride != 1 or cin != cout else nn.Identity())
-
-    def forward(self, x):
-      return (self.body(x) + self.proj(x)).relu_()
-
-  layers = [nn.Conv2d(3, 64, 7, 2, 3, bias=False), nn.BatchNorm2d(64), nn.ReLU(inplace=True),
-            nn.MaxPool2d(3, 2, 1)]
-  cin = 64
-  for stage, blocks in enumerate((3, 4, 6, 3)):
-    for block in range(blocks):
-      layers.append(Bottleneck(cin, 64 * 2**stage, 2 if stage and not block else 1))
-      cin = 256 * 2**stage
-  layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2048, NUM_CLASSES)]
-  return nn.Sequential(*layers)
-
-
 def torch_worker(spec: dict, save) -> None:
-  import torch
+  import torch_resnet
 
-  torch.manual_seed(0)
-  model = torch_resnet50(torch.nn).to(memory_format=torch.channels_last).train()
-  # The examples' recipe: SGD, momentum 0.9, weight decay 1e-4 (here on every parameter).
-  opt = torch.optim.SGD(model.parameters(), lr=0.1 * spec["batch"] / 256, momentum=0.9,
-                        weight_decay=1e-4)
-  x = torch.randn(spec["batch"], 3, spec["image_size"], spec["image_size"]).to(
-      memory_format=torch.channels_last)
-  y = torch.randint(0, NUM_CLASSES, (spec["batch"],))
-  bf16 = spec["mode"] == "torch-bf16"
-
-  def run_step():
-    opt.zero_grad(set_to_none=True)
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-      loss = torch.nn.functional.cross_entropy(model(x), y)
-    loss.backward()
-    opt.step()
-
+  run_step, note = torch_resnet.make_train_step(spec["batch"], spec["image_size"], NUM_CLASSES,
+                                                bf16=spec["mode"] == "torch-bf16")
   result = time_steps(run_step, spec["steps"])
   result["peak_rss"] = peak_rss_bytes()
-  params = sum(p.numel() for p in model.parameters())
-  result["note"] = (f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
-                    f"{params:,} parameters")
+  result["note"] = note
   save(result)
 
 
@@ -419,20 +186,18 @@ def run_config(spec: dict, timeout: float) -> dict:
 
 
 def machine_header(torch_note: str) -> str:
+  """The machine and software facts that a reader needs to weigh the numbers."""
   import jax
-  cpu = {}
-  with open("/proc/cpuinfo") as f:
-    for line in f:
-      if not line.strip():
-        break
-      key, _, value = line.partition(":")
-      cpu[key.strip()] = value.strip()
+  from common import cpu_flags, cpu_model, kernel_paths  # loads dfpjax: not in the workers' way
+  kernel = kernel_paths()
+  forced = f" (DFPJAX_ISA={os.environ['DFPJAX_ISA']})" if os.environ.get("DFPJAX_ISA") else ""
   git = lambda *a: subprocess.run(["git", *a], cwd=REPO, capture_output=True, text=True).stdout
   dirty = " (working tree modified)" if git("status", "--porcelain", "--untracked-files=no") else ""
-  return (f"{datetime.date.today()}, {cpu.get('model name', platform.processor())} (family "
-          f"{cpu.get('cpu family', '?')}, model {cpu.get('model', '?')}), {os.cpu_count()} CPUs, "
-          f"load average {os.getloadavg()[0]:.1f} at the start, jax {jax.__version__}, dfpjax at "
-          f"{git('rev-parse', '--short', 'HEAD').strip()}{dirty}; {torch_note}")
+  return (f"{datetime.date.today()}, {cpu_model()}, {os.cpu_count()} CPUs, flags "
+          f"{' '.join(cpu_flags()) or '(no AVX2 or later)'}, DFP kernel path "
+          f"{kernel['selected_isa']}{forced}, load average {os.getloadavg()[0]:.1f} at the start, "
+          f"jax {jax.__version__}, dfpjax at {git('rev-parse', '--short', 'HEAD').strip()}{dirty}; "
+          f"{torch_note}")
 
 
 def summary_table(rows: list[dict]) -> str:
@@ -473,6 +238,37 @@ def profile_table(rows: list[dict]) -> str:
   lines.append("| sum of instruction times | " + " | ".join(f"{t:.0f}" for t in totals) + " |")
   lines.append("| wall time of a profiled step | " + " | ".join(
       f"{1e3 * r['profiled_step_s']:.0f}" for r in profiled) + " |")
+  return "\n".join(lines)
+
+
+def comparison_table(rows: list[dict]) -> str:
+  """Per network and batch: the DFP step against Flax FP32 and the faster PyTorch step.
+
+  Speed-ups are the other step's median time over DFP's (> 1: DFP faster); PyTorch's is that of
+  whichever of FP32 and bf16 autocast was faster, named in the cell.
+  """
+  ok = {(r["network"], r["batch"], r["mode"]): r for r in rows if "step_s" in r}
+  keys = list(dict.fromkeys((r["network"], r["batch"]) for r in rows))
+  lines = ["| network | batch | DFP s/step | vs Flax FP32 | vs PyTorch (faster of FP32, bf16) | "
+           "peak RSS GiB: DFP / Flax FP32 / PyTorch |", "|---|---|---|---|---|---|"]
+  median = lambda r: statistics.median(r["step_s"])
+  gib = lambda r: f"{r['peak_rss'] / 2**30:.2f}" if r else "n/a"
+  for network, batch in keys:
+    dfp = ok.get((network, batch, "flax-dfp"))
+    if dfp is None:
+      why = next((r.get("error", "") for r in rows
+                  if (r["network"], r["batch"], r["mode"]) == (network, batch, "flax-dfp")),
+                 "not run")
+      lines.append(f"| {network} | {batch} | DFP {why} | | | |")
+      continue
+    fp32 = ok.get((network, batch, "flax-fp32"))
+    torch_rows = [ok[k] for k in ((network, batch, m) for m in TORCH_MODES) if k in ok]
+    torch = min(torch_rows, key=median, default=None)
+    vs_fp32 = f"{median(fp32) / median(dfp):.2f}x" if fp32 else "n/a"
+    vs_torch = (f"{median(torch) / median(dfp):.2f}x ({torch['mode'].split('-')[1]}, "
+                f"{median(torch):.2f} s)" if torch else "n/a")
+    lines.append(f"| {network} | {batch} | {median(dfp):.2f} | {vs_fp32} | {vs_torch} | "
+                 f"{gib(dfp)} / {gib(fp32)} / {gib(torch)} |")
   return "\n".join(lines)
 
 
@@ -540,6 +336,8 @@ def main(argv=None) -> None:
   if profiles:
     print(f"\nProfile, ms per step by category (self time of HLO instructions, "
           f"{args.profile_steps} traced step(s)):\n\n{profiles}")
+  print(f"\nDFP against the references (speed-up = their s/step / DFP's, > 1: DFP faster):\n\n"
+        f"{comparison_table(rows)}")
 
 
 if __name__ == "__main__":

@@ -31,7 +31,6 @@ import argparse
 import collections
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -40,6 +39,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
+
+from common import cpu_model, kernel_paths
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from examples.imagenet import train  # pylint: disable=wrong-import-position
@@ -152,8 +153,9 @@ def main(argv=None):
   parser.add_argument("--calls", type=int, default=300)
   parser.add_argument("--json", help="also write the rows here")
   args = parser.parse_args(argv)
-  print(f"# {platform.machine()}, {os.cpu_count()} CPUs, load average "
-        f"{os.getloadavg()[0]:.1f}, jax {jax.__version__}, {args.calls} calls per step")
+  print(f"# {cpu_model()}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}, "
+        f"jax {jax.__version__}, DFP kernel path {kernel_paths()['selected_isa']}, "
+        f"{args.calls} calls per step")
   print("| network | state arrays | step | Python calls | dispatch (us) | DFP / FP32 | "
         "step (us) | DFP / FP32 |")
   print("|---|---|---|---|---|---|---|---|")
