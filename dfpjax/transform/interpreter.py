@@ -29,6 +29,7 @@ them, possibly after the trace that owned the key has ended.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable
 
 import jax
@@ -43,6 +44,7 @@ from jax._src.hijax import call_hi_primitive_p
 from jax._src.interpreters import ad
 from jax._src.interpreters import partial_eval as pe
 from jax._src.lax.control_flow.common import _merge_common_consts
+from jax._src.lax.lax import ragged_dot_general_p
 from jax._src.shard_map import shard_map_p
 from jax._src.sharding_impls import UNSPECIFIED
 from jax._src.tree_util import FlatTree
@@ -51,6 +53,7 @@ from jax.extend.core import primitives as prims
 import dfpjax
 from dfpjax.numerics import floatbits
 from dfpjax.numerics.config import DFPConfig
+from dfpjax.transform import recording
 from dfpjax.transform.names import is_backward, module_path
 
 NameStack = source_info_util.NameStack
@@ -77,6 +80,9 @@ class SiteRecord:
     mode: ``"dfp"`` (rewritten), ``"float"`` (kept in floating point) or ``"unchanged"``
       (operands not floating point, nothing to rewrite).
     reason: why.
+    gradient: for a product that JAX or a DFP op derived from a site when differentiating
+      it, ``"data"`` (the gradient of the site's lhs) or ``"weights"`` (of its rhs);
+      None for the site's own product, or when ``report`` cannot tell which.
   """
   index: int | None
   primitive: str
@@ -88,19 +94,20 @@ class SiteRecord:
   direction: str
   mode: str
   reason: str
+  gradient: str | None = None
+
+  @property
+  def role(self) -> str:
+    """``"forward"``, ``"backward"``, ``"backward-data"`` or ``"backward-weights"``."""
+    return self.direction if self.gradient is None else f"backward-{self.gradient}"
 
 
 @dataclasses.dataclass
 class Context:
   """What one interpretation rewrites (``config``), and what it has met so far."""
   config: DFPConfig
-  records: list[SiteRecord] | None = None  # collected for ``report`` when a list
+  recorder: recording.Recorder | None = None  # set while ``report``/``diagnose`` trace
   rewrites: dict | None = None  # sub-computations rewritten by earlier calls (``_rewrite``)
-  num_sites: int = 0
-
-  def new_site(self) -> int:
-    self.num_sites += 1
-    return self.num_sites - 1
 
 
 class _Counter:
@@ -197,6 +204,8 @@ def _eval_eqn(ctx, eqn, invals, scope):
   prim = eqn.primitive
   if prim in _SITE_PRIMITIVES:
     return _site(ctx, eqn, invals, scope)
+  if prim is ragged_dot_general_p:
+    return _unrewritten_product(ctx, eqn, invals, scope)
   rule = _HIGHER_ORDER_RULES.get(prim)
   if rule is not None:
     return rule(ctx, eqn, invals, scope)
@@ -214,45 +223,79 @@ _SITE_PRIMITIVES = {prims.dot_general_p: "dot_general",
 
 def _site(ctx: Context, eqn, invals, scope: Scope):
   op = _SITE_PRIMITIVES[eqn.primitive]
-  lhs, rhs = invals
   avals = [core.typeof(x) for x in invals]
   floating = all(jnp.issubdtype(a.dtype, jnp.floating) for a in avals)
-  index = ctx.new_site() if floating else None
   number = scope.sites.next() if floating else None
   path = module_path(scope.name_stack)
+  config = ctx.config
   if not floating:
     mode, reason = "unchanged", "operands are not floating point"
-  elif op not in ctx.config.ops:
+  elif op not in config.ops:
     mode, reason = "float", f"{op} is not in config.ops"
-  elif ctx.config.keeps_float(path):
+  elif config.keeps_float(path):
     mode, reason = "float", "path matches config.keep_float"
   elif scope.keep_reason is not None:
     mode, reason = "float", scope.keep_reason
   else:
     mode, reason = "dfp", "rewritten"
-  out_aval = eqn.outvars[0].aval
-  out_dtype = np.dtype(out_aval.dtype)
-  if ctx.records is not None:
-    ctx.records.append(SiteRecord(
-        index, op, tuple(a.shape for a in avals), tuple(np.dtype(a.dtype) for a in avals),
-        out_dtype, tuple(out_aval.shape), path,
-        "backward" if is_backward(scope.name_stack) else "forward", mode, reason))
-  if mode != "dfp":
-    return eqn.primitive.bind(*invals, **eqn.params)
-  for a in avals:
-    if np.dtype(a.dtype) not in floatbits.FORMATS:
-      raise TypeError(f"dfp_transform: {op} at {path or '<top>'!r} has a {a.dtype} operand; DFP "
-                      "quantizes float32, bfloat16 and float16 only. Keep the site in float "
-                      "with DFPConfig(keep_float=...).")
-  key = None if scope.key is None else jax.random.fold_in(scope.key, number)
-  p = eqn.params
+  if mode == "dfp":
+    for a in avals:
+      if np.dtype(a.dtype) not in floatbits.FORMATS:
+        raise TypeError(f"dfp_transform: {op} at {path or '<top>'!r} has a {a.dtype} operand; "
+                        "DFP quantizes float32, bfloat16 and float16 only. Keep the site in "
+                        "float with DFPConfig(keep_float=...).")
+    key = None if scope.key is None else jax.random.fold_in(scope.key, number)
+    product = functools.partial(_dfp_product, op, eqn.params, np.dtype(eqn.outvars[0].aval.dtype),
+                                config, key)
+  else:
+    product = functools.partial(eqn.primitive.bind, **eqn.params)
+  return _recorded(ctx, eqn, invals, scope, product, op, mode, reason)
+
+
+def _dfp_product(op, p, out_dtype, config, key, lhs, rhs):
   if op == "dot_general":
     return dfpjax.dfp_dot_general(lhs, rhs, p["dimension_numbers"], p["precision"], out_dtype,
-                                  config=ctx.config, key=key)
+                                  config=config, key=key)
   return dfpjax.dfp_conv_general_dilated(
       lhs, rhs, p["window_strides"], p["padding"], p["lhs_dilation"], p["rhs_dilation"],
       p["dimension_numbers"], p["feature_group_count"], p["batch_group_count"],
-      p["precision"], out_dtype, config=ctx.config, key=key)
+      p["precision"], out_dtype, config=config, key=key)
+
+
+_RAGGED = ("dfp_transform does not rewrite ragged_dot: its groups are runtime sizes, so a "
+           "group-wise DFP product would need one exponent per group")
+
+
+def _unrewritten_product(ctx, eqn, invals, scope: Scope):
+  """A floating product that ``dfp_transform`` does not rewrite: runs as it is, listed by
+  ``report``."""
+  avals = [core.typeof(x) for x in invals]
+  floating = all(jnp.issubdtype(a.dtype, jnp.floating) for a in avals[:2])
+  if floating:
+    scope.sites.next()
+  mode, reason = ("float", _RAGGED) if floating else ("unchanged", "operands are not floating point")
+  product = functools.partial(eqn.primitive.bind, **eqn.params)
+  return _recorded(ctx, eqn, invals, scope, product, eqn.primitive.name, mode, reason)
+
+
+def _recorded(ctx, eqn, invals, scope: Scope, product, op, mode, reason):
+  """``product(*invals)``; while recording, also the site's record, under its tag (see
+  ``recording``)."""
+  recorder = ctx.recorder
+  if recorder is None:
+    return product(*invals)
+  avals = [core.typeof(x) for x in invals]
+  out_aval = eqn.outvars[0].aval
+  record = SiteRecord(
+      len(recorder.records) if mode != "unchanged" else None, op,
+      tuple(a.shape for a in avals), tuple(np.dtype(a.dtype) for a in avals),
+      np.dtype(out_aval.dtype), tuple(out_aval.shape), module_path(scope.name_stack),
+      "backward" if is_backward(scope.name_stack) else "forward", mode, reason)
+  number = recorder.add(record, eqn.params, ctx.config)
+  with recording.tag(number):
+    if mode == "dfp" and recorder.probe is not None:
+      return recording.probe(recorder, number, product, *invals)
+    return product(*invals)
 
 
 # ---------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from jax._src import source_info_util  # NameStack frames; JAX is pinned
 
+NameStack = source_info_util.NameStack
 Scope = source_info_util.Scope
 Transform = source_info_util.Transform
 
