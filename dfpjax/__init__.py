@@ -3,13 +3,13 @@
 Layers (each imports only the ones above it):
   numerics    the DFP contract: DFPConfig, quantize/dequantize (docs/numerics.md)
   primitives  exact DFP dot_general and conv_general_dilated; cpu_ffi is their C kernel
-  transform   dfp_transform: run any JAX/Flax function's products in DFP; report
+  transform   dfp_transform: run any JAX/Flax function's products in DFP; report, diagnose
 """
 
 from dfpjax.numerics import DFPConfig, DFPTensor, QuantConfig, dequantize, quantize
 from dfpjax.primitives import dfp_conv_general_dilated, dfp_dot_general
-from dfpjax.transform import dfp_transform, report
+from dfpjax.transform import diagnose, dfp_transform, report
 
 __all__ = ["DFPConfig", "QuantConfig", "DFPTensor", "quantize", "dequantize", "dfp_dot_general",
-           "dfp_conv_general_dilated", "dfp_transform", "report"]
+           "dfp_conv_general_dilated", "dfp_transform", "report", "diagnose"]
 __version__ = "0.1.0"
