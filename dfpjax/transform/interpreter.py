@@ -5,7 +5,9 @@
 traceback) and context, except
 
 * the DFP sites, floating ``dot_general`` and ``conv_general_dilated``, which become
-  ``dfp_dot_general`` / ``dfp_conv_general_dilated`` unless the config keeps them;
+  ``dfp_dot_general`` / ``dfp_conv_general_dilated`` unless the config keeps them, and
+  ``ragged_dot_general``, which runs as it is; while ``report`` or ``diagnose`` records
+  (``recording``), each is also recorded and bound under its own named scope;
 * higher-order primitives, whose sub-jaxprs are rewritten by this same interpreter and
   bound again, one rule per primitive (``_HIGHER_ORDER_RULES``);
 * a ``jax.custom_vjp`` staged as a hijax ``call_hi_primitive`` (under
@@ -262,8 +264,8 @@ def _dfp_product(op, p, out_dtype, config, key, lhs, rhs):
       p["precision"], out_dtype, config=config, key=key)
 
 
-_RAGGED = ("dfp_transform does not rewrite ragged_dot: its groups are runtime sizes, so a "
-           "group-wise DFP product would need one exponent per group")
+_RAGGED = ("dfp_transform does not rewrite ragged_dot: the DFP ops have no exact group-wise "
+           "(ragged) integer product")
 
 
 def _unrewritten_product(ctx, eqn, invals, scope: Scope):
