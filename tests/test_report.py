@@ -161,3 +161,36 @@ def test_ragged_dot_is_run_as_it_is_and_listed_as_float():
   assert {(r.primitive, r.mode) for r in grads} == {("ragged_dot_general", "float")}
   assert {r.role for r in grads} >= {"forward", "backward-weights"}
   assert all("does not rewrite ragged_dot" in r.reason for r in grads)
+
+
+@jax.custom_vjp
+def half_grad_matmul(x, w):
+  return x @ w
+
+
+def _half_fwd(x, w):
+  return x @ w, (x, w)
+
+
+def _half_bwd(res, g):
+  x, w = res
+  return (g @ w.T) / 2, (x.T @ g) / 2
+
+
+half_grad_matmul.defvjp(_half_fwd, _half_bwd)
+
+
+@pytest.mark.parametrize("remat", [False, True])
+def test_a_custom_vjp_bwd_lists_its_own_backward_sites(remat):
+  """The products of a user's bwd are sites of their own, in the backward pass, also
+  where a remat traces that pass afresh (its name stack starts anew there)."""
+  x = jax.random.normal(jax.random.key(9), (4, 3))
+  w = jax.random.normal(jax.random.key(10), (3, 2))
+  matmul = jax.checkpoint(half_grad_matmul) if remat else half_grad_matmul
+  f = dfp_transform(lambda w, x: jnp.sum(jnp.tanh(matmul(x, w))))
+  records = report(jax.grad(f, argnums=(0, 1)), w, x)
+  assert [(r.role, r.out_shape, r.reason) for r in records] == [
+      ("forward", (4, 2), "rewritten"), ("backward", (4, 3), "rewritten"),
+      ("backward", (3, 2), "rewritten")]
+  rows = dfpjax.diagnose(jax.grad(f, argnums=(0, 1)), w, x)
+  assert [(d.role, d.calls) for d in rows] == [("forward", 1), ("backward", 1), ("backward", 1)]

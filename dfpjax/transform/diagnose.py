@@ -7,6 +7,7 @@ import dataclasses
 from typing import Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax import lax
 from jax.extend.core import jaxpr_as_fun
@@ -24,7 +25,9 @@ class SiteDiagnosis:
 
   Attributes:
     index, primitive, path, role: the product's ``report`` record (``role`` is its pass).
-    calls: how often it ran (once per loop iteration, vmapped example, rematerialization).
+    calls: how often it ran (once per loop iteration, vmapped example, rematerialization);
+      0 when it did not run on this batch (an untaken ``cond`` branch): then ``rel_error``
+      is NaN and the per-operand tuples are empty.
     rel_error: ``||y_dfp - y_float|| / ||y_float||`` over all calls, in float64, where
       ``y_float`` is the float64 product (or gradient) of the float operands it was given.
     exponents: per operand, the (smallest, largest) exponent it was quantized with.
@@ -50,10 +53,10 @@ class Diagnosis(list):
               "underflow")
     rows = [header] + [
         (str(d.index), d.primitive, d.role, d.path or "<top>", str(d.calls),
-         f"{d.rel_error:.2e}",
-         " ".join(str(lo) if lo == hi else f"{lo}..{hi}" for lo, hi in d.exponents),
-         " ".join(f"{u:.3f}" for u in d.mantissa_use),
-         " ".join(f"{u:.2e}" for u in d.underflow)) for d in self]
+         "-" if not d.calls else f"{d.rel_error:.2e}",
+         " ".join(str(lo) if lo == hi else f"{lo}..{hi}" for lo, hi in d.exponents) or "-",
+         " ".join(f"{u:.3f}" for u in d.mantissa_use) or "-",
+         " ".join(f"{u:.2e}" for u in d.underflow) or "-") for d in self]
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
@@ -103,6 +106,8 @@ def diagnose(fn: Callable, *args, config: DFPConfig | None = None, **kwargs) -> 
 
 def _measure(site, params, config: DFPConfig, gradient, runs):
   """(calls, rel_error, exponents, mantissa_use, underflow) of one product over its runs."""
+  if not runs:
+    return 0, float("nan"), (), (), ()
   err2 = ref2 = 0.0
   stats = [_OperandStats(), _OperandStats()]
   for arrays in runs:
@@ -141,7 +146,7 @@ class _OperandStats:
     cfg = dataclasses.replace(cfg, rounding="nearest",
                               granularity="channel" if axis is not None and
                               cfg.granularity == "channel" else "tensor")
-    t = quantize_with(jax.numpy.asarray(x), cfg, axis=axis)
+    t = quantize_with(jnp.asarray(x), cfg, axis=axis)
     m, e = np.asarray(t.mantissa).astype(np.int64), np.asarray(t.exponent)
     finite = e[e != NONFINITE_EXPONENT]
     if finite.size:
@@ -153,6 +158,8 @@ class _OperandStats:
     self.zeroed += int((nonzero & (m == 0)).sum())
 
   def exponents(self):
+    """(smallest, largest) finite exponent; ``NONFINITE_EXPONENT`` twice when every call's
+    operand held a NaN or an Inf."""
     return (self.lo, self.hi) if self.lo is not None else (NONFINITE_EXPONENT,) * 2
 
   def underflow(self):
@@ -172,7 +179,7 @@ def _channel_axis(primitive, params, ndim, side):
 def _float64_product(primitive, params, lhs, rhs):
   """The site's product of ``lhs`` and ``rhs`` in float64."""
   with jax.enable_x64(True):
-    lhs, rhs = (jax.numpy.asarray(x, np.float64) for x in (lhs, rhs))
+    lhs, rhs = (jnp.asarray(x, np.float64) for x in (lhs, rhs))
     if primitive == "dot_general":
       return lax.dot_general(lhs, rhs, params["dimension_numbers"],
                              preferred_element_type=np.float64)

@@ -248,13 +248,13 @@ def _site(ctx: Context, eqn, invals, scope: Scope):
                         "float with DFPConfig(keep_float=...).")
     key = None if scope.key is None else jax.random.fold_in(scope.key, number)
     product = functools.partial(_dfp_product, op, eqn.params, np.dtype(eqn.outvars[0].aval.dtype),
-                                config, key)
-  else:
-    product = functools.partial(eqn.primitive.bind, **eqn.params)
+                                config)
+    return _recorded(ctx, eqn, [*invals, key], scope, product, op, mode, reason)
+  product = functools.partial(eqn.primitive.bind, **eqn.params)
   return _recorded(ctx, eqn, invals, scope, product, op, mode, reason)
 
 
-def _dfp_product(op, p, out_dtype, config, key, lhs, rhs):
+def _dfp_product(op, p, out_dtype, config, lhs, rhs, key):
   if op == "dot_general":
     return dfpjax.dfp_dot_general(lhs, rhs, p["dimension_numbers"], p["precision"], out_dtype,
                                   config=config, key=key)
@@ -280,24 +280,29 @@ def _unrewritten_product(ctx, eqn, invals, scope: Scope):
   return _recorded(ctx, eqn, invals, scope, product, eqn.primitive.name, mode, reason)
 
 
-def _recorded(ctx, eqn, invals, scope: Scope, product, op, mode, reason):
-  """``product(*invals)``; while recording, also the site's record, under its tag (see
-  ``recording``)."""
+def _recorded(ctx, eqn, operands, scope: Scope, product, op, mode, reason):
+  """``product(*operands)``; while recording, also the site's record, under its tag (see
+  ``recording``). A DFP product's operands end with its key (or None).
+
+  A site in a custom rule that JAX runs in the backward pass (a custom_vjp's bwd) has
+  the transpose frame in JAX's name stack, not in ``scope``'s: either makes it backward.
+  """
   recorder = ctx.recorder
   if recorder is None:
-    return product(*invals)
-  avals = [core.typeof(x) for x in invals]
+    return product(*operands)
+  avals = [core.typeof(x) for x in operands[:len(eqn.invars)]]
   out_aval = eqn.outvars[0].aval
+  backward = is_backward(scope.name_stack) or is_backward(source_info_util.current_name_stack())
   record = SiteRecord(
       len(recorder.records) if mode != "unchanged" else None, op,
       tuple(a.shape for a in avals), tuple(np.dtype(a.dtype) for a in avals),
       np.dtype(out_aval.dtype), tuple(out_aval.shape), module_path(scope.name_stack),
-      "backward" if is_backward(scope.name_stack) else "forward", mode, reason)
+      "backward" if backward else "forward", mode, reason)
   number = recorder.add(record, eqn.params, ctx.config)
   with recording.tag(number):
-    if mode == "dfp" and recorder.probe is not None:
-      return recording.probe(recorder, number, product, *invals)
-    return product(*invals)
+    if mode == "dfp":
+      return recording.wrap(recorder, number, product, *operands)
+    return product(*operands)
 
 
 # ---------------------------------------------------------------------------------------

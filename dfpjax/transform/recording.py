@@ -4,9 +4,9 @@ While a :class:`Recorder` is active (``recording``), every ``dfp_transform`` cal
 runs records each site it meets and binds the site inside a ``jax.named_scope`` that
 names the record (``tag``). The scope is part of the name stack of every equation the
 site produces, forward and, when JAX differentiates it, backward, so the traced program
-tells which of its products came from which site (``report.sites_of``). For
-``diagnose`` a DFP site is also wrapped in ``probe``, which passes the operands and
-results of its forward and backward products to the host.
+tells which of its products came from which site (``report.sites_of``). A DFP site is
+also wrapped (``wrap``) so that its backward products carry a scope of their own and,
+for ``diagnose``, its operands and results are passed to the host.
 
 Recording changes the trace context, so that no trace cached by ``jax.jit`` outside
 the recording is reused (it would hold no records) and none made inside is reused
@@ -17,10 +17,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import itertools
 import re
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 from jax._src import config as jax_config
@@ -30,7 +29,8 @@ from dfpjax.primitives.operands import classic_custom_vjp
 from dfpjax.transform.names import Scope
 
 _TAG = "dfpjax_site{}"
-_TAG_PATTERN = re.compile(r"dfpjax_site(\d+)$")
+_GRADIENT_TAG = "dfpjax_site{}_gradient"
+_TAG_PATTERN = re.compile(r"dfpjax_site(\d+)(_gradient)?$")
 
 # Part of JAX's trace context: one fresh value per recording, so that jit's trace caches
 # neither answer a recording with a trace made outside it nor keep its traces for later.
@@ -86,42 +86,48 @@ def tag(number: int):
   return jax.named_scope(_TAG.format(number))
 
 
-def site_number(name_stack) -> int | None:
-  """The number of the innermost site scope in ``name_stack``, or None."""
-  for frame in reversed(name_stack.stack):
-    match = isinstance(frame, Scope) and _TAG_PATTERN.match(frame.name)
-    if match:
-      return int(match.group(1))
-  return None
+def site_of(name_stack) -> tuple[int, bool] | None:
+  """The innermost site scope in ``name_stack``: the site's number, and whether the
+  stack also holds that site's gradient scope (``wrap``; JAX may repeat the outer scopes
+  after it, as it does in a transposed stack); None outside any site."""
+  found = [(int(m.group(1)), m.group(2) is not None) for m in
+           (_TAG_PATTERN.match(f.name) for f in name_stack.stack if isinstance(f, Scope)) if m]
+  if not found:
+    return None
+  number = found[-1][0]
+  return number, (number, True) in found
 
 
-def probe(recorder: Recorder, number: int, product: Callable[[Any, Any], Any], lhs, rhs):
-  """``product(lhs, rhs)`` (a DFP op), with its operands and results sent to
-  ``recorder.probe``: ``(lhs, rhs, y)`` when it runs forward, and ``(lhs, rhs, g, dlhs,
-  drhs)`` when its gradient runs (JAX then traces ``bwd``). The float operands are kept
-  as residuals for that."""
-  send = functools.partial(_send, recorder, number)
+def wrap(recorder: Recorder, number: int, product: Callable, lhs, rhs, key):
+  """``product(lhs, rhs, key)`` (a DFP op) in a custom_vjp whose backward pass runs the
+  op's own under the scope of the site's gradient: ``report`` finds the backward
+  products by that scope, wherever JAX runs them (a transpose frame does not tell them
+  from a rematerialized forward). With ``recorder.probe``, the operands and results are
+  sent to it: ``(lhs, rhs, y)`` when the op runs forward, ``(lhs, rhs, g, dlhs, drhs)``
+  when its gradient runs; the float operands are then kept as residuals. The key (or
+  None) is an operand, as a rule that JAX traces late must not close over it."""
+  def send(role, *arrays):
+    if recorder.probe is not None:
+      jax.debug.callback(lambda *xs: recorder.probe(number, role, xs), *arrays)
 
   @classic_custom_vjp
-  def probed(lhs, rhs):
-    y = product(lhs, rhs)
+  def wrapped(lhs, rhs, key):
+    y = product(lhs, rhs, key)
     send("forward", lhs, rhs, y)
     return y
 
-  def fwd(lhs, rhs):
-    y, vjp = jax.vjp(product, lhs, rhs)
+  def fwd(lhs, rhs, key):
+    y, vjp = jax.vjp(lambda a, b: product(a, b, key), lhs, rhs)
     send("forward", lhs, rhs, y)
-    return y, (lhs, rhs, vjp)
+    return y, ((lhs, rhs) if recorder.probe is not None else None, vjp)
 
   def bwd(residuals, g):
-    lhs, rhs, vjp = residuals
-    dlhs, drhs = vjp(g)
-    send("backward", lhs, rhs, g, dlhs, drhs)
-    return dlhs, drhs
+    operands, vjp = residuals
+    with jax.named_scope(_GRADIENT_TAG.format(number)):
+      dlhs, drhs = vjp(g)
+      if operands is not None:
+        send("backward", *operands, g, dlhs, drhs)
+    return dlhs, drhs, None
 
-  probed.defvjp(fwd, bwd)
-  return probed(lhs, rhs)
-
-
-def _send(recorder: Recorder, number: int, role: str, *arrays):
-  jax.debug.callback(lambda *xs: recorder.probe(number, role, xs), *arrays)
+  wrapped.defvjp(fwd, bwd)
+  return wrapped(lhs, rhs, key)

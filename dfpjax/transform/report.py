@@ -21,7 +21,8 @@ from dfpjax.transform.names import NameStack, is_backward, module_path
 
 
 class Report(list):
-  """The :class:`SiteRecord` list of one function, printed as a table."""
+  """The :class:`SiteRecord` list of one function, printed as a table. ``numbers``: each
+  record's site number in the recording (``diagnose`` matches its measurements by it)."""
 
   def __str__(self):
     header = ("#", "op", "pass", "path", "operands", "out", "mode", "reason")
@@ -109,12 +110,17 @@ _DFP_GRADIENT = "gradient of a DFP site (cotangent quantized with config.gradien
 
 def sites_of(jaxpr: core.Jaxpr, recorder: recording.Recorder) -> Report:
   """The report of a program traced while ``recorder`` recorded: one record per product,
-  each DFP site's forward and backward products found by the site's scope. A record's
-  ``index`` numbers the floating ones in order; ``Report.numbers`` holds each record's
-  number in the recorder (None for a product outside any transform)."""
+  found by the site scopes in its name stack (``recording``). A DFP site is listed once,
+  with the pass where it first runs (a rematerialized forward runs again in the backward
+  pass), and, if its gradient scope occurs, with its two gradients. A float site's own
+  product is told from the products JAX's transpose rules derive from it by the pass.
+  ``Report.numbers`` holds each record's site number (None outside any transform)."""
   out, numbers, seen = Report(), [], set()
 
-  def add(record, number):
+  def add(record, number, key):
+    if key in seen:
+      return
+    seen.add(key)
     index = None if record.mode == "unchanged" else sum(r.mode != "unchanged" for r in out)
     out.append(dataclasses.replace(record, index=index))
     numbers.append(number)
@@ -122,22 +128,24 @@ def sites_of(jaxpr: core.Jaxpr, recorder: recording.Recorder) -> Report:
   for eqn, stack in _walk(jaxpr, NameStack()):
     if eqn.primitive.name not in _PRODUCTS:
       continue
-    number = recording.site_number(stack)
-    if number is None:
+    found = recording.site_of(stack)
+    if found is None:
       if eqn.primitive.name not in _DFP_PRODUCTS:
-        add(_outside(eqn, stack), None)
+        add(_outside(eqn, stack), None, eqn)
       continue
+    number, in_gradient = found
     site = recorder.records[number]
-    if is_backward(stack) == (site.direction == "backward"):
-      derived = [site]  # the site's own product (a DFP site's may be several primitives)
+    if site.mode == "dfp" and in_gradient:
+      for record in _dfp_gradients(site):
+        add(record, number, (number, record.gradient))
     elif site.mode == "dfp":
-      derived = _dfp_gradients(site)
+      add(dataclasses.replace(site, direction="backward" if is_backward(stack) else site.direction),
+          number, (number, None))
+    elif is_backward(stack) == (site.direction == "backward"):
+      add(site, number, (number, None))
     else:
-      derived = [_float_gradient(site, eqn)]
-    for record in derived:
-      if (number, record.role, record.out_shape) not in seen:
-        seen.add((number, record.role, record.out_shape))
-        add(record, number)
+      record = _float_gradient(site, eqn)
+      add(record, number, (number, record.role, record.out_shape))
   out.numbers = numbers
   return out
 
