@@ -15,8 +15,7 @@ from jax.extend.core import jaxpr_as_fun
 from dfpjax.numerics.config import DFPConfig, QuantConfig
 from dfpjax.numerics.quantization import NONFINITE_EXPONENT, quantize_with
 from dfpjax.transform import recording
-from dfpjax.transform.api import dfp_transform
-from dfpjax.transform.report import sites_of, trace
+from dfpjax.transform.report import sites_of, trace_recorded
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,14 +80,10 @@ def diagnose(fn: Callable, *args, config: DFPConfig | None = None, **kwargs) -> 
   ``dot_general`` operand when ``granularity="channel"``.
   """
   calls = collections.defaultdict(list)
-  recorder = recording.Recorder(config, probe=lambda n, role, xs: calls[n, role].append(
-      [np.asarray(x) for x in xs]))
-  with recording.recording(recorder):
-    closed, leaves = trace(fn, args, kwargs)
-  if not recorder.calls:
-    recorder.config = config or DFPConfig()
-    with recording.recording(recorder):
-      closed, leaves = trace(dfp_transform(fn, recorder.config), args, kwargs)
+
+  def probe(number, role, arrays):
+    calls[number, role].append([np.asarray(x) for x in arrays])
+  closed, leaves, recorder = trace_recorded(fn, args, kwargs, config, probe)
   sites = sites_of(closed.jaxpr, recorder)
   jax.block_until_ready(jax.jit(jaxpr_as_fun(closed))(*leaves))
   jax.effects_barrier()
@@ -124,8 +119,8 @@ def _measure(site, params, config: DFPConfig, gradient, runs):
         refs = vjp(g.astype(np.float64))
       partner, y, ref = (rhs, dlhs, refs[0]) if gradient == "data" else (lhs, drhs, refs[1])
       side = 1 if gradient == "data" else 0
-      operands = ((g, config.gradient, None),
-                  (partner, config.forward, _channel_axis(site.primitive, params, partner.ndim, side)))
+      partner_axis = _channel_axis(site.primitive, params, partner.ndim, side)
+      operands = ((g, config.gradient, None), (partner, config.forward, partner_axis))
     diff = np.asarray(y, np.float64) - np.asarray(ref, np.float64)
     err2 += float(np.sum(diff * diff))
     ref2 += float(np.sum(np.square(np.asarray(ref, np.float64))))

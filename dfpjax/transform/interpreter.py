@@ -275,7 +275,8 @@ def _unrewritten_product(ctx, eqn, invals, scope: Scope):
   floating = all(jnp.issubdtype(a.dtype, jnp.floating) for a in avals[:2])
   if floating:
     scope.sites.next()
-  mode, reason = ("float", _RAGGED) if floating else ("unchanged", "operands are not floating point")
+  mode, reason = (("float", _RAGGED) if floating
+                  else ("unchanged", "operands are not floating point"))
   product = functools.partial(eqn.primitive.bind, **eqn.params)
   return _recorded(ctx, eqn, invals, scope, product, eqn.primitive.name, mode, reason)
 

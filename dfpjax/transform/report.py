@@ -55,9 +55,9 @@ def report(fn: Callable, *args, config: DFPConfig | None = None, **kwargs) -> Re
   ``jax.jit``, ``jax.vmap``... of one, or a train step that calls one), or a plain
   function, reported as ``dfp_transform(fn, config)`` would run it (``config`` defaults
   to ``DFPConfig()``). ``fn`` is traced as it is and, if no transform ran in that trace,
-  as ``dfp_transform(fn, config)``; every product in the traced program is listed: the sites that the transforms met while it was traced, the backward products
-  that JAX or the DFP ops derived from them, and the floating products outside any
-  transform. ``config``, if given, replaces the transforms' own configs. The arguments
+  as ``dfp_transform(fn, config)``; every product in the traced program is listed: the
+  sites that the transforms met while it was traced, the backward products that JAX or
+  the DFP ops derived from them, and the floating products outside any transform. ``config``, if given, replaces the transforms' own configs. The arguments
   may be ``jax.ShapeDtypeStruct``s: nothing is computed.
 
   One record per product in the traced program, in its order (a product in a loop body
@@ -69,14 +69,21 @@ def report(fn: Callable, *args, config: DFPConfig | None = None, **kwargs) -> Re
   is unused. Sites in custom_jvp/custom_vjp rules are listed only when ``fn``
   differentiates them.
   """
-  recorder = recording.Recorder(config)
-  with recording.recording(recorder):
-    closed, _ = trace(fn, args, kwargs)
-  if not recorder.calls:
-    recorder = recording.Recorder(config)
-    with recording.recording(recorder):
-      closed, _ = trace(dfp_transform(fn, config or DFPConfig()), args, kwargs)
+  closed, _, recorder = trace_recorded(fn, args, kwargs, config)
   return sites_of(closed.jaxpr, recorder)
+
+
+def trace_recorded(fn: Callable, args, kwargs, config: DFPConfig | None, probe=None):
+  """``fn(*args, **kwargs)`` traced while a new recorder records (see ``report`` for the
+  plain-function case): the closed jaxpr, its arguments and the recorder."""
+  recorder = recording.Recorder(config, probe=probe)
+  with recording.recording(recorder):
+    closed, leaves = trace(fn, args, kwargs)
+  if not recorder.calls:
+    recorder = recording.Recorder(config, probe=probe)
+    with recording.recording(recorder):
+      closed, leaves = trace(dfp_transform(fn, config or DFPConfig()), args, kwargs)
+  return closed, leaves, recorder
 
 
 def trace(fn: Callable, args, kwargs):
@@ -201,7 +208,8 @@ def _float_gradient(site: SiteRecord, eqn) -> SiteRecord:
     gradient = None  # the site itself, recomputed in the backward pass (remat)
   elif (rhs in shapes) != (lhs in shapes):
     gradient = "data" if rhs in shapes else "weights"
-  elif math.prod(lhs) != math.prod(rhs) and math.prod(out.shape) in (math.prod(lhs), math.prod(rhs)):
+  elif math.prod(lhs) != math.prod(rhs) and math.prod(out.shape) in (math.prod(lhs),
+                                                                      math.prod(rhs)):
     gradient = "data" if math.prod(out.shape) == math.prod(lhs) else "weights"
   return dataclasses.replace(site, shapes=shapes, dtypes=tuple(np.dtype(a.dtype) for a in avals),
                              out_shape=tuple(out.shape), out_dtype=np.dtype(out.dtype),
