@@ -67,18 +67,21 @@ NameStack = source_info_util.NameStack
 
 @dataclasses.dataclass(frozen=True)
 class SiteRecord:
-  """One ``dot_general``/``conv_general_dilated`` equation met by the interpreter.
+  """One product (``dot_general``, ``conv_general_dilated``, ``ragged_dot_general``) in
+  ``report``'s list: a site the interpreter met, a product derived from one, or one run
+  outside any transform.
 
   Attributes:
-    index: the site's position among the floating sites met, in order; None when the
-      operands are not floating point.
-    primitive: ``"dot_general"`` or ``"conv_general_dilated"``.
-    shapes, dtypes: of the two operands.
+    index: the product's position among the floating ones listed, in order; None when
+      the operands are not floating point.
+    primitive: the primitive's name.
+    shapes, dtypes: of the operands.
     out_dtype: the equation's output type (the DFP op's ``preferred_element_type``).
     out_shape: the output's shape. In the backward pass it tells an input gradient (the
       forward input's shape) from a weight gradient (the weight's, up to a transpose).
     path: the module path (see ``names.module_path``).
-    direction: ``"backward"`` when the equation came from a transpose, else ``"forward"``.
+    direction: ``"backward"`` when the equation came from a transpose or runs in a custom
+      rule's backward pass, else ``"forward"``.
     mode: ``"dfp"`` (rewritten), ``"float"`` (kept in floating point) or ``"unchanged"``
       (operands not floating point, nothing to rewrite).
     reason: why.
