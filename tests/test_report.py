@@ -87,6 +87,14 @@ def test_report_of_vmap_lists_the_batched_sites(mlp):
       ("MLP/hidden", "forward", (4, 16)), ("MLP/head", "forward", (4, 3))]
 
 
+def test_report_of_vmap_of_grad_lists_the_backward_sites(mlp):
+  loss, params, x, y = mlp
+  per_batch = jax.vmap(jax.grad(dfp_transform(loss)), in_axes=(None, 0, 0))
+  records = report(per_batch, params, x.reshape(2, 4, 5), y.reshape(2, 4))
+  assert sorted((r.path, r.role, r.mode) for r in records) == \
+      sorted((path, role, mode) for path, role, _, mode in FORWARD + BACKWARD)
+
+
 def test_abstract_arguments(mlp):
   loss, params, x, y = mlp
   abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), (params, x, y))
