@@ -49,8 +49,8 @@ class Recorder:
     config: replaces every transform's own config when given.
     records: the ``SiteRecord`` of each site met (``interpreter.SiteRecord``).
     details: each site's equation params and the config it ran with (for ``diagnose``).
-    probe: when set, DFP sites are wrapped by ``probe`` and call it with
-      ``(number, role, arrays)`` on the host (``role``: "forward" or "backward").
+    probe: when set, called on the host as ``probe(number, role, arrays)`` with the
+      operands and results of each DFP product that runs (``wrap``).
   """
   config: DFPConfig | None = None
   records: list = dataclasses.field(default_factory=list)
