@@ -3,7 +3,7 @@
 Layers (each imports only the ones above it; JAX's internals only through _jax_compat):
   numerics    the DFP contract: DFPConfig, quantize/dequantize (docs/numerics.md)
   primitives  exact DFP dot_general and conv_general_dilated; cpu_ffi is their C kernel
-  transform   dfp_transform: run any JAX/Flax function's products in DFP; report
+  transform   dfp_transform: run any JAX/Flax function's products in DFP; report, diagnose
 kernel_info() says which kernel path (ISA) the C kernel runs on this CPU.
 """
 
@@ -11,8 +11,8 @@ from dfpjax import _jax_compat  # noqa: F401  (first: checks that JAX is a suppo
 from dfpjax.cpu_ffi import kernel_info
 from dfpjax.numerics import DFPConfig, DFPTensor, QuantConfig, dequantize, quantize
 from dfpjax.primitives import dfp_conv_general_dilated, dfp_dot_general
-from dfpjax.transform import dfp_transform, report
+from dfpjax.transform import diagnose, dfp_transform, report
 
 __all__ = ["DFPConfig", "QuantConfig", "DFPTensor", "quantize", "dequantize", "dfp_dot_general",
-           "dfp_conv_general_dilated", "dfp_transform", "report", "kernel_info"]
+           "dfp_conv_general_dilated", "dfp_transform", "report", "diagnose", "kernel_info"]
 __version__ = "0.1.0"

@@ -56,6 +56,8 @@ from jax._src.hijax import call_hi_primitive_p  # how jax_custom_vjp3 stages a c
 from jax._src.lax.control_flow.common import _merge_common_consts  # cond branches' consts
 from jax._src.shard_map import shard_map_p  # shard_map's primitive, to rewrite its body
 from jax._src.sharding_impls import UNSPECIFIED  # in_shardings of operands added to a jit
+from jax._src.lax.lax import ragged_dot_general_p  # listed by report as a product left in float
+from jax._src.config import int_state  # report's trace-context option (no cached traces)
 # The DFP primitives (primitives/).
 from jax._src.config import custom_vjp3  # custom_vjp3(False): classic custom_vjp staging
 from jax._src.core import auto_insert_reshard  # pvary operands as lax.dot_general does
@@ -67,5 +69,5 @@ from jax._src.dtypes import short_dtype_name  # "f32"-style names, as jaxprs pri
 __all__ = ["api_util", "core", "lu", "source_info_util", "SymbolicZero", "Zero", "ad", "pe",
            "FlatTree", "hijax", "CustomVJPPrimal", "call_hi_primitive_p", "_merge_common_consts",
            "shard_map_p", "UNSPECIFIED", "custom_vjp3", "auto_insert_reshard", "ShapedArray",
-           "get_cur_mesh_sharding", "lax_conv", "short_dtype_name", "check_jax_version",
+           "get_cur_mesh_sharding", "lax_conv", "short_dtype_name", "ragged_dot_general_p", "int_state", "check_jax_version",
            "supported_jax"]

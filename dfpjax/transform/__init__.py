@@ -5,11 +5,15 @@ convolutions run in DFP (docs/transform.md).
   interpreter  the jaxpr interpreter: state, site rewriting, what it refuses
   rules        its rules, one per higher-order primitive (jit, scan, custom_vjp, ...)
   names        module paths and forward/backward from an equation's name stack
-  report       report(fn, *args): the sites and what dfp_transform does with each
+  recording    what report and diagnose collect while the interpreter runs
+  report       report(fn, *args): the products fn runs and what DFP does with each
+  diagnose     diagnose(fn, *args): each DFP product's error and operand use on a batch
 """
 
 from dfpjax.transform.api import dfp_transform
+from dfpjax.transform.diagnose import Diagnosis, SiteDiagnosis, diagnose
 from dfpjax.transform.interpreter import SiteRecord
 from dfpjax.transform.report import Report, report
 
-__all__ = ["dfp_transform", "report", "Report", "SiteRecord"]
+__all__ = ["dfp_transform", "report", "Report", "SiteRecord", "diagnose", "Diagnosis",
+           "SiteDiagnosis"]

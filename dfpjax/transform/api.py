@@ -9,7 +9,7 @@ import jax
 
 from dfpjax._jax_compat import api_util, core, source_info_util
 from dfpjax.numerics.config import DFPConfig
-from dfpjax.transform import interpreter
+from dfpjax.transform import interpreter, recording
 from dfpjax.transform import rules  # noqa: F401  (registers the higher-order primitives' rules)
 
 
@@ -35,11 +35,26 @@ class Transform:
     self.cache: dict[Any, _Traced] = {}
     self.num_traces = 0
 
-  def __call__(self, ctx: interpreter.Context, key, args, kwargs):
-    """fn(*args, **kwargs) with its sites rewritten; ``key`` the stochastic-rounding key."""
+  def __call__(self, key, args, kwargs):
+    """fn(*args, **kwargs) with its sites rewritten; ``key`` the stochastic-rounding key.
+
+    While ``report`` or ``diagnose`` records (``recording``), the sites are recorded, with
+    the recorder's config if it has one, and none of the cached rewrites is used.
+    """
     leaves, traced = self._traced(args, kwargs)
-    if ctx.records is None:  # report must meet every site again
-      ctx.rewrites = traced.rewrites
+    recorder = recording.active()
+    if recorder is None:
+      ctx = interpreter.Context(self.config, rewrites=traced.rewrites)
+    else:
+      recorder.calls += 1
+      ctx = interpreter.Context(recorder.config or self.config, recorder=recorder)
+    if ctx.config.needs_key and key is None:
+      if recorder is None:
+        raise ValueError("dfp_transform: this config rounds stochastically; call the "
+                         "transformed function with dfp_key=jax.random.key(...)")
+      key = jax.random.key(0)  # a recording needs some key, not a particular one
+    elif not ctx.config.needs_key:
+      key = None
     scope = interpreter.Scope(source_info_util.current_name_stack(), key)
     outs = interpreter.eval_jaxpr(ctx, traced.jaxpr.jaxpr, traced.jaxpr.consts, leaves, scope)
     return jax.tree.unflatten(traced.out_tree, outs)
@@ -116,13 +131,8 @@ def dfp_transform(fn: Callable, config: DFPConfig | None = None, *,
 
   @functools.wraps(fn)
   def transformed(*args, **kwargs):
-    key = None
-    if config.needs_key:
-      key = kwargs.pop("dfp_key", None)
-      if key is None:
-        raise ValueError("dfp_transform: this config rounds stochastically; call the "
-                         "transformed function with dfp_key=jax.random.key(...)")
-    return transform(interpreter.Context(config), key, args, kwargs)
+    key = kwargs.pop("dfp_key", None) if config.needs_key else None
+    return transform(key, args, kwargs)
 
   transformed.dfp_transform = transform
   return transformed

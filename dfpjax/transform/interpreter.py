@@ -5,7 +5,9 @@
 traceback) and context, except
 
 * the DFP sites, floating ``dot_general`` and ``conv_general_dilated``, which become
-  ``dfp_dot_general`` / ``dfp_conv_general_dilated`` unless the config keeps them;
+  ``dfp_dot_general`` / ``dfp_conv_general_dilated`` unless the config keeps them, and
+  ``ragged_dot_general``, which runs as it is; while ``report`` or ``diagnose`` records
+  (``recording``), each is also recorded and bound under its own named scope;
 * higher-order primitives, whose sub-jaxprs are rewritten by this same interpreter and
   bound again, one rule per primitive (``HIGHER_ORDER_RULES``, filled by ``rules.py``);
 * a ``jax.custom_vjp`` staged as a hijax ``call_hi_primitive`` (under
@@ -29,6 +31,7 @@ them, possibly after the trace that owned the key has ended.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable
 
 import jax
@@ -36,14 +39,13 @@ import jax.numpy as jnp
 import numpy as np
 from jax.extend.core import primitives as prims
 
-from dfpjax._jax_compat import core, lu, source_info_util
+from dfpjax._jax_compat import core, lu, ragged_dot_general_p, source_info_util
 from dfpjax.numerics import floatbits
 from dfpjax.numerics.config import DFPConfig
 from dfpjax.primitives import dfp_conv_general_dilated, dfp_dot_general
 from dfpjax.primitives.conv_params import unsupported_rank
-from dfpjax.transform.names import is_backward, module_path
-
-NameStack = source_info_util.NameStack
+from dfpjax.transform import recording
+from dfpjax.transform.names import NameStack, is_backward, module_path
 
 # ---------------------------------------------------------------------------------------
 # State.
@@ -52,21 +54,27 @@ NameStack = source_info_util.NameStack
 
 @dataclasses.dataclass(frozen=True)
 class SiteRecord:
-  """One ``dot_general``/``conv_general_dilated`` equation met by the interpreter.
+  """One product (``dot_general``, ``conv_general_dilated``, ``ragged_dot_general``) in
+  ``report``'s list: a site the interpreter met, a product derived from one, or one run
+  outside any transform.
 
   Attributes:
-    index: the site's position among the floating sites met, in order; None when the
-      operands are not floating point.
-    primitive: ``"dot_general"`` or ``"conv_general_dilated"``.
-    shapes, dtypes: of the two operands.
+    index: the product's position among the floating ones listed, in order; None when
+      the operands are not floating point.
+    primitive: the primitive's name.
+    shapes, dtypes: of the operands.
     out_dtype: the equation's output type (the DFP op's ``preferred_element_type``).
     out_shape: the output's shape. In the backward pass it tells an input gradient (the
       forward input's shape) from a weight gradient (the weight's, up to a transpose).
     path: the module path (see ``names.module_path``).
-    direction: ``"backward"`` when the equation came from a transpose, else ``"forward"``.
+    direction: ``"backward"`` when the equation came from a transpose or runs in a custom
+      rule's backward pass, else ``"forward"``.
     mode: ``"dfp"`` (rewritten), ``"float"`` (kept in floating point) or ``"unchanged"``
       (operands not floating point, nothing to rewrite).
     reason: why.
+    gradient: for a product that JAX or a DFP op derived from a site when differentiating
+      it, ``"data"`` (the gradient of the site's lhs) or ``"weights"`` (of its rhs);
+      None for the site's own product, or when ``report`` cannot tell which.
   """
   index: int | None
   primitive: str
@@ -78,19 +86,20 @@ class SiteRecord:
   direction: str
   mode: str
   reason: str
+  gradient: str | None = None
+
+  @property
+  def role(self) -> str:
+    """``"forward"``, ``"backward"``, ``"backward-data"`` or ``"backward-weights"``."""
+    return self.direction if self.gradient is None else f"backward-{self.gradient}"
 
 
 @dataclasses.dataclass
 class Context:
   """What one interpretation rewrites (``config``), and what it has met so far."""
   config: DFPConfig
-  records: list[SiteRecord] | None = None  # collected for ``report`` when a list
+  recorder: recording.Recorder | None = None  # set while ``report``/``diagnose`` trace
   rewrites: dict | None = None  # sub-computations rewritten by earlier calls (``_rewrite``)
-  num_sites: int = 0
-
-  def new_site(self) -> int:
-    self.num_sites += 1
-    return self.num_sites - 1
 
 
 class _Counter:
@@ -192,6 +201,8 @@ def _eval_eqn(ctx, eqn, invals, scope):
   prim = eqn.primitive
   if prim in _SITE_PRIMITIVES:
     return _site(ctx, eqn, invals, scope)
+  if prim is ragged_dot_general_p:
+    return _unrewritten_product(ctx, eqn, invals, scope)
   rule = HIGHER_ORDER_RULES.get(prim)
   if rule is not None:
     return rule(ctx, eqn, invals, scope)
@@ -209,47 +220,87 @@ _SITE_PRIMITIVES = {prims.dot_general_p: "dot_general",
 
 def _site(ctx: Context, eqn, invals, scope: Scope):
   op = _SITE_PRIMITIVES[eqn.primitive]
-  lhs, rhs = invals
   avals = [core.typeof(x) for x in invals]
   floating = all(jnp.issubdtype(a.dtype, jnp.floating) for a in avals)
-  index = ctx.new_site() if floating else None
   number = scope.sites.next() if floating else None
   path = module_path(scope.name_stack)
+  config = ctx.config
   if not floating:
     mode, reason = "unchanged", "operands are not floating point"
-  elif op not in ctx.config.ops:
+  elif op not in config.ops:
     mode, reason = "float", f"{op} is not in config.ops"
   elif op == "conv_general_dilated" and (why := unsupported_rank(avals[0].ndim)) is not None:
     mode, reason = "float", why
-  elif ctx.config.keeps_float(path):
+  elif config.keeps_float(path):
     mode, reason = "float", "path matches config.keep_float"
   elif scope.keep_reason is not None:
     mode, reason = "float", scope.keep_reason
   else:
     mode, reason = "dfp", "rewritten"
-  out_aval = eqn.outvars[0].aval
-  out_dtype = np.dtype(out_aval.dtype)
-  if ctx.records is not None:
-    ctx.records.append(SiteRecord(
-        index, op, tuple(a.shape for a in avals), tuple(np.dtype(a.dtype) for a in avals),
-        out_dtype, tuple(out_aval.shape), path,
-        "backward" if is_backward(scope.name_stack) else "forward", mode, reason))
-  if mode != "dfp":
-    return eqn.primitive.bind(*invals, **eqn.params)
-  for a in avals:
-    if np.dtype(a.dtype) not in floatbits.FORMATS:
-      raise TypeError(f"dfp_transform: {op} at {path or '<top>'!r} has a {a.dtype} operand; DFP "
-                      "quantizes float32, bfloat16 and float16 only. Keep the site in float "
-                      "with DFPConfig(keep_float=...).")
-  key = None if scope.key is None else jax.random.fold_in(scope.key, number)
-  p = eqn.params
+  if mode == "dfp":
+    for a in avals:
+      if np.dtype(a.dtype) not in floatbits.FORMATS:
+        raise TypeError(f"dfp_transform: {op} at {path or '<top>'!r} has a {a.dtype} operand; "
+                        "DFP quantizes float32, bfloat16 and float16 only. Keep the site in "
+                        "float with DFPConfig(keep_float=...).")
+    key = None if scope.key is None else jax.random.fold_in(scope.key, number)
+    product = functools.partial(_dfp_product, op, eqn.params, np.dtype(eqn.outvars[0].aval.dtype),
+                                config)
+    return _recorded(ctx, eqn, [*invals, key], scope, product, op, mode, reason)
+  product = functools.partial(eqn.primitive.bind, **eqn.params)
+  return _recorded(ctx, eqn, invals, scope, product, op, mode, reason)
+
+
+def _dfp_product(op, p, out_dtype, config, lhs, rhs, key):
   if op == "dot_general":
     return dfp_dot_general(lhs, rhs, p["dimension_numbers"], p["precision"], out_dtype,
-                           config=ctx.config, key=key)
+                           config=config, key=key)
   return dfp_conv_general_dilated(
       lhs, rhs, p["window_strides"], p["padding"], p["lhs_dilation"], p["rhs_dilation"],
       p["dimension_numbers"], p["feature_group_count"], p["batch_group_count"],
-      p["precision"], out_dtype, config=ctx.config, key=key)
+      p["precision"], out_dtype, config=config, key=key)
+
+
+_RAGGED = ("dfp_transform does not rewrite ragged_dot: the DFP ops have no exact group-wise "
+           "(ragged) integer product")
+
+
+def _unrewritten_product(ctx, eqn, invals, scope: Scope):
+  """A floating product that ``dfp_transform`` does not rewrite: runs as it is, listed by
+  ``report``."""
+  avals = [core.typeof(x) for x in invals]
+  floating = all(jnp.issubdtype(a.dtype, jnp.floating) for a in avals[:2])
+  if floating:
+    scope.sites.next()
+  mode, reason = (("float", _RAGGED) if floating
+                  else ("unchanged", "operands are not floating point"))
+  product = functools.partial(eqn.primitive.bind, **eqn.params)
+  return _recorded(ctx, eqn, invals, scope, product, eqn.primitive.name, mode, reason)
+
+
+def _recorded(ctx, eqn, operands, scope: Scope, product, op, mode, reason):
+  """``product(*operands)``; while recording, also the site's record, under its tag (see
+  ``recording``). A DFP product's operands end with its key (or None).
+
+  A site in a custom rule that JAX runs in the backward pass (a custom_vjp's bwd) has
+  the transpose frame in JAX's name stack, not in ``scope``'s: either makes it backward.
+  """
+  recorder = ctx.recorder
+  if recorder is None:
+    return product(*operands)
+  avals = [core.typeof(x) for x in operands[:len(eqn.invars)]]
+  out_aval = eqn.outvars[0].aval
+  backward = is_backward(scope.name_stack) or is_backward(source_info_util.current_name_stack())
+  record = SiteRecord(
+      len(recorder.records) if mode != "unchanged" else None, op,
+      tuple(a.shape for a in avals), tuple(np.dtype(a.dtype) for a in avals),
+      np.dtype(out_aval.dtype), tuple(out_aval.shape), module_path(scope.name_stack),
+      "backward" if backward else "forward", mode, reason)
+  number = recorder.add(record, eqn.params, ctx.config)
+  with recording.tag(number):
+    if mode == "dfp":
+      return recording.wrap(recorder, number, product, *operands)
+    return product(*operands)
 
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dfpjax._jax_compat import source_info_util
 
+NameStack = source_info_util.NameStack
 Scope = source_info_util.Scope
 Transform = source_info_util.Transform
 

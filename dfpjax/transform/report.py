@@ -1,28 +1,35 @@
-"""``report``: which call sites ``dfp_transform`` rewrites, and why."""
+"""``report``: the products a function runs, and what ``dfp_transform`` does with each."""
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from typing import Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+from jax.extend import core
+from jax.extend.core import primitives as prims
 
-from dfpjax._jax_compat import short_dtype_name
+from dfpjax._jax_compat import hijax, short_dtype_name
 from dfpjax.numerics.config import DFPConfig
-from dfpjax.transform import interpreter
-from dfpjax.transform.api import Transform
+from dfpjax.transform import recording
+from dfpjax.transform.api import Transform, dfp_transform
 from dfpjax.transform.interpreter import SiteRecord
+from dfpjax.transform.names import NameStack, is_backward, module_path
 
 
 class Report(list):
-  """The :class:`SiteRecord` list of one function, printed as a table."""
+  """The :class:`SiteRecord` list of one function, printed as a table. ``numbers``: each
+  record's site number in the recording (``diagnose`` matches its measurements by it)."""
 
   def __str__(self):
     header = ("#", "op", "pass", "path", "operands", "out", "mode", "reason")
     rows = [header] + [
         ("-" if r.index is None else str(r.index),
          r.primitive,
-         r.direction,
+         r.role,
          r.path or "<top>",
          " x ".join(f"{_short(d)}{list(s)}" for s, d in zip(r.shapes, r.dtypes)),
          f"{_short(r.out_dtype)}{list(r.out_shape)}",
@@ -42,45 +49,171 @@ def _short(dtype) -> str:
 
 
 def report(fn: Callable, *args, config: DFPConfig | None = None, **kwargs) -> Report:
-  """Lists the ``dot_general``/``conv_general_dilated`` sites of ``fn(*args, **kwargs)``.
+  """Lists the products that ``fn(*args, **kwargs)`` runs and what DFP does with each.
 
-  One record per equation in the traced program, in the order ``dfp_transform`` meets
-  them (a site in a loop body is listed once): primitive, operand and output shapes and
-  dtypes, module path, pass (``"backward"`` when it came from a transpose), mode (``"dfp"``,
-  ``"float"`` or ``"unchanged"``) and the reason. Nothing is computed: the arguments
-  may be ``jax.ShapeDtypeStruct``s.
+  ``fn`` is a function that calls ``dfp_transform`` results (one itself, ``jax.grad``,
+  ``jax.jit``, ``jax.vmap``... of one, or a train step that calls one), or a plain
+  function, reported as ``dfp_transform(fn, config)`` would run it (``config`` defaults
+  to ``DFPConfig()``). ``fn`` is traced as it is and, if no transform ran in that trace,
+  as ``dfp_transform(fn, config)``; every product in the traced program is listed: the
+  sites that the transforms met while it was traced, the backward products that JAX or
+  the DFP ops derived from them, and the floating products outside any transform. ``config``, if given, replaces the transforms' own configs. The arguments
+  may be ``jax.ShapeDtypeStruct``s: nothing is computed.
 
-  ``fn`` is a plain function (``config`` defaults to ``DFPConfig()``) or the result of
-  :func:`dfp_transform` (its config and static arguments are used unless ``config``
-  is given). Pass Python flags of a plain function with ``functools.partial``. Sites
-  in custom_jvp/custom_vjp rules are listed only when ``fn`` differentiates them.
+  One record per product in the traced program, in its order (a product in a loop body
+  is listed once): primitive, operand and output shapes and dtypes, module path, pass
+  (``role``: ``"forward"``, ``"backward"`` for a product that came from a transpose, or
+  ``"backward-data"``/``"backward-weights"`` for the gradients of a site's lhs and rhs
+  that differentiating it produced), mode (``"dfp"``, ``"float"`` or ``"unchanged"``)
+  and the reason. A DFP op always computes both its gradients; XLA drops one whose result
+  is unused. Sites in custom_jvp/custom_vjp rules are listed only when ``fn``
+  differentiates them.
   """
-  transform = getattr(fn, "dfp_transform", None)
-  if not isinstance(transform, Transform):
-    transform = Transform(fn, config or DFPConfig(), (), ())
-  config = config or transform.config
-  if config is not transform.config:
-    transform = Transform(transform.fn, config, transform.static_argnums,
-                          transform.static_argnames)
-  kwargs.pop("dfp_key", None)
-  key = jax.random.key(0) if config.needs_key else None
-  ctx = interpreter.Context(config, records=[])
-  static = (set(i if i >= 0 else i + len(args) for i in transform.static_argnums),
-            set(transform.static_argnames))
+  closed, _, recorder = trace_recorded(fn, args, kwargs, config)
+  return sites_of(closed.jaxpr, recorder)
 
-  def split(args, kwargs):
-    dyn_args = [a for i, a in enumerate(args) if i not in static[0]]
-    dyn_kwargs = {k: v for k, v in kwargs.items() if k not in static[1]}
-    return dyn_args, dyn_kwargs
+
+def trace_recorded(fn: Callable, args, kwargs, config: DFPConfig | None, probe=None):
+  """``fn(*args, **kwargs)`` traced while a new recorder records (see ``report`` for the
+  plain-function case): the closed jaxpr, its arguments and the recorder."""
+  recorder = recording.Recorder(config, probe=probe)
+  with recording.recording(recorder):
+    closed, leaves = trace(fn, args, kwargs)
+  if not recorder.calls:
+    recorder = recording.Recorder(config, probe=probe)
+    with recording.recording(recorder):
+      closed, leaves = trace(dfp_transform(fn, config or DFPConfig()), args, kwargs)
+  return closed, leaves, recorder
+
+
+def trace(fn: Callable, args, kwargs):
+  """``fn(*args, **kwargs)`` traced to a jaxpr, with the static arguments of the
+  ``dfp_transform`` behind ``fn`` (if any) kept static; and the jaxpr's arguments."""
+  transform = getattr(fn, "dfp_transform", None)
+  static = isinstance(transform, Transform)
+  nums = {i if i >= 0 else i + len(args) for i in transform.static_argnums} if static else set()
+  names = set(transform.static_argnames) if static else set()
+  dyn_args = [a for i, a in enumerate(args) if i not in nums]
+  dyn_kwargs = {k: v for k, v in kwargs.items() if k not in names}
 
   def run(dyn_args, dyn_kwargs):
     it = iter(dyn_args)
-    full_args = [a if i in static[0] else next(it) for i, a in enumerate(args)]
-    full_kwargs = {k: kwargs[k] if k in static[1] else dyn_kwargs[k] for k in kwargs}
-    return transform(ctx, key, full_args, full_kwargs)
+    full_args = [a if i in nums else next(it) for i, a in enumerate(args)]
+    return fn(*full_args, **{k: kwargs[k] if k in names else dyn_kwargs[k] for k in kwargs})
 
-  jax.eval_shape(run, *split(args, kwargs))
-  return Report(ctx.records)
+  return jax.make_jaxpr(run)(dyn_args, dyn_kwargs), jax.tree.leaves((dyn_args, dyn_kwargs))
+
+
+# ---------------------------------------------------------------------------------------
+# Sites in a traced program.
+# ---------------------------------------------------------------------------------------
+
+_PRODUCTS = {"dot_general", "conv_general_dilated", "ragged_dot_general", "dfp_dot_general",
+             "dfp_conv"}
+_DFP_PRODUCTS = {"dfp_dot_general", "dfp_conv"}
+_OUTSIDE = "outside dfp_transform"
+_DFP_GRADIENT = "gradient of a DFP site (cotangent quantized with config.gradient)"
+
+
+def sites_of(jaxpr: core.Jaxpr, recorder: recording.Recorder) -> Report:
+  """The report of a program traced while ``recorder`` recorded: one record per product,
+  found by the site scopes in its name stack (``recording``). A DFP site is listed once,
+  with the pass where it first runs (a rematerialized forward runs again in the backward
+  pass), and, if its gradient scope occurs, with its two gradients. A float site's own
+  product is told from the products JAX's transpose rules derive from it by the pass.
+  ``Report.numbers`` holds each record's site number (None outside any transform)."""
+  out, numbers, seen = Report(), [], set()
+
+  def add(record, number, key):
+    if key in seen:
+      return
+    seen.add(key)
+    index = None if record.mode == "unchanged" else sum(r.mode != "unchanged" for r in out)
+    out.append(dataclasses.replace(record, index=index))
+    numbers.append(number)
+
+  for eqn, stack in _walk(jaxpr, NameStack()):
+    if eqn.primitive.name not in _PRODUCTS:
+      continue
+    found = recording.site_of(stack)
+    if found is None:
+      if eqn.primitive.name not in _DFP_PRODUCTS:
+        add(_outside(eqn, stack), None, eqn)
+      continue
+    number, in_gradient = found
+    site = recorder.records[number]
+    if site.mode == "dfp" and in_gradient:
+      for record in _dfp_gradients(site):
+        add(record, number, (number, record.gradient))
+    elif site.mode == "dfp":
+      add(dataclasses.replace(site, direction="backward" if is_backward(stack) else site.direction),
+          number, (number, None))
+    elif is_backward(stack) == (site.direction == "backward"):
+      add(site, number, (number, None))
+    else:
+      record = _float_gradient(site, eqn)
+      add(record, number, (number, record.role, record.out_shape))
+  out.numbers = numbers
+  return out
+
+
+def _walk(jaxpr, name_stack):
+  """Yields (eqn, absolute name stack) for every equation, sub-jaxprs included."""
+  for eqn in jaxpr.eqns:
+    stack = name_stack + eqn.source_info.name_stack
+    yield eqn, stack
+    for value in eqn.params.values():
+      if isinstance(value, hijax.CustomVJPTraced):  # a custom_vjp under jax_custom_vjp3
+        value = value.traced.jaxpr
+      for v in value if isinstance(value, (tuple, list)) else (value,):
+        if isinstance(v, core.ClosedJaxpr):
+          yield from _walk(v.jaxpr, stack)
+        elif isinstance(v, core.Jaxpr):
+          yield from _walk(v, stack)
+
+
+def _outside(eqn, stack) -> SiteRecord:
+  avals = [v.aval for v in eqn.invars[:2]]
+  floating = all(jnp.issubdtype(a.dtype, jnp.floating) for a in avals)
+  out = eqn.outvars[0].aval
+  reason = _OUTSIDE if floating else "operands are not floating point"
+  return SiteRecord(None, eqn.primitive.name, tuple(a.shape for a in avals),
+                    tuple(np.dtype(a.dtype) for a in avals), np.dtype(out.dtype),
+                    tuple(out.shape), module_path(stack),
+                    "backward" if is_backward(stack) else "forward",
+                    "float" if floating else "unchanged", reason)
+
+
+def _dfp_gradients(site: SiteRecord) -> list[SiteRecord]:
+  """The two products of a DFP op's backward pass (spec section 4): the cotangent times
+  the rhs gives the lhs's gradient, the cotangent times the lhs the rhs's."""
+  (lhs, rhs), (lhs_dtype, rhs_dtype) = site.shapes, site.dtypes
+  common = dict(direction="backward", reason=_DFP_GRADIENT)
+  return [
+      dataclasses.replace(site, shapes=(site.out_shape, rhs), dtypes=(site.out_dtype, rhs_dtype),
+                          out_shape=lhs, out_dtype=lhs_dtype, gradient="data", **common),
+      dataclasses.replace(site, shapes=(site.out_shape, lhs), dtypes=(site.out_dtype, lhs_dtype),
+                          out_shape=rhs, out_dtype=rhs_dtype, gradient="weights", **common)]
+
+
+def _float_gradient(site: SiteRecord, eqn) -> SiteRecord:
+  """A product JAX's transpose rules derived from a site kept in float: the gradient of
+  the operand that is not among its own operands, when that tells."""
+  avals = [v.aval for v in eqn.invars[:2]]
+  shapes = tuple(a.shape for a in avals)
+  out = eqn.outvars[0].aval
+  lhs, rhs = site.shapes[:2]
+  gradient = None
+  if shapes == site.shapes[:2] and tuple(out.shape) == site.out_shape:
+    gradient = None  # the site itself, recomputed in the backward pass (remat)
+  elif (rhs in shapes) != (lhs in shapes):
+    gradient = "data" if rhs in shapes else "weights"
+  elif math.prod(lhs) != math.prod(rhs) and math.prod(out.shape) in (math.prod(lhs),
+                                                                      math.prod(rhs)):
+    gradient = "data" if math.prod(out.shape) == math.prod(lhs) else "weights"
+  return dataclasses.replace(site, shapes=shapes, dtypes=tuple(np.dtype(a.dtype) for a in avals),
+                             out_shape=tuple(out.shape), out_dtype=np.dtype(out.dtype),
+                             direction="backward", gradient=gradient)
 
 
 __all__ = ["Report", "SiteRecord", "report"]
