@@ -68,7 +68,7 @@ class Geometry:
     return np.asarray(fields, np.int64)
 
 
-def _float_conv_shape(lhs_shape, rhs_shape, params: ConvParams):
+def float_conv_shape(lhs_shape, rhs_shape, params: ConvParams):
   """The output shape by JAX's own shape rule (which also validates every parameter)."""
   out = jax.eval_shape(functools.partial(lax.conv_general_dilated, **params.as_kwargs()),
                        jax.ShapeDtypeStruct(lhs_shape, jnp.float32),
@@ -97,7 +97,7 @@ def canonical_params(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilati
                       tuple((int(lo), int(hi)) for lo, hi in padding),
                       tuple(int(d) for d in lhs_dilation), tuple(int(d) for d in rhs_dilation),
                       dnums, int(feature_group_count), int(batch_group_count))
-  _float_conv_shape(lhs.shape, rhs.shape, params)  # JAX's checks, with JAX's messages
+  float_conv_shape(lhs.shape, rhs.shape, params)  # JAX's checks, with JAX's messages
   return params
 
 

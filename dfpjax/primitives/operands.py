@@ -1,4 +1,4 @@
-"""Shared by the DFP ops: argument checks, keys, gradient folding, custom_vjp."""
+"""Shared by the DFP ops: argument checks, keys, gradient folding."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax._src import config as jax_config
 from jax._src import core
 
 from dfpjax.numerics import floatbits
@@ -43,15 +42,6 @@ def output_dtype(preferred_element_type, op: str) -> np.dtype:
     raise TypeError(f"{op}: preferred_element_type must be float32, bfloat16 or float16 "
                     f"(DFP outputs are floating point), got {dtype}")
   return dtype
-
-
-def classic_custom_vjp(fun, nondiff_argnums=()):
-  """``jax.custom_vjp(fun, nondiff_argnums)`` in its classic form whatever
-  ``jax_custom_vjp3`` says: the DFP ops then stay ``custom_vjp_call`` equations whose
-  jaxprs show their DFP primitives (to ``dfpjax.report`` and jaxpr walkers), and avoid
-  JAX 0.10's failure to differentiate a hijax custom_vjp inside ``jax.checkpoint``."""
-  with jax_config.custom_vjp3(False):
-    return jax.custom_vjp(fun, nondiff_argnums=nondiff_argnums)
 
 
 def matching_manual_axes(lhs, rhs):
