@@ -233,3 +233,13 @@ def test_jvp_and_hessian_through_dfp_transform():
   loss = lambda f: (lambda p: 0.5 * jnp.sum(f(p, x) ** 2))
   assert_bitwise_equal(jax.jit(jax.hessian(loss(transformed)))(params),
                        jax.jit(jax.hessian(loss(_mlp_dfp)))(params))
+
+
+def test_hessian_under_checkpoint_and_the_undefined_reverse_over_reverse():
+  a, b = _normal(0, (4, 6)), _normal(1, (6, 3))
+  remat = jax.checkpoint(_half_square_loss)
+  assert_bitwise_equal(jax.hessian(remat)(a, b), jax.hessian(_half_square_loss)(a, b))
+  # grad of grad through both operands needs the partner-tangent terms' transpose.
+  penalty = lambda a, b: jnp.sum(jax.grad(_half_square_loss)(a, b) ** 2)
+  with pytest.raises(NotImplementedError, match="Forward over reverse"):
+    jax.grad(penalty, argnums=(0, 1))(a, b)

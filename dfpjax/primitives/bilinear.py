@@ -24,8 +24,8 @@ through the partner's float ``a`` or ``b``, which they take for this purpose onl
 same primitive with that partner replaced by its quantized tangent ``Qg(da)`` (keys
 ``fold_in(key, 5)`` for ``a``, ``6`` for ``b``). So ``jax.hessian`` (``jacfwd`` of
 ``jacrev``) and Hessian-vector products ``jvp(grad(f))`` are DFP products throughout. These
-partner-tangent terms quantize a tangent, so they have no transpose: reverse-over-reverse
-(``grad`` of ``grad``) is not defined.
+partner-tangent terms quantize a tangent, so they have no transpose: reverse over reverse
+(``grad`` of ``grad``) raises ``NotImplementedError`` where it needs them.
 
 The float operands ``a``, ``b`` are residuals of the linearized op that no computation
 reads; under ``jit`` XLA drops them, so the backward pass keeps only the INT16 mantissas.
@@ -75,7 +75,8 @@ class _Layout:
 
 
 def _pack(a, b, qa: DFPTensor, qb: DFPTensor, key):
-  return [a, b, qa.mantissa, qa.exponent, qb.mantissa, qb.exponent] + ([key] if key is not None else [])
+  keys = [] if key is None else [key]
+  return [a, b, qa.mantissa, qa.exponent, qb.mantissa, qb.exponent, *keys]
 
 
 def _unpack(operands, layout: _Layout):
@@ -107,7 +108,7 @@ def bind_cotangent(g, a, b, qa, qb, key, spec):
 
 
 # ---------------------------------------------------------------------------------------
-# Values, shapes, lowerings, batching.
+# Values and shapes of the unbatched primitives.
 # ---------------------------------------------------------------------------------------
 
 
@@ -122,10 +123,11 @@ def _tangent_value(*operands, layout, present):
   spec = layout.spec
   with _mode(layout):
     terms = []
+    ka, kb = (fold_key(key, n) for n in TANGENT_KEYS)
     if present[0]:
-      terms.append(spec.product(_quantize_tangent(next(tangents), spec, fold_key(key, 3)), qb))
+      terms.append(spec.product(_quantize_tangent(next(tangents), spec, ka), qb))
     if present[1]:
-      terms.append(spec.product(qa, _quantize_tangent(next(tangents), spec, fold_key(key, 4))))
+      terms.append(spec.product(qa, _quantize_tangent(next(tangents), spec, kb)))
     return functools.reduce(jnp.add, terms)
 
 
@@ -144,7 +146,8 @@ def _tangent_abstract_eval(*operands, layout, present):
 
 def _cotangent_abstract_eval(g, a, b, *rest, layout):
   spec = layout.spec
-  return [output_aval(a.shape, spec.lhs_dtype, g, a, b), output_aval(b.shape, spec.rhs_dtype, g, a, b)]
+  return [output_aval(a.shape, spec.lhs_dtype, g, a, b),
+          output_aval(b.shape, spec.rhs_dtype, g, a, b)]
 
 
 # ---------------------------------------------------------------------------------------
@@ -161,11 +164,12 @@ def _partner_swaps(operands, dots, layout):
   quantized) replaced by its tangent (and ``Qg`` of it)."""
   a, b, qa, qb, key = _unpack(operands, layout)
   da, db = (_nonzero(t) for t in dots[:2])
+  ka, kb = (fold_key(key, n) for n in PARTNER_TANGENT_KEYS)
   swaps = []
   if da is not None:
-    swaps.append((0, (da, b, _quantize_tangent(da, layout.spec, fold_key(key, 5)), qb, key)))
+    swaps.append((0, (da, b, _quantize_tangent(da, layout.spec, ka), qb, key)))
   if db is not None:
-    swaps.append((1, (a, db, qa, _quantize_tangent(db, layout.spec, fold_key(key, 6)), key)))
+    swaps.append((1, (a, db, qa, _quantize_tangent(db, layout.spec, kb), key)))
   return swaps
 
 
@@ -206,12 +210,17 @@ def _cotangent_jvp(primals, dots, *, layout):
   return out, [_sum_or_zero(ts, o) for ts, o in zip(terms, out)]
 
 
+_NO_REVERSE_OVER_REVERSE = (
+    "reverse mode over a derivative of a DFP op with respect to its quantized operand (e.g. "
+    "jax.grad of jax.grad through both operands) is not defined: that term quantizes a tangent, "
+    "which has no transpose. Forward over reverse (jax.hessian, jax.jvp of jax.grad) is; "
+    "see docs/numerics.md, 'Forward mode and higher order'.")
 
 
 def _tangent_transpose(ct, *operands, layout, present):
   n = sum(present)
   if any(ad.is_undefined_primal(x) for x in operands[n:]):
-    raise NotImplementedError("dfp_tangent: the quantized partners are not linear inputs")
+    raise NotImplementedError(_NO_REVERSE_OVER_REVERSE)
   nones = [None] * (len(operands) - n)
   if type(ct) is ad.Zero:
     return [None] * n + nones
@@ -221,14 +230,12 @@ def _tangent_transpose(ct, *operands, layout, present):
 
 def _cotangent_transpose(cts, g, *operands, layout):
   if any(ad.is_undefined_primal(x) for x in operands):
-    raise NotImplementedError("dfp_cotangent: the quantized partners are not linear inputs")
+    raise NotImplementedError(_NO_REVERSE_OVER_REVERSE)
   ct_a, ct_b = (_nonzero(c) for c in cts)
   nones = [None] * len(operands)
   if ct_a is None and ct_b is None:
     return [None] + nones
   return [bind_tangent(ct_a, ct_b, *_unpack(operands, layout), layout.spec)] + nones
-
-
 
 
 # ---------------------------------------------------------------------------------------
@@ -268,7 +275,8 @@ def _define(prim, value, abstract_eval, jvp_rule, transpose_rule):
 
   def batch_rule(args, dims, *, vmaps, **params):
     flags = tuple(d is not None for d in dims)
-    args = [batching.bdim_at_front(x, d, x.shape[d]) if f else x for x, d, f in zip(args, dims, flags)]
+    args = [batching.bdim_at_front(x, d, x.shape[d]) if f else x
+            for x, d, f in zip(args, dims, flags)]
     out = prim.bind(*args, vmaps=(flags, *vmaps), **params)
     return out, ([0] * len(out) if multiple else 0)
 
@@ -282,7 +290,8 @@ def _define(prim, value, abstract_eval, jvp_rule, transpose_rule):
       ts = [next(it) if n else ad.Zero(_unbatched(t.aval, f))
             for t, n, f in zip(tangents, nonzero, flags)]
       out, t_out = full_jvp(primals, ts, vmaps=vmaps[1:], **params)
-      return out, ([ad.instantiate_zeros(t) for t in t_out] if multiple else ad.instantiate_zeros(t_out))
+      t_out = [ad.instantiate_zeros(t) for t in t_out] if multiple else ad.instantiate_zeros(t_out)
+      return out, t_out
 
     some = [t for t, n in zip(tangents, nonzero) if n]
     return jax.vmap(inner, in_axes=(_axes(flags), [a for a, n in zip(_axes(flags), nonzero) if n]))(
