@@ -227,7 +227,9 @@ def dfp_conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=Non
   feature groups (depthwise included) and batch groups. Both operands are quantized per
   tensor with ``config.forward``, convolved exactly over the integers and scaled once into
   the output type; backward-data and backward-weights are exact convolutions of the
-  cotangent (quantized with ``config.gradient``) with the forward's quantized operands.
+  cotangent (quantized with ``config.gradient``) with the forward's quantized operands;
+  tangents (``jax.jvp``, ``jax.hessian``) are DFP convolutions of the tangents, quantized
+  likewise, and those operands (docs/numerics.md, "Forward mode and higher order").
   ``precision`` is accepted for compatibility and ignored.
   """
   del precision

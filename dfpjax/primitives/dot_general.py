@@ -347,7 +347,8 @@ def dfp_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_eleme
   with channel granularity, along each operand's last free axis), multiplied exactly
   over the integers and scaled once into the output type. Gradients are DFP products
   of the cotangent, quantized with ``config.gradient``, and the forward's quantized
-  operands.
+  operands; tangents (``jax.jvp``, ``jax.hessian``) are DFP products of the tangents,
+  quantized likewise, and those operands (docs/numerics.md, "Forward mode and higher order").
 
   Operands quantized beforehand (both :class:`dfpjax.DFPTensor`, e.g. from
   :func:`dfpjax.quantize`; a per-channel one along its last free axis) are multiplied as
