@@ -147,6 +147,18 @@ def test_vmap_of_jvp_is_per_example():
   assert_bitwise_equal(jax.vmap(f)(a, ta), jnp.stack([f(a[i], ta[i]) for i in range(3)]))
 
 
+def test_grad_of_vmap_is_per_example_gradients():
+  # Transposing a batched tangent primitive: a batched operand gets its per-example
+  # gradient, a shared one the sum over the batch.
+  a, b = _normal(0, (3, 4, 5)), _normal(1, (5, 2))
+  loss = lambda a, b: jnp.sum(dfpjax.dfp_dot_general(a, b, DENSE) ** 2)
+  batched = lambda a, b: jnp.sum(jax.vmap(loss, in_axes=(0, None))(a, b))
+  ga, gb = jax.grad(batched, argnums=(0, 1))(a, b)
+  each = [jax.grad(loss, argnums=(0, 1))(a[i], b) for i in range(3)]
+  assert_bitwise_equal(ga, jnp.stack([g[0] for g in each]))
+  np.testing.assert_allclose(gb, sum(g[1] for g in each), rtol=1e-6)
+
+
 # ---------------------------------------------------------------------------------------
 # Second order: Hessian-vector products and Hessians are DFP products.
 # ---------------------------------------------------------------------------------------
