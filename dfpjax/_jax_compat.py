@@ -42,11 +42,13 @@ check_jax_version(jax.__version__, supported_jax())
 # Tracing and interpreting jaxprs (transform/): the jaxpr data types, tracing a function
 # to a jaxpr and binding equations under their source info, as core.eval_jaxpr does.
 from jax._src import api_util  # debug_info and static argnums of the functions we trace
-from jax._src import core  # Jaxpr, Var, Literal, typeof, last_used: what eval_jaxpr walks
+from jax._src import core  # Jaxpr, Var, Literal, typeof, last_used: what eval_jaxpr walks;
+# mapped_aval/unmapped_aval for the DFP ops' bilinear primitives' batching
 from jax._src import linear_util as lu  # WrappedFun: the subfuns call primitives bind with
 from jax._src import source_info_util  # name stacks: module paths, the backward marker
 from jax._src.ad_util import SymbolicZero, Zero  # the symbolic zeros custom rules pass
-from jax._src.interpreters import ad  # CustomVJPException, raised as JAX's custom_vjp does
+from jax._src.interpreters import ad  # CustomVJPException (as JAX's custom_vjp raises it);
+# primitive_jvps/transposes, Zero, instantiate_zeros: the DFP ops' forward-mode rules
 from jax._src.interpreters import partial_eval as pe  # trace_to_jaxpr, separate_consts
 from jax._src.tree_util import FlatTree  # the flat-args form trace_to_jaxpr takes
 # Higher-order primitives the interpreter rewrites inside, absent from jax.extend.

@@ -12,7 +12,8 @@ Two layers, as for ``dot_general``:
   times the exact integer product) on every other platform.
 * ``dfp_conv_general_dilated`` -- the user-facing op with ``lax.conv_general_dilated``'s
   signature: quantizes, transposes the mantissas into the canonical layout (a no-op for
-  Flax's NHWC/HWIO), calls the primitive and carries the DFP gradient rule. Backward-data is
+  Flax's NHWC/HWIO), calls the primitive and is differentiable in every mode through
+  ``bilinear.dfp_product`` (``_Spec.cotangents`` is the DFP gradient rule). Backward-data is
   a forward convolution with the parameters JAX's own transpose rule derives
   (``conv_transpose.transpose_lhs`` follows it line by line), split into stride-1 phases
   where the input is dilated, or col2im for inputs with few channels; backward-weights is the primitive's
@@ -22,7 +23,6 @@ Two layers, as for ``dot_general``:
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -33,11 +33,10 @@ from jax.interpreters import batching
 from dfpjax import cpu_ffi
 from dfpjax.numerics.config import DFPConfig, QuantConfig
 from dfpjax.numerics.quantization import DFPTensor
-from dfpjax.primitives import conv_transpose, reference, registry
+from dfpjax.primitives import bilinear, conv_transpose, reference, registry
 from dfpjax.primitives.conv_params import (ConvParams, Geometry, canonical_params, channels_last,
-                                           window_first)
-from dfpjax.primitives.operands import (classic_custom_vjp, float_operands, fold_key,
-                                        matching_manual_axes, output_dtype)
+                                           float_conv_shape, window_first)
+from dfpjax.primitives.operands import float_operands, fold_key, matching_manual_axes, output_dtype
 from dfpjax.primitives.quantize import quantize_operand
 from dfpjax.primitives.registry import output_aval
 
@@ -177,12 +176,13 @@ def _exact_backward_weights(qx: DFPTensor, qg: DFPTensor, rhs_shape, p: ConvPara
 
 
 # ---------------------------------------------------------------------------------------
-# Differentiation: the DFP gradient rule (spec section 4).
+# Differentiation: spec section 4 and the tangent rules, through ``bilinear``.
 # ---------------------------------------------------------------------------------------
 
 
 @dataclasses.dataclass(frozen=True)
 class _Spec:
+  """A ``dfp_conv_general_dilated`` call's static parameters and its products (``bilinear``)."""
   params: ConvParams
   forward: QuantConfig
   gradient: QuantConfig
@@ -192,28 +192,24 @@ class _Spec:
   lhs_dtype: np.dtype
   rhs_dtype: np.dtype
 
+  def out_shape(self, lhs_shape, rhs_shape):
+    return float_conv_shape(lhs_shape, rhs_shape, self.params)
 
-@functools.partial(classic_custom_vjp, nondiff_argnums=(3,))
+  def product(self, qa: DFPTensor, qb: DFPTensor):
+    return exact_conv(qa, qb, self.params, self.out_dtype)
+
+  def cotangents(self, g, qa: DFPTensor, qb: DFPTensor, key):
+    """Spec section 4: backward-data and backward-weights from cotangent ``g``."""
+    qg = quantize_operand(g, self.gradient, fold_key(key, 2))
+    da = _exact_backward_data(qg, qb, self.lhs_shape, self.params, self.lhs_dtype)
+    db = _exact_backward_weights(qa, qg, self.rhs_shape, self.params, self.rhs_dtype)
+    return da, db
+
+
 def _dfp_conv(lhs, rhs, key, spec: _Spec):
-  return _dfp_conv_fwd(lhs, rhs, key, spec)[0]
-
-
-def _dfp_conv_fwd(lhs, rhs, key, spec: _Spec):
   qa = quantize_operand(lhs, spec.forward, fold_key(key, 0))
   qb = quantize_operand(rhs, spec.forward, fold_key(key, 1))
-  y = exact_conv(qa, qb, spec.params, spec.out_dtype)
-  return y, (qa, qb, key)  # only INT16 mantissas and exponents are kept
-
-
-def _dfp_conv_bwd(spec: _Spec, residuals, g):
-  qa, qb, key = residuals
-  qg = quantize_operand(g, spec.gradient, fold_key(key, 2))
-  da = _exact_backward_data(qg, qb, spec.lhs_shape, spec.params, spec.lhs_dtype)
-  db = _exact_backward_weights(qa, qg, spec.rhs_shape, spec.params, spec.rhs_dtype)
-  return da, db, None
-
-
-_dfp_conv.defvjp(_dfp_conv_fwd, _dfp_conv_bwd)
+  return bilinear.dfp_product(lhs, rhs, qa, qb, key, spec)
 
 # ---------------------------------------------------------------------------------------
 # The op.
@@ -230,7 +226,9 @@ def dfp_conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=Non
   lhs/rhs dilation, feature groups (depthwise included) and batch groups. Both operands are quantized per
   tensor with ``config.forward``, convolved exactly over the integers and scaled once into
   the output type; backward-data and backward-weights are exact convolutions of the
-  cotangent (quantized with ``config.gradient``) with the forward's quantized operands.
+  cotangent (quantized with ``config.gradient``) with the forward's quantized operands;
+  tangents (``jax.jvp``, ``jax.hessian``) are DFP convolutions of the tangents, quantized
+  likewise, and those operands (docs/numerics.md, "Forward mode and higher order").
   ``precision`` is accepted for compatibility and ignored.
   """
   del precision

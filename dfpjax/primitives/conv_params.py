@@ -70,7 +70,7 @@ class Geometry:
         in_channels=cin, out_channels=cout, mode=mode)
 
 
-def _float_conv_shape(lhs_shape, rhs_shape, params: ConvParams):
+def float_conv_shape(lhs_shape, rhs_shape, params: ConvParams):
   """The output shape by JAX's own shape rule (which also validates every parameter)."""
   out = jax.eval_shape(functools.partial(lax.conv_general_dilated, **params.as_kwargs()),
                        jax.ShapeDtypeStruct(lhs_shape, jnp.float32),
@@ -137,7 +137,7 @@ def canonical_params(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilati
                      f"one (low, high) pair per spatial dimension, got {padding!r}") from err
   params = ConvParams(window_strides, padding, lhs_dilation, rhs_dilation, dnums,
                       int(feature_group_count), int(batch_group_count))
-  _float_conv_shape(lhs.shape, rhs.shape, params)  # JAX's checks, with JAX's messages
+  float_conv_shape(lhs.shape, rhs.shape, params)  # JAX's checks, with JAX's messages
   return params
 
 

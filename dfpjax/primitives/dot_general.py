@@ -7,15 +7,15 @@ Two layers, each defined once:
   lowering to the C kernel through XLA FFI and a pure-XLA lowering elsewhere. Its
   inputs are integers, so it needs no differentiation rule of its own.
 * ``dfp_dot_general`` -- the user-facing op with ``lax.dot_general``'s signature:
-  quantizes, calls the primitive, and carries the DFP gradient rule (a ``custom_vjp``
-  whose backward ops are again DFP products of the quantized cotangent with the
-  *same* quantized operands the forward used).
+  quantizes, calls the primitive, and is differentiable in every mode through
+  ``bilinear.dfp_product``: its backward ops are again DFP products of the quantized
+  cotangent with the *same* quantized operands the forward used, its tangent the DFP
+  products of the quantized tangents with them.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 
 import jax
@@ -26,10 +26,9 @@ from jax.interpreters import batching
 from dfpjax import cpu_ffi
 from dfpjax.numerics.config import DFPConfig, QuantConfig
 from dfpjax.numerics.quantization import DFPTensor
-from dfpjax.primitives import reference, registry
-from dfpjax.primitives.operands import (check_dfp_operand, classic_custom_vjp, float_operands,
-                                        fold_key, matching_manual_axes, output_dtype,
-                                        partner_folded)
+from dfpjax.primitives import bilinear, reference, registry
+from dfpjax.primitives.operands import (check_dfp_operand, float_operands, fold_key,
+                                        matching_manual_axes, output_dtype, partner_folded)
 from dfpjax.primitives.quantize import quantize_operand
 from dfpjax.primitives.registry import output_aval
 
@@ -262,18 +261,49 @@ def exact_dot(qa: DFPTensor, qb: DFPTensor, dims: DotDims, out_dtype):
 
 
 # ---------------------------------------------------------------------------------------
-# Differentiation: the DFP gradient rule (spec section 4).
+# Differentiation: spec section 4 and the tangent rules, through ``bilinear``.
 # ---------------------------------------------------------------------------------------
 
 
 @dataclasses.dataclass(frozen=True)
 class _Spec:
+  """A ``dfp_dot_general`` call's static parameters and its products (``bilinear``)."""
   dims: DotDims
   forward: QuantConfig
   gradient: QuantConfig
   out_dtype: np.dtype
   lhs_dtype: np.dtype  # the cotangents' types
   rhs_dtype: np.dtype
+
+  def out_shape(self, lhs_shape, rhs_shape):
+    d = self.dims
+    return (tuple(lhs_shape[i] for i in d.lhs_batch) + tuple(lhs_shape[i] for i in d.lhs_free)
+            + tuple(rhs_shape[i] for i in d.rhs_free))
+
+  def product(self, qa: DFPTensor, qb: DFPTensor):
+    return exact_dot(qa, qb, self.dims, self.out_dtype)
+
+  def cotangents(self, g, qa: DFPTensor, qb: DFPTensor, key):
+    """Spec section 4: ``(d lhs, d rhs)`` from cotangent ``g`` and the forward's ``qa``, ``qb``."""
+    dims = self.dims
+    nb, nlf = len(dims.lhs_batch), len(dims.lhs_free)
+    key_g = fold_key(key, 2)
+
+    # d lhs = dot(g, rhs): all of rhs's free axes (its channel axis among them) are
+    # contracted, so rhs's exponent is folded into g before g is quantized.
+    da_dims, da_perm = dims.transpose_lhs()
+    g_q, rhs_m = partner_folded(g, qb, g.ndim - 1, self.gradient, key_g)
+    da = exact_dot(g_q, rhs_m, da_dims, self.lhs_dtype)
+
+    # d rhs = dot(g', lhs), g' being g with its lhs-free axes moved last: lhs's free axes
+    # are contracted. g is quantized in its own layout (the stochastic draws are indexed
+    # by it) and then transposed.
+    db_dims, db_perm = dims.transpose_rhs()
+    g_perm = tuple(range(nb)) + tuple(range(nb + nlf, g.ndim)) + tuple(range(nb, nb + nlf))
+    g_q2, lhs_m = partner_folded(g, qa, nb + nlf - 1, self.gradient, key_g)
+    g_q2 = DFPTensor(jnp.transpose(g_q2.mantissa, g_perm), g_q2.exponent)
+    db = exact_dot(g_q2, lhs_m, db_dims, self.rhs_dtype)
+    return jnp.transpose(da, da_perm), jnp.transpose(db, db_perm)
 
 
 def _quantize_operand(x, cfg, key, axis):
@@ -282,42 +312,10 @@ def _quantize_operand(x, cfg, key, axis):
   return quantize_operand(x, cfg, key, axis)
 
 
-@functools.partial(classic_custom_vjp, nondiff_argnums=(3,))
 def _dfp_dot(lhs, rhs, key, spec: _Spec):
-  return _dfp_dot_fwd(lhs, rhs, key, spec)[0]
-
-
-def _dfp_dot_fwd(lhs, rhs, key, spec: _Spec):
   qa = _quantize_operand(lhs, spec.forward, fold_key(key, 0), spec.dims.lhs_channel_axis)
   qb = _quantize_operand(rhs, spec.forward, fold_key(key, 1), spec.dims.rhs_channel_axis)
-  # Only the INT16 mantissas (and exponents) are kept for the backward pass.
-  return exact_dot(qa, qb, spec.dims, spec.out_dtype), (qa, qb, key)
-
-
-def _dfp_dot_bwd(spec: _Spec, residuals, g):
-  qa, qb, key = residuals
-  dims = spec.dims
-  nb, nlf = len(dims.lhs_batch), len(dims.lhs_free)
-  key_g = fold_key(key, 2)
-
-  # d lhs = dot(g, rhs): all of rhs's free axes (its channel axis among them) are
-  # contracted, so rhs's exponent is folded into g before g is quantized.
-  da_dims, da_perm = dims.transpose_lhs()
-  g_q, rhs_m = partner_folded(g, qb, g.ndim - 1, spec.gradient, key_g)
-  da = exact_dot(g_q, rhs_m, da_dims, spec.lhs_dtype)
-
-  # d rhs = dot(g', lhs), g' being g with its lhs-free axes moved last: lhs's free axes
-  # are contracted. g is quantized in its own layout (the stochastic draws are indexed
-  # by it) and then transposed.
-  db_dims, db_perm = dims.transpose_rhs()
-  g_perm = tuple(range(nb)) + tuple(range(nb + nlf, g.ndim)) + tuple(range(nb, nb + nlf))
-  g_q2, lhs_m = partner_folded(g, qa, nb + nlf - 1, spec.gradient, key_g)
-  g_q2 = DFPTensor(jnp.transpose(g_q2.mantissa, g_perm), g_q2.exponent)
-  db = exact_dot(g_q2, lhs_m, db_dims, spec.rhs_dtype)
-  return jnp.transpose(da, da_perm), jnp.transpose(db, db_perm), None
-
-
-_dfp_dot.defvjp(_dfp_dot_fwd, _dfp_dot_bwd)
+  return bilinear.dfp_product(lhs, rhs, qa, qb, key, spec)
 
 # ---------------------------------------------------------------------------------------
 # The op.
@@ -351,7 +349,8 @@ def dfp_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_eleme
   with channel granularity, along each operand's last free axis), multiplied exactly
   over the integers and scaled once into the output type. Gradients are DFP products
   of the cotangent, quantized with ``config.gradient``, and the forward's quantized
-  operands.
+  operands; tangents (``jax.jvp``, ``jax.hessian``) are DFP products of the tangents,
+  quantized likewise, and those operands (docs/numerics.md, "Forward mode and higher order").
 
   Operands quantized beforehand (both :class:`dfpjax.DFPTensor`, e.g. from
   :func:`dfpjax.quantize`; a per-channel one along its last free axis) are multiplied as

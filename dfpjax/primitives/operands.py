@@ -1,4 +1,4 @@
-"""Shared by the DFP ops: argument checks, keys, gradient folding, custom_vjp."""
+"""Shared by the DFP ops: argument checks, keys, gradient folding."""
 
 from __future__ import annotations
 

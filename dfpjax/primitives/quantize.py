@@ -17,6 +17,7 @@ import numpy as np
 from jax.interpreters import batching
 
 from dfpjax import cpu_ffi
+from dfpjax._jax_compat import ad
 from dfpjax.numerics.config import QuantConfig
 from dfpjax.numerics.quantization import DFPTensor, quantize_with
 from dfpjax.primitives import reference, registry
@@ -64,7 +65,16 @@ registry.register(dfp_quantize_p, abstract_eval=_abstract_eval, batch_rule=_batc
                   cpu_lowering=_cpu_lowering, xla_lowering=reference.quantize)
 
 # ---------------------------------------------------------------------------------------
-# The op (its integer outputs need no differentiation rule).
+# Differentiation: the outputs are integers, so their tangent is zero (float0). The DFP
+# ops' straight-through rule (``bilinear``) differentiates with respect to the float
+# operand instead.
+# ---------------------------------------------------------------------------------------
+
+ad.primitive_jvps[dfp_quantize_p] = lambda primals, tangents, **params: (
+    (out := dfp_quantize_p.bind(*primals, **params)), [ad.p2tz(o) for o in out])
+
+# ---------------------------------------------------------------------------------------
+# The op.
 # ---------------------------------------------------------------------------------------
 
 
