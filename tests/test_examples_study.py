@@ -224,7 +224,9 @@ def test_the_study_configs(network):
   # The ImageNet schedule, compressed: the same learning rate and the same fractions of training.
   assert config.base_learning_rate == imagenet.base_learning_rate
   ratio = config.num_epochs / imagenet.num_epochs
-  assert config.warmup_epochs == pytest.approx(imagenet.warmup_epochs * ratio)
+  # GoogLeNet alone adds a warm-up (its FP32 loss diverges without one).
+  warmup = 0.1 if network == "googlenet" else imagenet.warmup_epochs * ratio
+  assert config.warmup_epochs == pytest.approx(warmup)
   assert config.lr_decay_epochs == pytest.approx([e * ratio for e in imagenet.lr_decay_epochs])
   assert the_study.base_config("imagenet_folder") == dataclasses.replace(
       imagenet, dataset="imagenet_folder")

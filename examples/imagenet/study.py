@@ -187,13 +187,17 @@ def _minutes(seconds: float) -> str:
   return f"{seconds / 60:.1f} min"
 
 
-def _eta(pending: Sequence[Run], walls: dict[bool, list[float]]) -> str:
-  """Remaining time from the mean wall time of the runs timed so far, FP32 and DFP apart."""
+def _eta(pending: Sequence[Run], walls: dict[tuple[str, bool], list[float]]) -> str:
+  """Remaining time from the mean wall time of the runs timed so far: of the same network and
+  arithmetic (FP32 or DFP), else of the same network, else of all."""
   known = [t for times in walls.values() for t in times]
   if not known:
     return "ETA unknown until a run finishes"
   mean = lambda times: sum(times) / len(times)
-  total = sum(mean(walls.get(r.config.dfp) or known) for r in pending)
+  total = 0.0
+  for run in pending:
+    same_network = [t for (network, _), ts in walls.items() if network == run.network for t in ts]
+    total += mean(walls.get((run.network, run.config.dfp)) or same_network or known)
   return f"ETA {_minutes(total)} for {len(pending)} run(s)"
 
 
@@ -201,10 +205,10 @@ def run_grid(runs: Sequence[Run], log: Callable[[str], None] = print) -> list[di
   """Trains the runs not finished yet, in order, with a progress line per run; returns every
   run's summary. Wall times (for the ETA) come from the finished runs' summaries."""
   summaries = [finished_summary(run) for run in runs]  # every directory checked before training
-  walls: dict[bool, list[float]] = {}
+  walls: dict[tuple[str, bool], list[float]] = {}
   for run, summary in zip(runs, summaries):
     if summary is not None:
-      walls.setdefault(run.config.dfp, []).append(summary["wall_time_s"])
+      walls.setdefault((run.network, run.config.dfp), []).append(summary["wall_time_s"])
   n = len(runs)
   for i, run in enumerate(runs):
     head = f"[{i + 1}/{n}] {run.label}"
@@ -218,7 +222,7 @@ def run_grid(runs: Sequence[Run], log: Callable[[str], None] = print) -> list[di
     start = time.perf_counter()
     summaries[i] = train.train_and_evaluate(run.config, run.directory)
     elapsed = time.perf_counter() - start
-    walls.setdefault(run.config.dfp, []).append(elapsed)
+    walls.setdefault((run.network, run.config.dfp), []).append(elapsed)
     log(f"{head}: done in {_minutes(elapsed)}, eval top-1 {summaries[i]['eval_top1']:.4f}, "
         f"top-5 {summaries[i]['eval_top5']:.4f}, loss {summaries[i]['eval_loss']:.4f}")
   return summaries
@@ -238,9 +242,7 @@ def run_studies(studies: Sequence[Study], workdir: str, *, dataset: str | None =
     settings, seeds: the part of the grid to train (None: all of it).
   """
   bases = [dataclasses.replace(s.base_config(dataset), **(overrides or {})) for s in studies]
-  for study in studies:  # a bad name fails before any training
-    for name in settings or ():
-      study.setting(name)
+  # Every study is planned before any training, so that a bad setting name fails first.
   runs = [run for study, base in zip(studies, bases)
           for run in plan(study, workdir, base, settings, seeds)]
   if train_runs:
