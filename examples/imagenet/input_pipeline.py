@@ -38,7 +38,10 @@ FASHION_MNIST_STD = (0.3530 * 255,) * 3
 DEBIAN_FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 SHIPPED_FASHION_MNIST = str(pathlib.Path(__file__).parent / "data" / "fashion_mnist_subset.npz")
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png")
-DATASETS = ("imagenet_folder", "imagenet_tfds", "fashion_mnist", "fashion_mnist_subset")
+# Fashion-MNIST datasets by which files they read (see _fashion_mnist_path).
+FASHION_MNIST_DATASETS = {"fashion_mnist": "auto", "fashion_mnist_full": "full",
+                          "fashion_mnist_subset": "subset"}
+DATASETS = ("imagenet_folder", "imagenet_tfds", *FASHION_MNIST_DATASETS)
 # The centre crop keeps 87.5% of the shorter side (224 of 256), as is standard for ImageNet.
 EVAL_CROP_FRACTION = 0.875
 
@@ -157,15 +160,21 @@ def read_fashion_mnist_idx(directory: str, split: str) -> tuple[np.ndarray, np.n
   return read("images", 2051, 4), read("labels", 2049, 2)
 
 
-def _fashion_mnist_path(data_dir: str | None, full: bool) -> str:
-  """Debian's full set when present (and wanted), else the shipped subset."""
+def _fashion_mnist_path(data_dir: str | None, which: str) -> str:
+  """``which``: "full" (Debian's set, required), "auto" (the full set when present, else the
+  shipped subset) or "subset"."""
   directory = data_dir or DEBIAN_FASHION_MNIST_DIR
-  if full and os.path.exists(os.path.join(directory, "train-images-idx3-ubyte.gz")):
+  full_looked = os.path.join(directory, "{train,t10k}-*-idx*-ubyte.gz")
+  if which != "subset" and os.path.exists(os.path.join(directory, "train-images-idx3-ubyte.gz")):
     return directory
+  if which == "full":
+    raise FileNotFoundError(
+        f"dataset 'fashion_mnist_full' needs the full Fashion-MNIST at {full_looked} (Debian: "
+        "apt-get install dataset-fashion-mnist; or --data_dir to a folder of the IDX files)")
   if os.path.exists(SHIPPED_FASHION_MNIST):
     return SHIPPED_FASHION_MNIST
-  looked = ([os.path.join(directory, "{train,t10k}-*-idx*-ubyte.gz")] if full else [])
-  raise FileNotFoundError(f"no Fashion-MNIST: looked at {looked + [SHIPPED_FASHION_MNIST]}")
+  looked = ([full_looked] if which == "auto" else []) + [SHIPPED_FASHION_MNIST]
+  raise FileNotFoundError(f"no Fashion-MNIST: looked at {looked}")
 
 
 def _load_fashion_mnist(path: str, split: str) -> tuple[np.ndarray, np.ndarray]:
@@ -192,8 +201,8 @@ class FashionMNISTReader:
     return {**self.__dict__, "_arrays": None}  # workers reload instead of unpickling 47 MB
 
 
-def fashion_mnist_source(split: str, data_dir: str | None = None, full: bool = True) -> Source:
-  path = _fashion_mnist_path(data_dir, full)
+def fashion_mnist_source(split: str, data_dir: str | None = None, which: str = "auto") -> Source:
+  path = _fashion_mnist_path(data_dir, which)
   arrays = _load_fashion_mnist(path, split)
   n = len(arrays[1])
   return Source(range(n), FashionMNISTReader(path, split, arrays), 10, FASHION_MNIST_MEAN,
@@ -212,9 +221,9 @@ def make_source(dataset: str, split: str, data_dir: str | None = None) -> Source
     return image_folder_source(data_dir, "train" if train else "val")
   if dataset == "imagenet_tfds":
     return tfds_source("train" if train else "validation", data_dir)
-  if dataset in ("fashion_mnist", "fashion_mnist_subset"):
+  if dataset in FASHION_MNIST_DATASETS:
     return fashion_mnist_source("train" if train else "test", data_dir,
-                                full=dataset == "fashion_mnist")
+                                FASHION_MNIST_DATASETS[dataset])
   raise ValueError(f"unknown dataset {dataset!r}; available: {DATASETS}")
 
 

@@ -3,9 +3,12 @@
     python -m examples.imagenet.main --config fashion_mnist_resnet --workdir /tmp/fmnist
     python -m examples.imagenet.main --config default --data_dir /data/imagenet --workdir /tmp/r50
     python -m examples.imagenet.main compare --config fashion_mnist_resnet --workdir /tmp/cmp
+    python -m examples.imagenet.main study --config study_resnet18,study_alexnet --workdir /tmp/s
 
 ``train`` (the default mode) trains one run, resuming from --workdir's latest checkpoint;
-``compare`` trains FP32 and DFP from the same seed and data order and tabulates both.
+``compare`` trains FP32 and DFP from the same seed and data order and tabulates both;
+``study`` trains (or resumes) the grids of comma-separated study configs, networks x settings x
+seeds, and summarises them (docs/accuracy.md).
 """
 
 from __future__ import annotations
@@ -16,19 +19,30 @@ import importlib
 import importlib.util
 import sys
 
-from examples.imagenet import compare, input_pipeline, train
+from examples.imagenet import compare, input_pipeline, study, train
 from examples.imagenet.configs.base import Config
 
 
-def load_config(name_or_path: str) -> Config:
-  """A module of examples/imagenet/configs by name (``default``), or a path to a .py file."""
+def load_config_module(name_or_path: str):
+  """A module of examples/imagenet/configs by name (``default``), or a .py file by path."""
   if name_or_path.endswith(".py"):
     spec = importlib.util.spec_from_file_location("imagenet_config", name_or_path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-  else:
-    module = importlib.import_module(f"examples.imagenet.configs.{name_or_path}")
-  return module.get_config()
+    return module
+  return importlib.import_module(f"examples.imagenet.configs.{name_or_path}")
+
+
+def load_config(name_or_path: str) -> Config:
+  return load_config_module(name_or_path).get_config()
+
+
+def load_study(name_or_path: str) -> study.Study:
+  module = load_config_module(name_or_path)
+  if not hasattr(module, "get_study"):
+    raise ValueError(f"--config {name_or_path!r} is not a study config (it has no get_study()); "
+                     "the study configs are examples/imagenet/configs/study_*.py")
+  return module.get_study()
 
 
 def _patterns(text: str) -> tuple[str, ...]:
@@ -38,15 +52,18 @@ def _patterns(text: str) -> tuple[str, ...]:
 def parse_args(argv=None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("mode", nargs="?", choices=("train", "compare"), default="train")
+  parser.add_argument("mode", nargs="?", choices=("train", "compare", "study"), default="train")
   parser.add_argument("--config", default="default",
-                      help="config name in examples/imagenet/configs, or a .py path")
+                      help="config name in examples/imagenet/configs, or a .py path; for "
+                      "study, comma-separated study configs")
   parser.add_argument("--workdir", required=True, help="checkpoints, metrics and plots go here")
   # Every flag below overrides the config field of the same name (dest) when given.
   parser.add_argument("--dfp", action=argparse.BooleanOptionalAction, default=None,
                       help="run convolutions and matmuls in INT16 dynamic fixed point")
   parser.add_argument("--dfp_bits", type=int, help="DFP mantissa bits (2..16)")
   parser.add_argument("--dfp_rounding", choices=("nearest", "stochastic"))
+  parser.add_argument("--dfp_headroom", type=int,
+                      help="DFP headroom bits (0..bits-2; 2 is the paper's exponent choice)")
   parser.add_argument("--dfp_keep_float", type=_patterns,
                       help="comma-separated module-path globs kept in float, "
                       "e.g. '*/conv_init,*/head'")
@@ -65,18 +82,52 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument("--log_every_steps", type=int)
   parser.add_argument("--eval_every_steps", type=int)
   parser.add_argument("--checkpoint_every_steps", type=int)
-  return parser.parse_args(argv)
+  group = parser.add_argument_group("study", "which part of the grid to train (the summary "
+                                    "always covers every finished run)")
+  group.add_argument("--settings", type=_patterns,
+                     help="comma-separated setting names, e.g. 'fp32,dfp16' (default: all)")
+  group.add_argument("--seeds", type=_seeds, help="comma-separated seeds (default: the study's)")
+  group.add_argument("--report_only", action="store_true",
+                     help="train nothing, only rewrite the summary")
+  args = parser.parse_args(argv)
+  if args.mode != "study" and (args.settings or args.seeds or args.report_only):
+    parser.error("--settings, --seeds and --report_only belong to the study mode")
+  return args
+
+
+def _seeds(text: str) -> tuple[int, ...]:
+  return tuple(int(s) for s in _patterns(text))
+
+
+def config_overrides(args: argparse.Namespace) -> dict:
+  """The Config fields that flags set."""
+  fields = {f.name for f in dataclasses.fields(Config)}
+  return {k: v for k, v in vars(args).items() if k in fields and v is not None}
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
   """The --config file's config with the fields that flags set replaced."""
-  fields = {f.name for f in dataclasses.fields(Config)}
-  overrides = {k: v for k, v in vars(args).items() if k in fields and v is not None}
-  return dataclasses.replace(load_config(args.config), **overrides)
+  return dataclasses.replace(load_config(args.config), **config_overrides(args))
+
+
+def run_study(args: argparse.Namespace) -> str:
+  overrides = config_overrides(args)
+  owned = sorted(k for k in overrides if k.startswith("dfp") or k == "seed")
+  if owned:
+    raise ValueError(f"study mode sets {owned} itself, per run: choose runs with --settings and "
+                     "--seeds instead")
+  dataset = overrides.pop("dataset", None)
+  studies = [load_study(name) for name in _patterns(args.config)]
+  return study.run_studies(studies, args.workdir, dataset=dataset, overrides=overrides,
+                           settings=args.settings, seeds=args.seeds,
+                           train_runs=not args.report_only)
 
 
 def main(argv=None):
   args = parse_args(argv)
+  if args.mode == "study":
+    print(run_study(args))
+    return
   config = config_from_args(args)
   if args.mode == "compare":
     print(compare.run_compare(config, args.workdir))

@@ -279,11 +279,12 @@ class VGG(nn.Module):
   """VGG (Simonyan & Zisserman 2015), configuration D (VGG-16) by default.
 
   ``batch_norm=True`` adds BatchNorm after each convolution (torchvision's vgg16_bn); the original
-  has none.
+  has none. ``layers`` and ``hidden`` (the width of fc6/fc7) narrow the net for small images.
   """
   num_classes: int
   layers: Sequence[Any] = VGG16_LAYERS
   batch_norm: bool = False
+  hidden: int = 4096
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -301,7 +302,7 @@ class VGG(nn.Module):
                          dtype=self.dtype, name=f"bn{block}_{index}")(x)
       x = nn.relu(x)
       index += 1
-    return classifier(adaptive_avg_pool(x, 7), self.num_classes, 4096, train, self.dtype)
+    return classifier(adaptive_avg_pool(x, 7), self.num_classes, self.hidden, train, self.dtype)
 
 
 # ----------------------------------------------------------------------------- AlexNet
@@ -319,10 +320,11 @@ class AlexNet(nn.Module):
   (the same as Caffe's bvlc_alexnet).
 
   ``one_tower=True``: torchvision's single-tower variant (64/192/384/256/256 channels, no LRN,
-  61,100,840 parameters).
+  61,100,840 parameters). ``hidden`` is the width of fc6/fc7.
   """
   num_classes: int
   one_tower: bool = False
+  hidden: int = 4096
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -346,7 +348,7 @@ class AlexNet(nn.Module):
     for i in (2, 3, 4):
       x = nn.relu(conv(widths[i], (3, 3), feature_group_count=groups[i], name=f"conv{i + 1}")(x))
     x = max_pool(x, 3, 2)
-    return classifier(adaptive_avg_pool(x, 6), self.num_classes, 4096, train, self.dtype)
+    return classifier(adaptive_avg_pool(x, 6), self.num_classes, self.hidden, train, self.dtype)
 
 
 # ----------------------------------------------------------------------------- registry

@@ -126,7 +126,8 @@ def eval_step(state: TrainState, batch):
 def make_dfp_config(config: Config):
   """The ``dfpjax.DFPConfig`` of ``config``'s DFP fields (also what ``dfpjax.report`` takes)."""
   import dfpjax  # pylint: disable=g-import-not-at-top
-  quant = dfpjax.QuantConfig(bits=config.dfp_bits, rounding=config.dfp_rounding)
+  quant = dfpjax.QuantConfig(bits=config.dfp_bits, rounding=config.dfp_rounding,
+                             headroom=config.dfp_headroom)
   return dfpjax.DFPConfig(forward=quant, gradient=quant, keep_float=config.dfp_keep_float)
 
 
@@ -229,7 +230,6 @@ def train_and_evaluate(config: Config, workdir: str) -> dict[str, Any]:
   eval_every = _every(config.eval_every_steps, steps_per_epoch)
   checkpoint_every = _every(config.checkpoint_every_steps, steps_per_epoch)
   window, timed_images, timed_seconds = [], 0, 0.0
-  train_summary, eval_summary = {}, {}
   start_time = time.perf_counter()
   with input_pipeline.Loader(train_source, batch_size=config.batch_size, train=True,
                              image_size=config.image_size, seed=config.seed,
@@ -273,6 +273,11 @@ def train_and_evaluate(config: Config, workdir: str) -> dict[str, Any]:
   progress.close()
   writer.close()
 
+  # The last records rather than this session's: a run stopped between its final checkpoint and
+  # its summary resumes with no step left to take.
+  records = reporting.read_metrics(workdir)
+  train_summary = next((r for r in reversed(records) if r["split"] == "train"), {})
+  eval_summary = next((r for r in reversed(records) if r["split"] == "eval"), {})
   summary = {
       "steps": num_steps,
       "train_loss": train_summary.get("loss", float("nan")),
@@ -284,6 +289,5 @@ def train_and_evaluate(config: Config, workdir: str) -> dict[str, Any]:
   }
   with open(summary_path, "w", encoding="utf-8") as f:
     json.dump(summary, f, indent=2)
-  reporting.plot_curves({config.model: reporting.read_metrics(workdir)},
-                        os.path.join(workdir, "curves.png"))
+  reporting.plot_curves({config.model: records}, os.path.join(workdir, "curves.png"))
   return summary

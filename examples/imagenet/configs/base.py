@@ -47,4 +47,5 @@ class Config:
   dfp: bool = False
   dfp_bits: int = 16
   dfp_rounding: str = "nearest"
+  dfp_headroom: int = 0  # 2 is the paper's exponent choice (dfpjax.QuantConfig.headroom)
   dfp_keep_float: tuple[str, ...] = ()
