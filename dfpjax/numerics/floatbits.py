@@ -3,7 +3,7 @@
 XLA:CPU runs with denormals flushed to zero and some backends flush on GPU too, so
 every step of the DFP contract that could touch a subnormal is done here on the
 integer bit patterns instead of with float arithmetic. The C kernel implements
-the same algorithms (``cpu_ffi/src/dfp_encode.h``); both follow ``docs/numerics.md``.
+the same algorithms (``cpu_ffi/src/encode.h``); both follow ``docs/numerics.md``.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Shared by the DFP ops: argument checks, keys, gradient folding."""
+"""Shared by the DFP ops: argument checks, keys, gradient folding; and the classic
+custom_vjp of the site wrapper of report and diagnose."""
 
 from __future__ import annotations
 
@@ -77,9 +78,11 @@ def output_dtype(preferred_element_type, op: str) -> np.dtype:
 
 def classic_custom_vjp(fun, nondiff_argnums=()):
   """``jax.custom_vjp(fun, nondiff_argnums)`` in its classic form whatever
-  ``jax_custom_vjp3`` says: the DFP ops then stay ``custom_vjp_call`` equations whose
-  jaxprs show their DFP primitives (to ``dfpjax.report`` and jaxpr walkers), and avoid
-  JAX 0.10's failure to differentiate a hijax custom_vjp inside ``jax.checkpoint``."""
+  ``jax_custom_vjp3`` says, for the site wrapper of ``report`` and ``diagnose``
+  (``recording.wrap``; the DFP ops themselves are a ``custom_jvp``,
+  ``bilinear.dfp_product``): it stays a ``custom_vjp_call`` equation whose jaxpr shows the
+  DFP primitives (to ``report`` and jaxpr walkers), and avoids JAX 0.10's failure to
+  differentiate a hijax custom_vjp inside ``jax.checkpoint``."""
   with custom_vjp3(False):
     return jax.custom_vjp(fun, nondiff_argnums=nondiff_argnums)
 
