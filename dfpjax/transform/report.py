@@ -108,9 +108,10 @@ def trace(fn: Callable, args, kwargs):
 # Sites in a traced program.
 # ---------------------------------------------------------------------------------------
 
-_PRODUCTS = {"dot_general", "conv_general_dilated", "ragged_dot_general", "dfp_dot_general",
-             "dfp_conv"}
-_DFP_PRODUCTS = {"dfp_dot_general", "dfp_conv"}
+# A DFP op's derivatives are its own primitives (primitives/bilinear.py): ``dfp_tangent``
+# (forward mode) and ``dfp_cotangent`` (the backward pass, both gradient products).
+_DFP_PRODUCTS = {"dfp_dot_general", "dfp_conv", "dfp_tangent", "dfp_cotangent"}
+_PRODUCTS = {"dot_general", "conv_general_dilated", "ragged_dot_general", *_DFP_PRODUCTS}
 _OUTSIDE = "outside dfp_transform"
 _DFP_GRADIENT = "gradient of a DFP site (cotangent quantized with config.gradient)"
 
