@@ -257,6 +257,9 @@ def _unbatched(x, batched):
 
 
 def _define(prim, value, abstract_eval, jvp_rule, transpose_rule):
+  """Registers ``prim``'s lowering, shape, batching, JVP and transpose rules, each the
+  unbatched rule wrapped to peel the ``vmaps`` stack (above). One function, longer than
+  most, because the five wrappers share that one recursion and must stay in step."""
   multiple = prim.multiple_results
 
   def full_value(*operands, vmaps, **params):
