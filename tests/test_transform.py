@@ -24,6 +24,7 @@ import dfpjax
 from dfpjax.primitives import reference_mode
 from dfpjax.transform import dfp_transform, report
 from dfpjax.transform.names import is_backward, module_path
+from dfpjax.transform.report import _walk as walk
 
 # Compile options. FAST: less LLVM optimization (compile time dominates these tests).
 # SAME_CODEGEN: also no HLO fusion. XLA compiles the float code around a DFP product
@@ -55,21 +56,6 @@ def assert_bitwise_equal(a, b):
   for path_a, x, y in zip(jax.tree_util.tree_leaves_with_path(a), leaves_a, leaves_b):
     assert np.asarray(x).dtype == np.asarray(y).dtype, path_a[0]
     assert np.array_equal(np.asarray(x), np.asarray(y)), jax.tree_util.keystr(path_a[0])
-
-
-def walk(jaxpr, name_stack=source_info_util.NameStack()):
-  """Yields (eqn, absolute name stack) for every equation, sub-jaxprs included."""
-  for eqn in jaxpr.eqns:
-    stack = name_stack + eqn.source_info.name_stack
-    yield eqn, stack
-    for value in eqn.params.values():
-      if isinstance(value, hijax.CustomVJPTraced):   # a custom_vjp under jax_custom_vjp3
-        value = value.traced.jaxpr
-      for v in value if isinstance(value, tuple) else (value,):
-        if isinstance(v, core.ClosedJaxpr):
-          yield from walk(v.jaxpr, stack)
-        elif isinstance(v, core.Jaxpr):
-          yield from walk(v, stack)
 
 
 def float_sites(closed):

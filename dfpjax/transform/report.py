@@ -133,7 +133,7 @@ def sites_of(jaxpr: core.Jaxpr, recorder: recording.Recorder) -> Report:
     out.append(dataclasses.replace(record, index=index))
     numbers.append(number)
 
-  for eqn, stack in _walk(jaxpr, NameStack()):
+  for eqn, stack in _walk(jaxpr):
     if eqn.primitive.name not in _PRODUCTS:
       continue
     found = recording.site_of(stack)
@@ -158,7 +158,7 @@ def sites_of(jaxpr: core.Jaxpr, recorder: recording.Recorder) -> Report:
   return out
 
 
-def _walk(jaxpr, name_stack):
+def _walk(jaxpr, name_stack=NameStack()):
   """Yields (eqn, absolute name stack) for every equation, sub-jaxprs included."""
   for eqn in jaxpr.eqns:
     stack = name_stack + eqn.source_info.name_stack

@@ -157,17 +157,21 @@ static int valid_shape(const dfp_conv_args* a, int backward) {
   return s->groups >= 1 && !(backward && a->ex_batch_stride != 0);
 }
 
+/* dfp_plan_init (macro.h), then the shape check of a convolution plan. */
+static int conv_plan_init(const dfp_conv_args* args, int backward, dfp_isa isa, const dfp_parallel** par,
+                          const dfp_isa_config** cfg, int* mr, int* nr) {
+  const int status = dfp_plan_init(isa, par, cfg, mr, nr);
+  if (status != DFP_OK) return status;
+  return valid_shape(args, backward) ? DFP_OK : DFP_ERR_BAD_SHAPE;
+}
+
 static int conv_run(const dfp_conv_args* args, int backward, dfp_isa isa, const dfp_parallel* par) {
-  if (!dfp_isa_supported(isa)) return DFP_ERR_ISA_UNSUPPORTED;
-  if (!valid_shape(args, backward)) return DFP_ERR_BAD_SHAPE;
-  if (par == NULL) par = &dfp_serial;
-  const dfp_conv_shape* s = &args->shape;
   conv_plan c;
   memset(&c, 0, sizeof c);
+  const int status = conv_plan_init(args, backward, isa, &par, &c.cfg, &c.mr, &c.nr);
+  if (status != DFP_OK) return status;
   c.args = args;
-  c.cfg = dfp_isa_config_for(isa);
-  c.mr = c.cfg->ukernel->mr;
-  c.nr = c.cfg->ukernel->nr;
+  const dfp_conv_shape* s = &args->shape;
   c.backward = backward;
   const int mr = c.mr, nr = c.nr;
   const size_t taps = s->window[0] * s->window[1] * s->window[2];
@@ -306,16 +310,12 @@ static void col2im_encode_task(void* arg, size_t image) {
 }
 
 int dfp_conv_backward_data(const dfp_conv_args* args, dfp_isa isa, const dfp_parallel* par) {
-  if (!dfp_isa_supported(isa)) return DFP_ERR_ISA_UNSUPPORTED;
-  if (!valid_shape(args, 1)) return DFP_ERR_BAD_SHAPE;
-  if (par == NULL) par = &dfp_serial;
-  const dfp_conv_shape* s = &args->shape;
   col2im_plan c;
   memset(&c, 0, sizeof c);
+  const int status = conv_plan_init(args, 1, isa, &par, &c.cfg, &c.mr, &c.nr);
+  if (status != DFP_OK) return status;
   c.args = args;
-  c.cfg = dfp_isa_config_for(isa);
-  c.mr = c.cfg->ukernel->mr;
-  c.nr = c.cfg->ukernel->nr;
+  const dfp_conv_shape* s = &args->shape;
   const int nr = c.nr;
   c.pixels = s->out[0] * s->out[1] * s->out[2];
   c.taps = s->window[0] * s->window[1] * s->window[2];

@@ -28,26 +28,28 @@ typedef struct {
   int status;                      /* first error seen by any task, DFP_OK if none */
 } gemm_plan;
 
+/* Packs micro-panel t (batch-major) of an operand of `rows` rows of K (row stride rs, column
+ * stride cs) into panels of r rows, for A and B alike. */
+static void pack_operand(gemm_plan* g, size_t t, const int16_t* operand, size_t rows, size_t panels,
+                         size_t rs, size_t cs, int r, int16_t* pack, uint64_t* bound) {
+  const size_t k = g->args->k, b = t / panels, panel = t % panels;
+  if (dfp_pack_panel(g->cfg, operand + b * rows * k, rows, k, rs, cs, panel * r, r, pack + t * g->kpairs * r * 2,
+                     bound + t * g->kblocks * DFP_CHUNK_LEVELS))
+    dfp_fail(&g->status, DFP_ERR_BAD_MANTISSA);
+}
+
 static void pack_a_task(void* arg, size_t t) {
   gemm_plan* g = (gemm_plan*)arg;
   const dfp_gemm_args* a = g->args;
-  const size_t b = t / g->mpanels, panel = t % g->mpanels;
-  const int16_t* src = a->a + b * a->m * a->k;
-  const size_t rs = a->a_kmajor ? 1 : a->k, cs = a->a_kmajor ? a->m : 1;
-  if (dfp_pack_panel(g->cfg, src, a->m, a->k, rs, cs, panel * g->mr, g->mr, g->apack + t * g->kpairs * g->mr * 2,
-                     g->abound + t * g->kblocks * DFP_CHUNK_LEVELS))
-    dfp_fail(&g->status, DFP_ERR_BAD_MANTISSA);
+  pack_operand(g, t, a->a, a->m, g->mpanels, a->a_kmajor ? 1 : a->k, a->a_kmajor ? a->m : 1, g->mr, g->apack,
+               g->abound);
 }
 
 static void pack_b_task(void* arg, size_t t) {
   gemm_plan* g = (gemm_plan*)arg;
   const dfp_gemm_args* a = g->args;
-  const size_t b = t / g->npanels, panel = t % g->npanels;
-  const int16_t* src = a->b + b * a->n * a->k;
-  const size_t rs = a->b_nmajor ? a->k : 1, cs = a->b_nmajor ? 1 : a->n;
-  if (dfp_pack_panel(g->cfg, src, a->n, a->k, rs, cs, panel * g->nr, g->nr, g->bpack + t * g->kpairs * g->nr * 2,
-                     g->bbound + t * g->kblocks * DFP_CHUNK_LEVELS))
-    dfp_fail(&g->status, DFP_ERR_BAD_MANTISSA);
+  pack_operand(g, t, a->b, a->n, g->npanels, a->b_nmajor ? a->k : 1, a->b_nmajor ? 1 : a->n, g->nr, g->bpack,
+               g->bbound);
 }
 
 /* One cache block: micro-panels [p0, p1) x [q0, q1) of batch element b. */
@@ -90,14 +92,11 @@ static void block_task(void* arg, size_t t) {
 }
 
 int dfp_gemm(const dfp_gemm_args* args, dfp_isa isa, const dfp_parallel* par) {
-  if (!dfp_isa_supported(isa)) return DFP_ERR_ISA_UNSUPPORTED;
-  if (par == NULL) par = &dfp_serial;
   gemm_plan g;
   memset(&g, 0, sizeof g);
+  const int status = dfp_plan_init(isa, &par, &g.cfg, &g.mr, &g.nr);
+  if (status != DFP_OK) return status;
   g.args = args;
-  g.cfg = dfp_isa_config_for(isa);
-  g.mr = g.cfg->ukernel->mr;
-  g.nr = g.cfg->ukernel->nr;
   g.kpairs = (args->k + 1) / 2;
   g.kblocks = dfp_kc_blocks(g.kpairs);
   g.mpanels = (args->m + g.mr - 1) / g.mr;

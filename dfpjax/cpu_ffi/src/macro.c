@@ -57,3 +57,12 @@ static void serial_for(void* pool, size_t n, dfp_task_fn task, void* arg) {
 }
 
 const dfp_parallel dfp_serial = {serial_for, NULL, 1};
+
+int dfp_plan_init(dfp_isa isa, const dfp_parallel** par, const dfp_isa_config** cfg, int* mr, int* nr) {
+  if (!dfp_isa_supported(isa)) return DFP_ERR_ISA_UNSUPPORTED;
+  if (*par == NULL) *par = &dfp_serial;
+  *cfg = dfp_isa_config_for(isa);
+  *mr = (*cfg)->ukernel->mr;
+  *nr = (*cfg)->ukernel->nr;
+  return DFP_OK;
+}

@@ -62,4 +62,9 @@ static inline void dfp_fail(int* status, int code) { __atomic_store_n(status, co
 /* parallel_for over the calling thread alone. */
 extern const dfp_parallel dfp_serial;
 
+/* The set-up every plan (GEMM, convolutions) starts with: *cfg the configuration for isa, *mr x
+ * *nr its microkernel's tile, *par the serial fallback when NULL. DFP_ERR_ISA_UNSUPPORTED when
+ * this CPU cannot run isa, else DFP_OK. */
+int dfp_plan_init(dfp_isa isa, const dfp_parallel** par, const dfp_isa_config** cfg, int* mr, int* nr);
+
 #endif
