@@ -1,0 +1,58 @@
+/* The microkernel of both VNNI paths, written once for either vector width (a template, as
+ * XNNPACK generates its microkernels): the including file (ukernel_avx_vnni.c,
+ * ukernel_avx512_vnni.c) defines MR and NR (NR: two vectors of INT32 lanes), VNNI_BITS (256 or
+ * 512), V_DPWSSD (the vpdpwssd intrinsic) and V_SPILL (its INT64 spill: low lanes, carries or
+ * NULL, int64 tile row, add), then includes this file, which defines the static `ukernel` of
+ * ukernel.h's contract. Between chunks each accumulator carries all but its low 16 bits out. */
+#define DFP_CAT3_(a, b, c) a##b##c
+#define DFP_CAT3(a, b, c) DFP_CAT3_(a, b, c)
+#define VEC DFP_CAT3(__m, VNNI_BITS, i)
+#define V(op) DFP_CAT3(_mm, VNNI_BITS, _##op)
+#define V_SI(op) DFP_CAT3(V(op), _si, VNNI_BITS)
+
+static inline VEC broadcast_pair(const int16_t* p) {
+  int32_t w;
+  memcpy(&w, p, sizeof w);
+  return V(set1_epi32)(w);
+}
+
+static void ukernel(size_t kpairs, size_t chunk, const int16_t* a, const int16_t* b, int64_t* acc,
+                    size_t ldc, int add) {
+  const VEC low16 = V(set1_epi32)(0xffff);
+  VEC c[MR][2], carry[MR][2];
+#pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i) c[i][0] = c[i][1] = carry[i][0] = carry[i][1] = V_SI(setzero)();
+  for (size_t done = 0; done < kpairs; done += chunk) {
+    const size_t n = chunk < kpairs - done ? chunk : kpairs - done;
+    if (done > 0) {
+#pragma GCC unroll 8
+      for (int i = 0; i < MR; ++i)
+        for (int j = 0; j < 2; ++j) {
+          carry[i][j] = V(add_epi32)(carry[i][j], V(srai_epi32)(c[i][j], 16));
+          c[i][j] = V_SI(and)(c[i][j], low16);
+        }
+    }
+    for (size_t p = 0; p < n; ++p, a += 2 * MR, b += 2 * NR) {
+      const VEC b0 = V_SI(loadu)((const void*)b);
+      const VEC b1 = V_SI(loadu)((const void*)(b + NR));
+#pragma GCC unroll 8
+      for (int i = 0; i < MR; ++i) {
+        const VEC ai = broadcast_pair(a + 2 * i);
+        c[i][0] = V_DPWSSD(c[i][0], ai, b0);
+        c[i][1] = V_DPWSSD(c[i][1], ai, b1);
+      }
+    }
+  }
+  const int carried = chunk < kpairs;
+#pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i) {
+    V_SPILL(c[i][0], carried ? &carry[i][0] : NULL, acc + i * ldc, add);
+    V_SPILL(c[i][1], carried ? &carry[i][1] : NULL, acc + i * ldc + NR / 2, add);
+  }
+}
+
+#undef V_SI
+#undef V
+#undef VEC
+#undef DFP_CAT3
+#undef DFP_CAT3_
