@@ -6,6 +6,13 @@
 
 ``train`` (the default mode) trains one run, resuming from --workdir's latest checkpoint;
 ``compare`` trains FP32 and DFP from the same seed and data order and tabulates both.
+
+Training is data-parallel over all devices (on CPU, ``XLA_FLAGS=--xla_force_host_platform_device_count=N``
+makes N). Several processes, on one machine or many, each run this command with the same flags
+and their own ``--process_id``::
+
+    python -m examples.imagenet.main --config fashion_mnist_resnet --workdir /tmp/fmnist \
+        --coordinator_address localhost:12355 --num_processes 2 --process_id 0   # and 1
 """
 
 from __future__ import annotations
@@ -16,7 +23,7 @@ import importlib
 import importlib.util
 import sys
 
-from examples.imagenet import compare, input_pipeline, train
+from examples.imagenet import compare, input_pipeline, parallel, train
 from examples.imagenet.configs.base import Config
 
 
@@ -65,7 +72,17 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument("--log_every_steps", type=int)
   parser.add_argument("--eval_every_steps", type=int)
   parser.add_argument("--checkpoint_every_steps", type=int)
-  return parser.parse_args(argv)
+  group = parser.add_argument_group(
+      "several processes", "all three together call jax.distributed.initialize (gloo on CPU); "
+      "every process loads its part of each global batch, process 0 writes the metrics")
+  group.add_argument("--coordinator_address", help="host:port of process 0, e.g. localhost:12355")
+  group.add_argument("--num_processes", type=int, help="how many processes take part")
+  group.add_argument("--process_id", type=int, help="this process's index, 0..num_processes-1")
+  args = parser.parse_args(argv)
+  distributed = (args.coordinator_address, args.num_processes, args.process_id)
+  if any(v is not None for v in distributed) and None in distributed:
+    parser.error("--coordinator_address, --num_processes and --process_id go together")
+  return args
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
@@ -78,6 +95,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
 def main(argv=None):
   args = parse_args(argv)
   config = config_from_args(args)
+  if args.coordinator_address is not None:
+    parallel.initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
   if args.mode == "compare":
     print(compare.run_compare(config, args.workdir))
   else:
