@@ -37,7 +37,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from examples.imagenet import input_pipeline
+from examples.imagenet import input_pipeline, main
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = """
@@ -203,3 +203,11 @@ def test_batch_size_must_divide_among_the_devices():
                         capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
   assert proc.returncode != 0
   assert "batch_size 6 must be a multiple of the device count 4" in proc.stderr
+
+
+@pytest.mark.parametrize("flags", [["--num_processes", "2"],
+                                   ["--coordinator_address", "localhost:1", "--process_id", "0"]])
+def test_the_distributed_flags_go_together(flags, capsys):
+  with pytest.raises(SystemExit):
+    main.parse_args(["--workdir", "unused", *flags])
+  assert "go together" in capsys.readouterr().err
