@@ -7,7 +7,9 @@ per-channel mean/std; ``label`` int32 (B,); evaluation batches also carry ``mask
 Everything is deterministic in ``seed``: the order of epoch e is a permutation drawn from
 (seed, e) and the augmentation of example i in epoch e from (seed, e, i), whichever process
 decodes it. So the worker count does not change the data, and a run resumed at step s sees
-exactly the batches an uninterrupted run sees (``start_step``).
+exactly the batches an uninterrupted run sees (``start_step``). A process of a data-parallel run
+loads only its block of rows of every global batch (``shard``); the blocks of all processes,
+in process order, are the single process's batch.
 
 This module imports no JAX, so that worker processes start quickly.
 """
@@ -283,6 +285,8 @@ def load_batch(reader, records, seeds, size: int, scale) -> tuple[np.ndarray, np
     else:
       images.append(train_transform(img, np.random.default_rng(seeds[i]), size, scale))
     labels.append(label)
+  if not images:  # a process's block lying wholly in the padding of the last eval batch
+    return np.zeros((0, size, size, 3), np.uint8), np.zeros((0,), np.int32)
   return np.stack(images), np.asarray(labels, np.int32)
 
 
@@ -307,12 +311,21 @@ class Loader:
   Training iterates forever from ``start_step`` (the remainder of each epoch is dropped);
   evaluation makes one pass and pads the last batch. ``num_workers=0`` decodes in this process.
   Use as a context manager, or call ``close()``, to stop the workers.
+
+  ``batch_size`` is the global batch; with ``shard=(index, count)`` this loader yields only rows
+  [index * batch_size / count, (index + 1) * batch_size / count) of each one (padding included).
   """
 
   def __init__(self, source: Source, *, batch_size: int, train: bool, image_size: int,
                seed: int = 0, start_step: int = 0, num_workers: int = 0, prefetch: int = 2,
-               crop_scale=(0.08, 1.0)):
+               crop_scale=(0.08, 1.0), shard: tuple[int, int] = (0, 1)):
     self._workers = []
+    index, count = shard
+    if count < 1 or not 0 <= index < count or batch_size % count:
+      raise ValueError(f"shard must be (index, count) with 0 <= index < count and count dividing "
+                       f"batch_size {batch_size}, got {shard}")
+    self.local_batch_size = batch_size // count
+    self._rows = slice(index * self.local_batch_size, (index + 1) * self.local_batch_size)
     self.source, self.batch_size, self.train = source, batch_size, train
     self.image_size, self.seed, self.crop_scale = image_size, seed, tuple(crop_scale)
     n = len(source.records)
@@ -342,13 +355,14 @@ class Loader:
     records, bs = self.source.records, self.batch_size
     if not self.train:
       for b in range(self.steps_per_epoch):
-        yield [records[i] for i in range(b * bs, min((b + 1) * bs, len(records)))], None
+        batch = range(b * bs, min((b + 1) * bs, len(records)))[self._rows]
+        yield [records[i] for i in batch], None
       return
     epoch, batch = divmod(start_step, self.steps_per_epoch)
     while True:
       order = self.epoch_order(epoch)
       for b in range(batch, self.steps_per_epoch):
-        idx = order[b * bs:(b + 1) * bs]
+        idx = order[b * bs:(b + 1) * bs][self._rows]
         yield [records[i] for i in idx], [(self.seed, epoch, int(i)) for i in idx]
       epoch, batch = epoch + 1, 0
 
@@ -391,7 +405,7 @@ class Loader:
                                   self.crop_scale)
     batch = {"image": (images.astype(np.float32) - self._mean) / self._std, "label": labels}
     if not self.train:
-      pad = self.batch_size - len(labels)
+      pad = self.local_batch_size - len(labels)
       batch["mask"] = np.concatenate([np.ones(len(labels), np.float32), np.zeros(pad, np.float32)])
       batch["image"] = np.pad(batch["image"], [(0, pad), (0, 0), (0, 0), (0, 0)])
       batch["label"] = np.pad(labels, (0, pad))

@@ -9,6 +9,13 @@
 ``compare`` trains FP32 and DFP from the same seed and data order and tabulates both;
 ``study`` trains (or resumes) the grids of comma-separated study configs, networks x settings x
 seeds, and summarises them (docs/accuracy.md).
+
+Training is data-parallel over all devices (on CPU, ``XLA_FLAGS=--xla_force_host_platform_device_count=N``
+makes N). Several processes, on one machine or many, each run this command with the same flags
+and their own ``--process_id``::
+
+    python -m examples.imagenet.main --config fashion_mnist_resnet --workdir /tmp/fmnist \
+        --coordinator_address localhost:12355 --num_processes 2 --process_id 0   # and 1
 """
 
 from __future__ import annotations
@@ -19,7 +26,7 @@ import importlib
 import importlib.util
 import sys
 
-from examples.imagenet import compare, input_pipeline, study, train
+from examples.imagenet import compare, input_pipeline, parallel, study, train
 from examples.imagenet.configs.base import Config
 
 
@@ -89,9 +96,18 @@ def parse_args(argv=None) -> argparse.Namespace:
   group.add_argument("--seeds", type=_seeds, help="comma-separated seeds (default: the study's)")
   group.add_argument("--report_only", action="store_true",
                      help="train nothing, only rewrite the summary")
+  group = parser.add_argument_group(
+      "several processes", "all three together call jax.distributed.initialize (gloo on CPU); "
+      "every process loads its part of each global batch, process 0 writes the metrics")
+  group.add_argument("--coordinator_address", help="host:port of process 0, e.g. localhost:12355")
+  group.add_argument("--num_processes", type=int, help="how many processes take part")
+  group.add_argument("--process_id", type=int, help="this process's index, 0..num_processes-1")
   args = parser.parse_args(argv)
   if args.mode != "study" and (args.settings or args.seeds or args.report_only):
     parser.error("--settings, --seeds and --report_only belong to the study mode")
+  distributed = (args.coordinator_address, args.num_processes, args.process_id)
+  if any(v is not None for v in distributed) and None in distributed:
+    parser.error("--coordinator_address, --num_processes and --process_id go together")
   return args
 
 
@@ -129,6 +145,8 @@ def main(argv=None):
     print(run_study(args))
     return
   config = config_from_args(args)
+  if args.coordinator_address is not None:
+    parallel.initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
   if args.mode == "compare":
     print(compare.run_compare(config, args.workdir))
   else:

@@ -3,6 +3,11 @@
 A run is fully determined by its config: the initialisation and dropout keys derive from
 ``config.seed`` and the step, and the data order from ``config.seed`` (input_pipeline), so a run
 resumed from a checkpoint takes exactly the steps an uninterrupted one would.
+
+Training is data-parallel over every device of every process (``parallel``): the global batch
+``config.batch_size`` is split over the devices, the state replicated. Process 0 alone writes
+the config, metrics, plots and summary; all processes take part in saving checkpoints (Orbax
+writes a replicated state once).
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import optax
 import orbax.checkpoint as ocp
 from flax.training import train_state
 
-from examples.imagenet import input_pipeline, models, reporting
+from examples.imagenet import input_pipeline, models, parallel, reporting
 from examples.imagenet.configs.base import Config
 
 
@@ -158,24 +163,28 @@ def checkpoint_manager(workdir: str, config: Config) -> ocp.CheckpointManager:
                                options=options)
 
 
-def restore_or_create(manager: ocp.CheckpointManager, create_state) -> TrainState:
-  """The latest checkpoint, or ``create_state()`` when there is none.
+def restore_or_create(manager: ocp.CheckpointManager, create_state,
+                      data_parallel: parallel.DataParallel) -> TrainState:
+  """The latest checkpoint, or ``create_state()`` when there is none; replicated on the mesh.
 
   Restoring needs only the state's shapes, so a resumed run skips the (compiled) initialisation.
   """
+  create_state = jax.jit(create_state, out_shardings=data_parallel.replicated)
   step = manager.latest_step()
   if step is None:
     return create_state()
-  return manager.restore(step, args=ocp.args.StandardRestore(jax.eval_shape(create_state)))
+  abstract_state = data_parallel.abstract(jax.eval_shape(create_state))
+  return manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
 
 
-def evaluate(p_eval_step, state, source, config: Config) -> dict[str, float]:
+def evaluate(p_eval_step, state, source, config: Config,
+             data_parallel: parallel.DataParallel) -> dict[str, float]:
   totals = {}
   with input_pipeline.Loader(source, batch_size=config.batch_size, train=False,
-                             image_size=config.image_size,
-                             num_workers=config.num_workers) as loader:
+                             image_size=config.image_size, num_workers=config.num_workers,
+                             shard=data_parallel.shard) as loader:
     for batch in loader:
-      for k, v in p_eval_step(state, batch).items():
+      for k, v in p_eval_step(state, data_parallel.global_batch(batch)).items():
         totals[k] = totals.get(k, 0.0) + v
   count = float(totals.pop("count"))
   return {k: float(v) / count for k, v in totals.items()}
@@ -192,9 +201,12 @@ def train_and_evaluate(config: Config, workdir: str) -> dict[str, Any]:
   Returns the summary: final train/eval metrics, images/s and wall time. A workdir trained to
   the end already returns its summary.json.
   """
+  data_parallel = parallel.DataParallel.over_all_devices(config.batch_size)
+  lead = jax.process_index() == 0  # the one process that writes files other than checkpoints
   os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-    json.dump(dataclasses.asdict(config), f, indent=2)
+  if lead:
+    with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+      json.dump(dataclasses.asdict(config), f, indent=2)
   train_source = input_pipeline.make_source(config.dataset, "train", config.data_dir)
   eval_source = input_pipeline.make_source(config.dataset, "eval", config.data_dir)
   steps_per_epoch = len(train_source.records) // config.batch_size
@@ -212,20 +224,24 @@ def train_and_evaluate(config: Config, workdir: str) -> dict[str, Any]:
     with open(summary_path, encoding="utf-8") as f:
       return json.load(f)
   state = restore_or_create(manager, functools.partial(
-      create_train_state, config, model, config.image_size, learning_rate_fn))
+      create_train_state, config, model, config.image_size, learning_rate_fn), data_parallel)
   start_step = int(state.step)
 
   step_fn = functools.partial(train_step, aux_loss_weight=config.aux_loss_weight)
   eval_fn = eval_step
   if config.dfp:
     step_fn, eval_fn = make_dfp_step(step_fn, config), make_dfp_step(eval_fn, config)
-  p_train_step = jax.jit(step_fn, donate_argnums=0)
-  p_eval_step = jax.jit(eval_fn)
+  # The batch arrives sharded; the state and metrics stay replicated.
+  p_train_step = jax.jit(step_fn, donate_argnums=0, out_shardings=data_parallel.replicated)
+  p_eval_step = jax.jit(eval_fn, out_shardings=data_parallel.replicated)
 
-  print(f"{config.model}: {train_source.description}; eval on {eval_source.description}; "
-        f"{'DFP' if config.dfp else 'FP32'}, steps {start_step}..{num_steps}", flush=True)
-  writer = reporting.MetricWriter(workdir)
-  progress = reporting.ProgressBar(num_steps, start_step)
+  if lead:
+    print(f"{config.model}: {train_source.description}; eval on {eval_source.description}; "
+          f"{'DFP' if config.dfp else 'FP32'}, steps {start_step}..{num_steps}, "
+          f"{jax.device_count()} device(s) in {jax.process_count()} process(es)", flush=True)
+  writer = reporting.MetricWriter(workdir) if lead else None
+  progress = reporting.ProgressBar(num_steps, start_step,
+                                   stream=None if lead else open(os.devnull, "w"))
   log_every = config.log_every_steps
   eval_every = _every(config.eval_every_steps, steps_per_epoch)
   checkpoint_every = _every(config.checkpoint_every_steps, steps_per_epoch)
@@ -234,10 +250,11 @@ def train_and_evaluate(config: Config, workdir: str) -> dict[str, Any]:
   with input_pipeline.Loader(train_source, batch_size=config.batch_size, train=True,
                              image_size=config.image_size, seed=config.seed,
                              start_step=start_step, num_workers=config.num_workers,
-                             crop_scale=config.crop_scale) as train_iter:
+                             crop_scale=config.crop_scale,
+                             shard=data_parallel.shard) as train_iter:
     tick = None
     for step in range(start_step, num_steps):
-      state, metrics = p_train_step(state, next(train_iter))
+      state, metrics = p_train_step(state, data_parallel.global_batch(next(train_iter)))
       window.append(metrics)
       done = step + 1
       if tick is None:  # images/s leaves out the first step, which compiles
@@ -254,7 +271,8 @@ def train_and_evaluate(config: Config, workdir: str) -> dict[str, Any]:
         if window_images:
           train_summary["images_per_sec"] = window_images / (now - tick)
           timed_images, timed_seconds = timed_images + window_images, timed_seconds + now - tick
-        writer.write(done, "train", train_summary)
+        if writer:
+          writer.write(done, "train", train_summary)
         progress.update(done, **{k: v for k, v in train_summary.items() if k != "top5"})
         window, tick, window_images = [], time.perf_counter(), 0
       run_eval = done % eval_every == 0 or done == num_steps
@@ -263,15 +281,19 @@ def train_and_evaluate(config: Config, workdir: str) -> dict[str, Any]:
         jax.block_until_ready(state)  # queued training steps finish on the training clock
         paused = time.perf_counter()
         if run_eval:
-          eval_summary = evaluate(p_eval_step, state, eval_source, config)
-          writer.write(done, "eval", eval_summary)
+          eval_summary = evaluate(p_eval_step, state, eval_source, config, data_parallel)
+          if writer:
+            writer.write(done, "eval", eval_summary)
           progress.update(done, **{f"eval_{k}": v for k, v in eval_summary.items()})
         if run_save:
           manager.save(done, args=ocp.args.StandardSave(state))
         tick += time.perf_counter() - paused  # evaluating and saving are not training time
   manager.close()
   progress.close()
-  writer.close()
+  if writer:
+    writer.close()
+  else:
+    progress.stream.close()
 
   # The last records rather than this session's: a run stopped between its final checkpoint and
   # its summary resumes with no step left to take.
@@ -287,7 +309,8 @@ def train_and_evaluate(config: Config, workdir: str) -> dict[str, Any]:
       "images_per_sec": timed_images / timed_seconds if timed_seconds else float("nan"),
       "wall_time_s": time.perf_counter() - start_time,
   }
-  with open(summary_path, "w", encoding="utf-8") as f:
-    json.dump(summary, f, indent=2)
-  reporting.plot_curves({config.model: records}, os.path.join(workdir, "curves.png"))
+  if lead:
+    with open(summary_path, "w", encoding="utf-8") as f:
+      json.dump(summary, f, indent=2)
+    reporting.plot_curves({config.model: records}, os.path.join(workdir, "curves.png"))
   return summary
