@@ -14,12 +14,13 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 from jax.interpreters import batching
 
 from dfpjax import cpu_ffi
 from dfpjax.numerics.config import QuantConfig
 from dfpjax.numerics.quantization import DFPTensor, quantize_with
-from dfpjax.primitives import reference, registry
+from dfpjax.primitives import partitioning, reference, registry
 from dfpjax.primitives.registry import output_aval
 
 dfp_quantize_p = registry.new_primitive("dfp_quantize", multiple_results=True)
@@ -60,8 +61,46 @@ def _cpu_lowering(ctx, x, *, bits, headroom):
       ctx, x, bits=np.int32(bits), headroom=np.int32(headroom))
 
 
+# ---------------------------------------------------------------------------------------
+# Partitioning: each device quantizes its shard with the global exponent.
+# ---------------------------------------------------------------------------------------
+
+
+def _sharding_rule(shapes, *, bits, headroom):
+  del bits, headroom
+  factors = " ".join(["g", *partitioning.fresh_factors("d", len(shapes[0]) - 1)])
+  return f"{factors} -> {factors}, g"
+
+
+def _partition(mesh, specs, shapes, bind, *, bits, headroom):
+  del mesh, shapes, bits, headroom
+  (spec,) = specs
+  split_over = partitioning.axes_of(*spec[1:])  # the mesh axes that split a group
+
+  def per_shard(x):
+    return _quantize_with_global_amax(bind, x, split_over) if split_over else bind(x)
+
+  return per_shard, (spec, spec[:1]), (spec,)
+
+
+def _quantize_with_global_amax(bind, x, axes):
+  """The kernel on shard ``x`` with each group's exponent from the whole group: its amax,
+  max-reduced over ``axes``, joins the shard as one more element.
+
+  The exponent is a function of the amax alone and each mantissa of its element and the
+  exponent (spec section 2), so the shard's mantissas are those one device forms. A NaN
+  amax goes over as +Inf, which makes every shard's exponent the non-finite marker.
+  """
+  flat = x.reshape(x.shape[0], -1)
+  amax = jnp.max(jnp.abs(flat), axis=1, keepdims=True)
+  amax = lax.pmax(jnp.where(jnp.isnan(amax), jnp.inf, amax), axes)
+  m, e = bind(jnp.concatenate([flat, amax], axis=1))
+  return m[:, :-1].reshape(x.shape), e
+
+
 registry.register(dfp_quantize_p, abstract_eval=_abstract_eval, batch_rule=_batch_rule,
-                  cpu_lowering=_cpu_lowering, xla_lowering=reference.quantize)
+                  cpu_lowering=_cpu_lowering, xla_lowering=reference.quantize,
+                  sharding_rule=_sharding_rule, partition=_partition)
 
 # ---------------------------------------------------------------------------------------
 # The op (its integer outputs need no differentiation rule).

@@ -11,6 +11,7 @@ from jax.extend import core
 from jax.interpreters import batching, mlir
 
 from dfpjax._jax_compat import ShapedArray, get_cur_mesh_sharding
+from dfpjax.primitives import partitioning
 
 
 def new_primitive(name: str, *, multiple_results: bool = False) -> core.Primitive:
@@ -30,12 +31,21 @@ def _jitted_bind(p, **params):
   return jax.jit(functools.partial(p.bind, **params))
 
 
-def register(p: core.Primitive, *, abstract_eval, batch_rule, cpu_lowering, xla_lowering):
-  """Defines ``p``'s shape rule and batching rule, its lowering on CPU (the C kernel through
-  XLA FFI) and on every other platform (``xla_lowering``, its pure-XLA twin)."""
+def register(p: core.Primitive, *, abstract_eval, batch_rule, cpu_lowering, xla_lowering,
+             sharding_rule, partition):
+  """Defines ``p``'s shape rule and batching rule, its lowering on CPU and on every other
+  platform (``xla_lowering``, its pure-XLA twin, which XLA partitions itself).
+
+  On CPU, ``p`` lowers to the C kernel through XLA FFI (``cpu_lowering``) once per shard:
+  ``sharding_rule`` and ``partition`` say how (``partitioning.register_cpu_lowering``).
+  """
   p.def_abstract_eval(abstract_eval)
   batching.primitive_batchers[p] = batch_rule
-  mlir.register_lowering(p, cpu_lowering, platform="cpu")
+  kernel = core.Primitive(p.name + "_shard")  # the FFI call on one device's operands
+  kernel.multiple_results = p.multiple_results
+  kernel.def_abstract_eval(abstract_eval)
+  mlir.register_lowering(kernel, cpu_lowering, platform="cpu")
+  partitioning.register_cpu_lowering(p, kernel, sharding_rule, partition)
   mlir.register_lowering(p, mlir.lower_fun(xla_lowering, multiple_results=p.multiple_results))
 
 
