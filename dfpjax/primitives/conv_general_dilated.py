@@ -57,19 +57,21 @@ def _abstract_eval(x, ex, b, eb, *, geometry: Geometry, mode, out_dtype):
   if ex.shape not in ((1,), (x.shape[0],)) or eb.shape != (1,) or (mode != "forward" and ex.shape != (1,)):
     raise ValueError(f"dfp_conv_p: exponent shapes {ex.shape}, {eb.shape}")
   batch = x.shape[0]
+  spec = (registry.spec_entry(x, 0),)  # the batch stays split in types too
   if mode == "backward_data":  # x is dy, b the weights
     cin = b.shape[-2]
     if (x.shape[1:-1] != geometry.out_spatial(geometry.input_spatial) or x.shape[-1] != b.shape[-1]
         or b.shape[:-2] != geometry.window or b.shape[-1] % g):
       raise ValueError(f"dfp_conv_p: output gradient {x.shape} and weights {b.shape} do not fit "
                        f"{geometry}")
-    return output_aval((batch, *geometry.input_spatial, g * cin), out_dtype, x, ex, b, eb)
+    return output_aval((batch, *geometry.input_spatial, g * cin), out_dtype, x, ex, b, eb,
+                       spec=spec)
   cin = x.shape[-1] // g
   out_spatial = geometry.out_spatial(x.shape[1:-1])
   if mode == "forward":
     if b.shape[:-1] != (*geometry.window, cin) or b.shape[-1] % g:
       raise ValueError(f"dfp_conv_p: weights {b.shape} do not fit input {x.shape} and {geometry}")
-    return output_aval((batch, *out_spatial, b.shape[-1]), out_dtype, x, ex, b, eb)
+    return output_aval((batch, *out_spatial, b.shape[-1]), out_dtype, x, ex, b, eb, spec=spec)
   if b.shape[:-1] != (batch, *out_spatial) or b.shape[-1] % g:
     raise ValueError(f"dfp_conv_p: output gradient {b.shape} does not fit input {x.shape} and "
                      f"{geometry}")

@@ -58,7 +58,17 @@ def _abstract_eval(a, ea, b, eb, *, lhs_kmajor, rhs_nmajor, out_dtype):
   if ea.shape[0] not in (1, batch) or ea.shape[1] not in (1, m) or \
      eb.shape[0] not in (1, batch) or eb.shape[1] not in (1, n):
     raise ValueError(f"dfp_dot_general_p: exponent shapes {ea.shape}, {eb.shape} do not broadcast")
-  return output_aval((batch, m, n), out_dtype, a, ea, b, eb)
+  return output_aval((batch, m, n), out_dtype, a, ea, b, eb,
+                     spec=_output_spec(a, b, lhs_kmajor, rhs_nmajor))
+
+
+def _output_spec(a, b, lhs_kmajor, rhs_nmajor):
+  """The product's sharding in types: lhs's B and M, rhs's N unless its axes are taken."""
+  a_f, b_f = _operand_axes(lhs_kmajor, rhs_nmajor)
+  bs, ms = registry.spec_entry(a, a_f.index("b")), registry.spec_entry(a, a_f.index("m"))
+  ns = registry.spec_entry(b, b_f.index("n"))
+  taken = partitioning.axes_of(bs, ms, registry.spec_entry(a, a_f.index("k")))
+  return bs, ms, None if set(partitioning.axes_of(ns)) & set(taken) else ns
 
 
 # ---------------------------------------------------------------------------------------

@@ -33,7 +33,9 @@ dfp_quantize_p = registry.new_primitive("dfp_quantize", multiple_results=True)
 def _abstract_eval(x, *, bits, headroom):
   if x.dtype != jnp.float32 or x.ndim < 1:
     raise TypeError(f"dfp_quantize_p takes a float32 array of rank >= 1, got {x.dtype}{x.shape}")
-  return (output_aval(x.shape, jnp.int16, x), output_aval(x.shape[:1], jnp.int32, x))
+  spec = [registry.spec_entry(x, d) for d in range(x.ndim)]
+  return (output_aval(x.shape, jnp.int16, x, spec=spec),
+          output_aval(x.shape[:1], jnp.int32, x, spec=spec[:1]))
 
 
 # ---------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 from jax.extend import core
 from jax.interpreters import batching, mlir
+from jax.sharding import NamedSharding, PartitionSpec
 
 from dfpjax._jax_compat import ShapedArray, get_cur_mesh_sharding
 from dfpjax.primitives import partitioning
@@ -56,10 +57,21 @@ def check_integer_operands(op: str, x, ex, y, ey) -> None:
                     f"{x.dtype}, {ex.dtype}, {y.dtype}, {ey.dtype}")
 
 
-def output_aval(shape, dtype, *operands) -> ShapedArray:
-  """A DFP primitive's output type: varying over the manual axes its operands vary over."""
+def output_aval(shape, dtype, *operands, spec=()) -> ShapedArray:
+  """A DFP primitive's output type: varying over the manual axes its operands vary over, or,
+  where the operands' types carry shardings over a mesh with explicit axes (the default of
+  ``jax.make_mesh``), sharded as ``spec`` says (partition-spec entries per dimension)."""
   varying = frozenset().union(*(a.mat.varying for a in operands))
-  if not varying:
+  if varying:
+    return ShapedArray(shape, dtype, sharding=get_cur_mesh_sharding(),
+                       manual_axis_type=operands[0].mat.update(varying=varying))
+  mesh = next((a.sharding.mesh for a in operands if not a.sharding.mesh.empty), None)
+  if mesh is None:
     return ShapedArray(shape, dtype)
-  return ShapedArray(shape, dtype, sharding=get_cur_mesh_sharding(),
-                     manual_axis_type=operands[0].mat.update(varying=varying))
+  return ShapedArray(shape, dtype, sharding=NamedSharding(mesh, PartitionSpec(*spec)))
+
+
+def spec_entry(aval, dim: int):
+  """The partition-spec entry of ``aval``'s dimension ``dim`` in its type (None if none)."""
+  spec = tuple(aval.sharding.spec)
+  return spec[dim] if dim < len(spec) else None
