@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+import dfpjax
 from multidevice import run_on_devices
 
 BATCH = 8
@@ -124,3 +125,47 @@ def test_train_step_products_are_bit_identical_on_1_2_4_devices(train_runs):
 def test_train_step_gathers_no_batch(train_runs):
   for n in DEVICE_COUNTS:
     assert train_runs[n].all_gathers() == [], f"all-gathers on {n} devices"
+
+
+_SHARD_MAP = """
+from functools import partial
+shared = dfpjax.QuantConfig(exponent_axes=("data",))
+config = dfpjax.DFPConfig(forward=shared, gradient=shared)
+keys = jax.random.split(jax.random.key(3), 4)
+
+def conv(x, w):
+  return dfpjax.dfp_conv_general_dilated(x, w, (1, 1), "SAME", config=config,
+                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
+def dense(x, w):
+  return dfpjax.dfp_dot_general(x, w, (((1,), (0,)), ((), ())), config=config)
+
+# Examples of different scales: each shard's own abs-max would give it its own exponent.
+scales = 2.0 ** jnp.arange(8.0)
+for name, op, x, w in (("conv", conv, scales[:, None, None, None] * jax.random.normal(
+                            keys[0], (8, 5, 5, 3)), jax.random.normal(keys[1], (3, 3, 3, 4))),
+                       ("dot", dense, scales[:, None] * jax.random.normal(keys[2], (8, 12)),
+                        jax.random.normal(keys[3], (12, 5)))):
+  @jax.jit
+  @partial(jax.shard_map, mesh=mesh, in_specs=(P("data"), P()), out_specs=(P("data"), P("data")))
+  def passes(x, w):
+    y, vjp = jax.vjp(lambda x: op(x, w), x)
+    return y, vjp(jnp.sin(3.0 * y) * jnp.abs(y))[0]  # per-example scales
+  y, dx = passes(jax.device_put(x, NamedSharding(mesh, P("data"))),
+                 jax.device_put(w, NamedSharding(mesh, P())))
+  report(f"{name}.forward", y)
+  report(f"{name}.input_grad", dx)
+"""
+
+
+def test_shard_map_exponent_axes_give_one_devices_bits():
+  """With ``exponent_axes`` a shard_map body quantizes each shard with the whole batch's
+  exponent: forward outputs and input gradients are the bits of one device."""
+  runs = {n: run_on_devices(_SHARD_MAP, n) for n in (1, 4)}
+  for name in runs[1].results:
+    np.testing.assert_array_equal(runs[4].results[name].view(np.uint32),
+                                  runs[1].results[name].view(np.uint32), err_msg=name)
+
+
+def test_exponent_axes_must_name_axes():
+  with pytest.raises(TypeError, match="exponent_axes must be a tuple of mesh axis names"):
+    dfpjax.QuantConfig(exponent_axes="data")

@@ -11,6 +11,8 @@ numerics module's code.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -87,7 +89,8 @@ def _partition(mesh, specs, shapes, bind, *, bits, headroom):
 
 def _quantize_with_global_amax(bind, x, axes):
   """The kernel on shard ``x`` with each group's exponent from the whole group: its amax,
-  max-reduced over ``axes``, joins the shard as one more element.
+  max-reduced over ``axes`` (mesh axes of a partition or manual ``exponent_axes``), joins
+  the shard as one more element.
 
   The exponent is a function of the amax alone and each mantissa of its element and the
   exponent (spec section 2), so the shard's mantissas are those one device forms. A NaN
@@ -115,5 +118,10 @@ def quantize_operand(x, config: QuantConfig, key=None, axis=None) -> DFPTensor:
   if (x.dtype != jnp.float32 or config.rounding != "nearest" or config.granularity != "tensor"
       or reference.in_reference_mode()):
     return quantize_with(x, config, key, axis)
-  m, e = dfp_quantize_p.bind(x.reshape(1, *x.shape), bits=config.bits, headroom=config.headroom)
+  bind = functools.partial(dfp_quantize_p.bind, bits=config.bits, headroom=config.headroom)
+  group = x.reshape(1, *x.shape)
+  if config.exponent_axes:
+    m, e = _quantize_with_global_amax(bind, group, config.exponent_axes)
+  else:
+    m, e = bind(group)
   return DFPTensor(m.reshape(x.shape), e.reshape(()), None)
