@@ -151,7 +151,8 @@ def _operand_axes(lhs_kmajor, rhs_nmajor):
 
 def _exponent_factors(shape, factors, sizes, name):
   """An exponent's factors: the product's where its size matches, its own where it is 1."""
-  return [f if size == sizes[f] else f"{name}{i}" for i, (f, size) in enumerate(zip(factors, shape))]
+  return [f if size == sizes[f] else f"{name}{i}"
+          for i, (f, size) in enumerate(zip(factors, shape))]
 
 
 def _sharding_rule(shapes, *, lhs_kmajor, rhs_nmajor, out_dtype):
