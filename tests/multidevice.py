@@ -2,7 +2,8 @@
 it starts, so every count needs its own process) and reports what it compiled and computed.
 
 The snippet sees ``jax``, ``jnp``, ``np``, ``P``, ``NamedSharding``, ``dfpjax``, ``mesh``
-(``jax.make_mesh((devices,), ("data",))``) and ``report(name, value)``; it may call
+(``jax.make_mesh((devices,), ("data",))``, its axes explicit, the default, or auto) and
+``report(name, value)``; it may call
 ``report_hlo(compiled)`` on a ``jax.jit(...).lower(...).compile()`` result.
 """
 
@@ -23,7 +24,8 @@ import json, sys
 import jax, jax.numpy as jnp, numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 import dfpjax
-mesh = jax.make_mesh((len(jax.devices()),), ("data",))
+mesh = jax.make_mesh((len(jax.devices()),), ("data",),
+                     axis_types=(jax.sharding.AxisType.{axis_type},))
 _results, _hlo = {}, []
 def report(name, value):
   value = np.ascontiguousarray(np.asarray(value).reshape(-1)).reshape(np.shape(value))
@@ -49,13 +51,13 @@ class Run:
     return [m.group(1) for text in self.hlo for m in re.finditer(r"= (\S+) all-gather\(", text)]
 
 
-def run_on_devices(snippet: str, devices: int, timeout: float = 600) -> Run:
+def run_on_devices(snippet: str, devices: int, timeout: float = 600, axis_type="Explicit") -> Run:
   """Runs ``snippet`` with ``devices`` simulated CPU devices; returns its reports."""
   env = dict(os.environ)
   env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
                       f" --xla_force_host_platform_device_count={devices}").strip()
   env["JAX_PLATFORMS"] = "cpu"
-  program = _PRELUDE + textwrap.dedent(snippet) + _EPILOGUE
+  program = _PRELUDE.replace("{axis_type}", axis_type) + textwrap.dedent(snippet) + _EPILOGUE
   proc = subprocess.run([sys.executable, "-c", program], env=env, capture_output=True, text=True,
                         timeout=timeout, check=False)
   if proc.returncode:

@@ -96,6 +96,14 @@ def test_ops_are_bit_identical_on_1_2_4_devices(op_runs, op, pass_name):
   _assert_same_bits(op_runs, [f"{op}.{pass_name}"])
 
 
+def test_ops_under_auto_axes_give_the_same_bits(op_runs):
+  auto = run_on_devices(_OPS, 4, axis_type="Auto")
+  assert auto.all_gathers() == []
+  for name, value in op_runs[1].results.items():
+    np.testing.assert_array_equal(auto.results[name].view(np.uint32), value.view(np.uint32),
+                                  err_msg=name)
+
+
 def test_ops_gather_nothing(op_runs):
   for n in DEVICE_COUNTS:
     assert op_runs[n].all_gathers() == [], f"all-gathers on {n} devices"
