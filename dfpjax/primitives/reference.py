@@ -25,6 +25,10 @@ from dfpjax.primitives import conv_transpose
 from dfpjax.primitives.conv_params import ConvParams, Geometry
 
 
+# |int16 * int16| <= 2**30, so sums of fewer than 2**23 such products stay below 2**53.
+_FLOAT64_EXACT_TERMS = 1 << 23
+
+
 def encode_exact(s, exponent, nonfinite, out_dtype):
   """``fl(s) * 2**exponent`` for exact int64 sums ``s`` (spec section 3), NaN where ``nonfinite``.
 
@@ -47,8 +51,15 @@ def dot(a, ea, b, eb, *, lhs_kmajor: bool, rhs_nmajor: bool, out_dtype, reduce_s
   """
   with jax.enable_x64(True):
     dims = (((1 if lhs_kmajor else 2,), (2 if rhs_nmajor else 1,)), ((0,), (0,)))
-    s = lax.dot_general(a.astype(jnp.int64), b.astype(jnp.int64), dims,
-                        preferred_element_type=jnp.int64)
+    terms = a.shape[1 if lhs_kmajor else 2]
+    if reduce_sums is not None and terms < _FLOAT64_EXACT_TERMS:
+      # CPU partial sums (see partitioning.py): XLA's float64 dot is far faster there than
+      # its int64 one, and exact: every product and partial sum is an integer below 2**53.
+      s = lax.dot_general(a.astype(jnp.float64), b.astype(jnp.float64), dims,
+                          preferred_element_type=jnp.float64).astype(jnp.int64)
+    else:
+      s = lax.dot_general(a.astype(jnp.int64), b.astype(jnp.int64), dims,
+                          preferred_element_type=jnp.int64)
     s = s if reduce_sums is None else reduce_sums(s)
     exponent = ea.astype(jnp.int64)[:, :, None] + eb.astype(jnp.int64)[:, None, :]  # never wraps
     nonfinite = (ea == NONFINITE_EXPONENT)[:, :, None] | (eb == NONFINITE_EXPONENT)[:, None, :]
