@@ -99,7 +99,13 @@ def plot_curves(runs: Mapping[str, Sequence[dict]], path: str):
     train = [r for r in records if r["split"] == "train"]
     axes[2].plot([r["step"] for r in train], [r["learning_rate"] for r in train], color=color,
                  label=label)
-  for ax, title in zip(axes, ("loss", "top-1 accuracy", "learning rate")):
+  save_figure(fig, axes, ("loss", "top-1 accuracy", "learning rate"), path)
+
+
+def save_figure(fig, axes, titles, path: str) -> None:
+  """Titles, step axes, grids and legends on ``axes``; ``fig`` written to ``path`` and closed."""
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  for ax, title in zip(axes, titles):
     ax.set_title(title)
     ax.set_xlabel("step")
     ax.grid(alpha=0.3)

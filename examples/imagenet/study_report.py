@@ -129,14 +129,8 @@ def plot_network(network: str, settings: Sequence[str], entries: Sequence[Mappin
       mean, std = values.mean(0), values.std(0, ddof=1) if len(runs) > 1 else 0 * values[0]
       ax.plot(steps, mean, color=f"C{i}", label=f"{name} (n={len(runs)})")
       ax.fill_between(steps, mean - std, mean + std, color=f"C{i}", alpha=0.2, linewidth=0)
-  for ax, (_, _, title) in zip(axes, panels):
-    ax.set_title(f"{network}: {title}, mean ± std over seeds")
-    ax.set_xlabel("step")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize="small")
-  fig.tight_layout()
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
+  reporting.save_figure(fig, axes, [f"{network}: {title}, mean ± std over seeds"
+                                    for _, _, title in panels], path)
 
 
 def _json_safe(value):
