@@ -1,0 +1,71 @@
+"""Tests of examples/imagenet/study_diagnose.py: a study's settings diagnosed on its trained FP32
+weights, the summary per pass, and the error when the FP32 run is missing."""
+
+import json
+import os
+
+import pytest
+
+from examples.imagenet import main, study, study_diagnose
+
+# A two-convolution VGG on the shipped subset, FP32 trained for 4 steps; 16 and 6 bits diagnosed.
+TINY_STUDY = '''
+from examples.imagenet import study
+from examples.imagenet.configs.base import Config
+
+def get_config():
+  return Config(model="vgg16", model_kwargs={"layers": (8, "M", 16, "M"), "hidden": 32},
+                dataset="fashion_mnist_subset", image_size=16, num_workers=0, batch_size=32,
+                base_learning_rate=0.4, lr_schedule="cosine", warmup_epochs=0.0, num_epochs=1.0,
+                num_train_steps=4, log_every_steps=2, eval_every_steps=4,
+                checkpoint_every_steps=4)
+
+def get_study():
+  return study.Study("tiny", get_config(), get_config(),
+                     (study.FP32, study.Setting(16), study.Setting(6)), seeds=(0,))
+'''
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+  path = tmp_path_factory.mktemp("config") / "tiny_study.py"
+  path.write_text(TINY_STUDY)
+  return main.load_study(str(path))
+
+
+@pytest.fixture(scope="module")
+def diagnosed(tiny, tmp_path_factory):
+  """The tiny study's FP32 run trained, then diagnosed: (workdir, markdown, json)."""
+  workdir = str(tmp_path_factory.mktemp("study"))
+  study.run_studies([tiny], workdir, settings=["fp32"], log=lambda line: None)
+  text = study_diagnose.run(tiny, workdir, log=lambda line: None)
+  with open(os.path.join(workdir, "tiny", "diagnose.json"), encoding="utf-8") as f:
+    return workdir, text, json.load(f)
+
+
+def test_every_dfp_setting_is_diagnosed_in_every_pass(diagnosed):
+  _, text, data = diagnosed
+  assert list(data["settings"]) == ["dfp16", "dfp6"]
+  for per_pass in data["settings"].values():
+    # Two convolutions and three dense layers, each with two gradients but the first
+    # convolution (no input gradient): the train step's transposes are sites of their own.
+    assert {p: s["products"] for p, s in per_pass.items()} == {"forward": 5, "backward": 9}
+  assert text.count("| dfp6 |") == 2 and text.count("| dfp16 |") == 2
+
+
+def test_fewer_bits_lose_more_precision(diagnosed):
+  settings = diagnosed[2]["settings"]
+  for role in ("forward", "backward"):
+    sixteen, six = settings["dfp16"][role], settings["dfp6"][role]
+    assert sixteen["max_rel_error"] < 1e-3
+    # Each bit fewer doubles the rounding error: 10 bits are a factor of about 1000.
+    assert six["median_rel_error"] > 100 * sixteen["median_rel_error"]
+    assert sixteen["max_rel_error"] <= six["max_rel_error"]
+    assert 0.5 <= sixteen["median_mantissa_use"] <= 1.0
+    assert six["max_underflow"] >= sixteen["max_underflow"]
+
+
+def test_a_missing_fp32_run_is_named_with_the_command_that_trains_it(tiny, tmp_path):
+  with pytest.raises(FileNotFoundError, match=r"no finished FP32 run of 'tiny' with seed 3 .*"
+                                              r"--settings fp32 --seeds 3"):
+    study_diagnose.run(tiny, str(tmp_path), seed=3)
