@@ -64,9 +64,12 @@ static void run_block(conv_plan* c, size_t g, size_t mb, size_t nb, size_t kb0, 
   const size_t q0 = nb * c->ncp, q1 = min_size(q0 + c->ncp, c->npanels);
   const size_t panel_stride = (size_t)DFP_KC_PAIRS * mr * 2;
   int16_t* apack = (int16_t*)malloc(panels * panel_stride * sizeof(int16_t));
+  const int gather = c->backward && !dfp_patches_dense(&a->shape);
+  int16_t* scratch = gather ? (int16_t*)malloc(2 * DFP_KC_PAIRS * panels * mr * sizeof(int16_t)) : NULL;
   uint64_t abound[DFP_IM2COL_MAX_ROWS * DFP_CHUNK_LEVELS];
-  if (apack == NULL) {
+  if (apack == NULL || (gather && scratch == NULL)) {
     dfp_fail(&c->status, DFP_ERR_ALLOC);
+    free(apack);
     return;
   }
   const size_t bq0 = g * c->npanels + q0;
@@ -74,9 +77,9 @@ static void run_block(conv_plan* c, size_t g, size_t mb, size_t nb, size_t kb0, 
     const size_t k0 = kb * 2 * DFP_KC_PAIRS, k1 = min_size(k0 + 2 * DFP_KC_PAIRS, c->k);
     const size_t kc = (k1 - k0 + 1) / 2;
     if (c->backward)
-      dfp_im2col_pack_taps(&patches, c->m, row0, mr, panels, k0, k1, apack, panel_stride);
+      dfp_im2col_pack_taps(c->cfg, &patches, c->m, row0, mr, panels, k0, k1, apack, panel_stride, scratch);
     else
-      dfp_im2col_pack_pixels(&patches, c->m, row0, mr, panels, k0, k1, apack, panel_stride);
+      dfp_im2col_pack_pixels(c->cfg, &patches, c->m, row0, mr, panels, k0, k1, apack, panel_stride);
     for (size_t p = 0; p < panels; ++p)
       if (dfp_block_bounds(c->cfg, apack + p * panel_stride, kc, mr, abound + p * DFP_CHUNK_LEVELS))
         dfp_fail(&c->status, DFP_ERR_BAD_MANTISSA);
@@ -91,6 +94,7 @@ static void run_block(conv_plan* c, size_t g, size_t mb, size_t nb, size_t kb0, 
     dfp_multiply_block(c->cfg->ukernel, &block, acc, ldc, kb > kb0);
   }
   free(apack);
+  free(scratch);
 }
 
 static void forward_task(void* arg, size_t t) {
@@ -235,6 +239,11 @@ typedef struct {
   int status;
 } col2im_plan;
 
+/* dst += src, elementwise; restrict lets the compiler vectorize it. */
+static void add_sums(int64_t* restrict dst, const int64_t* restrict src, size_t n) {
+  for (size_t e = 0; e < n; ++e) dst[e] += src[e];
+}
+
 static void col2im_pack_b_task(void* arg, size_t t) {
   col2im_plan* c = (col2im_plan*)arg;
   const dfp_conv_shape* s = &c->args->shape;
@@ -260,6 +269,7 @@ static void col2im_task(void* arg, size_t t) {
     dfp_fail(&c->status, DFP_ERR_ALLOC);
   } else {
     const size_t channels_out = s->groups * s->cout, channels_in = s->groups * s->cin;
+    const dfp_unit_shape units = dfp_units_of(s);
     const int16_t* dy = c->args->x + image * c->pixels * channels_out + g * s->cout;
     for (size_t row0 = 0; row0 < c->pixels; row0 += mcp * mr) {
       const size_t panels = min_size(mcp, ceil_div(c->pixels - row0, mr));
@@ -281,15 +291,18 @@ static void col2im_task(void* arg, size_t t) {
       }
       const size_t row1 = min_size(row0 + panels * mr, c->pixels);
       for (size_t row = row0; row < row1; ++row) {
-        size_t pos[3], tap_pos[3];
+        size_t pos[3], t[3] = {0, 0, 0}, lo, hi;
         dfp_split_pixel(s, row, pos);
-        for (size_t tap = 0; tap < c->taps; ++tap) {
-          dfp_split_tap(s, tap, tap_pos);
-          const int64_t pixel = dfp_input_pixel(s, image, pos, tap_pos);
+        dfp_unit_taps(s, &units, pos, &lo, &hi);
+        /* A unit's taps [lo, hi) add into consecutive input pixels (im2col.h). */
+        for (size_t tap = 0; tap < c->taps; tap += units.taps, dfp_next_unit(s, &units, t)) {
+          if (lo >= hi) break;
+          const size_t first[3] = {t[0], t[1], t[2] + lo};
+          const int64_t pixel = dfp_input_pixel(s, image, pos, first);
           if (pixel < 0) continue;
           int64_t* dst = c->dx + (size_t)pixel * channels_in + g * s->cin;
-          const int64_t* src = acc + (row - row0) * ldc + tap * s->cin;
-          for (size_t ch = 0; ch < s->cin; ++ch) dst[ch] += src[ch];
+          const int64_t* src = acc + (row - row0) * ldc + (tap + lo) * s->cin;
+          add_sums(dst, src, (hi - lo) * s->cin);
         }
       }
     }
@@ -299,14 +312,14 @@ static void col2im_task(void* arg, size_t t) {
   free(acc);
 }
 
+/* One image's dx, contiguous and under one exponent, as one row. */
 static void col2im_encode_task(void* arg, size_t image) {
   col2im_plan* c = (col2im_plan*)arg;
   const dfp_conv_args* a = c->args;
   const dfp_conv_shape* s = &a->shape;
-  const size_t in_pixels = s->in[0] * s->in[1] * s->in[2], channels = s->groups * s->cin;
-  for (size_t pixel = image * in_pixels; pixel < (image + 1) * in_pixels; ++pixel)
-    dfp_encode_row(c->cfg, a->out_format, a->out, pixel * channels, c->dx + pixel * channels, channels,
-                   a->ex[0], &a->eb, 0);
+  const size_t elements = s->in[0] * s->in[1] * s->in[2] * s->groups * s->cin;
+  dfp_encode_row(c->cfg, a->out_format, a->out, image * elements, c->dx + image * elements, elements, a->ex[0],
+                 &a->eb, 0);
 }
 
 int dfp_conv_backward_data(const dfp_conv_args* args, dfp_isa isa, const dfp_parallel* par) {
