@@ -7,8 +7,8 @@
  *
  *   KERNEL=$(python -c "import dfpjax.cpu_ffi._kernel as k; print(k.__file__)")
  *   gcc -O2 -pthread -Idfpjax/cpu_ffi/src benchmarks/conv_phases.c "$KERNEL" \
- *       -Wl,--allow-shlib-undefined -o /tmp/conv_phases
- *   /tmp/conv_phases [--batch 32] [--threads 2] [--repeats 5] [--isa 3] [--no-gemm] [layer ...]
+ *       -Wl,--allow-shlib-undefined -o conv_phases
+ *   ./conv_phases [--batch 32] [--threads 2] [--repeats 5] [--isa 3] [--no-gemm] [layer ...]
  *
  * (--isa: 0 portable, 1 avx2, 2 avx_vnni, 3 avx512_vnni; --no-gemm skips the GEMM line, e.g.
  * under `perf record -e cpu-clock`, to profile the convolutions alone.)
