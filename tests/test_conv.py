@@ -183,6 +183,53 @@ def test_kernel_equals_reference_on_every_path(isa, seed):
     np.testing.assert_array_equal(a, b, err_msg=f"{name} on {isa} for {kw}")
 
 
+# 1x1 convolutions the kernel reads as plain GEMMs (stride 1, no padding: x is the patch matrix)
+# and their near misses (stride, padding, lhs dilation), which must not take that route. Tails
+# in M (pixels), N (out channels), K (in channels, or pixels for the weight gradient: odd and
+# past one 512-column block), feature groups.
+DENSE_CASES = {
+    "odd_everything": ((1, 9, 7, 3), (1, 1, 3, 5), {}),
+    "groups_long_pixels": ((2, 23, 25, 74), (1, 1, 37, 40), dict(feature_group_count=2)),
+    "deep_channels": ((1, 6, 5, 1030), (1, 1, 1030, 70), {}),
+    "strided": ((2, 11, 9, 20), (1, 1, 20, 33), dict(window_strides=(2, 1))),
+    "padded": ((1, 10, 9, 18), (1, 1, 18, 9), dict(padding=((1, 0), (0, 2)))),
+    "lhs_dilated": ((1, 7, 6, 16), (1, 1, 16, 8), dict(lhs_dilation=(2, 1), padding=((0, 1), (0, 0)))),
+}
+
+
+@pytest.mark.parametrize("case", DENSE_CASES)
+def test_1x1_convolutions_as_gemms_equal_reference_on_every_path(isa, case):
+  """All three passes of 1x1 convolutions, dense or nearly so, on the forced kernel path equal
+  the pure-XLA reference bit for bit."""
+  lhs_shape, rhs_shape, extra = DENSE_CASES[case]
+  rng = np.random.default_rng(len(case))
+  lhs = rng.standard_normal(lhs_shape).astype(np.float32)
+  rhs = rng.standard_normal(rhs_shape).astype(np.float32)
+  kw = dict(window_strides=(1, 1), padding="VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  kw.update(extra)
+  got = _forward_and_gradients(lhs, rhs, kw)
+  with reference_mode():
+    want = _forward_and_gradients(lhs, rhs, kw)
+  for name, a, b in zip(("forward", "backward-data", "backward-weights"), got, want):
+    np.testing.assert_array_equal(a, b, err_msg=f"{name} on {isa} for {case}")
+
+
+def test_weight_gradient_over_several_packing_rounds_on_every_path(isa):
+  """A weight gradient whose cotangent (20000 pixels x 260 channels) the kernel packs in
+  several rounds of K blocks (4 MB each), for a 3x3 and a 1x1 window: all passes equal the
+  reference bit for bit."""
+  rng = np.random.default_rng(11)
+  lhs = rng.standard_normal((2, 100, 100, 3)).astype(np.float32)
+  for window in (3, 1):
+    rhs = rng.standard_normal((window, window, 3, 260)).astype(np.float32)
+    kw = dict(window_strides=(1, 1), padding="SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    got = _forward_and_gradients(lhs, rhs, kw)
+    with reference_mode():
+      want = _forward_and_gradients(lhs, rhs, kw)
+    for name, a, b in zip(("forward", "backward-data", "backward-weights"), got, want):
+      np.testing.assert_array_equal(a, b, err_msg=f"{name} on {isa}, {window}x{window}")
+
+
 def test_int32_overflowing_sums_are_exact_on_every_path(isa):
   """Full-range same-sign mantissas: a 3x3x512 forward sum (K = 4608) and a 1x1 weight
   gradient over 2**15 pixels both exceed int32 many times over."""

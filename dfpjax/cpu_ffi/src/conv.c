@@ -1,9 +1,9 @@
 /* Macro-loops of the exact DFP convolutions (dfp_kernel.h), per feature group g:
  *   forward           y[(n,p), o]  = sum over (t,c) of patches[(n,p), (t,c)] * w[(t,c), o]
  *   backward-weights  dw[(t,c), o] = sum over (n,p) of patches[(n,p), (t,c)] * dy[(n,p), o]
- * The weights (forward) or the output gradient (backward-weights) are packed once as the
- * B operand; the patches are packed per cache block as the A operand (im2col.c), so no
- * patch matrix is materialized. The block routine and output stage are the GEMM's
+ * The weights (forward) are packed once as the B operand, the output gradient
+ * (backward-weights) in rounds of K blocks; the patches are packed per cache block as the A
+ * operand (im2col.c), so no patch matrix is materialized (a 1x1 convolution's is x itself). The block routine and output stage are the GEMM's
  * (macro.h). Backward-data is usually a forward convolution of dy with the flipped weights (the
  * caller sets up its geometry); for inputs with few channels dfp_conv_backward_data runs it
  * as col2im instead (below). */
@@ -20,6 +20,10 @@ enum {
   CONV_MC_ROWS = 64,   /* rows of a cache block, rounded up to whole micro-panels */
   CONV_NC_COLS = 256,  /* columns of a cache block */
   TASKS_PER_THREAD = 4,
+  /* Backward-weights packs dy (its B operand, as large as dy) in rounds of K blocks of at
+   * most this many bytes: a buffer glibc reuses, instead of one it maps and zero-fills afresh
+   * on every call (51 MB for the stem at batch 32), and one that stays in the cache. */
+  CONV_ROUND_BYTES = 4 << 20,
 };
 
 typedef struct {
@@ -31,9 +35,11 @@ typedef struct {
   size_t kpairs, kblocks;
   size_t mcp, ncp;                /* micro-panels per cache block */
   size_t mblocks, nblocks, npanels;
-  size_t ksplit, kblocks_per_split; /* backward: K ranges summed after the fact */
-  int16_t* bpack;                 /* [groups][npanels][kpairs][NR][2] */
-  uint64_t* bbound;               /* [groups][npanels][kblocks][DFP_CHUNK_LEVELS] */
+  size_t ksplit, kblocks_per_split; /* backward: K ranges of a round summed after the fact */
+  size_t round_kb0, round_kblocks;  /* the K blocks packed in bpack now (all, forward) */
+  size_t bkblocks, bkpairs;         /* K blocks and pairs bpack holds per panel */
+  int16_t* bpack;                 /* [groups][npanels][bkpairs][NR][2] */
+  uint64_t* bbound;               /* [groups][npanels][bkblocks][DFP_CHUNK_LEVELS] */
   int64_t* sums;                  /* backward: [ksplit][groups][mblocks * mcp * MR][npanels * NR] */
   int status;
 } conv_plan;
@@ -46,16 +52,19 @@ static void pack_b_task(void* arg, size_t t) {
   const dfp_conv_shape* s = &c->args->shape;
   const size_t g = t / c->npanels, q = t % c->npanels;
   const int nr = c->nr;
-  /* w [taps * cin][groups * cout] or dy [pixels][groups * cout]: K rows, this group's columns. */
-  if (dfp_pack_panel(c->cfg, c->args->b + g * s->cout, c->n, c->k, 1, s->groups * s->cout, q * nr, nr,
-                     c->bpack + t * c->kpairs * nr * 2, c->bbound + t * c->kblocks * DFP_CHUNK_LEVELS))
+  const size_t channels = s->groups * s->cout, k0 = c->round_kb0 * 2 * DFP_KC_PAIRS;
+  const size_t k1 = min_size(c->k, (c->round_kb0 + c->round_kblocks) * 2 * DFP_KC_PAIRS);
+  /* w [taps * cin][groups * cout] or dy [pixels][groups * cout]: the round's K rows, this
+   * group's columns. */
+  if (dfp_pack_panel(c->cfg, c->args->b + k0 * channels + g * s->cout, c->n, k1 - k0, 1, channels, q * nr, nr,
+                     c->bpack + t * c->bkpairs * nr * 2, c->bbound + t * c->bkblocks * DFP_CHUNK_LEVELS))
     dfp_fail(&c->status, DFP_ERR_BAD_MANTISSA);
 }
 
-/* Stores the sum of K blocks [kb0, kb1) of cache block (mb, nb) of group g in acc (row
- * stride ldc). */
+/* Stores (or with accumulate, adds) the sum of K blocks [kb0, kb1) of the round of cache
+ * block (mb, nb) of group g in acc (row stride ldc). */
 static void run_block(conv_plan* c, size_t g, size_t mb, size_t nb, size_t kb0, size_t kb1,
-                      int64_t* acc, size_t ldc) {
+                      int64_t* acc, size_t ldc, int accumulate) {
   const dfp_conv_args* a = c->args;
   const int mr = c->mr, nr = c->nr;
   const dfp_patches patches = {a->x, &a->shape, g * a->shape.cin};
@@ -64,9 +73,12 @@ static void run_block(conv_plan* c, size_t g, size_t mb, size_t nb, size_t kb0, 
   const size_t q0 = nb * c->ncp, q1 = min_size(q0 + c->ncp, c->npanels);
   const size_t panel_stride = (size_t)DFP_KC_PAIRS * mr * 2;
   int16_t* apack = (int16_t*)malloc(panels * panel_stride * sizeof(int16_t));
+  const int gather = c->backward && !dfp_patches_dense(&a->shape);
+  int16_t* scratch = gather ? (int16_t*)malloc(2 * DFP_KC_PAIRS * panels * mr * sizeof(int16_t)) : NULL;
   uint64_t abound[DFP_IM2COL_MAX_ROWS * DFP_CHUNK_LEVELS];
-  if (apack == NULL) {
+  if (apack == NULL || (gather && scratch == NULL)) {
     dfp_fail(&c->status, DFP_ERR_ALLOC);
+    free(apack);
     return;
   }
   const size_t bq0 = g * c->npanels + q0;
@@ -74,23 +86,25 @@ static void run_block(conv_plan* c, size_t g, size_t mb, size_t nb, size_t kb0, 
     const size_t k0 = kb * 2 * DFP_KC_PAIRS, k1 = min_size(k0 + 2 * DFP_KC_PAIRS, c->k);
     const size_t kc = (k1 - k0 + 1) / 2;
     if (c->backward)
-      dfp_im2col_pack_taps(&patches, c->m, row0, mr, panels, k0, k1, apack, panel_stride);
+      dfp_im2col_pack_taps(c->cfg, &patches, c->m, row0, mr, panels, k0, k1, apack, panel_stride, scratch);
     else
-      dfp_im2col_pack_pixels(&patches, c->m, row0, mr, panels, k0, k1, apack, panel_stride);
+      dfp_im2col_pack_pixels(c->cfg, &patches, c->m, row0, mr, panels, k0, k1, apack, panel_stride);
     for (size_t p = 0; p < panels; ++p)
       if (dfp_block_bounds(c->cfg, apack + p * panel_stride, kc, mr, abound + p * DFP_CHUNK_LEVELS))
         dfp_fail(&c->status, DFP_ERR_BAD_MANTISSA);
+    const size_t bkb = kb - c->round_kb0;
     const dfp_block block = {
         .a = apack, .a_stride = panel_stride, .mpanels = panels,
         .abound = abound, .abound_stride = DFP_CHUNK_LEVELS,
-        .b = c->bpack + (bq0 * c->kpairs + kb * DFP_KC_PAIRS) * nr * 2, .b_stride = c->kpairs * nr * 2,
+        .b = c->bpack + (bq0 * c->bkpairs + bkb * DFP_KC_PAIRS) * nr * 2, .b_stride = c->bkpairs * nr * 2,
         .npanels = q1 - q0,
-        .bbound = c->bbound + (bq0 * c->kblocks + kb) * DFP_CHUNK_LEVELS,
-        .bbound_stride = c->kblocks * DFP_CHUNK_LEVELS,
+        .bbound = c->bbound + (bq0 * c->bkblocks + bkb) * DFP_CHUNK_LEVELS,
+        .bbound_stride = c->bkblocks * DFP_CHUNK_LEVELS,
         .kpairs = kc};
-    dfp_multiply_block(c->cfg->ukernel, &block, acc, ldc, kb > kb0);
+    dfp_multiply_block(c->cfg->ukernel, &block, acc, ldc, accumulate || kb > kb0);
   }
   free(apack);
+  free(scratch);
 }
 
 static void forward_task(void* arg, size_t t) {
@@ -108,7 +122,7 @@ static void forward_task(void* arg, size_t t) {
     return;
   }
   if (c->kblocks == 0) memset(acc, 0, bytes);
-  run_block(c, g, mb, nb, 0, c->kblocks, acc, ldc);
+  run_block(c, g, mb, nb, 0, c->kblocks, acc, ldc, 0);
   const size_t row0 = mb * c->mcp * mr, row1 = min_size(row0 + c->mcp * mr, c->m);
   const size_t col0 = nb * c->ncp * nr, cols = min_size(ldc, c->n - col0);
   const size_t pixels_per_image = s->out[0] * s->out[1] * s->out[2];
@@ -129,8 +143,9 @@ static void backward_task(void* arg, size_t t) {
   const size_t ldc = c->npanels * c->nr;
   int64_t* acc = c->sums + ((ks * groups + g) * sums_rows(c) + mb * c->mcp * c->mr) * ldc +
                  nb * c->ncp * c->nr;
-  const size_t kb0 = ks * c->kblocks_per_split;
-  run_block(c, g, mb, nb, kb0, min_size(kb0 + c->kblocks_per_split, c->kblocks), acc, ldc);
+  const size_t kb0 = c->round_kb0 + ks * c->kblocks_per_split;
+  const size_t kb1 = min_size(kb0 + c->kblocks_per_split, c->round_kb0 + c->round_kblocks);
+  if (kb0 < kb1) run_block(c, g, mb, nb, kb0, kb1, acc, ldc, c->round_kb0 > 0);
 }
 
 /* Sums the K ranges of one row block of one group and writes its weight gradient rows. */
@@ -187,30 +202,36 @@ static int conv_run(const dfp_conv_args* args, int backward, dfp_isa isa, const 
   c.ncp = ceil_div(CONV_NC_COLS, nr);
   c.mblocks = ceil_div(ceil_div(c.m, mr), c.mcp);
   c.nblocks = ceil_div(c.npanels, c.ncp);
-  const size_t blocks = s->groups * c.mblocks * c.nblocks;
+  const size_t blocks = s->groups * c.mblocks * c.nblocks, bpanels = s->groups * c.npanels;
+  c.bkblocks = c.kblocks;
+  if (backward) /* rounds of whole K blocks, at least one */
+    c.bkblocks = min_size(c.kblocks, CONV_ROUND_BYTES / (bpanels * nr * 2 * DFP_KC_PAIRS * sizeof(int16_t)) + 1);
+  c.bkpairs = min_size(c.kpairs, c.bkblocks * DFP_KC_PAIRS);
   c.ksplit = 1;
-  c.kblocks_per_split = c.kblocks;
-  if (backward && c.kblocks > 1) {
-    /* Few output blocks (1x1 layers): split the long pixel reduction across threads. */
+  c.kblocks_per_split = c.bkblocks;
+  if (backward && c.bkblocks > 1) {
+    /* Few output blocks (1x1 layers): split each round's long pixel reduction across threads. */
     const size_t want = ceil_div(TASKS_PER_THREAD * (size_t)(par->num_threads > 0 ? par->num_threads : 1), blocks);
-    c.kblocks_per_split = ceil_div(c.kblocks, min_size(want, c.kblocks));
-    c.ksplit = ceil_div(c.kblocks, c.kblocks_per_split);
+    c.kblocks_per_split = ceil_div(c.bkblocks, min_size(want, c.bkblocks));
+    c.ksplit = ceil_div(c.bkblocks, c.kblocks_per_split);
   }
-  const size_t bpanels = s->groups * c.npanels;
-  c.bpack = (int16_t*)malloc(bpanels * (c.kpairs ? c.kpairs : 1) * nr * 2 * sizeof(int16_t));
-  c.bbound = (uint64_t*)malloc(bpanels * (c.kblocks ? c.kblocks : 1) * DFP_CHUNK_LEVELS * sizeof(uint64_t));
+  c.bpack = (int16_t*)malloc(bpanels * (c.bkpairs ? c.bkpairs : 1) * nr * 2 * sizeof(int16_t));
+  c.bbound = (uint64_t*)malloc(bpanels * (c.bkblocks ? c.bkblocks : 1) * DFP_CHUNK_LEVELS * sizeof(uint64_t));
   if (backward)
     c.sums = (int64_t*)calloc(c.ksplit * s->groups * sums_rows(&c) * c.npanels * nr, sizeof(int64_t));
   if (!c.bpack || !c.bbound || (backward && !c.sums)) {
     c.status = DFP_ERR_ALLOC;
-  } else {
+  } else if (!backward) {
+    c.round_kblocks = c.kblocks;
     par->parallel_for(par->pool, bpanels, pack_b_task, &c);
-    if (c.status == DFP_OK && !backward) par->parallel_for(par->pool, blocks, forward_task, &c);
-    if (c.status == DFP_OK && backward) {
-      par->parallel_for(par->pool, c.ksplit * blocks, backward_task, &c);
-      if (c.status == DFP_OK)
-        par->parallel_for(par->pool, s->groups * c.mblocks, backward_encode_task, &c);
+    if (c.status == DFP_OK) par->parallel_for(par->pool, blocks, forward_task, &c);
+  } else {
+    for (; c.round_kb0 < c.kblocks && c.status == DFP_OK; c.round_kb0 += c.bkblocks) {
+      c.round_kblocks = min_size(c.bkblocks, c.kblocks - c.round_kb0);
+      par->parallel_for(par->pool, bpanels, pack_b_task, &c);
+      if (c.status == DFP_OK) par->parallel_for(par->pool, c.ksplit * blocks, backward_task, &c);
     }
+    if (c.status == DFP_OK) par->parallel_for(par->pool, s->groups * c.mblocks, backward_encode_task, &c);
   }
   free(c.bpack);
   free(c.bbound);
@@ -222,7 +243,8 @@ static int conv_run(const dfp_conv_args* args, int backward, dfp_isa isa, const 
  * is one GEMM with dy as A (read as it lies) and the weights as B, and each column is added,
  * exactly in int64, into the input pixel its tap reads. With few input channels (a stem's 3)
  * this beats a forward convolution of dy, whose packed patches would each serve only cin
- * output columns. Images are tasks of their own, so no two tasks touch one input pixel. */
+ * output columns. Each image sums into an int64 dx of its own (a stem's 1.2 MB, not the
+ * batch's 38 MB at batch 32, which glibc would map and zero-fill afresh on every call). */
 typedef struct {
   const dfp_conv_args* args;
   const dfp_isa_config* cfg;
@@ -231,9 +253,13 @@ typedef struct {
   size_t n, k, kpairs, kblocks, npanels; /* the GEMM: N = taps * cin, K = cout */
   int16_t* bpack;                 /* [groups][npanels][kpairs][NR][2] */
   uint64_t* bbound;
-  int64_t* dx;                    /* [batch][input pixels][groups * cin] */
   int status;
 } col2im_plan;
+
+/* dst += src, elementwise; restrict lets the compiler vectorize it. */
+static void add_sums(int64_t* restrict dst, const int64_t* restrict src, size_t n) {
+  for (size_t e = 0; e < n; ++e) dst[e] += src[e];
+}
 
 static void col2im_pack_b_task(void* arg, size_t t) {
   col2im_plan* c = (col2im_plan*)arg;
@@ -246,67 +272,74 @@ static void col2im_pack_b_task(void* arg, size_t t) {
     dfp_fail(&c->status, DFP_ERR_BAD_MANTISSA);
 }
 
-static void col2im_task(void* arg, size_t t) {
-  col2im_plan* c = (col2im_plan*)arg;
+/* Group g of one image: the GEMM of dy's rows with the weights, per row block into acc
+ * (buffers of mcp panels), each column added into the image's dx [input pixels][groups * cin]. */
+static void col2im_group(col2im_plan* c, size_t image, size_t g, int16_t* apack, uint64_t* abound, int64_t* acc,
+                         int64_t* dx) {
   const dfp_conv_shape* s = &c->args->shape;
   const int mr = c->mr, nr = c->nr;
-  const size_t image = t / s->groups, g = t % s->groups;
   const size_t mcp = ceil_div(CONV_MC_ROWS, mr), ldc = c->npanels * nr, levels = c->kblocks * DFP_CHUNK_LEVELS;
   const size_t kp = c->kpairs ? c->kpairs : 1;
-  int16_t* apack = (int16_t*)malloc(mcp * kp * mr * 2 * sizeof(int16_t));
-  uint64_t* abound = (uint64_t*)malloc(mcp * (levels ? levels : 1) * sizeof(uint64_t));
-  int64_t* acc = (int64_t*)malloc(mcp * mr * ldc * sizeof(int64_t));
-  if (!apack || !abound || !acc) {
-    dfp_fail(&c->status, DFP_ERR_ALLOC);
-  } else {
-    const size_t channels_out = s->groups * s->cout, channels_in = s->groups * s->cin;
-    const int16_t* dy = c->args->x + image * c->pixels * channels_out + g * s->cout;
-    for (size_t row0 = 0; row0 < c->pixels; row0 += mcp * mr) {
-      const size_t panels = min_size(mcp, ceil_div(c->pixels - row0, mr));
-      for (size_t p = 0; p < panels; ++p)
-        if (dfp_pack_panel(c->cfg, dy, c->pixels, c->k, channels_out, 1, row0 + p * mr, mr,
-                           apack + p * kp * mr * 2, abound + p * levels))
-          dfp_fail(&c->status, DFP_ERR_BAD_MANTISSA);
-      if (c->kblocks == 0) memset(acc, 0, panels * mr * ldc * sizeof(int64_t));
-      for (size_t kb = 0; kb < c->kblocks; ++kb) {
-        const dfp_block block = {
-            .a = apack + kb * DFP_KC_PAIRS * mr * 2, .a_stride = kp * mr * 2, .mpanels = panels,
-            .abound = abound + kb * DFP_CHUNK_LEVELS, .abound_stride = levels,
-            .b = c->bpack + (g * c->npanels * c->kpairs + kb * DFP_KC_PAIRS) * nr * 2,
-            .b_stride = c->kpairs * nr * 2, .npanels = c->npanels,
-            .bbound = c->bbound + (g * c->npanels * c->kblocks + kb) * DFP_CHUNK_LEVELS,
-            .bbound_stride = c->kblocks * DFP_CHUNK_LEVELS,
-            .kpairs = min_size(c->kpairs - kb * DFP_KC_PAIRS, DFP_KC_PAIRS)};
-        dfp_multiply_block(c->cfg->ukernel, &block, acc, ldc, kb > 0);
-      }
-      const size_t row1 = min_size(row0 + panels * mr, c->pixels);
-      for (size_t row = row0; row < row1; ++row) {
-        size_t pos[3], tap_pos[3];
-        dfp_split_pixel(s, row, pos);
-        for (size_t tap = 0; tap < c->taps; ++tap) {
-          dfp_split_tap(s, tap, tap_pos);
-          const int64_t pixel = dfp_input_pixel(s, image, pos, tap_pos);
-          if (pixel < 0) continue;
-          int64_t* dst = c->dx + (size_t)pixel * channels_in + g * s->cin;
-          const int64_t* src = acc + (row - row0) * ldc + tap * s->cin;
-          for (size_t ch = 0; ch < s->cin; ++ch) dst[ch] += src[ch];
-        }
+  const size_t channels_out = s->groups * s->cout, channels_in = s->groups * s->cin;
+  const dfp_unit_shape units = dfp_units_of(s);
+  const int16_t* dy = c->args->x + image * c->pixels * channels_out + g * s->cout;
+  for (size_t row0 = 0; row0 < c->pixels; row0 += mcp * mr) {
+    const size_t panels = min_size(mcp, ceil_div(c->pixels - row0, mr));
+    for (size_t p = 0; p < panels; ++p)
+      if (dfp_pack_panel(c->cfg, dy, c->pixels, c->k, channels_out, 1, row0 + p * mr, mr,
+                         apack + p * kp * mr * 2, abound + p * levels))
+        dfp_fail(&c->status, DFP_ERR_BAD_MANTISSA);
+    if (c->kblocks == 0) memset(acc, 0, panels * mr * ldc * sizeof(int64_t));
+    for (size_t kb = 0; kb < c->kblocks; ++kb) {
+      const dfp_block block = {
+          .a = apack + kb * DFP_KC_PAIRS * mr * 2, .a_stride = kp * mr * 2, .mpanels = panels,
+          .abound = abound + kb * DFP_CHUNK_LEVELS, .abound_stride = levels,
+          .b = c->bpack + (g * c->npanels * c->kpairs + kb * DFP_KC_PAIRS) * nr * 2,
+          .b_stride = c->kpairs * nr * 2, .npanels = c->npanels,
+          .bbound = c->bbound + (g * c->npanels * c->kblocks + kb) * DFP_CHUNK_LEVELS,
+          .bbound_stride = c->kblocks * DFP_CHUNK_LEVELS,
+          .kpairs = min_size(c->kpairs - kb * DFP_KC_PAIRS, DFP_KC_PAIRS)};
+      dfp_multiply_block(c->cfg->ukernel, &block, acc, ldc, kb > 0);
+    }
+    const size_t row1 = min_size(row0 + panels * mr, c->pixels);
+    for (size_t row = row0; row < row1; ++row) {
+      size_t pos[3], t[3] = {0, 0, 0}, lo, hi;
+      dfp_split_pixel(s, row, pos);
+      dfp_unit_taps(s, &units, pos, &lo, &hi);
+      /* A unit's taps [lo, hi) add into consecutive input pixels (im2col.h). */
+      for (size_t tap = 0; tap < c->taps && lo < hi; tap += units.taps, dfp_next_unit(s, &units, t)) {
+        const size_t first[3] = {t[0], t[1], t[2] + lo};
+        const int64_t pixel = dfp_input_pixel(s, 0, pos, first); /* within the image */
+        if (pixel < 0) continue;
+        add_sums(dx + (size_t)pixel * channels_in + g * s->cin, acc + (row - row0) * ldc + (tap + lo) * s->cin,
+                 (hi - lo) * s->cin);
       }
     }
+  }
+}
+
+/* One image: every group's columns summed into an exact dx of its own, then encoded as one row
+ * (contiguous, one exponent). Images are tasks of their own, so no two tasks touch one pixel. */
+static void col2im_task(void* arg, size_t image) {
+  col2im_plan* c = (col2im_plan*)arg;
+  const dfp_conv_args* a = c->args;
+  const dfp_conv_shape* s = &a->shape;
+  const size_t mcp = ceil_div(CONV_MC_ROWS, c->mr), levels = c->kblocks * DFP_CHUNK_LEVELS;
+  const size_t elements = s->in[0] * s->in[1] * s->in[2] * s->groups * s->cin;
+  int16_t* apack = (int16_t*)malloc(mcp * (c->kpairs ? c->kpairs : 1) * c->mr * 2 * sizeof(int16_t));
+  uint64_t* abound = (uint64_t*)malloc(mcp * (levels ? levels : 1) * sizeof(uint64_t));
+  int64_t* acc = (int64_t*)malloc(mcp * c->mr * (c->npanels ? c->npanels : 1) * c->nr * sizeof(int64_t));
+  int64_t* dx = (int64_t*)calloc(elements, sizeof(int64_t));
+  if (!apack || !abound || !acc || !dx) {
+    dfp_fail(&c->status, DFP_ERR_ALLOC);
+  } else {
+    for (size_t g = 0; g < s->groups && c->n > 0; ++g) col2im_group(c, image, g, apack, abound, acc, dx);
+    dfp_encode_row(c->cfg, a->out_format, a->out, image * elements, dx, elements, a->ex[0], &a->eb, 0);
   }
   free(apack);
   free(abound);
   free(acc);
-}
-
-static void col2im_encode_task(void* arg, size_t image) {
-  col2im_plan* c = (col2im_plan*)arg;
-  const dfp_conv_args* a = c->args;
-  const dfp_conv_shape* s = &a->shape;
-  const size_t in_pixels = s->in[0] * s->in[1] * s->in[2], channels = s->groups * s->cin;
-  for (size_t pixel = image * in_pixels; pixel < (image + 1) * in_pixels; ++pixel)
-    dfp_encode_row(c->cfg, a->out_format, a->out, pixel * channels, c->dx + pixel * channels, channels,
-                   a->ex[0], &a->eb, 0);
+  free(dx);
 }
 
 int dfp_conv_backward_data(const dfp_conv_args* args, dfp_isa isa, const dfp_parallel* par) {
@@ -329,17 +362,14 @@ int dfp_conv_backward_data(const dfp_conv_args* args, dfp_isa isa, const dfp_par
   const size_t bpanels = s->groups * c.npanels;
   c.bpack = (int16_t*)malloc((bpanels ? bpanels : 1) * (c.kpairs ? c.kpairs : 1) * nr * 2 * sizeof(int16_t));
   c.bbound = (uint64_t*)malloc((bpanels ? bpanels : 1) * (c.kblocks ? c.kblocks : 1) * DFP_CHUNK_LEVELS * sizeof(uint64_t));
-  c.dx = (int64_t*)calloc(in_elements, sizeof(int64_t));
-  if (!c.bpack || !c.bbound || !c.dx) {
+  if (!c.bpack || !c.bbound) {
     c.status = DFP_ERR_ALLOC;
   } else {
     par->parallel_for(par->pool, bpanels, col2im_pack_b_task, &c);
-    if (c.status == DFP_OK && c.n > 0) par->parallel_for(par->pool, s->batch * s->groups, col2im_task, &c);
-    if (c.status == DFP_OK) par->parallel_for(par->pool, s->batch, col2im_encode_task, &c);
+    if (c.status == DFP_OK) par->parallel_for(par->pool, s->batch, col2im_task, &c);
   }
   free(c.bpack);
   free(c.bbound);
-  free(c.dx);
   return c.status;
 }
 

@@ -12,6 +12,8 @@
 #include <stdint.h>
 
 #include "dfp_kernel.h"
+#include "isa_config.h"
+#include "pack.h"
 
 typedef struct {
   const int16_t* x;
@@ -19,7 +21,19 @@ typedef struct {
   size_t channel0; /* g * cin */
 } dfp_patches;
 
-enum { DFP_IM2COL_MAX_ROWS = 128 }; /* rows one call packs, at most */
+enum {
+  DFP_IM2COL_MAX_ROWS = 128, /* rows one call packs, at most */
+  DFP_IM2COL_MAX_WIDTH = 8,  /* the widest micro-panel (the largest MR) */
+};
+
+/* 1 if the patches are x itself (one tap, stride 1, no padding, no dilation): a 1x1
+ * convolution is a plain GEMM, and both views read x as it lies. */
+static inline int dfp_patches_dense(const dfp_conv_shape* s) {
+  for (int d = 0; d < 3; ++d)
+    if (s->window[d] != 1 || s->stride[d] != 1 || s->pad_lo[d] != 0 || s->lhs_dil[d] != 1 || s->in[d] != s->out[d])
+      return 0;
+  return 1;
+}
 
 /* Input coordinate of tap t at output position p along dimension d, or -1 for padding. */
 static inline int64_t dfp_input_coordinate(const dfp_conv_shape* s, int d, size_t p, size_t t) {
@@ -56,14 +70,58 @@ static inline size_t dfp_split_pixel(const dfp_conv_shape* s, size_t pixel, size
   pixel /= s->out[1];
   p[0] = pixel % s->out[0];
   return pixel / s->out[0];
-} /* rows one call packs, at most */
+}
+
+/* Both views walk the columns (pixels view) or rows (taps view) tap * cin + c in "units": runs
+ * of taps whose elements lie contiguously in x. A unit is a whole window row along the last
+ * dimension when the input has one feature group and no dilation there (a 7x7 stem on 3
+ * channels copies 7 runs of 21, not 49 runs of 3), else one tap. Each unit costs one pointer
+ * computation and at most one copy, and the taps advance without divisions. Backward-data's
+ * col2im (conv.c) adds its columns back by the same units. */
+typedef struct {
+  size_t taps, elements; /* taps and elements (taps * cin) per unit */
+  int whole_rows;
+} dfp_unit_shape;
+
+static inline dfp_unit_shape dfp_units_of(const dfp_conv_shape* s) {
+  const int whole_rows = s->groups == 1 && s->rhs_dil[2] == 1 && s->lhs_dil[2] == 1;
+  const size_t taps = whole_rows ? s->window[2] : 1;
+  return (dfp_unit_shape){taps, taps * s->cin, whole_rows};
+}
+
+/* t: the first tap of a unit -> the first tap of the next one. */
+static inline void dfp_next_unit(const dfp_conv_shape* s, const dfp_unit_shape* u, size_t t[3]) {
+  t[2] += u->taps;
+  if (t[2] == s->window[2]) {
+    t[2] = 0;
+    if (++t[1] == s->window[1]) t[1] = 0, ++t[0];
+  }
+}
+
+/* Taps [*lo, *hi) of a unit that output position p reads inside the input along the last
+ * dimension (all of a one-tap unit, which dfp_input_pixel checks): the others read padding. */
+static inline void dfp_unit_taps(const dfp_conv_shape* s, const dfp_unit_shape* u, const size_t p[3], size_t* lo,
+                                 size_t* hi) {
+  *lo = 0;
+  *hi = u->taps;
+  if (!u->whole_rows) return;
+  const int64_t u2 = (int64_t)p[2] * s->stride[2] - s->pad_lo[2];
+  const int64_t first_in = u2 < 0 ? -u2 : 0;
+  const int64_t end_in = (int64_t)s->in[2] - u2 < (int64_t)u->taps ? (int64_t)s->in[2] - u2 : (int64_t)u->taps;
+  *lo = (size_t)first_in;
+  *hi = end_in > first_in ? (size_t)end_in : *lo;
+}
 
 /* Packs rows [row0, row0 + panels * width) of a view with `rows` rows, columns [k0, k1)
  * (k0 even, k1 - k0 <= 2 * DFP_KC_PAIRS), as `panels` micro-panels [pairs][width][2] at
- * dst + i * panel_stride. Rows past the view are zero. */
-void dfp_im2col_pack_pixels(const dfp_patches* p, size_t rows, size_t row0, int width, size_t panels,
-                            size_t k0, size_t k1, int16_t* dst, size_t panel_stride);
-void dfp_im2col_pack_taps(const dfp_patches* p, size_t rows, size_t row0, int width, size_t panels,
-                          size_t k0, size_t k1, int16_t* dst, size_t panel_stride);
+ * dst + i * panel_stride, by the path's copies (width <= DFP_IM2COL_MAX_WIDTH, panels *
+ * width <= DFP_IM2COL_MAX_ROWS). Rows past the view are zero. The taps view gathers the
+ * block in scratch ((k1 - k0) * panels * width elements) first, unless the patches are dense
+ * (then scratch may be NULL). */
+void dfp_im2col_pack_pixels(const dfp_isa_config* cfg, const dfp_patches* p, size_t rows, size_t row0,
+                            int width, size_t panels, size_t k0, size_t k1, int16_t* dst, size_t panel_stride);
+void dfp_im2col_pack_taps(const dfp_isa_config* cfg, const dfp_patches* p, size_t rows, size_t row0,
+                          int width, size_t panels, size_t k0, size_t k1, int16_t* dst, size_t panel_stride,
+                          int16_t* scratch);
 
 #endif

@@ -48,12 +48,14 @@ void dfp_multiply_block(const dfp_ukernel* uk, const dfp_block* block, int64_t* 
 void dfp_encode_row(const dfp_isa_config* cfg, dfp_out_format format, void* out, size_t out_index,
                     const int64_t* s, size_t n, int32_t ea, const int32_t* eb, size_t eb_stride);
 
-/* The configuration's float32 output stage (isa_config.h): the scalar specification and the
- * AVX2 version (encode_avx2.c). */
+/* The configuration's float32 output stage (isa_config.h): the scalar specification, the
+ * AVX2 version (encode_avx2.c) and the avx512_vnni path's (encode_avx512.c). */
 void dfp_encode_f32_portable(const int64_t* s, size_t n, int32_t ea, const int32_t* eb,
                              size_t eb_stride, uint32_t* out);
 void dfp_encode_f32_avx2(const int64_t* s, size_t n, int32_t ea, const int32_t* eb,
                          size_t eb_stride, uint32_t* out);
+void dfp_encode_f32_avx512(const int64_t* s, size_t n, int32_t ea, const int32_t* eb,
+                           size_t eb_stride, uint32_t* out);
 
 /* Records a parallel task's error in *status (a negative dfp_status); of several concurrent
  * ones any one is kept. */

@@ -34,11 +34,8 @@ void dfp_pack_columns_portable(const int16_t* src, size_t pairs, size_t col_stri
   }
 }
 
-/* Copies columns [c0, c1) of the panel's valid rows (c0 even) into dst[pair][width][2]: the
- * whole pairs by the path's copy, an odd last column here. Leaves the other words of dst as
- * they are. */
-static void copy_block(const dfp_isa_config* cfg, const int16_t* src, size_t c0, size_t c1,
-                       size_t row_stride, size_t col_stride, size_t valid, int width, int16_t* dst) {
+void dfp_pack_block(const dfp_isa_config* cfg, const int16_t* src, size_t c0, size_t c1,
+                    size_t row_stride, size_t col_stride, size_t valid, int width, int16_t* dst) {
   const size_t pairs = (c1 - c0) / 2;
   const int odd = (c1 - c0) & 1;
   if (col_stride == 1) {
@@ -107,7 +104,7 @@ int dfp_pack_panel(const dfp_isa_config* cfg, const int16_t* src, size_t rows, s
   for (size_t c0 = 0; c0 < k; c0 += 2 * DFP_KC_PAIRS, bounds += DFP_CHUNK_LEVELS) {
     const size_t c1 = c0 + 2 * DFP_KC_PAIRS < k ? c0 + 2 * DFP_KC_PAIRS : k;
     int16_t* block = dst + (c0 / 2) * (size_t)width * 2;
-    copy_block(cfg, src, c0, c1, row_stride, col_stride, valid, width, block);
+    dfp_pack_block(cfg, src, c0, c1, row_stride, col_stride, valid, width, block);
     status |= dfp_block_bounds(cfg, block, (c1 - c0 + 1) / 2, width, bounds);
   }
   return status;

@@ -27,6 +27,13 @@ int dfp_pack_panel(const dfp_isa_config* cfg, const int16_t* src, size_t rows, s
                    size_t row_stride, size_t col_stride, size_t row0, int width, int16_t* dst,
                    uint64_t* bounds);
 
+/* Copies columns [c0, c1) (c0 even, c1 - c0 <= 2 * DFP_KC_PAIRS) of rows [0, valid) of such
+ * a matrix into one packed K block dst[pairs][width][2]: the whole pairs by the path's copy,
+ * an odd last column here. Writes only the words of valid lanes, and of an odd last column
+ * only the first half (with col_stride != 1): the caller zeroes dst where that leaves padding. */
+void dfp_pack_block(const dfp_isa_config* cfg, const int16_t* src, size_t c0, size_t c1,
+                    size_t row_stride, size_t col_stride, size_t valid, int width, int16_t* dst);
+
 /* The bounds above for one packed K block dst[kpairs][width][2] (kpairs <= DFP_KC_PAIRS,
  * width <= 64); -1 if an element is -32768, else 0. For packers of other sources (im2col.c). */
 int dfp_block_bounds(const dfp_isa_config* cfg, const int16_t* block, size_t kpairs, int width,

@@ -31,13 +31,42 @@ static size_t copy_six_rows(const int16_t* src, size_t pairs, size_t row_stride,
   return p;
 }
 
+/* Rows contiguous in k, eight rows (the panels of the 8 x 32 kernel): eight pairs at a time
+ * as an 8 x 8 transpose of 32-bit words. Returns the pairs done, a multiple of eight. */
+static size_t copy_eight_rows(const int16_t* src, size_t pairs, size_t row_stride, uint32_t* out) {
+  size_t p = 0;
+  for (; p + 8 <= pairs; p += 8, src += 16, out += 64) {
+    __m256i r[8], t[8], u[8];
+    for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_si256((const __m256i*)(src + i * row_stride));
+    /* t: row pairs (0,1), (2,3), (4,5), (6,7) interleaved; u[j], u[4 + j]: rows 0-3 and 4-7 of
+     * pairs (j | j + 4) in the two 128-bit lanes. */
+    for (int i = 0; i < 4; ++i) {
+      t[2 * i] = _mm256_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+      t[2 * i + 1] = _mm256_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+    }
+    for (int h = 0; h < 2; ++h) {
+      u[4 * h] = _mm256_unpacklo_epi64(t[4 * h], t[4 * h + 2]);
+      u[4 * h + 1] = _mm256_unpackhi_epi64(t[4 * h], t[4 * h + 2]);
+      u[4 * h + 2] = _mm256_unpacklo_epi64(t[4 * h + 1], t[4 * h + 3]);
+      u[4 * h + 3] = _mm256_unpackhi_epi64(t[4 * h + 1], t[4 * h + 3]);
+    }
+    for (int j = 0; j < 4; ++j) {
+      _mm256_storeu_si256((__m256i*)(out + 8 * j), _mm256_permute2x128_si256(u[j], u[4 + j], 0x20));
+      _mm256_storeu_si256((__m256i*)(out + 8 * (j + 4)), _mm256_permute2x128_si256(u[j], u[4 + j], 0x31));
+    }
+  }
+  return p;
+}
+
 void dfp_pack_rows_avx2(const int16_t* src, size_t pairs, size_t row_stride, size_t valid, int width,
                         uint32_t* out) {
-  const size_t done = width == 6 && valid == 6 ? copy_six_rows(src, pairs, row_stride, out) : 0;
+  size_t done = 0;
+  if (width == 6 && valid == 6) done = copy_six_rows(src, pairs, row_stride, out);
+  if (width == 8 && valid == 8) done = copy_eight_rows(src, pairs, row_stride, out);
   dfp_pack_rows_from(src, done, pairs, row_stride, valid, width, out);
 }
 
-/* Rows contiguous at fixed k: sixteen lanes of two k-rows interleaved into pairs. */
+/* Rows contiguous at fixed k: sixteen (then eight, four) lanes of two k-rows interleaved into pairs. */
 static inline void interleave16(const int16_t* in0, const int16_t* in1, int16_t* o) {
   const __m256i x = _mm256_loadu_si256((const __m256i*)in0), y = _mm256_loadu_si256((const __m256i*)in1);
   const __m256i lo = _mm256_unpacklo_epi16(x, y), hi = _mm256_unpackhi_epi16(x, y);
@@ -53,6 +82,17 @@ void dfp_pack_columns_avx2(const int16_t* src, size_t pairs, size_t col_stride, 
     int16_t* o = out + p * (size_t)width * 2;
     size_t i = 0;
     for (; i + 16 <= valid; i += 16) interleave16(in0 + i, in1 + i, o + 2 * i);
+    if (i + 8 <= valid) {
+      const __m128i x = _mm_loadu_si128((const __m128i*)(in0 + i)), y = _mm_loadu_si128((const __m128i*)(in1 + i));
+      _mm_storeu_si128((__m128i*)(o + 2 * i), _mm_unpacklo_epi16(x, y));
+      _mm_storeu_si128((__m128i*)(o + 2 * i + 8), _mm_unpackhi_epi16(x, y));
+      i += 8;
+    }
+    if (i + 4 <= valid) { /* the 6-lane panels of the 256-bit kernels: four lanes here, two below */
+      const __m128i x = _mm_loadl_epi64((const __m128i*)(in0 + i)), y = _mm_loadl_epi64((const __m128i*)(in1 + i));
+      _mm_storeu_si128((__m128i*)(o + 2 * i), _mm_unpacklo_epi16(x, y));
+      i += 4;
+    }
     for (; i < valid; ++i) {
       o[2 * i] = in0[i];
       o[2 * i + 1] = in1[i];

@@ -1,0 +1,241 @@
+/* Where the time of a DFP convolution pass goes, kernel call by kernel call, on the ResNet-50
+ * layer set of benchmarks/conv.py: the quantization of each float operand (dfp_quantize) and
+ * the three convolution kernels, each the minimum of --repeats runs on a pool of --threads
+ * threads, next to the GEMM at 1024^3. A pass's total is its kernel plus the quantization of
+ * the operands it reads (forward: x, w; backward-data: dy, w; backward-weights: x, dy), as
+ * benchmarks/conv.py times it. Not built by CI; build and run against an installed dfpjax:
+ *
+ *   KERNEL=$(python -c "import dfpjax.cpu_ffi._kernel as k; print(k.__file__)")
+ *   gcc -O2 -pthread -Idfpjax/cpu_ffi/src benchmarks/conv_phases.c "$KERNEL" \
+ *       -Wl,--allow-shlib-undefined -o conv_phases
+ *   ./conv_phases [--batch 32] [--threads 2] [--repeats 5] [--isa 3] [--no-gemm] [layer ...]
+ *
+ * (--isa: 0 portable, 1 avx2, 2 avx_vnni, 3 avx512_vnni; --no-gemm skips the GEMM line, e.g.
+ * under `perf record -e cpu-clock`, to profile the convolutions alone.)
+ */
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "dfp_kernel.h"
+
+/* --- a minimal persistent thread pool with the kernel's parallel_for contract --- */
+typedef struct {
+  pthread_mutex_t lock;
+  pthread_cond_t wake;
+  int threads, generation, stop;
+  atomic_size_t next, done;
+  size_t n;
+  dfp_task_fn task;
+  void* arg;
+} pool_t;
+
+static void drain(pool_t* p) {
+  for (size_t i; (i = atomic_fetch_add(&p->next, 1)) < p->n;) {
+    p->task(p->arg, i);
+    atomic_fetch_add(&p->done, 1);
+  }
+}
+
+static void* worker(void* arg) {
+  pool_t* p = (pool_t*)arg;
+  int seen = 0;
+  for (;;) {
+    pthread_mutex_lock(&p->lock);
+    while (p->generation == seen && !p->stop) pthread_cond_wait(&p->wake, &p->lock);
+    seen = p->generation;
+    const int stop = p->stop;
+    pthread_mutex_unlock(&p->lock);
+    if (stop) return NULL;
+    drain(p);
+  }
+}
+
+static void pool_for(void* pool, size_t n, dfp_task_fn task, void* arg) {
+  pool_t* p = (pool_t*)pool;
+  pthread_mutex_lock(&p->lock);
+  p->n = n;
+  p->task = task;
+  p->arg = arg;
+  atomic_store(&p->next, 0);
+  atomic_store(&p->done, 0);
+  ++p->generation;
+  pthread_cond_broadcast(&p->wake);
+  pthread_mutex_unlock(&p->lock);
+  drain(p);
+  while (atomic_load(&p->done) < n) sched_yield();
+}
+
+/* --- data and timing --- */
+static uint64_t rng = 88172645463325252ull;
+static float gauss(void) { /* sum of 4 uniforms, centred: bell-shaped enough for the norms */
+  float s = 0;
+  for (int i = 0; i < 4; ++i) {
+    rng ^= rng << 13, rng ^= rng >> 7, rng ^= rng << 17;
+    s += (float)(rng >> 40) / (float)(1 << 24);
+  }
+  return (s - 2.0f) * 1.7f;
+}
+
+static float* floats(size_t n) {
+  float* x = (float*)malloc(n * sizeof(float));
+  for (size_t i = 0; i < n; ++i) x[i] = gauss();
+  return x;
+}
+
+static double now(void) {
+  struct timespec t;
+  clock_gettime(CLOCK_MONOTONIC, &t);
+  return t.tv_sec + 1e-9 * t.tv_nsec;
+}
+
+typedef int (*conv_fn)(const dfp_conv_args*, dfp_isa, const dfp_parallel*);
+enum { QUANTIZE, CONV, GEMM };
+typedef struct {
+  int kind;
+  dfp_quantize_args q;
+  conv_fn conv;
+  dfp_conv_args c;
+  dfp_gemm_args g;
+} call_t;
+
+static int repeats = 5;
+static dfp_isa isa;
+static dfp_parallel par;
+
+static double best_ms(const call_t* c) {
+  double best = 1e30;
+  for (int r = 0; r < repeats + 1; ++r) { /* the first run warms up */
+    const double t0 = now();
+    const int status = c->kind == QUANTIZE ? dfp_quantize(&c->q, isa, &par)
+                       : c->kind == CONV   ? c->conv(&c->c, isa, &par)
+                                           : dfp_gemm(&c->g, isa, &par);
+    const double t = now() - t0;
+    if (status != DFP_OK) {
+      fprintf(stderr, "kernel status %d\n", status);
+      exit(1);
+    }
+    if (r > 0 && t < best) best = t;
+  }
+  return best * 1e3;
+}
+
+static double quantize_ms(const float* x, size_t n, int16_t* m, int32_t* e) {
+  call_t c = {.kind = QUANTIZE, .q = {1, n, x, 16, 0, m, e}};
+  return best_ms(&c);
+}
+
+/* name: input size, input channels, window, stride, output channels (benchmarks/conv.py). */
+static const struct {
+  const char* name;
+  int size, cin, window, stride, cout;
+} kLayers[] = {
+    {"conv1_7x7s2", 224, 3, 7, 2, 64},        {"conv2_1x1_reduce", 56, 256, 1, 1, 64},
+    {"conv2_1x1", 56, 64, 1, 1, 64},          {"conv2_3x3", 56, 64, 3, 1, 64},
+    {"conv2_1x1_expand", 56, 64, 1, 1, 256},  {"conv3_3x3", 28, 128, 3, 1, 128},
+    {"conv3_1x1_expand", 28, 128, 1, 1, 512}, {"conv4_3x3", 14, 256, 3, 1, 256},
+    {"conv4_1x1_expand", 14, 256, 1, 1, 1024}, {"conv5_3x3", 7, 512, 3, 1, 512},
+    {"conv5_1x1_expand", 7, 512, 1, 1, 2048},
+};
+
+static dfp_conv_shape shape2d(size_t batch, size_t in, size_t out, size_t window, int64_t stride, int64_t pad,
+                              size_t cin, size_t cout) {
+  dfp_conv_shape s = {.batch = batch, .groups = 1, .cin = cin, .cout = cout};
+  for (int d = 0; d < 3; ++d) {
+    const int spatial = d > 0;
+    s.in[d] = spatial ? in : 1;
+    s.out[d] = spatial ? out : 1;
+    s.window[d] = spatial ? window : 1;
+    s.stride[d] = spatial ? stride : 1;
+    s.pad_lo[d] = spatial ? pad : 0;
+    s.lhs_dil[d] = s.rhs_dil[d] = 1;
+  }
+  return s;
+}
+
+static double totals[3], total_gop;
+
+static void run_layer(int l, size_t batch) {
+  const size_t size = kLayers[l].size, cin = kLayers[l].cin, k = kLayers[l].window, cout = kLayers[l].cout;
+  const int64_t stride = kLayers[l].stride, pad = (int64_t)(k - 1) / 2;
+  const size_t out = (size + 2 * (size_t)pad - k) / (size_t)stride + 1;
+  const size_t nx = batch * size * size * cin, nw = k * k * cin * cout, ny = batch * out * out * cout;
+  float *x = floats(nx), *w = floats(nw), *dy = floats(ny);
+  int16_t *mx = malloc(nx * 2), *mw = malloc(nw * 2), *mdy = malloc(ny * 2), *mwt = malloc(nw * 2);
+  float* res = malloc((nx > ny ? (nx > nw ? nx : nw) : (ny > nw ? ny : nw)) * sizeof(float));
+  int32_t ex, ew, edy;
+  const double qx = quantize_ms(x, nx, mx, &ex), qw = quantize_ms(w, nw, mw, &ew), qdy = quantize_ms(dy, ny, mdy, &edy);
+  /* Backward-data's weights: flipped window, [t][cout][cin] (the primitive's transpose_lhs). */
+  for (size_t t = 0; t < k * k; ++t)
+    for (size_t c = 0; c < cin; ++c)
+      for (size_t o = 0; o < cout; ++o) mwt[((k * k - 1 - t) * cout + o) * cin + c] = mw[(t * cin + c) * cout + o];
+  const dfp_conv_shape s = shape2d(batch, size, out, k, stride, pad, cin, cout);
+  call_t fwd = {.kind = CONV, .conv = dfp_conv_forward, .c = {s, mx, &ex, 0, mw, ew, res, DFP_OUT_F32}};
+  call_t bwd_w = {.kind = CONV, .conv = dfp_conv_backward_weights, .c = {s, mx, &ex, 0, mdy, edy, res, DFP_OUT_F32}};
+  call_t bwd_d;
+  if (cin < 16) /* the primitive's col2im route */
+    bwd_d = (call_t){.kind = CONV, .conv = dfp_conv_backward_data, .c = {s, mdy, &edy, 0, mw, ew, res, DFP_OUT_F32}};
+  else /* stride 1: a forward convolution of dy with the flipped weights */
+    bwd_d = (call_t){.kind = CONV, .conv = dfp_conv_forward,
+                     .c = {shape2d(batch, out, size, k, 1, (int64_t)k - 1 - pad, cout, cin), mdy, &edy, 0, mwt, ew,
+                           res, DFP_OUT_F32}};
+  const double kf = best_ms(&fwd), kd = best_ms(&bwd_d), kw = best_ms(&bwd_w);
+  const double gop = 2.0 * batch * out * out * cout * k * k * cin / 1e9;
+  const double pass[3] = {kf + qx + qw, kd + qdy + qw, kw + qx + qdy};
+  printf("| %s | %.2f | %.2f / %.2f / %.2f | %.2f (%.0f) | %.2f (%.0f) | %.2f (%.0f) | %.0f / %.0f / %.0f |\n",
+         kLayers[l].name, gop, qx, qw, qdy, kf, gop / kf * 1e3, kd, gop / kd * 1e3, kw, gop / kw * 1e3,
+         gop / pass[0] * 1e3, gop / pass[1] * 1e3, gop / pass[2] * 1e3);
+  fflush(stdout);
+  for (int i = 0; i < 3; ++i) totals[i] += pass[i];
+  total_gop += gop;
+  free(x), free(w), free(dy), free(mx), free(mw), free(mdy), free(mwt), free(res);
+}
+
+static double gemm_gops(size_t n) {
+  int16_t* a = malloc(n * n * 2);
+  int16_t* b = malloc(n * n * 2);
+  float* c = malloc(n * n * sizeof(float));
+  for (size_t i = 0; i < n * n; ++i) a[i] = (int16_t)(gauss() * 4000), b[i] = (int16_t)(gauss() * 4000);
+  int32_t e = 0;
+  call_t g = {.kind = GEMM, .g = {1, n, n, n, a, 0, b, 0, &e, 0, 0, &e, 0, 0, c, DFP_OUT_F32}};
+  const double ms = best_ms(&g);
+  free(a), free(b), free(c);
+  return 2.0 * n * n * n / ms / 1e6;
+}
+
+int main(int argc, char** argv) {
+  size_t batch = 32;
+  int threads = 2, first_layer = argc, gemm = 1;
+  isa = dfp_best_isa();
+  for (int i = 1; i < argc; ++i) {
+    if (!strcmp(argv[i], "--batch") && i + 1 < argc) batch = (size_t)atoi(argv[++i]);
+    else if (!strcmp(argv[i], "--threads") && i + 1 < argc) threads = atoi(argv[++i]);
+    else if (!strcmp(argv[i], "--repeats") && i + 1 < argc) repeats = atoi(argv[++i]);
+    else if (!strcmp(argv[i], "--isa") && i + 1 < argc) isa = (dfp_isa)atoi(argv[++i]);
+    else if (!strcmp(argv[i], "--no-gemm")) gemm = 0;
+    else { first_layer = i; break; }
+  }
+  static pool_t pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER};
+  pool.threads = threads;
+  for (int t = 1; t < threads; ++t) {
+    pthread_t id;
+    pthread_create(&id, NULL, worker, &pool);
+  }
+  par = (dfp_parallel){pool_for, &pool, threads};
+  printf("# path %s, batch %zu, %d threads, min of %d; ms (GOP/s)\n", dfp_isa_name(isa), batch, threads, repeats);
+  if (gemm) printf("# GEMM 1024^3: %.0f GOP/s\n", gemm_gops(1024));
+  printf("| layer | GOP | Q(x) / Q(w) / Q(dy) ms | fwd kernel | bwd-data kernel | bwd-weights kernel |"
+         " pass GOP/s fwd / data / weights |\n|---|---|---|---|---|---|---|\n");
+  const int count = (int)(sizeof kLayers / sizeof kLayers[0]);
+  for (int l = 0; l < count; ++l) {
+    int chosen = first_layer >= argc;
+    for (int i = first_layer; i < argc; ++i) chosen |= !strcmp(argv[i], kLayers[l].name);
+    if (chosen) run_layer(l, batch);
+  }
+  printf("| total | %.1f | | | | | %.0f / %.0f / %.0f |\n", total_gop, total_gop / totals[0] * 1e3,
+         total_gop / totals[1] * 1e3, total_gop / totals[2] * 1e3);
+  return 0;
+}
