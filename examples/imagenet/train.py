@@ -155,6 +155,21 @@ def make_dfp_step(step_fn, config: Config):
   return stochastic_step
 
 
+def compiler_options(config: Config) -> dict[str, str] | None:
+  """XLA options of the jitted train and eval steps: XLA:CPU's memory-optimized schedule when
+  ``config.memory_optimized_schedule`` and the default backend is the CPU, else None.
+
+  XLA:CPU's default schedule orders a step's instructions for concurrency: it starts
+  independent work early (in a train step, backward-pass elementwise work on the forward's
+  activations), and what it computes early stays alive until it is used. The memory-optimized
+  schedule runs the same instructions, with the same bits, in an order that keeps fewer buffers
+  alive (docs/performance.md, "Memory of the ResNet-50 DFP step (issue 15)").
+  """
+  if not config.memory_optimized_schedule or jax.default_backend() != "cpu":
+    return None
+  return {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"}
+
+
 def checkpoint_manager(workdir: str, config: Config) -> ocp.CheckpointManager:
   # Synchronous saves: the state's buffers are donated to the next step right after a save.
   options = ocp.CheckpointManagerOptions(max_to_keep=config.max_checkpoints, create=True,
@@ -232,8 +247,10 @@ def train_and_evaluate(config: Config, workdir: str) -> dict[str, Any]:
   if config.dfp:
     step_fn, eval_fn = make_dfp_step(step_fn, config), make_dfp_step(eval_fn, config)
   # The batch arrives sharded; the state and metrics stay replicated.
-  p_train_step = jax.jit(step_fn, donate_argnums=0, out_shardings=data_parallel.replicated)
-  p_eval_step = jax.jit(eval_fn, out_shardings=data_parallel.replicated)
+  options = compiler_options(config)
+  p_train_step = jax.jit(step_fn, donate_argnums=0, out_shardings=data_parallel.replicated,
+                         compiler_options=options)
+  p_eval_step = jax.jit(eval_fn, out_shardings=data_parallel.replicated, compiler_options=options)
 
   if lead:
     print(f"{config.model}: {train_source.description}; eval on {eval_source.description}; "
