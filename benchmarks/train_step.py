@@ -118,11 +118,10 @@ def flax_worker(spec: dict, save) -> None:
   step_fn = functools.partial(train.train_step, aux_loss_weight=config.aux_loss_weight)
   result = {}
   if dfp:
-    sites = str(dfpjax.report(step_fn, state, batch,
-                              config=dfpjax.DFPConfig(keep_float=config.dfp_keep_float)))
+    step_fn = train.make_dfp_step(step_fn, config)
+    sites = str(dfpjax.report(step_fn, state, batch))
     result["note"] = f"dfpjax.report: {sites.splitlines()[-1]}"
     log(f"  {result['note']}")
-    step_fn = train.make_dfp_step(step_fn, config)
   result["rss_start"] = proc_status_bytes("VmRSS")
   log("  compiling")
   start = time.perf_counter()

@@ -1,6 +1,11 @@
-"""Memory of a DFP train step (issue 15): the examples jit their steps with XLA:CPU's
-memory-optimized schedule (``train.compiler_options``), which keeps fewer buffers alive than
-XLA's default, concurrency-first schedule and computes the same bits."""
+"""Memory and float work of the examples' DFP train step (issue 15).
+
+The examples jit their steps with XLA:CPU's memory-optimized schedule (``train.compiler_options``),
+which keeps fewer buffers alive than XLA's default, concurrency-first schedule and computes the
+same bits; and their DFP step transforms the model inside the step's gradient
+(``train.make_dfp_step``), which gives the same bits as transforming the whole step with fewer
+quantizations and transposes.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +16,7 @@ import numpy as np
 import pytest
 
 import dfpjax
+from dfpjax import cpu_ffi
 from examples.imagenet import train
 from examples.imagenet.configs.base import Config
 
@@ -78,3 +84,32 @@ def test_memory_optimized_schedule_changes_no_bits(steps):
   assert len(default) == len(memory)
   for a, b in zip(default, memory):
     np.testing.assert_array_equal(np.asarray(a).view(np.uint32), np.asarray(b).view(np.uint32))
+
+
+def resnet18_step(config: Config):
+  """A ResNet-18 state at 32x32 (three classes) and a batch of four images."""
+  model = train.create_model(config, 3)
+  state = train.create_train_state(config, model, 32, train.create_learning_rate_fn(config, 10))
+  rng = np.random.default_rng(1)
+  batch = {"image": rng.normal(size=(4, 32, 32, 3)).astype(np.float32),
+           "label": np.arange(4, dtype=np.int32) % 3}
+  return state, batch
+
+
+def test_dfp_step_differentiates_the_dfp_ops_with_the_whole_steps_bits():
+  config = Config(model="resnet18", batch_size=4, warmup_epochs=0, dfp=True)
+  state, batch = resnet18_step(config)
+  whole = jax.jit(dfpjax.dfp_transform(train.train_step, train.make_dfp_config(config)))
+  inside = jax.jit(train.make_dfp_step(train.train_step, config))
+  hlo = {name: step.lower(state, batch).compile().as_text()
+         for name, step in (("whole", whole), ("inside", inside))}
+  # The backward products reuse the forward's INT16 activations: fewer quantizations, and no
+  # transposes of float activations for the weight gradients.
+  count = lambda text, s: text.count(s)
+  target = f'custom_call_target="{cpu_ffi.QUANTIZE_TARGET}"'
+  assert count(hlo["inside"], target) < count(hlo["whole"], target)
+  assert count(hlo["inside"], " transpose(") < count(hlo["whole"], " transpose(")
+  for a, b in zip(jax.tree.leaves(whole(state, batch)), jax.tree.leaves(inside(state, batch)),
+                  strict=True):
+    a, b = np.asarray(a), np.asarray(b)
+    assert (a.dtype, a.shape, a.tobytes()) == (b.dtype, b.shape, b.tobytes())

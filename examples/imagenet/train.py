@@ -97,12 +97,16 @@ def topk_correct(logits, labels, k: int):
   return jnp.any(jax.lax.top_k(logits, k)[1] == labels[:, None], axis=-1).astype(jnp.float32)
 
 
-def train_step(state: TrainState, batch, aux_loss_weight: float = 0.3):
-  """One SGD step; returns the new state and the batch's loss, top-1 and top-5 accuracy."""
+def train_step(state: TrainState, batch, aux_loss_weight: float = 0.3, apply_fn=None):
+  """One SGD step; returns the new state and the batch's loss, top-1 and top-5 accuracy.
+
+  ``apply_fn`` runs the model (default ``state.apply_fn``); ``make_dfp_step`` passes its DFP one.
+  """
   dropout_key, _ = step_keys(state)
+  apply_fn = apply_fn or state.apply_fn
 
   def loss_fn(params):
-    outputs, updates = state.apply_fn(
+    outputs, updates = apply_fn(
         {"params": params, "batch_stats": state.batch_stats}, batch["image"], train=True,
         rngs={"dropout": dropout_key}, mutable=["batch_stats"])
     logits, aux = outputs if isinstance(outputs, tuple) else (outputs, ())
@@ -117,10 +121,11 @@ def train_step(state: TrainState, batch, aux_loss_weight: float = 0.3):
   return state, metrics
 
 
-def eval_step(state: TrainState, batch):
-  """Sums of loss, top-1 and top-5 hits over the unpadded examples of a batch."""
-  logits = state.apply_fn({"params": state.params, "batch_stats": state.batch_stats},
-                          batch["image"], train=False)
+def eval_step(state: TrainState, batch, apply_fn=None):
+  """Sums of loss, top-1 and top-5 hits over the unpadded examples of a batch; ``apply_fn`` as
+  in ``train_step``."""
+  logits = (apply_fn or state.apply_fn)({"params": state.params, "batch_stats": state.batch_stats},
+                                        batch["image"], train=False)
   mask = batch["mask"]
   return {"loss": jnp.sum(cross_entropy(logits, batch["label"]) * mask),
           "top1": jnp.sum(topk_correct(logits, batch["label"], 1) * mask),
@@ -139,20 +144,31 @@ def make_dfp_config(config: Config):
 def make_dfp_step(step_fn, config: Config):
   """``step_fn`` with every convolution and matmul in INT16 dynamic fixed point.
 
+  ``step_fn(state, batch, apply_fn=...)`` (``train_step``, ``eval_step``) runs the model through
+  ``apply_fn``; the DFP step passes it the model's apply through ``dfpjax.dfp_transform``, inside
+  the step's ``jax.grad``. So JAX differentiates the DFP ops (docs/transform.md, "Gradient before
+  or after"): each backward product reuses its forward op's INT16 operands and quantizes only the
+  cotangent, where transforming the whole step would quantize the float activations again, and
+  transpose them, for the weight gradients. With round to nearest (the default) both give the
+  same bits. The step's own arithmetic (loss, optimizer) has no product to rewrite.
+
   This and ``make_dfp_config`` are the examples' only uses of dfpjax, imported lazily so that
   FP32 runs never need it. ``step_fn(state, batch)`` keeps its signature: stochastic rounding
   takes its key from the state, as dropout does, so DFP runs stay reproducible and resume exactly.
   """
   import dfpjax  # pylint: disable=g-import-not-at-top
   dfp_config = make_dfp_config(config)
-  dfp_step = dfpjax.dfp_transform(step_fn, dfp_config)
-  if not dfp_config.needs_key:
-    return dfp_step
 
   @functools.wraps(step_fn)
-  def stochastic_step(state, batch):
-    return dfp_step(state, batch, dfp_key=step_keys(state)[1])
-  return stochastic_step
+  def dfp_step(state, batch):
+    key = {"dfp_key": step_keys(state)[1]} if dfp_config.needs_key else {}
+
+    def apply_fn(variables, *args, **kwargs):
+      # Flags (train, mutable) and the dropout key are closed over, the variables traced.
+      model = dfpjax.dfp_transform(functools.partial(state.apply_fn, **kwargs), dfp_config)
+      return model(variables, *args, **key)
+    return step_fn(state, batch, apply_fn=apply_fn)
+  return dfp_step
 
 
 def compiler_options(config: Config) -> dict[str, str] | None:
