@@ -21,7 +21,9 @@ same network and batch in this run, and the CPUs the timed steps kept busy on av
 machine's count when others share it). Progress goes to stderr, the markdown report to stdout;
 its header gives the CPU, its SIMD flags and the DFP kernel path (``dfpjax.kernel_info``).
 
-The Flax steps are then profiled over --profile-steps more steps with ``jax.profiler.trace``, by
+Each Flax step's instructions and the bytes they write are counted by category from its HLO
+(hlo_profile.py): the step's work, independent of the machine's load. The Flax steps are then
+profiled over --profile-steps more steps with ``jax.profiler.trace``, by
 category of HLO instruction (hlo_profile.py). Shares are of the summed time of all instructions,
 which can exceed the step's wall time when XLA runs independent instructions on several threads.
 
@@ -143,13 +145,14 @@ def flax_worker(spec: dict, save) -> None:
     state, metrics = compiled(state, batch)
     jax.block_until_ready(metrics)
 
+  kernel_sizes = {"/".join(k.key for k in path[:-1]): leaf.size
+                  for path, leaf in jax.tree_util.tree_leaves_with_path(state.params)
+                  if leaf.ndim > 1}
+  result["written"] = hlo_profile.written_categories(hlo, kernel_sizes)
   result.update(time_steps(run_step, spec["steps"]))
   result["peak_rss"] = peak_rss_bytes()
   save(result)  # the timings survive a profile cut short by --timeout
   if spec["profile_steps"]:
-    kernel_sizes = {"/".join(k.key for k in path[:-1]): leaf.size
-                    for path, leaf in jax.tree_util.tree_leaves_with_path(state.params)
-                    if leaf.ndim > 1}
     with tempfile.TemporaryDirectory() as tmp:
       trace_dir = tmp
       if spec["trace_dir"]:
@@ -253,6 +256,24 @@ def memory_table(rows: list[dict]) -> str:
            if "xla_bytes" in r else "n/a")
     lines.append(f"| {r['network']} | {r['batch']} | {r['mode']} | {gib(r, 'rss_start')} | "
                  f"{gib(r, 'peak_rss_compile')} | {gib(r, 'peak_rss')} | {xla} |")
+  return "\n".join(lines)
+
+
+def written_table(rows: list[dict]) -> str:
+  """Per category, the instructions of each compiled Flax step and the MiB they write: the
+  step's work from its HLO alone, the same on a busy machine as on an idle one."""
+  counted = [r for r in rows if r.get("written")]
+  if not counted:
+    return ""
+  categories = sorted({c for r in counted for c in r["written"]},
+                      key=lambda c: -max(r["written"].get(c, (0, 0))[1] for r in counted))
+  lines = ["| category | " + " | ".join(f"{r['network']} b{r['batch']} {r['mode']}: "
+                                        "instructions, MiB" for r in counted) + " |",
+           "|---" * (len(counted) + 1) + "|"]
+  for c in categories + ["all"]:
+    cells = [r["written"].get(c, (0, 0)) if c != "all" else
+             tuple(map(sum, zip(*r["written"].values()))) for r in counted]
+    lines.append(f"| {c} | " + " | ".join(f"{n}, {mib:.0f}" for n, mib in cells) + " |")
   return "\n".join(lines)
 
 
@@ -368,6 +389,10 @@ def main(argv=None) -> None:
     if r.get("note"):
       print(f"- {r['network']} b{r['batch']} {r['mode']}: {r['note']}")
   print(f"\nMemory:\n\n{memory_table(rows)}")
+  written = written_table(rows)
+  if written:
+    print(f"\nInstructions per step and the MiB they write, by category (from the HLO):"
+          f"\n\n{written}")
   profiles = profile_table(rows)
   if profiles:
     print(f"\nProfile, ms per step by category (self time of HLO instructions, "
