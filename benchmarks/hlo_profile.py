@@ -2,7 +2,9 @@
 
 ``jax.profiler.trace``'s Chrome-trace JSON has one event per executed HLO instruction (thunk);
 the compiled module's HLO text (``Compiled.as_text()``) maps each to a category (see
-``Categorizer``). ``profile_categories`` sums the instructions' self times per category. Used by
+``Categorizer``). ``profile_categories`` sums the instructions' self times per category;
+``written_categories`` counts the instructions of the step and the bytes they write, per
+category, from the HLO text alone (no trace, and no noise from a shared machine). Used by
 train_step.py; plain Python, no JAX.
 """
 
@@ -24,6 +26,7 @@ class Instr:
   opcode: str
   dtypes: frozenset[str]  # element types of the result (all of a tuple's)
   elements: int  # of the first array of the result
+  nbytes: int  # of the whole result
   operands: list[str]
   op_name: str  # metadata: the JAX name stack and primitive
   target: str  # custom_call_target
@@ -60,8 +63,11 @@ def parse_hlo(text: str) -> tuple[dict[str, Instr], dict[str, list[Instr]]]:
     dims = [int(d) for d in arrays[0][1].split(",") if d] if arrays else []
     target = re.search(r'custom_call_target="([^"]*)"', attrs)
     op_name = re.search(r'op_name="([^"]*)"', attrs)
+    nbytes = sum(BYTES.get(t, 4) * math.prod(int(d) for d in shape.split(",") if d)
+                 for t, shape in arrays)
     ins = Instr(name=m.group(1), opcode=opcode, dtypes=frozenset(t for t, _ in arrays),
-                elements=math.prod(dims), operands=re.findall(r"%([\w.\-]+)", args),
+                elements=math.prod(dims), nbytes=nbytes,
+                operands=re.findall(r"%([\w.\-]+)", args),
                 op_name=op_name.group(1).split(";")[0] if op_name else "",
                 target=target.group(1) if target else "",
                 called=re.findall(r"(?:calls|to_apply)=%([\w.\-]+)", attrs))
@@ -71,6 +77,8 @@ def parse_hlo(text: str) -> tuple[dict[str, Instr], dict[str, list[Instr]]]:
 
 
 FLOATS = {"f32", "bf16", "f16", "f64"}
+BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s64": 8, "u64": 8,
+         "f64": 8}  # and 4
 DATA_MOVEMENT = {"copy", "transpose", "bitcast", "reshape", "broadcast", "slice", "dynamic-slice",
                  "dynamic-update-slice", "pad", "concatenate", "reverse", "parameter", "constant",
                  "tuple", "get-tuple-element", "iota", "fusion"}  # fusion: a fused body's wrapper
@@ -200,3 +208,20 @@ def profile_categories(trace_dir: str, hlo_text: str, kernel_sizes: dict[str, in
     ms[categorize(name) if name in categorize.instrs else "other"] += us / 1e3 / steps
   return dict(ms)
 
+
+
+# Instructions that write nothing of their own: views, tuples and the module's inputs.
+NO_WRITE = {"parameter", "constant", "get-tuple-element", "bitcast", "tuple"}
+
+
+def written_categories(hlo_text: str, kernel_sizes: dict[str, int]) -> dict[str, tuple[int, float]]:
+  """Per category: how many of the entry computation's instructions run each step and the MiB
+  their results take (what they write), from the HLO text alone."""
+  categorize = Categorizer(hlo_text, kernel_sizes)
+  entry = re.search(r"^ENTRY %([\w.\-]+)", hlo_text, re.MULTILINE).group(1)
+  count, written = collections.Counter(), collections.Counter()
+  for ins in categorize.computations[entry]:
+    if ins.opcode not in NO_WRITE:
+      count[categorize(ins.name)] += 1
+      written[categorize(ins.name)] += ins.nbytes / 2**20
+  return {c: (count[c], written[c]) for c in count}

@@ -7,8 +7,8 @@
 
 Every configuration runs in a process of its own, so that its peak resident memory (VmHWM, read
 after the timed steps and before profiling) is its own and a crash or --timeout loses one row:
-  flax-fp32   examples/imagenet/train.py's ``train_step``, jitted with the state donated, as the
-              trainer runs it
+  flax-fp32   examples/imagenet/train.py's ``train_step``, jitted with the state donated and the
+              config's XLA options (``train.compiler_options``), as the trainer runs it
   flax-dfp    the same step through ``train.make_dfp_step`` (``dfpjax.dfp_transform``): every
               convolution and matmul in INT16 DFP, forward and backward
   torch-fp32, torch-bf16
@@ -21,9 +21,15 @@ same network and batch in this run, and the CPUs the timed steps kept busy on av
 machine's count when others share it). Progress goes to stderr, the markdown report to stdout;
 its header gives the CPU, its SIMD flags and the DFP kernel path (``dfpjax.kernel_info``).
 
-The Flax steps are then profiled over --profile-steps more steps with ``jax.profiler.trace``, by
+Each Flax step's instructions and the bytes they write are counted by category from its HLO
+(hlo_profile.py): the step's work, independent of the machine's load. The Flax steps are then
+profiled over --profile-steps more steps with ``jax.profiler.trace``, by
 category of HLO instruction (hlo_profile.py). Shares are of the summed time of all instructions,
 which can exceed the step's wall time when XLA runs independent instructions on several threads.
+
+A memory table gives, per configuration, the resident memory before the first step (runtime,
+model, state), the peak after compiling (Flax), the peak after the timed steps, and XLA's own
+account of the compiled step (``memory_analysis``: argument, output, aliased and temporary bytes).
 
 The report ends with one line per network and batch: the DFP step against Flax FP32 and against
 the faster of PyTorch FP32 and bf16 (when those rows exist), with each one's peak memory.
@@ -57,12 +63,17 @@ def log(msg: str) -> None:
   print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def peak_rss_bytes() -> int:
+def proc_status_bytes(field: str) -> int:
+  """``VmHWM`` (peak resident memory so far) or ``VmRSS`` (now) of this process, in bytes."""
   with open("/proc/self/status") as f:
     for line in f:
-      if line.startswith("VmHWM:"):
+      if line.startswith(f"{field}:"):
         return int(line.split()[1]) * 1024
-  raise RuntimeError("no VmHWM in /proc/self/status")
+  raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def peak_rss_bytes() -> int:
+  return proc_status_bytes("VmHWM")
 
 
 def cpu_seconds() -> float:
@@ -109,16 +120,22 @@ def flax_worker(spec: dict, save) -> None:
   step_fn = functools.partial(train.train_step, aux_loss_weight=config.aux_loss_weight)
   result = {}
   if dfp:
-    sites = str(dfpjax.report(step_fn, state, batch,
-                              config=dfpjax.DFPConfig(keep_float=config.dfp_keep_float)))
+    step_fn = train.make_dfp_step(step_fn, config)
+    sites = str(dfpjax.report(step_fn, state, batch))
     result["note"] = f"dfpjax.report: {sites.splitlines()[-1]}"
     log(f"  {result['note']}")
-    step_fn = train.make_dfp_step(step_fn, config)
+  result["rss_start"] = proc_status_bytes("VmRSS")
   log("  compiling")
   start = time.perf_counter()
-  compiled = jax.jit(step_fn, donate_argnums=0).lower(state, batch).compile()
+  compiled = jax.jit(step_fn, donate_argnums=0, compiler_options=train.compiler_options(config)
+                     ).lower(state, batch).compile()
   result["compile_s"] = time.perf_counter() - start
-  log(f"  compiled in {result['compile_s']:.1f} s")
+  result["peak_rss_compile"] = peak_rss_bytes()
+  memory = compiled.memory_analysis()
+  result["xla_bytes"] = {kind: getattr(memory, f"{kind}_size_in_bytes")
+                         for kind in ("argument", "output", "alias", "temp")}
+  log(f"  compiled in {result['compile_s']:.1f} s; XLA's buffers, MiB: " + ", ".join(
+      f"{kind} {size / 2**20:.0f}" for kind, size in result["xla_bytes"].items()))
   hlo = compiled.as_text()
   if dfp and 'custom_call_target="dfpjax' not in hlo:
     raise RuntimeError("the DFP step calls no dfpjax kernel; its timing would be XLA's")
@@ -128,13 +145,14 @@ def flax_worker(spec: dict, save) -> None:
     state, metrics = compiled(state, batch)
     jax.block_until_ready(metrics)
 
+  kernel_sizes = {"/".join(k.key for k in path[:-1]): leaf.size
+                  for path, leaf in jax.tree_util.tree_leaves_with_path(state.params)
+                  if leaf.ndim > 1}
+  result["written"] = hlo_profile.written_categories(hlo, kernel_sizes)
   result.update(time_steps(run_step, spec["steps"]))
   result["peak_rss"] = peak_rss_bytes()
   save(result)  # the timings survive a profile cut short by --timeout
   if spec["profile_steps"]:
-    kernel_sizes = {"/".join(k.key for k in path[:-1]): leaf.size
-                    for path, leaf in jax.tree_util.tree_leaves_with_path(state.params)
-                    if leaf.ndim > 1}
     with tempfile.TemporaryDirectory() as tmp:
       trace_dir = tmp
       if spec["trace_dir"]:
@@ -158,7 +176,8 @@ def torch_worker(spec: dict, save) -> None:
 
   run_step, note = torch_resnet.make_train_step(spec["batch"], spec["image_size"], NUM_CLASSES,
                                                 bf16=spec["mode"] == "torch-bf16")
-  result = time_steps(run_step, spec["steps"])
+  rss_start = proc_status_bytes("VmRSS")
+  result = {**time_steps(run_step, spec["steps"]), "rss_start": rss_start}
   result["peak_rss"] = peak_rss_bytes()
   result["note"] = note
   save(result)
@@ -218,6 +237,43 @@ def summary_table(rows: list[dict]) -> str:
     lines.append(f"{head} {compile_s} | {r['first_step_s']:.1f} | {step:.2f} (n={len(r['step_s'])})"
                  f" | {r['batch'] / step:.2f} | {ratio} | {r['peak_rss'] / 2**30:.2f} | "
                  f"{r['cpus_used']:.1f} |")
+  return "\n".join(lines)
+
+
+def memory_table(rows: list[dict]) -> str:
+  """Where each configuration's peak memory comes from: the process before its first step (the
+  runtime, the model and the state), the peak after compiling (Flax) and after the timed steps,
+  and XLA's buffers of the compiled step (arguments, outputs, the outputs aliased to donated
+  arguments, and temporaries: the activations kept for the backward pass and the like)."""
+  gib = lambda r, k: f"{r[k] / 2**30:.2f}" if k in r else "n/a"
+  lines = ["| network | batch | step | RSS before the steps GiB | peak after compiling GiB | "
+           "peak RSS GiB | XLA argument / output / alias / temp MiB |",
+           "|---|---|---|---|---|---|---|"]
+  for r in rows:
+    if "peak_rss" not in r:
+      continue
+    xla = (" / ".join(f"{v / 2**20:.0f}" for v in r["xla_bytes"].values())
+           if "xla_bytes" in r else "n/a")
+    lines.append(f"| {r['network']} | {r['batch']} | {r['mode']} | {gib(r, 'rss_start')} | "
+                 f"{gib(r, 'peak_rss_compile')} | {gib(r, 'peak_rss')} | {xla} |")
+  return "\n".join(lines)
+
+
+def written_table(rows: list[dict]) -> str:
+  """Per category, the instructions of each compiled Flax step and the MiB they write: the
+  step's work from its HLO alone, the same on a busy machine as on an idle one."""
+  counted = [r for r in rows if r.get("written")]
+  if not counted:
+    return ""
+  categories = sorted({c for r in counted for c in r["written"]},
+                      key=lambda c: -max(r["written"].get(c, (0, 0))[1] for r in counted))
+  lines = ["| category | " + " | ".join(f"{r['network']} b{r['batch']} {r['mode']}: "
+                                        "instructions, MiB" for r in counted) + " |",
+           "|---" * (len(counted) + 1) + "|"]
+  for c in categories + ["all"]:
+    cells = [r["written"].get(c, (0, 0)) if c != "all" else
+             tuple(map(sum, zip(*r["written"].values()))) for r in counted]
+    lines.append(f"| {c} | " + " | ".join(f"{n}, {mib:.0f}" for n, mib in cells) + " |")
   return "\n".join(lines)
 
 
@@ -332,6 +388,11 @@ def main(argv=None) -> None:
   for r in rows:
     if r.get("note"):
       print(f"- {r['network']} b{r['batch']} {r['mode']}: {r['note']}")
+  print(f"\nMemory:\n\n{memory_table(rows)}")
+  written = written_table(rows)
+  if written:
+    print(f"\nInstructions per step and the MiB they write, by category (from the HLO):"
+          f"\n\n{written}")
   profiles = profile_table(rows)
   if profiles:
     print(f"\nProfile, ms per step by category (self time of HLO instructions, "

@@ -23,7 +23,7 @@ from examples.imagenet.configs.base import Config
 # Config fields that do not change what a run computes (the data order does not depend on the
 # number of workers), so a study may resume with other values of them.
 RESULT_NEUTRAL_FIELDS = ("num_workers", "data_dir", "log_every_steps", "checkpoint_every_steps",
-                         "max_checkpoints")
+                         "max_checkpoints", "memory_optimized_schedule")
 IMAGENET_DATASETS = ("imagenet_folder", "imagenet_tfds")
 
 

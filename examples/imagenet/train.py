@@ -97,12 +97,16 @@ def topk_correct(logits, labels, k: int):
   return jnp.any(jax.lax.top_k(logits, k)[1] == labels[:, None], axis=-1).astype(jnp.float32)
 
 
-def train_step(state: TrainState, batch, aux_loss_weight: float = 0.3):
-  """One SGD step; returns the new state and the batch's loss, top-1 and top-5 accuracy."""
+def train_step(state: TrainState, batch, aux_loss_weight: float = 0.3, apply_fn=None):
+  """One SGD step; returns the new state and the batch's loss, top-1 and top-5 accuracy.
+
+  ``apply_fn`` runs the model (default ``state.apply_fn``); ``make_dfp_step`` passes its DFP one.
+  """
   dropout_key, _ = step_keys(state)
+  apply_fn = apply_fn or state.apply_fn
 
   def loss_fn(params):
-    outputs, updates = state.apply_fn(
+    outputs, updates = apply_fn(
         {"params": params, "batch_stats": state.batch_stats}, batch["image"], train=True,
         rngs={"dropout": dropout_key}, mutable=["batch_stats"])
     logits, aux = outputs if isinstance(outputs, tuple) else (outputs, ())
@@ -117,10 +121,11 @@ def train_step(state: TrainState, batch, aux_loss_weight: float = 0.3):
   return state, metrics
 
 
-def eval_step(state: TrainState, batch):
-  """Sums of loss, top-1 and top-5 hits over the unpadded examples of a batch."""
-  logits = state.apply_fn({"params": state.params, "batch_stats": state.batch_stats},
-                          batch["image"], train=False)
+def eval_step(state: TrainState, batch, apply_fn=None):
+  """Sums of loss, top-1 and top-5 hits over the unpadded examples of a batch; ``apply_fn`` as
+  in ``train_step``."""
+  logits = (apply_fn or state.apply_fn)({"params": state.params, "batch_stats": state.batch_stats},
+                                        batch["image"], train=False)
   mask = batch["mask"]
   return {"loss": jnp.sum(cross_entropy(logits, batch["label"]) * mask),
           "top1": jnp.sum(topk_correct(logits, batch["label"], 1) * mask),
@@ -139,20 +144,46 @@ def make_dfp_config(config: Config):
 def make_dfp_step(step_fn, config: Config):
   """``step_fn`` with every convolution and matmul in INT16 dynamic fixed point.
 
+  ``step_fn(state, batch, apply_fn=...)`` (``train_step``, ``eval_step``) runs the model through
+  ``apply_fn``; the DFP step passes it the model's apply through ``dfpjax.dfp_transform``, inside
+  the step's ``jax.grad``. So JAX differentiates the DFP ops (docs/transform.md, "Gradient before
+  or after"): each backward product reuses its forward op's INT16 operands and quantizes only the
+  cotangent, where transforming the whole step would quantize the float activations again, and
+  transpose them, for the weight gradients. With round to nearest (the default) both give the
+  same bits. The step's own arithmetic (loss, optimizer) has no product to rewrite.
+
   This and ``make_dfp_config`` are the examples' only uses of dfpjax, imported lazily so that
   FP32 runs never need it. ``step_fn(state, batch)`` keeps its signature: stochastic rounding
   takes its key from the state, as dropout does, so DFP runs stay reproducible and resume exactly.
   """
   import dfpjax  # pylint: disable=g-import-not-at-top
   dfp_config = make_dfp_config(config)
-  dfp_step = dfpjax.dfp_transform(step_fn, dfp_config)
-  if not dfp_config.needs_key:
-    return dfp_step
 
   @functools.wraps(step_fn)
-  def stochastic_step(state, batch):
-    return dfp_step(state, batch, dfp_key=step_keys(state)[1])
-  return stochastic_step
+  def dfp_step(state, batch):
+    key = {"dfp_key": step_keys(state)[1]} if dfp_config.needs_key else {}
+
+    def apply_fn(variables, *args, **kwargs):
+      # Flags (train, mutable) and the dropout key are closed over, the variables traced.
+      model = dfpjax.dfp_transform(functools.partial(state.apply_fn, **kwargs), dfp_config)
+      return model(variables, *args, **key)
+    return step_fn(state, batch, apply_fn=apply_fn)
+  return dfp_step
+
+
+def compiler_options(config: Config) -> dict[str, str] | None:
+  """XLA options of the jitted train and eval steps: XLA:CPU's memory-optimized schedule when
+  ``config.memory_optimized_schedule`` and the default backend is the CPU, else None.
+
+  XLA:CPU's default schedule orders a step's instructions for concurrency: it starts
+  independent work early (in a train step, backward-pass elementwise work on the forward's
+  activations), and what it computes early stays alive until it is used. The memory-optimized
+  schedule runs the same instructions, with the same bits, in an order that keeps fewer buffers
+  alive (docs/performance.md, "Memory of the ResNet-50 DFP step (issue 15)").
+  """
+  if not config.memory_optimized_schedule or jax.default_backend() != "cpu":
+    return None
+  return {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"}
 
 
 def checkpoint_manager(workdir: str, config: Config) -> ocp.CheckpointManager:
@@ -232,8 +263,10 @@ def train_and_evaluate(config: Config, workdir: str) -> dict[str, Any]:
   if config.dfp:
     step_fn, eval_fn = make_dfp_step(step_fn, config), make_dfp_step(eval_fn, config)
   # The batch arrives sharded; the state and metrics stay replicated.
-  p_train_step = jax.jit(step_fn, donate_argnums=0, out_shardings=data_parallel.replicated)
-  p_eval_step = jax.jit(eval_fn, out_shardings=data_parallel.replicated)
+  options = compiler_options(config)
+  p_train_step = jax.jit(step_fn, donate_argnums=0, out_shardings=data_parallel.replicated,
+                         compiler_options=options)
+  p_eval_step = jax.jit(eval_fn, out_shardings=data_parallel.replicated, compiler_options=options)
 
   if lead:
     print(f"{config.model}: {train_source.description}; eval on {eval_source.description}; "

@@ -43,6 +43,9 @@ class Config:
   checkpoint_every_steps: int = -1  # -1: once per epoch
   max_checkpoints: int = 3
   seed: int = 0
+  # XLA:CPU's memory-optimized schedule for the jitted steps (train.compiler_options): the same
+  # bits with fewer buffers alive; off, XLA's default schedule, which orders for concurrency.
+  memory_optimized_schedule: bool = True
   # DFP (dfpjax.DFPConfig); off trains in FP32.
   dfp: bool = False
   dfp_bits: int = 16

@@ -1,0 +1,115 @@
+"""Memory and float work of the examples' DFP train step (issue 15).
+
+The examples jit their steps with XLA:CPU's memory-optimized schedule (``train.compiler_options``),
+which keeps fewer buffers alive than XLA's default, concurrency-first schedule and computes the
+same bits; and their DFP step transforms the model inside the step's gradient
+(``train.make_dfp_step``), which gives the same bits as transforming the whole step with fewer
+quantizations and transposes.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import dfpjax
+from dfpjax import cpu_ffi
+from examples.imagenet import train
+from examples.imagenet.configs.base import Config
+
+pytestmark = pytest.mark.skipif(jax.default_backend() != "cpu", reason="an XLA:CPU option")
+
+
+class ResidualNet(nn.Module):
+  """Convolution, BatchNorm, ReLU and a residual add per layer: the float work around the DFP
+  products whose activations a ResNet step keeps for its backward pass."""
+
+  @nn.compact
+  def __call__(self, x):
+    for i in range(6):
+      y = nn.Conv(16, (3, 3), use_bias=False, name=f"conv{i}")(x)
+      y = nn.relu(nn.BatchNorm(use_running_average=False, name=f"bn{i}")(y))
+      x = y + x if i else y
+    return nn.Dense(10, name="head")(jnp.mean(x, axis=(1, 2)))
+
+
+def sgd_step(variables, images, labels):
+  """A train step as the examples' (loss, gradient, BatchNorm statistics, SGD update)."""
+
+  def loss_fn(params):
+    logits, updates = ResidualNet().apply({**variables, "params": params}, images,
+                                          mutable=["batch_stats"])
+    one_hot = jax.nn.one_hot(labels, 10)
+    return -jnp.mean(jnp.sum(jax.nn.log_softmax(logits) * one_hot, -1)), updates
+
+  (loss, updates), grads = jax.value_and_grad(loss_fn, has_aux=True)(variables["params"])
+  params = jax.tree.map(lambda p, g: p - 0.1 * g, variables["params"], grads)
+  return {**updates, "params": params}, loss
+
+
+@pytest.fixture(scope="module")
+def steps():
+  """The DFP step compiled with each schedule, and its arguments."""
+  rng = np.random.default_rng(0)
+  images = jnp.asarray(rng.normal(size=(8, 32, 32, 16)), jnp.float32)
+  labels = jnp.asarray(rng.integers(0, 10, 8), jnp.int32)
+  variables = ResidualNet().init(jax.random.key(0), images)
+  step = dfpjax.dfp_transform(sgd_step)
+  compiled = {
+      schedule: jax.jit(step, compiler_options=train.compiler_options(
+          Config(memory_optimized_schedule=schedule == "memory"))).lower(
+              variables, images, labels).compile()
+      for schedule in ("default", "memory")}
+  return compiled, (variables, images, labels)
+
+
+def test_compiler_options_select_the_schedule():
+  assert train.compiler_options(Config(memory_optimized_schedule=False)) is None
+  assert train.compiler_options(Config()) == {
+      "xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"}
+
+
+def test_memory_optimized_schedule_keeps_fewer_buffers_alive(steps):
+  compiled, _ = steps
+  temp = {k: c.memory_analysis().temp_size_in_bytes for k, c in compiled.items()}
+  assert temp["memory"] < 0.8 * temp["default"], temp
+
+
+def test_memory_optimized_schedule_changes_no_bits(steps):
+  compiled, args = steps
+  default, memory = (jax.tree.leaves(compiled[k](*args)) for k in ("default", "memory"))
+  assert len(default) == len(memory)
+  for a, b in zip(default, memory):
+    np.testing.assert_array_equal(np.asarray(a).view(np.uint32), np.asarray(b).view(np.uint32))
+
+
+def resnet18_step(config: Config):
+  """A ResNet-18 state at 32x32 (three classes) and a batch of four images."""
+  model = train.create_model(config, 3)
+  state = train.create_train_state(config, model, 32, train.create_learning_rate_fn(config, 10))
+  rng = np.random.default_rng(1)
+  batch = {"image": rng.normal(size=(4, 32, 32, 3)).astype(np.float32),
+           "label": np.arange(4, dtype=np.int32) % 3}
+  return state, batch
+
+
+def test_dfp_step_differentiates_the_dfp_ops_with_the_whole_steps_bits():
+  config = Config(model="resnet18", batch_size=4, warmup_epochs=0, dfp=True)
+  state, batch = resnet18_step(config)
+  whole = jax.jit(dfpjax.dfp_transform(train.train_step, train.make_dfp_config(config)))
+  inside = jax.jit(train.make_dfp_step(train.train_step, config))
+  hlo = {name: step.lower(state, batch).compile().as_text()
+         for name, step in (("whole", whole), ("inside", inside))}
+  # The backward products reuse the forward's INT16 activations: fewer quantizations, and no
+  # transposes of float activations for the weight gradients.
+  count = lambda text, s: text.count(s)
+  target = f'custom_call_target="{cpu_ffi.QUANTIZE_TARGET}"'
+  assert count(hlo["inside"], target) < count(hlo["whole"], target)
+  assert count(hlo["inside"], " transpose(") < count(hlo["whole"], " transpose(")
+  for a, b in zip(jax.tree.leaves(whole(state, batch)), jax.tree.leaves(inside(state, batch)),
+                  strict=True):
+    a, b = np.asarray(a), np.asarray(b)
+    assert (a.dtype, a.shape, a.tobytes()) == (b.dtype, b.shape, b.tobytes())
