@@ -48,7 +48,8 @@ def worker(args: argparse.Namespace) -> dict:
   step_fn = functools.partial(train.train_step, aux_loss_weight=config.aux_loss_weight)
   if config.dfp:
     step_fn = train.make_dfp_step(step_fn, config)
-  step = jax.jit(step_fn, donate_argnums=0, out_shardings=data_parallel.replicated)
+  step = jax.jit(step_fn, donate_argnums=0, out_shardings=data_parallel.replicated,
+                 compiler_options=train.compiler_options(config))
   rng = np.random.default_rng(0)
   batch = data_parallel.global_batch({
       "image": rng.standard_normal((args.batch, args.image_size, args.image_size, 3), np.float32),

@@ -8,7 +8,8 @@ is jit's dispatch of an executable, as for the FP32 step, so the two should cost
 (issue 4). Both steps are the examples' trainer's (``examples/imagenet/train.py``: forward,
 backward, SGD with momentum, BatchNorm statistics, metrics), jitted with the state donated:
   fp32  jax.jit(train_step)
-  dfp   jax.jit(train.make_dfp_step(train_step, config)), i.e. dfpjax.dfp_transform(train_step)
+  dfp   jax.jit(train.make_dfp_step(train_step, config)): the model's apply dfp_transform'ed
+        inside the step's gradient
 on two networks, in the same process:
   resnet18  ResNet-18 at width 8 on 32x32 images, batch 8: a real train state (kernels,
             BatchNorm statistics, momentum: the arrays that each call flattens and checks)

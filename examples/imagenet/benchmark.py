@@ -25,7 +25,7 @@ def benchmark(name: str, image_size: int, batch_size: int, steps: int, dfp: bool
   state = train.create_train_state(config, model, image_size,
                                    train.create_learning_rate_fn(config, 100))
   step_fn = train.make_dfp_step(train.train_step, config) if dfp else train.train_step
-  step = jax.jit(step_fn, donate_argnums=0)
+  step = jax.jit(step_fn, donate_argnums=0, compiler_options=train.compiler_options(config))
   rng = np.random.default_rng(0)
   batch = {"image": rng.normal(size=(batch_size, image_size, image_size, 3)).astype(np.float32),
            "label": rng.integers(0, 1000, batch_size).astype(np.int32)}
