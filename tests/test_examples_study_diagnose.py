@@ -47,15 +47,16 @@ def test_every_dfp_setting_is_diagnosed_in_every_pass(diagnosed):
   _, text, data = diagnosed
   assert list(data["settings"]) == ["dfp16", "dfp6"]
   for per_pass in data["settings"].values():
-    # Two convolutions and three dense layers, each with two gradients but the first
-    # convolution (no input gradient): the train step's transposes are sites of their own.
-    assert {p: s["products"] for p, s in per_pass.items()} == {"forward": 5, "backward": 9}
-  assert text.count("| dfp6 |") == 2 and text.count("| dfp16 |") == 2
+    # Two convolutions and three dense layers, each differentiated for both operands (the
+    # image's gradient too: diagnose runs it, XLA drops it in training).
+    assert {p: s["products"] for p, s in per_pass.items()} == dict.fromkeys(
+        study_diagnose.PASSES, 5)
+  assert text.count("| dfp6 |") == 3 and text.count("| dfp16 |") == 3
 
 
 def test_fewer_bits_lose_more_precision(diagnosed):
   settings = diagnosed[2]["settings"]
-  for role in ("forward", "backward"):
+  for role in study_diagnose.PASSES:
     sixteen, six = settings["dfp16"][role], settings["dfp6"][role]
     assert sixteen["max_rel_error"] < 1e-3
     # Each bit fewer doubles the rounding error: 10 bits are a factor of about 1000.

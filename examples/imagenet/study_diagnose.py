@@ -5,7 +5,7 @@
 Takes a network's trained FP32 run (seed 0 unless ``--seed``) from the study's workdir and one
 training batch, and runs ``dfpjax.diagnose`` on the DFP train step of every DFP setting of the
 study: the same weights and the same batch, only the arithmetic changes. Per setting and pass
-(``dfpjax.report``'s: forward, backward) it summarises the products' relative errors against
+(forward, backward-data, backward-weights) it summarises the products' relative errors against
 float64 (median and largest, with the layer of the largest), how much of the mantissa range the
 operands use, and the share of nonzero elements lost to the shared exponent (underflow). Writes
 ``<workdir>/<network>/diagnose.md`` and ``diagnose.json``; prints the markdown.
@@ -25,9 +25,7 @@ import orbax.checkpoint as ocp
 import dfpjax
 from examples.imagenet import input_pipeline, main, study, train
 
-# report's passes: a train step that differentiates inside the transform has its transposed
-# products as sites of their own ("backward"); grad of a transformed function tells data/weights.
-PASSES = ("forward", "backward-data", "backward-weights", "backward")
+PASSES = ("forward", "backward-data", "backward-weights")
 
 
 def trained_fp32(study_: study.Study, workdir: str, seed: int):
