@@ -45,7 +45,7 @@ import jax
 import jax.numpy as jnp
 from jax.interpreters import batching, mlir
 
-from dfpjax._jax_compat import ad
+from dfpjax._jax_compat import ad, prim_requires_devices_during_lowering
 from dfpjax._jax_compat import core as core_lib
 from dfpjax.numerics.quantization import DFPTensor
 from dfpjax.primitives import reference, registry
@@ -326,6 +326,8 @@ def _define(prim, value, abstract_eval, jvp_rule, transpose_rule):
 
   prim.def_abstract_eval(full_abstract_eval)
   mlir.register_lowering(prim, mlir.lower_fun(full_value, multiple_results=multiple))
+  # Its lowering lowers the product primitives, whose per-shard partitioning needs devices.
+  prim_requires_devices_during_lowering.add(prim)
   batching.primitive_batchers[prim] = batch_rule
   ad.primitive_jvps[prim] = full_jvp
   ad.primitive_transposes[prim] = full_transpose
