@@ -20,14 +20,16 @@ replicated = NamedSharding(mesh, P())
 keys = jax.random.split(jax.random.key(0), 6)
 
 def all_passes(name, op, x, w):
-  \"\"\"Forward output, input gradient and weight gradient (it contracts the batch).\"\"\"
+  \"\"\"Forward output, input gradient, weight gradient (it contracts the batch) and the
+  forward-mode tangent (jax.jvp).\"\"\"
   x, w = jax.device_put(x, batch), jax.device_put(w, replicated)
   def passes(x, w):
     y, vjp = jax.vjp(op, x, w)
-    return (y, *vjp(jnp.sin(3.0 * y)))
+    _, tangent = jax.jvp(op, (x, w), (jnp.cos(x), jnp.sin(w)))
+    return (y, *vjp(jnp.sin(3.0 * y)), tangent)
   step = jax.jit(passes)
   report_hlo(step.lower(x, w).compile())
-  for pass_name, value in zip(("forward", "input_grad", "weight_grad"), step(x, w)):
+  for pass_name, value in zip(("forward", "input_grad", "weight_grad", "tangent"), step(x, w)):
     report(f"{name}.{pass_name}", value)
 
 dense = lambda x, w: dfpjax.dfp_dot_general(x, w, (((1,), (0,)), ((), ())))
@@ -91,7 +93,7 @@ def _assert_same_bits(runs, names):
 
 
 @pytest.mark.parametrize("op", ["dot", "conv", "conv_wide"])
-@pytest.mark.parametrize("pass_name", ["forward", "input_grad", "weight_grad"])
+@pytest.mark.parametrize("pass_name", ["forward", "input_grad", "weight_grad", "tangent"])
 def test_ops_are_bit_identical_on_1_2_4_devices(op_runs, op, pass_name):
   _assert_same_bits(op_runs, [f"{op}.{pass_name}"])
 
@@ -154,20 +156,22 @@ for name, op, x, w in (("conv", conv, scales[:, None, None, None] * jax.random.n
                        ("dot", dense, scales[:, None] * jax.random.normal(keys[2], (8, 12)),
                         jax.random.normal(keys[3], (12, 5)))):
   @jax.jit
-  @partial(jax.shard_map, mesh=mesh, in_specs=(P("data"), P()), out_specs=(P("data"), P("data")))
+  @partial(jax.shard_map, mesh=mesh, in_specs=(P("data"), P()), out_specs=(P("data"),) * 3)
   def passes(x, w):
     y, vjp = jax.vjp(lambda x: op(x, w), x)
-    return y, vjp(jnp.sin(3.0 * y) * jnp.abs(y))[0]  # per-example scales
-  y, dx = passes(jax.device_put(x, NamedSharding(mesh, P("data"))),
-                 jax.device_put(w, NamedSharding(mesh, P())))
+    _, tangent = jax.jvp(lambda x: op(x, w), (x,), (x * jnp.cos(x),))
+    return y, vjp(jnp.sin(3.0 * y) * jnp.abs(y))[0], tangent  # per-example scales
+  y, dx, tangent = passes(jax.device_put(x, NamedSharding(mesh, P("data"))),
+                          jax.device_put(w, NamedSharding(mesh, P())))
   report(f"{name}.forward", y)
   report(f"{name}.input_grad", dx)
+  report(f"{name}.tangent", tangent)
 """
 
 
 def test_shard_map_exponent_axes_give_one_devices_bits():
   """With ``exponent_axes`` a shard_map body quantizes each shard with the whole batch's
-  exponent: forward outputs and input gradients are the bits of one device."""
+  exponent: forward outputs, input gradients and tangents are the bits of one device."""
   runs = {n: run_on_devices(_SHARD_MAP, n) for n in (1, 4)}
   for name in runs[1].results:
     np.testing.assert_array_equal(runs[4].results[name].view(np.uint32),

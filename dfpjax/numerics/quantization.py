@@ -106,6 +106,7 @@ def _shared(config: QuantConfig, group_max):
   """A group's maximum (or any-flag) over the shards of ``config.exponent_axes``."""
   if not config.exponent_axes:
     return group_max
+  group_max = lax.stop_gradient(group_max)  # it picks an exponent; pmax has no derivative
   if group_max.dtype == jnp.bool_:
     return lax.pmax(group_max.astype(jnp.int32), config.exponent_axes) > 0
   return lax.pmax(group_max, config.exponent_axes)

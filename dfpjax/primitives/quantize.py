@@ -98,7 +98,8 @@ def _quantize_with_global_amax(bind, x, axes):
   amax goes over as +Inf, which makes every shard's exponent the non-finite marker.
   """
   flat = x.reshape(x.shape[0], -1)
-  amax = jnp.max(jnp.abs(flat), axis=1, keepdims=True)
+  # Only the exponent depends on it, and the integer outputs carry no tangent (pmax has none).
+  amax = lax.stop_gradient(jnp.max(jnp.abs(flat), axis=1, keepdims=True))
   amax = lax.pmax(jnp.where(jnp.isnan(amax), jnp.inf, amax), axes)
   m, e = bind(jnp.concatenate([flat, amax], axis=1))
   return m[:, :-1].reshape(x.shape), e
