@@ -4,6 +4,8 @@ and no device gathers the batch."""
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -112,10 +114,15 @@ def test_ops_gather_nothing(op_runs):
 
 
 def test_ops_run_their_kernels_per_shard(op_runs):
-  """The kernels see a quarter of the batch on 4 devices: the batch is split, not repeated."""
+  """The kernels see a quarter of the batch on 4 devices: the batch is split, not repeated.
+  The weight gradients, which contract it, are the kernels' exact int64 sums added by an s64
+  all-reduce (no float64 or int64 dot of XLA's)."""
   hlo = "\n".join(op_runs[4].hlo)
   assert f"f32[{BATCH // 4},24]" in hlo and "dfpjax_dot_general" in hlo
   assert f"s16[{BATCH // 4},7,6,3]" in hlo and "dfpjax_conv" in hlo
+  for shape in ("1,5,24", "3,3,3,4", "3,3,20,6"):  # dot, conv, conv_wide weight gradients
+    assert re.search(rf"s64\[{shape}\][^ ]* all-reduce\(", hlo), shape
+  assert not re.search(r"= [fs]64\[[^]]*\][^ ]* (dot|convolution)\(", hlo)
 
 
 def test_train_step_products_are_bit_identical_on_1_2_4_devices(train_runs):

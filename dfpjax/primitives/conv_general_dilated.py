@@ -142,8 +142,8 @@ def _sharding_rule(shapes, *, geometry, mode, out_dtype):
 def _partition(mesh, specs, shapes, bind, *, geometry, mode, out_dtype):
   """Keeps the batch split, and in a forward convolution without groups the input channels
   (JAX's transpose rule makes the weight gradient one that contracts the batch as channels).
-  A contracted split makes each device form its exact int64 partial sums (the pure-XLA twin)
-  and add them with one int64 ``psum`` before the single rounding."""
+  A contracted split makes each device's kernel write its exact int64 partial sums, which
+  one int64 ``psum`` adds before the single rounding."""
   del mesh
   x_shape, ex_shape = shapes[0], shapes[1]
   rank, batch = len(x_shape), specs[0][0]
@@ -163,8 +163,11 @@ def _partition(mesh, specs, shapes, bind, *, geometry, mode, out_dtype):
   def per_shard(x, ex, b, eb):
     if not contracted:
       return bind(x, ex, b, eb)
-    return reference.conv(x, ex, b, eb, geometry=geometry, mode=mode, out_dtype=out_dtype,
-                          reduce_sums=lambda s: lax.psum(s, contracted))
+    with jax.enable_x64(True):
+      s = lax.psum(bind(x, ex, b, eb, out_dtype=np.dtype(np.int64)), contracted)
+    # ex is per example (forward) or one exponent: it scales y's leading dimension.
+    return reference.encode_sums(s, ex.reshape(-1, *(1,) * (s.ndim - 1)), eb.reshape(()),
+                                 out_dtype)
 
   return per_shard, y_spec, (x_spec, ex_spec, b_spec, (None,))
 

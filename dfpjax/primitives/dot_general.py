@@ -165,8 +165,8 @@ def _sharding_rule(shapes, *, lhs_kmajor, rhs_nmajor, out_dtype):
 
 def _partition(mesh, specs, shapes, bind, *, lhs_kmajor, rhs_nmajor, out_dtype):
   """Keeps lhs's B, M, K and rhs's N splits (N's unless its axes are taken). A split K
-  makes each device form its exact int64 partial sums (the pure-XLA twin) and add them with
-  one int64 ``psum`` before the single rounding, as one device would have summed them."""
+  makes each device's kernel write its exact int64 partial sums, which one int64 ``psum``
+  adds before the single rounding, as one device would have summed them."""
   del mesh
   a_f, b_f = _operand_axes(lhs_kmajor, rhs_nmajor)
   split = dict(zip(a_f, specs[0]))
@@ -183,8 +183,9 @@ def _partition(mesh, specs, shapes, bind, *, lhs_kmajor, rhs_nmajor, out_dtype):
   def per_shard(a, ea, b, eb):
     if not contracted:
       return bind(a, ea, b, eb)
-    return reference.dot(a, ea, b, eb, lhs_kmajor=lhs_kmajor, rhs_nmajor=rhs_nmajor,
-                         out_dtype=out_dtype, reduce_sums=lambda s: lax.psum(s, contracted))
+    with jax.enable_x64(True):
+      s = lax.psum(bind(a, ea, b, eb, out_dtype=np.dtype(np.int64)), contracted)
+    return reference.encode_sums(s, ea[:, :, None], eb[:, None, :], out_dtype)
 
   return per_shard, (split["b"], split["m"], split["n"]), arg_specs
 

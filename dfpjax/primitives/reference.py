@@ -25,10 +25,6 @@ from dfpjax.primitives import conv_transpose
 from dfpjax.primitives.conv_params import ConvParams, Geometry
 
 
-# |int16 * int16| <= 2**30, so sums of fewer than 2**23 such products stay below 2**53.
-_FLOAT64_EXACT_TERMS = 1 << 23
-
-
 def encode_exact(s, exponent, nonfinite, out_dtype):
   """``fl(s) * 2**exponent`` for exact int64 sums ``s`` (spec section 3), NaN where ``nonfinite``.
 
@@ -41,32 +37,32 @@ def encode_exact(s, exponent, nonfinite, out_dtype):
     return jnp.where(nonfinite, jnp.array(jnp.nan, out_dtype), y)
 
 
-def dot(a, ea, b, eb, *, lhs_kmajor: bool, rhs_nmajor: bool, out_dtype, reduce_sums=None):
+def encode_sums(s, ea, eb, out_dtype):
+  """The kernels' output stage: ``fl(s) * 2**(ea + eb)`` in ``out_dtype`` for exact int64
+  sums ``s``, NaN where either exponent marks a non-finite operand; the int32 exponents
+  ``ea`` and ``eb`` broadcast against ``s``."""
+  with jax.enable_x64(True):
+    exponent = ea.astype(jnp.int64) + eb.astype(jnp.int64)  # never wraps
+    nonfinite = (ea == NONFINITE_EXPONENT) | (eb == NONFINITE_EXPONENT)
+    return encode_exact(s, jnp.broadcast_to(exponent, s.shape),
+                        jnp.broadcast_to(nonfinite, s.shape), np.dtype(out_dtype))
+
+
+def dot(a, ea, b, eb, *, lhs_kmajor: bool, rhs_nmajor: bool, out_dtype):
   """``dfp_dot_general_p``: the DFP product in the kernel's canonical form.
 
   ``a`` is int16 [B, M, K] (or [B, K, M] if ``lhs_kmajor``), ``b`` int16 [B, K, N] (or
   [B, N, K] if ``rhs_nmajor``); ``ea`` int32 [1 or B, 1 or M], ``eb`` int32 [1 or B, 1 or N].
-  Returns ``out_dtype`` [B, M, N]. ``reduce_sums``, if given, maps the exact int64 sums
-  before their rounding (a device's partial sums to the global ones: an int64 ``psum``).
+  Returns ``out_dtype`` [B, M, N]; with ``out_dtype`` int64, the exact sums themselves
+  (exponents unread), as the kernel's int64 output.
   """
   with jax.enable_x64(True):
     dims = (((1 if lhs_kmajor else 2,), (2 if rhs_nmajor else 1,)), ((0,), (0,)))
-    terms = a.shape[1 if lhs_kmajor else 2]
-    if reduce_sums is not None and terms < _FLOAT64_EXACT_TERMS:
-      # CPU partial sums (see partitioning.py): XLA's float64 dot is far faster there than
-      # its int64 one, and exact: every product and partial sum is an integer below 2**53.
-      s = lax.dot_general(a.astype(jnp.float64), b.astype(jnp.float64), dims,
-                          preferred_element_type=jnp.float64).astype(jnp.int64)
-    else:
-      s = lax.dot_general(a.astype(jnp.int64), b.astype(jnp.int64), dims,
-                          preferred_element_type=jnp.int64)
-    s = s if reduce_sums is None else reduce_sums(s)
-    exponent = ea.astype(jnp.int64)[:, :, None] + eb.astype(jnp.int64)[:, None, :]  # never wraps
-    nonfinite = (ea == NONFINITE_EXPONENT)[:, :, None] | (eb == NONFINITE_EXPONENT)[:, None, :]
-    shape = s.shape
-    return encode_exact(s, jnp.broadcast_to(exponent, shape), jnp.broadcast_to(nonfinite, shape),
-                        np.dtype(out_dtype))
-
+    s = lax.dot_general(a.astype(jnp.int64), b.astype(jnp.int64), dims,
+                        preferred_element_type=jnp.int64)
+    if np.dtype(out_dtype) == np.int64:
+      return s
+    return encode_sums(s, ea[:, :, None], eb[:, None, :], out_dtype)
 
 
 def _patches(x, window_shape, out_spatial, p: ConvParams):
@@ -97,10 +93,10 @@ def _patches(x, window_shape, out_spatial, p: ConvParams):
   return jnp.stack(positions, axis=1).reshape(n, *out_spatial, -1, c)
 
 
-def conv(x, ex, b, eb, *, geometry: Geometry, mode, out_dtype, reduce_sums=None):
+def conv(x, ex, b, eb, *, geometry: Geometry, mode, out_dtype):
   """``dfp_conv_p``: input patches times ``dot``; backward-data as JAX's transpose rule
-  makes it, a forward convolution of dy (``conv_transpose``). ``reduce_sums`` as for
-  ``dot``, in the modes that contract the channels or the batch."""
+  makes it, a forward convolution of dy (``conv_transpose``). ``out_dtype`` int64 gives the
+  exact sums, as for ``dot``."""
   if mode == "backward_data":
     lhs_shape = (x.shape[0], *geometry.input_spatial, geometry.groups * b.shape[-2])
     dy, w, params = conv_transpose.transpose_lhs(x, b, lhs_shape, geometry.params())
@@ -118,11 +114,11 @@ def conv(x, ex, b, eb, *, geometry: Geometry, mode, out_dtype, reduce_sums=None)
     w = jnp.transpose(b.reshape(taps * cin, g, cout), (1, 0, 2))
     rows = ex if ex.shape[0] == 1 else jnp.repeat(ex, positions)
     y = dot(patches, rows.reshape(1, -1), w, eb.reshape(1, 1), lhs_kmajor=False,
-            rhs_nmajor=False, out_dtype=out_dtype, reduce_sums=reduce_sums)  # G, N*positions, cout
+            rhs_nmajor=False, out_dtype=out_dtype)  # G, N*positions, cout
     return jnp.transpose(y, (1, 0, 2)).reshape(batch, *out_spatial, g * cout)
   dy = jnp.transpose(b.reshape(batch * positions, g, cout), (1, 0, 2))
   dw = dot(patches, ex.reshape(1, 1), dy, eb.reshape(1, 1), lhs_kmajor=True,
-           rhs_nmajor=False, out_dtype=out_dtype, reduce_sums=reduce_sums)  # G, taps*cin, cout
+           rhs_nmajor=False, out_dtype=out_dtype)  # G, taps*cin, cout
   return jnp.transpose(dw, (1, 0, 2)).reshape(*geometry.window, cin, g * cout)
 
 
