@@ -4,6 +4,7 @@ and no device gathers the batch."""
 
 from __future__ import annotations
 
+import os
 import re
 
 import numpy as np
@@ -86,9 +87,9 @@ def train_runs():
   return {n: run_on_devices(_TRAIN_STEP, n) for n in DEVICE_COUNTS}
 
 
-def _assert_same_bits(runs, names):
+def _assert_same_bits(runs, names, counts=DEVICE_COUNTS[1:]):
   one = runs[1].results
-  for n in DEVICE_COUNTS[1:]:
+  for n in counts:
     for name in names:
       np.testing.assert_array_equal(runs[n].results[name].view(np.uint32),
                                     one[name].view(np.uint32), err_msg=f"{name} on {n} devices")
@@ -142,6 +143,42 @@ def test_train_step_products_are_bit_identical_on_1_2_4_devices(train_runs):
 def test_train_step_gathers_no_batch(train_runs):
   for n in DEVICE_COUNTS:
     assert train_runs[n].all_gathers() == [], f"all-gathers on {n} devices"
+
+
+_RESNET18 = """
+import sys
+sys.path.insert(0, REPO)
+from examples.imagenet import models
+model = models.create_model("resnet18", 10, num_filters=4)
+x = jax.random.normal(jax.random.key(1), (16, 32, 32, 3))
+labels = jnp.arange(16) % 10
+variables = model.init(jax.random.key(2), x, train=False)
+
+def loss(params, x, labels):  # BatchNorm on running statistics: no float sum over the batch
+  logits = model.apply({**variables, "params": params}, x, train=False)
+  return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], 1))
+
+step = jax.jit(dfpjax.dfp_transform(jax.value_and_grad(loss)))
+args = (jax.device_put(variables["params"], NamedSharding(mesh, P())),
+        jax.device_put(x, NamedSharding(mesh, P("data"))),
+        jax.device_put(labels, NamedSharding(mesh, P("data"))))
+report_hlo(step.lower(*args).compile())
+for path, g in jax.tree_util.tree_leaves_with_path(step(*args)[1]):
+  report(jax.tree_util.keystr(path), g)
+"""
+
+
+def test_resnet18_weight_gradients_are_bit_identical_on_1_and_4_devices():
+  """The examples' ResNet-18 with BatchNorm on running statistics, so that no float sum over
+  the batch feeds a product: all 21 of its convolution and dense weight gradients (DFP
+  products, the batch contracted across devices) are one device's bits, and the 4-device
+  step gathers nothing. (Training-mode BatchNorm sums over the batch in float; docs/transform.md.)"""
+  snippet = f"REPO = {os.path.dirname(os.path.dirname(os.path.abspath(__file__)))!r}\n" + _RESNET18
+  runs = {n: run_on_devices(snippet, n) for n in (1, 4)}
+  assert runs[4].all_gathers() == []
+  kernels = [name for name in runs[1].results if "kernel" in name]
+  assert len(kernels) == 21
+  _assert_same_bits({n: runs[n] for n in (1, 4)}, kernels, counts=(4,))
 
 
 _SHARD_MAP = """
