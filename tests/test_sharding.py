@@ -172,7 +172,7 @@ def test_resnet18_weight_gradients_are_bit_identical_on_1_and_4_devices():
   """The examples' ResNet-18 with BatchNorm on running statistics, so that no float sum over
   the batch feeds a product: all 21 of its convolution and dense weight gradients (DFP
   products, the batch contracted across devices) are one device's bits, and the 4-device
-  step gathers nothing. (Training-mode BatchNorm sums over the batch in float; docs/transform.md.)"""
+  step gathers nothing. (Training-mode BatchNorm sums the batch in float: docs/transform.md.)"""
   snippet = f"REPO = {os.path.dirname(os.path.dirname(os.path.abspath(__file__)))!r}\n" + _RESNET18
   runs = {n: run_on_devices(snippet, n) for n in (1, 4)}
   assert runs[4].all_gathers() == []
