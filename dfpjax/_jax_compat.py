@@ -65,11 +65,14 @@ from jax._src.config import custom_vjp3  # custom_vjp3(False): classic custom_vj
 from jax._src.core import auto_insert_reshard  # pvary operands as lax.dot_general does
 from jax._src.core import ShapedArray, get_cur_mesh_sharding  # outputs' varying manual axes
 from jax._src.lax import convolution as lax_conv  # JAX's conv transpose-rule helpers
+# custom_partitioning needs the devices when a DFP primitive is lowered (as cudnn's ops mark).
+from jax._src.dispatch import prim_requires_devices_during_lowering
 # Reports (transform/report.py).
 from jax._src.dtypes import short_dtype_name  # "f32"-style names, as jaxprs print them
 
 __all__ = ["api_util", "core", "lu", "source_info_util", "SymbolicZero", "Zero", "ad", "pe",
            "FlatTree", "hijax", "CustomVJPPrimal", "call_hi_primitive_p", "_merge_common_consts",
            "shard_map_p", "UNSPECIFIED", "custom_vjp3", "auto_insert_reshard", "ShapedArray",
-           "get_cur_mesh_sharding", "lax_conv", "short_dtype_name", "ragged_dot_general_p", "int_state", "check_jax_version",
+           "get_cur_mesh_sharding", "lax_conv", "prim_requires_devices_during_lowering",
+           "short_dtype_name", "ragged_dot_general_p", "int_state", "check_jax_version",
            "supported_jax"]

@@ -14,7 +14,8 @@ import pytest
 from jax import lax
 
 import dfpjax
-from dfpjax.primitives import reference_mode
+from dfpjax.numerics.quantization import NONFINITE_EXPONENT
+from dfpjax.primitives import reference, reference_mode
 from dfpjax.primitives.conv_general_dilated import MODES, Geometry, dfp_conv_p
 import spec_oracle
 
@@ -312,3 +313,38 @@ def test_huge_exponent_sums_saturate_exactly_on_every_path(isa, mode, ex, eb):
   want = np.vectorize(lambda v: _expected_scaled(int(v), ex + eb), otypes=[np.float32])(s)
   np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))
   assert (np.isfinite(got) & (got != 0)).any() == (abs(ex + eb) < 100)
+
+
+def _int64_sums(fn, lhs, ex, rhs, eb, geometry, mode):
+  with jax.enable_x64(True):
+    f = jax.jit(lambda *args: fn(*args, geometry=geometry, mode=mode, out_dtype=np.dtype(np.int64)))
+    return np.asarray(f(lhs, ex, rhs, eb))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_int64_output_is_the_exact_sums_on_every_path(isa, mode):
+  """The int64 output (a split contraction's partial sums, added across devices before the
+  one rounding) holds the exact sums in every mode, exponents unread: a strided 3x3 layer
+  across the kernel's blocking against the reference's int64 sums, and a 1x1 layer over many
+  pixels (backward-weights splits that reduction across threads) against numpy's."""
+  rng = np.random.default_rng(9)
+  full = lambda *shape: rng.integers(-32767, 32768, shape).astype(np.int16)
+  nonfinite, zero = np.array([NONFINITE_EXPONENT], np.int32), np.zeros((1,), np.int32)
+  geometry = Geometry((3, 3), (2, 2), ((1, 1), (1, 1)), (1, 1), (1, 1), 1,
+                      (9, 9) if mode == "backward_data" else None)
+  x, w, dy = full(2, 9, 9, 70), full(3, 3, 70, 40), full(2, 5, 5, 40)
+  lhs, rhs = {"forward": (x, w), "backward_weights": (x, dy), "backward_data": (dy, w)}[mode]
+  got = _int64_sums(dfp_conv_p.bind, lhs, nonfinite, rhs, zero, geometry, mode)
+  want = _int64_sums(reference.conv, lhs, zero, rhs, zero, geometry, mode)
+  assert got.dtype == np.int64 and np.abs(want).max() > 2**31
+  np.testing.assert_array_equal(got, want)
+
+  x, w, dy = full(2, 64, 64, 3), full(1, 1, 3, 4), full(2, 64, 64, 4)
+  geometry = Geometry((1, 1), (1, 1), ((0, 0), (0, 0)), (1, 1), (1, 1), 1,
+                      (64, 64) if mode == "backward_data" else None)
+  lhs, rhs, want = {
+      "forward": (x, w, np.einsum("nhwc,co->nhwo", x, w[0, 0], dtype=np.int64)),
+      "backward_weights": (x, dy, np.einsum("nhwc,nhwo->co", x, dy, dtype=np.int64)[None, None]),
+      "backward_data": (dy, w, np.einsum("nhwo,co->nhwc", dy, w[0, 0], dtype=np.int64))}[mode]
+  np.testing.assert_array_equal(
+      _int64_sums(dfp_conv_p.bind, lhs, nonfinite, rhs, nonfinite, geometry, mode), want)

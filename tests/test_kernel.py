@@ -164,6 +164,21 @@ def test_nonfinite_exponent_makes_output_nan(isa):
   assert np.isnan(got[1]).all() and not np.isnan(got[0]).any()
 
 
+@pytest.mark.parametrize("layout", [(False, False), (True, True)], ids=["mk_kn", "km_nk"])
+def test_int64_output_is_the_exact_sums(isa, layout):
+  """The int64 output (a split contraction's partial sums, added across devices before the
+  one rounding) holds the exact sums, far past int32, over several K blocks and cache blocks;
+  the exponents are not read, the non-finite marker included."""
+  rng = np.random.default_rng(8)
+  (a, _, b, _), (a_in, _, b_in, _) = _operands(rng, 2, 70, 1500, 130, *layout)
+  ea = np.full((2, 70), NONFINITE_EXPONENT, np.int32)
+  with jax.enable_x64(True):
+    got = np.asarray(_kernel(*layout, np.int64)(a_in, ea, b_in, np.zeros((1, 1), np.int32)))
+  want = np.einsum("bmk,bkn->bmn", a.astype(np.int64), b.astype(np.int64))
+  assert got.dtype == np.int64 and np.abs(want).max() > 2**33
+  np.testing.assert_array_equal(got, want)
+
+
 def _expected_scaled(s, k, out_dtype):
   """Spec section 3 for any integer exponent k: past +-1000 no float format and no int64 sum
   can escape Inf or 0 (the oracle would build 2**k exactly)."""

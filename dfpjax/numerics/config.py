@@ -24,14 +24,23 @@ class QuantConfig:
     rounding: ``"nearest"`` (half to even) or ``"stochastic"`` (needs a key).
     granularity: ``"tensor"`` (one exponent per tensor, the paper's scheme) or
       ``"channel"`` (one exponent per index of the operand's channel axis).
+    exponent_axes: manual mesh axes (inside ``shard_map``) over which an operand is one
+      tensor split into shards: its exponent is the whole tensor's (the abs-max is
+      max-reduced over these axes), so its mantissas are those one device forms. Empty
+      (the default): each shard has its own exponent. ``jax.jit`` sharding needs no such
+      field: there exponents are always the global tensor's.
   """
 
   bits: int = 16
   headroom: int = 0
   rounding: Rounding = "nearest"
   granularity: Granularity = "tensor"
+  exponent_axes: tuple[str, ...] = ()
 
   def __post_init__(self):
+    axes = self.exponent_axes
+    if not isinstance(axes, tuple) or not all(isinstance(a, str) for a in axes):
+      raise TypeError(f"DFP exponent_axes must be a tuple of mesh axis names, got {axes!r}")
     if not isinstance(self.bits, int) or not 2 <= self.bits <= 16:
       raise ValueError(f"DFP bits must be an integer in 2..16, got {self.bits!r}")
     if not isinstance(self.headroom, int) or not 0 <= self.headroom <= self.bits - 2:

@@ -57,12 +57,12 @@ def _normalize_axis(axis, ndim):
 
 def quantize(x, bits: int = 16, rounding: str = "nearest", key: Any = None,
              granularity: str = "tensor", axis: int | None = None, headroom: int = 0,
-             *, scale_exponent=None) -> DFPTensor:
+             *, scale_exponent=None, exponent_axes: tuple[str, ...] = ()) -> DFPTensor:
   """Quantizes a float tensor to DFP exactly as spec section 2 defines.
 
   Args:
     x: float32, bfloat16 or float16 array.
-    bits, rounding, headroom, granularity: see :class:`dfpjax.QuantConfig`.
+    bits, rounding, headroom, granularity, exponent_axes: see :class:`dfpjax.QuantConfig`.
     key: a ``jax.random`` key; required for ``rounding="stochastic"``.
     axis: the channel axis for ``granularity="channel"`` (one exponent per index).
     scale_exponent: optional int32 array broadcastable to ``x``; quantizes
@@ -71,7 +71,8 @@ def quantize(x, bits: int = 16, rounding: str = "nearest", key: Any = None,
   Returns:
     A :class:`DFPTensor` with int16 mantissas and int32 exponents.
   """
-  config = QuantConfig(bits=bits, headroom=headroom, rounding=rounding, granularity=granularity)
+  config = QuantConfig(bits=bits, headroom=headroom, rounding=rounding, granularity=granularity,
+                       exponent_axes=exponent_axes)
   x = jnp.asarray(x)
   floatbits.float_format(x.dtype)  # raises for integer, complex, float64 ...
   if rounding == "stochastic" and key is None:
@@ -92,13 +93,23 @@ def quantize_with(x, config: QuantConfig, key=None, axis=None, scale_exponent=No
   """:func:`quantize` with the settings of a :class:`QuantConfig`."""
   return quantize(x, config.bits, config.rounding, key, config.granularity,
                   axis if config.granularity == "channel" else None, config.headroom,
-                  scale_exponent=scale_exponent)
+                  scale_exponent=scale_exponent, exponent_axes=config.exponent_axes)
 
 
 def _quantize(x, config: QuantConfig, key, axis, reduce_axes, scale_exponent) -> DFPTensor:
   if config.rounding == "nearest" and scale_exponent is None:
     return _quantize_nearest(x, config, axis, reduce_axes)
   return _quantize_exact(x, config, key, axis, reduce_axes, scale_exponent)
+
+
+def _shared(config: QuantConfig, group_max):
+  """A group's maximum (or any-flag) over the shards of ``config.exponent_axes``."""
+  if not config.exponent_axes:
+    return group_max
+  group_max = lax.stop_gradient(group_max)  # it picks an exponent; pmax has no derivative
+  if group_max.dtype == jnp.bool_:
+    return lax.pmax(group_max.astype(jnp.int32), config.exponent_axes) > 0
+  return lax.pmax(group_max, config.exponent_axes)
 
 
 def _finish(m, exponent, nonfinite, config, x_shape, axis) -> DFPTensor:
@@ -122,8 +133,8 @@ def _quantize_nearest(x, config: QuantConfig, axis, reduce_axes) -> DFPTensor:
   p, s = config.bits, config.headroom
   xf = x.astype(jnp.float32)
   # XLA's max may drop NaNs: count them as Inf, which max keeps.
-  amax = jnp.max(jnp.where(jnp.isnan(xf), jnp.inf, jnp.abs(xf)), axis=reduce_axes, keepdims=True,
-                 initial=0.0)
+  amax = _shared(config, jnp.max(jnp.where(jnp.isnan(xf), jnp.inf, jnp.abs(xf)),
+                                 axis=reduce_axes, keepdims=True, initial=0.0))
   nonfinite = ~jnp.isfinite(jnp.max(amax, initial=0.0))
   log2 = floatbits.floor_log2_of_magnitude_bits(floatbits.magnitude_bits(amax), jnp.float32)
   exponent = log2 - (p - 2) + s
@@ -145,13 +156,13 @@ def _quantize_exact(x, config: QuantConfig, key, axis, reduce_axes, scale_expone
   """Quantization on the integer bit patterns: exact for every input, subnormals included."""
   p, s = config.bits, config.headroom
   mag = floatbits.magnitude_bits(x)
-  nonfinite = jnp.any(mag >= floatbits.nonfinite_threshold(x.dtype))
+  nonfinite = _shared(config, jnp.any(mag >= floatbits.nonfinite_threshold(x.dtype)))
   negative, sig, exp2 = floatbits.decode(x)
   offset = jnp.zeros((), jnp.int32) if scale_exponent is None else jnp.asarray(scale_exponent, jnp.int32)
   exp2 = exp2 + offset
 
   log2 = jnp.where(mag == 0, _LOG2_OF_ZERO, floatbits.floor_log2_of_magnitude_bits(mag, x.dtype) + offset)
-  top = jnp.max(log2, axis=reduce_axes, keepdims=True, initial=_LOG2_OF_ZERO)
+  top = _shared(config, jnp.max(log2, axis=reduce_axes, keepdims=True, initial=_LOG2_OF_ZERO))
   exponent = jnp.where(top == _LOG2_OF_ZERO, 0, top - (p - 2) + s)
 
   shift = exp2 - exponent  # m = R(sig * 2**shift)

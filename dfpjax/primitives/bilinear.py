@@ -45,13 +45,12 @@ import jax
 import jax.numpy as jnp
 from jax.interpreters import batching, mlir
 
-from dfpjax._jax_compat import ad
+from dfpjax._jax_compat import ad, api_util, pe, prim_requires_devices_during_lowering
 from dfpjax._jax_compat import core as core_lib
 from dfpjax.numerics.quantization import DFPTensor
 from dfpjax.primitives import reference, registry
 from dfpjax.primitives.operands import fold_key
 from dfpjax.primitives.quantize import quantize_operand
-from dfpjax.primitives.registry import output_aval
 
 # Keys of the quantizations the rules add (0, 1: forward operands; 2: cotangent).
 TANGENT_KEYS = (3, 4)
@@ -138,16 +137,25 @@ def _cotangent_value(g, *operands, layout):
 
 
 def _tangent_abstract_eval(*operands, layout, present):
-  a, b = operands[sum(present):][:2]
-  spec = layout.spec
-  arrays = operands[:-1] if layout.has_key else operands
-  return output_aval(spec.out_shape(a.shape, b.shape), spec.out_dtype, *arrays)
+  """The primal product's type (shape, dtype, sharding, varying manual axes), which a
+  custom_jvp's tangent must have: ``spec.product`` of the quantized partners, traced."""
+  _, _, qa, qb, _ = _unpack(operands[sum(present):], layout)
+  ca, cb = layout.channel_axes
+
+  def product(am, ae, bm, be):
+    return [layout.spec.product(DFPTensor(am, ae, ca), DFPTensor(bm, be, cb))]
+
+  avals = (qa.mantissa, qa.exponent, qb.mantissa, qb.exponent)
+  with _mode(layout):
+    (out,) = pe.abstract_eval_fun(product, *avals,
+                                  debug_info=api_util.debug_info("dfp_tangent", product, avals, {}))
+  return out
 
 
 def _cotangent_abstract_eval(g, a, b, *rest, layout):
-  spec = layout.spec
-  return [output_aval(a.shape, spec.lhs_dtype, g, a, b),
-          output_aval(b.shape, spec.rhs_dtype, g, a, b)]
+  """The operands' types in the cotangents' dtypes: what transposition expects of them."""
+  del g, rest
+  return [a.update(dtype=layout.spec.lhs_dtype), b.update(dtype=layout.spec.rhs_dtype)]
 
 
 # ---------------------------------------------------------------------------------------
@@ -326,6 +334,8 @@ def _define(prim, value, abstract_eval, jvp_rule, transpose_rule):
 
   prim.def_abstract_eval(full_abstract_eval)
   mlir.register_lowering(prim, mlir.lower_fun(full_value, multiple_results=multiple))
+  # Its lowering lowers the product primitives, whose per-shard partitioning needs devices.
+  prim_requires_devices_during_lowering.add(prim)
   batching.primitive_batchers[prim] = batch_rule
   ad.primitive_jvps[prim] = full_jvp
   ad.primitive_transposes[prim] = full_transpose

@@ -33,7 +33,7 @@ from jax.interpreters import batching
 from dfpjax import cpu_ffi
 from dfpjax.numerics.config import DFPConfig, QuantConfig
 from dfpjax.numerics.quantization import DFPTensor
-from dfpjax.primitives import bilinear, conv_transpose, reference, registry
+from dfpjax.primitives import bilinear, conv_transpose, partitioning, reference, registry
 from dfpjax.primitives.conv_params import (ConvParams, Geometry, canonical_params, channels_last,
                                            float_conv_shape, window_first)
 from dfpjax.primitives.operands import float_operands, fold_key, matching_manual_axes, output_dtype
@@ -56,19 +56,21 @@ def _abstract_eval(x, ex, b, eb, *, geometry: Geometry, mode, out_dtype):
   if ex.shape not in ((1,), (x.shape[0],)) or eb.shape != (1,) or (mode != "forward" and ex.shape != (1,)):
     raise ValueError(f"dfp_conv_p: exponent shapes {ex.shape}, {eb.shape}")
   batch = x.shape[0]
+  spec = (registry.spec_entry(x, 0),)  # the batch stays split in types too
   if mode == "backward_data":  # x is dy, b the weights
     cin = b.shape[-2]
     if (x.shape[1:-1] != geometry.out_spatial(geometry.input_spatial) or x.shape[-1] != b.shape[-1]
         or b.shape[:-2] != geometry.window or b.shape[-1] % g):
       raise ValueError(f"dfp_conv_p: output gradient {x.shape} and weights {b.shape} do not fit "
                        f"{geometry}")
-    return output_aval((batch, *geometry.input_spatial, g * cin), out_dtype, x, ex, b, eb)
+    return output_aval((batch, *geometry.input_spatial, g * cin), out_dtype, x, ex, b, eb,
+                       spec=spec)
   cin = x.shape[-1] // g
   out_spatial = geometry.out_spatial(x.shape[1:-1])
   if mode == "forward":
     if b.shape[:-1] != (*geometry.window, cin) or b.shape[-1] % g:
       raise ValueError(f"dfp_conv_p: weights {b.shape} do not fit input {x.shape} and {geometry}")
-    return output_aval((batch, *out_spatial, b.shape[-1]), out_dtype, x, ex, b, eb)
+    return output_aval((batch, *out_spatial, b.shape[-1]), out_dtype, x, ex, b, eb, spec=spec)
   if b.shape[:-1] != (batch, *out_spatial) or b.shape[-1] % g:
     raise ValueError(f"dfp_conv_p: output gradient {b.shape} does not fit input {x.shape} and "
                      f"{geometry}")
@@ -119,8 +121,60 @@ def _cpu_lowering(ctx, x, ex, b, eb, *, geometry: Geometry, mode, out_dtype):
   return jax.ffi.ffi_lowering(cpu_ffi.CONV_TARGET)(ctx, x, ex, b, eb, **attributes)
 
 
+# ---------------------------------------------------------------------------------------
+# Partitioning: the batch stays split, the rest is replicated; backward-weights, which
+# contracts the batch, sums exact int64 partial sums.
+# ---------------------------------------------------------------------------------------
+
+
+def _sharding_rule(shapes, *, geometry, mode, out_dtype):
+  del out_dtype
+  x_shape, ex_shape, _, _ = shapes
+  spatial = lambda name: " ".join(partitioning.fresh_factors(name, len(x_shape) - 2))
+  ex = "n" if ex_shape[0] == x_shape[0] else "ex"
+  if mode == "backward_weights":  # b is dy, batch-major like x
+    return f"n {spatial('x')} xc, {ex}, n {spatial('dy')} dyc, eb -> {spatial('w')} wi wo"
+  if mode == "forward" and geometry.groups == 1:  # the channels x and w contract
+    return f"n {spatial('x')} c, {ex}, {spatial('w')} c wo, eb -> n {spatial('y')} wo"
+  return f"n {spatial('x')} xc, {ex}, {spatial('w')} wi wo, eb -> n {spatial('y')} yc"
+
+
+def _partition(mesh, specs, shapes, bind, *, geometry, mode, out_dtype):
+  """Keeps the batch split, and in a forward convolution without groups the input channels
+  (JAX's transpose rule makes the weight gradient one that contracts the batch as channels).
+  A contracted split makes each device's kernel write its exact int64 partial sums, which
+  one int64 ``psum`` adds before the single rounding."""
+  del mesh
+  x_shape, ex_shape = shapes[0], shapes[1]
+  rank, batch = len(x_shape), specs[0][0]
+  channel = None
+  if mode == "forward" and geometry.groups == 1:
+    channel = specs[0][-1] if not set(partitioning.axes_of(specs[0][-1])) & set(
+        partitioning.axes_of(batch)) else None
+  x_spec = (batch, *(None,) * (rank - 2), channel)
+  ex_spec = (batch if ex_shape[0] == x_shape[0] else None,)
+  if mode == "backward_weights":
+    contracted, b_spec, y_spec = batch, x_spec, (None,) * rank
+  else:
+    b_spec = (*(None,) * (rank - 2), channel, None)
+    contracted, y_spec = channel, (batch, *(None,) * (rank - 1))
+  contracted = partitioning.axes_of(contracted)
+
+  def per_shard(x, ex, b, eb):
+    if not contracted:
+      return bind(x, ex, b, eb)
+    with jax.enable_x64(True):
+      s = lax.psum(bind(x, ex, b, eb, out_dtype=np.dtype(np.int64)), contracted)
+    # ex is per example (forward) or one exponent: it scales y's leading dimension.
+    return reference.encode_sums(s, ex.reshape(-1, *(1,) * (s.ndim - 1)), eb.reshape(()),
+                                 out_dtype)
+
+  return per_shard, y_spec, (x_spec, ex_spec, b_spec, (None,))
+
+
 registry.register(dfp_conv_p, abstract_eval=_abstract_eval, batch_rule=_batch_rule,
-                  cpu_lowering=_cpu_lowering, xla_lowering=reference.conv)
+                  cpu_lowering=_cpu_lowering, xla_lowering=reference.conv,
+                  sharding_rule=_sharding_rule, partition=_partition)
 
 # ---------------------------------------------------------------------------------------
 # Exact convolutions of DFP tensors under general parameters.

@@ -21,12 +21,13 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 from jax.interpreters import batching
 
 from dfpjax import cpu_ffi
 from dfpjax.numerics.config import DFPConfig, QuantConfig
 from dfpjax.numerics.quantization import DFPTensor
-from dfpjax.primitives import bilinear, reference, registry
+from dfpjax.primitives import bilinear, partitioning, reference, registry
 from dfpjax.primitives.operands import (check_dfp_operand, float_operands, fold_key,
                                         matching_manual_axes, output_dtype, partner_folded)
 from dfpjax.primitives.quantize import quantize_operand
@@ -56,7 +57,17 @@ def _abstract_eval(a, ea, b, eb, *, lhs_kmajor, rhs_nmajor, out_dtype):
   if ea.shape[0] not in (1, batch) or ea.shape[1] not in (1, m) or \
      eb.shape[0] not in (1, batch) or eb.shape[1] not in (1, n):
     raise ValueError(f"dfp_dot_general_p: exponent shapes {ea.shape}, {eb.shape} do not broadcast")
-  return output_aval((batch, m, n), out_dtype, a, ea, b, eb)
+  return output_aval((batch, m, n), out_dtype, a, ea, b, eb,
+                     spec=_output_spec(a, b, lhs_kmajor, rhs_nmajor))
+
+
+def _output_spec(a, b, lhs_kmajor, rhs_nmajor):
+  """The product's sharding in types: lhs's B and M, rhs's N unless its axes are taken."""
+  a_f, b_f = _operand_axes(lhs_kmajor, rhs_nmajor)
+  bs, ms = registry.spec_entry(a, a_f.index("b")), registry.spec_entry(a, a_f.index("m"))
+  ns = registry.spec_entry(b, b_f.index("n"))
+  taken = partitioning.axes_of(bs, ms, registry.spec_entry(a, a_f.index("k")))
+  return bs, ms, None if set(partitioning.axes_of(ns)) & set(taken) else ns
 
 
 # ---------------------------------------------------------------------------------------
@@ -127,8 +138,61 @@ def _cpu_lowering(ctx, a, ea, b, eb, *, lhs_kmajor, rhs_nmajor, out_dtype):
       ctx, a, ea, b, eb, lhs_kmajor=np.int32(lhs_kmajor), rhs_nmajor=np.int32(rhs_nmajor))
 
 
+# ---------------------------------------------------------------------------------------
+# Partitioning: B, M and N stay split; a split K sums exact int64 partial sums.
+# ---------------------------------------------------------------------------------------
+
+
+def _operand_axes(lhs_kmajor, rhs_nmajor):
+  """The canonical factors of a, b, ea, eb in their dimension order."""
+  return ("b k m" if lhs_kmajor else "b m k").split(), ("b n k" if rhs_nmajor else "b k n").split()
+
+
+def _exponent_factors(shape, factors, sizes, name):
+  """An exponent's factors: the product's where its size matches, its own where it is 1."""
+  return [f if size == sizes[f] else f"{name}{i}"
+          for i, (f, size) in enumerate(zip(factors, shape))]
+
+
+def _sharding_rule(shapes, *, lhs_kmajor, rhs_nmajor, out_dtype):
+  del out_dtype
+  a_f, b_f = _operand_axes(lhs_kmajor, rhs_nmajor)
+  sizes = dict(zip(a_f, shapes[0])) | dict(zip(b_f, shapes[2]))
+  ea_f = _exponent_factors(shapes[1], ("b", "m"), sizes, "ea")
+  eb_f = _exponent_factors(shapes[3], ("b", "n"), sizes, "eb")
+  return f"{' '.join(a_f)}, {' '.join(ea_f)}, {' '.join(b_f)}, {' '.join(eb_f)} -> b m n"
+
+
+def _partition(mesh, specs, shapes, bind, *, lhs_kmajor, rhs_nmajor, out_dtype):
+  """Keeps lhs's B, M, K and rhs's N splits (N's unless its axes are taken). A split K
+  makes each device's kernel write its exact int64 partial sums, which one int64 ``psum``
+  adds before the single rounding, as one device would have summed them."""
+  del mesh
+  a_f, b_f = _operand_axes(lhs_kmajor, rhs_nmajor)
+  split = dict(zip(a_f, specs[0]))
+  taken = partitioning.axes_of(split["b"], split["m"], split["k"])
+  n_spec = dict(zip(b_f, specs[2]))["n"]
+  split["n"] = None if set(partitioning.axes_of(n_spec)) & set(taken) else n_spec
+  sizes = dict(zip(a_f, shapes[0])) | dict(zip(b_f, shapes[2]))
+  exponent_spec = lambda shape, fs: tuple(split[f] if n == sizes[f] else None
+                                          for f, n in zip(fs, shape))
+  arg_specs = (tuple(split[f] for f in a_f), exponent_spec(shapes[1], ("b", "m")),
+               tuple(split[f] for f in b_f), exponent_spec(shapes[3], ("b", "n")))
+  contracted = partitioning.axes_of(split["k"])
+
+  def per_shard(a, ea, b, eb):
+    if not contracted:
+      return bind(a, ea, b, eb)
+    with jax.enable_x64(True):
+      s = lax.psum(bind(a, ea, b, eb, out_dtype=np.dtype(np.int64)), contracted)
+    return reference.encode_sums(s, ea[:, :, None], eb[:, None, :], out_dtype)
+
+  return per_shard, (split["b"], split["m"], split["n"]), arg_specs
+
+
 registry.register(dfp_dot_general_p, abstract_eval=_abstract_eval, batch_rule=_batch_rule,
-                  cpu_lowering=_cpu_lowering, xla_lowering=reference.dot)
+                  cpu_lowering=_cpu_lowering, xla_lowering=reference.dot,
+                  sharding_rule=_sharding_rule, partition=_partition)
 
 # ---------------------------------------------------------------------------------------
 # Dimension numbers, handled by name.

@@ -11,16 +11,19 @@ numerics module's code.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 from jax.interpreters import batching
 
 from dfpjax import cpu_ffi
 from dfpjax._jax_compat import ad
 from dfpjax.numerics.config import QuantConfig
 from dfpjax.numerics.quantization import DFPTensor, quantize_with
-from dfpjax.primitives import reference, registry
+from dfpjax.primitives import partitioning, reference, registry
 from dfpjax.primitives.registry import output_aval
 
 dfp_quantize_p = registry.new_primitive("dfp_quantize", multiple_results=True)
@@ -33,7 +36,9 @@ dfp_quantize_p = registry.new_primitive("dfp_quantize", multiple_results=True)
 def _abstract_eval(x, *, bits, headroom):
   if x.dtype != jnp.float32 or x.ndim < 1:
     raise TypeError(f"dfp_quantize_p takes a float32 array of rank >= 1, got {x.dtype}{x.shape}")
-  return (output_aval(x.shape, jnp.int16, x), output_aval(x.shape[:1], jnp.int32, x))
+  spec = [registry.spec_entry(x, d) for d in range(x.ndim)]
+  return (output_aval(x.shape, jnp.int16, x, spec=spec),
+          output_aval(x.shape[:1], jnp.int32, x, spec=spec[:1]))
 
 
 # ---------------------------------------------------------------------------------------
@@ -61,8 +66,48 @@ def _cpu_lowering(ctx, x, *, bits, headroom):
       ctx, x, bits=np.int32(bits), headroom=np.int32(headroom))
 
 
+# ---------------------------------------------------------------------------------------
+# Partitioning: each device quantizes its shard with the global exponent.
+# ---------------------------------------------------------------------------------------
+
+
+def _sharding_rule(shapes, *, bits, headroom):
+  del bits, headroom
+  factors = " ".join(["g", *partitioning.fresh_factors("d", len(shapes[0]) - 1)])
+  return f"{factors} -> {factors}, g"
+
+
+def _partition(mesh, specs, shapes, bind, *, bits, headroom):
+  del mesh, shapes, bits, headroom
+  (spec,) = specs
+  split_over = partitioning.axes_of(*spec[1:])  # the mesh axes that split a group
+
+  def per_shard(x):
+    return _quantize_with_global_amax(bind, x, split_over) if split_over else bind(x)
+
+  return per_shard, (spec, spec[:1]), (spec,)
+
+
+def _quantize_with_global_amax(bind, x, axes):
+  """The kernel on shard ``x`` with each group's exponent from the whole group: its amax,
+  max-reduced over ``axes`` (mesh axes of a partition or manual ``exponent_axes``), joins
+  the shard as one more element.
+
+  The exponent is a function of the amax alone and each mantissa of its element and the
+  exponent (spec section 2), so the shard's mantissas are those one device forms. A NaN
+  amax goes over as +Inf, which makes every shard's exponent the non-finite marker.
+  """
+  flat = x.reshape(x.shape[0], -1)
+  # Only the exponent depends on it, and the integer outputs carry no tangent (pmax has none).
+  amax = lax.stop_gradient(jnp.max(jnp.abs(flat), axis=1, keepdims=True))
+  amax = lax.pmax(jnp.where(jnp.isnan(amax), jnp.inf, amax), axes)
+  m, e = bind(jnp.concatenate([flat, amax], axis=1))
+  return m[:, :-1].reshape(x.shape), e
+
+
 registry.register(dfp_quantize_p, abstract_eval=_abstract_eval, batch_rule=_batch_rule,
-                  cpu_lowering=_cpu_lowering, xla_lowering=reference.quantize)
+                  cpu_lowering=_cpu_lowering, xla_lowering=reference.quantize,
+                  sharding_rule=_sharding_rule, partition=_partition)
 
 # ---------------------------------------------------------------------------------------
 # Differentiation: the outputs are integers, so their tangent is zero (float0). The DFP
@@ -84,5 +129,10 @@ def quantize_operand(x, config: QuantConfig, key=None, axis=None) -> DFPTensor:
   if (x.dtype != jnp.float32 or config.rounding != "nearest" or config.granularity != "tensor"
       or reference.in_reference_mode()):
     return quantize_with(x, config, key, axis)
-  m, e = dfp_quantize_p.bind(x.reshape(1, *x.shape), bits=config.bits, headroom=config.headroom)
+  bind = functools.partial(dfp_quantize_p.bind, bits=config.bits, headroom=config.headroom)
+  group = x.reshape(1, *x.shape)
+  if config.exponent_axes:
+    m, e = _quantize_with_global_amax(bind, group, config.exponent_axes)
+  else:
+    m, e = bind(group)
   return DFPTensor(m.reshape(x.shape), e.reshape(()), None)

@@ -37,23 +37,32 @@ def encode_exact(s, exponent, nonfinite, out_dtype):
     return jnp.where(nonfinite, jnp.array(jnp.nan, out_dtype), y)
 
 
+def encode_sums(s, ea, eb, out_dtype):
+  """The kernels' output stage: ``fl(s) * 2**(ea + eb)`` in ``out_dtype`` for exact int64
+  sums ``s``, NaN where either exponent marks a non-finite operand; the int32 exponents
+  ``ea`` and ``eb`` broadcast against ``s``."""
+  with jax.enable_x64(True):
+    exponent = ea.astype(jnp.int64) + eb.astype(jnp.int64)  # never wraps
+    nonfinite = (ea == NONFINITE_EXPONENT) | (eb == NONFINITE_EXPONENT)
+    return encode_exact(s, jnp.broadcast_to(exponent, s.shape),
+                        jnp.broadcast_to(nonfinite, s.shape), np.dtype(out_dtype))
+
+
 def dot(a, ea, b, eb, *, lhs_kmajor: bool, rhs_nmajor: bool, out_dtype):
   """``dfp_dot_general_p``: the DFP product in the kernel's canonical form.
 
   ``a`` is int16 [B, M, K] (or [B, K, M] if ``lhs_kmajor``), ``b`` int16 [B, K, N] (or
   [B, N, K] if ``rhs_nmajor``); ``ea`` int32 [1 or B, 1 or M], ``eb`` int32 [1 or B, 1 or N].
-  Returns ``out_dtype`` [B, M, N].
+  Returns ``out_dtype`` [B, M, N]; with ``out_dtype`` int64, the exact sums themselves
+  (exponents unread), as the kernel's int64 output.
   """
   with jax.enable_x64(True):
     dims = (((1 if lhs_kmajor else 2,), (2 if rhs_nmajor else 1,)), ((0,), (0,)))
     s = lax.dot_general(a.astype(jnp.int64), b.astype(jnp.int64), dims,
                         preferred_element_type=jnp.int64)
-    exponent = ea.astype(jnp.int64)[:, :, None] + eb.astype(jnp.int64)[:, None, :]  # never wraps
-    nonfinite = (ea == NONFINITE_EXPONENT)[:, :, None] | (eb == NONFINITE_EXPONENT)[:, None, :]
-    shape = s.shape
-    return encode_exact(s, jnp.broadcast_to(exponent, shape), jnp.broadcast_to(nonfinite, shape),
-                        np.dtype(out_dtype))
-
+    if np.dtype(out_dtype) == np.int64:
+      return s
+    return encode_sums(s, ea[:, :, None], eb[:, None, :], out_dtype)
 
 
 def _patches(x, window_shape, out_spatial, p: ConvParams):
@@ -86,7 +95,8 @@ def _patches(x, window_shape, out_spatial, p: ConvParams):
 
 def conv(x, ex, b, eb, *, geometry: Geometry, mode, out_dtype):
   """``dfp_conv_p``: input patches times ``dot``; backward-data as JAX's transpose rule
-  makes it, a forward convolution of dy (``conv_transpose``)."""
+  makes it, a forward convolution of dy (``conv_transpose``). ``out_dtype`` int64 gives the
+  exact sums, as for ``dot``."""
   if mode == "backward_data":
     lhs_shape = (x.shape[0], *geometry.input_spatial, geometry.groups * b.shape[-2])
     dy, w, params = conv_transpose.transpose_lhs(x, b, lhs_shape, geometry.params())

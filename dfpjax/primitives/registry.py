@@ -9,8 +9,10 @@ import jax
 import jax.numpy as jnp
 from jax.extend import core
 from jax.interpreters import batching, mlir
+from jax.sharding import NamedSharding, PartitionSpec
 
 from dfpjax._jax_compat import ShapedArray, get_cur_mesh_sharding
+from dfpjax.primitives import partitioning
 
 
 def new_primitive(name: str, *, multiple_results: bool = False) -> core.Primitive:
@@ -30,12 +32,21 @@ def _jitted_bind(p, **params):
   return jax.jit(functools.partial(p.bind, **params))
 
 
-def register(p: core.Primitive, *, abstract_eval, batch_rule, cpu_lowering, xla_lowering):
-  """Defines ``p``'s shape rule and batching rule, its lowering on CPU (the C kernel through
-  XLA FFI) and on every other platform (``xla_lowering``, its pure-XLA twin)."""
+def register(p: core.Primitive, *, abstract_eval, batch_rule, cpu_lowering, xla_lowering,
+             sharding_rule, partition):
+  """Defines ``p``'s shape rule and batching rule, its lowering on CPU and on every other
+  platform (``xla_lowering``, its pure-XLA twin, which XLA partitions itself).
+
+  On CPU, ``p`` lowers to the C kernel through XLA FFI (``cpu_lowering``) once per shard:
+  ``sharding_rule`` and ``partition`` say how (``partitioning.register_cpu_lowering``).
+  """
   p.def_abstract_eval(abstract_eval)
   batching.primitive_batchers[p] = batch_rule
-  mlir.register_lowering(p, cpu_lowering, platform="cpu")
+  kernel = core.Primitive(p.name + "_shard")  # the FFI call on one device's operands
+  kernel.multiple_results = p.multiple_results
+  kernel.def_abstract_eval(abstract_eval)
+  mlir.register_lowering(kernel, cpu_lowering, platform="cpu")
+  partitioning.register_cpu_lowering(p, kernel, sharding_rule, partition)
   mlir.register_lowering(p, mlir.lower_fun(xla_lowering, multiple_results=p.multiple_results))
 
 
@@ -46,10 +57,21 @@ def check_integer_operands(op: str, x, ex, y, ey) -> None:
                     f"{x.dtype}, {ex.dtype}, {y.dtype}, {ey.dtype}")
 
 
-def output_aval(shape, dtype, *operands) -> ShapedArray:
-  """A DFP primitive's output type: varying over the manual axes its operands vary over."""
+def output_aval(shape, dtype, *operands, spec=()) -> ShapedArray:
+  """A DFP primitive's output type: varying over the manual axes its operands vary over, or,
+  where the operands' types carry shardings over a mesh with explicit axes (the default of
+  ``jax.make_mesh``), sharded as ``spec`` says (partition-spec entries per dimension)."""
   varying = frozenset().union(*(a.mat.varying for a in operands))
-  if not varying:
+  if varying:
+    return ShapedArray(shape, dtype, sharding=get_cur_mesh_sharding(),
+                       manual_axis_type=operands[0].mat.update(varying=varying))
+  mesh = next((a.sharding.mesh for a in operands if not a.sharding.mesh.empty), None)
+  if mesh is None:
     return ShapedArray(shape, dtype)
-  return ShapedArray(shape, dtype, sharding=get_cur_mesh_sharding(),
-                     manual_axis_type=operands[0].mat.update(varying=varying))
+  return ShapedArray(shape, dtype, sharding=NamedSharding(mesh, PartitionSpec(*spec)))
+
+
+def spec_entry(aval, dim: int):
+  """The partition-spec entry of ``aval``'s dimension ``dim`` in its type (None if none)."""
+  spec = tuple(aval.sharding.spec)
+  return spec[dim] if dim < len(spec) else None

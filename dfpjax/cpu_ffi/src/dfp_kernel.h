@@ -36,7 +36,10 @@ typedef enum {
   DFP_ISA_COUNT = 4,
 } dfp_isa;
 
-typedef enum { DFP_OUT_F32 = 0, DFP_OUT_BF16 = 1, DFP_OUT_F16 = 2 } dfp_out_format;
+/* The output's element type. DFP_OUT_S64 writes the exact int64 sums unrounded and unscaled
+ * (the exponents are not read): a product split over devices adds its parts' sums exactly
+ * before it rounds once. */
+typedef enum { DFP_OUT_F32 = 0, DFP_OUT_BF16 = 1, DFP_OUT_F16 = 2, DFP_OUT_S64 = 3 } dfp_out_format;
 
 /* Runs task(arg, i) for i in [0, n) on a thread pool and returns when all are done. */
 typedef void (*dfp_task_fn)(void* arg, size_t i);

@@ -88,7 +88,8 @@ ffi::ErrorOr<dfp_out_format> OutFormat(ffi::DataType type) {
     case ffi::DataType::F32: return DFP_OUT_F32;
     case ffi::DataType::BF16: return DFP_OUT_BF16;
     case ffi::DataType::F16: return DFP_OUT_F16;
-    default: return ffi::Unexpected(Invalid("output must be f32, bf16 or f16"));
+    case ffi::DataType::S64: return DFP_OUT_S64;  // the exact sums, for a split contraction
+    default: return ffi::Unexpected(Invalid("output must be f32, bf16, f16 or s64"));
   }
 }
 

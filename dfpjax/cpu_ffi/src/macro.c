@@ -1,5 +1,7 @@
 #include "macro.h"
 
+#include <string.h>
+
 #include "encode.h"
 #include "pack.h"
 
@@ -39,6 +41,10 @@ void dfp_encode_row(const dfp_isa_config* cfg, dfp_out_format format, void* out,
                     const int64_t* s, size_t n, int32_t ea, const int32_t* eb, size_t eb_stride) {
   if (format == DFP_OUT_F32) {
     cfg->encode_f32(s, n, ea, eb, eb_stride, (uint32_t*)out + out_index);
+    return;
+  }
+  if (format == DFP_OUT_S64) {
+    memcpy((int64_t*)out + out_index, s, n * sizeof(int64_t));
     return;
   }
   const int bf16 = format == DFP_OUT_BF16;

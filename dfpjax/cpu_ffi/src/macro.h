@@ -44,7 +44,7 @@ void dfp_multiply_block(const dfp_ukernel* uk, const dfp_block* block, int64_t* 
 
 /* out[out_index + j] = fl(s[j]) * 2**(ea + eb[j * eb_stride]) for j < n, in the output
  * format; NaN where an exponent marks a non-finite operand (spec sections 2 and 3). Any
- * exponents give the exact result: the sum is never formed in int32. */
+ * exponents give the exact result: the sum is never formed in int32. DFP_OUT_S64: s[j]. */
 void dfp_encode_row(const dfp_isa_config* cfg, dfp_out_format format, void* out, size_t out_index,
                     const int64_t* s, size_t n, int32_t ea, const int32_t* eb, size_t eb_stride);
 

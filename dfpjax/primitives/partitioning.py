@@ -1,0 +1,87 @@
+"""The DFP kernels under ``jax.jit`` sharding: each device runs its shard.
+
+XLA cannot see inside an FFI custom call, so left alone it gathers every operand of a DFP
+kernel onto every device (each computes the whole batch). The CPU lowering of a DFP
+primitive therefore goes through ``jax.experimental.custom_partitioning``, as JAX's own
+``cudnn/scaled_matmul_stablehlo.py`` does: a Shardy ``sharding_rule`` built from the
+operand shapes, and a ``partition`` callback per primitive that keeps the dimensions it can
+split sharded (the batch), replicates the rest (the weights) and returns the function one
+device runs on its shard: the kernel, plus the collectives that keep the result the same
+bits as on one device (a scalar ``pmax`` for a global exponent, an exact int64 ``psum`` for
+a product that contracts a sharded dimension).
+
+With one device, or inside ``shard_map`` (all axes manual), ``custom_partitioning`` inlines
+the kernel call: the program lowers to exactly the custom calls it had before.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+from jax.experimental.custom_partitioning import custom_partitioning
+from jax.interpreters import mlir
+from jax.sharding import NamedSharding, PartitionSpec
+
+from dfpjax._jax_compat import prim_requires_devices_during_lowering
+
+
+def register_cpu_lowering(p, kernel, rule, partition):
+  """Lowers ``p`` on CPU to ``kernel`` (the same primitive, lowered to the FFI call) per shard.
+
+  ``rule(shapes, **params)`` returns the Shardy sharding rule string of ``p``'s operands.
+  ``partition(mesh, specs, shapes, bind, **params)`` gets the operands' partition specs
+  (entries ``None``, an axis name or a tuple of them; only dimensions that divide evenly)
+  and returns ``(per_shard_fn, result_specs, operand_specs)``; ``bind`` binds ``kernel``.
+  """
+  def lowering(ctx, *args, **params):
+    shapes = tuple(tuple(a.shape) for a in ctx.avals_in)
+    f = _partitioned(kernel, rule, partition, shapes, tuple(sorted(params.items())))
+    return mlir.lower_fun(f, multiple_results=kernel.multiple_results)(ctx, *args)
+
+  mlir.register_lowering(p, lowering, platform="cpu")
+  prim_requires_devices_during_lowering.add(p)
+
+
+@functools.cache
+def _partitioned(kernel, rule, partition, shapes, params):
+  params = dict(params)
+  bind = functools.partial(kernel.bind, **params)
+  f = custom_partitioning(lambda *args: bind(*args))
+
+  def partition_callback(mesh, arg_shapes, result_shape):
+    del result_shape  # the partition callback decides it
+    specs = [even_spec(mesh, a.sharding, a.shape) for a in arg_shapes]
+    per_shard, result_specs, arg_specs = partition(mesh, specs, shapes, bind, **params)
+    named = lambda spec: NamedSharding(mesh, PartitionSpec(*spec))
+    results = (list(map(named, result_specs)) if kernel.multiple_results
+               else named(result_specs))
+    return mesh, per_shard, results, tuple(map(named, arg_specs))
+
+  f.def_partition(partition=partition_callback, sharding_rule=rule(shapes, **params))
+  return f
+
+
+def even_spec(mesh, sharding, shape) -> tuple:
+  """The operand's partition spec, one entry per dimension, with ``None`` where the mesh
+  axes do not divide the dimension (a padded shard would feed padding into an amax)."""
+  spec = tuple(getattr(sharding, "spec", ())) + (None,) * len(shape)
+  return tuple(entry if size % axes_size(mesh, entry) == 0 else None
+               for entry, size in zip(spec, shape))
+
+
+def axes_of(*entries) -> tuple[str, ...]:
+  """The mesh axis names in partition-spec entries (``None``, a name, or a tuple of names)."""
+  names = []
+  for entry in entries:
+    names += [] if entry is None else [entry] if isinstance(entry, str) else list(entry)
+  return tuple(names)
+
+
+def axes_size(mesh, entry) -> int:
+  return math.prod(mesh.shape[name] for name in axes_of(entry))
+
+
+def fresh_factors(prefix: str, count: int) -> list[str]:
+  """Names of ``count`` sharding-rule factors of one operand that match no other's."""
+  return [f"{prefix}{i}" for i in range(count)]

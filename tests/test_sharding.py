@@ -1,0 +1,227 @@
+"""DFP under ``jax.jit`` sharding: the batch split over 1, 2 or 4 simulated CPU devices gives
+the same bits in every pass (spec sections 2-4: global exponents, exact sums rounded once),
+and no device gathers the batch."""
+
+from __future__ import annotations
+
+import os
+import re
+
+import numpy as np
+import pytest
+
+import dfpjax
+from multidevice import run_on_devices
+
+BATCH = 8
+DEVICE_COUNTS = (1, 2, 4)
+
+_OPS = """
+from jax import lax
+batch = NamedSharding(mesh, P("data"))
+replicated = NamedSharding(mesh, P())
+keys = jax.random.split(jax.random.key(0), 6)
+
+def all_passes(name, op, x, w):
+  \"\"\"Forward output, input gradient, weight gradient (it contracts the batch) and the
+  forward-mode tangent (jax.jvp).\"\"\"
+  x, w = jax.device_put(x, batch), jax.device_put(w, replicated)
+  def passes(x, w):
+    y, vjp = jax.vjp(op, x, w)
+    _, tangent = jax.jvp(op, (x, w), (jnp.cos(x), jnp.sin(w)))
+    return (y, *vjp(jnp.sin(3.0 * y)), tangent)
+  step = jax.jit(passes)
+  report_hlo(step.lower(x, w).compile())
+  for pass_name, value in zip(("forward", "input_grad", "weight_grad", "tangent"), step(x, w)):
+    report(f"{name}.{pass_name}", value)
+
+dense = lambda x, w: dfpjax.dfp_dot_general(x, w, (((1,), (0,)), ((), ())))
+all_passes("dot", dense, jax.random.normal(keys[0], (8, 24)), jax.random.normal(keys[1], (24, 5)))
+
+def conv(x, w):
+  return dfpjax.dfp_conv_general_dilated(x, w, (2, 1), "SAME",
+                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
+all_passes("conv", conv, jax.random.normal(keys[2], (8, 7, 6, 3)),
+           jax.random.normal(keys[3], (3, 3, 3, 4)))
+all_passes("conv_wide", conv, 1e-3 * jax.random.normal(keys[4], (8, 5, 5, 20)),
+           jax.random.normal(keys[5], (3, 3, 20, 6)))
+"""
+
+_TRAIN_STEP = """
+import flax.linen as nn
+
+class Net(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    x = nn.relu(nn.Conv(6, (3, 3), strides=2)(x))
+    return nn.Dense(3)(x.reshape(x.shape[0], -1))
+
+net = Net()
+x = jax.random.normal(jax.random.key(1), (8, 8, 8, 3))
+labels = jnp.arange(8) % 3
+params = net.init(jax.random.key(2), x)
+
+def loss(params, x, labels):
+  logits = net.apply(params, x)
+  return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], 1))
+
+step = jax.jit(dfpjax.dfp_transform(jax.value_and_grad(loss)))
+x = jax.device_put(x, NamedSharding(mesh, P("data")))
+labels = jax.device_put(labels, NamedSharding(mesh, P("data")))
+params = jax.device_put(params, NamedSharding(mesh, P()))
+report_hlo(step.lower(params, x, labels).compile())
+value, grads = step(params, x, labels)
+report("loss", value)
+for path, g in jax.tree_util.tree_leaves_with_path(grads):
+  report(jax.tree_util.keystr(path), g)
+"""
+
+
+@pytest.fixture(scope="module")
+def op_runs():
+  return {n: run_on_devices(_OPS, n) for n in DEVICE_COUNTS}
+
+
+@pytest.fixture(scope="module")
+def train_runs():
+  return {n: run_on_devices(_TRAIN_STEP, n) for n in DEVICE_COUNTS}
+
+
+def _assert_same_bits(runs, names, counts=DEVICE_COUNTS[1:]):
+  one = runs[1].results
+  for n in counts:
+    for name in names:
+      np.testing.assert_array_equal(runs[n].results[name].view(np.uint32),
+                                    one[name].view(np.uint32), err_msg=f"{name} on {n} devices")
+
+
+@pytest.mark.parametrize("op", ["dot", "conv", "conv_wide"])
+@pytest.mark.parametrize("pass_name", ["forward", "input_grad", "weight_grad", "tangent"])
+def test_ops_are_bit_identical_on_1_2_4_devices(op_runs, op, pass_name):
+  _assert_same_bits(op_runs, [f"{op}.{pass_name}"])
+
+
+def test_ops_under_auto_axes_give_the_same_bits(op_runs):
+  auto = run_on_devices(_OPS, 4, axis_type="Auto")
+  assert auto.all_gathers() == []
+  for name, value in op_runs[1].results.items():
+    np.testing.assert_array_equal(auto.results[name].view(np.uint32), value.view(np.uint32),
+                                  err_msg=name)
+
+
+def test_ops_gather_nothing(op_runs):
+  for n in DEVICE_COUNTS:
+    assert op_runs[n].all_gathers() == [], f"all-gathers on {n} devices"
+
+
+def test_ops_run_their_kernels_per_shard(op_runs):
+  """The kernels see a quarter of the batch on 4 devices: the batch is split, not repeated.
+  The weight gradients, which contract it, are the kernels' exact int64 sums added by an s64
+  all-reduce (no float64 or int64 dot of XLA's)."""
+  hlo = "\n".join(op_runs[4].hlo)
+  assert f"f32[{BATCH // 4},24]" in hlo and "dfpjax_dot_general" in hlo
+  assert f"s16[{BATCH // 4},7,6,3]" in hlo and "dfpjax_conv" in hlo
+  for shape in ("1,5,24", "3,3,3,4", "3,3,20,6"):  # dot, conv, conv_wide weight gradients
+    assert re.search(rf"s64\[{shape}\][^ ]* all-reduce\(", hlo), shape
+  assert not re.search(r"= [fs]64\[[^]]*\][^ ]* (dot|convolution)\(", hlo)
+
+
+def test_train_step_products_are_bit_identical_on_1_2_4_devices(train_runs):
+  """The weight gradients are DFP products (of the batch's global-exponent cotangents and
+  activations): the same bits. The loss mean and the bias gradients are XLA's own float sums
+  over the batch, whose split may change their last bits (docs/transform.md)."""
+  names = list(train_runs[1].results)
+  products = [name for name in names if "kernel" in name]
+  assert len(names) == 5 and len(products) == 2
+  _assert_same_bits(train_runs, products)
+  for n in DEVICE_COUNTS[1:]:
+    for name in set(names) - set(products):
+      np.testing.assert_allclose(train_runs[n].results[name], train_runs[1].results[name],
+                                 rtol=1e-6, atol=1e-9, err_msg=f"{name} on {n} devices")
+
+
+def test_train_step_gathers_no_batch(train_runs):
+  for n in DEVICE_COUNTS:
+    assert train_runs[n].all_gathers() == [], f"all-gathers on {n} devices"
+
+
+_RESNET18 = """
+import sys
+sys.path.insert(0, REPO)
+from examples.imagenet import models
+model = models.create_model("resnet18", 10, num_filters=4)
+x = jax.random.normal(jax.random.key(1), (16, 32, 32, 3))
+labels = jnp.arange(16) % 10
+variables = model.init(jax.random.key(2), x, train=False)
+
+def loss(params, x, labels):  # BatchNorm on running statistics: no float sum over the batch
+  logits = model.apply({**variables, "params": params}, x, train=False)
+  return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], 1))
+
+step = jax.jit(dfpjax.dfp_transform(jax.value_and_grad(loss)))
+args = (jax.device_put(variables["params"], NamedSharding(mesh, P())),
+        jax.device_put(x, NamedSharding(mesh, P("data"))),
+        jax.device_put(labels, NamedSharding(mesh, P("data"))))
+report_hlo(step.lower(*args).compile())
+for path, g in jax.tree_util.tree_leaves_with_path(step(*args)[1]):
+  report(jax.tree_util.keystr(path), g)
+"""
+
+
+def test_resnet18_weight_gradients_are_bit_identical_on_1_and_4_devices():
+  """The examples' ResNet-18 with BatchNorm on running statistics, so that no float sum over
+  the batch feeds a product: all 21 of its convolution and dense weight gradients (DFP
+  products, the batch contracted across devices) are one device's bits, and the 4-device
+  step gathers nothing. (Training-mode BatchNorm sums the batch in float: docs/transform.md.)"""
+  snippet = f"REPO = {os.path.dirname(os.path.dirname(os.path.abspath(__file__)))!r}\n" + _RESNET18
+  runs = {n: run_on_devices(snippet, n) for n in (1, 4)}
+  assert runs[4].all_gathers() == []
+  kernels = [name for name in runs[1].results if "kernel" in name]
+  assert len(kernels) == 21
+  _assert_same_bits({n: runs[n] for n in (1, 4)}, kernels, counts=(4,))
+
+
+_SHARD_MAP = """
+from functools import partial
+shared = dfpjax.QuantConfig(exponent_axes=("data",))
+config = dfpjax.DFPConfig(forward=shared, gradient=shared)
+keys = jax.random.split(jax.random.key(3), 4)
+
+def conv(x, w):
+  return dfpjax.dfp_conv_general_dilated(x, w, (1, 1), "SAME", config=config,
+                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
+def dense(x, w):
+  return dfpjax.dfp_dot_general(x, w, (((1,), (0,)), ((), ())), config=config)
+
+# Examples of different scales: each shard's own abs-max would give it its own exponent.
+scales = 2.0 ** jnp.arange(8.0)
+for name, op, x, w in (("conv", conv, scales[:, None, None, None] * jax.random.normal(
+                            keys[0], (8, 5, 5, 3)), jax.random.normal(keys[1], (3, 3, 3, 4))),
+                       ("dot", dense, scales[:, None] * jax.random.normal(keys[2], (8, 12)),
+                        jax.random.normal(keys[3], (12, 5)))):
+  @jax.jit
+  @partial(jax.shard_map, mesh=mesh, in_specs=(P("data"), P()), out_specs=(P("data"),) * 3)
+  def passes(x, w):
+    y, vjp = jax.vjp(lambda x: op(x, w), x)
+    _, tangent = jax.jvp(lambda x: op(x, w), (x,), (x * jnp.cos(x),))
+    return y, vjp(jnp.sin(3.0 * y) * jnp.abs(y))[0], tangent  # per-example scales
+  y, dx, tangent = passes(jax.device_put(x, NamedSharding(mesh, P("data"))),
+                          jax.device_put(w, NamedSharding(mesh, P())))
+  report(f"{name}.forward", y)
+  report(f"{name}.input_grad", dx)
+  report(f"{name}.tangent", tangent)
+"""
+
+
+def test_shard_map_exponent_axes_give_one_devices_bits():
+  """With ``exponent_axes`` a shard_map body quantizes each shard with the whole batch's
+  exponent: forward outputs, input gradients and tangents are the bits of one device."""
+  runs = {n: run_on_devices(_SHARD_MAP, n) for n in (1, 4)}
+  for name in runs[1].results:
+    np.testing.assert_array_equal(runs[4].results[name].view(np.uint32),
+                                  runs[1].results[name].view(np.uint32), err_msg=name)
+
+
+def test_exponent_axes_must_name_axes():
+  with pytest.raises(TypeError, match="exponent_axes must be a tuple of mesh axis names"):
+    dfpjax.QuantConfig(exponent_axes="data")
