@@ -210,3 +210,16 @@ def test_progress_bar():
   bar.update(1)
   bar.update(10, loss=2.0)
   assert log.text == "step 10/100  loss 2\n"
+
+
+def test_topk_correct_agrees_with_lax_top_k_ties_included():
+  """The rank test counts a hit exactly where lax.top_k's k indices hold the label (ties to the
+  lower class index), with k above the class count too."""
+  rng = np.random.default_rng(0)
+  for classes in (1, 3, 10):
+    logits = jnp.asarray(rng.integers(-2, 2, (64, classes)).astype(np.float32))  # many ties
+    labels = jnp.asarray(rng.integers(0, classes, 64))
+    for k in (1, 2, 5, 12):
+      top = jax.lax.top_k(logits, min(k, classes))[1]
+      expected = jnp.any(top == labels[:, None], axis=-1).astype(jnp.float32)
+      np.testing.assert_array_equal(train.topk_correct(logits, labels, k), expected)

@@ -93,8 +93,16 @@ def cross_entropy(logits, labels):
 
 
 def topk_correct(logits, labels, k: int):
-  k = min(k, logits.shape[-1])
-  return jnp.any(jax.lax.top_k(logits, k)[1] == labels[:, None], axis=-1).astype(jnp.float32)
+  """1.0 per row whose label is among its ``k`` largest logits (ties to the lower class index,
+  as ``lax.top_k`` breaks them), else 0.0.
+
+  A rank test (fewer than ``k`` logits ahead of the label's) instead of ``lax.top_k``: only
+  elementwise work and row sums, so a batch-sharded step needs no gather of the logits.
+  """
+  target = jnp.take_along_axis(logits, labels[:, None], axis=-1)
+  classes = jnp.arange(logits.shape[-1])
+  ahead = (logits > target) | ((logits == target) & (classes < labels[:, None]))
+  return (jnp.sum(ahead, axis=-1) < k).astype(jnp.float32)
 
 
 def train_step(state: TrainState, batch, aux_loss_weight: float = 0.3, apply_fn=None):
