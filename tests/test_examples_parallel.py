@@ -215,3 +215,34 @@ def test_the_distributed_flags_go_together(flags, capsys):
   with pytest.raises(SystemExit):
     main.parse_args(["--workdir", "unused", *flags])
   assert "go together" in capsys.readouterr().err
+
+
+_TRAIN_STEP_HLO = """
+import dataclasses, functools, sys
+sys.path.insert(0, REPO)
+from examples.imagenet import parallel, train
+from examples.imagenet.configs.base import Config
+config = Config(model="resnet18", model_kwargs={"num_filters": 4}, image_size=32, batch_size=16,
+                dfp=True)
+data_parallel = parallel.DataParallel.over_all_devices(config.batch_size)
+model = train.create_model(config, num_classes=10)
+lr = train.create_learning_rate_fn(dataclasses.replace(config, warmup_epochs=0), 100)
+state = jax.jit(functools.partial(train.create_train_state, config, model, 32, lr),
+                out_shardings=data_parallel.replicated)()
+step = jax.jit(train.make_dfp_step(train.train_step, config), donate_argnums=0,
+               out_shardings=data_parallel.replicated,
+               compiler_options=train.compiler_options(config))
+batch = data_parallel.global_batch({"image": np.zeros((16, 32, 32, 3), np.float32),
+                                    "label": np.zeros((16,), np.int32)})
+report_hlo(step.lower(state, batch).compile())
+"""
+
+
+def test_the_sharded_dfp_train_step_gathers_no_batch_sized_operand():
+  """Issue 16: the trainer's DFP ResNet-18 step on 4 devices runs every product on its shard of
+  the batch: its compiled HLO all-gathers nothing whose leading dimension is the batch."""
+  from multidevice import run_on_devices  # pylint: disable=g-import-not-at-top
+  run = run_on_devices(f"REPO = {REPO!r}\n" + _TRAIN_STEP_HLO, 4)
+  assert run.hlo and "dfpjax_conv" in run.hlo[0]
+  batch_sized = [t for t in run.all_gathers() if t.split("[")[1].split(",")[0].rstrip("]") == "16"]
+  assert batch_sized == [], run.all_gathers()
