@@ -238,8 +238,9 @@ def test_the_study_configs(network):
 @pytest.mark.parametrize("network", ["googlenet", "alexnet"])
 def test_the_networks_without_normalisation_start_at_unit_scale(network):
   """Only the initialisation keeps GoogLeNet's and AlexNet's activations in range: at the study's
-  input size every convolution and hidden dense layer starts with an rms between 1/4 and 8 (He's
-  fan-out form reached 105 in GoogLeNet and 0.006 in AlexNet), and the logits near chance."""
+  input size every convolution and hidden dense layer starts with an rms between 1/4 and 8, and
+  the logits near chance (on real images He's fan-out form reached an rms of 105 in GoogLeNet,
+  0.006 in AlexNet, and neither learned: docs/accuracy.md)."""
   config = main.load_config(f"study_{network}")
   model = train.create_model(config, 10)
   size = config.image_size
