@@ -23,6 +23,13 @@ ModuleDef = Any
 # torchvision's initialisation for convolutions (He et al. 2015, fan-out) and classifiers.
 conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 dense_init = nn.initializers.normal(0.01)
+# He et al. (2015) in its fan-in form, which keeps the variance of the activations from layer to
+# layer, for the ReLU layers of GoogLeNet and AlexNet: without normalisation nothing else does.
+# The fan-out form multiplies a layer's output variance by its fan-in over its fan-out, so
+# GoogLeNet's 1x1 reductions (832 -> 32) blow the activations up (their rms grows 1.5-2x per
+# inception module) and AlexNet's grouped conv2, conv4 and conv5 shrink them, as normal(0.01) does
+# for fc6 and fc7 (measured: docs/accuracy.md).
+relu_init = nn.initializers.variance_scaling(2.0, "fan_in", "normal")
 
 
 def max_pool(x, window: int, stride: int):
@@ -171,7 +178,8 @@ class Inception(nn.Module):
   @nn.compact
   def __call__(self, x):
     def conv_relu(y, features, k, name):
-      return nn.relu(same_conv(features, (k, k), dtype=self.dtype, name=name)(y))
+      return nn.relu(same_conv(features, (k, k), dtype=self.dtype, kernel_init=relu_init,
+                               name=name)(y))
 
     b1 = conv_relu(x, self.c1, 1, "1x1")
     b2 = conv_relu(conv_relu(x, self.c3_reduce, 1, "3x3_reduce"), self.c3, 3, "3x3")
@@ -193,9 +201,9 @@ class InceptionAux(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool):
     x = adaptive_avg_pool(x, 4)
-    x = nn.relu(same_conv(128, (1, 1), dtype=self.dtype, name="conv")(x))
+    x = nn.relu(same_conv(128, (1, 1), dtype=self.dtype, kernel_init=relu_init, name="conv")(x))
     x = x.reshape(x.shape[0], -1)
-    x = nn.relu(nn.Dense(1024, dtype=self.dtype, kernel_init=dense_init, name="fc")(x))
+    x = nn.relu(nn.Dense(1024, dtype=self.dtype, kernel_init=relu_init, name="fc")(x))
     x = nn.Dropout(0.7, deterministic=not train)(x)
     return nn.Dense(self.num_classes, dtype=self.dtype, kernel_init=dense_init,
                     name="classifier")(x)
@@ -217,7 +225,9 @@ INCEPTION_CONFIGS = {
 
 class GoogLeNet(nn.Module):
   """GoogLeNet / Inception v1 as in the paper and Caffe's bvlc_googlenet: no BatchNorm, biased
-  convolutions, true 5x5 convolutions, LRN in the stem.
+  convolutions, true 5x5 convolutions, LRN in the stem. Initialised by ``relu_init``, not Caffe's
+  Xavier fill (variance 1/fan-in, which halves the activations' variance at each ReLU layer), the
+  classifiers by normal(0.01).
 
   With ``aux_logits`` the two auxiliary heads exist and, in training, the model returns
   ``(logits, (aux1, aux2))``; the paper weights their losses by 0.3.
@@ -228,7 +238,7 @@ class GoogLeNet(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool = True):
-    conv = functools.partial(same_conv, dtype=self.dtype)
+    conv = functools.partial(same_conv, dtype=self.dtype, kernel_init=relu_init)
     # bvlc_googlenet's LRN: Caffe's k defaults to 1 and it divides alpha by the window size.
     lrn = functools.partial(local_response_norm, size=5, alpha=1e-4 / 5, beta=0.75, k=1.0)
     inception = lambda key, y: Inception(*INCEPTION_CONFIGS[key], dtype=self.dtype,
@@ -265,11 +275,11 @@ VGG16_LAYERS = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "
                 512, 512, 512, "M")
 
 
-def classifier(x, num_classes: int, hidden: int, train: bool, dtype):
-  """fc6/fc7 (ReLU, dropout 0.5) and fc8 of AlexNet and VGG."""
+def classifier(x, num_classes: int, hidden: int, train: bool, dtype, hidden_init=dense_init):
+  """fc6/fc7 (ReLU, dropout 0.5, initialised by ``hidden_init``) and fc8 of AlexNet and VGG."""
   x = x.reshape(x.shape[0], -1)
   for name in ("fc6", "fc7"):
-    x = nn.relu(nn.Dense(hidden, dtype=dtype, kernel_init=dense_init, name=name)(x))
+    x = nn.relu(nn.Dense(hidden, dtype=dtype, kernel_init=hidden_init, name=name)(x))
     x = nn.Dropout(0.5, deterministic=not train)(x)
   x = nn.Dense(num_classes, dtype=dtype, kernel_init=dense_init, name="fc8")(x)
   return jnp.asarray(x, jnp.float32)
@@ -321,6 +331,9 @@ class AlexNet(nn.Module):
 
   ``one_tower=True``: torchvision's single-tower variant (64/192/384/256/256 channels, no LRN,
   61,100,840 parameters). ``hidden`` is the width of fc6/fc7.
+
+  The convolutions and fc6/fc7 are initialised by ``relu_init``, fc8 by normal(0.01); the paper's
+  normal(0.01) everywhere with biases of 1 needed its 90 epochs to leave chance level.
   """
   num_classes: int
   one_tower: bool = False
@@ -333,11 +346,11 @@ class AlexNet(nn.Module):
       widths, groups, towers = (64, 192, 384, 256, 256), (1, 1, 1, 1, 1), 1
     else:
       widths, groups, towers = (96, 256, 384, 384, 256), (1, 2, 1, 2, 2), 2
-    conv = functools.partial(same_conv, dtype=self.dtype)
+    conv = functools.partial(same_conv, dtype=self.dtype, kernel_init=relu_init)
     x = jnp.asarray(x, self.dtype)
     # Padding 2 (torchvision) gives the canonical 55x55 conv1 map from a 224x224 input.
     x = nn.relu(nn.Conv(widths[0], (11, 11), (4, 4), padding=((2, 2), (2, 2)),
-                        kernel_init=conv_init, dtype=self.dtype, name="conv1")(x))
+                        kernel_init=relu_init, dtype=self.dtype, name="conv1")(x))
     if not self.one_tower:
       x = local_response_norm(x, groups=towers)
     x = max_pool(x, 3, 2)
@@ -348,7 +361,8 @@ class AlexNet(nn.Module):
     for i in (2, 3, 4):
       x = nn.relu(conv(widths[i], (3, 3), feature_group_count=groups[i], name=f"conv{i + 1}")(x))
     x = max_pool(x, 3, 2)
-    return classifier(adaptive_avg_pool(x, 6), self.num_classes, self.hidden, train, self.dtype)
+    return classifier(adaptive_avg_pool(x, 6), self.num_classes, self.hidden, train, self.dtype,
+                      hidden_init=relu_init)
 
 
 # ----------------------------------------------------------------------------- registry
