@@ -117,6 +117,8 @@ def plot_network(network: str, settings: Sequence[str], entries: Sequence[Mappin
   panels = (("eval", "top1", "eval top-1"), ("eval", "loss", "eval loss"),
             ("train", "loss", "train loss"))
   fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+  # More settings than the default cycle's 10 colours (a sweep) take tab20's 20.
+  palette = plt.get_cmap("tab20").colors if len(settings) > 10 else [f"C{i}" for i in range(10)]
   for i, name in enumerate(settings):
     runs = [reporting.read_metrics(e["directory"]) for e in entries
             if e["setting"] == name and e["summary"] is not None]
@@ -127,8 +129,8 @@ def plot_network(network: str, settings: Sequence[str], entries: Sequence[Mappin
       steps = sorted(set.intersection(*(set(c) for c in curves)))
       values = np.array([[c[s] for s in steps] for c in curves])
       mean, std = values.mean(0), values.std(0, ddof=1) if len(runs) > 1 else 0 * values[0]
-      ax.plot(steps, mean, color=f"C{i}", label=f"{name} (n={len(runs)})")
-      ax.fill_between(steps, mean - std, mean + std, color=f"C{i}", alpha=0.2, linewidth=0)
+      ax.plot(steps, mean, color=palette[i], label=f"{name} (n={len(runs)})")
+      ax.fill_between(steps, mean - std, mean + std, color=palette[i], alpha=0.2, linewidth=0)
   reporting.save_figure(fig, axes, [f"{network}: {title}, mean ± std over seeds"
                                     for _, _, title in panels], path)
 
