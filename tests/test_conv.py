@@ -198,6 +198,15 @@ DENSE_CASES = {
 }
 
 
+def _assert_passes_equal_reference(lhs, rhs, kw, where):
+  """Forward, backward-data and backward-weights equal the reference twin's bits."""
+  got = _forward_and_gradients(lhs, rhs, kw)
+  with reference_mode():
+    want = _forward_and_gradients(lhs, rhs, kw)
+  for name, a, b in zip(("forward", "backward-data", "backward-weights"), got, want):
+    np.testing.assert_array_equal(a, b, err_msg=f"{name} {where}")
+
+
 @pytest.mark.parametrize("case", DENSE_CASES)
 def test_1x1_convolutions_as_gemms_equal_reference_on_every_path(isa, case):
   """All three passes of 1x1 convolutions, dense or nearly so, on the forced kernel path equal
@@ -208,11 +217,7 @@ def test_1x1_convolutions_as_gemms_equal_reference_on_every_path(isa, case):
   rhs = rng.standard_normal(rhs_shape).astype(np.float32)
   kw = dict(window_strides=(1, 1), padding="VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"))
   kw.update(extra)
-  got = _forward_and_gradients(lhs, rhs, kw)
-  with reference_mode():
-    want = _forward_and_gradients(lhs, rhs, kw)
-  for name, a, b in zip(("forward", "backward-data", "backward-weights"), got, want):
-    np.testing.assert_array_equal(a, b, err_msg=f"{name} on {isa} for {case}")
+  _assert_passes_equal_reference(lhs, rhs, kw, f"on {isa} for {case}")
 
 
 def test_weight_gradient_over_several_packing_rounds_on_every_path(isa):
@@ -224,11 +229,7 @@ def test_weight_gradient_over_several_packing_rounds_on_every_path(isa):
   for window in (3, 1):
     rhs = rng.standard_normal((window, window, 3, 260)).astype(np.float32)
     kw = dict(window_strides=(1, 1), padding="SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
-    got = _forward_and_gradients(lhs, rhs, kw)
-    with reference_mode():
-      want = _forward_and_gradients(lhs, rhs, kw)
-    for name, a, b in zip(("forward", "backward-data", "backward-weights"), got, want):
-      np.testing.assert_array_equal(a, b, err_msg=f"{name} on {isa}, {window}x{window}")
+    _assert_passes_equal_reference(lhs, rhs, kw, f"on {isa}, {window}x{window}")
 
 
 def test_int32_overflowing_sums_are_exact_on_every_path(isa):
