@@ -37,10 +37,7 @@ def trained_fp32(study_: study.Study, workdir: str, seed: int):
         f"it first (study --config ... --settings fp32 --seeds {seed} --workdir {workdir})")
   config = run.config
   source = input_pipeline.make_source(config.dataset, "train", config.data_dir)
-  steps_per_epoch = len(source.records) // config.batch_size
-  num_steps = (config.num_train_steps if config.num_train_steps > 0
-               else int(config.num_epochs * steps_per_epoch))
-  learning_rate_fn = train.create_learning_rate_fn(config, num_steps / config.num_epochs)
+  _, learning_rate_fn = train.create_schedule(config, len(source.records) // config.batch_size)
   model = train.create_model(config, source.num_classes)
   create_state = functools.partial(train.create_train_state, config, model, config.image_size,
                                    learning_rate_fn)

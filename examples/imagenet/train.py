@@ -68,6 +68,14 @@ def create_learning_rate_fn(config: Config, steps_per_epoch: float) -> optax.Sch
   return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), decay], [warmup])
 
 
+def create_schedule(config: Config, steps_per_epoch: int) -> tuple[int, optax.Schedule]:
+  """A run's number of steps and its learning rate schedule, whose epochs are stretched over
+  those steps (a no-op unless ``config.num_train_steps`` is set)."""
+  num_steps = (config.num_train_steps if config.num_train_steps > 0
+               else int(config.num_epochs * steps_per_epoch))
+  return num_steps, create_learning_rate_fn(config, num_steps / config.num_epochs)
+
+
 def create_optimizer(config: Config, learning_rate_fn: optax.Schedule):
   """SGD with momentum; weight decay (added to the gradient, as in Caffe) on kernels only."""
   decay_mask = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)  # not biases or BN
@@ -249,11 +257,7 @@ def train_and_evaluate(config: Config, workdir: str) -> dict[str, Any]:
   train_source = input_pipeline.make_source(config.dataset, "train", config.data_dir)
   eval_source = input_pipeline.make_source(config.dataset, "eval", config.data_dir)
   steps_per_epoch = len(train_source.records) // config.batch_size
-  num_steps = (config.num_train_steps if config.num_train_steps > 0
-               else int(config.num_epochs * steps_per_epoch))
-  # The schedule's epochs are stretched over num_steps (a no-op unless num_train_steps is set).
-  schedule_epoch = num_steps / config.num_epochs
-  learning_rate_fn = create_learning_rate_fn(config, schedule_epoch)
+  num_steps, learning_rate_fn = create_schedule(config, steps_per_epoch)
 
   model = create_model(config, train_source.num_classes)
   manager = checkpoint_manager(workdir, config)
