@@ -3,7 +3,9 @@
  * the three convolution kernels, each the minimum of --repeats runs on a pool of --threads
  * threads, next to the GEMM at 1024^3. A pass's total is its kernel plus the quantization of
  * the operands it reads (forward: x, w; backward-data: dy, w; backward-weights: x, dy), as
- * benchmarks/conv.py times it. Not built by CI; build and run against an installed dfpjax:
+ * benchmarks/conv.py times it. The last column counts each kernel's minor page faults per timed
+ * call (getrusage, all threads): the operands and outputs are allocated once per layer, so these
+ * are the faults of the kernel's own scratch. Not built by CI; build and run against an installed dfpjax:
  *
  *   KERNEL=$(python -c "import dfpjax.cpu_ffi._kernel as k; print(k.__file__)")
  *   gcc -O2 -pthread -Idfpjax/cpu_ffi/src benchmarks/conv_phases.c "$KERNEL" \
@@ -18,6 +20,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <time.h>
 
 #include "dfp_kernel.h"
@@ -106,9 +109,19 @@ static int repeats = 5;
 static dfp_isa isa;
 static dfp_parallel par;
 
+static long minor_faults(void) {
+  struct rusage u;
+  getrusage(RUSAGE_SELF, &u);
+  return u.ru_minflt;
+}
+
+static long last_faults; /* minor page faults per timed call of the last best_ms */
+
 static double best_ms(const call_t* c) {
   double best = 1e30;
+  long faults = 0;
   for (int r = 0; r < repeats + 1; ++r) { /* the first run warms up */
+    const long f0 = minor_faults();
     const double t0 = now();
     const int status = c->kind == QUANTIZE ? dfp_quantize(&c->q, isa, &par)
                        : c->kind == CONV   ? c->conv(&c->c, isa, &par)
@@ -119,7 +132,9 @@ static double best_ms(const call_t* c) {
       exit(1);
     }
     if (r > 0 && t < best) best = t;
+    if (r > 0) faults += minor_faults() - f0;
   }
+  last_faults = faults / (repeats > 0 ? repeats : 1);
   return best * 1e3;
 }
 
@@ -182,12 +197,18 @@ static void run_layer(int l, size_t batch) {
     bwd_d = (call_t){.kind = CONV, .conv = dfp_conv_forward,
                      .c = {shape2d(batch, out, size, k, 1, (int64_t)k - 1 - pad, cout, cin), mdy, &edy, 0, mwt, ew,
                            res, DFP_OUT_F32}};
-  const double kf = best_ms(&fwd), kd = best_ms(&bwd_d), kw = best_ms(&bwd_w);
+  const double kf = best_ms(&fwd);
+  const long ff = last_faults;
+  const double kd = best_ms(&bwd_d);
+  const long fd = last_faults;
+  const double kw = best_ms(&bwd_w);
+  const long fw = last_faults;
   const double gop = 2.0 * batch * out * out * cout * k * k * cin / 1e9;
   const double pass[3] = {kf + qx + qw, kd + qdy + qw, kw + qx + qdy};
-  printf("| %s | %.2f | %.2f / %.2f / %.2f | %.2f (%.0f) | %.2f (%.0f) | %.2f (%.0f) | %.0f / %.0f / %.0f |\n",
+  printf("| %s | %.2f | %.2f / %.2f / %.2f | %.2f (%.0f) | %.2f (%.0f) | %.2f (%.0f) | %.0f / %.0f / %.0f |"
+         " %ld / %ld / %ld |\n",
          kLayers[l].name, gop, qx, qw, qdy, kf, gop / kf * 1e3, kd, gop / kd * 1e3, kw, gop / kw * 1e3,
-         gop / pass[0] * 1e3, gop / pass[1] * 1e3, gop / pass[2] * 1e3);
+         gop / pass[0] * 1e3, gop / pass[1] * 1e3, gop / pass[2] * 1e3, ff, fd, fw);
   fflush(stdout);
   for (int i = 0; i < 3; ++i) totals[i] += pass[i];
   total_gop += gop;
@@ -228,14 +249,15 @@ int main(int argc, char** argv) {
   printf("# path %s, batch %zu, %d threads, min of %d; ms (GOP/s)\n", dfp_isa_name(isa), batch, threads, repeats);
   if (gemm) printf("# GEMM 1024^3: %.0f GOP/s\n", gemm_gops(1024));
   printf("| layer | GOP | Q(x) / Q(w) / Q(dy) ms | fwd kernel | bwd-data kernel | bwd-weights kernel |"
-         " pass GOP/s fwd / data / weights |\n|---|---|---|---|---|---|---|\n");
+         " pass GOP/s fwd / data / weights | kernel faults per call fwd / data / weights |\n"
+         "|---|---|---|---|---|---|---|---|\n");
   const int count = (int)(sizeof kLayers / sizeof kLayers[0]);
   for (int l = 0; l < count; ++l) {
     int chosen = first_layer >= argc;
     for (int i = first_layer; i < argc; ++i) chosen |= !strcmp(argv[i], kLayers[l].name);
     if (chosen) run_layer(l, batch);
   }
-  printf("| total | %.1f | | | | | %.0f / %.0f / %.0f |\n", total_gop, total_gop / totals[0] * 1e3,
+  printf("| total | %.1f | | | | | %.0f / %.0f / %.0f | |\n", total_gop, total_gop / totals[0] * 1e3,
          total_gop / totals[1] * 1e3, total_gop / totals[2] * 1e3);
   return 0;
 }
