@@ -2,9 +2,9 @@
  *   forward           y[(n,p), o]  = sum over (t,c) of patches[(n,p), (t,c)] * w[(t,c), o]
  *   backward-weights  dw[(t,c), o] = sum over (n,p) of patches[(n,p), (t,c)] * dy[(n,p), o]
  * The weights (forward) are packed once as the B operand, the output gradient
- * (backward-weights) in rounds of K blocks; the patches are packed per cache block as the A
- * operand (im2col.c), so no patch matrix is materialized (a 1x1 convolution's is x itself). The block routine and output stage are the GEMM's
- * (macro.h). Backward-data is usually a forward convolution of dy with the flipped weights (the
+ * (backward-weights) at once or in rounds of K blocks (plan_rounds); the patches are packed per
+ * cache block as the A operand (im2col.c), so no patch matrix is materialized (a 1x1
+ * convolution's is x itself). The block routine and output stage are the GEMM's (macro.h). Backward-data is usually a forward convolution of dy with the flipped weights (the
  * caller sets up its geometry); for inputs with few channels dfp_conv_backward_data runs it
  * as col2im instead (below). */
 #include <stdlib.h>
