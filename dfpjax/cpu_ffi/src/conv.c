@@ -235,6 +235,7 @@ static int conv_run(const dfp_conv_args* args, int backward, dfp_isa isa, const 
     if (plan_rounds(&c, round, blocks, bpanels, threads) >= whole) plan_rounds(&c, c.kblocks, blocks, bpanels, threads);
   }
   const int sums = needs_sums(&c);
+  dfp_advise_output(args->out, c.m * s->groups * s->cout * dfp_out_element_bytes(args->out_format));
   c.bpack = (int16_t*)malloc(bpanels * (c.bkpairs ? c.bkpairs : 1) * nr * 2 * sizeof(int16_t));
   c.bbound = (uint64_t*)malloc(bpanels * (c.bkblocks ? c.bkblocks : 1) * DFP_CHUNK_LEVELS * sizeof(uint64_t));
   /* Not zeroed: every K range of the first round, which is whole, stores its sums. */
@@ -380,6 +381,7 @@ int dfp_conv_backward_data(const dfp_conv_args* args, dfp_isa isa, const dfp_par
   const size_t in_elements = s->batch * s->in[0] * s->in[1] * s->in[2] * s->groups * s->cin;
   if (in_elements == 0) return DFP_OK;
   const size_t bpanels = s->groups * c.npanels;
+  dfp_advise_output(args->out, in_elements * dfp_out_element_bytes(args->out_format));
   c.bpack = (int16_t*)malloc((bpanels ? bpanels : 1) * (c.kpairs ? c.kpairs : 1) * nr * 2 * sizeof(int16_t));
   c.bbound = (uint64_t*)malloc((bpanels ? bpanels : 1) * (c.kblocks ? c.kblocks : 1) * DFP_CHUNK_LEVELS * sizeof(uint64_t));
   if (!c.bpack || !c.bbound) {
