@@ -12,12 +12,14 @@
  *   gcc -O2 -pthread -Idfpjax/cpu_ffi/src benchmarks/conv_phases.c "$KERNEL" \
  *       -Wl,--allow-shlib-undefined -o conv_phases
  *   ./conv_phases [--batch 32] [--threads 2] [--repeats 5] [--isa 3] [--no-gemm] [--fresh-outputs]
- *                 [layer ...]
+ *                 [--cpu-time] [layer ...]
  *
  * (--isa: 0 portable, 1 avx2, 2 avx_vnni, 3 avx512_vnni; --no-gemm skips the GEMM line, e.g.
  * under `perf record -e cpu-clock`, to profile the convolutions alone; --fresh-outputs gives
  * each call a freshly allocated output, freed after it, as XLA does, so that the faults of
- * first writing it count too.)
+ * first writing it count too; --cpu-time times each call by the process's CPU time, user and
+ * system, all threads, instead of the wall clock: steadier on a loaded machine, and best with
+ * --threads 1, since the pool's waiting thread spins.)
  */
 #include <pthread.h>
 #include <stdatomic.h>
@@ -110,7 +112,7 @@ typedef struct {
   size_t out_bytes; /* the size of the output, for --fresh-outputs */
 } call_t;
 
-static int repeats = 5, fresh_outputs;
+static int repeats = 5, fresh_outputs, cpu_time;
 static dfp_isa isa;
 static dfp_parallel par;
 
@@ -119,6 +121,14 @@ static long minor_faults(void) {
   getrusage(RUSAGE_SELF, &u);
   return u.ru_minflt;
 }
+
+static double cpu_seconds(void) {
+  struct rusage u;
+  getrusage(RUSAGE_SELF, &u);
+  return u.ru_utime.tv_sec + u.ru_stime.tv_sec + 1e-6 * (u.ru_utime.tv_usec + u.ru_stime.tv_usec);
+}
+
+static double clock_seconds(void) { return cpu_time ? cpu_seconds() : now(); }
 
 static long last_faults; /* minor page faults per timed call of the last best_ms */
 
@@ -130,11 +140,11 @@ static double best_ms(const call_t* c) {
     void* out = fresh_outputs && r > 0 ? malloc(c->out_bytes) : NULL; /* the warm-up writes the real one */
     if (out) run.q.m = out, run.c.out = out, run.g.out = out;
     const long f0 = minor_faults();
-    const double t0 = now();
+    const double t0 = clock_seconds();
     const int status = run.kind == QUANTIZE ? dfp_quantize(&run.q, isa, &par)
                        : run.kind == CONV   ? run.conv(&run.c, isa, &par)
                                             : dfp_gemm(&run.g, isa, &par);
-    const double t = now() - t0;
+    const double t = clock_seconds() - t0;
     free(out);
     if (status != DFP_OK) {
       fprintf(stderr, "kernel status %d\n", status);
@@ -251,6 +261,7 @@ int main(int argc, char** argv) {
     else if (!strcmp(argv[i], "--isa") && i + 1 < argc) isa = (dfp_isa)atoi(argv[++i]);
     else if (!strcmp(argv[i], "--no-gemm")) gemm = 0;
     else if (!strcmp(argv[i], "--fresh-outputs")) fresh_outputs = 1;
+    else if (!strcmp(argv[i], "--cpu-time")) cpu_time = 1;
     else { first_layer = i; break; }
   }
   static pool_t pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER};
@@ -260,8 +271,8 @@ int main(int argc, char** argv) {
     pthread_create(&id, NULL, worker, &pool);
   }
   par = (dfp_parallel){pool_for, &pool, threads};
-  printf("# path %s, batch %zu, %d threads, min of %d%s; ms (GOP/s)\n", dfp_isa_name(isa), batch, threads, repeats,
-         fresh_outputs ? ", fresh outputs" : "");
+  printf("# path %s, batch %zu, %d threads, min of %d%s; %s ms (GOP/s)\n", dfp_isa_name(isa), batch, threads,
+         repeats, fresh_outputs ? ", fresh outputs" : "", cpu_time ? "CPU" : "wall");
   if (gemm) printf("# GEMM 1024^3: %.0f GOP/s\n", gemm_gops(1024));
   printf("| layer | GOP | Q(x) / Q(w) / Q(dy) ms | fwd kernel | bwd-data kernel | bwd-weights kernel |"
          " pass GOP/s fwd / data / weights | kernel faults per call fwd / data / weights |\n"
