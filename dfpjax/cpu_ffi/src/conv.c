@@ -4,9 +4,10 @@
  * The weights (forward) are packed once as the B operand, the output gradient
  * (backward-weights) at once or in rounds of K blocks (plan_rounds); the patches are packed per
  * cache block as the A operand (im2col.c), so no patch matrix is materialized (a 1x1
- * convolution's is x itself). The block routine and output stage are the GEMM's (macro.h). Backward-data is usually a forward convolution of dy with the flipped weights (the
- * caller sets up its geometry); for inputs with few channels dfp_conv_backward_data runs it
- * as col2im instead (below). */
+ * convolution's is x itself). The block routine and output stage are the GEMM's (macro.h).
+ * Backward-data is usually a forward convolution of dy with the flipped weights (the caller
+ * sets up its geometry); for inputs with few channels dfp_conv_backward_data runs it as col2im
+ * instead (below). */
 #include <stdlib.h>
 #include <string.h>
 

@@ -62,10 +62,12 @@ void dfp_encode_f32_avx512(const int64_t* s, size_t n, int32_t ea, const int32_t
  * in, 4 KB at a time, as it writes them. */
 #define DFP_HUGE_OUTPUT_BYTES ((size_t)32 << 20)
 
-/* Asks the OS to back the 2 MB-aligned interior of a large output with transparent huge pages
- * (Linux, when THP is in "madvise" mode): a 103 MB output then takes about 50 page faults
- * instead of 25,000. A hint on memory the kernel is about to overwrite whole, so it cannot
- * change a result or the pages resident; ignored elsewhere and when it fails. */
+/* Asks the OS to back the 2 MB-aligned interior of an output of DFP_HUGE_OUTPUT_BYTES or more
+ * with transparent huge pages (Linux, THP in "madvise" mode or "always"): a 103 MB output then
+ * takes about 50 page faults instead of 25,000. Only a hint, on memory the caller is about to
+ * overwrite whole: it changes no result; and such blocks are mappings of their own, unmapped
+ * when freed, so the advice ends with the output and adds no resident pages to it. Ignored
+ * elsewhere and when it fails. */
 void dfp_advise_output(void* out, size_t bytes);
 
 static inline size_t dfp_out_element_bytes(dfp_out_format format) {
