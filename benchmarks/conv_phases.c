@@ -3,21 +3,30 @@
  * the three convolution kernels, each the minimum of --repeats runs on a pool of --threads
  * threads, next to the GEMM at 1024^3. A pass's total is its kernel plus the quantization of
  * the operands it reads (forward: x, w; backward-data: dy, w; backward-weights: x, dy), as
- * benchmarks/conv.py times it. Not built by CI; build and run against an installed dfpjax:
+ * benchmarks/conv.py times it. The last column counts each kernel's minor page faults per timed
+ * call (getrusage, all threads): the operands and outputs are allocated once per layer, so these
+ * are the faults of the kernel's own scratch, unless --fresh-outputs (below). Not built by CI;
+ * build and run against an installed dfpjax:
  *
  *   KERNEL=$(python -c "import dfpjax.cpu_ffi._kernel as k; print(k.__file__)")
  *   gcc -O2 -pthread -Idfpjax/cpu_ffi/src benchmarks/conv_phases.c "$KERNEL" \
  *       -Wl,--allow-shlib-undefined -o conv_phases
- *   ./conv_phases [--batch 32] [--threads 2] [--repeats 5] [--isa 3] [--no-gemm] [layer ...]
+ *   ./conv_phases [--batch 32] [--threads 2] [--repeats 5] [--isa 3] [--no-gemm] [--fresh-outputs]
+ *                 [--cpu-time] [layer ...]
  *
  * (--isa: 0 portable, 1 avx2, 2 avx_vnni, 3 avx512_vnni; --no-gemm skips the GEMM line, e.g.
- * under `perf record -e cpu-clock`, to profile the convolutions alone.)
+ * under `perf record -e cpu-clock`, to profile the convolutions alone; --fresh-outputs gives
+ * each call a freshly allocated output, freed after it, as XLA does, so that the faults of
+ * first writing it count too; --cpu-time times each call by the process's CPU time, user and
+ * system, all threads, instead of the wall clock: steadier on a loaded machine, and best with
+ * --threads 1, since the pool's waiting thread spins.)
  */
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <time.h>
 
 #include "dfp_kernel.h"
@@ -100,31 +109,56 @@ typedef struct {
   conv_fn conv;
   dfp_conv_args c;
   dfp_gemm_args g;
+  size_t out_bytes; /* the size of the output, for --fresh-outputs */
 } call_t;
 
-static int repeats = 5;
+static int repeats = 5, fresh_outputs, cpu_time;
 static dfp_isa isa;
 static dfp_parallel par;
 
+static long minor_faults(void) {
+  struct rusage u;
+  getrusage(RUSAGE_SELF, &u);
+  return u.ru_minflt;
+}
+
+static double cpu_seconds(void) {
+  struct rusage u;
+  getrusage(RUSAGE_SELF, &u);
+  return u.ru_utime.tv_sec + u.ru_stime.tv_sec + 1e-6 * (u.ru_utime.tv_usec + u.ru_stime.tv_usec);
+}
+
+static double clock_seconds(void) { return cpu_time ? cpu_seconds() : now(); }
+
+static long last_faults; /* minor page faults per timed call of the last best_ms */
+
 static double best_ms(const call_t* c) {
   double best = 1e30;
+  long faults = 0;
   for (int r = 0; r < repeats + 1; ++r) { /* the first run warms up */
-    const double t0 = now();
-    const int status = c->kind == QUANTIZE ? dfp_quantize(&c->q, isa, &par)
-                       : c->kind == CONV   ? c->conv(&c->c, isa, &par)
-                                           : dfp_gemm(&c->g, isa, &par);
-    const double t = now() - t0;
+    call_t run = *c;
+    void* out = fresh_outputs && r > 0 ? malloc(c->out_bytes) : NULL; /* the warm-up writes the real one */
+    if (out) run.q.m = out, run.c.out = out, run.g.out = out;
+    const long f0 = minor_faults();
+    const double t0 = clock_seconds();
+    const int status = run.kind == QUANTIZE ? dfp_quantize(&run.q, isa, &par)
+                       : run.kind == CONV   ? run.conv(&run.c, isa, &par)
+                                            : dfp_gemm(&run.g, isa, &par);
+    const double t = clock_seconds() - t0;
+    free(out);
     if (status != DFP_OK) {
       fprintf(stderr, "kernel status %d\n", status);
       exit(1);
     }
     if (r > 0 && t < best) best = t;
+    if (r > 0) faults += minor_faults() - f0;
   }
+  last_faults = faults / (repeats > 0 ? repeats : 1);
   return best * 1e3;
 }
 
 static double quantize_ms(const float* x, size_t n, int16_t* m, int32_t* e) {
-  call_t c = {.kind = QUANTIZE, .q = {1, n, x, 16, 0, m, e}};
+  call_t c = {.kind = QUANTIZE, .q = {1, n, x, 16, 0, m, e}, .out_bytes = n * sizeof(int16_t)};
   return best_ms(&c);
 }
 
@@ -173,8 +207,10 @@ static void run_layer(int l, size_t batch) {
     for (size_t c = 0; c < cin; ++c)
       for (size_t o = 0; o < cout; ++o) mwt[((k * k - 1 - t) * cout + o) * cin + c] = mw[(t * cin + c) * cout + o];
   const dfp_conv_shape s = shape2d(batch, size, out, k, stride, pad, cin, cout);
-  call_t fwd = {.kind = CONV, .conv = dfp_conv_forward, .c = {s, mx, &ex, 0, mw, ew, res, DFP_OUT_F32}};
-  call_t bwd_w = {.kind = CONV, .conv = dfp_conv_backward_weights, .c = {s, mx, &ex, 0, mdy, edy, res, DFP_OUT_F32}};
+  call_t fwd = {.kind = CONV, .conv = dfp_conv_forward, .c = {s, mx, &ex, 0, mw, ew, res, DFP_OUT_F32},
+                .out_bytes = ny * sizeof(float)};
+  call_t bwd_w = {.kind = CONV, .conv = dfp_conv_backward_weights, .c = {s, mx, &ex, 0, mdy, edy, res, DFP_OUT_F32},
+                  .out_bytes = nw * sizeof(float)};
   call_t bwd_d;
   if (cin < 16) /* the primitive's col2im route */
     bwd_d = (call_t){.kind = CONV, .conv = dfp_conv_backward_data, .c = {s, mdy, &edy, 0, mw, ew, res, DFP_OUT_F32}};
@@ -182,12 +218,19 @@ static void run_layer(int l, size_t batch) {
     bwd_d = (call_t){.kind = CONV, .conv = dfp_conv_forward,
                      .c = {shape2d(batch, out, size, k, 1, (int64_t)k - 1 - pad, cout, cin), mdy, &edy, 0, mwt, ew,
                            res, DFP_OUT_F32}};
-  const double kf = best_ms(&fwd), kd = best_ms(&bwd_d), kw = best_ms(&bwd_w);
+  bwd_d.out_bytes = nx * sizeof(float);
+  const double kf = best_ms(&fwd);
+  const long ff = last_faults;
+  const double kd = best_ms(&bwd_d);
+  const long fd = last_faults;
+  const double kw = best_ms(&bwd_w);
+  const long fw = last_faults;
   const double gop = 2.0 * batch * out * out * cout * k * k * cin / 1e9;
   const double pass[3] = {kf + qx + qw, kd + qdy + qw, kw + qx + qdy};
-  printf("| %s | %.2f | %.2f / %.2f / %.2f | %.2f (%.0f) | %.2f (%.0f) | %.2f (%.0f) | %.0f / %.0f / %.0f |\n",
+  printf("| %s | %.2f | %.2f / %.2f / %.2f | %.2f (%.0f) | %.2f (%.0f) | %.2f (%.0f) | %.0f / %.0f / %.0f |"
+         " %ld / %ld / %ld |\n",
          kLayers[l].name, gop, qx, qw, qdy, kf, gop / kf * 1e3, kd, gop / kd * 1e3, kw, gop / kw * 1e3,
-         gop / pass[0] * 1e3, gop / pass[1] * 1e3, gop / pass[2] * 1e3);
+         gop / pass[0] * 1e3, gop / pass[1] * 1e3, gop / pass[2] * 1e3, ff, fd, fw);
   fflush(stdout);
   for (int i = 0; i < 3; ++i) totals[i] += pass[i];
   total_gop += gop;
@@ -200,7 +243,8 @@ static double gemm_gops(size_t n) {
   float* c = malloc(n * n * sizeof(float));
   for (size_t i = 0; i < n * n; ++i) a[i] = (int16_t)(gauss() * 4000), b[i] = (int16_t)(gauss() * 4000);
   int32_t e = 0;
-  call_t g = {.kind = GEMM, .g = {1, n, n, n, a, 0, b, 0, &e, 0, 0, &e, 0, 0, c, DFP_OUT_F32}};
+  call_t g = {.kind = GEMM, .g = {1, n, n, n, a, 0, b, 0, &e, 0, 0, &e, 0, 0, c, DFP_OUT_F32},
+              .out_bytes = n * n * sizeof(float)};
   const double ms = best_ms(&g);
   free(a), free(b), free(c);
   return 2.0 * n * n * n / ms / 1e6;
@@ -216,6 +260,8 @@ int main(int argc, char** argv) {
     else if (!strcmp(argv[i], "--repeats") && i + 1 < argc) repeats = atoi(argv[++i]);
     else if (!strcmp(argv[i], "--isa") && i + 1 < argc) isa = (dfp_isa)atoi(argv[++i]);
     else if (!strcmp(argv[i], "--no-gemm")) gemm = 0;
+    else if (!strcmp(argv[i], "--fresh-outputs")) fresh_outputs = 1;
+    else if (!strcmp(argv[i], "--cpu-time")) cpu_time = 1;
     else { first_layer = i; break; }
   }
   static pool_t pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER};
@@ -225,17 +271,19 @@ int main(int argc, char** argv) {
     pthread_create(&id, NULL, worker, &pool);
   }
   par = (dfp_parallel){pool_for, &pool, threads};
-  printf("# path %s, batch %zu, %d threads, min of %d; ms (GOP/s)\n", dfp_isa_name(isa), batch, threads, repeats);
+  printf("# path %s, batch %zu, %d threads, min of %d%s; %s ms (GOP/s)\n", dfp_isa_name(isa), batch, threads,
+         repeats, fresh_outputs ? ", fresh outputs" : "", cpu_time ? "CPU" : "wall");
   if (gemm) printf("# GEMM 1024^3: %.0f GOP/s\n", gemm_gops(1024));
   printf("| layer | GOP | Q(x) / Q(w) / Q(dy) ms | fwd kernel | bwd-data kernel | bwd-weights kernel |"
-         " pass GOP/s fwd / data / weights |\n|---|---|---|---|---|---|---|\n");
+         " pass GOP/s fwd / data / weights | kernel faults per call fwd / data / weights |\n"
+         "|---|---|---|---|---|---|---|---|\n");
   const int count = (int)(sizeof kLayers / sizeof kLayers[0]);
   for (int l = 0; l < count; ++l) {
     int chosen = first_layer >= argc;
     for (int i = first_layer; i < argc; ++i) chosen |= !strcmp(argv[i], kLayers[l].name);
     if (chosen) run_layer(l, batch);
   }
-  printf("| total | %.1f | | | | | %.0f / %.0f / %.0f |\n", total_gop, total_gop / totals[0] * 1e3,
+  printf("| total | %.1f | | | | | %.0f / %.0f / %.0f | |\n", total_gop, total_gop / totals[0] * 1e3,
          total_gop / totals[1] * 1e3, total_gop / totals[2] * 1e3);
   return 0;
 }

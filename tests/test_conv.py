@@ -232,6 +232,19 @@ def test_weight_gradient_over_several_packing_rounds_on_every_path(isa):
     _assert_passes_equal_reference(lhs, rhs, kw, f"on {isa}, {window}x{window}")
 
 
+def test_weight_gradient_in_one_round_without_sums_on_every_path(isa):
+  """Weight gradients whose cache blocks each reduce all pixels in one go, encoded straight
+  from their tile with no int64 sums: over two K blocks (576 pixels, 3x3 x 64 -> 40), and over
+  a cotangent (2704 pixels x 1024 channels) the kernel packs at once because rounds would need
+  more memory for their sums. All passes equal the reference bit for bit."""
+  rng = np.random.default_rng(12)
+  kw = dict(window_strides=(1, 1), padding="SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  for lhs_shape, rhs_shape in (((1, 24, 24, 64), (3, 3, 64, 40)), ((1, 52, 52, 72), (1, 1, 72, 1024))):
+    lhs = rng.standard_normal(lhs_shape).astype(np.float32)
+    rhs = rng.standard_normal(rhs_shape).astype(np.float32)
+    _assert_passes_equal_reference(lhs, rhs, kw, f"on {isa}, {rhs_shape}")
+
+
 def test_int32_overflowing_sums_are_exact_on_every_path(isa):
   """Full-range same-sign mantissas: a 3x3x512 forward sum (K = 4608) and a 1x1 weight
   gradient over 2**15 pixels both exceed int32 many times over."""

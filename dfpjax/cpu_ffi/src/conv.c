@@ -2,11 +2,12 @@
  *   forward           y[(n,p), o]  = sum over (t,c) of patches[(n,p), (t,c)] * w[(t,c), o]
  *   backward-weights  dw[(t,c), o] = sum over (n,p) of patches[(n,p), (t,c)] * dy[(n,p), o]
  * The weights (forward) are packed once as the B operand, the output gradient
- * (backward-weights) in rounds of K blocks; the patches are packed per cache block as the A
- * operand (im2col.c), so no patch matrix is materialized (a 1x1 convolution's is x itself). The block routine and output stage are the GEMM's
- * (macro.h). Backward-data is usually a forward convolution of dy with the flipped weights (the
- * caller sets up its geometry); for inputs with few channels dfp_conv_backward_data runs it
- * as col2im instead (below). */
+ * (backward-weights) at once or in rounds of K blocks (plan_rounds); the patches are packed per
+ * cache block as the A operand (im2col.c), so no patch matrix is materialized (a 1x1
+ * convolution's is x itself). The block routine and output stage are the GEMM's (macro.h).
+ * Backward-data is usually a forward convolution of dy with the flipped weights (the caller
+ * sets up its geometry); for inputs with few channels dfp_conv_backward_data runs it as col2im
+ * instead (below). */
 #include <stdlib.h>
 #include <string.h>
 
@@ -22,7 +23,9 @@ enum {
   TASKS_PER_THREAD = 4,
   /* Backward-weights packs dy (its B operand, as large as dy) in rounds of K blocks of at
    * most this many bytes: a buffer glibc reuses, instead of one it maps and zero-fills afresh
-   * on every call (51 MB for the stem at batch 32), and one that stays in the cache. */
+   * on every call (51 MB for the stem at batch 32), and one that stays in the cache. Rounds
+   * need int64 sums the size of the output across them, so layers whose output outweighs
+   * their dy (few pixels, many taps and channels) pack all of dy at once (plan_rounds). */
   CONV_ROUND_BYTES = 4 << 20,
 };
 
@@ -36,11 +39,12 @@ typedef struct {
   size_t mcp, ncp;                /* micro-panels per cache block */
   size_t mblocks, nblocks, npanels;
   size_t ksplit, kblocks_per_split; /* backward: K ranges of a round summed after the fact */
-  size_t round_kb0, round_kblocks;  /* the K blocks packed in bpack now (all, forward) */
+  size_t round_kb0, round_kblocks;  /* the K blocks packed in bpack now (all, in one round) */
   size_t bkblocks, bkpairs;         /* K blocks and pairs bpack holds per panel */
   int16_t* bpack;                 /* [groups][npanels][bkpairs][NR][2] */
   uint64_t* bbound;               /* [groups][npanels][bkblocks][DFP_CHUNK_LEVELS] */
-  int64_t* sums;                  /* backward: [ksplit][groups][mblocks * mcp * MR][npanels * NR] */
+  int64_t* sums;                  /* with several rounds or K ranges (needs_sums):
+                                   * [ksplit][groups][mblocks * mcp * MR][npanels * NR] */
   int status;
 } conv_plan;
 
@@ -107,7 +111,9 @@ static void run_block(conv_plan* c, size_t g, size_t mb, size_t nb, size_t kb0, 
   free(scratch);
 }
 
-static void forward_task(void* arg, size_t t) {
+/* One cache block over all of K, encoded: the forward pass, and backward-weights in one round
+ * of one K range (no sums). */
+static void block_task(void* arg, size_t t) {
   conv_plan* c = (conv_plan*)arg;
   const dfp_conv_args* a = c->args;
   const dfp_conv_shape* s = &a->shape;
@@ -134,6 +140,26 @@ static void forward_task(void* arg, size_t t) {
 }
 
 static size_t sums_rows(const conv_plan* c) { return c->mblocks * c->mcp * c->mr; }
+
+/* Whether the cache blocks sum several rounds or K ranges: only then do they need the sums. */
+static int needs_sums(const conv_plan* c) { return c->bkblocks < c->kblocks || c->ksplit > 1; }
+
+/* Sets bpack's rounds of bkblocks K blocks and, for backward-weights with fewer cache blocks
+ * than TASKS_PER_THREAD per thread (1x1 layers), splits each round's long pixel reduction
+ * into K ranges across threads. Returns the bytes of bpack and sums this takes. */
+static size_t plan_rounds(conv_plan* c, size_t bkblocks, size_t blocks, size_t bpanels, int threads) {
+  c->bkblocks = bkblocks;
+  c->bkpairs = min_size(c->kpairs, bkblocks * DFP_KC_PAIRS);
+  c->ksplit = 1;
+  c->kblocks_per_split = bkblocks;
+  if (c->backward && bkblocks > 1) {
+    const size_t want = ceil_div(TASKS_PER_THREAD * (size_t)threads, blocks);
+    c->kblocks_per_split = ceil_div(bkblocks, min_size(want, bkblocks));
+    c->ksplit = ceil_div(bkblocks, c->kblocks_per_split);
+  }
+  const size_t sums = c->ksplit * c->args->shape.groups * sums_rows(c) * c->npanels * c->nr;
+  return bpanels * c->bkpairs * c->nr * 2 * sizeof(int16_t) + (needs_sums(c) ? sums * sizeof(int64_t) : 0);
+}
 
 static void backward_task(void* arg, size_t t) {
   conv_plan* c = (conv_plan*)arg;
@@ -203,28 +229,24 @@ static int conv_run(const dfp_conv_args* args, int backward, dfp_isa isa, const 
   c.mblocks = ceil_div(ceil_div(c.m, mr), c.mcp);
   c.nblocks = ceil_div(c.npanels, c.ncp);
   const size_t blocks = s->groups * c.mblocks * c.nblocks, bpanels = s->groups * c.npanels;
-  c.bkblocks = c.kblocks;
-  if (backward) /* rounds of whole K blocks, at least one */
-    c.bkblocks = min_size(c.kblocks, CONV_ROUND_BYTES / (bpanels * nr * 2 * DFP_KC_PAIRS * sizeof(int16_t)) + 1);
-  c.bkpairs = min_size(c.kpairs, c.bkblocks * DFP_KC_PAIRS);
-  c.ksplit = 1;
-  c.kblocks_per_split = c.bkblocks;
-  if (backward && c.bkblocks > 1) {
-    /* Few output blocks (1x1 layers): split each round's long pixel reduction across threads. */
-    const size_t want = ceil_div(TASKS_PER_THREAD * (size_t)(par->num_threads > 0 ? par->num_threads : 1), blocks);
-    c.kblocks_per_split = ceil_div(c.bkblocks, min_size(want, c.bkblocks));
-    c.ksplit = ceil_div(c.bkblocks, c.kblocks_per_split);
+  const int threads = par->num_threads > 0 ? par->num_threads : 1;
+  const size_t whole = plan_rounds(&c, c.kblocks, blocks, bpanels, threads);
+  if (backward) { /* rounds of whole K blocks, at least one, where they take less memory */
+    const size_t round = min_size(c.kblocks, CONV_ROUND_BYTES / (bpanels * nr * 2 * DFP_KC_PAIRS * sizeof(int16_t)) + 1);
+    if (plan_rounds(&c, round, blocks, bpanels, threads) >= whole) plan_rounds(&c, c.kblocks, blocks, bpanels, threads);
   }
+  const int sums = needs_sums(&c);
+  dfp_advise_output(args->out, c.m * s->groups * s->cout * dfp_out_element_bytes(args->out_format));
   c.bpack = (int16_t*)malloc(bpanels * (c.bkpairs ? c.bkpairs : 1) * nr * 2 * sizeof(int16_t));
   c.bbound = (uint64_t*)malloc(bpanels * (c.bkblocks ? c.bkblocks : 1) * DFP_CHUNK_LEVELS * sizeof(uint64_t));
-  if (backward)
-    c.sums = (int64_t*)calloc(c.ksplit * s->groups * sums_rows(&c) * c.npanels * nr, sizeof(int64_t));
-  if (!c.bpack || !c.bbound || (backward && !c.sums)) {
+  /* Not zeroed: every K range of the first round, which is whole, stores its sums. */
+  if (sums) c.sums = (int64_t*)malloc(c.ksplit * s->groups * sums_rows(&c) * c.npanels * nr * sizeof(int64_t));
+  if (!c.bpack || !c.bbound || (sums && !c.sums)) {
     c.status = DFP_ERR_ALLOC;
-  } else if (!backward) {
+  } else if (!sums) {
     c.round_kblocks = c.kblocks;
     par->parallel_for(par->pool, bpanels, pack_b_task, &c);
-    if (c.status == DFP_OK) par->parallel_for(par->pool, blocks, forward_task, &c);
+    if (c.status == DFP_OK) par->parallel_for(par->pool, blocks, block_task, &c);
   } else {
     for (; c.round_kb0 < c.kblocks && c.status == DFP_OK; c.round_kb0 += c.bkblocks) {
       c.round_kblocks = min_size(c.bkblocks, c.kblocks - c.round_kb0);
@@ -360,6 +382,7 @@ int dfp_conv_backward_data(const dfp_conv_args* args, dfp_isa isa, const dfp_par
   const size_t in_elements = s->batch * s->in[0] * s->in[1] * s->in[2] * s->groups * s->cin;
   if (in_elements == 0) return DFP_OK;
   const size_t bpanels = s->groups * c.npanels;
+  dfp_advise_output(args->out, in_elements * dfp_out_element_bytes(args->out_format));
   c.bpack = (int16_t*)malloc((bpanels ? bpanels : 1) * (c.kpairs ? c.kpairs : 1) * nr * 2 * sizeof(int16_t));
   c.bbound = (uint64_t*)malloc((bpanels ? bpanels : 1) * (c.kblocks ? c.kblocks : 1) * DFP_CHUNK_LEVELS * sizeof(uint64_t));
   if (!c.bpack || !c.bbound) {

@@ -107,6 +107,7 @@ int dfp_gemm(const dfp_gemm_args* args, dfp_isa isa, const dfp_parallel* par) {
   g.nblocks = (g.npanels + g.ncp - 1) / g.ncp;
   if (args->batch == 0 || args->m == 0 || args->n == 0) return DFP_OK;
 
+  dfp_advise_output(args->out, args->batch * args->m * args->n * dfp_out_element_bytes(args->out_format));
   const size_t apanels = args->batch * g.mpanels, bpanels = args->batch * g.npanels;
   const size_t kp = g.kpairs ? g.kpairs : 1, levels = (g.kblocks ? g.kblocks : 1) * DFP_CHUNK_LEVELS;
   g.apack = (int16_t*)malloc(apanels * kp * g.mr * 2 * sizeof(int16_t));

@@ -1,6 +1,9 @@
 #include "macro.h"
 
 #include <string.h>
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 #include "encode.h"
 #include "pack.h"
@@ -55,6 +58,18 @@ void dfp_encode_row(const dfp_isa_config* cfg, dfp_out_format format, void* out,
                ? (bf16 ? 0x7fc0 : 0x7e00)
                : (uint16_t)dfp_encode_scaled(s[j], (int64_t)ea + e, bf16 ? &kDfpBF16 : &kDfpF16);
   }
+}
+
+void dfp_advise_output(void* out, size_t bytes) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  const uintptr_t huge = (uintptr_t)2 << 20;
+  if (bytes < DFP_HUGE_OUTPUT_BYTES) return;
+  const uintptr_t begin = ((uintptr_t)out + huge - 1) & ~(huge - 1), end = ((uintptr_t)out + bytes) & ~(huge - 1);
+  if (end > begin) (void)madvise((void*)begin, end - begin, MADV_HUGEPAGE);
+#else
+  (void)out;
+  (void)bytes;
+#endif
 }
 
 static void serial_for(void* pool, size_t n, dfp_task_fn task, void* arg) {

@@ -89,6 +89,7 @@ int dfp_quantize(const dfp_quantize_args* args, dfp_isa isa, const dfp_parallel*
                  : top == 0        ? 0
                                    : floor_log2_bits(top) - (args->bits - 2) + args->headroom;
   }
+  dfp_advise_output(args->m, args->groups * args->n * sizeof(int16_t));
   if (args->n) par->parallel_for(par->pool, tasks, quantize_task, &j);
   free(j.chunk_max);
   return DFP_OK;
