@@ -44,8 +44,10 @@ def step_keys(state: TrainState) -> tuple[jax.Array, jax.Array]:
 
 
 def create_model(config: Config, num_classes: int):
-  return models.create_model(config.model, num_classes, dtype=jnp.dtype(config.dtype),
-                             **config.model_kwargs)
+  kwargs = dict(config.model_kwargs)
+  if config.reproducible_batch_sums:
+    kwargs["reproducible_batch_sums"] = True
+  return models.create_model(config.model, num_classes, dtype=jnp.dtype(config.dtype), **kwargs)
 
 
 def create_learning_rate_fn(config: Config, steps_per_epoch: float) -> optax.Schedule:
