@@ -85,9 +85,10 @@ def reproducible_sum(x: jax.Array, axis: int | Sequence[int] | None = None,
   float32 roundings that join the folds. That is the order of a float32 sum's own error bound
   (``(n - 1) * 2**-24 * sum(|x|)`` for a sequential sum).
 
-  Cost: one integer max pass over ``x`` and ``K`` passes of elementwise work and an int32 sum
-  (XLA fuses them with each other and with ``x``'s producer where it can); across devices one
-  int32 max and ``K`` int32 sums are all-reduced instead of one float32 sum.
+  Cost: one pass for the integer max (and the sum of the non-finite elements alone) and ``K``
+  passes of elementwise work and an int32 sum, where ``jnp.sum`` makes one pass; across devices
+  one int32 max and ``K`` int32 sums are all-reduced (plus the non-finite sum, float32, but of
+  zeros, infinities and NaNs only) instead of one float32 sum.
 
   Special values: any NaN, or both +Inf and -Inf, give NaN (its bits unspecified), otherwise an
   Inf gives that Inf; a sum whose exact value is zero is +0.0. Subnormal elements count as zero
