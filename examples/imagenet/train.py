@@ -170,9 +170,10 @@ def make_dfp_step(step_fn, config: Config):
   transpose them, for the weight gradients. With round to nearest (the default) both give the
   same bits. The step's own arithmetic (loss, optimizer) has no product to rewrite.
 
-  This and ``make_dfp_config`` are the examples' only uses of dfpjax, imported lazily so that
-  FP32 runs never need it. ``step_fn(state, batch)`` keeps its signature: stochastic rounding
-  takes its key from the state, as dropout does, so DFP runs stay reproducible and resume exactly.
+  This and ``make_dfp_config`` are the trainer's only uses of dfpjax besides ``batch_sums``
+  (``reproducible_batch_sums``), all imported lazily so that plain FP32 runs never need it.
+  ``step_fn(state, batch)`` keeps its signature: stochastic rounding takes its key from the
+  state, as dropout does, so DFP runs stay reproducible and resume exactly.
   """
   import dfpjax  # pylint: disable=g-import-not-at-top
   dfp_config = make_dfp_config(config)
