@@ -140,6 +140,23 @@ def test_a_directory_of_another_config_is_an_error(grid):
   assert study.finished_summary(more_workers[0])["steps"] == 6
 
 
+def test_a_run_from_before_a_config_field_existed_counts_it_as_its_default(grid, tmp_path):
+  tiny, workdir, runs, _ = grid
+  older = str(tmp_path / "older")
+  shutil.copytree(workdir, older)
+  run = study.plan(tiny, older, tiny.config)[0]
+  config_path = os.path.join(run.directory, "config.json")
+  config = _read(config_path)
+  del config["reproducible_batch_sums"]  # as a run written before the field was added
+  with open(config_path, "w", encoding="utf-8") as f:
+    json.dump(config, f)
+  assert study.finished_summary(run) == _read(os.path.join(runs[0].directory, "summary.json"))
+  switched = dataclasses.replace(run, config=dataclasses.replace(run.config,
+                                                                 reproducible_batch_sums=True))
+  with pytest.raises(ValueError, match=r"fields \['reproducible_batch_sums'\] differ"):
+    study.finished_summary(switched)
+
+
 def _fake_run(workdir, setting, seed, top1, top5, loss):
   """A finished run's directory: summary.json and two evaluations in metrics.jsonl."""
   directory = study.run_directory(workdir, "net", setting, seed)

@@ -74,6 +74,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument("--dfp_keep_float", type=_patterns,
                       help="comma-separated module-path globs kept in float, "
                       "e.g. '*/conv_init,*/head'")
+  parser.add_argument("--reproducible_batch_sums", action=argparse.BooleanOptionalAction,
+                      default=None, help="BatchNorm's and the head's sums over the batch the "
+                      "same bits on any device count (ResNets)")
   parser.add_argument("--steps", type=int, dest="num_train_steps",
                       help="train this many steps (the schedule is fitted to them)")
   parser.add_argument("--batch_size", type=int)

@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from examples.imagenet import batch_sums
+
 ModuleDef = Any
 
 # torchvision's initialisation for convolutions (He et al. 2015, fan-out) and classifiers.
@@ -132,18 +134,25 @@ class BottleneckResNetBlock(nn.Module):
 
 
 class ResNet(nn.Module):
-  """ResNet v1.5 (He et al. 2016; stride on the 3x3 conv as in torchvision)."""
+  """ResNet v1.5 (He et al. 2016; stride on the 3x3 conv as in torchvision).
+
+  ``reproducible_batch_sums``: BatchNorm and the head's bias sum over the batch with
+  ``dfpjax.reproducible_sum`` (``batch_sums``), the same variables.
+  """
   stage_sizes: Sequence[int]
   block_cls: ModuleDef
   num_classes: int
   num_filters: int = 64
   dtype: Any = jnp.float32
+  reproducible_batch_sums: bool = False
 
   @nn.compact
   def __call__(self, x, train: bool = True):
     conv = functools.partial(same_conv, use_bias=False, dtype=self.dtype)
-    norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9,
-                             epsilon=1e-5, dtype=self.dtype)
+    reproducible = self.reproducible_batch_sums
+    norm = functools.partial(batch_sums.BatchNorm if reproducible else nn.BatchNorm,
+                             use_running_average=not train, momentum=0.9, epsilon=1e-5,
+                             dtype=self.dtype)
     x = conv(self.num_filters, (7, 7), (2, 2), name="conv_init")(jnp.asarray(x, self.dtype))
     x = nn.relu(norm(name="bn_init")(x))
     x = nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
@@ -153,7 +162,8 @@ class ResNet(nn.Module):
         x = self.block_cls(self.num_filters * 2**i, strides=strides, conv=conv, norm=norm,
                            act=nn.relu)(x)
     x = jnp.mean(x, axis=(1, 2))
-    x = nn.Dense(self.num_classes, dtype=self.dtype, name="head")(x)
+    dense = batch_sums.Dense if reproducible else nn.Dense
+    x = dense(self.num_classes, dtype=self.dtype, name="head")(x)
     # Logits in float32 whatever the compute dtype: the softmax needs the range.
     return jnp.asarray(x, jnp.float32)
 
@@ -374,10 +384,15 @@ MODELS = {
     "vgg16": VGG,
     "alexnet": AlexNet,
 }
+# The models with a ``reproducible_batch_sums`` field.
+REPRODUCIBLE_BATCH_SUMS = ("resnet18", "resnet50")
 
 
 def create_model(name: str, num_classes: int, **kwargs) -> nn.Module:
   """Builds ``MODELS[name]``; kwargs are the model's fields (``dtype``, ``aux_logits``, ...)."""
   if name not in MODELS:
     raise ValueError(f"unknown model {name!r}; available: {sorted(MODELS)}")
+  if kwargs.get("reproducible_batch_sums") and name not in REPRODUCIBLE_BATCH_SUMS:
+    raise ValueError(f"reproducible_batch_sums: model {name!r} sums over the batch in float "
+                     f"(its biases or BatchNorm); only {REPRODUCIBLE_BATCH_SUMS} have the option")
   return MODELS[name](num_classes=num_classes, **kwargs)

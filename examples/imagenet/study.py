@@ -157,14 +157,22 @@ def _comparable(config: dict) -> dict:
   return {k: v for k, v in config.items() if k not in RESULT_NEUTRAL_FIELDS}
 
 
+def _as_json(config: Config) -> dict:
+  return json.loads(json.dumps(dataclasses.asdict(config)))
+
+
 def check_directory(run: Run):
-  """Raises if ``run.directory`` holds a run of another config (a changed study or other flags)."""
+  """Raises if ``run.directory`` holds a run of another config (a changed study or other flags).
+
+  A field that the run's config.json lacks (it was written before the field existed) counts as
+  its default, which is what that run computed with.
+  """
   path = os.path.join(run.directory, "config.json")
   if not os.path.exists(path):
     return
   with open(path, encoding="utf-8") as f:
-    found = _comparable(json.load(f))
-  wanted = _comparable(json.loads(json.dumps(dataclasses.asdict(run.config))))
+    found = _comparable({**_as_json(Config()), **json.load(f)})
+  wanted = _comparable(_as_json(run.config))
   if found != wanted:
     diff = sorted(k for k in found.keys() | wanted.keys() if found.get(k) != wanted.get(k))
     raise ValueError(

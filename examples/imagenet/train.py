@@ -44,8 +44,10 @@ def step_keys(state: TrainState) -> tuple[jax.Array, jax.Array]:
 
 
 def create_model(config: Config, num_classes: int):
-  return models.create_model(config.model, num_classes, dtype=jnp.dtype(config.dtype),
-                             **config.model_kwargs)
+  kwargs = dict(config.model_kwargs)
+  if config.reproducible_batch_sums:
+    kwargs["reproducible_batch_sums"] = True
+  return models.create_model(config.model, num_classes, dtype=jnp.dtype(config.dtype), **kwargs)
 
 
 def create_learning_rate_fn(config: Config, steps_per_epoch: float) -> optax.Schedule:
@@ -168,9 +170,10 @@ def make_dfp_step(step_fn, config: Config):
   transpose them, for the weight gradients. With round to nearest (the default) both give the
   same bits. The step's own arithmetic (loss, optimizer) has no product to rewrite.
 
-  This and ``make_dfp_config`` are the examples' only uses of dfpjax, imported lazily so that
-  FP32 runs never need it. ``step_fn(state, batch)`` keeps its signature: stochastic rounding
-  takes its key from the state, as dropout does, so DFP runs stay reproducible and resume exactly.
+  This and ``make_dfp_config`` are the trainer's only uses of dfpjax besides ``batch_sums``
+  (``reproducible_batch_sums``), all imported lazily so that plain FP32 runs never need it.
+  ``step_fn(state, batch)`` keeps its signature: stochastic rounding takes its key from the
+  state, as dropout does, so DFP runs stay reproducible and resume exactly.
   """
   import dfpjax  # pylint: disable=g-import-not-at-top
   dfp_config = make_dfp_config(config)

@@ -46,6 +46,10 @@ class Config:
   # XLA:CPU's memory-optimized schedule for the jitted steps (train.compiler_options): the same
   # bits with fewer buffers alive; off, XLA's default schedule, which orders for concurrency.
   memory_optimized_schedule: bool = True
+  # BatchNorm's and the head's sums over the batch by dfpjax.reproducible_sum (ResNets only,
+  # examples/imagenet/batch_sums.py): a step's bits then do not depend on the device count
+  # (with dfp; FP32's products stay float sums); off, XLA's float sums.
+  reproducible_batch_sums: bool = False
   # DFP (dfpjax.DFPConfig); off trains in FP32.
   dfp: bool = False
   dfp_bits: int = 16

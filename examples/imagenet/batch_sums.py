@@ -1,0 +1,130 @@
+"""BatchNorm and a dense layer whose every sum over the batch is ``dfpjax.reproducible_sum``
+(``Config.reproducible_batch_sums``): the same bits on 1, 2 or N devices.
+
+A data-parallel step sums over the sharded batch wherever a per-channel value meets a per-example
+one: BatchNorm's batch statistics in the forward pass, and in the backward pass the transpose of
+every broadcast of a per-channel value (BatchNorm's scale, bias, mean and variance, a dense
+layer's bias). XLA adds those float sums in an order that depends on the device count. Here the
+forward statistics and the backward sums are written out in custom VJPs (two sums each way per
+BatchNorm, one for a bias gradient), all reproducible; what remains of the step is elementwise
+or per example, or a DFP product (exact on any device count).
+
+``BatchNorm`` and ``Dense`` have ``nn.BatchNorm``'s and ``nn.Dense``'s variables (names, shapes,
+initial values), so a checkpoint of either kind restores into the other.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+from jax import lax
+
+
+def batch_sum(x):
+  """``x`` summed over all axes but the last (the features), reproducibly."""
+  import dfpjax  # pylint: disable=g-import-not-at-top  (FP32 runs without the switch need none)
+  return dfpjax.reproducible_sum(x, tuple(range(x.ndim - 1)))
+
+
+def _count(x) -> int:
+  return math.prod(x.shape[:-1])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def batch_norm(x, scale, bias, epsilon: float):
+  """Training-mode BatchNorm over all axes but the last: ``(y, mean, var)``, with flax's
+  formulas (``nn.BatchNorm``, fast variance E[x^2] - E[x]^2 clipped at 0)."""
+  return _batch_norm_fwd(x, scale, bias, epsilon)[0]
+
+
+def _batch_norm_fwd(x, scale, bias, epsilon):
+  n = _count(x)
+  mean = batch_sum(x) / n
+  var = jnp.maximum(0.0, batch_sum(x * x) / n - mean * mean)
+  inv = lax.rsqrt(var + epsilon)
+  y = (x - mean) * (inv * scale) + bias
+  return (y, mean, var), (x, mean, inv, scale)
+
+
+def _batch_norm_bwd(epsilon, residuals, cotangents):
+  del epsilon
+  x, mean, inv, scale = residuals
+  dy, dmean, dvar = cotangents
+  n = _count(x)
+  centered = x - mean
+  x_hat = centered * inv
+  dbias = batch_sum(dy)
+  dscale = batch_sum(dy * x_hat)
+  dx = (inv * scale) * (dy - dbias / n - x_hat * (dscale / n))
+  # The statistics' own cotangents (zero in a train step: they only update batch_stats).
+  dx += dmean / n + dvar * (2.0 / n) * centered
+  return dx, dscale, dbias
+
+
+batch_norm.defvjp(_batch_norm_fwd, _batch_norm_bwd)
+
+
+@jax.custom_vjp
+def add_bias(y, bias):
+  """``y + bias`` (bias along the last axis) whose bias gradient is a reproducible batch sum."""
+  return y + bias
+
+
+def _add_bias_fwd(y, bias):
+  return y + bias, None
+
+
+def _add_bias_bwd(_, dy):
+  return dy, batch_sum(dy)
+
+
+add_bias.defvjp(_add_bias_fwd, _add_bias_bwd)
+
+
+class BatchNorm(nn.Module):
+  """``nn.BatchNorm`` over all axes but the last with reproducible batch sums (``batch_norm``);
+  the fields it shares with ``nn.BatchNorm`` mean the same, statistics are float32."""
+  use_running_average: bool
+  momentum: float = 0.99
+  epsilon: float = 1e-5
+  dtype: Any = jnp.float32
+  scale_init: Callable = nn.initializers.ones_init()
+  bias_init: Callable = nn.initializers.zeros_init()
+
+  @nn.compact
+  def __call__(self, x):
+    features = (x.shape[-1],)
+    ra_mean = self.variable("batch_stats", "mean", lambda s: jnp.zeros(s, jnp.float32), features)
+    ra_var = self.variable("batch_stats", "var", lambda s: jnp.ones(s, jnp.float32), features)
+    scale = self.param("scale", self.scale_init, features, jnp.float32)
+    bias = self.param("bias", self.bias_init, features, jnp.float32)
+    x = jnp.asarray(x, jnp.float32)
+    if self.use_running_average:
+      y = (x - ra_mean.value) * (lax.rsqrt(ra_var.value + self.epsilon) * scale) + bias
+    else:
+      y, mean, var = batch_norm(x, scale, bias, self.epsilon)
+      if not self.is_initializing():
+        ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
+        ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
+    return jnp.asarray(y, self.dtype)
+
+
+class Dense(nn.Module):
+  """``nn.Dense`` whose bias gradient is a reproducible batch sum (``add_bias``)."""
+  features: int
+  dtype: Any = jnp.float32
+  kernel_init: Callable = nn.initializers.lecun_normal()
+  bias_init: Callable = nn.initializers.zeros_init()
+
+  @nn.compact
+  def __call__(self, x):
+    kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features), jnp.float32)
+    bias = self.param("bias", self.bias_init, (self.features,), jnp.float32)
+    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+    y = lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
+    return add_bias(y, bias)
