@@ -199,7 +199,17 @@ def _kernel_cases():
           rng.standard_normal(1000).astype(np.float32) * np.float32(1e-40),  # subnormals only
           np.append(rng.standard_normal(99).astype(np.float32) * np.float32(1e-40), 2.0**-112),
           np.arange(-40, 41, dtype=np.float32) / 4,                        # ties at every bit count
-          big / np.abs(big).max() * np.float32(3e38), big, big * np.float32(1e-35)]
+          big / np.abs(big).max() * np.float32(3e38), big, big * np.float32(1e-35),
+          *_late_maximum_cases()]
+
+
+def _late_maximum_cases():
+  """Groups whose largest magnitude lies in a later chunk of the kernel's (32768 elements) than
+  the first: chunks quantized with the binade seen so far must still get the group's exponent."""
+  ramp = (np.arange(3 * 32768 + 5) - 40).astype(np.float32) * np.float32(2.0**-7)  # a new binade per chunk
+  rng = np.random.default_rng(13)
+  zeros_first = np.concatenate([np.zeros(40000, np.float32), rng.standard_normal(30000).astype(np.float32)])
+  return [ramp, ramp[::-1].copy(), zeros_first]
 
 
 @pytest.mark.parametrize("bits, headroom", [(16, 0), (16, 2), (8, 3), (3, 1), (2, 0)])
@@ -229,3 +239,20 @@ def test_kernel_quantization_groups_and_nonfinite(isa):
   mv, ev = jax.jit(jax.vmap(lambda x: dfp_quantize_p.bind(x, bits=16, headroom=0)))(x[:, None])
   np.testing.assert_array_equal(np.asarray(mv)[:, 0], m)
   np.testing.assert_array_equal(np.asarray(ev)[:, 0], e)
+
+
+def test_kernel_quantization_late_nonfinite_and_binades_per_group(isa):
+  # Several chunks per group: a NaN or Inf in the last chunk of one group zeroes what its
+  # earlier chunks quantized; each group's later binades are its own.
+  rng = np.random.default_rng(14)
+  x = rng.standard_normal((4, 3 * 32768 + 7)).astype(np.float32)
+  x[0, -1] = np.inf
+  x[1, -2] = np.nan
+  x[2, -3] = 1e6  # the only element of its binade, in the last chunk
+  x[3] *= np.float32(1e-30)
+  m, e = _kernel_quantize(x)
+  assert list(e[:2]) == [quantization.NONFINITE_EXPONENT] * 2 and not m[:2].any()
+  for g in (2, 3):
+    t = dfpjax.quantize(jnp.asarray(x[g]))
+    np.testing.assert_array_equal(m[g], np.asarray(t.mantissa))
+    assert e[g] == int(t.exponent)

@@ -12,7 +12,8 @@
  *                       im2col of convolution inputs (portable)
  *   quantize.c          float -> INT16 DFP operands (portable rows and driver)
  *   *_avx2.c            the AVX2 entries: pack_avx2.c, encode_avx2.c, quantize_avx2.c
- *   encode_avx512.c     the avx512_vnni path's output stage
+ *   *_avx512.c          the avx512_vnni path's own output stage and quantization rows:
+ *                       encode_avx512.c, quantize_avx512.c
  *   ukernel_*.c         one register-blocked microkernel per ISA (spill256.h: the
  *                       INT64 spill the two 256-bit ones share)
  *   vnni_emulation.h    verification builds only: the VNNI intrinsics emulated (SIMDe)

@@ -15,19 +15,20 @@ static const dfp_isa_config kConfigs[DFP_ISA_COUNT] = {
                           dfp_max_magnitude_portable, dfp_quantize_row_portable},
 #if defined(DFPJAX_X86)
 #if defined(DFPJAX_EMULATE_VNNI)
-/* Verification builds run the AVX-512 path on AVX2 hardware: its output stage stays AVX2. */
-#define AVX512_ENCODE dfp_encode_f32_avx2
+/* Verification builds run the AVX-512 path on AVX2 hardware: its output stage and
+ * quantization rows stay AVX2. */
+#define AVX512_ROWS dfp_encode_f32_avx2, dfp_max_magnitude_avx2, dfp_quantize_row_avx2
 #else
-#define AVX512_ENCODE dfp_encode_f32_avx512
+#define AVX512_ROWS dfp_encode_f32_avx512, dfp_max_magnitude_avx512, dfp_quantize_row_avx512
 #endif
-#define AVX2_HELPERS(encode)                                                                 \
-  dfp_pack_rows_avx2, dfp_pack_columns_avx2, dfp_norm_bounds_avx2, encode, dfp_max_magnitude_avx2, \
-      dfp_quantize_row_avx2
-    [DFP_ISA_AVX2] = {&dfp_ukernel_avx2, AVX2_HELPERS(dfp_encode_f32_avx2)},
-    [DFP_ISA_AVX_VNNI] = {&dfp_ukernel_avx_vnni, AVX2_HELPERS(dfp_encode_f32_avx2)},
-    [DFP_ISA_AVX512_VNNI] = {&dfp_ukernel_avx512_vnni, AVX2_HELPERS(AVX512_ENCODE)},
-#undef AVX2_HELPERS
-#undef AVX512_ENCODE
+#define AVX2_PACKING dfp_pack_rows_avx2, dfp_pack_columns_avx2, dfp_norm_bounds_avx2
+#define AVX2_ROWS dfp_encode_f32_avx2, dfp_max_magnitude_avx2, dfp_quantize_row_avx2
+    [DFP_ISA_AVX2] = {&dfp_ukernel_avx2, AVX2_PACKING, AVX2_ROWS},
+    [DFP_ISA_AVX_VNNI] = {&dfp_ukernel_avx_vnni, AVX2_PACKING, AVX2_ROWS},
+    [DFP_ISA_AVX512_VNNI] = {&dfp_ukernel_avx512_vnni, AVX2_PACKING, AVX512_ROWS},
+#undef AVX2_ROWS
+#undef AVX2_PACKING
+#undef AVX512_ROWS
 #endif
 };
 

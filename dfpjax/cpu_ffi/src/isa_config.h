@@ -2,7 +2,8 @@
  * function pointers chosen once per call (isa.c) and passed down to the portable macro-loops,
  * which never ask which ISA they run on. The portable path's entries are plain C, so forcing
  * it runs, and tests, what a CPU without AVX2 would run; the x86 paths share the AVX2 helpers
- * (pack_avx2.c, encode_avx2.c, quantize_avx2.c) and differ in their microkernels. */
+ * (pack_avx2.c, encode_avx2.c, quantize_avx2.c) and differ in their microkernels, but for the
+ * avx512_vnni path's output stage and quantization rows (encode_avx512.c, quantize_avx512.c). */
 #ifndef DFPJAX_ISA_CONFIG_H_
 #define DFPJAX_ISA_CONFIG_H_
 

@@ -1,5 +1,5 @@
-/* dfp_quantize: the per-group exponent from one max-magnitude pass, then the mantissas,
- * both split over the thread pool in chunks. */
+/* dfp_quantize: the per-group exponent and the mantissas, split over the thread pool in chunks,
+ * in one pass over the floats where the chunks' maxima allow (max_quantize_task). */
 #include <stdlib.h>
 
 #include "dfp_kernel.h"
@@ -31,12 +31,31 @@ static int32_t floor_log2_bits(uint32_t mag) {
   return biased ? (int32_t)biased - 127 : (31 - __builtin_clz(mag)) - 149;
 }
 
+/* The exponent of a group whose largest magnitude bit pattern is top. */
+static int32_t group_exponent(uint32_t top, const dfp_quantize_args* a) {
+  return top >= 0x7f800000u ? DFP_NONFINITE_EXPONENT
+         : top == 0        ? 0
+                           : floor_log2_bits(top) - (a->bits - 2) + a->headroom;
+}
+
+/* One pass over the floats where it can: each task takes its chunk's max, raises its group's
+ * running max (seen) with it and quantizes the chunk, still in the cache, with the exponent of
+ * that running max, recorded in used[task]. A running max bounds the chunk's magnitudes, so
+ * those mantissas are the spec's whenever the group's final exponent is the same (the row
+ * depends on e alone); the rest (an early chunk below the final binade, a non-finite or all-zero
+ * group) are redone from the floats afterwards (redo_task), so the result never depends on the
+ * order the tasks ran in. At worst (a group's max rising binade by binade, chunk by chunk) that
+ * is one more quantize pass than reading the floats twice would take. */
 typedef struct {
   const dfp_quantize_args* args;
   size_t chunks_per_group;
   uint32_t* chunk_max;
+  uint32_t* seen;  /* [groups]: the largest chunk max of the group so far */
+  int32_t* used;   /* [tasks]: the exponent the chunk was quantized with, kNotQuantized if none */
   const dfp_isa_config* cfg;
 } job;
+
+enum { kNotQuantized = INT32_MIN };
 
 static void chunk_range(const job* j, size_t task, size_t* group, size_t* begin, size_t* len) {
   const size_t n = j->args->n;
@@ -45,26 +64,43 @@ static void chunk_range(const job* j, size_t task, size_t* group, size_t* begin,
   *len = n - *begin < (size_t)kChunk ? n - *begin : (size_t)kChunk;
 }
 
-static void max_task(void* arg, size_t task) {
-  const job* j = (const job*)arg;
-  size_t g, begin, len;
-  chunk_range(j, task, &g, &begin, &len);
-  j->chunk_max[task] = j->cfg->max_magnitude(j->args->x + g * j->args->n + begin, len);
+/* The larger of *seen and v, stored in *seen. */
+static uint32_t raise_max(uint32_t* seen, uint32_t v) {
+  uint32_t old = __atomic_load_n(seen, __ATOMIC_RELAXED);
+  while (old < v && !__atomic_compare_exchange_n(seen, &old, v, 1, __ATOMIC_RELAXED, __ATOMIC_RELAXED)) {
+  }
+  return old > v ? old : v;
 }
 
-static void quantize_task(void* arg, size_t task) {
+static void max_quantize_task(void* arg, size_t task) {
   const job* j = (const job*)arg;
   const dfp_quantize_args* a = j->args;
   size_t g, begin, len;
   chunk_range(j, task, &g, &begin, &len);
   const float* x = a->x + g * a->n + begin;
+  const uint32_t top = j->cfg->max_magnitude(x, len);
+  j->chunk_max[task] = top;
+  const uint32_t running = raise_max(&j->seen[g], top);
+  j->used[task] = kNotQuantized;
+  if (running == 0 || running >= 0x7f800000u) return; /* all zero or non-finite so far: later */
+  const int32_t e = group_exponent(running, a);
+  j->cfg->quantize_row(x, len, e, (1 << (a->bits - 1)) - 1, a->m + g * a->n + begin);
+  j->used[task] = e;
+}
+
+static void redo_task(void* arg, size_t task) {
+  const job* j = (const job*)arg;
+  const dfp_quantize_args* a = j->args;
+  size_t g, begin, len;
+  chunk_range(j, task, &g, &begin, &len);
+  const int32_t e = a->e[g];
+  const int zeros = e == DFP_NONFINITE_EXPONENT || j->seen[g] == 0; /* non-finite or all-zero group */
+  if (!zeros && j->used[task] == e) return;
   int16_t* m = a->m + g * a->n + begin;
-  const int32_t e = a->e[g], limit = (1 << (a->bits - 1)) - 1;
-  if (e == DFP_NONFINITE_EXPONENT || j->chunk_max[g * j->chunks_per_group] == 0) {
-    for (size_t i = 0; i < len; ++i) m[i] = 0;  /* non-finite or all-zero group */
-    return;
-  }
-  j->cfg->quantize_row(x, len, e, limit, m);
+  if (zeros)
+    for (size_t i = 0; i < len; ++i) m[i] = 0;
+  else
+    j->cfg->quantize_row(a->x + g * a->n + begin, len, e, (1 << (a->bits - 1)) - 1, m);
 }
 
 int dfp_quantize(const dfp_quantize_args* args, dfp_isa isa, const dfp_parallel* par) {
@@ -73,24 +109,29 @@ int dfp_quantize(const dfp_quantize_args* args, dfp_isa isa, const dfp_parallel*
     return DFP_ERR_BAD_SHAPE;
   if (args->groups == 0) return DFP_OK;
   if (par == NULL) par = &dfp_serial;
-  job j = {args, args->n ? (args->n + kChunk - 1) / kChunk : 1, NULL, dfp_isa_config_for(isa)};
+  job j = {args, args->n ? (args->n + kChunk - 1) / kChunk : 1, NULL, NULL, NULL, dfp_isa_config_for(isa)};
   const size_t tasks = args->groups * j.chunks_per_group;
-  j.chunk_max = (uint32_t*)calloc(tasks, sizeof(uint32_t));
-  if (j.chunk_max == NULL) return DFP_ERR_ALLOC;
-  if (args->n) par->parallel_for(par->pool, tasks, max_task, &j);
+  j.chunk_max = (uint32_t*)calloc(tasks + args->groups, sizeof(uint32_t));
+  j.used = (int32_t*)malloc(tasks * sizeof(int32_t));
+  if (j.chunk_max == NULL || j.used == NULL) {
+    free(j.chunk_max);
+    free(j.used);
+    return DFP_ERR_ALLOC;
+  }
+  j.seen = j.chunk_max + tasks;
+  dfp_advise_output(args->m, args->groups * args->n * sizeof(int16_t));
+  if (args->n) par->parallel_for(par->pool, tasks, max_quantize_task, &j);
   for (size_t g = 0; g < args->groups; ++g) {
     uint32_t top = 0;
     for (size_t c = 0; c < j.chunks_per_group; ++c) {
       const uint32_t v = j.chunk_max[g * j.chunks_per_group + c];
       top = v > top ? v : top;
     }
-    j.chunk_max[g * j.chunks_per_group] = top;  /* the group's max, read by quantize_task */
-    args->e[g] = top >= 0x7f800000u ? DFP_NONFINITE_EXPONENT
-                 : top == 0        ? 0
-                                   : floor_log2_bits(top) - (args->bits - 2) + args->headroom;
+    j.seen[g] = top;
+    args->e[g] = group_exponent(top, args);
   }
-  dfp_advise_output(args->m, args->groups * args->n * sizeof(int16_t));
-  if (args->n) par->parallel_for(par->pool, tasks, quantize_task, &j);
+  if (args->n) par->parallel_for(par->pool, tasks, redo_task, &j);
   free(j.chunk_max);
+  free(j.used);
   return DFP_OK;
 }

@@ -1,7 +1,7 @@
 /* Float -> DFP quantization rows (spec section 2, round half to even), integer-only so
  * that flush-to-zero modes and the rounding mode cannot change them. The portable rows
- * in quantize.c are the specification; quantize_avx2.c computes the same bits. Each path's
- * pair of them is an entry of its configuration (isa_config.h). */
+ * in quantize.c are the specification; quantize_avx2.c and quantize_avx512.c compute the
+ * same bits. Each path's pair of them is an entry of its configuration (isa_config.h). */
 #ifndef DFPJAX_QUANTIZE_H_
 #define DFPJAX_QUANTIZE_H_
 
@@ -11,11 +11,13 @@
 /* The largest magnitude bit pattern (sign cleared) of x[0, n). */
 uint32_t dfp_max_magnitude_portable(const float* x, size_t n);
 uint32_t dfp_max_magnitude_avx2(const float* x, size_t n);
+uint32_t dfp_max_magnitude_avx512(const float* x, size_t n);
 
 /* m[i] = saturate(R(x[i] * 2**-e)) with |m| <= limit, for a finite x whose largest
  * magnitude gives e (spec section 2), so |x[i]| * 2**-e < 2**15. */
 void dfp_quantize_row_portable(const float* x, size_t n, int32_t e, int32_t limit, int16_t* m);
 void dfp_quantize_row_avx2(const float* x, size_t n, int32_t e, int32_t limit, int16_t* m);
+void dfp_quantize_row_avx512(const float* x, size_t n, int32_t e, int32_t limit, int16_t* m);
 
 /* One element, shared by both row kinds (the AVX2 rows' tails). */
 static inline int16_t dfp_quantize_one(uint32_t u, int32_t e, int32_t limit) {
