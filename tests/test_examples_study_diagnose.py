@@ -1,9 +1,11 @@
 """Tests of examples/imagenet/study_diagnose.py: a study's settings diagnosed on its trained FP32
 weights, the summary per pass, and the error when the FP32 run is missing."""
 
+import dataclasses
 import json
 import os
 
+import numpy as np
 import pytest
 
 from examples.imagenet import main, study, study_diagnose
@@ -64,6 +66,29 @@ def test_fewer_bits_lose_more_precision(diagnosed):
     assert sixteen["max_rel_error"] <= six["max_rel_error"]
     assert 0.5 <= sixteen["median_mantissa_use"] <= 1.0
     assert six["max_underflow"] >= sixteen["max_underflow"]
+
+
+def test_gradient_spread_measures_each_setting_against_the_float_network(tiny, diagnosed):
+  workdir = diagnosed[0]
+  with_sr = dataclasses.replace(tiny, settings=(*tiny.settings, study.Setting(6, "stochastic")))
+  spread = study_diagnose.gradient_spread(with_sr, workdir, ["dfp16", "dfp6", "dfp6_sr"],
+                                          draws=3, batches=3)
+  perturbed, next_batches = "fp32, images x (1 + 0.0001 N(0,1))", "fp32, the next batches"
+  assert list(spread) == ["dfp16", "dfp6", "dfp6_sr", perturbed, next_batches]
+  kernels = list(spread["dfp16"])
+  assert len(kernels) == 5 and all(list(rows) == kernels for rows in spread.values())
+  draws = {label: len(rows[kernels[0]]) for label, rows in spread.items()}
+  # Round to nearest is one gradient; each stochastic key, perturbation and batch another.
+  assert draws == {"dfp16": 1, "dfp6": 1, "dfp6_sr": 3, perturbed: 3, next_batches: 2}
+  median = {label: np.median([np.median(d) for d in rows.values()])
+            for label, rows in spread.items()}
+  sr_keys = np.array([spread["dfp6_sr"][kernel] for kernel in kernels])
+  assert np.all(sr_keys[:, 0] != sr_keys[:, 1])  # the keys draw apart
+  assert median["dfp16"] < 1e-2 < median[next_batches]
+  assert median["dfp16"] < median["dfp6"] < median[next_batches]
+  text = study_diagnose.gradients_markdown("tiny", 0, spread)
+  rows = [line for line in text.splitlines() if line.startswith("| ")]
+  assert len(rows) == 1 + len(spread)  # the header, one row per label
 
 
 def test_a_missing_fp32_run_is_named_with_the_command_that_trains_it(tiny, tmp_path):

@@ -134,6 +134,23 @@ def test_weight_decay_spares_biases_and_batchnorm():
     np.testing.assert_array_equal(leaf, 0)
 
 
+def test_step_keys_are_fresh_every_step_and_apart_from_dropout():
+  # Stochastic rounding must not reuse a step's draws, nor dropout's (docs/accuracy.md).
+  config = Config(warmup_epochs=0)
+  tx = train.create_optimizer(config, train.create_learning_rate_fn(config, 10))
+  state = train.TrainState.create(apply_fn=None, params={}, batch_stats={}, tx=tx,
+                                  rng=jax.random.PRNGKey(3))
+  words = lambda key: tuple(np.asarray(key).tolist())
+  drawn = []
+  for step in range(4):
+    dropout, rounding = train.step_keys(state.replace(step=step))
+    assert jnp.issubdtype(rounding.dtype, jax.dtypes.prng_key)  # what dfp_transform's dfp_key takes
+    drawn += [words(dropout), words(jax.random.key_data(rounding))]
+  assert len(set(drawn)) == len(drawn)
+  again = train.step_keys(state.replace(step=2))[1]  # a resumed run draws the same
+  assert words(jax.random.key_data(again)) == drawn[5]
+
+
 def test_every_config_builds_its_model():
   names = [m.name for m in pkgutil.iter_modules(configs.__path__) if m.name != "base"]
   assert {"default", "fashion_mnist_resnet", "resnet18", "resnet50", "googlenet", "vgg16",
