@@ -4,6 +4,7 @@ and no device gathers the batch."""
 
 from __future__ import annotations
 
+import math
 import os
 import re
 
@@ -77,6 +78,9 @@ for path, g in jax.tree_util.tree_leaves_with_path(grads):
 """
 
 
+_WEIGHT_GRADS = [f"{op}.weight_grad" for op in ("dot", "conv", "conv_wide")]
+
+
 @pytest.fixture(scope="module")
 def op_runs():
   return {n: run_on_devices(_OPS, n) for n in DEVICE_COUNTS}
@@ -85,6 +89,15 @@ def op_runs():
 @pytest.fixture(scope="module")
 def train_runs():
   return {n: run_on_devices(_TRAIN_STEP, n) for n in DEVICE_COUNTS}
+
+
+def _assert_gathers_only_weight_gradients(run, weight_gradients):
+  """No all-gather of the batch: the only all-gathers collect the devices' blocks of encoded
+  float32 weight gradients (``partitioning.sum_and_encode``), each as large as a weight."""
+  sizes = {run.results[name].size for name in weight_gradients}
+  for result in run.all_gathers():
+    dtype, dims = re.match(r"(\w+)\[([\d,]*)\]", result).groups()
+    assert dtype == "f32" and math.prod(map(int, dims.split(","))) in sizes, result
 
 
 def _assert_same_bits(runs, names, counts=DEVICE_COUNTS[1:]):
@@ -103,26 +116,32 @@ def test_ops_are_bit_identical_on_1_2_4_devices(op_runs, op, pass_name):
 
 def test_ops_under_auto_axes_give_the_same_bits(op_runs):
   auto = run_on_devices(_OPS, 4, axis_type="Auto")
-  assert auto.all_gathers() == []
+  _assert_gathers_only_weight_gradients(auto, _WEIGHT_GRADS)
   for name, value in op_runs[1].results.items():
     np.testing.assert_array_equal(auto.results[name].view(np.uint32), value.view(np.uint32),
                                   err_msg=name)
 
 
-def test_ops_gather_nothing(op_runs):
+def test_ops_gather_no_batch(op_runs):
+  assert op_runs[1].all_gathers() == []
   for n in DEVICE_COUNTS:
-    assert op_runs[n].all_gathers() == [], f"all-gathers on {n} devices"
+    _assert_gathers_only_weight_gradients(op_runs[n], _WEIGHT_GRADS)
 
 
 def test_ops_run_their_kernels_per_shard(op_runs):
   """The kernels see a quarter of the batch on 4 devices: the batch is split, not repeated.
   The weight gradients, which contract it, are the kernels' exact int64 sums added by an s64
-  all-reduce (no float64 or int64 dot of XLA's)."""
+  reduce-scatter (no float64 or int64 dot of XLA's); each device encodes its quarter of the
+  sums, and an all-gather collects the float32 results."""
   hlo = "\n".join(op_runs[4].hlo)
   assert f"f32[{BATCH // 4},24]" in hlo and "dfpjax_dot_general" in hlo
   assert f"s16[{BATCH // 4},7,6,3]" in hlo and "dfpjax_conv" in hlo
-  for shape in ("1,5,24", "3,3,3,4", "3,3,20,6"):  # dot, conv, conv_wide weight gradients
-    assert re.search(rf"s64\[{shape}\][^ ]* all-reduce\(", hlo), shape
+  # dot [1, 5, 24], conv [3, 3, 3, 4], conv_wide [3, 3, 20, 6]: split after the first
+  # dimensions whose product 4 divides.
+  for rows, cols in ((120, 1), (108, 1), (180, 6)):
+    assert re.search(rf"s64\[{rows // 4},{cols}\][^ ]* reduce-scatter\(", hlo), (rows, cols)
+    assert re.search(rf"f32\[{rows},{cols}\][^ ]* all-gather\(", hlo), (rows, cols)
+  assert not re.search(r"= s64\[[^]]*\][^ ]* all-reduce\(", hlo)
   assert not re.search(r"= [fs]64\[[^]]*\][^ ]* (dot|convolution)\(", hlo)
 
 
@@ -142,7 +161,8 @@ def test_train_step_products_are_bit_identical_on_1_2_4_devices(train_runs):
 
 def test_train_step_gathers_no_batch(train_runs):
   for n in DEVICE_COUNTS:
-    assert train_runs[n].all_gathers() == [], f"all-gathers on {n} devices"
+    kernels = [name for name in train_runs[n].results if "kernel" in name]
+    _assert_gathers_only_weight_gradients(train_runs[n], kernels)
 
 
 _RESNET18 = """
@@ -172,11 +192,11 @@ def test_resnet18_weight_gradients_are_bit_identical_on_1_and_4_devices():
   """The examples' ResNet-18 with BatchNorm on running statistics, so that no float sum over
   the batch feeds a product: all 21 of its convolution and dense weight gradients (DFP
   products, the batch contracted across devices) are one device's bits, and the 4-device
-  step gathers nothing. (Training-mode BatchNorm sums the batch in float: docs/transform.md.)"""
+  step gathers no batch. (Training-mode BatchNorm sums the batch in float: docs/transform.md.)"""
   snippet = f"REPO = {os.path.dirname(os.path.dirname(os.path.abspath(__file__)))!r}\n" + _RESNET18
   runs = {n: run_on_devices(snippet, n) for n in (1, 4)}
-  assert runs[4].all_gathers() == []
   kernels = [name for name in runs[1].results if "kernel" in name]
+  _assert_gathers_only_weight_gradients(runs[4], kernels)
   assert len(kernels) == 21
   _assert_same_bits({n: runs[n] for n in (1, 4)}, kernels, counts=(4,))
 
@@ -225,3 +245,32 @@ def test_shard_map_exponent_axes_give_one_devices_bits():
 def test_exponent_axes_must_name_axes():
   with pytest.raises(TypeError, match="exponent_axes must be a tuple of mesh axis names"):
     dfpjax.QuantConfig(exponent_axes="data")
+
+
+_SUM_AND_ENCODE = """
+from dfpjax.primitives import partitioning, reference
+rng = np.random.default_rng(0)
+# On 4 devices: split after dimension 0; no leading dimensions divide (the all-reduce); split
+# after dimension 1.
+for shape in ((4, 6), (3, 5), (2, 6, 8)):
+  with jax.enable_x64(True):
+    s = jnp.asarray(rng.integers(-2**40, 2**40, (4, *shape)))
+    ea = jnp.asarray(rng.integers(-60, 0, (*shape[:-1], 1)), jnp.int32)
+    ea = ea.at[(0,) * ea.ndim].set(dfpjax.numerics.quantization.NONFINITE_EXPONENT)
+    eb = jnp.int32(-3)
+    ways = {"split": lambda s: partitioning.sum_and_encode(s[0], ea, eb, np.float32, mesh, "data"),
+            "psum": lambda s: reference.encode_sums(jax.lax.psum(s[0], "data"), ea, eb, np.float32)}
+    for name, fn in ways.items():
+      f = jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=P("data"), out_specs=P(), check_vma=False))
+      report(f"{shape}.{name}", f(jax.device_put(s, NamedSharding(mesh, P("data")))))
+"""
+
+
+def test_sum_and_encode_is_the_encoded_all_reduce():
+  """Each device encoding its block of the reduce-scattered int64 sums gives the bits of
+  encoding the all-reduced sums, NaN markers included, whether the sums split evenly or not."""
+  run = run_on_devices(_SUM_AND_ENCODE, 4)
+  for shape in ((4, 6), (3, 5), (2, 6, 8)):
+    split, psum = run.results[f"{shape}.split"], run.results[f"{shape}.psum"]
+    assert split.shape == shape and np.isnan(split.reshape(-1)[0])
+    np.testing.assert_array_equal(split.view(np.uint32), psum.view(np.uint32), err_msg=str(shape))

@@ -143,8 +143,7 @@ def _partition(mesh, specs, shapes, bind, *, geometry, mode, out_dtype):
   """Keeps the batch split, and in a forward convolution without groups the input channels
   (JAX's transpose rule makes the weight gradient one that contracts the batch as channels).
   A contracted split makes each device's kernel write its exact int64 partial sums, which
-  one int64 ``psum`` adds before the single rounding."""
-  del mesh
+  one int64 sum adds before the single rounding (``partitioning.sum_and_encode``)."""
   x_shape, ex_shape = shapes[0], shapes[1]
   rank, batch = len(x_shape), specs[0][0]
   channel = None
@@ -164,10 +163,10 @@ def _partition(mesh, specs, shapes, bind, *, geometry, mode, out_dtype):
     if not contracted:
       return bind(x, ex, b, eb)
     with jax.enable_x64(True):
-      s = lax.psum(bind(x, ex, b, eb, out_dtype=np.dtype(np.int64)), contracted)
+      s = bind(x, ex, b, eb, out_dtype=np.dtype(np.int64))
     # ex is per example (forward) or one exponent: it scales y's leading dimension.
-    return reference.encode_sums(s, ex.reshape(-1, *(1,) * (s.ndim - 1)), eb.reshape(()),
-                                 out_dtype)
+    return partitioning.sum_and_encode(s, ex.reshape(-1, *(1,) * (s.ndim - 1)), eb.reshape(()),
+                                       out_dtype, mesh, contracted)
 
   return per_shard, y_spec, (x_spec, ex_spec, b_spec, (None,))
 

@@ -165,9 +165,9 @@ def _sharding_rule(shapes, *, lhs_kmajor, rhs_nmajor, out_dtype):
 
 def _partition(mesh, specs, shapes, bind, *, lhs_kmajor, rhs_nmajor, out_dtype):
   """Keeps lhs's B, M, K and rhs's N splits (N's unless its axes are taken). A split K
-  makes each device's kernel write its exact int64 partial sums, which one int64 ``psum``
-  adds before the single rounding, as one device would have summed them."""
-  del mesh
+  makes each device's kernel write its exact int64 partial sums, which one int64 sum adds
+  before the single rounding, as one device would have summed them
+  (``partitioning.sum_and_encode``)."""
   a_f, b_f = _operand_axes(lhs_kmajor, rhs_nmajor)
   split = dict(zip(a_f, specs[0]))
   taken = partitioning.axes_of(split["b"], split["m"], split["k"])
@@ -184,8 +184,9 @@ def _partition(mesh, specs, shapes, bind, *, lhs_kmajor, rhs_nmajor, out_dtype):
     if not contracted:
       return bind(a, ea, b, eb)
     with jax.enable_x64(True):
-      s = lax.psum(bind(a, ea, b, eb, out_dtype=np.dtype(np.int64)), contracted)
-    return reference.encode_sums(s, ea[:, :, None], eb[:, None, :], out_dtype)
+      s = bind(a, ea, b, eb, out_dtype=np.dtype(np.int64))
+    return partitioning.sum_and_encode(s, ea[:, :, None], eb[:, None, :], out_dtype, mesh,
+                                       contracted)
 
   return per_shard, (split["b"], split["m"], split["n"]), arg_specs
 

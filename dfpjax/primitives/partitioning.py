@@ -7,8 +7,8 @@ primitive therefore goes through ``jax.experimental.custom_partitioning``, as JA
 operand shapes, and a ``partition`` callback per primitive that keeps the dimensions it can
 split sharded (the batch), replicates the rest (the weights) and returns the function one
 device runs on its shard: the kernel, plus the collectives that keep the result the same
-bits as on one device (a scalar ``pmax`` for a global exponent, an exact int64 ``psum`` for
-a product that contracts a sharded dimension).
+bits as on one device (a scalar ``pmax`` for a global exponent, an exact int64 sum for a
+product that contracts a sharded dimension: ``sum_and_encode``).
 
 With one device, or inside ``shard_map`` (all axes manual), ``custom_partitioning`` inlines
 the kernel call: the program lowers to exactly the custom calls it had before.
@@ -19,11 +19,16 @@ from __future__ import annotations
 import functools
 import math
 
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
 from jax.experimental.custom_partitioning import custom_partitioning
 from jax.interpreters import mlir
 from jax.sharding import NamedSharding, PartitionSpec
 
 from dfpjax._jax_compat import prim_requires_devices_during_lowering
+from dfpjax.primitives import reference
 
 
 def register_cpu_lowering(p, kernel, rule, partition):
@@ -85,3 +90,30 @@ def axes_size(mesh, entry) -> int:
 def fresh_factors(prefix: str, count: int) -> list[str]:
   """Names of ``count`` sharding-rule factors of one operand that match no other's."""
   return [f"{prefix}{i}" for i in range(count)]
+
+
+def sum_and_encode(s, ea, eb, out_dtype, mesh, axes):
+  """``reference.encode_sums(psum(s, axes), ea, eb, out_dtype)`` for each device's exact int64
+  partial sums ``s`` of a product that contracts a dimension split over mesh ``axes``.
+
+  Each device encodes only its own block of the sums: a reduce-scatter of the int64 sums
+  (split along the first dimensions whose product the device count divides), the encoding of
+  that block, an all-gather of the encoded block. The encoding is elementwise, so these are
+  the bits of encoding the all-reduced sums, but no device repeats another's encoding or
+  receives the full int64 sums (twice the bytes of a float32 result). A weight gradient,
+  the common case, is as large as the weights on every device, so the saving is a weight-sized
+  pass per device, not a batch-sized one. When no leading dimensions divide evenly, the int64
+  sums are all-reduced and every device encodes them.
+  """
+  devices = axes_size(mesh, axes)
+  leading = next((k for k in range(1, s.ndim + 1) if math.prod(s.shape[:k]) % devices == 0), None)
+  with jax.enable_x64(True):
+    if leading is None:
+      return reference.encode_sums(lax.psum(s, axes), ea, eb, out_dtype)
+    rows = math.prod(s.shape[:leading])
+    block = lax.psum_scatter(s.reshape(rows, -1), axes, scatter_dimension=0, tiled=True)
+    start = lax.axis_index(axes) * block.shape[0]
+    own = lambda e: e.reshape(()) if np.size(e) == 1 else lax.dynamic_slice_in_dim(
+        jnp.broadcast_to(e, s.shape).reshape(rows, -1), start, block.shape[0])
+    y = reference.encode_sums(block, own(ea), own(eb), out_dtype)
+    return lax.all_gather(y, axes, axis=0, tiled=True).reshape(s.shape)

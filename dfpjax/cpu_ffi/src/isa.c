@@ -1,5 +1,6 @@
 /* The per-ISA configurations (isa_config.h) and run-time ISA selection: CPUID feature bits
  * plus the OS's saved-register support. */
+#include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -93,11 +94,25 @@ int dfp_isa_emulated(dfp_isa isa) {
 #endif
 }
 
+/* Bit isa set where the CPU and OS run that ISA's instructions. Detected once: every kernel
+ * call asks, and in a virtual machine each CPUID traps to the hypervisor (microseconds, ten
+ * per call). Threads racing on the first call store the same mask. */
+static int detected_mask(void) {
+  static atomic_int mask = -1;
+  int m = atomic_load_explicit(&mask, memory_order_relaxed);
+  if (m < 0) {
+    m = 0;
+    for (int isa = 0; isa < DFP_ISA_COUNT; ++isa) m |= detect((dfp_isa)isa) << isa;
+    atomic_store_explicit(&mask, m, memory_order_relaxed);
+  }
+  return m;
+}
+
 int dfp_isa_supported(dfp_isa isa) {
   if (isa == DFP_ISA_PORTABLE) return 1;
   if (dfp_isa_config_for(isa) == NULL) return 0;
   /* An emulated microkernel is AVX2 code (vnni_emulation.h). */
-  return detect(dfp_isa_emulated(isa) ? DFP_ISA_AVX2 : isa);
+  return (detected_mask() >> (dfp_isa_emulated(isa) ? DFP_ISA_AVX2 : isa)) & 1;
 }
 
 static const char* const kNames[DFP_ISA_COUNT] = {"portable", "avx2", "avx_vnni", "avx512_vnni"};
