@@ -49,8 +49,8 @@ static int32_t group_exponent(uint32_t top, const dfp_quantize_args* a) {
 typedef struct {
   const dfp_quantize_args* args;
   size_t chunks_per_group;
-  uint32_t* chunk_max;
-  uint32_t* seen;  /* [groups]: the largest chunk max of the group so far */
+  uint32_t* seen;  /* [groups]: the largest chunk max of the group so far; once every task
+                    * has run, the group's max */
   int32_t* used;   /* [tasks]: the exponent the chunk was quantized with, kNotQuantized if none */
   const dfp_isa_config* cfg;
 } job;
@@ -78,9 +78,7 @@ static void max_quantize_task(void* arg, size_t task) {
   size_t g, begin, len;
   chunk_range(j, task, &g, &begin, &len);
   const float* x = a->x + g * a->n + begin;
-  const uint32_t top = j->cfg->max_magnitude(x, len);
-  j->chunk_max[task] = top;
-  const uint32_t running = raise_max(&j->seen[g], top);
+  const uint32_t running = raise_max(&j->seen[g], j->cfg->max_magnitude(x, len));
   j->used[task] = kNotQuantized;
   if (running == 0 || running >= 0x7f800000u) return; /* all zero or non-finite so far: later */
   const int32_t e = group_exponent(running, a);
@@ -109,29 +107,20 @@ int dfp_quantize(const dfp_quantize_args* args, dfp_isa isa, const dfp_parallel*
     return DFP_ERR_BAD_SHAPE;
   if (args->groups == 0) return DFP_OK;
   if (par == NULL) par = &dfp_serial;
-  job j = {args, args->n ? (args->n + kChunk - 1) / kChunk : 1, NULL, NULL, NULL, dfp_isa_config_for(isa)};
+  job j = {args, args->n ? (args->n + kChunk - 1) / kChunk : 1, NULL, NULL, dfp_isa_config_for(isa)};
   const size_t tasks = args->groups * j.chunks_per_group;
-  j.chunk_max = (uint32_t*)calloc(tasks + args->groups, sizeof(uint32_t));
+  j.seen = (uint32_t*)calloc(args->groups, sizeof(uint32_t));
   j.used = (int32_t*)malloc(tasks * sizeof(int32_t));
-  if (j.chunk_max == NULL || j.used == NULL) {
-    free(j.chunk_max);
+  if (j.seen == NULL || j.used == NULL) {
+    free(j.seen);
     free(j.used);
     return DFP_ERR_ALLOC;
   }
-  j.seen = j.chunk_max + tasks;
   dfp_advise_output(args->m, args->groups * args->n * sizeof(int16_t));
   if (args->n) par->parallel_for(par->pool, tasks, max_quantize_task, &j);
-  for (size_t g = 0; g < args->groups; ++g) {
-    uint32_t top = 0;
-    for (size_t c = 0; c < j.chunks_per_group; ++c) {
-      const uint32_t v = j.chunk_max[g * j.chunks_per_group + c];
-      top = v > top ? v : top;
-    }
-    j.seen[g] = top;
-    args->e[g] = group_exponent(top, args);
-  }
+  for (size_t g = 0; g < args->groups; ++g) args->e[g] = group_exponent(j.seen[g], args);
   if (args->n) par->parallel_for(par->pool, tasks, redo_task, &j);
-  free(j.chunk_max);
+  free(j.seen);
   free(j.used);
   return DFP_OK;
 }
