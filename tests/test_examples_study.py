@@ -114,6 +114,7 @@ def test_the_summary_files(grid):
   assert [(r["setting"], r["seed"]) for r in record["runs"]] == [
       (r.setting.name, r.seed) for r in runs]
   for entry, run in zip(record["runs"], runs):
+    assert entry["directory"] == os.path.relpath(run.directory, workdir)
     assert entry["summary"] == _read(os.path.join(run.directory, "summary.json"))
     assert entry["config"] == _read(os.path.join(run.directory, "config.json"))
   fp32, dfp = record["rows"]
@@ -183,7 +184,8 @@ def test_statistics_and_verdicts_from_known_numbers(tmp_path):
   for setting, values in top1.items():
     for seed, value in enumerate(values):
       entries.append(_fake_run(workdir, setting, seed, value, 0.99, 1 - value) if value else
-                     {"setting": setting, "seed": seed, "directory": "", "summary": None})
+                     {"setting": setting, "seed": seed, "summary": None,
+                      "directory": study.run_directory(workdir, "net", setting, seed)})
   study_report.write_network(workdir, "net", list(top1), entries)
   record = _read(os.path.join(workdir, "net", "study.json"))
   fp32, dfp16, dfp8, dfp6 = record["rows"]

@@ -153,7 +153,9 @@ def write_network(workdir: str, network: str, settings: Sequence[str],
   os.makedirs(directory, exist_ok=True)
   rows = aggregate(settings, entries)
   pending = sum(e["summary"] is None for e in entries)
-  record = {"network": network, "rule": VERDICT_RULE, "rows": rows, "runs": list(entries),
+  # Run directories relative to the work directory: the record stays true wherever it is moved.
+  runs = [dict(e, directory=os.path.relpath(e["directory"], workdir)) for e in entries]
+  record = {"network": network, "rule": VERDICT_RULE, "rows": rows, "runs": runs,
             "markdown": table(network, rows, pending)}
   with open(os.path.join(directory, NETWORK_FILE), "w", encoding="utf-8") as f:
     json.dump(_json_safe(record), f, indent=1, allow_nan=False)
