@@ -44,7 +44,7 @@ def transpose_lhs(mg, mb, lhs_shape, p: ConvParams) -> tuple:
   if groups > 1:
     mb = lax_conv._reshape_axis_out_of(rhs_spec[0], groups, mb)
     mb = lax_conv._reshape_axis_into(rhs_spec[0], rhs_spec[1], mb)
-  return mg, lax.rev(mb, lax_conv._conv_sdims(p.dimension_numbers)[1]), params
+  return mg, lax.rev(mb, lax_conv._conv_sdims(rhs_spec)), params
 
 
 def backward_data_conv(conv, qg: DFPTensor, qw: DFPTensor, lhs_shape, p: ConvParams, out_dtype):

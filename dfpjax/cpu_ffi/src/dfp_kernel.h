@@ -98,11 +98,12 @@ typedef struct {
  * dimension) is b's tap tap_first + tap_step * t (tap_step < 0 flips it) of b's window, and
  * b is [window][cin][groups * cout] as w, or with transposed = 1 [window][cout][groups * cin],
  * w[t][c][g * cout + o] = b[t'][o][g * cin + c]: the weights of the convolution this one is
- * the backward-data of, read in place (no flipped copy). The plain view is b = w. */
+ * the backward-data of, read in place (no flipped copy). With mapped = 0 (a zeroed view) b is w
+ * as it lies and the other fields are unread. */
 typedef struct {
+  int mapped, transposed;
   size_t window[3];
   int64_t tap_first[3], tap_step[3];
-  int transposed;
 } dfp_weight_view;
 
 /* dfp_conv_forward:          out = y  from x and the w that b holds (weights), exactly

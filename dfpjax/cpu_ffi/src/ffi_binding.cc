@@ -219,6 +219,7 @@ ffi::ErrorOr<dfp_weight_view> WeightView(const dfp_conv_shape& s, bool forward, 
   }
   if ((transposed != 0 && transposed != 1) || (!forward && !plain))
     return ffi::Unexpected(Invalid("conv: only mode forward reads weights through a view, and transposed_weights is 0 or 1"));
+  v.mapped = !plain;
   return v;
 }
 

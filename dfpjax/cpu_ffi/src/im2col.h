@@ -126,6 +126,7 @@ void dfp_im2col_pack_taps(const dfp_isa_config* cfg, const dfp_patches* p, size_
 
 /* 1 if b is w as it lies (dfp_weight_view): its taps are the window's, in order. */
 static inline int dfp_weights_plain(const dfp_conv_shape* s, const dfp_weight_view* v) {
+  if (!v->mapped) return 1;
   for (int d = 0; d < 3; ++d)
     if (v->window[d] != s->window[d] || v->tap_first[d] != 0 || v->tap_step[d] != 1) return 0;
   return !v->transposed;
