@@ -79,9 +79,8 @@ class Geometry:
   def weights_of(self, b):
     """The weights [*window, cin, G*cout] that a forward convolution's b holds (a copy, for
     the pure-XLA twin; the kernel reads them in place)."""
-    for d, (k, (first, step)) in enumerate(zip(self.window, self.taps())):
-      if self.weight_taps is not None:
-        b = jnp.take(b, first + step * np.arange(k), axis=d)
+    for d, (k, (first, step)) in enumerate(zip(self.window, self.weight_taps or ())):
+      b = jnp.take(b, first + step * np.arange(k), axis=d)
     if not self.transposed_weights:
       return b
     g, (cout, g_cin) = self.groups, b.shape[-2:]

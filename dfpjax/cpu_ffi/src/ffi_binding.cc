@@ -217,8 +217,10 @@ ffi::ErrorOr<dfp_weight_view> WeightView(const dfp_conv_shape& s, bool forward, 
     v.tap_step[d] = step[d];
     plain = plain && window[d] == static_cast<int64_t>(s.window[d]) && first[d] == 0 && step[d] == 1;
   }
-  if ((transposed != 0 && transposed != 1) || (!forward && !plain))
-    return ffi::Unexpected(Invalid("conv: only mode forward reads weights through a view, and transposed_weights is 0 or 1"));
+  if (transposed != 0 && transposed != 1)
+    return ffi::Unexpected(Invalid("conv: attribute transposed_weights holds " + std::to_string(transposed) +
+                                   ", not 0 or 1"));
+  if (!forward && !plain) return ffi::Unexpected(Invalid("conv: only mode forward reads weights through a view"));
   v.mapped = !plain;
   return v;
 }
