@@ -198,26 +198,29 @@ static void run_layer(int l, size_t batch) {
   const size_t out = (size + 2 * (size_t)pad - k) / (size_t)stride + 1;
   const size_t nx = batch * size * size * cin, nw = k * k * cin * cout, ny = batch * out * out * cout;
   float *x = floats(nx), *w = floats(nw), *dy = floats(ny);
-  int16_t *mx = malloc(nx * 2), *mw = malloc(nw * 2), *mdy = malloc(ny * 2), *mwt = malloc(nw * 2);
+  int16_t *mx = malloc(nx * 2), *mw = malloc(nw * 2), *mdy = malloc(ny * 2);
   float* res = malloc((nx > ny ? (nx > nw ? nx : nw) : (ny > nw ? ny : nw)) * sizeof(float));
   int32_t ex, ew, edy;
   const double qx = quantize_ms(x, nx, mx, &ex), qw = quantize_ms(w, nw, mw, &ew), qdy = quantize_ms(dy, ny, mdy, &edy);
-  /* Backward-data's weights: flipped window, [t][cout][cin] (the primitive's transpose_lhs). */
-  for (size_t t = 0; t < k * k; ++t)
-    for (size_t c = 0; c < cin; ++c)
-      for (size_t o = 0; o < cout; ++o) mwt[((k * k - 1 - t) * cout + o) * cin + c] = mw[(t * cin + c) * cout + o];
   const dfp_conv_shape s = shape2d(batch, size, out, k, stride, pad, cin, cout);
-  call_t fwd = {.kind = CONV, .conv = dfp_conv_forward, .c = {s, mx, &ex, 0, mw, ew, res, DFP_OUT_F32},
+  call_t fwd = {.kind = CONV, .conv = dfp_conv_forward,
+                .c = {.shape = s, .x = mx, .ex = &ex, .b = mw, .eb = ew, .out = res, .out_format = DFP_OUT_F32},
                 .out_bytes = ny * sizeof(float)};
-  call_t bwd_w = {.kind = CONV, .conv = dfp_conv_backward_weights, .c = {s, mx, &ex, 0, mdy, edy, res, DFP_OUT_F32},
+  call_t bwd_w = {.kind = CONV, .conv = dfp_conv_backward_weights,
+                  .c = {.shape = s, .x = mx, .ex = &ex, .b = mdy, .eb = edy, .out = res, .out_format = DFP_OUT_F32},
                   .out_bytes = nw * sizeof(float)};
   call_t bwd_d;
-  if (cin < 16) /* the primitive's col2im route */
-    bwd_d = (call_t){.kind = CONV, .conv = dfp_conv_backward_data, .c = {s, mdy, &edy, 0, mw, ew, res, DFP_OUT_F32}};
-  else /* stride 1: a forward convolution of dy with the flipped weights */
+  if (cin < 16) { /* the primitive's col2im route */
+    bwd_d = (call_t){.kind = CONV, .conv = dfp_conv_backward_data,
+                     .c = {.shape = s, .x = mdy, .ex = &edy, .b = mw, .eb = ew, .out = res, .out_format = DFP_OUT_F32}};
+  } else { /* stride 1: a forward convolution of dy reading w flipped and transposed (the primitive's view) */
+    const dfp_weight_view flipped = {.mapped = 1, .transposed = 1, .window = {1, k, k}, .tap_first = {0, k - 1, k - 1},
+                                     .tap_step = {1, -1, -1}};
     bwd_d = (call_t){.kind = CONV, .conv = dfp_conv_forward,
-                     .c = {shape2d(batch, out, size, k, 1, (int64_t)k - 1 - pad, cout, cin), mdy, &edy, 0, mwt, ew,
-                           res, DFP_OUT_F32}};
+                     .c = {.shape = shape2d(batch, out, size, k, 1, (int64_t)k - 1 - pad, cout, cin),
+                           .weights = flipped, .x = mdy, .ex = &edy, .b = mw, .eb = ew, .out = res,
+                           .out_format = DFP_OUT_F32}};
+  }
   bwd_d.out_bytes = nx * sizeof(float);
   const double kf = best_ms(&fwd);
   const long ff = last_faults;
@@ -234,7 +237,7 @@ static void run_layer(int l, size_t batch) {
   fflush(stdout);
   for (int i = 0; i < 3; ++i) totals[i] += pass[i];
   total_gop += gop;
-  free(x), free(w), free(dy), free(mx), free(mw), free(mdy), free(mwt), free(res);
+  free(x), free(w), free(dy), free(mx), free(mw), free(mdy), free(res);
 }
 
 static double gemm_gops(size_t n) {

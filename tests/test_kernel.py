@@ -288,6 +288,31 @@ def test_conv_attributes_pad_to_three_dimensions_and_validate():
       cpu_ffi.conv_attributes(**{**kw, **bad})
 
 
+def test_conv_weight_view_attributes_pad_and_the_handler_checks_the_taps():
+  """A forward convolution's weight view (``weight_taps``, ``transposed_weights``) pads to the
+  kernel's 3 dimensions like the geometry; the handler rejects taps outside b's window, a view
+  in another mode, and sizes b by its own window."""
+  kw = dict(batch=1, in_spatial=(5,), out_spatial=(3,), window=(3,), strides=(1,), padding_lo=(0,),
+            lhs_dilation=(1,), rhs_dilation=(1,), groups=1, in_channels=2, out_channels=4, mode="forward")
+  got = cpu_ffi.conv_attributes(**kw, weight_taps=[(5, 4, -2)], transposed_weights=True)
+  assert got["weight_window"].tolist() == [1, 1, 5] and got["weight_tap_first"].tolist() == [0, 0, 4]
+  assert got["weight_tap_step"].tolist() == [1, 1, -2] and got["transposed_weights"] == 1
+  plain = cpu_ffi.conv_attributes(**kw)
+  assert plain["weight_window"].tolist() == [1, 1, 3] and plain["weight_tap_step"].tolist() == [1, 1, 1]
+  with pytest.raises(ValueError, match="weight_taps .* needs one"):
+    cpu_ffi.conv_attributes(**kw, weight_taps=[(5, 4)])
+  i16, i32 = lambda *s: jnp.ones(s, jnp.int16), lambda *s: jnp.zeros(s, jnp.int32)
+  y = jax.ShapeDtypeStruct((1, 3, 4), jnp.float32)
+  view = cpu_ffi.conv_attributes(**kw, weight_taps=[(5, 4, -2)], transposed_weights=True)
+  _ffi(cpu_ffi.CONV_TARGET, y, i16(1, 5, 2), i32(1), i16(5, 4, 2), i32(1), **view)  # fits
+  with pytest.raises(Exception, match="operand b has"):
+    _ffi(cpu_ffi.CONV_TARGET, y, i16(1, 5, 2), i32(1), i16(3, 4, 2), i32(1), **view)
+  for taps, mode in [((5, 4, -3), "forward"), ((5, 1, 2), "forward"), ((3, 2, -1), "backward_data")]:
+    bad = cpu_ffi.conv_attributes(**{**kw, "mode": mode}, weight_taps=[taps])
+    with pytest.raises(Exception, match="weight taps|only mode forward"):
+      _ffi(cpu_ffi.CONV_TARGET, y, i16(1, 5, 2), i32(1), i16(taps[0], 2, 4), i32(1), **bad)
+
+
 def _ffi(target, out, *args, **attributes):
   cpu_ffi.register()
   return jax.block_until_ready(jax.jit(lambda *a: jax.ffi.ffi_call(target, out)(*a, **attributes))(*args))

@@ -69,14 +69,20 @@ def _register() -> None:
 
 
 def conv_attributes(*, batch, in_spatial, out_spatial, window, strides, padding_lo, lhs_dilation,
-                    rhs_dilation, groups, in_channels, out_channels, mode) -> dict:
+                    rhs_dilation, groups, in_channels, out_channels, mode, weight_taps=None,
+                    transposed_weights=False) -> dict:
   """The named attributes of ``CONV_TARGET``: the kernel contract for one convolution.
 
   Describes the forward convolution (``dfp_conv_shape`` in the kernel's ``dfp_kernel.h``),
   channels-last, of at most 3 spatial dimensions: ``x`` [batch, *in_spatial, groups *
   in_channels], ``w`` [*window, in_channels, groups * out_channels], ``y`` [batch,
   *out_spatial, groups * out_channels]; ``mode`` (one of ``CONV_MODES``) says which of them
-  the call computes. The spatial sequences are padded in front to the kernel's 3 dimensions
+  the call computes. In mode ``forward`` the operand ``b`` may hold ``w`` through a view
+  (``dfp_weight_view``): ``weight_taps``, per spatial dimension ``(b_window, first, step)``,
+  says that tap ``t`` is ``b``'s tap ``first + step * t`` of its window of ``b_window`` (None:
+  ``b``'s taps are the window's), and ``transposed_weights`` that ``b`` is ``[*b_window,
+  out_channels, groups * in_channels]``, the weights of the convolution this one is the
+  backward-data of. The spatial sequences are padded in front to the kernel's 3 dimensions
   (size 1, stride and dilations 1, padding 0). Returns keyword arguments for
   ``jax.ffi.ffi_lowering(CONV_TARGET)``, typed as the handler decodes them: int64 scalars,
   int64 arrays and the mode's name. Raises ``ValueError`` naming a bad argument.
@@ -107,6 +113,14 @@ def conv_attributes(*, batch, in_spatial, out_spatial, window, strides, padding_
   if mode not in CONV_MODES:
     raise ValueError(f"conv_attributes: mode {mode!r} must be one of {CONV_MODES}")
   attributes["mode"] = mode
+  taps = [(k, 0, 1) for k in window] if weight_taps is None else [tuple(map(int, t)) for t in weight_taps]
+  if len(taps) != nd or any(len(t) != 3 for t in taps):
+    raise ValueError(f"conv_attributes: weight_taps {weight_taps} needs one (b_window, first, step) per "
+                     f"dimension of window {tuple(window)}")
+  for i, name in enumerate(("weight_window", "weight_tap_first", "weight_tap_step")):
+    fill = (1, 0, 1)[i]
+    attributes[name] = np.asarray((fill,) * (KERNEL_SPATIAL_DIMS - nd) + tuple(t[i] for t in taps), np.int64)
+  attributes["transposed_weights"] = np.int64(bool(transposed_weights))
   return attributes
 
 

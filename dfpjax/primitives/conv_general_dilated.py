@@ -15,7 +15,9 @@ Two layers, as for ``dot_general``:
   Flax's NHWC/HWIO), calls the primitive and is differentiable in every mode through
   ``bilinear.dfp_product`` (``_Spec.cotangents`` is the DFP gradient rule). Backward-data is
   a forward convolution with the parameters JAX's own transpose rule derives
-  (``conv_transpose.transpose_lhs`` follows it line by line), split into stride-1 phases
+  (``conv_transpose.transpose_lhs`` follows it line by line) whose kernel reads the forward's
+  weights flipped and transposed in place (``Geometry.weight_taps``, ``transposed_weights``:
+  no XLA copy of them), split into stride-1 phases
   where the input is dilated, or col2im for inputs with few channels; backward-weights is the primitive's
   second mode, reading the forward's quantized input and the quantized cotangent as they are.
 """
@@ -68,9 +70,10 @@ def _abstract_eval(x, ex, b, eb, *, geometry: Geometry, mode, out_dtype):
   cin = x.shape[-1] // g
   out_spatial = geometry.out_spatial(x.shape[1:-1])
   if mode == "forward":
-    if b.shape[:-1] != (*geometry.window, cin) or b.shape[-1] % g:
+    w_cin, w_cout = geometry.weight_channels(b.shape)
+    if not geometry.fits_weights(b.shape) or w_cin != cin or b.shape[-1] % g:
       raise ValueError(f"dfp_conv_p: weights {b.shape} do not fit input {x.shape} and {geometry}")
-    return output_aval((batch, *out_spatial, b.shape[-1]), out_dtype, x, ex, b, eb, spec=spec)
+    return output_aval((batch, *out_spatial, w_cout), out_dtype, x, ex, b, eb, spec=spec)
   if b.shape[:-1] != (batch, *out_spatial) or b.shape[-1] % g:
     raise ValueError(f"dfp_conv_p: output gradient {b.shape} does not fit input {x.shape} and "
                      f"{geometry}")
@@ -117,7 +120,10 @@ def _cpu_lowering(ctx, x, ex, b, eb, *, geometry: Geometry, mode, out_dtype):
     in_spatial, cin = geometry.input_spatial, b_aval.shape[-2]
   else:
     in_spatial, cin = x_aval.shape[1:-1], x_aval.shape[-1] // geometry.groups
-  attributes = geometry.kernel_attributes(x_aval.shape[0], in_spatial, cin, cout, mode)
+  if mode == "forward":
+    cout = geometry.weight_channels(b_aval.shape)[1] // geometry.groups
+  attributes = geometry.kernel_attributes(x_aval.shape[0], in_spatial, cin, cout, mode,
+                                          b_window=b_aval.shape[:-2])
   return jax.ffi.ffi_lowering(cpu_ffi.CONV_TARGET)(ctx, x, ex, b, eb, **attributes)
 
 
@@ -198,10 +204,12 @@ def _exact_backward_data(qg: DFPTensor, qw: DFPTensor, lhs_shape, p: ConvParams,
   """The input gradient of the convolution ``p`` from its quantized cotangent and weights."""
   lhs_spec, rhs_spec, out_spec = p.dimension_numbers
   in_per_group = lhs_shape[lhs_spec[1]] // p.feature_group_count
-  if p.batch_group_count > 1 or in_per_group >= _COL2IM_MAX_CHANNELS:
+  if p.batch_group_count > 1:
     dy, w, params = conv_transpose.transpose_lhs(qg.mantissa, qw.mantissa, lhs_shape, p)
     dx = exact_conv(DFPTensor(dy, qg.exponent), DFPTensor(w, qw.exponent), params, out_dtype)
     return conv_transpose.finish_transpose_lhs(dx, p)
+  if in_per_group >= _COL2IM_MAX_CHANNELS:
+    return conv_transpose.backward_data_conv(_bind, qg, qw, lhs_shape, p, out_dtype)
   dy = jnp.transpose(qg.mantissa, channels_last(out_spec))
   w = jnp.transpose(qw.mantissa, window_first(rhs_spec))
   geometry = Geometry(tuple(w.shape[:-2]), p.window_strides, p.padding, p.lhs_dilation,

@@ -47,10 +47,46 @@ class Geometry:
   rhs_dilation: tuple[int, ...]
   groups: int
   input_spatial: tuple[int, ...] | None = None  # backward_data: the shape it produces
+  # forward: how the operand b holds the weights w [*window, cin, G*cout], read in place by the
+  # kernel's packing (``dfp_weight_view``). weight_taps, per dimension (first, step): tap t is
+  # b's tap first + step * t (None: b's taps are the window's). transposed_weights: b is
+  # [*b_window, cout, G*cin], the weights of the convolution this one is the backward-data of.
+  weight_taps: tuple[tuple[int, int], ...] | None = None
+  transposed_weights: bool = False
 
   def out_spatial(self, in_spatial):
     return tuple(map(output_size, in_spatial, self.window, self.strides, self.padding,
                      self.lhs_dilation, self.rhs_dilation))
+
+  def taps(self) -> tuple[tuple[int, int], ...]:
+    """Per dimension (first, step): tap t of the window reads b's tap first + step * t."""
+    return self.weight_taps or ((0, 1),) * len(self.window)
+
+  def fits_weights(self, b_shape) -> bool:
+    """Whether a forward convolution's b of shape ``b_shape`` holds every tap of the window."""
+    nd = len(self.window)
+    if len(b_shape) != nd + 2 or (self.weight_taps is None and tuple(b_shape[:nd]) != self.window):
+      return False
+    return all(k == 0 or (0 <= f < n and 0 <= f + s * (k - 1) < n)
+               for n, k, (f, s) in zip(b_shape, self.window, self.taps()))
+
+  def weight_channels(self, b_shape) -> tuple[int, int]:
+    """(cin, G*cout) of the weights a forward convolution's b of shape ``b_shape`` holds."""
+    if self.transposed_weights:
+      return b_shape[-1] // self.groups, self.groups * b_shape[-2]
+    return b_shape[-2], b_shape[-1]
+
+  def weights_of(self, b):
+    """The weights [*window, cin, G*cout] that a forward convolution's b holds (a copy, for
+    the pure-XLA twin; the kernel reads them in place)."""
+    for d, (k, (first, step)) in enumerate(zip(self.window, self.weight_taps or ())):
+      b = jnp.take(b, first + step * np.arange(k), axis=d)
+    if not self.transposed_weights:
+      return b
+    g, (cout, g_cin) = self.groups, b.shape[-2:]
+    b = b.reshape(*b.shape[:-1], g, g_cin // g)  # window, cout, G, cin
+    b = jnp.swapaxes(jnp.moveaxis(b, -3, -1), -3, -2)  # window, cin, G, cout
+    return b.reshape(*b.shape[:-3], g_cin // g, g * cout)
 
   def params(self) -> ConvParams:
     """The same convolution as ``lax.conv_general_dilated`` parameters (NHWC, HWIO)."""
@@ -61,13 +97,18 @@ class Geometry:
     return ConvParams(self.strides, self.padding, self.lhs_dilation, self.rhs_dilation, dnums,
                       self.groups, 1)
 
-  def kernel_attributes(self, batch, in_spatial, cin, cout, mode) -> dict:
-    """The kernel's named attributes for this convolution (``cpu_ffi.conv_attributes``)."""
+  def kernel_attributes(self, batch, in_spatial, cin, cout, mode, b_window=None) -> dict:
+    """The kernel's named attributes for this convolution (``cpu_ffi.conv_attributes``);
+    ``b_window``: the spatial shape of a forward convolution's b."""
+    taps = None
+    if mode == "forward" and self.weight_taps is not None:
+      taps = [(n, f, s) for n, (f, s) in zip(b_window, self.weight_taps)]
     return cpu_ffi.conv_attributes(
         batch=batch, in_spatial=in_spatial, out_spatial=self.out_spatial(in_spatial),
         window=self.window, strides=self.strides, padding_lo=[lo for lo, _ in self.padding],
         lhs_dilation=self.lhs_dilation, rhs_dilation=self.rhs_dilation, groups=self.groups,
-        in_channels=cin, out_channels=cout, mode=mode)
+        in_channels=cin, out_channels=cout, mode=mode, weight_taps=taps,
+        transposed_weights=self.transposed_weights)
 
 
 def float_conv_shape(lhs_shape, rhs_shape, params: ConvParams):

@@ -9,6 +9,7 @@ The functions that run a convolution take it as ``conv``, a callable with
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import jax.numpy as jnp
@@ -17,30 +18,48 @@ from jax import lax
 
 from dfpjax._jax_compat import lax_conv
 from dfpjax.numerics.quantization import NONFINITE_EXPONENT, DFPTensor
-from dfpjax.primitives.conv_params import ConvParams, Geometry, canonical, channels_last
+from dfpjax.primitives.conv_params import ConvParams, Geometry, canonical, channels_last, window_first
 
 
-def transpose_lhs(mg, mb, lhs_shape, p: ConvParams) -> tuple:
-  """Operands and parameters of backward-data, as ``_conv_general_dilated_transpose_lhs``."""
+def _transpose_lhs_params(g_shape, rhs_shape, lhs_shape, p: ConvParams) -> ConvParams:
+  """The parameters of backward-data, as ``_conv_general_dilated_transpose_lhs`` derives them."""
   dn = p.dimension_numbers
   lhs_sdims, rhs_sdims, out_sdims = map(lax_conv._conv_sdims, dn)
   lhs_spec, rhs_spec, out_spec = dn
-  feature_group_count = p.feature_group_count
-  rhs_shape = mb.shape
-  if p.feature_group_count > 1:
-    mb = lax_conv._reshape_axis_out_of(rhs_spec[0], p.feature_group_count, mb)
-    mb = lax_conv._reshape_axis_into(rhs_spec[0], rhs_spec[1], mb)
-  elif p.batch_group_count > 1:
-    mb = lax_conv._reshape_axis_out_of(rhs_spec[0], p.batch_group_count, mb)
-    mb = lax_conv._reshape_axis_into(rhs_spec[0], rhs_spec[1], mb)
-    feature_group_count = p.batch_group_count
   padding = lax_conv._conv_general_vjp_lhs_padding(
       np.take(lhs_shape, lhs_sdims), np.take(rhs_shape, rhs_sdims), p.window_strides,
-      np.take(mg.shape, out_sdims), p.padding, p.lhs_dilation, p.rhs_dilation)
-  params = ConvParams(p.lhs_dilation, tuple((int(lo), int(hi)) for lo, hi in padding), p.window_strides, p.rhs_dilation,
-                      lax.ConvDimensionNumbers(out_spec, lax_conv._conv_spec_transpose(rhs_spec), lhs_spec),
-                      feature_group_count, 1)
-  return mg, lax.rev(mb, rhs_sdims), params
+      np.take(g_shape, out_sdims), p.padding, p.lhs_dilation, p.rhs_dilation)
+  return ConvParams(p.lhs_dilation, tuple((int(lo), int(hi)) for lo, hi in padding), p.window_strides,
+                    p.rhs_dilation,
+                    lax.ConvDimensionNumbers(out_spec, lax_conv._conv_spec_transpose(rhs_spec), lhs_spec),
+                    max(p.feature_group_count, p.batch_group_count), 1)
+
+
+def transpose_lhs(mg, mb, lhs_shape, p: ConvParams) -> tuple:
+  """Operands and parameters of backward-data, as ``_conv_general_dilated_transpose_lhs``:
+  the weights flipped and regrouped by XLA (``backward_data_conv`` leaves that to the kernel)."""
+  rhs_spec = p.dimension_numbers.rhs_spec
+  params = _transpose_lhs_params(mg.shape, mb.shape, lhs_shape, p)
+  groups = max(p.feature_group_count, p.batch_group_count)
+  if groups > 1:
+    mb = lax_conv._reshape_axis_out_of(rhs_spec[0], groups, mb)
+    mb = lax_conv._reshape_axis_into(rhs_spec[0], rhs_spec[1], mb)
+  return mg, lax.rev(mb, lax_conv._conv_sdims(rhs_spec)), params
+
+
+def backward_data_conv(conv, qg: DFPTensor, qw: DFPTensor, lhs_shape, p: ConvParams, out_dtype):
+  """Backward-data of the convolution ``p`` (without batch groups): ``transpose_lhs``'s forward
+  convolution of dy, run by ``conv`` with the forward's weights as they lie. Its geometry says
+  that they are flipped (taps ``k - 1 - t``) and transposed (``Geometry.transposed_weights``),
+  and the kernel's packing reads them so: no reversed, regrouped copy of them is made."""
+  params = _transpose_lhs_params(qg.mantissa.shape, qw.mantissa.shape, lhs_shape, p)
+  x = jnp.transpose(qg.mantissa, channels_last(params.dimension_numbers.lhs_spec))
+  w = jnp.transpose(qw.mantissa, window_first(p.dimension_numbers.rhs_spec))  # as the forward's
+  window = tuple(w.shape[:-2])
+  geometry = Geometry(window, params.window_strides, params.padding, params.lhs_dilation,
+                      params.rhs_dilation, p.feature_group_count,
+                      weight_taps=tuple((k - 1, -1) for k in window), transposed_weights=True)
+  return _run(conv, x, qg.exponent, w, qw.exponent, geometry, params, out_dtype)
 
 
 def finish_transpose_lhs(out, p: ConvParams):
@@ -102,21 +121,23 @@ def phases(geometry: Geometry, in_spatial):
 
 
 def _forward_by_phases(conv, x, ex, w, eb, geometry: Geometry, per_dim, out_dtype):
-  """The forward convolution as one stride-1 convolution per phase, interleaved."""
+  """The forward convolution as one stride-1 convolution per phase, interleaved. Each phase
+  reads its taps of ``w`` in place (``Geometry.weight_taps``): no sliced copies."""
   out_spatial = geometry.out_spatial(x.shape[1:-1])
   ys = {}
   for phase in itertools.product(*(range(len(p)) for p in per_dim)):
     chosen = [per_dim[i][r] for i, r in enumerate(phase)]
-    sub = Geometry(tuple(len(range(w.shape[i])[c[0]]) for i, c in enumerate(chosen)),
-                   geometry.strides, tuple(c[1] for c in chosen), (1,) * len(per_dim),
-                   geometry.rhs_dilation, geometry.groups)
+    picks = [range(k)[c[0]] for k, c in zip(geometry.window, chosen)]
+    taps = tuple((f + s * r.start, s * r.step) for (f, s), r in zip(geometry.taps(), picks))
+    sub = dataclasses.replace(geometry, window=tuple(map(len, picks)),
+                              padding=tuple(c[1] for c in chosen), lhs_dilation=(1,) * len(per_dim),
+                              weight_taps=taps)
     if 0 in sub.window:  # no tap lands on this phase: an empty sum, or NaN (spec section 2)
-      shape = (x.shape[0], *(c[2] for c in chosen), w.shape[-1])
+      shape = (x.shape[0], *(c[2] for c in chosen), geometry.weight_channels(w.shape)[1])
       nonfinite = (ex[0] == NONFINITE_EXPONENT) | (eb[0] == NONFINITE_EXPONENT)
       ys[phase] = jnp.where(nonfinite, jnp.nan, jnp.zeros(shape, out_dtype)).astype(out_dtype)
       continue
-    ys[phase] = conv(x, ex, w[tuple(c[0] for c in chosen)], eb, geometry=sub, mode="forward",
-                     out_dtype=out_dtype)
+    ys[phase] = conv(x, ex, w, eb, geometry=sub, mode="forward", out_dtype=out_dtype)
   # Interleave, last dimension first: stack the phases after their axis, merge, trim.
   for i in reversed(range(len(per_dim))):
     d = len(per_dim[i])
@@ -140,7 +161,13 @@ def forward_conv(conv, qa: DFPTensor, qb: DFPTensor, params: ConvParams, out_dty
   """``fl(conv(ma, mb)) * 2**(ea + eb)`` (spec section 3) for per-tensor quantized operands,
   run by ``conv`` in the kernel's layout, by phases where the input is lhs-dilated."""
   x, w, geometry = canonical(qa.mantissa, qb.mantissa, params)
-  ex, eb = jnp.reshape(qa.exponent, (1,)), jnp.reshape(qb.exponent, (1,))
+  return _run(conv, x, qa.exponent, w, qb.exponent, geometry, params, out_dtype)
+
+
+def _run(conv, x, ex, w, eb, geometry: Geometry, params: ConvParams, out_dtype):
+  """The forward convolution in the kernel's layout, by phases where the input is
+  lhs-dilated, transposed to ``params``' output layout."""
+  ex, eb = jnp.reshape(ex, (1,)), jnp.reshape(eb, (1,))
   per_dim = phases(geometry, x.shape[1:-1])
   if per_dim is None:
     y = conv(x, ex, w, eb, geometry=geometry, mode="forward", out_dtype=np.dtype(out_dtype))

@@ -102,6 +102,8 @@ def conv(x, ex, b, eb, *, geometry: Geometry, mode, out_dtype):
     dy, w, params = conv_transpose.transpose_lhs(x, b, lhs_shape, geometry.params())
     return conv_transpose.forward_conv(conv, DFPTensor(dy, ex.reshape(())),
                                        DFPTensor(w, eb.reshape(())), params, out_dtype)
+  if mode == "forward":
+    b = geometry.weights_of(b)
   g = geometry.groups
   batch, cin = x.shape[0], x.shape[-1] // g
   out_spatial = geometry.out_spatial(x.shape[1:-1])

@@ -6,8 +6,9 @@
  * cache block as the A operand (im2col.c), so no patch matrix is materialized (a 1x1
  * convolution's is x itself). The block routine and output stage are the GEMM's (macro.h).
  * Backward-data is usually a forward convolution of dy with the flipped weights (the caller
- * sets up its geometry); for inputs with few channels dfp_conv_backward_data runs it as col2im
- * instead (below). */
+ * sets up its geometry), whose packing reads them flipped and transposed from the forward's
+ * weights in place (dfp_weight_view); for inputs with few channels dfp_conv_backward_data
+ * runs it as col2im instead (below). */
 #include <stdlib.h>
 #include <string.h>
 
@@ -34,6 +35,7 @@ typedef struct {
   const dfp_isa_config* cfg;
   int mr, nr;
   int backward;
+  int plain_weights;              /* b is dy, or w as it lies (dfp_weights_plain) */
   size_t m, n, k;                 /* the per-group GEMM */
   size_t kpairs, kblocks;
   size_t mcp, ncp;                /* micro-panels per cache block */
@@ -58,10 +60,17 @@ static void pack_b_task(void* arg, size_t t) {
   const int nr = c->nr;
   const size_t channels = s->groups * s->cout, k0 = c->round_kb0 * 2 * DFP_KC_PAIRS;
   const size_t k1 = min_size(c->k, (c->round_kb0 + c->round_kblocks) * 2 * DFP_KC_PAIRS);
+  int16_t* dst = c->bpack + t * c->bkpairs * nr * 2;
+  uint64_t* bounds = c->bbound + t * c->bkblocks * DFP_CHUNK_LEVELS;
+  if (!c->plain_weights) { /* forward, all of K in one round: w through its view of b */
+    if (dfp_pack_weights_panel(c->cfg, c->args->b, s, &c->args->weights, g, q * nr, nr, dst, bounds))
+      dfp_fail(&c->status, DFP_ERR_BAD_MANTISSA);
+    return;
+  }
   /* w [taps * cin][groups * cout] or dy [pixels][groups * cout]: the round's K rows, this
    * group's columns. */
   if (dfp_pack_panel(c->cfg, c->args->b + k0 * channels + g * s->cout, c->n, k1 - k0, 1, channels, q * nr, nr,
-                     c->bpack + t * c->bkpairs * nr * 2, c->bbound + t * c->bkblocks * DFP_CHUNK_LEVELS))
+                     dst, bounds))
     dfp_fail(&c->status, DFP_ERR_BAD_MANTISSA);
 }
 
@@ -214,6 +223,7 @@ static int conv_run(const dfp_conv_args* args, int backward, dfp_isa isa, const 
   c.args = args;
   const dfp_conv_shape* s = &args->shape;
   c.backward = backward;
+  c.plain_weights = backward || dfp_weights_plain(s, &args->weights);
   const int mr = c.mr, nr = c.nr;
   const size_t taps = s->window[0] * s->window[1] * s->window[2];
   const size_t pixels = s->batch * s->out[0] * s->out[1] * s->out[2];

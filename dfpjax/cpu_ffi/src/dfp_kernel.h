@@ -94,7 +94,20 @@ typedef struct {
   size_t groups, cin, cout;
 } dfp_conv_shape;
 
-/* dfp_conv_forward:          out = y  from x and b = w, exactly (spec section 3);
+/* How the forward convolution's b holds its weights w[t][c][g * cout + o]: tap t (per
+ * dimension) is b's tap tap_first + tap_step * t (tap_step < 0 flips it) of b's window, and
+ * b is [window][cin][groups * cout] as w, or with transposed = 1 [window][cout][groups * cin],
+ * w[t][c][g * cout + o] = b[t'][o][g * cin + c]: the weights of the convolution this one is
+ * the backward-data of, read in place (no flipped copy). With mapped = 0 (a zeroed view) b is w
+ * as it lies and the other fields are unread. */
+typedef struct {
+  int mapped, transposed;
+  size_t window[3];
+  int64_t tap_first[3], tap_step[3];
+} dfp_weight_view;
+
+/* dfp_conv_forward:          out = y  from x and the w that b holds (weights), exactly
+ *                            (spec section 3);
  * dfp_conv_backward_weights: out = dw[t][c][g * cout + o] = sum over batch and output pixels
  *                            of x[n][u(p, t)][g * cin + c] * b[n][p][g * cout + o], b = dy;
  * dfp_conv_backward_data:    out = dx, the transposed convolution of x = dy (shaped like y)
@@ -104,6 +117,7 @@ typedef struct {
  * exponent: ex_batch_stride must be 0 there). Mantissas must satisfy |m| <= 32767. */
 typedef struct {
   dfp_conv_shape shape;
+  dfp_weight_view weights; /* forward only; the backward passes read the plain view */
   const int16_t* x;
   const int32_t* ex;
   size_t ex_batch_stride;

@@ -193,6 +193,38 @@ ffi::ErrorOr<dfp_conv_shape> ConvShape(const ConvAttributes& at) {
   return s;
 }
 
+// The forward weights' view of b (dfp_weight_view), or the first attribute that is wrong: every
+// tap of the window must land in b's window. Other modes read b plainly.
+ffi::ErrorOr<dfp_weight_view> WeightView(const dfp_conv_shape& s, bool forward, ffi::Span<const int64_t> window,
+                                         ffi::Span<const int64_t> first, ffi::Span<const int64_t> step,
+                                         int64_t transposed) {
+  if (window.size() != 3 || first.size() != 3 || step.size() != 3)
+    return ffi::Unexpected(Invalid("conv: attributes weight_window, weight_tap_first, weight_tap_step need 3 values"));
+  dfp_weight_view v{};
+  v.transposed = transposed != 0;
+  bool plain = transposed == 0;
+  for (int d = 0; d < 3; ++d) {
+    int64_t last = 0;
+    const bool overflow = __builtin_mul_overflow(step[d], static_cast<int64_t>(s.window[d]) - 1, &last) ||
+                          __builtin_add_overflow(last, first[d], &last);
+    if (window[d] < 0 || (s.window[d] > 0 && (overflow || first[d] < 0 || first[d] >= window[d] || last < 0 ||
+                                              last >= window[d])))
+      return ffi::Unexpected(Invalid("conv: weight taps " + std::to_string(first[d]) + " + " + std::to_string(step[d]) +
+                                     " * t for t < " + std::to_string(s.window[d]) + " leave weight_window " +
+                                     std::to_string(window[d]) + " in dimension " + std::to_string(d)));
+    v.window[d] = window[d];
+    v.tap_first[d] = first[d];
+    v.tap_step[d] = step[d];
+    plain = plain && window[d] == static_cast<int64_t>(s.window[d]) && first[d] == 0 && step[d] == 1;
+  }
+  if (transposed != 0 && transposed != 1)
+    return ffi::Unexpected(Invalid("conv: attribute transposed_weights holds " + std::to_string(transposed) +
+                                   ", not 0 or 1"));
+  if (!forward && !plain) return ffi::Unexpected(Invalid("conv: only mode forward reads weights through a view"));
+  v.mapped = !plain;
+  return v;
+}
+
 // Element count of an operand of 1 + 3 + 1 dimensions, or SIZE_MAX if it overflows.
 size_t Elements(std::initializer_list<size_t> dims) {
   size_t total = 1;
@@ -201,7 +233,8 @@ size_t Elements(std::initializer_list<size_t> dims) {
   return total;
 }
 
-// mode "forward": y = conv(x, b = w); "backward_weights": dw from x and b = dy;
+// mode "forward": y = conv(x, w), b holding w as the weight_* attributes say (dfp_weight_view);
+// "backward_weights": dw from x and b = dy;
 // "backward_data": dx from x = dy and b = w. The geometry is the forward convolution's.
 ffi::Error Conv(ffi::ThreadPool pool, ffi::Buffer<ffi::S16> x, ffi::Buffer<ffi::S32> ex,
                 ffi::Buffer<ffi::S16> b, ffi::Buffer<ffi::S32> eb, ffi::Result<ffi::AnyBuffer> out,
@@ -209,7 +242,9 @@ ffi::Error Conv(ffi::ThreadPool pool, ffi::Buffer<ffi::S16> x, ffi::Buffer<ffi::
                 ffi::Span<const int64_t> window, ffi::Span<const int64_t> strides,
                 ffi::Span<const int64_t> padding_lo, ffi::Span<const int64_t> lhs_dilation,
                 ffi::Span<const int64_t> rhs_dilation, int64_t groups, int64_t in_channels,
-                int64_t out_channels, std::string_view mode) {
+                int64_t out_channels, std::string_view mode, ffi::Span<const int64_t> weight_window,
+                ffi::Span<const int64_t> weight_tap_first, ffi::Span<const int64_t> weight_tap_step,
+                int64_t transposed_weights) {
   const auto isa = SelectedIsa();
   if (isa.has_error()) return isa.error();
   const auto format = OutFormat(out->element_type());
@@ -222,12 +257,15 @@ ffi::Error Conv(ffi::ThreadPool pool, ffi::Buffer<ffi::S16> x, ffi::Buffer<ffi::
                                 rhs_dilation, groups, in_channels, out_channels});
   if (shape.has_error()) return shape.error();
   const dfp_conv_shape& s = *shape;
+  const auto view = WeightView(s, forward, weight_window, weight_tap_first, weight_tap_step, transposed_weights);
+  if (view.has_error()) return view.error();
   const size_t input = Elements({s.batch, s.in[0], s.in[1], s.in[2], s.groups, s.cin});
   const size_t output = Elements({s.batch, s.out[0], s.out[1], s.out[2], s.groups, s.cout});
   const size_t weight = Elements({s.window[0], s.window[1], s.window[2], s.cin, s.groups, s.cout});
+  const size_t weight_b = Elements({view->window[0], view->window[1], view->window[2], s.cin, s.groups, s.cout});
   const size_t ex_count = ex.element_count();
   std::string bad = CheckSize("conv", "x", x.element_count(), data ? output : input);
-  if (bad.empty()) bad = CheckSize("conv", "b", b.element_count(), weights ? output : weight);
+  if (bad.empty()) bad = CheckSize("conv", "b", b.element_count(), weights ? output : weight_b);
   if (bad.empty()) bad = CheckSize("conv", "out", out->element_count(), forward ? output : weights ? weight : input);
   if (bad.empty()) bad = CheckSize("conv", "eb", eb.element_count(), 1);
   if (bad.empty() && ex_count != 1 && (!forward || ex_count != s.batch))
@@ -236,6 +274,7 @@ ffi::Error Conv(ffi::ThreadPool pool, ffi::Buffer<ffi::S16> x, ffi::Buffer<ffi::
   if (!bad.empty()) return Invalid(bad);
   dfp_conv_args args{};
   args.shape = s;
+  args.weights = *view;
   args.x = x.typed_data();
   args.ex = ex.typed_data();
   args.ex_batch_stride = ex_count == 1 ? 0 : 1;
@@ -316,4 +355,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(DfpConv, Conv,
                                   .Attr<int64_t>("groups")
                                   .Attr<int64_t>("in_channels")
                                   .Attr<int64_t>("out_channels")
-                                  .Attr<std::string_view>("mode"));
+                                  .Attr<std::string_view>("mode")
+                                  .Attr<ffi::Span<const int64_t>>("weight_window")
+                                  .Attr<ffi::Span<const int64_t>>("weight_tap_first")
+                                  .Attr<ffi::Span<const int64_t>>("weight_tap_step")
+                                  .Attr<int64_t>("transposed_weights"));

@@ -138,3 +138,41 @@ void dfp_im2col_pack_taps(const dfp_isa_config* cfg, const dfp_patches* P, size_
                      dst + q * panel_stride);
   }
 }
+
+int dfp_pack_weights_panel(const dfp_isa_config* cfg, const int16_t* b, const dfp_conv_shape* s,
+                           const dfp_weight_view* v, size_t g, size_t col0, int width, int16_t* dst,
+                           uint64_t* bounds) {
+  const size_t cin = s->cin, k = s->window[0] * s->window[1] * s->window[2] * cin;
+  const size_t valid = s->cout - col0 < (size_t)width ? s->cout - col0 : (size_t)width;
+  /* Element (c, o) of a tap (row c of K, column col0 + o) is at tap_base[c * k_stride + o * o_stride]. */
+  const size_t o_stride = v->transposed ? s->groups * cin : 1;
+  const size_t k_stride = v->transposed ? 1 : s->groups * s->cout;
+  const size_t tap_stride = cin * s->groups * s->cout;
+  const int16_t* base = b + (v->transposed ? g * cin + col0 * o_stride : g * s->cout + col0);
+  if (valid < (size_t)width || k % 2) memset(dst, 0, (k + 1) / 2 * (size_t)width * 2 * sizeof(int16_t));
+  int status = 0;
+  for (size_t c0 = 0; c0 < k; c0 += 2 * DFP_KC_PAIRS, bounds += DFP_CHUNK_LEVELS) {
+    const size_t c1 = c0 + 2 * DFP_KC_PAIRS < k ? c0 + 2 * DFP_KC_PAIRS : k;
+    int16_t* block = dst + (c0 / 2) * (size_t)width * 2;
+    for (size_t tap = c0 / cin; tap * cin < c1; ++tap) {
+      size_t t[3], at = 0;
+      dfp_split_tap(s, tap, t);
+      for (int d = 0; d < 3; ++d) at = at * v->window[d] + (size_t)(v->tap_first[d] + v->tap_step[d] * (int64_t)t[d]);
+      const int16_t* src = base + at * tap_stride;
+      /* The tap's rows [a, e) of this block, as columns [a - tap * cin, e - tap * cin) of src. */
+      const size_t a = c0 > tap * cin ? c0 : tap * cin, e = c1 < (tap + 1) * cin ? c1 : (tap + 1) * cin;
+      if (cin % 2 == 0) {  /* a - c0 is even: the tap starts on a whole pair */
+        dfp_pack_block(cfg, src, a - tap * cin, e - tap * cin, o_stride, k_stride, valid, width,
+                       block + (a - c0) / 2 * (size_t)width * 2);
+        continue;
+      }
+      for (size_t r = a; r < e; ++r) {
+        const int16_t* in = src + (r - tap * cin) * k_stride;
+        int16_t* out = block + (r - c0) / 2 * (size_t)width * 2 + (r - c0) % 2;
+        for (size_t o = 0; o < valid; ++o) out[2 * o] = in[o * o_stride];
+      }
+    }
+    status |= dfp_block_bounds(cfg, block, (c1 - c0 + 1) / 2, width, bounds);
+  }
+  return status;
+}

@@ -124,4 +124,21 @@ void dfp_im2col_pack_taps(const dfp_isa_config* cfg, const dfp_patches* p, size_
                           int width, size_t panels, size_t k0, size_t k1, int16_t* dst, size_t panel_stride,
                           int16_t* scratch);
 
+/* 1 if b is w as it lies (dfp_weight_view): its taps are the window's, in order. */
+static inline int dfp_weights_plain(const dfp_conv_shape* s, const dfp_weight_view* v) {
+  if (!v->mapped) return 1;
+  for (int d = 0; d < 3; ++d)
+    if (v->window[d] != s->window[d] || v->tap_first[d] != 0 || v->tap_step[d] != 1) return 0;
+  return !v->transposed;
+}
+
+/* The forward convolution's B operand w[(t, c)][g * cout + o] (K = taps * cin rows, the
+ * group's cout columns) read through the view: columns [col0, col0 + width) of group g packed
+ * as dfp_pack_panel packs a panel, with its bounds and status, straight from b. Each tap's
+ * cin rows lie in b as a matrix of their own, packed by the path's copies where taps start
+ * on whole pairs (cin even), else element by element. */
+int dfp_pack_weights_panel(const dfp_isa_config* cfg, const int16_t* b, const dfp_conv_shape* s,
+                           const dfp_weight_view* v, size_t g, size_t col0, int width, int16_t* dst,
+                           uint64_t* bounds);
+
 #endif

@@ -31,11 +31,12 @@ static size_t copy_six_rows(const int16_t* src, size_t pairs, size_t row_stride,
   return p;
 }
 
-/* Rows contiguous in k, eight rows (the panels of the 8 x 32 kernel): eight pairs at a time
- * as an 8 x 8 transpose of 32-bit words. Returns the pairs done, a multiple of eight. */
-static size_t copy_eight_rows(const int16_t* src, size_t pairs, size_t row_stride, uint32_t* out) {
+/* Rows contiguous in k, eight rows (the panels of the 8 x 32 kernel, or eight lanes of a wider
+ * panel: a B panel read from transposed weights): eight pairs at a time as an 8 x 8 transpose
+ * of 32-bit words, into out[pair * width + lane]. Returns the pairs done, a multiple of eight. */
+static size_t copy_eight_rows(const int16_t* src, size_t pairs, size_t row_stride, uint32_t* out, size_t width) {
   size_t p = 0;
-  for (; p + 8 <= pairs; p += 8, src += 16, out += 64) {
+  for (; p + 8 <= pairs; p += 8, src += 16, out += 8 * width) {
     __m256i r[8], t[8], u[8];
     for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_si256((const __m256i*)(src + i * row_stride));
     /* t: row pairs (0,1), (2,3), (4,5), (6,7) interleaved; u[j], u[4 + j]: rows 0-3 and 4-7 of
@@ -51,8 +52,8 @@ static size_t copy_eight_rows(const int16_t* src, size_t pairs, size_t row_strid
       u[4 * h + 3] = _mm256_unpackhi_epi64(t[4 * h + 1], t[4 * h + 3]);
     }
     for (int j = 0; j < 4; ++j) {
-      _mm256_storeu_si256((__m256i*)(out + 8 * j), _mm256_permute2x128_si256(u[j], u[4 + j], 0x20));
-      _mm256_storeu_si256((__m256i*)(out + 8 * (j + 4)), _mm256_permute2x128_si256(u[j], u[4 + j], 0x31));
+      _mm256_storeu_si256((__m256i*)(out + width * j), _mm256_permute2x128_si256(u[j], u[4 + j], 0x20));
+      _mm256_storeu_si256((__m256i*)(out + width * (j + 4)), _mm256_permute2x128_si256(u[j], u[4 + j], 0x31));
     }
   }
   return p;
@@ -60,10 +61,18 @@ static size_t copy_eight_rows(const int16_t* src, size_t pairs, size_t row_strid
 
 void dfp_pack_rows_avx2(const int16_t* src, size_t pairs, size_t row_stride, size_t valid, int width,
                         uint32_t* out) {
-  size_t done = 0;
-  if (width == 6 && valid == 6) done = copy_six_rows(src, pairs, row_stride, out);
-  if (width == 8 && valid == 8) done = copy_eight_rows(src, pairs, row_stride, out);
-  dfp_pack_rows_from(src, done, pairs, row_stride, valid, width, out);
+  if (width == 6 && valid == 6) {
+    dfp_pack_rows_from(src, copy_six_rows(src, pairs, row_stride, out), pairs, row_stride, valid, width, out);
+    return;
+  }
+  /* Whole groups of eight lanes by the transpose, then the pairs it leaves of them and every
+   * pair of the lanes past the last group. */
+  size_t lanes = 0, done = 0;
+  if (width % 8 == 0)
+    for (; lanes + 8 <= valid; lanes += 8)
+      done = copy_eight_rows(src + lanes * row_stride, pairs, row_stride, out + lanes, (size_t)width);
+  dfp_pack_rows_from(src, done, pairs, row_stride, lanes, width, out);
+  dfp_pack_rows_from(src + lanes * row_stride, 0, pairs, row_stride, valid - lanes, width, out + lanes);
 }
 
 /* Rows contiguous at fixed k: sixteen (then eight, four) lanes of two k-rows interleaved into pairs. */

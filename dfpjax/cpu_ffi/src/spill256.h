@@ -1,6 +1,6 @@
-/* The INT64 spill of the microkernels (ukernel_avx2.c, and both VNNI kernels through
- * ukernel_vnni.h; AVX-512 spills each half): one accumulator of eight INT32 lanes with its
- * carries (ukernel.h). Include only from files compiled for AVX2. */
+/* The INT64 spill of the 256-bit microkernels (ukernel_avx2.c, ukernel_avx_vnni.c; the
+ * AVX-512 one spills at its own width): one accumulator of eight INT32 lanes with its carries
+ * (ukernel.h). Include only from files compiled for AVX2. */
 #ifndef DFPJAX_SPILL256_H_
 #define DFPJAX_SPILL256_H_
 
