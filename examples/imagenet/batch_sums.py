@@ -41,11 +41,15 @@ def _batch_axes(x) -> tuple[int, ...]:
 
 
 def batch_sums(*xs):
-  """Each of ``xs`` (one shape) summed over all axes but the last (the features): one variadic
-  reduce, which reads the operands once and which XLA fuses with the elementwise work making them."""
+  """Each of ``xs`` (one shape) summed over all axes but the last (the features): per example
+  one variadic reduce, which reads the operands once and which XLA fuses with the elementwise
+  work making them, then a sum over the batch axis of the small per-example sums (which a
+  batch-sharded step all-reduces; XLA partitions a variadic reduce over the batch with an
+  all-gather)."""
   zeros = tuple(jnp.zeros((), x.dtype) for x in xs)
-  return lax.reduce(xs, zeros, lambda a, b: tuple(u + v for u, v in zip(a, b)),
-                    _batch_axes(xs[0]))
+  per_example = lax.reduce(xs, zeros, lambda a, b: tuple(u + v for u, v in zip(a, b)),
+                           tuple(range(1, xs[0].ndim - 1)))
+  return tuple(jnp.sum(s, axis=0) for s in per_example)
 
 
 def reproducible_batch_sums(*xs):
