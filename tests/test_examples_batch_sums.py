@@ -25,6 +25,9 @@ def test_batch_sums_are_the_sums_over_all_axes_but_the_last():
                                rtol=1e-5, atol=1e-5)
     (total,) = sums(a)
     assert total.shape == (3,)
+    (total,) = sums(a[0, 0])  # features only after the batch axis
+    np.testing.assert_allclose(total, np.sum(np.asarray(a[0, 0], np.float64), axis=0), rtol=1e-5,
+                               atol=1e-5)
 
 
 def flax_and_ours(**kwargs):

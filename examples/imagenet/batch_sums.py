@@ -1,6 +1,6 @@
-"""The examples' BatchNorm, and a dense layer, with every sum over the batch written out: one
-variadic reduce per pass (``batch_sums``), or ``dfpjax.reproducible_sum`` for the same bits on 1, 2
-or N devices (``Config.reproducible_batch_sums``, ``reproducible_batch_sums``).
+"""The examples' BatchNorm, and a dense layer, with every sum over the batch written out: a
+variadic reduce of all a pass needs (``batch_sums``), or ``dfpjax.reproducible_sum`` for the same
+bits on 1, 2 or N devices (``Config.reproducible_batch_sums``, ``reproducible_batch_sums``).
 
 Memory (docs/performance.md, "Memory of the ResNet-50 DFP step"). Differentiated by JAX,
 ``nn.BatchNorm``'s scale and bias gradients are reductions of the layer's output cotangent whose
@@ -8,7 +8,7 @@ only consumer is the optimizer update, and XLA:CPU schedules them at the end of 
 layer's float cotangent stays alive until then. ``batch_norm``'s custom VJP computes them from the
 two sums the input gradient needs anyway (``dbias = sum(dy)``, ``dscale = sum(dy * x_hat)``), in one
 reduce that XLA fuses with the normalisation, so no cotangent outlives its layer and no normalised
-copy of the input is kept: 1505 -> 1021 MiB of XLA temporaries in the ResNet-50 DFP step at batch
+copy of the input is kept: 1505 -> 1020 MiB of XLA temporaries in the ResNet-50 DFP step at batch
 16. (Two ``jnp.sum`` calls instead become YNNPACK reductions, which take no fused producer, and
 XLA then computes the normalised inputs in the forward pass and keeps them.)
 
