@@ -9,6 +9,8 @@ quantizations and transposes.
 
 from __future__ import annotations
 
+from typing import Any
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -17,7 +19,7 @@ import pytest
 
 import dfpjax
 from dfpjax import cpu_ffi
-from examples.imagenet import train
+from examples.imagenet import batch_sums, train
 from examples.imagenet.configs.base import Config
 
 pytestmark = pytest.mark.skipif(jax.default_backend() != "cpu", reason="an XLA:CPU option")
@@ -26,21 +28,22 @@ pytestmark = pytest.mark.skipif(jax.default_backend() != "cpu", reason="an XLA:C
 class ResidualNet(nn.Module):
   """Convolution, BatchNorm, ReLU and a residual add per layer: the float work around the DFP
   products whose activations a ResNet step keeps for its backward pass."""
+  norm: Any = nn.BatchNorm
 
   @nn.compact
   def __call__(self, x):
     for i in range(6):
       y = nn.Conv(16, (3, 3), use_bias=False, name=f"conv{i}")(x)
-      y = nn.relu(nn.BatchNorm(use_running_average=False, name=f"bn{i}")(y))
+      y = nn.relu(self.norm(use_running_average=False, name=f"bn{i}")(y))
       x = y + x if i else y
     return nn.Dense(10, name="head")(jnp.mean(x, axis=(1, 2)))
 
 
-def sgd_step(variables, images, labels):
+def sgd_step(variables, images, labels, net=ResidualNet()):
   """A train step as the examples' (loss, gradient, BatchNorm statistics, SGD update)."""
 
   def loss_fn(params):
-    logits, updates = ResidualNet().apply({**variables, "params": params}, images,
+    logits, updates = net.apply({**variables, "params": params}, images,
                                           mutable=["batch_stats"])
     one_hot = jax.nn.one_hot(labels, 10)
     return -jnp.mean(jnp.sum(jax.nn.log_softmax(logits) * one_hot, -1)), updates
@@ -84,6 +87,22 @@ def test_memory_optimized_schedule_changes_no_bits(steps):
   assert len(default) == len(memory)
   for a, b in zip(default, memory):
     np.testing.assert_array_equal(np.asarray(a).view(np.uint32), np.asarray(b).view(np.uint32))
+
+
+def test_examples_batch_norm_frees_its_cotangents_in_its_layer():
+  """With ``nn.BatchNorm``, XLA:CPU runs the scale and bias gradients' reductions at the end of
+  the step and keeps every layer's cotangent until then (docs/performance.md)."""
+  rng = np.random.default_rng(0)
+  images = jnp.asarray(rng.normal(size=(8, 32, 32, 16)), jnp.float32)
+  labels = jnp.asarray(rng.integers(0, 10, 8), jnp.int32)
+  temp = {}
+  for norm in (nn.BatchNorm, batch_sums.BatchNorm):
+    net = ResidualNet(norm)
+    variables = net.init(jax.random.key(0), images)
+    compiled = jax.jit(sgd_step, static_argnums=3, compiler_options=train.compiler_options(
+        Config())).lower(variables, images, labels, net).compile()
+    temp[norm.__module__] = compiled.memory_analysis().temp_size_in_bytes
+  assert temp[batch_sums.__name__] < 0.8 * temp[nn.BatchNorm.__module__], temp
 
 
 def resnet18_step(config: Config):

@@ -1,13 +1,24 @@
-"""BatchNorm and a dense layer whose every sum over the batch is ``dfpjax.reproducible_sum``
-(``Config.reproducible_batch_sums``): the same bits on 1, 2 or N devices.
+"""The examples' BatchNorm, and a dense layer, with every sum over the batch written out: a
+variadic reduce of all a pass needs (``batch_sums``), or ``dfpjax.reproducible_sum`` for the same
+bits on 1, 2 or N devices (``Config.reproducible_batch_sums``, ``reproducible_batch_sums``).
 
-A data-parallel step sums over the sharded batch wherever a per-channel value meets a per-example
-one: BatchNorm's batch statistics in the forward pass, and in the backward pass the transpose of
-every broadcast of a per-channel value (BatchNorm's scale, bias, mean and variance, a dense
-layer's bias). XLA adds those float sums in an order that depends on the device count. Here the
-forward statistics and the backward sums are written out in custom VJPs (two sums each way per
-BatchNorm, one for a bias gradient), all reproducible; what remains of the step is elementwise
-or per example, or a DFP product (exact on any device count).
+Memory (docs/performance.md, "Memory of the ResNet-50 DFP step"). Differentiated by JAX,
+``nn.BatchNorm``'s scale and bias gradients are reductions of the layer's output cotangent whose
+only consumer is the optimizer update, and XLA:CPU schedules them at the end of the step, so every
+layer's float cotangent stays alive until then. ``batch_norm``'s custom VJP computes them from the
+two sums the input gradient needs anyway (``dbias = sum(dy)``, ``dscale = sum(dy * x_hat)``), in one
+reduce that XLA fuses with the normalisation, so no cotangent outlives its layer and no normalised
+copy of the input is kept: 1505 -> 1020 MiB of XLA temporaries in the ResNet-50 DFP step at batch
+16. (Two ``jnp.sum`` calls instead become YNNPACK reductions, which take no fused producer, and
+XLA then computes the normalised inputs in the forward pass and keeps them.)
+
+Reproducibility. A data-parallel step sums over the sharded batch wherever a per-channel value
+meets a per-example one: BatchNorm's batch statistics in the forward pass, and in the backward pass
+the transpose of every broadcast of a per-channel value (BatchNorm's scale, bias, mean and
+variance, a dense layer's bias). XLA adds those float sums in an order that depends on the device
+count. With ``reproducible_batch_sums`` they are all reproducible (two per BatchNorm each way, one
+for a bias gradient); what remains of the step is elementwise or per example, or a DFP product
+(exact on any device count).
 
 ``BatchNorm`` and ``Dense`` have ``nn.BatchNorm``'s and ``nn.Dense``'s variables (names, shapes,
 initial values), so a checkpoint of either kind restores into the other.
@@ -25,41 +36,58 @@ from flax import linen as nn
 from jax import lax
 
 
-def batch_sum(x):
-  """``x`` summed over all axes but the last (the features), reproducibly."""
+def _batch_axes(x) -> tuple[int, ...]:
+  return tuple(range(x.ndim - 1))
+
+
+def batch_sums(*xs):
+  """Each of ``xs`` (one shape) summed over all axes but the last (the features): per example
+  one variadic reduce, which reads the operands once and which XLA fuses with the elementwise
+  work making them, then a sum over the batch axis of the small per-example sums (which a
+  batch-sharded step all-reduces; XLA partitions a variadic reduce over the batch with an
+  all-gather)."""
+  zeros = tuple(jnp.zeros((), x.dtype) for x in xs)
+  per_example = lax.reduce(xs, zeros, lambda a, b: tuple(u + v for u, v in zip(a, b)),
+                           tuple(range(1, xs[0].ndim - 1)))
+  return tuple(jnp.sum(s, axis=0) for s in per_example)
+
+
+def reproducible_batch_sums(*xs):
+  """``batch_sums`` with each sum ``dfpjax.reproducible_sum``: the same bits on any device count."""
   import dfpjax  # pylint: disable=g-import-not-at-top  (FP32 runs without the switch need none)
-  return dfpjax.reproducible_sum(x, tuple(range(x.ndim - 1)))
+  return tuple(dfpjax.reproducible_sum(x, _batch_axes(x)) for x in xs)
 
 
 def _count(x) -> int:
   return math.prod(x.shape[:-1])
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def batch_norm(x, scale, bias, epsilon: float):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def batch_norm(x, scale, bias, epsilon: float, sums: Callable = batch_sums):
   """Training-mode BatchNorm over all axes but the last: ``(y, mean, var)``, with flax's
-  formulas (``nn.BatchNorm``, fast variance E[x^2] - E[x]^2 clipped at 0)."""
-  return _batch_norm_fwd(x, scale, bias, epsilon)[0]
+  formulas (``nn.BatchNorm``, fast variance E[x^2] - E[x]^2 clipped at 0); ``sums`` is
+  ``batch_sums`` or ``reproducible_batch_sums``."""
+  return _batch_norm_fwd(x, scale, bias, epsilon, sums)[0]
 
 
-def _batch_norm_fwd(x, scale, bias, epsilon):
+def _batch_norm_fwd(x, scale, bias, epsilon, sums):
   n = _count(x)
-  mean = batch_sum(x) / n
-  var = jnp.maximum(0.0, batch_sum(x * x) / n - mean * mean)
+  total, total_of_squares = sums(x, x * x)
+  mean = total / n
+  var = jnp.maximum(0.0, total_of_squares / n - mean * mean)
   inv = lax.rsqrt(var + epsilon)
   y = (x - mean) * (inv * scale) + bias
   return (y, mean, var), (x, mean, inv, scale)
 
 
-def _batch_norm_bwd(epsilon, residuals, cotangents):
+def _batch_norm_bwd(epsilon, sums, residuals, cotangents):
   del epsilon
   x, mean, inv, scale = residuals
   dy, dmean, dvar = cotangents
   n = _count(x)
   centered = x - mean
   x_hat = centered * inv
-  dbias = batch_sum(dy)
-  dscale = batch_sum(dy * x_hat)
+  dbias, dscale = sums(dy, dy * x_hat)
   dx = (inv * scale) * (dy - dbias / n - x_hat * (dscale / n))
   # The statistics' own cotangents (zero in a train step: they only update batch_stats).
   dx += dmean / n + dvar * (2.0 / n) * centered
@@ -80,16 +108,17 @@ def _add_bias_fwd(y, bias):
 
 
 def _add_bias_bwd(_, dy):
-  return dy, batch_sum(dy)
+  return dy, reproducible_batch_sums(dy)[0]
 
 
 add_bias.defvjp(_add_bias_fwd, _add_bias_bwd)
 
 
 class BatchNorm(nn.Module):
-  """``nn.BatchNorm`` over all axes but the last with reproducible batch sums (``batch_norm``);
-  the fields it shares with ``nn.BatchNorm`` mean the same, statistics are float32."""
+  """``nn.BatchNorm`` over all axes but the last whose training mode is ``batch_norm`` with
+  ``sums``; the fields it shares with ``nn.BatchNorm`` mean the same, statistics are float32."""
   use_running_average: bool
+  sums: Callable = batch_sums
   momentum: float = 0.99
   epsilon: float = 1e-5
   dtype: Any = jnp.float32
@@ -107,7 +136,7 @@ class BatchNorm(nn.Module):
     if self.use_running_average:
       y = (x - ra_mean.value) * (lax.rsqrt(ra_var.value + self.epsilon) * scale) + bias
     else:
-      y, mean, var = batch_norm(x, scale, bias, self.epsilon)
+      y, mean, var = batch_norm(x, scale, bias, self.epsilon, self.sums)
       if not self.is_initializing():
         ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
         ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var

@@ -136,8 +136,9 @@ class BottleneckResNetBlock(nn.Module):
 class ResNet(nn.Module):
   """ResNet v1.5 (He et al. 2016; stride on the 3x3 conv as in torchvision).
 
-  ``reproducible_batch_sums``: BatchNorm and the head's bias sum over the batch with
-  ``dfpjax.reproducible_sum`` (``batch_sums``), the same variables.
+  BatchNorm is ``batch_sums.BatchNorm`` (``nn.BatchNorm``'s variables, a backward pass that
+  keeps no cotangent alive past its layer). ``reproducible_batch_sums``: BatchNorm and the head's
+  bias sum over the batch with ``dfpjax.reproducible_sum`` (``batch_sums``), the same variables.
   """
   stage_sizes: Sequence[int]
   block_cls: ModuleDef
@@ -150,9 +151,9 @@ class ResNet(nn.Module):
   def __call__(self, x, train: bool = True):
     conv = functools.partial(same_conv, use_bias=False, dtype=self.dtype)
     reproducible = self.reproducible_batch_sums
-    norm = functools.partial(batch_sums.BatchNorm if reproducible else nn.BatchNorm,
-                             use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                             dtype=self.dtype)
+    sums = batch_sums.reproducible_batch_sums if reproducible else batch_sums.batch_sums
+    norm = functools.partial(batch_sums.BatchNorm, use_running_average=not train, sums=sums,
+                             momentum=0.9, epsilon=1e-5, dtype=self.dtype)
     x = conv(self.num_filters, (7, 7), (2, 2), name="conv_init")(jnp.asarray(x, self.dtype))
     x = nn.relu(norm(name="bn_init")(x))
     x = nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
@@ -318,8 +319,8 @@ class VGG(nn.Module):
         continue
       x = same_conv(width, (3, 3), dtype=self.dtype, name=f"conv{block}_{index}")(x)
       if self.batch_norm:
-        x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                         dtype=self.dtype, name=f"bn{block}_{index}")(x)
+        x = batch_sums.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
+                                 dtype=self.dtype, name=f"bn{block}_{index}")(x)
       x = nn.relu(x)
       index += 1
     return classifier(adaptive_avg_pool(x, 7), self.num_classes, self.hidden, train, self.dtype)
