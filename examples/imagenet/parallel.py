@@ -1,10 +1,11 @@
 """Data parallelism for the trainer: one mesh axis, "data", over every device of every process.
 
-The global batch (``config.batch_size``) is split along "data" and the train state is replicated;
-``jax.jit`` with these ``NamedSharding``s lets XLA's partitioner split the step and add the
-all-reduces of the gradients and batch statistics. Each process loads only the rows of every
-global batch that its own devices hold (``Loader(shard=...)``), and
-``jax.make_array_from_process_local_data`` assembles the global batch from the processes' parts.
+The global batch (``config.batch_size``) is split along "data" and the train state is replicated,
+or with ``config.shard_state`` split ZeRO-style (``DataParallel.state_sharding``); ``jax.jit``
+with these ``NamedSharding``s lets XLA's partitioner split the step and add the collectives of
+the gradients and batch statistics. Each process loads only the rows of every global batch that
+its own devices hold (``Loader(shard=...)``), and ``jax.make_array_from_process_local_data``
+assembles the global batch from the processes' parts.
 
 On one device this is the single-device trainer: the same computation, the same bits.
 """
@@ -35,12 +36,13 @@ def initialize_distributed(coordinator_address: str, num_processes: int, process
 
 @dataclasses.dataclass(frozen=True)
 class DataParallel:
-  """The mesh of a data-parallel run and its two shardings."""
+  """The mesh of a data-parallel run and its shardings."""
   mesh: jax.sharding.Mesh
   batch_size: int  # global, over all processes
+  shard_state: bool = False  # see state_sharding
 
   @classmethod
-  def over_all_devices(cls, batch_size: int) -> DataParallel:
+  def over_all_devices(cls, batch_size: int, shard_state: bool = False) -> DataParallel:
     """A mesh over ``jax.devices()``; ``batch_size`` must divide evenly among them."""
     devices = jax.device_count()
     if batch_size % devices:
@@ -49,7 +51,7 @@ class DataParallel:
                        "equal part of the global batch")
     # Auto axes: XLA's partitioner decides where the rest of the step's values live.
     mesh = jax.make_mesh((devices,), (DATA_AXIS,), (jax.sharding.AxisType.Auto,))
-    parallel = cls(mesh, batch_size)
+    parallel = cls(mesh, batch_size, shard_state)
     parallel.check_process_rows()
     return parallel
 
@@ -87,7 +89,58 @@ class DataParallel:
         lambda x: jax.make_array_from_process_local_data(
             self.batch_sharding, x, (self.batch_size,) + x.shape[1:]), local_batch)
 
+  def state_sharding(self, tree):
+    """The shardings of a train state's arrays (a tree of arrays or ``jax.ShapeDtypeStruct``s).
+
+    Replicated, or with ``shard_state`` ZeRO-style: each array of rank 2 or more (the
+    kernels and their momenta) split over "data" along its largest dimension that the device
+    count divides (replicated if none does), so each device keeps and updates one block of
+    every kernel and receives only its block of each kernel's gradient (a reduce-scatter of
+    the exact sums, partitioning.sum_and_encode). Vectors (biases, BatchNorm) stay
+    replicated: each split one would cost a collective of its own per use, more than its
+    update. The step must see whole weights: ``gathering_params``.
+    """
+    devices = self.mesh.shape[DATA_AXIS]
+
+    def sharding(leaf):
+      divisible = [d for d, size in enumerate(leaf.shape) if size % devices == 0]
+      if not self.shard_state or devices == 1 or len(leaf.shape) < 2 or not divisible:
+        return self.replicated
+      split = max(divisible, key=lambda d: leaf.shape[d])
+      return NamedSharding(self.mesh, P(*(DATA_AXIS if d == split else None
+                                          for d in range(len(leaf.shape)))))
+    return jax.tree.map(sharding, tree)
+
+  def gathering_params(self, step_fn):
+    """``step_fn(state, batch, apply_fn=...)`` (``train.train_step``, ``train.eval_step``) with
+    the model run on the whole parameters: with ``shard_state`` all-gathered (float32) as the
+    model takes them, so every product sees what one device would.
+
+    Left to the partitioner, a weight's split would spread through the DFP ops' sharding rules
+    onto the activations' channels (measured: all-gathers of batch-sized mantissas, and other
+    bits). The gather passes the gradient through as it comes, so each device receives its
+    block of it and updates its block of the state.
+    """
+    if not self.shard_state:
+      return step_fn
+    replicated = self.replicated
+
+    @jax.custom_vjp
+    def gather(params):
+      return jax.lax.with_sharding_constraint(params, jax.tree.map(lambda _: replicated, params))
+    gather.defvjp(lambda params: (gather(params), None), lambda _, grads: (grads,))
+
+    def step(state, batch, apply_fn=None, **kwargs):
+      apply_fn = apply_fn or state.apply_fn
+
+      def gathered_apply(variables, *args, **apply_kwargs):
+        return apply_fn({**variables, "params": gather(variables["params"])}, *args,
+                        **apply_kwargs)
+      return step_fn(state, batch, apply_fn=gathered_apply, **kwargs)
+    return step
+
   def abstract(self, tree):
-    """``jax.eval_shape``'s tree with replicated shardings (what a restore should produce)."""
-    return jax.tree.map(
-        lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=self.replicated), tree)
+    """``jax.eval_shape``'s tree with the state's shardings (what a restore should produce)."""
+    return jax.tree.map(lambda s, sharding: jax.ShapeDtypeStruct(s.shape, s.dtype,
+                                                                 sharding=sharding),
+                        tree, self.state_sharding(tree))
