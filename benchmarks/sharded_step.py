@@ -48,8 +48,7 @@ def worker(args: argparse.Namespace) -> dict:
   create = functools.partial(train.create_train_state, config, model, config.image_size, lr)
   state_sharding = data_parallel.state_sharding(jax.eval_shape(create))
   state = jax.jit(create, out_shardings=state_sharding)()
-  step_fn = data_parallel.gathering_params(
-      functools.partial(train.train_step, aux_loss_weight=config.aux_loss_weight))
+  step_fn = functools.partial(train.train_step, aux_loss_weight=config.aux_loss_weight)
   if config.dfp:
     step_fn = train.make_dfp_step(step_fn, config)
   step = jax.jit(step_fn, donate_argnums=0,

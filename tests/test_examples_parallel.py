@@ -173,6 +173,11 @@ def test_shard_state_saves_the_replicated_runs_state(runs):
   assert_same_state(final_state(workdirs["dfp", 4]), final_state(workdirs["dfp_shard_state", 4]))
 
 
+def test_shard_state_needs_dfp(tmp_path):
+  with pytest.raises(ValueError, match="shard_state splits the state of DFP runs"):
+    trainer.train_and_evaluate(Config(shard_state=True), str(tmp_path))
+
+
 def assert_same_state(a: dict, b: dict):
   leaves = jax.tree_util.tree_leaves_with_path(a)
   assert len(leaves) > 50  # parameters, batch statistics, momenta, step, key
@@ -321,32 +326,34 @@ for shard_state in (False, True):
   create = functools.partial(train.create_train_state, config, model, 32, lr)
   state_sharding = data_parallel.state_sharding(jax.eval_shape(create))
   state = jax.jit(create, out_shardings=state_sharding)()
-  step = jax.jit(train.make_dfp_step(data_parallel.gathering_params(train.train_step), config),
-                 donate_argnums=0, out_shardings=(state_sharding, data_parallel.replicated))
+  step = jax.jit(train.make_dfp_step(train.train_step, config), donate_argnums=0,
+                 out_shardings=(state_sharding, data_parallel.replicated))
   rng = np.random.default_rng(0)
   batch = data_parallel.global_batch({
       "image": rng.standard_normal((16, 32, 32, 3), np.float32),
       "label": rng.integers(0, 10, 16).astype(np.int32)})
   if shard_state:
     report_hlo(step.lower(state, batch).compile())
-    report("split_kernels", np.array([p.ndim > 1 and not p.sharding.is_fully_replicated
+    report("split_kernels", np.array([not p.sharding.is_fully_replicated
                                       for p in jax.tree.leaves(state.params)]))
   for _ in range(2):
     state, _ = step(state, batch)
   for i, leaf in enumerate(jax.tree.leaves(state)):
     report(f"{shard_state}.{i}", leaf)
-report("kernel_sizes", np.array([p.size for p in jax.tree.leaves(state.params) if p.ndim > 1]))
+report("param_sizes", np.array([p.size for p in jax.tree.leaves(state.params)]))
+report("conv_channels",
+       np.array([p.shape[-2:] for p in jax.tree.leaves(state.params) if p.ndim > 2]))
 """
 
 
 def test_sharded_state_gives_the_replicated_states_bits():
-  """``shard_state``: every kernel and its momentum split over 4 devices, the DFP step's state
-  after 2 steps has the replicated state's bits; the step all-gathers only float32 kernels
-  (the parameters, once per step: no weight gradient and nothing of the batch)."""
+  """``shard_state``: every convolution kernel and its momentum split over 4 devices, the DFP
+  step's state after 2 steps has the replicated state's bits; the step all-gathers the
+  kernels' INT16 mantissas (or the blocks of them the input gradient's convolutions take),
+  float32 only as large as a parameter, and nothing of the batch."""
   from multidevice import run_on_devices  # pylint: disable=g-import-not-at-top
   run = run_on_devices(f"REPO = {REPO!r}\n" + _SHARDED_STATE, 4, axis_type="Auto")
-  split = run.results["split_kernels"]
-  assert split.sum() == 21, split  # ResNet-18's 20 convolutions and the dense head
+  assert run.results["split_kernels"].sum() == 20  # ResNet-18's convolutions, not the head
   leaves = [name for name in run.results if name.startswith("False.")]
   assert len(leaves) > 60
   for name in leaves:
@@ -354,9 +361,15 @@ def test_sharded_state_gives_the_replicated_states_bits():
     assert replicated.dtype == sharded.dtype, name
     np.testing.assert_array_equal(replicated.reshape(-1).view(np.uint8),
                                   sharded.reshape(-1).view(np.uint8), err_msg=name)
-  kernel_sizes = run.results["kernel_sizes"].tolist()
+  param_sizes = set(run.results["param_sizes"].tolist())
+  channels = {tuple(c) for c in run.results["conv_channels"].tolist()}
+  channels |= {c[::-1] for c in channels}  # the input gradient's kernels are transposed
   gathered = run.all_gathers()
-  assert len(gathered) == len(kernel_sizes), gathered
+  assert sum(g.startswith("s16") for g in gathered) >= 20, gathered
   for g in gathered:
     dtype, dims = g.split("{")[0].rstrip("]").split("[")
-    assert dtype == "f32" and np.prod([int(d) for d in dims.split(",")]) in kernel_sizes, g
+    dims = [int(d) for d in dims.split(",")]
+    if dtype == "s16":  # a window (at most 7x7) of in x out or out x in channels
+      assert len(dims) == 4 and max(dims[:2]) <= 7 and tuple(dims[2:]) in channels, g
+    else:
+      assert dtype == "f32" and np.prod(dims) in param_sizes, g

@@ -260,7 +260,7 @@ def test_kernel_quantization_late_nonfinite_and_binades_per_group(isa):
 
 
 def _magnitude_max(x):
-  """Each group's largest magnitude bit pattern (NaN's above Inf's), as the shards' pmax takes it."""
+  """Each group's largest magnitude bit pattern (NaN's above Inf's), as a pmax takes it."""
   return (x.reshape(x.shape[0], -1).view(np.uint32) & np.uint32(0x7fffffff)).max(axis=1)
 
 

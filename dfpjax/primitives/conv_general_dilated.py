@@ -133,10 +133,12 @@ def _sharding_rule(shapes, *, geometry, mode, out_dtype):
   spatial = lambda name: " ".join(partitioning.fresh_factors(name, len(x_shape) - 2))
   ex = "n" if ex_shape[0] == x_shape[0] else "ex"
   if mode == "backward_weights":  # b is dy, batch-major like x
-    return f"n {spatial('x')} xc, {ex}, n {spatial('dy')} dyc, eb -> {spatial('w')} wi wo"
+    return f"n {spatial('x')} xc, {ex}, n {spatial('dy')} dyc, eb -> {spatial('w')} wi wo", ()
   if mode == "forward" and geometry.groups == 1:  # the channels x and w contract
-    return f"n {spatial('x')} c, {ex}, {spatial('w')} c wo, eb -> n {spatial('y')} wo"
-  return f"n {spatial('x')} xc, {ex}, {spatial('w')} wi wo, eb -> n {spatial('y')} yc"
+    # The partition never splits y's channels: a weight split along its output channels (a
+    # ZeRO-sharded state's) must not spread onto the activations, it is gathered.
+    return f"n {spatial('x')} c, {ex}, {spatial('w')} c wo, eb -> n {spatial('y')} wo", ("wo",)
+  return f"n {spatial('x')} xc, {ex}, {spatial('w')} wi wo, eb -> n {spatial('y')} yc", ()
 
 
 def _partition(mesh, specs, shapes, bind, *, wanted, geometry, mode, out_dtype):

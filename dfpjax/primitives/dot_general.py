@@ -160,7 +160,7 @@ def _sharding_rule(shapes, *, lhs_kmajor, rhs_nmajor, out_dtype):
   sizes = dict(zip(a_f, shapes[0])) | dict(zip(b_f, shapes[2]))
   ea_f = _exponent_factors(shapes[1], ("b", "m"), sizes, "ea")
   eb_f = _exponent_factors(shapes[3], ("b", "n"), sizes, "eb")
-  return f"{' '.join(a_f)}, {' '.join(ea_f)}, {' '.join(b_f)}, {' '.join(eb_f)} -> b m n"
+  return f"{' '.join(a_f)}, {' '.join(ea_f)}, {' '.join(b_f)}, {' '.join(eb_f)} -> b m n", ()
 
 
 def _partition(mesh, specs, shapes, bind, *, wanted, lhs_kmajor, rhs_nmajor, out_dtype):

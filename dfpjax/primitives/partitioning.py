@@ -34,7 +34,8 @@ from dfpjax.primitives import reference
 def register_cpu_lowering(p, kernel, rule, partition):
   """Lowers ``p`` on CPU to ``kernel`` (the same primitive, lowered to the FFI call) per shard.
 
-  ``rule(shapes, **params)`` returns the Shardy sharding rule string of ``p``'s operands.
+  ``rule(shapes, **params)`` returns the Shardy sharding rule string of ``p``'s operands and
+  the factors in it that must stay replicated (Shardy then spreads no split along them).
   ``partition(mesh, specs, shapes, bind, wanted=..., **params)`` gets the operands' partition
   specs (entries ``None``, an axis name or a tuple of them; only dimensions that divide
   evenly) and the specs its consumers want of the results (``wanted``, a list, one per
@@ -67,7 +68,9 @@ def _partitioned(kernel, rule, partition, shapes, params):
                else named(result_specs))
     return mesh, per_shard, results, tuple(map(named, arg_specs))
 
-  f.def_partition(partition=partition_callback, sharding_rule=rule(shapes, **params))
+  rule_string, replicated_factors = rule(shapes, **params)
+  f.def_partition(partition=partition_callback, sharding_rule=rule_string,
+                  need_replication_factors=replicated_factors)
   return f
 
 

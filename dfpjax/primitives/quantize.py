@@ -74,7 +74,7 @@ def _cpu_lowering(ctx, x, *, bits, headroom):
 def _sharding_rule(shapes, *, bits, headroom):
   del bits, headroom
   factors = " ".join(["g", *partitioning.fresh_factors("d", len(shapes[0]) - 1)])
-  return f"{factors} -> {factors}, g"
+  return f"{factors} -> {factors}, g", ()
 
 
 def _partition(mesh, specs, shapes, bind, *, wanted, bits, headroom):

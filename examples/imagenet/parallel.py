@@ -92,52 +92,24 @@ class DataParallel:
   def state_sharding(self, tree):
     """The shardings of a train state's arrays (a tree of arrays or ``jax.ShapeDtypeStruct``s).
 
-    Replicated, or with ``shard_state`` ZeRO-style: each array of rank 2 or more (the
-    kernels and their momenta) split over "data" along its largest dimension that the device
-    count divides (replicated if none does), so each device keeps and updates one block of
-    every kernel and receives only its block of each kernel's gradient (a reduce-scatter of
-    the exact sums, partitioning.sum_and_encode). Vectors (biases, BatchNorm) stay
-    replicated: each split one would cost a collective of its own per use, more than its
-    update. The step must see whole weights: ``gathering_params``.
+    Replicated, or with ``shard_state`` ZeRO-style: each convolution kernel (rank 3 or more,
+    output features last, as Flax lays them out) and its momentum split over "data" along the
+    output features where the device count divides them, so each device keeps and updates one
+    block of every kernel. The DFP step then quantizes each block with the whole kernel's
+    exponent, all-gathers INT16 mantissas for the products, and each device receives only its
+    block of the kernel's gradient (a reduce-scatter of the exact sums). The output features
+    are the one kernel dimension no activation shares in the DFP convolution's sharding rule:
+    a split of another would spread onto the activations' channels. Dense kernels (their
+    dimensions are the activations' features), biases and BatchNorm stay replicated.
     """
     devices = self.mesh.shape[DATA_AXIS]
 
     def sharding(leaf):
-      divisible = [d for d, size in enumerate(leaf.shape) if size % devices == 0]
-      if not self.shard_state or devices == 1 or len(leaf.shape) < 2 or not divisible:
+      rank = len(leaf.shape)
+      if not self.shard_state or devices == 1 or rank < 3 or leaf.shape[-1] % devices:
         return self.replicated
-      split = max(divisible, key=lambda d: leaf.shape[d])
-      return NamedSharding(self.mesh, P(*(DATA_AXIS if d == split else None
-                                          for d in range(len(leaf.shape)))))
+      return NamedSharding(self.mesh, P(*(None,) * (rank - 1), DATA_AXIS))
     return jax.tree.map(sharding, tree)
-
-  def gathering_params(self, step_fn):
-    """``step_fn(state, batch, apply_fn=...)`` (``train.train_step``, ``train.eval_step``) with
-    the model run on the whole parameters: with ``shard_state`` all-gathered (float32) as the
-    model takes them, so every product sees what one device would.
-
-    Left to the partitioner, a weight's split would spread through the DFP ops' sharding rules
-    onto the activations' channels (measured: all-gathers of batch-sized mantissas, and other
-    bits). The gather passes the gradient through as it comes, so each device receives its
-    block of it and updates its block of the state.
-    """
-    if not self.shard_state:
-      return step_fn
-    replicated = self.replicated
-
-    @jax.custom_vjp
-    def gather(params):
-      return jax.lax.with_sharding_constraint(params, jax.tree.map(lambda _: replicated, params))
-    gather.defvjp(lambda params: (gather(params), None), lambda _, grads: (grads,))
-
-    def step(state, batch, apply_fn=None, **kwargs):
-      apply_fn = apply_fn or state.apply_fn
-
-      def gathered_apply(variables, *args, **apply_kwargs):
-        return apply_fn({**variables, "params": gather(variables["params"])}, *args,
-                        **apply_kwargs)
-      return step_fn(state, batch, apply_fn=gathered_apply, **kwargs)
-    return step
 
   def abstract(self, tree):
     """``jax.eval_shape``'s tree with the state's shardings (what a restore should produce)."""

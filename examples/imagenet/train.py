@@ -252,6 +252,9 @@ def train_and_evaluate(config: Config, workdir: str) -> dict[str, Any]:
   Returns the summary: final train/eval metrics, images/s and wall time. A workdir trained to
   the end already returns its summary.json.
   """
+  if config.shard_state and not config.dfp:
+    raise ValueError("shard_state splits the state of DFP runs (dfp=True): XLA's float "
+                     "convolutions would spread a kernel's split onto the activations")
   data_parallel = parallel.DataParallel.over_all_devices(config.batch_size, config.shard_state)
   lead = jax.process_index() == 0  # the one process that writes files other than checkpoints
   os.makedirs(workdir, exist_ok=True)
@@ -274,9 +277,8 @@ def train_and_evaluate(config: Config, workdir: str) -> dict[str, Any]:
       create_train_state, config, model, config.image_size, learning_rate_fn), data_parallel)
   start_step = int(state.step)
 
-  step_fn = data_parallel.gathering_params(
-      functools.partial(train_step, aux_loss_weight=config.aux_loss_weight))
-  eval_fn = data_parallel.gathering_params(eval_step)
+  step_fn = functools.partial(train_step, aux_loss_weight=config.aux_loss_weight)
+  eval_fn = eval_step
   if config.dfp:
     step_fn, eval_fn = make_dfp_step(step_fn, config), make_dfp_step(eval_fn, config)
   # The batch arrives sharded; the state keeps its sharding, the metrics are replicated.
