@@ -142,6 +142,7 @@ def runs(tmp_path_factory):
   workdirs = {(mode, n): train(tmp_path, path, f"{mode}{n}", n)
               for mode, path, counts in (("fp32", fp32, (1, 2, 4)), ("dfp", dfp, (1, 4)))
               for n in counts}
+  workdirs["dfp_shard_state", 4] = train(tmp_path, dfp, "dfp_shard_state4", 4, "--shard_state")
   workdirs["two_processes"], outputs = train_two_processes(tmp_path, dfp, 2)
   return workdirs, outputs
 
@@ -163,6 +164,18 @@ def test_dfp_with_reproducible_batch_sums_on_four_devices_is_one_devices_bits(ru
   fp32_difference = max_param_difference(final_state(workdirs["fp32", 1]),
                                          final_state(workdirs["fp32", 4]))
   assert max_param_difference(one, four) == 0.0 < fp32_difference
+
+
+def test_shard_state_saves_the_replicated_runs_state(runs):
+  """``--shard_state`` (the state split over the 4 devices) trains and checkpoints the state of
+  the replicated run bit for bit; the checkpoint restores onto one device like any other."""
+  workdirs, _ = runs
+  assert_same_state(final_state(workdirs["dfp", 4]), final_state(workdirs["dfp_shard_state", 4]))
+
+
+def test_shard_state_needs_dfp(tmp_path):
+  with pytest.raises(ValueError, match="shard_state splits the state of DFP runs"):
+    trainer.train_and_evaluate(Config(shard_state=True), str(tmp_path))
 
 
 def assert_same_state(a: dict, b: dict):
@@ -297,3 +310,66 @@ def test_the_sharded_dfp_train_step_gathers_no_batch_sized_operand():
   for gathered in run.all_gathers():
     dtype, dims = gathered.split("{")[0].rstrip("]").split("[")
     assert dtype == "f32" and np.prod([int(d) for d in dims.split(",")]) in param_sizes, gathered
+
+
+_SHARDED_STATE = """
+import dataclasses, functools, sys
+sys.path.insert(0, REPO)
+from examples.imagenet import parallel, train
+from examples.imagenet.configs.base import Config
+for shard_state in (False, True):
+  config = Config(model="resnet18", model_kwargs={"num_filters": 4}, image_size=32, batch_size=16,
+                  dfp=True, shard_state=shard_state)
+  data_parallel = parallel.DataParallel.over_all_devices(config.batch_size, shard_state)
+  model = train.create_model(config, num_classes=10)
+  lr = train.create_learning_rate_fn(dataclasses.replace(config, warmup_epochs=0), 100)
+  create = functools.partial(train.create_train_state, config, model, 32, lr)
+  state_sharding = data_parallel.state_sharding(jax.eval_shape(create))
+  state = jax.jit(create, out_shardings=state_sharding)()
+  step = jax.jit(train.make_dfp_step(train.train_step, config), donate_argnums=0,
+                 out_shardings=(state_sharding, data_parallel.replicated))
+  rng = np.random.default_rng(0)
+  batch = data_parallel.global_batch({
+      "image": rng.standard_normal((16, 32, 32, 3), np.float32),
+      "label": rng.integers(0, 10, 16).astype(np.int32)})
+  if shard_state:
+    report_hlo(step.lower(state, batch).compile())
+    report("split_kernels", np.array([not p.sharding.is_fully_replicated
+                                      for p in jax.tree.leaves(state.params)]))
+  for _ in range(2):
+    state, _ = step(state, batch)
+  for i, leaf in enumerate(jax.tree.leaves(state)):
+    report(f"{shard_state}.{i}", leaf)
+report("param_sizes", np.array([p.size for p in jax.tree.leaves(state.params)]))
+report("conv_channels",
+       np.array([p.shape[-2:] for p in jax.tree.leaves(state.params) if p.ndim > 2]))
+"""
+
+
+def test_sharded_state_gives_the_replicated_states_bits():
+  """``shard_state``: every convolution kernel and its momentum split over 4 devices, the DFP
+  step's state after 2 steps has the replicated state's bits; the step all-gathers the
+  kernels' INT16 mantissas (or the blocks of them the input gradient's convolutions take),
+  float32 only as large as a parameter, and nothing of the batch."""
+  from multidevice import run_on_devices  # pylint: disable=g-import-not-at-top
+  run = run_on_devices(f"REPO = {REPO!r}\n" + _SHARDED_STATE, 4, axis_type="Auto")
+  assert run.results["split_kernels"].sum() == 20  # ResNet-18's convolutions, not the head
+  leaves = [name for name in run.results if name.startswith("False.")]
+  assert len(leaves) > 60
+  for name in leaves:
+    replicated, sharded = run.results[name], run.results["True." + name[6:]]
+    assert replicated.dtype == sharded.dtype, name
+    np.testing.assert_array_equal(replicated.reshape(-1).view(np.uint8),
+                                  sharded.reshape(-1).view(np.uint8), err_msg=name)
+  param_sizes = set(run.results["param_sizes"].tolist())
+  channels = {tuple(c) for c in run.results["conv_channels"].tolist()}
+  channels |= {c[::-1] for c in channels}  # the input gradient's kernels are transposed
+  gathered = run.all_gathers()
+  assert sum(g.startswith("s16") for g in gathered) >= 20, gathered
+  for g in gathered:
+    dtype, dims = g.split("{")[0].rstrip("]").split("[")
+    dims = [int(d) for d in dims.split(",")]
+    if dtype == "s16":  # a window (at most 7x7) of in x out or out x in channels
+      assert len(dims) == 4 and max(dims[:2]) <= 7 and tuple(dims[2:]) in channels, g
+    else:
+      assert dtype == "f32" and np.prod(dims) in param_sizes, g

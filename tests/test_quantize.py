@@ -9,7 +9,8 @@ import pytest
 import dfpjax
 from dfpjax.numerics import quantization
 from dfpjax.numerics.config import QuantConfig
-from dfpjax.primitives.quantize import dfp_quantize_p
+from dfpjax.primitives import quantize as quantize_primitive
+from dfpjax.primitives.quantize import dfp_quantize_given_max_p, dfp_quantize_p
 import spec_oracle
 
 FLOATS = [np.float32, ml_dtypes.bfloat16, np.float16]
@@ -256,3 +257,50 @@ def test_kernel_quantization_late_nonfinite_and_binades_per_group(isa):
     t = dfpjax.quantize(jnp.asarray(x[g]))
     np.testing.assert_array_equal(m[g], np.asarray(t.mantissa))
     assert e[g] == int(t.exponent)
+
+
+def _magnitude_max(x):
+  """Each group's largest magnitude bit pattern (NaN's above Inf's), as a pmax takes it."""
+  return (x.reshape(x.shape[0], -1).view(np.uint32) & np.uint32(0x7fffffff)).max(axis=1)
+
+
+def test_kernel_quantization_given_max_matches_the_plain_kernel(isa):
+  # A shard with its whole group's amax given: the mantissas and exponents one device forms
+  # for the group. The group's other shard is the last column here, which carries its max.
+  rng = np.random.default_rng(15)
+  cases = [c.astype(np.float32) for c in _kernel_cases() if c.size <= 3 * 32768]
+  groups = [np.append(c, other) for c in cases
+            for other in (np.float32(0), np.float32(7e3), np.float32(-1e-40), np.float32(np.inf),
+                          np.float32(np.nan))]
+  groups.append(np.zeros(5, np.float32))
+  groups.append(np.append(rng.standard_normal(70000).astype(np.float32), np.float32(-np.nan)))
+  given_max = jax.jit(lambda x, g: dfp_quantize_given_max_p.bind(x, g, bits=12, headroom=1))
+  twin = jax.jit(lambda x, g: quantize_primitive._given_max_xla_lowering(x, g, bits=12, headroom=1))
+  for group in groups:
+    m, e = _kernel_quantize(group[None], bits=12, headroom=1)
+    shard, top = group[None, :-1], _magnitude_max(group[None])
+    for got_m, got_e in (given_max(shard, top), twin(shard, top)):
+      np.testing.assert_array_equal(np.asarray(got_m), m[:, :-1])
+      np.testing.assert_array_equal(np.asarray(got_e), e)
+
+
+def test_kernel_quantization_given_max_per_group_and_under_vmap(isa):
+  rng = np.random.default_rng(16)
+  x = rng.standard_normal((2, 4, 300)).astype(np.float32) * np.float32([[[1e-3]], [[1e3]]])
+  x[0, 1, 5], x[1, 2, :] = np.nan, 0.0
+  m, e = _kernel_quantize(x.reshape(8, 300))
+  shard, top = x[..., 100:], _magnitude_max(x.reshape(8, 300)).reshape(2, 4)
+  mv, ev = jax.jit(jax.vmap(lambda x, g: dfp_quantize_given_max_p.bind(x, g, bits=16, headroom=0)))(
+      shard, top)
+  np.testing.assert_array_equal(np.asarray(mv).reshape(8, 200), m[:, 100:])
+  np.testing.assert_array_equal(np.asarray(ev).reshape(8), e)
+  assert list(np.asarray(ev)[0, 1:3]) == [quantization.NONFINITE_EXPONENT, np.asarray(ev)[0, 2]]
+  assert ev[1, 2] == 0 and not np.asarray(mv)[1, 2].any()
+
+
+def test_kernel_quantization_given_max_rejects_bad_maxima():
+  x = jnp.ones((3, 4), jnp.float32)
+  with pytest.raises(TypeError, match="uint32 group maxima of shape"):
+    dfp_quantize_given_max_p.bind(x, jnp.ones((3,), jnp.int32), bits=16, headroom=0)
+  with pytest.raises(TypeError, match="uint32 group maxima of shape"):
+    dfp_quantize_given_max_p.bind(x, jnp.ones((4,), jnp.uint32), bits=16, headroom=0)

@@ -263,14 +263,26 @@ for shape in ((4, 6), (3, 5), (2, 6, 8)):
     for name, fn in ways.items():
       f = jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=P("data"), out_specs=P(), check_vma=False))
       report(f"{shape}.{name}", f(jax.device_put(s, NamedSharding(mesh, P("data")))))
+    # The result wanted split along a dimension: each device keeps its encoded block.
+    if shape != (3, 5):
+      d = 0 if len(shape) == 2 else 2
+      scatter = lambda s: partitioning.sum_and_encode(s[0], ea, eb, np.float32, mesh, "data", d)
+      f = jax.jit(jax.shard_map(scatter, mesh=mesh, in_specs=P("data"), check_vma=False,
+                                out_specs=P(*(None,) * d, "data")))
+      report(f"{shape}.scattered", f(jax.device_put(s, NamedSharding(mesh, P("data")))))
 """
 
 
 def test_sum_and_encode_is_the_encoded_all_reduce():
   """Each device encoding its block of the reduce-scattered int64 sums gives the bits of
-  encoding the all-reduced sums, NaN markers included, whether the sums split evenly or not."""
+  encoding the all-reduced sums, NaN markers included, whether the sums split evenly or not,
+  and whether the blocks are gathered or stay split (a result wanted sharded)."""
   run = run_on_devices(_SUM_AND_ENCODE, 4)
   for shape in ((4, 6), (3, 5), (2, 6, 8)):
     split, psum = run.results[f"{shape}.split"], run.results[f"{shape}.psum"]
     assert split.shape == shape and np.isnan(split.reshape(-1)[0])
     np.testing.assert_array_equal(split.view(np.uint32), psum.view(np.uint32), err_msg=str(shape))
+    if shape != (3, 5):
+      scattered = run.results[f"{shape}.scattered"]
+      np.testing.assert_array_equal(scattered.view(np.uint32), psum.view(np.uint32),
+                                    err_msg=f"{shape} scattered")

@@ -20,6 +20,8 @@ ISAS = ("portable", "avx2", "avx_vnni", "avx512_vnni")
 DOT_GENERAL_TARGET = "dfpjax_dot_general"
 CONV_TARGET = "dfpjax_conv"
 QUANTIZE_TARGET = "dfpjax_quantize"
+# dfpjax_quantize with each group's amax given as its magnitude bit pattern (uint32 [groups]).
+QUANTIZE_GIVEN_MAX_TARGET = "dfpjax_quantize_given_max"
 CONV_MODES = ("forward", "backward_weights", "backward_data")
 KERNEL_SPATIAL_DIMS = 3  # dfp_conv_shape: a convolution of fewer dimensions pads with size 1
 
@@ -66,6 +68,8 @@ def _register() -> None:
                               platform="cpu")
   jax.ffi.register_ffi_target(CONV_TARGET, jax.ffi.pycapsule(lib.DfpConv), platform="cpu")
   jax.ffi.register_ffi_target(QUANTIZE_TARGET, jax.ffi.pycapsule(lib.DfpQuantize), platform="cpu")
+  jax.ffi.register_ffi_target(QUANTIZE_GIVEN_MAX_TARGET, jax.ffi.pycapsule(lib.DfpQuantizeGivenMax),
+                              platform="cpu")
 
 
 def conv_attributes(*, batch, in_spatial, out_spatial, window, strides, padding_lo, lhs_dilation,

@@ -139,17 +139,21 @@ def _sharding_rule(shapes, *, geometry, mode, out_dtype):
   spatial = lambda name: " ".join(partitioning.fresh_factors(name, len(x_shape) - 2))
   ex = "n" if ex_shape[0] == x_shape[0] else "ex"
   if mode == "backward_weights":  # b is dy, batch-major like x
-    return f"n {spatial('x')} xc, {ex}, n {spatial('dy')} dyc, eb -> {spatial('w')} wi wo"
+    return f"n {spatial('x')} xc, {ex}, n {spatial('dy')} dyc, eb -> {spatial('w')} wi wo", ()
   if mode == "forward" and geometry.groups == 1:  # the channels x and w contract
-    return f"n {spatial('x')} c, {ex}, {spatial('w')} c wo, eb -> n {spatial('y')} wo"
-  return f"n {spatial('x')} xc, {ex}, {spatial('w')} wi wo, eb -> n {spatial('y')} yc"
+    # The partition never splits y's channels: a weight split along its output channels (a
+    # ZeRO-sharded state's) must not spread onto the activations, it is gathered.
+    return f"n {spatial('x')} c, {ex}, {spatial('w')} c wo, eb -> n {spatial('y')} wo", ("wo",)
+  return f"n {spatial('x')} xc, {ex}, {spatial('w')} wi wo, eb -> n {spatial('y')} yc", ()
 
 
-def _partition(mesh, specs, shapes, bind, *, geometry, mode, out_dtype):
+def _partition(mesh, specs, shapes, bind, *, wanted, geometry, mode, out_dtype):
   """Keeps the batch split, and in a forward convolution without groups the input channels
   (JAX's transpose rule makes the weight gradient one that contracts the batch as channels).
   A contracted split makes each device's kernel write its exact int64 partial sums, which
-  one int64 sum adds before the single rounding (``partitioning.sum_and_encode``)."""
+  one int64 sum adds before the single rounding (``partitioning.sum_and_encode``); a
+  weight gradient comes out split as its consumer wants it where that splits one dimension
+  over the batch's axes (a sharded weight's)."""
   x_shape, ex_shape = shapes[0], shapes[1]
   rank, batch = len(x_shape), specs[0][0]
   channel = None
@@ -164,6 +168,10 @@ def _partition(mesh, specs, shapes, bind, *, geometry, mode, out_dtype):
     b_spec = (*(None,) * (rank - 2), channel, None)
     contracted, y_spec = channel, (batch, *(None,) * (rank - 1))
   contracted = partitioning.axes_of(contracted)
+  scattered = None
+  if contracted and mode == "backward_weights":
+    scattered = partitioning.scattered_dimension(wanted[0], contracted)
+    y_spec = y_spec if scattered is None else wanted[0]
 
   def per_shard(x, ex, b, eb):
     if not contracted:
@@ -172,7 +180,7 @@ def _partition(mesh, specs, shapes, bind, *, geometry, mode, out_dtype):
       s = bind(x, ex, b, eb, out_dtype=np.dtype(np.int64))
     # ex is per example (forward) or one exponent: it scales y's leading dimension.
     return partitioning.sum_and_encode(s, ex.reshape(-1, *(1,) * (s.ndim - 1)), eb.reshape(()),
-                                       out_dtype, mesh, contracted)
+                                       out_dtype, mesh, contracted, scattered)
 
   return per_shard, y_spec, (x_spec, ex_spec, b_spec, (None,))
 

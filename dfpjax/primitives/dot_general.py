@@ -160,14 +160,16 @@ def _sharding_rule(shapes, *, lhs_kmajor, rhs_nmajor, out_dtype):
   sizes = dict(zip(a_f, shapes[0])) | dict(zip(b_f, shapes[2]))
   ea_f = _exponent_factors(shapes[1], ("b", "m"), sizes, "ea")
   eb_f = _exponent_factors(shapes[3], ("b", "n"), sizes, "eb")
-  return f"{' '.join(a_f)}, {' '.join(ea_f)}, {' '.join(b_f)}, {' '.join(eb_f)} -> b m n"
+  return f"{' '.join(a_f)}, {' '.join(ea_f)}, {' '.join(b_f)}, {' '.join(eb_f)} -> b m n", ()
 
 
-def _partition(mesh, specs, shapes, bind, *, lhs_kmajor, rhs_nmajor, out_dtype):
+def _partition(mesh, specs, shapes, bind, *, wanted, lhs_kmajor, rhs_nmajor, out_dtype):
   """Keeps lhs's B, M, K and rhs's N splits (N's unless its axes are taken). A split K
   makes each device's kernel write its exact int64 partial sums, which one int64 sum adds
   before the single rounding, as one device would have summed them
-  (``partitioning.sum_and_encode``)."""
+  (``partitioning.sum_and_encode``); a result otherwise replicated comes out split as its
+  consumer wants it where that splits one dimension over K's axes (a sharded weight's
+  gradient)."""
   a_f, b_f = _operand_axes(lhs_kmajor, rhs_nmajor)
   split = dict(zip(a_f, specs[0]))
   taken = partitioning.axes_of(split["b"], split["m"], split["k"])
@@ -179,6 +181,11 @@ def _partition(mesh, specs, shapes, bind, *, lhs_kmajor, rhs_nmajor, out_dtype):
   arg_specs = (tuple(split[f] for f in a_f), exponent_spec(shapes[1], ("b", "m")),
                tuple(split[f] for f in b_f), exponent_spec(shapes[3], ("b", "n")))
   contracted = partitioning.axes_of(split["k"])
+  result_spec = (split["b"], split["m"], split["n"])
+  scattered = None
+  if contracted and result_spec == (None,) * 3:
+    scattered = partitioning.scattered_dimension(wanted[0], contracted)
+    result_spec = result_spec if scattered is None else wanted[0]
 
   def per_shard(a, ea, b, eb):
     if not contracted:
@@ -186,9 +193,9 @@ def _partition(mesh, specs, shapes, bind, *, lhs_kmajor, rhs_nmajor, out_dtype):
     with jax.enable_x64(True):
       s = bind(a, ea, b, eb, out_dtype=np.dtype(np.int64))
     return partitioning.sum_and_encode(s, ea[:, :, None], eb[:, None, :], out_dtype, mesh,
-                                       contracted)
+                                       contracted, scattered)
 
-  return per_shard, (split["b"], split["m"], split["n"]), arg_specs
+  return per_shard, result_spec, arg_specs
 
 
 registry.register(dfp_dot_general_p, abstract_eval=_abstract_eval, batch_rule=_batch_rule,

@@ -34,10 +34,13 @@ from dfpjax.primitives import reference
 def register_cpu_lowering(p, kernel, rule, partition):
   """Lowers ``p`` on CPU to ``kernel`` (the same primitive, lowered to the FFI call) per shard.
 
-  ``rule(shapes, **params)`` returns the Shardy sharding rule string of ``p``'s operands.
-  ``partition(mesh, specs, shapes, bind, **params)`` gets the operands' partition specs
-  (entries ``None``, an axis name or a tuple of them; only dimensions that divide evenly)
-  and returns ``(per_shard_fn, result_specs, operand_specs)``; ``bind`` binds ``kernel``.
+  ``rule(shapes, **params)`` returns the Shardy sharding rule string of ``p``'s operands and
+  the factors in it that must stay replicated (Shardy then spreads no split along them).
+  ``partition(mesh, specs, shapes, bind, wanted=..., **params)`` gets the operands' partition
+  specs (entries ``None``, an axis name or a tuple of them; only dimensions that divide
+  evenly) and the specs its consumers want of the results (``wanted``, a list, one per
+  result), and returns ``(per_shard_fn, result_specs, operand_specs)``; ``bind`` binds
+  ``kernel``.
   """
   def lowering(ctx, *args, **params):
     shapes = tuple(tuple(a.shape) for a in ctx.avals_in)
@@ -55,15 +58,19 @@ def _partitioned(kernel, rule, partition, shapes, params):
   f = custom_partitioning(lambda *args: bind(*args))
 
   def partition_callback(mesh, arg_shapes, result_shape):
-    del result_shape  # the partition callback decides it
     specs = [even_spec(mesh, a.sharding, a.shape) for a in arg_shapes]
-    per_shard, result_specs, arg_specs = partition(mesh, specs, shapes, bind, **params)
+    results = result_shape if kernel.multiple_results else [result_shape]
+    wanted = [even_spec(mesh, r.sharding, r.shape) for r in results]
+    per_shard, result_specs, arg_specs = partition(mesh, specs, shapes, bind, wanted=wanted,
+                                                   **params)
     named = lambda spec: NamedSharding(mesh, PartitionSpec(*spec))
     results = (list(map(named, result_specs)) if kernel.multiple_results
                else named(result_specs))
     return mesh, per_shard, results, tuple(map(named, arg_specs))
 
-  f.def_partition(partition=partition_callback, sharding_rule=rule(shapes, **params))
+  rule_string, replicated_factors = rule(shapes, **params)
+  f.def_partition(partition=partition_callback, sharding_rule=rule_string,
+                  need_replication_factors=replicated_factors)
   return f
 
 
@@ -92,22 +99,44 @@ def fresh_factors(prefix: str, count: int) -> list[str]:
   return [f"{prefix}{i}" for i in range(count)]
 
 
-def sum_and_encode(s, ea, eb, out_dtype, mesh, axes):
-  """``reference.encode_sums(psum(s, axes), ea, eb, out_dtype)`` for each device's exact int64
-  partial sums ``s`` of a product that contracts a dimension split over mesh ``axes``.
+def scattered_dimension(wanted, axes) -> int | None:
+  """The one dimension that ``wanted``, the spec a consumer asks of a product's result, splits,
+  if it splits it over exactly ``axes``, the mesh axes the product contracts (a weight
+  gradient for a weight sharded over the batch's axes); else ``None``. ``sum_and_encode``
+  then returns that dimension's block."""
+  split = [d for d, entry in enumerate(wanted) if entry is not None]
+  if len(split) == 1 and axes_of(wanted[split[0]]) == tuple(axes):
+    return split[0]
+  return None
 
-  Each device encodes only its own block of the sums: a reduce-scatter of the int64 sums
-  (split along the first dimensions whose product the device count divides), the encoding of
-  that block, an all-gather of the encoded block. The encoding is elementwise, so these are
-  the bits of encoding the all-reduced sums, but no device repeats another's encoding or
-  receives the full int64 sums (twice the bytes of a float32 result). A weight gradient,
-  the common case, is as large as the weights on every device, so the saving is a weight-sized
-  pass per device, not a batch-sized one. When no leading dimensions divide evenly, the int64
-  sums are all-reduced and every device encodes them.
+
+def sum_and_encode(s, ea, eb, out_dtype, mesh, axes, scatter_dimension=None):
+  """``reference.encode_sums(psum(s, axes), ea, eb, out_dtype)`` for each device's exact int64
+  partial sums ``s`` of a product that contracts a dimension split over mesh ``axes``;
+  ``ea, eb`` broadcast to ``s``.
+
+  Each device encodes only its own block of the sums: a reduce-scatter of the int64 sums,
+  the encoding of that block, and, unless the result is wanted split along
+  ``scatter_dimension`` (the device's block of it is then its result), an all-gather of the
+  encoded blocks (split along the first dimensions whose product the device count divides).
+  The encoding is elementwise, so these are the bits of encoding the all-reduced sums, but no
+  device repeats another's encoding or receives the full int64 sums (twice the bytes of a
+  float32 result). A weight gradient, the common case, is as large as the weights on every
+  device, so the saving is a weight-sized pass per device, not a batch-sized one. When no
+  leading dimensions divide evenly, the int64 sums are all-reduced and every device encodes
+  them.
   """
-  devices = axes_size(mesh, axes)
-  leading = next((k for k in range(1, s.ndim + 1) if math.prod(s.shape[:k]) % devices == 0), None)
   with jax.enable_x64(True):
+    if scatter_dimension is not None:
+      d = scatter_dimension
+      block = lax.psum_scatter(s, axes, scatter_dimension=d, tiled=True)
+      start = lax.axis_index(axes) * block.shape[d]
+      own = lambda e: e if np.ndim(e) == 0 or e.shape[d] == 1 else lax.dynamic_slice_in_dim(
+          e, start, block.shape[d], axis=d)
+      return reference.encode_sums(block, own(ea), own(eb), out_dtype)
+    devices = axes_size(mesh, axes)
+    leading = next((k for k in range(1, s.ndim + 1)
+                    if math.prod(s.shape[:k]) % devices == 0), None)
     if leading is None:
       return reference.encode_sums(lax.psum(s, axes), ea, eb, out_dtype)
     rows = math.prod(s.shape[:leading])

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
-from jax.interpreters import batching
+from jax.interpreters import batching, mlir
 
 from dfpjax import cpu_ffi
 from dfpjax._jax_compat import ad
@@ -74,35 +74,31 @@ def _cpu_lowering(ctx, x, *, bits, headroom):
 def _sharding_rule(shapes, *, bits, headroom):
   del bits, headroom
   factors = " ".join(["g", *partitioning.fresh_factors("d", len(shapes[0]) - 1)])
-  return f"{factors} -> {factors}, g"
+  return f"{factors} -> {factors}, g", ()
 
 
-def _partition(mesh, specs, shapes, bind, *, bits, headroom):
-  del mesh, shapes, bits, headroom
+def _partition(mesh, specs, shapes, bind, *, wanted, bits, headroom):
+  del mesh, shapes, wanted  # the mantissas keep the operand's split
   (spec,) = specs
   split_over = partitioning.axes_of(*spec[1:])  # the mesh axes that split a group
-
-  def per_shard(x):
-    return _quantize_with_global_amax(bind, x, split_over) if split_over else bind(x)
-
+  per_shard = (functools.partial(_quantize_with_global_amax, axes=split_over, bits=bits,
+                                 headroom=headroom) if split_over else bind)
   return per_shard, (spec, spec[:1]), (spec,)
 
 
-def _quantize_with_global_amax(bind, x, axes):
-  """The kernel on shard ``x`` with each group's exponent from the whole group: its amax,
-  max-reduced over ``axes`` (mesh axes of a partition or manual ``exponent_axes``), joins
-  the shard as one more element.
+def _quantize_with_global_amax(x, *, axes, bits, headroom):
+  """``dfp_quantize_p`` of shard ``x`` with each group's exponent from the whole group: its
+  amax (as a magnitude bit pattern, whose max is exact and ranks a NaN above Inf),
+  max-reduced over ``axes`` (mesh axes of a partition or manual ``exponent_axes``), given
+  to the kernel, which only forms the mantissas: one pass over the shard after XLA's max.
 
   The exponent is a function of the amax alone and each mantissa of its element and the
-  exponent (spec section 2), so the shard's mantissas are those one device forms. A NaN
-  amax goes over as +Inf, which makes every shard's exponent the non-finite marker.
+  exponent (spec section 2), so the shard's mantissas are those one device forms.
   """
-  flat = x.reshape(x.shape[0], -1)
-  # Only the exponent depends on it, and the integer outputs carry no tangent (pmax has none).
-  amax = lax.stop_gradient(jnp.max(jnp.abs(flat), axis=1, keepdims=True))
-  amax = lax.pmax(jnp.where(jnp.isnan(amax), jnp.inf, amax), axes)
-  m, e = bind(jnp.concatenate([flat, amax], axis=1))
-  return m[:, :-1].reshape(x.shape), e
+  # Only the exponent depends on it, and the integer outputs carry no tangent.
+  magnitudes = lax.bitcast_convert_type(lax.stop_gradient(x), jnp.uint32) & np.uint32(0x7fffffff)
+  group_max = lax.pmax(jnp.max(magnitudes.reshape(x.shape[0], -1), axis=1), axes)
+  return dfp_quantize_given_max_p.bind(x, group_max, bits=bits, headroom=headroom)
 
 
 registry.register(dfp_quantize_p, abstract_eval=_abstract_eval, batch_rule=_batch_rule,
@@ -110,13 +106,65 @@ registry.register(dfp_quantize_p, abstract_eval=_abstract_eval, batch_rule=_batc
                   sharding_rule=_sharding_rule, partition=_partition)
 
 # ---------------------------------------------------------------------------------------
+# ``dfp_quantize_given_max_p``: ``dfp_quantize_p`` of a shard whose groups' amax, as magnitude
+# bit patterns (uint32 [groups]), are given (their max over the shards). Bound only where
+# every mesh axis is manual (a partition's per-shard function, ``shard_map``), so it has no
+# partitioning of its own.
+# ---------------------------------------------------------------------------------------
+
+dfp_quantize_given_max_p = registry.new_primitive("dfp_quantize_given_max", multiple_results=True)
+
+
+def _given_max_abstract_eval(x, group_max, *, bits, headroom):
+  if group_max.dtype != jnp.uint32 or group_max.shape != x.shape[:1]:
+    raise TypeError(f"dfp_quantize_given_max_p takes uint32 group maxima of shape {x.shape[:1]}, "
+                    f"got {group_max.dtype}{group_max.shape}")
+  return _abstract_eval(x, bits=bits, headroom=headroom)
+
+
+def _given_max_batch_rule(args, dims, *, bits, headroom):
+  size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
+  x, group_max = (batching.bdim_at_front(a, d, size) for a, d in zip(args, dims))
+  groups = x.shape[1]
+  m, e = dfp_quantize_given_max_p.bind(x.reshape(size * groups, *x.shape[2:]),
+                                       group_max.reshape(-1), bits=bits, headroom=headroom)
+  return (m.reshape(x.shape), e.reshape(size, groups)), (0, 0)
+
+
+def _given_max_cpu_lowering(ctx, x, group_max, *, bits, headroom):
+  cpu_ffi.register()
+  return jax.ffi.ffi_lowering(cpu_ffi.QUANTIZE_GIVEN_MAX_TARGET)(
+      ctx, x, group_max, bits=np.int32(bits), headroom=np.int32(headroom))
+
+
+def _given_max_xla_lowering(x, group_max, *, bits, headroom):
+  """The reference's quantization of each group with its amax as one more element."""
+  flat = x.reshape(x.shape[0], -1)
+  amax = lax.bitcast_convert_type(group_max, jnp.float32)[:, None]
+  m, e = reference.quantize(jnp.concatenate([flat, amax], axis=1), bits=bits, headroom=headroom)
+  return m[:, :-1].reshape(x.shape), e
+
+
+dfp_quantize_given_max_p.def_abstract_eval(_given_max_abstract_eval)
+batching.primitive_batchers[dfp_quantize_given_max_p] = _given_max_batch_rule
+mlir.register_lowering(dfp_quantize_given_max_p, _given_max_cpu_lowering, platform="cpu")
+mlir.register_lowering(dfp_quantize_given_max_p,
+                       mlir.lower_fun(_given_max_xla_lowering, multiple_results=True))
+
+# ---------------------------------------------------------------------------------------
 # Differentiation: the outputs are integers, so their tangent is zero (float0). The DFP
 # ops' straight-through rule (``bilinear``) differentiates with respect to the float
 # operand instead.
 # ---------------------------------------------------------------------------------------
 
-ad.primitive_jvps[dfp_quantize_p] = lambda primals, tangents, **params: (
-    (out := dfp_quantize_p.bind(*primals, **params)), [ad.p2tz(o) for o in out])
+def _integer_outputs_jvp(p, primals, tangents, **params):
+  del tangents
+  out = p.bind(*primals, **params)
+  return out, [ad.p2tz(o) for o in out]
+
+
+for _p in (dfp_quantize_p, dfp_quantize_given_max_p):
+  ad.primitive_jvps[_p] = functools.partial(_integer_outputs_jvp, _p)
 
 # ---------------------------------------------------------------------------------------
 # The op.
@@ -129,10 +177,10 @@ def quantize_operand(x, config: QuantConfig, key=None, axis=None) -> DFPTensor:
   if (x.dtype != jnp.float32 or config.rounding != "nearest" or config.granularity != "tensor"
       or reference.in_reference_mode()):
     return quantize_with(x, config, key, axis)
-  bind = functools.partial(dfp_quantize_p.bind, bits=config.bits, headroom=config.headroom)
   group = x.reshape(1, *x.shape)
   if config.exponent_axes:
-    m, e = _quantize_with_global_amax(bind, group, config.exponent_axes)
+    m, e = _quantize_with_global_amax(group, axes=config.exponent_axes, bits=config.bits,
+                                      headroom=config.headroom)
   else:
-    m, e = bind(group)
+    m, e = dfp_quantize_p.bind(group, bits=config.bits, headroom=config.headroom)
   return DFPTensor(m.reshape(x.shape), e.reshape(()), None)

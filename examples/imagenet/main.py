@@ -77,6 +77,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument("--reproducible_batch_sums", action=argparse.BooleanOptionalAction,
                       default=None, help="BatchNorm's and the head's sums over the batch the "
                       "same bits on any device count (ResNets)")
+  parser.add_argument("--shard_state", action=argparse.BooleanOptionalAction, default=None,
+                      help="split a DFP run's state over the devices (ZeRO-style), not "
+                      "replicate it")
   parser.add_argument("--steps", type=int, dest="num_train_steps",
                       help="train this many steps (the schedule is fitted to them)")
   parser.add_argument("--batch_size", type=int)

@@ -1,10 +1,11 @@
 """Data parallelism for the trainer: one mesh axis, "data", over every device of every process.
 
-The global batch (``config.batch_size``) is split along "data" and the train state is replicated;
-``jax.jit`` with these ``NamedSharding``s lets XLA's partitioner split the step and add the
-all-reduces of the gradients and batch statistics. Each process loads only the rows of every
-global batch that its own devices hold (``Loader(shard=...)``), and
-``jax.make_array_from_process_local_data`` assembles the global batch from the processes' parts.
+The global batch (``config.batch_size``) is split along "data" and the train state is replicated,
+or with ``config.shard_state`` split ZeRO-style (``DataParallel.state_sharding``); ``jax.jit``
+with these ``NamedSharding``s lets XLA's partitioner split the step and add the collectives of
+the gradients and batch statistics. Each process loads only the rows of every global batch that
+its own devices hold (``Loader(shard=...)``), and ``jax.make_array_from_process_local_data``
+assembles the global batch from the processes' parts.
 
 On one device this is the single-device trainer: the same computation, the same bits.
 """
@@ -35,12 +36,13 @@ def initialize_distributed(coordinator_address: str, num_processes: int, process
 
 @dataclasses.dataclass(frozen=True)
 class DataParallel:
-  """The mesh of a data-parallel run and its two shardings."""
+  """The mesh of a data-parallel run and its shardings."""
   mesh: jax.sharding.Mesh
   batch_size: int  # global, over all processes
+  shard_state: bool = False  # see state_sharding
 
   @classmethod
-  def over_all_devices(cls, batch_size: int) -> DataParallel:
+  def over_all_devices(cls, batch_size: int, shard_state: bool = False) -> DataParallel:
     """A mesh over ``jax.devices()``; ``batch_size`` must divide evenly among them."""
     devices = jax.device_count()
     if batch_size % devices:
@@ -49,7 +51,7 @@ class DataParallel:
                        "equal part of the global batch")
     # Auto axes: XLA's partitioner decides where the rest of the step's values live.
     mesh = jax.make_mesh((devices,), (DATA_AXIS,), (jax.sharding.AxisType.Auto,))
-    parallel = cls(mesh, batch_size)
+    parallel = cls(mesh, batch_size, shard_state)
     parallel.check_process_rows()
     return parallel
 
@@ -87,7 +89,30 @@ class DataParallel:
         lambda x: jax.make_array_from_process_local_data(
             self.batch_sharding, x, (self.batch_size,) + x.shape[1:]), local_batch)
 
+  def state_sharding(self, tree):
+    """The shardings of a train state's arrays (a tree of arrays or ``jax.ShapeDtypeStruct``s).
+
+    Replicated, or with ``shard_state`` ZeRO-style: each convolution kernel (rank 3 or more,
+    output features last, as Flax lays them out) and its momentum split over "data" along the
+    output features where the device count divides them, so each device keeps and updates one
+    block of every kernel. The DFP step then quantizes each block with the whole kernel's
+    exponent, all-gathers INT16 mantissas for the products, and each device receives only its
+    block of the kernel's gradient (a reduce-scatter of the exact sums). The output features
+    are the one kernel dimension no activation shares in the DFP convolution's sharding rule:
+    a split of another would spread onto the activations' channels. Dense kernels (their
+    dimensions are the activations' features), biases and BatchNorm stay replicated.
+    """
+    devices = self.mesh.shape[DATA_AXIS]
+
+    def sharding(leaf):
+      rank = len(leaf.shape)
+      if not self.shard_state or devices == 1 or rank < 3 or leaf.shape[-1] % devices:
+        return self.replicated
+      return NamedSharding(self.mesh, P(*(None,) * (rank - 1), DATA_AXIS))
+    return jax.tree.map(sharding, tree)
+
   def abstract(self, tree):
-    """``jax.eval_shape``'s tree with replicated shardings (what a restore should produce)."""
-    return jax.tree.map(
-        lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=self.replicated), tree)
+    """``jax.eval_shape``'s tree with the state's shardings (what a restore should produce)."""
+    return jax.tree.map(lambda s, sharding: jax.ShapeDtypeStruct(s.shape, s.dtype,
+                                                                 sharding=sharding),
+                        tree, self.state_sharding(tree))

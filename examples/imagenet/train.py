@@ -5,9 +5,9 @@ A run is fully determined by its config: the initialisation and dropout keys der
 resumed from a checkpoint takes exactly the steps an uninterrupted one would.
 
 Training is data-parallel over every device of every process (``parallel``): the global batch
-``config.batch_size`` is split over the devices, the state replicated. Process 0 alone writes
-the config, metrics, plots and summary; all processes take part in saving checkpoints (Orbax
-writes a replicated state once).
+``config.batch_size`` is split over the devices, the state replicated (or, with
+``config.shard_state``, split). Process 0 alone writes the config, metrics, plots and summary;
+all processes take part in saving checkpoints (Orbax writes each array once).
 """
 
 from __future__ import annotations
@@ -215,15 +215,16 @@ def checkpoint_manager(workdir: str, config: Config) -> ocp.CheckpointManager:
 
 def restore_or_create(manager: ocp.CheckpointManager, create_state,
                       data_parallel: parallel.DataParallel) -> TrainState:
-  """The latest checkpoint, or ``create_state()`` when there is none; replicated on the mesh.
+  """The latest checkpoint, or ``create_state()`` when there is none; on the mesh as
+  ``data_parallel.state_sharding`` places it.
 
   Restoring needs only the state's shapes, so a resumed run skips the (compiled) initialisation.
   """
-  create_state = jax.jit(create_state, out_shardings=data_parallel.replicated)
+  abstract_state = data_parallel.abstract(jax.eval_shape(create_state))
+  create_state = jax.jit(create_state, out_shardings=data_parallel.state_sharding(abstract_state))
   step = manager.latest_step()
   if step is None:
     return create_state()
-  abstract_state = data_parallel.abstract(jax.eval_shape(create_state))
   return manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
 
 
@@ -251,7 +252,10 @@ def train_and_evaluate(config: Config, workdir: str) -> dict[str, Any]:
   Returns the summary: final train/eval metrics, images/s and wall time. A workdir trained to
   the end already returns its summary.json.
   """
-  data_parallel = parallel.DataParallel.over_all_devices(config.batch_size)
+  if config.shard_state and not config.dfp:
+    raise ValueError("shard_state splits the state of DFP runs (dfp=True): XLA's float "
+                     "convolutions would spread a kernel's split onto the activations")
+  data_parallel = parallel.DataParallel.over_all_devices(config.batch_size, config.shard_state)
   lead = jax.process_index() == 0  # the one process that writes files other than checkpoints
   os.makedirs(workdir, exist_ok=True)
   if lead:
@@ -277,10 +281,11 @@ def train_and_evaluate(config: Config, workdir: str) -> dict[str, Any]:
   eval_fn = eval_step
   if config.dfp:
     step_fn, eval_fn = make_dfp_step(step_fn, config), make_dfp_step(eval_fn, config)
-  # The batch arrives sharded; the state and metrics stay replicated.
+  # The batch arrives sharded; the state keeps its sharding, the metrics are replicated.
   options = compiler_options(config)
-  p_train_step = jax.jit(step_fn, donate_argnums=0, out_shardings=data_parallel.replicated,
-                         compiler_options=options)
+  p_train_step = jax.jit(step_fn, donate_argnums=0, compiler_options=options,
+                         out_shardings=(data_parallel.state_sharding(state),
+                                        data_parallel.replicated))
   p_eval_step = jax.jit(eval_fn, out_shardings=data_parallel.replicated, compiler_options=options)
 
   if lead:

@@ -135,13 +135,18 @@ int dfp_conv_backward_data(const dfp_conv_args* args, dfp_isa isa, const dfp_par
  * [groups][n]; e[g] = floor(log2(amax of group g)) - (bits - 2) + headroom, 0 for an
  * all-zero group, DFP_NONFINITE_EXPONENT for one holding NaN or Inf (its m all 0);
  * m = saturate(R(x * 2**-e)) with |m| <= 2**(bits - 1) - 1. Integer-only, so it is exact
- * under any floating-point mode. bits in [2, 16], headroom in [0, bits - 2]. */
+ * under any floating-point mode. bits in [2, 16], headroom in [0, bits - 2].
+ * group_max, if not NULL, gives each group's amax as its magnitude bit pattern (sign bit
+ * clear; above 0x7f800000 for a NaN), e.g. the max over every shard of a group that x holds
+ * one shard of: e[g] comes from it and the kernel only forms mantissas (one pass). It must
+ * bound the group's magnitudes in x. */
 typedef struct {
   size_t groups, n;
   const float* x;
   int bits, headroom;
   int16_t* m;
   int32_t* e;
+  const uint32_t* group_max;
 } dfp_quantize_args;
 
 int dfp_quantize(const dfp_quantize_args* args, dfp_isa isa, const dfp_parallel* par);

@@ -290,8 +290,10 @@ ffi::Error Conv(ffi::ThreadPool pool, ffi::Buffer<ffi::S16> x, ffi::Buffer<ffi::
 }
 
 // x [groups, ...] float32 -> m (int16, shaped like x) and e [groups] (int32).
-ffi::Error Quantize(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Result<ffi::Buffer<ffi::S16>> m,
-                    ffi::Result<ffi::Buffer<ffi::S32>> e, int32_t bits, int32_t headroom) {
+// Both quantize targets: group_max is null for dfpjax_quantize, which finds the maxima itself.
+ffi::Error QuantizeGroups(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32>& x, const uint32_t* group_max,
+                          ffi::Result<ffi::Buffer<ffi::S16>>& m, ffi::Result<ffi::Buffer<ffi::S32>>& e,
+                          int32_t bits, int32_t headroom) {
   const auto isa = SelectedIsa();
   if (isa.has_error()) return isa.error();
   if (bits < 2 || bits > 16 || headroom < 0 || headroom > bits - 2)
@@ -310,8 +312,25 @@ ffi::Error Quantize(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Result<f
   args.headroom = headroom;
   args.m = m->typed_data();
   args.e = e->typed_data();
+  args.group_max = group_max;
   dfp_parallel par{PoolParallelFor, &pool, static_cast<int>(pool.num_threads())};
   return StatusToError(dfp_quantize(&args, *isa, &par), *isa);
+}
+
+ffi::Error Quantize(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Result<ffi::Buffer<ffi::S16>> m,
+                    ffi::Result<ffi::Buffer<ffi::S32>> e, int32_t bits, int32_t headroom) {
+  return QuantizeGroups(pool, x, nullptr, m, e, bits, headroom);
+}
+
+ffi::Error QuantizeGivenMax(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                            ffi::Buffer<ffi::U32> group_max, ffi::Result<ffi::Buffer<ffi::S16>> m,
+                            ffi::Result<ffi::Buffer<ffi::S32>> e, int32_t bits, int32_t headroom) {
+  const auto xd = x.dimensions();
+  if (xd.size() >= 1) {
+    const std::string bad = CheckSize("quantize", "group_max", group_max.element_count(), xd[0]);
+    if (!bad.empty()) return Invalid(bad);
+  }
+  return QuantizeGroups(pool, x, group_max.typed_data(), m, e, bits, headroom);
 }
 
 }  // namespace
@@ -320,6 +339,16 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(DfpQuantize, Quantize,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::S16>>()
+                                  .Ret<ffi::Buffer<ffi::S32>>()
+                                  .Attr<int32_t>("bits")
+                                  .Attr<int32_t>("headroom"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DfpQuantizeGivenMax, QuantizeGivenMax,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::U32>>()
                                   .Ret<ffi::Buffer<ffi::S16>>()
                                   .Ret<ffi::Buffer<ffi::S32>>()
                                   .Attr<int32_t>("bits")

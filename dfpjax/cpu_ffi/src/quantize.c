@@ -1,5 +1,6 @@
 /* dfp_quantize: the per-group exponent and the mantissas, split over the thread pool in chunks,
- * in one pass over the floats where the chunks' maxima allow (max_quantize_task). */
+ * in one pass over the floats where the chunks' maxima allow (max_quantize_task), or where the
+ * groups' maxima are given (group_max: a shard quantized with its whole group's exponent). */
 #include <stdlib.h>
 
 #include "dfp_kernel.h"
@@ -117,7 +118,12 @@ int dfp_quantize(const dfp_quantize_args* args, dfp_isa isa, const dfp_parallel*
     return DFP_ERR_ALLOC;
   }
   dfp_advise_output(args->m, args->groups * args->n * sizeof(int16_t));
-  if (args->n) par->parallel_for(par->pool, tasks, max_quantize_task, &j);
+  if (args->group_max != NULL) { /* the maxima are known: redo_task forms every mantissa */
+    for (size_t g = 0; g < args->groups; ++g) j.seen[g] = args->group_max[g];
+    for (size_t t = 0; t < tasks; ++t) j.used[t] = kNotQuantized;
+  } else if (args->n) {
+    par->parallel_for(par->pool, tasks, max_quantize_task, &j);
+  }
   for (size_t g = 0; g < args->groups; ++g) args->e[g] = group_exponent(j.seen[g], args);
   if (args->n) par->parallel_for(par->pool, tasks, redo_task, &j);
   free(j.seen);

@@ -50,6 +50,10 @@ class Config:
   # examples/imagenet/batch_sums.py): a step's bits then do not depend on the device count
   # (with dfp; FP32's products stay float sums); off, XLA's float sums.
   reproducible_batch_sums: bool = False
+  # DFP runs' state split over the devices ZeRO-style (parallel.DataParallel.state_sharding):
+  # each device keeps and updates a block of every convolution kernel, the same bits; it saves
+  # memory, not time (docs/examples.md), so off: replicated.
+  shard_state: bool = False
   # DFP (dfpjax.DFPConfig); off trains in FP32.
   dfp: bool = False
   dfp_bits: int = 16
