@@ -139,6 +139,7 @@ def flax_worker(spec: dict, save) -> None:
   hlo = compiled.as_text()
   if dfp and 'custom_call_target="dfpjax' not in hlo:
     raise RuntimeError("the DFP step calls no dfpjax kernel; its timing would be XLA's")
+  train.release_freed_memory()  # as the trainer does after its first (compiling) step
 
   def run_step():
     nonlocal state

@@ -240,3 +240,21 @@ def test_topk_correct_agrees_with_lax_top_k_ties_included():
       top = jax.lax.top_k(logits, min(k, classes))[1]
       expected = jnp.any(top == labels[:, None], axis=-1).astype(jnp.float32)
       np.testing.assert_array_equal(train.topk_correct(logits, labels, k), expected)
+
+
+def _resident_bytes() -> int:
+  with open("/proc/self/status", encoding="ascii") as f:
+    return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads Linux's /proc")
+def test_release_freed_memory_returns_freed_heap_to_the_system():
+  # 4,000 blocks of 64 KiB, below glibc's mmap threshold, so they come from the heap; the last
+  # one stays alive, so the heap cannot shrink from its top and keeps the rest until trimmed.
+  blocks = [np.ones(16 * 1024, np.float32) for _ in range(4000)]
+  last = blocks[-1]
+  del blocks
+  held = _resident_bytes()
+  train.release_freed_memory()
+  assert held - _resident_bytes() > 128 * 2**20
+  assert last.sum() == 16 * 1024

@@ -12,6 +12,7 @@ all processes take part in saving checkpoints (Orbax writes each array once).
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import functools
 import json
@@ -205,6 +206,18 @@ def compiler_options(config: Config) -> dict[str, str] | None:
   return {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"}
 
 
+def release_freed_memory() -> None:
+  """Hands the heap memory the process has freed back to the system (``malloc_trim``), once,
+  after compiling. glibc keeps what XLA's compiler freed in its arenas, trimming them only from
+  the top, and the step's buffers reuse little of it: the ResNet-50 DFP step's peak resident
+  memory is about 0.2 GiB lower with this call (docs/performance.md). Without glibc, nothing."""
+  try:
+    libc = ctypes.CDLL("libc.so.6")
+  except OSError:
+    return
+  libc.malloc_trim(0)
+
+
 def checkpoint_manager(workdir: str, config: Config) -> ocp.CheckpointManager:
   # Synchronous saves: the state's buffers are donated to the next step right after a save.
   options = ocp.CheckpointManagerOptions(max_to_keep=config.max_checkpoints, create=True,
@@ -312,6 +325,7 @@ def train_and_evaluate(config: Config, workdir: str) -> dict[str, Any]:
       done = step + 1
       if tick is None:  # images/s leaves out the first step, which compiles
         jax.block_until_ready(metrics)
+        release_freed_memory()
         tick, window_images = time.perf_counter(), 0
       else:
         window_images += config.batch_size
