@@ -110,6 +110,22 @@ def scattered_dimension(wanted, axes) -> int | None:
   return None
 
 
+def product_per_shard(bind, exponents, out_dtype, mesh, axes, scatter_dimension=None):
+  """The function one device runs on its shard ``(a, ea, b, eb)`` of a product: ``bind``
+  itself where no contracted dimension is split (``axes`` empty); else the kernel's exact
+  int64 partial sums, added over ``axes`` and encoded once (``sum_and_encode``), with
+  ``exponents(ea, eb)`` the two exponents broadcast to the sums."""
+  if not axes:
+    return bind
+
+  def per_shard(a, ea, b, eb):
+    with jax.enable_x64(True):
+      s = bind(a, ea, b, eb, out_dtype=np.dtype(np.int64))
+    return sum_and_encode(s, *exponents(ea, eb), out_dtype, mesh, axes, scatter_dimension)
+
+  return per_shard
+
+
 def sum_and_encode(s, ea, eb, out_dtype, mesh, axes, scatter_dimension=None):
   """``reference.encode_sums(psum(s, axes), ea, eb, out_dtype)`` for each device's exact int64
   partial sums ``s`` of a product that contracts a dimension split over mesh ``axes``;
