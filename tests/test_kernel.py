@@ -311,6 +311,12 @@ def test_conv_weight_view_attributes_pad_and_the_handler_checks_the_taps():
     bad = cpu_ffi.conv_attributes(**{**kw, "mode": mode}, weight_taps=[taps])
     with pytest.raises(Exception, match="weight taps|only mode forward"):
       _ffi(cpu_ffi.CONV_TARGET, y, i16(1, 5, 2), i32(1), i16(taps[0], 2, 4), i32(1), **bad)
+  with pytest.raises(Exception, match="transposed_weights holds 2, not 0 or 1"):
+    _ffi(cpu_ffi.CONV_TARGET, y, i16(1, 5, 2), i32(1), i16(5, 4, 2), i32(1),
+         **{**view, "transposed_weights": np.int64(2)})
+  with pytest.raises(Exception, match="weight_window, weight_tap_first, weight_tap_step need 3 values"):
+    _ffi(cpu_ffi.CONV_TARGET, y, i16(1, 5, 2), i32(1), i16(5, 4, 2), i32(1),
+         **{**view, "weight_tap_step": np.asarray([1, -2], np.int64)})
 
 
 def _ffi(target, out, *args, **attributes):
