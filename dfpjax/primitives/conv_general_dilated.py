@@ -169,9 +169,8 @@ def _partition(mesh, specs, shapes, bind, *, wanted, geometry, mode, out_dtype):
     contracted, y_spec = channel, (batch, *(None,) * (rank - 1))
   contracted = partitioning.axes_of(contracted)
   scattered = None
-  if contracted and mode == "backward_weights":
-    scattered = partitioning.scattered_dimension(wanted[0], contracted)
-    y_spec = y_spec if scattered is None else wanted[0]
+  if mode == "backward_weights":
+    scattered, y_spec = partitioning.split_as_wanted(wanted[0], contracted, y_spec)
 
   # ex is per example (forward) or one exponent: it scales the result's leading dimension
   # (the result, y or dw, has x's rank).
