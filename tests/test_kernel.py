@@ -311,6 +311,12 @@ def test_conv_weight_view_attributes_pad_and_the_handler_checks_the_taps():
     bad = cpu_ffi.conv_attributes(**{**kw, "mode": mode}, weight_taps=[taps])
     with pytest.raises(Exception, match="weight taps|only mode forward"):
       _ffi(cpu_ffi.CONV_TARGET, y, i16(1, 5, 2), i32(1), i16(taps[0], 2, 4), i32(1), **bad)
+  with pytest.raises(Exception, match="transposed_weights holds 2, not 0 or 1"):
+    _ffi(cpu_ffi.CONV_TARGET, y, i16(1, 5, 2), i32(1), i16(5, 4, 2), i32(1),
+         **{**view, "transposed_weights": np.int64(2)})
+  with pytest.raises(Exception, match="weight_window, weight_tap_first, weight_tap_step need 3 values"):
+    _ffi(cpu_ffi.CONV_TARGET, y, i16(1, 5, 2), i32(1), i16(5, 4, 2), i32(1),
+         **{**view, "weight_tap_step": np.asarray([1, -2], np.int64)})
 
 
 def _ffi(target, out, *args, **attributes):
@@ -351,3 +357,21 @@ def test_every_handler_checks_its_operand_sizes():
   with pytest.raises(Exception, match="operand e has 3 elements"):
     _ffi(cpu_ffi.QUANTIZE_TARGET, quantize, jnp.ones((2, 8), jnp.float32), bits=np.int32(16),
          headroom=np.int32(0))
+  given = dict(bits=np.int32(16), headroom=np.int32(0))
+  with pytest.raises(Exception, match="operand group_max has 3 elements"):
+    _ffi(cpu_ffi.QUANTIZE_GIVEN_MAX_TARGET, quantize[:1] + (jax.ShapeDtypeStruct((2,), jnp.int32),),
+         jnp.ones((2, 8), jnp.float32), jnp.ones((3,), jnp.uint32), **given)
+
+
+def test_quantize_given_max_handler_rejects_a_signed_maximum():
+  """group_max holds magnitudes: a float's raw bits with the sign set (which the kernel would
+  read as a NaN maximum) are an error naming the group, not a zeroed group."""
+  x = jnp.ones((2, 8), jnp.float32)
+  out = (jax.ShapeDtypeStruct((2, 8), jnp.int16), jax.ShapeDtypeStruct((2,), jnp.int32))
+  given = dict(bits=np.int32(16), headroom=np.int32(0))
+  one = np.float32(1).view(np.uint32)
+  m, e = _ffi(cpu_ffi.QUANTIZE_GIVEN_MAX_TARGET, out, x, jnp.asarray([one, one]), **given)
+  assert (np.asarray(m) == 2**14).all() and (np.asarray(e) == -14).all()
+  with pytest.raises(Exception, match=r"group_max\[1\] has the sign bit set"):
+    _ffi(cpu_ffi.QUANTIZE_GIVEN_MAX_TARGET, out, x, jnp.asarray([one, np.float32(-1).view(np.uint32)]),
+         **given)

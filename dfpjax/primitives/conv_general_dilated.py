@@ -169,19 +169,14 @@ def _partition(mesh, specs, shapes, bind, *, wanted, geometry, mode, out_dtype):
     contracted, y_spec = channel, (batch, *(None,) * (rank - 1))
   contracted = partitioning.axes_of(contracted)
   scattered = None
-  if contracted and mode == "backward_weights":
-    scattered = partitioning.scattered_dimension(wanted[0], contracted)
-    y_spec = y_spec if scattered is None else wanted[0]
+  if mode == "backward_weights":
+    scattered, y_spec = partitioning.split_as_wanted(wanted[0], contracted, y_spec)
 
-  def per_shard(x, ex, b, eb):
-    if not contracted:
-      return bind(x, ex, b, eb)
-    with jax.enable_x64(True):
-      s = bind(x, ex, b, eb, out_dtype=np.dtype(np.int64))
-    # ex is per example (forward) or one exponent: it scales y's leading dimension.
-    return partitioning.sum_and_encode(s, ex.reshape(-1, *(1,) * (s.ndim - 1)), eb.reshape(()),
-                                       out_dtype, mesh, contracted, scattered)
-
+  # ex is per example (forward) or one exponent: it scales the result's leading dimension
+  # (the result, y or dw, has x's rank).
+  exponents = lambda ex, eb: (ex.reshape(-1, *(1,) * (rank - 1)), eb.reshape(()))
+  per_shard = partitioning.product_per_shard(bind, exponents, out_dtype, mesh, contracted,
+                                             scattered)
   return per_shard, y_spec, (x_spec, ex_spec, b_spec, (None,))
 
 

@@ -1,6 +1,8 @@
 """Backward convolutions as forward ones: JAX's transpose rules for
 ``conv_general_dilated``, and the sub-pixel phases of a convolution over an lhs-dilated
-input (a strided convolution's backward-data) that skip the inserted zeros.
+input (a strided convolution's backward-data) that skip the inserted zeros. Backward-data
+hands the kernel the forward's weights as they lie, with a geometry that reads them flipped
+and transposed (``backward_data_conv``); ``transpose_lhs`` makes that operand with XLA.
 
 The functions that run a convolution take it as ``conv``, a callable with
 ``dfp_conv_p.bind``'s signature: the primitive, or its pure-XLA twin

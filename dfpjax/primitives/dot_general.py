@@ -181,20 +181,12 @@ def _partition(mesh, specs, shapes, bind, *, wanted, lhs_kmajor, rhs_nmajor, out
   arg_specs = (tuple(split[f] for f in a_f), exponent_spec(shapes[1], ("b", "m")),
                tuple(split[f] for f in b_f), exponent_spec(shapes[3], ("b", "n")))
   contracted = partitioning.axes_of(split["k"])
-  result_spec = (split["b"], split["m"], split["n"])
-  scattered = None
-  if contracted and result_spec == (None,) * 3:
-    scattered = partitioning.scattered_dimension(wanted[0], contracted)
-    result_spec = result_spec if scattered is None else wanted[0]
+  scattered, result_spec = partitioning.split_as_wanted(wanted[0], contracted,
+                                                        (split["b"], split["m"], split["n"]))
 
-  def per_shard(a, ea, b, eb):
-    if not contracted:
-      return bind(a, ea, b, eb)
-    with jax.enable_x64(True):
-      s = bind(a, ea, b, eb, out_dtype=np.dtype(np.int64))
-    return partitioning.sum_and_encode(s, ea[:, :, None], eb[:, None, :], out_dtype, mesh,
-                                       contracted, scattered)
-
+  per_shard = partitioning.product_per_shard(
+      bind, lambda ea, eb: (ea[:, :, None], eb[:, None, :]), out_dtype, mesh, contracted,
+      scattered)
   return per_shard, result_spec, arg_specs
 
 

@@ -99,15 +99,34 @@ def fresh_factors(prefix: str, count: int) -> list[str]:
   return [f"{prefix}{i}" for i in range(count)]
 
 
-def scattered_dimension(wanted, axes) -> int | None:
-  """The one dimension that ``wanted``, the spec a consumer asks of a product's result, splits,
-  if it splits it over exactly ``axes``, the mesh axes the product contracts (a weight
-  gradient for a weight sharded over the batch's axes); else ``None``. ``sum_and_encode``
-  then returns that dimension's block."""
+def split_as_wanted(wanted, axes, spec) -> tuple[int | None, tuple]:
+  """``(scatter_dimension, result_spec)`` of a product whose result ``spec`` is replicated and
+  whose contracted dimension is split over mesh ``axes``: where ``wanted``, the spec its
+  consumer asks of the result, splits one dimension over exactly ``axes`` (the gradient of a
+  weight sharded over the batch's axes), that dimension and ``wanted`` (``sum_and_encode``
+  then returns each device's block of it); else ``(None, spec)``."""
+  if not axes or any(entry is not None for entry in spec):
+    return None, spec
   split = [d for d, entry in enumerate(wanted) if entry is not None]
   if len(split) == 1 and axes_of(wanted[split[0]]) == tuple(axes):
-    return split[0]
-  return None
+    return split[0], tuple(wanted)
+  return None, spec
+
+
+def product_per_shard(bind, exponents, out_dtype, mesh, axes, scatter_dimension=None):
+  """The function one device runs on its shard ``(a, ea, b, eb)`` of a product: ``bind``
+  itself where no contracted dimension is split (``axes`` empty); else the kernel's exact
+  int64 partial sums, added over ``axes`` and encoded once (``sum_and_encode``), with
+  ``exponents(ea, eb)`` the two exponents broadcast to the sums."""
+  if not axes:
+    return bind
+
+  def per_shard(a, ea, b, eb):
+    with jax.enable_x64(True):
+      s = bind(a, ea, b, eb, out_dtype=np.dtype(np.int64))
+    return sum_and_encode(s, *exponents(ea, eb), out_dtype, mesh, axes, scatter_dimension)
+
+  return per_shard
 
 
 def sum_and_encode(s, ea, eb, out_dtype, mesh, axes, scatter_dimension=None):

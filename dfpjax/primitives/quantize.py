@@ -6,7 +6,8 @@ path (``numerics.quantization``): a large HLO per operand, which dominates compi
 and memory of a whole train step. ``dfp_quantize_p`` is the same function as one kernel
 call, integer-only and exact for every input, with one exponent per leading index
 (``vmap`` folds into it). On other platforms, and in ``reference_mode``, it is the
-numerics module's code.
+numerics module's code. ``dfp_quantize_given_max_p`` is the same kernel on one shard of a
+group whose amax over all shards is given (a sharded operand's global exponent).
 """
 
 from __future__ import annotations

@@ -330,6 +330,12 @@ ffi::Error QuantizeGivenMax(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
     const std::string bad = CheckSize("quantize", "group_max", group_max.element_count(), xd[0]);
     if (!bad.empty()) return Invalid(bad);
   }
+  // A set sign bit would read as a NaN maximum and silently zero the group.
+  const uint32_t* top = group_max.typed_data();
+  for (size_t g = 0; g < group_max.element_count(); ++g)
+    if (top[g] >> 31)
+      return Invalid("quantize: group_max[" + std::to_string(g) + "] has the sign bit set; it takes magnitudes "
+                     "(the float's bits & 0x7fffffff)");
   return QuantizeGroups(pool, x, group_max.typed_data(), m, e, bits, headroom);
 }
 
