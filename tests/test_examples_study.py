@@ -108,6 +108,43 @@ def test_an_interrupted_grid_resumes_without_retraining_finished_runs(grid, tmp_
       assert again[key] == original[key], (run.label, key)
 
 
+def test_records_carry_finished_runs_to_another_work_directory(grid, tmp_path, monkeypatch):
+  tiny, workdir, runs, _ = grid
+  records = str(tmp_path / "records")
+  # Recording a finished grid copies only the record files, no checkpoints.
+  study.run_studies([tiny], workdir, train_runs=False, records=records, log=lambda line: None)
+  kept = study.plan(tiny, records, tiny.config)
+  for run in kept:
+    assert sorted(os.listdir(run.directory)) == sorted(study.RECORD_FILES)
+  # A copy interrupted before its summary is an incomplete record: not read, and completed
+  # when the finished run is recorded again.
+  os.remove(os.path.join(kept[2].directory, "summary.json"))
+  os.remove(os.path.join(kept[2].directory, reporting.METRICS_FILE))
+  assert study.finished_summary(kept[2]) is None
+  study.run_studies([tiny], workdir, train_runs=False, records=records, log=lambda line: None)
+  assert sorted(os.listdir(kept[2].directory)) == sorted(study.RECORD_FILES)
+
+  # A new work directory trains nothing the records hold, and reports the same.
+  fresh = str(tmp_path / "fresh")
+  monkeypatch.setattr(train, "train_and_evaluate",
+                      lambda config, directory: pytest.fail(f"trained {directory}"))
+  lines = []
+  study.run_studies([tiny], fresh, records=records, log=lines.append)
+  assert all("finished earlier" in line for line in lines[:4])
+  assert (_read(os.path.join(fresh, "tiny", "study.json"))["rows"]
+          == _read(os.path.join(workdir, "tiny", "study.json"))["rows"])
+  with open(os.path.join(fresh, "tiny", runs[0].setting.name, "seed0",
+                         reporting.METRICS_FILE), encoding="utf-8") as f:
+    assert f.read() == open(os.path.join(runs[0].directory, reporting.METRICS_FILE),
+                            encoding="utf-8").read()
+
+  # Records of another config are an error, not a silent mix.
+  other = dataclasses.replace(tiny, config=dataclasses.replace(tiny.config, batch_size=16))
+  with pytest.raises(ValueError, match="holds a run of another config"):
+    study.run_studies([other], str(tmp_path / "other"), train_runs=False, records=records,
+                      log=lambda line: None)
+
+
 def test_the_summary_files(grid):
   _, workdir, runs, _ = grid
   record = _read(os.path.join(workdir, "tiny", "study.json"))
@@ -292,6 +329,8 @@ def test_the_command_line(grid, tiny_config_path, capsys):
     main.main(["study", "--config", "resnet18", "--workdir", workdir, "--report_only"])
   with pytest.raises(SystemExit):
     main.parse_args(["train", "--workdir", workdir, "--seeds", "1"])
+  with pytest.raises(SystemExit):
+    main.parse_args(["train", "--workdir", workdir, "--records", workdir])
   args = main.parse_args(["study", "--workdir", workdir, "--settings", "fp32,dfp16",
                           "--seeds", "3,4"])
   assert args.settings == ("fp32", "dfp16") and args.seeds == (3, 4)

@@ -102,6 +102,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   group.add_argument("--seeds", type=_seeds, help="comma-separated seeds (default: the study's)")
   group.add_argument("--report_only", action="store_true",
                      help="train nothing, only rewrite the summary")
+  group.add_argument("--records", help="a directory that keeps each finished run's config, "
+                     "metrics and summary (to commit), and whose runs are not trained again")
   group = parser.add_argument_group(
       "several processes", "all three together call jax.distributed.initialize (gloo on CPU); "
       "every process loads its part of each global batch, process 0 writes the metrics")
@@ -109,8 +111,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   group.add_argument("--num_processes", type=int, help="how many processes take part")
   group.add_argument("--process_id", type=int, help="this process's index, 0..num_processes-1")
   args = parser.parse_args(argv)
-  if args.mode != "study" and (args.settings or args.seeds or args.report_only):
-    parser.error("--settings, --seeds and --report_only belong to the study mode")
+  if args.mode != "study" and (args.settings or args.seeds or args.report_only or args.records):
+    parser.error("--settings, --seeds, --report_only and --records belong to the study mode")
   distributed = (args.coordinator_address, args.num_processes, args.process_id)
   if any(v is not None for v in distributed) and None in distributed:
     parser.error("--coordinator_address, --num_processes and --process_id go together")
@@ -142,7 +144,7 @@ def run_study(args: argparse.Namespace) -> str:
   studies = [load_study(name) for name in _patterns(args.config)]
   return study.run_studies(studies, args.workdir, dataset=dataset, overrides=overrides,
                            settings=args.settings, seeds=args.seeds,
-                           train_runs=not args.report_only)
+                           train_runs=not args.report_only, records=args.records)
 
 
 def main(argv=None):

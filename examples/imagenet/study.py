@@ -6,7 +6,10 @@ own trainer (``train.train_and_evaluate``) in its own directory, then summarised
 ``--workdir`` holds ``<network>/<setting>/seed<k>/``, one trainer workdir per run. The study is
 resumable at any point: a run with a summary.json is read back, not retrained; an interrupted run
 continues from its latest checkpoint (the trainer's exact resume); a run directory trained with a
-different config is an error rather than a silent mix. The method is in docs/accuracy.md.
+different config is an error rather than a silent mix. With ``--records DIR`` each finished run's
+config, metrics and summary are also kept in ``DIR`` (same layout, no checkpoints: small enough to
+commit), and a run found there is copied into the work directory instead of being trained, so a
+grid that spans machines loses at most its unfinished run. The method is in docs/accuracy.md.
 """
 
 from __future__ import annotations
@@ -14,10 +17,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import time
 from typing import Callable, Sequence
 
-from examples.imagenet import study_report, train
+from examples.imagenet import reporting, study_report, train
 from examples.imagenet.configs.base import Config
 
 # Config fields that do not change what a run computes (the data order does not depend on the
@@ -25,6 +29,8 @@ from examples.imagenet.configs.base import Config
 RESULT_NEUTRAL_FIELDS = ("num_workers", "data_dir", "log_every_steps", "checkpoint_every_steps",
                          "max_checkpoints", "memory_optimized_schedule")
 IMAGENET_DATASETS = ("imagenet_folder", "imagenet_tfds")
+# What a finished run's record keeps: all that the study's summary reads.
+RECORD_FILES = ("config.json", reporting.METRICS_FILE, "summary.json")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -209,9 +215,30 @@ def _eta(pending: Sequence[Run], walls: dict[tuple[str, bool], list[float]]) -> 
   return f"ETA {_minutes(total)} for {len(pending)} run(s)"
 
 
-def run_grid(runs: Sequence[Run], log: Callable[[str], None] = print) -> list[dict]:
+def sync_record(run: Run, records: str):
+  """Makes ``records`` and the work directory agree on ``run`` when it has finished in either:
+  a record absent from the work directory is copied there, a finished run absent from
+  ``records`` is copied to it (only RECORD_FILES, summary.json last, so a record without it
+  is an incomplete copy and is overwritten)."""
+  record = dataclasses.replace(run, directory=run_directory(records, run.network,
+                                                            run.setting.name, run.seed))
+  if finished_summary(run) is not None:
+    source, target = run, record
+  elif finished_summary(record) is not None:  # also checks the record's config
+    source, target = record, run
+  else:
+    return
+  if finished_summary(target) is None:
+    os.makedirs(target.directory, exist_ok=True)
+    for name in RECORD_FILES:
+      shutil.copyfile(os.path.join(source.directory, name), os.path.join(target.directory, name))
+
+
+def run_grid(runs: Sequence[Run], log: Callable[[str], None] = print,
+             records: str | None = None) -> list[dict]:
   """Trains the runs not finished yet, in order, with a progress line per run; returns every
-  run's summary. Wall times (for the ETA) come from the finished runs' summaries."""
+  run's summary. Wall times (for the ETA) come from the finished runs' summaries. With
+  ``records``, each run is recorded there as it finishes (sync_record)."""
   summaries = [finished_summary(run) for run in runs]  # every directory checked before training
   walls: dict[tuple[str, bool], list[float]] = {}
   for run, summary in zip(runs, summaries):
@@ -229,6 +256,8 @@ def run_grid(runs: Sequence[Run], log: Callable[[str], None] = print) -> list[di
         f"{_eta(pending, walls)}")
     start = time.perf_counter()
     summaries[i] = train.train_and_evaluate(run.config, run.directory)
+    if records:
+      sync_record(run, records)
     elapsed = time.perf_counter() - start
     walls.setdefault((run.network, run.config.dfp), []).append(elapsed)
     log(f"{head}: done in {_minutes(elapsed)}, eval top-1 {summaries[i]['eval_top1']:.4f}, "
@@ -239,22 +268,27 @@ def run_grid(runs: Sequence[Run], log: Callable[[str], None] = print) -> list[di
 def run_studies(studies: Sequence[Study], workdir: str, *, dataset: str | None = None,
                 overrides: dict | None = None, settings: Sequence[str] | None = None,
                 seeds: Sequence[int] | None = None, train_runs: bool = True,
-                log: Callable[[str], None] = print) -> str:
+                records: str | None = None, log: Callable[[str], None] = print) -> str:
   """Trains the selected runs of ``studies`` (``train_runs=False``: none), then writes every
   network's summary over all its runs found in ``workdir`` and the study's index; returns the
-  index's markdown.
+  index's markdown. With ``records``, every run of the studies is first synced with it
+  (sync_record), so the summary covers the runs recorded there too.
 
   Args:
     dataset: a dataset of input_pipeline.DATASETS; ImageNet ones run each study's ImageNet recipe.
     overrides: Config fields replaced in every network's config (the command line's flags).
     settings, seeds: the part of the grid to train (None: all of it).
+    records: a directory of finished runs' records kept beside the code (run_grid).
   """
   bases = [dataclasses.replace(s.base_config(dataset), **(overrides or {})) for s in studies]
   # Every study is planned before any training, so that a bad setting name fails first.
   runs = [run for study, base in zip(studies, bases)
           for run in plan(study, workdir, base, settings, seeds)]
+  for study, base in zip(studies, bases) if records else ():
+    for run in plan(study, workdir, base, None, sorted(set(study.seeds) | set(seeds or ()))):
+      sync_record(run, records)
   if train_runs:
-    run_grid(runs, log)
+    run_grid(runs, log, records)
   for study, base in zip(studies, bases):
     found = study_report.seeds_on_disk(workdir, study.network)
     all_runs = plan(study, workdir, base, None, sorted(set(study.seeds) | found))
