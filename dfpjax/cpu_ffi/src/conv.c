@@ -335,13 +335,15 @@ static void col2im_group(col2im_plan* c, size_t image, size_t g, int16_t* apack,
     }
     const size_t row1 = min_size(row0 + panels * mr, c->pixels);
     for (size_t row = row0; row < row1; ++row) {
-      size_t pos[3], t[3] = {0, 0, 0}, lo, hi;
+      size_t pos[3], t[3] = {0, 0, 0}, lo = 0, hi = units.taps;
       dfp_split_pixel(s, row, pos);
-      dfp_unit_taps(s, &units, pos, &lo, &hi);
+      const int64_t origin = dfp_window_origin(s, 0, pos); /* within the image */
+      if (origin < 0) dfp_unit_taps(s, &units, pos, &lo, &hi);
       /* A unit's taps [lo, hi) add into consecutive input pixels (im2col.h). */
       for (size_t tap = 0; tap < c->taps && lo < hi; tap += units.taps, dfp_next_unit(s, &units, t)) {
         const size_t first[3] = {t[0], t[1], t[2] + lo};
-        const int64_t pixel = dfp_input_pixel(s, 0, pos, first); /* within the image */
+        const int64_t pixel =
+            origin >= 0 ? origin + (int64_t)dfp_tap_offset(s, first) : dfp_input_pixel(s, 0, pos, first);
         if (pixel < 0) continue;
         add_sums(dx + (size_t)pixel * channels_in + g * s->cin, acc + (row - row0) * ldc + (tap + lo) * s->cin,
                  (hi - lo) * s->cin);
