@@ -53,25 +53,41 @@ typedef struct {
 static size_t min_size(size_t a, size_t b) { return a < b ? a : b; }
 static size_t ceil_div(size_t a, size_t b) { return (a + b - 1) / b; }
 
-static void pack_b_task(void* arg, size_t t) {
-  conv_plan* c = (conv_plan*)arg;
+/* Packs K blocks [kb0, kb1) of the round (indices within it) of B panel q of group g. */
+static void pack_b_panel(conv_plan* c, size_t g, size_t q, size_t kb0, size_t kb1) {
   const dfp_conv_shape* s = &c->args->shape;
-  const size_t g = t / c->npanels, q = t % c->npanels;
   const int nr = c->nr;
-  const size_t channels = s->groups * s->cout, k0 = c->round_kb0 * 2 * DFP_KC_PAIRS;
-  const size_t k1 = min_size(c->k, (c->round_kb0 + c->round_kblocks) * 2 * DFP_KC_PAIRS);
-  int16_t* dst = c->bpack + t * c->bkpairs * nr * 2;
-  uint64_t* bounds = c->bbound + t * c->bkblocks * DFP_CHUNK_LEVELS;
+  const size_t t = g * c->npanels + q, channels = s->groups * s->cout;
+  const size_t k0 = (c->round_kb0 + kb0) * 2 * DFP_KC_PAIRS;
+  const size_t k1 = min_size(c->k, (c->round_kb0 + kb1) * 2 * DFP_KC_PAIRS);
+  int16_t* dst = c->bpack + (t * c->bkpairs + kb0 * DFP_KC_PAIRS) * nr * 2;
+  uint64_t* bounds = c->bbound + (t * c->bkblocks + kb0) * DFP_CHUNK_LEVELS;
   if (!c->plain_weights) { /* forward, all of K in one round: w through its view of b */
     if (dfp_pack_weights_panel(c->cfg, c->args->b, s, &c->args->weights, g, q * nr, nr, dst, bounds))
       dfp_fail(&c->status, DFP_ERR_BAD_MANTISSA);
     return;
   }
-  /* w [taps * cin][groups * cout] or dy [pixels][groups * cout]: the round's K rows, this
-   * group's columns. */
+  /* w [taps * cin][groups * cout] or dy [pixels][groups * cout]: the K rows, this group's
+   * columns. */
   if (dfp_pack_panel(c->cfg, c->args->b + k0 * channels + g * s->cout, c->n, k1 - k0, 1, channels, q * nr, nr,
                      dst, bounds))
     dfp_fail(&c->status, DFP_ERR_BAD_MANTISSA);
+}
+
+/* Forward: B panel t (group-major) over all of K. */
+static void pack_b_task(void* arg, size_t t) {
+  conv_plan* c = (conv_plan*)arg;
+  pack_b_panel(c, t / c->npanels, t % c->npanels, 0, c->round_kblocks);
+}
+
+/* Backward-weights: panel q of K block kb of the round of group g, q fastest. The threads take
+ * the panels of one K block together, so its dy rows come from memory once and are packed from
+ * the cache; a task per panel over the whole round would stream the round (megabytes) once per
+ * panel. */
+static void pack_b_kblock_task(void* arg, size_t t) {
+  conv_plan* c = (conv_plan*)arg;
+  const size_t q = t % c->npanels, kb = t / c->npanels % c->round_kblocks, g = t / c->npanels / c->round_kblocks;
+  pack_b_panel(c, g, q, kb, kb + 1);
 }
 
 /* Stores (or with accumulate, adds) the sum of K blocks [kb0, kb1) of the round of cache
@@ -255,12 +271,15 @@ static int conv_run(const dfp_conv_args* args, int backward, dfp_isa isa, const 
     c.status = DFP_ERR_ALLOC;
   } else if (!sums) {
     c.round_kblocks = c.kblocks;
-    par->parallel_for(par->pool, bpanels, pack_b_task, &c);
+    if (backward)
+      par->parallel_for(par->pool, bpanels * c.kblocks, pack_b_kblock_task, &c);
+    else
+      par->parallel_for(par->pool, bpanels, pack_b_task, &c);
     if (c.status == DFP_OK) par->parallel_for(par->pool, blocks, block_task, &c);
   } else {
     for (; c.round_kb0 < c.kblocks && c.status == DFP_OK; c.round_kb0 += c.bkblocks) {
       c.round_kblocks = min_size(c.bkblocks, c.kblocks - c.round_kb0);
-      par->parallel_for(par->pool, bpanels, pack_b_task, &c);
+      par->parallel_for(par->pool, bpanels * c.round_kblocks, pack_b_kblock_task, &c);
       if (c.status == DFP_OK) par->parallel_for(par->pool, c.ksplit * blocks, backward_task, &c);
     }
     if (c.status == DFP_OK) par->parallel_for(par->pool, s->groups * c.mblocks, backward_encode_task, &c);
@@ -335,13 +354,15 @@ static void col2im_group(col2im_plan* c, size_t image, size_t g, int16_t* apack,
     }
     const size_t row1 = min_size(row0 + panels * mr, c->pixels);
     for (size_t row = row0; row < row1; ++row) {
-      size_t pos[3], t[3] = {0, 0, 0}, lo, hi;
+      size_t pos[3], t[3] = {0, 0, 0}, lo = 0, hi = units.taps;
       dfp_split_pixel(s, row, pos);
-      dfp_unit_taps(s, &units, pos, &lo, &hi);
+      const int64_t origin = dfp_window_origin(s, 0, pos); /* within the image */
+      if (origin < 0) dfp_unit_taps(s, &units, pos, &lo, &hi);
       /* A unit's taps [lo, hi) add into consecutive input pixels (im2col.h). */
       for (size_t tap = 0; tap < c->taps && lo < hi; tap += units.taps, dfp_next_unit(s, &units, t)) {
         const size_t first[3] = {t[0], t[1], t[2] + lo};
-        const int64_t pixel = dfp_input_pixel(s, 0, pos, first); /* within the image */
+        const int64_t pixel =
+            origin >= 0 ? origin + (int64_t)dfp_tap_offset(s, first) : dfp_input_pixel(s, 0, pos, first);
         if (pixel < 0) continue;
         add_sums(dx + (size_t)pixel * channels_in + g * s->cin, acc + (row - row0) * ldc + (tap + lo) * s->cin,
                  (hi - lo) * s->cin);

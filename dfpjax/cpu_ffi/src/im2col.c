@@ -12,10 +12,17 @@ static inline const int16_t* tap_source(const dfp_patches* P, size_t n, const si
 }
 
 /* Elements [a, b) of the unit starting at tap t (its element 0 has index `first`) for output
- * pixel (n, p), into out[0, b - a): the taps the input covers copied at once, zero elsewhere. */
+ * pixel (n, p), into out[0, b - a): the taps the input covers copied at once, zero elsewhere.
+ * origin: dfp_window_origin of the pixel; where the whole window is inside, the unit is
+ * copied from there without further checks. */
 static void copy_unit(const dfp_patches* P, const dfp_unit_shape* u, size_t n, const size_t p[3], const size_t t[3],
-                      size_t first, size_t a, size_t b, int16_t* out) {
+                      int64_t origin, size_t first, size_t a, size_t b, int16_t* out) {
   const dfp_conv_shape* s = P->shape;
+  if (origin >= 0) {
+    const size_t pixel = (size_t)origin + dfp_tap_offset(s, t);
+    memcpy(out, P->x + pixel * s->groups * s->cin + P->channel0 + (a - first), (b - a) * sizeof(int16_t));
+    return;
+  }
   size_t lo, hi;
   dfp_unit_taps(s, u, p, &lo, &hi);
   const size_t tap[3] = {t[0], t[1], t[2] + lo};
@@ -38,11 +45,12 @@ static void fill_row(const dfp_patches* P, const dfp_unit_shape* u, size_t row, 
   const dfp_conv_shape* s = P->shape;
   size_t p[3], t[3];
   const size_t n = dfp_split_pixel(s, row, p);
+  const int64_t origin = dfp_window_origin(s, n, p);
   size_t first = k0 / u->elements * u->elements;
   dfp_split_tap(s, first / s->cin, t);
   for (; first < k1; first += u->elements, dfp_next_unit(s, u, t)) {
     const size_t a = first > k0 ? first : k0, b = first + u->elements < k1 ? first + u->elements : k1;
-    copy_unit(P, u, n, p, t, first, a, b, dst + (a - k0));
+    copy_unit(P, u, n, p, t, origin, first, a, b, dst + (a - k0));
   }
 }
 
@@ -105,8 +113,10 @@ static void gather_taps(const dfp_patches* P, size_t row0, size_t end, size_t k0
   size_t n = dfp_split_pixel(s, k0, p);
   for (size_t k = k0; k < k1; ++k) {
     int16_t* column = gather + (k - k0) * span;
+    const int64_t origin = dfp_window_origin(s, n, p);
     for (size_t j = 0; j < count; ++j)
-      copy_unit(P, &u, n, p, units[j].t, units[j].first, units[j].a, units[j].b, column + (units[j].a - row0));
+      copy_unit(P, &u, n, p, units[j].t, origin, units[j].first, units[j].a, units[j].b,
+                column + (units[j].a - row0));
     /* Next pixel: p2 fastest, then p1, p0, n. */
     if (++p[2] == s->out[2]) {
       p[2] = 0;

@@ -56,6 +56,27 @@ static inline int64_t dfp_input_pixel(const dfp_conv_shape* s, size_t n, const s
   return (int64_t)(((n * s->in[0] + (size_t)u0) * s->in[1] + (size_t)u1) * s->in[2] + (size_t)u2);
 }
 
+/* The input pixel (over the batch) that tap (0, 0, 0) of output position p of image n reads,
+ * when every tap of the window reads inside the input (no padding, no lhs dilation), else -1:
+ * the common case, where tap t reads pixel origin + dfp_tap_offset(s, t) and no tap needs the
+ * checks of dfp_input_pixel. */
+static inline int64_t dfp_window_origin(const dfp_conv_shape* s, size_t n, const size_t p[3]) {
+  int64_t pixel = (int64_t)n;
+  for (int d = 0; d < 3; ++d) {
+    const int64_t u = (int64_t)p[d] * s->stride[d] - s->pad_lo[d];
+    if (s->lhs_dil[d] != 1 || u < 0 || u + ((int64_t)s->window[d] - 1) * s->rhs_dil[d] >= (int64_t)s->in[d])
+      return -1;
+    pixel = pixel * (int64_t)s->in[d] + u;
+  }
+  return pixel;
+}
+
+/* Pixels from a window's origin to the one its tap t reads (see dfp_window_origin). */
+static inline size_t dfp_tap_offset(const dfp_conv_shape* s, const size_t t[3]) {
+  return ((t[0] * (size_t)s->rhs_dil[0]) * s->in[1] + t[1] * (size_t)s->rhs_dil[1]) * s->in[2] +
+         t[2] * (size_t)s->rhs_dil[2];
+}
+
 static inline void dfp_split_tap(const dfp_conv_shape* s, size_t tap, size_t t[3]) {
   t[2] = tap % s->window[2];
   t[1] = tap / s->window[2] % s->window[1];

@@ -97,7 +97,18 @@ void dfp_pack_columns_avx2(const int16_t* src, size_t pairs, size_t col_stride, 
       _mm_storeu_si128((__m128i*)(o + 2 * i + 8), _mm_unpackhi_epi16(x, y));
       i += 8;
     }
-    if (i + 4 <= valid) { /* the 6-lane panels of the 256-bit kernels: four lanes here, two below */
+    if (i + 4 < valid && p + 1 < pairs && col_stride >= 8) {
+      /* The 6-lane panels of the 256-bit kernels: six lanes from two 8-lane loads. Their two
+       * extra lanes lie before in1 (col_stride >= 8) or before the next pair's in0, inside
+       * the source; they are read, never stored. */
+      const __m128i x = _mm_loadu_si128((const __m128i*)(in0 + i)), y = _mm_loadu_si128((const __m128i*)(in1 + i));
+      _mm_storeu_si128((__m128i*)(o + 2 * i), _mm_unpacklo_epi16(x, y));
+      i += 4;
+      if (i + 2 <= valid) {
+        _mm_storel_epi64((__m128i*)(o + 2 * i), _mm_unpackhi_epi16(x, y));
+        i += 2;
+      }
+    } else if (i + 4 <= valid) { /* four lanes here, the rest below */
       const __m128i x = _mm_loadl_epi64((const __m128i*)(in0 + i)), y = _mm_loadl_epi64((const __m128i*)(in1 + i));
       _mm_storeu_si128((__m128i*)(o + 2 * i), _mm_unpacklo_epi16(x, y));
       i += 4;
