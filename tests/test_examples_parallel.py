@@ -36,6 +36,7 @@ no larger a difference than FP32's). Tested here, as the DFP runs.
 import dataclasses
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -373,3 +374,12 @@ def test_sharded_state_gives_the_replicated_states_bits():
       assert len(dims) == 4 and max(dims[:2]) <= 7 and tuple(dims[2:]) in channels, g
     else:
       assert dtype == "f32" and np.prod(dims) in param_sizes, g
+  # Each kernel's int64 weight-gradient sums are reduce-scattered along their rows, where the
+  # kernel wrote them (partitioning.sum_and_encode), and the encoded float32 blocks exchanged;
+  # only the stem's (7 x 7 x 3 rows, which 4 devices do not divide) are copied into blocks of
+  # output channels first.
+  entry = run.hlo[0][run.hlo[0].index("\nENTRY "):]
+  s64_copies = re.findall(r"= s64\[([\d,]+)\]\S* (?!custom-call|reduce-scatter|bitcast|parameter"
+                          r"|get-tuple-element)", entry)
+  assert s64_copies == ["7,7,3,4"], s64_copies
+  assert entry.count(" all-to-all(") == 19

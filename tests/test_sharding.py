@@ -250,9 +250,13 @@ def test_exponent_axes_must_name_axes():
 _SUM_AND_ENCODE = """
 from dfpjax.primitives import partitioning, reference
 rng = np.random.default_rng(0)
-# On 4 devices: split after dimension 0; no leading dimensions divide (the all-reduce); split
-# after dimension 1.
-for shape in ((4, 6), (3, 5), (2, 6, 8)):
+# On 4 devices, each shape with the dimension its result is also wanted split along (or
+# None): rows split after dimension 0 (wanted split along that same dimension: the direct
+# reduce-scatter); no leading dimensions divide (the all-reduce; the direct reduce-scatter
+# along dimension 2); rows split after dimension 1 (exchanged by an all-to-all for dimension
+# 2, the rows ending at it); rows split after dimension 0 (the all-to-all, rows ending before
+# dimension 2).
+for shape, d in (((4, 6), 0), ((3, 5), None), ((3, 5, 8), 2), ((2, 6, 8), 2), ((4, 3, 8), 2)):
   with jax.enable_x64(True):
     s = jnp.asarray(rng.integers(-2**40, 2**40, (4, *shape)))
     ea = jnp.asarray(rng.integers(-60, 0, (*shape[:-1], 1)), jnp.int32)
@@ -264,8 +268,7 @@ for shape in ((4, 6), (3, 5), (2, 6, 8)):
       f = jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=P("data"), out_specs=P(), check_vma=False))
       report(f"{shape}.{name}", f(jax.device_put(s, NamedSharding(mesh, P("data")))))
     # The result wanted split along a dimension: each device keeps its encoded block.
-    if shape != (3, 5):
-      d = 0 if len(shape) == 2 else 2
+    if d is not None:
       scatter = lambda s: partitioning.sum_and_encode(s[0], ea, eb, np.float32, mesh, "data", d)
       f = jax.jit(jax.shard_map(scatter, mesh=mesh, in_specs=P("data"), check_vma=False,
                                 out_specs=P(*(None,) * d, "data")))
@@ -278,7 +281,7 @@ def test_sum_and_encode_is_the_encoded_all_reduce():
   encoding the all-reduced sums, NaN markers included, whether the sums split evenly or not,
   and whether the blocks are gathered or stay split (a result wanted sharded)."""
   run = run_on_devices(_SUM_AND_ENCODE, 4)
-  for shape in ((4, 6), (3, 5), (2, 6, 8)):
+  for shape in ((4, 6), (3, 5), (3, 5, 8), (2, 6, 8), (4, 3, 8)):
     split, psum = run.results[f"{shape}.split"], run.results[f"{shape}.psum"]
     assert split.shape == shape and np.isnan(split.reshape(-1)[0])
     np.testing.assert_array_equal(split.view(np.uint32), psum.view(np.uint32), err_msg=str(shape))

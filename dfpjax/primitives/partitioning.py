@@ -134,28 +134,30 @@ def sum_and_encode(s, ea, eb, out_dtype, mesh, axes, scatter_dimension=None):
   partial sums ``s`` of a product that contracts a dimension split over mesh ``axes``;
   ``ea, eb`` broadcast to ``s``.
 
-  Each device encodes only its own block of the sums: a reduce-scatter of the int64 sums,
-  the encoding of that block, and, unless the result is wanted split along
-  ``scatter_dimension`` (the device's block of it is then its result), an all-gather of the
-  encoded blocks (split along the first dimensions whose product the device count divides).
-  The encoding is elementwise, so these are the bits of encoding the all-reduced sums, but no
-  device repeats another's encoding or receives the full int64 sums (twice the bytes of a
-  float32 result). A weight gradient, the common case, is as large as the weights on every
-  device, so the saving is a weight-sized pass per device, not a batch-sized one. When no
-  leading dimensions divide evenly, the int64 sums are all-reduced and every device encodes
-  them.
+  Each device encodes only its own block of the sums: a reduce-scatter of the int64 sums
+  along their first dimensions whose product the device count divides (a row block, read in
+  place), the encoding of that block, and an exchange of the encoded float32 blocks: an
+  all-gather, or, where the result is wanted split along ``scatter_dimension`` (the device's
+  block of it is then its result), an all-to-all that gives each device all rows of its block
+  along that dimension. The encoding is elementwise, so these are the bits of encoding the
+  all-reduced sums, but no device repeats another's encoding or receives the full int64 sums
+  (twice the bytes of a float32 result), and the int64 sums are never transposed: a
+  reduce-scatter along a later dimension would copy them whole into that dimension's blocks
+  first, on every device. A weight gradient, the common case, is as large as the weights on
+  every device, so the saving is a weight-sized pass per device, not a batch-sized one.
+  Where no such rows exist the int64 sums are reduce-scattered along ``scatter_dimension``
+  itself, or, unscattered, all-reduced and encoded on every device.
   """
   with jax.enable_x64(True):
-    if scatter_dimension is not None:
-      d = scatter_dimension
+    devices = axes_size(mesh, axes)
+    d = s.ndim if scatter_dimension is None else scatter_dimension
+    leading = next((k for k in range(1, d + 1) if math.prod(s.shape[:k]) % devices == 0), None)
+    if leading is None and scatter_dimension is not None:
       block = lax.psum_scatter(s, axes, scatter_dimension=d, tiled=True)
       start = lax.axis_index(axes) * block.shape[d]
       own = lambda e: e if np.ndim(e) == 0 or e.shape[d] == 1 else lax.dynamic_slice_in_dim(
           e, start, block.shape[d], axis=d)
       return reference.encode_sums(block, own(ea), own(eb), out_dtype)
-    devices = axes_size(mesh, axes)
-    leading = next((k for k in range(1, s.ndim + 1)
-                    if math.prod(s.shape[:k]) % devices == 0), None)
     if leading is None:
       return reference.encode_sums(lax.psum(s, axes), ea, eb, out_dtype)
     rows = math.prod(s.shape[:leading])
@@ -164,4 +166,9 @@ def sum_and_encode(s, ea, eb, out_dtype, mesh, axes, scatter_dimension=None):
     own = lambda e: e.reshape(()) if np.size(e) == 1 else lax.dynamic_slice_in_dim(
         jnp.broadcast_to(e, s.shape).reshape(rows, -1), start, block.shape[0])
     y = reference.encode_sums(block, own(ea), own(eb), out_dtype)
-    return lax.all_gather(y, axes, axis=0, tiled=True).reshape(s.shape)
+    if scatter_dimension is None:
+      return lax.all_gather(y, axes, axis=0, tiled=True).reshape(s.shape)
+    # Columns: the dimensions from ``leading`` on; device j takes block j of dimension d.
+    y = y.reshape(block.shape[0], math.prod(s.shape[leading:d]), devices, -1)
+    y = lax.all_to_all(y, axes, split_axis=2, concat_axis=0, tiled=True)
+    return y.reshape(*s.shape[:d], s.shape[d] // devices, *s.shape[d + 1:])
