@@ -138,6 +138,17 @@ def test_records_carry_finished_runs_to_another_work_directory(grid, tmp_path, m
     assert f.read() == open(os.path.join(runs[0].directory, reporting.METRICS_FILE),
                             encoding="utf-8").read()
 
+  # A seed beyond the study's that only the records hold is read back too.
+  extra = os.path.join(records, "tiny", "fp32", "seed5")
+  shutil.copytree(kept[0].directory, extra)
+  config = _read(os.path.join(extra, "config.json"))
+  with open(os.path.join(extra, "config.json"), "w", encoding="utf-8") as f:
+    json.dump({**config, "seed": 5}, f)
+  study.run_studies([tiny], fresh, train_runs=False, records=records, log=lambda line: None)
+  assert os.path.exists(os.path.join(fresh, "tiny", "fp32", "seed5", "summary.json"))
+  assert (5, "fp32") in {(r["seed"], r["setting"])
+                         for r in _read(os.path.join(fresh, "tiny", "study.json"))["runs"]}
+
   # Records of another config are an error, not a silent mix.
   other = dataclasses.replace(tiny, config=dataclasses.replace(tiny.config, batch_size=16))
   with pytest.raises(ValueError, match="holds a run of another config"):

@@ -285,7 +285,9 @@ def run_studies(studies: Sequence[Study], workdir: str, *, dataset: str | None =
   runs = [run for study, base in zip(studies, bases)
           for run in plan(study, workdir, base, settings, seeds)]
   for study, base in zip(studies, bases) if records else ():
-    for run in plan(study, workdir, base, None, sorted(set(study.seeds) | set(seeds or ()))):
+    recorded = study_report.seeds_on_disk(records, study.network)
+    for run in plan(study, workdir, base, None,
+                    sorted(set(study.seeds) | set(seeds or ()) | recorded)):
       sync_record(run, records)
   if train_runs:
     run_grid(runs, log, records)
