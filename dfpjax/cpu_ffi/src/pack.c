@@ -22,35 +22,40 @@ void dfp_pack_rows_portable(const int16_t* src, size_t pairs, size_t row_stride,
 }
 
 void dfp_pack_columns_portable(const int16_t* src, size_t pairs, size_t col_stride, size_t valid,
-                               int width, int16_t* out) {
+                               int width, int16_t* out, size_t panel_stride) {
   for (size_t p = 0; p < pairs; ++p) {
     const int16_t* in0 = src + 2 * p * col_stride;
     const int16_t* in1 = in0 + col_stride;
-    int16_t* o = out + p * (size_t)width * 2;
     for (size_t i = 0; i < valid; ++i) {
-      o[2 * i] = in0[i];
-      o[2 * i + 1] = in1[i];
+      int16_t* o = out + i / (size_t)width * panel_stride + (p * (size_t)width + i % (size_t)width) * 2;
+      o[0] = in0[i];
+      o[1] = in1[i];
     }
   }
 }
 
 void dfp_pack_block(const dfp_isa_config* cfg, const int16_t* src, size_t c0, size_t c1,
-                    size_t row_stride, size_t col_stride, size_t valid, int width, int16_t* dst) {
+                    size_t row_stride, size_t col_stride, size_t valid, int width, int16_t* dst,
+                    size_t panel_stride) {
   const size_t pairs = (c1 - c0) / 2;
   const int odd = (c1 - c0) & 1;
   if (col_stride == 1) {
-    /* Rows contiguous in k: each row's pairs are consecutive 32-bit words. */
-    uint32_t* out = (uint32_t*)dst;
-    cfg->pack_rows(src + c0, pairs, row_stride, valid, width, out);
-    if (odd)
-      for (size_t i = 0; i < valid; ++i) out[pairs * (size_t)width + i] = (uint16_t)src[i * row_stride + c1 - 1];
+    /* Rows contiguous in k: each row's pairs are consecutive 32-bit words, a panel at a time. */
+    for (size_t r0 = 0; r0 < valid; r0 += (size_t)width, dst += panel_stride) {
+      const size_t rows = valid - r0 < (size_t)width ? valid - r0 : (size_t)width;
+      const int16_t* in = src + r0 * row_stride;
+      uint32_t* out = (uint32_t*)dst;
+      cfg->pack_rows(in + c0, pairs, row_stride, rows, width, out);
+      if (odd)
+        for (size_t i = 0; i < rows; ++i) out[pairs * (size_t)width + i] = (uint16_t)in[i * row_stride + c1 - 1];
+    }
   } else {
-    /* Rows contiguous at fixed k: interleave two k-rows of the panel per pair. */
-    cfg->pack_columns(src + c0 * col_stride, pairs, col_stride, valid, width, dst);
+    /* Rows contiguous at fixed k: interleave two k-rows of all the panels per pair. */
+    cfg->pack_columns(src + c0 * col_stride, pairs, col_stride, valid, width, dst, panel_stride);
     if (odd) {
       const int16_t* in0 = src + (c1 - 1) * col_stride;
-      int16_t* o = dst + pairs * (size_t)width * 2;
-      for (size_t i = 0; i < valid; ++i) o[2 * i] = in0[i];
+      for (size_t i = 0; i < valid; ++i)
+        dst[i / (size_t)width * panel_stride + (pairs * (size_t)width + i % (size_t)width) * 2] = in0[i];
     }
   }
 }
@@ -104,7 +109,7 @@ int dfp_pack_panel(const dfp_isa_config* cfg, const int16_t* src, size_t rows, s
   for (size_t c0 = 0; c0 < k; c0 += 2 * DFP_KC_PAIRS, bounds += DFP_CHUNK_LEVELS) {
     const size_t c1 = c0 + 2 * DFP_KC_PAIRS < k ? c0 + 2 * DFP_KC_PAIRS : k;
     int16_t* block = dst + (c0 / 2) * (size_t)width * 2;
-    dfp_pack_block(cfg, src, c0, c1, row_stride, col_stride, valid, width, block);
+    dfp_pack_block(cfg, src, c0, c1, row_stride, col_stride, valid, width, block, 0);
     status |= dfp_block_bounds(cfg, block, (c1 - c0 + 1) / 2, width, bounds);
   }
   return status;
