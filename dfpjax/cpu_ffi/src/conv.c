@@ -19,7 +19,7 @@
 #include "pack.h"
 
 enum {
-  CONV_MC_ROWS = 64,   /* rows of a cache block, rounded up to whole micro-panels */
+  CONV_MC_ROWS = 64,   /* rows of a forward cache block, rounded up to whole micro-panels */
   CONV_NC_COLS = 256,  /* columns of a cache block */
   TASKS_PER_THREAD = 4,
   /* Backward-weights packs dy (its B operand, as large as dy) in rounds of K blocks of at
@@ -250,7 +250,15 @@ static int conv_run(const dfp_conv_args* args, int backward, dfp_isa isa, const 
   c.kpairs = (c.k + 1) / 2;
   c.kblocks = dfp_kc_blocks(c.kpairs);
   c.npanels = ceil_div(c.n, nr);
-  c.mcp = ceil_div(CONV_MC_ROWS, mr);
+  if (backward) {
+    /* The taps view's rows are x's channels (times taps): each row block reads its slice of
+     * every pixel of x again, so the blocks are as tall as one pack allows, of even heights
+     * (a 256-channel 1x1 layer: two blocks of 132 and 124 rows, not 66, 66, 66 and 58). */
+    const size_t panels = ceil_div(c.m, mr);
+    c.mcp = ceil_div(panels, ceil_div(panels, DFP_IM2COL_MAX_ROWS / (size_t)mr));
+  } else {
+    c.mcp = ceil_div(CONV_MC_ROWS, mr);
+  }
   c.ncp = ceil_div(CONV_NC_COLS, nr);
   c.mblocks = ceil_div(ceil_div(c.m, mr), c.mcp);
   c.nblocks = ceil_div(c.npanels, c.ncp);
