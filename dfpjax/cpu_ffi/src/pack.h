@@ -27,6 +27,13 @@ int dfp_pack_panel(const dfp_isa_config* cfg, const int16_t* src, size_t rows, s
                    size_t row_stride, size_t col_stride, size_t row0, int width, int16_t* dst,
                    uint64_t* bounds);
 
+/* dfp_pack_panel for `panels` consecutive panels, rows [row0, row0 + panels * width), panel q
+ * at dst + q * panel_stride with its bounds at bounds + q * bounds_stride: each K block of
+ * the source read once for all of them (dfp_pack_block). */
+int dfp_pack_panels(const dfp_isa_config* cfg, const int16_t* src, size_t rows, size_t k,
+                    size_t row_stride, size_t col_stride, size_t row0, int width, size_t panels,
+                    int16_t* dst, size_t panel_stride, uint64_t* bounds, size_t bounds_stride);
+
 /* Copies columns [c0, c1) (c0 even, c1 - c0 <= 2 * DFP_KC_PAIRS) of rows [0, valid) of such
  * a matrix into packed K blocks [pairs][width][2], row i into the one at dst + (i / width) *
  * panel_stride (so valid > width fills several panels in one pass over the source, which
