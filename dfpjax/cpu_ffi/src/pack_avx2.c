@@ -118,7 +118,7 @@ static inline void interleave_lanes(const int16_t* in0, const int16_t* in1, size
 /* Pair by pair, all the panels' lanes of its two k-rows: the rows are read in order, once,
  * each prefetched PREFETCH_PAIRS pairs ahead. A row of a dense 1x1 taps view is a pixel of x
  * (256-512 bytes apart): without the prefetch the copy waits on each load, one pair at a time
- * (prefetches past the source are harmless: they never fault). */
+ * (addresses as integers: prefetches past the source are harmless, they never fault). */
 enum { PREFETCH_PAIRS = 8 };
 void dfp_pack_columns_avx2(const int16_t* src, size_t pairs, size_t col_stride, size_t valid, int width,
                            int16_t* out, size_t panel_stride) {
@@ -128,9 +128,10 @@ void dfp_pack_columns_avx2(const int16_t* src, size_t pairs, size_t col_stride, 
     /* A wide load reads at most lane valid + 2 of a k-row: for in0 before in1's last valid
      * lane (col_stride >= 8), for in1 before the next pair's: inside the source. */
     const int wide = p + 1 < pairs && col_stride >= 8;
+    const uintptr_t ahead = (uintptr_t)in0 + PREFETCH_PAIRS * 2 * col_stride * sizeof(int16_t);
     for (size_t byte = 0; byte < valid * 2 + 64; byte += 64) {
-      _mm_prefetch((const char*)(in0 + PREFETCH_PAIRS * 2 * col_stride) + byte, _MM_HINT_T0);
-      _mm_prefetch((const char*)(in1 + PREFETCH_PAIRS * 2 * col_stride) + byte, _MM_HINT_T0);
+      _mm_prefetch((const char*)(ahead + byte), _MM_HINT_T0);
+      _mm_prefetch((const char*)(ahead + col_stride * sizeof(int16_t) + byte), _MM_HINT_T0);
     }
     for (size_t l0 = 0, q = 0; l0 < valid; l0 += (size_t)width, ++q)
       interleave_lanes(in0 + l0, in1 + l0, valid - l0 < (size_t)width ? valid - l0 : (size_t)width, wide,
