@@ -19,7 +19,7 @@
 #include "pack.h"
 
 enum {
-  CONV_MC_ROWS = 64,   /* rows of a cache block, rounded up to whole micro-panels */
+  CONV_MC_ROWS = 64,   /* rows of a forward cache block, rounded up to whole micro-panels */
   CONV_NC_COLS = 256,  /* columns of a cache block */
   TASKS_PER_THREAD = 4,
   /* Backward-weights packs dy (its B operand, as large as dy) in rounds of K blocks of at
@@ -53,41 +53,42 @@ typedef struct {
 static size_t min_size(size_t a, size_t b) { return a < b ? a : b; }
 static size_t ceil_div(size_t a, size_t b) { return (a + b - 1) / b; }
 
-/* Packs K blocks [kb0, kb1) of the round (indices within it) of B panel q of group g. */
-static void pack_b_panel(conv_plan* c, size_t g, size_t q, size_t kb0, size_t kb1) {
+/* Packs K blocks [kb0, kb1) of the round (indices within it) of B panels [q0, q1) of group g. */
+static void pack_b_panels(conv_plan* c, size_t g, size_t q0, size_t q1, size_t kb0, size_t kb1) {
   const dfp_conv_shape* s = &c->args->shape;
   const int nr = c->nr;
-  const size_t t = g * c->npanels + q, channels = s->groups * s->cout;
+  const size_t t = g * c->npanels + q0, channels = s->groups * s->cout;
   const size_t k0 = (c->round_kb0 + kb0) * 2 * DFP_KC_PAIRS;
   const size_t k1 = min_size(c->k, (c->round_kb0 + kb1) * 2 * DFP_KC_PAIRS);
-  int16_t* dst = c->bpack + (t * c->bkpairs + kb0 * DFP_KC_PAIRS) * nr * 2;
-  uint64_t* bounds = c->bbound + (t * c->bkblocks + kb0) * DFP_CHUNK_LEVELS;
+  const size_t panel_stride = c->bkpairs * nr * 2, bounds_stride = c->bkblocks * DFP_CHUNK_LEVELS;
+  int16_t* dst = c->bpack + t * panel_stride + kb0 * DFP_KC_PAIRS * nr * 2;
+  uint64_t* bounds = c->bbound + t * bounds_stride + kb0 * DFP_CHUNK_LEVELS;
   if (!c->plain_weights) { /* forward, all of K in one round: w through its view of b */
-    if (dfp_pack_weights_panel(c->cfg, c->args->b, s, &c->args->weights, g, q * nr, nr, dst, bounds))
-      dfp_fail(&c->status, DFP_ERR_BAD_MANTISSA);
+    for (size_t q = q0; q < q1; ++q, dst += panel_stride, bounds += bounds_stride)
+      if (dfp_pack_weights_panel(c->cfg, c->args->b, s, &c->args->weights, g, q * nr, nr, dst, bounds))
+        dfp_fail(&c->status, DFP_ERR_BAD_MANTISSA);
     return;
   }
   /* w [taps * cin][groups * cout] or dy [pixels][groups * cout]: the K rows, this group's
    * columns. */
-  if (dfp_pack_panel(c->cfg, c->args->b + k0 * channels + g * s->cout, c->n, k1 - k0, 1, channels, q * nr, nr,
-                     dst, bounds))
+  if (dfp_pack_panels(c->cfg, c->args->b + k0 * channels + g * s->cout, c->n, k1 - k0, 1, channels, q0 * nr, nr,
+                      q1 - q0, dst, panel_stride, bounds, bounds_stride))
     dfp_fail(&c->status, DFP_ERR_BAD_MANTISSA);
 }
 
 /* Forward: B panel t (group-major) over all of K. */
 static void pack_b_task(void* arg, size_t t) {
   conv_plan* c = (conv_plan*)arg;
-  pack_b_panel(c, t / c->npanels, t % c->npanels, 0, c->round_kblocks);
+  pack_b_panels(c, t / c->npanels, t % c->npanels, t % c->npanels + 1, 0, c->round_kblocks);
 }
 
-/* Backward-weights: panel q of K block kb of the round of group g, q fastest. The threads take
- * the panels of one K block together, so its dy rows come from memory once and are packed from
- * the cache; a task per panel over the whole round would stream the round (megabytes) once per
- * panel. */
+/* Backward-weights: all the panels of K block kb of the round of group g, kb fastest: each
+ * block's dy rows are read once, in order; a task per panel over the whole round would stream
+ * the round (megabytes) once per panel. */
 static void pack_b_kblock_task(void* arg, size_t t) {
   conv_plan* c = (conv_plan*)arg;
-  const size_t q = t % c->npanels, kb = t / c->npanels % c->round_kblocks, g = t / c->npanels / c->round_kblocks;
-  pack_b_panel(c, g, q, kb, kb + 1);
+  const size_t kb = t % c->round_kblocks, g = t / c->round_kblocks;
+  pack_b_panels(c, g, 0, c->npanels, kb, kb + 1);
 }
 
 /* Stores (or with accumulate, adds) the sum of K blocks [kb0, kb1) of the round of cache
@@ -250,7 +251,15 @@ static int conv_run(const dfp_conv_args* args, int backward, dfp_isa isa, const 
   c.kpairs = (c.k + 1) / 2;
   c.kblocks = dfp_kc_blocks(c.kpairs);
   c.npanels = ceil_div(c.n, nr);
-  c.mcp = ceil_div(CONV_MC_ROWS, mr);
+  if (backward) {
+    /* The taps view's rows are x's channels (times taps): each row block reads its slice of
+     * every pixel of x again, so the blocks are as tall as one pack allows, of even heights
+     * (a 256-channel 1x1 layer: two blocks of 132 and 124 rows, not 66, 66, 66 and 58). */
+    const size_t panels = ceil_div(c.m, mr);
+    c.mcp = ceil_div(panels, ceil_div(panels, DFP_IM2COL_MAX_ROWS / (size_t)mr));
+  } else {
+    c.mcp = ceil_div(CONV_MC_ROWS, mr);
+  }
   c.ncp = ceil_div(CONV_NC_COLS, nr);
   c.mblocks = ceil_div(ceil_div(c.m, mr), c.mcp);
   c.nblocks = ceil_div(c.npanels, c.ncp);
@@ -272,14 +281,14 @@ static int conv_run(const dfp_conv_args* args, int backward, dfp_isa isa, const 
   } else if (!sums) {
     c.round_kblocks = c.kblocks;
     if (backward)
-      par->parallel_for(par->pool, bpanels * c.kblocks, pack_b_kblock_task, &c);
+      par->parallel_for(par->pool, s->groups * c.kblocks, pack_b_kblock_task, &c);
     else
       par->parallel_for(par->pool, bpanels, pack_b_task, &c);
     if (c.status == DFP_OK) par->parallel_for(par->pool, blocks, block_task, &c);
   } else {
     for (; c.round_kb0 < c.kblocks && c.status == DFP_OK; c.round_kb0 += c.bkblocks) {
       c.round_kblocks = min_size(c.bkblocks, c.kblocks - c.round_kb0);
-      par->parallel_for(par->pool, bpanels * c.round_kblocks, pack_b_kblock_task, &c);
+      par->parallel_for(par->pool, s->groups * c.round_kblocks, pack_b_kblock_task, &c);
       if (c.status == DFP_OK) par->parallel_for(par->pool, c.ksplit * blocks, backward_task, &c);
     }
     if (c.status == DFP_OK) par->parallel_for(par->pool, s->groups * c.mblocks, backward_encode_task, &c);

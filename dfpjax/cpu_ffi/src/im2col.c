@@ -83,11 +83,11 @@ void dfp_im2col_pack_pixels(const dfp_isa_config* cfg, const dfp_patches* P, siz
     if (valid == 0) continue;
     if (dense) {  /* row r is x[r][channel0 + k] */
       dfp_pack_block(cfg, P->x + first * channels + P->channel0, k0, k1, channels, 1, valid, width,
-                     dst + q * panel_stride);
+                     dst + q * panel_stride, 0);
       continue;
     }
     for (size_t i = 0; i < valid; ++i) fill_row(P, &u, first + i, k0, k1, buffer[i]);
-    dfp_pack_block(cfg, buffer[0], 0, k1 - k0, 2 * DFP_KC_PAIRS, 1, valid, width, dst + q * panel_stride);
+    dfp_pack_block(cfg, buffer[0], 0, k1 - k0, 2 * DFP_KC_PAIRS, 1, valid, width, dst + q * panel_stride, 0);
   }
 }
 
@@ -135,17 +135,13 @@ void dfp_im2col_pack_taps(const dfp_isa_config* cfg, const dfp_patches* P, size_
   clear_padding(rows, row0, width, panels, k0, k1, dst, panel_stride);
   const size_t end = row0 + panels * (size_t)width < rows ? row0 + panels * (size_t)width : rows;
   if (end <= row0) return;
-  const int dense = dfp_patches_dense(P->shape);
-  if (!dense) gather_taps(P, row0, end, k0, k1, scratch);
-  for (size_t q = 0; q < panels; ++q) {
-    const size_t first = row0 + q * (size_t)width, valid = valid_rows(rows, row0, width, q);
-    if (valid == 0) continue;
-    /* Element (r, k): dense x[k][channel0 + r], else gather[k - k0][r - row0]. */
-    if (dense)
-      dfp_pack_block(cfg, P->x + P->channel0 + first, k0, k1, 1, channels, valid, width, dst + q * panel_stride);
-    else
-      dfp_pack_block(cfg, scratch + (first - row0), 0, k1 - k0, 1, end - row0, valid, width,
-                     dst + q * panel_stride);
+  /* Element (r, k): dense x[k][channel0 + r], else gather[k - k0][r - row0]; all the panels
+   * at once, so that each pixel's row is read once. */
+  if (dfp_patches_dense(P->shape)) {
+    dfp_pack_block(cfg, P->x + P->channel0 + row0, k0, k1, 1, channels, end - row0, width, dst, panel_stride);
+  } else {
+    gather_taps(P, row0, end, k0, k1, scratch);
+    dfp_pack_block(cfg, scratch, 0, k1 - k0, 1, end - row0, end - row0, width, dst, panel_stride);
   }
 }
 
@@ -173,7 +169,7 @@ int dfp_pack_weights_panel(const dfp_isa_config* cfg, const int16_t* b, const df
       const size_t a = c0 > tap * cin ? c0 : tap * cin, e = c1 < (tap + 1) * cin ? c1 : (tap + 1) * cin;
       if (cin % 2 == 0) {  /* a - c0 is even: the tap starts on a whole pair */
         dfp_pack_block(cfg, src, a - tap * cin, e - tap * cin, o_stride, k_stride, valid, width,
-                       block + (a - c0) / 2 * (size_t)width * 2);
+                       block + (a - c0) / 2 * (size_t)width * 2, 0);
         continue;
       }
       for (size_t r = a; r < e; ++r) {

@@ -22,7 +22,7 @@ typedef struct {
 } dfp_patches;
 
 enum {
-  DFP_IM2COL_MAX_ROWS = 128, /* rows one call packs, at most */
+  DFP_IM2COL_MAX_ROWS = 256, /* rows one call packs, at most */
   DFP_IM2COL_MAX_WIDTH = 8,  /* the widest micro-panel (the largest MR) */
 };
 

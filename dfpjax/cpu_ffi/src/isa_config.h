@@ -17,11 +17,11 @@ typedef struct {
   /* The microkernel and its MR x NR tile (ukernel.h). */
   const dfp_ukernel* ukernel;
   /* Packing (pack.h): the whole pairs of a K block of a panel whose rows are contiguous in k,
-   * or whose rows are contiguous at fixed k. */
+   * or of the panels whose rows are contiguous at fixed k. */
   void (*pack_rows)(const int16_t* src, size_t pairs, size_t row_stride, size_t valid, int width,
                     uint32_t* out);
   void (*pack_columns)(const int16_t* src, size_t pairs, size_t col_stride, size_t valid, int width,
-                       int16_t* out);
+                       int16_t* out, size_t panel_stride);
   /* The level-0 norm bounds of a packed K block (pack.h). */
   int (*norm_bounds)(const int16_t* block, size_t kpairs, int width, uint64_t* chunk);
   /* The float32 output stage of one row (macro.h). */

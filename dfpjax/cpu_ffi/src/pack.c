@@ -22,35 +22,40 @@ void dfp_pack_rows_portable(const int16_t* src, size_t pairs, size_t row_stride,
 }
 
 void dfp_pack_columns_portable(const int16_t* src, size_t pairs, size_t col_stride, size_t valid,
-                               int width, int16_t* out) {
+                               int width, int16_t* out, size_t panel_stride) {
   for (size_t p = 0; p < pairs; ++p) {
     const int16_t* in0 = src + 2 * p * col_stride;
     const int16_t* in1 = in0 + col_stride;
-    int16_t* o = out + p * (size_t)width * 2;
     for (size_t i = 0; i < valid; ++i) {
-      o[2 * i] = in0[i];
-      o[2 * i + 1] = in1[i];
+      int16_t* o = out + i / (size_t)width * panel_stride + (p * (size_t)width + i % (size_t)width) * 2;
+      o[0] = in0[i];
+      o[1] = in1[i];
     }
   }
 }
 
 void dfp_pack_block(const dfp_isa_config* cfg, const int16_t* src, size_t c0, size_t c1,
-                    size_t row_stride, size_t col_stride, size_t valid, int width, int16_t* dst) {
+                    size_t row_stride, size_t col_stride, size_t valid, int width, int16_t* dst,
+                    size_t panel_stride) {
   const size_t pairs = (c1 - c0) / 2;
   const int odd = (c1 - c0) & 1;
   if (col_stride == 1) {
-    /* Rows contiguous in k: each row's pairs are consecutive 32-bit words. */
-    uint32_t* out = (uint32_t*)dst;
-    cfg->pack_rows(src + c0, pairs, row_stride, valid, width, out);
-    if (odd)
-      for (size_t i = 0; i < valid; ++i) out[pairs * (size_t)width + i] = (uint16_t)src[i * row_stride + c1 - 1];
+    /* Rows contiguous in k: each row's pairs are consecutive 32-bit words, a panel at a time. */
+    for (size_t r0 = 0; r0 < valid; r0 += (size_t)width, dst += panel_stride) {
+      const size_t rows = valid - r0 < (size_t)width ? valid - r0 : (size_t)width;
+      const int16_t* in = src + r0 * row_stride;
+      uint32_t* out = (uint32_t*)dst;
+      cfg->pack_rows(in + c0, pairs, row_stride, rows, width, out);
+      if (odd)
+        for (size_t i = 0; i < rows; ++i) out[pairs * (size_t)width + i] = (uint16_t)in[i * row_stride + c1 - 1];
+    }
   } else {
-    /* Rows contiguous at fixed k: interleave two k-rows of the panel per pair. */
-    cfg->pack_columns(src + c0 * col_stride, pairs, col_stride, valid, width, dst);
+    /* Rows contiguous at fixed k: interleave two k-rows of all the panels per pair. */
+    cfg->pack_columns(src + c0 * col_stride, pairs, col_stride, valid, width, dst, panel_stride);
     if (odd) {
       const int16_t* in0 = src + (c1 - 1) * col_stride;
-      int16_t* o = dst + pairs * (size_t)width * 2;
-      for (size_t i = 0; i < valid; ++i) o[2 * i] = in0[i];
+      for (size_t i = 0; i < valid; ++i)
+        dst[i / (size_t)width * panel_stride + (pairs * (size_t)width + i % (size_t)width) * 2] = in0[i];
     }
   }
 }
@@ -92,20 +97,29 @@ int dfp_block_bounds(const dfp_isa_config* cfg, const int16_t* block, size_t kpa
   return low ? -1 : 0;
 }
 
-int dfp_pack_panel(const dfp_isa_config* cfg, const int16_t* src, size_t rows, size_t k,
-                   size_t row_stride, size_t col_stride, size_t row0, int width, int16_t* dst,
-                   uint64_t* bounds) {
-  const size_t kpairs = (k + 1) / 2;
-  const size_t valid = rows - row0 < (size_t)width ? rows - row0 : (size_t)width;
+int dfp_pack_panels(const dfp_isa_config* cfg, const int16_t* src, size_t rows, size_t k,
+                    size_t row_stride, size_t col_stride, size_t row0, int width, size_t panels,
+                    int16_t* dst, size_t panel_stride, uint64_t* bounds, size_t bounds_stride) {
+  const size_t kpairs = (k + 1) / 2, end = row0 + panels * (size_t)width < rows ? row0 + panels * (size_t)width : rows;
+  const size_t valid = end > row0 ? end - row0 : 0;
   src += row0 * row_stride;
   /* The copies write every word of a full panel; an edge panel's padding stays zero. */
-  if (valid < (size_t)width || k % 2) memset(dst, 0, kpairs * (size_t)width * 2 * sizeof(int16_t));
+  for (size_t q = 0; q < panels; ++q)
+    if ((q + 1) * (size_t)width > valid || k % 2)
+      memset(dst + q * panel_stride, 0, kpairs * (size_t)width * 2 * sizeof(int16_t));
   int status = 0;
   for (size_t c0 = 0; c0 < k; c0 += 2 * DFP_KC_PAIRS, bounds += DFP_CHUNK_LEVELS) {
     const size_t c1 = c0 + 2 * DFP_KC_PAIRS < k ? c0 + 2 * DFP_KC_PAIRS : k;
     int16_t* block = dst + (c0 / 2) * (size_t)width * 2;
-    dfp_pack_block(cfg, src, c0, c1, row_stride, col_stride, valid, width, block);
-    status |= dfp_block_bounds(cfg, block, (c1 - c0 + 1) / 2, width, bounds);
+    dfp_pack_block(cfg, src, c0, c1, row_stride, col_stride, valid, width, block, panel_stride);
+    for (size_t q = 0; q < panels; ++q)
+      status |= dfp_block_bounds(cfg, block + q * panel_stride, (c1 - c0 + 1) / 2, width, bounds + q * bounds_stride);
   }
   return status;
+}
+
+int dfp_pack_panel(const dfp_isa_config* cfg, const int16_t* src, size_t rows, size_t k,
+                   size_t row_stride, size_t col_stride, size_t row0, int width, int16_t* dst,
+                   uint64_t* bounds) {
+  return dfp_pack_panels(cfg, src, rows, k, row_stride, col_stride, row0, width, 1, dst, 0, bounds, 0);
 }

@@ -27,12 +27,22 @@ int dfp_pack_panel(const dfp_isa_config* cfg, const int16_t* src, size_t rows, s
                    size_t row_stride, size_t col_stride, size_t row0, int width, int16_t* dst,
                    uint64_t* bounds);
 
+/* dfp_pack_panel for `panels` consecutive panels, rows [row0, row0 + panels * width), panel q
+ * at dst + q * panel_stride with its bounds at bounds + q * bounds_stride: each K block of
+ * the source read once for all of them (dfp_pack_block). */
+int dfp_pack_panels(const dfp_isa_config* cfg, const int16_t* src, size_t rows, size_t k,
+                    size_t row_stride, size_t col_stride, size_t row0, int width, size_t panels,
+                    int16_t* dst, size_t panel_stride, uint64_t* bounds, size_t bounds_stride);
+
 /* Copies columns [c0, c1) (c0 even, c1 - c0 <= 2 * DFP_KC_PAIRS) of rows [0, valid) of such
- * a matrix into one packed K block dst[pairs][width][2]: the whole pairs by the path's copy,
- * an odd last column here. Writes only the words of valid lanes, and of an odd last column
- * only the first half (with col_stride != 1): the caller zeroes dst where that leaves padding. */
+ * a matrix into packed K blocks [pairs][width][2], row i into the one at dst + (i / width) *
+ * panel_stride (so valid > width fills several panels in one pass over the source, which
+ * matters where the rows are contiguous at fixed k): the whole pairs by the path's copy, an
+ * odd last column here. Writes only the words of valid lanes, and of an odd last column only
+ * the first half (with col_stride != 1): the caller zeroes dst where that leaves padding. */
 void dfp_pack_block(const dfp_isa_config* cfg, const int16_t* src, size_t c0, size_t c1,
-                    size_t row_stride, size_t col_stride, size_t valid, int width, int16_t* dst);
+                    size_t row_stride, size_t col_stride, size_t valid, int width, int16_t* dst,
+                    size_t panel_stride);
 
 /* The bounds above for one packed K block dst[kpairs][width][2] (kpairs <= DFP_KC_PAIRS,
  * width <= 64); -1 if an element is -32768, else 0. For packers of other sources (im2col.c). */
@@ -46,18 +56,20 @@ static inline size_t dfp_kc_blocks(size_t kpairs) {
 /* The configuration's packing entries. pack_rows: `pairs` pairs of each of the `valid` rows
  * src + i * row_stride (contiguous in k) into out[pair * width + i]. pack_columns: `pairs`
  * pairs of k-rows src + 2p * col_stride and src + (2p + 1) * col_stride, lanes [0, valid),
- * interleaved into out[(pair * width + i) * 2 + {0, 1}]. norm_bounds: for each norm block of
- * DFP_NORM_BLOCK_PAIRS pairs the largest squared row norm of the panel's lanes (an upper
- * bound), into chunk[block]; returns 1 if an element is -32768. */
+ * interleaved into panels of `width` lanes, lane i into out + (i / width) * panel_stride at
+ * [(pair * width + i % width) * 2 + {0, 1}], each pair's k-rows read once for all panels.
+ * norm_bounds: for each norm block of DFP_NORM_BLOCK_PAIRS pairs the largest squared row
+ * norm of the panel's lanes (an upper bound), into chunk[block]; returns 1 if an element is
+ * -32768. */
 void dfp_pack_rows_portable(const int16_t* src, size_t pairs, size_t row_stride, size_t valid,
                             int width, uint32_t* out);
 void dfp_pack_columns_portable(const int16_t* src, size_t pairs, size_t col_stride, size_t valid,
-                               int width, int16_t* out);
+                               int width, int16_t* out, size_t panel_stride);
 int dfp_norm_bounds_portable(const int16_t* block, size_t kpairs, int width, uint64_t* chunk);
 void dfp_pack_rows_avx2(const int16_t* src, size_t pairs, size_t row_stride, size_t valid, int width,
                         uint32_t* out);
 void dfp_pack_columns_avx2(const int16_t* src, size_t pairs, size_t col_stride, size_t valid, int width,
-                           int16_t* out);
+                           int16_t* out, size_t panel_stride);
 int dfp_norm_bounds_avx2(const int16_t* block, size_t kpairs, int width, uint64_t* chunk);
 
 /* What the AVX2 row copy leaves to plain C: pairs [first, pairs) of pack_rows. */

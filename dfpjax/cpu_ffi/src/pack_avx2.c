@@ -83,40 +83,59 @@ static inline void interleave16(const int16_t* in0, const int16_t* in1, int16_t*
   _mm256_storeu_si256((__m256i*)(o + 16), _mm256_permute2x128_si256(lo, hi, 0x31));
 }
 
+/* Lanes [0, valid) (at most one panel's) of k-rows in0 and in1 interleaved into o. wide: the
+ * 8 lanes from in0 + valid - 6 and in1 + valid - 6 lie inside the source, so the 6-lane
+ * panels of the 256-bit kernels are filled from two 8-lane loads whose two extra lanes are
+ * read, never stored. */
+static inline void interleave_lanes(const int16_t* in0, const int16_t* in1, size_t valid, int wide, int16_t* o) {
+  size_t i = 0;
+  for (; i + 16 <= valid; i += 16) interleave16(in0 + i, in1 + i, o + 2 * i);
+  if (i + 8 <= valid) {
+    const __m128i x = _mm_loadu_si128((const __m128i*)(in0 + i)), y = _mm_loadu_si128((const __m128i*)(in1 + i));
+    _mm_storeu_si128((__m128i*)(o + 2 * i), _mm_unpacklo_epi16(x, y));
+    _mm_storeu_si128((__m128i*)(o + 2 * i + 8), _mm_unpackhi_epi16(x, y));
+    i += 8;
+  }
+  if (i + 4 < valid && wide) {
+    const __m128i x = _mm_loadu_si128((const __m128i*)(in0 + i)), y = _mm_loadu_si128((const __m128i*)(in1 + i));
+    _mm_storeu_si128((__m128i*)(o + 2 * i), _mm_unpacklo_epi16(x, y));
+    i += 4;
+    if (i + 2 <= valid) {
+      _mm_storel_epi64((__m128i*)(o + 2 * i), _mm_unpackhi_epi16(x, y));
+      i += 2;
+    }
+  } else if (i + 4 <= valid) { /* four lanes here, the rest below */
+    const __m128i x = _mm_loadl_epi64((const __m128i*)(in0 + i)), y = _mm_loadl_epi64((const __m128i*)(in1 + i));
+    _mm_storeu_si128((__m128i*)(o + 2 * i), _mm_unpacklo_epi16(x, y));
+    i += 4;
+  }
+  for (; i < valid; ++i) {
+    o[2 * i] = in0[i];
+    o[2 * i + 1] = in1[i];
+  }
+}
+
+/* Pair by pair, all the panels' lanes of its two k-rows: the rows are read in order, once,
+ * each prefetched PREFETCH_PAIRS pairs ahead. A row of a dense 1x1 taps view is a pixel of x
+ * (256-512 bytes apart): without the prefetch the copy waits on each load, one pair at a time
+ * (addresses as integers: prefetches past the source are harmless, they never fault). */
+enum { PREFETCH_PAIRS = 8 };
 void dfp_pack_columns_avx2(const int16_t* src, size_t pairs, size_t col_stride, size_t valid, int width,
-                           int16_t* out) {
+                           int16_t* out, size_t panel_stride) {
   for (size_t p = 0; p < pairs; ++p) {
     const int16_t* in0 = src + 2 * p * col_stride;
     const int16_t* in1 = in0 + col_stride;
-    int16_t* o = out + p * (size_t)width * 2;
-    size_t i = 0;
-    for (; i + 16 <= valid; i += 16) interleave16(in0 + i, in1 + i, o + 2 * i);
-    if (i + 8 <= valid) {
-      const __m128i x = _mm_loadu_si128((const __m128i*)(in0 + i)), y = _mm_loadu_si128((const __m128i*)(in1 + i));
-      _mm_storeu_si128((__m128i*)(o + 2 * i), _mm_unpacklo_epi16(x, y));
-      _mm_storeu_si128((__m128i*)(o + 2 * i + 8), _mm_unpackhi_epi16(x, y));
-      i += 8;
+    /* A wide load reads at most lane valid + 2 of a k-row: for in0 before in1's last valid
+     * lane (col_stride >= 8), for in1 before the next pair's: inside the source. */
+    const int wide = p + 1 < pairs && col_stride >= 8;
+    const uintptr_t ahead = (uintptr_t)in0 + PREFETCH_PAIRS * 2 * col_stride * sizeof(int16_t);
+    for (size_t byte = 0; byte < valid * 2 + 64; byte += 64) {
+      _mm_prefetch((const char*)(ahead + byte), _MM_HINT_T0);
+      _mm_prefetch((const char*)(ahead + col_stride * sizeof(int16_t) + byte), _MM_HINT_T0);
     }
-    if (i + 4 < valid && p + 1 < pairs && col_stride >= 8) {
-      /* The 6-lane panels of the 256-bit kernels: six lanes from two 8-lane loads. Their two
-       * extra lanes lie before in1 (col_stride >= 8) or before the next pair's in0, inside
-       * the source; they are read, never stored. */
-      const __m128i x = _mm_loadu_si128((const __m128i*)(in0 + i)), y = _mm_loadu_si128((const __m128i*)(in1 + i));
-      _mm_storeu_si128((__m128i*)(o + 2 * i), _mm_unpacklo_epi16(x, y));
-      i += 4;
-      if (i + 2 <= valid) {
-        _mm_storel_epi64((__m128i*)(o + 2 * i), _mm_unpackhi_epi16(x, y));
-        i += 2;
-      }
-    } else if (i + 4 <= valid) { /* four lanes here, the rest below */
-      const __m128i x = _mm_loadl_epi64((const __m128i*)(in0 + i)), y = _mm_loadl_epi64((const __m128i*)(in1 + i));
-      _mm_storeu_si128((__m128i*)(o + 2 * i), _mm_unpacklo_epi16(x, y));
-      i += 4;
-    }
-    for (; i < valid; ++i) {
-      o[2 * i] = in0[i];
-      o[2 * i + 1] = in1[i];
-    }
+    for (size_t l0 = 0, q = 0; l0 < valid; l0 += (size_t)width, ++q)
+      interleave_lanes(in0 + l0, in1 + l0, valid - l0 < (size_t)width ? valid - l0 : (size_t)width, wide,
+                       out + q * panel_stride + p * (size_t)width * 2);
   }
 }
 
