@@ -89,3 +89,17 @@ def test_batch_norm_keeps_the_compute_dtype():
   y, _ = ours.apply(variables, x, mutable=["batch_stats"])
   assert y.dtype == jnp.bfloat16
   assert all(v.dtype == jnp.float32 for v in jax.tree.leaves(variables))
+
+
+def test_after_returns_the_value_bit_for_bit_as_a_function_of_the_other():
+  special = [0.0, -0.0, 1.0, -1.5, np.inf, -np.inf, np.nan, 1e-45, -3e38, 1.17549435e-38]
+  value = np.array(special, np.float32)
+  bits = value.view(np.uint32).copy()
+  bits[6] |= 0x1234  # a NaN with a payload
+  value = bits.view(np.float32)
+  other = np.array(special[::-1], np.float32)
+  after = jax.jit(batch_sums._after)
+  np.testing.assert_array_equal(np.asarray(after(value, other)).view(np.uint32), bits)
+  # XLA keeps the dependence on `other` (what orders the schedule): its parameter has a use.
+  hlo = after.lower(value, other).compile().as_text()
+  assert hlo.count(" or(") >= 2, hlo
