@@ -69,6 +69,13 @@ def steps():
   return compiled, (variables, images, labels)
 
 
+def assert_same_bits(a, b):
+  """Two pytrees of arrays leaf for leaf: the same dtype, shape and bytes."""
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+    x, y = np.asarray(x), np.asarray(y)
+    assert (x.dtype, x.shape, x.tobytes()) == (y.dtype, y.shape, y.tobytes())
+
+
 def test_compiler_options_select_the_schedule():
   assert train.compiler_options(Config(memory_optimized_schedule=False)) is None
   assert train.compiler_options(Config()) == {
@@ -83,10 +90,7 @@ def test_memory_optimized_schedule_keeps_fewer_buffers_alive(steps):
 
 def test_memory_optimized_schedule_changes_no_bits(steps):
   compiled, args = steps
-  default, memory = (jax.tree.leaves(compiled[k](*args)) for k in ("default", "memory"))
-  assert len(default) == len(memory)
-  for a, b in zip(default, memory):
-    np.testing.assert_array_equal(np.asarray(a).view(np.uint32), np.asarray(b).view(np.uint32))
+  assert_same_bits(compiled["default"](*args), compiled["memory"](*args))
 
 
 def test_examples_batch_norm_frees_its_cotangents_in_its_layer():
@@ -128,10 +132,7 @@ def test_dfp_step_differentiates_the_dfp_ops_with_the_whole_steps_bits():
   target = f'custom_call_target="{cpu_ffi.QUANTIZE_TARGET}"'
   assert count(hlo["inside"], target) < count(hlo["whole"], target)
   assert count(hlo["inside"], " transpose(") < count(hlo["whole"], " transpose(")
-  for a, b in zip(jax.tree.leaves(whole(state, batch)), jax.tree.leaves(inside(state, batch)),
-                  strict=True):
-    a, b = np.asarray(a), np.asarray(b)
-    assert (a.dtype, a.shape, a.tobytes()) == (b.dtype, b.shape, b.tobytes())
+  assert_same_bits(whole(state, batch), inside(state, batch))
 
 
 def test_examples_batch_norm_computes_normalised_inputs_in_its_layer(monkeypatch):
@@ -149,8 +150,6 @@ def test_examples_batch_norm_computes_normalised_inputs_in_its_layer(monkeypatch
     compiled = jax.jit(sgd_step, static_argnums=3, compiler_options=train.compiler_options(
         Config())).lower(variables, images, labels, net).compile()
     temp[name] = compiled.memory_analysis().temp_size_in_bytes
-    outputs[name] = jax.tree.leaves(compiled(variables, images, labels))
+    outputs[name] = compiled(variables, images, labels)
   assert temp["in layer"] < 0.95 * temp["early"], temp
-  for a, b in zip(outputs["early"], outputs["in layer"], strict=True):
-    a, b = np.asarray(a), np.asarray(b)
-    assert (a.dtype, a.shape, a.tobytes()) == (b.dtype, b.shape, b.tobytes())
+  assert_same_bits(outputs["early"], outputs["in layer"])
