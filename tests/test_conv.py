@@ -220,6 +220,30 @@ def test_1x1_convolutions_as_gemms_equal_reference_on_every_path(isa, case):
   _assert_passes_equal_reference(lhs, rhs, kw, f"on {isa} for {case}")
 
 
+# Windows whose rows are runs of 8-32 elements in x (window width x channels), which the
+# im2col copies move by fixed-size head and tail copies: each length band's ends, and the stem
+# (7x7 stride 2 on 3 channels: 21), padded so that edge windows take the bounds-checked copy.
+SHORT_RUN_CASES = {
+    "stem_21": ((1, 29, 27, 3), (7, 7, 3, 10), dict(window_strides=(2, 2), padding=((3, 3), (3, 3)))),
+    "runs_8": ((2, 9, 12, 2), (3, 4, 2, 7), dict(padding=((1, 1), (2, 1)))),
+    "runs_15": ((1, 11, 13, 5), (2, 3, 5, 6), dict(window_strides=(1, 2), padding=((0, 1), (1, 1)))),
+    "runs_32": ((1, 12, 14, 4), (2, 8, 4, 5), dict(padding=((1, 0), (3, 4)))),
+}
+
+
+@pytest.mark.parametrize("case", SHORT_RUN_CASES)
+def test_short_window_rows_equal_reference_on_every_path(isa, case):
+  """All three passes of convolutions whose window rows are short runs of x equal the pure-XLA
+  reference bit for bit on the forced kernel path."""
+  lhs_shape, rhs_shape, extra = SHORT_RUN_CASES[case]
+  rng = np.random.default_rng(len(case) + 40)
+  lhs = rng.standard_normal(lhs_shape).astype(np.float32)
+  rhs = rng.standard_normal(rhs_shape).astype(np.float32)
+  kw = dict(window_strides=(1, 1), padding="VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  kw.update(extra)
+  _assert_passes_equal_reference(lhs, rhs, kw, f"on {isa} for {case}")
+
+
 def test_weight_gradient_over_several_packing_rounds_on_every_path(isa):
   """A weight gradient whose cotangent (20000 pixels x 260 channels) the kernel packs in
   several rounds of K blocks (4 MB each), for a 3x3 and a 1x1 window: all passes equal the

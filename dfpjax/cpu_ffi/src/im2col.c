@@ -11,18 +11,26 @@ static inline const int16_t* tap_source(const dfp_patches* P, size_t n, const si
   return pixel < 0 ? NULL : P->x + (size_t)pixel * P->shape->groups * P->shape->cin + P->channel0;
 }
 
-/* Elements [a, b) of the unit starting at tap t (its element 0 has index `first`) for output
- * pixel (n, p), into out[0, b - a): the taps the input covers copied at once, zero elsewhere.
- * origin: dfp_window_origin of the pixel; where the whole window is inside, the unit is
- * copied from there without further checks. */
-static void copy_unit(const dfp_patches* P, const dfp_unit_shape* u, size_t n, const size_t p[3], const size_t t[3],
-                      int64_t origin, size_t first, size_t a, size_t b, int16_t* out) {
-  const dfp_conv_shape* s = P->shape;
-  if (origin >= 0) {
-    const size_t pixel = (size_t)origin + dfp_tap_offset(s, t);
-    memcpy(out, P->x + pixel * s->groups * s->cin + P->channel0 + (a - first), (b - a) * sizeof(int16_t));
-    return;
+/* n elements from src to dst: for runs of 8 to 32 (a stem's window rows of 21) two fixed-size
+ * copies, head and tail, which the compiler inlines, instead of a library call per run. */
+static inline void copy_run(int16_t* dst, const int16_t* src, size_t n) {
+  if (n >= 16 && n <= 32) {
+    memcpy(dst, src, 32);
+    memcpy(dst + n - 16, src + n - 16, 32);
+  } else if (n >= 8 && n < 16) {
+    memcpy(dst, src, 16);
+    memcpy(dst + n - 8, src + n - 8, 16);
+  } else {
+    memcpy(dst, src, n * sizeof(int16_t));
   }
+}
+
+/* Elements [a, b) of the unit starting at tap t (its element 0 has index `first`) for output
+ * pixel (n, p), whose window reaches outside the input, into out[0, b - a): the taps the input
+ * covers copied at once, zero elsewhere. */
+static void copy_unit(const dfp_patches* P, const dfp_unit_shape* u, size_t n, const size_t p[3], const size_t t[3],
+                      size_t first, size_t a, size_t b, int16_t* out) {
+  const dfp_conv_shape* s = P->shape;
   size_t lo, hi;
   dfp_unit_taps(s, u, p, &lo, &hi);
   const size_t tap[3] = {t[0], t[1], t[2] + lo};
@@ -40,18 +48,44 @@ static void copy_unit(const dfp_patches* P, const dfp_unit_shape* u, size_t n, c
   if (b > valid1) memset(out + (valid1 - a), 0, (b - valid1) * sizeof(int16_t));
 }
 
-/* Columns [k0, k1) of one pixels-view row into dst[0, k1 - k0). */
-static void fill_row(const dfp_patches* P, const dfp_unit_shape* u, size_t row, size_t k0, size_t k1, int16_t* dst) {
+/* The part [a, b) of a range of the index tap * cin + c that the unit starting at tap t and
+ * index `first` covers; src: where the part lies in x, in elements from the element of a
+ * window's origin (dfp_window_origin) when the window is inside the input. */
+typedef struct {
+  size_t t[3], first, a, b, src;
+} unit_part;
+
+/* The units that span [lo, hi) of the index, placed once for the pixel loops (at most
+ * hi - lo + 1 of them); returns their count. */
+static size_t place_units(const dfp_patches* P, const dfp_unit_shape* u, size_t lo, size_t hi, unit_part* parts) {
   const dfp_conv_shape* s = P->shape;
-  size_t p[3], t[3];
-  const size_t n = dfp_split_pixel(s, row, p);
-  const int64_t origin = dfp_window_origin(s, n, p);
-  size_t first = k0 / u->elements * u->elements;
+  size_t count = 0, first = lo / u->elements * u->elements, t[3];
   dfp_split_tap(s, first / s->cin, t);
-  for (; first < k1; first += u->elements, dfp_next_unit(s, u, t)) {
-    const size_t a = first > k0 ? first : k0, b = first + u->elements < k1 ? first + u->elements : k1;
-    copy_unit(P, u, n, p, t, origin, first, a, b, dst + (a - k0));
+  for (; first < hi; first += u->elements, dfp_next_unit(s, u, t), ++count) {
+    unit_part* part = &parts[count];
+    memcpy(part->t, t, sizeof t);
+    part->first = first;
+    part->a = first > lo ? first : lo;
+    part->b = first + u->elements < hi ? first + u->elements : hi;
+    part->src = dfp_tap_offset(s, t) * s->groups * s->cin + P->channel0 + (part->a - first);
   }
+  return count;
+}
+
+/* The parts' elements of output pixel (n, p) into out, part j at out + parts[j].a - lo: where
+ * the window is inside the input (most pixels) one run per part from its origin, else by
+ * copy_unit's checks. */
+static void copy_parts(const dfp_patches* P, const dfp_unit_shape* u, size_t n, const size_t p[3],
+                       const unit_part* parts, size_t count, size_t lo, int16_t* out) {
+  const int64_t origin = dfp_window_origin(P->shape, n, p);
+  if (origin < 0) {
+    for (size_t j = 0; j < count; ++j)
+      copy_unit(P, u, n, p, parts[j].t, parts[j].first, parts[j].a, parts[j].b, out + (parts[j].a - lo));
+    return;
+  }
+  const int16_t* x = P->x + (size_t)origin * P->shape->groups * P->shape->cin;
+  for (size_t j = 0; j < count; ++j)
+    copy_run(out + (parts[j].a - lo), x + parts[j].src, parts[j].b - parts[j].a);
 }
 
 /* Zeroes the words of each panel that the copies leave as padding (pack.h: dfp_pack_block):
@@ -73,11 +107,18 @@ static size_t valid_rows(size_t rows, size_t row0, int width, size_t q) {
 
 void dfp_im2col_pack_pixels(const dfp_isa_config* cfg, const dfp_patches* P, size_t rows, size_t row0,
                             int width, size_t panels, size_t k0, size_t k1, int16_t* dst, size_t panel_stride) {
-  const size_t channels = P->shape->groups * P->shape->cin;
-  const int dense = dfp_patches_dense(P->shape);
-  const dfp_unit_shape u = dfp_units_of(P->shape);
+  const dfp_conv_shape* s = P->shape;
+  const size_t channels = s->groups * s->cin;
+  const int dense = dfp_patches_dense(s);
+  const dfp_unit_shape u = dfp_units_of(s);
   int16_t buffer[DFP_IM2COL_MAX_WIDTH][2 * DFP_KC_PAIRS];
   clear_padding(rows, row0, width, panels, k0, k1, dst, panel_stride);
+  unit_part parts[2 * DFP_KC_PAIRS + 1];
+  size_t count = 0, p[3] = {0, 0, 0}, n = 0;
+  if (!dense) {
+    count = place_units(P, &u, k0, k1, parts);
+    n = dfp_split_pixel(s, row0, p);
+  }
   for (size_t q = 0; q < panels; ++q) {
     const size_t first = row0 + q * (size_t)width, valid = valid_rows(rows, row0, width, q);
     if (valid == 0) continue;
@@ -86,7 +127,7 @@ void dfp_im2col_pack_pixels(const dfp_isa_config* cfg, const dfp_patches* P, siz
                      dst + q * panel_stride, 0);
       continue;
     }
-    for (size_t i = 0; i < valid; ++i) fill_row(P, &u, first + i, k0, k1, buffer[i]);
+    for (size_t i = 0; i < valid; ++i, dfp_next_pixel(s, &n, p)) copy_parts(P, &u, n, p, parts, count, k0, buffer[i]);
     dfp_pack_block(cfg, buffer[0], 0, k1 - k0, 2 * DFP_KC_PAIRS, 1, valid, width, dst + q * panel_stride, 0);
   }
 }
@@ -97,35 +138,12 @@ static void gather_taps(const dfp_patches* P, size_t row0, size_t end, size_t k0
   const dfp_conv_shape* s = P->shape;
   const dfp_unit_shape u = dfp_units_of(s);
   const size_t span = end - row0;
-  /* The units the rows span, placed once: the pixel loop below is the hot one. */
-  struct {
-    size_t t[3], first, a, b;
-  } units[DFP_IM2COL_MAX_ROWS + 1];
-  size_t count = 0, first = row0 / u.elements * u.elements, t[3];
-  dfp_split_tap(s, first / s->cin, t);
-  for (; first < end; first += u.elements, dfp_next_unit(s, &u, t), ++count) {
-    memcpy(units[count].t, t, sizeof t);
-    units[count].first = first;
-    units[count].a = first > row0 ? first : row0;
-    units[count].b = first + u.elements < end ? first + u.elements : end;
-  }
+  unit_part units[DFP_IM2COL_MAX_ROWS + 1];
+  const size_t count = place_units(P, &u, row0, end, units);
   size_t p[3];
   size_t n = dfp_split_pixel(s, k0, p);
-  for (size_t k = k0; k < k1; ++k) {
-    int16_t* column = gather + (k - k0) * span;
-    const int64_t origin = dfp_window_origin(s, n, p);
-    for (size_t j = 0; j < count; ++j)
-      copy_unit(P, &u, n, p, units[j].t, origin, units[j].first, units[j].a, units[j].b,
-                column + (units[j].a - row0));
-    /* Next pixel: p2 fastest, then p1, p0, n. */
-    if (++p[2] == s->out[2]) {
-      p[2] = 0;
-      if (++p[1] == s->out[1]) {
-        p[1] = 0;
-        if (++p[0] == s->out[0]) p[0] = 0, ++n;
-      }
-    }
-  }
+  for (size_t k = k0; k < k1; ++k, dfp_next_pixel(s, &n, p))
+    copy_parts(P, &u, n, p, units, count, row0, gather + (k - k0) * span);
 }
 
 void dfp_im2col_pack_taps(const dfp_isa_config* cfg, const dfp_patches* P, size_t rows, size_t row0,

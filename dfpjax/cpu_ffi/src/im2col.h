@@ -93,6 +93,17 @@ static inline size_t dfp_split_pixel(const dfp_conv_shape* s, size_t pixel, size
   return pixel / s->out[0];
 }
 
+/* (n, p) -> the next output pixel over the batch: p2 fastest, then p1, p0, n. */
+static inline void dfp_next_pixel(const dfp_conv_shape* s, size_t* n, size_t p[3]) {
+  if (++p[2] == s->out[2]) {
+    p[2] = 0;
+    if (++p[1] == s->out[1]) {
+      p[1] = 0;
+      if (++p[0] == s->out[0]) p[0] = 0, ++*n;
+    }
+  }
+}
+
 /* Both views walk the columns (pixels view) or rows (taps view) tap * cin + c in "units": runs
  * of taps whose elements lie contiguously in x. A unit is a whole window row along the last
  * dimension when the input has one feature group and no dilation there (a 7x7 stem on 3
