@@ -361,6 +361,11 @@ def test_every_handler_checks_its_operand_sizes():
   with pytest.raises(Exception, match="operand group_max has 3 elements"):
     _ffi(cpu_ffi.QUANTIZE_GIVEN_MAX_TARGET, quantize[:1] + (jax.ShapeDtypeStruct((2,), jnp.int32),),
          jnp.ones((2, 8), jnp.float32), jnp.ones((3,), jnp.uint32), **given)
+  with pytest.raises(Exception, match="operand top has 3 elements"):
+    _ffi(cpu_ffi.MAX_MAGNITUDES_TARGET, jax.ShapeDtypeStruct((3,), jnp.uint32),
+         jnp.ones((2, 8), jnp.float32))
+  with pytest.raises(Exception, match="needs a leading groups dimension"):
+    _ffi(cpu_ffi.MAX_MAGNITUDES_TARGET, jax.ShapeDtypeStruct((1,), jnp.uint32), jnp.ones((), jnp.float32))
 
 
 def test_quantize_given_max_handler_rejects_a_signed_maximum():

@@ -10,7 +10,8 @@ import dfpjax
 from dfpjax.numerics import quantization
 from dfpjax.numerics.config import QuantConfig
 from dfpjax.primitives import quantize as quantize_primitive
-from dfpjax.primitives.quantize import dfp_quantize_given_max_p, dfp_quantize_p
+from dfpjax.primitives.quantize import (dfp_max_magnitudes_p, dfp_quantize_given_max_p,
+                                        dfp_quantize_p)
 import spec_oracle
 
 FLOATS = [np.float32, ml_dtypes.bfloat16, np.float16]
@@ -261,7 +262,26 @@ def test_kernel_quantization_late_nonfinite_and_binades_per_group(isa):
 
 def _magnitude_max(x):
   """Each group's largest magnitude bit pattern (NaN's above Inf's), as a pmax takes it."""
-  return (x.reshape(x.shape[0], -1).view(np.uint32) & np.uint32(0x7fffffff)).max(axis=1)
+  return (x.reshape(x.shape[0], -1).view(np.uint32) & np.uint32(0x7fffffff)).max(axis=1, initial=0)
+
+
+def test_kernel_max_magnitudes_match_numpy(isa):
+  # A shard's contribution to its group's exponent (before the pmax): NaN above Inf above
+  # every finite magnitude, subnormals exact, -0 as 0, an empty group 0; the kernel and its
+  # XLA twin alike, several chunks per group, and under vmap.
+  kernel = jax.jit(dfp_max_magnitudes_p.bind)
+  twin = jax.jit(quantize_primitive._max_magnitudes_xla_lowering)
+  rng = np.random.default_rng(17)
+  x = rng.standard_normal((4, 2, 3 * 32768 + 7)).astype(np.float32)
+  x[0, 1, -1], x[1, 0, 5], x[2], x[3] = np.inf, np.float32(-np.nan), -0.0, x[3] * np.float32(1e-42)
+  cases = [c.astype(np.float32)[None] for c in _kernel_cases()] + [x, np.zeros((3, 0), np.float32)]
+  for case in cases:
+    for got in (kernel(case), twin(case)):
+      assert got.dtype == jnp.uint32 and got.shape == case.shape[:1]
+      np.testing.assert_array_equal(np.asarray(got), _magnitude_max(case))
+  batched = jax.jit(jax.vmap(dfp_max_magnitudes_p.bind, in_axes=1))(x)
+  np.testing.assert_array_equal(np.asarray(batched),
+                                _magnitude_max(x.transpose(1, 0, 2).reshape(8, -1)).reshape(2, 4))
 
 
 def test_kernel_quantization_given_max_matches_the_plain_kernel(isa):

@@ -22,6 +22,8 @@ CONV_TARGET = "dfpjax_conv"
 QUANTIZE_TARGET = "dfpjax_quantize"
 # dfpjax_quantize with each group's amax given as its magnitude bit pattern (uint32 [groups]).
 QUANTIZE_GIVEN_MAX_TARGET = "dfpjax_quantize_given_max"
+# Each group's amax as its magnitude bit pattern (uint32 [groups]): what the one above takes.
+MAX_MAGNITUDES_TARGET = "dfpjax_max_magnitudes"
 CONV_MODES = ("forward", "backward_weights", "backward_data")
 KERNEL_SPATIAL_DIMS = 3  # dfp_conv_shape: a convolution of fewer dimensions pads with size 1
 
@@ -69,6 +71,8 @@ def _register() -> None:
   jax.ffi.register_ffi_target(CONV_TARGET, jax.ffi.pycapsule(lib.DfpConv), platform="cpu")
   jax.ffi.register_ffi_target(QUANTIZE_TARGET, jax.ffi.pycapsule(lib.DfpQuantize), platform="cpu")
   jax.ffi.register_ffi_target(QUANTIZE_GIVEN_MAX_TARGET, jax.ffi.pycapsule(lib.DfpQuantizeGivenMax),
+                              platform="cpu")
+  jax.ffi.register_ffi_target(MAX_MAGNITUDES_TARGET, jax.ffi.pycapsule(lib.DfpMaxMagnitudes),
                               platform="cpu")
 
 

@@ -7,7 +7,8 @@ and memory of a whole train step. ``dfp_quantize_p`` is the same function as one
 call, integer-only and exact for every input, with one exponent per leading index
 (``vmap`` folds into it). On other platforms, and in ``reference_mode``, it is the
 numerics module's code. ``dfp_quantize_given_max_p`` is the same kernel on one shard of a
-group whose amax over all shards is given (a sharded operand's global exponent).
+group whose amax over all shards is given (a sharded operand's global exponent), and
+``dfp_max_magnitudes_p`` finds a shard's amax for it.
 """
 
 from __future__ import annotations
@@ -91,14 +92,13 @@ def _quantize_with_global_amax(x, *, axes, bits, headroom):
   """``dfp_quantize_p`` of shard ``x`` with each group's exponent from the whole group: its
   amax (as a magnitude bit pattern, whose max is exact and ranks a NaN above Inf),
   max-reduced over ``axes`` (mesh axes of a partition or manual ``exponent_axes``), given
-  to the kernel, which only forms the mantissas: one pass over the shard after XLA's max.
+  to the kernel, which only forms the mantissas: one pass over the shard after
+  ``dfp_max_magnitudes_p``'s.
 
   The exponent is a function of the amax alone and each mantissa of its element and the
   exponent (spec section 2), so the shard's mantissas are those one device forms.
   """
-  # Only the exponent depends on it, and the integer outputs carry no tangent.
-  magnitudes = lax.bitcast_convert_type(lax.stop_gradient(x), jnp.uint32) & np.uint32(0x7fffffff)
-  group_max = lax.pmax(jnp.max(magnitudes.reshape(x.shape[0], -1), axis=1), axes)
+  group_max = lax.pmax(dfp_max_magnitudes_p.bind(x), axes)
   return dfp_quantize_given_max_p.bind(x, group_max, bits=bits, headroom=headroom)
 
 
@@ -146,6 +146,41 @@ def _given_max_xla_lowering(x, group_max, *, bits, headroom):
   return m[:, :-1].reshape(x.shape), e
 
 
+# ``dfp_max_magnitudes_p``: each group's amax as a magnitude bit pattern (uint32 [groups]), what
+# ``dfp_quantize_given_max_p`` takes. On CPU a kernel reads the floats once; XLA:CPU writes the
+# magnitudes out before it reduces them (a pass more, and a shard-sized uint32 buffer).
+dfp_max_magnitudes_p = registry.new_primitive("dfp_max_magnitudes")
+
+
+def _max_magnitudes_abstract_eval(x):
+  if x.dtype != jnp.float32 or x.ndim < 1:
+    raise TypeError(f"dfp_max_magnitudes_p takes float32 [groups, ...], got {x.dtype}{x.shape}")
+  return output_aval(x.shape[:1], jnp.uint32, x, spec=[registry.spec_entry(x, 0)])
+
+
+def _max_magnitudes_batch_rule(args, dims):
+  (x,), (d,) = args, dims
+  x = batching.bdim_at_front(x, d, x.shape[d])
+  top = dfp_max_magnitudes_p.bind(x.reshape(x.shape[0] * x.shape[1], *x.shape[2:]))
+  return top.reshape(x.shape[:2]), 0
+
+
+def _max_magnitudes_cpu_lowering(ctx, x):
+  cpu_ffi.register()
+  return jax.ffi.ffi_lowering(cpu_ffi.MAX_MAGNITUDES_TARGET)(ctx, x)
+
+
+def _max_magnitudes_xla_lowering(x):
+  magnitudes = lax.bitcast_convert_type(x, jnp.uint32) & np.uint32(0x7fffffff)
+  return jnp.max(magnitudes.reshape(x.shape[0], -1), axis=1, initial=np.uint32(0))
+
+
+dfp_max_magnitudes_p.def_abstract_eval(_max_magnitudes_abstract_eval)
+batching.primitive_batchers[dfp_max_magnitudes_p] = _max_magnitudes_batch_rule
+mlir.register_lowering(dfp_max_magnitudes_p, _max_magnitudes_cpu_lowering, platform="cpu")
+mlir.register_lowering(dfp_max_magnitudes_p, mlir.lower_fun(_max_magnitudes_xla_lowering,
+                                                            multiple_results=False))
+
 dfp_quantize_given_max_p.def_abstract_eval(_given_max_abstract_eval)
 batching.primitive_batchers[dfp_quantize_given_max_p] = _given_max_batch_rule
 mlir.register_lowering(dfp_quantize_given_max_p, _given_max_cpu_lowering, platform="cpu")
@@ -161,10 +196,10 @@ mlir.register_lowering(dfp_quantize_given_max_p,
 def _integer_outputs_jvp(p, primals, tangents, **params):
   del tangents
   out = p.bind(*primals, **params)
-  return out, [ad.p2tz(o) for o in out]
+  return out, [ad.p2tz(o) for o in out] if p.multiple_results else ad.p2tz(out)
 
 
-for _p in (dfp_quantize_p, dfp_quantize_given_max_p):
+for _p in (dfp_quantize_p, dfp_quantize_given_max_p, dfp_max_magnitudes_p):
   ad.primitive_jvps[_p] = functools.partial(_integer_outputs_jvp, _p)
 
 # ---------------------------------------------------------------------------------------

@@ -151,6 +151,11 @@ typedef struct {
 
 int dfp_quantize(const dfp_quantize_args* args, dfp_isa isa, const dfp_parallel* par);
 
+/* top[g] = the largest magnitude bit pattern (the float's bits & 0x7fffffff) of group g of
+ * x [groups][n], 0 for an empty group: the group_max of dfp_quantize_args, read in one pass. */
+int dfp_max_magnitudes(const float* x, size_t groups, size_t n, uint32_t* top, dfp_isa isa,
+                       const dfp_parallel* par);
+
 int dfp_isa_supported(dfp_isa isa);       /* compiled in and runnable on this CPU */
 int dfp_isa_emulated(dfp_isa isa);        /* built on emulated intrinsics (DFPJAX_EMULATE_VNNI) */
 const char* dfp_isa_name(dfp_isa isa);    /* "portable", "avx2", "avx_vnni", "avx512_vnni" */

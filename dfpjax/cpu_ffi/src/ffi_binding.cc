@@ -339,6 +339,22 @@ ffi::Error QuantizeGivenMax(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   return QuantizeGroups(pool, x, group_max.typed_data(), m, e, bits, headroom);
 }
 
+// x [groups, ...] float32 -> each group's largest magnitude bit pattern (uint32 [groups]): the
+// group_max of QuantizeGivenMax, for a shard whose groups' maxima are reduced across devices.
+ffi::Error MaxMagnitudes(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Result<ffi::Buffer<ffi::U32>> top) {
+  const auto isa = SelectedIsa();
+  if (isa.has_error()) return isa.error();
+  const auto xd = x.dimensions();
+  if (xd.size() < 1) return Invalid("max_magnitudes: operand x needs a leading groups dimension");
+  const size_t groups = xd[0];
+  const std::string bad = CheckSize("max_magnitudes", "top", top->element_count(), groups);
+  if (!bad.empty()) return Invalid(bad);
+  dfp_parallel par{PoolParallelFor, &pool, static_cast<int>(pool.num_threads())};
+  return StatusToError(dfp_max_magnitudes(x.typed_data(), groups, groups ? x.element_count() / groups : 0,
+                                          top->typed_data(), *isa, &par),
+                       *isa);
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(DfpQuantize, Quantize,
@@ -395,3 +411,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(DfpConv, Conv,
                                   .Attr<ffi::Span<const int64_t>>("weight_tap_first")
                                   .Attr<ffi::Span<const int64_t>>("weight_tap_step")
                                   .Attr<int64_t>("transposed_weights"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DfpMaxMagnitudes, MaxMagnitudes,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::U32>>());
