@@ -23,6 +23,7 @@ from jax.interpreters import batching, mlir
 
 from dfpjax import cpu_ffi
 from dfpjax._jax_compat import ad
+from dfpjax.numerics import floatbits
 from dfpjax.numerics.config import QuantConfig
 from dfpjax.numerics.quantization import DFPTensor, quantize_with
 from dfpjax.primitives import partitioning, reference, registry
@@ -171,8 +172,8 @@ def _max_magnitudes_cpu_lowering(ctx, x):
 
 
 def _max_magnitudes_xla_lowering(x):
-  magnitudes = lax.bitcast_convert_type(x, jnp.uint32) & np.uint32(0x7fffffff)
-  return jnp.max(magnitudes.reshape(x.shape[0], -1), axis=1, initial=np.uint32(0))
+  magnitudes = floatbits.magnitude_bits(x).reshape(x.shape[0], -1)
+  return jnp.max(magnitudes, axis=1, initial=0).astype(jnp.uint32)
 
 
 dfp_max_magnitudes_p.def_abstract_eval(_max_magnitudes_abstract_eval)

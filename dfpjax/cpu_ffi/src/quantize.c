@@ -102,20 +102,13 @@ static void redo_task(void* arg, size_t task) {
     j->cfg->quantize_row(a->x + g * a->n + begin, len, e, (1 << (a->bits - 1)) - 1, m);
 }
 
-/* dfp_max_magnitudes: the largest magnitude bit pattern of each group, chunk by chunk over the
- * pool, each chunk's max raising its group's (max_task). */
-typedef struct {
-  const float* x;
-  size_t n, chunks_per_group;
-  uint32_t* top;
-  const dfp_isa_config* cfg;
-} max_job;
-
+/* dfp_max_magnitudes: max_quantize_task's first step alone, each chunk's max raising its
+ * group's in j->seen (the caller's top). */
 static void max_task(void* arg, size_t task) {
-  const max_job* j = (const max_job*)arg;
-  const size_t g = task / j->chunks_per_group, begin = (task % j->chunks_per_group) * kChunk;
-  const size_t len = j->n - begin < (size_t)kChunk ? j->n - begin : (size_t)kChunk;
-  raise_max(&j->top[g], j->cfg->max_magnitude(j->x + g * j->n + begin, len));
+  const job* j = (const job*)arg;
+  size_t g, begin, len;
+  chunk_range(j, task, &g, &begin, &len);
+  raise_max(&j->seen[g], j->cfg->max_magnitude(j->args->x + g * j->args->n + begin, len));
 }
 
 int dfp_max_magnitudes(const float* x, size_t groups, size_t n, uint32_t* top, dfp_isa isa,
@@ -124,7 +117,8 @@ int dfp_max_magnitudes(const float* x, size_t groups, size_t n, uint32_t* top, d
   if (par == NULL) par = &dfp_serial;
   for (size_t g = 0; g < groups; ++g) top[g] = 0;
   if (groups == 0 || n == 0) return DFP_OK;
-  max_job j = {x, n, (n + kChunk - 1) / kChunk, top, dfp_isa_config_for(isa)};
+  const dfp_quantize_args args = {.groups = groups, .n = n, .x = x};
+  job j = {&args, (n + kChunk - 1) / kChunk, top, NULL, dfp_isa_config_for(isa)};
   par->parallel_for(par->pool, groups * j.chunks_per_group, max_task, &j);
   return DFP_OK;
 }
