@@ -11,10 +11,11 @@ _CACHE_DIR = "JAX_COMPILATION_CACHE_DIR"
 
 
 def pytest_configure(config):
-  """One JAX compilation cache for the whole run, new each run: the suite compiles many programs
-  more than once, in several tests and in the trainer's subprocesses (a DFP train step takes tens
-  of seconds to compile), and a cache made by this run's code is the only one it can trust. The
-  directory is set before pytest-xdist starts its workers, which inherit it, as do subprocesses."""
+  """One JAX compilation cache for the whole run, new each run (unless JAX_COMPILATION_CACHE_DIR
+  names one): the suite compiles many programs more than once, in several tests and in the
+  trainer's subprocesses (a DFP train step takes tens of seconds to compile), and a cache made by
+  this run's code is the only one it can trust. The directory is set before pytest-xdist starts
+  its workers, which inherit it, as do subprocesses."""
   if _CACHE_DIR not in os.environ:
     config.dfpjax_cache_dir = os.environ[_CACHE_DIR] = tempfile.mkdtemp(prefix="dfpjax-jax-cache-")
   jax.config.update("jax_compilation_cache_dir", os.environ[_CACHE_DIR])
