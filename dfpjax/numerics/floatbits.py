@@ -159,3 +159,28 @@ def encode_scaled(negative, magnitude, scale_exp, dtype):
   sign_bit = np.array(1 << (fmt.width - 1), udt)
   bits = jnp.where(negative & (magnitude != 0), bits | sign_bit, bits)
   return lax.bitcast_convert_type(bits.astype(fmt.uint), fmt.dtype)
+
+
+def after(value, anchor):
+  """``value``, bit for bit, as a function of ``anchor`` (broadcast to ``value``'s shape): XLA
+  computes nothing that reads the result before ``anchor`` exists.
+
+  The result is ``value``'s bits OR-ed with ``(bits(anchor) | 1) == 0``, which is always 0 but
+  which XLA's simplifier cannot prove 0. ``lax.optimization_barrier`` cannot order work on
+  XLA:CPU, which removes barriers before it schedules (docs/performance.md, "Memory of the
+  ResNet-50 DFP step").
+  """
+  value, anchor = jnp.asarray(value), jnp.asarray(anchor)
+  zero = ((_bits(anchor) | 1) == 0)
+  bits = _bits(value)
+  bits = bits | jnp.broadcast_to(zero, value.shape).astype(bits.dtype)
+  if value.dtype == bool:
+    return bits.astype(bool)
+  return lax.bitcast_convert_type(bits, value.dtype)
+
+
+def _bits(x):
+  """``x``'s bit pattern as unsigned integers of its width (a bool as one byte)."""
+  if x.dtype == bool:
+    return x.astype(jnp.uint8)
+  return lax.bitcast_convert_type(x, np.dtype(f"uint{8 * x.dtype.itemsize}"))
