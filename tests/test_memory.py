@@ -19,6 +19,7 @@ import pytest
 
 import dfpjax
 from dfpjax import cpu_ffi
+from dfpjax.primitives import bilinear
 from examples.imagenet import batch_sums, train
 from examples.imagenet.configs.base import Config
 
@@ -245,3 +246,20 @@ def test_recomputed_block_tails_change_no_bits(name):
   projections = 3 if name == "resnet18" else 4
   # One forward product more per recomputed convolution: each block's last and each projection.
   assert hlo[True].count(target) == hlo[False].count(target) + blocks + projections
+
+
+def test_weight_gradient_tie_changes_no_bits(monkeypatch):
+  """Each DFP product's input gradient tied to its weight gradient's kernel call
+  (``bilinear._cotangent_value``) orders the schedule and nothing else: the examples' ResNet-18
+  DFP step with and without the tie, every leaf bit for bit."""
+  config = Config(model="resnet18", batch_size=4, warmup_epochs=0, dfp=True)
+  state, batch = resnet18_step(config)
+  outputs, hlo = {}, {}
+  for tied, after in (("without", lambda value, anchor: value), ("with", bilinear.after)):
+    monkeypatch.setattr(bilinear, "after", after)
+    jax.clear_caches()  # the lowering of the other variant would be reused
+    compiled = jax.jit(train.make_dfp_step(train.train_step, config),
+                       compiler_options=train.compiler_options(config)).lower(state, batch).compile()
+    outputs[tied], hlo[tied] = compiled(state, batch), compiled.as_text()
+  assert hlo["with"] != hlo["without"]
+  assert_same_bits(outputs["without"], outputs["with"])

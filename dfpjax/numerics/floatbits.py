@@ -165,18 +165,22 @@ def after(value, anchor):
   """``value``, bit for bit, as a function of ``anchor`` (broadcast to ``value``'s shape): XLA
   computes nothing that reads the result before ``anchor`` exists.
 
-  The result is ``value``'s bits OR-ed with ``(bits(anchor) | 1) == 0``, which is always 0 but
-  which XLA's simplifier cannot prove 0. ``lax.optimization_barrier`` cannot order work on
-  XLA:CPU, which removes barriers before it schedules (docs/performance.md, "Memory of the
-  ResNet-50 DFP step").
+  The result is ``value``'s bits OR-ed with ``false_from(anchor)``. ``lax.optimization_barrier``
+  cannot order work on XLA:CPU, which removes barriers before it schedules (docs/performance.md,
+  "Memory of the ResNet-50 DFP step").
   """
-  value, anchor = jnp.asarray(value), jnp.asarray(anchor)
-  zero = ((_bits(anchor) | 1) == 0)
+  value = jnp.asarray(value)
   bits = _bits(value)
-  bits = bits | jnp.broadcast_to(zero, value.shape).astype(bits.dtype)
+  bits = bits | jnp.broadcast_to(false_from(anchor), value.shape).astype(bits.dtype)
   if value.dtype == bool:
     return bits.astype(bool)
   return lax.bitcast_convert_type(bits, value.dtype)
+
+
+def false_from(anchor):
+  """``False`` for each element of ``anchor``, computed from its bits, ``(bits | 1) == 0``, which
+  XLA's simplifier cannot prove false: a flag that exists only once ``anchor`` does (``after``)."""
+  return (_bits(jnp.asarray(anchor)) | 1) == 0
 
 
 def _bits(x):
