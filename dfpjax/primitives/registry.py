@@ -58,7 +58,7 @@ def register(p: core.Primitive, *, abstract_eval, batch_rule, cpu_lowering, xla_
   mlir.register_lowering(kernel, cpu_lowering, platform="cpu")
   partitioning.register_cpu_lowering(p, kernel, sharding_rule, partition)
   mlir.register_lowering(p, mlir.lower_fun(xla_lowering, multiple_results=p.multiple_results))
-  if not p.multiple_results:
+  if not p.multiple_results:  # the products (the quantization returns mantissas and exponents)
     _FLAGGED[p] = _flagged_twin(p, kernel, abstract_eval, batch_rule, xla_lowering,
                                 sharding_rule, partition)
 

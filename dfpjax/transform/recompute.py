@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dfpjax.numerics.floatbits import after
+from dfpjax.primitives.partitioning import first_false
 from dfpjax.primitives.quantize import dfp_quantize_given_max_p, dfp_quantize_p
 
 
@@ -77,10 +78,11 @@ def tied_to_cotangent(fn: Callable, policy: RecomputePolicy) -> Callable:
     return jax.vjp(checkpointed, *args)
 
   def region_bwd(vjp, cotangents):
-    anchor = next(c for c in cotangents if jnp.issubdtype(c.dtype, jnp.floating))
-    anchor = anchor.reshape(-1)[0]
+    cotangent = next(c for c in cotangents if jnp.issubdtype(c.dtype, jnp.floating))
+    # Its first element; a scalar reduction across devices where the batch is split.
+    flag = first_false(cotangent)
     leaves, tree = jax.tree.flatten(vjp)
-    leaves = [after(x, anchor) if _small_number(x) else x for x in leaves]
+    leaves = [after(x, flag) if _small_number(x) else x for x in leaves]
     return tuple(jax.tree.unflatten(tree, leaves)(cotangents))
 
   region.defvjp(region_fwd, region_bwd)

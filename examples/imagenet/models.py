@@ -131,7 +131,7 @@ def _block_tail(block, y, residual, features: int, last_conv_kernel):
   if residual.shape != y.shape:
     residual = block.conv(features, (1, 1), block.strides, name="conv_proj")(residual)
     residual = block.norm(name="norm_proj")(residual)
-  if block.recompute:
+  if block.recompute and features % 8 == 0:  # its mask packs 8 channels to a byte
     return relu_keeping_signs(residual + y)
   return block.act(residual + y)
 
@@ -140,7 +140,7 @@ def block_tail(block, y, residual, features: int, last_conv_kernel=(1, 1)):
   """``_block_tail``; with ``block.recompute`` a ``dfpjax.recompute`` region: under
   ``dfp_transform`` the backward pass recomputes the tail's convolution outputs (the BatchNorm
   inputs) from their INT16 operands instead of keeping them, and keeps the ReLU's packed mask
-  (docs/performance.md, "Recomputed convolution outputs")."""
+  (docs/performance.md, "Memory of the ResNet-50 DFP step")."""
   if not block.recompute:
     return _block_tail(block, y, residual, features, last_conv_kernel)
   import dfpjax  # pylint: disable=g-import-not-at-top
@@ -187,7 +187,8 @@ class ResNet(nn.Module):
   BatchNorm is ``batch_sums.BatchNorm`` (``nn.BatchNorm``'s variables, a backward pass that
   keeps no cotangent alive past its layer). ``reproducible_batch_sums``: BatchNorm and the head's
   bias sum over the batch with ``dfpjax.reproducible_sum`` (``batch_sums``), the same variables.
-  ``recompute_block_tails``: each block's tail a ``dfpjax.recompute`` region (``block_tail``),
+  ``recompute_block_tails``: each block's tail a ``dfpjax.recompute`` region (``block_tail``;
+  ``train.create_model`` turns it on in DFP runs),
   the same variables.
   """
   stage_sizes: Sequence[int]
@@ -438,6 +439,8 @@ MODELS = {
 }
 # The models with a ``reproducible_batch_sums`` field.
 REPRODUCIBLE_BATCH_SUMS = ("resnet18", "resnet50")
+# The models with the field ``recompute_block_tails``, on in their DFP steps (train.create_model).
+RECOMPUTED_BLOCK_TAILS = ("resnet18", "resnet50")
 
 
 def create_model(name: str, num_classes: int, **kwargs) -> nn.Module:
