@@ -86,7 +86,8 @@ CONTROL = {"conditional", "while", "call"}
 
 
 def pass_of(ins: Instr, kernel_sizes: dict[str, int]) -> str:
-  """forward / backward-data / backward-weights of a product, from its name stack and size.
+  """forward / backward-data / backward-weights of a product (or forward, recomputed: in the
+  backward pass of a ``dfpjax.recompute`` region), from its name stack and size.
 
   JAX names the products its transpose rules write ``.../transpose(jvp(Model))/<module path>/
   <primitive>``; of a layer's two backward products, the weight gradient is the one with as many
@@ -98,7 +99,11 @@ def pass_of(ins: Instr, kernel_sizes: dict[str, int]) -> str:
     return "backward-weights" if ins.elements in kernel_sizes.values() else "unnamed"
   if "transpose(" not in ins.op_name:
     return "forward"
-  scopes = [s for s in ins.op_name.split("/") if "(" not in s]
+  if "/rematted_computation/" in ins.op_name:  # a dfpjax.recompute region's, in the backward pass
+    return "forward, recomputed"
+  # Scopes of the module path only: not a recompute region's checkpoint or its method's name.
+  scopes = [s for s in ins.op_name.split("/")
+            if "(" not in s and "." not in s and s != "checkpoint"]
   for start in range(len(scopes)):
     for stop in range(len(scopes), start, -1):
       size = kernel_sizes.get("/".join(scopes[start:stop]))

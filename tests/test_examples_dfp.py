@@ -29,10 +29,13 @@ class Network(NamedTuple):
   kept: set[str]  # the layers they match
 
 
+# ResNets without their DFP default of recomputed block tails, whose recomputed forward products
+# the report lists in the backward pass (test_report_paths_inside_recomputed_tails_are_modules).
+PLAIN = {"recompute_block_tails": False}
 NETWORKS = {
-    "resnet18": Network({}, "ResNet/conv_init", ("*/conv_init", "*/head"),
+    "resnet18": Network(PLAIN, "ResNet/conv_init", ("*/conv_init", "*/head"),
                         {"ResNet/conv_init", "ResNet/head"}),
-    "resnet50": Network({}, "ResNet/conv_init", ("*/conv_init", "*/head"),
+    "resnet50": Network(PLAIN, "ResNet/conv_init", ("*/conv_init", "*/head"),
                         {"ResNet/conv_init", "ResNet/head"}),
     # "*" also matches "/": "*/fc" keeps the auxiliary heads' fc layers as well.
     "googlenet": Network({"aux_logits": True}, "GoogLeNet/conv1", ("*/conv1", "*/fc"),
@@ -102,6 +105,20 @@ def test_report_shows_every_layer_in_dfp_but_the_kept_ones(name):
   num_float = sum(len(found[path]) for path in network.kept)
   assert str(records).splitlines()[-1] == \
       f"{len(records)} sites: {len(records) - num_float} dfp, {num_float} float, 0 unchanged"
+
+
+def test_report_paths_inside_recomputed_tails_are_modules():
+  """The recompute regions' scopes (JAX's around the recomputation, Flax's ``Block.fn``) are
+  no modules: every site's path is a layer's, as ``dfp_keep_float`` globs expect."""
+  config = Config(model="resnet18", image_size=SIZE, batch_size=BATCH, dfp=True)
+  model = train.create_model(config, CLASSES)
+  assert model.recompute_block_tails
+  state = jax.eval_shape(functools.partial(
+      train.create_train_state, config, model, SIZE, train.create_learning_rate_fn(config, 10)))
+  batch = {"image": jax.ShapeDtypeStruct((BATCH, SIZE, SIZE, 3), jnp.float32),
+           "label": jax.ShapeDtypeStruct((BATCH,), jnp.int32)}
+  records = dfpjax.report(train.train_step, state, batch, config=train.make_dfp_config(config))
+  assert {r.path for r in records} == set(kernel_shapes(model, state.params))
 
 
 # ResNet-18 trains under --dfp in test_examples_train.py. GoogLeNet's 191 sites take minutes to

@@ -19,6 +19,7 @@ import pytest
 
 import dfpjax
 from dfpjax import cpu_ffi
+from dfpjax.primitives import bilinear
 from examples.imagenet import batch_sums, train
 from examples.imagenet.configs.base import Config
 
@@ -153,3 +154,123 @@ def test_examples_batch_norm_computes_normalised_inputs_in_its_layer(monkeypatch
     outputs[name] = compiled(variables, images, labels)
   assert temp["in layer"] < 0.95 * temp["early"], temp
   assert_same_bits(outputs["early"], outputs["in layer"])
+
+
+def test_after_keeps_every_bit():
+  anchor = jnp.float32(-0.0)
+  for value in (jnp.asarray([1.5, -0.0, jnp.nan, jnp.inf], jnp.float32),
+                jnp.asarray([-32767, 0, 5], jnp.int16), jnp.asarray([True, False]),
+                jnp.asarray(7, jnp.int32)):
+    assert_same_bits(jax.jit(dfpjax.after)(value, anchor), value)
+
+
+class RecomputedResidualNet(nn.Module):
+  """``ResidualNet`` (the examples' BatchNorm) with each layer, or none, a ``dfpjax.recompute``
+  region."""
+  recompute: bool
+
+  @nn.compact
+  def __call__(self, x):
+    def layer(module, x, i):
+      y = nn.Conv(16, (3, 3), use_bias=False, name=f"conv{i}")(x)
+      return nn.relu(batch_sums.BatchNorm(use_running_average=False, name=f"bn{i}")(y)) + x
+    if self.recompute:
+      layer = nn.remat(layer, policy=dfpjax.RecomputePolicy(), static_argnums=(2,))
+    for i in range(6):
+      x = layer(self, x, i)
+    return nn.Dense(10, name="head")(jnp.mean(x, axis=(1, 2)))
+
+
+def test_recompute_keeps_fewer_buffers_with_the_same_bits():
+  """Under ``dfp_transform`` (inside the gradient, as the examples' DFP step), a ``recompute``
+  region keeps its products' INT16 operands and recomputes their outputs, the BatchNorm inputs,
+  in the backward pass: fewer buffers, the same bits."""
+  rng = np.random.default_rng(0)
+  images = jnp.asarray(rng.normal(size=(8, 32, 32, 16)), jnp.float32)
+  labels = jnp.asarray(rng.integers(0, 10, 8), jnp.int32)
+  temp, outputs = {}, {}
+  for recompute in (False, True):
+    net = RecomputedResidualNet(recompute)
+    variables = net.init(jax.random.key(0), images)
+
+    def step(variables, images, labels, net=net):
+      apply = dfpjax.dfp_transform(lambda v, x: net.apply(v, x, mutable=["batch_stats"]))
+
+      def loss_fn(params):
+        logits, updates = apply({**variables, "params": params}, images)
+        one_hot = jax.nn.one_hot(labels, 10)
+        return -jnp.mean(jnp.sum(jax.nn.log_softmax(logits) * one_hot, -1)), updates
+
+      (loss, updates), grads = jax.value_and_grad(loss_fn, has_aux=True)(variables["params"])
+      params = jax.tree.map(lambda p, g: p - 0.1 * g, variables["params"], grads)
+      return {**updates, "params": params}, loss
+
+    compiled = jax.jit(step, compiler_options=train.compiler_options(Config())).lower(
+        variables, images, labels).compile()
+    temp[recompute] = compiled.memory_analysis().temp_size_in_bytes
+    outputs[recompute] = compiled(variables, images, labels)
+  assert temp[True] < 0.8 * temp[False], temp
+  assert_same_bits(outputs[False], outputs[True])
+
+
+def recompute_steps(name: str, batch_size: int):
+  """The examples' DFP step of ``name`` at 32x32 (three classes), compiled without and with its
+  block tails recomputed (``recompute_block_tails``), with its state; and a batch."""
+  rng = np.random.default_rng(1)
+  batch = {"image": rng.normal(size=(batch_size, 32, 32, 3)).astype(np.float32),
+           "label": np.arange(batch_size, dtype=np.int32) % 3}
+  steps = {}
+  for recompute in (False, True):
+    config = Config(model=name, batch_size=batch_size, warmup_epochs=0, dfp=True,
+                    model_kwargs={"recompute_block_tails": recompute})
+    model = train.create_model(config, 3)
+    state = train.create_train_state(config, model, 32, train.create_learning_rate_fn(config, 10))
+    step = jax.jit(train.make_dfp_step(train.train_step, config),
+                   compiler_options=train.compiler_options(config))
+    steps[recompute] = step.lower(state, batch).compile(), state
+  return steps, batch
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet50"])
+def test_recomputed_block_tails_change_no_bits(name):
+  """The block tails' convolution outputs recomputed in the backward pass from their INT16
+  operands (``dfpjax.recompute``): the same DFP products, so the same step, bit for bit. (At
+  224x224 batch 16 XLA:CPU rounds the tails' BatchNorm running means and the head's gradient
+  differently in the last bit: 22 of 434 leaves, docs/performance.md "Memory of the ResNet-50
+  DFP step".)"""
+  steps, batch = recompute_steps(name, 8 if name == "resnet18" else 2)
+  outputs = {k: step(state, batch) for k, (step, state) in steps.items()}
+  assert_same_bits(outputs[False], outputs[True])
+  hlo = {k: step.as_text() for k, (step, _) in steps.items()}
+  target = f'custom_call_target="{cpu_ffi.CONV_TARGET}"'
+  blocks = 8 if name == "resnet18" else 16
+  projections = 3 if name == "resnet18" else 4
+  # One forward product more per recomputed convolution: each block's last and each projection.
+  assert hlo[True].count(target) == hlo[False].count(target) + blocks + projections
+
+
+def test_weight_gradient_tie_changes_no_bits(monkeypatch):
+  """Each DFP product's input gradient tied to its weight gradient's kernel call
+  (``bilinear._cotangent_value``) orders the schedule and nothing else: the examples' ResNet-18
+  DFP step with and without the tie, every leaf bit for bit."""
+  config = Config(model="resnet18", batch_size=4, warmup_epochs=0, dfp=True)
+  state, batch = resnet18_step(config)
+  outputs, hlo = {}, {}
+  for tied, after in (("without", lambda value, anchor: value), ("with", bilinear.after)):
+    monkeypatch.setattr(bilinear, "after", after)
+    jax.clear_caches()  # the lowering of the other variant would be reused
+    step = jax.jit(train.make_dfp_step(train.train_step, config),
+                   compiler_options=train.compiler_options(config))
+    compiled = step.lower(state, batch).compile()
+    outputs[tied], hlo[tied] = compiled(state, batch), compiled.as_text()
+  assert hlo["with"] != hlo["without"]
+  assert_same_bits(outputs["without"], outputs["with"])
+
+
+def test_dfp_resnets_recompute_their_block_tails_unless_told_not_to():
+  for dfp in (False, True):
+    assert train.create_model(Config(model="resnet50", dfp=dfp), 3).recompute_block_tails is dfp
+  off = Config(model="resnet18", dfp=True, model_kwargs={"recompute_block_tails": False})
+  assert train.create_model(off, 3).recompute_block_tails is False
+  assert not hasattr(train.create_model(Config(model="alexnet", dfp=True), 3),
+                     "recompute_block_tails")

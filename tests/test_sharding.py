@@ -145,6 +145,51 @@ def test_ops_run_their_kernels_per_shard(op_runs):
   assert not re.search(r"= [fs]64\[[^]]*\][^ ]* (dot|convolution)\(", hlo)
 
 
+def _entry_inputs(hlo: str, output: int) -> dict[str, str]:
+  """The instructions of the entry computation (name -> the text after ``=``) that output
+  ``output`` of its ROOT tuple is computed from, itself included."""
+  entry = hlo[hlo.index("\nENTRY "):]
+  entry = entry[:entry.index("\n}")]
+  lines, root = {}, None
+  for line in entry.splitlines()[1:]:
+    match = re.match(r"\s*(ROOT )?%(\S+) = (.*)", line)
+    if not match:
+      continue
+    is_root, name, text = match.groups()
+    lines[name] = text.split(", metadata=")[0]
+    root = name if is_root else root
+  operands = lambda name: [o for o in re.findall(r"%([\w.\-]+)", lines[name]) if o in lines]
+  todo, seen = [operands(root)[output]], {}
+  while todo:
+    name = todo.pop()
+    if name not in seen:
+      seen[name] = lines[name]
+      todo += operands(name)
+  return seen
+
+
+def _kernel_calls(instructions: dict[str, str]) -> set[str]:
+  return {name for name, text in instructions.items()
+          if re.search(r'custom_call_target="dfpjax_(dot_general|conv)"', text)}
+
+
+@pytest.mark.parametrize("devices", [1, 4])
+def test_input_gradient_waits_for_the_weight_gradients_kernel_not_its_sum(op_runs, devices):
+  """``bilinear._cotangent_value`` ties the input gradient to the weight gradient's kernel
+  call, so that XLA runs every layer's weight gradient in its layer; on 4 devices to that call's
+  int64 partial sums, before their reduce-scatter and all-gather: no wait for the
+  cross-device sum."""
+  for hlo in op_runs[devices].hlo:  # outputs: forward, input gradient, weight gradient, tangent
+    input_grad, weight_grad = _entry_inputs(hlo, 1), _entry_inputs(hlo, 2)
+    weight_kernels = _kernel_calls(weight_grad) - _kernel_calls(_entry_inputs(hlo, 0))
+    assert weight_kernels and weight_kernels <= set(input_grad), weight_kernels
+    if devices > 1:
+      assert all(re.match(r"\(?s64\[", weight_grad[k]) for k in weight_kernels)
+      collectives = r" (reduce-scatter|all-gather|all-to-all)\("
+      assert not [t for t in input_grad.values() if re.search(collectives, t)]
+      assert [t for t in weight_grad.values() if re.search(collectives, t)]
+
+
 def test_train_step_products_are_bit_identical_on_1_2_4_devices(train_runs):
   """The weight gradients are DFP products (of the batch's global-exponent cotangents and
   activations): the same bits. The loss mean and the bias gradients are XLA's own float sums

@@ -159,3 +159,32 @@ def encode_scaled(negative, magnitude, scale_exp, dtype):
   sign_bit = np.array(1 << (fmt.width - 1), udt)
   bits = jnp.where(negative & (magnitude != 0), bits | sign_bit, bits)
   return lax.bitcast_convert_type(bits.astype(fmt.uint), fmt.dtype)
+
+
+def after(value, anchor):
+  """``value``, bit for bit, as a function of ``anchor`` (broadcast to ``value``'s shape): XLA
+  computes nothing that reads the result before ``anchor`` exists.
+
+  The result is ``value``'s bits OR-ed with ``false_from(anchor)``. ``lax.optimization_barrier``
+  cannot order work on XLA:CPU, which removes barriers before it schedules (docs/performance.md,
+  "Memory of the ResNet-50 DFP step").
+  """
+  value = jnp.asarray(value)
+  bits = _bits(value)
+  bits = bits | jnp.broadcast_to(false_from(anchor), value.shape).astype(bits.dtype)
+  if value.dtype == bool:
+    return bits.astype(bool)
+  return lax.bitcast_convert_type(bits, value.dtype)
+
+
+def false_from(anchor):
+  """``False`` for each element of ``anchor``, computed from its bits, ``(bits | 1) == 0``, which
+  XLA's simplifier cannot prove false: a flag that exists only once ``anchor`` does (``after``)."""
+  return (_bits(jnp.asarray(anchor)) | 1) == 0
+
+
+def _bits(x):
+  """``x``'s bit pattern as unsigned integers of its width (a bool as one byte)."""
+  if x.dtype == bool:
+    return x.astype(jnp.uint8)
+  return lax.bitcast_convert_type(x, np.dtype(f"uint{8 * x.dtype.itemsize}"))

@@ -47,6 +47,7 @@ from jax.interpreters import batching, mlir
 
 from dfpjax._jax_compat import ad, api_util, pe, prim_requires_devices_during_lowering
 from dfpjax._jax_compat import core as core_lib
+from dfpjax.numerics.floatbits import after
 from dfpjax.numerics.quantization import DFPTensor
 from dfpjax.primitives import reference, registry
 from dfpjax.primitives.operands import fold_key
@@ -131,9 +132,15 @@ def _tangent_value(*operands, layout, present):
 
 
 def _cotangent_value(g, *operands, layout):
+  """``(da, db)``, with ``da`` tied to the kernel calls of the rule (``registry.kernel_flags``):
+  XLA cannot use ``da`` before the weight gradient's product has run, so it runs each layer's
+  weight gradient in the layer, and that layer's INT16 operands die there, instead of keeping
+  every layer's for weight gradients scheduled at the end. The flags come before any
+  cross-device sum: a sharded step does not wait for it. Scheduling only: the same bits."""
   _, _, qa, qb, key = _unpack(operands, layout)
-  with _mode(layout):
-    return list(layout.spec.cotangents(g, qa, qb, key))
+  with _mode(layout), registry.kernel_flags() as flags:
+    da, db = layout.spec.cotangents(g, qa, qb, key)
+  return [after(da, functools.reduce(jnp.logical_or, flags)), db]
 
 
 def _tangent_abstract_eval(*operands, layout, present):

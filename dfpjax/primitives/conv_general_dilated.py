@@ -194,8 +194,7 @@ _COL2IM_MAX_CHANNELS = 16
 
 
 def _bind(*args, **params):
-  impl = reference.conv if reference.in_reference_mode() else dfp_conv_p.bind
-  return impl(*args, **params)
+  return registry.product(dfp_conv_p, reference.conv, *args, **params)
 
 
 def exact_conv(qa: DFPTensor, qb: DFPTensor, params: ConvParams, out_dtype):

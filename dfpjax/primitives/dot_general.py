@@ -316,9 +316,9 @@ def exact_dot(qa: DFPTensor, qb: DFPTensor, dims: DotDims, out_dtype):
   lf, rf = dims.lhs_free, dims.rhs_free
   a3, a_free_first = _as_matrix(qa.mantissa, dims.lhs_batch, lf, dims.lhs_contract, True)
   b3, b_free_first = _as_matrix(qb.mantissa, dims.rhs_batch, rf, dims.rhs_contract, False)
-  impl = reference.dot if reference.in_reference_mode() else dfp_dot_general_p.bind
-  y = impl(a3, _exponent_row(qa, lf, qa.shape), b3, _exponent_row(qb, rf, qb.shape),
-           lhs_kmajor=not a_free_first, rhs_nmajor=b_free_first, out_dtype=np.dtype(out_dtype))
+  y = registry.product(dfp_dot_general_p, reference.dot, a3, _exponent_row(qa, lf, qa.shape), b3,
+                       _exponent_row(qb, rf, qb.shape), lhs_kmajor=not a_free_first,
+                       rhs_nmajor=b_free_first, out_dtype=np.dtype(out_dtype))
   out_shape = (tuple(qa.shape[d] for d in dims.lhs_batch) + tuple(qa.shape[d] for d in lf)
                + tuple(qb.shape[d] for d in rf))
   return y.reshape(out_shape)

@@ -28,10 +28,11 @@ from jax.interpreters import mlir
 from jax.sharding import NamedSharding, PartitionSpec
 
 from dfpjax._jax_compat import prim_requires_devices_during_lowering
+from dfpjax.numerics.floatbits import false_from
 from dfpjax.primitives import reference
 
 
-def register_cpu_lowering(p, kernel, rule, partition):
+def register_cpu_lowering(p, kernel, rule, partition, *, flagged=False):
   """Lowers ``p`` on CPU to ``kernel`` (the same primitive, lowered to the FFI call) per shard.
 
   ``rule(shapes, **params)`` returns the Shardy sharding rule string of ``p``'s operands and
@@ -41,37 +42,81 @@ def register_cpu_lowering(p, kernel, rule, partition):
   evenly) and the specs its consumers want of the results (``wanted``, a list, one per
   result), and returns ``(per_shard_fn, result_specs, operand_specs)``; ``bind`` binds
   ``kernel``.
+
+  ``flagged``: ``p`` returns ``kernel``'s result and a scalar ``floatbits.false_from`` of the
+  kernel call's own output on each device, before the collectives that finish the result:
+  something can wait for the kernel call without waiting for them (``registry.kernel_flags``).
   """
   def lowering(ctx, *args, **params):
     shapes = tuple(tuple(a.shape) for a in ctx.avals_in)
-    f = _partitioned(kernel, rule, partition, shapes, tuple(sorted(params.items())))
-    return mlir.lower_fun(f, multiple_results=kernel.multiple_results)(ctx, *args)
+    f = _partitioned(kernel, rule, partition, shapes, tuple(sorted(params.items())), flagged)
+    return mlir.lower_fun(f, multiple_results=p.multiple_results)(ctx, *args)
 
   mlir.register_lowering(p, lowering, platform="cpu")
   prim_requires_devices_during_lowering.add(p)
 
 
+def first_false(y):
+  """``floatbits.false_from`` of ``y``'s first element, a flag of ``y``'s existence; of the
+  largest of a corner where ``y``'s type splits dimensions over devices (a shard's result, or
+  one device's, has no such dimension: the corner is its first element)."""
+  spec = tuple(getattr(jax.typeof(y).sharding, "spec", ())) + (None,) * y.ndim
+  corner = lax.slice(y, (0,) * y.ndim,
+                     tuple(1 if entry is None else size for entry, size in zip(spec, y.shape)))
+  return false_from(jnp.max(corner))
+
+
 @functools.cache
-def _partitioned(kernel, rule, partition, shapes, params):
+def _partitioned(kernel, rule, partition, shapes, params, flagged):
   params = dict(params)
   bind = functools.partial(kernel.bind, **params)
-  f = custom_partitioning(lambda *args: bind(*args))
+  if flagged:
+    f = custom_partitioning(lambda *args: [y := bind(*args), first_false(y)])
+  else:
+    f = custom_partitioning(lambda *args: bind(*args))
 
   def partition_callback(mesh, arg_shapes, result_shape):
     specs = [even_spec(mesh, a.sharding, a.shape) for a in arg_shapes]
-    results = result_shape if kernel.multiple_results else [result_shape]
+    multiple = kernel.multiple_results or flagged
+    results = result_shape if multiple else [result_shape]
     wanted = [even_spec(mesh, r.sharding, r.shape) for r in results]
-    per_shard, result_specs, arg_specs = partition(mesh, specs, shapes, bind, wanted=wanted,
-                                                   **params)
+    if not flagged:
+      per_shard, result_specs, arg_specs = partition(mesh, specs, shapes, bind, wanted=wanted,
+                                                     **params)
+    else:
+      per_shard, result_specs, arg_specs = _flagged_partition(partition, mesh, specs, shapes,
+                                                              bind, wanted[:1], params)
     named = lambda spec: NamedSharding(mesh, PartitionSpec(*spec))
-    results = (list(map(named, result_specs)) if kernel.multiple_results
-               else named(result_specs))
+    results = list(map(named, result_specs)) if multiple else named(result_specs)
     return mesh, per_shard, results, tuple(map(named, arg_specs))
 
   rule_string, replicated_factors = rule(shapes, **params)
+  if flagged:
+    rule_string += ", "  # the flag, a scalar
   f.def_partition(partition=partition_callback, sharding_rule=rule_string,
                   need_replication_factors=replicated_factors)
   return f
+
+
+def _flagged_partition(partition, mesh, specs, shapes, bind, wanted, params):
+  """``partition``'s per-shard function, returning also the flag of its kernel call's output
+  (the int64 partial sums where a contracted dimension is split: before their collective),
+  and its specs, the flag replicated (``False`` on every device)."""
+  flags = []
+
+  def flagging_bind(*args, **kwargs):
+    y = bind(*args, **kwargs)
+    flags.append(first_false(y))
+    return y
+
+  per_shard, result_spec, arg_specs = partition(mesh, specs, shapes, flagging_bind,
+                                                wanted=wanted, **params)
+
+  def flagged_per_shard(*args):
+    y = per_shard(*args)
+    return [y, flags.pop()]
+
+  return flagged_per_shard, [result_spec, ()], arg_specs
 
 
 def even_spec(mesh, sharding, shape) -> tuple:

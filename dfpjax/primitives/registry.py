@@ -1,18 +1,28 @@
 """What every DFP primitive shares: its creation, an eager ``impl`` through a jitted
-bind, the registration of its rules, and the checks and output type of its shape rule."""
+bind, the registration of its rules, and the checks and output type of its shape rule; and
+``product``, the one binding of a product primitive (or its pure-XLA twin), which inside
+``kernel_flags`` also collects a flag of each kernel call's output."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.extend import core
 from jax.interpreters import batching, mlir
 from jax.sharding import NamedSharding, PartitionSpec
 
 from dfpjax._jax_compat import ShapedArray, get_cur_mesh_sharding
-from dfpjax.primitives import partitioning
+from dfpjax.primitives import partitioning, reference
+
+# Each product primitive's flagged twin (``register``): its result and a flag of the kernel
+# call's output, taken on each device before the collectives that finish a sharded result.
+_FLAGGED: dict = {}
+# The flag lists of the active ``kernel_flags`` blocks, innermost last.
+_COLLECTING: list[list] = []
 
 
 def new_primitive(name: str, *, multiple_results: bool = False) -> core.Primitive:
@@ -48,6 +58,59 @@ def register(p: core.Primitive, *, abstract_eval, batch_rule, cpu_lowering, xla_
   mlir.register_lowering(kernel, cpu_lowering, platform="cpu")
   partitioning.register_cpu_lowering(p, kernel, sharding_rule, partition)
   mlir.register_lowering(p, mlir.lower_fun(xla_lowering, multiple_results=p.multiple_results))
+  if not p.multiple_results:  # the products (the quantization returns mantissas and exponents)
+    _FLAGGED[p] = _flagged_twin(p, kernel, abstract_eval, batch_rule, xla_lowering,
+                                sharding_rule, partition)
+
+
+def _flagged_twin(p, kernel, abstract_eval, batch_rule, xla_lowering, sharding_rule, partition):
+  """``p`` returning also ``partitioning.first_false`` of its kernel call's output (on CPU, per
+  shard, before any collective; elsewhere and under ``vmap``, of the result)."""
+  twin = new_primitive(p.name + "_flagged", multiple_results=True)
+  twin.def_abstract_eval(lambda *avals, **params: [
+      abstract_eval(*avals, **params), output_aval((), np.dtype(bool), *avals)])
+
+  def batch(args, dims, **params):
+    y, d = batch_rule(args, dims, **params)
+    return [y, partitioning.first_false(y)], [d, None]
+
+  def flagged_xla(*args, **params):
+    y = xla_lowering(*args, **params)
+    return [y, partitioning.first_false(y)]
+
+  batching.primitive_batchers[twin] = batch
+  partitioning.register_cpu_lowering(twin, kernel, sharding_rule, partition, flagged=True)
+  mlir.register_lowering(twin, mlir.lower_fun(flagged_xla, multiple_results=True))
+  return twin
+
+
+@contextlib.contextmanager
+def kernel_flags():
+  """A list that collects, for each product bound through ``product`` inside the block, a
+  flag (a scalar ``False``, ``floatbits.false_from``) that exists once that product's kernel
+  call has run: where the product contracts a dimension split over devices, before its
+  partial sums are added across them. ``floatbits.after`` ties a value to it."""
+  flags = []
+  _COLLECTING.append(flags)
+  try:
+    yield flags
+  finally:
+    _COLLECTING.pop()
+
+
+def product(p, reference_fn, *args, **params):
+  """``p.bind(*args, **params)``, or ``reference_fn`` (its exact pure-XLA twin) in
+  ``reference.reference_mode``; inside ``kernel_flags`` the flagged twin, its flag collected."""
+  if reference.in_reference_mode():
+    y = reference_fn(*args, **params)
+    if _COLLECTING:
+      _COLLECTING[-1].append(partitioning.first_false(y))
+    return y
+  if not _COLLECTING:
+    return p.bind(*args, **params)
+  y, flag = _FLAGGED[p].bind(*args, **params)
+  _COLLECTING[-1].append(flag)
+  return y
 
 
 def check_integer_operands(op: str, x, ex, y, ey) -> None:

@@ -13,6 +13,8 @@ from dfpjax._jax_compat import source_info_util
 NameStack = source_info_util.NameStack
 Scope = source_info_util.Scope
 Transform = source_info_util.Transform
+# The scope JAX puts around the recomputation of a ``remat`` (``jax.checkpoint``).
+_REMAT_SCOPE = "rematted_computation"
 
 
 def module_path(name_stack: source_info_util.NameStack) -> str:
@@ -22,17 +24,21 @@ def module_path(name_stack: source_info_util.NameStack) -> str:
   equations of a ``remat`` transposed in the backward pass carry the absolute stack
   again (``transpose(jvp(Net))/jvp(Net)/rem``): a run of scopes that follows a
   transform frame and starts with the whole path so far is taken as such a restart
-  (``Net/rem``), not as nested modules of the same names.
+  (``Net/rem``), not as nested modules of the same names. Scopes that are no modules are left
+  out: the one JAX puts around a ``remat``'s recomputation, and the ``Block_0.fn`` a Flax
+  lifted transform of a function called with module ``Block_0`` adds (``nn.remat(fn)``).
   """
   groups: list[list[str]] = [[]]
   previous_was_scope = False
+  modules = set()
   for frame in name_stack.stack:
     if isinstance(frame, Transform):
       if previous_was_scope:
         groups.append([])
       previous_was_scope = False
-    else:
+    elif frame.name != _REMAT_SCOPE and frame.name.split(".")[0] not in modules:
       groups[-1].append(frame.name)
+      modules.add(frame.name)
       previous_was_scope = True
   path: list[str] = []
   for group in groups:

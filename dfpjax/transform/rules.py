@@ -16,6 +16,7 @@ from dfpjax._jax_compat import (UNSPECIFIED, CustomVJPPrimal, FlatTree, Symbolic
                                 _merge_common_consts, ad, api_util, call_hi_primitive_p, core,
                                 hijax, lu, pe, shard_map_p)
 from dfpjax.transform.interpreter import HIGHER_ORDER_RULES, Scope, eval_jaxpr
+from dfpjax.transform.recompute import RecomputePolicy, tied_to_cotangent
 
 
 # ---------------------------------------------------------------------------------------
@@ -112,6 +113,8 @@ def _call_rule(ctx, eqn, invals, scope):
 def _remat_rule(ctx, eqn, invals, scope):
   p = eqn.params
   new, hoisted = _rewrite_closed(ctx, pe.close_jaxpr(p["jaxpr"]), scope, ident=p["jaxpr"])
+  if isinstance(p["policy"], RecomputePolicy) and not p["differentiated"]:
+    return tied_to_cotangent(core.jaxpr_as_fun(new), p["policy"])(*hoisted, *invals)
   prevent_cse = p["prevent_cse"]
   if isinstance(prevent_cse, tuple):
     prevent_cse = (True,) * len(hoisted) + prevent_cse

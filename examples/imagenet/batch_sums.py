@@ -100,11 +100,11 @@ batch_norm.defvjp(_batch_norm_fwd, _batch_norm_bwd)
 
 
 def _after(value, other):
-  """``value`` (float32), bit for bit, as a function of ``other`` (float32), so that XLA computes
-  nothing that uses it before ``other``. (XLA:CPU drops optimization barriers before scheduling;
-  XLA's simplifier does not see that a bit pattern with bit 0 set is never zero.)"""
-  zero = ((lax.bitcast_convert_type(other, jnp.uint32) | 1) == 0).astype(jnp.uint32)
-  return lax.bitcast_convert_type(lax.bitcast_convert_type(value, jnp.uint32) | zero, value.dtype)
+  """``dfpjax.after(value, other)``: ``value``, bit for bit, as a function of ``other``, so that
+  XLA computes nothing that uses it before ``other``. (Imported when first used: FP32 runs
+  need no dfpjax until then.)"""
+  import dfpjax  # pylint: disable=g-import-not-at-top
+  return dfpjax.after(value, other)
 
 
 @jax.custom_vjp

@@ -89,6 +89,65 @@ def same_conv(features: int, kernel_size: tuple[int, int], strides=(1, 1), **kwa
 
 # ----------------------------------------------------------------------------- ResNet
 
+# The name under which ``relu_keeping_signs`` saves its mask, for ``dfpjax.RecomputePolicy``.
+RELU_MASK = "relu_mask"
+
+
+@jax.custom_jvp
+def relu_keeping_signs(x):
+  """``nn.relu`` (the same values and gradients) whose backward pass keeps one bit per element:
+  its mask, packed eight channels to a byte and named ``RELU_MASK``.
+
+  ``nn.relu``'s backward pass reads a boolean mask, which XLA:CPU recomputes in the backward
+  pass from the ReLU's input, and so keeps what that is computed from. The packed mask is a
+  reduction, which XLA does not recompute; the output is tied to it (``dfpjax.after``), so it is
+  computed in the forward pass. The last axis must be a multiple of 8."""
+  return jnp.maximum(x, 0.0)
+
+
+@relu_keeping_signs.defjvp
+def _relu_keeping_signs_jvp(primals, tangents):
+  import dfpjax  # pylint: disable=g-import-not-at-top  (FP32 runs without recomputation need none)
+  from jax.ad_checkpoint import checkpoint_name  # pylint: disable=g-import-not-at-top
+  x, = primals
+  t, = tangents
+  *lead, channels = x.shape
+  if channels % 8:
+    raise ValueError(f"relu_keeping_signs: {channels} channels, not a multiple of 8")
+  bits = (x > 0).reshape(*lead, channels // 8, 8).astype(jnp.uint8)
+  packed = jnp.sum(bits << jnp.arange(8, dtype=jnp.uint8), axis=-1, dtype=jnp.uint8)
+  packed = checkpoint_name(packed, RELU_MASK)
+  per_channel = jnp.broadcast_to(packed[..., None], packed.shape + (8,)).reshape(x.shape)
+  mask = ((per_channel >> jnp.tile(jnp.arange(8, dtype=jnp.uint8), channels // 8)) & 1) == 1
+  return dfpjax.after(jnp.maximum(x, 0.0), per_channel), jnp.where(mask, t, 0.0)
+
+
+def _block_tail(block, y, residual, features: int, last_conv_kernel):
+  """The end of a residual block: its last convolution and BatchNorm, the projection of the
+  residual where the shapes differ, the residual add and the ReLU."""
+  y = block.conv(features, last_conv_kernel)(y)
+  # Zero-init of the last BN scale makes each block start as the identity (Goyal et al. 2017).
+  y = block.norm(scale_init=nn.initializers.zeros_init())(y)
+  if residual.shape != y.shape:
+    residual = block.conv(features, (1, 1), block.strides, name="conv_proj")(residual)
+    residual = block.norm(name="norm_proj")(residual)
+  if block.recompute and features % 8 == 0:  # its mask packs 8 channels to a byte
+    return relu_keeping_signs(residual + y)
+  return block.act(residual + y)
+
+
+def block_tail(block, y, residual, features: int, last_conv_kernel=(1, 1)):
+  """``_block_tail``; with ``block.recompute`` a ``dfpjax.recompute`` region: under
+  ``dfp_transform`` the backward pass recomputes the tail's convolution outputs (the BatchNorm
+  inputs) from their INT16 operands instead of keeping them, and keeps the ReLU's packed mask
+  (docs/performance.md, "Memory of the ResNet-50 DFP step")."""
+  if not block.recompute:
+    return _block_tail(block, y, residual, features, last_conv_kernel)
+  import dfpjax  # pylint: disable=g-import-not-at-top
+  tail = nn.remat(_block_tail, policy=dfpjax.RecomputePolicy((RELU_MASK,)),
+                  static_argnums=(3, 4))
+  return tail(block, y, residual, features, last_conv_kernel)
+
 
 class ResNetBlock(nn.Module):
   """Basic two-conv residual block (ResNet-18/34)."""
@@ -97,19 +156,13 @@ class ResNetBlock(nn.Module):
   norm: ModuleDef
   act: Callable
   strides: tuple[int, int] = (1, 1)
+  recompute: bool = False  # see block_tail
 
   @nn.compact
   def __call__(self, x):
-    residual = x
     y = self.conv(self.filters, (3, 3), self.strides)(x)
     y = self.act(self.norm()(y))
-    y = self.conv(self.filters, (3, 3))(y)
-    # Zero-init of the last BN scale makes each block start as the identity (Goyal et al. 2017).
-    y = self.norm(scale_init=nn.initializers.zeros_init())(y)
-    if residual.shape != y.shape:
-      residual = self.conv(self.filters, (1, 1), self.strides, name="conv_proj")(residual)
-      residual = self.norm(name="norm_proj")(residual)
-    return self.act(residual + y)
+    return block_tail(self, y, x, self.filters, (3, 3))
 
 
 class BottleneckResNetBlock(nn.Module):
@@ -119,18 +172,13 @@ class BottleneckResNetBlock(nn.Module):
   norm: ModuleDef
   act: Callable
   strides: tuple[int, int] = (1, 1)
+  recompute: bool = False  # see block_tail
 
   @nn.compact
   def __call__(self, x):
-    residual = x
     y = self.act(self.norm()(self.conv(self.filters, (1, 1))(x)))
     y = self.act(self.norm()(self.conv(self.filters, (3, 3), self.strides)(y)))
-    y = self.conv(self.filters * 4, (1, 1))(y)
-    y = self.norm(scale_init=nn.initializers.zeros_init())(y)
-    if residual.shape != y.shape:
-      residual = self.conv(self.filters * 4, (1, 1), self.strides, name="conv_proj")(residual)
-      residual = self.norm(name="norm_proj")(residual)
-    return self.act(residual + y)
+    return block_tail(self, y, x, self.filters * 4)
 
 
 class ResNet(nn.Module):
@@ -139,6 +187,9 @@ class ResNet(nn.Module):
   BatchNorm is ``batch_sums.BatchNorm`` (``nn.BatchNorm``'s variables, a backward pass that
   keeps no cotangent alive past its layer). ``reproducible_batch_sums``: BatchNorm and the head's
   bias sum over the batch with ``dfpjax.reproducible_sum`` (``batch_sums``), the same variables.
+  ``recompute_block_tails``: each block's tail a ``dfpjax.recompute`` region (``block_tail``;
+  ``train.create_model`` turns it on in DFP runs),
+  the same variables.
   """
   stage_sizes: Sequence[int]
   block_cls: ModuleDef
@@ -146,6 +197,7 @@ class ResNet(nn.Module):
   num_filters: int = 64
   dtype: Any = jnp.float32
   reproducible_batch_sums: bool = False
+  recompute_block_tails: bool = False
 
   @nn.compact
   def __call__(self, x, train: bool = True):
@@ -161,7 +213,7 @@ class ResNet(nn.Module):
       for j in range(block_size):
         strides = (2, 2) if i > 0 and j == 0 else (1, 1)
         x = self.block_cls(self.num_filters * 2**i, strides=strides, conv=conv, norm=norm,
-                           act=nn.relu)(x)
+                           act=nn.relu, recompute=self.recompute_block_tails)(x)
     x = jnp.mean(x, axis=(1, 2))
     dense = batch_sums.Dense if reproducible else nn.Dense
     x = dense(self.num_classes, dtype=self.dtype, name="head")(x)
@@ -387,6 +439,8 @@ MODELS = {
 }
 # The models with a ``reproducible_batch_sums`` field.
 REPRODUCIBLE_BATCH_SUMS = ("resnet18", "resnet50")
+# The models with the field ``recompute_block_tails``, on in their DFP steps (train.create_model).
+RECOMPUTED_BLOCK_TAILS = ("resnet18", "resnet50")
 
 
 def create_model(name: str, num_classes: int, **kwargs) -> nn.Module:

@@ -45,7 +45,11 @@ def step_keys(state: TrainState) -> tuple[jax.Array, jax.Array]:
 
 
 def create_model(config: Config, num_classes: int):
+  """``config.model``; a DFP ResNet with its block tails recomputed unless ``model_kwargs`` says
+  ``recompute_block_tails=False`` (docs/performance.md, "Memory of the ResNet-50 DFP step")."""
   kwargs = dict(config.model_kwargs)
+  if config.dfp and config.model in models.RECOMPUTED_BLOCK_TAILS:
+    kwargs.setdefault("recompute_block_tails", True)
   if config.reproducible_batch_sums:
     kwargs["reproducible_batch_sums"] = True
   return models.create_model(config.model, num_classes, dtype=jnp.dtype(config.dtype), **kwargs)
@@ -234,10 +238,14 @@ def restore_or_create(manager: ocp.CheckpointManager, create_state,
   Restoring needs only the state's shapes, so a resumed run skips the (compiled) initialisation.
   """
   abstract_state = data_parallel.abstract(jax.eval_shape(create_state))
-  create_state = jax.jit(create_state, out_shardings=data_parallel.state_sharding(abstract_state))
   step = manager.latest_step()
   if step is None:
-    return create_state()
+    # Leaves only: each call of create_state makes the state's static fields (the optimizer's
+    # functions) anew, and jit compares them with out_shardings' (with the ResNets' recompute
+    # regions it found eval_shape's and its own different, and refused).
+    shardings = jax.tree.leaves(data_parallel.state_sharding(abstract_state))
+    leaves = jax.jit(lambda: jax.tree.leaves(create_state()), out_shardings=shardings)()
+    return jax.tree.unflatten(jax.tree.structure(abstract_state), leaves)
   return manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
 
 
