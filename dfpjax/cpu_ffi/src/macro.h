@@ -42,6 +42,24 @@ typedef struct {
 void dfp_multiply_block(const dfp_ukernel* uk, const dfp_block* block, int64_t* acc, size_t ldc,
                         int add);
 
+/* Where a cache block's tiles go when its K block is the whole reduction: the block's (0, 0) is
+ * element `index` of out (row stride ldo elements), rows x cols of it are valid (the rest of its
+ * panels is padding), row r's exponent is ea[r] and column j's eb[j * eb_stride]. */
+typedef struct {
+  dfp_out_format format;
+  void* out;
+  size_t index, ldo, rows, cols;
+  const int32_t* ea;
+  const int32_t* eb;
+  size_t eb_stride;
+} dfp_block_output;
+
+/* dfp_multiply_block over the whole reduction (block->kpairs pairs), each tile encoded into
+ * the output as soon as it is computed, with no int64 block of sums: straight from the
+ * microkernel's lanes (its encode_f32) where the tile is whole, float32, and of normal scales
+ * (one column exponent), else through an int64 tile and the output stage. */
+void dfp_multiply_encode_block(const dfp_isa_config* cfg, const dfp_block* block, const dfp_block_output* out);
+
 /* out[out_index + j] = fl(s[j]) * 2**(ea + eb[j * eb_stride]) for j < n, in the output
  * format; NaN where an exponent marks a non-finite operand (spec sections 2 and 3). Any
  * exponents give the exact result: the sum is never formed in int32. DFP_OUT_S64: s[j]. */
