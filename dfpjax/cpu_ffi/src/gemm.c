@@ -71,14 +71,15 @@ static void block_task(void* arg, size_t t) {
   const int16_t* bpack = g->bpack + bq0 * g->kpairs * nr * 2;
   const uint64_t* abound = g->abound + ap0 * g->kblocks * DFP_CHUNK_LEVELS;
   const uint64_t* bbound = g->bbound + bq0 * g->kblocks * DFP_CHUNK_LEVELS;
-  if (g->kblocks == 1) { /* K <= 512: each tile encoded as it is computed, no int64 block */
+  if (g->kblocks == 1 && dfp_encodes_tiles(g->cfg, a->out_format, a->eb_stride)) {
+    /* K <= 512: each tile encoded as it is computed, no int64 block */
     const dfp_block block = {
         .a = apack, .a_stride = g->kpairs * mr * 2, .mpanels = p1 - p0,
         .abound = abound, .abound_stride = DFP_CHUNK_LEVELS,
         .b = bpack, .b_stride = g->kpairs * nr * 2, .npanels = q1 - q0,
         .bbound = bbound, .bbound_stride = DFP_CHUNK_LEVELS, .kpairs = g->kpairs};
-    const dfp_block_output out = {a->out_format, a->out, (b * a->m + row0) * a->n + col0, a->n, row1 - row0, cols, ea,
-                                  a->eb + b * a->eb_batch_stride + col0 * a->eb_stride, a->eb_stride};
+    const dfp_block_output out = {(uint32_t*)a->out, (b * a->m + row0) * a->n + col0, a->n, row1 - row0, cols, ea,
+                                  a->eb[b * a->eb_batch_stride]};
     dfp_multiply_encode_block(g->cfg, &block, &out);
     return;
   }

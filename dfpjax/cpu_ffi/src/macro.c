@@ -38,8 +38,8 @@ void dfp_multiply_block(const dfp_ukernel* uk, const dfp_block* block, int64_t* 
 /* Whether all `rows` rows from row0 take the lanes' encoding, with their scale bits. */
 static int normal_scales(const dfp_block_output* o, size_t row0, size_t rows, int32_t* scale) {
   for (size_t r = 0; r < rows; ++r) {
-    if (!dfp_normal_scale(o->ea[row0 + r], o->eb[0])) return 0;
-    scale[r] = (int32_t)((uint32_t)(o->ea[row0 + r] + o->eb[0]) << 23);
+    if (!dfp_normal_scale(o->ea[row0 + r], o->eb)) return 0;
+    scale[r] = (int32_t)((uint32_t)(o->ea[row0 + r] + o->eb) << 23);
   }
   return 1;
 }
@@ -47,7 +47,6 @@ static int normal_scales(const dfp_block_output* o, size_t row0, size_t rows, in
 void dfp_multiply_encode_block(const dfp_isa_config* cfg, const dfp_block* block, const dfp_block_output* o) {
   const dfp_ukernel* uk = cfg->ukernel;
   const size_t kc = block->kpairs, mr = (size_t)uk->mr, nr = (size_t)uk->nr;
-  const int lanes = uk->encode_f32 != NULL && o->format == DFP_OUT_F32 && o->eb_stride == 0;
   int64_t tile[DFP_TILE_MAX_ELEMENTS];
   int32_t scale[DFP_TILE_MAX_ROWS];
   /* A panel i against every B panel: its tiles write its rows left to right, whole runs of
@@ -56,22 +55,20 @@ void dfp_multiply_encode_block(const dfp_isa_config* cfg, const dfp_block* block
    * layers, one thread, Zen 3). */
   for (size_t i = 0; i < block->mpanels; ++i) {
     const size_t row0 = i * mr, rows = o->rows - row0 < mr ? o->rows - row0 : mr;
-    const int whole = lanes && rows == mr && normal_scales(o, row0, mr, scale);
+    const int whole = rows == mr && normal_scales(o, row0, mr, scale);
     const int16_t* a = block->a + i * block->a_stride;
     const uint64_t* abound = block->abound + i * block->abound_stride;
     for (size_t j = 0; j < block->npanels; ++j) {
       const size_t col0 = j * nr, cols = o->cols - col0 < nr ? o->cols - col0 : nr;
       const size_t chunk = dfp_safe_chunk(abound, block->bbound + j * block->bbound_stride);
       const int16_t* b = block->b + j * block->b_stride;
+      uint32_t* out = o->out + o->index + row0 * o->ldo + col0;
       if (whole && cols == nr) {
-        uk->encode_f32(kc, chunk < kc ? chunk : kc, a, b, (uint32_t*)o->out + o->index + row0 * o->ldo + col0, o->ldo,
-                       scale);
+        uk->encode_f32(kc, chunk < kc ? chunk : kc, a, b, out, o->ldo, scale);
         continue;
       }
       uk->fn(kc, chunk < kc ? chunk : kc, a, b, tile, nr, 0);
-      for (size_t r = 0; r < rows; ++r)
-        dfp_encode_row(cfg, o->format, o->out, o->index + (row0 + r) * o->ldo + col0, tile + r * nr, cols,
-                       o->ea[row0 + r], o->eb + col0 * o->eb_stride, o->eb_stride);
+      for (size_t r = 0; r < rows; ++r) cfg->encode_f32(tile + r * nr, cols, o->ea[row0 + r], &o->eb, 0, out + r * o->ldo);
     }
   }
 }
