@@ -37,8 +37,12 @@ typedef void (*dfp_ukernel_fn)(size_t kpairs, size_t chunk, const int16_t* a, co
 typedef void (*dfp_ukernel_f32_fn)(size_t kpairs, size_t chunk, const int16_t* a, const int16_t* b,
                                    uint32_t* out, size_t ldo, const int32_t* scale);
 
-/* The largest register tile of any path (avx512_vnni's 8 x 32). */
+/* The largest register tile of any path (avx512_vnni's 8 x 32): the macro-loops' scratch for
+ * one tile (macro.c). Each microkernel's file checks its tile against it. */
 enum { DFP_TILE_MAX_ROWS = 8, DFP_TILE_MAX_ELEMENTS = 8 * 32 };
+#define DFP_CHECK_TILE(mr, nr) \
+  _Static_assert((int)(mr) <= (int)DFP_TILE_MAX_ROWS && (int)(mr) * (int)(nr) <= (int)DFP_TILE_MAX_ELEMENTS, \
+                 "the tile exceeds DFP_TILE_MAX_ROWS or DFP_TILE_MAX_ELEMENTS")
 
 /* A microkernel with its register tile: MR rows of A by NR columns of B. */
 typedef struct {

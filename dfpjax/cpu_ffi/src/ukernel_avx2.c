@@ -8,6 +8,7 @@
 #include "ukernel.h"
 
 enum { MR = 6, NR = 16 };
+DFP_CHECK_TILE(MR, NR);
 
 /* Pair p: both B vectors times each row's broadcast pair, into ymm(2i) and ymm(2i + 1). */
 #define PAIR(p)                                                                         \

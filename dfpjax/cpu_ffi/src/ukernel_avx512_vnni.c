@@ -5,6 +5,7 @@
 #include "ukernel.h"
 
 enum { MR = 8, NR = 32 };
+DFP_CHECK_TILE(MR, NR);
 
 /* acc[0..15] (+)= carry * 2**16 + low, in int64 (add: accumulate, else store), at full width:
  * two vpmovsxdq and two stores of eight lanes per accumulator, half the instructions of two

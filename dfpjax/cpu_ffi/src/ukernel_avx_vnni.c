@@ -6,6 +6,7 @@
 #include "ukernel.h"
 
 enum { MR = 6, NR = 16 };
+DFP_CHECK_TILE(MR, NR);
 #define VNNI_BITS 256
 #define V_DPWSSD _mm256_dpwssd_avx_epi32
 #define V_SPILL dfp_spill256

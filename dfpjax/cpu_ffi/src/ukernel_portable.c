@@ -2,6 +2,7 @@
 #include "ukernel.h"
 
 enum { MR = 4, NR = 4 };
+DFP_CHECK_TILE(MR, NR);
 
 static void ukernel(size_t kpairs, size_t chunk, const int16_t* a, const int16_t* b, int64_t* acc,
                     size_t ldc, int add) {
