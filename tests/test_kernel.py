@@ -155,6 +155,26 @@ def test_scales_at_the_ends_of_the_normal_range(isa):
   assert np.isinf(got[0, 7]).any() and ((row4 > 0) & (row4 < 2.0**-126)).any()
 
 
+@pytest.mark.parametrize("k", [64, 147, 512])
+def test_one_k_block_encodes_whole_tiles_from_the_lanes(isa, k):
+  """A reduction of one K block (K <= 512) is encoded tile by tile, straight from the
+  microkernel's int32 lanes and carries where a tile is whole and its rows' scales are normal:
+  same-sign sums past 2**31 (carried chunks), zero rows, scales at both ends of the normal
+  range, a row just past each end (its tiles take the int64 stage) and edge tiles (48 rows and
+  96 columns are whole tiles of every path, the rest edges) equal the reference bit for bit."""
+  rng = np.random.default_rng(k)
+  m, n = 53, 103
+  a = rng.integers(-32767, 32768, (1, m, k)).astype(np.int16)
+  a[0, ::2] = np.abs(a[0, ::2])
+  a[0, 3] = 0
+  b = np.abs(rng.integers(-32767, 32768, (1, k, n))).astype(np.int16)
+  ea = np.resize(np.array([-126, 76, -20, 0, 76, -126, 30, -100], np.int32), (1, m))
+  ea[0, 33], ea[0, 42] = -127, 77
+  got = _assert_kernel_matches((a, ea, b, np.zeros((1, 1), np.int32)), False, False)
+  s = np.einsum("bmk,bkn->bmn", a.astype(np.int64), b.astype(np.int64))
+  assert np.abs(s).max() > 2**31 and (got[0, 3] == 0).all() and not np.signbit(got[0, 3]).any()
+
+
 def test_nonfinite_exponent_makes_output_nan(isa):
   rng = np.random.default_rng(4)
   (a, ea, b, eb), _ = _operands(rng, 2, 5, 8, 6, False, False)

@@ -92,9 +92,10 @@ static void pack_b_kblock_task(void* arg, size_t t) {
 }
 
 /* Stores (or with accumulate, adds) the sum of K blocks [kb0, kb1) of the round of cache
- * block (mb, nb) of group g in acc (row stride ldc). */
+ * block (mb, nb) of group g in acc (row stride ldc); or, given out (then [kb0, kb1) is the
+ * whole reduction, one K block), encodes it there. */
 static void run_block(conv_plan* c, size_t g, size_t mb, size_t nb, size_t kb0, size_t kb1,
-                      int64_t* acc, size_t ldc, int accumulate) {
+                      int64_t* acc, size_t ldc, int accumulate, const dfp_block_output* out) {
   const dfp_conv_args* a = c->args;
   const int mr = c->mr, nr = c->nr;
   const dfp_patches patches = {a->x, &a->shape, g * a->shape.cin};
@@ -131,14 +132,19 @@ static void run_block(conv_plan* c, size_t g, size_t mb, size_t nb, size_t kb0, 
         .bbound = c->bbound + (bq0 * c->bkblocks + bkb) * DFP_CHUNK_LEVELS,
         .bbound_stride = c->bkblocks * DFP_CHUNK_LEVELS,
         .kpairs = kc};
-    dfp_multiply_block(c->cfg->ukernel, &block, acc, ldc, accumulate || kb > kb0);
+    if (out != NULL)
+      dfp_multiply_encode_block(c->cfg, &block, out);
+    else
+      dfp_multiply_block(c->cfg->ukernel, &block, acc, ldc, accumulate || kb > kb0);
   }
   free(apack);
   free(scratch);
 }
 
 /* One cache block over all of K, encoded: the forward pass, and backward-weights in one round
- * of one K range (no sums). */
+ * of one K range (no sums). A reduction of one K block (K <= 512: the 1x1 layers on up to 512
+ * channels, the stem) into float32 is encoded tile by tile as it is computed
+ * (dfp_multiply_encode_block), others through an int64 block of sums. */
 static void block_task(void* arg, size_t t) {
   conv_plan* c = (conv_plan*)arg;
   const dfp_conv_args* a = c->args;
@@ -147,6 +153,16 @@ static void block_task(void* arg, size_t t) {
   const size_t per_group = c->mblocks * c->nblocks;
   const size_t g = t / per_group, mb = t % per_group / c->nblocks, nb = t % c->nblocks;
   const size_t ldc = (min_size(c->ncp * (nb + 1), c->npanels) - c->ncp * nb) * nr; /* this block's columns */
+  const size_t row0 = mb * c->mcp * mr, row1 = min_size(row0 + c->mcp * mr, c->m);
+  const size_t col0 = nb * c->ncp * nr, cols = min_size(ldc, c->n - col0);
+  const size_t pixels_per_image = s->out[0] * s->out[1] * s->out[2], ldo = s->groups * s->cout;
+  int32_t ea[DFP_IM2COL_MAX_ROWS]; /* a block's rows: at most CONV_MC_ROWS or DFP_IM2COL_MAX_ROWS */
+  for (size_t row = row0; row < row1; ++row) ea[row - row0] = a->ex[row / pixels_per_image * a->ex_batch_stride];
+  if (c->kblocks == 1 && dfp_encodes_tiles(c->cfg, a->out_format, 0)) {
+    const dfp_block_output out = {(uint32_t*)a->out, row0 * ldo + g * s->cout + col0, ldo, row1 - row0, cols, ea, a->eb};
+    run_block(c, g, mb, nb, 0, 1, NULL, 0, 0, &out);
+    return;
+  }
   const size_t bytes = c->mcp * mr * ldc * sizeof(int64_t);
   int64_t* acc = (int64_t*)aligned_alloc(64, ceil_div(bytes, 64) * 64);
   if (acc == NULL) {
@@ -154,14 +170,10 @@ static void block_task(void* arg, size_t t) {
     return;
   }
   if (c->kblocks == 0) memset(acc, 0, bytes);
-  run_block(c, g, mb, nb, 0, c->kblocks, acc, ldc, 0);
-  const size_t row0 = mb * c->mcp * mr, row1 = min_size(row0 + c->mcp * mr, c->m);
-  const size_t col0 = nb * c->ncp * nr, cols = min_size(ldc, c->n - col0);
-  const size_t pixels_per_image = s->out[0] * s->out[1] * s->out[2];
+  run_block(c, g, mb, nb, 0, c->kblocks, acc, ldc, 0, NULL);
   for (size_t row = row0; row < row1; ++row)
-    dfp_encode_row(c->cfg, a->out_format, a->out, row * s->groups * s->cout + g * s->cout + col0,
-                   acc + (row - row0) * ldc, cols, a->ex[row / pixels_per_image * a->ex_batch_stride],
-                   &a->eb, 0);
+    dfp_encode_row(c->cfg, a->out_format, a->out, row * ldo + g * s->cout + col0, acc + (row - row0) * ldc, cols,
+                   ea[row - row0], &a->eb, 0);
   free(acc);
 }
 
@@ -197,7 +209,7 @@ static void backward_task(void* arg, size_t t) {
                  nb * c->ncp * c->nr;
   const size_t kb0 = c->round_kb0 + ks * c->kblocks_per_split;
   const size_t kb1 = min_size(kb0 + c->kblocks_per_split, c->round_kb0 + c->round_kblocks);
-  if (kb0 < kb1) run_block(c, g, mb, nb, kb0, kb1, acc, ldc, c->round_kb0 > 0);
+  if (kb0 < kb1) run_block(c, g, mb, nb, kb0, kb1, acc, ldc, c->round_kb0 > 0, NULL);
 }
 
 /* Sums the K ranges of one row block of one group and writes its weight gradient rows. */

@@ -56,6 +56,20 @@ static inline uint32_t dfp_encode_scaled(int64_t s, int64_t k, const dfp_float_f
 /* The exponent INT32_MAX marks an operand that held NaN or Inf (spec section 2). */
 #define DFP_NONFINITE_EXPONENT 0x7fffffff
 
+/* Scales 2**k, DFP_NORMAL_SCALE_MIN <= k <= DFP_NORMAL_SCALE_MAX, under which every sum with
+ * 1 <= |s| < 2**51 (rounding up to at most 2**51) lands on a normal float32: the fast output
+ * stages scale such a sum by adding k to its float's exponent field (1 + 127 - 126 >= 1,
+ * 51 + 127 + 76 <= 254). */
+#define DFP_NORMAL_SCALE_MIN (-126)
+#define DFP_NORMAL_SCALE_MAX 76
+
+/* Whether 2**(ea + eb) is such a scale (neither exponent the non-finite marker). */
+static inline int dfp_normal_scale(int32_t ea, int32_t eb) {
+  const int64_t k = (int64_t)ea + eb;
+  return ea != DFP_NONFINITE_EXPONENT && eb != DFP_NONFINITE_EXPONENT && k >= DFP_NORMAL_SCALE_MIN &&
+         k <= DFP_NORMAL_SCALE_MAX;
+}
+
 /* One f32 output element: NaN for a non-finite operand, else fl(s) * 2**(ea + eb). */
 static inline uint32_t dfp_encode_f32(int64_t s, int32_t ea, int32_t eb) {
   if (ea == DFP_NONFINITE_EXPONENT || eb == DFP_NONFINITE_EXPONENT) return 0x7fc00000u;

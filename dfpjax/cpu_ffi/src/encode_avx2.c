@@ -33,8 +33,7 @@ static inline int encode4(const int64_t* s, __m128i k, uint32_t* out) {
   return 1;
 }
 
-/* Four lanes with one scale 2**k, -126 <= k <= 76, where every |s| in [1, 2**51) (rounding up to at most 2**51) lands on a
- * normal float: only the 2**51 range is left to check. */
+/* Four lanes with one normal scale 2**k (encode.h): only the 2**51 range is left to check. */
 static inline int encode4_normal(const int64_t* s, __m128i kbits, uint32_t* out) {
   const __m256i v = _mm256_loadu_si256((const __m256i*)s);
   const __m256i shifted = _mm256_add_epi64(v, _mm256_set1_epi64x(INT64_C(1) << 51));
@@ -52,8 +51,7 @@ static inline int encode4_normal(const int64_t* s, __m128i kbits, uint32_t* out)
 void dfp_encode_f32_avx2(const int64_t* s, size_t n, int32_t ea, const int32_t* eb,
                          size_t eb_stride, uint32_t* out) {
   size_t j = 0;
-  if (eb_stride == 0 && ea != DFP_NONFINITE_EXPONENT && eb[0] != DFP_NONFINITE_EXPONENT &&
-      ea + (int64_t)eb[0] >= -126 && ea + (int64_t)eb[0] <= 76) {
+  if (eb_stride == 0 && dfp_normal_scale(ea, eb[0])) {
     const __m128i kbits = _mm_set1_epi32((int32_t)((uint32_t)(ea + eb[0]) << 23));
     for (; j + 4 <= n; j += 4)
       if (!encode4_normal(s + j, kbits, out + j))

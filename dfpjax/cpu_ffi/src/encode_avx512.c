@@ -9,14 +9,13 @@
 
 void dfp_encode_f32_avx512(const int64_t* s, size_t n, int32_t ea, const int32_t* eb, size_t eb_stride,
                            uint32_t* out) {
-  const int64_t k = (int64_t)ea + eb[0];
-  if (eb_stride != 0 || ea == DFP_NONFINITE_EXPONENT || eb[0] == DFP_NONFINITE_EXPONENT || k < -126 || k > 76) {
+  if (eb_stride != 0 || !dfp_normal_scale(ea, eb[0])) {
     dfp_encode_f32_avx2(s, n, ea, eb, eb_stride, out);
     return;
   }
-  /* With -126 <= k <= 76 every |s| in [1, 2**51) (rounding up to at most 2**51) lands on a
-   * normal float, so adding k to the exponent field is exact scaling (encode_avx2.c). */
-  const __m256i kbits = _mm256_set1_epi32((int32_t)((uint32_t)k << 23));
+  /* Every |s| in [1, 2**51) lands on a normal float, so adding k to the exponent field is
+   * exact scaling (encode.h). */
+  const __m256i kbits = _mm256_set1_epi32((int32_t)((uint32_t)(ea + eb[0]) << 23));
   const __m512i bias51 = _mm512_set1_epi64(INT64_C(1) << 51), magic = _mm512_set1_epi64(0x4338000000000000LL);
   const __m512d magic_value = _mm512_set1_pd(6755399441055744.0);
   size_t j = 0;

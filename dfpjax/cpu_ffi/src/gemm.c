@@ -63,6 +63,26 @@ static void block_task(void* arg, size_t t) {
   const size_t p0 = ib * g->mcp, p1 = p0 + g->mcp < g->mpanels ? p0 + g->mcp : g->mpanels;
   const size_t q0 = jb * g->ncp, q1 = q0 + g->ncp < g->npanels ? q0 + g->ncp : g->npanels;
   const size_t ap0 = b * g->mpanels + p0, bq0 = b * g->npanels + q0;
+  const size_t row0 = p0 * mr, row1 = p1 * mr < a->m ? p1 * mr : a->m;
+  const size_t col0 = q0 * nr, cols = a->n - col0 < ldc ? a->n - col0 : ldc;
+  int32_t ea[GEMM_MC_ROWS + DFP_TILE_MAX_ROWS]; /* the block's rows: GEMM_MC_ROWS rounded up to panels */
+  for (size_t row = row0; row < row1; ++row) ea[row - row0] = a->ea[b * a->ea_batch_stride + row * a->ea_stride];
+  const int16_t* apack = g->apack + ap0 * g->kpairs * mr * 2;
+  const int16_t* bpack = g->bpack + bq0 * g->kpairs * nr * 2;
+  const uint64_t* abound = g->abound + ap0 * g->kblocks * DFP_CHUNK_LEVELS;
+  const uint64_t* bbound = g->bbound + bq0 * g->kblocks * DFP_CHUNK_LEVELS;
+  if (g->kblocks == 1 && dfp_encodes_tiles(g->cfg, a->out_format, a->eb_stride)) {
+    /* K <= 512: each tile encoded as it is computed, no int64 block */
+    const dfp_block block = {
+        .a = apack, .a_stride = g->kpairs * mr * 2, .mpanels = p1 - p0,
+        .abound = abound, .abound_stride = DFP_CHUNK_LEVELS,
+        .b = bpack, .b_stride = g->kpairs * nr * 2, .npanels = q1 - q0,
+        .bbound = bbound, .bbound_stride = DFP_CHUNK_LEVELS, .kpairs = g->kpairs};
+    const dfp_block_output out = {(uint32_t*)a->out, (b * a->m + row0) * a->n + col0, a->n, row1 - row0, cols, ea,
+                                  a->eb[b * a->eb_batch_stride]};
+    dfp_multiply_encode_block(g->cfg, &block, &out);
+    return;
+  }
 
   const size_t acc_bytes = g->mcp * mr * ldc * sizeof(int64_t);
   int64_t* acc = (int64_t*)aligned_alloc(64, (acc_bytes + 63) / 64 * 64);
@@ -73,21 +93,16 @@ static void block_task(void* arg, size_t t) {
   if (g->kpairs == 0) memset(acc, 0, acc_bytes); /* else the first K block stores its sums */
   for (size_t pc = 0, kb = 0; pc < g->kpairs; pc += DFP_KC_PAIRS, ++kb) {
     const dfp_block block = {
-        .a = g->apack + (ap0 * g->kpairs + pc) * mr * 2, .a_stride = g->kpairs * mr * 2, .mpanels = p1 - p0,
-        .abound = g->abound + (ap0 * g->kblocks + kb) * DFP_CHUNK_LEVELS,
-        .abound_stride = g->kblocks * DFP_CHUNK_LEVELS,
-        .b = g->bpack + (bq0 * g->kpairs + pc) * nr * 2, .b_stride = g->kpairs * nr * 2, .npanels = q1 - q0,
-        .bbound = g->bbound + (bq0 * g->kblocks + kb) * DFP_CHUNK_LEVELS,
-        .bbound_stride = g->kblocks * DFP_CHUNK_LEVELS,
+        .a = apack + pc * mr * 2, .a_stride = g->kpairs * mr * 2, .mpanels = p1 - p0,
+        .abound = abound + kb * DFP_CHUNK_LEVELS, .abound_stride = g->kblocks * DFP_CHUNK_LEVELS,
+        .b = bpack + pc * nr * 2, .b_stride = g->kpairs * nr * 2, .npanels = q1 - q0,
+        .bbound = bbound + kb * DFP_CHUNK_LEVELS, .bbound_stride = g->kblocks * DFP_CHUNK_LEVELS,
         .kpairs = g->kpairs - pc < DFP_KC_PAIRS ? g->kpairs - pc : DFP_KC_PAIRS};
     dfp_multiply_block(g->cfg->ukernel, &block, acc, ldc, pc > 0);
   }
-  const size_t col0 = q0 * nr, cols = a->n - col0 < ldc ? a->n - col0 : ldc;
-  for (size_t row = p0 * mr; row < p1 * mr && row < a->m; ++row)
-    dfp_encode_row(g->cfg, a->out_format, a->out, (b * a->m + row) * a->n + col0,
-                   acc + (row - p0 * mr) * ldc, cols,
-                   a->ea[b * a->ea_batch_stride + row * a->ea_stride],
-                   a->eb + b * a->eb_batch_stride + col0 * a->eb_stride, a->eb_stride);
+  for (size_t row = row0; row < row1; ++row)
+    dfp_encode_row(g->cfg, a->out_format, a->out, (b * a->m + row) * a->n + col0, acc + (row - row0) * ldc, cols,
+                   ea[row - row0], a->eb + b * a->eb_batch_stride + col0 * a->eb_stride, a->eb_stride);
   free(acc);
 }
 

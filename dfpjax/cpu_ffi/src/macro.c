@@ -35,6 +35,44 @@ void dfp_multiply_block(const dfp_ukernel* uk, const dfp_block* block, int64_t* 
   }
 }
 
+/* Whether all `rows` rows from row0 take the lanes' encoding, with their scale bits. */
+static int normal_scales(const dfp_block_output* o, size_t row0, size_t rows, int32_t* scale) {
+  for (size_t r = 0; r < rows; ++r) {
+    if (!dfp_normal_scale(o->ea[row0 + r], o->eb)) return 0;
+    scale[r] = (int32_t)((uint32_t)(o->ea[row0 + r] + o->eb) << 23);
+  }
+  return 1;
+}
+
+void dfp_multiply_encode_block(const dfp_isa_config* cfg, const dfp_block* block, const dfp_block_output* o) {
+  const dfp_ukernel* uk = cfg->ukernel;
+  const size_t kc = block->kpairs, mr = (size_t)uk->mr, nr = (size_t)uk->nr;
+  int64_t tile[DFP_TILE_MAX_ELEMENTS];
+  int32_t scale[DFP_TILE_MAX_ROWS];
+  /* A panel i against every B panel: its tiles write its rows left to right, whole runs of
+   * the output rows (the other order, B panel j against every A panel as dfp_multiply_block
+   * runs, writes 64 bytes to each of 66 rows in turn: up to 19% slower on the 56x56 1x1
+   * layers, one thread, Zen 3). */
+  for (size_t i = 0; i < block->mpanels; ++i) {
+    const size_t row0 = i * mr, rows = o->rows - row0 < mr ? o->rows - row0 : mr;
+    const int whole = rows == mr && normal_scales(o, row0, mr, scale);
+    const int16_t* a = block->a + i * block->a_stride;
+    const uint64_t* abound = block->abound + i * block->abound_stride;
+    for (size_t j = 0; j < block->npanels; ++j) {
+      const size_t col0 = j * nr, cols = o->cols - col0 < nr ? o->cols - col0 : nr;
+      const size_t chunk = dfp_safe_chunk(abound, block->bbound + j * block->bbound_stride);
+      const int16_t* b = block->b + j * block->b_stride;
+      uint32_t* out = o->out + o->index + row0 * o->ldo + col0;
+      if (whole && cols == nr) {
+        uk->encode_f32(kc, chunk < kc ? chunk : kc, a, b, out, o->ldo, scale);
+        continue;
+      }
+      uk->fn(kc, chunk < kc ? chunk : kc, a, b, tile, nr, 0);
+      for (size_t r = 0; r < rows; ++r) cfg->encode_f32(tile + r * nr, cols, o->ea[row0 + r], &o->eb, 0, out + r * o->ldo);
+    }
+  }
+}
+
 void dfp_encode_f32_portable(const int64_t* s, size_t n, int32_t ea, const int32_t* eb,
                              size_t eb_stride, uint32_t* out) {
   for (size_t j = 0; j < n; ++j) out[j] = dfp_encode_f32(s[j], ea, eb[j * eb_stride]);

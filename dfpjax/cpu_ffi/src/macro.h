@@ -1,6 +1,7 @@
 /* What the macro-loops of the GEMM (gemm.c) and the convolutions (conv.c) share: the block
- * routine (exact int32 chunk bound -> microkernel, which carries between chunks), the output
- * stage, the error record of parallel tasks, and the serial fallback for a missing thread pool.
+ * routine (exact int32 chunk bound -> microkernel, which carries between chunks; for one K
+ * block, its variant that encodes each tile as it is computed), the output stage, the error
+ * record of parallel tasks, and the serial fallback for a missing thread pool.
  *
  * Block sizes are named <SCOPE>_<BLOCK>_<UNIT>: DFP_KC_PAIRS (pack.h) for the K block shared by
  * all, GEMM_MC_ROWS / GEMM_NC_COLS and CONV_MC_ROWS / CONV_NC_COLS for the cache blocks. */
@@ -36,11 +37,34 @@ typedef struct {
   size_t kpairs;
 } dfp_block;
 
-/* The one block routine: tile (i, j) of acc, at acc + i * MR * ldc + j * NR, gets A panel i x
+/* The block routine: tile (i, j) of acc, at acc + i * MR * ldc + j * NR, gets A panel i x
  * B panel j added (add = 1) or stored (add = 0), exactly, each tile with the longest chunk its
  * panels' bounds prove safe. */
 void dfp_multiply_block(const dfp_ukernel* uk, const dfp_block* block, int64_t* acc, size_t ldc,
                         int add);
+
+/* Whether a cache block over one K block encodes its tiles as they are computed
+ * (dfp_multiply_encode_block): a float32 output with one exponent per row (eb_stride 0), on a
+ * path whose microkernel encodes from its lanes. Otherwise the int64 block of sums and the
+ * output stage are as fast or faster (per-column exponents: 4-23% slower tile by tile). */
+static inline int dfp_encodes_tiles(const dfp_isa_config* cfg, dfp_out_format format, size_t eb_stride) {
+  return cfg->ukernel->encode_f32 != NULL && format == DFP_OUT_F32 && eb_stride == 0;
+}
+
+/* Where such a block's tiles go: its (0, 0) is out[index] (row stride ldo), rows x cols of it
+ * are valid (the rest of its panels is padding), row r's exponent is ea[r], every column's eb. */
+typedef struct {
+  uint32_t* out;
+  size_t index, ldo, rows, cols;
+  const int32_t* ea;
+  int32_t eb;
+} dfp_block_output;
+
+/* dfp_multiply_block over the whole reduction (block->kpairs pairs) where dfp_encodes_tiles,
+ * each tile encoded into the output as soon as it is computed, with no int64 block of sums:
+ * straight from the microkernel's lanes (its encode_f32) where the tile is whole and its rows'
+ * scales normal, else through an int64 tile and the output stage. */
+void dfp_multiply_encode_block(const dfp_isa_config* cfg, const dfp_block* block, const dfp_block_output* out);
 
 /* out[out_index + j] = fl(s[j]) * 2**(ea + eb[j * eb_stride]) for j < n, in the output
  * format; NaN where an exponent marks a non-finite operand (spec sections 2 and 3). Any

@@ -12,7 +12,17 @@
  * sum within a chunk stays within +-DFP_CHUNK_SUM_MAX = INT32_MAX - 0xffff, so a chunk that
  * starts from a carried remainder below 2**16 never leaves int32, which makes the result
  * exact. chunk = 1 is safe for any input with |m| <= 32767 (2 * 32767**2 < DFP_CHUNK_SUM_MAX).
- * Each path's kernel is an entry of its configuration (isa_config.h). */
+ *
+ * Where kpairs is the whole reduction (one K block), a path may also encode the tile straight
+ * from its int32 lanes and carries (encode_f32): out[i * ldo + j] = the float32 bits of
+ * fl(S_ij) * 2**k_i, given scale[i] = k_i << 23 with DFP_NORMAL_SCALE_MIN <= k_i <=
+ * DFP_NORMAL_SCALE_MAX (encode.h), the same bits as the int64 tile through the output stage
+ * (macro.h): S = carry * 2**16 + low is exact in double (|S| < 2**48), rounds once to float32,
+ * and with such a k every nonzero |S| >= 1 lands on a normal float, so the scaling adds k to
+ * the exponent field; zero stays +0. No int64 tile is written and read back, which is most of
+ * a short reduction's output stage. NULL where a path has none (the macro-loops then take the
+ * int64 tile).
+ * Each path's kernels are entries of its configuration (isa_config.h). */
 #ifndef DFPJAX_UKERNEL_H_
 #define DFPJAX_UKERNEL_H_
 
@@ -24,10 +34,21 @@
 typedef void (*dfp_ukernel_fn)(size_t kpairs, size_t chunk, const int16_t* a, const int16_t* b,
                                int64_t* acc, size_t ldc, int add);
 
+typedef void (*dfp_ukernel_f32_fn)(size_t kpairs, size_t chunk, const int16_t* a, const int16_t* b,
+                                   uint32_t* out, size_t ldo, const int32_t* scale);
+
+/* The largest register tile of any path (avx512_vnni's 8 x 32): the macro-loops' scratch for
+ * one tile (macro.c). Each microkernel's file checks its tile against it. */
+enum { DFP_TILE_MAX_ROWS = 8, DFP_TILE_MAX_ELEMENTS = 8 * 32 };
+#define DFP_CHECK_TILE(mr, nr) \
+  _Static_assert((int)(mr) <= (int)DFP_TILE_MAX_ROWS && (int)(mr) * (int)(nr) <= (int)DFP_TILE_MAX_ELEMENTS, \
+                 "the tile exceeds DFP_TILE_MAX_ROWS or DFP_TILE_MAX_ELEMENTS")
+
 /* A microkernel with its register tile: MR rows of A by NR columns of B. */
 typedef struct {
   int mr, nr;
   dfp_ukernel_fn fn;
+  dfp_ukernel_f32_fn encode_f32;
 } dfp_ukernel;
 
 extern const dfp_ukernel dfp_ukernel_portable;

@@ -8,6 +8,7 @@
 #include "ukernel.h"
 
 enum { MR = 6, NR = 16 };
+DFP_CHECK_TILE(MR, NR);
 
 /* Pair p: both B vectors times each row's broadcast pair, into ymm(2i) and ymm(2i + 1). */
 #define PAIR(p)                                                                         \
@@ -35,12 +36,11 @@ enum { MR = 6, NR = 16 };
 #define STORE(c) "vmovdqu %%ymm" #c ", " #c "*32(%[low])\n\t"
 #define ALL12(X) X(0) X(1) X(2) X(3) X(4) X(5) X(6) X(7) X(8) X(9) X(10) X(11)
 
-/* Between chunks each accumulator carries all but its low 16 bits into an int32 lane in
- * memory (ukernel.h): four instructions a vector, where an int64 spill takes nine. */
-static void ukernel(size_t kpairs, size_t chunk, const int16_t* a, const int16_t* b, int64_t* acc,
-                    size_t ldc, int add) {
-  __m256i carry[MR * 2], low[MR * 2];
-  const int carried = chunk < kpairs;
+/* The tile's sums as low lanes and carries: between chunks each accumulator carries all but
+ * its low 16 bits into an int32 lane in memory (ukernel.h), four instructions a vector, where
+ * an int64 spill takes nine. */
+static inline __attribute__((always_inline)) void accumulate(size_t kpairs, size_t chunk, const int16_t* a,
+                                                             const int16_t* b, __m256i* low, __m256i* carry) {
   __asm__ volatile(
       ALL12(ZERO)
       ALL12(ZERO_CARRY)
@@ -81,8 +81,24 @@ static void ukernel(size_t kpairs, size_t chunk, const int16_t* a, const int16_t
       : [chunk] "r"(chunk), [carry] "r"(carry), [low] "r"(low)
       : "rax", "rcx", "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8",
         "xmm9", "xmm10", "xmm11", "xmm12", "xmm13", "xmm14", "xmm15", "cc", "memory");
+}
+
+static void ukernel(size_t kpairs, size_t chunk, const int16_t* a, const int16_t* b, int64_t* acc,
+                    size_t ldc, int add) {
+  __m256i carry[MR * 2], low[MR * 2];
+  accumulate(kpairs, chunk, a, b, low, carry);
+  const int carried = chunk < kpairs;
   for (int i = 0; i < MR * 2; ++i)
     dfp_spill256(low[i], carried ? &carry[i] : NULL, acc + (i / 2) * ldc + (i % 2) * 8, add);
 }
 
-const dfp_ukernel dfp_ukernel_avx2 = {MR, NR, ukernel};
+static void ukernel_f32(size_t kpairs, size_t chunk, const int16_t* a, const int16_t* b, uint32_t* out,
+                        size_t ldo, const int32_t* scale) {
+  __m256i carry[MR * 2], low[MR * 2];
+  accumulate(kpairs, chunk, a, b, low, carry);
+  const int carried = chunk < kpairs;
+  for (int i = 0; i < MR * 2; ++i)
+    dfp_encode256(low[i], carried ? &carry[i] : NULL, _mm256_set1_epi32(scale[i / 2]), out + (i / 2) * ldo + (i % 2) * 8);
+}
+
+const dfp_ukernel dfp_ukernel_avx2 = {MR, NR, ukernel, ukernel_f32};

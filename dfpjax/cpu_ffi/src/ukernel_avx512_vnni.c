@@ -5,6 +5,7 @@
 #include "ukernel.h"
 
 enum { MR = 8, NR = 32 };
+DFP_CHECK_TILE(MR, NR);
 
 /* acc[0..15] (+)= carry * 2**16 + low, in int64 (add: accumulate, else store), at full width:
  * two vpmovsxdq and two stores of eight lanes per accumulator, half the instructions of two
@@ -25,9 +26,27 @@ static inline void spill(__m512i low, const __m512i* carry, int64_t* acc, int ad
   _mm512_storeu_si512((void*)(acc + 8), s1);
 }
 
+/* out[0..15] = the float32 bits of fl(carry * 2**16 + low) * 2**k, scale = k << 23 in every
+ * lane (spill256.h's dfp_encode256 at this width: the sum exact in double, rounded once). */
+static inline void encode(__m512i low, const __m512i* carry, __m512i scale, uint32_t* out) {
+  __m512d s0 = _mm512_cvtepi32_pd(_mm512_castsi512_si256(low));
+  __m512d s1 = _mm512_cvtepi32_pd(_mm512_extracti64x4_epi64(low, 1));
+  if (carry != NULL) {
+    const __m512i c = _mm512_loadu_si512((const void*)carry);
+    const __m512d shift = _mm512_set1_pd(65536.0);
+    s0 = _mm512_add_pd(s0, _mm512_mul_pd(_mm512_cvtepi32_pd(_mm512_castsi512_si256(c)), shift));
+    s1 = _mm512_add_pd(s1, _mm512_mul_pd(_mm512_cvtepi32_pd(_mm512_extracti64x4_epi64(c, 1)), shift));
+  }
+  const __m512i bits = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_castps_si256(_mm512_cvtpd_ps(s0))),
+                                          _mm256_castps_si256(_mm512_cvtpd_ps(s1)), 1);
+  const __mmask16 nonzero = _mm512_test_epi32_mask(bits, bits); /* zero sums stay +0 */
+  _mm512_storeu_si512((void*)out, _mm512_maskz_add_epi32(nonzero, bits, scale));
+}
+
 #define VNNI_BITS 512
 #define V_DPWSSD _mm512_dpwssd_epi32
 #define V_SPILL spill
+#define V_ENCODE encode
 #include "ukernel_vnni.h"
 
-const dfp_ukernel dfp_ukernel_avx512_vnni = {MR, NR, ukernel};
+const dfp_ukernel dfp_ukernel_avx512_vnni = {MR, NR, ukernel, ukernel_f32};

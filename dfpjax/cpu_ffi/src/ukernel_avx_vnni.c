@@ -6,9 +6,11 @@
 #include "ukernel.h"
 
 enum { MR = 6, NR = 16 };
+DFP_CHECK_TILE(MR, NR);
 #define VNNI_BITS 256
 #define V_DPWSSD _mm256_dpwssd_avx_epi32
 #define V_SPILL dfp_spill256
+#define V_ENCODE dfp_encode256
 #include "ukernel_vnni.h"
 
-const dfp_ukernel dfp_ukernel_avx_vnni = {MR, NR, ukernel};
+const dfp_ukernel dfp_ukernel_avx_vnni = {MR, NR, ukernel, ukernel_f32};

@@ -1,9 +1,11 @@
 /* The microkernel of both VNNI paths, written once for either vector width (a template, as
  * XNNPACK generates its microkernels): the including file (ukernel_avx_vnni.c,
  * ukernel_avx512_vnni.c) defines MR and NR (NR: two vectors of INT32 lanes), VNNI_BITS (256 or
- * 512), V_DPWSSD (the vpdpwssd intrinsic) and V_SPILL (its INT64 spill: low lanes, carries or
- * NULL, int64 tile row, add), then includes this file, which defines the static `ukernel` of
- * ukernel.h's contract. Between chunks each accumulator carries all but its low 16 bits out. */
+ * 512), V_DPWSSD (the vpdpwssd intrinsic), V_SPILL (its INT64 spill: low lanes, carries or
+ * NULL, int64 tile row, add) and V_ENCODE (its float32 encoding: low lanes, carries or NULL,
+ * the row's scale bits in every lane, output row), then includes this file, which defines the
+ * static `ukernel` and `ukernel_f32` of ukernel.h's contract. Between chunks each accumulator
+ * carries all but its low 16 bits out. */
 #define DFP_CAT3_(a, b, c) a##b##c
 #define DFP_CAT3(a, b, c) DFP_CAT3_(a, b, c)
 #define VEC DFP_CAT3(__m, VNNI_BITS, i)
@@ -16,10 +18,10 @@ static inline VEC broadcast_pair(const int16_t* p) {
   return V(set1_epi32)(w);
 }
 
-static void ukernel(size_t kpairs, size_t chunk, const int16_t* a, const int16_t* b, int64_t* acc,
-                    size_t ldc, int add) {
+/* The tile's sums as low lanes c and carries. */
+static inline __attribute__((always_inline)) void accumulate(size_t kpairs, size_t chunk, const int16_t* a,
+                                                             const int16_t* b, VEC c[MR][2], VEC carry[MR][2]) {
   const VEC low16 = V(set1_epi32)(0xffff);
-  VEC c[MR][2], carry[MR][2];
 #pragma GCC unroll 8
   for (int i = 0; i < MR; ++i) c[i][0] = c[i][1] = carry[i][0] = carry[i][1] = V_SI(setzero)();
   for (size_t done = 0; done < kpairs; done += chunk) {
@@ -43,11 +45,30 @@ static void ukernel(size_t kpairs, size_t chunk, const int16_t* a, const int16_t
       }
     }
   }
+}
+
+static void ukernel(size_t kpairs, size_t chunk, const int16_t* a, const int16_t* b, int64_t* acc,
+                    size_t ldc, int add) {
+  VEC c[MR][2], carry[MR][2];
+  accumulate(kpairs, chunk, a, b, c, carry);
   const int carried = chunk < kpairs;
 #pragma GCC unroll 8
   for (int i = 0; i < MR; ++i) {
     V_SPILL(c[i][0], carried ? &carry[i][0] : NULL, acc + i * ldc, add);
     V_SPILL(c[i][1], carried ? &carry[i][1] : NULL, acc + i * ldc + NR / 2, add);
+  }
+}
+
+static void ukernel_f32(size_t kpairs, size_t chunk, const int16_t* a, const int16_t* b, uint32_t* out,
+                        size_t ldo, const int32_t* scale) {
+  VEC c[MR][2], carry[MR][2];
+  accumulate(kpairs, chunk, a, b, c, carry);
+  const int carried = chunk < kpairs;
+#pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i) {
+    const VEC row_scale = V(set1_epi32)(scale[i]);
+    V_ENCODE(c[i][0], carried ? &carry[i][0] : NULL, row_scale, out + i * ldo);
+    V_ENCODE(c[i][1], carried ? &carry[i][1] : NULL, row_scale, out + i * ldo + NR / 2);
   }
 }
 

@@ -12,7 +12,8 @@
 /* AVX-VNNI's VEX form has the semantics of the EVEX 256-bit one SIMDe provides. */
 #define _mm256_dpwssd_avx_epi32 simde_mm256_dpwssd_epi32
 
-/* vpmovsxdq zmm, ymm and vpsrad zmm, imm: missing from SIMDe 0.7. */
+/* vpmovsxdq zmm, ymm, vpsrad zmm, imm, and the float32 encoding's vcvtdq2pd zmm, ymm and
+ * vcvtpd2ps ymm, zmm: missing from SIMDe 0.7. */
 static inline simde__m512i dfp_emulated_cvtepi32_epi64(simde__m256i v) {
   simde__m256i_private a = simde__m256i_to_private(v);
   simde__m512i_private r;
@@ -27,5 +28,21 @@ static inline simde__m512i dfp_emulated_srai_epi32(simde__m512i v, int shift) {
   return simde__m512i_from_private(r);
 }
 #define _mm512_srai_epi32 dfp_emulated_srai_epi32
+
+static inline simde__m512d dfp_emulated_cvtepi32_pd(simde__m256i v) {
+  simde__m256i_private a = simde__m256i_to_private(v);
+  simde__m512d_private r;
+  for (int i = 0; i < 8; ++i) r.f64[i] = (double)a.i32[i]; /* exact */
+  return simde__m512d_from_private(r);
+}
+#define _mm512_cvtepi32_pd dfp_emulated_cvtepi32_pd
+
+static inline simde__m256 dfp_emulated_cvtpd_ps(simde__m512d v) {
+  simde__m512d_private a = simde__m512d_to_private(v);
+  simde__m256_private r;
+  for (int i = 0; i < 8; ++i) r.f32[i] = (float)a.f64[i]; /* the current rounding mode, as vcvtpd2ps */
+  return simde__m256_from_private(r);
+}
+#define _mm512_cvtpd_ps dfp_emulated_cvtpd_ps
 
 #endif
