@@ -1,12 +1,14 @@
 """The forward kernel reading its weights through a view (``Geometry.weight_taps``,
-``transposed_weights``; the kernel's ``dfp_weight_view``): backward-data packs the forward's
-weights flipped and transposed in place, and lhs-dilation phases pick their taps in place, so
-XLA makes no copy of the weights.
+``transposed_weights``, ``features_major_weights``; the kernel's ``dfp_weight_view``):
+backward-data packs the forward's weights flipped and transposed in place, lhs-dilation phases
+pick their taps in place, and weights all-gathered along their output features are read in the
+layout the gather writes, so XLA makes no copy of the weights.
 
 Expected values: the same convolution on the weights the view describes, materialized here by
 plain numpy indexing and run through the kernel's plain packing (the bits must agree).
 """
 
+import dataclasses
 import re
 
 import jax
@@ -50,13 +52,17 @@ CASES = {
     "phase_of_a_flip": (16, 9, 2, (5, 4), (3, 2), ((4, -2), (2, -2)), True),
     "plain_layout_strided_taps": (6, 33, 1, (5, 4), (3, 2), ((0, 2), (1, 2)), False),
     "odd_cin_plain_layout_flip": (3, 5, 3, (2, 3), (2, 3), ((1, -1), (2, -1)), False),
+    "plain_taps": (6, 33, 1, (3, 2), (3, 2), ((0, 1), (0, 1)), False),
 }
 
 
+@pytest.mark.parametrize("features_major", [False, True], ids=["row_major", "features_major"])
 @pytest.mark.parametrize("case", CASES)
-def test_weights_through_a_view_equal_the_materialized_weights_on_every_path(isa, case):
+def test_weights_through_a_view_equal_the_materialized_weights_on_every_path(isa, case,
+                                                                             features_major):
   """The exact int64 sums of a forward convolution whose b holds the weights through a view
-  equal those of the plain convolution on the weights materialized, with full-range mantissas."""
+  equal those of the plain convolution on the weights materialized, with full-range mantissas;
+  also with b laid out features-major (XLA copies b into that layout for the kernel here)."""
   cin, cout, groups, b_window, window, taps, transposed = CASES[case]
   rng = np.random.default_rng(len(case))
   b_shape = (*b_window, cout, groups * cin) if transposed else (*b_window, cin, groups * cout)
@@ -64,11 +70,34 @@ def test_weights_through_a_view_equal_the_materialized_weights_on_every_path(isa
   x = rng.integers(-32767, 32768, (2, 7, 6, groups * cin)).astype(np.int16)
   geometry = dict(window=window, strides=(1, 2), padding=((1, 1), (0, 2)), lhs_dilation=(1, 1),
                   rhs_dilation=(1, 1), groups=groups)
-  view = Geometry(**geometry, weight_taps=taps, transposed_weights=transposed)
+  view = Geometry(**geometry, weight_taps=taps, transposed_weights=transposed,
+                  features_major_weights=features_major)
   w = _materialize(b, [(f, s, k) for (f, s), k in zip(taps, window)], transposed, groups)
   got, want = _int64_sums(x, b, view), _int64_sums(x, w, Geometry(**geometry))
   assert got.shape == want.shape == (2, *view.out_spatial((7, 6)), groups * cout)
   np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_backward_data_reads_features_major_weights_on_every_path(isa, groups):
+  """The col2im input gradient (mode backward_data, few input channels) of weights laid out
+  features-major (as an all-gather along the output features writes them) has the bits of the
+  same weights row-major."""
+  rng = np.random.default_rng(groups)
+  cin, cout = 3, 5
+  w = rng.integers(-32767, 32768, (3, 2, cin, groups * cout)).astype(np.int16)
+  dy = rng.integers(-32767, 32768, (2, 4, 3, groups * cout)).astype(np.int16)
+  plain = Geometry((3, 2), (2, 2), ((1, 1), (0, 1)), (1, 1), (1, 1), groups, input_spatial=(7, 6))
+  assert plain.out_spatial((7, 6)) == (4, 3)
+  e = jnp.zeros((1,), jnp.int32)
+  def dx(geometry):
+    with jax.enable_x64(True):
+      f = lambda dy, w: dfp_conv_p.bind(dy, e, w, e, geometry=geometry, mode="backward_data",
+                                        out_dtype=np.dtype(np.int64))
+      return np.asarray(jax.jit(f)(dy, w))
+  want = dx(plain)
+  assert want.shape == (2, 7, 6, groups * cin) and np.abs(want).max() > 2**30
+  np.testing.assert_array_equal(dx(dataclasses.replace(plain, features_major_weights=True)), want)
 
 
 def test_taps_outside_the_weights_are_an_error():

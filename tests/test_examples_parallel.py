@@ -381,11 +381,18 @@ def test_sharded_state_gives_the_replicated_states_bits():
       assert len(dims) == 4 and max(dims[:2]) <= 7 and tuple(dims[2:]) in channels, g
     else:
       assert dtype == "f32" and np.prod(dims) in param_sizes, g
+  entry = run.hlo[0][run.hlo[0].index("\nENTRY "):]
+  # The convolutions read the gathered mantissas in the layout the all-gather writes them
+  # (Geometry.features_major_weights): no INT16 copy of a whole gathered kernel.
+  gathered_kernels = {g.split("[")[1].split("]")[0] for g in gathered if g.startswith("s16")}
+  int16_results = re.findall(r"= s16\[([\d,]+)\]\S* "
+                             r"(?!all-gather|custom-call|bitcast|parameter|get-tuple)", entry)
+  kernel_copies = [dims for dims in int16_results if dims in gathered_kernels]
+  assert not kernel_copies, kernel_copies
   # Each kernel's int64 weight-gradient sums are reduce-scattered along their rows, where the
   # kernel wrote them (partitioning.sum_and_encode), and the encoded float32 blocks exchanged;
   # only the stem's (7 x 7 x 3 rows, which 4 devices do not divide) are copied into blocks of
   # output channels first.
-  entry = run.hlo[0][run.hlo[0].index("\nENTRY "):]
   s64_copies = re.findall(r"= s64\[([\d,]+)\]\S* (?!custom-call|reduce-scatter|bitcast|parameter"
                           r"|get-tuple-element)", entry)
   assert s64_copies == ["7,7,3,4"], s64_copies

@@ -309,9 +309,9 @@ def test_conv_attributes_pad_to_three_dimensions_and_validate():
 
 
 def test_conv_weight_view_attributes_pad_and_the_handler_checks_the_taps():
-  """A forward convolution's weight view (``weight_taps``, ``transposed_weights``) pads to the
-  kernel's 3 dimensions like the geometry; the handler rejects taps outside b's window, a view
-  in another mode, and sizes b by its own window."""
+  """A forward convolution's weight view (``weight_taps``, ``transposed_weights``,
+  ``features_major_weights``) pads to the kernel's 3 dimensions like the geometry; the handler
+  rejects taps outside b's window, a view in another mode, and sizes b by its own window."""
   kw = dict(batch=1, in_spatial=(5,), out_spatial=(3,), window=(3,), strides=(1,), padding_lo=(0,),
             lhs_dilation=(1,), rhs_dilation=(1,), groups=1, in_channels=2, out_channels=4, mode="forward")
   got = cpu_ffi.conv_attributes(**kw, weight_taps=[(5, 4, -2)], transposed_weights=True)
@@ -319,6 +319,8 @@ def test_conv_weight_view_attributes_pad_and_the_handler_checks_the_taps():
   assert got["weight_tap_step"].tolist() == [1, 1, -2] and got["transposed_weights"] == 1
   plain = cpu_ffi.conv_attributes(**kw)
   assert plain["weight_window"].tolist() == [1, 1, 3] and plain["weight_tap_step"].tolist() == [1, 1, 1]
+  assert plain["features_major_weights"] == 0
+  assert cpu_ffi.conv_attributes(**kw, features_major_weights=True)["features_major_weights"] == 1
   with pytest.raises(ValueError, match="weight_taps .* needs one"):
     cpu_ffi.conv_attributes(**kw, weight_taps=[(5, 4)])
   i16, i32 = lambda *s: jnp.ones(s, jnp.int16), lambda *s: jnp.zeros(s, jnp.int32)
@@ -331,9 +333,15 @@ def test_conv_weight_view_attributes_pad_and_the_handler_checks_the_taps():
     bad = cpu_ffi.conv_attributes(**{**kw, "mode": mode}, weight_taps=[taps])
     with pytest.raises(Exception, match="weight taps|only mode forward"):
       _ffi(cpu_ffi.CONV_TARGET, y, i16(1, 5, 2), i32(1), i16(taps[0], 2, 4), i32(1), **bad)
-  with pytest.raises(Exception, match="transposed_weights holds 2, not 0 or 1"):
-    _ffi(cpu_ffi.CONV_TARGET, y, i16(1, 5, 2), i32(1), i16(5, 4, 2), i32(1),
-         **{**view, "transposed_weights": np.int64(2)})
+  for name in ("transposed_weights", "features_major_weights"):
+    with pytest.raises(Exception, match=f"{name} holds 2, not 0 or 1"):
+      _ffi(cpu_ffi.CONV_TARGET, y, i16(1, 5, 2), i32(1), i16(5, 4, 2), i32(1),
+           **{**view, name: np.int64(2)})
+  features_major = cpu_ffi.conv_attributes(**{**kw, "mode": "backward_weights"},
+                                           features_major_weights=True)
+  with pytest.raises(Exception, match="only mode forward"):  # backward_weights' b is dy
+    _ffi(cpu_ffi.CONV_TARGET, jax.ShapeDtypeStruct((3, 2, 4), jnp.float32), i16(1, 5, 2), i32(1),
+         i16(1, 3, 4), i32(1), **features_major)
   with pytest.raises(Exception, match="weight_window, weight_tap_first, weight_tap_step need 3 values"):
     _ffi(cpu_ffi.CONV_TARGET, y, i16(1, 5, 2), i32(1), i16(5, 4, 2), i32(1),
          **{**view, "weight_tap_step": np.asarray([1, -2], np.int64)})

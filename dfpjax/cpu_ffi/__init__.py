@@ -78,7 +78,7 @@ def _register() -> None:
 
 def conv_attributes(*, batch, in_spatial, out_spatial, window, strides, padding_lo, lhs_dilation,
                     rhs_dilation, groups, in_channels, out_channels, mode, weight_taps=None,
-                    transposed_weights=False) -> dict:
+                    transposed_weights=False, features_major_weights=False) -> dict:
   """The named attributes of ``CONV_TARGET``: the kernel contract for one convolution.
 
   Describes the forward convolution (``dfp_conv_shape`` in the kernel's ``dfp_kernel.h``),
@@ -90,7 +90,9 @@ def conv_attributes(*, batch, in_spatial, out_spatial, window, strides, padding_
   says that tap ``t`` is ``b``'s tap ``first + step * t`` of its window of ``b_window`` (None:
   ``b``'s taps are the window's), and ``transposed_weights`` that ``b`` is ``[*b_window,
   out_channels, groups * in_channels]``, the weights of the convolution this one is the
-  backward-data of. The spatial sequences are padded in front to the kernel's 3 dimensions
+  backward-data of; ``features_major_weights`` (also in mode ``backward_data``) that the
+  weights' last dimension is their outermost in memory (the operand's XLA layout must say so:
+  ``features_major_layout``). The spatial sequences are padded in front to the kernel's 3 dimensions
   (size 1, stride and dilations 1, padding 0). Returns keyword arguments for
   ``jax.ffi.ffi_lowering(CONV_TARGET)``, typed as the handler decodes them: int64 scalars,
   int64 arrays and the mode's name. Raises ``ValueError`` naming a bad argument.
@@ -129,7 +131,15 @@ def conv_attributes(*, batch, in_spatial, out_spatial, window, strides, padding_
     fill = (1, 0, 1)[i]
     attributes[name] = np.asarray((fill,) * (KERNEL_SPATIAL_DIMS - nd) + tuple(t[i] for t in taps), np.int64)
   attributes["transposed_weights"] = np.int64(bool(transposed_weights))
+  attributes["features_major_weights"] = np.int64(bool(features_major_weights))
   return attributes
+
+
+def features_major_layout(rank: int) -> tuple[int, ...]:
+  """The XLA layout (minor to major) of an operand of ``rank`` dimensions whose last dimension is
+  outermost and the others row-major: how XLA:CPU lays out an all-gather along the last
+  dimension (each device's block contiguous)."""
+  return (*range(rank - 2, -1, -1), rank - 1)
 
 
 def supported_isas() -> tuple[str, ...]:

@@ -25,6 +25,7 @@ Two layers, as for ``dot_general``:
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -124,7 +125,10 @@ def _cpu_lowering(ctx, x, ex, b, eb, *, geometry: Geometry, mode, out_dtype):
     cout = geometry.weight_channels(b_aval.shape)[1] // geometry.groups
   attributes = geometry.kernel_attributes(x_aval.shape[0], in_spatial, cin, cout, mode,
                                           b_window=b_aval.shape[:-2])
-  return jax.ffi.ffi_lowering(cpu_ffi.CONV_TARGET)(ctx, x, ex, b, eb, **attributes)
+  b_layout = (cpu_ffi.features_major_layout(b_aval.ndim) if geometry.features_major_weights
+              else None)
+  return jax.ffi.ffi_lowering(cpu_ffi.CONV_TARGET, operand_layouts=(None, None, b_layout, None))(
+      ctx, x, ex, b, eb, **attributes)
 
 
 # ---------------------------------------------------------------------------------------
@@ -153,13 +157,18 @@ def _partition(mesh, specs, shapes, bind, *, wanted, geometry, mode, out_dtype):
   A contracted split makes each device's kernel write its exact int64 partial sums, which
   one int64 sum adds before the single rounding (``partitioning.sum_and_encode``); a
   weight gradient comes out split as its consumer wants it where that splits one dimension
-  over the batch's axes (a sharded weight's)."""
+  over the batch's axes (a sharded weight's). Weights split along their last dimension (a
+  ZeRO-sharded state's) are all-gathered, which XLA:CPU writes with that dimension outermost:
+  the kernel reads them so (``Geometry.features_major_weights``), not after a copy back to
+  row-major."""
   x_shape, ex_shape = shapes[0], shapes[1]
   rank, batch = len(x_shape), specs[0][0]
   channel = None
   if mode == "forward" and geometry.groups == 1:
     channel = specs[0][-1] if not set(partitioning.axes_of(specs[0][-1])) & set(
         partitioning.axes_of(batch)) else None
+  # weights (b, but dy in backward_weights) split along their last dimension, gathered
+  gathered = specs[2][-1] if mode != "backward_weights" and channel is None else None
   x_spec = (batch, *(None,) * (rank - 2), channel)
   ex_spec = (batch if ex_shape[0] == x_shape[0] else None,)
   if mode == "backward_weights":
@@ -171,6 +180,9 @@ def _partition(mesh, specs, shapes, bind, *, wanted, geometry, mode, out_dtype):
   scattered = None
   if mode == "backward_weights":
     scattered, y_spec = partitioning.split_as_wanted(wanted[0], contracted, y_spec)
+  if gathered is not None:  # the partitioner gathers b, which XLA:CPU writes features-major
+    bind = functools.partial(bind, geometry=dataclasses.replace(geometry,
+                                                                features_major_weights=True))
 
   # ex is per example (forward) or one exponent: it scales the result's leading dimension
   # (the result, y or dw, has x's rank).

@@ -53,6 +53,10 @@ class Geometry:
   # [*b_window, cout, G*cin], the weights of the convolution this one is the backward-data of.
   weight_taps: tuple[tuple[int, int], ...] | None = None
   transposed_weights: bool = False
+  # forward and backward_data: the weights lie in memory with their last dimension outermost
+  # (cpu_ffi.features_major_layout), as an all-gather along it writes them. Their values, and
+  # so the convolution, are the same.
+  features_major_weights: bool = False
 
   def out_spatial(self, in_spatial):
     return tuple(map(output_size, in_spatial, self.window, self.strides, self.padding,
@@ -108,7 +112,8 @@ class Geometry:
         window=self.window, strides=self.strides, padding_lo=[lo for lo, _ in self.padding],
         lhs_dilation=self.lhs_dilation, rhs_dilation=self.rhs_dilation, groups=self.groups,
         in_channels=cin, out_channels=cout, mode=mode, weight_taps=taps,
-        transposed_weights=self.transposed_weights)
+        transposed_weights=self.transposed_weights,
+        features_major_weights=self.features_major_weights)
 
 
 def float_conv_shape(lhs_shape, rhs_shape, params: ConvParams):

@@ -338,8 +338,11 @@ static void col2im_pack_b_task(void* arg, size_t t) {
   const dfp_conv_shape* s = &c->args->shape;
   const size_t g = t / c->npanels, q = t % c->npanels;
   const int nr = c->nr;
-  /* Row (tap, c) of W^T is w[tap][c][g * cout + o] over o. */
-  if (dfp_pack_panel(c->cfg, c->args->b + g * s->cout, c->n, c->k, s->groups * s->cout, 1, q * nr, nr,
+  /* Row (tap, c) of W^T is w[tap][c][g * cout + o] over o: w row-major, or features-major
+   * (dfp_weight_view), w[g * cout + o][tap][c]. */
+  const size_t o_stride = c->args->weights.features_major ? c->n : 1;
+  const size_t row_stride = c->args->weights.features_major ? 1 : s->groups * s->cout;
+  if (dfp_pack_panel(c->cfg, c->args->b + g * s->cout * o_stride, c->n, c->k, row_stride, o_stride, q * nr, nr,
                      c->bpack + t * c->kpairs * nr * 2, c->bbound + t * c->kblocks * DFP_CHUNK_LEVELS))
     dfp_fail(&c->status, DFP_ERR_BAD_MANTISSA);
 }

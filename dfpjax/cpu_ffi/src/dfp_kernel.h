@@ -98,10 +98,12 @@ typedef struct {
  * dimension) is b's tap tap_first + tap_step * t (tap_step < 0 flips it) of b's window, and
  * b is [window][cin][groups * cout] as w, or with transposed = 1 [window][cout][groups * cin],
  * w[t][c][g * cout + o] = b[t'][o][g * cin + c]: the weights of the convolution this one is
- * the backward-data of, read in place (no flipped copy). With mapped = 0 (a zeroed view) b is w
- * as it lies and the other fields are unread. */
+ * the backward-data of, read in place (no flipped copy). With features_major = 1 b's last
+ * dimension is its outermost in memory (b lies as [last][window][second to last], the layout in
+ * which an all-gather along the last dimension writes it). With mapped = 0 (a zeroed view) b is
+ * w as it lies and the other fields are unread. */
 typedef struct {
-  int mapped, transposed;
+  int mapped, transposed, features_major;
   size_t window[3];
   int64_t tap_first[3], tap_step[3];
 } dfp_weight_view;
@@ -117,7 +119,7 @@ typedef struct {
  * exponent: ex_batch_stride must be 0 there). Mantissas must satisfy |m| <= 32767. */
 typedef struct {
   dfp_conv_shape shape;
-  dfp_weight_view weights; /* forward only; the backward passes read the plain view */
+  dfp_weight_view weights; /* forward; backward-data reads only its features_major */
   const int16_t* x;
   const int32_t* ex;
   size_t ex_batch_stride;

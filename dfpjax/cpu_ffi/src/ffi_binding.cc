@@ -194,15 +194,17 @@ ffi::ErrorOr<dfp_conv_shape> ConvShape(const ConvAttributes& at) {
 }
 
 // The forward weights' view of b (dfp_weight_view), or the first attribute that is wrong: every
-// tap of the window must land in b's window. Other modes read b plainly.
-ffi::ErrorOr<dfp_weight_view> WeightView(const dfp_conv_shape& s, bool forward, ffi::Span<const int64_t> window,
-                                         ffi::Span<const int64_t> first, ffi::Span<const int64_t> step,
-                                         int64_t transposed) {
+// tap of the window must land in b's window. Backward-data reads its weights plainly or
+// features-major, backward-weights b (dy) plainly.
+ffi::ErrorOr<dfp_weight_view> WeightView(const dfp_conv_shape& s, bool forward, bool data,
+                                         ffi::Span<const int64_t> window, ffi::Span<const int64_t> first,
+                                         ffi::Span<const int64_t> step, int64_t transposed, int64_t features_major) {
   if (window.size() != 3 || first.size() != 3 || step.size() != 3)
     return ffi::Unexpected(Invalid("conv: attributes weight_window, weight_tap_first, weight_tap_step need 3 values"));
   dfp_weight_view v{};
   v.transposed = transposed != 0;
-  bool plain = transposed == 0;
+  v.features_major = features_major != 0;
+  bool taps_in_order = true;
   for (int d = 0; d < 3; ++d) {
     int64_t last = 0;
     const bool overflow = __builtin_mul_overflow(step[d], static_cast<int64_t>(s.window[d]) - 1, &last) ||
@@ -215,12 +217,18 @@ ffi::ErrorOr<dfp_weight_view> WeightView(const dfp_conv_shape& s, bool forward, 
     v.window[d] = window[d];
     v.tap_first[d] = first[d];
     v.tap_step[d] = step[d];
-    plain = plain && window[d] == static_cast<int64_t>(s.window[d]) && first[d] == 0 && step[d] == 1;
+    taps_in_order = taps_in_order && window[d] == static_cast<int64_t>(s.window[d]) && first[d] == 0 && step[d] == 1;
   }
   if (transposed != 0 && transposed != 1)
     return ffi::Unexpected(Invalid("conv: attribute transposed_weights holds " + std::to_string(transposed) +
                                    ", not 0 or 1"));
-  if (!forward && !plain) return ffi::Unexpected(Invalid("conv: only mode forward reads weights through a view"));
+  if (features_major != 0 && features_major != 1)
+    return ffi::Unexpected(Invalid("conv: attribute features_major_weights holds " + std::to_string(features_major) +
+                                   ", not 0 or 1"));
+  const bool plain = taps_in_order && transposed == 0 && features_major == 0;
+  if (!forward && !(taps_in_order && transposed == 0 && (data || features_major == 0)))
+    return ffi::Unexpected(Invalid("conv: only mode forward reads weights through a view (backward_data: "
+                                   "features_major_weights alone)"));
   v.mapped = !plain;
   return v;
 }
@@ -244,7 +252,7 @@ ffi::Error Conv(ffi::ThreadPool pool, ffi::Buffer<ffi::S16> x, ffi::Buffer<ffi::
                 ffi::Span<const int64_t> rhs_dilation, int64_t groups, int64_t in_channels,
                 int64_t out_channels, std::string_view mode, ffi::Span<const int64_t> weight_window,
                 ffi::Span<const int64_t> weight_tap_first, ffi::Span<const int64_t> weight_tap_step,
-                int64_t transposed_weights) {
+                int64_t transposed_weights, int64_t features_major_weights) {
   const auto isa = SelectedIsa();
   if (isa.has_error()) return isa.error();
   const auto format = OutFormat(out->element_type());
@@ -257,7 +265,8 @@ ffi::Error Conv(ffi::ThreadPool pool, ffi::Buffer<ffi::S16> x, ffi::Buffer<ffi::
                                 rhs_dilation, groups, in_channels, out_channels});
   if (shape.has_error()) return shape.error();
   const dfp_conv_shape& s = *shape;
-  const auto view = WeightView(s, forward, weight_window, weight_tap_first, weight_tap_step, transposed_weights);
+  const auto view = WeightView(s, forward, data, weight_window, weight_tap_first, weight_tap_step, transposed_weights,
+                               features_major_weights);
   if (view.has_error()) return view.error();
   const size_t input = Elements({s.batch, s.in[0], s.in[1], s.in[2], s.groups, s.cin});
   const size_t output = Elements({s.batch, s.out[0], s.out[1], s.out[2], s.groups, s.cout});
@@ -410,7 +419,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(DfpConv, Conv,
                                   .Attr<ffi::Span<const int64_t>>("weight_window")
                                   .Attr<ffi::Span<const int64_t>>("weight_tap_first")
                                   .Attr<ffi::Span<const int64_t>>("weight_tap_step")
-                                  .Attr<int64_t>("transposed_weights"));
+                                  .Attr<int64_t>("transposed_weights")
+                                  .Attr<int64_t>("features_major_weights"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(DfpMaxMagnitudes, MaxMagnitudes,
                               ffi::Ffi::Bind()

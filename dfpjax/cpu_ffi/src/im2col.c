@@ -168,11 +168,18 @@ int dfp_pack_weights_panel(const dfp_isa_config* cfg, const int16_t* b, const df
                            uint64_t* bounds) {
   const size_t cin = s->cin, k = s->window[0] * s->window[1] * s->window[2] * cin;
   const size_t valid = s->cout - col0 < (size_t)width ? s->cout - col0 : (size_t)width;
-  /* Element (c, o) of a tap (row c of K, column col0 + o) is at tap_base[c * k_stride + o * o_stride]. */
-  const size_t o_stride = v->transposed ? s->groups * cin : 1;
-  const size_t k_stride = v->transposed ? 1 : s->groups * s->cout;
-  const size_t tap_stride = cin * s->groups * s->cout;
-  const int16_t* base = b + (v->transposed ? g * cin + col0 * o_stride : g * s->cout + col0);
+  /* b [taps][inner][last], inner and last its two channel dimensions, lies row-major or
+   * features-major ([last][taps][inner]); last_stride and inner_stride are their strides. */
+  const size_t inner = v->transposed ? s->cout : cin, last = cin * s->groups * s->cout / inner;
+  const size_t b_taps = v->window[0] * v->window[1] * v->window[2];
+  const size_t last_stride = v->features_major ? b_taps * inner : 1;
+  const size_t inner_stride = v->features_major ? 1 : last;
+  const size_t tap_stride = v->features_major ? inner : inner * last;
+  /* Element (c, o) of a tap (row c of K, column col0 + o) is at tap_base[c * k_stride + o * o_stride]:
+   * c indexes b's inner dimension and o its last, or with transposed weights the reverse. */
+  const size_t o_stride = v->transposed ? inner_stride : last_stride;
+  const size_t k_stride = v->transposed ? last_stride : inner_stride;
+  const int16_t* base = b + (v->transposed ? g * cin * k_stride : g * s->cout * o_stride) + col0 * o_stride;
   if (valid < (size_t)width || k % 2) memset(dst, 0, (k + 1) / 2 * (size_t)width * 2 * sizeof(int16_t));
   int status = 0;
   for (size_t c0 = 0; c0 < k; c0 += 2 * DFP_KC_PAIRS, bounds += DFP_CHUNK_LEVELS) {

@@ -161,7 +161,7 @@ static inline int dfp_weights_plain(const dfp_conv_shape* s, const dfp_weight_vi
   if (!v->mapped) return 1;
   for (int d = 0; d < 3; ++d)
     if (v->window[d] != s->window[d] || v->tap_first[d] != 0 || v->tap_step[d] != 1) return 0;
-  return !v->transposed;
+  return !v->transposed && !v->features_major;
 }
 
 /* The forward convolution's B operand w[(t, c)][g * cout + o] (K = taps * cin rows, the
