@@ -274,3 +274,20 @@ def test_dfp_resnets_recompute_their_block_tails_unless_told_not_to():
   assert train.create_model(off, 3).recompute_block_tails is False
   assert not hasattr(train.create_model(Config(model="alexnet", dfp=True), 3),
                      "recompute_block_tails")
+
+
+def test_the_tie_leaves_out_a_weight_gradient_nobody_asked_for():
+  """With the weights frozen (the gradient taken with respect to the input only) XLA must still
+  drop the weight-gradient product: the tie applies only where both gradients are wanted."""
+  x = jax.random.normal(jax.random.key(0), (2, 8, 8, 16))
+  w = jax.random.normal(jax.random.key(1), (3, 3, 16, 16))
+
+  def loss(x, w):
+    y = dfpjax.dfp_conv_general_dilated(x, w, (1, 1), "SAME",
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return jnp.sum(y * y)
+
+  target = f'custom_call_target="{cpu_ffi.CONV_TARGET}"'
+  calls = {argnums: jax.jit(jax.grad(loss, argnums)).lower(x, w).compile().as_text().count(target)
+           for argnums in (0, (0, 1))}
+  assert calls == {0: 2, (0, 1): 3}  # forward + backward-data (+ backward-weights)

@@ -72,6 +72,7 @@ class _Layout:
   channel_axes: tuple  # of qa, qb
   has_key: bool
   reference: bool  # traced in reference_mode: lower with the pure-XLA products
+  tie: bool = False  # the cotangent's da waits for db's kernel call (_cotangent_value)
 
 
 def _pack(a, b, qa: DFPTensor, qb: DFPTensor, key):
@@ -85,9 +86,9 @@ def _unpack(operands, layout: _Layout):
   return a, b, DFPTensor(am, ae, ca), DFPTensor(bm, be, cb), key[0] if layout.has_key else None
 
 
-def _layout(spec, qa, qb, key):
+def _layout(spec, qa, qb, key, tie=False):
   return _Layout(spec, (qa.channel_axis, qb.channel_axis), key is not None,
-                 reference.in_reference_mode())
+                 reference.in_reference_mode(), tie)
 
 
 def _quantize_tangent(t, spec, key) -> DFPTensor:
@@ -101,10 +102,11 @@ def bind_tangent(ta, tb, a, b, qa, qb, key, spec):
                             present=(ta is not None, tb is not None), vmaps=())
 
 
-def bind_cotangent(g, a, b, qa, qb, key, spec):
-  """Spec section 4: ``(da, db)`` from the cotangent ``g`` and the forward's ``qa``, ``qb``."""
-  return dfp_cotangent_p.bind(g, *_pack(a, b, qa, qb, key), layout=_layout(spec, qa, qb, key),
-                              vmaps=())
+def bind_cotangent(g, a, b, qa, qb, key, spec, tie=False):
+  """Spec section 4: ``(da, db)`` from the cotangent ``g`` and the forward's ``qa``, ``qb``;
+  ``tie`` where both are wanted (``_cotangent_value``)."""
+  return dfp_cotangent_p.bind(g, *_pack(a, b, qa, qb, key),
+                              layout=_layout(spec, qa, qb, key, tie), vmaps=())
 
 
 # ---------------------------------------------------------------------------------------
@@ -132,12 +134,15 @@ def _tangent_value(*operands, layout, present):
 
 
 def _cotangent_value(g, *operands, layout):
-  """``(da, db)``, with ``da`` tied to the kernel calls of the rule (``registry.kernel_flags``):
+  """``(da, db)``, with ``da`` (where ``layout.tie``) tied to the kernel calls of the rule (``registry.kernel_flags``):
   XLA cannot use ``da`` before the weight gradient's product has run, so it runs each layer's
   weight gradient in the layer, and that layer's INT16 operands die there, instead of keeping
   every layer's for weight gradients scheduled at the end. The flags come before any
   cross-device sum: a sharded step does not wait for it. Scheduling only: the same bits."""
   _, _, qa, qb, key = _unpack(operands, layout)
+  if not layout.tie:
+    with _mode(layout):
+      return list(layout.spec.cotangents(g, qa, qb, key))
   with _mode(layout), registry.kernel_flags() as flags:
     da, db = layout.spec.cotangents(g, qa, qb, key)
   return [after(da, functools.reduce(jnp.logical_or, flags)), db]
@@ -239,7 +244,9 @@ def _tangent_transpose(ct, *operands, layout, present):
   nones = [None] * (len(operands) - n)
   if type(ct) is ad.Zero:
     return [None] * n + nones
-  da, db = bind_cotangent(ct, *_unpack(operands[n:], layout), layout.spec)
+  # Tied only where both gradients are wanted: with one operand not differentiated (frozen
+  # weights), XLA must stay free to drop the other product.
+  da, db = bind_cotangent(ct, *_unpack(operands[n:], layout), layout.spec, tie=all(present))
   return [c for c, p in zip((da, db), present) if p] + nones
 
 
