@@ -339,7 +339,10 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument("--modes", default=",".join(FLAX_MODES + TORCH_MODES),
                       help="comma-separated, of flax-fp32,flax-dfp,torch-fp32,torch-bf16 "
                            "(torch rows only for resnet50, and only when torch is importable)")
-  parser.add_argument("--steps", type=int, help="timed steps after the warm-up (default 3)")
+  parser.add_argument("--steps", type=step_counts,
+                      help="timed steps after the warm-up: N (default 3), optionally followed "
+                           "by MODE=N for modes that take fewer, e.g. 3,torch-bf16=1 where bf16 "
+                           "has no hardware support and a step takes minutes")
   parser.add_argument("--profile-steps", type=int, default=1,
                       help="profiled steps of each Flax configuration (0: no profile)")
   parser.add_argument("--trace-dir", help="keep each profile (perfetto_trace.json.gz, for "
@@ -352,13 +355,34 @@ def parse_args(argv=None) -> argparse.Namespace:
   args = parser.parse_args(argv)
   args.batches = [int(b) for b in (args.batches or ("8" if args.quick else "16,32")).split(",")]
   args.image_size = args.image_size or (32 if args.quick else 224)
-  args.steps = args.steps or (2 if args.quick else 3)
+  args.steps = args.steps or {None: 2 if args.quick else 3}
   args.networks = args.networks.split(",")
   args.modes = args.modes.split(",")
-  unknown = set(args.networks) - set(NETWORKS) | set(args.modes) - set(FLAX_MODES + TORCH_MODES)
+  unknown = (set(args.networks) - set(NETWORKS) | set(args.modes) - set(FLAX_MODES + TORCH_MODES)
+             | set(args.steps) - {None} - set(FLAX_MODES + TORCH_MODES))
   if unknown:
     parser.error(f"unknown networks or modes: {sorted(unknown)}")
   return args
+
+
+def step_counts(text: str) -> dict:
+  """``--steps``: ``{None: N, mode: N, ...}`` from "N,MODE=N,..." (the default count first)."""
+  default, *overrides = text.split(",")
+  steps = {None: int(default)}
+  for item in overrides:
+    mode, sep, count = item.partition("=")
+    if not sep:
+      raise argparse.ArgumentTypeError(f"expected MODE=N after the first count, got {item!r}")
+    steps[mode] = int(count)
+  if min(steps.values()) < 1:
+    raise argparse.ArgumentTypeError(f"step counts must be positive, got {text!r}")
+  return steps
+
+
+def steps_note(steps: dict) -> str:
+  """"3 steps" or "3 steps (torch-bf16: 1)"."""
+  others = ", ".join(f"{mode}: {n}" for mode, n in steps.items() if mode is not None)
+  return f"{steps[None]} steps" + (f" ({others})" if others else "")
 
 
 def main(argv=None) -> None:
@@ -370,7 +394,7 @@ def main(argv=None) -> None:
     torch_note = "torch is not installed: no PyTorch rows (pip install -e '.[bench]')"
     log(torch_note)
   specs = [{"network": n, "batch": b, "mode": m, "image_size": args.image_size,
-            "steps": args.steps, "profile_steps": args.profile_steps,
+            "steps": args.steps.get(m, args.steps[None]), "profile_steps": args.profile_steps,
             "trace_dir": args.trace_dir and os.path.abspath(args.trace_dir)}
            for n in args.networks for b in args.batches for m in args.modes
            if m in FLAX_MODES or (n == "resnet50" and torch_note.startswith("torch "))]
@@ -384,7 +408,7 @@ def main(argv=None) -> None:
         json.dump({"header": header, "rows": rows}, f, indent=1)
   header += f"; load average {os.getloadavg()[0]:.1f} at the end"
   print(f"{header}\n\nTrain step at {args.image_size}x{args.image_size}, random data, medians of "
-        f"{args.steps} steps after compilation and one warm-up step:\n\n{summary_table(rows)}")
+        f"{steps_note(args.steps)} after compilation and one warm-up step:\n\n{summary_table(rows)}")
   print()
   for r in rows:
     if r.get("note"):
