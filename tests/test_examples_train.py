@@ -258,3 +258,23 @@ def test_release_freed_memory_returns_freed_heap_to_the_system():
   train.release_freed_memory()
   assert held - _resident_bytes() > 128 * 2**20
   assert last.sum() == 16 * 1024
+
+
+def test_training_clock_leaves_out_the_first_step_and_the_pauses(monkeypatch):
+  now = [0.0]
+  monkeypatch.setattr(train.time, "perf_counter", lambda: now[0])
+  clock = train.TrainingClock()
+  now[0] = 5.0  # the first step compiles
+  clock.start()
+  assert clock.lap() is None  # no timed step yet
+  clock.count(32)
+  now[0] += 2.0
+  with clock.paused():  # an evaluation
+    now[0] += 100.0
+  clock.count(32)
+  now[0] += 2.0
+  assert clock.lap() == 16.0  # 64 images in 4 training seconds
+  clock.count(96)
+  now[0] += 2.0
+  assert clock.lap() == 48.0
+  assert clock.images_per_sec() == 160 / 6.0

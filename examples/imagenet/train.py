@@ -12,6 +12,7 @@ all processes take part in saving checkpoints (Orbax writes each array once).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import dataclasses
 import functools
@@ -262,6 +263,43 @@ def evaluate(p_eval_step, state, source, config: Config,
   return {k: float(v) / count for k, v in totals.items()}
 
 
+class TrainingClock:
+  """Images per second of training alone, per logging window and over the run: the time from
+  ``start`` (after the first, compiling step) less the ``paused`` blocks (evaluation, saving)."""
+
+  def __init__(self):
+    self.started = False
+    self._tick = 0.0
+    self._window_images = self._images = 0
+    self._seconds = 0.0
+
+  def start(self):
+    self.started, self._tick = True, time.perf_counter()
+
+  def count(self, images: int):
+    self._window_images += images
+
+  def lap(self) -> float | None:
+    """The window's images/s (None before any timed step), and a new window."""
+    now = time.perf_counter()
+    rate = None
+    if self._window_images:
+      rate = self._window_images / (now - self._tick)
+      self._images += self._window_images
+      self._seconds += now - self._tick
+    self._tick, self._window_images = now, 0
+    return rate
+
+  @contextlib.contextmanager
+  def paused(self):
+    paused = time.perf_counter()
+    yield
+    self._tick += time.perf_counter() - paused
+
+  def images_per_sec(self) -> float:
+    return self._images / self._seconds if self._seconds else float("nan")
+
+
 def _every(value: int, steps_per_epoch: int) -> int:
   return value if value > 0 else steps_per_epoch
 
@@ -317,52 +355,50 @@ def train_and_evaluate(config: Config, workdir: str) -> dict[str, Any]:
   progress = reporting.ProgressBar(num_steps, start_step,
                                    stream=None if lead else open(os.devnull, "w"))
   log_every = config.log_every_steps
+  start_time = time.perf_counter()
   eval_every = _every(config.eval_every_steps, steps_per_epoch)
   checkpoint_every = _every(config.checkpoint_every_steps, steps_per_epoch)
-  window, timed_images, timed_seconds = [], 0, 0.0
-  start_time = time.perf_counter()
+  clock = TrainingClock()
+  window = []
   with input_pipeline.Loader(train_source, batch_size=config.batch_size, train=True,
                              image_size=config.image_size, seed=config.seed,
                              start_step=start_step, num_workers=config.num_workers,
                              crop_scale=config.crop_scale,
                              shard=data_parallel.shard) as train_iter:
-    tick = None
     for step in range(start_step, num_steps):
       state, metrics = p_train_step(state, data_parallel.global_batch(next(train_iter)))
       window.append(metrics)
       done = step + 1
-      if tick is None:  # images/s leaves out the first step, which compiles
+      if not clock.started:  # the first step compiles: images/s leaves it out
         jax.block_until_ready(metrics)
         release_freed_memory()
-        tick, window_images = time.perf_counter(), 0
+        clock.start()
       else:
-        window_images += config.batch_size
+        clock.count(config.batch_size)
       progress.update(done)
       if done % log_every == 0 or done == num_steps:
-        window = jax.device_get(window)
-        now = time.perf_counter()
-        train_summary = {k: float(np.mean([m[k] for m in window])) for k in window[0]}
-        train_summary["learning_rate"] = float(learning_rate_fn(step))
-        if window_images:
-          train_summary["images_per_sec"] = window_images / (now - tick)
-          timed_images, timed_seconds = timed_images + window_images, timed_seconds + now - tick
-        if writer:
-          writer.write(done, "train", train_summary)
-        progress.update(done, **{k: v for k, v in train_summary.items() if k != "top5"})
-        window, tick, window_images = [], time.perf_counter(), 0
+        window, rate = jax.device_get(window), clock.lap()
+        with clock.paused():
+          train_summary = {k: float(np.mean([m[k] for m in window])) for k in window[0]}
+          train_summary["learning_rate"] = float(learning_rate_fn(step))
+          if rate is not None:
+            train_summary["images_per_sec"] = rate
+          if writer:
+            writer.write(done, "train", train_summary)
+          progress.update(done, **{k: v for k, v in train_summary.items() if k != "top5"})
+        window = []
       run_eval = done % eval_every == 0 or done == num_steps
       run_save = done % checkpoint_every == 0 or done == num_steps
       if run_eval or run_save:
         jax.block_until_ready(state)  # queued training steps finish on the training clock
-        paused = time.perf_counter()
-        if run_eval:
-          eval_summary = evaluate(p_eval_step, state, eval_source, config, data_parallel)
-          if writer:
-            writer.write(done, "eval", eval_summary)
-          progress.update(done, **{f"eval_{k}": v for k, v in eval_summary.items()})
-        if run_save:
-          manager.save(done, args=ocp.args.StandardSave(state))
-        tick += time.perf_counter() - paused  # evaluating and saving are not training time
+        with clock.paused():  # evaluating and saving are not training time
+          if run_eval:
+            eval_summary = evaluate(p_eval_step, state, eval_source, config, data_parallel)
+            if writer:
+              writer.write(done, "eval", eval_summary)
+            progress.update(done, **{f"eval_{k}": v for k, v in eval_summary.items()})
+          if run_save:
+            manager.save(done, args=ocp.args.StandardSave(state))
   manager.close()
   progress.close()
   if writer:
@@ -373,19 +409,21 @@ def train_and_evaluate(config: Config, workdir: str) -> dict[str, Any]:
   # The last records rather than this session's: a run stopped between its final checkpoint and
   # its summary resumes with no step left to take.
   records = reporting.read_metrics(workdir)
-  train_summary = next((r for r in reversed(records) if r["split"] == "train"), {})
-  eval_summary = next((r for r in reversed(records) if r["split"] == "eval"), {})
-  summary = {
-      "steps": num_steps,
-      "train_loss": train_summary.get("loss", float("nan")),
-      "eval_loss": eval_summary.get("loss", float("nan")),
-      "eval_top1": eval_summary.get("top1", float("nan")),
-      "eval_top5": eval_summary.get("top5", float("nan")),
-      "images_per_sec": timed_images / timed_seconds if timed_seconds else float("nan"),
-      "wall_time_s": time.perf_counter() - start_time,
-  }
+  summary = {"steps": num_steps, **final_metrics(records),
+             "images_per_sec": clock.images_per_sec(),
+             "wall_time_s": time.perf_counter() - start_time}
   if lead:
     with open(summary_path, "w", encoding="utf-8") as f:
       json.dump(summary, f, indent=2)
     reporting.plot_curves({config.model: records}, os.path.join(workdir, "curves.png"))
   return summary
+
+
+def final_metrics(records: list[dict]) -> dict[str, float]:
+  """A run's summary metrics from its metrics records: the last train loss and eval metrics."""
+  train_summary = next((r for r in reversed(records) if r["split"] == "train"), {})
+  eval_summary = next((r for r in reversed(records) if r["split"] == "eval"), {})
+  return {"train_loss": train_summary.get("loss", float("nan")),
+          "eval_loss": eval_summary.get("loss", float("nan")),
+          "eval_top1": eval_summary.get("top1", float("nan")),
+          "eval_top5": eval_summary.get("top5", float("nan"))}
