@@ -43,7 +43,7 @@ from dfpjax.primitives.operands import float_operands, fold_key, matching_manual
 from dfpjax.primitives.quantize import quantize_operand
 from dfpjax.primitives.registry import output_aval
 
-dfp_conv_p = registry.new_primitive("dfp_conv")
+dfp_conv_p = registry.new_primitive("dfp_conv", multiple_results=True)
 MODES = cpu_ffi.CONV_MODES  # the kernel contract names them
 
 # ---------------------------------------------------------------------------------------
@@ -97,13 +97,13 @@ def _batch_rule(args, dims, *, geometry, mode, out_dtype):
     batch = x.shape[1]
     ex = batching.bdim_at_front(ex, dex, size) if dex is not None else ex[None]
     ex = jnp.broadcast_to(ex, (size, batch)).reshape(size * batch)
-    y = dfp_conv_p.bind(x.reshape(size * batch, *x.shape[2:]), ex, b, eb, **params)
+    y, _ = dfp_conv_p.bind(x.reshape(size * batch, *x.shape[2:]), ex, b, eb, **params)
     return y.reshape(size, batch, *y.shape[1:]), 0
   # Otherwise one convolution per element (exact, but serial over the mapped axis).
   moved = [batching.bdim_at_front(a, d, size) if d is not None else None for a, d in zip(args, dims)]
   def one(mapped):
     full = [m if m is not None else a for a, m in zip(args, mapped)]
-    return dfp_conv_p.bind(*full, **params)
+    return dfp_conv_p.bind(*full, **params)[0]
   return lax.map(one, moved), 0
 
 
@@ -194,7 +194,7 @@ def _partition(mesh, specs, shapes, bind, *, wanted, geometry, mode, out_dtype):
 
 registry.register(dfp_conv_p, abstract_eval=_abstract_eval, batch_rule=_batch_rule,
                   cpu_lowering=_cpu_lowering, xla_lowering=reference.conv,
-                  sharding_rule=_sharding_rule, partition=_partition)
+                  sharding_rule=_sharding_rule, partition=_partition, flagged=True)
 
 # ---------------------------------------------------------------------------------------
 # Exact convolutions of DFP tensors under general parameters.
