@@ -46,8 +46,13 @@ def worker(args: argparse.Namespace) -> dict:
   model = train.create_model(config, num_classes=1000)
   lr = train.create_learning_rate_fn(dataclasses.replace(config, warmup_epochs=0), 100)
   create = functools.partial(train.create_train_state, config, model, config.image_size, lr)
-  state_sharding = data_parallel.state_sharding(jax.eval_shape(create))
-  state = jax.jit(create, out_shardings=state_sharding)()
+  abstract_state = jax.eval_shape(create)
+  state_sharding = data_parallel.state_sharding(abstract_state)
+  # Leaves only, as train.restore_or_create: each call of create makes the optimizer's
+  # functions, static fields of the state, anew, and jit refuses out_shardings' as different.
+  leaves = jax.jit(lambda: jax.tree.leaves(create()),
+                   out_shardings=jax.tree.leaves(state_sharding))()
+  state = jax.tree.unflatten(jax.tree.structure(abstract_state), leaves)
   step_fn = functools.partial(train.train_step, aux_loss_weight=config.aux_loss_weight)
   if config.dfp:
     step_fn = train.make_dfp_step(step_fn, config)

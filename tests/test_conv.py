@@ -347,10 +347,14 @@ def test_huge_exponent_sums_saturate_exactly_on_every_path(isa, mode, ex, eb):
   geometry = Geometry((1, 1), (1, 1), ((0, 0), (0, 0)), (1, 1), (1, 1), 1,
                       (5, 5) if mode == "backward_data" else None)
   got = np.asarray(dfp_conv_p.bind(lhs, np.array([ex], np.int32), rhs, np.array([eb], np.int32),
-                                   geometry=geometry, mode=mode, out_dtype=np.dtype(np.float32)))
+                                   geometry=geometry, mode=mode, out_dtype=np.dtype(np.float32))[0])
   want = np.vectorize(lambda v: _expected_scaled(int(v), ex + eb), otypes=[np.float32])(s)
   np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))
   assert (np.isfinite(got) & (got != 0)).any() == (abs(ex + eb) < 100)
+
+
+def _product(*args, **params):
+  return dfp_conv_p.bind(*args, **params)[0]  # [product, flag]
 
 
 def _int64_sums(fn, lhs, ex, rhs, eb, geometry, mode):
@@ -372,7 +376,7 @@ def test_int64_output_is_the_exact_sums_on_every_path(isa, mode):
                       (9, 9) if mode == "backward_data" else None)
   x, w, dy = full(2, 9, 9, 70), full(3, 3, 70, 40), full(2, 5, 5, 40)
   lhs, rhs = {"forward": (x, w), "backward_weights": (x, dy), "backward_data": (dy, w)}[mode]
-  got = _int64_sums(dfp_conv_p.bind, lhs, nonfinite, rhs, zero, geometry, mode)
+  got = _int64_sums(_product, lhs, nonfinite, rhs, zero, geometry, mode)
   want = _int64_sums(reference.conv, lhs, zero, rhs, zero, geometry, mode)
   assert got.dtype == np.int64 and np.abs(want).max() > 2**31
   np.testing.assert_array_equal(got, want)
@@ -385,4 +389,4 @@ def test_int64_output_is_the_exact_sums_on_every_path(isa, mode):
       "backward_weights": (x, dy, np.einsum("nhwc,nhwo->co", x, dy, dtype=np.int64)[None, None]),
       "backward_data": (dy, w, np.einsum("nhwo,co->nhwc", dy, w[0, 0], dtype=np.int64))}[mode]
   np.testing.assert_array_equal(
-      _int64_sums(dfp_conv_p.bind, lhs, nonfinite, rhs, nonfinite, geometry, mode), want)
+      _int64_sums(_product, lhs, nonfinite, rhs, nonfinite, geometry, mode), want)

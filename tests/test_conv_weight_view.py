@@ -37,7 +37,7 @@ def _materialize(b, taps, transposed, groups):
 def _int64_sums(x, b, geometry):
   with jax.enable_x64(True):
     f = jax.jit(lambda x, b: dfp_conv_p.bind(x, jnp.zeros((1,), jnp.int32), b, jnp.zeros((1,), jnp.int32),
-                                             geometry=geometry, mode="forward", out_dtype=np.dtype(np.int64)))
+                                             geometry=geometry, mode="forward", out_dtype=np.dtype(np.int64))[0])
     return np.asarray(f(x, b))
 
 
@@ -93,7 +93,7 @@ def test_backward_data_reads_features_major_weights_on_every_path(isa, groups):
   def dx(geometry):
     with jax.enable_x64(True):
       f = lambda dy, w: dfp_conv_p.bind(dy, e, w, e, geometry=geometry, mode="backward_data",
-                                        out_dtype=np.dtype(np.int64))
+                                        out_dtype=np.dtype(np.int64))[0]
       return np.asarray(jax.jit(f)(dy, w))
   want = dx(plain)
   assert want.shape == (2, 7, 6, groups * cin) and np.abs(want).max() > 2**30

@@ -25,8 +25,8 @@ import spec_oracle
 
 @functools.cache
 def _kernel(lhs_kmajor, rhs_nmajor, out_dtype):
-  return jax.jit(functools.partial(dfp_dot_general_p.bind, lhs_kmajor=lhs_kmajor,
-                                   rhs_nmajor=rhs_nmajor, out_dtype=np.dtype(out_dtype)))
+  params = dict(lhs_kmajor=lhs_kmajor, rhs_nmajor=rhs_nmajor, out_dtype=np.dtype(out_dtype))
+  return jax.jit(lambda *args: dfp_dot_general_p.bind(*args, **params)[0])  # [product, flag]
 
 
 @functools.cache

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import dfpjax
-from multidevice import run_on_devices
+from multidevice import Run, run_on_devices
 
 BATCH = 8
 DEVICE_COUNTS = (1, 2, 4)
@@ -334,3 +334,65 @@ def test_sum_and_encode_is_the_encoded_all_reduce():
       scattered = run.results[f"{shape}.scattered"]
       np.testing.assert_array_equal(scattered.view(np.uint32), psum.view(np.uint32),
                                     err_msg=f"{shape} scattered")
+
+
+_MESH_2D = """
+axis_type = mesh.axis_types[0]
+mesh = jax.make_mesh((2, 2) if len(jax.devices()) == 4 else (1, 1), ("data", "model"),
+                     axis_types=(axis_type,) * 2)
+keys = jax.random.split(jax.random.key(0), 4)
+at = lambda rank, d: P(*["model" if i == d else None for i in range(rank)])
+
+def all_passes(name, op, x, w, x_spec, w_spec):
+  x, w = jax.device_put(x, NamedSharding(mesh, x_spec)), jax.device_put(w, NamedSharding(mesh, w_spec))
+  def passes(x, w):
+    y, vjp = jax.vjp(op, x, w)
+    _, tangent = jax.jvp(op, (x, w), (jnp.cos(x), jnp.sin(w)))
+    return (y, *vjp(jnp.sin(3.0 * y)), tangent)
+  step = jax.jit(passes)
+  report_hlo(step.lower(x, w).compile())
+  for pass_name, value in zip(("forward", "input_grad", "weight_grad", "tangent"), step(x, w)):
+    report(f"{name}.{pass_name}", value)
+
+# name: (op, x, weights, the weights' input and output feature dimensions)
+ops = {
+    "dot_kn": (lambda x, w: dfpjax.dfp_dot_general(x, w, (((1,), (0,)), ((), ()))), (32, 6), (6, 8), 0, 1),
+    "dot_nk": (lambda x, w: dfpjax.dfp_dot_general(x, w, (((1,), (1,)), ((), ()))), (32, 6), (8, 6), 1, 0)}
+for layout, w_shape, w_in, w_out in (("HWIO", (3, 3, 4, 6), 2, 3), ("OIHW", (6, 4, 3, 3), 1, 0)):
+  ops[f"conv_{layout}"] = (lambda x, w, layout=layout: dfpjax.dfp_conv_general_dilated(
+      x, w, (2, 1), "SAME", dimension_numbers=("NHWC", layout, "NHWC")),
+      (16, 7, 6, 4), w_shape, w_in, w_out)
+for name, (op, x_shape, w_shape, w_in, w_out) in ops.items():
+  x, w = jax.random.normal(keys[0], x_shape), jax.random.normal(keys[1], w_shape)
+  features = P("data", *(None,) * (len(x_shape) - 2), "model")
+  for split, x_spec, w_spec in (("x_features", features, P()),
+                                ("w_in", P("data"), at(len(w_shape), w_in)),
+                                ("w_out", P("data"), at(len(w_shape), w_out))):
+    all_passes(f"{name}.{split}", op, x, w, x_spec, w_spec)
+"""
+
+
+@pytest.mark.parametrize("axis_type", ["Explicit", "Auto"])
+def test_2d_mesh_batch_and_features_give_one_devices_bits(axis_type):
+  """On a 2x2 mesh, the batch split over one axis and features (the input's, or the weights'
+  input or output features) over the other, for dot_general and convolution with both
+  weight layouts (backward-data reads the forward's weights transposed): every pass is one
+  device's bits, and no device gathers a batch-sized kernel operand (the int16 mantissas
+  gathered are at most a weight). Convolutions also gather no batch-sized float: only
+  weights' and, where the input's features are split, the encoded halves of the contracted
+  sums (forward and the tangent's two products), as large as each device's output block."""
+  runs = {n: run_on_devices(_MESH_2D, n, axis_type=axis_type) for n in (1, 4)}
+  names = list(runs[1].results)
+  assert len(names) == 4 * 3 * 4
+  _assert_same_bits(runs, names, counts=(4,))
+  weight_size = {"dot": 48, "conv": 216}
+  y_block = 8 * 4 * 6 * 6  # a device's output block of the convolutions
+  for program, hlo in zip(names[::4], runs[4].hlo):
+    op, split = program.split(".")[0].split("_")[0], program.split(".")[1]
+    gathers = [(dtype, math.prod(map(int, dims.split(","))))
+               for dtype, dims in (re.match(r"(\w+)\[([\d,]*)\]", g).groups()
+                                   for g in Run([], [hlo]).all_gathers())]
+    assert all(size <= weight_size[op] for dtype, size in gathers if dtype == "s16"), program
+    if op == "conv":
+      batch_sized = [size for _, size in gathers if size > weight_size[op]]
+      assert batch_sized == ([y_block] * 3 if batch_sized else []), (program, gathers)

@@ -43,7 +43,7 @@ from dfpjax.primitives.operands import float_operands, fold_key, matching_manual
 from dfpjax.primitives.quantize import quantize_operand
 from dfpjax.primitives.registry import output_aval
 
-dfp_conv_p = registry.new_primitive("dfp_conv")
+dfp_conv_p = registry.new_primitive("dfp_conv", multiple_results=True)
 MODES = cpu_ffi.CONV_MODES  # the kernel contract names them
 
 # ---------------------------------------------------------------------------------------
@@ -97,13 +97,13 @@ def _batch_rule(args, dims, *, geometry, mode, out_dtype):
     batch = x.shape[1]
     ex = batching.bdim_at_front(ex, dex, size) if dex is not None else ex[None]
     ex = jnp.broadcast_to(ex, (size, batch)).reshape(size * batch)
-    y = dfp_conv_p.bind(x.reshape(size * batch, *x.shape[2:]), ex, b, eb, **params)
+    y, _ = dfp_conv_p.bind(x.reshape(size * batch, *x.shape[2:]), ex, b, eb, **params)
     return y.reshape(size, batch, *y.shape[1:]), 0
   # Otherwise one convolution per element (exact, but serial over the mapped axis).
   moved = [batching.bdim_at_front(a, d, size) if d is not None else None for a, d in zip(args, dims)]
   def one(mapped):
     full = [m if m is not None else a for a, m in zip(args, mapped)]
-    return dfp_conv_p.bind(*full, **params)
+    return dfp_conv_p.bind(*full, **params)[0]
   return lax.map(one, moved), 0
 
 
@@ -141,19 +141,31 @@ def _sharding_rule(shapes, *, geometry, mode, out_dtype):
   del out_dtype
   x_shape, ex_shape, _, _ = shapes
   spatial = lambda name: " ".join(partitioning.fresh_factors(name, len(x_shape) - 2))
+  x, w, y = map(spatial, ("x", "w", "y"))
   ex = "n" if ex_shape[0] == x_shape[0] else "ex"
-  if mode == "backward_weights":  # b is dy, batch-major like x
-    return f"n {spatial('x')} xc, {ex}, n {spatial('dy')} dyc, eb -> {spatial('w')} wi wo", ()
-  if mode == "forward" and geometry.groups == 1:  # the channels x and w contract
-    # The partition never splits y's channels: a weight split along its output channels (a
-    # ZeRO-sharded state's) must not spread onto the activations, it is gathered.
-    return f"n {spatial('x')} c, {ex}, {spatial('w')} c wo, eb -> n {spatial('y')} wo", ("wo",)
-  return f"n {spatial('x')} xc, {ex}, {spatial('w')} wi wo, eb -> n {spatial('y')} yc", ()
+  if mode == "backward_weights":  # b is dy, batch-major like x; dw [*window, x's, dy's channels]
+    xc, dyc, wc = ("c", "co", "c co") if geometry.groups == 1 else ("xc", "dyc", "wi wo")
+    return f"n {x} {xc}, {ex}, n {spatial('dy')} {dyc}, eb -> {w} {wc}", ()
+  if mode == "forward" and geometry.groups == 1:
+    # The channels x and w contract: w's cin, its last dimension where it holds the weights
+    # of the convolution this one is the backward-data of. A weight split along its output
+    # channels (a ZeRO-sharded state's, a tensor-parallel layer's) is gathered, and y's
+    # channels are a factor of their own: no split of w's spreads onto the activations.
+    wc = "wo c" if geometry.transposed_weights else "c wo"
+    return f"n {x} c, {ex}, {w} {wc}, eb -> n {y} yc", ("wo",)
+  return f"n {x} xc, {ex}, {w} wi wo, eb -> n {y} yc", ()
+
+
+def _channel_split(spec, *taken):
+  """A channel dimension's split, unless its mesh axes are taken by another dimension."""
+  return None if set(partitioning.axes_of(spec)) & set(partitioning.axes_of(*taken)) else spec
 
 
 def _partition(mesh, specs, shapes, bind, *, wanted, geometry, mode, out_dtype):
-  """Keeps the batch split, and in a forward convolution without groups the input channels
-  (JAX's transpose rule makes the weight gradient one that contracts the batch as channels).
+  """Keeps the batch split, and without groups the channels where they are split over other
+  mesh axes: a forward convolution's input channels (contracted; JAX's transpose rule makes
+  the weight gradient one that contracts the batch as channels), and both operands' channels
+  in backward-weights (the weight gradient's two channel dimensions).
   A contracted split makes each device's kernel write its exact int64 partial sums, which
   one int64 sum adds before the single rounding (``partitioning.sum_and_encode``); a
   weight gradient comes out split as its consumer wants it where that splits one dimension
@@ -163,24 +175,25 @@ def _partition(mesh, specs, shapes, bind, *, wanted, geometry, mode, out_dtype):
   row-major."""
   x_shape, ex_shape = shapes[0], shapes[1]
   rank, batch = len(x_shape), specs[0][0]
+  none = (None,) * (rank - 2)
   channel = None
-  if mode == "forward" and geometry.groups == 1:
-    channel = specs[0][-1] if not set(partitioning.axes_of(specs[0][-1])) & set(
-        partitioning.axes_of(batch)) else None
-  # weights (b, but dy in backward_weights) split along their last dimension, gathered
-  gathered = specs[2][-1] if mode != "backward_weights" and channel is None else None
-  x_spec = (batch, *(None,) * (rank - 2), channel)
+  if geometry.groups == 1 and mode != "backward_data":
+    channel = _channel_split(specs[0][-1], batch)
+  x_spec = (batch, *none, channel)
   ex_spec = (batch if ex_shape[0] == x_shape[0] else None,)
   if mode == "backward_weights":
-    contracted, b_spec, y_spec = batch, x_spec, (None,) * rank
+    dy_channel = _channel_split(specs[2][-1], batch, channel) if geometry.groups == 1 else None
+    contracted, b_spec = batch, (batch, *none, dy_channel)
+    y_spec = (*none, channel, dy_channel)
   else:
-    b_spec = (*(None,) * (rank - 2), channel, None)
+    b_spec = (*none, None, channel) if geometry.transposed_weights else (*none, channel, None)
     contracted, y_spec = channel, (batch, *(None,) * (rank - 1))
   contracted = partitioning.axes_of(contracted)
   scattered = None
   if mode == "backward_weights":
     scattered, y_spec = partitioning.split_as_wanted(wanted[0], contracted, y_spec)
-  if gathered is not None:  # the partitioner gathers b, which XLA:CPU writes features-major
+  elif specs[2][-1] is not None and b_spec[-1] is None:
+    # the partitioner gathers b along its last dimension, which XLA:CPU writes outermost
     bind = functools.partial(bind, geometry=dataclasses.replace(geometry,
                                                                 features_major_weights=True))
 
@@ -194,7 +207,7 @@ def _partition(mesh, specs, shapes, bind, *, wanted, geometry, mode, out_dtype):
 
 registry.register(dfp_conv_p, abstract_eval=_abstract_eval, batch_rule=_batch_rule,
                   cpu_lowering=_cpu_lowering, xla_lowering=reference.conv,
-                  sharding_rule=_sharding_rule, partition=_partition)
+                  sharding_rule=_sharding_rule, partition=_partition, flagged=True)
 
 # ---------------------------------------------------------------------------------------
 # Exact convolutions of DFP tensors under general parameters.

@@ -5,8 +5,8 @@ hands the kernel the forward's weights as they lie, with a geometry that reads t
 and transposed (``backward_data_conv``); ``transpose_lhs`` makes that operand with XLA.
 
 The functions that run a convolution take it as ``conv``, a callable with
-``dfp_conv_p.bind``'s signature: the primitive, or its pure-XLA twin
-(``reference.conv``), which computes backward-data the same way.
+``reference.conv``'s signature: the primitive's product (``registry.product``), or its
+pure-XLA twin, which computes backward-data the same way.
 """
 
 from __future__ import annotations

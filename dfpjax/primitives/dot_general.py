@@ -34,7 +34,7 @@ from dfpjax.primitives.quantize import quantize_operand
 from dfpjax.primitives.registry import output_aval
 
 # The primitive: exact product of quantized operands, canonical [B, M, K] x [B, K, N].
-dfp_dot_general_p = registry.new_primitive("dfp_dot_general")
+dfp_dot_general_p = registry.new_primitive("dfp_dot_general", multiple_results=True)
 
 # ---------------------------------------------------------------------------------------
 # Shape rule.
@@ -111,18 +111,18 @@ def _batch_rule(args, dims, *, lhs_kmajor, rhs_nmajor, out_dtype):
       if is_exponent:
         x = jnp.broadcast_to(x, (size, batch, x.shape[2]))
       return x.reshape((size * x.shape[1],) + x.shape[2:])
-    out = dfp_dot_general_p.bind(merge(a, da, False), merge(ea, dea, True), merge(b, db, False),
-                                 merge(eb, deb, True), **params)
+    out, _ = dfp_dot_general_p.bind(merge(a, da, False), merge(ea, dea, True),
+                                    merge(b, db, False), merge(eb, deb, True), **params)
     return out.reshape((size, batch, m, n)), 0
   if lhs_mapped:
     # Only the lhs varies: its copies stack along M, sharing the rhs (no copies of it).
     a2 = _fold_into_rows(_to_front(a, da, size), lhs_kmajor)
     ea2 = _fold_exponent_into_rows(_to_front(ea, dea, size), size, m)
-    out = dfp_dot_general_p.bind(a2, ea2, b, eb, **params)
+    out, _ = dfp_dot_general_p.bind(a2, ea2, b, eb, **params)
     return out.reshape(batch, size, m, n), 1
   b2 = _fold_into_rows(_to_front(b, db, size), not rhs_nmajor)
   eb2 = _fold_exponent_into_rows(_to_front(eb, deb, size), size, n)
-  out = dfp_dot_general_p.bind(a, ea, b2, eb2, **params)
+  out, _ = dfp_dot_general_p.bind(a, ea, b2, eb2, **params)
   return out.reshape(batch, m, size, n), 2
 
 
@@ -192,7 +192,7 @@ def _partition(mesh, specs, shapes, bind, *, wanted, lhs_kmajor, rhs_nmajor, out
 
 registry.register(dfp_dot_general_p, abstract_eval=_abstract_eval, batch_rule=_batch_rule,
                   cpu_lowering=_cpu_lowering, xla_lowering=reference.dot,
-                  sharding_rule=_sharding_rule, partition=_partition)
+                  sharding_rule=_sharding_rule, partition=_partition, flagged=True)
 
 # ---------------------------------------------------------------------------------------
 # Dimension numbers, handled by name.

@@ -40,12 +40,11 @@ def register_cpu_lowering(p, kernel, rule, partition, *, flagged=False):
   ``partition(mesh, specs, shapes, bind, wanted=..., **params)`` gets the operands' partition
   specs (entries ``None``, an axis name or a tuple of them; only dimensions that divide
   evenly) and the specs its consumers want of the results (``wanted``, a list, one per
-  result), and returns ``(per_shard_fn, result_specs, operand_specs)``; ``bind`` binds
-  ``kernel``.
+  result of ``kernel``), and returns ``(per_shard_fn, result_specs, operand_specs)``;
+  ``bind`` binds ``kernel``.
 
-  ``flagged``: ``p`` returns ``kernel``'s result and a scalar ``floatbits.false_from`` of the
-  kernel call's own output on each device, before the collectives that finish the result:
-  something can wait for the kernel call without waiting for them (``registry.kernel_flags``).
+  ``flagged`` (a product, ``registry.register``): ``p`` returns ``kernel``'s result and a
+  flag, a scalar, and ``per_shard_fn`` returns both (``product_per_shard``).
   """
   def lowering(ctx, *args, **params):
     shapes = tuple(tuple(a.shape) for a in ctx.avals_in)
@@ -70,22 +69,18 @@ def first_false(y):
 def _partitioned(kernel, rule, partition, shapes, params, flagged):
   params = dict(params)
   bind = functools.partial(kernel.bind, **params)
-  if flagged:
-    f = custom_partitioning(lambda *args: [y := bind(*args), first_false(y)])
-  else:
-    f = custom_partitioning(lambda *args: bind(*args))
+  f = custom_partitioning(
+      (lambda *args: [y := bind(*args), first_false(y)]) if flagged else bind)
+  multiple = kernel.multiple_results or flagged
 
   def partition_callback(mesh, arg_shapes, result_shape):
     specs = [even_spec(mesh, a.sharding, a.shape) for a in arg_shapes]
-    multiple = kernel.multiple_results or flagged
     results = result_shape if multiple else [result_shape]
     wanted = [even_spec(mesh, r.sharding, r.shape) for r in results]
-    if not flagged:
-      per_shard, result_specs, arg_specs = partition(mesh, specs, shapes, bind, wanted=wanted,
-                                                     **params)
-    else:
-      per_shard, result_specs, arg_specs = _flagged_partition(partition, mesh, specs, shapes,
-                                                              bind, wanted[:1], params)
+    per_shard, result_specs, arg_specs = partition(
+        mesh, specs, shapes, bind, wanted=wanted[:1] if flagged else wanted, **params)
+    if flagged:
+      result_specs = [result_specs, ()]  # the flag: False on every device
     named = lambda spec: NamedSharding(mesh, PartitionSpec(*spec))
     results = list(map(named, result_specs)) if multiple else named(result_specs)
     return mesh, per_shard, results, tuple(map(named, arg_specs))
@@ -96,27 +91,6 @@ def _partitioned(kernel, rule, partition, shapes, params, flagged):
   f.def_partition(partition=partition_callback, sharding_rule=rule_string,
                   need_replication_factors=replicated_factors)
   return f
-
-
-def _flagged_partition(partition, mesh, specs, shapes, bind, wanted, params):
-  """``partition``'s per-shard function, returning also the flag of its kernel call's output
-  (the int64 partial sums where a contracted dimension is split: before their collective),
-  and its specs, the flag replicated (``False`` on every device)."""
-  flags = []
-
-  def flagging_bind(*args, **kwargs):
-    y = bind(*args, **kwargs)
-    flags.append(first_false(y))
-    return y
-
-  per_shard, result_spec, arg_specs = partition(mesh, specs, shapes, flagging_bind,
-                                                wanted=wanted, **params)
-
-  def flagged_per_shard(*args):
-    y = per_shard(*args)
-    return [y, flags.pop()]
-
-  return flagged_per_shard, [result_spec, ()], arg_specs
 
 
 def even_spec(mesh, sharding, shape) -> tuple:
@@ -159,17 +133,19 @@ def split_as_wanted(wanted, axes, spec) -> tuple[int | None, tuple]:
 
 
 def product_per_shard(bind, exponents, out_dtype, mesh, axes, scatter_dimension=None):
-  """The function one device runs on its shard ``(a, ea, b, eb)`` of a product: ``bind``
-  itself where no contracted dimension is split (``axes`` empty); else the kernel's exact
-  int64 partial sums, added over ``axes`` and encoded once (``sum_and_encode``), with
-  ``exponents(ea, eb)`` the two exponents broadcast to the sums."""
-  if not axes:
-    return bind
-
+  """The function one device runs on its shard ``(a, ea, b, eb)`` of a product, returning
+  the product and the flag ``first_false`` of the kernel call's output: ``bind`` itself where
+  no contracted dimension is split (``axes`` empty); else the kernel's exact int64 partial
+  sums (the flag taken of them, before the collectives), added over ``axes`` and encoded once
+  (``sum_and_encode``), with ``exponents(ea, eb)`` the two exponents broadcast to the sums."""
   def per_shard(a, ea, b, eb):
+    if not axes:
+      y = bind(a, ea, b, eb)
+      return [y, first_false(y)]
     with jax.enable_x64(True):
       s = bind(a, ea, b, eb, out_dtype=np.dtype(np.int64))
-    return sum_and_encode(s, *exponents(ea, eb), out_dtype, mesh, axes, scatter_dimension)
+      flag = first_false(s)
+    return [sum_and_encode(s, *exponents(ea, eb), out_dtype, mesh, axes, scatter_dimension), flag]
 
   return per_shard
 

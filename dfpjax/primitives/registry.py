@@ -1,7 +1,7 @@
 """What every DFP primitive shares: its creation, an eager ``impl`` through a jitted
 bind, the registration of its rules, and the checks and output type of its shape rule; and
-``product``, the one binding of a product primitive (or its pure-XLA twin), which inside
-``kernel_flags`` also collects a flag of each kernel call's output."""
+``product``, the one binding of a product primitive (or its pure-XLA twin), which hands
+``kernel_flags`` the flag of each kernel call's output."""
 
 from __future__ import annotations
 
@@ -18,9 +18,6 @@ from jax.sharding import NamedSharding, PartitionSpec
 from dfpjax._jax_compat import ShapedArray, get_cur_mesh_sharding
 from dfpjax.primitives import partitioning, reference
 
-# Each product primitive's flagged twin (``register``): its result and a flag of the kernel
-# call's output, taken on each device before the collectives that finish a sharded result.
-_FLAGGED: dict = {}
 # The flag lists of the active ``kernel_flags`` blocks, innermost last.
 _COLLECTING: list[list] = []
 
@@ -43,50 +40,50 @@ def _jitted_bind(p, **params):
 
 
 def register(p: core.Primitive, *, abstract_eval, batch_rule, cpu_lowering, xla_lowering,
-             sharding_rule, partition):
+             sharding_rule, partition, flagged=False):
   """Defines ``p``'s shape rule and batching rule, its lowering on CPU and on every other
   platform (``xla_lowering``, its pure-XLA twin, which XLA partitions itself).
 
   On CPU, ``p`` lowers to the C kernel through XLA FFI (``cpu_lowering``) once per shard:
   ``sharding_rule`` and ``partition`` say how (``partitioning.register_cpu_lowering``).
+
+  ``flagged`` (the products, ``p`` created with ``multiple_results``): the rules define the
+  product ``y``, and ``p`` returns ``[y, flag]``, the flag ``partitioning.first_false`` of the
+  kernel call's output, on CPU taken on each device before the collectives that finish a
+  sharded result (``partitioning.product_per_shard``), elsewhere and under ``vmap`` of ``y``.
+  ``product`` hands the flags to ``kernel_flags``; XLA drops those nothing uses.
   """
-  p.def_abstract_eval(abstract_eval)
-  batching.primitive_batchers[p] = batch_rule
   kernel = core.Primitive(p.name + "_shard")  # the FFI call on one device's operands
-  kernel.multiple_results = p.multiple_results
+  kernel.multiple_results = p.multiple_results and not flagged
   kernel.def_abstract_eval(abstract_eval)
   mlir.register_lowering(kernel, cpu_lowering, platform="cpu")
-  partitioning.register_cpu_lowering(p, kernel, sharding_rule, partition)
+  if flagged:
+    abstract_eval, batch_rule, xla_lowering = _flagged(abstract_eval, batch_rule, xla_lowering)
+  p.def_abstract_eval(abstract_eval)
+  batching.primitive_batchers[p] = batch_rule
+  partitioning.register_cpu_lowering(p, kernel, sharding_rule, partition, flagged=flagged)
   mlir.register_lowering(p, mlir.lower_fun(xla_lowering, multiple_results=p.multiple_results))
-  if not p.multiple_results:  # the products (the quantization returns mantissas and exponents)
-    _FLAGGED[p] = _flagged_twin(p, kernel, abstract_eval, batch_rule, xla_lowering,
-                                sharding_rule, partition)
 
 
-def _flagged_twin(p, kernel, abstract_eval, batch_rule, xla_lowering, sharding_rule, partition):
-  """``p`` returning also ``partitioning.first_false`` of its kernel call's output (on CPU, per
-  shard, before any collective; elsewhere and under ``vmap``, of the result)."""
-  twin = new_primitive(p.name + "_flagged", multiple_results=True)
-  twin.def_abstract_eval(lambda *avals, **params: [
-      abstract_eval(*avals, **params), output_aval((), np.dtype(bool), *avals)])
+def _flagged(abstract_eval, batch_rule, xla_lowering):
+  """The rules of a product's ``y`` as rules of ``[y, flag]``."""
+  def flagged_abstract_eval(*avals, **params):
+    return [abstract_eval(*avals, **params), output_aval((), np.dtype(bool), *avals)]
 
-  def batch(args, dims, **params):
+  def flagged_batch_rule(args, dims, **params):
     y, d = batch_rule(args, dims, **params)
     return [y, partitioning.first_false(y)], [d, None]
 
-  def flagged_xla(*args, **params):
+  def flagged_xla_lowering(*args, **params):
     y = xla_lowering(*args, **params)
     return [y, partitioning.first_false(y)]
 
-  batching.primitive_batchers[twin] = batch
-  partitioning.register_cpu_lowering(twin, kernel, sharding_rule, partition, flagged=True)
-  mlir.register_lowering(twin, mlir.lower_fun(flagged_xla, multiple_results=True))
-  return twin
+  return flagged_abstract_eval, flagged_batch_rule, flagged_xla_lowering
 
 
 @contextlib.contextmanager
 def kernel_flags():
-  """A list that collects, for each product bound through ``product`` inside the block, a
+  """A list that collects, for each product bound through ``product`` inside the block, its
   flag (a scalar ``False``, ``floatbits.false_from``) that exists once that product's kernel
   call has run: where the product contracts a dimension split over devices, before its
   partial sums are added across them. ``floatbits.after`` ties a value to it."""
@@ -99,17 +96,15 @@ def kernel_flags():
 
 
 def product(p, reference_fn, *args, **params):
-  """``p.bind(*args, **params)``, or ``reference_fn`` (its exact pure-XLA twin) in
-  ``reference.reference_mode``; inside ``kernel_flags`` the flagged twin, its flag collected."""
+  """The product ``y`` of ``p.bind(*args, **params)``, or of ``reference_fn`` (its exact pure-XLA
+  twin) in ``reference.reference_mode``; inside ``kernel_flags`` its flag collected."""
   if reference.in_reference_mode():
     y = reference_fn(*args, **params)
-    if _COLLECTING:
-      _COLLECTING[-1].append(partitioning.first_false(y))
-    return y
-  if not _COLLECTING:
-    return p.bind(*args, **params)
-  y, flag = _FLAGGED[p].bind(*args, **params)
-  _COLLECTING[-1].append(flag)
+    flag = partitioning.first_false(y)
+  else:
+    y, flag = p.bind(*args, **params)
+  if _COLLECTING:
+    _COLLECTING[-1].append(flag)
   return y
 
 
