@@ -115,6 +115,20 @@ static inline void interleave_lanes(const int16_t* in0, const int16_t* in1, size
   }
 }
 
+/* Lanes 0-11 of k-rows in0 and in1 interleaved into two 6-lane panels, o and o + panel_stride:
+ * lanes 0-3, 4-7 and 8-11 as three 4-lane interleaves, the middle one split between the panels
+ * (one panel at a time by interleave_lanes takes half again the instructions). */
+static inline void six_lane_panels(const int16_t* in0, const int16_t* in1, int16_t* o, size_t panel_stride) {
+  const __m128i x = _mm_loadu_si128((const __m128i*)in0), y = _mm_loadu_si128((const __m128i*)in1);
+  const __m128i lanes03 = _mm_unpacklo_epi16(x, y), lanes47 = _mm_unpackhi_epi16(x, y);
+  const __m128i lanes811 = _mm_unpacklo_epi16(_mm_loadl_epi64((const __m128i*)(in0 + 8)),
+                                              _mm_loadl_epi64((const __m128i*)(in1 + 8)));
+  _mm_storeu_si128((__m128i*)o, lanes03);
+  _mm_storel_epi64((__m128i*)(o + 8), lanes47);
+  _mm_storeh_pd((double*)(o + panel_stride), _mm_castsi128_pd(lanes47));
+  _mm_storeu_si128((__m128i*)(o + panel_stride + 4), lanes811);
+}
+
 /* Pair by pair, all the panels' lanes of its two k-rows: the rows are read in order, once,
  * each prefetched PREFETCH_PAIRS pairs ahead. A row of a dense 1x1 taps view is a pixel of x
  * (256-512 bytes apart): without the prefetch the copy waits on each load, one pair at a time
@@ -133,7 +147,10 @@ void dfp_pack_columns_avx2(const int16_t* src, size_t pairs, size_t col_stride, 
       _mm_prefetch((const char*)(ahead + byte), _MM_HINT_T0);
       _mm_prefetch((const char*)(ahead + col_stride * sizeof(int16_t) + byte), _MM_HINT_T0);
     }
-    for (size_t l0 = 0, q = 0; l0 < valid; l0 += (size_t)width, ++q)
+    size_t l0 = 0, q = 0;
+    if (width == 6)
+      for (; l0 + 12 <= valid; l0 += 12, q += 2) six_lane_panels(in0 + l0, in1 + l0, out + q * panel_stride + p * 12, panel_stride);
+    for (; l0 < valid; l0 += (size_t)width, ++q)
       interleave_lanes(in0 + l0, in1 + l0, valid - l0 < (size_t)width ? valid - l0 : (size_t)width, wide,
                        out + q * panel_stride + p * (size_t)width * 2);
   }
