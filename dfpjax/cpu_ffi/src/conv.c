@@ -328,11 +328,6 @@ typedef struct {
   int status;
 } col2im_plan;
 
-/* dst += src, elementwise; restrict lets the compiler vectorize it. */
-static void add_sums(int64_t* restrict dst, const int64_t* restrict src, size_t n) {
-  for (size_t e = 0; e < n; ++e) dst[e] += src[e];
-}
-
 static void col2im_pack_b_task(void* arg, size_t t) {
   col2im_plan* c = (col2im_plan*)arg;
   const dfp_conv_shape* s = &c->args->shape;
@@ -388,8 +383,8 @@ static void col2im_group(col2im_plan* c, size_t image, size_t g, int16_t* apack,
         const int64_t pixel =
             origin >= 0 ? origin + (int64_t)dfp_tap_offset(s, first) : dfp_input_pixel(s, 0, pos, first);
         if (pixel < 0) continue;
-        add_sums(dx + (size_t)pixel * channels_in + g * s->cin, acc + (row - row0) * ldc + (tap + lo) * s->cin,
-                 (hi - lo) * s->cin);
+        c->cfg->add_sums(dx + (size_t)pixel * channels_in + g * s->cin, acc + (row - row0) * ldc + (tap + lo) * s->cin,
+                         (hi - lo) * s->cin);
       }
     }
   }

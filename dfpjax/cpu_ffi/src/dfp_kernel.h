@@ -4,7 +4,8 @@
  * implementation, BLIS style, with an XNNPACK-style per-ISA configuration:
  *   isa_config.h, isa.c the per-ISA table of function pointers (microkernel and MR x NR,
  *                       packing copies, norm bounds, float32 output stage, quantization
- *                       rows), CPU feature detection and the DFPJAX_ISA override
+ *                       rows, col2im's int64 adds), CPU feature detection and the DFPJAX_ISA
+ *                       override
  *   gemm.c, conv.c      macro-loops: blocking, threading, packing (portable)
  *   macro.c             what the macro-loops share: the block routine (chunk bound ->
  *                       microkernel), the output stage, the task error record

@@ -68,3 +68,13 @@ void dfp_encode_f32_avx2(const int64_t* s, size_t n, int32_t ea, const int32_t* 
   }
   for (; j < n; ++j) out[j] = dfp_encode_f32(s[j], ea, eb[j * eb_stride]);
 }
+
+/* Four lanes a vector, where the baseline build's loop adds two at a time; the last few one
+ * by one (vpmaskmovq stores are slow on AMD's cores). */
+void dfp_add_sums_avx2(int64_t* dst, const int64_t* src, size_t n) {
+  size_t j = 0;
+  for (; j + 4 <= n; j += 4)
+    _mm256_storeu_si256((__m256i*)(dst + j), _mm256_add_epi64(_mm256_loadu_si256((const __m256i*)(dst + j)),
+                                                              _mm256_loadu_si256((const __m256i*)(src + j))));
+  for (; j < n; ++j) dst[j] += src[j];
+}

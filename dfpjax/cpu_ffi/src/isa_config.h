@@ -30,6 +30,8 @@ typedef struct {
   /* Quantization rows (quantize.h). */
   uint32_t (*max_magnitude)(const float* x, size_t n);
   void (*quantize_row)(const float* x, size_t n, int32_t e, int32_t limit, int16_t* m);
+  /* dst[j] += src[j] for j < n, int64: col2im's columns into their pixels (conv.c, macro.h). */
+  void (*add_sums)(int64_t* dst, const int64_t* src, size_t n);
 } dfp_isa_config;
 
 /* The configuration of a path compiled into this build, else NULL (an unknown index, or an

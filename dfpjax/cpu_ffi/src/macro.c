@@ -78,6 +78,10 @@ void dfp_encode_f32_portable(const int64_t* s, size_t n, int32_t ea, const int32
   for (size_t j = 0; j < n; ++j) out[j] = dfp_encode_f32(s[j], ea, eb[j * eb_stride]);
 }
 
+void dfp_add_sums_portable(int64_t* restrict dst, const int64_t* restrict src, size_t n) {
+  for (size_t j = 0; j < n; ++j) dst[j] += src[j];
+}
+
 void dfp_encode_row(const dfp_isa_config* cfg, dfp_out_format format, void* out, size_t out_index,
                     const int64_t* s, size_t n, int32_t ea, const int32_t* eb, size_t eb_stride) {
   if (format == DFP_OUT_F32) {

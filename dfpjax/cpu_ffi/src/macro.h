@@ -81,6 +81,10 @@ void dfp_encode_f32_avx2(const int64_t* s, size_t n, int32_t ea, const int32_t* 
 void dfp_encode_f32_avx512(const int64_t* s, size_t n, int32_t ea, const int32_t* eb,
                            size_t eb_stride, uint32_t* out);
 
+/* The configuration's int64 column adds (isa_config.h): plain C and AVX2 (encode_avx2.c). */
+void dfp_add_sums_portable(int64_t* dst, const int64_t* src, size_t n);
+void dfp_add_sums_avx2(int64_t* dst, const int64_t* src, size_t n);
+
 /* Outputs of at least this many bytes are fresh mappings (glibc maps blocks above 32 MB
  * afresh on every allocation and unmaps them on free), so every call page-faults all of them
  * in, 4 KB at a time, as it writes them. */

@@ -115,6 +115,20 @@ static inline void interleave_lanes(const int16_t* in0, const int16_t* in1, size
   }
 }
 
+/* Lanes 0-11 of k-rows in0 and in1 interleaved into two 6-lane panels, o and o + panel_stride:
+ * lanes 0-3, 4-7 and 8-11 as three 4-lane interleaves, the middle one split between the panels
+ * (one panel at a time by interleave_lanes takes half again the instructions). */
+static inline void six_lane_panels(const int16_t* in0, const int16_t* in1, int16_t* o, size_t panel_stride) {
+  const __m128i x = _mm_loadu_si128((const __m128i*)in0), y = _mm_loadu_si128((const __m128i*)in1);
+  const __m128i lanes03 = _mm_unpacklo_epi16(x, y), lanes47 = _mm_unpackhi_epi16(x, y);
+  const __m128i lanes811 = _mm_unpacklo_epi16(_mm_loadl_epi64((const __m128i*)(in0 + 8)),
+                                              _mm_loadl_epi64((const __m128i*)(in1 + 8)));
+  _mm_storeu_si128((__m128i*)o, lanes03);
+  _mm_storel_epi64((__m128i*)(o + 8), lanes47);
+  _mm_storeh_pd((double*)(o + panel_stride), _mm_castsi128_pd(lanes47));
+  _mm_storeu_si128((__m128i*)(o + panel_stride + 4), lanes811);
+}
+
 /* Pair by pair, all the panels' lanes of its two k-rows: the rows are read in order, once,
  * each prefetched PREFETCH_PAIRS pairs ahead. A row of a dense 1x1 taps view is a pixel of x
  * (256-512 bytes apart): without the prefetch the copy waits on each load, one pair at a time
@@ -133,7 +147,10 @@ void dfp_pack_columns_avx2(const int16_t* src, size_t pairs, size_t col_stride, 
       _mm_prefetch((const char*)(ahead + byte), _MM_HINT_T0);
       _mm_prefetch((const char*)(ahead + col_stride * sizeof(int16_t) + byte), _MM_HINT_T0);
     }
-    for (size_t l0 = 0, q = 0; l0 < valid; l0 += (size_t)width, ++q)
+    size_t l0 = 0, q = 0;
+    if (width == 6)
+      for (; l0 + 12 <= valid; l0 += 12, q += 2) six_lane_panels(in0 + l0, in1 + l0, out + q * panel_stride + p * 12, panel_stride);
+    for (; l0 < valid; l0 += (size_t)width, ++q)
       interleave_lanes(in0 + l0, in1 + l0, valid - l0 < (size_t)width ? valid - l0 : (size_t)width, wide,
                        out + q * panel_stride + p * (size_t)width * 2);
   }
@@ -142,12 +159,38 @@ void dfp_pack_columns_avx2(const int16_t* src, size_t pairs, size_t col_stride, 
 /* vpmaddwd squares a pair per 32-bit lane, eight lanes at a time. A pair's square s < 2**31
  * enters the sum as floor(s / 8), so that eight of them fit 32 bits; the block's bound
  * 8 * sum + 7 * pairs is then at least the exact sum and at most 56 above. */
+
+/* A whole norm block of a 6-lane panel (the 6 x 16 kernels' A panels): its 48 words in six
+ * vectors, with no masked loads, whose lanes hold rows 0-5, 0, 1 / 2-5, 0-3 / 4, 5, 0-5, then
+ * the same again; each row's eight squares gathered into lanes 0-5 by permutes (the same sums
+ * as pair by pair), lanes 6 and 7 zero. */
+static inline __m256i six_row_sums(const int16_t* at, __m256i* least) {
+  __m256i s[3];
+  for (int i = 0; i < 3; ++i) {
+    const __m256i v = _mm256_loadu_si256((const __m256i*)(at + 16 * i));
+    const __m256i w = _mm256_loadu_si256((const __m256i*)(at + 16 * (i + 3)));
+    *least = _mm256_min_epi16(*least, _mm256_min_epi16(v, w));
+    s[i] = _mm256_add_epi32(_mm256_srli_epi32(_mm256_madd_epi16(v, v), 3), _mm256_srli_epi32(_mm256_madd_epi16(w, w), 3));
+  }
+  /* Lanes 0-5: row r of s[0], of s[1] (lane r + 4 mod 6), of s[2] (lane r + 2 mod 6). */
+  const __m256i rows = _mm256_add_epi32(
+      _mm256_add_epi32(s[0], _mm256_permutevar8x32_epi32(s[1], _mm256_setr_epi32(4, 5, 0, 1, 2, 3, 6, 7))),
+      _mm256_permutevar8x32_epi32(s[2], _mm256_setr_epi32(2, 3, 4, 5, 0, 1, 6, 7)));
+  /* Lanes 6 and 7 of s[0], s[1], s[2] (rows 0-1, 2-3, 4-5) into lanes 0-1, 2-3, 4-5. */
+  const __m256i high = _mm256_setr_epi32(6, 7, 6, 7, 6, 7, 6, 7);
+  const __m256i rest = _mm256_blend_epi32(_mm256_blend_epi32(_mm256_permutevar8x32_epi32(s[0], high),
+                                                             _mm256_permutevar8x32_epi32(s[1], high), 0x0c),
+                                          _mm256_permutevar8x32_epi32(s[2], high), 0x30);
+  return _mm256_blend_epi32(_mm256_add_epi32(rows, rest), _mm256_setzero_si256(), 0xc0);
+}
+
 int dfp_norm_bounds_avx2(const int16_t* block, size_t kpairs, int width, uint64_t* chunk) {
   __m256i least = _mm256_set1_epi16(INT16_MAX);
   for (size_t p0 = 0, blk = 0; p0 < kpairs; p0 += DFP_NORM_BLOCK_PAIRS, ++blk) {
     const size_t p1 = p0 + DFP_NORM_BLOCK_PAIRS < kpairs ? p0 + DFP_NORM_BLOCK_PAIRS : kpairs;
     __m256i best = _mm256_setzero_si256();
-    for (int g = 0; g < width; g += 8) {
+    if (width == 6 && p1 - p0 == DFP_NORM_BLOCK_PAIRS) best = six_row_sums(block + p0 * 12, &least);
+    else for (int g = 0; g < width; g += 8) {
       const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(width - g),
                                               _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
       const int whole = width - g >= 8;

@@ -44,4 +44,26 @@ static inline void dfp_encode256(__m256i low, const __m256i* carry, __m256i scal
   _mm256_storeu_si256((__m256i*)out, _mm256_andnot_si256(zero, _mm256_add_epi32(bits, scale)));
 }
 
+/* The sum carry * 2**16 + low of each lane as one int32, exact where it fits (the sums of short
+ * reductions mostly do): high = carry + (low >> 16) is the sum's part above its low 16 bits (no
+ * int32 overflow: a carry grows by at most 2**15 a chunk, ukernel.h), and the wrapped sum
+ * (carry << 16) + low is the sum itself iff high fits in 16 signed bits, i.e. iff the wrapped
+ * sum's own top half is high. *mismatch gathers the lanes where it is not (all zero: all fit). */
+static inline __m256i dfp_fold256(__m256i low, __m256i carry, __m256i* mismatch) {
+  const __m256i high = _mm256_add_epi32(carry, _mm256_srai_epi32(low, 16));
+  const __m256i sum = _mm256_add_epi32(_mm256_slli_epi32(carry, 16), low);
+  *mismatch = _mm256_or_si256(*mismatch, _mm256_xor_si256(_mm256_srai_epi32(sum, 16), high));
+  return sum;
+}
+
+/* dfp_encode256 of exact int32 sums: vcvtdq2ps rounds each once, to nearest even as the
+ * double route's vcvtpd2ps does (the rounding mode both rely on; an integer never lands on a
+ * subnormal, so no flush mode changes it), in five instructions where that route takes
+ * twelve. */
+static inline void dfp_encode256_s32(__m256i sum, __m256i scale, uint32_t* out) {
+  const __m256i bits = _mm256_castps_si256(_mm256_cvtepi32_ps(sum));
+  const __m256i zero = _mm256_cmpeq_epi32(sum, _mm256_setzero_si256()); /* zero sums stay +0 */
+  _mm256_storeu_si256((__m256i*)out, _mm256_andnot_si256(zero, _mm256_add_epi32(bits, scale)));
+}
+
 #endif

@@ -92,13 +92,29 @@ static void ukernel(size_t kpairs, size_t chunk, const int16_t* a, const int16_t
     dfp_spill256(low[i], carried ? &carry[i] : NULL, acc + (i / 2) * ldc + (i % 2) * 8, add);
 }
 
+/* Where the tile's lanes and carries fold into int32 sums (spill256.h), each converted
+ * straight to float32; else each through double. */
 static void ukernel_f32(size_t kpairs, size_t chunk, const int16_t* a, const int16_t* b, uint32_t* out,
                         size_t ldo, const int32_t* scale) {
-  __m256i carry[MR * 2], low[MR * 2];
+  __m256i carry[MR * 2], low[MR * 2], sum[MR * 2];
   accumulate(kpairs, chunk, a, b, low, carry);
-  const int carried = chunk < kpairs;
+  if (chunk < kpairs) {
+    __m256i mismatch = _mm256_setzero_si256();
+#pragma GCC unroll 12
+    for (int i = 0; i < MR * 2; ++i) sum[i] = dfp_fold256(low[i], carry[i], &mismatch);
+    if (!_mm256_testz_si256(mismatch, mismatch)) {
+#pragma GCC unroll 12
+      for (int i = 0; i < MR * 2; ++i)
+        dfp_encode256(low[i], &carry[i], _mm256_set1_epi32(scale[i / 2]), out + (i / 2) * ldo + (i % 2) * 8);
+      return;
+    }
+  } else {
+#pragma GCC unroll 12
+    for (int i = 0; i < MR * 2; ++i) sum[i] = low[i];
+  }
+#pragma GCC unroll 12
   for (int i = 0; i < MR * 2; ++i)
-    dfp_encode256(low[i], carried ? &carry[i] : NULL, _mm256_set1_epi32(scale[i / 2]), out + (i / 2) * ldo + (i % 2) * 8);
+    dfp_encode256_s32(sum[i], _mm256_set1_epi32(scale[i / 2]), out + (i / 2) * ldo + (i % 2) * 8);
 }
 
 const dfp_ukernel dfp_ukernel_avx2 = {MR, NR, ukernel, ukernel_f32};

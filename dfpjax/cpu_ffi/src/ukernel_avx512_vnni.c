@@ -43,10 +43,27 @@ static inline void encode(__m512i low, const __m512i* carry, __m512i scale, uint
   _mm512_storeu_si512((void*)out, _mm512_maskz_add_epi32(nonzero, bits, scale));
 }
 
+/* spill256.h's dfp_fold256 and dfp_encode256_s32 at this width. */
+static inline __m512i fold(__m512i low, __m512i carry, __m512i* mismatch) {
+  const __m512i high = _mm512_add_epi32(carry, _mm512_srai_epi32(low, 16));
+  const __m512i sum = _mm512_add_epi32(_mm512_slli_epi32(carry, 16), low);
+  *mismatch = _mm512_or_si512(*mismatch, _mm512_xor_si512(_mm512_srai_epi32(sum, 16), high));
+  return sum;
+}
+
+static inline void encode_s32(__m512i sum, __m512i scale, uint32_t* out) {
+  const __m512i bits = _mm512_castps_si512(_mm512_cvtepi32_ps(sum));
+  const __mmask16 nonzero = _mm512_test_epi32_mask(sum, sum); /* zero sums stay +0 */
+  _mm512_storeu_si512((void*)out, _mm512_maskz_add_epi32(nonzero, bits, scale));
+}
+
 #define VNNI_BITS 512
 #define V_DPWSSD _mm512_dpwssd_epi32
 #define V_SPILL spill
 #define V_ENCODE encode
+#define V_FOLD fold
+#define V_ANY(v) (_mm512_test_epi32_mask(v, v) != 0)
+#define V_ENCODE_S32 encode_s32
 #include "ukernel_vnni.h"
 
 const dfp_ukernel dfp_ukernel_avx512_vnni = {MR, NR, ukernel, ukernel_f32};

@@ -2,8 +2,11 @@
  * XNNPACK generates its microkernels): the including file (ukernel_avx_vnni.c,
  * ukernel_avx512_vnni.c) defines MR and NR (NR: two vectors of INT32 lanes), VNNI_BITS (256 or
  * 512), V_DPWSSD (the vpdpwssd intrinsic), V_SPILL (its INT64 spill: low lanes, carries or
- * NULL, int64 tile row, add) and V_ENCODE (its float32 encoding: low lanes, carries or NULL,
- * the row's scale bits in every lane, output row), then includes this file, which defines the
+ * NULL, int64 tile row, add), V_ENCODE (its float32 encoding: low lanes, carries or NULL, the
+ * row's scale bits in every lane, output row) and its fast route where a tile's sums fit in
+ * int32 (spill256.h): V_FOLD (low lanes, carries, a vector that turns nonzero where a lane's sum
+ * does not fit -> the sums), V_ANY (whether a vector is nonzero) and V_ENCODE_S32 (sums, scale
+ * bits, output row), then includes this file, which defines the
  * static `ukernel` and `ukernel_f32` of ukernel.h's contract. Between chunks each accumulator
  * carries all but its low 16 bits out. */
 #define DFP_CAT3_(a, b, c) a##b##c
@@ -59,16 +62,35 @@ static void ukernel(size_t kpairs, size_t chunk, const int16_t* a, const int16_t
   }
 }
 
+/* Where the tile's lanes and carries fold into int32 sums (V_FOLD), each converted straight to
+ * float32 (V_ENCODE_S32); else each through double (V_ENCODE). */
 static void ukernel_f32(size_t kpairs, size_t chunk, const int16_t* a, const int16_t* b, uint32_t* out,
                         size_t ldo, const int32_t* scale) {
-  VEC c[MR][2], carry[MR][2];
+  VEC c[MR][2], carry[MR][2], sum[MR][2];
   accumulate(kpairs, chunk, a, b, c, carry);
-  const int carried = chunk < kpairs;
+  if (chunk < kpairs) {
+    VEC mismatch = V_SI(setzero)();
+#pragma GCC unroll 8
+    for (int i = 0; i < MR; ++i)
+      for (int j = 0; j < 2; ++j) sum[i][j] = V_FOLD(c[i][j], carry[i][j], &mismatch);
+    if (V_ANY(mismatch)) {
+#pragma GCC unroll 8
+      for (int i = 0; i < MR; ++i) {
+        const VEC row_scale = V(set1_epi32)(scale[i]);
+        V_ENCODE(c[i][0], &carry[i][0], row_scale, out + i * ldo);
+        V_ENCODE(c[i][1], &carry[i][1], row_scale, out + i * ldo + NR / 2);
+      }
+      return;
+    }
+  } else {
+#pragma GCC unroll 8
+    for (int i = 0; i < MR; ++i) sum[i][0] = c[i][0], sum[i][1] = c[i][1];
+  }
 #pragma GCC unroll 8
   for (int i = 0; i < MR; ++i) {
     const VEC row_scale = V(set1_epi32)(scale[i]);
-    V_ENCODE(c[i][0], carried ? &carry[i][0] : NULL, row_scale, out + i * ldo);
-    V_ENCODE(c[i][1], carried ? &carry[i][1] : NULL, row_scale, out + i * ldo + NR / 2);
+    V_ENCODE_S32(sum[i][0], row_scale, out + i * ldo);
+    V_ENCODE_S32(sum[i][1], row_scale, out + i * ldo + NR / 2);
   }
 }
 

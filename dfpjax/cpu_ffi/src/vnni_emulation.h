@@ -12,8 +12,8 @@
 /* AVX-VNNI's VEX form has the semantics of the EVEX 256-bit one SIMDe provides. */
 #define _mm256_dpwssd_avx_epi32 simde_mm256_dpwssd_epi32
 
-/* vpmovsxdq zmm, ymm, vpsrad zmm, imm, and the float32 encoding's vcvtdq2pd zmm, ymm and
- * vcvtpd2ps ymm, zmm: missing from SIMDe 0.7. */
+/* vpmovsxdq zmm, ymm, vpsrad zmm, imm, and the float32 encoding's vcvtdq2pd zmm, ymm,
+ * vcvtpd2ps ymm, zmm and vcvtdq2ps zmm, zmm: missing from SIMDe 0.7. */
 static inline simde__m512i dfp_emulated_cvtepi32_epi64(simde__m256i v) {
   simde__m256i_private a = simde__m256i_to_private(v);
   simde__m512i_private r;
@@ -44,5 +44,13 @@ static inline simde__m256 dfp_emulated_cvtpd_ps(simde__m512d v) {
   return simde__m256_from_private(r);
 }
 #define _mm512_cvtpd_ps dfp_emulated_cvtpd_ps
+
+static inline simde__m512 dfp_emulated_cvtepi32_ps(simde__m512i v) {
+  simde__m512i_private a = simde__m512i_to_private(v);
+  simde__m512_private r;
+  for (int i = 0; i < 16; ++i) r.f32[i] = (float)a.i32[i]; /* the current rounding mode, as vcvtdq2ps */
+  return simde__m512_from_private(r);
+}
+#define _mm512_cvtepi32_ps dfp_emulated_cvtepi32_ps
 
 #endif
