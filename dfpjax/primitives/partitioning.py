@@ -58,7 +58,10 @@ def register_cpu_lowering(p, kernel, rule, partition, *, flagged=False):
 def first_false(y):
   """``floatbits.false_from`` of ``y``'s first element, a flag of ``y``'s existence; of the
   largest of a corner where ``y``'s type splits dimensions over devices (a shard's result, or
-  one device's, has no such dimension: the corner is its first element)."""
+  one device's, has no such dimension: the corner is its first element). An empty ``y`` has
+  no kernel call to wait for: ``False``."""
+  if y.size == 0:
+    return jnp.zeros((), bool)
   spec = tuple(getattr(jax.typeof(y).sharding, "spec", ())) + (None,) * y.ndim
   corner = lax.slice(y, (0,) * y.ndim,
                      tuple(1 if entry is None else size for entry, size in zip(spec, y.shape)))
