@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 import sys
 import time
@@ -41,6 +42,14 @@ def cpu_model() -> str:
   if "cpu family" in fields and "model" in fields:
     name += f" (family {fields['cpu family']}, model {fields['model']})"
   return name
+
+
+def malloc_settings() -> str:
+  """The glibc malloc tunables set in the environment. With the defaults, XLA's buffers of 32 MB
+  or more are fresh mappings on every call, zero-filled as they are written: part of what a
+  kernel's time includes (docs/performance.md, "Two threads")."""
+  names = sorted(k for k in os.environ if k.startswith("MALLOC_") or k == "GLIBC_TUNABLES")
+  return " ".join(f"{k}={os.environ[k]}" for k in names) or "glibc malloc defaults"
 
 
 def cpu_flags() -> list[str]:

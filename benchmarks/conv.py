@@ -11,7 +11,11 @@ interleaved (median of --repeats runs after warm-up, both cores through XLA's in
   backward-weights  dw = vjp with respect to w, applied to dy
 in XLA FP32 (lax.conv_general_dilated) and in DFP (dfpjax.dfp_conv_general_dilated, each pass
 including the quantization of the operands it reads), and prints speed-ups over FP32
-(FP32 time / DFP time, > 1: DFP faster) per layer and in total over the set.
+(FP32 time / DFP time, > 1: DFP faster) per layer and in total over the set. The header names
+the glibc malloc settings in the environment: with the defaults every output of 32 MB or more
+is a fresh mapping, faulted in and zero-filled as it is written, which costs the DFP passes
+10-20% on two threads (docs/performance.md, "Two threads"); the trainer's recommended settings
+(docs/examples.md) keep the buffers.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ import numpy as np
 from jax import lax
 
 import dfpjax
-from common import WARMUP, check_calls_kernel, cpu_model, kernel_paths, time_interleaved
+from common import WARMUP, check_calls_kernel, cpu_model, kernel_paths, malloc_settings, time_interleaved
 
 NHWC = ("NHWC", "HWIO", "NHWC")
 # name: (input spatial size, input channels, window, stride, output channels)
@@ -101,7 +105,7 @@ def main():
   isa = kernel_paths()["selected_isa"]
   print(f"# {datetime.datetime.now().isoformat(timespec='seconds')}  {cpu_model()}  "
         f"({os.cpu_count()} CPUs)  jax {jax.__version__}  dfpjax {dfpjax.__version__}  "
-        f"kernel path {isa}")
+        f"kernel path {isa}; load average {os.getloadavg()[0]:.1f}; {malloc_settings()}")
   print(f"# batch {args.batch}; median of {args.repeats} interleaved runs after {WARMUP} warm-ups; "
         "cells: XLA FP32 ms / DFP ms (speed-up = FP32 / DFP)")
   print()

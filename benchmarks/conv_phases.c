@@ -12,14 +12,21 @@
  *   gcc -O2 -pthread -Idfpjax/cpu_ffi/src benchmarks/conv_phases.c "$KERNEL" \
  *       -Wl,--allow-shlib-undefined -o conv_phases
  *   ./conv_phases [--batch 32] [--threads 2] [--repeats 5] [--isa 3] [--no-gemm] [--fresh-outputs]
- *                 [--cpu-time] [layer ...]
+ *                 [--cpu-time | --balance] [layer ...]
  *
  * (--isa: 0 portable, 1 avx2, 2 avx_vnni, 3 avx512_vnni; --no-gemm skips the GEMM line, e.g.
  * under `perf record -e cpu-clock`, to profile the convolutions alone; --fresh-outputs gives
  * each call a freshly allocated output, freed after it, as XLA does, so that the faults of
  * first writing it count too; --cpu-time times each call by the process's CPU time, user and
  * system, all threads, instead of the wall clock: steadier on a loaded machine, and best with
- * --threads 1, since the pool's waiting thread spins.)
+ * --threads 1, since the pool's waiting thread spins; --balance times each task by its thread's
+ * CPU clock and reports, instead of a measured time, what the call would take on --threads idle
+ * threads: its serial part (the calling thread outside parallel_for) plus, per parallel_for, the
+ * makespan of its tasks dealt in order to the first free thread, as the pool does. A line
+ * "split" per layer gives each pass's serial ms / tasks' CPU ms / that modelled ms: a modelled
+ * time above (serial + tasks) / threads is imbalance, tasks' CPU above the one-thread run's is
+ * the threads slowing each other. Load moves these less than wall times, but it does hide the
+ * threads' contention for memory: they then seldom run at the same time.)
  */
 #include <pthread.h>
 #include <stdatomic.h>
@@ -42,9 +49,28 @@ typedef struct {
   void* arg;
 } pool_t;
 
+/* --balance: each task's CPU time (its thread's clock), by parallel_for call of the timed kernel
+ * call, and the calling thread's CPU time outside the calls (the serial part). */
+enum { MAX_CALLS = 4096 };
+static int balance;
+static struct {
+  size_t calls, tasks[MAX_CALLS];
+  double* cost[MAX_CALLS];
+  double in_calls; /* the calling thread's CPU seconds inside parallel_for, spinning included */
+} trace;
+
+static double thread_seconds(void) {
+  struct timespec t;
+  clock_gettime(CLOCK_THREAD_CPUTIME_ID, &t);
+  return t.tv_sec + 1e-9 * t.tv_nsec;
+}
+
 static void drain(pool_t* p) {
+  double* cost = balance && trace.calls > 0 ? trace.cost[trace.calls - 1] : NULL;
   for (size_t i; (i = atomic_fetch_add(&p->next, 1)) < p->n;) {
+    const double t0 = cost ? thread_seconds() : 0;
     p->task(p->arg, i);
+    if (cost) cost[i] = thread_seconds() - t0;
     atomic_fetch_add(&p->done, 1);
   }
 }
@@ -65,6 +91,15 @@ static void* worker(void* arg) {
 
 static void pool_for(void* pool, size_t n, dfp_task_fn task, void* arg) {
   pool_t* p = (pool_t*)pool;
+  const double t0 = balance ? thread_seconds() : 0;
+  if (balance) {
+    if (trace.calls == MAX_CALLS) {
+      fprintf(stderr, "--balance: more than %d parallel_for calls in one kernel call\n", MAX_CALLS);
+      exit(1);
+    }
+    trace.tasks[trace.calls] = n;
+    trace.cost[trace.calls++] = (double*)calloc(n ? n : 1, sizeof(double));
+  }
   pthread_mutex_lock(&p->lock);
   p->n = n;
   p->task = task;
@@ -76,6 +111,36 @@ static void pool_for(void* pool, size_t n, dfp_task_fn task, void* arg) {
   pthread_mutex_unlock(&p->lock);
   drain(p);
   while (atomic_load(&p->done) < n) sched_yield();
+  if (balance) trace.in_calls += thread_seconds() - t0;
+}
+
+/* The time of the traced kernel call on `threads` otherwise idle threads: its serial part plus,
+ * per parallel_for call, the makespan of its tasks dealt in order to whichever thread is free
+ * first (the pool's atomic counter). Also returns the tasks' CPU seconds in *work. */
+static double modelled_seconds(int threads, double serial, double* work) {
+  double total = serial, free_at[64];
+  *work = 0;
+  for (size_t c = 0; c < trace.calls; ++c) {
+    for (int t = 0; t < threads; ++t) free_at[t] = 0;
+    for (size_t i = 0; i < trace.tasks[c]; ++i) {
+      int first = 0;
+      for (int t = 1; t < threads; ++t)
+        if (free_at[t] < free_at[first]) first = t;
+      free_at[first] += trace.cost[c][i];
+      *work += trace.cost[c][i];
+    }
+    double span = 0;
+    for (int t = 0; t < threads; ++t)
+      if (free_at[t] > span) span = free_at[t];
+    total += span;
+  }
+  return total;
+}
+
+static void trace_reset(void) {
+  for (size_t c = 0; c < trace.calls; ++c) free(trace.cost[c]);
+  trace.calls = 0;
+  trace.in_calls = 0;
 }
 
 /* --- data and timing --- */
@@ -136,6 +201,9 @@ static double clock_seconds(void) { return cpu_time ? cpu_seconds() : now(); }
 
 static long last_faults; /* minor page faults per timed call of the last best_ms */
 
+/* --balance: the serial part and the tasks' CPU ms of the last best_ms's best call. */
+static double last_serial_ms, last_work_ms;
+
 static double best_ms(const call_t* c) {
   double best = 1e30;
   long faults = 0;
@@ -144,17 +212,20 @@ static double best_ms(const call_t* c) {
     void* out = fresh_outputs && r > 0 ? malloc(c->out_bytes) : NULL; /* the warm-up writes the real one */
     if (out) run.q.m = out, run.c.out = out, run.g.out = out;
     const long f0 = minor_faults();
-    const double t0 = clock_seconds();
+    trace_reset();
+    const double t0 = clock_seconds(), thread0 = thread_seconds();
     const int status = run.kind == QUANTIZE ? dfp_quantize(&run.q, isa, &par)
                        : run.kind == CONV   ? run.conv(&run.c, isa, &par)
                                             : dfp_gemm(&run.g, isa, &par);
-    const double t = clock_seconds() - t0;
+    double t = clock_seconds() - t0, work = 0;
+    const double serial = thread_seconds() - thread0 - trace.in_calls;
+    if (balance) t = modelled_seconds(par.num_threads, serial, &work);
     free(out);
     if (status != DFP_OK) {
       fprintf(stderr, "kernel status %d\n", status);
       exit(1);
     }
-    if (r > 0 && t < best) best = t;
+    if (r > 0 && t < best) best = t, last_serial_ms = serial * 1e3, last_work_ms = work * 1e3;
     if (r > 0) faults += minor_faults() - f0;
   }
   last_faults = faults / (repeats > 0 ? repeats : 1);
@@ -194,7 +265,7 @@ static dfp_conv_shape shape2d(size_t batch, size_t in, size_t out, size_t window
   return s;
 }
 
-static double totals[3], total_gop;
+static double totals[3], total_gop, serial_totals[3], work_totals[3];
 
 static void run_layer(int l, size_t batch) {
   const size_t size = kLayers[l].size, cin = kLayers[l].cin, k = kLayers[l].window, cout = kLayers[l].cout;
@@ -205,7 +276,14 @@ static void run_layer(int l, size_t batch) {
   int16_t *mx = malloc(nx * 2), *mw = malloc(nw * 2), *mdy = malloc(ny * 2);
   float* res = malloc((nx > ny ? (nx > nw ? nx : nw) : (ny > nw ? ny : nw)) * sizeof(float));
   int32_t ex, ew, edy;
-  const double qx = quantize_ms(x, nx, mx, &ex), qw = quantize_ms(w, nw, mw, &ew), qdy = quantize_ms(dy, ny, mdy, &edy);
+  double split[6][2]; /* --balance: serial and tasks' ms of Q(x), Q(w), Q(dy), fwd, data, weights */
+#define SPLIT(i) (split[i][0] = last_serial_ms, split[i][1] = last_work_ms)
+  const double qx = quantize_ms(x, nx, mx, &ex);
+  SPLIT(0);
+  const double qw = quantize_ms(w, nw, mw, &ew);
+  SPLIT(1);
+  const double qdy = quantize_ms(dy, ny, mdy, &edy);
+  SPLIT(2);
   const dfp_conv_shape s = shape2d(batch, size, out, k, stride, pad, cin, cout);
   call_t fwd = {.kind = CONV, .conv = dfp_conv_forward,
                 .c = {.shape = s, .x = mx, .ex = &ex, .b = mw, .eb = ew, .out = res, .out_format = DFP_OUT_F32},
@@ -228,16 +306,31 @@ static void run_layer(int l, size_t batch) {
   bwd_d.out_bytes = nx * sizeof(float);
   const double kf = best_ms(&fwd);
   const long ff = last_faults;
+  SPLIT(3);
   const double kd = best_ms(&bwd_d);
   const long fd = last_faults;
+  SPLIT(4);
   const double kw = best_ms(&bwd_w);
   const long fw = last_faults;
+  SPLIT(5);
+#undef SPLIT
   const double gop = 2.0 * batch * out * out * cout * k * k * cin / 1e9;
   const double pass[3] = {kf + qx + qw, kd + qdy + qw, kw + qx + qdy};
   printf("| %s | %.2f | %.2f / %.2f / %.2f | %.2f (%.0f) | %.2f (%.0f) | %.2f (%.0f) | %.0f / %.0f / %.0f |"
          " %ld / %ld / %ld |\n",
          kLayers[l].name, gop, qx, qw, qdy, kf, gop / kf * 1e3, kd, gop / kd * 1e3, kw, gop / kw * 1e3,
          gop / pass[0] * 1e3, gop / pass[1] * 1e3, gop / pass[2] * 1e3, ff, fd, fw);
+  if (balance) {
+    static const int parts[3][3] = {{3, 0, 1}, {4, 2, 1}, {5, 0, 2}}; /* kernel, quantizations */
+    printf("| %s split |", kLayers[l].name);
+    for (int i = 0; i < 3; ++i) {
+      double serial = 0, work = 0;
+      for (int j = 0; j < 3; ++j) serial += split[parts[i][j]][0], work += split[parts[i][j]][1];
+      printf(" %.2f / %.2f / %.2f |", serial, work, pass[i]);
+      serial_totals[i] += serial, work_totals[i] += work;
+    }
+    printf("\n");
+  }
   fflush(stdout);
   for (int i = 0; i < 3; ++i) totals[i] += pass[i];
   total_gop += gop;
@@ -269,6 +362,7 @@ int main(int argc, char** argv) {
     else if (!strcmp(argv[i], "--no-gemm")) gemm = 0;
     else if (!strcmp(argv[i], "--fresh-outputs")) fresh_outputs = 1;
     else if (!strcmp(argv[i], "--cpu-time")) cpu_time = 1;
+    else if (!strcmp(argv[i], "--balance")) balance = 1;
     else { first_layer = i; break; }
   }
   static pool_t pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER};
@@ -292,5 +386,9 @@ int main(int argc, char** argv) {
   }
   printf("| total | %.1f | | | | | %.0f / %.0f / %.0f | |\n", total_gop, total_gop / totals[0] * 1e3,
          total_gop / totals[1] * 1e3, total_gop / totals[2] * 1e3);
+  if (balance)
+    printf("| total split | %.1f / %.1f / %.1f | %.1f / %.1f / %.1f | %.1f / %.1f / %.1f |\n", serial_totals[0],
+           work_totals[0], totals[0], serial_totals[1], work_totals[1], totals[1], serial_totals[2], work_totals[2],
+           totals[2]);
   return 0;
 }

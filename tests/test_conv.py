@@ -246,14 +246,15 @@ def test_short_window_rows_equal_reference_on_every_path(isa, case):
 
 def test_weight_gradient_over_several_packing_rounds_on_every_path(isa):
   """A weight gradient whose cotangent (20000 pixels x 260 channels) the kernel packs in
-  several rounds of K blocks (4 MB each), for a 3x3 and a 1x1 window: all passes equal the
-  reference bit for bit."""
+  several rounds of K blocks (4 MB each), for a 3x3 and a 1x1 window, and one (17672 pixels x
+  200 channels: 35 K blocks) whose rounds are cut to a whole number of K ranges, the last round
+  shorter than the ranges (some empty): all passes equal the reference bit for bit."""
   rng = np.random.default_rng(11)
-  lhs = rng.standard_normal((2, 100, 100, 3)).astype(np.float32)
-  for window in (3, 1):
-    rhs = rng.standard_normal((window, window, 3, 260)).astype(np.float32)
-    kw = dict(window_strides=(1, 1), padding="SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
-    _assert_passes_equal_reference(lhs, rhs, kw, f"on {isa}, {window}x{window}")
+  kw = dict(window_strides=(1, 1), padding="SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  for lhs_shape, window, cout in (((2, 100, 100, 3), 3, 260), ((2, 100, 100, 3), 1, 260), ((2, 94, 94, 3), 3, 200)):
+    lhs = rng.standard_normal(lhs_shape).astype(np.float32)
+    rhs = rng.standard_normal((window, window, 3, cout)).astype(np.float32)
+    _assert_passes_equal_reference(lhs, rhs, kw, f"on {isa}, {window}x{window} -> {cout}")
 
 
 def test_weight_gradient_in_one_round_without_sums_on_every_path(isa):

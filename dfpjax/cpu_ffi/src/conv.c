@@ -40,7 +40,7 @@ typedef struct {
   size_t kpairs, kblocks;
   size_t mcp, ncp;                /* micro-panels per cache block */
   size_t mblocks, nblocks, npanels;
-  size_t ksplit, kblocks_per_split; /* backward: K ranges of a round summed after the fact */
+  size_t ksplit;                  /* backward: K ranges of each round, summed after the fact */
   size_t round_kb0, round_kblocks;  /* the K blocks packed in bpack now (all, in one round) */
   size_t bkblocks, bkpairs;         /* K blocks and pairs bpack holds per panel */
   int16_t* bpack;                 /* [groups][npanels][bkpairs][NR][2] */
@@ -183,18 +183,22 @@ static size_t sums_rows(const conv_plan* c) { return c->mblocks * c->mcp * c->mr
 static int needs_sums(const conv_plan* c) { return c->bkblocks < c->kblocks || c->ksplit > 1; }
 
 /* Sets bpack's rounds of bkblocks K blocks and, for backward-weights with fewer cache blocks
- * than TASKS_PER_THREAD per thread (1x1 layers), splits each round's long pixel reduction
- * into K ranges across threads. Returns the bytes of bpack and sums this takes. */
+ * than TASKS_PER_THREAD per thread (the stem, the 56x56 and 28x28 layers), splits each round's
+ * long pixel reduction into K ranges across threads: ranges of equal length (within a K
+ * block; a round of several is a whole number of ranges), so many that the tasks (ranges x
+ * blocks) are a multiple of the thread count where a round has the K blocks for it, so that
+ * the threads end a round together (ranges of ceiling length with a short last one, and 9
+ * tasks for 2 threads, idled a thread for 5-10% of the stem's and the 3x3 layers' weight
+ * gradients). Returns the bytes of bpack and sums this takes. */
 static size_t plan_rounds(conv_plan* c, size_t bkblocks, size_t blocks, size_t bpanels, int threads) {
+  c->ksplit = 1;
+  if (c->backward && bkblocks > 1) {
+    c->ksplit = min_size(ceil_div(TASKS_PER_THREAD * (size_t)threads, blocks), bkblocks);
+    while (c->ksplit < bkblocks && c->ksplit * blocks % (size_t)threads != 0) ++c->ksplit;
+    if (bkblocks < c->kblocks) bkblocks -= bkblocks % c->ksplit; /* rounds of whole ranges */
+  }
   c->bkblocks = bkblocks;
   c->bkpairs = min_size(c->kpairs, bkblocks * DFP_KC_PAIRS);
-  c->ksplit = 1;
-  c->kblocks_per_split = bkblocks;
-  if (c->backward && bkblocks > 1) {
-    const size_t want = ceil_div(TASKS_PER_THREAD * (size_t)threads, blocks);
-    c->kblocks_per_split = ceil_div(bkblocks, min_size(want, bkblocks));
-    c->ksplit = ceil_div(bkblocks, c->kblocks_per_split);
-  }
   const size_t sums = c->ksplit * c->args->shape.groups * sums_rows(c) * c->npanels * c->nr;
   return bpanels * c->bkpairs * c->nr * 2 * sizeof(int16_t) + (needs_sums(c) ? sums * sizeof(int64_t) : 0);
 }
@@ -207,8 +211,9 @@ static void backward_task(void* arg, size_t t) {
   const size_t ldc = c->npanels * c->nr;
   int64_t* acc = c->sums + ((ks * groups + g) * sums_rows(c) + mb * c->mcp * c->mr) * ldc +
                  nb * c->ncp * c->nr;
-  const size_t kb0 = c->round_kb0 + ks * c->kblocks_per_split;
-  const size_t kb1 = min_size(kb0 + c->kblocks_per_split, c->round_kb0 + c->round_kblocks);
+  /* Every range of the first round, which is whole (ksplit <= bkblocks), stores its sums. */
+  const size_t kb0 = c->round_kb0 + ks * c->round_kblocks / c->ksplit;
+  const size_t kb1 = c->round_kb0 + (ks + 1) * c->round_kblocks / c->ksplit;
   if (kb0 < kb1) run_block(c, g, mb, nb, kb0, kb1, acc, ldc, c->round_kb0 > 0, NULL);
 }
 
