@@ -184,13 +184,15 @@ def test_nonfinite_exponent_makes_output_nan(isa):
   assert np.isnan(got[1]).all() and not np.isnan(got[0]).any()
 
 
+@pytest.mark.parametrize("k", [1500, 300], ids=["k_blocks", "one_k_block"])
 @pytest.mark.parametrize("layout", [(False, False), (True, True)], ids=["mk_kn", "km_nk"])
-def test_int64_output_is_the_exact_sums(isa, layout):
+def test_int64_output_is_the_exact_sums(isa, layout, k):
   """The int64 output (a split contraction's partial sums, added across devices before the
-  one rounding) holds the exact sums, far past int32, over several K blocks and cache blocks;
-  the exponents are not read, the non-finite marker included."""
+  one rounding) holds the exact sums, far past int32, over several K blocks and cache blocks,
+  or over one K block, whose tiles the microkernel stores in place (edge tiles too: 70 rows,
+  130 columns); the exponents are not read, the non-finite marker included."""
   rng = np.random.default_rng(8)
-  (a, _, b, _), (a_in, _, b_in, _) = _operands(rng, 2, 70, 1500, 130, *layout)
+  (a, _, b, _), (a_in, _, b_in, _) = _operands(rng, 2, 70, k, 130, *layout)
   ea = np.full((2, 70), NONFINITE_EXPONENT, np.int32)
   with jax.enable_x64(True):
     got = np.asarray(_kernel(*layout, np.int64)(a_in, ea, b_in, np.zeros((1, 1), np.int32)))

@@ -143,8 +143,9 @@ static void run_block(conv_plan* c, size_t g, size_t mb, size_t nb, size_t kb0, 
 
 /* One cache block over all of K, encoded: the forward pass, and backward-weights in one round
  * of one K range (no sums). A reduction of one K block (K <= 512: the 1x1 layers on up to 512
- * channels, the stem) into float32 is encoded tile by tile as it is computed
- * (dfp_multiply_encode_block), others through an int64 block of sums. */
+ * channels, the stem; a sharded batch's weight gradients of the deep layers) into float32 or
+ * int64 is written tile by tile as it is computed (dfp_multiply_encode_block), others through
+ * an int64 block of sums. */
 static void block_task(void* arg, size_t t) {
   conv_plan* c = (conv_plan*)arg;
   const dfp_conv_args* a = c->args;
@@ -159,7 +160,8 @@ static void block_task(void* arg, size_t t) {
   int32_t ea[DFP_IM2COL_MAX_ROWS]; /* a block's rows: at most CONV_MC_ROWS or DFP_IM2COL_MAX_ROWS */
   for (size_t row = row0; row < row1; ++row) ea[row - row0] = a->ex[row / pixels_per_image * a->ex_batch_stride];
   if (c->kblocks == 1 && dfp_encodes_tiles(c->cfg, a->out_format, 0)) {
-    const dfp_block_output out = {(uint32_t*)a->out, row0 * ldo + g * s->cout + col0, ldo, row1 - row0, cols, ea, a->eb};
+    const dfp_block_output out = {a->out, row0 * ldo + g * s->cout + col0, ldo, row1 - row0, cols, ea, a->eb,
+                                  a->out_format};
     run_block(c, g, mb, nb, 0, 1, NULL, 0, 0, &out);
     return;
   }

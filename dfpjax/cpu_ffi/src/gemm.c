@@ -78,8 +78,8 @@ static void block_task(void* arg, size_t t) {
         .abound = abound, .abound_stride = DFP_CHUNK_LEVELS,
         .b = bpack, .b_stride = g->kpairs * nr * 2, .npanels = q1 - q0,
         .bbound = bbound, .bbound_stride = DFP_CHUNK_LEVELS, .kpairs = g->kpairs};
-    const dfp_block_output out = {(uint32_t*)a->out, (b * a->m + row0) * a->n + col0, a->n, row1 - row0, cols, ea,
-                                  a->eb[b * a->eb_batch_stride]};
+    const dfp_block_output out = {a->out, (b * a->m + row0) * a->n + col0, a->n, row1 - row0, cols, ea,
+                                  a->eb[b * a->eb_batch_stride], a->out_format};
     dfp_multiply_encode_block(g->cfg, &block, &out);
     return;
   }

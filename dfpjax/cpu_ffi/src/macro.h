@@ -43,27 +43,32 @@ typedef struct {
 void dfp_multiply_block(const dfp_ukernel* uk, const dfp_block* block, int64_t* acc, size_t ldc,
                         int add);
 
-/* Whether a cache block over one K block encodes its tiles as they are computed
- * (dfp_multiply_encode_block): a float32 output with one exponent per row (eb_stride 0), on a
- * path whose microkernel encodes from its lanes. Otherwise the int64 block of sums and the
- * output stage are as fast or faster (per-column exponents: 4-23% slower tile by tile). */
+/* Whether a cache block over one K block writes its tiles into the output as they are
+ * computed (dfp_multiply_encode_block): a float32 output with one exponent per row (eb_stride
+ * 0), on a path whose microkernel encodes from its lanes; or int64 sums (a product whose
+ * contracted dimension is split over devices), stored as they are. Otherwise the int64 block
+ * of sums and the output stage are as fast or faster (per-column exponents: 4-23% slower tile
+ * by tile). */
 static inline int dfp_encodes_tiles(const dfp_isa_config* cfg, dfp_out_format format, size_t eb_stride) {
-  return cfg->ukernel->encode_f32 != NULL && format == DFP_OUT_F32 && eb_stride == 0;
+  return format == DFP_OUT_S64 || (cfg->ukernel->encode_f32 != NULL && format == DFP_OUT_F32 && eb_stride == 0);
 }
 
-/* Where such a block's tiles go: its (0, 0) is out[index] (row stride ldo), rows x cols of it
- * are valid (the rest of its panels is padding), row r's exponent is ea[r], every column's eb. */
+/* Where such a block's tiles go: its (0, 0) is out[index] (row stride ldo, elements of
+ * format), rows x cols of it are valid (the rest of its panels is padding), row r's exponent is
+ * ea[r], every column's eb (float32 only). */
 typedef struct {
-  uint32_t* out;
+  void* out;
   size_t index, ldo, rows, cols;
   const int32_t* ea;
   int32_t eb;
+  dfp_out_format format;
 } dfp_block_output;
 
 /* dfp_multiply_block over the whole reduction (block->kpairs pairs) where dfp_encodes_tiles,
- * each tile encoded into the output as soon as it is computed, with no int64 block of sums:
- * straight from the microkernel's lanes (its encode_f32) where the tile is whole and its rows'
- * scales normal, else through an int64 tile and the output stage. */
+ * each tile written into the output as soon as it is computed, with no int64 block of sums:
+ * int64 sums stored by the microkernel in place (through an int64 tile where the tile is
+ * partial); float32 straight from the microkernel's lanes (its encode_f32) where the tile is
+ * whole and its rows' scales normal, else through an int64 tile and the output stage. */
 void dfp_multiply_encode_block(const dfp_isa_config* cfg, const dfp_block* block, const dfp_block_output* out);
 
 /* out[out_index + j] = fl(s[j]) * 2**(ea + eb[j * eb_stride]) for j < n, in the output
