@@ -17,16 +17,11 @@ from multidevice import Run, run_on_devices
 BATCH = 8
 DEVICE_COUNTS = (1, 2, 4)
 
-_OPS = """
-from jax import lax
-batch = NamedSharding(mesh, P("data"))
-replicated = NamedSharding(mesh, P())
-keys = jax.random.split(jax.random.key(0), 6)
-
-def all_passes(name, op, x, w):
-  \"\"\"Forward output, input gradient, weight gradient (it contracts the batch) and the
-  forward-mode tangent (jax.jvp).\"\"\"
-  x, w = jax.device_put(x, batch), jax.device_put(w, replicated)
+_ALL_PASSES = """
+def all_passes(name, op, x, w, x_sharding, w_sharding):
+  \"\"\"Reports the forward output, input gradient, weight gradient (it contracts the batch)
+  and the forward-mode tangent (jax.jvp) of ``op(x, w)``, and the compiled program.\"\"\"
+  x, w = jax.device_put(x, x_sharding), jax.device_put(w, w_sharding)
   def passes(x, w):
     y, vjp = jax.vjp(op, x, w)
     _, tangent = jax.jvp(op, (x, w), (jnp.cos(x), jnp.sin(w)))
@@ -35,17 +30,24 @@ def all_passes(name, op, x, w):
   report_hlo(step.lower(x, w).compile())
   for pass_name, value in zip(("forward", "input_grad", "weight_grad", "tangent"), step(x, w)):
     report(f"{name}.{pass_name}", value)
+"""
+
+_OPS = _ALL_PASSES + """
+from jax import lax
+split = dict(x_sharding=NamedSharding(mesh, P("data")), w_sharding=NamedSharding(mesh, P()))
+keys = jax.random.split(jax.random.key(0), 6)
 
 dense = lambda x, w: dfpjax.dfp_dot_general(x, w, (((1,), (0,)), ((), ())))
-all_passes("dot", dense, jax.random.normal(keys[0], (8, 24)), jax.random.normal(keys[1], (24, 5)))
+all_passes("dot", dense, jax.random.normal(keys[0], (8, 24)), jax.random.normal(keys[1], (24, 5)),
+           **split)
 
 def conv(x, w):
   return dfpjax.dfp_conv_general_dilated(x, w, (2, 1), "SAME",
                                          dimension_numbers=("NHWC", "HWIO", "NHWC"))
 all_passes("conv", conv, jax.random.normal(keys[2], (8, 7, 6, 3)),
-           jax.random.normal(keys[3], (3, 3, 3, 4)))
+           jax.random.normal(keys[3], (3, 3, 3, 4)), **split)
 all_passes("conv_wide", conv, 1e-3 * jax.random.normal(keys[4], (8, 5, 5, 20)),
-           jax.random.normal(keys[5], (3, 3, 20, 6)))
+           jax.random.normal(keys[5], (3, 3, 20, 6)), **split)
 """
 
 _TRAIN_STEP = """
@@ -336,23 +338,12 @@ def test_sum_and_encode_is_the_encoded_all_reduce():
                                     err_msg=f"{shape} scattered")
 
 
-_MESH_2D = """
+_MESH_2D = _ALL_PASSES + """
 axis_type = mesh.axis_types[0]
 mesh = jax.make_mesh((2, 2) if len(jax.devices()) == 4 else (1, 1), ("data", "model"),
                      axis_types=(axis_type,) * 2)
 keys = jax.random.split(jax.random.key(0), 4)
 at = lambda rank, d: P(*["model" if i == d else None for i in range(rank)])
-
-def all_passes(name, op, x, w, x_spec, w_spec):
-  x, w = jax.device_put(x, NamedSharding(mesh, x_spec)), jax.device_put(w, NamedSharding(mesh, w_spec))
-  def passes(x, w):
-    y, vjp = jax.vjp(op, x, w)
-    _, tangent = jax.jvp(op, (x, w), (jnp.cos(x), jnp.sin(w)))
-    return (y, *vjp(jnp.sin(3.0 * y)), tangent)
-  step = jax.jit(passes)
-  report_hlo(step.lower(x, w).compile())
-  for pass_name, value in zip(("forward", "input_grad", "weight_grad", "tangent"), step(x, w)):
-    report(f"{name}.{pass_name}", value)
 
 # name: (op, x, weights, the weights' input and output feature dimensions)
 ops = {
@@ -368,7 +359,7 @@ for name, (op, x_shape, w_shape, w_in, w_out) in ops.items():
   for split, x_spec, w_spec in (("x_features", features, P()),
                                 ("w_in", P("data"), at(len(w_shape), w_in)),
                                 ("w_out", P("data"), at(len(w_shape), w_out))):
-    all_passes(f"{name}.{split}", op, x, w, x_spec, w_spec)
+    all_passes(f"{name}.{split}", op, x, w, NamedSharding(mesh, x_spec), NamedSharding(mesh, w_spec))
 """
 
 

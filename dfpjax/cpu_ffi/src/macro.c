@@ -44,35 +44,9 @@ static int normal_scales(const dfp_block_output* o, size_t row0, size_t rows, in
   return 1;
 }
 
-/* dfp_multiply_encode_block of int64 sums: each tile stored in place by the microkernel. */
-static void store_sums_block(const dfp_ukernel* uk, const dfp_block* block, const dfp_block_output* o) {
-  const size_t kc = block->kpairs, mr = (size_t)uk->mr, nr = (size_t)uk->nr;
-  int64_t tile[DFP_TILE_MAX_ELEMENTS];
-  for (size_t i = 0; i < block->mpanels; ++i) {
-    const size_t row0 = i * mr, rows = o->rows - row0 < mr ? o->rows - row0 : mr;
-    const int16_t* a = block->a + i * block->a_stride;
-    const uint64_t* abound = block->abound + i * block->abound_stride;
-    for (size_t j = 0; j < block->npanels; ++j) {
-      const size_t col0 = j * nr, cols = o->cols - col0 < nr ? o->cols - col0 : nr;
-      const size_t chunk = dfp_safe_chunk(abound, block->bbound + j * block->bbound_stride);
-      const int16_t* b = block->b + j * block->b_stride;
-      int64_t* out = (int64_t*)o->out + o->index + row0 * o->ldo + col0;
-      if (rows == mr && cols == nr) {
-        uk->fn(kc, chunk < kc ? chunk : kc, a, b, out, o->ldo, 0);
-        continue;
-      }
-      uk->fn(kc, chunk < kc ? chunk : kc, a, b, tile, nr, 0);
-      for (size_t r = 0; r < rows; ++r) memcpy(out + r * o->ldo, tile + r * nr, cols * sizeof(int64_t));
-    }
-  }
-}
-
 void dfp_multiply_encode_block(const dfp_isa_config* cfg, const dfp_block* block, const dfp_block_output* o) {
   const dfp_ukernel* uk = cfg->ukernel;
-  if (o->format == DFP_OUT_S64) {
-    store_sums_block(uk, block, o);
-    return;
-  }
+  const int sums = o->format == DFP_OUT_S64;
   const size_t kc = block->kpairs, mr = (size_t)uk->mr, nr = (size_t)uk->nr;
   int64_t tile[DFP_TILE_MAX_ELEMENTS];
   int32_t scale[DFP_TILE_MAX_ROWS];
@@ -82,20 +56,24 @@ void dfp_multiply_encode_block(const dfp_isa_config* cfg, const dfp_block* block
    * layers, one thread, Zen 3). */
   for (size_t i = 0; i < block->mpanels; ++i) {
     const size_t row0 = i * mr, rows = o->rows - row0 < mr ? o->rows - row0 : mr;
-    const int whole = rows == mr && normal_scales(o, row0, mr, scale);
+    const int whole = rows == mr && (sums || normal_scales(o, row0, mr, scale));
     const int16_t* a = block->a + i * block->a_stride;
     const uint64_t* abound = block->abound + i * block->abound_stride;
     for (size_t j = 0; j < block->npanels; ++j) {
       const size_t col0 = j * nr, cols = o->cols - col0 < nr ? o->cols - col0 : nr;
       const size_t chunk = dfp_safe_chunk(abound, block->bbound + j * block->bbound_stride);
       const int16_t* b = block->b + j * block->b_stride;
-      uint32_t* out = (uint32_t*)o->out + o->index + row0 * o->ldo + col0;
+      const size_t index = o->index + row0 * o->ldo + col0;
       if (whole && cols == nr) {
-        uk->encode_f32(kc, chunk < kc ? chunk : kc, a, b, out, o->ldo, scale);
+        if (sums) uk->fn(kc, chunk < kc ? chunk : kc, a, b, (int64_t*)o->out + index, o->ldo, 0);
+        else uk->encode_f32(kc, chunk < kc ? chunk : kc, a, b, (uint32_t*)o->out + index, o->ldo, scale);
         continue;
       }
       uk->fn(kc, chunk < kc ? chunk : kc, a, b, tile, nr, 0);
-      for (size_t r = 0; r < rows; ++r) cfg->encode_f32(tile + r * nr, cols, o->ea[row0 + r], &o->eb, 0, out + r * o->ldo);
+      for (size_t r = 0; r < rows; ++r) {
+        if (sums) memcpy((int64_t*)o->out + index + r * o->ldo, tile + r * nr, cols * sizeof(int64_t));
+        else cfg->encode_f32(tile + r * nr, cols, o->ea[row0 + r], &o->eb, 0, (uint32_t*)o->out + index + r * o->ldo);
+      }
     }
   }
 }
