@@ -156,10 +156,6 @@ void dfp_pack_columns_avx2(const int16_t* src, size_t pairs, size_t col_stride, 
   }
 }
 
-/* vpmaddwd squares a pair per 32-bit lane, eight lanes at a time. A pair's square s < 2**31
- * enters the sum as floor(s / 8), so that eight of them fit 32 bits; the block's bound
- * 8 * sum + 7 * pairs is then at least the exact sum and at most 56 above. */
-
 /* A whole norm block of a 6-lane panel (the 6 x 16 kernels' A panels): its 48 words in six
  * vectors, with no masked loads, whose lanes hold rows 0-5, 0, 1 / 2-5, 0-3 / 4, 5, 0-5, then
  * the same again; each row's eight squares gathered into lanes 0-5 by permutes (the same sums
@@ -184,6 +180,9 @@ static inline __m256i six_row_sums(const int16_t* at, __m256i* least) {
   return _mm256_blend_epi32(_mm256_add_epi32(rows, rest), _mm256_setzero_si256(), 0xc0);
 }
 
+/* vpmaddwd squares a pair per 32-bit lane, eight lanes at a time. A pair's square s < 2**31
+ * enters the sum as floor(s / 8), so that eight of them fit 32 bits; the block's bound
+ * 8 * sum + 7 * pairs is then at least the exact sum and at most 56 above. */
 int dfp_norm_bounds_avx2(const int16_t* block, size_t kpairs, int width, uint64_t* chunk) {
   __m256i least = _mm256_set1_epi16(INT16_MAX);
   for (size_t p0 = 0, blk = 0; p0 < kpairs; p0 += DFP_NORM_BLOCK_PAIRS, ++blk) {
