@@ -12,10 +12,12 @@
  *   gcc -O2 -pthread -Idfpjax/cpu_ffi/src benchmarks/conv_phases.c "$KERNEL" \
  *       -Wl,--allow-shlib-undefined -o conv_phases
  *   ./conv_phases [--batch 32] [--threads 2] [--repeats 5] [--isa 3] [--no-gemm] [--fresh-outputs]
- *                 [--cpu-time | --balance] [layer ...]
+ *                 [--cpu-time | --balance] [--only fwd|data|weights] [layer ...]
  *
  * (--isa: 0 portable, 1 avx2, 2 avx_vnni, 3 avx512_vnni; --no-gemm skips the GEMM line, e.g.
- * under `perf record -e cpu-clock`, to profile the convolutions alone; --fresh-outputs gives
+ * under `perf record -e cpu-clock`, to profile the convolutions alone; --only times one pass's
+ * kernel and skips the other two (printed as nan), to profile that kernel (the quantizations
+ * and the data generation still run, under their own symbols); --fresh-outputs gives
  * each call a freshly allocated output, freed after it, as XLA does, so that the faults of
  * first writing it count too; --cpu-time times each call by the process's CPU time, user and
  * system, all threads, instead of the wall clock: steadier on a loaded machine, and best with
@@ -28,6 +30,7 @@
  * the threads slowing each other. Load moves these less than wall times, but it does hide the
  * threads' contention for memory: they then seldom run at the same time.)
  */
+#include <math.h>
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdio.h>
@@ -181,7 +184,7 @@ typedef struct {
   size_t out_bytes; /* the size of the output, for --fresh-outputs */
 } call_t;
 
-static int repeats = 5, fresh_outputs, cpu_time;
+static int repeats = 5, fresh_outputs, cpu_time, only = -1; /* only: the one kernel timed (0 fwd, 1 data, 2 weights) */
 static dfp_isa isa;
 static dfp_parallel par;
 
@@ -267,6 +270,19 @@ static dfp_conv_shape shape2d(size_t batch, size_t in, size_t out, size_t window
 
 static double totals[3], total_gop, serial_totals[3], work_totals[3];
 
+/* best_ms of a pass's kernel (0 forward, 1 backward-data, 2 backward-weights) and its faults per
+ * call, or NaN where --only names another pass. */
+static double kernel_ms(const call_t* c, int pass, long* faults) {
+  if (only >= 0 && only != pass) {
+    *faults = 0;
+    last_serial_ms = last_work_ms = NAN;
+    return NAN;
+  }
+  const double ms = best_ms(c);
+  *faults = last_faults;
+  return ms;
+}
+
 static void run_layer(int l, size_t batch) {
   const size_t size = kLayers[l].size, cin = kLayers[l].cin, k = kLayers[l].window, cout = kLayers[l].cout;
   const int64_t stride = kLayers[l].stride, pad = (int64_t)(k - 1) / 2;
@@ -304,14 +320,12 @@ static void run_layer(int l, size_t batch) {
                            .out_format = DFP_OUT_F32}};
   }
   bwd_d.out_bytes = nx * sizeof(float);
-  const double kf = best_ms(&fwd);
-  const long ff = last_faults;
+  long ff, fd, fw;
+  const double kf = kernel_ms(&fwd, 0, &ff);
   SPLIT(3);
-  const double kd = best_ms(&bwd_d);
-  const long fd = last_faults;
+  const double kd = kernel_ms(&bwd_d, 1, &fd);
   SPLIT(4);
-  const double kw = best_ms(&bwd_w);
-  const long fw = last_faults;
+  const double kw = kernel_ms(&bwd_w, 2, &fw);
   SPLIT(5);
 #undef SPLIT
   const double gop = 2.0 * batch * out * out * cout * k * k * cin / 1e9;
@@ -363,6 +377,14 @@ int main(int argc, char** argv) {
     else if (!strcmp(argv[i], "--fresh-outputs")) fresh_outputs = 1;
     else if (!strcmp(argv[i], "--cpu-time")) cpu_time = 1;
     else if (!strcmp(argv[i], "--balance")) balance = 1;
+    else if (!strcmp(argv[i], "--only") && i + 1 < argc) {
+      const char* pass = argv[++i];
+      only = !strcmp(pass, "fwd") ? 0 : !strcmp(pass, "data") ? 1 : !strcmp(pass, "weights") ? 2 : -2;
+      if (only == -2) {
+        fprintf(stderr, "--only: expected fwd, data or weights, got '%s'\n", pass);
+        return 2;
+      }
+    }
     else { first_layer = i; break; }
   }
   static pool_t pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER};

@@ -43,7 +43,8 @@ typedef struct {
   size_t ksplit;                  /* backward: K ranges of each round, summed after the fact */
   size_t round_kb0, round_kblocks;  /* the K blocks packed in bpack now (all, in one round) */
   size_t bkblocks, bkpairs;         /* K blocks and pairs bpack holds per panel */
-  int16_t* bpack;                 /* [groups][npanels][bkpairs][NR][2] */
+  size_t bpanel_stride;             /* elements from one B panel to the next (dfp_panel_stride) */
+  int16_t* bpack;                 /* [groups][npanels][bkpairs][NR][2], panels bpanel_stride apart */
   uint64_t* bbound;               /* [groups][npanels][bkblocks][DFP_CHUNK_LEVELS] */
   int64_t* sums;                  /* with several rounds or K ranges (needs_sums):
                                    * [ksplit][groups][mblocks * mcp * MR][npanels * NR] */
@@ -60,7 +61,7 @@ static void pack_b_panels(conv_plan* c, size_t g, size_t q0, size_t q1, size_t k
   const size_t t = g * c->npanels + q0, channels = s->groups * s->cout;
   const size_t k0 = (c->round_kb0 + kb0) * 2 * DFP_KC_PAIRS;
   const size_t k1 = min_size(c->k, (c->round_kb0 + kb1) * 2 * DFP_KC_PAIRS);
-  const size_t panel_stride = c->bkpairs * nr * 2, bounds_stride = c->bkblocks * DFP_CHUNK_LEVELS;
+  const size_t panel_stride = c->bpanel_stride, bounds_stride = c->bkblocks * DFP_CHUNK_LEVELS;
   int16_t* dst = c->bpack + t * panel_stride + kb0 * DFP_KC_PAIRS * nr * 2;
   uint64_t* bounds = c->bbound + t * bounds_stride + kb0 * DFP_CHUNK_LEVELS;
   if (!c->plain_weights) { /* forward, all of K in one round: w through its view of b */
@@ -102,7 +103,7 @@ static void run_block(conv_plan* c, size_t g, size_t mb, size_t nb, size_t kb0, 
   const size_t row0 = mb * c->mcp * mr;
   const size_t panels = min_size(c->mcp, ceil_div(c->m - row0, mr));
   const size_t q0 = nb * c->ncp, q1 = min_size(q0 + c->ncp, c->npanels);
-  const size_t panel_stride = (size_t)DFP_KC_PAIRS * mr * 2;
+  const size_t panel_stride = dfp_panel_stride((size_t)DFP_KC_PAIRS * mr * 2);
   int16_t* apack = (int16_t*)malloc(panels * panel_stride * sizeof(int16_t));
   const int gather = c->backward && !dfp_patches_dense(&a->shape);
   int16_t* scratch = gather ? (int16_t*)malloc(2 * DFP_KC_PAIRS * panels * mr * sizeof(int16_t)) : NULL;
@@ -127,7 +128,7 @@ static void run_block(conv_plan* c, size_t g, size_t mb, size_t nb, size_t kb0, 
     const dfp_block block = {
         .a = apack, .a_stride = panel_stride, .mpanels = panels,
         .abound = abound, .abound_stride = DFP_CHUNK_LEVELS,
-        .b = c->bpack + (bq0 * c->bkpairs + bkb * DFP_KC_PAIRS) * nr * 2, .b_stride = c->bkpairs * nr * 2,
+        .b = c->bpack + bq0 * c->bpanel_stride + bkb * DFP_KC_PAIRS * nr * 2, .b_stride = c->bpanel_stride,
         .npanels = q1 - q0,
         .bbound = c->bbound + (bq0 * c->bkblocks + bkb) * DFP_CHUNK_LEVELS,
         .bbound_stride = c->bkblocks * DFP_CHUNK_LEVELS,
@@ -201,8 +202,9 @@ static size_t plan_rounds(conv_plan* c, size_t bkblocks, size_t blocks, size_t b
   }
   c->bkblocks = bkblocks;
   c->bkpairs = min_size(c->kpairs, bkblocks * DFP_KC_PAIRS);
+  c->bpanel_stride = dfp_panel_stride(c->bkpairs * c->nr * 2);
   const size_t sums = c->ksplit * c->args->shape.groups * sums_rows(c) * c->npanels * c->nr;
-  return bpanels * c->bkpairs * c->nr * 2 * sizeof(int16_t) + (needs_sums(c) ? sums * sizeof(int64_t) : 0);
+  return bpanels * c->bpanel_stride * sizeof(int16_t) + (needs_sums(c) ? sums * sizeof(int64_t) : 0);
 }
 
 static void backward_task(void* arg, size_t t) {
@@ -291,7 +293,7 @@ static int conv_run(const dfp_conv_args* args, int backward, dfp_isa isa, const 
   }
   const int sums = needs_sums(&c);
   dfp_advise_output(args->out, c.m * s->groups * s->cout * dfp_out_element_bytes(args->out_format));
-  c.bpack = (int16_t*)malloc(bpanels * (c.bkpairs ? c.bkpairs : 1) * nr * 2 * sizeof(int16_t));
+  c.bpack = (int16_t*)malloc(bpanels * c.bpanel_stride * sizeof(int16_t));
   c.bbound = (uint64_t*)malloc(bpanels * (c.bkblocks ? c.bkblocks : 1) * DFP_CHUNK_LEVELS * sizeof(uint64_t));
   /* Not zeroed: every K range of the first round, which is whole, stores its sums. */
   if (sums) c.sums = (int64_t*)malloc(c.ksplit * s->groups * sums_rows(&c) * c.npanels * nr * sizeof(int64_t));
