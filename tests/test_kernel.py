@@ -223,9 +223,13 @@ def test_split_sums_at_the_bound_of_their_format(isa, devices):
   total. One more term needs the next format (or int64)."""
   rng = np.random.default_rng(devices)
   for low_dtype in (np.uint8, np.uint16):
-    k = max(t for t in range(1, 2**16)
-            if (f := partitioning.split_sums(t, devices)) is not None and f.low_dtype == low_dtype)
+    fits = lambda t: (f := partitioning.split_sums(t, devices)) is not None and (
+        f.low_dtype.itemsize <= np.dtype(low_dtype).itemsize)
+    k = 1  # the largest reduction this format (or a narrower one) admits: fits is monotone
+    for step in (2**p for p in range(16, -1, -1)):
+      k += step if fits(k + step) else 0
     split = partitioning.split_sums(k, devices)
+    assert split.low_dtype == low_dtype, (k, split)
     after = partitioning.split_sums(k + 1, devices)
     assert after is None or after.low_dtype.itemsize > split.low_dtype.itemsize, (k, split, after)
     a = rng.integers(-32767, 32768, (1, 6, k)).astype(np.int16)
