@@ -213,7 +213,7 @@ static double best_ms(const call_t* c) {
   for (int r = 0; r < repeats + 1; ++r) { /* the first run warms up */
     call_t run = *c;
     void* out = fresh_outputs && r > 0 ? malloc(c->out_bytes) : NULL; /* the warm-up writes the real one */
-    if (out) run.q.m = out, run.c.out = out, run.g.out = out;
+    if (out) run.q.m = out, run.c.out.data = out, run.g.out.data = out;
     const long f0 = minor_faults();
     trace_reset();
     const double t0 = clock_seconds(), thread0 = thread_seconds();
@@ -302,22 +302,21 @@ static void run_layer(int l, size_t batch) {
   SPLIT(2);
   const dfp_conv_shape s = shape2d(batch, size, out, k, stride, pad, cin, cout);
   call_t fwd = {.kind = CONV, .conv = dfp_conv_forward,
-                .c = {.shape = s, .x = mx, .ex = &ex, .b = mw, .eb = ew, .out = res, .out_format = DFP_OUT_F32},
+                .c = {.shape = s, .x = mx, .ex = &ex, .b = mw, .eb = ew, .out = {.data = res, .format = DFP_OUT_F32}},
                 .out_bytes = ny * sizeof(float)};
   call_t bwd_w = {.kind = CONV, .conv = dfp_conv_backward_weights,
-                  .c = {.shape = s, .x = mx, .ex = &ex, .b = mdy, .eb = edy, .out = res, .out_format = DFP_OUT_F32},
+                  .c = {.shape = s, .x = mx, .ex = &ex, .b = mdy, .eb = edy, .out = {.data = res, .format = DFP_OUT_F32}},
                   .out_bytes = nw * sizeof(float)};
   call_t bwd_d;
   if (cin < 16) { /* the primitive's col2im route */
     bwd_d = (call_t){.kind = CONV, .conv = dfp_conv_backward_data,
-                     .c = {.shape = s, .x = mdy, .ex = &edy, .b = mw, .eb = ew, .out = res, .out_format = DFP_OUT_F32}};
+                     .c = {.shape = s, .x = mdy, .ex = &edy, .b = mw, .eb = ew, .out = {.data = res, .format = DFP_OUT_F32}}};
   } else { /* stride 1: a forward convolution of dy reading w flipped and transposed (the primitive's view) */
     const dfp_weight_view flipped = {.mapped = 1, .transposed = 1, .window = {1, k, k}, .tap_first = {0, k - 1, k - 1},
                                      .tap_step = {1, -1, -1}};
     bwd_d = (call_t){.kind = CONV, .conv = dfp_conv_forward,
                      .c = {.shape = shape2d(batch, out, size, k, 1, (int64_t)k - 1 - pad, cout, cin),
-                           .weights = flipped, .x = mdy, .ex = &edy, .b = mw, .eb = ew, .out = res,
-                           .out_format = DFP_OUT_F32}};
+                           .weights = flipped, .x = mdy, .ex = &edy, .b = mw, .eb = ew, .out = {.data = res, .format = DFP_OUT_F32}}};
   }
   bwd_d.out_bytes = nx * sizeof(float);
   long ff, fd, fw;

@@ -9,7 +9,7 @@ statistics, bias and weight gradients, the loss mean) add the shards' partial su
 order, so the parameters may differ in the last bits, and 3 SGD steps (learning rate 0.0625) carry
 those differences along. Measured max |difference| of any parameter after 3 steps against the
 1-device run of the same mode (this config, JAX 0.10.2, Zen 5, DFP ops per shard with global
-exponents and exact int64 sums across devices):
+exponents and exact integer sums across devices):
 
   ========================  ========  ========  ==============================
   run                       FP32      DFP       DFP, reproducible_batch_sums
@@ -389,11 +389,15 @@ def test_sharded_state_gives_the_replicated_states_bits():
                              r"(?!all-gather|custom-call|bitcast|parameter|get-tuple)", entry)
   kernel_copies = [dims for dims in int16_results if dims in gathered_kernels]
   assert not kernel_copies, kernel_copies
-  # Each kernel's int64 weight-gradient sums are reduce-scattered along their rows, where the
-  # kernel wrote them (partitioning.sum_and_encode), and the encoded float32 blocks exchanged;
-  # only the stem's (7 x 7 x 3 rows, which 4 devices do not divide) are copied into blocks of
-  # output channels first.
-  s64_copies = re.findall(r"= s64\[([\d,]+)\]\S* (?!custom-call|reduce-scatter|bitcast|parameter"
-                          r"|get-tuple-element)", entry)
-  assert s64_copies == ["7,7,3,4"], s64_copies
+  # Each kernel's weight-gradient sums (their two parts, partitioning.split_sums) are
+  # reduce-scattered along their rows, where the kernel wrote them
+  # (partitioning.sum_and_encode), and the encoded float32 blocks exchanged; only the stem's
+  # (7 x 7 x 3 rows, which 4 devices do not divide) are copied into blocks of output channels
+  # first, both parts.
+  integer_results = re.findall(r"= (s64|s32|u16|u8)\[(\d+),(\d+),(\d+),(\d+)\]\S* (?!custom-call"
+                               r"|reduce-scatter|bitcast|parameter|get-tuple-element)", entry)
+  sums_copies = sorted((dtype, dims) for dtype, *dims in integer_results  # kernel-shaped ones
+                       if max(map(int, dims[:2])) <= 7 and tuple(map(int, dims[2:])) in channels)
+  assert len(sums_copies) == 2 and sums_copies[0] == ("s32", ["7", "7", "3", "4"]), sums_copies
+  assert sums_copies[1] in (("u16", ["7", "7", "3", "4"]), ("u8", ["7", "7", "3", "4"])), sums_copies
   assert entry.count(" all-to-all(") == 19

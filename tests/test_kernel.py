@@ -18,7 +18,7 @@ import pytest
 
 from dfpjax import cpu_ffi
 from dfpjax.numerics.quantization import NONFINITE_EXPONENT
-from dfpjax.primitives import reference
+from dfpjax.primitives import partitioning, reference, registry
 from dfpjax.primitives.dot_general import dfp_dot_general_p
 import spec_oracle
 
@@ -201,6 +201,68 @@ def test_int64_output_is_the_exact_sums(isa, layout, k):
   np.testing.assert_array_equal(got, want)
 
 
+@functools.cache
+def _split_kernel(split):
+  bind = registry.split_kernel(dfp_dot_general_p).bind
+  return jax.jit(lambda *args: bind(*args, lhs_kmajor=False, rhs_nmajor=False, out_dtype=split))
+
+
+def _joined(high, low, split):
+  assert high.dtype == np.int32 and low.dtype == split.low_dtype
+  assert (np.asarray(low) < 2**split.low_bits).all()
+  return (np.asarray(high).astype(np.int64) << split.low_bits) + np.asarray(low).astype(np.int64)
+
+
+@pytest.mark.parametrize("devices", [2, 4, 8])
+def test_split_sums_at_the_bound_of_their_format(isa, devices):
+  """The two-part output (partitioning.split_sums) at the edge of each format: for K the
+  largest reduction the uint8 format admits on ``devices`` devices, and the largest for
+  uint16, sums of K products at both extremes (+-32767 * 32767 in every term) and random ones
+  come back exact in their parts; the parts of ``devices`` such devices, added in their own
+  types (int32, uint8 / uint16, wrapping as XLA's reduce-scatter would), rejoin to the exact
+  total. One more term needs the next format (or int64)."""
+  rng = np.random.default_rng(devices)
+  for low_dtype in (np.uint8, np.uint16):
+    fits = lambda t: (f := partitioning.split_sums(t, devices)) is not None and (
+        f.low_dtype.itemsize <= np.dtype(low_dtype).itemsize)
+    k = 1  # the largest reduction this format (or a narrower one) admits: fits is monotone
+    for step in (2**p for p in range(16, -1, -1)):
+      k += step if fits(k + step) else 0
+    split = partitioning.split_sums(k, devices)
+    assert split.low_dtype == low_dtype, (k, split)
+    after = partitioning.split_sums(k + 1, devices)
+    assert after is None or after.low_dtype.itemsize > split.low_dtype.itemsize, (k, split, after)
+    a = rng.integers(-32767, 32768, (1, 6, k)).astype(np.int16)
+    a[0, 0], a[0, 1] = 32767, -32767  # rows of the extremes
+    b = np.full((1, k, 9), 32767, np.int16)
+    b[0, :, 5:] = rng.integers(-32767, 32768, (k, 4))
+    zero = np.zeros((1, 1), np.int32)
+    high, low = _split_kernel(split)(a, zero, b, zero)
+    s = np.einsum("bmk,bkn->bmn", a.astype(np.int64), b.astype(np.int64))
+    assert s[0, 0, 0] == k * 32767**2 and s[0, 1, 0] == -k * 32767**2
+    np.testing.assert_array_equal(_joined(high, low, split), s)
+    # `devices` devices holding these extremes: the parts' sums stay in their types.
+    for row in (0, 1):
+      total_high = np.int32(0)
+      total_low = split.low_dtype.type(0)
+      with np.errstate(over="raise"):
+        for _ in range(devices):
+          total_high = np.int32(total_high + np.asarray(high)[0, row, 0])
+          total_low = split.low_dtype.type(total_low + np.asarray(low)[0, row, 0])
+      assert (int(total_high) << split.low_bits) + int(total_low) == devices * s[0, row, 0]
+
+
+def test_split_sums_too_narrow_for_their_reduction_are_rejected(isa):
+  """A kernel call whose sums' high parts could leave int32 fails (it would wrap): 32 terms
+  reach 32 * 32767**2 < 2**31 * 2**4, not < 2**31 * 2**3; and low bits past their type."""
+  a, b = np.ones((1, 2, 32), np.int16), np.ones((1, 32, 3), np.int16)
+  zero = np.zeros((1, 1), np.int32)
+  jax.block_until_ready(_split_kernel(cpu_ffi.SplitSums(4, np.dtype(np.uint8)))(a, zero, b, zero))
+  for split in (cpu_ffi.SplitSums(3, np.dtype(np.uint8)), cpu_ffi.SplitSums(9, np.dtype(np.uint8))):
+    with pytest.raises(Exception, match="split-sum low_bits"):
+      jax.block_until_ready(_split_kernel(split)(a, zero, b, zero))
+
+
 def _expected_scaled(s, k, out_dtype):
   """Spec section 3 for any integer exponent k: past +-1000 no float format and no int64 sum
   can escape Inf or 0 (the oracle would build 2**k exactly)."""
@@ -351,6 +413,8 @@ def test_conv_weight_view_attributes_pad_and_the_handler_checks_the_taps():
 
 def _ffi(target, out, *args, **attributes):
   cpu_ffi.register()
+  if target in (cpu_ffi.DOT_GENERAL_TARGET, cpu_ffi.CONV_TARGET):  # the products' output attribute
+    attributes = {**cpu_ffi.output_attributes(None), **attributes}
   return jax.block_until_ready(jax.jit(lambda *a: jax.ffi.ffi_call(target, out)(*a, **attributes))(*args))
 
 
@@ -368,6 +432,18 @@ def test_every_handler_checks_its_operand_sizes():
     _ffi(target, f32(1, 2, 3), i16(1, 2, 4), i32(1, 1), i16(1, 4, 3), i32(1, 2), **dot)
   with pytest.raises(Exception, match="operand out has 4 elements"):
     _ffi(target, f32(1, 2, 2), i16(1, 2, 4), i32(1, 1), i16(1, 4, 3), i32(1, 1), **dot)
+  split = dict(dot, low_bits=np.int32(2))
+  parts = lambda high, low: (jax.ShapeDtypeStruct((1, 2, 3), high), jax.ShapeDtypeStruct((1, 2, 3), low))
+  _ffi(target, parts(jnp.int32, jnp.uint8), i16(1, 2, 4), i32(1, 1), i16(1, 4, 3), i32(1, 1), **split)
+  with pytest.raises(Exception, match="output must be f32, bf16, f16 or s64"):
+    _ffi(target, jax.ShapeDtypeStruct((1, 2, 3), jnp.int32), i16(1, 2, 4), i32(1, 1), i16(1, 4, 3),
+         i32(1, 1), **split)
+  for high, low in ((jnp.int64, jnp.uint8), (jnp.int32, jnp.int8)):
+    with pytest.raises(Exception, match="split sums take an s32 output and a u8 or u16 one"):
+      _ffi(target, parts(high, low), i16(1, 2, 4), i32(1, 1), i16(1, 4, 3), i32(1, 1), **split)
+  with pytest.raises(Exception, match="operand low has 5 elements"):
+    _ffi(target, (parts(jnp.int32, jnp.uint8)[0], jax.ShapeDtypeStruct((5,), jnp.uint16)),
+         i16(1, 2, 4), i32(1, 1), i16(1, 4, 3), i32(1, 1), **split)
   conv = cpu_ffi.conv_attributes(batch=1, in_spatial=(5,), out_spatial=(3,), window=(3,), strides=(1,),
                                  padding_lo=(0,), lhs_dilation=(1,), rhs_dilation=(1,), groups=1,
                                  in_channels=2, out_channels=4, mode="forward")

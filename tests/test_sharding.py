@@ -132,18 +132,22 @@ def test_ops_gather_no_batch(op_runs):
 
 def test_ops_run_their_kernels_per_shard(op_runs):
   """The kernels see a quarter of the batch on 4 devices: the batch is split, not repeated.
-  The weight gradients, which contract it, are the kernels' exact int64 sums added by an s64
-  reduce-scatter (no float64 or int64 dot of XLA's); each device encodes its quarter of the
-  sums, and an all-gather collects the float32 results."""
+  The weight gradients, which contract it, are the kernels' exact sums in two parts
+  (``partitioning.split_sums``: 2 terms per device in the dot, 48 and 30 in the convolutions,
+  so uint8, uint16 and uint8 low parts), each added by a reduce-scatter of its own (no float64
+  or int64 dot of XLA's); each device encodes its quarter of the sums, and an all-gather
+  collects the float32 results."""
   hlo = "\n".join(op_runs[4].hlo)
   assert f"f32[{BATCH // 4},24]" in hlo and "dfpjax_dot_general" in hlo
   assert f"s16[{BATCH // 4},7,6,3]" in hlo and "dfpjax_conv" in hlo
   # dot [1, 5, 24], conv [3, 3, 3, 4], conv_wide [3, 3, 20, 6]: split after the first
   # dimensions whose product 4 divides.
-  for rows, cols in ((120, 1), (108, 1), (180, 6)):
-    assert re.search(rf"s64\[{rows // 4},{cols}\][^ ]* reduce-scatter\(", hlo), (rows, cols)
+  for rows, cols, low in ((120, 1, "u8"), (108, 1, "u16"), (180, 6, "u8")):
+    for part in ("s32", low):
+      assert re.search(rf"{part}\[{rows // 4},{cols}\][^ ]* reduce-scatter\(", hlo), (rows, part)
     assert re.search(rf"f32\[{rows},{cols}\][^ ]* all-gather\(", hlo), (rows, cols)
-  assert not re.search(r"= s64\[[^]]*\][^ ]* all-reduce\(", hlo)
+  assert not re.search(r"= (s64|s32|u16|u8)\[[^]]*\][^ ]* all-reduce\(", hlo)
+  assert not re.search(r"s64\[[^]]*\][^ ]* reduce-scatter\(", hlo)
   assert not re.search(r"= [fs]64\[[^]]*\][^ ]* (dot|convolution)\(", hlo)
 
 
@@ -179,14 +183,14 @@ def _kernel_calls(instructions: dict[str, str]) -> set[str]:
 def test_input_gradient_waits_for_the_weight_gradients_kernel_not_its_sum(op_runs, devices):
   """``bilinear._cotangent_value`` ties the input gradient to the weight gradient's kernel
   call, so that XLA runs every layer's weight gradient in its layer; on 4 devices to that call's
-  int64 partial sums, before their reduce-scatter and all-gather: no wait for the
+  partial sums (in two parts), before their reduce-scatters and all-gather: no wait for the
   cross-device sum."""
   for hlo in op_runs[devices].hlo:  # outputs: forward, input gradient, weight gradient, tangent
     input_grad, weight_grad = _entry_inputs(hlo, 1), _entry_inputs(hlo, 2)
     weight_kernels = _kernel_calls(weight_grad) - _kernel_calls(_entry_inputs(hlo, 0))
     assert weight_kernels and weight_kernels <= set(input_grad), weight_kernels
-    if devices > 1:
-      assert all(re.match(r"\(?s64\[", weight_grad[k]) for k in weight_kernels)
+    if devices > 1:  # the sums' two parts
+      assert all(re.match(r"\(s32\[[^]]*\][^ ]*, u(8|16)\[", weight_grad[k]) for k in weight_kernels)
       collectives = r" (reduce-scatter|all-gather|all-to-all)\("
       assert not [t for t in input_grad.values() if re.search(collectives, t)]
       assert [t for t in weight_grad.values() if re.search(collectives, t)]
@@ -309,33 +313,76 @@ for shape, d in (((4, 6), 0), ((3, 5), None), ((3, 5, 8), 2), ((2, 6, 8), 2), ((
     ea = jnp.asarray(rng.integers(-60, 0, (*shape[:-1], 1)), jnp.int32)
     ea = ea.at[(0,) * ea.ndim].set(dfpjax.numerics.quantization.NONFINITE_EXPONENT)
     eb = jnp.int32(-3)
-    ways = {"split": lambda s: partitioning.sum_and_encode(s[0], ea, eb, np.float32, mesh, "data"),
+    one = lambda parts: parts[0]
+    # The same sums in two parts: high s >> 12 (|high| < 2**28) and low s mod 2**12, whose
+    # sums over 4 devices fit int32 and uint16.
+    halves = lambda s: [(s >> 12).astype(jnp.int32), (s & 4095).astype(jnp.uint16)]
+    join = lambda parts: (parts[0].astype(jnp.int64) << 12) + parts[1].astype(jnp.int64)
+    ways = {"split": lambda s: partitioning.sum_and_encode([s[0]], one, ea, eb, np.float32, mesh, "data"),
+            "halves": lambda s: partitioning.sum_and_encode(halves(s[0]), join, ea, eb, np.float32, mesh,
+                                                            "data"),
             "psum": lambda s: reference.encode_sums(jax.lax.psum(s[0], "data"), ea, eb, np.float32)}
     for name, fn in ways.items():
       f = jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=P("data"), out_specs=P(), check_vma=False))
       report(f"{shape}.{name}", f(jax.device_put(s, NamedSharding(mesh, P("data")))))
     # The result wanted split along a dimension: each device keeps its encoded block.
     if d is not None:
-      scatter = lambda s: partitioning.sum_and_encode(s[0], ea, eb, np.float32, mesh, "data", d)
-      f = jax.jit(jax.shard_map(scatter, mesh=mesh, in_specs=P("data"), check_vma=False,
-                                out_specs=P(*(None,) * d, "data")))
-      report(f"{shape}.scattered", f(jax.device_put(s, NamedSharding(mesh, P("data")))))
+      for name, parts, rejoin in (("scattered", lambda s: [s], one), ("scattered_halves", halves, join)):
+        scatter = lambda s: partitioning.sum_and_encode(parts(s[0]), rejoin, ea, eb, np.float32, mesh,
+                                                        "data", d)
+        f = jax.jit(jax.shard_map(scatter, mesh=mesh, in_specs=P("data"), check_vma=False,
+                                  out_specs=P(*(None,) * d, "data")))
+        report(f"{shape}.{name}", f(jax.device_put(s, NamedSharding(mesh, P("data")))))
 """
 
 
+_SPLIT_EDGES = """
+from jax import lax
+from dfpjax.primitives import partitioning
+# A product contracting the sharded batch with every term at +-32767 * 32767 (1.99997 quantizes
+# to 32767): on 4 devices 32 terms each, the most the uint8 low parts admit there, and
+# 4 * 8193 terms, one more per device than any split admits there (int64 sums).
+full = 1.99997
+for name, batch in (("uint8_edge", 128), ("int64_fallback", 4 * 8193)):
+  x = jnp.full((batch, 4), full).at[:, 2:].set(-full)
+  y = jnp.full((batch, 2), full)
+  contract = jax.jit(lambda x, y: dfpjax.dfp_dot_general(x, y, (((0,), (0,)), ((), ()))))
+  x, y = (jax.device_put(v, NamedSharding(mesh, P("data"))) for v in (x, y))
+  report_hlo(contract.lower(x, y).compile())
+  report(name, contract(x, y))
+"""
+
+
+def test_split_sums_at_their_bound_give_one_devices_bits():
+  """Sums at the very bound of their format (every term the largest product, at the largest
+  reduction the format admits) and past every split format (the int64 fallback) give one
+  device's bits on 2 and 4 devices."""
+  runs = {n: run_on_devices(_SPLIT_EDGES, n) for n in DEVICE_COUNTS}
+  np.testing.assert_allclose(np.abs(runs[1].results["uint8_edge"]), 128 * 1.99997**2, rtol=1e-4)
+  _assert_same_bits(runs, ["uint8_edge", "int64_fallback"])
+  edge, fallback = runs[4].hlo
+  assert re.search(r"u8\[[^]]*\][^ ]* reduce-scatter\(", edge)
+  assert not re.search(r"s64\[[^]]*\][^ ]* reduce-scatter\(", edge)
+  assert re.search(r"s64\[[^]]*\][^ ]* reduce-scatter\(", fallback)
+
+
 def test_sum_and_encode_is_the_encoded_all_reduce():
-  """Each device encoding its block of the reduce-scattered int64 sums gives the bits of
-  encoding the all-reduced sums, NaN markers included, whether the sums split evenly or not,
-  and whether the blocks are gathered or stay split (a result wanted sharded)."""
+  """Each device encoding its block of the reduce-scattered int64 sums, or of their two
+  parts reduce-scattered each on its own and rejoined, gives the bits of encoding the
+  all-reduced sums, NaN markers included, whether the sums split evenly or not, and whether
+  the blocks are gathered or stay split (a result wanted sharded)."""
   run = run_on_devices(_SUM_AND_ENCODE, 4)
   for shape in ((4, 6), (3, 5), (3, 5, 8), (2, 6, 8), (4, 3, 8)):
-    split, psum = run.results[f"{shape}.split"], run.results[f"{shape}.psum"]
-    assert split.shape == shape and np.isnan(split.reshape(-1)[0])
-    np.testing.assert_array_equal(split.view(np.uint32), psum.view(np.uint32), err_msg=str(shape))
+    psum = run.results[f"{shape}.psum"]
+    for way in ("split", "halves"):
+      got = run.results[f"{shape}.{way}"]
+      assert got.shape == shape and np.isnan(got.reshape(-1)[0])
+      np.testing.assert_array_equal(got.view(np.uint32), psum.view(np.uint32), err_msg=f"{shape} {way}")
     if shape != (3, 5):
-      scattered = run.results[f"{shape}.scattered"]
-      np.testing.assert_array_equal(scattered.view(np.uint32), psum.view(np.uint32),
-                                    err_msg=f"{shape} scattered")
+      for name in ("scattered", "scattered_halves"):
+        scattered = run.results[f"{shape}.{name}"]
+        np.testing.assert_array_equal(scattered.view(np.uint32), psum.view(np.uint32),
+                                      err_msg=f"{shape} {name}")
 
 
 _MESH_2D = _ALL_PASSES + """

@@ -10,6 +10,7 @@ between); forcing a path the CPU lacks fails with an error.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import functools
 import os
 
@@ -74,6 +75,23 @@ def _register() -> None:
                               platform="cpu")
   jax.ffi.register_ffi_target(MAX_MAGNITUDES_TARGET, jax.ffi.pycapsule(lib.DfpMaxMagnitudes),
                               platform="cpu")
+
+
+@dataclasses.dataclass(frozen=True)
+class SplitSums:
+  """The kernel's output of exact integer sums ``s`` in two parts (``dfp_out_format``
+  ``DFP_OUT_SPLIT_U8`` / ``_U16``): int32 high parts ``s >> low_bits`` (floor) and low parts
+  ``s - (high << low_bits)`` in ``[0, 2**low_bits)``, of ``low_dtype`` (uint8 or uint16), so
+  ``s = high * 2**low_bits + low``. Given as a product's ``out_dtype``; its call returns the
+  two parts. The kernel fails where a high part of its own sums could leave int32."""
+  low_bits: int
+  low_dtype: np.dtype
+
+
+def output_attributes(out_dtype) -> dict:
+  """The named attributes of a product's output (both product targets): ``low_bits`` of
+  ``SplitSums``, 0 for any other output."""
+  return {"low_bits": np.int32(out_dtype.low_bits if isinstance(out_dtype, SplitSums) else 0)}
 
 
 def conv_attributes(*, batch, in_spatial, out_spatial, window, strides, padding_lo, lhs_dilation,

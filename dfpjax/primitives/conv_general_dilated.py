@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -113,8 +114,7 @@ def _batch_rule(args, dims, *, geometry, mode, out_dtype):
 
 
 def _cpu_lowering(ctx, x, ex, b, eb, *, geometry: Geometry, mode, out_dtype):
-  del out_dtype  # carried by the result's type
-  cpu_ffi.register()
+  cpu_ffi.register()  # the output's types are the results'; a split's low bits an attribute
   x_aval, b_aval = ctx.avals_in[0], ctx.avals_in[2]
   cout = b_aval.shape[-1] // geometry.groups
   if mode == "backward_data":
@@ -128,7 +128,7 @@ def _cpu_lowering(ctx, x, ex, b, eb, *, geometry: Geometry, mode, out_dtype):
   b_layout = (cpu_ffi.features_major_layout(b_aval.ndim) if geometry.features_major_weights
               else None)
   return jax.ffi.ffi_lowering(cpu_ffi.CONV_TARGET, operand_layouts=(None, None, b_layout, None))(
-      ctx, x, ex, b, eb, **attributes)
+      ctx, x, ex, b, eb, **attributes, **cpu_ffi.output_attributes(out_dtype))
 
 
 # ---------------------------------------------------------------------------------------
@@ -201,8 +201,19 @@ def _partition(mesh, specs, shapes, bind, *, wanted, geometry, mode, out_dtype):
   # (the result, y or dw, has x's rank).
   exponents = lambda ex, eb: (ex.reshape(-1, *(1,) * (rank - 1)), eb.reshape(()))
   per_shard = partitioning.product_per_shard(bind, exponents, out_dtype, mesh, contracted,
-                                             scattered)
+                                             scattered, terms=functools.partial(_terms, geometry, mode))
   return per_shard, y_spec, (x_spec, ex_spec, b_spec, (None,))
+
+
+def _terms(geometry: Geometry, mode, x, b) -> int:
+  """How many products of one shard's operands ``x, b`` an output element sums at most (the
+  kernel's reduction length): backward-weights over the batch and output pixels of ``b`` (dy),
+  the forward convolution over its taps and input channels, backward-data over the taps and
+  output channels (of ``b``, the weights)."""
+  if mode == "backward_weights":
+    return math.prod(b.shape[:-1])
+  channels = b.shape[-1] if mode == "backward_data" else x.shape[-1]
+  return math.prod(geometry.window) * (channels // geometry.groups)
 
 
 registry.register(dfp_conv_p, abstract_eval=_abstract_eval, batch_rule=_batch_rule,

@@ -132,10 +132,10 @@ def _batch_rule(args, dims, *, lhs_kmajor, rhs_nmajor, out_dtype):
 
 
 def _cpu_lowering(ctx, a, ea, b, eb, *, lhs_kmajor, rhs_nmajor, out_dtype):
-  del out_dtype  # carried by the result's type
-  cpu_ffi.register()
+  cpu_ffi.register()  # the output's types are the results'; a split's low bits an attribute
   return jax.ffi.ffi_lowering(cpu_ffi.DOT_GENERAL_TARGET)(
-      ctx, a, ea, b, eb, lhs_kmajor=np.int32(lhs_kmajor), rhs_nmajor=np.int32(rhs_nmajor))
+      ctx, a, ea, b, eb, lhs_kmajor=np.int32(lhs_kmajor), rhs_nmajor=np.int32(rhs_nmajor),
+      **cpu_ffi.output_attributes(out_dtype))
 
 
 # ---------------------------------------------------------------------------------------
@@ -186,7 +186,7 @@ def _partition(mesh, specs, shapes, bind, *, wanted, lhs_kmajor, rhs_nmajor, out
 
   per_shard = partitioning.product_per_shard(
       bind, lambda ea, eb: (ea[:, :, None], eb[:, None, :]), out_dtype, mesh, contracted,
-      scattered)
+      scattered, terms=lambda a, b: a.shape[1 if lhs_kmajor else 2])
   return per_shard, result_spec, arg_specs
 
 

@@ -7,8 +7,9 @@ primitive therefore goes through ``jax.experimental.custom_partitioning``, as JA
 operand shapes, and a ``partition`` callback per primitive that keeps the dimensions it can
 split sharded (the batch), replicates the rest (the weights) and returns the function one
 device runs on its shard: the kernel, plus the collectives that keep the result the same
-bits as on one device (a scalar ``pmax`` for a global exponent, an exact int64 sum for a
-product that contracts a sharded dimension: ``sum_and_encode``).
+bits as on one device (a scalar ``pmax`` for a global exponent, an exact integer sum for a
+product that contracts a sharded dimension: ``sum_and_encode``, of int64 partial sums or of
+their two narrower parts, ``split_sums``).
 
 With one device, or inside ``shard_map`` (all axes manual), ``custom_partitioning`` inlines
 the kernel call: the program lowers to exactly the custom calls it had before.
@@ -27,12 +28,13 @@ from jax.experimental.custom_partitioning import custom_partitioning
 from jax.interpreters import mlir
 from jax.sharding import NamedSharding, PartitionSpec
 
+from dfpjax import cpu_ffi
 from dfpjax._jax_compat import prim_requires_devices_during_lowering
 from dfpjax.numerics.floatbits import false_from
 from dfpjax.primitives import reference
 
 
-def register_cpu_lowering(p, kernel, rule, partition, *, flagged=False):
+def register_cpu_lowering(p, kernel, rule, partition, *, flagged=False, split_kernel=None):
   """Lowers ``p`` on CPU to ``kernel`` (the same primitive, lowered to the FFI call) per shard.
 
   ``rule(shapes, **params)`` returns the Shardy sharding rule string of ``p``'s operands and
@@ -41,14 +43,16 @@ def register_cpu_lowering(p, kernel, rule, partition, *, flagged=False):
   specs (entries ``None``, an axis name or a tuple of them; only dimensions that divide
   evenly) and the specs its consumers want of the results (``wanted``, a list, one per
   result of ``kernel``), and returns ``(per_shard_fn, result_specs, operand_specs)``;
-  ``bind`` binds ``kernel``.
+  ``bind`` binds ``kernel`` (``split_kernel``, the same call returning its exact sums in two
+  parts, where its ``out_dtype`` is a ``cpu_ffi.SplitSums``).
 
   ``flagged`` (a product, ``registry.register``): ``p`` returns ``kernel``'s result and a
   flag, a scalar, and ``per_shard_fn`` returns both (``product_per_shard``).
   """
   def lowering(ctx, *args, **params):
     shapes = tuple(tuple(a.shape) for a in ctx.avals_in)
-    f = _partitioned(kernel, rule, partition, shapes, tuple(sorted(params.items())), flagged)
+    f = _partitioned(kernel, split_kernel, rule, partition, shapes, tuple(sorted(params.items())),
+                     flagged)
     return mlir.lower_fun(f, multiple_results=p.multiple_results)(ctx, *args)
 
   mlir.register_lowering(p, lowering, platform="cpu")
@@ -69,9 +73,14 @@ def first_false(y):
 
 
 @functools.cache
-def _partitioned(kernel, rule, partition, shapes, params, flagged):
+def _partitioned(kernel, split_kernel, rule, partition, shapes, params, flagged):
   params = dict(params)
-  bind = functools.partial(kernel.bind, **params)
+
+  def bind(*args, **changed):
+    call = {**params, **changed}
+    split = isinstance(call.get("out_dtype"), cpu_ffi.SplitSums)
+    return (split_kernel if split else kernel).bind(*args, **call)
+
   f = custom_partitioning(
       (lambda *args: [y := bind(*args), first_false(y)]) if flagged else bind)
   multiple = kernel.multiple_results or flagged
@@ -135,64 +144,101 @@ def split_as_wanted(wanted, axes, spec) -> tuple[int | None, tuple]:
   return None, spec
 
 
-def product_per_shard(bind, exponents, out_dtype, mesh, axes, scatter_dimension=None):
+# The largest magnitude of one product of two mantissas (|m| <= 32767).
+_LARGEST_PRODUCT = 32767 * 32767
+_INT32_MAX = 2**31 - 1
+
+
+def split_sums(terms: int, devices: int) -> cpu_ffi.SplitSums | None:
+  """The narrowest exact two-part form (``cpu_ffi.SplitSums``) of sums of ``terms`` products
+  that ``devices`` devices each form and then add part by part: the fewest low bits ``k`` for
+  which the devices' high parts add within int32 (each high part lies in
+  ``[-ceil(B / 2**k), floor(B / 2**k)]`` for ``B = terms * 32767**2``), with the low parts,
+  in ``[0, 2**k)``, adding within uint8 or else uint16. ``None`` where no ``k`` works (more
+  low bits only widen the low parts' sum): the sums stay int64. 5 or 6 bytes instead of 8."""
+  largest = terms * _LARGEST_PRODUCT
+  for low_bits in range(1, 17):
+    if devices * -(-largest >> low_bits) > _INT32_MAX:
+      continue
+    for low_dtype in (np.dtype(np.uint8), np.dtype(np.uint16)):
+      if low_bits <= 8 * low_dtype.itemsize and devices * (2**low_bits - 1) <= np.iinfo(low_dtype).max:
+        return cpu_ffi.SplitSums(low_bits, low_dtype)
+    return None
+  return None
+
+
+def product_per_shard(bind, exponents, out_dtype, mesh, axes, scatter_dimension=None, *, terms):
   """The function one device runs on its shard ``(a, ea, b, eb)`` of a product, returning
   the product and the flag ``first_false`` of the kernel call's output: ``bind`` itself where
-  no contracted dimension is split (``axes`` empty); else the kernel's exact int64 partial
-  sums (the flag taken of them, before the collectives), added over ``axes`` and encoded once
-  (``sum_and_encode``), with ``exponents(ea, eb)`` the two exponents broadcast to the sums."""
+  no contracted dimension is split (``axes`` empty); else the kernel's exact partial sums (the
+  flag taken of them, before the collectives), added over ``axes`` and encoded once
+  (``sum_and_encode``), with ``exponents(ea, eb)`` the two exponents broadcast to the sums.
+  The partial sums come in the narrower two parts of ``split_sums`` for ``terms(a, b)`` (the
+  kernel's reduction length on the shard) where one exists, else as int64."""
   def per_shard(a, ea, b, eb):
     if not axes:
       y = bind(a, ea, b, eb)
       return [y, first_false(y)]
+    split = split_sums(terms(a, b), axes_size(mesh, axes))
     with jax.enable_x64(True):
-      s = bind(a, ea, b, eb, out_dtype=np.dtype(np.int64))
-      flag = first_false(s)
-    return [sum_and_encode(s, *exponents(ea, eb), out_dtype, mesh, axes, scatter_dimension), flag]
+      if split is None:
+        parts = [bind(a, ea, b, eb, out_dtype=np.dtype(np.int64))]
+        join = lambda parts: parts[0]
+      else:
+        parts = bind(a, ea, b, eb, out_dtype=split)
+        join = lambda parts: ((parts[0].astype(jnp.int64) << split.low_bits)
+                              + parts[1].astype(jnp.int64))
+      flag = first_false(parts[0])
+    y = sum_and_encode(parts, join, *exponents(ea, eb), out_dtype, mesh, axes, scatter_dimension)
+    return [y, flag]
 
   return per_shard
 
 
-def sum_and_encode(s, ea, eb, out_dtype, mesh, axes, scatter_dimension=None):
-  """``reference.encode_sums(psum(s, axes), ea, eb, out_dtype)`` for each device's exact int64
-  partial sums ``s`` of a product that contracts a dimension split over mesh ``axes``;
-  ``ea, eb`` broadcast to ``s``.
+def sum_and_encode(parts, join, ea, eb, out_dtype, mesh, axes, scatter_dimension=None):
+  """``reference.encode_sums(psum(s, axes), ea, eb, out_dtype)`` for each device's exact
+  partial sums ``s = join(parts)`` of a product that contracts a dimension split over mesh
+  ``axes``: ``parts`` are arrays shaped as ``s`` (``[s]`` in int64, or the two parts of
+  ``split_sums``), each added over the devices on its own, ``join`` the int64 sums of the
+  added parts; ``ea, eb`` broadcast to ``s``.
 
-  Each device encodes only its own block of the sums: a reduce-scatter of the int64 sums
-  along their first dimensions whose product the device count divides (a row block, read in
+  Each device encodes only its own block of the sums: a reduce-scatter of each part along
+  their first dimensions whose product the device count divides (a row block, read in
   place), the encoding of that block, and an exchange of the encoded float32 blocks: an
   all-gather, or, where the result is wanted split along ``scatter_dimension`` (the device's
   block of it is then its result), an all-to-all that gives each device all rows of its block
   along that dimension. The encoding is elementwise, so these are the bits of encoding the
-  all-reduced sums, but no device repeats another's encoding or receives the full int64 sums
-  (twice the bytes of a float32 result), and the int64 sums are never transposed: a
+  all-reduced sums, but no device repeats another's encoding or receives the full sums
+  (int64: twice the bytes of a float32 result), and the sums are never transposed: a
   reduce-scatter along a later dimension would copy them whole into that dimension's blocks
   first, on every device. A weight gradient, the common case, is as large as the weights on
   every device, so the saving is a weight-sized pass per device, not a batch-sized one.
-  Where no such rows exist the int64 sums are reduce-scattered along ``scatter_dimension``
+  Where no such rows exist the parts are reduce-scattered along ``scatter_dimension``
   itself, or, unscattered, all-reduced and encoded on every device.
   """
   with jax.enable_x64(True):
+    shape = parts[0].shape
     devices = axes_size(mesh, axes)
-    d = s.ndim if scatter_dimension is None else scatter_dimension
-    leading = next((k for k in range(1, d + 1) if math.prod(s.shape[:k]) % devices == 0), None)
+    d = len(shape) if scatter_dimension is None else scatter_dimension
+    leading = next((k for k in range(1, d + 1) if math.prod(shape[:k]) % devices == 0), None)
     if leading is None and scatter_dimension is not None:
-      block = lax.psum_scatter(s, axes, scatter_dimension=d, tiled=True)
+      block = join([lax.psum_scatter(p, axes, scatter_dimension=d, tiled=True) for p in parts])
       start = lax.axis_index(axes) * block.shape[d]
       own = lambda e: e if np.ndim(e) == 0 or e.shape[d] == 1 else lax.dynamic_slice_in_dim(
           e, start, block.shape[d], axis=d)
       return reference.encode_sums(block, own(ea), own(eb), out_dtype)
     if leading is None:
-      return reference.encode_sums(lax.psum(s, axes), ea, eb, out_dtype)
-    rows = math.prod(s.shape[:leading])
-    block = lax.psum_scatter(s.reshape(rows, -1), axes, scatter_dimension=0, tiled=True)
+      return reference.encode_sums(join([lax.psum(p, axes) for p in parts]), ea, eb, out_dtype)
+    rows = math.prod(shape[:leading])
+    block = join([lax.psum_scatter(p.reshape(rows, -1), axes, scatter_dimension=0, tiled=True)
+                  for p in parts])
     start = lax.axis_index(axes) * block.shape[0]
     own = lambda e: e.reshape(()) if np.size(e) == 1 else lax.dynamic_slice_in_dim(
-        jnp.broadcast_to(e, s.shape).reshape(rows, -1), start, block.shape[0])
+        jnp.broadcast_to(e, shape).reshape(rows, -1), start, block.shape[0])
     y = reference.encode_sums(block, own(ea), own(eb), out_dtype)
     if scatter_dimension is None:
-      return lax.all_gather(y, axes, axis=0, tiled=True).reshape(s.shape)
+      return lax.all_gather(y, axes, axis=0, tiled=True).reshape(shape)
     # Columns: the dimensions from ``leading`` on; device j takes block j of dimension d.
-    y = y.reshape(block.shape[0], math.prod(s.shape[leading:d]), devices, -1)
+    y = y.reshape(block.shape[0], math.prod(shape[leading:d]), devices, -1)
     y = lax.all_to_all(y, axes, split_axis=2, concat_axis=0, tiled=True)
-    return y.reshape(*s.shape[:d], s.shape[d] // devices, *s.shape[d + 1:])
+    return y.reshape(*shape[:d], shape[d] // devices, *shape[d + 1:])

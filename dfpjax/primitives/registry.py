@@ -20,6 +20,8 @@ from dfpjax.primitives import partitioning, reference
 
 # The flag lists of the active ``kernel_flags`` blocks, innermost last.
 _COLLECTING: list[list] = []
+# Each product primitive's kernel call that returns its exact sums in two parts.
+_SPLIT_KERNELS: dict = {}
 
 
 def new_primitive(name: str, *, multiple_results: bool = False) -> core.Primitive:
@@ -45,7 +47,8 @@ def register(p: core.Primitive, *, abstract_eval, batch_rule, cpu_lowering, xla_
   platform (``xla_lowering``, its pure-XLA twin, which XLA partitions itself).
 
   On CPU, ``p`` lowers to the C kernel through XLA FFI (``cpu_lowering``) once per shard:
-  ``sharding_rule`` and ``partition`` say how (``partitioning.register_cpu_lowering``).
+  ``sharding_rule`` and ``partition`` say how (``partitioning.register_cpu_lowering``); a
+  product's kernel call may return its exact sums in two parts (``cpu_ffi.SplitSums``).
 
   ``flagged`` (the products, ``p`` created with ``multiple_results``): the rules define the
   product ``y``, and ``p`` returns ``[y, flag]``, the flag ``partitioning.first_false`` of the
@@ -57,12 +60,33 @@ def register(p: core.Primitive, *, abstract_eval, batch_rule, cpu_lowering, xla_
   kernel.multiple_results = p.multiple_results and not flagged
   kernel.def_abstract_eval(abstract_eval)
   mlir.register_lowering(kernel, cpu_lowering, platform="cpu")
+  split_kernel = None
+  if flagged:  # a product: its exact sums can also come split in two parts
+    split_kernel = core.Primitive(p.name + "_split_shard")
+    split_kernel.multiple_results = True
+    split_kernel.def_abstract_eval(functools.partial(_split_abstract_eval, abstract_eval))
+    mlir.register_lowering(split_kernel, cpu_lowering, platform="cpu")
+    _SPLIT_KERNELS[p] = split_kernel
   if flagged:
     abstract_eval, batch_rule, xla_lowering = _flagged(abstract_eval, batch_rule, xla_lowering)
   p.def_abstract_eval(abstract_eval)
   batching.primitive_batchers[p] = batch_rule
-  partitioning.register_cpu_lowering(p, kernel, sharding_rule, partition, flagged=flagged)
+  partitioning.register_cpu_lowering(p, kernel, sharding_rule, partition, flagged=flagged,
+                                     split_kernel=split_kernel)
   mlir.register_lowering(p, mlir.lower_fun(xla_lowering, multiple_results=p.multiple_results))
+
+
+def split_kernel(p: core.Primitive) -> core.Primitive:
+  """Product ``p``'s kernel call on one device's operands with a ``cpu_ffi.SplitSums``
+  ``out_dtype``: it returns the exact sums' int32 high parts and their low parts (CPU only)."""
+  return _SPLIT_KERNELS[p]
+
+
+def _split_abstract_eval(abstract_eval, *avals, out_dtype, **params):
+  """A product's exact sums as ``cpu_ffi.SplitSums`` ``out_dtype`` gives them: int32 high parts
+  and the low parts, each shaped as the int64 sums."""
+  sums = abstract_eval(*avals, out_dtype=np.dtype(np.int64), **params)
+  return [sums.update(dtype=np.dtype(np.int32)), sums.update(dtype=np.dtype(out_dtype.low_dtype))]
 
 
 def _flagged(abstract_eval, batch_rule, xla_lowering):

@@ -160,9 +160,8 @@ static void block_task(void* arg, size_t t) {
   const size_t pixels_per_image = s->out[0] * s->out[1] * s->out[2], ldo = s->groups * s->cout;
   int32_t ea[DFP_IM2COL_MAX_ROWS]; /* a block's rows: at most CONV_MC_ROWS or DFP_IM2COL_MAX_ROWS */
   for (size_t row = row0; row < row1; ++row) ea[row - row0] = a->ex[row / pixels_per_image * a->ex_batch_stride];
-  if (c->kblocks == 1 && dfp_encodes_tiles(c->cfg, a->out_format, 0)) {
-    const dfp_block_output out = {a->out, row0 * ldo + g * s->cout + col0, ldo, row1 - row0, cols, ea, a->eb,
-                                  a->out_format};
+  if (c->kblocks == 1 && dfp_encodes_tiles(c->cfg, a->out.format, 0)) {
+    const dfp_block_output out = {&a->out, row0 * ldo + g * s->cout + col0, ldo, row1 - row0, cols, ea, a->eb};
     run_block(c, g, mb, nb, 0, 1, NULL, 0, 0, &out);
     return;
   }
@@ -175,7 +174,7 @@ static void block_task(void* arg, size_t t) {
   if (c->kblocks == 0) memset(acc, 0, bytes);
   run_block(c, g, mb, nb, 0, c->kblocks, acc, ldc, 0, NULL);
   for (size_t row = row0; row < row1; ++row)
-    dfp_encode_row(c->cfg, a->out_format, a->out, row * ldo + g * s->cout + col0, acc + (row - row0) * ldc, cols,
+    dfp_encode_row(c->cfg, &a->out, row * ldo + g * s->cout + col0, acc + (row - row0) * ldc, cols,
                    ea[row - row0], &a->eb, 0);
   free(acc);
 }
@@ -233,7 +232,7 @@ static void backward_encode_task(void* arg, size_t t) {
     int64_t* sum = c->sums + (g * sums_rows(c) + row) * ldc;
     for (size_t ks = 1; ks < c->ksplit; ++ks)
       for (size_t j = 0; j < c->n; ++j) sum[j] += sum[ks * split_stride + j];
-    dfp_encode_row(c->cfg, a->out_format, a->out, row * s->groups * s->cout + g * s->cout, sum, c->n,
+    dfp_encode_row(c->cfg, &a->out, row * s->groups * s->cout + g * s->cout, sum, c->n,
                    a->ex[0], &a->eb, 0);
   }
 }
@@ -268,6 +267,7 @@ static int conv_run(const dfp_conv_args* args, int backward, dfp_isa isa, const 
   c.m = backward ? taps * s->cin : pixels;
   c.k = backward ? pixels : taps * s->cin;
   c.n = s->cout;
+  if (dfp_check_output(&args->out, c.k) != DFP_OK) return DFP_ERR_BAD_SHAPE;
   if (c.m == 0 || c.n == 0) return DFP_OK;
   c.kpairs = (c.k + 1) / 2;
   c.kblocks = dfp_kc_blocks(c.kpairs);
@@ -292,7 +292,7 @@ static int conv_run(const dfp_conv_args* args, int backward, dfp_isa isa, const 
     if (plan_rounds(&c, round, blocks, bpanels, threads) >= whole) plan_rounds(&c, c.kblocks, blocks, bpanels, threads);
   }
   const int sums = needs_sums(&c);
-  dfp_advise_output(args->out, c.m * s->groups * s->cout * dfp_out_element_bytes(args->out_format));
+  dfp_advise_output(args->out.data, c.m * s->groups * s->cout * dfp_out_element_bytes(args->out.format));
   c.bpack = (int16_t*)malloc(bpanels * c.bpanel_stride * sizeof(int16_t));
   c.bbound = (uint64_t*)malloc(bpanels * (c.bkblocks ? c.bkblocks : 1) * DFP_CHUNK_LEVELS * sizeof(uint64_t));
   /* Not zeroed: every K range of the first round, which is whole, stores its sums. */
@@ -415,7 +415,7 @@ static void col2im_task(void* arg, size_t image) {
     dfp_fail(&c->status, DFP_ERR_ALLOC);
   } else {
     for (size_t g = 0; g < s->groups && c->n > 0; ++g) col2im_group(c, image, g, apack, abound, acc, dx);
-    dfp_encode_row(c->cfg, a->out_format, a->out, image * elements, dx, elements, a->ex[0], &a->eb, 0);
+    dfp_encode_row(c->cfg, &a->out, image * elements, dx, elements, a->ex[0], &a->eb, 0);
   }
   free(apack);
   free(abound);
@@ -438,10 +438,11 @@ int dfp_conv_backward_data(const dfp_conv_args* args, dfp_isa isa, const dfp_par
   c.kpairs = (c.k + 1) / 2;
   c.kblocks = dfp_kc_blocks(c.kpairs);
   c.npanels = ceil_div(c.n, nr);
+  if (dfp_check_output(&args->out, c.taps * c.k) != DFP_OK) return DFP_ERR_BAD_SHAPE; /* taps reaching a pixel */
   const size_t in_elements = s->batch * s->in[0] * s->in[1] * s->in[2] * s->groups * s->cin;
   if (in_elements == 0) return DFP_OK;
   const size_t bpanels = s->groups * c.npanels;
-  dfp_advise_output(args->out, in_elements * dfp_out_element_bytes(args->out_format));
+  dfp_advise_output(args->out.data, in_elements * dfp_out_element_bytes(args->out.format));
   c.bpack = (int16_t*)malloc((bpanels ? bpanels : 1) * (c.kpairs ? c.kpairs : 1) * nr * 2 * sizeof(int16_t));
   c.bbound = (uint64_t*)malloc((bpanels ? bpanels : 1) * (c.kblocks ? c.kblocks : 1) * DFP_CHUNK_LEVELS * sizeof(uint64_t));
   if (!c.bpack || !c.bbound) {

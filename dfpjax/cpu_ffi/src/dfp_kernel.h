@@ -40,8 +40,30 @@ typedef enum {
 
 /* The output's element type. DFP_OUT_S64 writes the exact int64 sums unrounded and unscaled
  * (the exponents are not read): a product split over devices adds its parts' sums exactly
- * before it rounds once. */
-typedef enum { DFP_OUT_F32 = 0, DFP_OUT_BF16 = 1, DFP_OUT_F16 = 2, DFP_OUT_S64 = 3 } dfp_out_format;
+ * before it rounds once. DFP_OUT_SPLIT_U8 / DFP_OUT_SPLIT_U16 write each exact sum s in two
+ * narrower parts, also unscaled: the high part s >> low_bits (floor) as int32, and the low
+ * part s - (high << low_bits), in [0, 2**low_bits), as uint8 / uint16; s = high * 2**low_bits
+ * + low. Devices can add the parts separately where the caller's bound keeps the parts' sums
+ * within their types (fewer bytes to write and to add than int64). */
+typedef enum {
+  DFP_OUT_F32 = 0,
+  DFP_OUT_BF16 = 1,
+  DFP_OUT_F16 = 2,
+  DFP_OUT_S64 = 3,
+  DFP_OUT_SPLIT_U8 = 4,
+  DFP_OUT_SPLIT_U16 = 5,
+} dfp_out_format;
+
+/* Where a product writes its result: data, elements of format (the high parts of split sums);
+ * for the split formats also low, the low parts, of low_bits bits each (at most 8 / 16). The
+ * call fails with DFP_ERR_BAD_SHAPE where the high part of a sum of its length could leave
+ * int32 (|m| <= 32767 bounds each term). */
+typedef struct {
+  void* data;
+  dfp_out_format format;
+  void* low;
+  int low_bits;
+} dfp_output;
 
 /* Runs task(arg, i) for i in [0, n) on a thread pool and returns when all are done. */
 typedef void (*dfp_task_fn)(void* arg, size_t i);
@@ -66,8 +88,7 @@ typedef struct {
   size_t ea_batch_stride, ea_stride;
   const int32_t* eb;
   size_t eb_batch_stride, eb_stride;
-  void* out;
-  dfp_out_format out_format;
+  dfp_output out;
 } dfp_gemm_args;
 
 /* 0 on success, else a negative dfp_status (ffi_binding.cc gives each its own message). */
@@ -126,8 +147,7 @@ typedef struct {
   size_t ex_batch_stride;
   const int16_t* b;
   int32_t eb;
-  void* out;
-  dfp_out_format out_format;
+  dfp_output out;
 } dfp_conv_args;
 
 int dfp_conv_forward(const dfp_conv_args* args, dfp_isa isa, const dfp_parallel* par);

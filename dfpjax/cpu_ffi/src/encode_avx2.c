@@ -1,6 +1,7 @@
 /* AVX2 output stage: fl(s) * 2**k for four int64 sums at a time (the scalar stage in
  * encode.h is the specification; lanes this fast path cannot prove exact fall back to it). */
 #include <immintrin.h>
+#include <string.h>
 
 #include "encode.h"
 #include "macro.h"
@@ -77,4 +78,28 @@ void dfp_add_sums_avx2(int64_t* dst, const int64_t* src, size_t n) {
     _mm256_storeu_si256((__m256i*)(dst + j), _mm256_add_epi64(_mm256_loadu_si256((const __m256i*)(dst + j)),
                                                               _mm256_loadu_si256((const __m256i*)(src + j))));
   for (; j < n; ++j) dst[j] += src[j];
+}
+
+/* Four sums a step: the logical shift's low halves and the masked low parts, each gathered
+ * into the vector's low 128 bits, then packed (unsigned saturation, exact: both fit). */
+void dfp_split_sums_avx2(const int64_t* s, size_t n, int low_bits, int low_bytes, uint32_t* high, void* low) {
+  const __m256i mask = _mm256_set1_epi64x((INT64_C(1) << low_bits) - 1);
+  const __m256i evens = _mm256_setr_epi32(0, 2, 4, 6, 0, 2, 4, 6);
+  const __m128i count = _mm_cvtsi32_si128(low_bits);
+  size_t j = 0;
+  for (; j + 4 <= n; j += 4) {
+    const __m256i v = _mm256_loadu_si256((const __m256i*)(s + j));
+    const __m128i h = _mm256_castsi256_si128(_mm256_permutevar8x32_epi32(_mm256_srl_epi64(v, count), evens));
+    const __m128i l = _mm256_castsi256_si128(_mm256_permutevar8x32_epi32(_mm256_and_si256(v, mask), evens));
+    _mm_storeu_si128((__m128i*)(high + j), h);
+    const __m128i l16 = _mm_packus_epi32(l, l);
+    if (low_bytes == 1) {
+      const int32_t l8 = _mm_cvtsi128_si32(_mm_packus_epi16(l16, l16));
+      memcpy((uint8_t*)low + j, &l8, 4);
+    } else {
+      _mm_storel_epi64((__m128i*)((uint16_t*)low + j), l16);
+    }
+  }
+  dfp_split_sums_portable(s + j, n - j, low_bits, low_bytes, high + j,
+                          (uint8_t*)low + j * (size_t)low_bytes);
 }

@@ -8,6 +8,7 @@
 #include <cstdlib>
 #include <initializer_list>
 #include <memory>
+#include <optional>
 #include <string>
 #include <string_view>
 #include <thread>
@@ -62,7 +63,7 @@ ffi::Error StatusToError(int status, dfp_isa isa) {
                         "dfpjax: a mantissa is -32768; DFP mantissas are symmetric, |m| <= 32767");
     case DFP_ERR_BAD_SHAPE:
       return ffi::Error(ffi::ErrorCode::kInvalidArgument,
-                        "dfpjax: the DFP kernel rejected its geometry or quantization parameters");
+                        "dfpjax: the DFP kernel rejected its geometry, quantization parameters or split-sum low_bits");
     default:
       return ffi::Error(ffi::ErrorCode::kInternal,
                         "dfpjax: the DFP kernel returned unknown status " + std::to_string(status));
@@ -89,7 +90,8 @@ ffi::ErrorOr<dfp_out_format> OutFormat(ffi::DataType type) {
     case ffi::DataType::BF16: return DFP_OUT_BF16;
     case ffi::DataType::F16: return DFP_OUT_F16;
     case ffi::DataType::S64: return DFP_OUT_S64;  // the exact sums, for a split contraction
-    default: return ffi::Unexpected(Invalid("output must be f32, bf16, f16 or s64"));
+    default: return ffi::Unexpected(Invalid("output must be f32, bf16, f16 or s64, or s32 with a second "
+                                            "output, u8 or u16 (the sums split in two parts)"));
   }
 }
 
@@ -100,13 +102,41 @@ std::string CheckSize(const char* op, const char* name, size_t actual, size_t ex
          " elements where its attributes need " + std::to_string(expected);
 }
 
+using OptionalResult = std::optional<ffi::Result<ffi::AnyBuffer>>;
+
+// The kernel's output from the call's results: one (f32, bf16, f16 or s64), or two, the sums
+// split into int32 high parts and u8 or u16 low parts of low_bits bits (dfp_out_format); each
+// of `elements` elements.
+ffi::ErrorOr<dfp_output> Output(const char* op, ffi::Result<ffi::AnyBuffer>& out, OptionalResult& low,
+                                int32_t low_bits, size_t elements) {
+  std::string bad = CheckSize(op, "out", out->element_count(), elements);
+  if (!bad.empty()) return ffi::Unexpected(Invalid(bad));
+  dfp_output o{};
+  o.data = out->untyped_data();
+  if (!low.has_value()) {
+    const auto format = OutFormat(out->element_type());
+    if (format.has_error()) return ffi::Unexpected(format.error());
+    o.format = *format;
+    return o;
+  }
+  const ffi::DataType low_type = (*low)->element_type();
+  if (out->element_type() != ffi::DataType::S32 ||
+      (low_type != ffi::DataType::U8 && low_type != ffi::DataType::U16))
+    return ffi::Unexpected(Invalid(std::string(op) + ": split sums take an s32 output and a u8 or u16 one"));
+  bad = CheckSize(op, "low", (*low)->element_count(), elements);
+  if (!bad.empty()) return ffi::Unexpected(Invalid(bad));
+  o.format = low_type == ffi::DataType::U8 ? DFP_OUT_SPLIT_U8 : DFP_OUT_SPLIT_U16;
+  o.low = (*low)->untyped_data();
+  o.low_bits = low_bits;
+  return o;
+}
+
 ffi::Error DotGeneral(ffi::ThreadPool pool, ffi::Buffer<ffi::S16> a, ffi::Buffer<ffi::S32> ea,
                       ffi::Buffer<ffi::S16> b, ffi::Buffer<ffi::S32> eb,
-                      ffi::Result<ffi::AnyBuffer> out, int32_t lhs_kmajor, int32_t rhs_nmajor) {
+                      ffi::Result<ffi::AnyBuffer> out, OptionalResult low, int32_t lhs_kmajor,
+                      int32_t rhs_nmajor, int32_t low_bits) {
   const auto isa = SelectedIsa();
   if (isa.has_error()) return isa.error();
-  const auto format = OutFormat(out->element_type());
-  if (format.has_error()) return format.error();
   if ((lhs_kmajor != 0 && lhs_kmajor != 1) || (rhs_nmajor != 0 && rhs_nmajor != 1))
     return Invalid("dot_general: lhs_kmajor and rhs_nmajor must be 0 or 1");
   const auto ad = a.dimensions(), bd = b.dimensions(), ead = ea.dimensions(), ebd = eb.dimensions();
@@ -129,8 +159,8 @@ ffi::Error DotGeneral(ffi::ThreadPool pool, ffi::Buffer<ffi::S16> a, ffi::Buffer
   if (!fits(ebd[0], args.batch) || !fits(ebd[1], args.n))
     return Invalid("dot_general: operand eb must be [1 or batch, 1 or N] = [1 or " +
                    std::to_string(args.batch) + ", 1 or " + std::to_string(args.n) + "]");
-  const std::string bad = CheckSize("dot_general", "out", out->element_count(), args.batch * args.m * args.n);
-  if (!bad.empty()) return Invalid(bad);
+  const auto output = Output("dot_general", out, low, low_bits, args.batch * args.m * args.n);
+  if (output.has_error()) return output.error();
   args.a = a.typed_data();
   args.a_kmajor = lhs_kmajor;
   args.b = b.typed_data();
@@ -141,8 +171,7 @@ ffi::Error DotGeneral(ffi::ThreadPool pool, ffi::Buffer<ffi::S16> a, ffi::Buffer
   args.eb = eb.typed_data();
   args.eb_batch_stride = ebd[0] == 1 ? 0 : ebd[1];
   args.eb_stride = ebd[1] == 1 ? 0 : 1;
-  args.out = out->untyped_data();
-  args.out_format = *format;
+  args.out = *output;
   dfp_parallel par{PoolParallelFor, &pool, static_cast<int>(pool.num_threads())};
   return StatusToError(dfp_gemm(&args, *isa, &par), *isa);
 }
@@ -246,17 +275,15 @@ size_t Elements(std::initializer_list<size_t> dims) {
 // "backward_data": dx from x = dy and b = w. The geometry is the forward convolution's.
 ffi::Error Conv(ffi::ThreadPool pool, ffi::Buffer<ffi::S16> x, ffi::Buffer<ffi::S32> ex,
                 ffi::Buffer<ffi::S16> b, ffi::Buffer<ffi::S32> eb, ffi::Result<ffi::AnyBuffer> out,
-                int64_t batch, ffi::Span<const int64_t> in_spatial, ffi::Span<const int64_t> out_spatial,
+                OptionalResult low, int64_t batch, ffi::Span<const int64_t> in_spatial, ffi::Span<const int64_t> out_spatial,
                 ffi::Span<const int64_t> window, ffi::Span<const int64_t> strides,
                 ffi::Span<const int64_t> padding_lo, ffi::Span<const int64_t> lhs_dilation,
                 ffi::Span<const int64_t> rhs_dilation, int64_t groups, int64_t in_channels,
                 int64_t out_channels, std::string_view mode, ffi::Span<const int64_t> weight_window,
                 ffi::Span<const int64_t> weight_tap_first, ffi::Span<const int64_t> weight_tap_step,
-                int64_t transposed_weights, int64_t features_major_weights) {
+                int64_t transposed_weights, int64_t features_major_weights, int32_t low_bits) {
   const auto isa = SelectedIsa();
   if (isa.has_error()) return isa.error();
-  const auto format = OutFormat(out->element_type());
-  if (format.has_error()) return format.error();
   const int forward = mode == "forward", weights = mode == "backward_weights", data = mode == "backward_data";
   if (!forward && !weights && !data)
     return Invalid("conv: mode '" + std::string(mode) +
@@ -275,12 +302,13 @@ ffi::Error Conv(ffi::ThreadPool pool, ffi::Buffer<ffi::S16> x, ffi::Buffer<ffi::
   const size_t ex_count = ex.element_count();
   std::string bad = CheckSize("conv", "x", x.element_count(), data ? output : input);
   if (bad.empty()) bad = CheckSize("conv", "b", b.element_count(), weights ? output : weight_b);
-  if (bad.empty()) bad = CheckSize("conv", "out", out->element_count(), forward ? output : weights ? weight : input);
   if (bad.empty()) bad = CheckSize("conv", "eb", eb.element_count(), 1);
   if (bad.empty() && ex_count != 1 && (!forward || ex_count != s.batch))
     bad = "conv: operand ex has " + std::to_string(ex_count) + " elements where " + std::string(mode) +
           (forward ? " needs 1 or batch = " + std::to_string(s.batch) : " needs 1");
   if (!bad.empty()) return Invalid(bad);
+  const auto result = Output("conv", out, low, low_bits, forward ? output : weights ? weight : input);
+  if (result.has_error()) return result.error();
   dfp_conv_args args{};
   args.shape = s;
   args.weights = *view;
@@ -289,8 +317,7 @@ ffi::Error Conv(ffi::ThreadPool pool, ffi::Buffer<ffi::S16> x, ffi::Buffer<ffi::
   args.ex_batch_stride = ex_count == 1 ? 0 : 1;
   args.b = b.typed_data();
   args.eb = eb.typed_data()[0];
-  args.out = out->untyped_data();
-  args.out_format = *format;
+  args.out = *result;
   dfp_parallel par{PoolParallelFor, &pool, static_cast<int>(pool.num_threads())};
   const int status = forward   ? dfp_conv_forward(&args, *isa, &par)
                      : weights ? dfp_conv_backward_weights(&args, *isa, &par)
@@ -393,8 +420,10 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(DfpDotGeneral, DotGeneral,
                                   .Arg<ffi::Buffer<ffi::S16>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::AnyBuffer>()
+                                  .OptionalRet<ffi::AnyBuffer>()
                                   .Attr<int32_t>("lhs_kmajor")
-                                  .Attr<int32_t>("rhs_nmajor"));
+                                  .Attr<int32_t>("rhs_nmajor")
+                                  .Attr<int32_t>("low_bits"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(DfpConv, Conv,
                               ffi::Ffi::Bind()
@@ -404,6 +433,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(DfpConv, Conv,
                                   .Arg<ffi::Buffer<ffi::S16>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::AnyBuffer>()
+                                  .OptionalRet<ffi::AnyBuffer>()
                                   .Attr<int64_t>("batch")
                                   .Attr<ffi::Span<const int64_t>>("in_spatial")
                                   .Attr<ffi::Span<const int64_t>>("out_spatial")
@@ -420,7 +450,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(DfpConv, Conv,
                                   .Attr<ffi::Span<const int64_t>>("weight_tap_first")
                                   .Attr<ffi::Span<const int64_t>>("weight_tap_step")
                                   .Attr<int64_t>("transposed_weights")
-                                  .Attr<int64_t>("features_major_weights"));
+                                  .Attr<int64_t>("features_major_weights")
+                                  .Attr<int32_t>("low_bits"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(DfpMaxMagnitudes, MaxMagnitudes,
                               ffi::Ffi::Bind()

@@ -71,15 +71,15 @@ static void block_task(void* arg, size_t t) {
   const int16_t* bpack = g->bpack + bq0 * g->kpairs * nr * 2;
   const uint64_t* abound = g->abound + ap0 * g->kblocks * DFP_CHUNK_LEVELS;
   const uint64_t* bbound = g->bbound + bq0 * g->kblocks * DFP_CHUNK_LEVELS;
-  if (g->kblocks == 1 && dfp_encodes_tiles(g->cfg, a->out_format, a->eb_stride)) {
+  if (g->kblocks == 1 && dfp_encodes_tiles(g->cfg, a->out.format, a->eb_stride)) {
     /* K <= 512: each tile encoded as it is computed, no int64 block */
     const dfp_block block = {
         .a = apack, .a_stride = g->kpairs * mr * 2, .mpanels = p1 - p0,
         .abound = abound, .abound_stride = DFP_CHUNK_LEVELS,
         .b = bpack, .b_stride = g->kpairs * nr * 2, .npanels = q1 - q0,
         .bbound = bbound, .bbound_stride = DFP_CHUNK_LEVELS, .kpairs = g->kpairs};
-    const dfp_block_output out = {a->out, (b * a->m + row0) * a->n + col0, a->n, row1 - row0, cols, ea,
-                                  a->eb[b * a->eb_batch_stride], a->out_format};
+    const dfp_block_output out = {&a->out, (b * a->m + row0) * a->n + col0, a->n, row1 - row0, cols, ea,
+                                  a->eb[b * a->eb_batch_stride]};
     dfp_multiply_encode_block(g->cfg, &block, &out);
     return;
   }
@@ -101,7 +101,7 @@ static void block_task(void* arg, size_t t) {
     dfp_multiply_block(g->cfg->ukernel, &block, acc, ldc, pc > 0);
   }
   for (size_t row = row0; row < row1; ++row)
-    dfp_encode_row(g->cfg, a->out_format, a->out, (b * a->m + row) * a->n + col0, acc + (row - row0) * ldc, cols,
+    dfp_encode_row(g->cfg, &a->out, (b * a->m + row) * a->n + col0, acc + (row - row0) * ldc, cols,
                    ea[row - row0], a->eb + b * a->eb_batch_stride + col0 * a->eb_stride, a->eb_stride);
   free(acc);
 }
@@ -120,9 +120,10 @@ int dfp_gemm(const dfp_gemm_args* args, dfp_isa isa, const dfp_parallel* par) {
   g.ncp = (GEMM_NC_COLS + g.nr - 1) / g.nr;
   g.mblocks = (g.mpanels + g.mcp - 1) / g.mcp;
   g.nblocks = (g.npanels + g.ncp - 1) / g.ncp;
+  if (dfp_check_output(&args->out, args->k) != DFP_OK) return DFP_ERR_BAD_SHAPE;
   if (args->batch == 0 || args->m == 0 || args->n == 0) return DFP_OK;
 
-  dfp_advise_output(args->out, args->batch * args->m * args->n * dfp_out_element_bytes(args->out_format));
+  dfp_advise_output(args->out.data, args->batch * args->m * args->n * dfp_out_element_bytes(args->out.format));
   const size_t apanels = args->batch * g.mpanels, bpanels = args->batch * g.npanels;
   const size_t kp = g.kpairs ? g.kpairs : 1, levels = (g.kblocks ? g.kblocks : 1) * DFP_CHUNK_LEVELS;
   g.apack = (int16_t*)malloc(apanels * kp * g.mr * 2 * sizeof(int16_t));

@@ -32,6 +32,9 @@ typedef struct {
   void (*quantize_row)(const float* x, size_t n, int32_t e, int32_t limit, int16_t* m);
   /* dst[j] += src[j] for j < n, int64: col2im's columns into their pixels (conv.c, macro.h). */
   void (*add_sums)(int64_t* dst, const int64_t* src, size_t n);
+  /* The split sums' output stage of one row (macro.h): high[j] = s[j] >> low_bits and low[j] =
+   * s[j] mod 2**low_bits in low_bytes (1 or 2) bytes. */
+  void (*split_sums)(const int64_t* s, size_t n, int low_bits, int low_bytes, uint32_t* high, void* low);
 } dfp_isa_config;
 
 /* The configuration of a path compiled into this build, else NULL (an unknown index, or an

@@ -46,7 +46,8 @@ static int normal_scales(const dfp_block_output* o, size_t row0, size_t rows, in
 
 void dfp_multiply_encode_block(const dfp_isa_config* cfg, const dfp_block* block, const dfp_block_output* o) {
   const dfp_ukernel* uk = cfg->ukernel;
-  const int sums = o->format == DFP_OUT_S64;
+  const dfp_out_format format = o->out->format;
+  const int sums = format == DFP_OUT_S64, split = dfp_out_is_split(format);
   const size_t kc = block->kpairs, mr = (size_t)uk->mr, nr = (size_t)uk->nr;
   int64_t tile[DFP_TILE_MAX_ELEMENTS];
   int32_t scale[DFP_TILE_MAX_ROWS];
@@ -56,7 +57,7 @@ void dfp_multiply_encode_block(const dfp_isa_config* cfg, const dfp_block* block
    * layers, one thread, Zen 3). */
   for (size_t i = 0; i < block->mpanels; ++i) {
     const size_t row0 = i * mr, rows = o->rows - row0 < mr ? o->rows - row0 : mr;
-    const int whole = rows == mr && (sums || normal_scales(o, row0, mr, scale));
+    const int whole = rows == mr && !split && (sums || normal_scales(o, row0, mr, scale));
     const int16_t* a = block->a + i * block->a_stride;
     const uint64_t* abound = block->abound + i * block->abound_stride;
     for (size_t j = 0; j < block->npanels; ++j) {
@@ -65,15 +66,15 @@ void dfp_multiply_encode_block(const dfp_isa_config* cfg, const dfp_block* block
       const int16_t* b = block->b + j * block->b_stride;
       const size_t index = o->index + row0 * o->ldo + col0;
       if (whole && cols == nr) {
-        if (sums) uk->fn(kc, chunk < kc ? chunk : kc, a, b, (int64_t*)o->out + index, o->ldo, 0);
-        else uk->encode_f32(kc, chunk < kc ? chunk : kc, a, b, (uint32_t*)o->out + index, o->ldo, scale);
+        if (sums) uk->fn(kc, chunk < kc ? chunk : kc, a, b, (int64_t*)o->out->data + index, o->ldo, 0);
+        else uk->encode_f32(kc, chunk < kc ? chunk : kc, a, b, (uint32_t*)o->out->data + index, o->ldo, scale);
         continue;
       }
+      /* A partial tile, a row's scale past the lanes' encoding, or split sums: through the
+       * int64 tile and the output stage. */
       uk->fn(kc, chunk < kc ? chunk : kc, a, b, tile, nr, 0);
-      for (size_t r = 0; r < rows; ++r) {
-        if (sums) memcpy((int64_t*)o->out + index + r * o->ldo, tile + r * nr, cols * sizeof(int64_t));
-        else cfg->encode_f32(tile + r * nr, cols, o->ea[row0 + r], &o->eb, 0, (uint32_t*)o->out + index + r * o->ldo);
-      }
+      for (size_t r = 0; r < rows; ++r)
+        dfp_encode_row(cfg, o->out, index + r * o->ldo, tile + r * nr, cols, o->ea[row0 + r], &o->eb, 0);
     }
   }
 }
@@ -87,18 +88,46 @@ void dfp_add_sums_portable(int64_t* restrict dst, const int64_t* restrict src, s
   for (size_t j = 0; j < n; ++j) dst[j] += src[j];
 }
 
-void dfp_encode_row(const dfp_isa_config* cfg, dfp_out_format format, void* out, size_t out_index,
+int dfp_check_output(const dfp_output* out, uint64_t terms) {
+  if (!dfp_out_is_split(out->format)) return DFP_OK;
+  const int most = out->format == DFP_OUT_SPLIT_U8 ? 8 : 16;
+  if (out->low_bits < 1 || out->low_bits > most) return DFP_ERR_BAD_SHAPE;
+  /* |s| <= terms * 32767**2, so the high part lies in [-ceil(bound), floor(bound)] of
+   * bound = terms * 32767**2 / 2**low_bits. */
+  const unsigned __int128 largest = (unsigned __int128)terms * 32767 * 32767;
+  const unsigned __int128 high = (largest + ((UINT64_C(1) << out->low_bits) - 1)) >> out->low_bits;
+  return high <= (unsigned __int128)INT32_MAX ? DFP_OK : DFP_ERR_BAD_SHAPE;
+}
+
+void dfp_split_sums_portable(const int64_t* restrict s, size_t n, int low_bits, int low_bytes,
+                             uint32_t* restrict high, void* restrict low) {
+  const uint64_t mask = (UINT64_C(1) << low_bits) - 1;
+  for (size_t j = 0; j < n; ++j) {
+    high[j] = (uint32_t)((uint64_t)s[j] >> low_bits);
+    if (low_bytes == 1) ((uint8_t*)low)[j] = (uint8_t)((uint64_t)s[j] & mask);
+    else ((uint16_t*)low)[j] = (uint16_t)((uint64_t)s[j] & mask);
+  }
+}
+
+void dfp_encode_row(const dfp_isa_config* cfg, const dfp_output* out, size_t out_index,
                     const int64_t* s, size_t n, int32_t ea, const int32_t* eb, size_t eb_stride) {
+  const dfp_out_format format = out->format;
   if (format == DFP_OUT_F32) {
-    cfg->encode_f32(s, n, ea, eb, eb_stride, (uint32_t*)out + out_index);
+    cfg->encode_f32(s, n, ea, eb, eb_stride, (uint32_t*)out->data + out_index);
     return;
   }
   if (format == DFP_OUT_S64) {
-    memcpy((int64_t*)out + out_index, s, n * sizeof(int64_t));
+    memcpy((int64_t*)out->data + out_index, s, n * sizeof(int64_t));
+    return;
+  }
+  if (dfp_out_is_split(format)) {
+    const int low_bytes = format == DFP_OUT_SPLIT_U8 ? 1 : 2;
+    cfg->split_sums(s, n, out->low_bits, low_bytes, (uint32_t*)out->data + out_index,
+                    (uint8_t*)out->low + out_index * low_bytes);
     return;
   }
   const int bf16 = format == DFP_OUT_BF16;
-  uint16_t* o = (uint16_t*)out + out_index;
+  uint16_t* o = (uint16_t*)out->data + out_index;
   for (size_t j = 0; j < n; ++j) {
     const int32_t e = eb[j * eb_stride];
     o[j] = (ea == DFP_NONFINITE_EXPONENT || e == DFP_NONFINITE_EXPONENT)

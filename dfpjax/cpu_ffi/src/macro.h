@@ -43,38 +43,49 @@ typedef struct {
 void dfp_multiply_block(const dfp_ukernel* uk, const dfp_block* block, int64_t* acc, size_t ldc,
                         int add);
 
-/* Whether a cache block over one K block writes its tiles into the output as they are
- * computed (dfp_multiply_encode_block): a float32 output with one exponent per row (eb_stride
- * 0), on a path whose microkernel encodes from its lanes; or int64 sums (a product whose
- * contracted dimension is split over devices), stored as they are. Otherwise the int64 block
- * of sums and the output stage are as fast or faster (per-column exponents: 4-23% slower tile
- * by tile). */
-static inline int dfp_encodes_tiles(const dfp_isa_config* cfg, dfp_out_format format, size_t eb_stride) {
-  return format == DFP_OUT_S64 || (cfg->ukernel->encode_f32 != NULL && format == DFP_OUT_F32 && eb_stride == 0);
+static inline int dfp_out_is_split(dfp_out_format format) {
+  return format == DFP_OUT_SPLIT_U8 || format == DFP_OUT_SPLIT_U16;
 }
 
-/* Where such a block's tiles go: its (0, 0) is out[index] (row stride ldo, elements of
- * format), rows x cols of it are valid (the rest of its panels is padding), row r's exponent is
- * ea[r], every column's eb (float32 only). */
+/* Whether a cache block over one K block writes its tiles into the output as they are
+ * computed (dfp_multiply_encode_block): a float32 output with one exponent per row (eb_stride
+ * 0), on a path whose microkernel encodes from its lanes; or the sums of a product whose
+ * contracted dimension is split over devices (int64, stored as they are, or split in two
+ * parts). Otherwise the int64 block of sums and the output stage are as fast or faster
+ * (per-column exponents: 4-23% slower tile by tile). */
+static inline int dfp_encodes_tiles(const dfp_isa_config* cfg, dfp_out_format format, size_t eb_stride) {
+  return format == DFP_OUT_S64 || dfp_out_is_split(format) ||
+         (cfg->ukernel->encode_f32 != NULL && format == DFP_OUT_F32 && eb_stride == 0);
+}
+
+/* DFP_OK where out can hold every sum of `terms` products of mantissas (|m| <= 32767): any
+ * format but a split one, or a split one whose low_bits fit its low type and whose high parts
+ * fit int32; else DFP_ERR_BAD_SHAPE. */
+int dfp_check_output(const dfp_output* out, uint64_t terms);
+
+/* Where such a block's tiles go: its (0, 0) is element index of out (row stride ldo),
+ * rows x cols of it are valid (the rest of its panels is padding), row r's exponent is ea[r],
+ * every column's eb (float32 only). */
 typedef struct {
-  void* out;
+  const dfp_output* out;
   size_t index, ldo, rows, cols;
   const int32_t* ea;
   int32_t eb;
-  dfp_out_format format;
 } dfp_block_output;
 
 /* dfp_multiply_block over the whole reduction (block->kpairs pairs) where dfp_encodes_tiles,
  * each tile written into the output as soon as it is computed, with no int64 block of sums:
  * int64 sums stored by the microkernel in place (through an int64 tile where the tile is
  * partial); float32 straight from the microkernel's lanes (its encode_f32) where the tile is
- * whole and its rows' scales normal, else through an int64 tile and the output stage. */
+ * whole and its rows' scales normal, else through an int64 tile and the output stage; split
+ * sums through an int64 tile and the split stage. */
 void dfp_multiply_encode_block(const dfp_isa_config* cfg, const dfp_block* block, const dfp_block_output* out);
 
 /* out[out_index + j] = fl(s[j]) * 2**(ea + eb[j * eb_stride]) for j < n, in the output
  * format; NaN where an exponent marks a non-finite operand (spec sections 2 and 3). Any
- * exponents give the exact result: the sum is never formed in int32. DFP_OUT_S64: s[j]. */
-void dfp_encode_row(const dfp_isa_config* cfg, dfp_out_format format, void* out, size_t out_index,
+ * exponents give the exact result: the sum is never formed in int32. DFP_OUT_S64: s[j]; the
+ * split formats: s[j]'s two parts. */
+void dfp_encode_row(const dfp_isa_config* cfg, const dfp_output* out, size_t out_index,
                     const int64_t* s, size_t n, int32_t ea, const int32_t* eb, size_t eb_stride);
 
 /* The configuration's float32 output stage (isa_config.h): the scalar specification, the
@@ -90,6 +101,12 @@ void dfp_encode_f32_avx512(const int64_t* s, size_t n, int32_t ea, const int32_t
 void dfp_add_sums_portable(int64_t* dst, const int64_t* src, size_t n);
 void dfp_add_sums_avx2(int64_t* dst, const int64_t* src, size_t n);
 
+/* The configuration's split-sums stage (isa_config.h): plain C and AVX2 (encode_avx2.c). The
+ * high parts fit int32 (dfp_check_output) and low_bits <= 16, so the low 32 bits of the
+ * logical shift are the arithmetic shift's (AVX2 has no 64-bit arithmetic shift). */
+void dfp_split_sums_portable(const int64_t* s, size_t n, int low_bits, int low_bytes, uint32_t* high, void* low);
+void dfp_split_sums_avx2(const int64_t* s, size_t n, int low_bits, int low_bytes, uint32_t* high, void* low);
+
 /* Outputs of at least this many bytes are fresh mappings (glibc maps blocks above 32 MB
  * afresh on every allocation and unmaps them on free), so every call page-faults all of them
  * in, 4 KB at a time, as it writes them. */
@@ -103,8 +120,9 @@ void dfp_add_sums_avx2(int64_t* dst, const int64_t* src, size_t n);
  * elsewhere and when it fails. */
 void dfp_advise_output(void* out, size_t bytes);
 
+/* The bytes of one element of an output's data (the high parts of split sums). */
 static inline size_t dfp_out_element_bytes(dfp_out_format format) {
-  return format == DFP_OUT_F32 ? 4 : format == DFP_OUT_S64 ? 8 : 2;
+  return format == DFP_OUT_F32 || dfp_out_is_split(format) ? 4 : format == DFP_OUT_S64 ? 8 : 2;
 }
 
 /* Records a parallel task's error in *status (a negative dfp_status); of several concurrent
