@@ -356,7 +356,7 @@ static double gemm_gops(size_t n) {
   float* c = malloc(n * n * sizeof(float));
   for (size_t i = 0; i < n * n; ++i) a[i] = (int16_t)(gauss() * 4000), b[i] = (int16_t)(gauss() * 4000);
   int32_t e = 0;
-  call_t g = {.kind = GEMM, .g = {1, n, n, n, a, 0, b, 0, &e, 0, 0, &e, 0, 0, c, DFP_OUT_F32},
+  call_t g = {.kind = GEMM, .g = {1, n, n, n, a, 0, b, 0, &e, 0, 0, &e, 0, 0, {c, DFP_OUT_F32}},
               .out_bytes = n * n * sizeof(float)};
   const double ms = best_ms(&g);
   free(a), free(b), free(c);
