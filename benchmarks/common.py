@@ -8,6 +8,7 @@ import sys
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 import dfpjax
@@ -77,6 +78,19 @@ def check_calls_kernel(lowered_text: str, what: str) -> None:
   xla_products = ("stablehlo.dot_general", "stablehlo.convolution")
   if "stablehlo.custom_call" not in lowered_text or any(p in lowered_text for p in xla_products):
     raise RuntimeError(f"{what} did not lower to the C kernel; the timing would be XLA's")
+
+
+DENSE = (((1,), (0,)), ((), ()))
+
+
+def gemm_kernel(m: int, k: int, n: int):
+  """The DFP GEMM kernel alone, ``a @ b`` of ``m x k`` and ``k x n`` Gaussian operands
+  quantized beforehand: a zero-argument function, and its operations (``2 * m * n * k``)."""
+  ka, kb = jax.random.split(jax.random.key(0))
+  qa = dfpjax.quantize(jax.random.normal(ka, (m, k), jnp.float32))
+  qb = dfpjax.quantize(jax.random.normal(kb, (k, n), jnp.float32))
+  kernel = jax.jit(lambda qa, qb: dfpjax.dfp_dot_general(qa, qb, DENSE))
+  return (lambda: kernel(qa, qb)), 2.0 * m * n * k
 
 
 def time_interleaved(fns, repeats: int) -> list[float]:

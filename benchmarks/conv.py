@@ -11,7 +11,10 @@ interleaved (median of --repeats runs after warm-up, both cores through XLA's in
   backward-weights  dw = vjp with respect to w, applied to dy
 in XLA FP32 (lax.conv_general_dilated) and in DFP (dfpjax.dfp_conv_general_dilated, each pass
 including the quantization of the operands it reads), and prints speed-ups over FP32
-(FP32 time / DFP time, > 1: DFP faster) per layer and in total over the set. The header names
+(FP32 time / DFP time, > 1: DFP faster) per layer and in total over the set. Then each DFP
+pass's GOP/s against the DFP GEMM kernel's at 1024^3 (operands quantized beforehand, as
+matmul.py's kernel column), which runs in every layer's interleaved rounds: the reference is
+timed in the same minutes as the passes, so the host's drift moves both. The header names
 the glibc malloc settings in the environment: with the defaults every output of 32 MB or more
 is a fresh mapping, faulted in and zero-filled as it is written, which costs the DFP passes
 10-20% on two threads (docs/performance.md, "Two threads"); the trainer's recommended settings
@@ -31,7 +34,8 @@ import numpy as np
 from jax import lax
 
 import dfpjax
-from common import WARMUP, check_calls_kernel, cpu_model, kernel_paths, malloc_settings, time_interleaved
+from common import (WARMUP, check_calls_kernel, cpu_model, gemm_kernel, kernel_paths,
+                    malloc_settings, time_interleaved)
 
 NHWC = ("NHWC", "HWIO", "NHWC")
 # name: (input spatial size, input channels, window, stride, output channels)
@@ -49,6 +53,7 @@ LAYERS = {
     "conv5_1x1_expand": (7, 512, 1, 1, 2048),
 }
 PASSES = ("forward", "backward-data", "backward-weights")
+GEMM = (1024, 1024, 1024)  # the reference: issue 15's bar is each pass at 85% of its GOP/s
 
 
 def _passes(conv, x, w, dy):
@@ -59,7 +64,7 @@ def _passes(conv, x, w, dy):
   return [lambda: fwd(x, w), lambda: bwd_data(x, w, dy), lambda: bwd_weights(x, w, dy)]
 
 
-def measure(name: str, batch: int, repeats: int) -> dict:
+def measure(name: str, batch: int, repeats: int, gemm) -> dict:
   size, cin, window, stride, cout = LAYERS[name]
   padding = [((window - 1) // 2, window // 2)] * 2
   kx, kw, kg = jax.random.split(jax.random.key(0), 3)
@@ -71,11 +76,11 @@ def measure(name: str, batch: int, repeats: int) -> dict:
                                                      dimension_numbers=NHWC)
   dy = jax.random.normal(kg, jax.eval_shape(fp32, x, w).shape, jnp.float32)
   check_calls_kernel(jax.jit(dfp).lower(x, w).as_text(), "dfp_conv_general_dilated")
-  fns = _passes(fp32, x, w, dy) + _passes(dfp, x, w, dy)
+  fns = _passes(fp32, x, w, dy) + _passes(dfp, x, w, dy) + [gemm]
   times = time_interleaved(fns, repeats)
   out = dy.shape[1]
   flops = 2.0 * batch * out * out * cout * window * window * cin
-  row = dict(layer=name, batch=batch, gflop=flops / 1e9)
+  row = dict(layer=name, batch=batch, gflop=flops / 1e9, gemm_ms=times[6] * 1e3)
   for i, p in enumerate(PASSES):
     row[p] = dict(fp32_ms=times[i] * 1e3, dfp_ms=times[3 + i] * 1e3)
   return row
@@ -103,6 +108,7 @@ def main():
     parser.error(f"unknown layers {unknown}; choose from {list(LAYERS)}")
 
   isa = kernel_paths()["selected_isa"]
+  gemm, gemm_ops = gemm_kernel(*GEMM)
   print(f"# {datetime.datetime.now().isoformat(timespec='seconds')}  {cpu_model()}  "
         f"({os.cpu_count()} CPUs)  jax {jax.__version__}  dfpjax {dfpjax.__version__}  "
         f"kernel path {isa}; load average {os.getloadavg()[0]:.1f}; {malloc_settings()}")
@@ -113,17 +119,32 @@ def main():
   print("|---|---|---|---|---|")
   rows = []
   for name in layers:
-    rows.append(measure(name, args.batch, args.repeats))
+    rows.append(measure(name, args.batch, args.repeats, gemm))
     r = rows[-1]
     print(f"| {name} | {r['gflop']:.1f} | " + " | ".join(_cell(r[p]) for p in PASSES) + " |",
           flush=True)
   totals = {p: dict(fp32_ms=sum(r[p]["fp32_ms"] for r in rows),
                     dfp_ms=sum(r[p]["dfp_ms"] for r in rows)) for p in PASSES}
-  print(f"| **total** | {sum(r['gflop'] for r in rows):.1f} | "
-        + " | ".join(_cell(totals[p]) for p in PASSES) + " |")
+  gflop = sum(r["gflop"] for r in rows)
+  print(f"| **total** | {gflop:.1f} | " + " | ".join(_cell(totals[p]) for p in PASSES) + " |")
+  # The GEMM's rate over the same rounds: its median per layer, weighted alike.
+  gemm_gops = len(rows) * gemm_ops / 1e9 / (sum(r["gemm_ms"] for r in rows) / 1e3)
+  print()
+  print(f"DFP GOP/s over the set and share of the GEMM kernel at {'x'.join(map(str, GEMM))} "
+        f"({gemm_gops:.0f} GOP/s, timed in every layer's rounds; per layer "
+        f"{min(gemm_ops / r['gemm_ms'] / 1e6 for r in rows):.0f}-"
+        f"{max(gemm_ops / r['gemm_ms'] / 1e6 for r in rows):.0f}):")
+  print("| pass | DFP GOP/s | of the GEMM |")
+  print("|---|---|---|")
+  shares = {}
+  for p in PASSES:
+    gops = gflop / (totals[p]["dfp_ms"] / 1e3)
+    shares[p] = gops / gemm_gops
+    print(f"| {p} | {gops:.0f} | {100 * shares[p]:.0f}% |")
   if args.json:
     with open(args.json, "w") as f:
-      json.dump(dict(isa=isa, batch=args.batch, rows=rows, totals=totals), f, indent=2)
+      json.dump(dict(isa=isa, batch=args.batch, rows=rows, totals=totals, gemm=GEMM,
+                     gemm_gops=gemm_gops, shares=shares), f, indent=2)
 
 
 if __name__ == "__main__":

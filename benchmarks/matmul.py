@@ -26,9 +26,9 @@ import jax.numpy as jnp
 import numpy as np
 
 import dfpjax
-from common import WARMUP, check_calls_kernel, cpu_model, kernel_paths, time_interleaved
+from common import (DENSE, WARMUP, check_calls_kernel, cpu_model, gemm_kernel, kernel_paths,
+                    time_interleaved)
 
-DENSE = (((1,), (0,)), ((), ()))
 SHAPES = [(256, 256, 256), (512, 512, 512), (1024, 1024, 1024), (2048, 1024, 1024),
           (4096, 1024, 1024)]
 QUICK_SHAPES = [(128, 128, 128), (256, 256, 256), (512, 256, 384)]
@@ -66,16 +66,14 @@ def measure(m: int, k: int, n: int, repeats: int) -> dict:
   ka, kb = jax.random.split(jax.random.key(0))
   a = jax.random.normal(ka, (m, k), jnp.float32)
   b = jax.random.normal(kb, (k, n), jnp.float32)
-  qa, qb = dfpjax.quantize(a), dfpjax.quantize(b)
   fp32 = jax.jit(jnp.dot)
   dfp = jax.jit(lambda a, b: dfpjax.dfp_dot_general(a, b, DENSE))
-  kernel = jax.jit(lambda qa, qb: dfpjax.dfp_dot_general(qa, qb, DENSE))  # pre-quantized
+  kernel, ops = gemm_kernel(m, k, n)  # the same operands, quantized beforehand
   check_calls_kernel(dfp.lower(a, b).as_text(), "dfp_dot_general")
   t_fp32, t_dfp, t_kernel = time_interleaved(
-      [lambda: fp32(a, b), lambda: dfp(a, b), lambda: kernel(qa, qb)], repeats)
+      [lambda: fp32(a, b), lambda: dfp(a, b), kernel], repeats)
   ref = fp32(a, b)
   rel_err = float(jnp.linalg.norm(dfp(a, b) - ref) / jnp.linalg.norm(ref))
-  ops = 2.0 * m * n * k
   return dict(m=m, k=k, n=n, fp32_ms=t_fp32 * 1e3, dfp_ms=t_dfp * 1e3, kernel_ms=t_kernel * 1e3,
               fp32_gops=ops / t_fp32 / 1e9, dfp_gops=ops / t_dfp / 1e9,
               kernel_gops=ops / t_kernel / 1e9, speedup=t_fp32 / t_dfp,
