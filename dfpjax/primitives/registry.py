@@ -67,7 +67,6 @@ def register(p: core.Primitive, *, abstract_eval, batch_rule, cpu_lowering, xla_
     split_kernel.def_abstract_eval(functools.partial(_split_abstract_eval, abstract_eval))
     mlir.register_lowering(split_kernel, cpu_lowering, platform="cpu")
     _SPLIT_KERNELS[p] = split_kernel
-  if flagged:
     abstract_eval, batch_rule, xla_lowering = _flagged(abstract_eval, batch_rule, xla_lowering)
   p.def_abstract_eval(abstract_eval)
   batching.primitive_batchers[p] = batch_rule

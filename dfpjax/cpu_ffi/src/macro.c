@@ -90,7 +90,7 @@ void dfp_add_sums_portable(int64_t* restrict dst, const int64_t* restrict src, s
 
 int dfp_check_output(const dfp_output* out, uint64_t terms) {
   if (!dfp_out_is_split(out->format)) return DFP_OK;
-  const int most = out->format == DFP_OUT_SPLIT_U8 ? 8 : 16;
+  const int most = 8 * dfp_out_low_bytes(out->format);
   if (out->low_bits < 1 || out->low_bits > most) return DFP_ERR_BAD_SHAPE;
   /* |s| <= terms * 32767**2, so the high part lies in [-ceil(bound), floor(bound)] of
    * bound = terms * 32767**2 / 2**low_bits. */
@@ -121,7 +121,7 @@ void dfp_encode_row(const dfp_isa_config* cfg, const dfp_output* out, size_t out
     return;
   }
   if (dfp_out_is_split(format)) {
-    const int low_bytes = format == DFP_OUT_SPLIT_U8 ? 1 : 2;
+    const int low_bytes = dfp_out_low_bytes(format);
     cfg->split_sums(s, n, out->low_bits, low_bytes, (uint32_t*)out->data + out_index,
                     (uint8_t*)out->low + out_index * low_bytes);
     return;

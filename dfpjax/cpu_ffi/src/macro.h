@@ -47,6 +47,9 @@ static inline int dfp_out_is_split(dfp_out_format format) {
   return format == DFP_OUT_SPLIT_U8 || format == DFP_OUT_SPLIT_U16;
 }
 
+/* The bytes of one low part of a split format. */
+static inline int dfp_out_low_bytes(dfp_out_format format) { return format == DFP_OUT_SPLIT_U8 ? 1 : 2; }
+
 /* Whether a cache block over one K block writes its tiles into the output as they are
  * computed (dfp_multiply_encode_block): a float32 output with one exponent per row (eb_stride
  * 0), on a path whose microkernel encodes from its lanes; or the sums of a product whose
