@@ -341,11 +341,13 @@ from jax import lax
 from dfpjax.primitives import partitioning
 # A product contracting the sharded batch with every term at +-32767 * 32767 (1.99997 quantizes
 # to 32767): on 4 devices 32 terms each, the most the uint8 low parts admit there, and
-# 4 * 8193 terms, one more per device than any split admits there (int64 sums).
+# 4 * 8193 terms, one more per device than any split admits there (int64 sums). The low parts'
+# rows of 2 columns travel as uint8, of 4 columns as uint32 words of 4 lanes.
 full = 1.99997
-for name, batch in (("uint8_edge", 128), ("int64_fallback", 4 * 8193)):
+for name, batch, columns in (("uint8_edge", 128, 2), ("uint8_edge_words", 128, 4),
+                             ("int64_fallback", 4 * 8193, 2)):
   x = jnp.full((batch, 4), full).at[:, 2:].set(-full)
-  y = jnp.full((batch, 2), full)
+  y = jnp.full((batch, columns), full)
   contract = jax.jit(lambda x, y: dfpjax.dfp_dot_general(x, y, (((0,), (0,)), ((), ()))))
   x, y = (jax.device_put(v, NamedSharding(mesh, P("data"))) for v in (x, y))
   report_hlo(contract.lower(x, y).compile())
@@ -358,11 +360,14 @@ def test_split_sums_at_their_bound_give_one_devices_bits():
   reduction the format admits) and past every split format (the int64 fallback) give one
   device's bits on 2 and 4 devices."""
   runs = {n: run_on_devices(_SPLIT_EDGES, n) for n in DEVICE_COUNTS}
-  np.testing.assert_allclose(np.abs(runs[1].results["uint8_edge"]), 128 * 1.99997**2, rtol=1e-4)
-  _assert_same_bits(runs, ["uint8_edge", "int64_fallback"])
-  edge, fallback = runs[4].hlo
+  for edge in ("uint8_edge", "uint8_edge_words"):
+    np.testing.assert_allclose(np.abs(runs[1].results[edge]), 128 * 1.99997**2, rtol=1e-4)
+  _assert_same_bits(runs, ["uint8_edge", "uint8_edge_words", "int64_fallback"])
+  edge, words, fallback = runs[4].hlo
   assert re.search(r"u8\[[^]]*\][^ ]* reduce-scatter\(", edge)
-  assert not re.search(r"s64\[[^]]*\][^ ]* reduce-scatter\(", edge)
+  assert re.search(r"u32\[[^]]*\][^ ]* reduce-scatter\(", words)
+  assert not re.search(r"u8\[[^]]*\][^ ]* reduce-scatter\(", words)
+  assert not re.search(r"s64\[[^]]*\][^ ]* reduce-scatter\(", edge + words)
   assert re.search(r"s64\[[^]]*\][^ ]* reduce-scatter\(", fallback)
 
 
