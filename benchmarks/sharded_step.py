@@ -145,10 +145,11 @@ def main(argv=None) -> None:
     print(json.dumps(worker(args)))
     return
   sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-  from common import cpu_model, kernel_paths  # pylint: disable=g-import-not-at-top
+  from common import cpu_model, kernel_paths, malloc_settings  # pylint: disable=g-import-not-at-top
   print(f"{args.network}, global batch {args.batch}, {args.image_size}x{args.image_size}, "
         f"{args.steps} timed steps; {cpu_model()}, {os.cpu_count()} CPUs, DFP kernel path "
-        f"{kernel_paths()['selected_isa']}\n", flush=True)
+        f"{kernel_paths()['selected_isa']}; load average {os.getloadavg()[0]:.1f} at the start; "
+        f"{malloc_settings()}\n", flush=True)
   bad = set(args.states) - {"replicated", "sharded"}
   if bad:
     sys.exit(f"--states takes replicated and sharded, got {sorted(bad)}")
@@ -158,6 +159,7 @@ def main(argv=None) -> None:
   rows.sort(key=lambda r: (args.modes.index(r["mode"]), args.states.index(r["state"]),
                            r["devices"]))
   print(table(rows))
+  print(f"load average {os.getloadavg()[0]:.1f} at the end")
   if args.json:
     with open(args.json, "w", encoding="utf-8") as f:
       json.dump(rows, f, indent=2)

@@ -208,7 +208,8 @@ def run_config(spec: dict, timeout: float) -> dict:
 def machine_header(torch_note: str) -> str:
   """The machine and software facts that a reader needs to weigh the numbers."""
   import jax
-  from common import cpu_flags, cpu_model, kernel_paths  # loads dfpjax: not in the workers' way
+  # common loads dfpjax: not in the workers' way.
+  from common import cpu_flags, cpu_model, kernel_paths, malloc_settings
   kernel = kernel_paths()
   forced = f" (DFPJAX_ISA={os.environ['DFPJAX_ISA']})" if os.environ.get("DFPJAX_ISA") else ""
   git = lambda *a: subprocess.run(["git", *a], cwd=REPO, capture_output=True, text=True).stdout
@@ -217,7 +218,7 @@ def machine_header(torch_note: str) -> str:
           f"{' '.join(cpu_flags()) or '(no AVX2 or later)'}, DFP kernel path "
           f"{kernel['selected_isa']}{forced}, load average {os.getloadavg()[0]:.1f} at the start, "
           f"jax {jax.__version__}, dfpjax at {git('rev-parse', '--short', 'HEAD').strip()}{dirty}; "
-          f"{torch_note}")
+          f"{malloc_settings()}; {torch_note}")
 
 
 def summary_table(rows: list[dict]) -> str:
