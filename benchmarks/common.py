@@ -97,6 +97,11 @@ def time_interleaved(fns, repeats: int) -> list[float]:
   """Median seconds of each zero-argument function, their runs interleaved.
 
   The order rotates every round so that no function always runs right after the same one.
+  Each timed run follows an untimed run of the same function, so its fresh output buffers
+  are made of memory freed moments before, as a training step's are. Timed right after
+  another function's seconds-long run, a pass would instead fault in memory that a virtual
+  machine's host may have taken back meanwhile (free page reporting), and time the host
+  (docs/performance.md, "Fresh pages under glibc's defaults").
   """
   for f in fns:
     for _ in range(WARMUP):
@@ -105,6 +110,7 @@ def time_interleaved(fns, repeats: int) -> list[float]:
   for r in range(repeats):
     for i in range(len(fns)):
       j = (i + r) % len(fns)
+      jax.block_until_ready(fns[j]())
       start = time.perf_counter()
       jax.block_until_ready(fns[j]())
       times[j].append(time.perf_counter() - start)

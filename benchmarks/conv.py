@@ -112,7 +112,8 @@ def main():
   print(f"# {datetime.datetime.now().isoformat(timespec='seconds')}  {cpu_model()}  "
         f"({os.cpu_count()} CPUs)  jax {jax.__version__}  dfpjax {dfpjax.__version__}  "
         f"kernel path {isa}; load average {os.getloadavg()[0]:.1f}; {malloc_settings()}")
-  print(f"# batch {args.batch}; median of {args.repeats} interleaved runs after {WARMUP} warm-ups; "
+  print(f"# batch {args.batch}; median of {args.repeats} interleaved runs after {WARMUP} warm-ups, each "
+        "right after an untimed run of its own; "
         "cells: XLA FP32 ms / DFP ms (speed-up = FP32 / DFP)")
   print()
   print("| layer | GFLOP | " + " | ".join(PASSES) + " |")

@@ -118,7 +118,8 @@ def main():
   print(f"# kernel paths supported: {', '.join(supported)}; selected: {isa}"
         + (f" (DFPJAX_ISA={forced})" if forced else ""))
   print(f"# INT16 peak: {peak_note}")
-  print(f"# median of {repeats} interleaved runs after {WARMUP} warm-ups; "
+  print(f"# median of {repeats} interleaved runs after {WARMUP} warm-ups, each "
+        "right after an untimed run of its own; "
         "speed-up = FP32 time / DFP time (> 1: DFP faster); rel. error = ||DFP - FP32|| / ||FP32||")
   print()
   print("| M x K x N | XLA FP32 ms (GFLOP/s) | DFP ms (GOP/s) | speed-up | kernel ms (GOP/s) "
