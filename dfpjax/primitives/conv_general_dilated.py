@@ -192,6 +192,13 @@ def _partition(mesh, specs, shapes, bind, *, wanted, geometry, mode, out_dtype):
   scattered = None
   if mode == "backward_weights":
     scattered, y_spec = partitioning.split_as_wanted(wanted[0], contracted, y_spec)
+    dw_size = math.prod(geometry.window) * x_shape[-1] * shapes[2][-1]
+    if (channel is None and dy_channel is None and scattered in (None, rank - 1)
+        and partitioning.gathers_the_batch(x_shape, shapes[2], dw_size,
+                                           partitioning.axes_size(mesh, contracted))):
+      per_shard = partitioning.weight_gradient_of_gathered_batch(
+          bind, contracted, scattered is not None, ex_spec[0] is not None)
+      return per_shard, y_spec, (x_spec, ex_spec, b_spec, (None,))
   elif specs[2][-1] is not None and b_spec[-1] is None:
     # the partitioner gathers b along its last dimension, which XLA:CPU writes outermost
     bind = functools.partial(bind, geometry=dataclasses.replace(geometry,
