@@ -9,7 +9,9 @@ split sharded (the batch), replicates the rest (the weights) and returns the fun
 device runs on its shard: the kernel, plus the collectives that keep the result the same
 bits as on one device (a scalar ``pmax`` for a global exponent, an exact integer sum for a
 product that contracts a sharded dimension: ``sum_and_encode``, of int64 partial sums or of
-their two narrower parts, ``split_sums``).
+their two narrower parts, ``split_sums``; or, for a weight gradient larger than its batch's
+operands, the gathered batch and a block of the gradient per device,
+``weight_gradient_of_gathered_batch``).
 
 With one device, or inside ``shard_map`` (all axes manual), ``custom_partitioning`` inlines
 the kernel call: the program lowers to exactly the custom calls it had before.
