@@ -1,6 +1,7 @@
 """DFP under ``jax.jit`` sharding: the batch split over 1, 2 or 4 simulated CPU devices gives
 the same bits in every pass (spec sections 2-4: global exponents, exact sums rounded once),
-and no device gathers the batch."""
+and no device gathers the batch, except the INT16 operands of a weight gradient larger than
+them, which each device then computes a block of."""
 
 from __future__ import annotations
 
@@ -250,6 +251,37 @@ def test_resnet18_weight_gradients_are_bit_identical_on_1_and_4_devices():
   _assert_gathers_only_weight_gradients(runs[4], kernels)
   assert len(kernels) == 21
   _assert_same_bits({n: runs[n] for n in (1, 4)}, kernels, counts=(4,))
+
+
+_SHORT_WEIGHT_GRADIENTS = _ALL_PASSES + """
+# A few pixels an example and more weights than the batch's elements (ResNet's last stages):
+# the weight gradient is computed from the gathered batch, each device its block of dy's
+# channels, for a replicated weight and for one split along its output channels (ZeRO).
+keys = jax.random.split(jax.random.key(7), 2)
+def conv(x, w):
+  return dfpjax.dfp_conv_general_dilated(x, w, (1, 1), "SAME",
+                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
+x, w = jax.random.normal(keys[0], (8, 2, 2, 16)), jax.random.normal(keys[1], (3, 3, 16, 16))
+for name, w_spec in (("replicated", P()), ("sharded", P(None, None, None, "data"))):
+  all_passes(name, conv, x, w, NamedSharding(mesh, P("data")), NamedSharding(mesh, w_spec))
+"""
+
+
+def test_short_weight_gradients_from_the_gathered_batch_give_one_devices_bits():
+  """Where the batch's operands hold fewer elements than the weight gradient
+  (``partitioning.gathers_the_batch``), each device gathers the batch's INT16 activations,
+  receives the whole batch of its quarter of the cotangent's channels (an all-to-all) and
+  sums the whole batch for its quarter of the gradient: one device's bits in every pass, no
+  partial sums (no reduce-scatter), and the replicated weight's gradient all-gathered in
+  float32, the sharded weight's left split."""
+  runs = {n: run_on_devices(_SHORT_WEIGHT_GRADIENTS, n) for n in DEVICE_COUNTS}
+  _assert_same_bits(runs, list(runs[1].results))
+  for hlo, gathered_gradient in zip(runs[4].hlo, (True, False)):
+    assert re.search(r"= s16\[8,2,2,16\][^ ]* all-gather\(", hlo)
+    # dy's channel blocks: XLA:CPU's all-to-all takes them as one tuple element a device
+    assert re.search(r"= \(s16\[2,2,2,4\][^=]*\) all-to-all\(", hlo)
+    assert "reduce-scatter(" not in hlo
+    assert bool(re.search(r"= f32\[3,3,16,16\][^ ]* all-gather\(", hlo)) == gathered_gradient
 
 
 _SHARD_MAP = """

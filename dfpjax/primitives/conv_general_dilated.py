@@ -169,10 +169,12 @@ def _partition(mesh, specs, shapes, bind, *, wanted, geometry, mode, out_dtype):
   A contracted split makes each device's kernel write its exact int64 partial sums, which
   one int64 sum adds before the single rounding (``partitioning.sum_and_encode``); a
   weight gradient comes out split as its consumer wants it where that splits one dimension
-  over the batch's axes (a sharded weight's). Weights split along their last dimension (a
-  ZeRO-sharded state's) are all-gathered, which XLA:CPU writes with that dimension outermost:
-  the kernel reads them so (``Geometry.features_major_weights``), not after a copy back to
-  row-major."""
+  over the batch's axes (a sharded weight's). A weight gradient larger than its batch's
+  operands (``partitioning.gathers_the_batch``) comes instead from the gathered batch, each
+  device its block of dy's channels (``partitioning.weight_gradient_of_gathered_batch``).
+  Weights split along their last dimension (a ZeRO-sharded state's) are all-gathered, which
+  XLA:CPU writes with that dimension outermost: the kernel reads them so
+  (``Geometry.features_major_weights``), not after a copy back to row-major."""
   x_shape, ex_shape = shapes[0], shapes[1]
   rank, batch = len(x_shape), specs[0][0]
   none = (None,) * (rank - 2)
@@ -192,6 +194,15 @@ def _partition(mesh, specs, shapes, bind, *, wanted, geometry, mode, out_dtype):
   scattered = None
   if mode == "backward_weights":
     scattered, y_spec = partitioning.split_as_wanted(wanted[0], contracted, y_spec)
+    dw_size = math.prod(geometry.window) * x_shape[-1] * shapes[2][-1]
+    # Without groups only: a block of dy's channels would cut across them.
+    if (geometry.groups == 1 and channel is None and dy_channel is None
+        and scattered in (None, rank - 1)
+        and partitioning.gathers_the_batch(x_shape, shapes[2], dw_size,
+                                           partitioning.axes_size(mesh, contracted))):
+      per_shard = partitioning.weight_gradient_of_gathered_batch(
+          bind, contracted, scattered is not None, ex_spec[0] is not None)
+      return per_shard, y_spec, (x_spec, ex_spec, b_spec, (None,))
   elif specs[2][-1] is not None and b_spec[-1] is None:
     # the partitioner gathers b along its last dimension, which XLA:CPU writes outermost
     bind = functools.partial(bind, geometry=dataclasses.replace(geometry,

@@ -9,7 +9,9 @@ split sharded (the batch), replicates the rest (the weights) and returns the fun
 device runs on its shard: the kernel, plus the collectives that keep the result the same
 bits as on one device (a scalar ``pmax`` for a global exponent, an exact integer sum for a
 product that contracts a sharded dimension: ``sum_and_encode``, of int64 partial sums or of
-their two narrower parts, ``split_sums``).
+their two narrower parts, ``split_sums``; or, for a weight gradient larger than its batch's
+operands, the gathered batch and a block of the gradient per device,
+``weight_gradient_of_gathered_batch``).
 
 With one device, or inside ``shard_map`` (all axes manual), ``custom_partitioning`` inlines
 the kernel call: the program lowers to exactly the custom calls it had before.
@@ -191,6 +193,42 @@ def product_per_shard(bind, exponents, out_dtype, mesh, axes, scatter_dimension=
       flag = first_false(parts[0])
     y = sum_and_encode(parts, join, *exponents(ea, eb), out_dtype, mesh, axes, scatter_dimension)
     return [y, flag]
+
+  return per_shard
+
+
+def gathers_the_batch(x_shape, dy_shape, result_size: int, devices: int) -> bool:
+  """Whether a weight gradient whose batch is split over ``devices`` devices is cheaper from
+  the gathered batch (``weight_gradient_of_gathered_batch``) than from exact partial sums: where
+  the batch's operands, ``x`` and ``dy`` (2-byte mantissas), hold fewer elements than the
+  gradient (its partial sums take 5 to 8 bytes an element on every device, then a
+  reduce-scatter, an encoding and an exchange), and ``dy``'s channels split evenly. The short
+  products at the network's end (ResNet's last stages: a few pixels an example, hundreds of
+  channels) are so; the early layers' long ones are not."""
+  return (devices > 1 and dy_shape[-1] % devices == 0
+          and math.prod(x_shape) + math.prod(dy_shape) <= result_size)
+
+
+def weight_gradient_of_gathered_batch(bind, axes, scattered: bool, per_example_exponent: bool):
+  """The function one device runs on its shard ``(x, ex, dy, eb)`` of a weight gradient that
+  contracts the batch split over mesh ``axes`` (``dw [..., cin, cout]``), returning ``[dw,
+  flag]`` as ``product_per_shard``'s do: the device gathers all of ``x`` (and ``ex`` where it
+  is per example) and the whole batch of its block of ``dy``'s channels (an all-to-all), and
+  its kernel sums the whole batch for its block of ``dw``'s last dimension. Every element is
+  one kernel's exact sum over the whole batch rounded once: one device's bits, with no partial
+  sums, and each device does a ``1/devices`` share of the multiply-adds. ``scattered``: the
+  result stays split along its last dimension over ``axes`` (the gradient of a weight so
+  sharded); else its blocks are all-gathered."""
+  def per_shard(x, ex, dy, eb):
+    x = lax.all_gather(x, axes, axis=0, tiled=True)
+    if per_example_exponent:
+      ex = lax.all_gather(ex, axes, axis=0, tiled=True)
+    dy = lax.all_to_all(dy, axes, split_axis=dy.ndim - 1, concat_axis=0, tiled=True)
+    dw = bind(x, ex, dy, eb)
+    flag = first_false(dw)
+    if not scattered:
+      dw = lax.all_gather(dw, axes, axis=dw.ndim - 1, tiled=True)
+    return [dw, flag]
 
   return per_shard
 
