@@ -5,7 +5,8 @@
     DFPJAX_ISA=portable python benchmarks/conv.py --quick
 
 For each layer (NHWC activations, HWIO weights, Gaussian data) and each pass it times,
-interleaved (median of --repeats runs after warm-up, both cores through XLA's intra-op pool):
+interleaved (median of --repeats runs after warm-up, each right after an untimed run of its
+own, both cores through XLA's intra-op pool):
   forward           y = conv(x, w)
   backward-data     dx = vjp with respect to x, applied to a cotangent dy
   backward-weights  dw = vjp with respect to w, applied to dy

@@ -6,7 +6,8 @@
     DFPJAX_ISA=portable python benchmarks/matmul.py  # pin the kernel path
 
 For each (M, K, N) it times, interleaved so that machine noise hits all alike (median of
---repeats runs after 2 warm-up calls, both cores through XLA's intra-op pool):
+--repeats runs after 2 warm-up calls, each right after an untimed run of its own, both cores
+through XLA's intra-op pool):
   fp32    jax.jit(jnp.dot) on float32 Gaussian operands (M, K) x (K, N)
   dfp     jax.jit(dfpjax.dfp_dot_general) on the same operands (quantization included)
   kernel  the exact product of operands quantized beforehand (the C kernel alone)
