@@ -187,7 +187,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument("--steps", type=int, default=10,
                       help="timed rounds after the compiling step (one step of each configuration)")
   parser.add_argument("--timeout", type=float, default=3600, help="seconds for the whole run")
-  parser.add_argument("--quick", action="store_true", help="32x32, batch 8, one timed step")
+  parser.add_argument("--quick", action="store_true", help="32x32, batch 8, one timed round")
   parser.add_argument("--json", help="also write the rows here")
   parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
