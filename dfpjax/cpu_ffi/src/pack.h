@@ -50,7 +50,8 @@ int dfp_block_bounds(const dfp_isa_config* cfg, const int16_t* block, size_t kpa
                      uint64_t* bounds);
 
 /* The distance, in elements, between packed panels of `elements` each that are filled together
- * (pack_columns writes every panel's lanes of a pair before the next pair): one cache line
+ * (pack_columns, and the taps view's packing in im2col.c, write every panel's lanes of a pair
+ * before the next pair): one cache line
  * more, so that their write positions do not lie a multiple of 4 KB apart. Panels of 6 KB
  * (256 pairs x 6 lanes) or 16 KB (x 16) otherwise fall into one or two sets of an 8-way L1
  * (a set per 64-byte line of a 4 KB way), which 11-25 panels overflow on every pair: the
