@@ -105,12 +105,9 @@ static void run_block(conv_plan* c, size_t g, size_t mb, size_t nb, size_t kb0, 
   const size_t q0 = nb * c->ncp, q1 = min_size(q0 + c->ncp, c->npanels);
   const size_t panel_stride = dfp_panel_stride((size_t)DFP_KC_PAIRS * mr * 2);
   int16_t* apack = (int16_t*)malloc(panels * panel_stride * sizeof(int16_t));
-  const int gather = c->backward && !dfp_patches_dense(&a->shape);
-  int16_t* scratch = gather ? (int16_t*)malloc(2 * DFP_KC_PAIRS * panels * mr * sizeof(int16_t)) : NULL;
   uint64_t abound[DFP_IM2COL_MAX_ROWS * DFP_CHUNK_LEVELS];
-  if (apack == NULL || (gather && scratch == NULL)) {
+  if (apack == NULL) {
     dfp_fail(&c->status, DFP_ERR_ALLOC);
-    free(apack);
     return;
   }
   const size_t bq0 = g * c->npanels + q0;
@@ -118,7 +115,7 @@ static void run_block(conv_plan* c, size_t g, size_t mb, size_t nb, size_t kb0, 
     const size_t k0 = kb * 2 * DFP_KC_PAIRS, k1 = min_size(k0 + 2 * DFP_KC_PAIRS, c->k);
     const size_t kc = (k1 - k0 + 1) / 2;
     if (c->backward)
-      dfp_im2col_pack_taps(c->cfg, &patches, c->m, row0, mr, panels, k0, k1, apack, panel_stride, scratch);
+      dfp_im2col_pack_taps(c->cfg, &patches, c->m, row0, mr, panels, k0, k1, apack, panel_stride);
     else
       dfp_im2col_pack_pixels(c->cfg, &patches, c->m, row0, mr, panels, k0, k1, apack, panel_stride);
     for (size_t p = 0; p < panels; ++p)
@@ -139,7 +136,6 @@ static void run_block(conv_plan* c, size_t g, size_t mb, size_t nb, size_t kb0, 
       dfp_multiply_block(c->cfg->ukernel, &block, acc, ldc, accumulate || kb > kb0);
   }
   free(apack);
-  free(scratch);
 }
 
 /* One cache block over all of K, encoded: the forward pass, and backward-weights in one round

@@ -72,6 +72,14 @@ static size_t place_units(const dfp_patches* P, const dfp_unit_shape* u, size_t 
   return count;
 }
 
+/* The parts' elements of output pixel (n, p), whose window reaches outside the input, into out,
+ * part j at out + parts[j].a - lo, by copy_unit's checks. */
+static void copy_edge_parts(const dfp_patches* P, const dfp_unit_shape* u, size_t n, const size_t p[3],
+                            const unit_part* parts, size_t count, size_t lo, int16_t* out) {
+  for (size_t j = 0; j < count; ++j)
+    copy_unit(P, u, n, p, parts[j].t, parts[j].first, parts[j].a, parts[j].b, out + (parts[j].a - lo));
+}
+
 /* The parts' elements of output pixel (n, p) into out, part j at out + parts[j].a - lo: where
  * the window is inside the input (most pixels) one run per part from its origin, else by
  * copy_unit's checks. */
@@ -79,8 +87,7 @@ static void copy_parts(const dfp_patches* P, const dfp_unit_shape* u, size_t n, 
                        const unit_part* parts, size_t count, size_t lo, int16_t* out) {
   const int64_t origin = dfp_window_origin(P->shape, n, p);
   if (origin < 0) {
-    for (size_t j = 0; j < count; ++j)
-      copy_unit(P, u, n, p, parts[j].t, parts[j].first, parts[j].a, parts[j].b, out + (parts[j].a - lo));
+    copy_edge_parts(P, u, n, p, parts, count, lo, out);
     return;
   }
   const int16_t* x = P->x + (size_t)origin * P->shape->groups * P->shape->cin;
@@ -136,34 +143,68 @@ void dfp_im2col_pack_pixels(const dfp_isa_config* cfg, const dfp_patches* P, siz
   }
 }
 
-/* Columns [k0, k1) of rows [row0, end) of the taps view as gather[k - k0][r - row0]: for each
- * pixel, the units the rows span, each copied whole. */
-static void gather_taps(const dfp_patches* P, size_t row0, size_t end, size_t k0, size_t k1, int16_t* gather) {
-  const dfp_conv_shape* s = P->shape;
-  const dfp_unit_shape u = dfp_units_of(s);
-  const size_t span = end - row0;
-  unit_part units[DFP_IM2COL_MAX_ROWS + 1];
-  const size_t count = place_units(P, &u, row0, end, units);
-  size_t p[3];
-  size_t n = dfp_split_pixel(s, k0, p);
-  for (size_t k = k0; k < k1; ++k, dfp_next_pixel(s, &n, p))
-    copy_parts(P, &u, n, p, units, count, row0, gather + (k - k0) * span);
+/* A pair's row of words (at most the widest block's rows) cut into the panels of a K block. */
+static void scatter_pair(const int16_t* pair_row, int width, size_t panels, size_t pair, int16_t* dst,
+                         size_t panel_stride) {
+  const size_t words = (size_t)width * 2;
+  dst += pair * words;
+  /* Constant sizes for the paths' widths, so that the copies are inlined. */
+  if (width == 6)
+    for (size_t q = 0; q < panels; ++q) memcpy(dst + q * panel_stride, pair_row + q * 12, 12 * sizeof(int16_t));
+  else if (width == 8)
+    for (size_t q = 0; q < panels; ++q) memcpy(dst + q * panel_stride, pair_row + q * 16, 16 * sizeof(int16_t));
+  else
+    for (size_t q = 0; q < panels; ++q) memcpy(dst + q * panel_stride, pair_row + q * words, words * sizeof(int16_t));
 }
 
 void dfp_im2col_pack_taps(const dfp_isa_config* cfg, const dfp_patches* P, size_t rows, size_t row0,
-                          int width, size_t panels, size_t k0, size_t k1, int16_t* dst, size_t panel_stride,
-                          int16_t* scratch) {
-  const size_t channels = P->shape->groups * P->shape->cin;
+                          int width, size_t panels, size_t k0, size_t k1, int16_t* dst, size_t panel_stride) {
+  const dfp_conv_shape* s = P->shape;
+  const size_t channels = s->groups * s->cin;
   clear_padding(rows, row0, width, panels, k0, k1, dst, panel_stride);
   const size_t end = row0 + panels * (size_t)width < rows ? row0 + panels * (size_t)width : rows;
   if (end <= row0) return;
-  /* Element (r, k): dense x[k][channel0 + r], else gather[k - k0][r - row0]; all the panels
-   * at once, so that each pixel's row is read once. */
-  if (dfp_patches_dense(P->shape)) {
+  if (dfp_patches_dense(s)) { /* element (r, k) is x[k][channel0 + r]: all the panels at once */
     dfp_pack_block(cfg, P->x + P->channel0 + row0, k0, k1, 1, channels, end - row0, width, dst, panel_stride);
-  } else {
-    gather_taps(P, row0, end, k0, k1, scratch);
-    dfp_pack_block(cfg, scratch, 0, k1 - k0, 1, end - row0, end - row0, width, dst, panel_stride);
+    return;
+  }
+  /* Pixels k and k + 1 of a pair, each unit part read straight from x where the pixel's window
+   * lies inside the input (else from edge, filled by copy_unit's checks), interleaved into
+   * pair_row (rows past the view stay zero) and cut into the panels: no gather of the block. */
+  const dfp_unit_shape u = dfp_units_of(s);
+  unit_part parts[DFP_IM2COL_MAX_ROWS + 1];
+  const size_t count = place_units(P, &u, row0, end, parts);
+  static const int16_t zeros[DFP_IM2COL_MAX_ROWS]; /* the missing pixel of an odd last pair */
+  int16_t edge[2][DFP_IM2COL_MAX_ROWS];
+  int16_t pair_row[2 * DFP_IM2COL_MAX_ROWS];
+  memset(pair_row + 2 * (end - row0), 0, (panels * (size_t)width - (end - row0)) * 2 * sizeof(int16_t));
+  size_t p[3];
+  size_t n = dfp_split_pixel(s, k0, p);
+  for (size_t k = k0; k < k1; k += 2) {
+    const int16_t* base[2]; /* part j of pixel k + h: base[h] + parts[j].src, or at edge[h] + parts[j].a - row0 */
+    int inside[2];
+    for (int h = 0; h < 2; ++h) {
+      if (k + h == k1) {
+        base[h] = zeros, inside[h] = 0;
+        continue;
+      }
+      const int64_t origin = dfp_window_origin(s, n, p);
+      inside[h] = origin >= 0;
+      if (inside[h]) {
+        base[h] = P->x + (size_t)origin * channels;
+      } else {
+        copy_edge_parts(P, &u, n, p, parts, count, row0, edge[h]);
+        base[h] = edge[h];
+      }
+      dfp_next_pixel(s, &n, p);
+    }
+    for (size_t j = 0; j < count; ++j) {
+      const size_t at = parts[j].a - row0;
+      const int16_t* in0 = inside[0] ? base[0] + parts[j].src : base[0] + at;
+      const int16_t* in1 = inside[1] ? base[1] + parts[j].src : base[1] + at;
+      cfg->interleave_pairs(in0, in1, parts[j].b - parts[j].a, pair_row + 2 * at);
+    }
+    scatter_pair(pair_row, width, panels, (k - k0) / 2, dst, panel_stride);
   }
 }
 

@@ -147,14 +147,11 @@ static inline void dfp_unit_taps(const dfp_conv_shape* s, const dfp_unit_shape* 
 /* Packs rows [row0, row0 + panels * width) of a view with `rows` rows, columns [k0, k1)
  * (k0 even, k1 - k0 <= 2 * DFP_KC_PAIRS), as `panels` micro-panels [pairs][width][2] at
  * dst + i * panel_stride, by the path's copies (width <= DFP_IM2COL_MAX_WIDTH, panels *
- * width <= DFP_IM2COL_MAX_ROWS). Rows past the view are zero. The taps view gathers the
- * block in scratch ((k1 - k0) * panels * width elements) first, unless the patches are dense
- * (then scratch may be NULL). */
+ * width <= DFP_IM2COL_MAX_ROWS). Rows past the view are zero. */
 void dfp_im2col_pack_pixels(const dfp_isa_config* cfg, const dfp_patches* p, size_t rows, size_t row0,
                             int width, size_t panels, size_t k0, size_t k1, int16_t* dst, size_t panel_stride);
 void dfp_im2col_pack_taps(const dfp_isa_config* cfg, const dfp_patches* p, size_t rows, size_t row0,
-                          int width, size_t panels, size_t k0, size_t k1, int16_t* dst, size_t panel_stride,
-                          int16_t* scratch);
+                          int width, size_t panels, size_t k0, size_t k1, int16_t* dst, size_t panel_stride);
 
 /* 1 if b is w as it lies (dfp_weight_view): its taps are the window's, in order. */
 static inline int dfp_weights_plain(const dfp_conv_shape* s, const dfp_weight_view* v) {

@@ -22,6 +22,9 @@ typedef struct {
                     uint32_t* out);
   void (*pack_columns)(const int16_t* src, size_t pairs, size_t col_stride, size_t valid, int width,
                        int16_t* out, size_t panel_stride);
+  /* Two rows' elements as pairs, out[2i] = in0[i] and out[2i + 1] = in1[i] for i < n (pack.h):
+   * the taps view's two pixels of a pair (im2col.c). */
+  void (*interleave_pairs)(const int16_t* in0, const int16_t* in1, size_t n, int16_t* out);
   /* The level-0 norm bounds of a packed K block (pack.h). */
   int (*norm_bounds)(const int16_t* block, size_t kpairs, int width, uint64_t* chunk);
   /* The float32 output stage of one row (macro.h). */

@@ -34,6 +34,13 @@ void dfp_pack_columns_portable(const int16_t* src, size_t pairs, size_t col_stri
   }
 }
 
+void dfp_interleave_pairs_portable(const int16_t* in0, const int16_t* in1, size_t n, int16_t* out) {
+  for (size_t i = 0; i < n; ++i) {
+    out[2 * i] = in0[i];
+    out[2 * i + 1] = in1[i];
+  }
+}
+
 void dfp_pack_block(const dfp_isa_config* cfg, const int16_t* src, size_t c0, size_t c1,
                     size_t row_stride, size_t col_stride, size_t valid, int width, int16_t* dst,
                     size_t panel_stride) {

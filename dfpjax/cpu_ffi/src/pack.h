@@ -50,7 +50,8 @@ int dfp_block_bounds(const dfp_isa_config* cfg, const int16_t* block, size_t kpa
                      uint64_t* bounds);
 
 /* The distance, in elements, between packed panels of `elements` each that are filled together
- * (pack_columns writes every panel's lanes of a pair before the next pair): one cache line
+ * (pack_columns, and the taps view's packing in im2col.c, write every panel's lanes of a pair
+ * before the next pair): one cache line
  * more, so that their write positions do not lie a multiple of 4 KB apart. Panels of 6 KB
  * (256 pairs x 6 lanes) or 16 KB (x 16) otherwise fall into one or two sets of an 8-way L1
  * (a set per 64-byte line of a 4 KB way), which 11-25 panels overflow on every pair: the
@@ -66,6 +67,7 @@ static inline size_t dfp_kc_blocks(size_t kpairs) {
  * pairs of k-rows src + 2p * col_stride and src + (2p + 1) * col_stride, lanes [0, valid),
  * interleaved into panels of `width` lanes, lane i into out + (i / width) * panel_stride at
  * [(pair * width + i % width) * 2 + {0, 1}], each pair's k-rows read once for all panels.
+ * interleave_pairs: n elements of two rows as n pairs.
  * norm_bounds: for each norm block of DFP_NORM_BLOCK_PAIRS pairs the largest squared row
  * norm of the panel's lanes (an upper bound), into chunk[block]; returns 1 if an element is
  * -32768. */
@@ -73,11 +75,13 @@ void dfp_pack_rows_portable(const int16_t* src, size_t pairs, size_t row_stride,
                             int width, uint32_t* out);
 void dfp_pack_columns_portable(const int16_t* src, size_t pairs, size_t col_stride, size_t valid,
                                int width, int16_t* out, size_t panel_stride);
+void dfp_interleave_pairs_portable(const int16_t* in0, const int16_t* in1, size_t n, int16_t* out);
 int dfp_norm_bounds_portable(const int16_t* block, size_t kpairs, int width, uint64_t* chunk);
 void dfp_pack_rows_avx2(const int16_t* src, size_t pairs, size_t row_stride, size_t valid, int width,
                         uint32_t* out);
 void dfp_pack_columns_avx2(const int16_t* src, size_t pairs, size_t col_stride, size_t valid, int width,
                            int16_t* out, size_t panel_stride);
+void dfp_interleave_pairs_avx2(const int16_t* in0, const int16_t* in1, size_t n, int16_t* out);
 int dfp_norm_bounds_avx2(const int16_t* block, size_t kpairs, int width, uint64_t* chunk);
 
 /* What the AVX2 row copy leaves to plain C: pairs [first, pairs) of pack_rows. */

@@ -96,6 +96,26 @@ static inline void interleave16(const int16_t* in0, const int16_t* in1, int16_t*
   _mm256_storeu_si256((__m256i*)(o + 16), _mm256_permute2x128_si256(lo, hi, 0x31));
 }
 
+static inline void interleave8(const int16_t* in0, const int16_t* in1, int16_t* o) {
+  const __m128i x = _mm_loadu_si128((const __m128i*)in0), y = _mm_loadu_si128((const __m128i*)in1);
+  _mm_storeu_si128((__m128i*)o, _mm_unpacklo_epi16(x, y));
+  _mm_storeu_si128((__m128i*)(o + 8), _mm_unpackhi_epi16(x, y));
+}
+
+/* Sixteen, then eight pairs at a time; a tail under eight as the eight pairs that end at
+ * element n, rewriting some of the previous ones with the same values (a stem's window row of
+ * 21: 16 + 8), so that nothing past element n is read. */
+void dfp_interleave_pairs_avx2(const int16_t* in0, const int16_t* in1, size_t n, int16_t* out) {
+  if (n < 8) {
+    dfp_interleave_pairs_portable(in0, in1, n, out);
+    return;
+  }
+  size_t i = 0;
+  for (; i + 16 <= n; i += 16) interleave16(in0 + i, in1 + i, out + 2 * i);
+  if (i + 8 <= n) interleave8(in0 + i, in1 + i, out + 2 * i), i += 8;
+  if (i < n) interleave8(in0 + n - 8, in1 + n - 8, out + 2 * (n - 8));
+}
+
 /* Lanes [0, valid) (at most one panel's) of k-rows in0 and in1 interleaved into o. wide: the
  * 8 lanes from in0 + valid - 6 and in1 + valid - 6 lie inside the source, so the 6-lane
  * panels of the 256-bit kernels are filled from two 8-lane loads whose two extra lanes are
@@ -103,12 +123,7 @@ static inline void interleave16(const int16_t* in0, const int16_t* in1, int16_t*
 static inline void interleave_lanes(const int16_t* in0, const int16_t* in1, size_t valid, int wide, int16_t* o) {
   size_t i = 0;
   for (; i + 16 <= valid; i += 16) interleave16(in0 + i, in1 + i, o + 2 * i);
-  if (i + 8 <= valid) {
-    const __m128i x = _mm_loadu_si128((const __m128i*)(in0 + i)), y = _mm_loadu_si128((const __m128i*)(in1 + i));
-    _mm_storeu_si128((__m128i*)(o + 2 * i), _mm_unpacklo_epi16(x, y));
-    _mm_storeu_si128((__m128i*)(o + 2 * i + 8), _mm_unpackhi_epi16(x, y));
-    i += 8;
-  }
+  if (i + 8 <= valid) interleave8(in0 + i, in1 + i, o + 2 * i), i += 8;
   if (i + 4 < valid && wide) {
     const __m128i x = _mm_loadu_si128((const __m128i*)(in0 + i)), y = _mm_loadu_si128((const __m128i*)(in1 + i));
     _mm_storeu_si128((__m128i*)(o + 2 * i), _mm_unpacklo_epi16(x, y));
