@@ -88,7 +88,8 @@ def _batch_norm_bwd(epsilon, sums, residuals, cotangents):
   centered = x - mean
   dbias, = sums(dy)
   # x_hat only once dy exists: else the schedule may compute it early and keep it (see above).
-  x_hat = centered * _after(inv, dbias)
+  # Tied to dy, not to dbias: the two sums stay independent, one all-reduce on split batches.
+  x_hat = _after(centered, dy) * inv
   dscale, = sums(dy * x_hat)
   dx = (inv * scale) * (dy - dbias / n - x_hat * (dscale / n))
   # The statistics' own cotangents (zero in a train step: they only update batch_stats).
