@@ -379,8 +379,9 @@ def test_sharded_state_gives_the_replicated_states_bits():
   """``shard_state``: every convolution kernel and its momentum split over 4 devices, the DFP
   step's state after 2 steps has the replicated state's bits; the step all-gathers the
   kernels' INT16 mantissas (or the blocks of them the input gradient's convolutions take),
-  float32 only as large as a parameter, and of the batch only the INT16 inputs of weight
-  gradients larger than them (each device computes its block of those)."""
+  each once, float32 only as large as a parameter, and of the batch only the INT16 inputs of
+  weight gradients larger than them (each device computes its block of those); a BatchNorm's
+  per-channel sums take one all-reduce each way."""
   from multidevice import run_on_devices  # pylint: disable=g-import-not-at-top
   run = run_on_devices(f"REPO = {REPO!r}\n" + _SHARDED_STATE, 4, axis_type="Auto")
   assert run.results["split_kernels"].sum() == 20  # ResNet-18's convolutions, not the head
