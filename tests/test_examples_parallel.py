@@ -362,6 +362,8 @@ report("param_sizes", np.array([p.size for p in jax.tree.leaves(state.params)]))
 report("conv_channels",
        np.array([p.shape[-2:] for p in jax.tree.leaves(state.params) if p.ndim > 2]))
 report("conv_shapes", np.array([p.shape for p in jax.tree.leaves(state.params) if p.ndim == 4]))
+report("norms", np.array(sum("scale" in jax.tree_util.keystr(path)
+                             for path, _ in jax.tree_util.tree_leaves_with_path(state.params))))
 """
 
 
@@ -377,8 +379,9 @@ def test_sharded_state_gives_the_replicated_states_bits():
   """``shard_state``: every convolution kernel and its momentum split over 4 devices, the DFP
   step's state after 2 steps has the replicated state's bits; the step all-gathers the
   kernels' INT16 mantissas (or the blocks of them the input gradient's convolutions take),
-  float32 only as large as a parameter, and of the batch only the INT16 inputs of weight
-  gradients larger than them (each device computes its block of those)."""
+  each once, float32 only as large as a parameter, and of the batch only the INT16 inputs of
+  weight gradients larger than them (each device computes its block of those); a BatchNorm's
+  per-channel sums take one all-reduce each way."""
   from multidevice import run_on_devices  # pylint: disable=g-import-not-at-top
   run = run_on_devices(f"REPO = {REPO!r}\n" + _SHARDED_STATE, 4, axis_type="Auto")
   assert run.results["split_kernels"].sum() == 20  # ResNet-18's convolutions, not the head
@@ -395,6 +398,7 @@ def test_sharded_state_gives_the_replicated_states_bits():
   conv_shapes = run.results["conv_shapes"].tolist()
   gathered = run.all_gathers()
   assert sum(g.startswith("s16") for g in gathered) >= 20, gathered
+  kernel_gathers = 0
   for g in gathered:
     dtype, dims = g.split("{")[0].rstrip("]").split("[")
     dims = [int(d) for d in dims.split(",")]
@@ -402,9 +406,17 @@ def test_sharded_state_gives_the_replicated_states_bits():
       continue
     if dtype == "s16":  # a window (at most 7x7) of in x out or out x in channels
       assert len(dims) == 4 and max(dims[:2]) <= 7 and tuple(dims[2:]) in channels, g
+      kernel_gathers += 1
     else:
       assert dtype == "f32" and np.prod(dims) in param_sizes, g
+  # Once a step: the recomputed block tails take the forward pass's gathered kernels
+  # (recompute.tied_to_cotangent), not gathers of their own.
+  assert kernel_gathers == run.results["split_kernels"].sum(), gathered
   entry = run.hlo[0][run.hlo[0].index("\nENTRY "):]
+  # One all-reduce of per-channel sums a BatchNorm each way, or fewer where XLA combines
+  # more: its backward pass's two sums are independent (batch_sums._batch_norm_bwd).
+  channel_sums = re.findall(r"= \(?f32\[\d+\][^=\n]* all-reduce\(", entry)
+  assert len(channel_sums) <= 2 * run.results["norms"], len(channel_sums)
   # The convolutions read the gathered mantissas in the layout the all-gather writes them
   # (Geometry.features_major_weights): no INT16 copy of a whole gathered kernel.
   gathered_kernels = {g.split("[")[1].split("]")[0] for g in gathered if g.startswith("s16")}

@@ -30,9 +30,10 @@ from dfpjax.primitives.quantize import dfp_quantize_given_max_p, dfp_quantize_p
 @dataclasses.dataclass(frozen=True)
 class RecomputePolicy:
   """A ``jax.checkpoint`` policy: saves the DFP products' quantized operands (the kernel's
-  quantizations, and the int16 mantissas of the XLA quantization), every value computed from
-  operands of at most one dimension (per-channel statistics, exponents), and the values named
-  by ``jax.ad_checkpoint.checkpoint_name`` in ``saved_names``; recomputes everything else.
+  quantizations, and the int16 mantissas of the XLA quantization) and the INT16 reshapes the
+  products take of them (views, free to keep), every value computed from operands of at most
+  one dimension (per-channel statistics, exponents), and the values named by
+  ``jax.ad_checkpoint.checkpoint_name`` in ``saved_names``; recomputes everything else.
   ``dfp_transform`` recognises a ``jax.checkpoint`` with this policy as a ``recompute``
   region."""
   saved_names: tuple[str, ...] = ()
@@ -42,6 +43,8 @@ class RecomputePolicy:
       return True
     if prim.name == "convert_element_type":
       return np.dtype(params["new_dtype"]) == np.int16 or all(a.ndim <= 1 for a in avals)
+    if prim.name == "reshape":  # recomputed, a split weight's would be all-gathered again
+      return avals[0].dtype == np.int16
     if prim.name == "name":  # jax.ad_checkpoint.checkpoint_name
       return params["name"] in self.saved_names
     return all(getattr(a, "ndim", 0) <= 1 for a in avals)
@@ -67,8 +70,14 @@ def recompute(fn: Callable, saved_names=()) -> Callable:
 def tied_to_cotangent(fn: Callable, policy: RecomputePolicy) -> Callable:
   """``fn`` (flat arrays in, flat list out) as a ``jax.custom_vjp`` whose forward pass saves
   what ``jax.checkpoint(fn, policy)`` saves and whose backward pass recomputes the rest once
-  the cotangent exists (the module docstring)."""
-  checkpointed = jax.checkpoint(fn, policy=policy)
+  the cotangent exists (the module docstring).
+
+  No optimization barrier (``prevent_cse=False``): on a split weight the partitioner would
+  all-gather the barrier's copy of its INT16 mantissas again for the recomputed product (11
+  more all-gathers in the sharded ResNet-18 step), where without it the recomputation takes
+  the forward pass's gathered weight. The tie to the cotangent keeps the recomputation apart
+  (XLA:CPU removes barriers before its last CSE anyway)."""
+  checkpointed = jax.checkpoint(fn, policy=policy, prevent_cse=False)
 
   @jax.custom_vjp
   def region(*args):

@@ -11,8 +11,10 @@ no cotangent outlives its layer: 1505 -> 1239 MiB of XLA temporaries in the ResN
 batch 16, and the step 5% faster (1.67 against 1.76 s). The normalised inputs ``x_hat`` that
 ``dscale``'s sum reads depend on forward values only, and XLA:CPU's memory-optimized schedule
 computed 30 of them at the start of the backward pass and kept them until their layers came; the
-backward pass computes them after ``dbias`` (``_after``), so each lives only in its layer: 1239 ->
-1024 MiB, the same bits.
+backward pass computes them once their layer's ``dy`` exists (``_after``), so each lives only in
+its layer: 1239 -> 1024 MiB, the same bits. (Tied to ``dy`` itself, not to ``dbias``: on a split
+batch the two sums then share one all-reduce, docs/performance.md, "Collectives of the 4-device
+step".)
 
 Reproducibility. A data-parallel step sums over the sharded batch wherever a per-channel value
 meets a per-example one: BatchNorm's batch statistics in the forward pass, and in the backward pass
@@ -88,7 +90,8 @@ def _batch_norm_bwd(epsilon, sums, residuals, cotangents):
   centered = x - mean
   dbias, = sums(dy)
   # x_hat only once dy exists: else the schedule may compute it early and keep it (see above).
-  x_hat = centered * _after(inv, dbias)
+  # Tied to dy, not to dbias: the two sums stay independent, one all-reduce on split batches.
+  x_hat = _after(centered, dy) * inv
   dscale, = sums(dy * x_hat)
   dx = (inv * scale) * (dy - dbias / n - x_hat * (dscale / n))
   # The statistics' own cotangents (zero in a train step: they only update batch_stats).
