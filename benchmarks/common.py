@@ -83,13 +83,19 @@ def check_calls_kernel(lowered_text: str, what: str) -> None:
 DENSE = (((1,), (0,)), ((), ()))
 
 
-def gemm_kernel(m: int, k: int, n: int):
+# a^T b of a [K, M] and b [K, N]: a dense layer's weight gradient, x^T dy
+TRANSPOSED_LHS = (((0,), (0,)), ((), ()))
+
+
+def gemm_kernel(m: int, k: int, n: int, lhs_kmajor: bool = False):
   """The DFP GEMM kernel alone, ``a @ b`` of ``m x k`` and ``k x n`` Gaussian operands
-  quantized beforehand: a zero-argument function, and its operations (``2 * m * n * k``)."""
+  quantized beforehand (with ``lhs_kmajor``, ``a`` stored ``k x m``, contracted on its first
+  dimension): a zero-argument function, and its operations (``2 * m * n * k``)."""
   ka, kb = jax.random.split(jax.random.key(0))
-  qa = dfpjax.quantize(jax.random.normal(ka, (m, k), jnp.float32))
+  qa = dfpjax.quantize(jax.random.normal(ka, (k, m) if lhs_kmajor else (m, k), jnp.float32))
   qb = dfpjax.quantize(jax.random.normal(kb, (k, n), jnp.float32))
-  kernel = jax.jit(lambda qa, qb: dfpjax.dfp_dot_general(qa, qb, DENSE))
+  dims = TRANSPOSED_LHS if lhs_kmajor else DENSE
+  kernel = jax.jit(lambda qa, qb: dfpjax.dfp_dot_general(qa, qb, dims))
   return (lambda: kernel(qa, qb)), 2.0 * m * n * k
 
 

@@ -201,6 +201,46 @@ def test_int64_output_is_the_exact_sums(isa, layout, k):
   np.testing.assert_array_equal(got, want)
 
 
+# Products whose packed operands reach 8 MB (gemm.c, GEMM_PACK_BYTES) with one exponent for b
+# run as the 1x1 convolutions they are (run_as_convolution): a tall product of at most 256
+# columns, a, the rows of x, m-major with an exponent per row; and a k-major product whose
+# reduction is longer than its rows, a dense layer's weight gradient (x and dy, pixels-major,
+# one exponent each). Odd K and edge panels on every side.
+CONVOLUTION_PRODUCTS = {"mk_kn": ((16501, 255, 37), (False, False)),
+                        "mk_nk": ((16501, 255, 37), (False, True)),
+                        "km_kn": ((23, 180001, 19), (True, False))}
+
+
+@pytest.mark.parametrize("name,out", [(name, out) for name in CONVOLUTION_PRODUCTS
+                                      for out in ("f32", "bf16", "int64", "split")
+                                      if not (out == "split" and name == "km_kn")])
+def test_large_products_run_as_convolutions_with_the_same_bits(isa, name, out):
+  """The kernel's large products give the reference's bits in every output format: rounded
+  once to float32 or bfloat16, the exact int64 sums, and the two-part sums of a contraction
+  split over 4 devices (for K = 255; the weight gradient's 180001 terms admit no split
+  format)."""
+  (m, k, n), layout = CONVOLUTION_PRODUCTS[name]
+  rng = np.random.default_rng(m + k)
+  ea = np.zeros((1, 1), np.int32) if layout[0] else rng.integers(-40, 0, (1, m)).astype(np.int32)
+  (a, _, b, _), args = _operands(rng, 1, m, k, n, *layout, ea=ea)
+  if out in ("f32", "bf16"):
+    _assert_kernel_matches(args, *layout, jnp.float32 if out == "f32" else jnp.bfloat16)
+    return
+  s = np.einsum("bmk,bkn->bmn", a.astype(np.int64), b.astype(np.int64))
+  a_in, _, b_in, eb = args
+  if out == "int64":
+    with jax.enable_x64(True):
+      got = np.asarray(_kernel(*layout, np.int64)(a_in, ea, b_in, eb))
+    assert np.abs(s).max() > 2**33
+    np.testing.assert_array_equal(got, s)
+    return
+  split = partitioning.split_sums(k, 4)
+  bind = registry.split_kernel(dfp_dot_general_p).bind
+  high, low = jax.jit(lambda *xs: bind(*xs, lhs_kmajor=layout[0], rhs_nmajor=layout[1],
+                                       out_dtype=split))(a_in, ea, b_in, eb)
+  np.testing.assert_array_equal(_joined(high, low, split), s)
+
+
 @functools.cache
 def _split_kernel(split):
   bind = registry.split_kernel(dfp_dot_general_p).bind

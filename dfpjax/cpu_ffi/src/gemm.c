@@ -11,6 +11,8 @@
 enum {
   GEMM_MC_ROWS = 64,   /* rows of a cache block, rounded up to whole micro-panels */
   GEMM_NC_COLS = 128,  /* columns of a cache block */
+  GEMM_PACK_BYTES = 8 << 20, /* packed operands from this size on may run as a convolution */
+  GEMM_CONV_MAX_N = 256,     /* conv.c's CONV_NC_COLS: its forward packs each A block once */
 };
 
 typedef struct {
@@ -106,7 +108,53 @@ static void block_task(void* arg, size_t t) {
   free(acc);
 }
 
+/* A single product with one exponent for b, whose packed operands would outweigh
+ * GEMM_PACK_BYTES, as the 1x1 convolution it is (conv.c) where that convolution's macro-loops
+ * serve it better: this loop packs both operands whole before it multiplies (buffers that glibc
+ * maps afresh, and the OS zero-fills, on every call once they reach 32 MB) and leaves a short
+ * output with a long reduction (a dense layer's weight gradient, K its tokens) to a task or
+ * two. With a m-major, y = a b is the forward convolution of x = a [M][K] (M pixels of K
+ * channels, an image each where ea has a row exponent each) and the weights b [K][N] (b n-major:
+ * [N][K], the features-major view), which packs A per cache block, each once where N <=
+ * GEMM_CONV_MAX_N; with a k-major and M < K, a^T b is the weight gradient of x = a [K][M] (K
+ * pixels of M channels) and dy = b [K][N], which packs B in rounds and splits K over the
+ * threads. The same exact sums, so the same bits. Returns 0, running nothing, for other
+ * products. */
+static int run_as_convolution(const dfp_gemm_args* a, dfp_isa isa, const dfp_parallel* par, int* status) {
+  if (a->batch != 1 || a->eb_stride != 0 || (a->m + a->n) * a->k * sizeof(int16_t) < GEMM_PACK_BYTES) return 0;
+  const int forward = !a->a_kmajor && a->n <= GEMM_CONV_MAX_N;
+  const int weight_gradient = a->a_kmajor && !a->b_nmajor && a->ea_stride == 0 && a->m < a->k;
+  if (!forward && !weight_gradient) return 0;
+  dfp_conv_args c;
+  memset(&c, 0, sizeof c);
+  dfp_conv_shape* s = &c.shape;
+  for (int d = 0; d < 3; ++d) {
+    s->in[d] = s->out[d] = s->window[d] = 1;
+    s->stride[d] = s->lhs_dil[d] = s->rhs_dil[d] = 1;
+  }
+  const size_t pixels = forward ? a->m : a->k;
+  s->batch = a->ea_stride && pixels ? pixels : 1;
+  s->in[0] = s->out[0] = pixels / s->batch;
+  s->groups = 1;
+  s->cin = forward ? a->k : a->m;
+  s->cout = a->n;
+  if (a->b_nmajor) {
+    c.weights.mapped = c.weights.features_major = 1;
+    for (int d = 0; d < 3; ++d) c.weights.window[d] = 1, c.weights.tap_step[d] = 1;
+  }
+  c.x = a->a;
+  c.ex = a->ea;
+  c.ex_batch_stride = a->ea_stride;
+  c.b = a->b;
+  c.eb = a->eb[0];
+  c.out = a->out;
+  *status = forward ? dfp_conv_forward(&c, isa, par) : dfp_conv_backward_weights(&c, isa, par);
+  return 1;
+}
+
 int dfp_gemm(const dfp_gemm_args* args, dfp_isa isa, const dfp_parallel* par) {
+  int delegated;
+  if (dfp_isa_supported(isa) && run_as_convolution(args, isa, par, &delegated)) return delegated;
   gemm_plan g;
   memset(&g, 0, sizeof g);
   const int status = dfp_plan_init(isa, &par, &g.cfg, &g.mr, &g.nr);
