@@ -80,23 +80,26 @@ def check_calls_kernel(lowered_text: str, what: str) -> None:
     raise RuntimeError(f"{what} did not lower to the C kernel; the timing would be XLA's")
 
 
-DENSE = (((1,), (0,)), ((), ()))
+def product(m: int, k: int, n: int, lhs_kmajor: bool = False, batch: int = 1):
+  """The operand shapes and ``dot_general`` dimension numbers of ``a b`` (a ``m x k``, b ``k x
+  n``), or with ``lhs_kmajor`` of ``a^T b`` (a stored ``k x m``: a dense layer's weight
+  gradient, x^T dy); with ``batch`` > 1 both operands have a leading batch dimension."""
+  lead = (batch,) if batch > 1 else ()
+  contract = len(lead) + (0 if lhs_kmajor else 1)
+  batch_dims = ((0,), (0,)) if lead else ((), ())
+  dims = ((contract,), (len(lead),)), batch_dims
+  return lead + ((k, m) if lhs_kmajor else (m, k)), lead + (k, n), dims
 
 
-# a^T b of a [K, M] and b [K, N]: a dense layer's weight gradient, x^T dy
-TRANSPOSED_LHS = (((0,), (0,)), ((), ()))
-
-
-def gemm_kernel(m: int, k: int, n: int, lhs_kmajor: bool = False):
-  """The DFP GEMM kernel alone, ``a @ b`` of ``m x k`` and ``k x n`` Gaussian operands
-  quantized beforehand (with ``lhs_kmajor``, ``a`` stored ``k x m``, contracted on its first
-  dimension): a zero-argument function, and its operations (``2 * m * n * k``)."""
+def gemm_kernel(m: int, k: int, n: int, lhs_kmajor: bool = False, batch: int = 1):
+  """The DFP GEMM kernel alone on Gaussian operands quantized beforehand (``product``'s): a
+  zero-argument function, and its operations (``2 * batch * m * n * k``)."""
+  a_shape, b_shape, dims = product(m, k, n, lhs_kmajor, batch)
   ka, kb = jax.random.split(jax.random.key(0))
-  qa = dfpjax.quantize(jax.random.normal(ka, (k, m) if lhs_kmajor else (m, k), jnp.float32))
-  qb = dfpjax.quantize(jax.random.normal(kb, (k, n), jnp.float32))
-  dims = TRANSPOSED_LHS if lhs_kmajor else DENSE
+  qa = dfpjax.quantize(jax.random.normal(ka, a_shape, jnp.float32))
+  qb = dfpjax.quantize(jax.random.normal(kb, b_shape, jnp.float32))
   kernel = jax.jit(lambda qa, qb: dfpjax.dfp_dot_general(qa, qb, dims))
-  return (lambda: kernel(qa, qb)), 2.0 * m * n * k
+  return (lambda: kernel(qa, qb)), 2.0 * batch * m * n * k
 
 
 def time_interleaved(fns, repeats: int) -> list[float]:

@@ -4,6 +4,7 @@
     python benchmarks/matmul.py --quick              # three small shapes, a smoke run
     python benchmarks/matmul.py --shapes 1024x1024x1024,4096x1024x1024 --json rows.json
     python benchmarks/matmul.py --lhs-kmajor --shapes 64x100352x256  # a^T b, a weight gradient
+    python benchmarks/matmul.py --batch 64 --shapes 1024x1024x64     # 64 products a call
     DFPJAX_ISA=portable python benchmarks/matmul.py  # pin the kernel path
 
 For each (M, K, N) it times, interleaved so that machine noise hits all alike (median of
@@ -28,8 +29,8 @@ import jax.numpy as jnp
 import numpy as np
 
 import dfpjax
-from common import (DENSE, TRANSPOSED_LHS, WARMUP, check_calls_kernel, cpu_model, gemm_kernel,
-                    kernel_paths, time_interleaved)
+from common import (WARMUP, check_calls_kernel, cpu_model, gemm_kernel, kernel_paths, product,
+                    time_interleaved)
 
 SHAPES = [(256, 256, 256), (512, 512, 512), (1024, 1024, 1024), (2048, 1024, 1024),
           (4096, 1024, 1024)]
@@ -64,14 +65,14 @@ def _peak(isa: str, given: float | None) -> tuple[float | None, str]:
   return None, f"no reference figure for {isa}; pass --peak-gops"
 
 
-def measure(m: int, k: int, n: int, repeats: int, lhs_kmajor: bool = False) -> dict:
+def measure(m: int, k: int, n: int, repeats: int, lhs_kmajor: bool = False, batch: int = 1) -> dict:
+  a_shape, b_shape, dims = product(m, k, n, lhs_kmajor, batch)
   ka, kb = jax.random.split(jax.random.key(0))
-  a = jax.random.normal(ka, (k, m) if lhs_kmajor else (m, k), jnp.float32)
-  b = jax.random.normal(kb, (k, n), jnp.float32)
-  dims = TRANSPOSED_LHS if lhs_kmajor else DENSE
+  a = jax.random.normal(ka, a_shape, jnp.float32)
+  b = jax.random.normal(kb, b_shape, jnp.float32)
   fp32 = jax.jit(lambda a, b: jax.lax.dot_general(a, b, dims))
   dfp = jax.jit(lambda a, b: dfpjax.dfp_dot_general(a, b, dims))
-  kernel, ops = gemm_kernel(m, k, n, lhs_kmajor)  # the same operands, quantized beforehand
+  kernel, ops = gemm_kernel(m, k, n, lhs_kmajor, batch)  # the same operands, quantized beforehand
   check_calls_kernel(dfp.lower(a, b).as_text(), "dfp_dot_general")
   t_fp32, t_dfp, t_kernel = time_interleaved(
       [lambda: fp32(a, b), lambda: dfp(a, b), kernel], repeats)
@@ -101,11 +102,16 @@ def main():
   parser.add_argument("--quick", action="store_true", help="three small shapes, a smoke run")
   parser.add_argument("--lhs-kmajor", action="store_true",
                       help="a^T b, a stored K x M (a dense layer's weight gradient, x^T dy)")
+  parser.add_argument("--batch", type=int, default=1,
+                      help="products per call: batched operands [B, M, K] x [B, K, N] "
+                           "(an attention's heads)")
   parser.add_argument("--peak-gops", type=float,
                       help="INT16 MAC peak (GOP/s) for the kernel-fraction column "
                       "(default: the reference figure for the kernel path)")
   parser.add_argument("--json", metavar="PATH", help="also write the rows to this file")
   args = parser.parse_args()
+  if args.batch < 1:
+    parser.error(f"--batch must be at least 1, got {args.batch}")
   shapes = args.shapes or (QUICK_SHAPES if args.quick else SHAPES)
   repeats = args.repeats or (QUICK_REPEATS if args.quick else 15)
 
@@ -116,7 +122,8 @@ def main():
   facts = dict(date=datetime.datetime.now().isoformat(timespec="seconds"), cpu=cpu_model(),
                cpus=os.cpu_count(), jax=jax.__version__, dfpjax=dfpjax.__version__,
                supported_isas=list(supported), selected_isa=isa, dfpjax_isa_env=forced,
-               peak_gops=peak, peak_source=peak_note, repeats=repeats, lhs_kmajor=args.lhs_kmajor)
+               peak_gops=peak, peak_source=peak_note, repeats=repeats, lhs_kmajor=args.lhs_kmajor,
+               batch=args.batch)
 
   print(f"# {facts['date']}  {facts['cpu']}  ({facts['cpus']} CPUs)  "
         f"jax {jax.__version__}  dfpjax {dfpjax.__version__}")
@@ -125,6 +132,8 @@ def main():
   print(f"# INT16 peak: {peak_note}")
   if args.lhs_kmajor:
     print("# a^T b: a stored K x M, contracted on its first dimension")
+  if args.batch > 1:
+    print(f"# {args.batch} products per call (batched operands); GOP/s count all of them")
   print(f"# median of {repeats} interleaved runs after {WARMUP} warm-ups, each "
         "right after an untimed run of its own; "
         "speed-up = FP32 time / DFP time (> 1: DFP faster); rel. error = ||DFP - FP32|| / ||FP32||")
@@ -134,7 +143,7 @@ def main():
   print("|---|---|---|---|---|---|---|---|")
   rows = []
   for m, k, n in shapes:
-    rows.append(measure(m, k, n, repeats, args.lhs_kmajor))
+    rows.append(measure(m, k, n, repeats, args.lhs_kmajor, args.batch))
     print(_row(rows[-1], peak), flush=True)
   if args.json:
     with open(args.json, "w") as f:

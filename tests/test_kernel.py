@@ -241,6 +241,20 @@ def test_large_products_run_as_convolutions_with_the_same_bits(isa, name, out):
   np.testing.assert_array_equal(_joined(high, low, split), s)
 
 
+@pytest.mark.parametrize("layout", [(False, False), (True, False), (False, True), (True, True)],
+                         ids=["mk_kn", "km_kn", "mk_nk", "km_nk"])
+def test_a_large_batch_runs_in_rounds_with_the_same_bits(isa, layout):
+  """A batch whose packed operands pass 8 MB is packed and multiplied a few elements at a time
+  (gemm.c, GEMM_PACK_BYTES; here rounds of 4 and 3 elements on every path's tiles), each
+  element with its own exponents: per row of a and per column of b, per batch element."""
+  rng = np.random.default_rng(7)
+  batch, m, k, n = 7, 603, 1101, 301
+  ea = rng.integers(-40, 0, (batch, m)).astype(np.int32)
+  eb = rng.integers(-30, 0, (batch, n)).astype(np.int32)
+  _, args = _operands(rng, batch, m, k, n, *layout, ea=ea, eb=eb)
+  _assert_kernel_matches(args, *layout)
+
+
 @functools.cache
 def _split_kernel(split):
   bind = registry.split_kernel(dfp_dot_general_p).bind

@@ -11,8 +11,10 @@
 enum {
   GEMM_MC_ROWS = 64,   /* rows of a cache block, rounded up to whole micro-panels */
   GEMM_NC_COLS = 128,  /* columns of a cache block */
-  GEMM_PACK_BYTES = 8 << 20, /* packed operands from this size on may run as a convolution */
+  GEMM_PACK_BYTES = 8 << 20, /* packed operands a round of the batch holds; a single product past
+                               * it may run as a convolution */
   GEMM_CONV_MAX_N = 256,     /* conv.c's CONV_NC_COLS: its forward packs each A block once */
+  GEMM_PACK_PANELS = 8,      /* micro-panels a pack task fills */
 };
 
 typedef struct {
@@ -23,20 +25,30 @@ typedef struct {
   size_t mpanels, npanels;         /* per batch element */
   size_t mcp, ncp;                 /* micro-panels per cache block */
   size_t mblocks, nblocks;         /* cache blocks per batch element */
-  int16_t* apack;                  /* [batch][mpanels][kpairs][MR][2] */
-  int16_t* bpack;                  /* [batch][npanels][kpairs][NR][2] */
-  uint64_t* abound;                /* [batch][mpanels][kblocks][DFP_CHUNK_LEVELS] */
+  size_t batch0;                   /* the round's first batch element */
+  int16_t* apack;                  /* [round's batch][mpanels][kpairs][MR][2] */
+  int16_t* bpack;                  /* [round's batch][npanels][kpairs][NR][2] */
+  uint64_t* abound;                /* [round's batch][mpanels][kblocks][DFP_CHUNK_LEVELS] */
   uint64_t* bbound;
   int status;                      /* first error seen by any task, DFP_OK if none */
 } gemm_plan;
 
-/* Packs micro-panel t (batch-major) of an operand of `rows` rows of K (row stride rs, column
- * stride cs) into panels of r rows, for A and B alike. */
+/* The pack tasks of one operand's `panels` micro-panels per batch element: groups of
+ * GEMM_PACK_PANELS, so that a k-major operand's K rows are each read once for the group's
+ * columns, not once per micro-panel (12 or 32 bytes of each row's cache lines a pass). */
+static size_t pack_groups(size_t panels) { return (panels + GEMM_PACK_PANELS - 1) / GEMM_PACK_PANELS; }
+
+/* Packs group t (batch-major) of the round of an operand of `rows` rows of K (row stride rs,
+ * column stride cs) into micro-panels of r rows, for A and B alike. */
 static void pack_operand(gemm_plan* g, size_t t, const int16_t* operand, size_t rows, size_t panels,
                          size_t rs, size_t cs, int r, int16_t* pack, uint64_t* bound) {
-  const size_t k = g->args->k, b = t / panels, panel = t % panels;
-  if (dfp_pack_panel(g->cfg, operand + b * rows * k, rows, k, rs, cs, panel * r, r, pack + t * g->kpairs * r * 2,
-                     bound + t * g->kblocks * DFP_CHUNK_LEVELS))
+  const size_t k = g->args->k, groups = pack_groups(panels);
+  const size_t panel0 = t % groups * GEMM_PACK_PANELS, first = t / groups * panels + panel0;
+  const size_t count = panels - panel0 < GEMM_PACK_PANELS ? panels - panel0 : GEMM_PACK_PANELS;
+  const size_t b = g->batch0 + t / groups, panel_stride = g->kpairs * r * 2;
+  if (dfp_pack_panels(g->cfg, operand + b * rows * k, rows, k, rs, cs, panel0 * r, r, count,
+                      pack + first * panel_stride, panel_stride, bound + first * g->kblocks * DFP_CHUNK_LEVELS,
+                      g->kblocks * DFP_CHUNK_LEVELS))
     dfp_fail(&g->status, DFP_ERR_BAD_MANTISSA);
 }
 
@@ -54,17 +66,18 @@ static void pack_b_task(void* arg, size_t t) {
                g->bbound);
 }
 
-/* One cache block: micro-panels [p0, p1) x [q0, q1) of batch element b. */
+/* One cache block of the round: micro-panels [p0, p1) x [q0, q1) of batch element b. */
 static void block_task(void* arg, size_t t) {
   gemm_plan* g = (gemm_plan*)arg;
   const dfp_gemm_args* a = g->args;
   const size_t mr = (size_t)g->mr, nr = (size_t)g->nr;
   const size_t ldc = g->ncp * nr; /* the block accumulator is row-major [mcp * mr][ldc] */
   const size_t per_batch = g->mblocks * g->nblocks;
-  const size_t b = t / per_batch, ib = (t % per_batch) / g->nblocks, jb = t % g->nblocks;
+  const size_t round_b = t / per_batch, b = g->batch0 + round_b;
+  const size_t ib = (t % per_batch) / g->nblocks, jb = t % g->nblocks;
   const size_t p0 = ib * g->mcp, p1 = p0 + g->mcp < g->mpanels ? p0 + g->mcp : g->mpanels;
   const size_t q0 = jb * g->ncp, q1 = q0 + g->ncp < g->npanels ? q0 + g->ncp : g->npanels;
-  const size_t ap0 = b * g->mpanels + p0, bq0 = b * g->npanels + q0;
+  const size_t ap0 = round_b * g->mpanels + p0, bq0 = round_b * g->npanels + q0;
   const size_t row0 = p0 * mr, row1 = p1 * mr < a->m ? p1 * mr : a->m;
   const size_t col0 = q0 * nr, cols = a->n - col0 < ldc ? a->n - col0 : ldc;
   int32_t ea[GEMM_MC_ROWS + DFP_TILE_MAX_ROWS]; /* the block's rows: GEMM_MC_ROWS rounded up to panels */
@@ -172,8 +185,14 @@ int dfp_gemm(const dfp_gemm_args* args, dfp_isa isa, const dfp_parallel* par) {
   if (args->batch == 0 || args->m == 0 || args->n == 0) return DFP_OK;
 
   dfp_advise_output(args->out.data, args->batch * args->m * args->n * dfp_out_element_bytes(args->out.format));
-  const size_t apanels = args->batch * g.mpanels, bpanels = args->batch * g.npanels;
+  /* The batch in rounds of elements whose packed operands take GEMM_PACK_BYTES (at least one
+   * element): buffers glibc reuses and the cache holds, where packing the whole batch at once
+   * would map them afresh (an attention's 64 products of 1024 x 1024 x 64: 134 MB of A). */
   const size_t kp = g.kpairs ? g.kpairs : 1, levels = (g.kblocks ? g.kblocks : 1) * DFP_CHUNK_LEVELS;
+  const size_t element = (g.mpanels * g.mr + g.npanels * g.nr) * kp * 2 * sizeof(int16_t);
+  size_t round = GEMM_PACK_BYTES / element;
+  round = round < 1 ? 1 : round > args->batch ? args->batch : round;
+  const size_t apanels = round * g.mpanels, bpanels = round * g.npanels;
   g.apack = (int16_t*)malloc(apanels * kp * g.mr * 2 * sizeof(int16_t));
   g.bpack = (int16_t*)malloc(bpanels * kp * g.nr * 2 * sizeof(int16_t));
   g.abound = (uint64_t*)malloc(apanels * levels * sizeof(uint64_t));
@@ -181,10 +200,13 @@ int dfp_gemm(const dfp_gemm_args* args, dfp_isa isa, const dfp_parallel* par) {
   if (!g.apack || !g.bpack || !g.abound || !g.bbound) {
     g.status = DFP_ERR_ALLOC;
   } else {
-    par->parallel_for(par->pool, apanels, pack_a_task, &g);
-    par->parallel_for(par->pool, bpanels, pack_b_task, &g);
-    if (g.status == DFP_OK)
-      par->parallel_for(par->pool, args->batch * g.mblocks * g.nblocks, block_task, &g);
+    for (; g.batch0 < args->batch && g.status == DFP_OK; g.batch0 += round) {
+      const size_t elements = round < args->batch - g.batch0 ? round : args->batch - g.batch0;
+      par->parallel_for(par->pool, elements * pack_groups(g.mpanels), pack_a_task, &g);
+      par->parallel_for(par->pool, elements * pack_groups(g.npanels), pack_b_task, &g);
+      if (g.status == DFP_OK)
+        par->parallel_for(par->pool, elements * g.mblocks * g.nblocks, block_task, &g);
+    }
   }
   free(g.apack);
   free(g.bpack);
