@@ -1,5 +1,6 @@
-/* Macro-loop of the exact DFP GEMM: pack, run the block routine (macro.h) over cache blocks
- * in parallel, encode the exact sums (spec section 3). */
+/* Macro-loop of the exact DFP GEMM: per round of the batch, pack, run the block routine
+ * (macro.h) over cache blocks in parallel, encode the exact sums (spec section 3). Large single
+ * products that conv.c's loops serve better run there, as 1x1 convolutions (run_as_convolution). */
 #include <stdlib.h>
 #include <string.h>
 
