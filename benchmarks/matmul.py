@@ -10,11 +10,13 @@
 For each (M, K, N) it times, interleaved so that machine noise hits all alike (median of
 --repeats runs after 2 warm-up calls, each right after an untimed run of its own, both cores
 through XLA's intra-op pool):
-  fp32    jax.jit(jnp.dot) on float32 Gaussian operands (M, K) x (K, N)
+  fp32    jax.jit(lax.dot_general) on float32 Gaussian operands (M, K) x (K, N) (with
+          --lhs-kmajor a (K, M), contracted on its first dimension; with --batch B, a leading
+          batch dimension of B on both)
   dfp     jax.jit(dfpjax.dfp_dot_general) on the same operands (quantization included)
   kernel  the exact product of operands quantized beforehand (the C kernel alone)
 and prints speed-ups over FP32 (FP32 time / DFP time, > 1 means DFP is faster), GOP/s
-(2*M*N*K / time) and the kernel's fraction of a reference INT16 peak (see REFERENCE_PEAKS).
+(2*B*M*N*K / time) and the kernel's fraction of a reference INT16 peak (see REFERENCE_PEAKS).
 """
 
 from __future__ import annotations
