@@ -235,9 +235,7 @@ def test_large_products_run_as_convolutions_with_the_same_bits(isa, name, out):
     np.testing.assert_array_equal(got, s)
     return
   split = partitioning.split_sums(k, 4)
-  bind = registry.split_kernel(dfp_dot_general_p).bind
-  high, low = jax.jit(lambda *xs: bind(*xs, lhs_kmajor=layout[0], rhs_nmajor=layout[1],
-                                       out_dtype=split))(a_in, ea, b_in, eb)
+  high, low = _split_kernel(split, *layout)(a_in, ea, b_in, eb)
   np.testing.assert_array_equal(_joined(high, low, split), s)
 
 
@@ -256,9 +254,9 @@ def test_a_large_batch_runs_in_rounds_with_the_same_bits(isa, layout):
 
 
 @functools.cache
-def _split_kernel(split):
+def _split_kernel(split, lhs_kmajor=False, rhs_nmajor=False):
   bind = registry.split_kernel(dfp_dot_general_p).bind
-  return jax.jit(lambda *args: bind(*args, lhs_kmajor=False, rhs_nmajor=False, out_dtype=split))
+  return jax.jit(lambda *args: bind(*args, lhs_kmajor=lhs_kmajor, rhs_nmajor=rhs_nmajor, out_dtype=split))
 
 
 def _joined(high, low, split):

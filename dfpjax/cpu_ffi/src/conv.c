@@ -20,7 +20,6 @@
 
 enum {
   CONV_MC_ROWS = 64,   /* rows of a forward cache block, rounded up to whole micro-panels */
-  CONV_NC_COLS = 256,  /* columns of a cache block */
   TASKS_PER_THREAD = 4,
   /* Backward-weights packs dy (its B operand, as large as dy) in rounds of K blocks of at
    * most this many bytes: a buffer glibc reuses, instead of one it maps and zero-fills afresh

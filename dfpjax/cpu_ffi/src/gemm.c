@@ -14,7 +14,6 @@ enum {
   GEMM_NC_COLS = 128,  /* columns of a cache block */
   GEMM_PACK_BYTES = 8 << 20, /* packed operands a round of the batch holds; a single product past
                                * it may run as a convolution */
-  GEMM_CONV_MAX_N = 256,     /* conv.c's CONV_NC_COLS: its forward packs each A block once */
   GEMM_PACK_PANELS = 8,      /* micro-panels a pack task fills */
 };
 
@@ -130,13 +129,13 @@ static void block_task(void* arg, size_t t) {
  * two. With a m-major, y = a b is the forward convolution of x = a [M][K] (M pixels of K
  * channels, an image each where ea has a row exponent each) and the weights b [K][N] (b n-major:
  * [N][K], the features-major view), which packs A per cache block, each once where N <=
- * GEMM_CONV_MAX_N; with a k-major and M < K, a^T b is the weight gradient of x = a [K][M] (K
+ * CONV_NC_COLS; with a k-major and M < K, a^T b is the weight gradient of x = a [K][M] (K
  * pixels of M channels) and dy = b [K][N], which packs B in rounds and splits K over the
  * threads. The same exact sums, so the same bits. Returns 0, running nothing, for other
  * products. */
 static int run_as_convolution(const dfp_gemm_args* a, dfp_isa isa, const dfp_parallel* par, int* status) {
   if (a->batch != 1 || a->eb_stride != 0 || (a->m + a->n) * a->k * sizeof(int16_t) < GEMM_PACK_BYTES) return 0;
-  const int forward = !a->a_kmajor && a->n <= GEMM_CONV_MAX_N;
+  const int forward = !a->a_kmajor && a->n <= CONV_NC_COLS;
   const int weight_gradient = a->a_kmajor && !a->b_nmajor && a->ea_stride == 0 && a->m < a->k;
   if (!forward && !weight_gradient) return 0;
   dfp_conv_args c;
@@ -168,7 +167,7 @@ static int run_as_convolution(const dfp_gemm_args* a, dfp_isa isa, const dfp_par
 
 int dfp_gemm(const dfp_gemm_args* args, dfp_isa isa, const dfp_parallel* par) {
   int delegated;
-  if (dfp_isa_supported(isa) && run_as_convolution(args, isa, par, &delegated)) return delegated;
+  if (run_as_convolution(args, isa, par, &delegated)) return delegated;
   gemm_plan g;
   memset(&g, 0, sizeof g);
   const int status = dfp_plan_init(isa, &par, &g.cfg, &g.mr, &g.nr);

@@ -14,6 +14,10 @@
 #include "dfp_kernel.h"
 #include "isa_config.h"
 
+/* Columns of a convolution's cache block (conv.c): its forward pass packs each block of A once
+ * where N is at most this, which is where gemm.c runs a large product as a convolution. */
+enum { CONV_NC_COLS = 256 };
+
 /* The largest partial sum a chunk may reach (ukernel.h): int32 less a carried remainder. */
 #define DFP_CHUNK_SUM_MAX (INT32_MAX - 0xffff)
 
