@@ -17,8 +17,10 @@ after the timed steps and before profiling) is its own and a crash or --timeout 
               with momentum, in FP32 and under bf16 autocast; a reference, not part of dfpjax
 Images and labels are random (no input pipeline). Each step is timed alone after compilation and
 one warm-up step; the table gives the median over --steps, images/s relative to flax-fp32 of the
-same network and batch in this run, and the CPUs the timed steps kept busy on average (below the
-machine's count when others share it). Progress goes to stderr, the markdown report to stdout;
+same network and batch in this run, the CPUs the timed steps kept busy on average (below the
+machine's count when others share it), and their minor page faults and system seconds per step:
+with glibc's default malloc settings XLA's large buffers are mapped afresh and faulted in on every
+step (docs/examples.md names settings that keep them; the header says which are set). Progress goes to stderr, the markdown report to stdout;
 its header gives the CPU, its SIMD flags and the DFP kernel path (``dfpjax.kernel_info``).
 
 Each Flax step's instructions and the bytes they write are counted by category from its HLO
@@ -81,21 +83,30 @@ def cpu_seconds() -> float:
   return usage.ru_utime + usage.ru_stime
 
 
+def faults_and_system_seconds() -> tuple[int, float]:
+  usage = resource.getrusage(resource.RUSAGE_SELF)
+  return usage.ru_minflt, usage.ru_stime
+
+
 def time_steps(run_step, steps: int) -> dict:
-  """Seconds of the first call (warm-up) and of each of ``steps`` further calls, and the CPUs
-  the timed steps kept busy on average (less than the machine's count on a shared machine)."""
+  """Seconds of the first call (warm-up) and of each of ``steps`` further calls, the CPUs the
+  timed steps kept busy on average (less than the machine's count on a shared machine), and
+  their minor page faults and system CPU seconds per step."""
   start = time.perf_counter()
   run_step()
   first = time.perf_counter() - start
   log(f"  warm-up step {first:.1f} s")
-  times, cpu_start = [], cpu_seconds()
+  times, cpu_start, (faults_start, system_start) = [], cpu_seconds(), faults_and_system_seconds()
   for i in range(steps):
     start = time.perf_counter()
     run_step()
     times.append(time.perf_counter() - start)
     log(f"  step {i + 1}/{steps}: {times[-1]:.2f} s")
+  faults, system = faults_and_system_seconds()
   return {"first_step_s": first, "step_s": times,
-          "cpus_used": (cpu_seconds() - cpu_start) / sum(times)}
+          "cpus_used": (cpu_seconds() - cpu_start) / sum(times),
+          "faults_per_step": (faults - faults_start) / steps,
+          "system_s_per_step": (system - system_start) / steps}
 
 
 # ------------------------------------------------------------------------------------- workers
@@ -225,12 +236,12 @@ def summary_table(rows: list[dict]) -> str:
   baseline = {(r["network"], r["batch"]): r for r in rows
               if r["mode"] == "flax-fp32" and "error" not in r}
   lines = ["| network | batch | step | compile s | warm-up step s | s/step (median of n) | "
-           "images/s | vs Flax FP32 | peak RSS GiB | CPUs used |",
-           "|---|---|---|---|---|---|---|---|---|---|"]
+           "images/s | vs Flax FP32 | peak RSS GiB | CPUs used | page faults/step | system s/step |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
   for r in rows:
     head = f"| {r['network']} | {r['batch']} | {r['mode']} |"
     if "error" in r:
-      lines.append(f"{head} {r['error']} | | | | | | |")
+      lines.append(f"{head} {r['error']} | | | | | | | | |")
       continue
     step = statistics.median(r["step_s"])
     base = baseline.get((r["network"], r["batch"]))
@@ -238,7 +249,7 @@ def summary_table(rows: list[dict]) -> str:
     compile_s = f"{r['compile_s']:.1f}" if "compile_s" in r else "(eager)"
     lines.append(f"{head} {compile_s} | {r['first_step_s']:.1f} | {step:.2f} (n={len(r['step_s'])})"
                  f" | {r['batch'] / step:.2f} | {ratio} | {r['peak_rss'] / 2**30:.2f} | "
-                 f"{r['cpus_used']:.1f} |")
+                 f"{r['cpus_used']:.1f} | {r['faults_per_step']:,.0f} | {r['system_s_per_step']:.2f} |")
   return "\n".join(lines)
 
 
