@@ -1,5 +1,8 @@
 """Spec section 2: float -> DFP, checked against the plain oracle in spec_oracle.py."""
 
+import os
+import re
+
 import jax
 import jax.numpy as jnp
 import ml_dtypes
@@ -324,3 +327,33 @@ def test_kernel_quantization_given_max_rejects_bad_maxima():
     dfp_quantize_given_max_p.bind(x, jnp.ones((3,), jnp.int32), bits=16, headroom=0)
   with pytest.raises(TypeError, match="uint32 group maxima of shape"):
     dfp_quantize_given_max_p.bind(x, jnp.ones((4,), jnp.uint32), bits=16, headroom=0)
+
+
+_THP = "/sys/kernel/mm/transparent_hugepage/enabled"
+
+
+def _vm_flags(address: int) -> list[str]:
+  """The VmFlags of the mapping of this process that holds ``address`` (Linux's smaps)."""
+  with open("/proc/self/smaps", encoding="ascii") as f:
+    inside = False
+    for line in f:
+      if re.match(r"[0-9a-f]+-[0-9a-f]+ ", line):
+        begin, end = (int(v, 16) for v in line.split()[0].split("-"))
+        inside = begin <= address < end
+      elif inside and line.startswith("VmFlags:"):
+        return line.split()[1:]
+  raise AssertionError(f"no mapping holds {address:#x}")
+
+
+@pytest.mark.skipif(not os.path.exists(_THP) or "[never]" in open(_THP).read(),
+                    reason="Linux's transparent huge pages")
+def test_kernel_outputs_of_a_few_megabytes_ask_for_huge_pages():
+  # A train step's buffers lie in XLA's temporary block, mapped afresh each step: an INT16
+  # output of 6 MB (a 56x56x64 activation at batch 16) would fault in 1,536 pages on every
+  # step; its 2 MB-aligned interior is advised as transparent huge pages (macro.c).
+  x = jnp.asarray(np.random.default_rng(3).standard_normal((16, 56, 56, 64)).astype(np.float32))
+  m, _ = jax.jit(lambda x: dfp_quantize_p.bind(x, bits=16, headroom=0))(x)
+  m.block_until_ready()
+  huge = 2 << 20
+  interior = (m.unsafe_buffer_pointer() + huge - 1) // huge * huge
+  assert "hg" in _vm_flags(interior)

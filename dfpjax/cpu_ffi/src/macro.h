@@ -114,17 +114,18 @@ void dfp_add_sums_avx2(int64_t* dst, const int64_t* src, size_t n);
 void dfp_split_sums_portable(const int64_t* s, size_t n, int low_bits, int low_bytes, uint32_t* high, void* low);
 void dfp_split_sums_avx2(const int64_t* s, size_t n, int low_bits, int low_bytes, uint32_t* high, void* low);
 
-/* Outputs of at least this many bytes are fresh mappings (glibc maps blocks above 32 MB
- * afresh on every allocation and unmaps them on free), so every call page-faults all of them
- * in, 4 KB at a time, as it writes them. */
-#define DFP_HUGE_OUTPUT_BYTES ((size_t)32 << 20)
+/* Outputs of at least this many bytes (two huge pages, so at least one lies inside) are often
+ * fresh memory, page-faulted in 4 KB at a time as the kernel writes them: glibc maps a block
+ * of 32 MB or more afresh on every allocation, and in a jitted step every output lies in XLA's
+ * temporary block, which is one such allocation per step (ResNet-50 DFP at batch 16 with the
+ * threshold at 32 MB: 157,000 faults a step; at 4 MB: 116,000, docs/performance.md). */
+#define DFP_HUGE_OUTPUT_BYTES ((size_t)4 << 20)
 
 /* Asks the OS to back the 2 MB-aligned interior of an output of DFP_HUGE_OUTPUT_BYTES or more
  * with transparent huge pages (Linux, THP in "madvise" mode or "always"): a 103 MB output then
  * takes about 50 page faults instead of 25,000. Only a hint, on memory the caller is about to
- * overwrite whole: it changes no result; and such blocks are mappings of their own, unmapped
- * when freed, so the advice ends with the output and adds no resident pages to it. Ignored
- * elsewhere and when it fails. */
+ * overwrite whole: it changes no result and adds no resident pages to the output (on a block
+ * glibc reuses, the heap keeps the advice). Ignored elsewhere and when it fails. */
 void dfp_advise_output(void* out, size_t bytes);
 
 /* The bytes of one element of an output's data (the high parts of split sums). */
