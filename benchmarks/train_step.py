@@ -18,10 +18,11 @@ after the timed steps and before profiling) is its own and a crash or --timeout 
 Images and labels are random (no input pipeline). Each step is timed alone after compilation and
 one warm-up step; the table gives the median over --steps, images/s relative to flax-fp32 of the
 same network and batch in this run, the CPUs the timed steps kept busy on average (below the
-machine's count when others share it), and their minor page faults and system seconds per step:
-with glibc's default malloc settings XLA's large buffers are mapped afresh and faulted in on every
-step (docs/examples.md names settings that keep them; the header says which are set). Progress goes to stderr, the markdown report to stdout;
-its header gives the CPU, its SIMD flags and the DFP kernel path (``dfpjax.kernel_info``).
+machine's count when others share it), and their minor page faults and system seconds per step
+(with glibc's default malloc settings XLA's large buffers are mapped afresh and faulted in on
+every step; docs/examples.md names settings that keep them, and the header says which are set).
+Progress goes to stderr, the markdown report to stdout; its header gives the CPU, its SIMD flags
+and the DFP kernel path (``dfpjax.kernel_info``).
 
 Each Flax step's instructions and the bytes they write are counted by category from its HLO
 (hlo_profile.py): the step's work, independent of the machine's load. The Flax steps are then

@@ -1,6 +1,5 @@
 """Spec section 2: float -> DFP, checked against the plain oracle in spec_oracle.py."""
 
-import os
 import re
 
 import jax
@@ -329,7 +328,13 @@ def test_kernel_quantization_given_max_rejects_bad_maxima():
     dfp_quantize_given_max_p.bind(x, jnp.ones((4,), jnp.uint32), bits=16, headroom=0)
 
 
-_THP = "/sys/kernel/mm/transparent_hugepage/enabled"
+def _transparent_huge_pages() -> bool:
+  """Whether Linux grants transparent huge pages (``always`` or ``madvise``)."""
+  try:
+    with open("/sys/kernel/mm/transparent_hugepage/enabled", encoding="ascii") as f:
+      return "[never]" not in f.read()
+  except OSError:
+    return False
 
 
 def _vm_flags(address: int) -> list[str]:
@@ -345,8 +350,7 @@ def _vm_flags(address: int) -> list[str]:
   raise AssertionError(f"no mapping holds {address:#x}")
 
 
-@pytest.mark.skipif(not os.path.exists(_THP) or "[never]" in open(_THP).read(),
-                    reason="Linux's transparent huge pages")
+@pytest.mark.skipif(not _transparent_huge_pages(), reason="Linux's transparent huge pages")
 def test_kernel_outputs_of_a_few_megabytes_ask_for_huge_pages():
   # A train step's buffers lie in XLA's temporary block, mapped afresh each step: an INT16
   # output of 6 MB (a 56x56x64 activation at batch 16) would fault in 1,536 pages on every
