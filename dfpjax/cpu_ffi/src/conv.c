@@ -156,7 +156,8 @@ static void block_task(void* arg, size_t t) {
   int32_t ea[DFP_IM2COL_MAX_ROWS]; /* a block's rows: at most CONV_MC_ROWS or DFP_IM2COL_MAX_ROWS */
   for (size_t row = row0; row < row1; ++row) ea[row - row0] = a->ex[row / pixels_per_image * a->ex_batch_stride];
   if (c->kblocks == 1 && dfp_encodes_tiles(c->cfg, a->out.format, 0)) {
-    const dfp_block_output out = {&a->out, row0 * ldo + g * s->cout + col0, ldo, row1 - row0, cols, ea, a->eb};
+    const dfp_block_output out = {&a->out, row0 * ldo + g * s->cout + col0, ldo, row1 - row0, cols, ea, a->eb,
+                                  dfp_stream_output(c->m * ldo)};
     run_block(c, g, mb, nb, 0, 1, NULL, 0, 0, &out);
     return;
   }

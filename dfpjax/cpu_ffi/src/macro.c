@@ -4,6 +4,9 @@
 #if defined(__linux__)
 #include <sys/mman.h>
 #endif
+#if defined(DFPJAX_X86)
+#include <immintrin.h>
+#endif
 
 #include "encode.h"
 #include "pack.h"
@@ -44,10 +47,19 @@ static int normal_scales(const dfp_block_output* o, size_t row0, size_t rows, in
   return 1;
 }
 
+/* Whether a block's whole float32 tiles can take non-temporal stores: each tile row's first
+ * element 64-byte aligned (nr float32 are a multiple of 64 bytes on the paths that stream). */
+static int streams(const dfp_ukernel* uk, const dfp_block_output* o) {
+  const uintptr_t first = (uintptr_t)((const uint32_t*)o->out->data + o->index);
+  return o->stream && uk->encode_f32_stream != NULL && o->out->format == DFP_OUT_F32 && first % 64 == 0 &&
+         o->ldo * sizeof(uint32_t) % 64 == 0;
+}
+
 void dfp_multiply_encode_block(const dfp_isa_config* cfg, const dfp_block* block, const dfp_block_output* o) {
   const dfp_ukernel* uk = cfg->ukernel;
   const dfp_out_format format = o->out->format;
-  const int sums = format == DFP_OUT_S64, split = dfp_out_is_split(format);
+  const int sums = format == DFP_OUT_S64, split = dfp_out_is_split(format), stream = streams(uk, o);
+  const dfp_ukernel_f32_fn encode_f32 = stream ? uk->encode_f32_stream : uk->encode_f32;
   const size_t kc = block->kpairs, mr = (size_t)uk->mr, nr = (size_t)uk->nr;
   int64_t tile[DFP_TILE_MAX_ELEMENTS];
   int32_t scale[DFP_TILE_MAX_ROWS];
@@ -67,7 +79,7 @@ void dfp_multiply_encode_block(const dfp_isa_config* cfg, const dfp_block* block
       const size_t index = o->index + row0 * o->ldo + col0;
       if (whole && cols == nr) {
         if (sums) uk->fn(kc, chunk < kc ? chunk : kc, a, b, (int64_t*)o->out->data + index, o->ldo, 0);
-        else uk->encode_f32(kc, chunk < kc ? chunk : kc, a, b, (uint32_t*)o->out->data + index, o->ldo, scale);
+        else encode_f32(kc, chunk < kc ? chunk : kc, a, b, (uint32_t*)o->out->data + index, o->ldo, scale);
         continue;
       }
       /* A partial tile, a row's scale past the lanes' encoding, or split sums: through the
@@ -77,6 +89,11 @@ void dfp_multiply_encode_block(const dfp_isa_config* cfg, const dfp_block* block
         dfp_encode_row(cfg, o->out, index + r * o->ldo, tile + r * nr, cols, o->ea[row0 + r], &o->eb, 0);
     }
   }
+#if defined(DFPJAX_X86)
+  /* Non-temporal stores are weakly ordered: visible to the thread that joins this task only
+   * after a fence. */
+  if (stream) _mm_sfence();
+#endif
 }
 
 void dfp_encode_f32_portable(const int64_t* s, size_t n, int32_t ea, const int32_t* eb,

@@ -70,22 +70,38 @@ static inline int dfp_encodes_tiles(const dfp_isa_config* cfg, dfp_out_format fo
  * fit int32; else DFP_ERR_BAD_SHAPE. */
 int dfp_check_output(const dfp_output* out, uint64_t terms);
 
+/* Float32 outputs of at least this many bytes are written with non-temporal stores where
+ * the microkernel has them (ukernel.h's encode_f32_stream) and the rows are 64-byte aligned:
+ * an output this large leaves the last-level cache before anything reads it, so a normal
+ * store's read of each line first (and its eviction of useful lines) buys nothing. One thread
+ * of a short reduction stalls on those reads: on a Zen 4, 2 threads, the 56x56 1x1 layers'
+ * forward kernels took 25-30% less time (docs/performance.md). */
+#define DFP_STREAM_OUTPUT_BYTES ((size_t)32 << 20)
+
+/* Whether an output of `elements` float32 is that large (dfp_block_output's stream). */
+static inline int dfp_stream_output(size_t elements) {
+  return elements >= DFP_STREAM_OUTPUT_BYTES / sizeof(float);
+}
+
 /* Where such a block's tiles go: its (0, 0) is element index of out (row stride ldo),
  * rows x cols of it are valid (the rest of its panels is padding), row r's exponent is ea[r],
- * every column's eb (float32 only). */
+ * every column's eb (float32 only); stream: the whole output has DFP_STREAM_OUTPUT_BYTES or
+ * more. */
 typedef struct {
   const dfp_output* out;
   size_t index, ldo, rows, cols;
   const int32_t* ea;
   int32_t eb;
+  int stream;
 } dfp_block_output;
 
 /* dfp_multiply_block over the whole reduction (block->kpairs pairs) where dfp_encodes_tiles,
  * each tile written into the output as soon as it is computed, with no int64 block of sums:
  * int64 sums stored by the microkernel in place (through an int64 tile where the tile is
- * partial); float32 straight from the microkernel's lanes (its encode_f32) where the tile is
- * whole and its rows' scales normal, else through an int64 tile and the output stage; split
- * sums through an int64 tile and the split stage. */
+ * partial); float32 straight from the microkernel's lanes (its encode_f32, or
+ * encode_f32_stream for a streamed output, fenced before it returns) where the tile is whole
+ * and its rows' scales normal, else through an int64 tile and the output stage; split sums
+ * through an int64 tile and the split stage. */
 void dfp_multiply_encode_block(const dfp_isa_config* cfg, const dfp_block* block, const dfp_block_output* out);
 
 /* out[out_index + j] = fl(s[j]) * 2**(ea + eb[j * eb_stride]) for j < n, in the output

@@ -26,11 +26,19 @@ static inline void dfp_spill256(__m256i low, const __m256i* carry, int64_t* acc,
   _mm256_storeu_si256(dst + 1, s1);
 }
 
+/* A row of 8 float32 bits; non-temporal (stream) into a 32-byte aligned row. */
+static inline void dfp_store256(uint32_t* out, __m256i bits, int stream) {
+  if (stream)
+    _mm256_stream_si256((__m256i*)out, bits);
+  else
+    _mm256_storeu_si256((__m256i*)out, bits);
+}
+
 /* out[0..7] = the float32 bits of fl(carry * 2**16 + low) * 2**k, scale = k << 23 in every lane
  * with k a normal scale (ukernel.h's encode_f32): the sum is formed exactly in double (the
  * product is below 2**47, the sum an integer below 2**48) and rounded once, as the int64
  * output stage rounds it (encode_avx2.c); carry is NULL when no chunk carried. */
-static inline void dfp_encode256(__m256i low, const __m256i* carry, __m256i scale, uint32_t* out) {
+static inline void dfp_encode256(__m256i low, const __m256i* carry, __m256i scale, uint32_t* out, int stream) {
   __m256d s0 = _mm256_cvtepi32_pd(_mm256_castsi256_si128(low));
   __m256d s1 = _mm256_cvtepi32_pd(_mm256_extracti128_si256(low, 1));
   if (carry != NULL) {
@@ -41,7 +49,7 @@ static inline void dfp_encode256(__m256i low, const __m256i* carry, __m256i scal
   }
   const __m256i bits = _mm256_castps_si256(_mm256_set_m128(_mm256_cvtpd_ps(s1), _mm256_cvtpd_ps(s0)));
   const __m256i zero = _mm256_cmpeq_epi32(bits, _mm256_setzero_si256()); /* zero sums stay +0 */
-  _mm256_storeu_si256((__m256i*)out, _mm256_andnot_si256(zero, _mm256_add_epi32(bits, scale)));
+  dfp_store256(out, _mm256_andnot_si256(zero, _mm256_add_epi32(bits, scale)), stream);
 }
 
 /* The sum carry * 2**16 + low of each lane as one int32, exact where it fits (the sums of short
@@ -60,10 +68,10 @@ static inline __m256i dfp_fold256(__m256i low, __m256i carry, __m256i* mismatch)
  * double route's vcvtpd2ps does (the rounding mode both rely on; an integer never lands on a
  * subnormal, so no flush mode changes it), in five instructions where that route takes
  * twelve. */
-static inline void dfp_encode256_s32(__m256i sum, __m256i scale, uint32_t* out) {
+static inline void dfp_encode256_s32(__m256i sum, __m256i scale, uint32_t* out, int stream) {
   const __m256i bits = _mm256_castps_si256(_mm256_cvtepi32_ps(sum));
   const __m256i zero = _mm256_cmpeq_epi32(sum, _mm256_setzero_si256()); /* zero sums stay +0 */
-  _mm256_storeu_si256((__m256i*)out, _mm256_andnot_si256(zero, _mm256_add_epi32(bits, scale)));
+  dfp_store256(out, _mm256_andnot_si256(zero, _mm256_add_epi32(bits, scale)), stream);
 }
 
 #endif

@@ -21,7 +21,9 @@
  * and with such a k every nonzero |S| >= 1 lands on a normal float, so the scaling adds k to
  * the exponent field; zero stays +0. No int64 tile is written and read back, which is most of
  * a short reduction's output stage. NULL where a path has none (the macro-loops then take the
- * int64 tile).
+ * int64 tile). encode_f32_stream is encode_f32 with non-temporal stores, for outputs far larger
+ * than the caches (macro.h): every row out + i * ldo is 64-byte aligned, and the caller fences
+ * (sfence) before the output is read; NULL where encode_f32 is.
  * Each path's kernels are entries of its configuration (isa_config.h). */
 #ifndef DFPJAX_UKERNEL_H_
 #define DFPJAX_UKERNEL_H_
@@ -48,7 +50,7 @@ enum { DFP_TILE_MAX_ROWS = 8, DFP_TILE_MAX_ELEMENTS = 8 * 32 };
 typedef struct {
   int mr, nr;
   dfp_ukernel_fn fn;
-  dfp_ukernel_f32_fn encode_f32;
+  dfp_ukernel_f32_fn encode_f32, encode_f32_stream;
 } dfp_ukernel;
 
 extern const dfp_ukernel dfp_ukernel_portable;

@@ -94,8 +94,9 @@ static void ukernel(size_t kpairs, size_t chunk, const int16_t* a, const int16_t
 
 /* Where the tile's lanes and carries fold into int32 sums (spill256.h), each converted
  * straight to float32; else each through double. */
-static void ukernel_f32(size_t kpairs, size_t chunk, const int16_t* a, const int16_t* b, uint32_t* out,
-                        size_t ldo, const int32_t* scale) {
+static inline __attribute__((always_inline)) void encode_tile(size_t kpairs, size_t chunk, const int16_t* a,
+                                                              const int16_t* b, uint32_t* out, size_t ldo,
+                                                              const int32_t* scale, int stream) {
   __m256i carry[MR * 2], low[MR * 2], sum[MR * 2];
   accumulate(kpairs, chunk, a, b, low, carry);
   if (chunk < kpairs) {
@@ -105,7 +106,7 @@ static void ukernel_f32(size_t kpairs, size_t chunk, const int16_t* a, const int
     if (!_mm256_testz_si256(mismatch, mismatch)) {
 #pragma GCC unroll 12
       for (int i = 0; i < MR * 2; ++i)
-        dfp_encode256(low[i], &carry[i], _mm256_set1_epi32(scale[i / 2]), out + (i / 2) * ldo + (i % 2) * 8);
+        dfp_encode256(low[i], &carry[i], _mm256_set1_epi32(scale[i / 2]), out + (i / 2) * ldo + (i % 2) * 8, stream);
       return;
     }
   } else {
@@ -114,7 +115,17 @@ static void ukernel_f32(size_t kpairs, size_t chunk, const int16_t* a, const int
   }
 #pragma GCC unroll 12
   for (int i = 0; i < MR * 2; ++i)
-    dfp_encode256_s32(sum[i], _mm256_set1_epi32(scale[i / 2]), out + (i / 2) * ldo + (i % 2) * 8);
+    dfp_encode256_s32(sum[i], _mm256_set1_epi32(scale[i / 2]), out + (i / 2) * ldo + (i % 2) * 8, stream);
 }
 
-const dfp_ukernel dfp_ukernel_avx2 = {MR, NR, ukernel, ukernel_f32};
+static void ukernel_f32(size_t kpairs, size_t chunk, const int16_t* a, const int16_t* b, uint32_t* out,
+                        size_t ldo, const int32_t* scale) {
+  encode_tile(kpairs, chunk, a, b, out, ldo, scale, 0);
+}
+
+static void ukernel_f32_stream(size_t kpairs, size_t chunk, const int16_t* a, const int16_t* b, uint32_t* out,
+                               size_t ldo, const int32_t* scale) {
+  encode_tile(kpairs, chunk, a, b, out, ldo, scale, 1);
+}
+
+const dfp_ukernel dfp_ukernel_avx2 = {MR, NR, ukernel, ukernel_f32, ukernel_f32_stream};

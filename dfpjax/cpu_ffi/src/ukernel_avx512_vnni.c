@@ -26,9 +26,17 @@ static inline void spill(__m512i low, const __m512i* carry, int64_t* acc, int ad
   _mm512_storeu_si512((void*)(acc + 8), s1);
 }
 
+/* A row of 16 float32 bits; non-temporal (stream) into a 64-byte aligned row. */
+static inline void store_row(uint32_t* out, __m512i bits, int stream) {
+  if (stream)
+    _mm512_stream_si512((void*)out, bits);
+  else
+    _mm512_storeu_si512((void*)out, bits);
+}
+
 /* out[0..15] = the float32 bits of fl(carry * 2**16 + low) * 2**k, scale = k << 23 in every
  * lane (spill256.h's dfp_encode256 at this width: the sum exact in double, rounded once). */
-static inline void encode(__m512i low, const __m512i* carry, __m512i scale, uint32_t* out) {
+static inline void encode(__m512i low, const __m512i* carry, __m512i scale, uint32_t* out, int stream) {
   __m512d s0 = _mm512_cvtepi32_pd(_mm512_castsi512_si256(low));
   __m512d s1 = _mm512_cvtepi32_pd(_mm512_extracti64x4_epi64(low, 1));
   if (carry != NULL) {
@@ -40,7 +48,7 @@ static inline void encode(__m512i low, const __m512i* carry, __m512i scale, uint
   const __m512i bits = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_castps_si256(_mm512_cvtpd_ps(s0))),
                                           _mm256_castps_si256(_mm512_cvtpd_ps(s1)), 1);
   const __mmask16 nonzero = _mm512_test_epi32_mask(bits, bits); /* zero sums stay +0 */
-  _mm512_storeu_si512((void*)out, _mm512_maskz_add_epi32(nonzero, bits, scale));
+  store_row(out, _mm512_maskz_add_epi32(nonzero, bits, scale), stream);
 }
 
 /* spill256.h's dfp_fold256 and dfp_encode256_s32 at this width. */
@@ -51,10 +59,10 @@ static inline __m512i fold(__m512i low, __m512i carry, __m512i* mismatch) {
   return sum;
 }
 
-static inline void encode_s32(__m512i sum, __m512i scale, uint32_t* out) {
+static inline void encode_s32(__m512i sum, __m512i scale, uint32_t* out, int stream) {
   const __m512i bits = _mm512_castps_si512(_mm512_cvtepi32_ps(sum));
   const __mmask16 nonzero = _mm512_test_epi32_mask(sum, sum); /* zero sums stay +0 */
-  _mm512_storeu_si512((void*)out, _mm512_maskz_add_epi32(nonzero, bits, scale));
+  store_row(out, _mm512_maskz_add_epi32(nonzero, bits, scale), stream);
 }
 
 #define VNNI_BITS 512
@@ -66,4 +74,4 @@ static inline void encode_s32(__m512i sum, __m512i scale, uint32_t* out) {
 #define V_ENCODE_S32 encode_s32
 #include "ukernel_vnni.h"
 
-const dfp_ukernel dfp_ukernel_avx512_vnni = {MR, NR, ukernel, ukernel_f32};
+const dfp_ukernel dfp_ukernel_avx512_vnni = {MR, NR, ukernel, ukernel_f32, ukernel_f32_stream};

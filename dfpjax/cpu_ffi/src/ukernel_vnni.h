@@ -3,12 +3,13 @@
  * ukernel_avx512_vnni.c) defines MR and NR (NR: two vectors of INT32 lanes), VNNI_BITS (256 or
  * 512), V_DPWSSD (the vpdpwssd intrinsic), V_SPILL (its INT64 spill: low lanes, carries or
  * NULL, int64 tile row, add), V_ENCODE (its float32 encoding: low lanes, carries or NULL, the
- * row's scale bits in every lane, output row) and its fast route where a tile's sums fit in
- * int32 (spill256.h): V_FOLD (low lanes, carries, a vector that turns nonzero where a lane's sum
- * does not fit -> the sums), V_ANY (whether a vector is nonzero) and V_ENCODE_S32 (sums, scale
- * bits, output row), then includes this file, which defines the
- * static `ukernel` and `ukernel_f32` of ukernel.h's contract. Between chunks each accumulator
- * carries all but its low 16 bits out. */
+ * row's scale bits in every lane, output row, whether to store it non-temporally) and its fast
+ * route where a tile's sums fit in int32 (spill256.h): V_FOLD (low lanes, carries, a vector that
+ * turns nonzero where a lane's sum does not fit -> the sums), V_ANY (whether a vector is
+ * nonzero) and V_ENCODE_S32 (sums, scale bits, output row, non-temporally or not), then
+ * includes this file, which defines the static `ukernel`, `ukernel_f32` and
+ * `ukernel_f32_stream` of ukernel.h's contract. Between chunks each accumulator carries all but
+ * its low 16 bits out. */
 #define DFP_CAT3_(a, b, c) a##b##c
 #define DFP_CAT3(a, b, c) DFP_CAT3_(a, b, c)
 #define VEC DFP_CAT3(__m, VNNI_BITS, i)
@@ -64,8 +65,9 @@ static void ukernel(size_t kpairs, size_t chunk, const int16_t* a, const int16_t
 
 /* Where the tile's lanes and carries fold into int32 sums (V_FOLD), each converted straight to
  * float32 (V_ENCODE_S32); else each through double (V_ENCODE). */
-static void ukernel_f32(size_t kpairs, size_t chunk, const int16_t* a, const int16_t* b, uint32_t* out,
-                        size_t ldo, const int32_t* scale) {
+static inline __attribute__((always_inline)) void encode_tile(size_t kpairs, size_t chunk, const int16_t* a,
+                                                              const int16_t* b, uint32_t* out, size_t ldo,
+                                                              const int32_t* scale, int stream) {
   VEC c[MR][2], carry[MR][2], sum[MR][2];
   accumulate(kpairs, chunk, a, b, c, carry);
   if (chunk < kpairs) {
@@ -77,8 +79,8 @@ static void ukernel_f32(size_t kpairs, size_t chunk, const int16_t* a, const int
 #pragma GCC unroll 8
       for (int i = 0; i < MR; ++i) {
         const VEC row_scale = V(set1_epi32)(scale[i]);
-        V_ENCODE(c[i][0], &carry[i][0], row_scale, out + i * ldo);
-        V_ENCODE(c[i][1], &carry[i][1], row_scale, out + i * ldo + NR / 2);
+        V_ENCODE(c[i][0], &carry[i][0], row_scale, out + i * ldo, stream);
+        V_ENCODE(c[i][1], &carry[i][1], row_scale, out + i * ldo + NR / 2, stream);
       }
       return;
     }
@@ -89,9 +91,19 @@ static void ukernel_f32(size_t kpairs, size_t chunk, const int16_t* a, const int
 #pragma GCC unroll 8
   for (int i = 0; i < MR; ++i) {
     const VEC row_scale = V(set1_epi32)(scale[i]);
-    V_ENCODE_S32(sum[i][0], row_scale, out + i * ldo);
-    V_ENCODE_S32(sum[i][1], row_scale, out + i * ldo + NR / 2);
+    V_ENCODE_S32(sum[i][0], row_scale, out + i * ldo, stream);
+    V_ENCODE_S32(sum[i][1], row_scale, out + i * ldo + NR / 2, stream);
   }
+}
+
+static void ukernel_f32(size_t kpairs, size_t chunk, const int16_t* a, const int16_t* b, uint32_t* out,
+                        size_t ldo, const int32_t* scale) {
+  encode_tile(kpairs, chunk, a, b, out, ldo, scale, 0);
+}
+
+static void ukernel_f32_stream(size_t kpairs, size_t chunk, const int16_t* a, const int16_t* b, uint32_t* out,
+                               size_t ldo, const int32_t* scale) {
+  encode_tile(kpairs, chunk, a, b, out, ldo, scale, 1);
 }
 
 #undef V_SI

@@ -12,8 +12,8 @@
 /* AVX-VNNI's VEX form has the semantics of the EVEX 256-bit one SIMDe provides. */
 #define _mm256_dpwssd_avx_epi32 simde_mm256_dpwssd_epi32
 
-/* vpmovsxdq zmm, ymm, vpsrad zmm, imm, and the float32 encoding's vcvtdq2pd zmm, ymm,
- * vcvtpd2ps ymm, zmm and vcvtdq2ps zmm, zmm: missing from SIMDe 0.7. */
+/* vpmovsxdq zmm, ymm, vpsrad zmm, imm, the float32 encoding's vcvtdq2pd zmm, ymm, vcvtpd2ps
+ * ymm, zmm and vcvtdq2ps zmm, zmm, and vmovntdq m512, zmm: missing from SIMDe 0.7. */
 static inline simde__m512i dfp_emulated_cvtepi32_epi64(simde__m256i v) {
   simde__m256i_private a = simde__m256i_to_private(v);
   simde__m512i_private r;
@@ -52,5 +52,8 @@ static inline simde__m512 dfp_emulated_cvtepi32_ps(simde__m512i v) {
   return simde__m512_from_private(r);
 }
 #define _mm512_cvtepi32_ps dfp_emulated_cvtepi32_ps
+
+static inline void dfp_emulated_stream_si512(void* p, simde__m512i v) { simde_mm512_storeu_si512(p, v); }
+#define _mm512_stream_si512 dfp_emulated_stream_si512 /* the same bytes; only the cache hint differs */
 
 #endif
