@@ -79,14 +79,11 @@ def peak_rss_bytes() -> int:
   return proc_status_bytes("VmHWM")
 
 
-def cpu_seconds() -> float:
+def usage_now() -> tuple[float, int, float]:
+  """This process's CPU seconds (user and system), minor page faults and system seconds so far,
+  from one snapshot."""
   usage = resource.getrusage(resource.RUSAGE_SELF)
-  return usage.ru_utime + usage.ru_stime
-
-
-def faults_and_system_seconds() -> tuple[int, float]:
-  usage = resource.getrusage(resource.RUSAGE_SELF)
-  return usage.ru_minflt, usage.ru_stime
+  return usage.ru_utime + usage.ru_stime, usage.ru_minflt, usage.ru_stime
 
 
 def time_steps(run_step, steps: int) -> dict:
@@ -97,15 +94,15 @@ def time_steps(run_step, steps: int) -> dict:
   run_step()
   first = time.perf_counter() - start
   log(f"  warm-up step {first:.1f} s")
-  times, cpu_start, (faults_start, system_start) = [], cpu_seconds(), faults_and_system_seconds()
+  times, (cpu_start, faults_start, system_start) = [], usage_now()
   for i in range(steps):
     start = time.perf_counter()
     run_step()
     times.append(time.perf_counter() - start)
     log(f"  step {i + 1}/{steps}: {times[-1]:.2f} s")
-  faults, system = faults_and_system_seconds()
+  cpu, faults, system = usage_now()
   return {"first_step_s": first, "step_s": times,
-          "cpus_used": (cpu_seconds() - cpu_start) / sum(times),
+          "cpus_used": (cpu - cpu_start) / sum(times),
           "faults_per_step": (faults - faults_start) / steps,
           "system_s_per_step": (system - system_start) / steps}
 
