@@ -53,6 +53,18 @@ typedef struct {
   dfp_ukernel_f32_fn encode_f32, encode_f32_stream;
 } dfp_ukernel;
 
+/* A path's ukernel_f32 and ukernel_f32_stream from its always-inline
+ * encode_tile(kpairs, chunk, a, b, out, ldo, scale, stream), one body for both stores. */
+#define DFP_DEFINE_F32_ENCODERS(encode_tile)                                                              \
+  static void ukernel_f32(size_t kpairs, size_t chunk, const int16_t* a, const int16_t* b, uint32_t* out,  \
+                          size_t ldo, const int32_t* scale) {                                              \
+    encode_tile(kpairs, chunk, a, b, out, ldo, scale, 0);                                                  \
+  }                                                                                                        \
+  static void ukernel_f32_stream(size_t kpairs, size_t chunk, const int16_t* a, const int16_t* b,          \
+                                 uint32_t* out, size_t ldo, const int32_t* scale) {                        \
+    encode_tile(kpairs, chunk, a, b, out, ldo, scale, 1);                                                  \
+  }
+
 extern const dfp_ukernel dfp_ukernel_portable;
 #if defined(DFPJAX_X86)
 extern const dfp_ukernel dfp_ukernel_avx2;

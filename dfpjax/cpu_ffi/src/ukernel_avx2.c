@@ -118,14 +118,6 @@ static inline __attribute__((always_inline)) void encode_tile(size_t kpairs, siz
     dfp_encode256_s32(sum[i], _mm256_set1_epi32(scale[i / 2]), out + (i / 2) * ldo + (i % 2) * 8, stream);
 }
 
-static void ukernel_f32(size_t kpairs, size_t chunk, const int16_t* a, const int16_t* b, uint32_t* out,
-                        size_t ldo, const int32_t* scale) {
-  encode_tile(kpairs, chunk, a, b, out, ldo, scale, 0);
-}
-
-static void ukernel_f32_stream(size_t kpairs, size_t chunk, const int16_t* a, const int16_t* b, uint32_t* out,
-                               size_t ldo, const int32_t* scale) {
-  encode_tile(kpairs, chunk, a, b, out, ldo, scale, 1);
-}
+DFP_DEFINE_F32_ENCODERS(encode_tile)
 
 const dfp_ukernel dfp_ukernel_avx2 = {MR, NR, ukernel, ukernel_f32, ukernel_f32_stream};

@@ -26,7 +26,7 @@ static inline void spill(__m512i low, const __m512i* carry, int64_t* acc, int ad
   _mm512_storeu_si512((void*)(acc + 8), s1);
 }
 
-/* A row of 16 float32 bits; non-temporal (stream) into a 64-byte aligned row. */
+/* spill256.h's dfp_store256 at this width: non-temporal (stream) into a 64-byte aligned row. */
 static inline void store_row(uint32_t* out, __m512i bits, int stream) {
   if (stream)
     _mm512_stream_si512((void*)out, bits);

@@ -96,15 +96,7 @@ static inline __attribute__((always_inline)) void encode_tile(size_t kpairs, siz
   }
 }
 
-static void ukernel_f32(size_t kpairs, size_t chunk, const int16_t* a, const int16_t* b, uint32_t* out,
-                        size_t ldo, const int32_t* scale) {
-  encode_tile(kpairs, chunk, a, b, out, ldo, scale, 0);
-}
-
-static void ukernel_f32_stream(size_t kpairs, size_t chunk, const int16_t* a, const int16_t* b, uint32_t* out,
-                               size_t ldo, const int32_t* scale) {
-  encode_tile(kpairs, chunk, a, b, out, ldo, scale, 1);
-}
+DFP_DEFINE_F32_ENCODERS(encode_tile)
 
 #undef V_SI
 #undef V
