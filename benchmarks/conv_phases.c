@@ -161,8 +161,12 @@ static float gauss(void) {
   return s - 6.0f;
 }
 
+/* A buffer as XLA:CPU allocates its operands and outputs: 64-byte aligned (the kernel streams
+ * large outputs only into aligned rows, macro.h; glibc's malloc aligns a large block to 16). */
+static void* xla_alloc(size_t bytes) { return aligned_alloc(64, (bytes + 63) / 64 * 64); }
+
 static float* floats(size_t n) {
-  float* x = (float*)malloc(n * sizeof(float));
+  float* x = (float*)xla_alloc(n * sizeof(float));
   for (size_t i = 0; i < n; ++i) x[i] = gauss();
   return x;
 }
@@ -212,7 +216,7 @@ static double best_ms(const call_t* c) {
   long faults = 0;
   for (int r = 0; r < repeats + 1; ++r) { /* the first run warms up */
     call_t run = *c;
-    void* out = fresh_outputs && r > 0 ? malloc(c->out_bytes) : NULL; /* the warm-up writes the real one */
+    void* out = fresh_outputs && r > 0 ? xla_alloc(c->out_bytes) : NULL; /* the warm-up writes the real one */
     if (out) run.q.m = out, run.c.out.data = out, run.g.out.data = out;
     const long f0 = minor_faults();
     trace_reset();
@@ -289,8 +293,8 @@ static void run_layer(int l, size_t batch) {
   const size_t out = (size + 2 * (size_t)pad - k) / (size_t)stride + 1;
   const size_t nx = batch * size * size * cin, nw = k * k * cin * cout, ny = batch * out * out * cout;
   float *x = floats(nx), *w = floats(nw), *dy = floats(ny);
-  int16_t *mx = malloc(nx * 2), *mw = malloc(nw * 2), *mdy = malloc(ny * 2);
-  float* res = malloc((nx > ny ? (nx > nw ? nx : nw) : (ny > nw ? ny : nw)) * sizeof(float));
+  int16_t *mx = xla_alloc(nx * 2), *mw = xla_alloc(nw * 2), *mdy = xla_alloc(ny * 2);
+  float* res = xla_alloc((nx > ny ? (nx > nw ? nx : nw) : (ny > nw ? ny : nw)) * sizeof(float));
   int32_t ex, ew, edy;
   double split[6][2]; /* --balance: serial and tasks' ms of Q(x), Q(w), Q(dy), fwd, data, weights */
 #define SPLIT(i) (split[i][0] = last_serial_ms, split[i][1] = last_work_ms)
@@ -351,9 +355,9 @@ static void run_layer(int l, size_t batch) {
 }
 
 static double gemm_gops(size_t n) {
-  int16_t* a = malloc(n * n * 2);
-  int16_t* b = malloc(n * n * 2);
-  float* c = malloc(n * n * sizeof(float));
+  int16_t* a = xla_alloc(n * n * 2);
+  int16_t* b = xla_alloc(n * n * 2);
+  float* c = xla_alloc(n * n * sizeof(float));
   for (size_t i = 0; i < n * n; ++i) a[i] = (int16_t)(gauss() * 4000), b[i] = (int16_t)(gauss() * 4000);
   int32_t e = 0;
   call_t g = {.kind = GEMM, .g = {1, n, n, n, a, 0, b, 0, &e, 0, 0, &e, 0, 0, {c, DFP_OUT_F32}},
