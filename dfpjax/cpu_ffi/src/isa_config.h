@@ -32,7 +32,7 @@ typedef struct {
                      uint32_t* out);
   /* Quantization rows (quantize.h). */
   uint32_t (*max_magnitude)(const float* x, size_t n);
-  void (*quantize_row)(const float* x, size_t n, int32_t e, int32_t limit, int16_t* m);
+  void (*quantize_row)(const float* x, size_t n, int32_t e, int32_t limit, int16_t* m, int stream);
   /* dst[j] += src[j] for j < n, int64: col2im's columns into their pixels (conv.c, macro.h). */
   void (*add_sums)(int64_t* dst, const int64_t* src, size_t n);
   /* The split sums' output stage of one row (macro.h): high[j] = s[j] >> low_bits and low[j] =

@@ -70,12 +70,13 @@ static inline int dfp_encodes_tiles(const dfp_isa_config* cfg, dfp_out_format fo
  * fit int32; else DFP_ERR_BAD_SHAPE. */
 int dfp_check_output(const dfp_output* out, uint64_t terms);
 
-/* Float32 outputs of at least this many bytes are written with non-temporal stores where
- * the microkernel has them (ukernel.h's encode_f32_stream) and the rows are 64-byte aligned:
- * an output this large leaves the last-level cache before anything reads it, so a normal
- * store's read of each line first (and its eviction of useful lines) buys nothing, and a
- * short reduction stalls on those reads: on a Zen 4, 2 threads, the forward kernels of the 1x1
- * layers with 51-103 MB outputs took 25-30% less time (docs/performance.md). */
+/* Outputs of at least this many bytes are written with non-temporal stores where the path has
+ * them and the rows are aligned: a product's float32 tiles (ukernel.h's encode_f32_stream) and
+ * the quantization's mantissas (quantize.h). An output this large leaves the last-level cache
+ * before anything reads it, so a normal store's read of each line first (and its eviction of
+ * useful lines) buys nothing, and a short reduction stalls on those reads: on a Zen 4, 2
+ * threads, the forward kernels of the 1x1 layers with 51-103 MB outputs took 25-30% less time,
+ * the quantization of 103 MB of floats 20-25% (docs/performance.md). */
 #define DFP_STREAM_OUTPUT_BYTES ((size_t)32 << 20)
 
 /* Whether an output of `elements` float32 is that large (dfp_block_output's stream). */

@@ -21,7 +21,8 @@ uint32_t dfp_max_magnitude_portable(const float* x, size_t n) {
   return top;
 }
 
-void dfp_quantize_row_portable(const float* x, size_t n, int32_t e, int32_t limit, int16_t* m) {
+void dfp_quantize_row_portable(const float* x, size_t n, int32_t e, int32_t limit, int16_t* m, int stream) {
+  (void)stream; /* plain stores: the specification */
   const uint32_t* u = (const uint32_t*)x;
   for (size_t i = 0; i < n; ++i) m[i] = dfp_quantize_one(u[i], e, limit);
 }
@@ -54,6 +55,7 @@ typedef struct {
                     * has run, the group's max */
   int32_t* used;   /* [tasks]: the exponent the chunk was quantized with, kNotQuantized if none */
   const dfp_isa_config* cfg;
+  int stream;      /* the mantissas are an output of DFP_STREAM_OUTPUT_BYTES or more */
 } job;
 
 enum { kNotQuantized = INT32_MIN };
@@ -83,7 +85,7 @@ static void max_quantize_task(void* arg, size_t task) {
   j->used[task] = kNotQuantized;
   if (running == 0 || running >= 0x7f800000u) return; /* all zero or non-finite so far: later */
   const int32_t e = group_exponent(running, a);
-  j->cfg->quantize_row(x, len, e, (1 << (a->bits - 1)) - 1, a->m + g * a->n + begin);
+  j->cfg->quantize_row(x, len, e, (1 << (a->bits - 1)) - 1, a->m + g * a->n + begin, j->stream);
   j->used[task] = e;
 }
 
@@ -99,7 +101,7 @@ static void redo_task(void* arg, size_t task) {
   if (zeros)
     for (size_t i = 0; i < len; ++i) m[i] = 0;
   else
-    j->cfg->quantize_row(a->x + g * a->n + begin, len, e, (1 << (a->bits - 1)) - 1, m);
+    j->cfg->quantize_row(a->x + g * a->n + begin, len, e, (1 << (a->bits - 1)) - 1, m, j->stream);
 }
 
 /* dfp_max_magnitudes: max_quantize_task's first step alone, each chunk's max raising its
@@ -118,7 +120,7 @@ int dfp_max_magnitudes(const float* x, size_t groups, size_t n, uint32_t* top, d
   for (size_t g = 0; g < groups; ++g) top[g] = 0;
   if (groups == 0 || n == 0) return DFP_OK;
   const dfp_quantize_args args = {.groups = groups, .n = n, .x = x};
-  job j = {&args, (n + kChunk - 1) / kChunk, top, NULL, dfp_isa_config_for(isa)};
+  job j = {&args, (n + kChunk - 1) / kChunk, top, NULL, dfp_isa_config_for(isa), 0};
   par->parallel_for(par->pool, groups * j.chunks_per_group, max_task, &j);
   return DFP_OK;
 }
@@ -129,7 +131,8 @@ int dfp_quantize(const dfp_quantize_args* args, dfp_isa isa, const dfp_parallel*
     return DFP_ERR_BAD_SHAPE;
   if (args->groups == 0) return DFP_OK;
   if (par == NULL) par = &dfp_serial;
-  job j = {args, args->n ? (args->n + kChunk - 1) / kChunk : 1, NULL, NULL, dfp_isa_config_for(isa)};
+  job j = {args, args->n ? (args->n + kChunk - 1) / kChunk : 1, NULL, NULL, dfp_isa_config_for(isa),
+           args->groups * args->n * sizeof(int16_t) >= DFP_STREAM_OUTPUT_BYTES};
   const size_t tasks = args->groups * j.chunks_per_group;
   j.seen = (uint32_t*)calloc(args->groups, sizeof(uint32_t));
   j.used = (int32_t*)malloc(tasks * sizeof(int32_t));

@@ -55,10 +55,11 @@ static inline __m256i quantize8_float(__m256 x, __m256 scale, __m256i limit) {
   return _mm256_max_epi32(_mm256_min_epi32(v, limit), _mm256_sub_epi32(_mm256_setzero_si256(), limit));
 }
 
-void dfp_quantize_row_avx2(const float* x, size_t n, int32_t e, int32_t limit, int16_t* m) {
+void dfp_quantize_row_avx2(const float* x, size_t n, int32_t e, int32_t limit, int16_t* m, int stream) {
   const __m256i ev = _mm256_set1_epi32(e), lv = _mm256_set1_epi32(limit);
   const int by_float = e >= -125 && e <= 126;
   const __m256 scale = _mm256_castsi256_ps(_mm256_set1_epi32(by_float ? (127 - e) << 23 : 0));
+  const int streamed = stream && (uintptr_t)m % 32 == 0;
   size_t i = 0;
   for (; i + 16 <= n; i += 16) {
     __m256i a, b;
@@ -71,8 +72,12 @@ void dfp_quantize_row_avx2(const float* x, size_t n, int32_t e, int32_t limit, i
     }
     /* packs works per 128-bit lane: restore the element order. */
     const __m256i packed = _mm256_permute4x64_epi64(_mm256_packs_epi32(a, b), _MM_SHUFFLE(3, 1, 2, 0));
-    _mm256_storeu_si256((__m256i*)(m + i), packed);
+    if (streamed)
+      _mm256_stream_si256((__m256i*)(m + i), packed);
+    else
+      _mm256_storeu_si256((__m256i*)(m + i), packed);
   }
+  if (streamed) _mm_sfence();
   const uint32_t* u = (const uint32_t*)x;
   for (; i < n; ++i) m[i] = dfp_quantize_one(u[i], e, limit);
 }

@@ -22,14 +22,19 @@ static inline __m512i quantize16_float(__m512 x, __m512 scale, __m512i limit) {
   return _mm512_max_epi32(_mm512_min_epi32(v, limit), _mm512_sub_epi32(_mm512_setzero_si512(), limit));
 }
 
-void dfp_quantize_row_avx512(const float* x, size_t n, int32_t e, int32_t limit, int16_t* m) {
+void dfp_quantize_row_avx512(const float* x, size_t n, int32_t e, int32_t limit, int16_t* m, int stream) {
   if (e < -125 || e > 126) {
-    dfp_quantize_row_avx2(x, n, e, limit, m);
+    dfp_quantize_row_avx2(x, n, e, limit, m, stream);
     return;
   }
   const __m512 scale = _mm512_castsi512_ps(_mm512_set1_epi32((127 - e) << 23));
   const __m512i lv = _mm512_set1_epi32(limit);
   size_t i = 0;
+  if (stream && (uintptr_t)m % 32 == 0) {
+    for (; i + 16 <= n; i += 16)
+      _mm256_stream_si256((__m256i*)(m + i), _mm512_cvtepi32_epi16(quantize16_float(_mm512_loadu_ps(x + i), scale, lv)));
+    _mm_sfence();
+  }
   for (; i + 16 <= n; i += 16)
     _mm256_storeu_si256((__m256i*)(m + i), _mm512_cvtepi32_epi16(quantize16_float(_mm512_loadu_ps(x + i), scale, lv)));
   const __mmask16 tail = (__mmask16)((1u << (n - i)) - 1);
