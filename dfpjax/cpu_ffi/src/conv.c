@@ -157,7 +157,7 @@ static void block_task(void* arg, size_t t) {
   for (size_t row = row0; row < row1; ++row) ea[row - row0] = a->ex[row / pixels_per_image * a->ex_batch_stride];
   if (c->kblocks == 1 && dfp_encodes_tiles(c->cfg, a->out.format, 0)) {
     const dfp_block_output out = {&a->out, row0 * ldo + g * s->cout + col0, ldo, row1 - row0, cols, ea, a->eb,
-                                  dfp_stream_output(c->m * ldo)};
+                                  dfp_stream_output(c->m * ldo * sizeof(float))};
     run_block(c, g, mb, nb, 0, 1, NULL, 0, 0, &out);
     return;
   }

@@ -94,7 +94,7 @@ static void block_task(void* arg, size_t t) {
         .b = bpack, .b_stride = g->kpairs * nr * 2, .npanels = q1 - q0,
         .bbound = bbound, .bbound_stride = DFP_CHUNK_LEVELS, .kpairs = g->kpairs};
     const dfp_block_output out = {&a->out, (b * a->m + row0) * a->n + col0, a->n, row1 - row0, cols, ea,
-                                  a->eb[b * a->eb_batch_stride], dfp_stream_output(a->batch * a->m * a->n)};
+                                  a->eb[b * a->eb_batch_stride], dfp_stream_output(a->batch * a->m * a->n * sizeof(float))};
     dfp_multiply_encode_block(g->cfg, &block, &out);
     return;
   }

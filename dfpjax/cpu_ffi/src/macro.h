@@ -79,10 +79,8 @@ int dfp_check_output(const dfp_output* out, uint64_t terms);
  * the quantization of 103 MB of floats 20-25% (docs/performance.md). */
 #define DFP_STREAM_OUTPUT_BYTES ((size_t)32 << 20)
 
-/* Whether an output of `elements` float32 is that large (dfp_block_output's stream). */
-static inline int dfp_stream_output(size_t elements) {
-  return elements >= DFP_STREAM_OUTPUT_BYTES / sizeof(float);
-}
+/* Whether an output of `bytes` is that large (dfp_block_output's stream, quantize.c's). */
+static inline int dfp_stream_output(size_t bytes) { return bytes >= DFP_STREAM_OUTPUT_BYTES; }
 
 /* Where such a block's tiles go: its (0, 0) is element index of out (row stride ldo),
  * rows x cols of it are valid (the rest of its panels is padding), row r's exponent is ea[r],

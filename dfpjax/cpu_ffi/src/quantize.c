@@ -132,7 +132,7 @@ int dfp_quantize(const dfp_quantize_args* args, dfp_isa isa, const dfp_parallel*
   if (args->groups == 0) return DFP_OK;
   if (par == NULL) par = &dfp_serial;
   job j = {args, args->n ? (args->n + kChunk - 1) / kChunk : 1, NULL, NULL, dfp_isa_config_for(isa),
-           args->groups * args->n * sizeof(int16_t) >= DFP_STREAM_OUTPUT_BYTES};
+           dfp_stream_output(args->groups * args->n * sizeof(int16_t))};
   const size_t tasks = args->groups * j.chunks_per_group;
   j.seen = (uint32_t*)calloc(args->groups, sizeof(uint32_t));
   j.used = (int32_t*)malloc(tasks * sizeof(int32_t));

@@ -29,14 +29,16 @@ void dfp_quantize_row_avx512(const float* x, size_t n, int32_t e, int32_t limit,
   }
   const __m512 scale = _mm512_castsi512_ps(_mm512_set1_epi32((127 - e) << 23));
   const __m512i lv = _mm512_set1_epi32(limit);
+  const int streamed = stream && (uintptr_t)m % 32 == 0;
   size_t i = 0;
-  if (stream && (uintptr_t)m % 32 == 0) {
-    for (; i + 16 <= n; i += 16)
-      _mm256_stream_si256((__m256i*)(m + i), _mm512_cvtepi32_epi16(quantize16_float(_mm512_loadu_ps(x + i), scale, lv)));
-    _mm_sfence();
+  for (; i + 16 <= n; i += 16) {
+    const __m256i v = _mm512_cvtepi32_epi16(quantize16_float(_mm512_loadu_ps(x + i), scale, lv));
+    if (streamed)
+      _mm256_stream_si256((__m256i*)(m + i), v);
+    else
+      _mm256_storeu_si256((__m256i*)(m + i), v);
   }
-  for (; i + 16 <= n; i += 16)
-    _mm256_storeu_si256((__m256i*)(m + i), _mm512_cvtepi32_epi16(quantize16_float(_mm512_loadu_ps(x + i), scale, lv)));
+  if (streamed) _mm_sfence();
   const __mmask16 tail = (__mmask16)((1u << (n - i)) - 1);
   _mm512_mask_cvtepi32_storeu_epi16(m + i, tail, quantize16_float(_mm512_maskz_loadu_ps(tail, x + i), scale, lv));
 }
