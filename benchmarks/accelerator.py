@@ -1,0 +1,211 @@
+"""The DFP ops on an accelerator against the C kernel on its host: the same bits, and the time.
+
+On a GPU (or any platform but the CPU) the DFP primitives lower to their pure-XLA twins: exact
+int64 sums of the INT16 products, then the kernels' output stage in XLA ops. This script runs
+each case (dot_general and convolutions in all three passes, per-channel exponents, other bit
+widths and dtypes, stochastic rounding, non-finite operands, sums past 2**31) once on the
+default accelerator and once on the host CPU through the C kernel, and compares every output
+bit for bit. Then it times the forward product and its gradients on the accelerator against
+its own float32 and bfloat16 products, and against the C kernel on the host.
+
+    python benchmarks/accelerator.py            # needs a non-CPU JAX device
+    python benchmarks/accelerator.py --no-timing --json results.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+import dfpjax
+
+NHWC = ("NHWC", "HWIO", "NHWC")
+DENSE = (((1,), (0,)), ((), ()))
+
+
+def with_grads(f, *args):
+  """``f(*args)`` and the gradients of every argument for a cotangent of small multiples of
+  1/4 (exact in every float type and on every platform, unlike a function of the output): the
+  forward, backward-data and backward-weights passes of a product."""
+  y, vjp = jax.vjp(f, *args)
+  cotangent = ((jnp.arange(y.size) % 13 - 6) * 0.25).reshape(y.shape).astype(y.dtype)
+  return (y,) + vjp(cotangent)
+
+
+def _normal(rng, shape, dtype=np.float32, scale=1.0):
+  return (rng.standard_normal(shape) * scale).astype(dtype)
+
+
+def cases(rng):
+  """(name, function of the arrays, arrays): each function returns a pytree of arrays."""
+  yield ("dot f32 64x96x80, 3 passes", lambda a, b: with_grads(
+      lambda a, b: dfpjax.dfp_dot_general(a, b, DENSE), a, b),
+         (_normal(rng, (64, 96)), _normal(rng, (96, 80))))
+  batched = (((2,), (1,)), ((0,), (0,)))
+  yield ("dot bf16 -> f32, batched 3x19x40x23, 3 passes", lambda a, b: with_grads(
+      lambda a, b: dfpjax.dfp_dot_general(a, b, batched, preferred_element_type=jnp.float32), a, b),
+         (jnp.asarray(_normal(rng, (3, 19, 40)), jnp.bfloat16),
+          jnp.asarray(_normal(rng, (3, 40, 23)), jnp.bfloat16)))
+  channel = dfpjax.DFPConfig(forward=dfpjax.QuantConfig(granularity="channel"))
+  yield ("dot per-channel exponents, 3 passes", lambda a, b: with_grads(
+      lambda a, b: dfpjax.dfp_dot_general(a, b, DENSE, config=channel), a, b),
+         ((_normal(rng, (6, 20)) * np.logspace(-3, 3, 6)[:, None]).astype(np.float32),
+          (_normal(rng, (20, 5)) * np.logspace(2, -2, 5)[None, :]).astype(np.float32)))
+  eight = dfpjax.DFPConfig(forward=dfpjax.QuantConfig(bits=8), gradient=dfpjax.QuantConfig(bits=12))
+  yield ("dot 8-bit forward, 12-bit gradient", lambda a, b: with_grads(
+      lambda a, b: dfpjax.dfp_dot_general(a, b, DENSE, config=eight), a, b),
+         (_normal(rng, (33, 47)), _normal(rng, (47, 29))))
+  # All-equal operands make every INT16 mantissa +-2**14: sums of 2**15 products reach 2**43.
+  yield ("dot K=32768, sums past 2**31", lambda a, b: dfpjax.dfp_dot_general(a, b, DENSE),
+         (np.ones((4, 32768), np.float32), np.ones((32768, 3), np.float32)))
+  stochastic = dfpjax.DFPConfig(forward=dfpjax.QuantConfig(rounding="stochastic"))
+  yield ("dot stochastic rounding", lambda a, b, key: dfpjax.dfp_dot_general(
+      a, b, DENSE, config=stochastic, key=key),
+         (_normal(rng, (16, 64)), _normal(rng, (64, 16)), jax.random.key(7)))
+  a = _normal(rng, (8, 8))
+  a[3, 5] = np.nan
+  yield ("dot NaN operand", lambda a, b: dfpjax.dfp_dot_general(a, b, DENSE), (a, _normal(rng, (8, 4))))
+  yield ("conv 3x3 SAME 4x14x14x32 -> 48, 3 passes", lambda x, w: with_grads(
+      lambda x, w: dfpjax.dfp_conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=NHWC), x, w),
+         (_normal(rng, (4, 14, 14, 32)), _normal(rng, (3, 3, 32, 48), scale=0.1)))
+  yield ("conv 7x7 stride 2 pad 3, 3 -> 16 (a stem), 3 passes", lambda x, w: with_grads(
+      lambda x, w: dfpjax.dfp_conv_general_dilated(x, w, (2, 2), [(3, 3), (3, 3)],
+                                                   dimension_numbers=NHWC), x, w),
+         (_normal(rng, (2, 32, 32, 3)), _normal(rng, (7, 7, 3, 16), scale=0.1)))
+  yield ("conv 1x1 stride 2, 3 passes", lambda x, w: with_grads(
+      lambda x, w: dfpjax.dfp_conv_general_dilated(x, w, (2, 2), "VALID", dimension_numbers=NHWC), x, w),
+         (_normal(rng, (2, 15, 15, 24)), _normal(rng, (1, 1, 24, 40), scale=0.1)))
+  yield ("conv depthwise 3x3, rhs dilation 2, 3 passes", lambda x, w: with_grads(
+      lambda x, w: dfpjax.dfp_conv_general_dilated(x, w, (1, 1), "SAME", rhs_dilation=(2, 2),
+                                                   dimension_numbers=NHWC, feature_group_count=16), x, w),
+         (_normal(rng, (2, 12, 12, 16)), _normal(rng, (3, 3, 1, 16), scale=0.1)))
+  yield ("conv f16, 1-D NWC, 3 passes", lambda x, w: with_grads(
+      lambda x, w: dfpjax.dfp_conv_general_dilated(x, w, (1,), "SAME",
+                                                   dimension_numbers=("NWC", "WIO", "NWC")), x, w),
+         (jnp.asarray(_normal(rng, (3, 50, 8)), jnp.float16),
+          jnp.asarray(_normal(rng, (5, 8, 12), scale=0.1), jnp.float16)))
+  yield ("quantize (mantissas, exponent)", lambda x: dfpjax.quantize(x),
+         (_normal(rng, (1000,), scale=1e-30),))
+
+
+def leaves_bits(tree) -> list[np.ndarray]:
+  """Each leaf as [elements, bytes] uint8."""
+  leaves = [np.asarray(x).reshape(-1) for x in jax.tree_util.tree_leaves(tree)]
+  return [x.view(np.uint8).reshape(x.size, -1) for x in leaves]
+
+
+def compare(name, fn, args, accelerator, cpu) -> dict:
+  """Runs ``fn`` jitted on each device (operands committed there) and counts the elements whose
+  bits differ."""
+  outputs = {}
+  for label, device in (("accelerator", accelerator), ("cpu", cpu)):
+    on_device = jax.device_put(args, device)
+    outputs[label] = jax.block_until_ready(jax.jit(fn)(*on_device))
+  got, want = leaves_bits(outputs["accelerator"]), leaves_bits(outputs["cpu"])
+  elements = sum(len(w) for w in want)
+  differing = sum(int(np.any(g != w, axis=-1).sum()) if g.shape == w.shape else len(w)
+                  for g, w in zip(got, want))
+  return dict(case=name, outputs=len(want), elements=elements, differing=differing)
+
+
+def median_seconds(fn, args, repeats: int) -> float:
+  jax.block_until_ready(fn(*args))  # compile and warm up
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - start)
+  return float(np.median(times))
+
+
+def problems(sizes):
+  """(name, operand shapes, float product, DFP product): the GEMMs n x n x n and ResNet-50's
+  conv3_3x3 layer at batch 32 (28x28, 128 -> 128 channels)."""
+  for n in sizes:
+    yield (f"GEMM {n}^3", ((n, n), (n, n)), lambda a, b, **kw: lax.dot_general(a, b, DENSE, **kw),
+           lambda a, b: dfpjax.dfp_dot_general(a, b, DENSE))
+  conv = dict(window_strides=(1, 1), padding="SAME", dimension_numbers=NHWC)
+  yield ("conv 3x3 32x28x28x128 -> 128", ((32, 28, 28, 128), (3, 3, 128, 128)),
+         lambda x, w, **kw: lax.conv_general_dilated(x, w, **conv, **kw),
+         lambda x, w: dfpjax.dfp_conv_general_dilated(x, w, **conv))
+
+
+def timings(accelerator, cpu, sizes, repeats: int) -> list[dict]:
+  """Per problem, the forward product and the forward with both gradients: float32 (highest
+  precision) and bfloat16 (float32 sums) products and DFP on the accelerator, DFP on the host's
+  C kernel."""
+  rows = []
+  for name, shapes, product, dfp_product in problems(sizes):
+    rng = np.random.default_rng(len(rows))
+    args = tuple(rng.standard_normal(s).astype(np.float32) for s in shapes)
+    variants = {
+        "f32": lambda a, b: product(a, b, precision=lax.Precision.HIGHEST),
+        "bf16": lambda a, b: product(a.astype(jnp.bfloat16), b.astype(jnp.bfloat16),
+                                     preferred_element_type=jnp.float32),
+        "dfp": dfp_product,
+    }
+    for passes, wrap in (("forward", lambda f: f), ("3 passes", lambda f: lambda a, b: with_grads(f, a, b))):
+      row = dict(problem=name, passes=passes)
+      for label, f in variants.items():
+        row[f"accelerator {label} ms"] = 1e3 * median_seconds(
+            jax.jit(wrap(f)), jax.device_put(args, accelerator), repeats)
+      row["host cpu dfp ms"] = 1e3 * median_seconds(jax.jit(wrap(variants["dfp"])),
+                                                    jax.device_put(args, cpu), max(1, repeats // 4))
+      rows.append(row)
+      print(json.dumps(row), flush=True)
+  return rows
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--sizes", default="1024,2048,4096", help="GEMM sizes n for n x n x n timings")
+  parser.add_argument("--repeats", type=int, default=10)
+  parser.add_argument("--no-timing", action="store_true", help="compare the bits only")
+  parser.add_argument("--json", help="write the results here")
+  args = parser.parse_args()
+
+  accelerator = jax.devices()[0]
+  if accelerator.platform == "cpu":
+    sys.exit("error: JAX's default device is the CPU; this script compares an accelerator's "
+             "pure-XLA lowering with the CPU kernel, so it needs a GPU or TPU JAX backend")
+  cpu = jax.devices("cpu")[0]
+  info = dfpjax.kernel_info()
+  print(f"# dfpjax on {accelerator.device_kind} ({accelerator.platform}) against the C kernel "
+        f"on the host ({os.cpu_count()} CPUs, kernel path {info['selected_isa']}, supported "
+        f"{info['supported_isas']}); jax {jax.__version__}; "
+        f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC\n")
+  print("| case | outputs | elements | elements whose bits differ |\n|---|---|---|---|")
+  results = dict(device=accelerator.device_kind, jax=jax.__version__, kernel=info, bits=[], timing=[])
+  for name, fn, case_args in cases(np.random.default_rng(0)):
+    try:
+      row = compare(name, fn, case_args, accelerator, cpu)
+    except Exception as err:  # a case that fails to run is reported, and counts as a failure
+      row = dict(case=name, outputs=0, elements=0, differing=-1, error=f"{type(err).__name__}: {err}")
+    results["bits"].append(row)
+    print(f"| {name} | {row['outputs']} | {row['elements']} | "
+          f"{row.get('error', row['differing'])} |", flush=True)
+  exact = all(r["differing"] == 0 for r in results["bits"])
+  print(f"\nall bits equal: {exact}\n")
+  if not args.no_timing:
+    results["timing"] = timings(accelerator, cpu, [int(s) for s in args.sizes.split(",")], args.repeats)
+    keys = list(results["timing"][0])
+    print("| " + " | ".join(keys) + " |\n|" + "---|" * len(keys))
+    for row in results["timing"]:
+      print("| " + " | ".join(f"{v:.2f}" if isinstance(v, float) else str(v) for v in row.values()) + " |")
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump(results, f, indent=1)
+  sys.exit(0 if exact else 1)
+
+
+if __name__ == "__main__":
+  main()
