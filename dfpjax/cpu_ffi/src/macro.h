@@ -72,13 +72,13 @@ int dfp_check_output(const dfp_output* out, uint64_t terms);
 
 /* Outputs of at least this many bytes are written with non-temporal stores where the path has
  * them and the rows are aligned: a product's float32 tiles (ukernel.h's encode_f32_stream) and
- * the quantization's mantissas (quantize.h). Such an output is 8x a core's L2 and, on a shared
- * machine, more L3 than two threads can count on keeping until it is read, so a normal store's
- * read of each line first (and its eviction of useful lines) buys little, and a short reduction
- * stalls on those reads. On a Zen 4, 2 threads: the forward kernels of the 1x1 layers with
- * 51-103 MB outputs took 25-30% less time, the quantization of 103 MB of floats 20-25%; this
- * threshold against 32 MiB, conv.py's passes 2-8% less, a 25.7 MB output's layer 15-30%, with
- * its BatchNorm reading the output in the same step too (docs/performance.md). */
+ * the quantization's mantissas (quantize.h). Such an output is several times a core's L2 and,
+ * on a shared machine, more L3 than two threads can count on keeping until it is read, so a
+ * normal store's read of each line first (and its eviction of useful lines) buys little, and a
+ * short reduction stalls on those reads. On a Zen 4, 2 threads: the forward kernels of the 1x1
+ * layers with 51-103 MB outputs took 25-30% less time, the quantization of 103 MB of floats
+ * 20-25%; this threshold against 32 MiB, conv.py's passes 2-8% less, a 25.7 MB output's layer
+ * 15-30%, with its BatchNorm reading the output in the same step too (docs/performance.md). */
 #define DFP_STREAM_OUTPUT_BYTES ((size_t)8 << 20)
 
 /* Whether an output of `bytes` is that large (dfp_block_output's stream, quantize.c's). */
