@@ -3,8 +3,8 @@
 On a GPU (or any platform but the CPU) the DFP primitives lower to their pure-XLA twins: exact
 int64 sums of the INT16 products, then the kernels' output stage in XLA ops. This script runs
 each case (dot_general and convolutions in all three passes, per-channel exponents, other bit
-widths and dtypes, stochastic rounding, non-finite operands, sums past 2**31) once on the
-default accelerator and once on the host CPU through the C kernel, and compares every output
+widths and dtypes, stochastic rounding, non-finite operands, sums past 2**31, a whole gradient
+through ``dfp_transform``) once on the default accelerator and once on the host CPU through the C kernel, and compares every output
 bit for bit. Then it times the forward product and its gradients on the accelerator against
 its own float32 and bfloat16 products, and against the C kernel on the host.
 
@@ -93,6 +93,15 @@ def cases(rng):
                                                    dimension_numbers=("NWC", "WIO", "NWC")), x, w),
          (jnp.asarray(_normal(rng, (3, 50, 8)), jnp.float16),
           jnp.asarray(_normal(rng, (5, 8, 12), scale=0.1), jnp.float16)))
+  def mlp_loss(params, x, target):
+    # ReLU and a product with a fixed target are exact on every platform, so the gradient's
+    # bits are the DFP products' alone (a float sum's order would be the platform's own).
+    h = jax.nn.relu(x @ params["w1"])
+    return jnp.sum(h @ params["w2"] * target)
+  yield ("dfp_transform of a 2-layer MLP's gradient", lambda p, x, t: dfpjax.dfp_transform(
+      jax.grad(mlp_loss))(p, x, t),
+         ({"w1": _normal(rng, (24, 40), scale=0.2), "w2": _normal(rng, (40, 10), scale=0.2)},
+          _normal(rng, (32, 24)), (rng.integers(-3, 4, (32, 10)) * 0.5).astype(np.float32)))
   yield ("quantize (mantissas, exponent)", lambda x: dfpjax.quantize(x),
          (_normal(rng, (1000,), scale=1e-30),))
 
