@@ -67,6 +67,8 @@ else:
 from jax._src import hijax  # VmapOf and CustomVJPTraced: custom_vjp under jax_custom_vjp3
 from jax._src.custom_derivatives import CustomVJPPrimal  # a custom_vjp3 fwd's wrapped inputs
 from jax._src.hijax import call_hi_primitive_p  # how jax_custom_vjp3 stages a custom_vjp
+# The base class of hijax primitives; the transform stops at one it does not know (tested).
+HiPrimitive = hijax.HiPrim if _JAX_0_11 else hijax.VJPHiPrimitive  # renamed in 0.11
 from jax._src.lax.control_flow.common import _merge_common_consts  # cond branches' consts
 from jax._src.shard_map import shard_map_p  # shard_map's primitive, to rewrite its body
 from jax._src.sharding_impls import UNSPECIFIED  # in_shardings of operands added to a jit
@@ -145,10 +147,10 @@ def custom_vjp_call_bwd_cotangents(result, f):
 
 __all__ = ["api_util", "core", "lu", "source_info_util", "SymbolicZero", "Zero", "ad", "pe",
            "flatten", "flatten_args", "trace_to_jaxpr", "hijax", "CustomVJPPrimal",
-           "call_hi_primitive_p", "_merge_common_consts", "shard_map_p", "UNSPECIFIED",
-           "custom_vjp3", "auto_insert_reshard", "ShapedArray", "get_cur_mesh_sharding",
-           "lax_conv", "prim_requires_devices_during_lowering", "short_dtype_name",
-           "ragged_dot_general_p", "int_state", "check_jax_version", "supported_jax",
-           "scan_consts_and_carry", "scan_params", "CUSTOM_VJP3_LEADING_ARGS",
+           "call_hi_primitive_p", "HiPrimitive", "_merge_common_consts", "shard_map_p",
+           "UNSPECIFIED", "custom_vjp3", "auto_insert_reshard", "ShapedArray",
+           "get_cur_mesh_sharding", "lax_conv", "prim_requires_devices_during_lowering",
+           "short_dtype_name", "ragged_dot_general_p", "int_state", "check_jax_version",
+           "supported_jax", "scan_consts_and_carry", "scan_params", "CUSTOM_VJP3_LEADING_ARGS",
            "CUSTOM_VJP3_PRIMAL_LEADING_ARGS", "custom_vjp3_like", "custom_vjp3_bwd_cotangents",
            "custom_vjp_call_bwd_cotangents"]
