@@ -37,6 +37,8 @@ def check_jax_version(installed: str, supported: str) -> None:
 
 
 check_jax_version(jax.__version__, supported_jax())
+# The supported range spans two minor versions, whose internals differ where branched below.
+_JAX_0_11 = Version(jax.__version__) >= Version("0.11")
 
 # pylint: disable=g-bad-import-order,wrong-import-position
 # Tracing and interpreting jaxprs (transform/): the jaxpr data types, tracing a function
@@ -49,12 +51,24 @@ from jax._src import source_info_util  # name stacks: module paths, the backward
 from jax._src.ad_util import SymbolicZero, Zero  # the symbolic zeros custom rules pass
 from jax._src.interpreters import ad  # CustomVJPException (as JAX's custom_vjp raises it);
 # primitive_jvps/transposes, Zero, instantiate_zeros: the DFP ops' forward-mode rules
-from jax._src.interpreters import partial_eval as pe  # trace_to_jaxpr, separate_consts
-from jax._src.tree_util import FlatTree  # the flat-args form trace_to_jaxpr takes
+from jax._src.interpreters import partial_eval as pe  # separate_consts, close_jaxpr
+if _JAX_0_11:
+  # FlatTree moved to its own module, its constructors became module functions.
+  from jax._src import flattree  # flatten_args: the form tracing takes; scan's operand groups
+  flatten, flatten_args = flattree.flatten, flattree.flatten_args
+  # trace_to_jaxpr became a cache keyed on the function; ours are fresh closures, so trace
+  # uncached, as trace_to_jaxpr did in 0.10.
+  from jax._src.interpreters.partial_eval import trace_to_jaxpr_nocache as trace_to_jaxpr
+else:
+  from jax._src.tree_util import FlatTree  # flatten_args: the form tracing takes
+  flatten, flatten_args = FlatTree.flatten, FlatTree.flatten_args
+  from jax._src.interpreters.partial_eval import trace_to_jaxpr
 # Higher-order primitives the interpreter rewrites inside, absent from jax.extend.
 from jax._src import hijax  # VmapOf and CustomVJPTraced: custom_vjp under jax_custom_vjp3
 from jax._src.custom_derivatives import CustomVJPPrimal  # a custom_vjp3 fwd's wrapped inputs
 from jax._src.hijax import call_hi_primitive_p  # how jax_custom_vjp3 stages a custom_vjp
+# The base class of hijax primitives; the transform stops at one it does not know (tested).
+HiPrimitive = hijax.HiPrim if _JAX_0_11 else hijax.VJPHiPrimitive  # renamed in 0.11
 from jax._src.lax.control_flow.common import _merge_common_consts  # cond branches' consts
 from jax._src.shard_map import shard_map_p  # shard_map's primitive, to rewrite its body
 from jax._src.sharding_impls import UNSPECIFIED  # in_shardings of operands added to a jit
@@ -70,9 +84,73 @@ from jax._src.dispatch import prim_requires_devices_during_lowering
 # Reports (transform/report.py).
 from jax._src.dtypes import short_dtype_name  # "f32"-style names, as jaxprs print them
 
+
+def scan_consts_and_carry(params) -> tuple[int, int]:
+  """How many of a scan's operands are consts and how many carry (the rest are xs)."""
+  if _JAX_0_11:  # flat trees of the (consts, carry, xs) operands
+    consts, carry, _ = params["ft_in"].unpack()
+    return len(consts), len(carry)
+  return params["num_consts"], params["num_carry"]
+
+
+def scan_params(params, jaxpr, new_consts: int, new_carry: int) -> dict:
+  """A scan's ``params`` for ``jaxpr``, which takes ``new_consts`` more leading consts and
+  ``new_carry`` more leading carry (and returns those first)."""
+  if _JAX_0_11:  # grouped as JAX's own rules prepend operands: a group of nones before each
+    consts, carry, xs = params["ft_in"].unpack()
+    carry_out, ys = params["ft_out"].unpack()
+    carry = flattree.pack((flattree.nones(new_carry), carry))
+    carry_out = flattree.pack((flattree.nones(new_carry), carry_out))
+    return dict(params, jaxpr=jaxpr,
+                ft_in=flattree.pack((flattree.pack((flattree.nones(new_consts), consts)),
+                                     carry, xs)),
+                ft_out=flattree.pack((carry_out, ys)))
+  return dict(params, jaxpr=jaxpr, num_consts=params["num_consts"] + new_consts,
+              num_carry=params["num_carry"] + new_carry)
+
+
+if _JAX_0_11:
+  # A jax_custom_vjp3 custom_vjp is applied to (consts, fwd_consts, *args): the primal's
+  # closed-over values, then extra inputs of the fwd rule; its primal takes (consts, *args).
+  CUSTOM_VJP3_LEADING_ARGS, CUSTOM_VJP3_PRIMAL_LEADING_ARGS = 2, 1
+else:
+  CUSTOM_VJP3_LEADING_ARGS, CUSTOM_VJP3_PRIMAL_LEADING_ARGS = 0, 0  # applied to (*args)
+
+
+def custom_vjp3_like(prim, traced, fwd, bwd, in_avals, static_argnums):
+  """A jax_custom_vjp3 custom_vjp (``hijax.CustomVJPTraced``) with these parts, its options
+  (symbolic zeros, remat, logs) those of ``prim``."""
+  if _JAX_0_11:  # a bwd rule may return logs (defvjp_with_logs)
+    return hijax.CustomVJPTraced(traced, fwd, bwd, in_avals, prim.symbolic_zeros,
+                                 static_argnums, prim.opt_remat, prim.with_logs)
+  return hijax.CustomVJPTraced(traced, fwd, bwd, in_avals, prim.symbolic_zeros,
+                               static_argnums, prim.opt_remat)
+
+
+def custom_vjp3_bwd_cotangents(prim, result, f):
+  """``result`` of the bwd rule of ``prim`` (a ``CustomVJPTraced``) with its input
+  cotangents mapped by ``f``."""
+  if _JAX_0_11 and prim.with_logs:  # defvjp_with_logs: (cotangents, logs)
+    cotangents, logs = result
+    return f(cotangents), logs
+  return f(result)
+
+
+def custom_vjp_call_bwd_cotangents(result, f):
+  """``result`` of a ``custom_vjp_call``'s flat bwd with its input cotangents mapped by
+  ``f``."""
+  if _JAX_0_11:  # (cotangents, logs), the logs None unless a defvjp_with_logs rule's
+    cotangents, logs = result
+    return f(cotangents), logs
+  return f(result)
+
+
 __all__ = ["api_util", "core", "lu", "source_info_util", "SymbolicZero", "Zero", "ad", "pe",
-           "FlatTree", "hijax", "CustomVJPPrimal", "call_hi_primitive_p", "_merge_common_consts",
-           "shard_map_p", "UNSPECIFIED", "custom_vjp3", "auto_insert_reshard", "ShapedArray",
+           "flatten", "flatten_args", "trace_to_jaxpr", "hijax", "CustomVJPPrimal",
+           "call_hi_primitive_p", "HiPrimitive", "_merge_common_consts", "shard_map_p",
+           "UNSPECIFIED", "custom_vjp3", "auto_insert_reshard", "ShapedArray",
            "get_cur_mesh_sharding", "lax_conv", "prim_requires_devices_during_lowering",
            "short_dtype_name", "ragged_dot_general_p", "int_state", "check_jax_version",
-           "supported_jax"]
+           "supported_jax", "scan_consts_and_carry", "scan_params", "CUSTOM_VJP3_LEADING_ARGS",
+           "CUSTOM_VJP3_PRIMAL_LEADING_ARGS", "custom_vjp3_like", "custom_vjp3_bwd_cotangents",
+           "custom_vjp_call_bwd_cotangents"]

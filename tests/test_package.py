@@ -28,26 +28,26 @@ def test_supported_range_is_the_one_pyproject_pins():
   assert supported.startswith(">=") and Requirement(f"jax{supported}").specifier == pinned
 
 
-@pytest.mark.parametrize("version", ["0.10.2", "0.10.9"])
+@pytest.mark.parametrize("version", ["0.10.2", "0.10.9", "0.11.0", "0.11.2"])
 def test_a_supported_jax_passes(version):
-  _jax_compat.check_jax_version(version, ">=0.10.2,<0.11")
+  _jax_compat.check_jax_version(version, ">=0.10.2,<0.12")
 
 
-@pytest.mark.parametrize("version", ["0.10.1", "0.11.0", "0.9.0"])
+@pytest.mark.parametrize("version", ["0.10.1", "0.12.0", "0.9.0"])
 def test_an_unsupported_jax_is_a_clear_import_error(version):
   with pytest.raises(ImportError) as err:
-    _jax_compat.check_jax_version(version, ">=0.10.2,<0.11")
+    _jax_compat.check_jax_version(version, ">=0.10.2,<0.12")
   assert f"jax {version} is installed" in str(err.value)
-  assert "supports jax>=0.10.2,<0.11" in str(err.value)
+  assert "supports jax>=0.10.2,<0.12" in str(err.value)
 
 
 def test_importing_dfpjax_under_an_unsupported_jax_fails_naming_both_versions():
-  program = "import jax; jax.__version__ = '0.11.1'; import dfpjax"
+  program = "import jax; jax.__version__ = '0.12.0'; import dfpjax"
   run = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True,
                        check=False)
   assert run.returncode != 0
   supported = _jax_compat.supported_jax()
-  assert f"ImportError: dfpjax supports jax{supported}, but jax 0.11.1 is installed" in run.stderr
+  assert f"ImportError: dfpjax supports jax{supported}, but jax 0.12.0 is installed" in run.stderr
 
 
 def test_only_the_compat_module_names_jax_internals():

@@ -15,12 +15,12 @@ import optax
 import pytest
 from jax import lax
 from jax._src import config as jax_config
-from jax._src import hijax
 from jax._src import source_info_util
 from jax.extend import core
 from jax.sharding import PartitionSpec as P
 
 import dfpjax
+from dfpjax._jax_compat import HiPrimitive
 from dfpjax.primitives import reference_mode
 from dfpjax.transform import dfp_transform, report
 from dfpjax.transform.names import is_backward, module_path
@@ -353,6 +353,26 @@ def test_custom_vjp_keeps_the_users_rule(form):
     assert_bitwise_equal(run(dfp_transform(batched), xs, w), per_example)
 
 
+@pytest.mark.skipif(not hasattr(jax.custom_vjp, "defvjp_with_logs"),
+                    reason="bwd rules that log (defvjp_with_logs) are new in JAX 0.11")
+@pytest.mark.parametrize("form", CUSTOM_VJP_FORMS)
+def test_custom_vjp_logs_pass_through(form):
+  with jax_config.custom_vjp3(CUSTOM_VJP_FORMS[form]):
+    @jax.custom_vjp
+    def matmul(x, w):
+      return x @ w
+    matmul.defvjp_with_logs(_half_fwd, lambda res, g: (_half_bwd(res, g), {"g": g.sum()}))
+  x = jax.random.normal(jax.random.key(5), (4, 3))
+  w = jax.random.normal(jax.random.key(6), (3, 2))
+  out, f_vjp = jax.vjp(dfp_transform(matmul), x, w)
+  g = jnp.ones_like(out)
+  cts, logs = f_vjp.with_logs(g)
+  assert_bitwise_equal(logs, {"g": g.sum()})
+  assert_bitwise_equal(cts, f_vjp(g))
+  _, ref_vjp = jax.vjp(matmul, x, w)
+  np.testing.assert_allclose(cts[0], ref_vjp(g)[0], atol=1e-3)  # the user's (half) rule
+
+
 def _hijax_scaled_matmuls():
   """Two custom_vjp forms of 2 * (x @ w) under jax_custom_vjp3, whose fwd rules call the
   function itself (a hijax equation inside the rule): one with a static argument, one
@@ -531,7 +551,7 @@ def test_unknown_higher_order_primitive_raises():
 
 
 def test_unknown_hijax_primitive_raises():
-  class Square(hijax.VJPHiPrimitive):
+  class Square(HiPrimitive):
     def __init__(self, aval):
       self.in_avals, self.out_aval, self.params = (aval,), aval, {}
       super().__init__()

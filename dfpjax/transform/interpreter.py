@@ -166,13 +166,14 @@ def eval_jaxpr(ctx: Context, jaxpr: core.Jaxpr, consts, args, scope: Scope,
     env[v] = val
 
   env: dict[core.Var, Any] = {}
-  for v, x in zip(jaxpr.constvars, consts, strict=True):
-    write(v, x)
-  for v, x in zip(jaxpr.invars, args, strict=True):
+  # The consts bind the leading inputs, constvars or not, as core.eval_jaxpr binds them: a
+  # jaxpr whose consts are detached takes them as its first invars.
+  inputs = [*jaxpr.constvars, *jaxpr.invars]
+  for v, x in zip(inputs, [*consts, *args], strict=True):
     write(v, x)
   tangents = set()
   if linear is not None:
-    tangents = {v for v, t in zip(jaxpr.invars, linear, strict=True) if t}
+    tangents = {v for v, t in zip(inputs[len(consts):], linear, strict=True) if t}
   lu_ = core.last_used(jaxpr)
   for eqn in jaxpr.eqns:
     eqn_scope = scope.enter(eqn)

@@ -12,9 +12,13 @@ import jax.numpy as jnp
 import numpy as np
 from jax.extend.core import primitives as prims
 
-from dfpjax._jax_compat import (UNSPECIFIED, CustomVJPPrimal, FlatTree, SymbolicZero, Zero,
+from dfpjax._jax_compat import (CUSTOM_VJP3_LEADING_ARGS, CUSTOM_VJP3_PRIMAL_LEADING_ARGS,
+                                UNSPECIFIED, CustomVJPPrimal, SymbolicZero, Zero,
                                 _merge_common_consts, ad, api_util, call_hi_primitive_p, core,
-                                hijax, lu, pe, shard_map_p)
+                                custom_vjp3_bwd_cotangents, custom_vjp3_like,
+                                custom_vjp_call_bwd_cotangents, flatten, flatten_args, hijax,
+                                lu, pe, scan_consts_and_carry, scan_params, shard_map_p,
+                                trace_to_jaxpr)
 from dfpjax.transform.interpreter import HIGHER_ORDER_RULES, Scope, eval_jaxpr
 from dfpjax.transform.recompute import RecomputePolicy, tied_to_cotangent
 
@@ -28,7 +32,7 @@ def _trace(fun: Callable, in_avals) -> tuple[core.ClosedJaxpr, list]:
   """Traces ``fun`` (flat in, flat list out) to a const-free ClosedJaxpr taking the
   hoisted consts first, and those consts (closed-over values, tracers included)."""
   dbg = api_util.debug_info("dfp_transform", fun, tuple(in_avals), {})
-  closed, _ = pe.trace_to_jaxpr(fun, FlatTree.flatten_args(*in_avals), dbg)
+  closed, _ = trace_to_jaxpr(fun, flatten_args(*in_avals), dbg)
   new, consts = pe.separate_consts(closed)
   return new, list(consts)
 
@@ -149,13 +153,12 @@ def _loop_part(ctx, closed: core.ClosedJaxpr, num_consts: int, scope: Scope, *, 
 
 def _scan_rule(ctx, eqn, invals, scope):
   p = eqn.params
-  nc = p["num_consts"]
+  nc, _ = scan_consts_and_carry(p)
   body, hoisted = _loop_part(ctx, p["jaxpr"], nc, scope, body=True)
   consts, rest = _split(invals, [nc])
   counter = [] if scope.key is None else [jnp.zeros((), jnp.int32)]
   outs = eqn.primitive.bind(*hoisted, *consts, *counter, *rest,
-                            **dict(p, jaxpr=body, num_consts=len(hoisted) + nc,
-                                   num_carry=p["num_carry"] + len(counter)))
+                            **scan_params(p, body, len(hoisted), len(counter)))
   return outs[len(counter):]
 
 
@@ -190,7 +193,7 @@ def _shard_map_rule(ctx, eqn, invals, scope):
     if key_args:
       inner = inner.in_iteration(jax.lax.axis_index(axes))
     result = eval_jaxpr(ctx, jaxpr, (), args, inner)
-    return FlatTree.flatten(result).with_aux(out_specs)
+    return flatten(result).with_aux(out_specs)
 
   dbg = jaxpr.debug_info
   if keys and dbg.arg_names is not None:
@@ -288,10 +291,11 @@ def _custom_vjp_rule(ctx, eqn, invals, scope):
       args = res + cts
     else:
       key_args = []
-    cts_in = _rewrite_call(ctx, bwd.call_wrapped, args, scope.in_rule(key_args, number, 1))
+    result = _rewrite_call(ctx, bwd.call_wrapped, args, scope.in_rule(key_args, number, 1))
     # No cotangent for the key; zeros for consts, as _handle_consts_in_bwd gives.
-    return [Zero(core.typeof(k).to_ct_aval()) for k in key_args] + \
-           [Zero(a) for a in const_avals] + list(cts_in)
+    return custom_vjp_call_bwd_cotangents(
+        result, lambda cts_in: [Zero(core.typeof(k).to_ct_aval()) for k in key_args] +
+                               [Zero(a) for a in const_avals] + list(cts_in))
 
   subfuns = (lu.wrap_init(fun, debug_info=call_jaxpr.jaxpr.debug_info),
              lu.wrap_init(fwd, debug_info=fwd_jaxpr_thunk.debug_info),
@@ -327,8 +331,8 @@ def _call_hi_rule(ctx, eqn, invals, scope):
   # Under jax_custom_vjp3 a custom_vjp is a hijax primitive holding Python objects: the
   # primal traced by jit, the user's fwd and bwd. It is bound again as a new custom_vjp
   # whose primal is the interpreted jaxpr and whose fwd and bwd call the user's rules
-  # rewritten; the key, if any, is one more leading argument and, for bwd, a residual.
-  # A vmapped custom_vjp (VmapOf) is rebuilt around the rewritten one.
+  # rewritten; the key, if any, is one more argument after JAX's leading ones and, for
+  # bwd, a residual. A vmapped custom_vjp (VmapOf) is rebuilt around the rewritten one.
   prim = eqn.params["_prim"]
   inner = prim.prim if isinstance(prim, hijax.VmapOf) else prim
   if not isinstance(inner, hijax.CustomVJPTraced):
@@ -346,32 +350,38 @@ def _call_hi_rule(ctx, eqn, invals, scope):
       ctx.rewrites[cache_key] = rewritten
   else:
     scope.sites.next()
+  lead = CUSTOM_VJP3_LEADING_ARGS
   if inner is not prim:
-    rewritten = hijax.VmapOf(rewritten, prim.axis_data, (None,) * len(keys) + prim.in_dims,
+    rewritten = hijax.VmapOf(rewritten, prim.axis_data,
+                             (*prim.in_dims[:lead], *(None,) * len(keys), *prim.in_dims[lead:]),
                              prim.out_dim)
-  return call_hi_primitive_p.bind(*keys, *invals, _prim=rewritten)
+  args = prim.in_tree.unflatten(invals)
+  operands = rewritten.in_tree.flatten_up_to((*args[:lead], *keys, *args[lead:]))
+  return call_hi_primitive_p.bind(*operands, _prim=rewritten)
 
 
 def _rewritten_custom_vjp(ctx, prim, scope: Scope, number: int, key_avals):
   """A ``CustomVJPTraced`` like ``prim`` whose primal, fwd and bwd rewrite their sites
-  (keys as in the module docstring) and whose first ``len(key_avals)`` arguments are the
-  scope's key."""
+  (keys as in the module docstring) and whose arguments after JAX's leading ones start
+  with the scope's key."""
   nk = len(key_avals)
-  static = set(prim.static_argnums)
+  lead, primal_lead = CUSTOM_VJP3_LEADING_ARGS, CUSTOM_VJP3_PRIMAL_LEADING_ARGS
+  static = set(prim.static_argnums)  # positions among the application's arguments
   traced = prim.traced
 
   def primal(*args):
-    key_args, args = _split(args, [nk])
-    dynamic = [a for i, a in enumerate(args) if i not in static]
-    leaves = traced.in_tree.flatten_up_to((tuple(dynamic), {}))
+    leading, key_args, args = _split(args, [primal_lead, nk])
+    dynamic = [a for i, a in enumerate(args, lead) if i not in static]
+    leaves = traced.in_tree.flatten_up_to(((*leading, *dynamic), {}))
     outs = eval_jaxpr(ctx, traced.jaxpr.jaxpr, traced.jaxpr.consts, leaves,
                       scope.in_rule(key_args, number, 0))
     return jax.tree.unflatten(traced.out_tree, outs)
 
   def fwd(*args):
-    key_args, args = _split(args, [nk])
+    leading, key_args, args = _split(args, [lead, nk])
     key_args = [k.value if isinstance(k, CustomVJPPrimal) else k for k in key_args]
-    out, res = _rewrite_call(ctx, prim.fwd, args, scope.in_rule(key_args, number, 0))
+    out, res = _rewrite_call(ctx, prim.fwd, (*leading, *args),
+                             scope.in_rule(key_args, number, 0))
     return out, (res, key_args) if nk else res
 
   def bwd(*args):
@@ -379,16 +389,18 @@ def _rewritten_custom_vjp(ctx, prim, scope: Scope, number: int, key_avals):
     key_args = []
     if nk:
       res, key_args = res
-    cts_in = _rewrite_call(ctx, prim.bwd, (*static_args, res, cts),
+    result = _rewrite_call(ctx, prim.bwd, (*static_args, res, cts),
                            scope.in_rule(key_args, number, 1))
-    return (None,) * nk + tuple(cts_in)
+    return custom_vjp3_bwd_cotangents(prim, result, lambda cts_in: (None,) * nk + tuple(cts_in))
 
-  in_avals = tuple(jax.ShapeDtypeStruct(a.shape, a.dtype) for a in key_avals) + prim.in_avals
-  static_argnums = tuple(i + nk for i in prim.static_argnums)
-  trace_args = [a.val if isinstance(a, hijax.Static) else a for a in in_avals]
-  new_traced = jax.jit(primal, static_argnums=static_argnums).trace(*trace_args)
-  return hijax.CustomVJPTraced(new_traced, fwd, bwd, (*key_avals, *prim.in_avals),
-                               prim.symbolic_zeros, static_argnums, prim.opt_remat)
+  key_structs = tuple(jax.ShapeDtypeStruct(a.shape, a.dtype) for a in key_avals)
+  primal_args = (*prim.in_avals[:primal_lead], *key_structs, *prim.in_avals[lead:])
+  trace_args = [a.val if isinstance(a, hijax.Static) else a for a in primal_args]
+  primal_static = tuple(i - lead + primal_lead + nk for i in sorted(static))
+  new_traced = jax.jit(primal, static_argnums=primal_static).trace(*trace_args)
+  in_avals = (*prim.in_avals[:lead], *key_avals, *prim.in_avals[lead:])
+  static_argnums = frozenset(i + nk for i in static)
+  return custom_vjp3_like(prim, new_traced, fwd, bwd, in_avals, static_argnums)
 
 
 HIGHER_ORDER_RULES.update({
