@@ -4,9 +4,10 @@ On a GPU (or any platform but the CPU) the DFP primitives lower to their pure-XL
 int64 sums of the INT16 products, then the kernels' output stage in XLA ops. This script runs
 each case (dot_general and convolutions in all three passes, per-channel exponents, other bit
 widths and dtypes, stochastic rounding, non-finite operands, sums past 2**31, a whole gradient
-through ``dfp_transform``) once on the default accelerator and once on the host CPU through the C kernel, and compares every output
-bit for bit. Then it times the forward product and its gradients on the accelerator against
-its own float32 and bfloat16 products, and against the C kernel on the host.
+through ``dfp_transform``) once on the default accelerator and once on the host CPU through the
+C kernel, and compares every output bit for bit. Then it times the forward product and its
+gradients on the accelerator against its own float32 and bfloat16 products (interleaved, as
+the other benchmarks time), and against the C kernel on the host.
 
     python benchmarks/accelerator.py            # needs a non-CPU JAX device
     python benchmarks/accelerator.py --no-timing --json results.json
@@ -16,10 +17,10 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import os
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -27,6 +28,7 @@ import numpy as np
 from jax import lax
 
 import dfpjax
+from common import cpu_model, kernel_paths, time_interleaved
 
 NHWC = ("NHWC", "HWIO", "NHWC")
 DENSE = (((1,), (0,)), ((), ()))
@@ -45,24 +47,32 @@ def _normal(rng, shape, dtype=np.float32, scale=1.0):
   return (rng.standard_normal(shape) * scale).astype(dtype)
 
 
+def dot_passes(dims=DENSE, **kwargs):
+  """The three passes of ``dfp_dot_general`` with these dimension numbers and options."""
+  return lambda a, b: with_grads(lambda a, b: dfpjax.dfp_dot_general(a, b, dims, **kwargs), a, b)
+
+
+def conv_passes(strides, padding, dimension_numbers=NHWC, **kwargs):
+  """The three passes of ``dfp_conv_general_dilated`` with these parameters."""
+  conv = lambda x, w: dfpjax.dfp_conv_general_dilated(
+      x, w, strides, padding, dimension_numbers=dimension_numbers, **kwargs)
+  return lambda x, w: with_grads(conv, x, w)
+
+
 def cases(rng):
   """(name, function of the arrays, arrays): each function returns a pytree of arrays."""
-  yield ("dot f32 64x96x80, 3 passes", lambda a, b: with_grads(
-      lambda a, b: dfpjax.dfp_dot_general(a, b, DENSE), a, b),
+  yield ("dot f32 64x96x80, 3 passes", dot_passes(),
          (_normal(rng, (64, 96)), _normal(rng, (96, 80))))
-  batched = (((2,), (1,)), ((0,), (0,)))
-  yield ("dot bf16 -> f32, batched 3x19x40x23, 3 passes", lambda a, b: with_grads(
-      lambda a, b: dfpjax.dfp_dot_general(a, b, batched, preferred_element_type=jnp.float32), a, b),
+  yield ("dot bf16 -> f32, batched 3x19x40x23, 3 passes",
+         dot_passes((((2,), (1,)), ((0,), (0,))), preferred_element_type=jnp.float32),
          (jnp.asarray(_normal(rng, (3, 19, 40)), jnp.bfloat16),
           jnp.asarray(_normal(rng, (3, 40, 23)), jnp.bfloat16)))
   channel = dfpjax.DFPConfig(forward=dfpjax.QuantConfig(granularity="channel"))
-  yield ("dot per-channel exponents, 3 passes", lambda a, b: with_grads(
-      lambda a, b: dfpjax.dfp_dot_general(a, b, DENSE, config=channel), a, b),
+  yield ("dot per-channel exponents, 3 passes", dot_passes(config=channel),
          ((_normal(rng, (6, 20)) * np.logspace(-3, 3, 6)[:, None]).astype(np.float32),
           (_normal(rng, (20, 5)) * np.logspace(2, -2, 5)[None, :]).astype(np.float32)))
   eight = dfpjax.DFPConfig(forward=dfpjax.QuantConfig(bits=8), gradient=dfpjax.QuantConfig(bits=12))
-  yield ("dot 8-bit forward, 12-bit gradient", lambda a, b: with_grads(
-      lambda a, b: dfpjax.dfp_dot_general(a, b, DENSE, config=eight), a, b),
+  yield ("dot 8-bit forward, 12-bit gradient", dot_passes(config=eight),
          (_normal(rng, (33, 47)), _normal(rng, (47, 29))))
   # All-equal operands make every INT16 mantissa +-2**14: sums of 2**15 products reach 2**43.
   yield ("dot K=32768, sums past 2**31", lambda a, b: dfpjax.dfp_dot_general(a, b, DENSE),
@@ -73,36 +83,31 @@ def cases(rng):
          (_normal(rng, (16, 64)), _normal(rng, (64, 16)), jax.random.key(7)))
   a = _normal(rng, (8, 8))
   a[3, 5] = np.nan
-  yield ("dot NaN operand", lambda a, b: dfpjax.dfp_dot_general(a, b, DENSE), (a, _normal(rng, (8, 4))))
-  yield ("conv 3x3 SAME 4x14x14x32 -> 48, 3 passes", lambda x, w: with_grads(
-      lambda x, w: dfpjax.dfp_conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=NHWC), x, w),
+  yield ("dot NaN operand", lambda a, b: dfpjax.dfp_dot_general(a, b, DENSE),
+         (a, _normal(rng, (8, 4))))
+  yield ("conv 3x3 SAME 4x14x14x32 -> 48, 3 passes", conv_passes((1, 1), "SAME"),
          (_normal(rng, (4, 14, 14, 32)), _normal(rng, (3, 3, 32, 48), scale=0.1)))
-  yield ("conv 7x7 stride 2 pad 3, 3 -> 16 (a stem), 3 passes", lambda x, w: with_grads(
-      lambda x, w: dfpjax.dfp_conv_general_dilated(x, w, (2, 2), [(3, 3), (3, 3)],
-                                                   dimension_numbers=NHWC), x, w),
+  yield ("conv 7x7 stride 2 pad 3, 3 -> 16 (a stem), 3 passes",
+         conv_passes((2, 2), [(3, 3), (3, 3)]),
          (_normal(rng, (2, 32, 32, 3)), _normal(rng, (7, 7, 3, 16), scale=0.1)))
-  yield ("conv 1x1 stride 2, 3 passes", lambda x, w: with_grads(
-      lambda x, w: dfpjax.dfp_conv_general_dilated(x, w, (2, 2), "VALID", dimension_numbers=NHWC), x, w),
+  yield ("conv 1x1 stride 2, 3 passes", conv_passes((2, 2), "VALID"),
          (_normal(rng, (2, 15, 15, 24)), _normal(rng, (1, 1, 24, 40), scale=0.1)))
-  yield ("conv depthwise 3x3, rhs dilation 2, 3 passes", lambda x, w: with_grads(
-      lambda x, w: dfpjax.dfp_conv_general_dilated(x, w, (1, 1), "SAME", rhs_dilation=(2, 2),
-                                                   dimension_numbers=NHWC, feature_group_count=16), x, w),
+  yield ("conv depthwise 3x3, rhs dilation 2, 3 passes",
+         conv_passes((1, 1), "SAME", rhs_dilation=(2, 2), feature_group_count=16),
          (_normal(rng, (2, 12, 12, 16)), _normal(rng, (3, 3, 1, 16), scale=0.1)))
-  yield ("conv f16, 1-D NWC, 3 passes", lambda x, w: with_grads(
-      lambda x, w: dfpjax.dfp_conv_general_dilated(x, w, (1,), "SAME",
-                                                   dimension_numbers=("NWC", "WIO", "NWC")), x, w),
+  yield ("conv f16, 1-D NWC, 3 passes", conv_passes((1,), "SAME", ("NWC", "WIO", "NWC")),
          (jnp.asarray(_normal(rng, (3, 50, 8)), jnp.float16),
           jnp.asarray(_normal(rng, (5, 8, 12), scale=0.1), jnp.float16)))
+
   def mlp_loss(params, x, target):
     # ReLU and a product with a fixed target are exact on every platform, so the gradient's
     # bits are the DFP products' alone (a float sum's order would be the platform's own).
     h = jax.nn.relu(x @ params["w1"])
     return jnp.sum(h @ params["w2"] * target)
-  yield ("dfp_transform of a 2-layer MLP's gradient", lambda p, x, t: dfpjax.dfp_transform(
-      jax.grad(mlp_loss))(p, x, t),
+  yield ("dfp_transform of a 2-layer MLP's gradient", dfpjax.dfp_transform(jax.grad(mlp_loss)),
          ({"w1": _normal(rng, (24, 40), scale=0.2), "w2": _normal(rng, (40, 10), scale=0.2)},
           _normal(rng, (32, 24)), (rng.integers(-3, 4, (32, 10)) * 0.5).astype(np.float32)))
-  yield ("quantize (mantissas, exponent)", lambda x: dfpjax.quantize(x),
+  yield ("quantize (mantissas, exponent)", dfpjax.quantize,
          (_normal(rng, (1000,), scale=1e-30),))
 
 
@@ -124,16 +129,6 @@ def compare(name, fn, args, accelerator, cpu) -> dict:
   differing = sum(int(np.any(g != w, axis=-1).sum()) if g.shape == w.shape else len(w)
                   for g, w in zip(got, want))
   return dict(case=name, outputs=len(want), elements=elements, differing=differing)
-
-
-def median_seconds(fn, args, repeats: int) -> float:
-  jax.block_until_ready(fn(*args))  # compile and warm up
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - start)
-  return float(np.median(times))
 
 
 def problems(sizes):
@@ -162,21 +157,25 @@ def timings(accelerator, cpu, sizes, repeats: int) -> list[dict]:
                                      preferred_element_type=jnp.float32),
         "dfp": dfp_product,
     }
-    for passes, wrap in (("forward", lambda f: f), ("3 passes", lambda f: lambda a, b: with_grads(f, a, b))):
+    for passes, wrap in (("forward", lambda f: f),
+                         ("3 passes", lambda f: lambda a, b: with_grads(f, a, b))):
+      on_accelerator = jax.device_put(args, accelerator)
+      fns = [functools.partial(jax.jit(wrap(f)), *on_accelerator) for f in variants.values()]
       row = dict(problem=name, passes=passes)
-      for label, f in variants.items():
-        row[f"accelerator {label} ms"] = 1e3 * median_seconds(
-            jax.jit(wrap(f)), jax.device_put(args, accelerator), repeats)
-      row["host cpu dfp ms"] = 1e3 * median_seconds(jax.jit(wrap(variants["dfp"])),
-                                                    jax.device_put(args, cpu), max(1, repeats // 4))
+      for label, seconds in zip(variants, time_interleaved(fns, repeats)):
+        row[f"accelerator {label} ms"] = 1e3 * seconds
+      on_cpu = functools.partial(jax.jit(wrap(variants["dfp"])), *jax.device_put(args, cpu))
+      row["host cpu dfp ms"] = 1e3 * time_interleaved([on_cpu], max(1, repeats // 4))[0]
       rows.append(row)
       print(json.dumps(row), flush=True)
   return rows
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--sizes", default="1024,2048,4096", help="GEMM sizes n for n x n x n timings")
+  parser = argparse.ArgumentParser(description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--sizes", default="1024,2048,4096",
+                      help="GEMM sizes n for n x n x n timings")
   parser.add_argument("--repeats", type=int, default=10)
   parser.add_argument("--no-timing", action="store_true", help="compare the bits only")
   parser.add_argument("--json", help="write the results here")
@@ -187,29 +186,33 @@ def main():
     sys.exit("error: JAX's default device is the CPU; this script compares an accelerator's "
              "pure-XLA lowering with the CPU kernel, so it needs a GPU or TPU JAX backend")
   cpu = jax.devices("cpu")[0]
-  info = dfpjax.kernel_info()
+  info = kernel_paths()
   print(f"# dfpjax on {accelerator.device_kind} ({accelerator.platform}) against the C kernel "
-        f"on the host ({os.cpu_count()} CPUs, kernel path {info['selected_isa']}, supported "
-        f"{info['supported_isas']}); jax {jax.__version__}; "
+        f"on the host ({cpu_model()}, {os.cpu_count()} CPUs, kernel path "
+        f"{info['selected_isa']}, supported {info['supported_isas']}); jax {jax.__version__}; "
         f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC\n")
   print("| case | outputs | elements | elements whose bits differ |\n|---|---|---|---|")
-  results = dict(device=accelerator.device_kind, jax=jax.__version__, kernel=info, bits=[], timing=[])
+  results = dict(device=accelerator.device_kind, jax=jax.__version__, kernel=info, bits=[],
+                 timing=[])
   for name, fn, case_args in cases(np.random.default_rng(0)):
     try:
       row = compare(name, fn, case_args, accelerator, cpu)
     except Exception as err:  # a case that fails to run is reported, and counts as a failure
-      row = dict(case=name, outputs=0, elements=0, differing=-1, error=f"{type(err).__name__}: {err}")
+      row = dict(case=name, outputs=0, elements=0, differing=-1,
+                 error=f"{type(err).__name__}: {err}")
     results["bits"].append(row)
     print(f"| {name} | {row['outputs']} | {row['elements']} | "
           f"{row.get('error', row['differing'])} |", flush=True)
   exact = all(r["differing"] == 0 for r in results["bits"])
   print(f"\nall bits equal: {exact}\n")
   if not args.no_timing:
-    results["timing"] = timings(accelerator, cpu, [int(s) for s in args.sizes.split(",")], args.repeats)
+    sizes = [int(s) for s in args.sizes.split(",")]
+    results["timing"] = timings(accelerator, cpu, sizes, args.repeats)
     keys = list(results["timing"][0])
     print("| " + " | ".join(keys) + " |\n|" + "---|" * len(keys))
     for row in results["timing"]:
-      print("| " + " | ".join(f"{v:.2f}" if isinstance(v, float) else str(v) for v in row.values()) + " |")
+      cells = (f"{v:.2f}" if isinstance(v, float) else str(v) for v in row.values())
+      print("| " + " | ".join(cells) + " |")
   if args.json:
     with open(args.json, "w") as f:
       json.dump(results, f, indent=1)
