@@ -2,6 +2,7 @@
 
     python benchmarks/conv.py                  # all layers at batch 32, 5 repeats
     python benchmarks/conv.py --batch 8 --layers conv2_3x3,conv5_3x3 --repeats 3
+    python benchmarks/conv.py --no-fp32        # the DFP passes and the GEMM only (the bar)
     DFPJAX_ISA=portable python benchmarks/conv.py --quick
 
 For each layer (NHWC activations, HWIO weights, Gaussian data) and each pass it times,
@@ -12,7 +13,8 @@ own, both cores through XLA's intra-op pool):
   backward-weights  dw = vjp with respect to w, applied to dy
 in XLA FP32 (lax.conv_general_dilated) and in DFP (dfpjax.dfp_conv_general_dilated, each pass
 including the quantization of the operands it reads), and prints speed-ups over FP32
-(FP32 time / DFP time, > 1: DFP faster) per layer and in total over the set. Then each DFP
+(FP32 time / DFP time, > 1: DFP faster) per layer and in total over the set (--no-fp32 leaves
+the XLA FP32 passes out: they take most of the run, and the bar below needs none). Then each DFP
 pass's GOP/s against the DFP GEMM kernel's at 1024^3 (operands quantized beforehand, as
 matmul.py's kernel column), which runs in every layer's interleaved rounds: the reference is
 timed in the same minutes as the passes, so the host's drift moves both. The header names
@@ -65,7 +67,7 @@ def _passes(conv, x, w, dy):
   return [lambda: fwd(x, w), lambda: bwd_data(x, w, dy), lambda: bwd_weights(x, w, dy)]
 
 
-def measure(name: str, batch: int, repeats: int, gemm) -> dict:
+def measure(name: str, batch: int, repeats: int, gemm, fp32_passes: bool) -> dict:
   size, cin, window, stride, cout = LAYERS[name]
   padding = [((window - 1) // 2, window // 2)] * 2
   kx, kw, kg = jax.random.split(jax.random.key(0), 3)
@@ -77,17 +79,20 @@ def measure(name: str, batch: int, repeats: int, gemm) -> dict:
                                                      dimension_numbers=NHWC)
   dy = jax.random.normal(kg, jax.eval_shape(fp32, x, w).shape, jnp.float32)
   check_calls_kernel(jax.jit(dfp).lower(x, w).as_text(), "dfp_conv_general_dilated")
-  fns = _passes(fp32, x, w, dy) + _passes(dfp, x, w, dy) + [gemm]
-  times = time_interleaved(fns, repeats)
+  fp32_fns = _passes(fp32, x, w, dy) if fp32_passes else []
+  times = time_interleaved(fp32_fns + _passes(dfp, x, w, dy) + [gemm], repeats)
+  fp32_times, dfp_times, gemm_time = times[:len(fp32_fns)], times[len(fp32_fns):-1], times[-1]
   out = dy.shape[1]
   flops = 2.0 * batch * out * out * cout * window * window * cin
-  row = dict(layer=name, batch=batch, gflop=flops / 1e9, gemm_ms=times[6] * 1e3)
+  row = dict(layer=name, batch=batch, gflop=flops / 1e9, gemm_ms=gemm_time * 1e3)
   for i, p in enumerate(PASSES):
-    row[p] = dict(fp32_ms=times[i] * 1e3, dfp_ms=times[3 + i] * 1e3)
+    row[p] = dict(fp32_ms=fp32_times[i] * 1e3 if fp32_passes else None, dfp_ms=dfp_times[i] * 1e3)
   return row
 
 
 def _cell(t: dict) -> str:
+  if t["fp32_ms"] is None:  # --no-fp32
+    return f"n/a / {t['dfp_ms']:.1f}"
   return f"{t['fp32_ms']:.1f} / {t['dfp_ms']:.1f} ({t['fp32_ms'] / t['dfp_ms']:.2f}x)"
 
 
@@ -99,6 +104,8 @@ def main():
                       help=f"comma-separated subset of {', '.join(LAYERS)}")
   parser.add_argument("--repeats", type=int, default=5)
   parser.add_argument("--quick", action="store_true", help="batch 2, three layers, 3 repeats")
+  parser.add_argument("--no-fp32", action="store_true",
+                      help="time only the DFP passes and the GEMM, not the XLA FP32 passes")
   parser.add_argument("--json", metavar="PATH", help="also write the rows to this file")
   args = parser.parse_args()
   layers = args.layers.split(",")
@@ -121,11 +128,11 @@ def main():
   print("|---|---|---|---|---|")
   rows = []
   for name in layers:
-    rows.append(measure(name, args.batch, args.repeats, gemm))
+    rows.append(measure(name, args.batch, args.repeats, gemm, not args.no_fp32))
     r = rows[-1]
     print(f"| {name} | {r['gflop']:.1f} | " + " | ".join(_cell(r[p]) for p in PASSES) + " |",
           flush=True)
-  totals = {p: dict(fp32_ms=sum(r[p]["fp32_ms"] for r in rows),
+  totals = {p: dict(fp32_ms=None if args.no_fp32 else sum(r[p]["fp32_ms"] for r in rows),
                     dfp_ms=sum(r[p]["dfp_ms"] for r in rows)) for p in PASSES}
   gflop = sum(r["gflop"] for r in rows)
   print(f"| **total** | {gflop:.1f} | " + " | ".join(_cell(totals[p]) for p in PASSES) + " |")
