@@ -7,6 +7,7 @@ pyproject.toml) and checks it here, at import, before touching any of them.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 
 import jax
@@ -69,6 +70,8 @@ from jax._src.custom_derivatives import CustomVJPPrimal  # a custom_vjp3 fwd's w
 from jax._src.hijax import call_hi_primitive_p  # how jax_custom_vjp3 stages a custom_vjp
 # The base class of hijax primitives; the transform stops at one it does not know (tested).
 HiPrimitive = hijax.HiPrim if _JAX_0_11 else hijax.VJPHiPrimitive  # renamed in 0.11
+# How the opt-in jax_custom_jvp3 stages a custom_jvp (JAX 0.11; None before).
+CustomJVPTraced = getattr(hijax, "CustomJVPTraced", None)
 from jax._src.lax.control_flow.common import _merge_common_consts  # cond branches' consts
 from jax._src.shard_map import shard_map_p  # shard_map's primitive, to rewrite its body
 from jax._src.sharding_impls import UNSPECIFIED  # in_shardings of operands added to a jit
@@ -76,6 +79,10 @@ from jax._src.lax.lax import ragged_dot_general_p  # listed by report as a produ
 from jax._src.config import int_state  # report's trace-context option (no cached traces)
 # The DFP primitives (primitives/).
 from jax._src.config import custom_vjp3  # custom_vjp3(False): classic custom_vjp staging
+if _JAX_0_11:
+  from jax._src.config import custom_jvp3  # custom_jvp3(False): classic custom_jvp staging
+else:
+  custom_jvp3 = lambda value: contextlib.nullcontext()  # the flag is new in 0.11
 from jax._src.core import auto_insert_reshard  # pvary operands as lax.dot_general does
 from jax._src.core import ShapedArray, get_cur_mesh_sharding  # outputs' varying manual axes
 from jax._src.lax import convolution as lax_conv  # JAX's conv transpose-rule helpers
@@ -148,9 +155,9 @@ def custom_vjp_call_bwd_cotangents(result, f):
 __all__ = ["api_util", "core", "lu", "source_info_util", "SymbolicZero", "Zero", "ad", "pe",
            "flatten", "flatten_args", "trace_to_jaxpr", "hijax", "CustomVJPPrimal",
            "call_hi_primitive_p", "HiPrimitive", "_merge_common_consts", "shard_map_p",
-           "UNSPECIFIED", "custom_vjp3", "auto_insert_reshard", "ShapedArray",
+           "UNSPECIFIED", "custom_vjp3", "custom_jvp3", "auto_insert_reshard", "ShapedArray",
            "get_cur_mesh_sharding", "lax_conv", "prim_requires_devices_during_lowering",
            "short_dtype_name", "ragged_dot_general_p", "int_state", "check_jax_version",
            "supported_jax", "scan_consts_and_carry", "scan_params", "CUSTOM_VJP3_LEADING_ARGS",
            "CUSTOM_VJP3_PRIMAL_LEADING_ARGS", "custom_vjp3_like", "custom_vjp3_bwd_cotangents",
-           "custom_vjp_call_bwd_cotangents"]
+           "custom_vjp_call_bwd_cotangents", "CustomJVPTraced"]

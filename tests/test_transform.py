@@ -312,16 +312,23 @@ half_grad_matmul = make_half_grad_matmul()
 CUSTOM_VJP_FORMS = {"classic": False, "vjp3": True}
 
 
-@jax.custom_jvp
-def cubed_matmul(x, w):
-  return (x @ w) ** 3
-
-
-@cubed_matmul.defjvp
 def _cubed_jvp(primals, tangents):
   (x, w), (dx, dw) = primals, tangents
   y = x @ w
   return y ** 3, 3 * y ** 2 * (dx @ w + x @ dw)
+
+
+def make_cubed_matmul():
+  """(x @ w)**3 with a user's custom_jvp, in the form the jax_custom_jvp3 flag in force picks
+  (JAX 0.11's opt-in flag): a custom_jvp_call equation, or a call_hi_primitive (hijax) one."""
+  @jax.custom_jvp
+  def cubed_matmul(x, w):
+    return (x @ w) ** 3
+  cubed_matmul.defjvp(_cubed_jvp)
+  return cubed_matmul
+
+
+cubed_matmul = make_cubed_matmul()  # the classic form: jax_custom_jvp3 is off by default
 
 
 @pytest.mark.parametrize("form", CUSTOM_VJP_FORMS)
@@ -426,6 +433,67 @@ def test_custom_jvp_keeps_the_users_rule():
                              rtol=1e-2)
   records = report(jax.grad(f), x, w)
   assert [r.mode for r in records] == ["dfp"] * 3   # grad(f) has no custom_jvp left
+
+
+def _custom_jvp_matmuls(hijax_form: bool):
+  """Three custom_jvp products of x and w, staged as jax_custom_jvp3 says (JAX 0.11): the
+  cubed product, one with a static (nondiff) scale, one whose rule takes symbolic zeros."""
+  with jax_config.custom_jvp3(hijax_form):
+    cubed = make_cubed_matmul()
+
+    @functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
+    def scaled(x, w, scale):
+      return scale * jnp.tanh(x @ w)
+
+    @scaled.defjvp
+    def _(scale, primals, tangents):
+      (x, w), (dx, dw) = primals, tangents
+      y = jnp.tanh(x @ w)
+      return scale * y, scale * (1 - y * y) * (dx @ w + x @ dw)
+
+    @jax.custom_jvp
+    def symbolic(x, w):
+      return jnp.sin(x @ w)
+
+    def symbolic_jvp(primals, tangents):
+      (x, w), (dx, dw) = primals, tangents
+      assert isinstance(dw, jax.custom_derivatives.SymbolicZero)  # only x is differentiated
+      return jnp.sin(x @ w), jnp.cos(x @ w) * (dx @ w)
+    symbolic.defjvp(symbolic_jvp, symbolic_zeros=True)
+  return [lambda x, w: cubed(x, w).sum(), lambda x, w: scaled(x, w, 0.5).sum(),
+          lambda x, w: symbolic(x, w).sum()]
+
+
+@pytest.mark.skipif(not hasattr(jax_config, "custom_jvp3"),
+                    reason="custom_jvp as a hijax primitive (jax_custom_jvp3) is new in JAX 0.11")
+@pytest.mark.parametrize("which", [0, 1, 2], ids=["plain", "static_args", "symbolic_zeros"])
+def test_hijax_custom_jvp_is_rewritten_as_the_classic_one(which):
+  f = _custom_jvp_matmuls(True)[which]
+  classic = _custom_jvp_matmuls(False)[which]
+  x = jax.random.normal(jax.random.key(5), (4, 3))
+  w = jax.random.normal(jax.random.key(6), (3, 2))
+  closed = jax.make_jaxpr(dfp_transform(f))(x, w)
+  assert count(closed, "call_hi_primitive") == 1      # still the user's hijax custom_jvp
+  assert float_sites(closed) == [] and count(closed, "dfp_dot_general") == 1
+  # The primal and the user's rule are rewritten with the same sites and keys as the
+  # classic custom_jvp's: the same bits, in both orders of grad and the transform, also with
+  # stochastic rounding.
+  for fn in (dfp_transform, lambda g: jax.grad(dfp_transform(g)),
+             lambda g: dfp_transform(jax.grad(g))):
+    assert_bitwise_equal(run(fn(f), x, w), run(fn(classic), x, w))
+  key = jax.random.key(3)
+  assert_bitwise_equal(run(jax.grad(dfp_transform(f, STOCHASTIC)), x, w, dfp_key=key),
+                       run(jax.grad(dfp_transform(classic, STOCHASTIC)), x, w, dfp_key=key))
+  # The rule's tangent products stay float, as in the classic form.
+  grad = jax.make_jaxpr(jax.grad(dfp_transform(f)))(x, w)
+  assert float_sites(grad) and {backward for _, _, backward in float_sites(grad)} == {True}
+  np.testing.assert_allclose(run(jax.grad(dfp_transform(f)), x, w), jax.grad(f)(x, w),
+                             rtol=1e-2, atol=1e-3)
+  # A vmapped hijax custom_jvp stays a vmap of its primal: each example quantized alone.
+  xs = jnp.stack([x, -2 * x])
+  per_example = jnp.stack([run(dfp_transform(f), xi, w) for xi in xs])
+  assert_bitwise_equal(run(dfp_transform(jax.vmap(f, (0, None))), xs, w), per_example)
+  assert [r.mode for r in report(f, x, w)] == ["dfp"]
 
 
 def test_shard_map_is_rewritten():

@@ -10,8 +10,8 @@ traceback) and context, except
   (``recording``), each is also recorded and bound under its own named scope;
 * higher-order primitives, whose sub-jaxprs are rewritten by this same interpreter and
   bound again, one rule per primitive (``HIGHER_ORDER_RULES``, filled by ``rules.py``);
-* a ``jax.custom_vjp`` staged as a hijax ``call_hi_primitive`` (under
-  ``jax_custom_vjp3``), bound again as a custom_vjp whose primal, fwd and bwd are
+* a ``jax.custom_vjp`` (``jax.custom_jvp``) staged as a hijax ``call_hi_primitive`` (under
+  ``jax_custom_vjp3``, ``jax_custom_jvp3``), bound again as one whose primal and rules are
   rewritten;
 * any other primitive that carries a computation (a jaxpr or a traceable function in
   its params), and any other hijax primitive, which raise ``NotImplementedError``

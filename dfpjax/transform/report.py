@@ -12,7 +12,7 @@ import numpy as np
 from jax.extend import core
 from jax.extend.core import primitives as prims
 
-from dfpjax._jax_compat import hijax, short_dtype_name
+from dfpjax._jax_compat import CustomJVPTraced, hijax, short_dtype_name
 from dfpjax.numerics.config import DFPConfig
 from dfpjax.transform import recording
 from dfpjax.transform.api import Transform, dfp_transform
@@ -158,13 +158,17 @@ def sites_of(jaxpr: core.Jaxpr, recorder: recording.Recorder) -> Report:
   return out
 
 
+# A custom_vjp (custom_jvp) as jax_custom_vjp3 (jax_custom_jvp3, JAX 0.11) stages it.
+_CUSTOM_RULE_PRIMS = tuple(t for t in (hijax.CustomVJPTraced, CustomJVPTraced) if t is not None)
+
+
 def _walk(jaxpr, name_stack=NameStack()):
   """Yields (eqn, absolute name stack) for every equation, sub-jaxprs included."""
   for eqn in jaxpr.eqns:
     stack = name_stack + eqn.source_info.name_stack
     yield eqn, stack
     for value in eqn.params.values():
-      if isinstance(value, hijax.CustomVJPTraced):  # a custom_vjp under jax_custom_vjp3
+      if isinstance(value, _CUSTOM_RULE_PRIMS):
         value = value.traced.jaxpr
       for v in value if isinstance(value, (tuple, list)) else (value,):
         if isinstance(v, core.ClosedJaxpr):

@@ -13,7 +13,7 @@ import numpy as np
 from jax.extend.core import primitives as prims
 
 from dfpjax._jax_compat import (CUSTOM_VJP3_LEADING_ARGS, CUSTOM_VJP3_PRIMAL_LEADING_ARGS,
-                                UNSPECIFIED, CustomVJPPrimal, SymbolicZero, Zero,
+                                UNSPECIFIED, CustomJVPTraced, CustomVJPPrimal, SymbolicZero, Zero,
                                 _merge_common_consts, ad, api_util, call_hi_primitive_p, core,
                                 custom_vjp3_bwd_cotangents, custom_vjp3_like,
                                 custom_vjp_call_bwd_cotangents, flatten, flatten_args, hijax,
@@ -304,21 +304,29 @@ def _custom_vjp_rule(ctx, eqn, invals, scope):
                             **params)
 
 
-def _rewrite_call(ctx, fn: Callable, args, scope: Scope):
-  """``fn(*args)`` (an opaque Python function: a user's custom rule) with its sites
-  rewritten: traces it to a jaxpr, every array operand a hoisted const, and interprets
-  that. Leaves of the result that are not arrays (None, symbolic zeros) pass around the
-  trace as they are."""
+def _rewrite_call(ctx, fn: Callable, args, scope: Scope, tangents=None):
+  """``fn(*args)`` (an opaque Python function: a user's custom rule), or ``fn(*args,
+  tangents)`` (a jvp rule), with its sites rewritten: traces it to a jaxpr, every array
+  operand of ``args`` a hoisted const and the array leaves of ``tangents`` linear arguments
+  (so products of a tangent stay float), and interprets that. Leaves of ``tangents`` and of
+  the result that are not arrays (None, symbolic zeros) pass around the trace as they are."""
   result = []
+  tangent_leaves, tangent_tree = jax.tree.flatten(tangents, is_leaf=_is_zero)
+  linear = [isinstance(t, (core.Tracer, jax.Array)) for t in tangent_leaves]
+  operands = [t for t, a in zip(tangent_leaves, linear) if a]
 
-  def traceable():
-    leaves, tree = jax.tree.flatten(fn(*args), is_leaf=_is_zero)
+  def traceable(*ts):
+    ts = iter(ts)
+    extra = () if tangents is None else (jax.tree.unflatten(
+        tangent_tree, [next(ts) if a else t for t, a in zip(tangent_leaves, linear)]),)
+    leaves, tree = jax.tree.flatten(fn(*args, *extra), is_leaf=_is_zero)
     arrays = [isinstance(x, (core.Tracer, jax.Array)) for x in leaves]
     result[:] = [tree, leaves, arrays]
     return [x for x, a in zip(leaves, arrays) if a]
 
-  closed, consts = _trace(traceable, [])
-  outs = iter(eval_jaxpr(ctx, closed.jaxpr, (), consts, scope))
+  closed, consts = _trace(traceable, [core.typeof(t) for t in operands])
+  outs = iter(eval_jaxpr(ctx, closed.jaxpr, (), [*consts, *operands], scope,
+                         linear=[False] * len(consts) + [True] * len(operands)))
   tree, leaves, arrays = result
   return jax.tree.unflatten(tree, [next(outs) if a else x for x, a in zip(leaves, arrays)])
 
@@ -328,29 +336,32 @@ def _is_zero(x) -> bool:
 
 
 def _call_hi_rule(ctx, eqn, invals, scope):
-  # Under jax_custom_vjp3 a custom_vjp is a hijax primitive holding Python objects: the
-  # primal traced by jit, the user's fwd and bwd. It is bound again as a new custom_vjp
-  # whose primal is the interpreted jaxpr and whose fwd and bwd call the user's rules
-  # rewritten; the key, if any, is one more argument after JAX's leading ones and, for
-  # bwd, a residual. A vmapped custom_vjp (VmapOf) is rebuilt around the rewritten one.
+  # Under jax_custom_vjp3 (jax_custom_jvp3) a custom_vjp (custom_jvp) is a hijax primitive
+  # holding Python objects: the primal traced by jit and the user's rules. It is bound again
+  # as a new one whose primal is the interpreted jaxpr and whose rules call the user's
+  # rewritten; the key, if any, is one more argument after JAX's leading ones (a custom_vjp3
+  # has some, a custom_jvp3 none) and, for bwd, a residual. A vmapped one (VmapOf) is
+  # rebuilt around the rewritten one.
   prim = eqn.params["_prim"]
   inner = prim.prim if isinstance(prim, hijax.VmapOf) else prim
-  if not isinstance(inner, hijax.CustomVJPTraced):
+  if isinstance(inner, hijax.CustomVJPTraced):
+    rewrite, lead = _rewritten_custom_vjp, CUSTOM_VJP3_LEADING_ARGS
+  elif CustomJVPTraced is not None and isinstance(inner, CustomJVPTraced):
+    rewrite, lead = _rewritten_custom_jvp, 0
+  else:
     raise NotImplementedError(
         f"dfp_transform cannot rewrite inside the hijax primitive {type(inner).__name__} "
-        "(only a jax.custom_vjp's, as jax_custom_vjp3 stages it); rather than run it "
-        "unrewritten it stops here.")
+        "(only a jax.custom_vjp's or jax.custom_jvp's, as jax_custom_vjp3 and "
+        "jax_custom_jvp3 stage them); rather than run it unrewritten it stops here.")
   keys = scope.key_operands()
   cache_key = (inner, scope.name_stack, scope.keep_reason, len(keys), scope.sites.n)
   rewritten = None if ctx.rewrites is None else ctx.rewrites.get(cache_key)
   if rewritten is None:
-    rewritten = _rewritten_custom_vjp(ctx, inner, scope, scope.sites.next(),
-                                      [core.typeof(k) for k in keys])
+    rewritten = rewrite(ctx, inner, scope, scope.sites.next(), [core.typeof(k) for k in keys])
     if ctx.rewrites is not None:
       ctx.rewrites[cache_key] = rewritten
   else:
     scope.sites.next()
-  lead = CUSTOM_VJP3_LEADING_ARGS
   if inner is not prim:
     rewritten = hijax.VmapOf(rewritten, prim.axis_data,
                              (*prim.in_dims[:lead], *(None,) * len(keys), *prim.in_dims[lead:]),
@@ -358,6 +369,37 @@ def _call_hi_rule(ctx, eqn, invals, scope):
   args = prim.in_tree.unflatten(invals)
   operands = rewritten.in_tree.flatten_up_to((*args[:lead], *keys, *args[lead:]))
   return call_hi_primitive_p.bind(*operands, _prim=rewritten)
+
+
+def _rewritten_custom_jvp(ctx, prim, scope: Scope, number: int, key_avals):
+  """A ``CustomJVPTraced`` like ``prim`` whose primal and jvp rule rewrite their sites (keys
+  as in the module docstring; the rule's tangent products stay float, as
+  ``_custom_jvp_rule``'s) and whose arguments start with the scope's key."""
+  nk = len(key_avals)
+  static = set(prim.static_argnums)
+  traced = prim.traced
+
+  def primal(*args):
+    key_args, args = _split(args, [nk])
+    dynamic = [a for i, a in enumerate(args) if i not in static]
+    leaves = traced.in_tree.flatten_up_to((tuple(dynamic), {}))
+    outs = eval_jaxpr(ctx, traced.jaxpr.jaxpr, traced.jaxpr.consts, leaves,
+                      scope.in_rule(key_args, number, 0))
+    return jax.tree.unflatten(traced.out_tree, outs)
+
+  def jvp(*args):
+    *static_args, primals, tangents = args
+    key_args, primals = _split(list(primals), [nk])
+    return _rewrite_call(ctx, prim.jvp_fun, (*static_args, tuple(primals)),
+                         scope.in_rule(key_args, number, 0), tangents=tuple(tangents)[nk:])
+
+  key_structs = tuple(jax.ShapeDtypeStruct(a.shape, a.dtype) for a in key_avals)
+  trace_args = [a.val if isinstance(a, hijax.Static) else a
+                for a in (*key_structs, *prim.in_avals)]
+  primal_static = tuple(i + nk for i in sorted(static))
+  new_traced = jax.jit(primal, static_argnums=primal_static).trace(*trace_args)
+  return CustomJVPTraced(new_traced, jvp, (*key_avals, *prim.in_avals), prim.symbolic_zeros,
+                         frozenset(i + nk for i in static))
 
 
 def _rewritten_custom_vjp(ctx, prim, scope: Scope, number: int, key_avals):
