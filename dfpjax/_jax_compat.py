@@ -71,7 +71,7 @@ from jax._src.hijax import call_hi_primitive_p  # how jax_custom_vjp3 stages a c
 # The base class of hijax primitives; the transform stops at one it does not know (tested).
 HiPrimitive = hijax.HiPrim if _JAX_0_11 else hijax.VJPHiPrimitive  # renamed in 0.11
 # How the opt-in jax_custom_jvp3 stages a custom_jvp (JAX 0.11; None before).
-CustomJVPTraced = getattr(hijax, "CustomJVPTraced", None)
+CustomJVPTraced = hijax.CustomJVPTraced if _JAX_0_11 else None
 from jax._src.lax.control_flow.common import _merge_common_consts  # cond branches' consts
 from jax._src.shard_map import shard_map_p  # shard_map's primitive, to rewrite its body
 from jax._src.sharding_impls import UNSPECIFIED  # in_shardings of operands added to a jit
@@ -134,22 +134,25 @@ def custom_vjp3_like(prim, traced, fwd, bwd, in_avals, static_argnums):
                                static_argnums, prim.opt_remat)
 
 
-def custom_vjp3_bwd_cotangents(prim, result, f):
-  """``result`` of the bwd rule of ``prim`` (a ``CustomVJPTraced``) with its input
-  cotangents mapped by ``f``."""
-  if _JAX_0_11 and prim.with_logs:  # defvjp_with_logs: (cotangents, logs)
+def _map_cotangents(result, f, with_logs: bool):
+  """A bwd ``result``, ``(cotangents, logs)`` where ``with_logs`` else the cotangents, with
+  the cotangents mapped by ``f``."""
+  if with_logs:
     cotangents, logs = result
     return f(cotangents), logs
   return f(result)
+
+
+def custom_vjp3_bwd_cotangents(prim, result, f):
+  """``result`` of the bwd rule of ``prim`` (a ``CustomVJPTraced``) with its input
+  cotangents mapped by ``f``: with logs where a defvjp_with_logs rule gave them."""
+  return _map_cotangents(result, f, _JAX_0_11 and prim.with_logs)
 
 
 def custom_vjp_call_bwd_cotangents(result, f):
   """``result`` of a ``custom_vjp_call``'s flat bwd with its input cotangents mapped by
-  ``f``."""
-  if _JAX_0_11:  # (cotangents, logs), the logs None unless a defvjp_with_logs rule's
-    cotangents, logs = result
-    return f(cotangents), logs
-  return f(result)
+  ``f``: on 0.11 always with logs (None unless a defvjp_with_logs rule's)."""
+  return _map_cotangents(result, f, _JAX_0_11)
 
 
 __all__ = ["api_util", "core", "lu", "source_info_util", "SymbolicZero", "Zero", "ad", "pe",

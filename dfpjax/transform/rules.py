@@ -371,43 +371,12 @@ def _call_hi_rule(ctx, eqn, invals, scope):
   return call_hi_primitive_p.bind(*operands, _prim=rewritten)
 
 
-def _rewritten_custom_jvp(ctx, prim, scope: Scope, number: int, key_avals):
-  """A ``CustomJVPTraced`` like ``prim`` whose primal and jvp rule rewrite their sites (keys
-  as in the module docstring; the rule's tangent products stay float, as
-  ``_custom_jvp_rule``'s) and whose arguments start with the scope's key."""
+def _rewritten_primal(ctx, prim, scope: Scope, number: int, key_avals, lead: int,
+                      primal_lead: int):
+  """The primal of ``prim`` (a ``CustomVJPTraced`` or ``CustomJVPTraced``) traced by jit
+  with its sites rewritten, taking the scope's key after JAX's ``primal_lead`` leading
+  arguments (``lead`` of them in the application's arguments)."""
   nk = len(key_avals)
-  static = set(prim.static_argnums)
-  traced = prim.traced
-
-  def primal(*args):
-    key_args, args = _split(args, [nk])
-    dynamic = [a for i, a in enumerate(args) if i not in static]
-    leaves = traced.in_tree.flatten_up_to((tuple(dynamic), {}))
-    outs = eval_jaxpr(ctx, traced.jaxpr.jaxpr, traced.jaxpr.consts, leaves,
-                      scope.in_rule(key_args, number, 0))
-    return jax.tree.unflatten(traced.out_tree, outs)
-
-  def jvp(*args):
-    *static_args, primals, tangents = args
-    key_args, primals = _split(list(primals), [nk])
-    return _rewrite_call(ctx, prim.jvp_fun, (*static_args, tuple(primals)),
-                         scope.in_rule(key_args, number, 0), tangents=tuple(tangents)[nk:])
-
-  key_structs = tuple(jax.ShapeDtypeStruct(a.shape, a.dtype) for a in key_avals)
-  trace_args = [a.val if isinstance(a, hijax.Static) else a
-                for a in (*key_structs, *prim.in_avals)]
-  primal_static = tuple(i + nk for i in sorted(static))
-  new_traced = jax.jit(primal, static_argnums=primal_static).trace(*trace_args)
-  return CustomJVPTraced(new_traced, jvp, (*key_avals, *prim.in_avals), prim.symbolic_zeros,
-                         frozenset(i + nk for i in static))
-
-
-def _rewritten_custom_vjp(ctx, prim, scope: Scope, number: int, key_avals):
-  """A ``CustomVJPTraced`` like ``prim`` whose primal, fwd and bwd rewrite their sites
-  (keys as in the module docstring) and whose arguments after JAX's leading ones start
-  with the scope's key."""
-  nk = len(key_avals)
-  lead, primal_lead = CUSTOM_VJP3_LEADING_ARGS, CUSTOM_VJP3_PRIMAL_LEADING_ARGS
   static = set(prim.static_argnums)  # positions among the application's arguments
   traced = prim.traced
 
@@ -418,6 +387,37 @@ def _rewritten_custom_vjp(ctx, prim, scope: Scope, number: int, key_avals):
     outs = eval_jaxpr(ctx, traced.jaxpr.jaxpr, traced.jaxpr.consts, leaves,
                       scope.in_rule(key_args, number, 0))
     return jax.tree.unflatten(traced.out_tree, outs)
+
+  key_structs = tuple(jax.ShapeDtypeStruct(a.shape, a.dtype) for a in key_avals)
+  primal_args = (*prim.in_avals[:primal_lead], *key_structs, *prim.in_avals[lead:])
+  trace_args = [a.val if isinstance(a, hijax.Static) else a for a in primal_args]
+  primal_static = tuple(i - lead + primal_lead + nk for i in sorted(static))
+  return jax.jit(primal, static_argnums=primal_static).trace(*trace_args)
+
+
+def _rewritten_custom_jvp(ctx, prim, scope: Scope, number: int, key_avals):
+  """A ``CustomJVPTraced`` like ``prim`` whose primal and jvp rule rewrite their sites (keys
+  as in the module docstring; the rule's tangent products stay float, as
+  ``_custom_jvp_rule``'s) and whose arguments start with the scope's key."""
+  nk = len(key_avals)
+
+  def jvp(*args):
+    *static_args, primals, tangents = args
+    key_args, primals = _split(list(primals), [nk])
+    return _rewrite_call(ctx, prim.jvp_fun, (*static_args, tuple(primals)),
+                         scope.in_rule(key_args, number, 0), tangents=tuple(tangents)[nk:])
+
+  new_traced = _rewritten_primal(ctx, prim, scope, number, key_avals, 0, 0)
+  return CustomJVPTraced(new_traced, jvp, (*key_avals, *prim.in_avals), prim.symbolic_zeros,
+                         frozenset(i + nk for i in prim.static_argnums))
+
+
+def _rewritten_custom_vjp(ctx, prim, scope: Scope, number: int, key_avals):
+  """A ``CustomVJPTraced`` like ``prim`` whose primal, fwd and bwd rewrite their sites
+  (keys as in the module docstring) and whose arguments after JAX's leading ones start
+  with the scope's key."""
+  nk = len(key_avals)
+  lead = CUSTOM_VJP3_LEADING_ARGS
 
   def fwd(*args):
     leading, key_args, args = _split(args, [lead, nk])
@@ -435,13 +435,10 @@ def _rewritten_custom_vjp(ctx, prim, scope: Scope, number: int, key_avals):
                            scope.in_rule(key_args, number, 1))
     return custom_vjp3_bwd_cotangents(prim, result, lambda cts_in: (None,) * nk + tuple(cts_in))
 
-  key_structs = tuple(jax.ShapeDtypeStruct(a.shape, a.dtype) for a in key_avals)
-  primal_args = (*prim.in_avals[:primal_lead], *key_structs, *prim.in_avals[lead:])
-  trace_args = [a.val if isinstance(a, hijax.Static) else a for a in primal_args]
-  primal_static = tuple(i - lead + primal_lead + nk for i in sorted(static))
-  new_traced = jax.jit(primal, static_argnums=primal_static).trace(*trace_args)
+  new_traced = _rewritten_primal(ctx, prim, scope, number, key_avals, lead,
+                                 CUSTOM_VJP3_PRIMAL_LEADING_ARGS)
   in_avals = (*prim.in_avals[:lead], *key_avals, *prim.in_avals[lead:])
-  static_argnums = frozenset(i + nk for i in static)
+  static_argnums = frozenset(i + nk for i in prim.static_argnums)
   return custom_vjp3_like(prim, new_traced, fwd, bwd, in_avals, static_argnums)
 
 
