@@ -11,23 +11,20 @@ import pytest
 
 from examples.imagenet import batch_sums
 
-SUMS = [batch_sums.batch_sums, batch_sums.reproducible_batch_sums]
+SUMS = [batch_sums.batch_sums, batch_sums.kernel_batch_sums, batch_sums.reproducible_batch_sums]
 
 
 def test_batch_sums_are_the_sums_over_all_axes_but_the_last():
   rng = np.random.default_rng(0)
   a, b = (jnp.asarray(rng.normal(size=(4, 5, 6, 3)), jnp.float32) for _ in range(2))
+  a64, b64 = np.asarray(a, np.float64), np.asarray(b, np.float64)
   for sums in SUMS:
-    total_a, total_b = sums(a, b)
-    np.testing.assert_allclose(total_a, np.sum(np.asarray(a, np.float64), axis=(0, 1, 2)),
-                               rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(total_b, np.sum(np.asarray(b, np.float64), axis=(0, 1, 2)),
-                               rtol=1e-5, atol=1e-5)
-    (total,) = sums(a)
-    assert total.shape == (3,)
-    (total,) = sums(a[0, 0])  # features only after the batch axis
-    np.testing.assert_allclose(total, np.sum(np.asarray(a[0, 0], np.float64), axis=0), rtol=1e-5,
-                               atol=1e-5)
+    total, dot = sums(a, b)
+    np.testing.assert_allclose(total, np.sum(a64, axis=(0, 1, 2)), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(dot, np.sum(a64 * b64, axis=(0, 1, 2)), rtol=1e-5, atol=1e-5)
+    total, dot = sums(a[0, 0], b[0, 0])  # features only after the batch axis
+    np.testing.assert_allclose(total, np.sum(a64[0, 0], axis=0), rtol=1e-5, atol=1e-5)
+    assert dot.shape == (3,)
 
 
 def flax_and_ours(**kwargs):

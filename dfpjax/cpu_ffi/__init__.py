@@ -25,6 +25,8 @@ QUANTIZE_TARGET = "dfpjax_quantize"
 QUANTIZE_GIVEN_MAX_TARGET = "dfpjax_quantize_given_max"
 # Each group's amax as its magnitude bit pattern (uint32 [groups]): what the one above takes.
 MAX_MAGNITUDES_TARGET = "dfpjax_max_magnitudes"
+# Per-channel sums of float32 rows in one read (dfp_channel_sums in the kernel).
+CHANNEL_SUMS_TARGET = "dfpjax_channel_sums"
 CONV_MODES = ("forward", "backward_weights", "backward_data")
 KERNEL_SPATIAL_DIMS = 3  # dfp_conv_shape: a convolution of fewer dimensions pads with size 1
 
@@ -74,6 +76,8 @@ def _register() -> None:
   jax.ffi.register_ffi_target(QUANTIZE_GIVEN_MAX_TARGET, jax.ffi.pycapsule(lib.DfpQuantizeGivenMax),
                               platform="cpu")
   jax.ffi.register_ffi_target(MAX_MAGNITUDES_TARGET, jax.ffi.pycapsule(lib.DfpMaxMagnitudes),
+                              platform="cpu")
+  jax.ffi.register_ffi_target(CHANNEL_SUMS_TARGET, jax.ffi.pycapsule(lib.DfpChannelSums),
                               platform="cpu")
 
 

@@ -1,6 +1,8 @@
-"""The examples' BatchNorm, and a dense layer, with every sum over the batch written out: a
-plain sum per value (``batch_sums``), or ``dfpjax.reproducible_sum`` for the same
-bits on 1, 2 or N devices (``Config.reproducible_batch_sums``, ``reproducible_batch_sums``).
+"""The examples' BatchNorm, and a dense layer, with every sum over the batch written out: XLA's
+sums (``batch_sums``), ``dfpjax.channel_sums`` (``kernel_batch_sums``, a BatchNorm's two sums in
+one read of its operands: the DFP ResNets' default, ``train.create_model``), or
+``dfpjax.reproducible_sum`` for the same bits on 1, 2 or N devices
+(``Config.reproducible_batch_sums``, ``reproducible_batch_sums``).
 
 Memory (docs/performance.md, "Memory of the ResNet-50 DFP step"). Differentiated by JAX,
 ``nn.BatchNorm``'s scale and bias gradients are reductions of the layer's output cotangent whose
@@ -44,20 +46,38 @@ def _batch_axes(x) -> tuple[int, ...]:
   return tuple(range(x.ndim - 1))
 
 
-def batch_sums(*xs):
-  """Each of ``xs`` summed over all axes but the last (the features), one ``jnp.sum`` each.
+def batch_sums(a, b):
+  """``(sum(a), sum(a * b))`` over all axes but the last (the features), one ``jnp.sum`` each:
+  ``batch_sums(x, x)`` is BatchNorm's sum and sum of squares, ``batch_sums(dy, x_hat)`` the sums
+  of its bias and scale gradients.
 
-  XLA:CPU runs these as YNNPACK reductions. One variadic reduce of all of them, which XLA fuses
-  with the elementwise work making its operands, kept no normalised input alive either (1020 MiB
-  of the ResNet-50 DFP step's temporaries at batch 16) but made the step 25% slower (2.08 against
-  1.67 s, steps interleaved in one process): XLA's own reduction loops are slow there."""
-  return tuple(jnp.sum(x, axis=_batch_axes(x)) for x in xs)
+  XLA:CPU runs these as YNNPACK reductions, the second after a fusion that writes ``a * b`` out.
+  One variadic reduce of all of them, which XLA fuses with the elementwise work making its
+  operands, kept no normalised input alive either (1020 MiB of the ResNet-50 DFP step's
+  temporaries at batch 16) but made the step 25% slower (2.08 against 1.67 s, steps interleaved
+  in one process): XLA's own reduction loops are slow there."""
+  return _sum(a), _sum(a * b)
 
 
-def reproducible_batch_sums(*xs):
+def kernel_batch_sums(a, b):
+  """``batch_sums`` by ``dfpjax.channel_sums``: one read of ``a`` and ``b`` on CPU, added in
+  double (docs/performance.md, "BatchNorm's sums in one read")."""
+  import dfpjax  # pylint: disable=g-import-not-at-top  (FP32 runs need none)
+  return dfpjax.channel_sums(a, b)
+
+
+def reproducible_batch_sums(a, b):
   """``batch_sums`` with each sum ``dfpjax.reproducible_sum``: the same bits on any device count."""
+  return _reproducible_sum(a), _reproducible_sum(a * b)
+
+
+def _sum(x):
+  return jnp.sum(x, axis=_batch_axes(x))
+
+
+def _reproducible_sum(x):
   import dfpjax  # pylint: disable=g-import-not-at-top  (FP32 runs without the switch need none)
-  return tuple(dfpjax.reproducible_sum(x, _batch_axes(x)) for x in xs)
+  return dfpjax.reproducible_sum(x, _batch_axes(x))
 
 
 def _count(x) -> int:
@@ -68,13 +88,13 @@ def _count(x) -> int:
 def batch_norm(x, scale, bias, epsilon: float, sums: Callable = batch_sums):
   """Training-mode BatchNorm over all axes but the last: ``(y, mean, var)``, with flax's
   formulas (``nn.BatchNorm``, fast variance E[x^2] - E[x]^2 clipped at 0); ``sums`` is
-  ``batch_sums`` or ``reproducible_batch_sums``."""
+  ``batch_sums``, ``kernel_batch_sums`` or ``reproducible_batch_sums``."""
   return _batch_norm_fwd(x, scale, bias, epsilon, sums)[0]
 
 
 def _batch_norm_fwd(x, scale, bias, epsilon, sums):
   n = _count(x)
-  total, total_of_squares = sums(x, x * x)
+  total, total_of_squares = sums(x, x)
   mean = total / n
   var = jnp.maximum(0.0, total_of_squares / n - mean * mean)
   inv = lax.rsqrt(var + epsilon)
@@ -88,11 +108,12 @@ def _batch_norm_bwd(epsilon, sums, residuals, cotangents):
   dy, dmean, dvar = cotangents
   n = _count(x)
   centered = x - mean
-  dbias, = sums(dy)
   # x_hat only once dy exists: else the schedule may compute it early and keep it (see above).
-  # Tied to dy, not to dbias: the two sums stay independent, one all-reduce on split batches.
   x_hat = _after(centered, dy) * inv
-  dscale, = sums(dy * x_hat)
+  # Both sums from dy and x_hat. (As inv * sum(dy * (x - mean)), from dy and x, the kernel would
+  # need no x_hat written out, but the ResNet-50 DFP step at batch 16 then keeps 1172 MiB of
+  # temporaries against 686, through its recompute regions: 1035 MiB either way without them.)
+  dbias, dscale = sums(dy, x_hat)
   dx = (inv * scale) * (dy - dbias / n - x_hat * (dscale / n))
   # The statistics' own cotangents (zero in a train step: they only update batch_stats).
   dx += dmean / n + dvar * (2.0 / n) * centered
@@ -121,7 +142,7 @@ def _add_bias_fwd(y, bias):
 
 
 def _add_bias_bwd(_, dy):
-  return dy, reproducible_batch_sums(dy)[0]
+  return dy, _reproducible_sum(dy)
 
 
 add_bias.defvjp(_add_bias_fwd, _add_bias_bwd)

@@ -185,8 +185,10 @@ class ResNet(nn.Module):
   """ResNet v1.5 (He et al. 2016; stride on the 3x3 conv as in torchvision).
 
   BatchNorm is ``batch_sums.BatchNorm`` (``nn.BatchNorm``'s variables, a backward pass that
-  keeps no cotangent alive past its layer). ``reproducible_batch_sums``: BatchNorm and the head's
-  bias sum over the batch with ``dfpjax.reproducible_sum`` (``batch_sums``), the same variables.
+  keeps no cotangent alive past its layer). ``kernel_batch_sums``: BatchNorm's sums are
+  ``dfpjax.channel_sums`` (``train.create_model`` turns it on in DFP runs).
+  ``reproducible_batch_sums`` (over ``kernel_batch_sums``): BatchNorm and the head's bias sum
+  over the batch with ``dfpjax.reproducible_sum`` (``batch_sums``), the same variables.
   ``recompute_block_tails``: each block's tail a ``dfpjax.recompute`` region (``block_tail``;
   ``train.create_model`` turns it on in DFP runs),
   the same variables.
@@ -196,6 +198,7 @@ class ResNet(nn.Module):
   num_classes: int
   num_filters: int = 64
   dtype: Any = jnp.float32
+  kernel_batch_sums: bool = False
   reproducible_batch_sums: bool = False
   recompute_block_tails: bool = False
 
@@ -203,7 +206,8 @@ class ResNet(nn.Module):
   def __call__(self, x, train: bool = True):
     conv = functools.partial(same_conv, use_bias=False, dtype=self.dtype)
     reproducible = self.reproducible_batch_sums
-    sums = batch_sums.reproducible_batch_sums if reproducible else batch_sums.batch_sums
+    sums = (batch_sums.reproducible_batch_sums if reproducible else
+            batch_sums.kernel_batch_sums if self.kernel_batch_sums else batch_sums.batch_sums)
     norm = functools.partial(batch_sums.BatchNorm, use_running_average=not train, sums=sums,
                              momentum=0.9, epsilon=1e-5, dtype=self.dtype)
     x = conv(self.num_filters, (7, 7), (2, 2), name="conv_init")(jnp.asarray(x, self.dtype))
@@ -437,7 +441,8 @@ MODELS = {
     "vgg16": VGG,
     "alexnet": AlexNet,
 }
-# The models with a ``reproducible_batch_sums`` field.
+# The models with the fields ``reproducible_batch_sums`` and ``kernel_batch_sums`` (the latter on
+# in their DFP steps, train.create_model).
 REPRODUCIBLE_BATCH_SUMS = ("resnet18", "resnet50")
 # The models with the field ``recompute_block_tails``, on in their DFP steps (train.create_model).
 RECOMPUTED_BLOCK_TAILS = ("resnet18", "resnet50")

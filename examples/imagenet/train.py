@@ -46,11 +46,15 @@ def step_keys(state: TrainState) -> tuple[jax.Array, jax.Array]:
 
 
 def create_model(config: Config, num_classes: int):
-  """``config.model``; a DFP ResNet with its block tails recomputed unless ``model_kwargs`` says
-  ``recompute_block_tails=False`` (docs/performance.md, "Memory of the ResNet-50 DFP step")."""
+  """``config.model``; a DFP ResNet with its block tails recomputed and its BatchNorm sums by
+  ``dfpjax.channel_sums`` unless ``model_kwargs`` says ``recompute_block_tails=False`` or
+  ``kernel_batch_sums=False`` (docs/performance.md, "Memory of the ResNet-50 DFP step" and
+  "BatchNorm's sums in one read")."""
   kwargs = dict(config.model_kwargs)
   if config.dfp and config.model in models.RECOMPUTED_BLOCK_TAILS:
     kwargs.setdefault("recompute_block_tails", True)
+  if config.dfp and config.model in models.REPRODUCIBLE_BATCH_SUMS:
+    kwargs.setdefault("kernel_batch_sums", True)
   if config.reproducible_batch_sums:
     kwargs["reproducible_batch_sums"] = True
   return models.create_model(config.model, num_classes, dtype=jnp.dtype(config.dtype), **kwargs)

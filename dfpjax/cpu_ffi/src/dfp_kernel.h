@@ -1,18 +1,21 @@
-/* dfpjax CPU kernel: exact INT16 x INT16 -> float matrix products (docs/numerics.md).
+/* dfpjax CPU kernel: exact INT16 x INT16 -> float matrix products (docs/numerics.md), and
+ * the per-channel float sums around them (BatchNorm's statistics).
  *
  * Portable C API used by the XLA FFI binding (ffi_binding.cc). Layout of the
  * implementation, BLIS style, with an XNNPACK-style per-ISA configuration:
  *   isa_config.h, isa.c the per-ISA table of function pointers (microkernel and MR x NR,
  *                       packing copies, norm bounds, float32 output stage, quantization
- *                       rows, col2im's int64 adds), CPU feature detection and the DFPJAX_ISA
- *                       override
+ *                       rows, col2im's int64 adds, channel sums' rows), CPU feature detection
+ *                       and the DFPJAX_ISA override
  *   gemm.c, conv.c      macro-loops: blocking, threading, packing (portable)
  *   macro.c             what the macro-loops share: the block routine (chunk bound ->
  *                       microkernel), the output stage, the task error record
  *   pack.c, im2col.c    packing into the VNNI pair layout + per-block norms; implicit
  *                       im2col of convolution inputs (portable)
  *   quantize.c          float -> INT16 DFP operands (portable rows and driver)
- *   *_avx2.c            the AVX2 entries: pack_avx2.c, encode_avx2.c, quantize_avx2.c
+ *   channel_sums.c      per-channel float sums in double (portable rows and driver)
+ *   *_avx2.c            the AVX2 entries: pack_avx2.c, encode_avx2.c, quantize_avx2.c,
+ *                       channel_sums_avx2.c
  *   *_avx512.c          the avx512_vnni path's own output stage and quantization rows:
  *                       encode_avx512.c, quantize_avx512.c
  *   ukernel_*.c         one register-blocked microkernel per ISA (spill256.h: the
@@ -178,6 +181,20 @@ int dfp_quantize(const dfp_quantize_args* args, dfp_isa isa, const dfp_parallel*
  * x [groups][n], 0 for an empty group: the group_max of dfp_quantize_args, read in one pass. */
 int dfp_max_magnitudes(const float* x, size_t groups, size_t n, uint32_t* top, dfp_isa isa,
                        const dfp_parallel* par);
+
+/* Per-channel sums of float32 operands a, b [groups][rows][channels] and center
+ * [groups][channels], in one read of each: sum[g][c] = sum over r of a[g][r][c], and
+ * dot[g][c] = the sum of a[g][r][c] * (b[g][r][c] - center[g][c]) (the difference rounded to
+ * float32). The terms are added in double, in an order set by the shape alone, and each result
+ * rounded to float32 once: the same bits on every path and thread count. a and b may be the same
+ * array (sum of squares). */
+typedef struct {
+  size_t groups, rows, channels;
+  const float *a, *b, *center;
+  float *sum, *dot;
+} dfp_channel_sums_args;
+
+int dfp_channel_sums(const dfp_channel_sums_args* args, dfp_isa isa, const dfp_parallel* par);
 
 int dfp_isa_supported(dfp_isa isa);       /* compiled in and runnable on this CPU */
 int dfp_isa_emulated(dfp_isa isa);        /* built on emulated intrinsics (DFPJAX_EMULATE_VNNI) */

@@ -391,6 +391,34 @@ ffi::Error MaxMagnitudes(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Res
                        *isa);
 }
 
+// a, b [groups, ..., channels] float32 and center [groups, channels] -> per group and channel
+// sum(a) and sum(a * (b - center)) over the dimensions between (dfp_channel_sums).
+ffi::Error ChannelSums(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
+                       ffi::Buffer<ffi::F32> center, ffi::Result<ffi::Buffer<ffi::F32>> sum,
+                       ffi::Result<ffi::Buffer<ffi::F32>> dot) {
+  const auto isa = SelectedIsa();
+  if (isa.has_error()) return isa.error();
+  const auto ad = a.dimensions();
+  if (ad.size() < 2) return Invalid("channel_sums: operand a needs leading groups and trailing channels dimensions");
+  const size_t groups = ad[0], channels = ad[ad.size() - 1];
+  std::string bad = CheckSize("channel_sums", "b", b.element_count(), a.element_count());
+  if (bad.empty()) bad = CheckSize("channel_sums", "center", center.element_count(), groups * channels);
+  if (bad.empty()) bad = CheckSize("channel_sums", "sum", sum->element_count(), groups * channels);
+  if (bad.empty()) bad = CheckSize("channel_sums", "dot", dot->element_count(), groups * channels);
+  if (!bad.empty()) return Invalid(bad);
+  dfp_channel_sums_args args{};
+  args.groups = groups;
+  args.channels = channels;
+  args.rows = groups * channels ? a.element_count() / (groups * channels) : 0;
+  args.a = a.typed_data();
+  args.b = b.typed_data();
+  args.center = center.typed_data();
+  args.sum = sum->typed_data();
+  args.dot = dot->typed_data();
+  dfp_parallel par{PoolParallelFor, &pool, static_cast<int>(pool.num_threads())};
+  return StatusToError(dfp_channel_sums(&args, *isa, &par), *isa);
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(DfpQuantize, Quantize,
@@ -458,3 +486,12 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(DfpMaxMagnitudes, MaxMagnitudes,
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::U32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DfpChannelSums, ChannelSums,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());

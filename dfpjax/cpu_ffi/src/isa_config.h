@@ -38,6 +38,9 @@ typedef struct {
   /* The split sums' output stage of one row (macro.h): high[j] = s[j] >> low_bits and low[j] =
    * s[j] mod 2**low_bits in low_bytes (1 or 2) bytes. */
   void (*split_sums)(const int64_t* s, size_t n, int low_bits, int low_bytes, uint32_t* high, void* low);
+  /* Per-channel float sums of rows, in double (channel_sums.h). */
+  void (*channel_sums_rows)(const float* a, const float* b, const float* center, size_t rows,
+                            size_t channels, size_t stride, double* sum, double* dot);
 } dfp_isa_config;
 
 /* The configuration of a path compiled into this build, else NULL (an unknown index, or an
