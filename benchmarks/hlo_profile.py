@@ -112,6 +112,10 @@ def pass_of(ins: Instr, kernel_sizes: dict[str, int]) -> str:
   return "backward"
 
 
+def _direction(ins: Instr) -> str:
+  return "backward" if "transpose(" in ins.op_name else "forward"
+
+
 class Categorizer:
   """The category of each executed instruction, from the module's HLO (first rule that applies):
 
@@ -119,6 +123,8 @@ class Categorizer:
     (``dfpjax_quantize``); XLA code that reads floating point and writes INT16 (rounding to
     mantissas, with whatever XLA fused into it); a max-reduction to one element (a per-tensor
     abs-max) and what feeds only such reductions (``|x|``).
+  * ``channel sums: <forward or backward>``: a custom call to ``dfpjax.channel_sums``'s kernel
+    (``dfpjax_channel_sums``: BatchNorm's statistics in the examples' DFP runs).
   * ``DFP kernel: <pass>``: a custom call to one of dfpjax's other targets (``dfpjax_*``).
   * ``INT16 data movement``: INT16 in or out and no float input: patches, pads, layout copies.
   * ``XLA conv: <pass>``, ``XLA dot: <pass>``: contains a float convolution / dot.
@@ -154,12 +160,14 @@ class Categorizer:
 
   @staticmethod
   def quantization(ins: Instr) -> str:
-    return f"quantization: {'backward' if 'transpose(' in ins.op_name else 'forward'}"
+    return f"quantization: {_direction(ins)}"
 
   def __call__(self, name: str) -> str:
     ins = self.instrs[name]
     if ins.target == "dfpjax_quantize":
       return self.quantization(ins)
+    if ins.target == "dfpjax_channel_sums":
+      return f"channel sums: {_direction(ins)}"
     if ins.target.startswith("dfpjax"):
       return f"DFP kernel: {pass_of(ins, self.kernel_sizes)}"
     operand_types = frozenset().union(*(self.instrs[o].dtypes for o in ins.operands

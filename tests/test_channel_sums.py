@@ -43,22 +43,61 @@ def test_sums_are_the_exact_sums_rounded_once(isa, shape):
   np.testing.assert_array_equal(dot, expected_dot)
 
 
+def sequential_sums(a, b, center):
+  """The kernel's definition for fewer rows than one task's block: each channel's terms added
+  in row order in double, the products exact, rounded to float32 once."""
+  a = np.asarray(a).reshape(-1, a.shape[-1])
+  centered = (np.asarray(b).reshape(a.shape) - center).astype(np.float32)
+  total, dot = np.zeros(a.shape[-1]), np.zeros(a.shape[-1])
+  for row, c in zip(a.astype(np.float64), centered.astype(np.float64)):
+    total, dot = total + row, dot + row * c
+  return total.astype(np.float32), dot.astype(np.float32)
+
+
+@pytest.mark.parametrize("channels", [5, 67, 600])
+def test_a_few_rows_are_added_in_order_in_double(isa, channels):
+  """Inexact terms (float32 products of normal floats are not exact in float32): every form,
+  including a sum of squares, adds the exact products in double, row after row."""
+  rng = np.random.default_rng(channels)
+  a = (rng.normal(size=(7, channels)) * 3).astype(np.float32)
+  b = rng.normal(size=(7, channels)).astype(np.float32)
+  center = rng.normal(size=channels).astype(np.float32)
+  zeros = np.zeros(channels, np.float32)
+  itself = jax.jit(lambda a, center: dfpjax.channel_sums(a, a, center))  # one buffer twice
+  for got, expected in ((jax.jit(dfpjax.channel_sums)(a, b, center), sequential_sums(a, b, center)),
+                        (itself(a, zeros), sequential_sums(a, a, zeros)),
+                        (itself(a, -zeros), sequential_sums(a, a, zeros)),
+                        (itself(a, center), sequential_sums(a, a, center))):
+    for g, e in zip(got, expected):
+      np.testing.assert_array_equal(np.asarray(g).view(np.uint32), e.view(np.uint32))
+
+
 def test_every_path_gives_the_same_bits(monkeypatch):
-  """Inexact sums (normal floats of mixed scales): the order of the additions decides the
-  bits, and every path adds each channel's terms in the same order."""
+  """Inexact sums (normal floats of mixed scales, signed zeros): the order of the additions
+  decides the bits, and every path adds each channel's terms in the same order; also in the
+  forms with a zero center and ``b`` the same array as ``a`` (sums of squares, which a path may
+  compute without forming ``b - center``: a center of -0.0 must give the same bits)."""
   rng = np.random.default_rng(1)
   shape = (8, 40, 40, 67)
   a = (rng.normal(size=shape) * np.exp(rng.normal(size=shape[-1:]) * 4)).astype(np.float32)
+  a[0, 0, 0, :5] = -0.0
   b = (rng.normal(size=shape) + 3).astype(np.float32)
   center = rng.normal(size=shape[-1:]).astype(np.float32)
+  zeros = np.zeros(shape[-1:], np.float32)
+  # b is a in the trace, so that the kernel gets one buffer twice.
+  itself = jax.jit(lambda a, center: dfpjax.channel_sums(a, a, center))
+  general = jax.jit(dfpjax.channel_sums)
+  forms = {"general": (general, a, b, center), "zero center": (general, a, b, zeros),
+           "squares": (itself, a, zeros), "squares, -0 center": (itself, a, -zeros),
+           "a with itself, centred": (itself, a, center)}
   results = {}
   for isa in dfpjax.kernel_info()["supported_isas"]:
     monkeypatch.setenv("DFPJAX_ISA", isa)
-    results[isa] = [np.asarray(s) for s in jax.jit(dfpjax.channel_sums)(a, b, center)]
-  first = next(iter(results.values()))
-  for isa, sums in results.items():
-    for s, f in zip(sums, first):
-      np.testing.assert_array_equal(s.view(np.uint32), f.view(np.uint32), err_msg=isa)
+    for form, (f, *args) in forms.items():
+      results[isa, form] = [np.asarray(s).view(np.uint32) for s in f(*args)]
+  for (isa, form), sums in results.items():
+    for s, first in zip(sums, results["portable", form]):
+      np.testing.assert_array_equal(s, first, err_msg=f"{isa}, {form}")
 
 
 def test_sums_of_normal_floats_are_within_an_ulp_of_the_exact_ones():
