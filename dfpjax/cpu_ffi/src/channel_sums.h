@@ -1,8 +1,9 @@
 /* Per-channel sums of float32 rows in double (channel_sums.c). The portable rows in
- * channel_sums.c are the specification; channel_sums_avx2.c's (also the AVX-512 path's: rows of
- * its own, 16 channels a step, measured slower on a Zen 4) compute the same bits: each channel's terms are added in row order, one IEEE double addition each,
- * and every product is of two float32 values, exact in double (so an FMA rounds it as a
- * multiply and an add do). Each path's rows are an entry of its configuration (isa_config.h). */
+ * channel_sums.c are the specification; channel_sums_avx2.c's compute the same bits (they are
+ * the AVX-512 path's too: AVX-512 rows of 16 channels a step measured slower on a Zen 4): each
+ * channel's terms are added in row order, one IEEE double addition each, and every product is
+ * of two float32 values, exact in double (so an FMA rounds it as a multiply and an add do).
+ * Each path's rows are an entry of its configuration (isa_config.h). */
 #ifndef DFPJAX_CHANNEL_SUMS_H_
 #define DFPJAX_CHANNEL_SUMS_H_
 
