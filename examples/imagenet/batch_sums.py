@@ -111,8 +111,10 @@ def _batch_norm_bwd(epsilon, sums, residuals, cotangents):
   # x_hat only once dy exists: else the schedule may compute it early and keep it (see above).
   x_hat = _after(centered, dy) * inv
   # Both sums from dy and x_hat. (As inv * sum(dy * (x - mean)), from dy and x, the kernel would
-  # need no x_hat written out, but the ResNet-50 DFP step at batch 16 then keeps 1172 MiB of
-  # temporaries against 686, through its recompute regions: 1035 MiB either way without them.)
+  # need no x_hat written out, but in a recompute region inv is tied to corners of large arrays,
+  # and XLA fuses that tie into the scale's update at the end of the step, keeping those arrays
+  # alive until then: 1172 against 686 MiB of the ResNet-50 DFP step's temporaries at batch 16,
+  # docs/performance.md.)
   dbias, dscale = sums(dy, x_hat)
   dx = (inv * scale) * (dy - dbias / n - x_hat * (dscale / n))
   # The statistics' own cotangents (zero in a train step: they only update batch_stats).
