@@ -136,26 +136,6 @@ def test_dfp_step_differentiates_the_dfp_ops_with_the_whole_steps_bits():
   assert_same_bits(whole(state, batch), inside(state, batch))
 
 
-def test_examples_batch_norm_computes_normalised_inputs_in_its_layer(monkeypatch):
-  """Without ``batch_sums._after`` XLA:CPU's schedule computes BatchNorm's normalised inputs
-  early in the backward pass and keeps them (docs/performance.md); with it, the same bits."""
-  rng = np.random.default_rng(0)
-  images = jnp.asarray(rng.normal(size=(8, 32, 32, 16)), jnp.float32)
-  labels = jnp.asarray(rng.integers(0, 10, 8), jnp.int32)
-  net = ResidualNet(batch_sums.BatchNorm)
-  variables = net.init(jax.random.key(0), images)
-  temp, outputs = {}, {}
-  for name, after in (("early", lambda value, other: value), ("in layer", batch_sums._after)):
-    monkeypatch.setattr(batch_sums, "_after", after)
-    jax.clear_caches()  # jit would reuse the other variant's trace
-    compiled = jax.jit(sgd_step, static_argnums=3, compiler_options=train.compiler_options(
-        Config())).lower(variables, images, labels, net).compile()
-    temp[name] = compiled.memory_analysis().temp_size_in_bytes
-    outputs[name] = compiled(variables, images, labels)
-  assert temp["in layer"] < 0.95 * temp["early"], temp
-  assert_same_bits(outputs["early"], outputs["in layer"])
-
-
 def test_after_keeps_every_bit():
   anchor = jnp.float32(-0.0)
   for value in (jnp.asarray([1.5, -0.0, jnp.nan, jnp.inf], jnp.float32),

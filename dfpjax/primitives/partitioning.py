@@ -62,15 +62,22 @@ def register_cpu_lowering(p, kernel, rule, partition, *, flagged=False, split_ke
 
 
 def first_false(y):
-  """``floatbits.false_from`` of ``y``'s first element, a flag of ``y``'s existence; of the
-  largest of a corner where ``y``'s type splits dimensions over devices (a shard's result, or
-  one device's, has no such dimension: the corner is its first element). An empty ``y`` has
-  no kernel call to wait for: ``False``."""
+  """``floatbits.false_from`` of the largest element of a corner of ``y``, a flag of ``y``'s
+  existence: its first two elements along the last dimension, and all of each dimension that
+  ``y``'s type splits over devices (a shard's result, or one device's, has no such dimension).
+  Two elements where the last dimension has them and is not split: XLA folds the max of one
+  element into a slice and fuses that, with ``y``'s buffer, into every user of the flag, late
+  ones too, where the max of two stays a reduction of its own (a BatchNorm whose scale
+  gradient used its recompute region's flag kept 487 MiB of the ResNet-50 DFP step's arrays
+  alive until the optimizer's update, docs/performance.md). An empty ``y`` has no kernel call
+  to wait for: ``False``."""
   if y.size == 0:
     return jnp.zeros((), bool)
   spec = tuple(getattr(jax.typeof(y).sharding, "spec", ())) + (None,) * y.ndim
-  corner = lax.slice(y, (0,) * y.ndim,
-                     tuple(1 if entry is None else size for entry, size in zip(spec, y.shape)))
+  limits = [1 if entry is None else size for entry, size in zip(spec, y.shape)]
+  if y.ndim and spec[y.ndim - 1] is None:
+    limits[-1] = min(2, y.shape[-1])
+  corner = lax.slice(y, (0,) * y.ndim, tuple(limits))
   return false_from(jnp.max(corner))
 
 

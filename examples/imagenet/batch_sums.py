@@ -10,13 +10,12 @@ only consumer is the optimizer update, and XLA:CPU schedules them at the end of 
 layer's float cotangent stays alive until then. ``batch_norm``'s custom VJP computes them from the
 two sums the input gradient needs anyway (``dbias = sum(dy)``, ``dscale = sum(dy * x_hat)``), so
 no cotangent outlives its layer: 1505 -> 1239 MiB of XLA temporaries in the ResNet-50 DFP step at
-batch 16, and the step 5% faster (1.67 against 1.76 s). The normalised inputs ``x_hat`` that
-``dscale``'s sum reads depend on forward values only, and XLA:CPU's memory-optimized schedule
-computed 30 of them at the start of the backward pass and kept them until their layers came; the
-backward pass computes them once their layer's ``dy`` exists (``_after``), so each lives only in
-its layer: 1239 -> 1024 MiB, the same bits. (Tied to ``dy`` itself, not to ``dbias``: on a split
-batch the two sums then share one all-reduce, docs/performance.md, "Collectives of the 4-device
-step".)
+batch 16, and the step 5% faster (1.67 against 1.76 s). The normalised inputs ``x_hat`` depend
+on forward values only, and when ``dscale``'s sum read them XLA:CPU's memory-optimized schedule
+computed 30 of them at the start of the backward pass and kept them until their layers came
+(1239 against 1024 MiB once they were tied to ``dy``). ``dscale`` is now ``inv * sum(dy * (x -
+mean))``, from ``dy`` and ``x`` (one read of each with ``kernel_batch_sums``), and ``x_hat`` is
+used only by the input gradient, after both sums: in its layer.
 
 Reproducibility. A data-parallel step sums over the sharded batch wherever a per-channel value
 meets a per-example one: BatchNorm's batch statistics in the forward pass, and in the backward pass
@@ -46,29 +45,29 @@ def _batch_axes(x) -> tuple[int, ...]:
   return tuple(range(x.ndim - 1))
 
 
-def batch_sums(a, b):
-  """``(sum(a), sum(a * b))`` over all axes but the last (the features), one ``jnp.sum`` each:
-  ``batch_sums(x, x)`` is BatchNorm's sum and sum of squares, ``batch_sums(dy, x_hat)`` the sums
-  of its bias and scale gradients.
+def batch_sums(a, b, center):
+  """``(sum(a), sum(a * (b - center)))`` over all axes but the last (the features), ``center``
+  per feature, one ``jnp.sum`` each: ``batch_sums(x, x, 0)`` is BatchNorm's sum and sum of
+  squares, ``batch_sums(dy, x, mean)`` the sums of its bias and (over ``inv``) scale gradients.
 
-  XLA:CPU runs these as YNNPACK reductions, the second after a fusion that writes ``a * b`` out.
-  One variadic reduce of all of them, which XLA fuses with the elementwise work making its
+  XLA:CPU runs these as YNNPACK reductions, the second after a fusion that writes its operand
+  out. One variadic reduce of all of them, which XLA fuses with the elementwise work making its
   operands, kept no normalised input alive either (1020 MiB of the ResNet-50 DFP step's
   temporaries at batch 16) but made the step 25% slower (2.08 against 1.67 s, steps interleaved
   in one process): XLA's own reduction loops are slow there."""
-  return _sum(a), _sum(a * b)
+  return _sum(a), _sum(a * (b - center))
 
 
-def kernel_batch_sums(a, b):
+def kernel_batch_sums(a, b, center):
   """``batch_sums`` by ``dfpjax.channel_sums``: one read of ``a`` and ``b`` on CPU, added in
   double (docs/performance.md, "BatchNorm's sums in one read")."""
   import dfpjax  # pylint: disable=g-import-not-at-top  (FP32 runs need none)
-  return dfpjax.channel_sums(a, b)
+  return dfpjax.channel_sums(a, b, center)
 
 
-def reproducible_batch_sums(a, b):
+def reproducible_batch_sums(a, b, center):
   """``batch_sums`` with each sum ``dfpjax.reproducible_sum``: the same bits on any device count."""
-  return _reproducible_sum(a), _reproducible_sum(a * b)
+  return _reproducible_sum(a), _reproducible_sum(a * (b - center))
 
 
 def _sum(x):
@@ -94,7 +93,7 @@ def batch_norm(x, scale, bias, epsilon: float, sums: Callable = batch_sums):
 
 def _batch_norm_fwd(x, scale, bias, epsilon, sums):
   n = _count(x)
-  total, total_of_squares = sums(x, x)
+  total, total_of_squares = sums(x, x, jnp.zeros_like(bias))
   mean = total / n
   var = jnp.maximum(0.0, total_of_squares / n - mean * mean)
   inv = lax.rsqrt(var + epsilon)
@@ -108,14 +107,11 @@ def _batch_norm_bwd(epsilon, sums, residuals, cotangents):
   dy, dmean, dvar = cotangents
   n = _count(x)
   centered = x - mean
-  # x_hat only once dy exists: else the schedule may compute it early and keep it (see above).
-  x_hat = _after(centered, dy) * inv
-  # Both sums from dy and x_hat. (As inv * sum(dy * (x - mean)), from dy and x, the kernel would
-  # need no x_hat written out, but in a recompute region inv is tied to corners of large arrays,
-  # and XLA fuses that tie into the scale's update at the end of the step, keeping those arrays
-  # alive until then: 1172 against 686 MiB of the ResNet-50 DFP step's temporaries at batch 16,
-  # docs/performance.md.)
-  dbias, dscale = sums(dy, x_hat)
+  # dscale = sum(dy * x_hat) as inv * sum(dy * (x - mean)): both sums from dy and x, in one read
+  # with kernel_batch_sums, which then writes no x_hat out.
+  dbias, dot = sums(dy, x, mean)
+  dscale = dot * inv
+  x_hat = centered * inv
   dx = (inv * scale) * (dy - dbias / n - x_hat * (dscale / n))
   # The statistics' own cotangents (zero in a train step: they only update batch_stats).
   dx += dmean / n + dvar * (2.0 / n) * centered
@@ -123,14 +119,6 @@ def _batch_norm_bwd(epsilon, sums, residuals, cotangents):
 
 
 batch_norm.defvjp(_batch_norm_fwd, _batch_norm_bwd)
-
-
-def _after(value, other):
-  """``dfpjax.after(value, other)``: ``value``, bit for bit, as a function of ``other``, so that
-  XLA computes nothing that uses it before ``other``. (Imported when first used: FP32 runs
-  need no dfpjax until then.)"""
-  import dfpjax  # pylint: disable=g-import-not-at-top
-  return dfpjax.after(value, other)
 
 
 @jax.custom_vjp
