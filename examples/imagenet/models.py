@@ -443,7 +443,7 @@ MODELS = {
 }
 # The models with the fields ``reproducible_batch_sums`` and ``kernel_batch_sums`` (the latter on
 # in their DFP steps, train.create_model).
-REPRODUCIBLE_BATCH_SUMS = ("resnet18", "resnet50")
+BATCH_SUMS_MODELS = ("resnet18", "resnet50")
 # The models with the field ``recompute_block_tails``, on in their DFP steps (train.create_model).
 RECOMPUTED_BLOCK_TAILS = ("resnet18", "resnet50")
 
@@ -452,7 +452,7 @@ def create_model(name: str, num_classes: int, **kwargs) -> nn.Module:
   """Builds ``MODELS[name]``; kwargs are the model's fields (``dtype``, ``aux_logits``, ...)."""
   if name not in MODELS:
     raise ValueError(f"unknown model {name!r}; available: {sorted(MODELS)}")
-  if kwargs.get("reproducible_batch_sums") and name not in REPRODUCIBLE_BATCH_SUMS:
+  if kwargs.get("reproducible_batch_sums") and name not in BATCH_SUMS_MODELS:
     raise ValueError(f"reproducible_batch_sums: model {name!r} sums over the batch in float "
-                     f"(its biases or BatchNorm); only {REPRODUCIBLE_BATCH_SUMS} have the option")
+                     f"(its biases or BatchNorm); only {BATCH_SUMS_MODELS} have the option")
   return MODELS[name](num_classes=num_classes, **kwargs)

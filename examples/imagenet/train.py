@@ -53,7 +53,7 @@ def create_model(config: Config, num_classes: int):
   kwargs = dict(config.model_kwargs)
   if config.dfp and config.model in models.RECOMPUTED_BLOCK_TAILS:
     kwargs.setdefault("recompute_block_tails", True)
-  if config.dfp and config.model in models.REPRODUCIBLE_BATCH_SUMS:
+  if config.dfp and config.model in models.BATCH_SUMS_MODELS:
     kwargs.setdefault("kernel_batch_sums", True)
   if config.reproducible_batch_sums:
     kwargs["reproducible_batch_sums"] = True
