@@ -29,8 +29,8 @@ class Network(NamedTuple):
   kept: set[str]  # the layers they match
 
 
-# ResNets without their DFP default of recomputed block tails, whose recomputed forward products
-# the report lists in the backward pass (test_report_paths_inside_recomputed_tails_are_modules).
+# ResNets without recomputed block tails (ResNet-50's DFP default), whose recomputed forward
+# products the report lists in the backward pass (test_report_paths_inside_recomputed_tails_are_modules).
 PLAIN = {"recompute_block_tails": False}
 NETWORKS = {
     "resnet18": Network(PLAIN, "ResNet/conv_init", ("*/conv_init", "*/head"),
@@ -110,9 +110,9 @@ def test_report_shows_every_layer_in_dfp_but_the_kept_ones(name):
 def test_report_paths_inside_recomputed_tails_are_modules():
   """The recompute regions' scopes (JAX's around the recomputation, Flax's ``Block.fn``) are
   no modules: every site's path is a layer's, as ``dfp_keep_float`` globs expect."""
-  config = Config(model="resnet18", image_size=SIZE, batch_size=BATCH, dfp=True)
+  config = Config(model="resnet18", image_size=SIZE, batch_size=BATCH, dfp=True,
+                  model_kwargs={"recompute_block_tails": True})
   model = train.create_model(config, CLASSES)
-  assert model.recompute_block_tails
   state = jax.eval_shape(functools.partial(
       train.create_train_state, config, model, SIZE, train.create_learning_rate_fn(config, 10)))
   batch = {"image": jax.ShapeDtypeStruct((BATCH, SIZE, SIZE, 3), jnp.float32),

@@ -289,8 +289,8 @@ import dataclasses, functools, sys
 sys.path.insert(0, REPO)
 from examples.imagenet import parallel, train
 from examples.imagenet.configs.base import Config
-config = Config(model="resnet18", model_kwargs={"num_filters": 4}, image_size=32, batch_size=16,
-                dfp=True)
+config = Config(model="resnet18", model_kwargs={"num_filters": 4, "recompute_block_tails": True},
+                image_size=32, batch_size=16, dfp=True)
 data_parallel = parallel.DataParallel.over_all_devices(config.batch_size)
 model = train.create_model(config, num_classes=10)
 lr = train.create_learning_rate_fn(dataclasses.replace(config, warmup_epochs=0), 100)
@@ -336,8 +336,8 @@ sys.path.insert(0, REPO)
 from examples.imagenet import parallel, train
 from examples.imagenet.configs.base import Config
 for shard_state in (False, True):
-  config = Config(model="resnet18", model_kwargs={"num_filters": 4}, image_size=32, batch_size=16,
-                  dfp=True, shard_state=shard_state)
+  config = Config(model="resnet18", model_kwargs={"num_filters": 4, "recompute_block_tails": True},
+                  image_size=32, batch_size=16, dfp=True, shard_state=shard_state)
   data_parallel = parallel.DataParallel.over_all_devices(config.batch_size, shard_state)
   model = train.create_model(config, num_classes=10)
   lr = train.create_learning_rate_fn(dataclasses.replace(config, warmup_epochs=0), 100)

@@ -193,14 +193,15 @@ def test_recompute_keeps_fewer_buffers_with_the_same_bits():
   assert_same_bits(outputs[False], outputs[True])
 
 
-def recompute_steps(name: str, batch_size: int):
-  """The examples' DFP step of ``name`` at 32x32 (three classes), compiled without and with its
-  block tails recomputed (``recompute_block_tails``), with its state; and a batch."""
+def recompute_steps(name: str, batch_size: int, variants=(False, True)):
+  """The examples' DFP step of ``name`` at 32x32 (three classes), compiled with each of
+  ``variants`` as ``recompute_block_tails`` (by default without and with every block tail
+  recomputed), with its state; and a batch."""
   rng = np.random.default_rng(1)
   batch = {"image": rng.normal(size=(batch_size, 32, 32, 3)).astype(np.float32),
            "label": np.arange(batch_size, dtype=np.int32) % 3}
   steps = {}
-  for recompute in (False, True):
+  for recompute in variants:
     config = Config(model=name, batch_size=batch_size, warmup_epochs=0, dfp=True,
                     model_kwargs={"recompute_block_tails": recompute})
     model = train.create_model(config, 3)
@@ -247,10 +248,34 @@ def test_weight_gradient_tie_changes_no_bits(monkeypatch):
   assert_same_bits(outputs["without"], outputs["with"])
 
 
-def test_dfp_resnets_recompute_their_block_tails_unless_told_not_to():
-  for dfp in (False, True):
-    assert train.create_model(Config(model="resnet50", dfp=dfp), 3).recompute_block_tails is dfp
-  off = Config(model="resnet18", dfp=True, model_kwargs={"recompute_block_tails": False})
+def test_recompute_block_tails_takes_stages():
+  """``recompute_block_tails=(1, 3)``: the tails of those stages' blocks (two each in ResNet-18)
+  and their projections are recomputed, the others kept; the same bits as none recomputed."""
+  steps, batch = recompute_steps("resnet18", 8, variants=(False, (1, 3)))
+  outputs = {k: step(state, batch) for k, (step, state) in steps.items()}
+  assert_same_bits(outputs[False], outputs[(1, 3)])
+  target = f'custom_call_target="{cpu_ffi.CONV_TARGET}"'
+  count = {k: step.as_text().count(target) for k, (step, _) in steps.items()}
+  assert count[(1, 3)] == count[False] + 2 * 2 + 2
+
+
+def test_recompute_block_tails_names_stages_that_do_not_exist():
+  model = train.create_model(Config(model="resnet18", model_kwargs={
+      "recompute_block_tails": (0, 4)}), 3)
+  with pytest.raises(ValueError, match=r"recompute_block_tails: stages \[4\] do not exist; "
+                                       r"the network's stages are \[0, 1, 2, 3\]"):
+    jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+
+
+def test_dfp_resnet50_recomputes_the_tails_of_its_first_stages_unless_told_not_to():
+  """Where recomputing saves memory (models.DFP_RECOMPUTED_STAGES): ResNet-50's first two
+  stages in DFP runs, no ResNet-18 tail, nothing in FP32 runs."""
+  for dfp, stages in ((False, False), (True, (0, 1))):
+    assert train.create_model(Config(model="resnet50", dfp=dfp), 3).recompute_block_tails == stages
+  assert train.create_model(Config(model="resnet18", dfp=True), 3).recompute_block_tails is False
+  on = Config(model="resnet18", dfp=True, model_kwargs={"recompute_block_tails": True})
+  assert train.create_model(on, 3).recompute_block_tails is True
+  off = Config(model="resnet50", dfp=True, model_kwargs={"recompute_block_tails": False})
   assert train.create_model(off, 3).recompute_block_tails is False
   assert not hasattr(train.create_model(Config(model="alexnet", dfp=True), 3),
                      "recompute_block_tails")

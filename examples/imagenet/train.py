@@ -46,13 +46,14 @@ def step_keys(state: TrainState) -> tuple[jax.Array, jax.Array]:
 
 
 def create_model(config: Config, num_classes: int):
-  """``config.model``; a DFP ResNet with its block tails recomputed and its BatchNorm sums by
-  ``dfpjax.channel_sums`` unless ``model_kwargs`` says ``recompute_block_tails=False`` or
-  ``kernel_batch_sums=False`` (docs/performance.md, "Memory of the ResNet-50 DFP step" and
-  "BatchNorm's sums in one read")."""
+  """``config.model``; a DFP ResNet-50 with the block tails of its first two stages recomputed
+  (``models.DFP_RECOMPUTED_STAGES``), and a DFP ResNet with its BatchNorm sums by
+  ``dfpjax.channel_sums``, unless ``model_kwargs`` says otherwise (``recompute_block_tails``,
+  ``kernel_batch_sums``; docs/performance.md, "Memory of the ResNet-50 DFP step",
+  "Recomputation where it saves memory" and "BatchNorm's sums in one read")."""
   kwargs = dict(config.model_kwargs)
-  if config.dfp and config.model in models.RECOMPUTED_BLOCK_TAILS:
-    kwargs.setdefault("recompute_block_tails", True)
+  if config.dfp and config.model in models.DFP_RECOMPUTED_STAGES:
+    kwargs.setdefault("recompute_block_tails", models.DFP_RECOMPUTED_STAGES[config.model])
   if config.dfp and config.model in models.BATCH_SUMS_MODELS:
     kwargs.setdefault("kernel_batch_sums", True)
   if config.reproducible_batch_sums:
