@@ -8,6 +8,7 @@ import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax.linen import max_pool as flax_max_pool
 
 from examples.imagenet import models
 from example_variables import he_filled
@@ -89,6 +90,52 @@ def test_max_pool_sizes():
     assert models.max_pool(jnp.zeros((1, size, size, 1)), 3, 2).shape[1:3] == (out, out)
   x = jnp.arange(16.0).reshape(1, 4, 4, 1)
   np.testing.assert_array_equal(models.max_pool(x, 2, 2)[0, :, :, 0], [[5, 7], [13, 15]])
+
+
+def _bits(a):
+  return np.asarray(a, np.float32).view(np.uint32)
+
+
+# (input shape, window, strides, padding): the models' pools (ResNet's stem, GoogLeNet's branch
+# pool, VGG's, AlexNet's and Caffe's ceil mode on odd and tiny maps).
+POOLS = [((2, 17, 19, 8), (3, 3), (2, 2), ((1, 1), (1, 1))),
+         ((2, 16, 16, 8), (3, 3), (1, 1), ((1, 1), (1, 1))),
+         ((2, 16, 16, 8), (2, 2), (2, 2), ((0, 0), (0, 0))),
+         ((2, 13, 13, 8), (3, 3), (2, 2), ((0, 0), (0, 0))),
+         ((2, 5, 6, 3), (3, 3), (2, 2), ((0, 2), (0, 1))),
+         ((2, 2, 2, 3), (3, 3), (2, 2), ((0, 1), (0, 1)))]
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("shape, window, strides, padding", POOLS)
+def test_max_pool_2d_has_nn_max_pools_values_and_gradient_bits(shape, window, strides, padding,
+                                                                dtype):
+  """Ties (ReLU's zeros, small integers: the first maximum in the window takes the gradient),
+  -inf inputs beside -inf padding, NaNs, -0 cotangents, every input in several windows: the same
+  bits as JAX's gradient of ``nn.max_pool``, under jit."""
+  rng = np.random.default_rng(0)
+  for x in (rng.normal(size=shape), np.maximum(rng.normal(size=shape), 0),
+            rng.integers(-2, 3, size=shape), np.where(rng.random(shape) < 0.7, -np.inf, 1.0),
+            np.where(rng.random(shape) < 0.2, np.nan, rng.normal(size=shape))):
+    x = jnp.asarray(x, dtype)
+    plain = lambda x: flax_max_pool(x, window, strides, padding=padding)
+    pool = lambda x: models.max_pool_2d(x, window, strides, padding)
+    y = jax.jit(plain)(x)
+    dy = jnp.asarray(rng.normal(size=y.shape), dtype).at[0].set(-0.0)
+    np.testing.assert_array_equal(_bits(jax.jit(pool)(x)), _bits(y))
+    grad = jax.jit(lambda f, x, dy: jax.vjp(f, x)[1](dy)[0], static_argnums=0)
+    np.testing.assert_array_equal(_bits(grad(pool, x, dy)), _bits(grad(plain, x, dy)))
+
+
+def test_max_pool_2d_gradient_is_no_select_and_scatter():
+  """XLA:CPU expands JAX's select-and-scatter into a reduce-window over the input and four index
+  arrays (most of its time); ``max_pool_2d`` keeps the chosen offsets from the forward pass."""
+  pools = {"plain": lambda x: flax_max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1))),
+           "max_pool_2d": lambda x: models.max_pool_2d(x, (3, 3), (2, 2), ((1, 1), (1, 1)))}
+  jaxprs = {name: str(jax.make_jaxpr(jax.grad(lambda x: pool(x).sum()))(jnp.ones((2, 8, 8, 4))))
+            for name, pool in pools.items()}
+  assert "select_and_scatter_add" in jaxprs["plain"]
+  assert "select_and_scatter_add" not in jaxprs["max_pool_2d"]
 
 
 @pytest.mark.parametrize("size, out", [(7, 7), (13, 6), (14, 4), (1, 7), (3, 7), (5, 2)])
