@@ -59,6 +59,9 @@ def _window_offsets(window):
 
 
 def _max_pool_fwd(x, window, strides, padding):
+  if x.size >= 2**31:
+    raise ValueError(f"max_pool_2d: an input of {x.size} elements; its gradient indexes them "
+                     f"in int32, so it takes fewer than 2**31")
   y = _max_pool_values(x, window, strides, padding)
   # The offset the select-and-scatter chooses: the window's elements (padding's -inf among them)
   # in row-major order, each taking over unless the one chosen so far is >= it. Found by
@@ -83,16 +86,16 @@ def _max_pool_bwd(window, strides, padding, residuals, dy):
   chosen, shape = residuals
   # Each output's cotangent added into the input its window chose (none where that is padding):
   # a scatter-add over the windows in order, as XLA:CPU runs the select-and-scatter (after its
-  # far slower search).
+  # far slower search), into the flattened input (one index array, not four).
   offset = chosen.astype(jnp.int32)
   iota = lambda axis: lax.broadcasted_iota(jnp.int32, dy.shape, axis)
-
-  def position(axis, tap):  # in the input; an index past the end where it is padding, dropped
+  flat, inside = iota(0), True
+  for axis, tap in ((1, offset // window[1]), (2, offset % window[1])):
     at = iota(axis) * strides[axis - 1] + tap - padding[axis - 1][0]
-    return jnp.where(at < 0, shape[axis], at)  # (-1 would index from the end)
-
-  index = (iota(0), position(1, offset // window[1]), position(2, offset % window[1]), iota(3))
-  return (jnp.zeros(shape, dy.dtype).at[index].add(dy, mode="drop"),)
+    flat, inside = flat * shape[axis] + at, inside & (at >= 0) & (at < shape[axis])
+  flat = jnp.where(inside, flat * shape[3] + iota(3), math.prod(shape))  # padding: dropped
+  dx = jnp.zeros(math.prod(shape), dy.dtype).at[flat.reshape(-1)].add(dy.reshape(-1), mode="drop")
+  return (dx.reshape(shape),)
 
 
 max_pool_2d.defvjp(_max_pool_fwd, _max_pool_bwd)
