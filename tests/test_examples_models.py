@@ -127,9 +127,9 @@ def test_max_pool_2d_has_nn_max_pools_values_and_gradient_bits(shape, window, st
     np.testing.assert_array_equal(_bits(grad(pool, x, dy)), _bits(grad(plain, x, dy)))
 
 
-def test_max_pool_2d_gradient_takes_fewer_than_2_31_elements():
-  x = jax.ShapeDtypeStruct((2**16, 2**8, 2**7, 1), jnp.float32)
-  with pytest.raises(ValueError, match=r"max_pool_2d: an input of 2147483648 elements; .* fewer "
+def test_max_pool_2d_gradient_takes_images_of_fewer_than_2_31_elements():
+  x = jax.ShapeDtypeStruct((2, 2**16, 2**15, 1), jnp.float32)
+  with pytest.raises(ValueError, match=r"max_pool_2d: images of 2147483648 elements; .* fewer "
                                        r"than 2\*\*31"):
     jax.eval_shape(jax.grad(lambda x: models.max_pool_2d(x, (2, 2), (2, 2), ((0, 0), (0, 0))).sum()), x)
 

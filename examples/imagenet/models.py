@@ -43,7 +43,8 @@ def max_pool_2d(x, window: tuple[int, int], strides: tuple[int, int],
 
   JAX differentiates a max pool into a select-and-scatter, which XLA:CPU expands into a
   reduce-window over the input and four index arrays and then a scatter: 97 ms a step for the
-  ResNet-50 stem's pool at batch 16 on two cores (docs/performance.md, "Latest run"). Here the forward pass keeps, per output, the window offset the select-and-scatter
+  ResNet-50 stem's pool at batch 16 on two cores (docs/performance.md, "The max pool's
+  gradient"). Here the forward pass keeps, per output, the window offset the select-and-scatter
   would choose (its first maximum, by the same comparisons), in int8, and the backward pass
   scatters the cotangents there, so the gradient has the select-and-scatter's bits."""
   return _max_pool_values(x, window, strides, padding)
@@ -59,9 +60,9 @@ def _window_offsets(window):
 
 
 def _max_pool_fwd(x, window, strides, padding):
-  if x.size >= 2**31:
-    raise ValueError(f"max_pool_2d: an input of {x.size} elements; its gradient indexes them "
-                     f"in int32, so it takes fewer than 2**31")
+  if math.prod(x.shape[1:]) >= 2**31:
+    raise ValueError(f"max_pool_2d: images of {math.prod(x.shape[1:])} elements; its gradient "
+                     f"indexes them in int32, so it takes fewer than 2**31")
   y = _max_pool_values(x, window, strides, padding)
   # The offset the select-and-scatter chooses: the window's elements (padding's -inf among them)
   # in row-major order, each taking over unless the one chosen so far is >= it. Found by
@@ -86,16 +87,21 @@ def _max_pool_bwd(window, strides, padding, residuals, dy):
   chosen, shape = residuals
   # Each output's cotangent added into the input its window chose (none where that is padding):
   # a scatter-add over the windows in order, as XLA:CPU runs the select-and-scatter (after its
-  # far slower search), into the flattened input (one index array, not four).
-  offset = chosen.astype(jnp.int32)
-  iota = lambda axis: lax.broadcasted_iota(jnp.int32, dy.shape, axis)
-  flat, inside = iota(0), True
-  for axis, tap in ((1, offset // window[1]), (2, offset % window[1])):
-    at = iota(axis) * strides[axis - 1] + tap - padding[axis - 1][0]
-    flat, inside = flat * shape[axis] + at, inside & (at >= 0) & (at < shape[axis])
-  flat = jnp.where(inside, flat * shape[3] + iota(3), math.prod(shape))  # padding: dropped
-  dx = jnp.zeros(math.prod(shape), dy.dtype).at[flat.reshape(-1)].add(dy.reshape(-1), mode="drop")
-  return (dx.reshape(shape),)
+  # far slower search), per image into its flattened pixels (one index array, not three), the
+  # images a batch dimension of the scatter, which a sharded batch splits.
+  def image(chosen, dy):
+    offset = chosen.astype(jnp.int32)
+    iota = lambda axis: lax.broadcasted_iota(jnp.int32, dy.shape, axis)
+    flat, inside = 0, True
+    for axis, tap in ((0, offset // window[1]), (1, offset % window[1])):
+      at = iota(axis) * strides[axis] + tap - padding[axis][0]
+      flat, inside = flat * shape[axis + 1] + at, inside & (at >= 0) & (at < shape[axis + 1])
+    pixels = math.prod(shape[1:])
+    flat = jnp.where(inside, flat * shape[3] + iota(2), pixels)  # padding: past the end, dropped
+    dx = jnp.zeros(pixels, dy.dtype).at[flat.reshape(-1)].add(dy.reshape(-1), mode="drop")
+    return dx.reshape(shape[1:])
+
+  return (jax.vmap(image)(chosen, dy),)
 
 
 max_pool_2d.defvjp(_max_pool_fwd, _max_pool_bwd)
