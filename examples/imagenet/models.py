@@ -138,20 +138,60 @@ def adaptive_avg_pool(x, out: int):
   return pool_axis(pool_axis(x, 1), 2)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4, 5))
 def local_response_norm(x, size: int = 5, alpha: float = 1e-4, beta: float = 0.75,
                         k: float = 2.0, groups: int = 1):
   """Cross-channel LRN as in Krizhevsky et al. (2012): x / (k + alpha * sum_window x^2)^beta.
 
   Unlike Caffe and PyTorch, ``alpha`` is not divided by ``size``. With ``groups > 1`` the window
   stays inside each group of channels, as it did on each GPU of the two-tower AlexNet.
+
+  The gradient is JAX's, operation for operation, with the slope
+  ``beta * (k + alpha * sum)^(beta - 1)`` kept from the forward pass and tied to a reduction of
+  itself (``dfpjax.after``), so that XLA:CPU computes its ``pow`` once instead of once for each
+  of the window's shifts in the backward pass's fusion: the same bits where XLA fuses the
+  neighbouring float work alike (docs/performance.md, "The local response norm's gradient").
   """
+  return x / jnp.power(_lrn_base(x, size, alpha, k, groups), beta).reshape(x.shape)
+
+
+def _lrn_base(x, size, alpha, k, groups):
+  """``k + alpha * sum_window x^2``, shaped ``(..., groups, channels // groups)``."""
   *lead, c = x.shape
   sq = jnp.square(x.reshape(*lead, groups, c // groups))
   half = size // 2
   padded = jnp.pad(sq, [(0, 0)] * (sq.ndim - 1) + [(half, half)])
   # A sum of shifted slices: differentiable, and no matmul for DFP to pick up.
-  sq_sum = sum(padded[..., i:i + sq.shape[-1]] for i in range(size))
-  return x / jnp.power(k + alpha * sq_sum, beta).reshape(x.shape)
+  return k + alpha * sum(padded[..., i:i + sq.shape[-1]] for i in range(size))
+
+
+def _lrn_fwd(x, size, alpha, beta, k, groups):
+  import dfpjax  # pylint: disable=g-import-not-at-top  (as relu_keeping_signs)
+  base = _lrn_base(x, size, alpha, k, groups)
+  denominator = jnp.power(base, beta).reshape(x.shape)
+  beta = jnp.asarray(beta, base.dtype)  # beta - 1 rounded in the dtype, as JAX's pow rule does
+  slope = beta * jnp.power(base, beta - 1)
+  return x / denominator, (x, denominator, dfpjax.after(slope, jnp.max(slope)))
+
+
+def _lrn_bwd(size, alpha, beta, k, groups, residuals, g):
+  # JAX's transpose of local_response_norm's JVP, operation for operation.
+  del beta, k
+  x, denominator, slope = residuals
+  *lead, c = x.shape
+  d_base = -((g * lax.integer_pow(denominator, -2)) * x)
+  d_base = alpha * (d_base.reshape(slope.shape) * slope)
+  d_sq = None
+  for i in range(size):  # the window's slices, last first, each padded back to its place
+    shifted = lax.pad(d_base, jnp.zeros((), d_base.dtype),
+                      [(0, 0, 0)] * (d_base.ndim - 1) + [(size - 1 - i, i, 0)])
+    d_sq = shifted if d_sq is None else d_sq + shifted
+  half = size // 2
+  d_sq = d_sq[..., half:half + c // groups] * (2.0 * x.reshape(slope.shape))
+  return (g / denominator + d_sq.reshape(x.shape),)
+
+
+local_response_norm.defvjp(_lrn_fwd, _lrn_bwd)
 
 
 def same_conv(features: int, kernel_size: tuple[int, int], strides=(1, 1), **kwargs):
