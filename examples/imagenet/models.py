@@ -575,10 +575,11 @@ MODELS = {
 BATCH_SUMS_MODELS = ("resnet18", "resnet50")
 # The stages whose block tails a model's DFP step recomputes (``recompute_block_tails``, set by
 # train.create_model): where that saves memory for little work. ResNet-50's first two stages
-# keep their tails' largest float outputs for the cheapest products (1x1 convolutions of 64 and
-# 128 channels); the later stages' tails saved no XLA temporaries (b16 686 MiB with or without
-# stage 3's) and stage 2's saved 31 MiB (81 at b32) for 3% of the step. ResNet-18's tails save
-# none at 64x64 or 224x224 (docs/performance.md, "Recomputation where it saves memory").
+# have the largest float outputs to drop and the cheapest products to recompute them with (1x1
+# convolutions of 64 and 128 channels); stage 3's tails saved no XLA temporaries (b16 686 MiB
+# with or without them) and stage 2's saved 31 MiB (81 at b32) for 3% of the step. ResNet-18's
+# tails save none at 64x64 or 224x224 (docs/performance.md, "Recomputation where it saves
+# memory").
 DFP_RECOMPUTED_STAGES = {"resnet50": (0, 1)}
 
 
