@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
@@ -175,6 +176,37 @@ def after(value, anchor):
   if value.dtype == bool:
     return bits.astype(bool)
   return lax.bitcast_convert_type(bits, value.dtype)
+
+
+def materialized(x):
+  """``x``, bit for bit, written to memory where it is computed, so that XLA:CPU's consumers of
+  the result read it there instead of each recomputing ``x`` from its producers.
+
+  XLA:CPU fuses cheap elementwise producers into every consumer, duplicating them: a chain of
+  them (a residual network's stream of BatchNorms, adds and ReLUs, whose block outputs feed the
+  next block, its residual add and the backward pass's ReLU masks) is then recomputed from its
+  start inside each consumer, and no block output is ever read back. A float division is one
+  producer XLA:CPU does not duplicate, so the result is ``x`` divided by a 1 that XLA's own
+  simplifier cannot fold (``after``) but its code generator (LLVM) does: no division is executed,
+  so no subnormal is flushed, and every value, signed zeros and NaN payloads included, comes back
+  as it was. The derivative is the identity: the backward pass divides nothing. ``x``: a
+  floating-point array.
+  """
+  x = jnp.asarray(x)
+  if not jnp.issubdtype(x.dtype, jnp.floating):
+    raise TypeError(f"materialized: x has dtype {x.dtype}; a floating-point array is needed")
+  return _materialized(x)
+
+
+@jax.custom_jvp
+@jax.jit  # one computation even when called eagerly, so that the division by 1 folds away
+def _materialized(x):
+  return x / after(jnp.ones_like(x), x)
+
+
+@_materialized.defjvp
+def _materialized_jvp(primals, tangents):
+  return _materialized(primals[0]), tangents[0]
 
 
 def false_from(anchor):

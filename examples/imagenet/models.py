@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 from jax import lax
 
+import dfpjax
 from examples.imagenet import batch_sums
 
 ModuleDef = Any
@@ -168,7 +169,6 @@ def _lrn_base(x, size, alpha, k, groups):
 
 
 def _lrn_fwd(x, size, alpha, beta, k, groups):
-  import dfpjax  # pylint: disable=g-import-not-at-top  (as relu_keeping_signs)
   base = _lrn_base(x, size, alpha, k, groups)
   denominator = jnp.power(base, beta).reshape(x.shape)
   beta = jnp.asarray(beta, base.dtype)  # beta - 1 rounded in the dtype, as JAX's pow rule does
@@ -223,7 +223,6 @@ def relu_keeping_signs(x):
 
 @relu_keeping_signs.defjvp
 def _relu_keeping_signs_jvp(primals, tangents):
-  import dfpjax  # pylint: disable=g-import-not-at-top  (FP32 runs without recomputation need none)
   from jax.ad_checkpoint import checkpoint_name  # pylint: disable=g-import-not-at-top
   x, = primals
   t, = tangents
@@ -240,29 +239,36 @@ def _relu_keeping_signs_jvp(primals, tangents):
 
 def _block_tail(block, y, residual, features: int, last_conv_kernel):
   """The end of a residual block: its last convolution and BatchNorm, the projection of the
-  residual where the shapes differ, the residual add and the ReLU."""
+  residual where the shapes differ, the residual add and the ReLU (``relu_keeping_signs`` where
+  the channels allow)."""
   y = block.conv(features, last_conv_kernel)(y)
   # Zero-init of the last BN scale makes each block start as the identity (Goyal et al. 2017).
   y = block.norm(scale_init=nn.initializers.zeros_init())(y)
   if residual.shape != y.shape:
     residual = block.conv(features, (1, 1), block.strides, name="conv_proj")(residual)
     residual = block.norm(name="norm_proj")(residual)
-  if block.recompute and features % 8 == 0:  # its mask packs 8 channels to a byte
+  if features % 8 == 0:  # its mask packs 8 channels to a byte
     return relu_keeping_signs(residual + y)
   return block.act(residual + y)
 
 
 def block_tail(block, y, residual, features: int, last_conv_kernel=(1, 1)):
-  """``_block_tail``; with ``block.recompute`` a ``dfpjax.recompute`` region: under
-  ``dfp_transform`` the backward pass recomputes the tail's convolution outputs (the BatchNorm
-  inputs) from their INT16 operands instead of keeping them, and keeps the ReLU's packed mask
-  (docs/performance.md, "Memory of the ResNet-50 DFP step")."""
-  if not block.recompute:
-    return _block_tail(block, y, residual, features, last_conv_kernel)
-  import dfpjax  # pylint: disable=g-import-not-at-top
-  tail = nn.remat(_block_tail, policy=dfpjax.RecomputePolicy((RELU_MASK,)),
-                  static_argnums=(3, 4))
-  return tail(block, y, residual, features, last_conv_kernel)
+  """``_block_tail``, its output ``dfpjax.materialized``; with ``block.recompute`` a
+  ``dfpjax.recompute`` region: under ``dfp_transform`` the backward pass recomputes the tail's
+  convolution outputs (the BatchNorm inputs) from their INT16 operands instead of keeping them,
+  and keeps the ReLU's packed mask (docs/performance.md, "Memory of the ResNet-50 DFP step").
+
+  The block outputs are the residual stream: each feeds the next block's first convolution and
+  its residual add. XLA:CPU would fuse the stream's BatchNorms, adds and ReLUs into each of those
+  consumers and into each backward ReLU mask, recomputing a stage's whole stream from its start
+  in every one of them; materialized, each block output is written once and read back, and with
+  the packed masks the backward pass does not keep it (docs/performance.md, "The residual
+  stream computed once")."""
+  if block.recompute:
+    tail = nn.remat(_block_tail, policy=dfpjax.RecomputePolicy((RELU_MASK,)),
+                    static_argnums=(3, 4))
+    return dfpjax.materialized(tail(block, y, residual, features, last_conv_kernel))
+  return dfpjax.materialized(_block_tail(block, y, residual, features, last_conv_kernel))
 
 
 class ResNetBlock(nn.Module):
