@@ -162,9 +162,18 @@ def test_materialized_keeps_every_bit_and_passes_the_gradient_through():
     assert_same_bits(grad, w)
 
 
-def test_materialized_takes_floats_only():
-  with pytest.raises(TypeError, match="materialized: x has dtype int32; a floating-point array"):
-    dfpjax.materialized(jnp.arange(3))
+def test_materialized_keeps_integers_as_they_are():
+  for dtype in (jnp.int8, jnp.uint8, jnp.int16, jnp.int32, jnp.uint32):
+    info = jnp.iinfo(dtype)
+    x = jnp.asarray([info.min, -1 if info.min else 2, 0, 1, info.max], dtype)
+    assert_same_bits(dfpjax.materialized(x), x)
+    assert_same_bits(jax.jit(dfpjax.materialized)(x), x)
+
+
+def test_materialized_takes_numbers_only():
+  with pytest.raises(TypeError, match="materialized: x has dtype bool; an array of floating-point "
+                                      "or integer numbers"):
+    dfpjax.materialized(jnp.asarray([True, False]))
 
 
 def test_materialized_values_are_computed_once_not_in_each_consumer():

@@ -185,23 +185,25 @@ def materialized(x):
   XLA:CPU fuses cheap elementwise producers into every consumer, duplicating them: a chain of
   them (a residual network's stream of BatchNorms, adds and ReLUs, whose block outputs feed the
   next block, its residual add and the backward pass's ReLU masks) is then recomputed from its
-  start inside each consumer, and no block output is ever read back. A float division is one
-  producer XLA:CPU does not duplicate, so the result is ``x`` divided by a 1 that XLA's own
-  simplifier cannot fold (``after``) but its code generator (LLVM) does: no division is executed,
-  so no subnormal is flushed, and every value, signed zeros and NaN payloads included, comes back
-  as it was. The derivative is the identity: the backward pass divides nothing. ``x``: a
-  floating-point array.
+  start inside each consumer, and no block output is ever read back. A division is one producer
+  XLA:CPU does not duplicate, so the result is ``x`` divided by a 1 that XLA's own simplifier
+  cannot fold (``after``) but its code generator (LLVM) does: no division is executed, so no
+  subnormal is flushed, and every value, signed zeros and NaN payloads included, comes back as it
+  was. The derivative is the identity: the backward pass divides nothing. ``x``: an array of
+  floating-point or integer numbers (integers divide as integers).
   """
   x = jnp.asarray(x)
-  if not jnp.issubdtype(x.dtype, jnp.floating):
-    raise TypeError(f"materialized: x has dtype {x.dtype}; a floating-point array is needed")
+  if not (jnp.issubdtype(x.dtype, jnp.floating) or jnp.issubdtype(x.dtype, jnp.integer)):
+    raise TypeError(f"materialized: x has dtype {x.dtype}; an array of floating-point or integer "
+                    f"numbers is needed")
   return _materialized(x)
 
 
 @jax.custom_jvp
 @jax.jit  # one computation even when called eagerly, so that the division by 1 folds away
 def _materialized(x):
-  return x / after(jnp.ones_like(x), x)
+  one = after(jnp.ones_like(x), x)
+  return x / one if jnp.issubdtype(x.dtype, jnp.floating) else lax.div(x, one)
 
 
 @_materialized.defjvp

@@ -46,8 +46,10 @@ def max_pool_2d(x, window: tuple[int, int], strides: tuple[int, int],
   reduce-window over the input and four index arrays and then a scatter: 97 ms a step for the
   ResNet-50 stem's pool at batch 16 on two cores (docs/performance.md, "The max pool's
   gradient"). Here the forward pass keeps, per output, the window offset the select-and-scatter
-  would choose (its first maximum, by the same comparisons), in int8, and the backward pass
-  scatters the cotangents there, so the gradient has the select-and-scatter's bits."""
+  would choose (its first maximum, by the same comparisons), in int8 (``dfpjax.materialized``:
+  computed in the forward pass, not again from a kept ``x`` in the backward one), and the
+  backward pass scatters the cotangents there, so the gradient has the select-and-scatter's
+  bits."""
   return _max_pool_values(x, window, strides, padding)
 
 
@@ -81,7 +83,10 @@ def _max_pool_fwd(x, window, strides, padding):
       later = ~(best >= candidate)
       best = jnp.where(later, candidate, best)
       chosen = jnp.where(later, jnp.asarray(k, chosen.dtype), chosen)
-  return y, (chosen, x.shape)
+  # Computed here and stored (y tied to them): else XLA:CPU computes them in the backward pass
+  # and keeps x for it.
+  chosen = dfpjax.materialized(chosen)
+  return dfpjax.after(y, chosen), (chosen, x.shape)
 
 
 def _max_pool_bwd(window, strides, padding, residuals, dy):
