@@ -153,9 +153,9 @@ def local_response_norm(x, size: int = 5, alpha: float = 1e-4, beta: float = 0.7
   stays inside each group of channels, as it did on each GPU of the two-tower AlexNet.
 
   The gradient is JAX's, operation for operation, with the slope
-  ``beta * (k + alpha * sum)^(beta - 1)`` kept from the forward pass and tied to a reduction of
-  itself (``dfpjax.after``), so that XLA:CPU computes its ``pow`` once instead of once for each
-  of the window's shifts in the backward pass's fusion: the same bits where XLA compiles the
+  ``beta * (k + alpha * sum)^(beta - 1)`` kept from the forward pass, ``dfpjax.materialized``,
+  so that XLA:CPU computes its ``pow`` once instead of once for each of the window's shifts in
+  the backward pass's fusion: the same bits where XLA compiles the
   ``pow`` and the neighbouring float work alike (tested at the models' settings; with jax 0.11,
   ``beta`` 0.6 moved a few gradients by up to 10 ulp) (docs/performance.md, "The local response
   norm's gradient").
@@ -178,7 +178,7 @@ def _lrn_fwd(x, size, alpha, beta, k, groups):
   denominator = jnp.power(base, beta).reshape(x.shape)
   beta = jnp.asarray(beta, base.dtype)  # beta - 1 rounded in the dtype, as JAX's pow rule does
   slope = beta * jnp.power(base, beta - 1)
-  return x / denominator, (x, denominator, dfpjax.after(slope, jnp.max(slope)))
+  return x / denominator, (x, denominator, dfpjax.materialized(slope))
 
 
 def _lrn_bwd(size, alpha, beta, k, groups, residuals, g):
