@@ -155,10 +155,9 @@ def local_response_norm(x, size: int = 5, alpha: float = 1e-4, beta: float = 0.7
   The gradient is JAX's, operation for operation, with the slope
   ``beta * (k + alpha * sum)^(beta - 1)`` kept from the forward pass, ``dfpjax.materialized``,
   so that XLA:CPU computes its ``pow`` once instead of once for each of the window's shifts in
-  the backward pass's fusion: the same bits where XLA compiles the
-  ``pow`` and the neighbouring float work alike (tested at the models' settings; with jax 0.11,
-  ``beta`` 0.6 moved a few gradients by up to 10 ulp) (docs/performance.md, "The local response
-  norm's gradient").
+  the backward pass's fusion: the same bits where XLA compiles the ``pow`` and the neighbouring
+  float work alike (tested at the models' settings; with jax 0.11, ``beta`` 0.6 moved a few
+  gradients by up to 10 ulp) (docs/performance.md, "The local response norm's gradient").
   """
   return x / jnp.power(_lrn_base(x, size, alpha, k, groups), beta).reshape(x.shape)
 
