@@ -332,10 +332,11 @@ def test_dfp_resnet50_recomputes_the_tails_of_its_first_stages_unless_told_not_t
 
 
 def test_resnet_block_outputs_are_computed_once_with_the_same_bits(monkeypatch):
-  """ResNet-50's block outputs ``dfpjax.materialized`` (``models.block_tail``): without it XLA:CPU
-  recomputes a stage's residual stream, block after block, inside each consumer of a block
-  output (fusions of 30-40 operands: every BatchNorm of the stage); with it no fusion takes more
-  than one block tail's operands, and the step has the same bits."""
+  """ResNet-50's block outputs ``dfpjax.materialized`` (``models.block_tail``; the patch below
+  also leaves the max pool's offsets unmaterialized): without it XLA:CPU recomputes a stage's
+  residual stream, block after block, inside each consumer of a block output (fusions of 30-40
+  operands: every BatchNorm of the stage); with it no fusion takes more than one block tail's
+  operands, and the step has the same bits."""
   rng = np.random.default_rng(1)
   batch = {"image": rng.normal(size=(2, 32, 32, 3)).astype(np.float32),
            "label": np.arange(2, dtype=np.int32) % 3}

@@ -268,11 +268,11 @@ def block_tail(block, y, residual, features: int, last_conv_kernel=(1, 1)):
   in every one of them; materialized, each block output is written once and read back, and with
   the packed masks the backward pass does not keep it (docs/performance.md, "The residual
   stream computed once")."""
+  tail = _block_tail
   if block.recompute:
     tail = nn.remat(_block_tail, policy=dfpjax.RecomputePolicy((RELU_MASK,)),
                     static_argnums=(3, 4))
-    return dfpjax.materialized(tail(block, y, residual, features, last_conv_kernel))
-  return dfpjax.materialized(_block_tail(block, y, residual, features, last_conv_kernel))
+  return dfpjax.materialized(tail(block, y, residual, features, last_conv_kernel))
 
 
 class ResNetBlock(nn.Module):
