@@ -328,6 +328,10 @@ typedef struct {
   int mr, nr;
   size_t pixels, taps;            /* output pixels per image; window taps */
   size_t n, k, kpairs, kblocks, npanels; /* the GEMM: N = taps * cin, K = cout */
+  dfp_unit_shape units;           /* the columns' units (im2col.h) */
+  size_t unit_count;
+  size_t* unit_offsets;           /* [unit_count]: from a window's origin to each unit's first
+                                   * element in dx, for windows inside the input */
   int16_t* bpack;                 /* [groups][npanels][kpairs][NR][2] */
   uint64_t* bbound;
   int status;
@@ -356,7 +360,7 @@ static void col2im_group(col2im_plan* c, size_t image, size_t g, int16_t* apack,
   const size_t mcp = ceil_div(CONV_MC_ROWS, mr), ldc = c->npanels * nr, levels = c->kblocks * DFP_CHUNK_LEVELS;
   const size_t kp = c->kpairs ? c->kpairs : 1;
   const size_t channels_out = s->groups * s->cout, channels_in = s->groups * s->cin;
-  const dfp_unit_shape units = dfp_units_of(s);
+  const dfp_unit_shape units = c->units;
   const int16_t* dy = c->args->x + image * c->pixels * channels_out + g * s->cout;
   for (size_t row0 = 0; row0 < c->pixels; row0 += mcp * mr) {
     const size_t panels = min_size(mcp, ceil_div(c->pixels - row0, mr));
@@ -377,19 +381,27 @@ static void col2im_group(col2im_plan* c, size_t image, size_t g, int16_t* apack,
       dfp_multiply_block(c->cfg->ukernel, &block, acc, ldc, kb > 0);
     }
     const size_t row1 = min_size(row0 + panels * mr, c->pixels);
-    for (size_t row = row0; row < row1; ++row) {
-      size_t pos[3], t[3] = {0, 0, 0}, lo = 0, hi = units.taps;
-      dfp_split_pixel(s, row, pos);
+    size_t pos[3], image_index = 0; /* the pixel's position, stepped (dfp_next_pixel), not divided out */
+    dfp_split_pixel(s, row0, pos);
+    for (size_t row = row0; row < row1; ++row, dfp_next_pixel(s, &image_index, pos)) {
+      const int64_t* sums = acc + (row - row0) * ldc;
+      int64_t* group_dx = dx + g * s->cin;
       const int64_t origin = dfp_window_origin(s, 0, pos); /* within the image */
-      if (origin < 0) dfp_unit_taps(s, &units, pos, &lo, &hi);
+      if (origin >= 0) { /* the whole window inside: every unit at its offset, in one call */
+        c->cfg->add_runs(group_dx + (size_t)origin * channels_in, c->unit_offsets, sums, units.elements,
+                         c->unit_count);
+        continue;
+      }
       /* A unit's taps [lo, hi) add into consecutive input pixels (im2col.h). */
+      size_t t[3] = {0, 0, 0}, lo, hi;
+      const size_t no_offset = 0;
+      dfp_unit_taps(s, &units, pos, &lo, &hi);
       for (size_t tap = 0; tap < c->taps && lo < hi; tap += units.taps, dfp_next_unit(s, &units, t)) {
         const size_t first[3] = {t[0], t[1], t[2] + lo};
-        const int64_t pixel =
-            origin >= 0 ? origin + (int64_t)dfp_tap_offset(s, first) : dfp_input_pixel(s, 0, pos, first);
-        if (pixel < 0) continue;
-        c->cfg->add_sums(dx + (size_t)pixel * channels_in + g * s->cin, acc + (row - row0) * ldc + (tap + lo) * s->cin,
-                         (hi - lo) * s->cin);
+        const int64_t pixel = dfp_input_pixel(s, 0, pos, first);
+        if (pixel >= 0)
+          c->cfg->add_runs(group_dx + (size_t)pixel * channels_in, &no_offset, sums + (tap + lo) * s->cin,
+                           (hi - lo) * s->cin, 1);
       }
     }
   }
@@ -435,20 +447,27 @@ int dfp_conv_backward_data(const dfp_conv_args* args, dfp_isa isa, const dfp_par
   c.kblocks = dfp_kc_blocks(c.kpairs);
   c.npanels = ceil_div(c.n, nr);
   if (dfp_check_output(&args->out, c.taps * c.k) != DFP_OK) return DFP_ERR_BAD_SHAPE; /* taps reaching a pixel */
+  c.units = dfp_units_of(s);
+  c.unit_count = c.taps / c.units.taps;
   const size_t in_elements = s->batch * s->in[0] * s->in[1] * s->in[2] * s->groups * s->cin;
   if (in_elements == 0) return DFP_OK;
   const size_t bpanels = s->groups * c.npanels;
   dfp_advise_output(args->out.data, in_elements * dfp_out_element_bytes(args->out.format));
   c.bpack = (int16_t*)malloc((bpanels ? bpanels : 1) * (c.kpairs ? c.kpairs : 1) * nr * 2 * sizeof(int16_t));
   c.bbound = (uint64_t*)malloc((bpanels ? bpanels : 1) * (c.kblocks ? c.kblocks : 1) * DFP_CHUNK_LEVELS * sizeof(uint64_t));
-  if (!c.bpack || !c.bbound) {
+  c.unit_offsets = (size_t*)malloc((c.unit_count ? c.unit_count : 1) * sizeof(size_t));
+  if (!c.bpack || !c.bbound || !c.unit_offsets) {
     c.status = DFP_ERR_ALLOC;
   } else {
+    size_t t[3] = {0, 0, 0};
+    for (size_t u = 0; u < c.unit_count; ++u, dfp_next_unit(s, &c.units, t))
+      c.unit_offsets[u] = dfp_tap_offset(s, t) * s->groups * s->cin;
     par->parallel_for(par->pool, bpanels, col2im_pack_b_task, &c);
     if (c.status == DFP_OK) par->parallel_for(par->pool, s->batch, col2im_task, &c);
   }
   free(c.bpack);
   free(c.bbound);
+  free(c.unit_offsets);
   return c.status;
 }
 

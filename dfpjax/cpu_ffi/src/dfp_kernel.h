@@ -16,8 +16,9 @@
  *   channel_sums.c      per-channel float sums in double (portable rows and driver)
  *   *_avx2.c            the AVX2 entries: pack_avx2.c, encode_avx2.c, quantize_avx2.c,
  *                       channel_sums_avx2.c
- *   *_avx512.c          the avx512_vnni path's own output stage and quantization rows:
- *                       encode_avx512.c, quantize_avx512.c
+ *   *_avx512.c          the avx512_vnni path's own column copy, output stage, col2im run
+ *                       adds and quantization rows: pack_avx512.c, encode_avx512.c,
+ *                       quantize_avx512.c
  *   ukernel_*.c         one register-blocked microkernel per ISA (spill256.h: the
  *                       INT64 spill the two 256-bit ones share)
  *   vnni_emulation.h    verification builds only: the VNNI intrinsics emulated (SIMDe)

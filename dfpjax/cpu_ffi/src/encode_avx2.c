@@ -72,12 +72,15 @@ void dfp_encode_f32_avx2(const int64_t* s, size_t n, int32_t ea, const int32_t* 
 
 /* Four lanes a vector, where the baseline build's loop adds two at a time; the last few one
  * by one (vpmaskmovq stores are slow on AMD's cores). */
-void dfp_add_sums_avx2(int64_t* dst, const int64_t* src, size_t n) {
-  size_t j = 0;
-  for (; j + 4 <= n; j += 4)
-    _mm256_storeu_si256((__m256i*)(dst + j), _mm256_add_epi64(_mm256_loadu_si256((const __m256i*)(dst + j)),
+void dfp_add_runs_avx2(int64_t* dst, const size_t* offsets, const int64_t* src, size_t n, size_t runs) {
+  for (size_t r = 0; r < runs; ++r, src += n) {
+    int64_t* d = dst + offsets[r];
+    size_t j = 0;
+    for (; j + 4 <= n; j += 4)
+      _mm256_storeu_si256((__m256i*)(d + j), _mm256_add_epi64(_mm256_loadu_si256((const __m256i*)(d + j)),
                                                               _mm256_loadu_si256((const __m256i*)(src + j))));
-  for (; j < n; ++j) dst[j] += src[j];
+    for (; j < n; ++j) d[j] += src[j];
+  }
 }
 
 /* Four sums a step: the logical shift's low halves and the masked low parts, each gathered

@@ -3,7 +3,8 @@
  * which never ask which ISA they run on. The portable path's entries are plain C, so forcing
  * it runs, and tests, what a CPU without AVX2 would run; the x86 paths share the AVX2 helpers
  * (pack_avx2.c, encode_avx2.c, quantize_avx2.c) and differ in their microkernels, but for the
- * avx512_vnni path's output stage and quantization rows (encode_avx512.c, quantize_avx512.c). */
+ * avx512_vnni path's column copy, output stage, run adds and quantization rows (pack_avx512.c,
+ * encode_avx512.c, quantize_avx512.c). */
 #ifndef DFPJAX_ISA_CONFIG_H_
 #define DFPJAX_ISA_CONFIG_H_
 
@@ -33,8 +34,9 @@ typedef struct {
   /* Quantization rows (quantize.h). */
   uint32_t (*max_magnitude)(const float* x, size_t n);
   void (*quantize_row)(const float* x, size_t n, int32_t e, int32_t limit, int16_t* m, int stream);
-  /* dst[j] += src[j] for j < n, int64: col2im's columns into their pixels (conv.c, macro.h). */
-  void (*add_sums)(int64_t* dst, const int64_t* src, size_t n);
+  /* dst[offsets[r] + j] += src[r * n + j] for r < runs, j < n, int64: the units of col2im's
+   * columns of one output pixel into the input pixels they read (conv.c, macro.h). */
+  void (*add_runs)(int64_t* dst, const size_t* offsets, const int64_t* src, size_t n, size_t runs);
   /* The split sums' output stage of one row (macro.h): high[j] = s[j] >> low_bits and low[j] =
    * s[j] mod 2**low_bits in low_bytes (1 or 2) bytes. */
   void (*split_sums)(const int64_t* s, size_t n, int low_bits, int low_bytes, uint32_t* high, void* low);

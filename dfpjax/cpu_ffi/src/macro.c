@@ -101,8 +101,9 @@ void dfp_encode_f32_portable(const int64_t* s, size_t n, int32_t ea, const int32
   for (size_t j = 0; j < n; ++j) out[j] = dfp_encode_f32(s[j], ea, eb[j * eb_stride]);
 }
 
-void dfp_add_sums_portable(int64_t* restrict dst, const int64_t* restrict src, size_t n) {
-  for (size_t j = 0; j < n; ++j) dst[j] += src[j];
+void dfp_add_runs_portable(int64_t* dst, const size_t* offsets, const int64_t* src, size_t n, size_t runs) {
+  for (size_t r = 0; r < runs; ++r, src += n)
+    for (size_t j = 0; j < n; ++j) dst[offsets[r] + j] += src[j];
 }
 
 int dfp_check_output(const dfp_output* out, uint64_t terms) {

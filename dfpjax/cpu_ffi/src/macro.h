@@ -121,9 +121,11 @@ void dfp_encode_f32_avx2(const int64_t* s, size_t n, int32_t ea, const int32_t* 
 void dfp_encode_f32_avx512(const int64_t* s, size_t n, int32_t ea, const int32_t* eb,
                            size_t eb_stride, uint32_t* out);
 
-/* The configuration's int64 column adds (isa_config.h): plain C and AVX2 (encode_avx2.c). */
-void dfp_add_sums_portable(int64_t* dst, const int64_t* src, size_t n);
-void dfp_add_sums_avx2(int64_t* dst, const int64_t* src, size_t n);
+/* The configuration's int64 run adds (isa_config.h): plain C, AVX2 (encode_avx2.c) and the
+ * avx512_vnni path's (encode_avx512.c). */
+void dfp_add_runs_portable(int64_t* dst, const size_t* offsets, const int64_t* src, size_t n, size_t runs);
+void dfp_add_runs_avx2(int64_t* dst, const size_t* offsets, const int64_t* src, size_t n, size_t runs);
+void dfp_add_runs_avx512(int64_t* dst, const size_t* offsets, const int64_t* src, size_t n, size_t runs);
 
 /* The configuration's split-sums stage (isa_config.h): plain C and AVX2 (encode_avx2.c). The
  * high parts fit int32 (dfp_check_output) and low_bits <= 16, so the low 32 bits of the

@@ -83,6 +83,8 @@ void dfp_pack_columns_avx2(const int16_t* src, size_t pairs, size_t col_stride, 
                            int16_t* out, size_t panel_stride);
 void dfp_interleave_pairs_avx2(const int16_t* in0, const int16_t* in1, size_t n, int16_t* out);
 int dfp_norm_bounds_avx2(const int16_t* block, size_t kpairs, int width, uint64_t* chunk);
+void dfp_pack_columns_avx512(const int16_t* src, size_t pairs, size_t col_stride, size_t valid, int width,
+                             int16_t* out, size_t panel_stride);
 
 /* What the AVX2 row copy leaves to plain C: pairs [first, pairs) of pack_rows. */
 void dfp_pack_rows_from(const int16_t* src, size_t first, size_t pairs, size_t row_stride,

@@ -1,0 +1,76 @@
+/* The avx512_vnni path's column copy (pack.h's pack_columns): two k-rows' lanes interleaved
+ * into pairs 32 lanes at a time, where pack_avx2.c takes 16. The B panels of the 8 x 32
+ * kernel (weight gradients' dy, 32 lanes a panel) and the taps view's A panels (8 lanes a
+ * panel) are this path's widths; any other goes to the AVX2 copy. */
+#include <immintrin.h>
+
+#include "pack.h"
+
+/* Word 2i of a result is x's lane i, word 2i + 1 y's (index 32 + i picks y in vpermt2w):
+ * lanes 0-15 of the two rows (PAIRS_LOW), or lanes 16-31 (PAIRS_HIGH). */
+#define PAIR_INDEX(i0) \
+  _mm512_set_epi16(32 + (i0) + 15, (i0) + 15, 32 + (i0) + 14, (i0) + 14, 32 + (i0) + 13, (i0) + 13, 32 + (i0) + 12, \
+                   (i0) + 12, 32 + (i0) + 11, (i0) + 11, 32 + (i0) + 10, (i0) + 10, 32 + (i0) + 9, (i0) + 9,        \
+                   32 + (i0) + 8, (i0) + 8, 32 + (i0) + 7, (i0) + 7, 32 + (i0) + 6, (i0) + 6, 32 + (i0) + 5,       \
+                   (i0) + 5, 32 + (i0) + 4, (i0) + 4, 32 + (i0) + 3, (i0) + 3, 32 + (i0) + 2, (i0) + 2,              \
+                   32 + (i0) + 1, (i0) + 1, 32 + (i0), (i0))
+
+/* The words of the first `lanes` (at most 16) pairs of v. */
+static inline __mmask32 pair_words(size_t lanes) {
+  return lanes >= 16 ? 0xffffffffu : (__mmask32)((1u << (2 * lanes)) - 1);
+}
+
+/* Pairs of lanes [l, l + 16) (v, its first `lanes` valid) into their panels of `width` lanes:
+ * one panel's 16 pairs (width 16), or two 8-lane panels' halves (width 8); with width 32 the
+ * caller places v in its panel. */
+static inline void store_pairs(__m512i v, size_t l, size_t lanes, int width, size_t pair, int16_t* out,
+                               size_t panel_stride) {
+  if (width == 16) {
+    _mm512_mask_storeu_epi16(out + l / 16 * panel_stride + pair * 32, pair_words(lanes), v);
+    return;
+  }
+  for (int h = 0; h < 2 && lanes > 8 * (size_t)h; ++h) {
+    const size_t n = lanes - 8 * (size_t)h < 8 ? lanes - 8 * (size_t)h : 8;
+    /* The half in the low 256 bits, stored by a 512-bit store whose mask covers them only (no
+     * AVX512VL needed). */
+    const __m512i half = h ? _mm512_shuffle_i64x2(v, v, 0x0e) : v;
+    _mm512_mask_storeu_epi16(out + (l / 8 + (size_t)h) * panel_stride + pair * 16, pair_words(n) & 0xffffu, half);
+  }
+}
+
+/* Pair by pair, all the panels' lanes of its two k-rows, read in order once, prefetched
+ * PREFETCH_PAIRS pairs ahead as pack_avx2.c does; lanes past `valid` are neither read (masked
+ * loads) nor written. */
+enum { PREFETCH_PAIRS = 8 };
+void dfp_pack_columns_avx512(const int16_t* src, size_t pairs, size_t col_stride, size_t valid, int width,
+                             int16_t* out, size_t panel_stride) {
+  if (width != 8 && width != 16 && width != 32) {
+    dfp_pack_columns_avx2(src, pairs, col_stride, valid, width, out, panel_stride);
+    return;
+  }
+  const __m512i low_index = PAIR_INDEX(0), high_index = PAIR_INDEX(16);
+  for (size_t p = 0; p < pairs; ++p) {
+    const int16_t* in0 = src + 2 * p * col_stride;
+    const int16_t* in1 = in0 + col_stride;
+    const uintptr_t ahead = (uintptr_t)in0 + PREFETCH_PAIRS * 2 * col_stride * sizeof(int16_t);
+    for (size_t byte = 0; byte < valid * 2 + 64; byte += 64) {
+      _mm_prefetch((const char*)(ahead + byte), _MM_HINT_T0);
+      _mm_prefetch((const char*)(ahead + col_stride * sizeof(int16_t) + byte), _MM_HINT_T0);
+    }
+    for (size_t l = 0; l < valid; l += 32) {
+      const size_t lanes = valid - l < 32 ? valid - l : 32;
+      const __mmask32 mask = lanes == 32 ? 0xffffffffu : (__mmask32)((1u << lanes) - 1);
+      const __m512i x = _mm512_maskz_loadu_epi16(mask, in0 + l), y = _mm512_maskz_loadu_epi16(mask, in1 + l);
+      const __m512i low = _mm512_permutex2var_epi16(x, low_index, y);
+      const __m512i high = _mm512_permutex2var_epi16(x, high_index, y);
+      if (width == 32) {
+        int16_t* o = out + l / 32 * panel_stride + p * 64;
+        _mm512_mask_storeu_epi16(o, pair_words(lanes), low);
+        if (lanes > 16) _mm512_mask_storeu_epi16(o + 32, pair_words(lanes - 16), high);
+        continue;
+      }
+      store_pairs(low, l, lanes, width, p, out, panel_stride);
+      if (lanes > 16) store_pairs(high, l + 16, lanes - 16, width, p, out, panel_stride);
+    }
+  }
+}
