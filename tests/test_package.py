@@ -57,6 +57,24 @@ def test_only_the_compat_module_names_jax_internals():
   assert mentions == ["_jax_compat.py"]
 
 
+def _imports_jax_internals(path: pathlib.Path) -> bool:
+  for node in ast.walk(ast.parse(path.read_text())):
+    names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+             else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+    if any(name == "jax._src" or name.startswith("jax._src.") for name in names):
+      return True
+  return False
+
+
+def test_tests_examples_and_benchmarks_reach_jax_internals_only_through_the_compat_module():
+  """What the tests need of JAX's internals (its staging flags, name stacks) they import from
+  dfpjax._jax_compat, so that a JAX upgrade is mended in one place."""
+  root = pathlib.Path(__file__).resolve().parent.parent  # the checkout these tests are in
+  sources = [p for d in ("tests", "examples", "benchmarks") for p in (root / d).rglob("*.py")]
+  assert len({p.relative_to(root).parts[0] for p in sources}) == 3, f"not a checkout: {root}"
+  assert [str(p.relative_to(root)) for p in sources if _imports_jax_internals(p)] == []
+
+
 def _imported_modules(path: pathlib.Path):
   """The dfpjax modules ``path`` imports (``from dfpjax import x`` names module x when x is
   one, else the top-level package)."""

@@ -14,13 +14,11 @@ import numpy as np
 import optax
 import pytest
 from jax import lax
-from jax._src import config as jax_config
-from jax._src import source_info_util
 from jax.extend import core
 from jax.sharding import PartitionSpec as P
 
 import dfpjax
-from dfpjax._jax_compat import HiPrimitive
+from dfpjax._jax_compat import CustomJVPTraced, HiPrimitive, custom_jvp3, custom_vjp3, source_info_util
 from dfpjax.primitives import reference_mode
 from dfpjax.transform import dfp_transform, report
 from dfpjax.transform.names import is_backward, module_path
@@ -333,7 +331,7 @@ cubed_matmul = make_cubed_matmul()  # the classic form: jax_custom_jvp3 is off b
 
 @pytest.mark.parametrize("form", CUSTOM_VJP_FORMS)
 def test_custom_vjp_keeps_the_users_rule(form):
-  with jax_config.custom_vjp3(CUSTOM_VJP_FORMS[form]):
+  with custom_vjp3(CUSTOM_VJP_FORMS[form]):
     matmul = make_half_grad_matmul()
   x = jax.random.normal(jax.random.key(5), (4, 3))
   w = jax.random.normal(jax.random.key(6), (3, 2))
@@ -364,7 +362,7 @@ def test_custom_vjp_keeps_the_users_rule(form):
                     reason="bwd rules that log (defvjp_with_logs) are new in JAX 0.11")
 @pytest.mark.parametrize("form", CUSTOM_VJP_FORMS)
 def test_custom_vjp_logs_pass_through(form):
-  with jax_config.custom_vjp3(CUSTOM_VJP_FORMS[form]):
+  with custom_vjp3(CUSTOM_VJP_FORMS[form]):
     @jax.custom_vjp
     def matmul(x, w):
       return x @ w
@@ -384,7 +382,7 @@ def _hijax_scaled_matmuls():
   """Two custom_vjp forms of 2 * (x @ w) under jax_custom_vjp3, whose fwd rules call the
   function itself (a hijax equation inside the rule): one with a static argument, one
   with symbolic zeros. Neither gives w a gradient."""
-  with jax_config.custom_vjp3(True):
+  with custom_vjp3(True):
     @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
     def static_scale(x, w, scale):
       return scale * (x @ w)
@@ -438,7 +436,7 @@ def test_custom_jvp_keeps_the_users_rule():
 def _custom_jvp_matmuls(hijax_form: bool):
   """Three custom_jvp products of x and w, staged as jax_custom_jvp3 says (JAX 0.11): the
   cubed product, one with a static (nondiff) scale, one whose rule takes symbolic zeros."""
-  with jax_config.custom_jvp3(hijax_form):
+  with custom_jvp3(hijax_form):
     cubed = make_cubed_matmul()
 
     @functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
@@ -464,7 +462,7 @@ def _custom_jvp_matmuls(hijax_form: bool):
           lambda x, w: symbolic(x, w).sum()]
 
 
-@pytest.mark.skipif(not hasattr(jax_config, "custom_jvp3"),
+@pytest.mark.skipif(CustomJVPTraced is None,
                     reason="custom_jvp as a hijax primitive (jax_custom_jvp3) is new in JAX 0.11")
 @pytest.mark.parametrize("which", [0, 1, 2], ids=["plain", "static_args", "symbolic_zeros"])
 def test_hijax_custom_jvp_is_rewritten_as_the_classic_one(which):
@@ -588,7 +586,7 @@ def test_stochastic_keys_reach_lazily_traced_rules():
   # Custom rules are traced when AD needs them, after the jit trace that owned the key.
   x = jax.random.normal(jax.random.key(5), (4, 3))
   w = jax.random.normal(jax.random.key(6), (3, 2))
-  with jax_config.custom_vjp3(True):
+  with custom_vjp3(True):
     hijax_half_grad_matmul = make_half_grad_matmul()
   for user_fn in (half_grad_matmul, hijax_half_grad_matmul, cubed_matmul):
     f = dfp_transform(lambda x, w: user_fn(x, w).sum(), STOCHASTIC)
@@ -706,7 +704,7 @@ def make_net(matmul=half_grad_matmul):
 
 @pytest.fixture(scope="module", params=CUSTOM_VJP_FORMS)
 def net(request):
-  with jax_config.custom_vjp3(CUSTOM_VJP_FORMS[request.param]):
+  with custom_vjp3(CUSTOM_VJP_FORMS[request.param]):
     matmul = make_half_grad_matmul()
   return make_net(matmul)
 
