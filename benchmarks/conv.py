@@ -20,8 +20,8 @@ matmul.py's kernel column), which runs in every layer's interleaved rounds: the 
 timed in the same minutes as the passes, so the host's drift moves both. The header names
 the glibc malloc settings in the environment: with the defaults every output of 32 MB or more
 is a fresh mapping, faulted in and zero-filled as it is written, which costs the DFP passes
-10-20% on two threads (docs/performance.md, "Two threads"); the trainer's recommended settings
-(docs/examples.md) keep the buffers.
+10-20% on two threads (docs/performance.md, "Two threads"); docs/examples.md names the settings
+that spare the faults (huge pages) or keep the buffers.
 """
 
 from __future__ import annotations

@@ -20,7 +20,8 @@ one warm-up step; the table gives the median over --steps, images/s relative to 
 same network and batch in this run, the CPUs the timed steps kept busy on average (below the
 machine's count when others share it), and their minor page faults and system seconds per step
 (with glibc's default malloc settings XLA's large buffers are mapped afresh and faulted in on
-every step; docs/examples.md names settings that keep them, and the header says which are set).
+every step; docs/examples.md names the settings that spare those faults, and the header says which
+are set).
 Progress goes to stderr, the markdown report to stdout; its header gives the CPU, its SIMD flags
 and the DFP kernel path (``dfpjax.kernel_info``).
 
