@@ -362,6 +362,7 @@ static void col2im_group(col2im_plan* c, size_t image, size_t g, int16_t* apack,
   const size_t channels_out = s->groups * s->cout, channels_in = s->groups * s->cin;
   const dfp_unit_shape units = c->units;
   const int16_t* dy = c->args->x + image * c->pixels * channels_out + g * s->cout;
+  int64_t* group_dx = dx + g * s->cin;
   for (size_t row0 = 0; row0 < c->pixels; row0 += mcp * mr) {
     const size_t panels = min_size(mcp, ceil_div(c->pixels - row0, mr));
     for (size_t p = 0; p < panels; ++p)
@@ -385,7 +386,6 @@ static void col2im_group(col2im_plan* c, size_t image, size_t g, int16_t* apack,
     dfp_split_pixel(s, row0, pos);
     for (size_t row = row0; row < row1; ++row, dfp_next_pixel(s, &image_index, pos)) {
       const int64_t* sums = acc + (row - row0) * ldc;
-      int64_t* group_dx = dx + g * s->cin;
       const int64_t origin = dfp_window_origin(s, 0, pos); /* within the image */
       if (origin >= 0) { /* the whole window inside: every unit at its offset, in one call */
         c->cfg->add_runs(group_dx + (size_t)origin * channels_in, c->unit_offsets, sums, units.elements,
