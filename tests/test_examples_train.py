@@ -260,6 +260,18 @@ def test_release_freed_memory_returns_freed_heap_to_the_system():
   assert last.sum() == 16 * 1024
 
 
+def test_malloc_advice_names_hugetlb_only_where_it_would_serve():
+  hint = train.malloc_advice(environ={}, glibc=(2, 36), huge_pages="madvise")
+  assert hint is not None and "GLIBC_TUNABLES=glibc.malloc.hugetlb=1" in hint
+  assert train.malloc_advice(environ={"PATH": "/bin"}, glibc=(2, 35), huge_pages="always") == hint
+  # Already set, by the tunable or the older variables; too old a glibc; huge pages off.
+  assert train.malloc_advice({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}, (2, 36), "madvise") is None
+  assert train.malloc_advice({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}, (2, 36), "madvise") is None
+  assert train.malloc_advice({"MALLOC_ARENA_MAX": "1"}, (2, 36), "madvise") is None
+  assert train.malloc_advice({}, (2, 31), "madvise") is None
+  assert train.malloc_advice({}, (2, 36), "never") is None
+
+
 def test_training_clock_leaves_out_the_first_step_and_the_pauses(monkeypatch):
   now = [0.0]
   monkeypatch.setattr(train.time, "perf_counter", lambda: now[0])

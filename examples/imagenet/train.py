@@ -228,6 +228,51 @@ def release_freed_memory() -> None:
   libc.malloc_trim(0)
 
 
+def _glibc_version() -> tuple[int, int] | None:
+  try:
+    libc = ctypes.CDLL("libc.so.6")
+    libc.gnu_get_libc_version.restype = ctypes.c_char_p
+    major, minor = libc.gnu_get_libc_version().decode().split(".")[:2]
+    return int(major), int(minor)
+  except (OSError, AttributeError, ValueError):
+    return None
+
+
+def _huge_pages_mode() -> str | None:
+  """Linux's transparent huge pages mode (``always``, ``madvise`` or ``never``), if known."""
+  try:
+    with open("/sys/kernel/mm/transparent_hugepage/enabled", encoding="ascii") as f:
+      return f.read().split("[")[1].split("]")[0]
+  except (OSError, IndexError):
+    return None
+
+
+def malloc_advice(environ=None, glibc=None, huge_pages=None) -> str | None:
+  """One line of advice where glibc's malloc runs as it came and huge pages would serve it: XLA
+  maps its large buffers afresh for every step, and faults them in 4 KiB at a time, unless
+  ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` (glibc 2.35 and later) backs them with huge pages
+  (docs/examples.md, "Throughput"). None where the environment already sets glibc's malloc
+  (``GLIBC_TUNABLES``' hugetlb, or any ``MALLOC_*`` variable), where glibc is older or absent,
+  or where huge pages are off. The arguments stand in for this process's (tests)."""
+  environ = os.environ if environ is None else environ
+  glibc = _glibc_version() if glibc is None else glibc
+  huge_pages = _huge_pages_mode() if huge_pages is None else huge_pages
+  if "glibc.malloc.hugetlb" in environ.get("GLIBC_TUNABLES", "") or any(k.startswith("MALLOC_") for k in environ):
+    return None
+  if glibc is None or glibc < (2, 35) or huge_pages not in ("always", "madvise"):
+    return None
+  return ("hint: GLIBC_TUNABLES=glibc.malloc.hugetlb=1 in the environment backs XLA's large "
+          "buffers with huge pages: faster steps and a steady peak memory (docs/examples.md, "
+          "\"Throughput\")")
+
+
+@functools.cache
+def _advise_malloc_once() -> None:
+  """malloc_advice's line, printed by the first run in a process only (a study runs many)."""
+  if advice := malloc_advice():
+    print(advice, flush=True)
+
+
 def checkpoint_manager(workdir: str, config: Config) -> ocp.CheckpointManager:
   # Synchronous saves: the state's buffers are donated to the next step right after a save.
   options = ocp.CheckpointManagerOptions(max_to_keep=config.max_checkpoints, create=True,
@@ -353,6 +398,7 @@ def train_and_evaluate(config: Config, workdir: str) -> dict[str, Any]:
   p_eval_step = jax.jit(eval_fn, out_shardings=data_parallel.replicated, compiler_options=options)
 
   if lead:
+    _advise_malloc_once()
     print(f"{config.model}: {train_source.description}; eval on {eval_source.description}; "
           f"{'DFP' if config.dfp else 'FP32'}, steps {start_step}..{num_steps}, "
           f"{jax.device_count()} device(s) in {jax.process_count()} process(es)", flush=True)
