@@ -91,7 +91,8 @@ def train(tmp_path, config_path: str, name: str, devices: int, *flags: str) -> s
   _check(proc, proc.stdout + proc.stderr)
   assert f"{devices} device(s) in 1 process(es)" in proc.stdout
   # The trainer advises huge pages once where this environment's malloc would gain from them.
-  assert proc.stdout.count("GLIBC_TUNABLES=glibc.malloc.hugetlb=1") == (trainer.malloc_advice() is not None)
+  advised = trainer.malloc_advice() is not None
+  assert proc.stdout.count("GLIBC_TUNABLES=glibc.malloc.hugetlb=1") == advised
   return workdir
 
 

@@ -18,7 +18,8 @@ from jax.extend import core
 from jax.sharding import PartitionSpec as P
 
 import dfpjax
-from dfpjax._jax_compat import CustomJVPTraced, HiPrimitive, custom_jvp3, custom_vjp3, source_info_util
+from dfpjax._jax_compat import (CustomJVPTraced, HiPrimitive, custom_jvp3, custom_vjp3,
+                                source_info_util)
 from dfpjax.primitives import reference_mode
 from dfpjax.transform import dfp_transform, report
 from dfpjax.transform.names import is_backward, module_path

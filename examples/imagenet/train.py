@@ -216,25 +216,29 @@ def compiler_options(config: Config) -> dict[str, str] | None:
   return {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"}
 
 
+def _glibc() -> ctypes.CDLL | None:
+  try:
+    return ctypes.CDLL("libc.so.6")
+  except OSError:
+    return None
+
+
 def release_freed_memory() -> None:
   """Hands the heap memory the process has freed back to the system (``malloc_trim``), once,
   after compiling. glibc keeps what XLA's compiler freed in its arenas, trimming them only from
   the top, and the step's buffers reuse little of it: the ResNet-50 DFP step's peak resident
   memory is about 0.2 GiB lower with this call (docs/performance.md). Without glibc, nothing."""
-  try:
-    libc = ctypes.CDLL("libc.so.6")
-  except OSError:
-    return
-  libc.malloc_trim(0)
+  if (libc := _glibc()) is not None:
+    libc.malloc_trim(0)
 
 
 def _glibc_version() -> tuple[int, int] | None:
+  libc = _glibc()
   try:
-    libc = ctypes.CDLL("libc.so.6")
     libc.gnu_get_libc_version.restype = ctypes.c_char_p
     major, minor = libc.gnu_get_libc_version().decode().split(".")[:2]
     return int(major), int(minor)
-  except (OSError, AttributeError, ValueError):
+  except (AttributeError, ValueError):  # no glibc (libc None, or another C library)
     return None
 
 
@@ -257,7 +261,8 @@ def malloc_advice(environ=None, glibc=None, huge_pages=None) -> str | None:
   environ = os.environ if environ is None else environ
   glibc = _glibc_version() if glibc is None else glibc
   huge_pages = _huge_pages_mode() if huge_pages is None else huge_pages
-  if "glibc.malloc.hugetlb" in environ.get("GLIBC_TUNABLES", "") or any(k.startswith("MALLOC_") for k in environ):
+  if ("glibc.malloc.hugetlb" in environ.get("GLIBC_TUNABLES", "")
+      or any(k.startswith("MALLOC_") for k in environ)):
     return None
   if glibc is None or glibc < (2, 35) or huge_pages not in ("always", "madvise"):
     return None
