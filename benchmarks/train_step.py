@@ -21,7 +21,9 @@ same network and batch in this run, the CPUs the timed steps kept busy on averag
 machine's count when others share it), and their minor page faults and system seconds per step
 (with glibc's default malloc settings XLA's large buffers are mapped afresh and faulted in on
 every step; docs/examples.md names the settings that spare those faults, and the header says which
-are set).
+are set). The frameworks do not share their best malloc settings (PyTorch's steps are fastest under
+the trainer's old ones, DFP's under glibc's huge pages: docs/performance.md): ``--env`` gives a
+mode's processes variables of their own, and the report names them per row.
 Progress goes to stderr, the markdown report to stdout; its header gives the CPU, its SIMD flags
 and the DFP kernel path (``dfpjax.kernel_info``).
 
@@ -203,7 +205,8 @@ def run_config(spec: dict, timeout: float) -> dict:
   with tempfile.NamedTemporaryFile(suffix=".json") as out:
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec), out.name]
     try:
-      status = subprocess.run(cmd, cwd=REPO, timeout=timeout, stdout=sys.stderr).returncode
+      status = subprocess.run(cmd, cwd=REPO, timeout=timeout, stdout=sys.stderr,
+                              env={**os.environ, **spec["env"]}).returncode
       failure = f"worker exited with status {status}" if status else ""
     except subprocess.TimeoutExpired:
       failure = f"timed out after {timeout:.0f} s"
@@ -215,7 +218,12 @@ def run_config(spec: dict, timeout: float) -> dict:
   return result
 
 
-def machine_header(torch_note: str) -> str:
+def environments_note(envs: list[tuple[str, dict]]) -> str:
+  """What --env adds for each mode's processes: "torch: MALLOC_ARENA_MAX=1; flax-dfp: ..."."""
+  return "; ".join(f"{modes}: " + " ".join(f"{k}={v}" for k, v in env.items()) for modes, env in envs)
+
+
+def machine_header(torch_note: str, envs: list[tuple[str, dict]]) -> str:
   """The machine and software facts that a reader needs to weigh the numbers."""
   import jax
   # common loads dfpjax: not in the workers' way.
@@ -228,7 +236,8 @@ def machine_header(torch_note: str) -> str:
           f"{' '.join(cpu_flags()) or '(no AVX2 or later)'}, DFP kernel path "
           f"{kernel['selected_isa']}{forced}, load average {os.getloadavg()[0]:.1f} at the start, "
           f"jax {jax.__version__}, dfpjax at {git('rev-parse', '--short', 'HEAD').strip()}{dirty}; "
-          f"{malloc_settings()}; {torch_note}")
+          f"{malloc_settings()}{f' (--env {environments_note(envs)})' if envs else ''}; "
+          f"{torch_note}")
 
 
 def summary_table(rows: list[dict]) -> str:
@@ -362,6 +371,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                       help="seconds allowed to one configuration's process")
   parser.add_argument("--quick", action="store_true",
                       help="32x32 images, batch 8, 2 steps: a try-out, not a measurement")
+  parser.add_argument("--env", action="append", default=[], type=mode_environment,
+                      metavar="MODES:NAME=VALUE[,NAME=VALUE...]",
+                      help="environment variables for one mode's processes (MODES: a mode, or "
+                           "flax / torch for both of theirs), added to this process's; repeat "
+                           "for other modes. Each framework under its best malloc settings, e.g. "
+                           "--env flax-dfp:GLIBC_TUNABLES=glibc.malloc.hugetlb=1 --env "
+                           "torch:MALLOC_ARENA_MAX=1")
   parser.add_argument("--json", help="also write the raw results to this file")
   args = parser.parse_args(argv)
   args.batches = [int(b) for b in (args.batches or ("8" if args.quick else "16,32")).split(",")]
@@ -371,9 +387,28 @@ def parse_args(argv=None) -> argparse.Namespace:
   args.modes = args.modes.split(",")
   unknown = (set(args.networks) - set(NETWORKS) | set(args.modes) - set(FLAX_MODES + TORCH_MODES)
              | set(args.steps) - {None} - set(FLAX_MODES + TORCH_MODES))
+  unknown |= {modes for modes, _ in args.env} - set(FLAX_MODES + TORCH_MODES) - {"flax", "torch"}
   if unknown:
     parser.error(f"unknown networks or modes: {sorted(unknown)}")
   return args
+
+
+def mode_environment(text: str) -> tuple[str, dict]:
+  """``--env``: ``(modes, {name: value})`` from "MODES:NAME=VALUE,NAME=VALUE"."""
+  modes, sep, assignments = text.partition(":")
+  env = dict(item.partition("=")[::2] for item in assignments.split(",") if item)
+  if not sep or not env or not all(env) or any("=" not in item for item in assignments.split(",")):
+    raise argparse.ArgumentTypeError(f"expected MODES:NAME=VALUE[,NAME=VALUE...], got {text!r}")
+  return modes, env
+
+
+def environment_of(mode: str, envs: list[tuple[str, dict]]) -> dict:
+  """The variables ``--env`` sets for a mode's processes (later flags win)."""
+  result = {}
+  for modes, env in envs:
+    if modes in (mode, mode.split("-")[0]):
+      result.update(env)
+  return result
 
 
 def step_counts(text: str) -> dict:
@@ -406,10 +441,11 @@ def main(argv=None) -> None:
     log(torch_note)
   specs = [{"network": n, "batch": b, "mode": m, "image_size": args.image_size,
             "steps": args.steps.get(m, args.steps[None]), "profile_steps": args.profile_steps,
-            "trace_dir": args.trace_dir and os.path.abspath(args.trace_dir)}
+            "trace_dir": args.trace_dir and os.path.abspath(args.trace_dir),
+            "env": environment_of(m, args.env)}
            for n in args.networks for b in args.batches for m in args.modes
            if m in FLAX_MODES or (n == "resnet50" and torch_note.startswith("torch "))]
-  header = machine_header(torch_note)
+  header = machine_header(torch_note, args.env)
   rows = []
   for spec in specs:
     rows.append(run_config(spec, args.timeout))
@@ -422,8 +458,10 @@ def main(argv=None) -> None:
         f"{steps_note(args.steps)} after compilation and one warm-up step:\n\n{summary_table(rows)}")
   print()
   for r in rows:
-    if r.get("note"):
-      print(f"- {r['network']} b{r['batch']} {r['mode']}: {r['note']}")
+    notes = [f"environment {' '.join(f'{k}={v}' for k, v in r['env'].items())}"] if r["env"] else []
+    notes += [r["note"]] if r.get("note") else []
+    if notes:
+      print(f"- {r['network']} b{r['batch']} {r['mode']}: {'; '.join(notes)}")
   print(f"\nMemory:\n\n{memory_table(rows)}")
   written = written_table(rows)
   if written:
@@ -435,6 +473,9 @@ def main(argv=None) -> None:
           f"{args.profile_steps} traced step(s)):\n\n{profiles}")
   print(f"\nDFP against the references (speed-up = their s/step / DFP's, > 1: DFP faster):\n\n"
         f"{comparison_table(rows)}")
+  if args.env:
+    print(f"\nModes' own environment variables (--env), added to the header's: "
+          f"{environments_note(args.env)}")
 
 
 if __name__ == "__main__":
