@@ -99,6 +99,14 @@ def mca_cycles(loop: list[Instruction], mcpu: str, iterations: int = 200) -> flo
   return int(re.search(r"Total Cycles:\s+(\d+)", run.stdout).group(1)) / iterations
 
 
+def compilers(lib: str) -> str:
+  """Who built the library, from its .comment section ("GCC: (...) 12.2.0")."""
+  if shutil.which("readelf") is None:
+    return "compiler unknown (no readelf)"
+  dump = subprocess.run(["readelf", "-p", ".comment", lib], capture_output=True, text=True).stdout
+  return "; ".join(sorted(set(re.findall(r"\]\s+(.+)", dump)))) or "compiler unknown"
+
+
 def _cycles_cell(dots: int, cycles: float | None) -> str:
   return "-" if cycles is None else f"{cycles:.1f} ({dots / cycles:.2f})"
 
@@ -126,7 +134,9 @@ def main(argv=None) -> None:
                     + [_cycles_cell(dots, mca_cycles(loop, m)) for m in mcpus])
   if not rows:
     raise SystemExit(f"no microkernel symbols in {lib} (a stripped build?)")
-  print(f"{lib}\n")
+  mca = (subprocess.run(["llvm-mca", "--version"], capture_output=True, text=True).stdout
+         .splitlines() or ["llvm-mca"])[0].strip() if mcpus else "no llvm-mca"
+  print(f"{lib}, built by {compilers(lib)}; {mca}\n")
   print("| path | entry | instructions | dot products | vector register copies | stack accesses |"
         + "".join(f" {m}: cycles/iteration (dots/cycle) |" for m in mcpus))
   print("|---" * (6 + len(mcpus)) + "|")
