@@ -86,6 +86,24 @@ def path_of(loop: list[Instruction]) -> str:
   return "avx2" if any("%ymm" in i.operands for i in dots) else "portable"
 
 
+Loop = collections.namedtuple("Loop", "path entry instructions dots copies stack body")
+
+
+def microkernel_loops(objdump_text: str) -> list[Loop]:
+  """Each microkernel entry's innermost dot-product loops: their path, entry, instruction and
+  dot product counts, vector register-to-register copies and stack accesses."""
+  return [Loop(path_of(loop), name, len(loop), sum(i.mnemonic in DOTS for i in loop),
+               sum(i.mnemonic.startswith("vmov") and bool(_VECTOR_COPY.fullmatch(i.operands))
+                   for i in loop),
+               sum("(%rsp)" in i.operands for i in loop), loop)
+          for name, body in functions(objdump_text) if name in ENTRIES for loop in inner_loops(body)]
+
+
+def disassembly(lib: str) -> str:
+  return subprocess.run(["objdump", "-d", "--no-show-raw-insn", lib], capture_output=True, text=True,
+                        check=True).stdout
+
+
 def mca_cycles(loop: list[Instruction], mcpu: str, iterations: int = 200) -> float | None:
   """llvm-mca's cycles per iteration of the loop body (its closing branch left out), or None
   where that CPU lacks the loop's instructions."""
@@ -120,18 +138,9 @@ def main(argv=None) -> None:
     raise SystemExit("objdump (binutils) is needed to read the kernel library")
   mcpus = [m for m in args.mcpu.split(",") if m] if shutil.which("llvm-mca") else []
   lib = library_path()
-  text = subprocess.run(["objdump", "-d", "--no-show-raw-insn", lib], capture_output=True, text=True,
-                        check=True).stdout
-  rows = []
-  for name, body in functions(text):
-    if name in ENTRIES:
-      for loop in inner_loops(body):
-        dots = sum(i.mnemonic in DOTS for i in loop)
-        rows.append([path_of(loop), name, len(loop), dots,
-                     sum(i.mnemonic.startswith("vmov") and bool(_VECTOR_COPY.fullmatch(i.operands))
-                         for i in loop),
-                     sum("(%rsp)" in i.operands for i in loop)]
-                    + [_cycles_cell(dots, mca_cycles(loop, m)) for m in mcpus])
+  rows = [[l.path, l.entry, l.instructions, l.dots, l.copies, l.stack]
+          + [_cycles_cell(l.dots, mca_cycles(l.body, m)) for m in mcpus]
+          for l in microkernel_loops(disassembly(lib))]
   if not rows:
     raise SystemExit(f"no microkernel symbols in {lib} (a stripped build?)")
   mca = (subprocess.run(["llvm-mca", "--version"], capture_output=True, text=True).stdout
