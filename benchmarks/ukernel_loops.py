@@ -137,10 +137,13 @@ def main(argv=None) -> None:
   if shutil.which("objdump") is None:
     raise SystemExit("objdump (binutils) is needed to read the kernel library")
   mcpus = [m for m in args.mcpu.split(",") if m] if shutil.which("llvm-mca") else []
+  for mcpu in mcpus:
+    if mca_cycles([Instruction(0, "nop", ""), Instruction(1, "jmp", "0")], mcpu) is None:
+      raise SystemExit(f"--mcpu: llvm-mca has no model of {mcpu!r} (llvm-mca -mcpu=help lists them)")
   lib = library_path()
-  rows = [[l.path, l.entry, l.instructions, l.dots, l.copies, l.stack]
-          + [_cycles_cell(l.dots, mca_cycles(l.body, m)) for m in mcpus]
-          for l in microkernel_loops(disassembly(lib))]
+  rows = [[loop.path, loop.entry, loop.instructions, loop.dots, loop.copies, loop.stack]
+          + [_cycles_cell(loop.dots, mca_cycles(loop.body, m)) for m in mcpus]
+          for loop in microkernel_loops(disassembly(lib))]
   if not rows:
     raise SystemExit(f"no microkernel symbols in {lib} (a stripped build?)")
   mca = (subprocess.run(["llvm-mca", "--version"], capture_output=True, text=True).stdout
