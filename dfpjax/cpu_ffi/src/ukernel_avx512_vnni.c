@@ -65,13 +65,13 @@ static inline void encode_s32(__m512i sum, __m512i scale, uint32_t* out, int str
   store_row(out, _mm512_maskz_add_epi32(nonzero, bits, scale), stream);
 }
 
-#define VNNI_BITS 512
+#define VECTOR_BITS 512
 #define V_DPWSSD _mm512_dpwssd_epi32
 #define V_SPILL spill
 #define V_ENCODE encode
 #define V_FOLD fold
 #define V_ANY(v) (_mm512_test_epi32_mask(v, v) != 0)
 #define V_ENCODE_S32 encode_s32
-#include "ukernel_vnni.h"
+#include "ukernel_template.h"
 
 const dfp_ukernel dfp_ukernel_avx512_vnni = {MR, NR, ukernel, ukernel_f32, ukernel_f32_stream};

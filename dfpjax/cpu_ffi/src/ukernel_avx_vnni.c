@@ -7,13 +7,13 @@
 
 enum { MR = 6, NR = 16 };
 DFP_CHECK_TILE(MR, NR);
-#define VNNI_BITS 256
+#define VECTOR_BITS 256
 #define V_DPWSSD _mm256_dpwssd_avx_epi32
 #define V_SPILL dfp_spill256
 #define V_ENCODE dfp_encode256
 #define V_FOLD dfp_fold256
 #define V_ANY(v) (!_mm256_testz_si256(v, v))
 #define V_ENCODE_S32 dfp_encode256_s32
-#include "ukernel_vnni.h"
+#include "ukernel_template.h"
 
 const dfp_ukernel dfp_ukernel_avx_vnni = {MR, NR, ukernel, ukernel_f32, ukernel_f32_stream};

@@ -1,20 +1,22 @@
-/* The microkernel of both VNNI paths, written once for either vector width (a template, as
- * XNNPACK generates its microkernels): the including file (ukernel_avx_vnni.c,
- * ukernel_avx512_vnni.c) defines MR and NR (NR: two vectors of INT32 lanes), VNNI_BITS (256 or
- * 512), V_DPWSSD (the vpdpwssd intrinsic), V_SPILL (its INT64 spill: low lanes, carries or
- * NULL, int64 tile row, add), V_ENCODE (its float32 encoding: low lanes, carries or NULL, the
- * row's scale bits in every lane, output row, whether to store it non-temporally) and its fast
- * route where a tile's sums fit in int32 (spill256.h): V_FOLD (low lanes, carries, a vector that
- * turns nonzero where a lane's sum does not fit -> the sums), V_ANY (whether a vector is
- * nonzero) and V_ENCODE_S32 (sums, scale bits, output row, non-temporally or not), then
- * includes this file, which defines the static `ukernel`, `ukernel_f32` and
- * `ukernel_f32_stream` of ukernel.h's contract. Between chunks each accumulator carries all but
- * its low 16 bits out. */
+/* The microkernel of the three x86 paths, written once for either vector width (a template, as
+ * XNNPACK generates its microkernels): the including file (ukernel_avx2.c, ukernel_avx_vnni.c,
+ * ukernel_avx512_vnni.c) defines MR and NR (NR: two vectors of INT32 lanes), VECTOR_BITS (256 or
+ * 512), V_DPWSSD (c + the products of a's and b's INT16 pairs, summed per INT32 lane: vpdpwssd,
+ * or on AVX2 vpmaddwd then vpaddd, the same sums modulo 2**32), V_SPILL (its INT64 spill: low
+ * lanes, carries or NULL, int64 tile row, add), V_ENCODE (its float32 encoding: low lanes,
+ * carries or NULL, the row's scale bits in every lane, output row, whether to store it
+ * non-temporally) and its fast route where a tile's sums fit in int32 (spill256.h): V_FOLD (low
+ * lanes, carries, a vector that turns nonzero where a lane's sum does not fit -> the sums),
+ * V_ANY (whether a vector is nonzero) and V_ENCODE_S32 (sums, scale bits, output row,
+ * non-temporally or not), then includes this file, which defines the static `ukernel`,
+ * `ukernel_f32` and `ukernel_f32_stream` of ukernel.h's contract. Between chunks each
+ * accumulator carries all but its low 16 bits out. GCC builds the inner loop clean only without
+ * its partial redundancy elimination (CMakeLists.txt, tests/test_ukernel_loops.py). */
 #define DFP_CAT3_(a, b, c) a##b##c
 #define DFP_CAT3(a, b, c) DFP_CAT3_(a, b, c)
-#define VEC DFP_CAT3(__m, VNNI_BITS, i)
-#define V(op) DFP_CAT3(_mm, VNNI_BITS, _##op)
-#define V_SI(op) DFP_CAT3(V(op), _si, VNNI_BITS)
+#define VEC DFP_CAT3(__m, VECTOR_BITS, i)
+#define V(op) DFP_CAT3(_mm, VECTOR_BITS, _##op)
+#define V_SI(op) DFP_CAT3(V(op), _si, VECTOR_BITS)
 
 static inline VEC broadcast_pair(const int16_t* p) {
   int32_t w;
