@@ -19,8 +19,9 @@
  *   *_avx512.c          the avx512_vnni path's own column copy, output stage, col2im run
  *                       adds and quantization rows: pack_avx512.c, encode_avx512.c,
  *                       quantize_avx512.c
- *   ukernel_*.c         one register-blocked microkernel per ISA (spill256.h: the
- *                       INT64 spill the two 256-bit ones share)
+ *   ukernel_*.c         one register-blocked microkernel per ISA, the x86 ones from one
+ *                       template (ukernel_template.h; spill256.h: the INT64 spill the
+ *                       two 256-bit ones share)
  *   vnni_emulation.h    verification builds only: the VNNI intrinsics emulated (SIMDe)
  *   encode.h            exact int64 -> float rounding and power-of-two scaling
  */
