@@ -218,9 +218,14 @@ def run_config(spec: dict, timeout: float) -> dict:
   return result
 
 
+def assignments(env: dict) -> str:
+  """"NAME=VALUE NAME=VALUE", as a shell would take them."""
+  return " ".join(f"{k}={v}" for k, v in env.items())
+
+
 def environments_note(envs: list[tuple[str, dict]]) -> str:
   """What --env adds for each mode's processes: "torch: MALLOC_ARENA_MAX=1; flax-dfp: ..."."""
-  return "; ".join(f"{modes}: " + " ".join(f"{k}={v}" for k, v in env.items()) for modes, env in envs)
+  return "; ".join(f"{modes}: {assignments(env)}" for modes, env in envs)
 
 
 def machine_header(torch_note: str, envs: list[tuple[str, dict]]) -> str:
@@ -395,11 +400,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def mode_environment(text: str) -> tuple[str, dict]:
   """``--env``: ``(modes, {name: value})`` from "MODES:NAME=VALUE,NAME=VALUE"."""
-  modes, sep, assignments = text.partition(":")
-  env = dict(item.partition("=")[::2] for item in assignments.split(",") if item)
-  if not sep or not env or not all(env) or any("=" not in item for item in assignments.split(",")):
+  modes, sep, items = text.partition(":")
+  items = items.split(",")
+  if not sep or any("=" not in item or item.startswith("=") for item in items):
     raise argparse.ArgumentTypeError(f"expected MODES:NAME=VALUE[,NAME=VALUE...], got {text!r}")
-  return modes, env
+  return modes, dict(item.partition("=")[::2] for item in items)
 
 
 def environment_of(mode: str, envs: list[tuple[str, dict]]) -> dict:
@@ -458,7 +463,7 @@ def main(argv=None) -> None:
         f"{steps_note(args.steps)} after compilation and one warm-up step:\n\n{summary_table(rows)}")
   print()
   for r in rows:
-    notes = [f"environment {' '.join(f'{k}={v}' for k, v in r['env'].items())}"] if r["env"] else []
+    notes = [f"environment {assignments(r['env'])}"] if r["env"] else []
     notes += [r["note"]] if r.get("note") else []
     if notes:
       print(f"- {r['network']} b{r['batch']} {r['mode']}: {'; '.join(notes)}")

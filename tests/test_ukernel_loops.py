@@ -8,7 +8,6 @@ accumulators to the stack on every pair: 1.35-2.6x slower on cores that run two 
 a cycle (docs/development.md, "Reading the microkernels' inner loops"), invisible on this CPU.
 """
 
-import importlib.util
 import pathlib
 import platform
 import shutil
@@ -42,8 +41,7 @@ def tool():
 
 @pytest.fixture(scope="module")
 def loops(tool):
-  lib = importlib.util.find_spec("dfpjax.cpu_ffi._kernel").origin
-  return tool.microkernel_loops(tool.disassembly(lib))
+  return tool.microkernel_loops(tool.disassembly(tool.library_path()))
 
 
 @pytest.mark.parametrize("path", sorted(DOTS_PER_PAIR))
