@@ -5,6 +5,8 @@ XLA's float64 convolution (exact at these sizes), rounded once to float32; gradi
 JAX's own transpose rules on those values.
 """
 
+import concurrent.futures
+import functools
 import math
 
 import jax
@@ -182,6 +184,38 @@ def test_kernel_equals_reference_on_every_path(isa, seed):
     want = _forward_and_gradients(lhs, rhs, kw)
   for name, a, b in zip(("forward", "backward-data", "backward-weights"), got, want):
     np.testing.assert_array_equal(a, b, err_msg=f"{name} on {isa} for {kw}")
+
+
+def test_concurrent_calls_on_several_threads_equal_calls_one_at_a_time(isa):
+  """The kernel's scratch buffers belong to the thread that runs a task, kept from call to call:
+  convolutions of different sizes run at once from three threads, in turn on each (so that a
+  thread's buffers grow and are reused by other shapes), give the bits of the same calls made
+  one at a time."""
+  cases = [_blocking_conv(np.random.default_rng(2000 + seed)) for seed in range(6)]
+
+  calls = []
+  for lhs, rhs, kw in cases:
+    conv = functools.partial(dfpjax.dfp_conv_general_dilated, **kw)
+
+    def forward_and_gradients(lhs, rhs, g, conv=conv):
+      y, vjp = jax.vjp(conv, lhs, rhs)
+      return (y, *vjp(g))
+
+    shape = jax.eval_shape(conv, lhs, rhs).shape
+    g = np.random.default_rng(lhs.size).standard_normal(shape).astype(np.float32)
+    calls.append((jax.jit(forward_and_gradients), lhs, rhs, g))
+  want = [[np.asarray(v) for v in fn(lhs, rhs, g)] for fn, lhs, rhs, g in calls]
+
+  def run(order):
+    return [(i, [np.asarray(v) for v in calls[i][0](*calls[i][1:])]) for _ in range(2) for i in order]
+
+  orders = [list(range(k, len(calls))) + list(range(k)) for k in (0, 2, 4)]
+  with concurrent.futures.ThreadPoolExecutor(len(orders)) as pool:
+    results = [r for thread in pool.map(run, orders) for r in thread]
+  assert len(results) == 2 * len(calls) * len(orders)
+  for i, got in results:
+    for name, a, b in zip(("forward", "backward-data", "backward-weights"), got, want[i]):
+      np.testing.assert_array_equal(a, b, err_msg=f"{name} of case {i} on {isa}")
 
 
 # 1x1 convolutions the kernel reads as plain GEMMs (stride 1, no padding: x is the patch matrix)

@@ -103,7 +103,7 @@ static void run_block(conv_plan* c, size_t g, size_t mb, size_t nb, size_t kb0, 
   const size_t panels = min_size(c->mcp, ceil_div(c->m - row0, mr));
   const size_t q0 = nb * c->ncp, q1 = min_size(q0 + c->ncp, c->npanels);
   const size_t panel_stride = dfp_panel_stride((size_t)DFP_KC_PAIRS * mr * 2);
-  int16_t* apack = (int16_t*)malloc(panels * panel_stride * sizeof(int16_t));
+  int16_t* apack = (int16_t*)dfp_scratch(DFP_SCRATCH_A_PANELS, panels * panel_stride * sizeof(int16_t));
   uint64_t abound[DFP_IM2COL_MAX_ROWS * DFP_CHUNK_LEVELS];
   if (apack == NULL) {
     dfp_fail(&c->status, DFP_ERR_ALLOC);
@@ -134,7 +134,6 @@ static void run_block(conv_plan* c, size_t g, size_t mb, size_t nb, size_t kb0, 
     else
       dfp_multiply_block(c->cfg->ukernel, &block, acc, ldc, accumulate || kb > kb0);
   }
-  free(apack);
 }
 
 /* One cache block over all of K, encoded: the forward pass, and backward-weights in one round
@@ -162,7 +161,7 @@ static void block_task(void* arg, size_t t) {
     return;
   }
   const size_t bytes = c->mcp * mr * ldc * sizeof(int64_t);
-  int64_t* acc = (int64_t*)aligned_alloc(64, ceil_div(bytes, 64) * 64);
+  int64_t* acc = (int64_t*)dfp_scratch(DFP_SCRATCH_SUMS, bytes);
   if (acc == NULL) {
     dfp_fail(&c->status, DFP_ERR_ALLOC);
     return;
@@ -172,7 +171,6 @@ static void block_task(void* arg, size_t t) {
   for (size_t row = row0; row < row1; ++row)
     dfp_encode_row(c->cfg, &a->out, row * ldo + g * s->cout + col0, acc + (row - row0) * ldc, cols,
                    ea[row - row0], &a->eb, 0);
-  free(acc);
 }
 
 static size_t sums_rows(const conv_plan* c) { return c->mblocks * c->mcp * c->mr; }
@@ -415,9 +413,9 @@ static void col2im_task(void* arg, size_t image) {
   const dfp_conv_shape* s = &a->shape;
   const size_t mcp = ceil_div(CONV_MC_ROWS, c->mr), levels = c->kblocks * DFP_CHUNK_LEVELS;
   const size_t elements = s->in[0] * s->in[1] * s->in[2] * s->groups * s->cin;
-  int16_t* apack = (int16_t*)malloc(mcp * (c->kpairs ? c->kpairs : 1) * c->mr * 2 * sizeof(int16_t));
-  uint64_t* abound = (uint64_t*)malloc(mcp * (levels ? levels : 1) * sizeof(uint64_t));
-  int64_t* acc = (int64_t*)malloc(mcp * c->mr * (c->npanels ? c->npanels : 1) * c->nr * sizeof(int64_t));
+  int16_t* apack = (int16_t*)dfp_scratch(DFP_SCRATCH_A_PANELS, mcp * (c->kpairs ? c->kpairs : 1) * c->mr * 2 * sizeof(int16_t));
+  uint64_t* abound = (uint64_t*)dfp_scratch(DFP_SCRATCH_A_BOUNDS, mcp * (levels ? levels : 1) * sizeof(uint64_t));
+  int64_t* acc = (int64_t*)dfp_scratch(DFP_SCRATCH_SUMS, mcp * c->mr * (c->npanels ? c->npanels : 1) * c->nr * sizeof(int64_t));
   int64_t* dx = (int64_t*)calloc(elements, sizeof(int64_t));
   if (!apack || !abound || !acc || !dx) {
     dfp_fail(&c->status, DFP_ERR_ALLOC);
@@ -425,9 +423,6 @@ static void col2im_task(void* arg, size_t image) {
     for (size_t g = 0; g < s->groups && c->n > 0; ++g) col2im_group(c, image, g, apack, abound, acc, dx);
     dfp_encode_row(c->cfg, &a->out, image * elements, dx, elements, a->ex[0], &a->eb, 0);
   }
-  free(apack);
-  free(abound);
-  free(acc);
   free(dx);
 }
 

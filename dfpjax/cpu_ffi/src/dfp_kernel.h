@@ -9,7 +9,8 @@
  *                       and the DFPJAX_ISA override
  *   gemm.c, conv.c      macro-loops: blocking, threading, packing (portable)
  *   macro.c             what the macro-loops share: the block routine (chunk bound ->
- *                       microkernel), the output stage, the task error record
+ *                       microkernel), the output stage, per-thread scratch, the task
+ *                       error record
  *   pack.c, im2col.c    packing into the VNNI pair layout + per-block norms; implicit
  *                       im2col of convolution inputs (portable)
  *   quantize.c          float -> INT16 DFP operands (portable rows and driver)

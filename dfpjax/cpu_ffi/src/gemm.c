@@ -100,7 +100,7 @@ static void block_task(void* arg, size_t t) {
   }
 
   const size_t acc_bytes = g->mcp * mr * ldc * sizeof(int64_t);
-  int64_t* acc = (int64_t*)aligned_alloc(64, (acc_bytes + 63) / 64 * 64);
+  int64_t* acc = (int64_t*)dfp_scratch(DFP_SCRATCH_SUMS, acc_bytes);
   if (acc == NULL) {
     dfp_fail(&g->status, DFP_ERR_ALLOC);
     return;
@@ -118,7 +118,6 @@ static void block_task(void* arg, size_t t) {
   for (size_t row = row0; row < row1; ++row)
     dfp_encode_row(g->cfg, &a->out, (b * a->m + row) * a->n + col0, acc + (row - row0) * ldc, cols,
                    ea[row - row0], a->eb + b * a->eb_batch_stride + col0 * a->eb_stride, a->eb_stride);
-  free(acc);
 }
 
 /* A single product with one exponent for b, whose packed operands would outweigh

@@ -1,11 +1,16 @@
 #include "macro.h"
 
+#include <pthread.h>
+#include <stdlib.h>
 #include <string.h>
 #if defined(__linux__)
 #include <sys/mman.h>
 #endif
 #if defined(DFPJAX_X86)
 #include <immintrin.h>
+#endif
+#if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/asan_interface.h>
 #endif
 
 #include "encode.h"
@@ -164,6 +169,64 @@ void dfp_advise_output(void* out, size_t bytes) {
   (void)out;
   (void)bytes;
 #endif
+}
+
+typedef struct {
+  void* data[DFP_SCRATCH_SLOTS];
+  size_t bytes[DFP_SCRATCH_SLOTS];
+} scratch_set;
+
+static pthread_key_t scratch_key; /* its destructor frees a thread's set when the thread exits */
+static pthread_once_t scratch_once = PTHREAD_ONCE_INIT;
+static int scratch_key_made;
+static _Thread_local scratch_set* thread_scratch;
+
+/* Under AddressSanitizer a kept buffer's bytes past the current request are poisoned, so that
+ * a task overrunning its request is caught as in a buffer of its own. */
+static void scratch_fit(void* p, size_t bytes, size_t capacity) {
+#if defined(__SANITIZE_ADDRESS__)
+  if (p == NULL) return;
+  ASAN_UNPOISON_MEMORY_REGION(p, capacity);
+  ASAN_POISON_MEMORY_REGION((char*)p + bytes, capacity - bytes);
+#else
+  (void)p;
+  (void)bytes;
+  (void)capacity;
+#endif
+}
+
+static void free_scratch(void* set) {
+  scratch_set* s = (scratch_set*)set;
+  for (int i = 0; i < DFP_SCRATCH_SLOTS; ++i) {
+    scratch_fit(s->data[i], s->bytes[i], s->bytes[i]);
+    free(s->data[i]);
+  }
+  free(s);
+}
+
+static void make_scratch_key(void) { scratch_key_made = pthread_key_create(&scratch_key, free_scratch) == 0; }
+
+void* dfp_scratch(dfp_scratch_slot slot, size_t bytes) {
+  scratch_set* s = thread_scratch;
+  if (s == NULL) {
+    (void)pthread_once(&scratch_once, make_scratch_key);
+    if (!scratch_key_made || (s = (scratch_set*)calloc(1, sizeof *s)) == NULL) return NULL;
+    if (pthread_setspecific(scratch_key, s) != 0) {
+      free(s);
+      return NULL;
+    }
+    thread_scratch = s;
+  }
+  if (bytes == 0) bytes = 1; /* a buffer all the same: NULL means out of memory */
+  if (s->bytes[slot] < bytes) {
+    const size_t grown = (bytes + 63) / 64 * 64;
+    scratch_fit(s->data[slot], 0, s->bytes[slot]);
+    free(s->data[slot]);
+    s->data[slot] = aligned_alloc(64, grown);
+    s->bytes[slot] = s->data[slot] != NULL ? grown : 0;
+  }
+  scratch_fit(s->data[slot], bytes, s->bytes[slot]);
+  return s->data[slot];
 }
 
 static void serial_for(void* pool, size_t n, dfp_task_fn task, void* arg) {

@@ -1,7 +1,8 @@
 /* What the macro-loops of the GEMM (gemm.c) and the convolutions (conv.c) share: the block
  * routine (exact int32 chunk bound -> microkernel, which carries between chunks; for one K
- * block, its variant that encodes each tile as it is computed), the output stage, the error
- * record of parallel tasks, and the serial fallback for a missing thread pool.
+ * block, its variant that encodes each tile as it is computed), the output stage, the tasks'
+ * per-thread scratch buffers, the error record of parallel tasks, and the serial fallback for a
+ * missing thread pool.
  *
  * Block sizes are named <SCOPE>_<BLOCK>_<UNIT>: DFP_KC_PAIRS (pack.h) for the K block shared by
  * all, GEMM_MC_ROWS / GEMM_NC_COLS and CONV_MC_ROWS / CONV_NC_COLS for the cache blocks. */
@@ -146,6 +147,19 @@ void dfp_split_sums_avx2(const int64_t* s, size_t n, int low_bits, int low_bytes
  * overwrite whole: it changes no result and adds no resident pages to the output (on a block
  * glibc reuses, the heap keeps the advice). Ignored elsewhere and when it fails. */
 void dfp_advise_output(void* out, size_t bytes);
+
+/* Scratch buffers of a parallel task (packed A panels and their bounds, a block's int64 sums),
+ * one per slot. Taken from the heap for every task, they were a forward 56x56 layer's 1,568
+ * allocations of 67 KB a call; with glibc's single arena (MALLOC_ARENA_MAX=1, the trainer's
+ * settings in docs/examples.md) shared by every device's thread and by XLA's buffers, those
+ * allocations cost ~6% of the 4-device sharded step's CPU time (docs/performance.md). */
+typedef enum { DFP_SCRATCH_A_PANELS, DFP_SCRATCH_A_BOUNDS, DFP_SCRATCH_SUMS, DFP_SCRATCH_SLOTS } dfp_scratch_slot;
+
+/* At least bytes of 64-byte aligned memory for slot, owned by the calling thread: kept from
+ * task to task and call to call, grown when too small (its contents then lost), freed when
+ * the thread exits. Contents are undefined. A task runs to completion on its thread and
+ * never runs another inside it, so each slot has one user at a time. NULL when out of memory. */
+void* dfp_scratch(dfp_scratch_slot slot, size_t bytes);
 
 /* The bytes of one element of an output's data (the high parts of split sums). */
 static inline size_t dfp_out_element_bytes(dfp_out_format format) {
