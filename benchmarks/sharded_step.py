@@ -15,7 +15,9 @@ all of them. The simulated devices share the same cores, so splitting the batch 
 wall and CPU time per step about flat; work repeated on every device (an operation XLA
 replicates instead of partitioning) makes them grow with n. Prints median wall and CPU seconds
 per step, their ratios to 1 device, and the range of the wall ratio between the steps of one
-round.
+round, and per step the process's minor page faults (fresh memory XLA's buffers and the
+collectives' copies touch) and context switches (a thread blocking, as in the collectives'
+rendezvous, or preempted), which show where the growth comes from.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import select
 import statistics
 import subprocess
@@ -73,15 +76,20 @@ class _Config:
         "image": rng.standard_normal((args.batch, args.image_size, args.image_size, 3),
                                      np.float32),
         "label": rng.integers(0, 1000, args.batch, dtype=np.int32)})
-    self.compile_s, _ = self.run()  # compiles
+    self.compile_s = self.run()[0]  # the wall time of the step that compiles
 
-  def run(self) -> tuple[float, float]:
-    """One step: its wall and CPU seconds."""
+  def run(self) -> tuple[float, float, int, int]:
+    """One step: its wall and CPU seconds, the process's minor page faults and context switches
+    (voluntary and involuntary) during it."""
     import jax  # pylint: disable=g-import-not-at-top
     start, start_cpu = time.perf_counter(), time.process_time()
+    usage = resource.getrusage(resource.RUSAGE_SELF)
     self.state, metrics = self.step(self.state, self.batch)
     jax.block_until_ready(metrics)
-    return time.perf_counter() - start, time.process_time() - start_cpu
+    wall, cpu = time.perf_counter() - start, time.process_time() - start_cpu
+    end = resource.getrusage(resource.RUSAGE_SELF)
+    switches = end.ru_nvcsw + end.ru_nivcsw - usage.ru_nvcsw - usage.ru_nivcsw
+    return wall, cpu, end.ru_minflt - usage.ru_minflt, switches
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -116,7 +124,7 @@ class _Worker:
     self.proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdin=subprocess.PIPE,
                                  stdout=subprocess.PIPE, stderr=self.stderr, text=True)
     self.devices = devices
-    self.rows = [dict(row, wall=[], cpu=[]) for row in self.answer()]
+    self.rows = [dict(row, wall=[], cpu=[], faults=[], switches=[]) for row in self.answer()]
 
   def answer(self):
     """The worker's next line, parsed; exits with its stderr if it fails or runs out of time."""
@@ -132,9 +140,9 @@ class _Worker:
   def step(self):
     self.proc.stdin.write("step\n")
     self.proc.stdin.flush()
-    for row, (wall, cpu) in zip(self.rows, self.answer()):
-      row["wall"].append(wall)
-      row["cpu"].append(cpu)
+    for row, measured in zip(self.rows, self.answer()):
+      for key, value in zip(("wall", "cpu", "faults", "switches"), measured):
+        row[key].append(value)
 
   def close(self):
     self.proc.stdin.close()
@@ -152,13 +160,16 @@ def run_workers(args: argparse.Namespace) -> list[dict]:
       w.step()
   for w in workers:
     w.close()
-  return [{**row, "wall_s": statistics.median(row["wall"]), "cpu_s": statistics.median(row["cpu"])}
+  return [{**row, "wall_s": statistics.median(row["wall"]), "cpu_s": statistics.median(row["cpu"]),
+           "faults_per_step": statistics.median(row["faults"]),
+           "switches_per_step": statistics.median(row["switches"])}
           for w in workers for row in w.rows]
 
 
 def table(rows: list[dict]) -> str:
   lines = ["| mode | state | devices | compile s | wall s/step | CPU s/step | wall vs 1 device | "
-           "CPU vs 1 device | wall vs 1 device, per round |", "|---|---|---|---|---|---|---|---|---|"]
+           "CPU vs 1 device | wall vs 1 device, per round | page faults/step | context switches/step |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
   for row in rows:
     base = next((r for r in rows if r["mode"] == row["mode"] and r["devices"] == 1
                  and r["state"] == row["state"]), None)
@@ -169,7 +180,8 @@ def table(rows: list[dict]) -> str:
       rounds = f"{paired[0]:.2f}-{paired[-1]:.2f}x (median {statistics.median(paired):.2f}x)"
     lines.append(f"| {row['mode']} | {row['state']} | {row['devices']} | {row['compile_s']:.1f} | "
                  f"{row['wall_s']:.3f} | {row['cpu_s']:.3f} | {ratio('wall_s')} | "
-                 f"{ratio('cpu_s')} | {rounds} |")
+                 f"{ratio('cpu_s')} | {rounds} | {row['faults_per_step']:,.0f} | "
+                 f"{row['switches_per_step']:,.0f} |")
   return "\n".join(lines)
 
 
