@@ -176,10 +176,9 @@ typedef struct {
   size_t bytes[DFP_SCRATCH_SLOTS];
 } scratch_set;
 
-static pthread_key_t scratch_key; /* its destructor frees a thread's set when the thread exits */
+static pthread_key_t scratch_key; /* a thread's set; its destructor frees it when the thread exits */
 static pthread_once_t scratch_once = PTHREAD_ONCE_INIT;
 static int scratch_key_made;
-static _Thread_local scratch_set* thread_scratch;
 
 /* Under AddressSanitizer a kept buffer's bytes past the current request are poisoned, so that
  * a task overrunning its request is caught as in a buffer of its own. */
@@ -207,15 +206,15 @@ static void free_scratch(void* set) {
 static void make_scratch_key(void) { scratch_key_made = pthread_key_create(&scratch_key, free_scratch) == 0; }
 
 void* dfp_scratch(dfp_scratch_slot slot, size_t bytes) {
-  scratch_set* s = thread_scratch;
+  (void)pthread_once(&scratch_once, make_scratch_key);
+  if (!scratch_key_made) return NULL;
+  scratch_set* s = (scratch_set*)pthread_getspecific(scratch_key);
   if (s == NULL) {
-    (void)pthread_once(&scratch_once, make_scratch_key);
-    if (!scratch_key_made || (s = (scratch_set*)calloc(1, sizeof *s)) == NULL) return NULL;
+    if ((s = (scratch_set*)calloc(1, sizeof *s)) == NULL) return NULL;
     if (pthread_setspecific(scratch_key, s) != 0) {
       free(s);
       return NULL;
     }
-    thread_scratch = s;
   }
   if (bytes == 0) bytes = 1; /* a buffer all the same: NULL means out of memory */
   if (s->bytes[slot] < bytes) {
