@@ -16,13 +16,21 @@
 #include "encode.h"
 #include "pack.h"
 
-/* By Cauchy-Schwarz |sum_k a_k b_k| <= ||a|| ||b||, and a row's squared norm over a chunk
- * is at most the bound of its level. Returns 1 (always safe: one pair is at most
- * 2 * 32767^2 < DFP_CHUNK_SUM_MAX) when not even the shortest level is proven safe. */
-size_t dfp_safe_chunk(const uint64_t* abound, const uint64_t* bbound) {
+/* The chunk (in pairs) a tile over kpairs <= DFP_KC_PAIRS pairs runs with: the longest,
+ * up to kpairs, over which every partial sum of an A-panel row with a B-panel column provably
+ * stays within +-DFP_CHUNK_SUM_MAX, from the panels' bounds for its K block (pack.h). By
+ * Cauchy-Schwarz |sum_k a_k b_k| <= ||a|| ||b||, and a row's squared norm over a chunk is at
+ * most the bound of its level. The level whose chunks cover kpairs is tried first: safe, it
+ * proves the whole reduction at once (one product per tile, where the short K of a 1x1 layer
+ * leaves a tile ~200 cycles of arithmetic); else the longest safe level, or 1 (always safe:
+ * one pair is at most 2 * 32767^2 < DFP_CHUNK_SUM_MAX) when not even the shortest is. */
+static inline size_t tile_chunk(const uint64_t* abound, const uint64_t* bbound, size_t kpairs) {
   const unsigned __int128 limit = (unsigned __int128)DFP_CHUNK_SUM_MAX * DFP_CHUNK_SUM_MAX;
+  int whole = 0;
+  while (((size_t)DFP_NORM_BLOCK_PAIRS << whole) < kpairs && whole < DFP_CHUNK_LEVELS - 1) ++whole;
+  if ((unsigned __int128)abound[whole] * bbound[whole] <= limit) return kpairs;
   size_t chunk = 1;
-  for (int level = 0; level < DFP_CHUNK_LEVELS; ++level) {
+  for (int level = 0; level < whole; ++level) {
     if ((unsigned __int128)abound[level] * bbound[level] > limit) break;
     chunk = (size_t)DFP_NORM_BLOCK_PAIRS << level;
   }
@@ -36,9 +44,8 @@ void dfp_multiply_block(const dfp_ukernel* uk, const dfp_block* block, int64_t* 
     const int16_t* b = block->b + j * block->b_stride;
     const uint64_t* bbound = block->bbound + j * block->bbound_stride;
     for (size_t i = 0; i < block->mpanels; ++i) {
-      const size_t chunk = dfp_safe_chunk(block->abound + i * block->abound_stride, bbound);
-      uk->fn(kc, chunk < kc ? chunk : kc, block->a + i * block->a_stride, b, acc + i * mr * ldc + j * nr,
-             ldc, add);
+      const size_t chunk = tile_chunk(block->abound + i * block->abound_stride, bbound, kc);
+      uk->fn(kc, chunk, block->a + i * block->a_stride, b, acc + i * mr * ldc + j * nr, ldc, add);
     }
   }
 }
@@ -79,17 +86,17 @@ void dfp_multiply_encode_block(const dfp_isa_config* cfg, const dfp_block* block
     const uint64_t* abound = block->abound + i * block->abound_stride;
     for (size_t j = 0; j < block->npanels; ++j) {
       const size_t col0 = j * nr, cols = o->cols - col0 < nr ? o->cols - col0 : nr;
-      const size_t chunk = dfp_safe_chunk(abound, block->bbound + j * block->bbound_stride);
+      const size_t chunk = tile_chunk(abound, block->bbound + j * block->bbound_stride, kc);
       const int16_t* b = block->b + j * block->b_stride;
       const size_t index = o->index + row0 * o->ldo + col0;
       if (whole && cols == nr) {
-        if (sums) uk->fn(kc, chunk < kc ? chunk : kc, a, b, (int64_t*)o->out->data + index, o->ldo, 0);
-        else encode_f32(kc, chunk < kc ? chunk : kc, a, b, (uint32_t*)o->out->data + index, o->ldo, scale);
+        if (sums) uk->fn(kc, chunk, a, b, (int64_t*)o->out->data + index, o->ldo, 0);
+        else encode_f32(kc, chunk, a, b, (uint32_t*)o->out->data + index, o->ldo, scale);
         continue;
       }
       /* A partial tile, a row's scale past the lanes' encoding, or split sums: through the
        * int64 tile and the output stage. */
-      uk->fn(kc, chunk < kc ? chunk : kc, a, b, tile, nr, 0);
+      uk->fn(kc, chunk, a, b, tile, nr, 0);
       for (size_t r = 0; r < rows; ++r)
         dfp_encode_row(cfg, o->out, index + r * o->ldo, tile + r * nr, cols, o->ea[row0 + r], &o->eb, 0);
     }

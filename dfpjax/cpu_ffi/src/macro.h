@@ -22,11 +22,6 @@ enum { CONV_NC_COLS = 256 };
 /* The largest partial sum a chunk may reach (ukernel.h): int32 less a carried remainder. */
 #define DFP_CHUNK_SUM_MAX (INT32_MAX - 0xffff)
 
-/* Longest chunk (in pairs) over which every partial sum of an A-panel row with a B-panel
- * column provably stays within +-DFP_CHUNK_SUM_MAX, from the panels' bounds for one K block
- * (pack.h). */
-size_t dfp_safe_chunk(const uint64_t* abound, const uint64_t* bbound);
-
 /* Packed micro-panels over one K block of kpairs <= DFP_KC_PAIRS pairs: A panel i at
  * a + i * a_stride with its DFP_CHUNK_LEVELS bounds at abound + i * abound_stride, and the
  * same for B panel j. */
