@@ -256,7 +256,9 @@ def test_resnet18_weight_gradients_are_bit_identical_on_1_and_4_devices():
 _SHORT_WEIGHT_GRADIENTS = _ALL_PASSES + """
 # A few pixels an example and more weights than the batch's elements (ResNet's last stages):
 # the weight gradient is computed from the gathered batch, each device its block of dy's
-# channels, for a replicated weight and for one split along its output channels (ZeRO).
+# channels, for a replicated weight and for one split along its output channels (ZeRO); the
+# split weight's forward product and input gradient work on the whole batch too, each device
+# with its own block of the weight.
 keys = jax.random.split(jax.random.key(7), 2)
 def conv(x, w):
   return dfpjax.dfp_conv_general_dilated(x, w, (1, 1), "SAME",
@@ -267,21 +269,31 @@ for name, w_spec in (("replicated", P()), ("sharded", P(None, None, None, "data"
 """
 
 
-def test_short_weight_gradients_from_the_gathered_batch_give_one_devices_bits():
-  """Where the batch's operands hold fewer elements than the weight gradient
+def test_short_products_from_the_gathered_batch_give_one_devices_bits():
+  """Where the batch's operands hold fewer elements than the weight
   (``partitioning.gathers_the_batch``), each device gathers the batch's INT16 activations,
   receives the whole batch of its quarter of the cotangent's channels (an all-to-all) and
-  sums the whole batch for its quarter of the gradient: one device's bits in every pass, no
-  partial sums (no reduce-scatter), and the replicated weight's gradient all-gathered in
-  float32, the sharded weight's left split."""
+  sums the whole batch for its quarter of the weight gradient: one device's bits in every
+  pass. A replicated weight's other products run on the device's share of the batch, and its
+  gradient is all-gathered in float32. A weight split along its output features is never
+  gathered: the forward product computes the whole batch's output for the device's block of
+  features (an all-to-all returns the batch split), the input gradient sums the whole batch
+  of the device's block of cotangent channels against it (exact partial sums of the device's
+  share of the batch, reduce-scattered), and the weight gradient stays split."""
   runs = {n: run_on_devices(_SHORT_WEIGHT_GRADIENTS, n) for n in DEVICE_COUNTS}
   _assert_same_bits(runs, list(runs[1].results))
-  for hlo, gathered_gradient in zip(runs[4].hlo, (True, False)):
+  replicated, sharded = runs[4].hlo
+  for hlo in (replicated, sharded):
     assert re.search(r"= s16\[8,2,2,16\][^ ]* all-gather\(", hlo)
     # dy's channel blocks: XLA:CPU's all-to-all takes them as one tuple element a device
     assert re.search(r"= \(s16\[2,2,2,4\][^=]*\) all-to-all\(", hlo)
-    assert "reduce-scatter(" not in hlo
-    assert bool(re.search(r"= f32\[3,3,16,16\][^ ]* all-gather\(", hlo)) == gathered_gradient
+  assert "reduce-scatter(" not in replicated
+  assert re.search(r"= f32\[3,3,16,16\][^ ]* all-gather\(", replicated)
+  assert not re.search(r"= (s16|f32)\[3,3,16,16\][^ ]* all-gather\(", sharded)
+  # The forward output's blocks of features, exchanged for the device's share of the batch.
+  assert re.search(r"= \(f32\[2,2,2,4\][^=]*\) all-to-all\(", sharded)
+  scattered = re.findall(r"= (\w+)\[([\d,]+)\][^ ]* reduce-scatter\(", sharded)
+  assert scattered and all(dims == "2,2,2,16" for _, dims in scattered), scattered
 
 
 _SHARD_MAP = """

@@ -169,12 +169,17 @@ def _partition(mesh, specs, shapes, bind, *, wanted, geometry, mode, out_dtype):
   A contracted split makes each device's kernel write its exact int64 partial sums, which
   one int64 sum adds before the single rounding (``partitioning.sum_and_encode``); a
   weight gradient comes out split as its consumer wants it where that splits one dimension
-  over the batch's axes (a sharded weight's). A weight gradient larger than its batch's
-  operands (``partitioning.gathers_the_batch``) comes instead from the gathered batch, each
-  device its block of dy's channels (``partitioning.weight_gradient_of_gathered_batch``).
-  Weights split along their last dimension (a ZeRO-sharded state's) are all-gathered, which
-  XLA:CPU writes with that dimension outermost: the kernel reads them so
-  (``Geometry.features_major_weights``), not after a copy back to row-major."""
+  over the batch's axes (a sharded weight's). Where the weight outweighs the batch's two
+  activations (``partitioning.gathers_the_batch``), each device works on the whole batch
+  instead, for its block of the weight's output features: a weight gradient from the gathered
+  batch and its block of dy's channels (``partitioning.weight_gradient_of_gathered_batch``);
+  and, for a weight split along its output features over the batch's axes (a ZeRO-sharded
+  state's), the forward convolution from the gathered input and the device's own block of the
+  weight (``partitioning.output_block_of_gathered_batch``), and the input gradient from the
+  whole batch of that block's cotangent channels (``partitioning.input_gradient_of_gathered_batch``).
+  Other weights split along their last dimension are all-gathered, which XLA:CPU writes with
+  that dimension outermost: the kernel reads them so (``Geometry.features_major_weights``),
+  not after a copy back to row-major."""
   x_shape, ex_shape = shapes[0], shapes[1]
   rank, batch = len(x_shape), specs[0][0]
   none = (None,) * (rank - 2)
@@ -195,25 +200,56 @@ def _partition(mesh, specs, shapes, bind, *, wanted, geometry, mode, out_dtype):
   if mode == "backward_weights":
     scattered, y_spec = partitioning.split_as_wanted(wanted[0], contracted, y_spec)
     dw_size = math.prod(geometry.window) * x_shape[-1] * shapes[2][-1]
+    devices = partitioning.axes_size(mesh, contracted)
     # Without groups only: a block of dy's channels would cut across them.
     if (geometry.groups == 1 and channel is None and dy_channel is None
-        and scattered in (None, rank - 1)
-        and partitioning.gathers_the_batch(x_shape, shapes[2], dw_size,
-                                           partitioning.axes_size(mesh, contracted))):
+        and scattered in (None, rank - 1) and shapes[2][-1] % devices == 0
+        and partitioning.gathers_the_batch(x_shape, shapes[2], dw_size, devices)):
       per_shard = partitioning.weight_gradient_of_gathered_batch(
           bind, contracted, scattered is not None, ex_spec[0] is not None)
       return per_shard, y_spec, (x_spec, ex_spec, b_spec, (None,))
-  elif specs[2][-1] is not None and b_spec[-1] is None:
+  elif specs[2][-1] is not None and b_spec[-1] is None:  # b split along its last dimension
+    if (mode == "forward" and geometry.groups == 1 and channel is None and batch is not None
+        and partitioning.axes_of(specs[2][-1]) == partitioning.axes_of(batch)):
+      per_shard = _of_gathered_batch(mesh, shapes, bind, geometry, mode, out_dtype,
+                                     partitioning.axes_of(batch), ex_spec[0] is not None)
+      if per_shard is not None:
+        return per_shard, y_spec, (x_spec, ex_spec, (*none, None, specs[2][-1]), (None,))
     # the partitioner gathers b along its last dimension, which XLA:CPU writes outermost
     bind = functools.partial(bind, geometry=dataclasses.replace(geometry,
                                                                 features_major_weights=True))
 
-  # ex is per example (forward) or one exponent: it scales the result's leading dimension
-  # (the result, y or dw, has x's rank).
-  exponents = lambda ex, eb: (ex.reshape(-1, *(1,) * (rank - 1)), eb.reshape(()))
-  per_shard = partitioning.product_per_shard(bind, exponents, out_dtype, mesh, contracted,
+  per_shard = partitioning.product_per_shard(bind, _exponents(rank), out_dtype, mesh, contracted,
                                              scattered, terms=functools.partial(_terms, geometry, mode))
   return per_shard, y_spec, (x_spec, ex_spec, b_spec, (None,))
+
+
+def _of_gathered_batch(mesh, shapes, bind, geometry, mode, out_dtype, axes, per_example_exponent):
+  """For a convolution (forward, or the input gradient's, with transposed weights) whose
+  weight is split along its last dimension over the mesh ``axes`` that split the batch, and
+  outweighs the batch's input and output (``partitioning.gathers_the_batch``): the per-shard
+  function that works on the whole batch for the device's block of the weight, or None."""
+  x_shape, w_shape = shapes[0], shapes[2]
+  # The weight's last dimension is the forward's output features, the input gradient's
+  # contracted ones: its output features are the weight's input features.
+  y_channels = w_shape[-2] if geometry.transposed_weights else w_shape[-1]
+  y_shape = (x_shape[0], *geometry.out_spatial(x_shape[1:-1]), y_channels)
+  if not partitioning.gathers_the_batch(x_shape, y_shape, math.prod(w_shape),
+                                        partitioning.axes_size(mesh, axes)):
+    return None
+  if not geometry.transposed_weights:
+    return partitioning.output_block_of_gathered_batch(bind, axes, per_example_exponent)
+  if per_example_exponent:  # an input gradient's cotangent has one exponent
+    return None
+  return partitioning.input_gradient_of_gathered_batch(
+      bind, _exponents(len(x_shape)), out_dtype, mesh, axes,
+      terms=functools.partial(_terms, geometry, mode))
+
+
+def _exponents(rank: int):
+  """``ex`` is per example (forward) or one exponent: it scales the result's leading dimension
+  (the result, y or dw, has x's rank)."""
+  return lambda ex, eb: (ex.reshape(-1, *(1,) * (rank - 1)), eb.reshape(()))
 
 
 def _terms(geometry: Geometry, mode, x, b) -> int:

@@ -9,9 +9,11 @@ split sharded (the batch), replicates the rest (the weights) and returns the fun
 device runs on its shard: the kernel, plus the collectives that keep the result the same
 bits as on one device (a scalar ``pmax`` for a global exponent, an exact integer sum for a
 product that contracts a sharded dimension: ``sum_and_encode``, of int64 partial sums or of
-their two narrower parts, ``split_sums``; or, for a weight gradient larger than its batch's
-operands, the gathered batch and a block of the gradient per device,
-``weight_gradient_of_gathered_batch``).
+their two narrower parts, ``split_sums``). Where a convolution's weight outweighs the batch's
+activations (``gathers_the_batch``), each device works on the whole batch for its block of the
+weight's output features instead: ``weight_gradient_of_gathered_batch``, and for a weight split
+so (a ZeRO-sharded state's) ``output_block_of_gathered_batch`` and
+``input_gradient_of_gathered_batch``, which never gather it.
 
 With one device, or inside ``shard_map`` (all axes manual), ``custom_partitioning`` inlines
 the kernel call: the program lowers to exactly the custom calls it had before.
@@ -204,16 +206,17 @@ def product_per_shard(bind, exponents, out_dtype, mesh, axes, scatter_dimension=
   return per_shard
 
 
-def gathers_the_batch(x_shape, dy_shape, result_size: int, devices: int) -> bool:
-  """Whether a weight gradient whose batch is split over ``devices`` devices is cheaper from
-  the gathered batch (``weight_gradient_of_gathered_batch``) than from exact partial sums: where
-  the batch's operands, ``x`` and ``dy`` (2-byte mantissas), hold fewer elements than the
-  gradient (its partial sums take 5 to 8 bytes an element on every device, then a
-  reduce-scatter, an encoding and an exchange), and ``dy``'s channels split evenly. The short
-  products at the network's end (ResNet's last stages: a few pixels an example, hundreds of
-  channels) are so; the early layers' long ones are not."""
-  return (devices > 1 and dy_shape[-1] % devices == 0
-          and math.prod(x_shape) + math.prod(dy_shape) <= result_size)
+def gathers_the_batch(x_shape, y_shape, weight_size: int, devices: int) -> bool:
+  """Whether a convolution over a batch split over ``devices`` devices is cheaper with each
+  device working on the whole batch, for its block of the weight's output features, than on
+  its share of the batch with the whole weight: where the two batch-sized tensors it reads or
+  writes, ``x`` and ``y`` (its input and output, or input and cotangent), hold fewer elements
+  than the weight. Each device then gathers or exchanges a few hundred KiB of INT16 activations
+  instead of gathering and packing the whole weight, or writing weight-sized partial sums of
+  its gradient (5 to 8 bytes an element, then a reduce-scatter, an encoding and an exchange).
+  The short products at the network's end (ResNet's last stages: a few pixels an example,
+  hundreds of channels) are so; the early layers' long ones are not."""
+  return devices > 1 and math.prod(x_shape) + math.prod(y_shape) <= weight_size
 
 
 def weight_gradient_of_gathered_batch(bind, axes, scattered: bool, per_example_exponent: bool):
@@ -236,6 +239,47 @@ def weight_gradient_of_gathered_batch(bind, axes, scattered: bool, per_example_e
     if not scattered:
       dw = lax.all_gather(dw, axes, axis=dw.ndim - 1, tiled=True)
     return [dw, flag]
+
+  return per_shard
+
+
+def output_block_of_gathered_batch(bind, axes, per_example_exponent: bool):
+  """The function one device runs on its shard ``(x, ex, w, eb)`` of a forward convolution
+  whose weight ``w [..., cin, cout]`` is split along its output features over the mesh ``axes``
+  that split the batch (a ZeRO-sharded state's), returning ``[y, flag]`` as
+  ``product_per_shard``'s do: the device gathers all of ``x`` (and ``ex`` where it is per
+  example), its kernel computes the whole batch's output for its block of the output features
+  from its own block of the weight, as it lies, and an all-to-all returns each device its
+  share of the batch, all features. Every element is one kernel's exact sum rounded once: one
+  device's bits, each device does a ``1/devices`` share of the multiply-adds, and none gathers
+  or packs the whole weight (the forward products of the last stages, where the weight
+  outweighs the batch's input and output: ``gathers_the_batch``)."""
+  def per_shard(x, ex, w, eb):
+    x = lax.all_gather(x, axes, axis=0, tiled=True)
+    if per_example_exponent:
+      ex = lax.all_gather(ex, axes, axis=0, tiled=True)
+    y = bind(x, ex, w, eb)
+    flag = first_false(y)
+    return [lax.all_to_all(y, axes, split_axis=0, concat_axis=y.ndim - 1, tiled=True), flag]
+
+  return per_shard
+
+
+def input_gradient_of_gathered_batch(bind, exponents, out_dtype, mesh, axes, *, terms):
+  """The function one device runs on its shard ``(dy, ex, w, eb)`` of an input gradient, a
+  convolution of ``dy`` with the transposed weights ``w [..., cin, cout]`` that contracts
+  ``cout``, where ``w`` is split along ``cout`` over the mesh ``axes`` that split the batch:
+  an all-to-all gives the device the whole batch of its block of ``dy``'s channels, its kernel
+  sums them against its own block of the weight, as it lies, into exact partial sums of the
+  whole batch's input gradient, and ``product_per_shard`` adds those over the devices and
+  encodes once each device's share of the batch: one device's bits, a ``1/devices`` share of
+  the multiply-adds, and no device gathers or packs the whole weight (with
+  ``output_block_of_gathered_batch``, the last stages' products under a ZeRO-sharded state)."""
+  partial_sums = product_per_shard(bind, exponents, out_dtype, mesh, axes, 0, terms=terms)
+
+  def per_shard(dy, ex, w, eb):
+    dy = lax.all_to_all(dy, axes, split_axis=dy.ndim - 1, concat_axis=0, tiled=True)
+    return partial_sums(dy, ex, w, eb)
 
   return per_shard
 
