@@ -296,6 +296,34 @@ def test_short_products_from_the_gathered_batch_give_one_devices_bits():
   assert scattered and all(dims == "2,2,2,16" for _, dims in scattered), scattered
 
 
+_PER_EXAMPLE_EXPONENTS = """
+# A convolution mapped over examples (jax.vmap): its batching rule makes the examples one batch
+# with an exponent each. Examples of different scales, a weight split along its output
+# features that outweighs them: the gathered batch takes the examples' exponents along.
+keys = jax.random.split(jax.random.key(7), 2)
+x = 2.0 ** jnp.arange(8.0)[:, None, None, None] * jax.random.normal(keys[0], (8, 2, 2, 16))
+w = jax.random.normal(keys[1], (3, 3, 16, 16))
+def conv(x, w):
+  return dfpjax.dfp_conv_general_dilated(x[None], w, (1, 1), "SAME",
+                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))[0]
+mapped = jax.jit(jax.vmap(conv, in_axes=(0, None)))
+x = jax.device_put(x, NamedSharding(mesh, P("data")))
+w = jax.device_put(w, NamedSharding(mesh, P(None, None, None, "data")))
+report_hlo(mapped.lower(x, w).compile())
+report("forward", mapped(x, w))
+"""
+
+
+def test_per_example_exponents_on_the_gathered_batch_give_one_devices_bits():
+  """The forward product on the gathered batch (``partitioning.output_block_of_gathered_batch``)
+  with an exponent per example (a ``vmap``ped convolution): each device gathers the examples'
+  exponents with their mantissas, and the output is one device's bits."""
+  runs = {n: run_on_devices(_PER_EXAMPLE_EXPONENTS, n, axis_type="Auto") for n in DEVICE_COUNTS}
+  _assert_same_bits(runs, ["forward"])
+  assert re.search(r"= s32\[8\][^ ]* all-gather\(", runs[4].hlo[0])
+  assert re.search(r"= s16\[8,2,2,16\][^ ]* all-gather\(", runs[4].hlo[0])
+
+
 _SHARD_MAP = """
 from functools import partial
 shared = dfpjax.QuantConfig(exponent_axes=("data",))
