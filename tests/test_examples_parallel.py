@@ -324,10 +324,9 @@ def test_the_sharded_dfp_train_step_gathers_the_batch_only_for_larger_weight_gra
   conv_shapes = run.results["conv_shapes"].tolist()
   batch_gathers = 0
   for gathered in run.all_gathers():
-    dtype, dims = gathered.split("{")[0].rstrip("]").split("[")
-    dims = [int(d) for d in dims.split(",")]
+    dtype, dims = _type_and_dims(gathered)
     if dtype == "s16":
-      assert _gathered_for_a_larger_weight_gradient(dims, conv_shapes), gathered
+      assert _gathered_batch_of_a_larger_weight(dims, conv_shapes), gathered
       batch_gathers += 1
     else:
       assert dtype == "f32" and np.prod(dims) in param_sizes, gathered
@@ -371,7 +370,13 @@ report("norms", np.array(sum("scale" in jax.tree_util.keystr(path)
 """
 
 
-def _gathered_for_a_larger_weight_gradient(dims, conv_shapes) -> bool:
+def _type_and_dims(gathered: str) -> tuple[str, list[int]]:
+  """The element type and dimensions of an all-gather's result, ``"s16[16,4,4,256]{...}"``."""
+  dtype, dims = gathered.split("{")[0].rstrip("]").split("[")
+  return dtype, [int(d) for d in dims.split(",")]
+
+
+def _gathered_batch_of_a_larger_weight(dims, conv_shapes) -> bool:
   """An all-gathered INT16 batch operand ``[16, h, w, c]`` is the input of a convolution whose
   weight is larger than it, whose weight gradient (and, the weight split, whose forward
   product) each device then computes a block of from the gathered batch
@@ -407,9 +412,8 @@ def test_sharded_state_gives_the_replicated_states_bits():
   # Each kernel gathered, by its shape (window and channels, either orientation).
   gathered_kernels = collections.Counter()
   for g in gathered:
-    dtype, dims = g.split("{")[0].rstrip("]").split("[")
-    dims = [int(d) for d in dims.split(",")]
-    if dtype == "s16" and _gathered_for_a_larger_weight_gradient(dims, conv_shapes):
+    dtype, dims = _type_and_dims(g)
+    if dtype == "s16" and _gathered_batch_of_a_larger_weight(dims, conv_shapes):
       continue
     if dtype == "s16":  # a window (at most 7x7) of in x out or out x in channels
       assert len(dims) == 4 and max(dims[:2]) <= 7 and tuple(dims[2:]) in channels, g
