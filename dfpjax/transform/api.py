@@ -6,6 +6,7 @@ import functools
 from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
+from jax.extend.core import ClosedJaxpr  # public: it outlives JAX 0.12 folding it into Jaxpr
 
 from dfpjax._jax_compat import api_util, core, source_info_util
 from dfpjax.numerics.config import DFPConfig
@@ -14,7 +15,7 @@ from dfpjax.transform import rules  # noqa: F401  (registers the higher-order pr
 
 
 class _Traced(NamedTuple):
-  jaxpr: core.ClosedJaxpr
+  jaxpr: ClosedJaxpr
   out_tree: Any
   rewrites: dict  # its sub-computations, rewritten (interpreter.Context.rewrites)
 

@@ -37,6 +37,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.extend.core import ClosedJaxpr  # public: it outlives JAX 0.12 folding it into Jaxpr
 from jax.extend.core import primitives as prims
 
 from dfpjax._jax_compat import core, lu, ragged_dot_general_p, source_info_util
@@ -325,7 +326,7 @@ _COMBINER_PARAMS = {
 
 
 def _holds_computation(value) -> bool:
-  if isinstance(value, (core.Jaxpr, core.ClosedJaxpr, lu.WrappedFun)):
+  if isinstance(value, (core.Jaxpr, ClosedJaxpr, lu.WrappedFun)):
     return True
   if isinstance(value, (tuple, list)):
     return any(_holds_computation(v) for v in value)

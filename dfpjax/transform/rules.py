@@ -10,6 +10,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.extend.core import ClosedJaxpr  # public: it outlives JAX 0.12 folding it into Jaxpr
 from jax.extend.core import primitives as prims
 
 from dfpjax._jax_compat import (CUSTOM_VJP3_LEADING_ARGS, CUSTOM_VJP3_PRIMAL_LEADING_ARGS,
@@ -28,7 +29,7 @@ from dfpjax.transform.recompute import RecomputePolicy, tied_to_cotangent
 # ---------------------------------------------------------------------------------------
 
 
-def _trace(fun: Callable, in_avals) -> tuple[core.ClosedJaxpr, list]:
+def _trace(fun: Callable, in_avals) -> tuple[ClosedJaxpr, list]:
   """Traces ``fun`` (flat in, flat list out) to a const-free ClosedJaxpr taking the
   hoisted consts first, and those consts (closed-over values, tracers included)."""
   dbg = api_util.debug_info("dfp_transform", fun, tuple(in_avals), {})
@@ -67,7 +68,7 @@ def _rewrite(ctx, ident, scope: Scope, in_avals, body: Callable):
   return jaxpr, [*consts, *keys]
 
 
-def _rewrite_closed(ctx, closed: core.ClosedJaxpr, scope: Scope, ident=None):
+def _rewrite_closed(ctx, closed: ClosedJaxpr, scope: Scope, ident=None):
   """``closed``'s computation with its sites rewritten, as ``_rewrite`` returns it."""
   return _rewrite(ctx, closed if ident is None else ident, scope, closed.in_avals,
                   lambda inner, *args: eval_jaxpr(ctx, closed.jaxpr, closed.consts, args, inner))
@@ -106,7 +107,7 @@ def _call_rule(ctx, eqn, invals, scope):
   params = dict(eqn.params)
   call_jaxpr = params.pop("call_jaxpr")
   jaxpr, consts = ((call_jaxpr.jaxpr, call_jaxpr.consts)
-                   if isinstance(call_jaxpr, core.ClosedJaxpr) else (call_jaxpr, ()))
+                   if isinstance(call_jaxpr, ClosedJaxpr) else (call_jaxpr, ()))
   # The body is numbered afresh, however often it is traced.
   inner = scope.in_rule(scope.key_operands(), scope.sites.next(), 0)
   fun = lu.wrap_init(lambda *args: eval_jaxpr(ctx, jaxpr, consts, args, inner),
@@ -135,7 +136,7 @@ def _cond_rule(ctx, eqn, invals, scope):
                             **dict(eqn.params, branches=tuple(branches)))
 
 
-def _loop_part(ctx, closed: core.ClosedJaxpr, num_consts: int, scope: Scope, *, body: bool):
+def _loop_part(ctx, closed: ClosedJaxpr, num_consts: int, scope: Scope, *, body: bool):
   """A loop's body or condition rewritten. With a key, it also takes an int32 iteration
   counter after its consts (a body returns the next count first), and its sites' keys fold
   in the iteration."""
