@@ -1,11 +1,13 @@
 /* Where the time of a DFP convolution pass goes, kernel call by kernel call, on the ResNet-50
  * layer set of benchmarks/conv.py: the quantization of each float operand (dfp_quantize) and
  * the three convolution kernels, each the minimum of --repeats runs on a pool of --threads
- * threads, next to the GEMM at 1024^3. A pass's total is its kernel plus the quantization of
- * the operands it reads (forward: x, w; backward-data: dy, w; backward-weights: x, dy), as
- * benchmarks/conv.py times it. The last column counts each kernel's minor page faults per timed
- * call (getrusage, all threads): the operands and outputs are allocated once per layer, so these
- * are the faults of the kernel's own scratch, unless --fresh-outputs (below). Not built by CI;
+ * threads, next to the GEMM at 1024^3 (with its minor page faults per call, which the glibc
+ * malloc settings the header names decide: print_malloc_settings). A pass's total is its kernel
+ * plus the quantization of the operands it reads (forward: x, w; backward-data: dy, w;
+ * backward-weights: x, dy), as benchmarks/conv.py times it. The last column counts each
+ * kernel's minor page faults per timed call (getrusage, all threads): the operands and outputs
+ * are allocated once per layer, so these are the faults of the kernel's own scratch, unless
+ * --fresh-outputs (below). Not built by CI;
  * build and run against an installed dfpjax:
  *
  *   KERNEL=$(python -c "import dfpjax.cpu_ffi._kernel as k; print(k.__file__)")
@@ -367,6 +369,18 @@ static double gemm_gops(size_t n) {
   return 2.0 * n * n * n / ms / 1e6;
 }
 
+/* The glibc malloc tunables in the environment, as benchmarks/common.py's malloc_settings: with
+ * the defaults, a fresh process maps the GEMM's packed operands (4 MB at 1024^3) afresh on every
+ * call and faults them in, about 1,000 faults and a sixth of its rate on Zen 3 (the GEMM line
+ * counts them); a Python process running XLA has long raised glibc's mapping threshold past them. */
+static void print_malloc_settings(void) {
+  extern char** environ;
+  int any = 0;
+  for (char** e = environ; *e; ++e)
+    if (!strncmp(*e, "MALLOC_", 7) || !strncmp(*e, "GLIBC_TUNABLES=", 15)) printf("%s%s", any++ ? " " : "", *e);
+  printf("%s\n", any ? "" : "glibc malloc defaults");
+}
+
 int main(int argc, char** argv) {
   size_t batch = 32;
   int threads = 2, first_layer = argc, gemm = 1;
@@ -397,9 +411,13 @@ int main(int argc, char** argv) {
     pthread_create(&id, NULL, worker, &pool);
   }
   par = (dfp_parallel){pool_for, &pool, threads};
-  printf("# path %s, batch %zu, %d threads, min of %d%s; %s ms (GOP/s)\n", dfp_isa_name(isa), batch, threads,
+  printf("# path %s, batch %zu, %d threads, min of %d%s; %s ms (GOP/s); ", dfp_isa_name(isa), batch, threads,
          repeats, fresh_outputs ? ", fresh outputs" : "", cpu_time ? "CPU" : "wall");
-  if (gemm) printf("# GEMM 1024^3: %.0f GOP/s\n", gemm_gops(1024));
+  print_malloc_settings();
+  if (gemm) {
+    const double gops = gemm_gops(1024);
+    printf("# GEMM 1024^3: %.0f GOP/s, %ld minor faults per call\n", gops, last_faults);
+  }
   printf("| layer | GOP | Q(x) / Q(w) / Q(dy) ms | fwd kernel | bwd-data kernel | bwd-weights kernel |"
          " pass GOP/s fwd / data / weights | kernel faults per call fwd / data / weights |\n"
          "|---|---|---|---|---|---|---|---|\n");
