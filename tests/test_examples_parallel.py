@@ -409,7 +409,8 @@ def test_sharded_state_gives_the_replicated_states_bits():
   channels |= {c[::-1] for c in channels}  # the input gradient's kernels are transposed
   conv_shapes = run.results["conv_shapes"].tolist()
   gathered = run.all_gathers()
-  # Each kernel gathered, by its shape (window and channels, either orientation).
+  # A kernel's shape whichever way it lies: window and channels, each pair in either order.
+  shape_key = lambda dims: tuple(sorted(dims[:2]) + sorted(dims[2:]))
   gathered_kernels = collections.Counter()
   for g in gathered:
     dtype, dims = _type_and_dims(g)
@@ -417,7 +418,7 @@ def test_sharded_state_gives_the_replicated_states_bits():
       continue
     if dtype == "s16":  # a window (at most 7x7) of in x out or out x in channels
       assert len(dims) == 4 and max(dims[:2]) <= 7 and tuple(dims[2:]) in channels, g
-      gathered_kernels[tuple(sorted(dims[:2]) + sorted(dims[2:]))] += 1
+      gathered_kernels[shape_key(dims)] += 1
     else:
       assert dtype == "f32" and np.prod(dims) in param_sizes, g
   # At most once a step (the recomputed block tails take the forward pass's gathered kernels,
@@ -425,7 +426,7 @@ def test_sharded_state_gives_the_replicated_states_bits():
   # stages, larger than the batch's activations (partitioning.output_block_of_gathered_batch,
   # input_gradient_of_gathered_batch): the kernels of each shape gathered at most as often as
   # there are kernels of that shape, fewer than all.
-  kernels = collections.Counter(tuple(sorted(k[:2]) + sorted(k[2:])) for k in conv_shapes)
+  kernels = collections.Counter(map(shape_key, conv_shapes))
   assert all(n <= kernels[shape] for shape, n in gathered_kernels.items()), gathered_kernels
   assert 0 < sum(gathered_kernels.values()) < run.results["split_kernels"].sum(), gathered
   entry = run.hlo[0][run.hlo[0].index("\nENTRY "):]
