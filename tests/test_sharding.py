@@ -141,9 +141,9 @@ def test_ops_run_their_kernels_per_shard(op_runs):
   hlo = "\n".join(op_runs[4].hlo)
   assert f"f32[{BATCH // 4},24]" in hlo and "dfpjax_dot_general" in hlo
   assert f"s16[{BATCH // 4},7,6,3]" in hlo and "dfpjax_conv" in hlo
-  # dot [1, 5, 24], conv [3, 3, 3, 4], conv_wide [3, 3, 20, 6]: split after the first
+  # dot [1, 24, 5], conv [3, 3, 3, 4], conv_wide [3, 3, 20, 6]: split after the first
   # dimensions whose product 4 divides.
-  for rows, cols, low in ((120, 1, "u8"), (108, 1, "u16"), (180, 6, "u8")):
+  for rows, cols, low in ((24, 5, "u8"), (108, 1, "u16"), (180, 6, "u8")):
     for part in ("s32", low):
       assert re.search(rf"{part}\[{rows // 4},{cols}\][^ ]* reduce-scatter\(", hlo), (rows, part)
     assert re.search(rf"f32\[{rows},{cols}\][^ ]* all-gather\(", hlo), (rows, cols)

@@ -247,13 +247,27 @@ class DotDims:
       position[lc] = nb + nlf + rc_sorted.index(rc)
     return dims, tuple(position[d] for d in range(self.lhs_ndim))
 
-  def swapped(self):
-    return DotDims(self.rhs_contract, self.lhs_contract, self.rhs_batch, self.lhs_batch,
-                   self.rhs_ndim, self.lhs_ndim)
-
   def transpose_rhs(self):
-    """Dims of ``d rhs = dot(g', lhs)`` (g' the cotangent with lhs/rhs free axes swapped)."""
-    return self.swapped().transpose_lhs()
+    """Dims of ``d rhs = dot(lhs, g)``, and the permutation of its result into rhs order.
+
+    lhs comes first so that the result's axes are already in rhs order wherever rhs's
+    contracting axes precede its free ones (a dense layer's kernel): the kernel then writes the
+    weight gradient as it lies, and XLA transposes nothing (``dot(g^T, lhs)`` then a transpose:
+    5x slower for a 25088 x 4096 kernel, with its update)."""
+    nb, nlf = len(self.lhs_batch), len(self.lhs_free)
+    g_lhs_free = tuple(range(nb, nb + nlf))
+    dims = DotDims(self.lhs_free, g_lhs_free, self.lhs_batch, tuple(range(nb)), self.lhs_ndim,
+                   nb + nlf + len(self.rhs_free))
+    # Result axes: batch, lhs's remaining (contracting) axes in ascending order, then rhs free.
+    lc_sorted = sorted(self.lhs_contract)
+    position = {}
+    for i, d in enumerate(self.rhs_batch):
+      position[d] = i
+    for lc, rc in zip(self.lhs_contract, self.rhs_contract):
+      position[rc] = nb + lc_sorted.index(lc)
+    for j, d in enumerate(self.rhs_free):
+      position[d] = nb + len(lc_sorted) + j
+    return dims, tuple(position[d] for d in range(self.rhs_ndim))
 
 
 def _canonical_dims(dimension_numbers, lhs_shape, rhs_shape) -> DotDims:
@@ -359,14 +373,10 @@ class _Spec:
     g_q, rhs_m = partner_folded(g, qb, g.ndim - 1, self.gradient, key_g)
     da = exact_dot(g_q, rhs_m, da_dims, self.lhs_dtype)
 
-    # d rhs = dot(g', lhs), g' being g with its lhs-free axes moved last: lhs's free axes
-    # are contracted. g is quantized in its own layout (the stochastic draws are indexed
-    # by it) and then transposed.
+    # d rhs = dot(lhs, g): lhs's free axes are contracted, so lhs's exponent is folded into g.
     db_dims, db_perm = dims.transpose_rhs()
-    g_perm = tuple(range(nb)) + tuple(range(nb + nlf, g.ndim)) + tuple(range(nb, nb + nlf))
     g_q2, lhs_m = partner_folded(g, qa, nb + nlf - 1, self.gradient, key_g)
-    g_q2 = DFPTensor(jnp.transpose(g_q2.mantissa, g_perm), g_q2.exponent)
-    db = exact_dot(g_q2, lhs_m, db_dims, self.rhs_dtype)
+    db = exact_dot(lhs_m, g_q2, db_dims, self.rhs_dtype)
     return jnp.transpose(da, da_perm), jnp.transpose(db, db_perm)
 
 
