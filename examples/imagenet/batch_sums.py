@@ -35,7 +35,6 @@ import functools
 import math
 from typing import Any, Callable
 
-import dfpjax
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
@@ -62,6 +61,7 @@ def batch_sums(a, b, center):
 def kernel_batch_sums(a, b, center):
   """``batch_sums`` by ``dfpjax.channel_sums``: one read of ``a`` and ``b`` on CPU, added in
   double (docs/performance.md, "BatchNorm's sums in one read")."""
+  import dfpjax  # pylint: disable=g-import-not-at-top  (FP32 runs need none)
   return dfpjax.channel_sums(a, b, center)
 
 
@@ -75,20 +75,12 @@ def _sum(x):
 
 
 def _reproducible_sum(x):
+  import dfpjax  # pylint: disable=g-import-not-at-top  (FP32 runs without the switch need none)
   return dfpjax.reproducible_sum(x, _batch_axes(x))
 
 
 def _count(x) -> int:
   return math.prod(x.shape[:-1])
-
-
-def _per_channel(v):
-  """``v``, a per-channel value, written out once. XLA:CPU fuses a cheap per-channel
-  computation (``total / n``, ``inv * scale``) into each fusion over the whole activation that
-  reads it, and computes it again there for every element: in the ResNet-50 DFP step that made
-  those fusions 2-4x slower than with the value read from memory (docs/performance.md, "BatchNorm's
-  per-channel values computed once"). The same bits either way."""
-  return dfpjax.materialized(v)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
@@ -105,7 +97,7 @@ def _batch_norm_fwd(x, scale, bias, epsilon, sums):
   mean = total / n
   var = jnp.maximum(0.0, total_of_squares / n - mean * mean)
   inv = lax.rsqrt(var + epsilon)
-  y = (x - _per_channel(mean)) * _per_channel(inv * scale) + bias
+  y = (x - mean) * (inv * scale) + bias
   return (y, mean, var), (x, mean, inv, scale)
 
 
@@ -114,16 +106,15 @@ def _batch_norm_bwd(epsilon, sums, residuals, cotangents):
   x, mean, inv, scale = residuals
   dy, dmean, dvar = cotangents
   n = _count(x)
-  centered = x - _per_channel(mean)
+  centered = x - mean
   # dscale = sum(dy * x_hat) as inv * sum(dy * (x - mean)): both sums from dy and x, in one read
   # with kernel_batch_sums, which then writes no x_hat out.
   dbias, dot = sums(dy, x, mean)
   dscale = dot * inv
-  x_hat = centered * _per_channel(inv)
-  dx = _per_channel(inv * scale) * (dy - _per_channel(dbias / n)
-                                   - x_hat * _per_channel(dscale / n))
+  x_hat = centered * inv
+  dx = (inv * scale) * (dy - dbias / n - x_hat * (dscale / n))
   # The statistics' own cotangents (zero in a train step: they only update batch_stats).
-  dx += _per_channel(dmean / n) + _per_channel(dvar * (2.0 / n)) * centered
+  dx += dmean / n + dvar * (2.0 / n) * centered
   return dx, dscale, dbias
 
 
