@@ -257,6 +257,18 @@ def test_any_bit_width(bits):
                                 _exact(lambda a, b: a @ b, qa, qb))
 
 
+def test_dense_weight_gradient_is_written_as_it_lies():
+  """A dense layer's weight gradient (rhs [in, out]) comes out of the kernel in rhs order: the
+  compiled gradient transposes nothing (an [out, in] product transposed by XLA is 5x slower)."""
+  f = jax.jit(jax.grad(lambda a, b: dfpjax.dfp_dot_general(a, b, DENSE).sum(), argnums=1))
+  a, b = jnp.ones((8, 24)), jnp.ones((24, 5))
+  hlo = f.lower(a, b).compile().as_text()
+  kernel, = [line for line in hlo.splitlines() if 'custom_call_target="dfpjax_dot_general"' in line]
+  assert "f32[1,24,5]" in kernel.split("custom-call(")[0]
+  assert " transpose(" not in hlo and " copy(" not in hlo
+  np.testing.assert_array_equal(f(a, b), np.full((24, 5), 8.0, np.float32))
+
+
 def test_other_platforms_lower_to_pure_xla():
   """Without a GPU here, lower for CUDA: the primitive must become plain XLA ops (the reference),
   with no CPU custom call left."""
