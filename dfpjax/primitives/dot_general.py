@@ -237,15 +237,8 @@ class DotDims:
     dims = DotDims(y_rhs_free, self.rhs_free, tuple(range(nb)), self.rhs_batch,
                    nb + nlf + len(self.rhs_free), self.rhs_ndim)
     # Result axes: batch, lhs free, then rhs's remaining (contracting) axes in ascending order.
-    rc_sorted = sorted(self.rhs_contract)
-    position = {}
-    for i, d in enumerate(self.lhs_batch):
-      position[d] = i
-    for j, d in enumerate(self.lhs_free):
-      position[d] = nb + j
-    for lc, rc in zip(self.lhs_contract, self.rhs_contract):
-      position[lc] = nb + nlf + rc_sorted.index(rc)
-    return dims, tuple(position[d] for d in range(self.lhs_ndim))
+    contract = [lc for _, lc in sorted(zip(self.rhs_contract, self.lhs_contract))]
+    return dims, _into_operand_order(self.lhs_ndim, self.lhs_batch, self.lhs_free, contract)
 
   def transpose_rhs(self):
     """Dims of ``d rhs = dot(lhs, g)``, and the permutation of its result into rhs order.
@@ -259,15 +252,15 @@ class DotDims:
     dims = DotDims(self.lhs_free, g_lhs_free, self.lhs_batch, tuple(range(nb)), self.lhs_ndim,
                    nb + nlf + len(self.rhs_free))
     # Result axes: batch, lhs's remaining (contracting) axes in ascending order, then rhs free.
-    lc_sorted = sorted(self.lhs_contract)
-    position = {}
-    for i, d in enumerate(self.rhs_batch):
-      position[d] = i
-    for lc, rc in zip(self.lhs_contract, self.rhs_contract):
-      position[rc] = nb + lc_sorted.index(lc)
-    for j, d in enumerate(self.rhs_free):
-      position[d] = nb + len(lc_sorted) + j
-    return dims, tuple(position[d] for d in range(self.rhs_ndim))
+    contract = [rc for _, rc in sorted(zip(self.lhs_contract, self.rhs_contract))]
+    return dims, _into_operand_order(self.rhs_ndim, self.rhs_batch, contract, self.rhs_free)
+
+
+def _into_operand_order(ndim, *blocks) -> tuple:
+  """The permutation of a gradient product's result into its operand's axis order, the
+  result's axes being the operand's axes ``blocks`` (batch first), one block after another."""
+  position = {d: i for i, d in enumerate(d for block in blocks for d in block)}
+  return tuple(position[d] for d in range(ndim))
 
 
 def _canonical_dims(dimension_numbers, lhs_shape, rhs_shape) -> DotDims:
