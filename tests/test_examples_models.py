@@ -111,18 +111,21 @@ POOLS = [((2, 17, 19, 8), (3, 3), (2, 2), ((1, 1), (1, 1))),
 def test_max_pool_2d_has_nn_max_pools_values_and_gradient_bits(shape, window, strides, padding,
                                                                 dtype):
   """Ties (ReLU's zeros, small integers: the first maximum in the window takes the gradient),
-  -inf inputs beside -inf padding, NaNs, -0 cotangents, every input in several windows: the same
-  bits as JAX's gradient of ``nn.max_pool``, under jit."""
+  -inf inputs beside -inf padding, NaNs, windows of +0 and -0, -0 cotangents, every input in
+  several windows: the same bits as ``nn.max_pool`` and JAX's gradient of it, under jit, both
+  where the pool is differentiated (its forward rule computes the values) and where not."""
   rng = np.random.default_rng(0)
   for x in (rng.normal(size=shape), np.maximum(rng.normal(size=shape), 0),
             rng.integers(-2, 3, size=shape), np.where(rng.random(shape) < 0.7, -np.inf, 1.0),
-            np.where(rng.random(shape) < 0.2, np.nan, rng.normal(size=shape))):
+            np.where(rng.random(shape) < 0.2, np.nan, rng.normal(size=shape)),
+            np.where(rng.random(shape) < 0.5, -0.0, 0.0)):
     x = jnp.asarray(x, dtype)
     plain = lambda x: flax_max_pool(x, window, strides, padding=padding)
     pool = lambda x: models.max_pool_2d(x, window, strides, padding)
     y = jax.jit(plain)(x)
     dy = jnp.asarray(rng.normal(size=y.shape), dtype).at[0].set(-0.0)
     np.testing.assert_array_equal(_bits(jax.jit(pool)(x)), _bits(y))
+    np.testing.assert_array_equal(_bits(jax.jit(lambda x: jax.vjp(pool, x)[0])(x)), _bits(y))
     grad = jax.jit(lambda f, x, dy: jax.vjp(f, x)[1](dy)[0], static_argnums=0)
     np.testing.assert_array_equal(_bits(grad(pool, x, dy)), _bits(grad(plain, x, dy)))
 
