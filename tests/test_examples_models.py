@@ -8,8 +8,10 @@ import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import linen as nn
 from flax.linen import max_pool as flax_max_pool
 
+import dfpjax
 from examples.imagenet import models
 from example_variables import he_filled
 
@@ -146,6 +148,32 @@ def test_max_pool_2d_gradient_is_no_select_and_scatter():
             for name, pool in pools.items()}
   assert "select_and_scatter_add" in jaxprs["plain"]
   assert "select_and_scatter_add" not in jaxprs["max_pool_2d"]
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 5, 16), (3, 64), (1, 2, 2, 2048)])
+def test_relu_keeping_signs_has_nn_relus_values_and_gradient_bits(shape):
+  """Its backward pass reads the mask packed eight channels to a byte: every channel's bit is
+  its own (positives, +0, -0, NaNs, infinities at every bit position of a byte), giving
+  ``nn.relu``'s values and tangent and cotangent bits, under jit and under the recomputation
+  policy that keeps only the mask."""
+  rng = np.random.default_rng(0)
+  special = np.array([0.0, -0.0, np.nan, np.inf, -np.inf, 1.5, -1.5, 1e-45], np.float32)
+  x = np.where(rng.random(shape) < 0.3, rng.choice(special, shape), rng.normal(size=shape))
+  x, t, ct = (jnp.asarray(v, jnp.float32) for v in (x, rng.normal(size=shape), rng.normal(size=shape)))
+  remat = jax.checkpoint(models.relu_keeping_signs,
+                         policy=dfpjax.RecomputePolicy((models.RELU_MASK,)))
+  expected = [jax.jit(lambda x: jax.jvp(nn.relu, (x,), (t,)))(x),
+              jax.jit(lambda x: jax.vjp(nn.relu, x)[1](ct))(x)]
+  for relu in (models.relu_keeping_signs, remat):
+    got = [jax.jit(lambda x: jax.jvp(relu, (x,), (t,)))(x),
+           jax.jit(lambda x: jax.vjp(relu, x)[1](ct))(x)]
+    for g, e in zip(jax.tree.leaves(got), jax.tree.leaves(expected)):
+      np.testing.assert_array_equal(_bits(g), _bits(e))
+
+
+def test_relu_keeping_signs_takes_channels_in_bytes():
+  with pytest.raises(ValueError, match="relu_keeping_signs: 12 channels, not a multiple of 8"):
+    jax.grad(lambda x: models.relu_keeping_signs(x).sum())(jnp.ones((2, 12)))
 
 
 @pytest.mark.parametrize("size, out", [(7, 7), (13, 6), (14, 4), (1, 7), (3, 7), (5, 2)])
