@@ -66,9 +66,9 @@ def _max_pool_fwd(x, window, strides, padding):
   if math.prod(x.shape[1:]) >= 2**31:
     raise ValueError(f"max_pool_2d: images of {math.prod(x.shape[1:])} elements; its gradient "
                      f"indexes them in int32, so it takes fewer than 2**31")
-  # nn.max_pool's own reduce-window: whether XLA:CPU's drops NaNs or propagates them depends on
-  # the shape (a 2x2 pool of [2, 16, 16, 8] drops them, of [1, 8, 8, 4] propagates them), so no
-  # max folded over the window's slices below has its bits everywhere.
+  # nn.max_pool's own reduce-window: whether XLA:CPU's reduce-window drops NaNs or propagates
+  # them depends on the shape (a 2x2 pool of [2, 16, 16, 8] drops them, of [1, 8, 8, 4]
+  # propagates them), so no max folded over the window's slices below has its bits everywhere.
   y = _max_pool_values(x, window, strides, padding)
   # The offset the select-and-scatter chooses: the window's elements (padding's -inf among them)
   # in row-major order, each taking over unless the one chosen so far is >= it. Found by
