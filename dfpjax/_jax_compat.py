@@ -38,8 +38,9 @@ def check_jax_version(installed: str, supported: str) -> None:
 
 
 check_jax_version(jax.__version__, supported_jax())
-# The supported range spans two minor versions, whose internals differ where branched below.
+# The supported range spans three minor versions, whose internals differ where branched below.
 _JAX_0_11 = Version(jax.__version__) >= Version("0.11")
+_JAX_0_12 = Version(jax.__version__) >= Version("0.12")
 
 # pylint: disable=g-bad-import-order,wrong-import-position
 # Tracing and interpreting jaxprs (transform/): the jaxpr data types, tracing a function
@@ -65,7 +66,10 @@ else:
   flatten, flatten_args = FlatTree.flatten, FlatTree.flatten_args
   from jax._src.interpreters.partial_eval import trace_to_jaxpr
 # Higher-order primitives the interpreter rewrites inside, absent from jax.extend.
-from jax._src import hijax  # VmapOf and CustomVJPTraced: custom_vjp under jax_custom_vjp3
+from jax._src import hijax  # CustomVJPTraced: custom_vjp under jax_custom_vjp3
+# A vmapped CustomVJPTraced (0.10, 0.11); 0.12 batches one into a CustomVJPTraced of vmapped
+# rules instead, and has no VmapOf.
+VmapOf = None if _JAX_0_12 else hijax.VmapOf
 from jax._src.custom_derivatives import CustomVJPPrimal  # a custom_vjp3 fwd's wrapped inputs
 from jax._src.hijax import call_hi_primitive_p  # how jax_custom_vjp3 stages a custom_vjp
 # The base class of hijax primitives; the transform stops at one it does not know (tested).
@@ -90,6 +94,33 @@ from jax._src.lax import convolution as lax_conv  # JAX's conv transpose-rule he
 from jax._src.dispatch import prim_requires_devices_during_lowering
 # Reports (transform/report.py).
 from jax._src.dtypes import short_dtype_name  # "f32"-style names, as jaxprs print them
+
+
+def staged(custom, hijax_form: bool):
+  """A decorator like ``custom`` (``jax.custom_jvp`` or ``jax.custom_vjp``) whose functions are
+  staged as the opt-in flag (``jax_custom_jvp3``, ``jax_custom_vjp3``) set to ``hijax_form``
+  stages them (a hijax ``call_hi_primitive`` equation, or a classic ``custom_jvp_call`` /
+  ``custom_vjp_call`` one), whatever the flag says elsewhere: JAX 0.10 and 0.11 read it when
+  such a function is defined, 0.12 when it is called, so it is set at both."""
+  flag = {jax.custom_jvp: custom_jvp3, jax.custom_vjp: custom_vjp3}[custom]
+
+  class Staged(custom):
+
+    def __call__(self, *args, **kwargs):
+      with flag(hijax_form):
+        return super().__call__(*args, **kwargs)
+
+  def define(fun, nondiff_argnums=()):
+    with flag(hijax_form):
+      return Staged(fun, nondiff_argnums=nondiff_argnums)
+
+  return define
+
+
+# The DFP ops' custom_jvp and report's site wrapper stay classic equations (primitives/,
+# transform/recording.py).
+classic_custom_jvp = staged(jax.custom_jvp, False)
+classic_custom_vjp = staged(jax.custom_vjp, False)
 
 
 def scan_consts_and_carry(params) -> tuple[int, int]:
@@ -157,7 +188,8 @@ def custom_vjp_call_bwd_cotangents(result, f):
 
 __all__ = ["api_util", "core", "lu", "source_info_util", "SymbolicZero", "Zero", "ad", "pe",
            "flatten", "flatten_args", "trace_to_jaxpr", "hijax", "CustomVJPPrimal",
-           "call_hi_primitive_p", "HiPrimitive", "_merge_common_consts", "shard_map_p",
+           "call_hi_primitive_p", "HiPrimitive", "VmapOf", "staged", "classic_custom_jvp",
+           "classic_custom_vjp", "_merge_common_consts", "shard_map_p",
            "UNSPECIFIED", "custom_vjp3", "custom_jvp3", "auto_insert_reshard", "ShapedArray",
            "get_cur_mesh_sharding", "lax_conv", "prim_requires_devices_during_lowering",
            "short_dtype_name", "ragged_dot_general_p", "int_state", "check_jax_version",

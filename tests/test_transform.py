@@ -19,7 +19,7 @@ from jax.sharding import PartitionSpec as P
 
 import dfpjax
 from dfpjax._jax_compat import (CustomJVPTraced, HiPrimitive, custom_jvp3, custom_vjp3,
-                                source_info_util)
+                                source_info_util, staged)
 from dfpjax.primitives import reference_mode
 from dfpjax.transform import dfp_transform, report
 from dfpjax.transform.names import is_backward, module_path
@@ -297,10 +297,10 @@ def _half_bwd(res, g):
   return 0.5 * (g @ w.T), x.T @ g   # deliberately not the true gradient of x
 
 
-def make_half_grad_matmul():
-  """x @ w with a user's custom_vjp, in the form the jax_custom_vjp3 flag in force picks:
-  a custom_vjp_call equation, or a call_hi_primitive (hijax) one."""
-  @jax.custom_vjp
+def make_half_grad_matmul(hijax_form: bool = False):
+  """x @ w with a user's custom_vjp, in the form the jax_custom_vjp3 flag picks: a
+  custom_vjp_call equation, or a call_hi_primitive (hijax) one."""
+  @staged(jax.custom_vjp, hijax_form)
   def half_grad_matmul(x, w):
     return x @ w
   half_grad_matmul.defvjp(_half_fwd, _half_bwd)
@@ -317,10 +317,10 @@ def _cubed_jvp(primals, tangents):
   return y ** 3, 3 * y ** 2 * (dx @ w + x @ dw)
 
 
-def make_cubed_matmul():
-  """(x @ w)**3 with a user's custom_jvp, in the form the jax_custom_jvp3 flag in force picks
-  (JAX 0.11's opt-in flag): a custom_jvp_call equation, or a call_hi_primitive (hijax) one."""
-  @jax.custom_jvp
+def make_cubed_matmul(hijax_form: bool = False):
+  """(x @ w)**3 with a user's custom_jvp, in the form the jax_custom_jvp3 flag picks (opt-in
+  since JAX 0.11): a custom_jvp_call equation, or a call_hi_primitive (hijax) one."""
+  @staged(jax.custom_jvp, hijax_form)
   def cubed_matmul(x, w):
     return (x @ w) ** 3
   cubed_matmul.defjvp(_cubed_jvp)
@@ -332,8 +332,7 @@ cubed_matmul = make_cubed_matmul()  # the classic form: jax_custom_jvp3 is off b
 
 @pytest.mark.parametrize("form", CUSTOM_VJP_FORMS)
 def test_custom_vjp_keeps_the_users_rule(form):
-  with custom_vjp3(CUSTOM_VJP_FORMS[form]):
-    matmul = make_half_grad_matmul()
+  matmul = make_half_grad_matmul(CUSTOM_VJP_FORMS[form])
   x = jax.random.normal(jax.random.key(5), (4, 3))
   w = jax.random.normal(jax.random.key(6), (3, 2))
   f = lambda x, w: matmul(x, w).sum()
@@ -363,11 +362,10 @@ def test_custom_vjp_keeps_the_users_rule(form):
                     reason="bwd rules that log (defvjp_with_logs) are new in JAX 0.11")
 @pytest.mark.parametrize("form", CUSTOM_VJP_FORMS)
 def test_custom_vjp_logs_pass_through(form):
-  with custom_vjp3(CUSTOM_VJP_FORMS[form]):
-    @jax.custom_vjp
-    def matmul(x, w):
-      return x @ w
-    matmul.defvjp_with_logs(_half_fwd, lambda res, g: (_half_bwd(res, g), {"g": g.sum()}))
+  @staged(jax.custom_vjp, CUSTOM_VJP_FORMS[form])
+  def matmul(x, w):
+    return x @ w
+  matmul.defvjp_with_logs(_half_fwd, lambda res, g: (_half_bwd(res, g), {"g": g.sum()}))
   x = jax.random.normal(jax.random.key(5), (4, 3))
   w = jax.random.normal(jax.random.key(6), (3, 2))
   out, f_vjp = jax.vjp(dfp_transform(matmul), x, w)
@@ -380,24 +378,23 @@ def test_custom_vjp_logs_pass_through(form):
 
 
 def _hijax_scaled_matmuls():
-  """Two custom_vjp forms of 2 * (x @ w) under jax_custom_vjp3, whose fwd rules call the
+  """Two custom_vjp forms of 2 * (x @ w) as jax_custom_vjp3 stages them, whose fwd rules call the
   function itself (a hijax equation inside the rule): one with a static argument, one
   with symbolic zeros. Neither gives w a gradient."""
-  with custom_vjp3(True):
-    @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-    def static_scale(x, w, scale):
-      return scale * (x @ w)
-    static_scale.defvjp(lambda x, w, scale: (static_scale(x, w, scale), w),
-                        lambda scale, w, g: (scale * (g @ w.T), None))
+  @functools.partial(staged(jax.custom_vjp, True), nondiff_argnums=(2,))
+  def static_scale(x, w, scale):
+    return scale * (x @ w)
+  static_scale.defvjp(lambda x, w, scale: (static_scale(x, w, scale), w),
+                      lambda scale, w, g: (scale * (g @ w.T), None))
 
-    @jax.custom_vjp
-    def symbolic(x, w):
-      return 2.0 * (x @ w)
+  @staged(jax.custom_vjp, True)
+  def symbolic(x, w):
+    return 2.0 * (x @ w)
 
-    def fwd(x, w):
-      assert x.perturbed and not w.perturbed
-      return symbolic(x.value, w.value), w.value
-    symbolic.defvjp(fwd, lambda w, g: (2.0 * (g @ w.T), None), symbolic_zeros=True)
+  def fwd(x, w):
+    assert x.perturbed and not w.perturbed
+    return symbolic(x.value, w.value), w.value
+  symbolic.defvjp(fwd, lambda w, g: (2.0 * (g @ w.T), None), symbolic_zeros=True)
   return (lambda x, w: static_scale(x, w, 2.0)), symbolic
 
 
@@ -435,30 +432,30 @@ def test_custom_jvp_keeps_the_users_rule():
 
 
 def _custom_jvp_matmuls(hijax_form: bool):
-  """Three custom_jvp products of x and w, staged as jax_custom_jvp3 says (JAX 0.11): the
-  cubed product, one with a static (nondiff) scale, one whose rule takes symbolic zeros."""
-  with custom_jvp3(hijax_form):
-    cubed = make_cubed_matmul()
+  """Three custom_jvp products of x and w, staged as jax_custom_jvp3 = hijax_form stages them
+  (the flag is new in JAX 0.11): the cubed product, one with a static (nondiff) scale, one
+  whose rule takes symbolic zeros."""
+  cubed = make_cubed_matmul(hijax_form)
 
-    @functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
-    def scaled(x, w, scale):
-      return scale * jnp.tanh(x @ w)
+  @functools.partial(staged(jax.custom_jvp, hijax_form), nondiff_argnums=(2,))
+  def scaled(x, w, scale):
+    return scale * jnp.tanh(x @ w)
 
-    @scaled.defjvp
-    def _(scale, primals, tangents):
-      (x, w), (dx, dw) = primals, tangents
-      y = jnp.tanh(x @ w)
-      return scale * y, scale * (1 - y * y) * (dx @ w + x @ dw)
+  @scaled.defjvp
+  def _(scale, primals, tangents):
+    (x, w), (dx, dw) = primals, tangents
+    y = jnp.tanh(x @ w)
+    return scale * y, scale * (1 - y * y) * (dx @ w + x @ dw)
 
-    @jax.custom_jvp
-    def symbolic(x, w):
-      return jnp.sin(x @ w)
+  @staged(jax.custom_jvp, hijax_form)
+  def symbolic(x, w):
+    return jnp.sin(x @ w)
 
-    def symbolic_jvp(primals, tangents):
-      (x, w), (dx, dw) = primals, tangents
-      assert isinstance(dw, jax.custom_derivatives.SymbolicZero)  # only x is differentiated
-      return jnp.sin(x @ w), jnp.cos(x @ w) * (dx @ w)
-    symbolic.defjvp(symbolic_jvp, symbolic_zeros=True)
+  def symbolic_jvp(primals, tangents):
+    (x, w), (dx, dw) = primals, tangents
+    assert isinstance(dw, jax.custom_derivatives.SymbolicZero)  # only x is differentiated
+    return jnp.sin(x @ w), jnp.cos(x @ w) * (dx @ w)
+  symbolic.defjvp(symbolic_jvp, symbolic_zeros=True)
   return [lambda x, w: cubed(x, w).sum(), lambda x, w: scaled(x, w, 0.5).sum(),
           lambda x, w: symbolic(x, w).sum()]
 
@@ -583,12 +580,31 @@ def test_stochastic_keys_differ_per_iteration():
   assert all(not np.array_equal(ys[0], y) for y in ys[1:])
 
 
+def test_the_dfp_ops_stay_classic_equations_under_the_opt_in_flags():
+  """With jax_custom_jvp3 and jax_custom_vjp3 on where they are called (JAX 0.12 reads the flags
+  at each call, 0.10 and 0.11 where a function is defined), a DFP op is still a
+  custom_jvp_call and report's site wrapper a custom_vjp_call: the transform, report and
+  their gradients find the DFP products by them."""
+  x = jax.random.normal(jax.random.key(5), (4, 3))
+  w = jax.random.normal(jax.random.key(6), (3, 2))
+  f = lambda x, w: (x @ w).sum()
+  dot = lambda x, w: dfpjax.dfp_dot_general(x, w, (((1,), (0,)), ((), ()))).sum()
+  with custom_jvp3(True), custom_vjp3(True):
+    names = {eqn.primitive.name for eqn, _ in walk(jax.make_jaxpr(jax.grad(dot))(x, w).jaxpr)}
+    records = report(jax.grad(f, argnums=(0, 1)), x, w)
+    grad = jax.make_jaxpr(jax.grad(dfp_transform(f), argnums=(0, 1)))(x, w)
+  assert "custom_jvp_call" in names and "call_hi_primitive" not in names
+  assert [(r.direction, r.mode) for r in records] == [("forward", "dfp"), ("backward", "dfp"),
+                                                      ("backward", "dfp")]
+  assert float_sites(grad) == []
+  assert count(grad, "dfp_dot_general") == 1 and count(grad, "dfp_cotangent") == 1
+
+
 def test_stochastic_keys_reach_lazily_traced_rules():
   # Custom rules are traced when AD needs them, after the jit trace that owned the key.
   x = jax.random.normal(jax.random.key(5), (4, 3))
   w = jax.random.normal(jax.random.key(6), (3, 2))
-  with custom_vjp3(True):
-    hijax_half_grad_matmul = make_half_grad_matmul()
+  hijax_half_grad_matmul = make_half_grad_matmul(True)
   for user_fn in (half_grad_matmul, hijax_half_grad_matmul, cubed_matmul):
     f = dfp_transform(lambda x, w: user_fn(x, w).sum(), STOCHASTIC)
     key = jax.random.key(0)
@@ -705,9 +721,7 @@ def make_net(matmul=half_grad_matmul):
 
 @pytest.fixture(scope="module", params=CUSTOM_VJP_FORMS)
 def net(request):
-  with custom_vjp3(CUSTOM_VJP_FORMS[request.param]):
-    matmul = make_half_grad_matmul()
-  return make_net(matmul)
+  return make_net(make_half_grad_matmul(CUSTOM_VJP_FORMS[request.param]))
 
 
 def test_net_train_step_leaves_only_excluded_sites_in_float(net):

@@ -45,7 +45,7 @@ import jax
 import jax.numpy as jnp
 from jax.interpreters import batching, mlir
 
-from dfpjax._jax_compat import (ad, api_util, custom_jvp3, pe,
+from dfpjax._jax_compat import (ad, api_util, classic_custom_jvp, pe,
                                 prim_requires_devices_during_lowering)
 from dfpjax._jax_compat import core as core_lib
 from dfpjax.numerics.floatbits import after
@@ -366,15 +366,14 @@ _define(dfp_cotangent_p, _cotangent_value, _cotangent_abstract_eval, _cotangent_
 # ---------------------------------------------------------------------------------------
 
 
-# A custom_jvp_call equation whatever JAX 0.11's opt-in jax_custom_jvp3 says (it would stage
-# a hijax one): the transform, report and the partitioner find the DFP ops by it.
-with custom_jvp3(False):
-  @functools.partial(jax.custom_jvp, nondiff_argnums=(5,))
-  def dfp_product(a, b, qa: DFPTensor, qb: DFPTensor, key, spec):
-    """``spec.product(qa, qb)``, differentiable in the floats ``a``, ``b`` that ``qa``, ``qb``
-    quantize (straight-through, module docstring)."""
-    del a, b, key
-    return spec.product(qa, qb)
+# A custom_jvp_call equation whatever the opt-in jax_custom_jvp3 says (it would stage a hijax
+# one): the transform, report and the partitioner find the DFP ops by it.
+@functools.partial(classic_custom_jvp, nondiff_argnums=(5,))
+def dfp_product(a, b, qa: DFPTensor, qb: DFPTensor, key, spec):
+  """``spec.product(qa, qb)``, differentiable in the floats ``a``, ``b`` that ``qa``, ``qb``
+  quantize (straight-through, module docstring)."""
+  del a, b, key
+  return spec.product(qa, qb)
 
 
 @functools.partial(dfp_product.defjvp, symbolic_zeros=True)

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dfpjax._jax_compat import auto_insert_reshard, custom_vjp3
+from dfpjax._jax_compat import auto_insert_reshard
 from dfpjax.numerics import floatbits
 from dfpjax.numerics.config import DFPConfig, QuantConfig
 from dfpjax.numerics.quantization import NONFINITE_EXPONENT, DFPTensor, quantize_with
@@ -74,17 +74,6 @@ def output_dtype(preferred_element_type, op: str) -> np.dtype:
     raise TypeError(f"{op}: preferred_element_type must be float32, bfloat16 or float16 "
                     f"(DFP outputs are floating point), got {dtype}")
   return dtype
-
-
-def classic_custom_vjp(fun, nondiff_argnums=()):
-  """``jax.custom_vjp(fun, nondiff_argnums)`` in its classic form whatever
-  ``jax_custom_vjp3`` says, for the site wrapper of ``report`` and ``diagnose``
-  (``recording.wrap``; the DFP ops themselves are a ``custom_jvp``,
-  ``bilinear.dfp_product``): it stays a ``custom_vjp_call`` equation whose jaxpr shows the
-  DFP primitives (to ``report`` and jaxpr walkers), and avoids JAX 0.10's failure to
-  differentiate a hijax custom_vjp inside ``jax.checkpoint``."""
-  with custom_vjp3(False):
-    return jax.custom_vjp(fun, nondiff_argnums=nondiff_argnums)
 
 
 def matching_manual_axes(lhs, rhs):

@@ -23,9 +23,8 @@ from typing import Callable
 
 import jax
 
-from dfpjax._jax_compat import int_state
+from dfpjax._jax_compat import classic_custom_vjp, int_state
 from dfpjax.numerics.config import DFPConfig
-from dfpjax.primitives.operands import classic_custom_vjp
 from dfpjax.transform.names import Scope
 
 _TAG = "dfpjax_site{}"
@@ -110,6 +109,9 @@ def wrap(recorder: Recorder, number: int, product: Callable, lhs, rhs, key):
     if recorder.probe is not None:
       jax.debug.callback(lambda *xs: recorder.probe(number, role, xs), *arrays)
 
+  # Classic whatever jax_custom_vjp3 says: a custom_vjp_call equation whose jaxpr shows the DFP
+  # primitives (to report and jaxpr walkers); JAX 0.10 cannot differentiate a hijax custom_vjp
+  # inside jax.checkpoint.
   @classic_custom_vjp
   def wrapped(lhs, rhs, key):
     y = product(lhs, rhs, key)

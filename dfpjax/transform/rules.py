@@ -14,9 +14,9 @@ from jax.extend.core import ClosedJaxpr  # public: it outlives JAX 0.12 folding 
 from jax.extend.core import primitives as prims
 
 from dfpjax._jax_compat import (CUSTOM_VJP3_LEADING_ARGS, CUSTOM_VJP3_PRIMAL_LEADING_ARGS,
-                                UNSPECIFIED, CustomJVPTraced, CustomVJPPrimal, SymbolicZero, Zero,
-                                _merge_common_consts, ad, api_util, call_hi_primitive_p, core,
-                                custom_vjp3_bwd_cotangents, custom_vjp3_like,
+                                UNSPECIFIED, CustomJVPTraced, CustomVJPPrimal, SymbolicZero, VmapOf,
+                                Zero, _merge_common_consts, ad, api_util, call_hi_primitive_p,
+                                core, custom_vjp3_bwd_cotangents, custom_vjp3_like,
                                 custom_vjp_call_bwd_cotangents, flatten, flatten_args, hijax,
                                 lu, pe, scan_consts_and_carry, scan_params, shard_map_p,
                                 trace_to_jaxpr)
@@ -341,10 +341,10 @@ def _call_hi_rule(ctx, eqn, invals, scope):
   # holding Python objects: the primal traced by jit and the user's rules. It is bound again
   # as a new one whose primal is the interpreted jaxpr and whose rules call the user's
   # rewritten; the key, if any, is one more argument after JAX's leading ones (a custom_vjp3
-  # has some, a custom_jvp3 none) and, for bwd, a residual. A vmapped one (VmapOf) is
-  # rebuilt around the rewritten one.
+  # has some, a custom_jvp3 none) and, for bwd, a residual. A vmapped one (VmapOf, before JAX
+  # 0.12) is rebuilt around the rewritten one.
   prim = eqn.params["_prim"]
-  inner = prim.prim if isinstance(prim, hijax.VmapOf) else prim
+  inner = prim.prim if VmapOf is not None and isinstance(prim, VmapOf) else prim
   if isinstance(inner, hijax.CustomVJPTraced):
     rewrite, lead = _rewritten_custom_vjp, CUSTOM_VJP3_LEADING_ARGS
   elif CustomJVPTraced is not None and isinstance(inner, CustomJVPTraced):
@@ -364,9 +364,9 @@ def _call_hi_rule(ctx, eqn, invals, scope):
   else:
     scope.sites.next()
   if inner is not prim:
-    rewritten = hijax.VmapOf(rewritten, prim.axis_data,
-                             (*prim.in_dims[:lead], *(None,) * len(keys), *prim.in_dims[lead:]),
-                             prim.out_dim)
+    rewritten = VmapOf(rewritten, prim.axis_data,
+                       (*prim.in_dims[:lead], *(None,) * len(keys), *prim.in_dims[lead:]),
+                       prim.out_dim)
   args = prim.in_tree.unflatten(invals)
   operands = rewritten.in_tree.flatten_up_to((*args[:lead], *keys, *args[lead:]))
   return call_hi_primitive_p.bind(*operands, _prim=rewritten)
