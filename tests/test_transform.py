@@ -298,7 +298,7 @@ def _half_bwd(res, g):
 
 
 def make_half_grad_matmul(hijax_form: bool = False):
-  """x @ w with a user's custom_vjp, in the form the jax_custom_vjp3 flag picks: a
+  """x @ w with a user's custom_vjp, in the form jax_custom_vjp3 = hijax_form picks: a
   custom_vjp_call equation, or a call_hi_primitive (hijax) one."""
   @staged(jax.custom_vjp, hijax_form)
   def half_grad_matmul(x, w):
@@ -318,8 +318,8 @@ def _cubed_jvp(primals, tangents):
 
 
 def make_cubed_matmul(hijax_form: bool = False):
-  """(x @ w)**3 with a user's custom_jvp, in the form the jax_custom_jvp3 flag picks (opt-in
-  since JAX 0.11): a custom_jvp_call equation, or a call_hi_primitive (hijax) one."""
+  """(x @ w)**3 with a user's custom_jvp, in the form jax_custom_jvp3 = hijax_form picks (the
+  flag is new in JAX 0.11): a custom_jvp_call equation, or a call_hi_primitive (hijax) one."""
   @staged(jax.custom_jvp, hijax_form)
   def cubed_matmul(x, w):
     return (x @ w) ** 3
