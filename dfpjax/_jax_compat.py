@@ -155,16 +155,58 @@ if _JAX_0_11:
   CUSTOM_VJP3_LEADING_ARGS, CUSTOM_VJP3_PRIMAL_LEADING_ARGS = 2, 1
 else:
   CUSTOM_VJP3_LEADING_ARGS, CUSTOM_VJP3_PRIMAL_LEADING_ARGS = 0, 0  # applied to (*args)
+# A jax_custom_jvp3 custom_jvp is applied to (consts, *args) in 0.12, to (*args) in 0.11; its
+# primal takes the same leading arguments.
+CUSTOM_JVP3_LEADING_ARGS = 1 if _JAX_0_12 else 0
 
 
-def custom_vjp3_like(prim, traced, fwd, bwd, in_avals, static_argnums):
+def hijax_static_positions(prim) -> set[int]:
+  """The positions of a hijax custom_vjp's or custom_jvp's nondiff (static) arguments among
+  its application's: a ``hijax.Static`` in its ``in_avals`` (where 0.11's ``static_argnums``
+  point; 0.12 has only these)."""
+  return set(_static_argnums(prim.in_avals))
+
+
+def _static_argnums(in_avals) -> frozenset[int]:
+  """The static_argnums 0.10's and 0.11's hijax custom rules take, for these ``in_avals``."""
+  return frozenset(i for i, a in enumerate(in_avals) if isinstance(a, hijax.Static))
+
+
+def _without(xs, lead: int, n: int):
+  """(``xs[lead:lead + n]``, ``xs`` without them)."""
+  return tuple(xs[lead:lead + n]), (*xs[:lead], *xs[lead + n:])
+
+
+def custom_vjp3_like(prim, traced, fwd, bwd, in_avals):
   """A jax_custom_vjp3 custom_vjp (``hijax.CustomVJPTraced``) with these parts, its options
-  (symbolic zeros, remat, logs) those of ``prim``."""
+  (symbolic zeros, remat, logs, batching) those of ``prim``."""
+  if _JAX_0_12:
+    if prim.remat_rules is not None or prim.bwd_accums is not None:
+      raise NotImplementedError(
+          f"dfp_transform cannot rewrite the custom_vjp {prim.traced.fun_name!r}: its rules were "
+          "given by defremat or defvjp_with_accums, which it does not rewrite (defvjp's and "
+          "defvjp_with_logs' it does)")
+    return hijax.CustomVJPTraced(traced, fwd, bwd, in_avals, prim.symbolic_zeros,
+                                 prim.opt_remat, prim.with_logs,
+                                 generic_batching=prim.generic_batching)
+  static_argnums = _static_argnums(in_avals)
   if _JAX_0_11:  # a bwd rule may return logs (defvjp_with_logs)
     return hijax.CustomVJPTraced(traced, fwd, bwd, in_avals, prim.symbolic_zeros,
                                  static_argnums, prim.opt_remat, prim.with_logs)
   return hijax.CustomVJPTraced(traced, fwd, bwd, in_avals, prim.symbolic_zeros,
                                static_argnums, prim.opt_remat)
+
+
+def custom_vjp3_fwd_keys(args, nk: int):
+  """The arguments of a jax_custom_vjp3 fwd rule whose application takes ``nk`` keys after
+  JAX's leading arguments, as (the keys, the arguments without them): 0.12's rule takes
+  ``(nzs_in, *args)``, ``nzs_in`` an entry for each argument; 0.10's and 0.11's ``(*args)``."""
+  lead = CUSTOM_VJP3_LEADING_ARGS
+  if _JAX_0_12:
+    nonzeros, *args = args
+    keys, args = _without(args, lead, nk)
+    return keys, (_without(nonzeros, lead, nk)[1], *args)
+  return _without(args, lead, nk)
 
 
 def _map_cotangents(result, f, with_logs: bool):
@@ -176,10 +218,31 @@ def _map_cotangents(result, f, with_logs: bool):
   return f(result)
 
 
-def custom_vjp3_bwd_cotangents(prim, result, f):
-  """``result`` of the bwd rule of ``prim`` (a ``CustomVJPTraced``) with its input
-  cotangents mapped by ``f``: with logs where a defvjp_with_logs rule gave them."""
-  return _map_cotangents(result, f, _JAX_0_11 and prim.with_logs)
+def custom_vjp3_bwd_with_keys(prim, result, keys):
+  """``result`` of the bwd rule of ``prim`` (a ``CustomVJPTraced``) with no cotangents for
+  ``keys``, arguments ahead of its own, put first: 0.12's rule gives ``(cotangents, logs)``,
+  each cotangent a value or a symbolic zero; 0.10's and 0.11's are the user's (None for no
+  cotangent), with logs where a defvjp_with_logs rule gave them."""
+  if _JAX_0_12:
+    cotangents, logs = result
+    return (*(Zero(core.typeof(k).to_ct_aval()) for k in keys), *cotangents), logs
+  return _map_cotangents(result, lambda cts: (None,) * len(keys) + tuple(cts),
+                         _JAX_0_11 and prim.with_logs)
+
+
+def custom_jvp3_rule(prim):
+  """The jvp rule of ``prim`` (a ``CustomJVPTraced``): in 0.12 ``rule(primals, tangents)``
+  over the application's arguments, in 0.11 the user's ``rule(*static_args, primals,
+  tangents)`` over the others."""
+  return prim.jvp_rule if _JAX_0_12 else prim.jvp_fun
+
+
+def custom_jvp3_like(prim, traced, rule, in_avals):
+  """A jax_custom_jvp3 custom_jvp (``CustomJVPTraced``) with these parts, its symbolic zeros
+  those of ``prim``."""
+  if _JAX_0_12:
+    return CustomJVPTraced(traced, rule, in_avals, prim.symbolic_zeros)
+  return CustomJVPTraced(traced, rule, in_avals, prim.symbolic_zeros, _static_argnums(in_avals))
 
 
 def custom_vjp_call_bwd_cotangents(result, f):
@@ -196,5 +259,7 @@ __all__ = ["api_util", "core", "lu", "source_info_util", "SymbolicZero", "Zero",
            "get_cur_mesh_sharding", "lax_conv", "prim_requires_devices_during_lowering",
            "short_dtype_name", "ragged_dot_general_p", "int_state", "check_jax_version",
            "supported_jax", "scan_consts_and_carry", "scan_params", "CUSTOM_VJP3_LEADING_ARGS",
-           "CUSTOM_VJP3_PRIMAL_LEADING_ARGS", "custom_vjp3_like", "custom_vjp3_bwd_cotangents",
-           "custom_vjp_call_bwd_cotangents", "CustomJVPTraced"]
+           "CUSTOM_VJP3_PRIMAL_LEADING_ARGS", "CUSTOM_JVP3_LEADING_ARGS", "hijax_static_positions",
+           "custom_vjp3_like", "custom_vjp3_fwd_keys", "custom_vjp3_bwd_with_keys",
+           "custom_jvp3_rule", "custom_jvp3_like", "custom_vjp_call_bwd_cotangents",
+           "CustomJVPTraced"]

@@ -18,8 +18,8 @@ from jax.extend import core
 from jax.sharding import PartitionSpec as P
 
 import dfpjax
-from dfpjax._jax_compat import (CustomJVPTraced, HiPrimitive, custom_jvp3, custom_vjp3,
-                                source_info_util, staged)
+from dfpjax._jax_compat import (CustomJVPTraced, HiPrimitive, VmapOf, custom_jvp3,
+                                custom_vjp3, source_info_util, staged)
 from dfpjax.primitives import reference_mode
 from dfpjax.transform import dfp_transform, report
 from dfpjax.transform.names import is_backward, module_path
@@ -347,15 +347,19 @@ def test_custom_vjp_keeps_the_users_rule(form):
   assert_bitwise_equal(
       (dx, dw), run(dfp_transform(jax.grad(f, argnums=(0, 1))), x, w))
   # vmap of the transformed function quantizes each example on its own. So does the
-  # transformed vmap under jax_custom_vjp3, which keeps a vmapped custom_vjp a vmap of
-  # its primal; the classic form batches the primal's jaxpr (one exponent per batch).
+  # transformed vmap under jax_custom_vjp3 before JAX 0.12, which keeps a vmapped custom_vjp
+  # a vmap of its primal (VmapOf); the classic form, and the hijax one from 0.12 on, batch
+  # the primal's jaxpr (one exponent per batch).
   xs = jnp.stack([x, -2 * x])
   per_example = jnp.stack([run(dfp_transform(f), xi, w) for xi in xs])
   assert_bitwise_equal(run(jax.vmap(dfp_transform(f), (0, None)), xs, w), per_example)
   batched = jax.vmap(f, (0, None))
   assert float_sites(jax.make_jaxpr(dfp_transform(batched))(xs, w)) == []
-  if form == "vjp3":
+  if form == "vjp3" and VmapOf is not None:
     assert_bitwise_equal(run(dfp_transform(batched), xs, w), per_example)
+  elif form == "vjp3":
+    classic = jax.vmap(lambda x, w: half_grad_matmul(x, w).sum(), (0, None))
+    assert_bitwise_equal(run(dfp_transform(batched), xs, w), run(dfp_transform(classic), xs, w))
 
 
 @pytest.mark.skipif(not hasattr(jax.custom_vjp, "defvjp_with_logs"),
@@ -485,10 +489,15 @@ def test_hijax_custom_jvp_is_rewritten_as_the_classic_one(which):
   assert float_sites(grad) and {backward for _, _, backward in float_sites(grad)} == {True}
   np.testing.assert_allclose(run(jax.grad(dfp_transform(f)), x, w), jax.grad(f)(x, w),
                              rtol=1e-2, atol=1e-3)
-  # A vmapped hijax custom_jvp stays a vmap of its primal: each example quantized alone.
+  # A vmapped hijax custom_jvp stays a vmap of its primal before JAX 0.12 (VmapOf): each
+  # example quantized alone. From 0.12 on its primal's jaxpr is batched, as the classic
+  # form's: one exponent per batch.
   xs = jnp.stack([x, -2 * x])
-  per_example = jnp.stack([run(dfp_transform(f), xi, w) for xi in xs])
-  assert_bitwise_equal(run(dfp_transform(jax.vmap(f, (0, None))), xs, w), per_example)
+  batched = run(dfp_transform(jax.vmap(f, (0, None))), xs, w)
+  if VmapOf is not None:
+    assert_bitwise_equal(batched, jnp.stack([run(dfp_transform(f), xi, w) for xi in xs]))
+  else:
+    assert_bitwise_equal(batched, run(dfp_transform(jax.vmap(classic, (0, None))), xs, w))
   assert [r.mode for r in report(f, x, w)] == ["dfp"]
 
 
@@ -647,6 +656,29 @@ def test_unknown_hijax_primitive_raises():
   assert_bitwise_equal(jax.jit(f)(x), x @ x)
   with pytest.raises(NotImplementedError, match="hijax primitive Square"):
     dfp_transform(f)(x)
+
+
+@pytest.mark.skipif(not hasattr(jax.custom_vjp, "defremat"),
+                    reason="defremat and defvjp_with_accums are new in JAX 0.12")
+@pytest.mark.parametrize("define", ["defremat", "defvjp_with_accums"])
+def test_hijax_custom_vjp_rules_it_cannot_rewrite_raise(define):
+  @staged(jax.custom_vjp, True)
+  def remat_matmul(x, w):
+    return x @ w
+
+  if define == "defremat":
+    remat_matmul.defremat(lambda x, w: (x @ w, None), lambda _, x, w: (x @ w, (x, w)),
+                          _half_bwd)
+  else:
+    def bwd(res, g, x_accum, w_accum):
+      dx, dw = _half_bwd(res, g)
+      x_accum.accum(dx)
+      w_accum.accum(dw)
+    remat_matmul.defvjp_with_accums(_half_fwd, bwd)
+  x, w = jnp.ones((4, 3)), jnp.ones((3, 2))
+  jax.grad(lambda x: remat_matmul(x, w).sum())(x)   # a valid custom_vjp
+  with pytest.raises(NotImplementedError, match=f"'remat_matmul'.*{define}"):
+    dfp_transform(remat_matmul)(x, w)
 
 
 def test_combiner_jaxprs_pass_through():

@@ -13,13 +13,15 @@ import numpy as np
 from jax.extend.core import ClosedJaxpr  # public: it outlives JAX 0.12 folding it into Jaxpr
 from jax.extend.core import primitives as prims
 
-from dfpjax._jax_compat import (CUSTOM_VJP3_LEADING_ARGS, CUSTOM_VJP3_PRIMAL_LEADING_ARGS,
-                                UNSPECIFIED, CustomJVPTraced, CustomVJPPrimal, SymbolicZero, VmapOf,
-                                Zero, _merge_common_consts, ad, api_util, call_hi_primitive_p,
-                                core, custom_vjp3_bwd_cotangents, custom_vjp3_like,
+from dfpjax._jax_compat import (CUSTOM_JVP3_LEADING_ARGS, CUSTOM_VJP3_LEADING_ARGS,
+                                CUSTOM_VJP3_PRIMAL_LEADING_ARGS, UNSPECIFIED, CustomJVPTraced,
+                                CustomVJPPrimal, SymbolicZero, VmapOf, Zero,
+                                _merge_common_consts, ad, api_util, call_hi_primitive_p, core,
+                                custom_jvp3_like, custom_jvp3_rule, custom_vjp3_bwd_with_keys,
+                                custom_vjp3_fwd_keys, custom_vjp3_like,
                                 custom_vjp_call_bwd_cotangents, flatten, flatten_args, hijax,
-                                lu, pe, scan_consts_and_carry, scan_params, shard_map_p,
-                                trace_to_jaxpr)
+                                hijax_static_positions, lu, pe, scan_consts_and_carry,
+                                scan_params, shard_map_p, trace_to_jaxpr)
 from dfpjax.transform.interpreter import HIGHER_ORDER_RULES, Scope, eval_jaxpr
 from dfpjax.transform.recompute import RecomputePolicy, tied_to_cotangent
 
@@ -341,14 +343,14 @@ def _call_hi_rule(ctx, eqn, invals, scope):
   # holding Python objects: the primal traced by jit and the user's rules. It is bound again
   # as a new one whose primal is the interpreted jaxpr and whose rules call the user's
   # rewritten; the key, if any, is one more argument after JAX's leading ones (a custom_vjp3
-  # has some, a custom_jvp3 none) and, for bwd, a residual. A vmapped one (VmapOf, before JAX
-  # 0.12) is rebuilt around the rewritten one.
+  # has two, a custom_jvp3 one from JAX 0.12 on, none before) and, for bwd, a residual. A
+  # vmapped one (VmapOf, before JAX 0.12) is rebuilt around the rewritten one.
   prim = eqn.params["_prim"]
   inner = prim.prim if VmapOf is not None and isinstance(prim, VmapOf) else prim
   if isinstance(inner, hijax.CustomVJPTraced):
     rewrite, lead = _rewritten_custom_vjp, CUSTOM_VJP3_LEADING_ARGS
   elif CustomJVPTraced is not None and isinstance(inner, CustomJVPTraced):
-    rewrite, lead = _rewritten_custom_jvp, 0
+    rewrite, lead = _rewritten_custom_jvp, CUSTOM_JVP3_LEADING_ARGS
   else:
     raise NotImplementedError(
         f"dfp_transform cannot rewrite inside the hijax primitive {type(inner).__name__} "
@@ -378,7 +380,7 @@ def _rewritten_primal(ctx, prim, scope: Scope, number: int, key_avals, lead: int
   with its sites rewritten, taking the scope's key after JAX's ``primal_lead`` leading
   arguments (``lead`` of them in the application's arguments)."""
   nk = len(key_avals)
-  static = set(prim.static_argnums)  # positions among the application's arguments
+  static = hijax_static_positions(prim)
   traced = prim.traced
 
   def primal(*args):
@@ -399,18 +401,21 @@ def _rewritten_primal(ctx, prim, scope: Scope, number: int, key_avals, lead: int
 def _rewritten_custom_jvp(ctx, prim, scope: Scope, number: int, key_avals):
   """A ``CustomJVPTraced`` like ``prim`` whose primal and jvp rule rewrite their sites (keys
   as in the module docstring; the rule's tangent products stay float, as
-  ``_custom_jvp_rule``'s) and whose arguments start with the scope's key."""
-  nk = len(key_avals)
+  ``_custom_jvp_rule``'s) and whose arguments after JAX's leading ones start with the
+  scope's key."""
+  nk, lead = len(key_avals), CUSTOM_JVP3_LEADING_ARGS
+  rule = custom_jvp3_rule(prim)
 
   def jvp(*args):
     *static_args, primals, tangents = args
-    key_args, primals = _split(list(primals), [nk])
-    return _rewrite_call(ctx, prim.jvp_fun, (*static_args, tuple(primals)),
-                         scope.in_rule(key_args, number, 0), tangents=tuple(tangents)[nk:])
+    primals, tangents = tuple(primals), tuple(tangents)
+    key_args, primals = primals[lead:lead + nk], (*primals[:lead], *primals[lead + nk:])
+    return _rewrite_call(ctx, rule, (*static_args, primals), scope.in_rule(key_args, number, 0),
+                         tangents=(*tangents[:lead], *tangents[lead + nk:]))
 
-  new_traced = _rewritten_primal(ctx, prim, scope, number, key_avals, 0, 0)
-  return CustomJVPTraced(new_traced, jvp, (*key_avals, *prim.in_avals), prim.symbolic_zeros,
-                         frozenset(i + nk for i in prim.static_argnums))
+  new_traced = _rewritten_primal(ctx, prim, scope, number, key_avals, lead, lead)
+  in_avals = (*prim.in_avals[:lead], *key_avals, *prim.in_avals[lead:])
+  return custom_jvp3_like(prim, new_traced, jvp, in_avals)
 
 
 def _rewritten_custom_vjp(ctx, prim, scope: Scope, number: int, key_avals):
@@ -421,10 +426,9 @@ def _rewritten_custom_vjp(ctx, prim, scope: Scope, number: int, key_avals):
   lead = CUSTOM_VJP3_LEADING_ARGS
 
   def fwd(*args):
-    leading, key_args, args = _split(args, [lead, nk])
+    key_args, args = custom_vjp3_fwd_keys(args, nk)
     key_args = [k.value if isinstance(k, CustomVJPPrimal) else k for k in key_args]
-    out, res = _rewrite_call(ctx, prim.fwd, (*leading, *args),
-                             scope.in_rule(key_args, number, 0))
+    out, res = _rewrite_call(ctx, prim.fwd, args, scope.in_rule(key_args, number, 0))
     return out, (res, key_args) if nk else res
 
   def bwd(*args):
@@ -434,13 +438,12 @@ def _rewritten_custom_vjp(ctx, prim, scope: Scope, number: int, key_avals):
       res, key_args = res
     result = _rewrite_call(ctx, prim.bwd, (*static_args, res, cts),
                            scope.in_rule(key_args, number, 1))
-    return custom_vjp3_bwd_cotangents(prim, result, lambda cts_in: (None,) * nk + tuple(cts_in))
+    return custom_vjp3_bwd_with_keys(prim, result, key_args)
 
   new_traced = _rewritten_primal(ctx, prim, scope, number, key_avals, lead,
                                  CUSTOM_VJP3_PRIMAL_LEADING_ARGS)
   in_avals = (*prim.in_avals[:lead], *key_avals, *prim.in_avals[lead:])
-  static_argnums = frozenset(i + nk for i in prim.static_argnums)
-  return custom_vjp3_like(prim, new_traced, fwd, bwd, in_avals, static_argnums)
+  return custom_vjp3_like(prim, new_traced, fwd, bwd, in_avals)
 
 
 HIGHER_ORDER_RULES.update({
