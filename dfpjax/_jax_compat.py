@@ -38,9 +38,8 @@ def check_jax_version(installed: str, supported: str) -> None:
 
 
 check_jax_version(jax.__version__, supported_jax())
-# The supported range spans two minor versions, whose internals differ where branched below;
-# the 0.12 branches go ahead of its support (a clone with the pin lifted runs them,
-# docs/development.md, "JAX 0.12 is not supported yet").
+# The supported range spans three minor versions (0.10-0.12), whose internals differ where
+# branched below.
 _JAX_0_11 = Version(jax.__version__) >= Version("0.11")
 _JAX_0_12 = Version(jax.__version__) >= Version("0.12")
 
