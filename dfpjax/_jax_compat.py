@@ -159,15 +159,10 @@ else:
 CUSTOM_JVP3_LEADING_ARGS = 1 if _JAX_0_12 else 0
 
 
-def hijax_static_positions(prim) -> set[int]:
+def hijax_static_positions(in_avals) -> frozenset[int]:
   """The positions of a hijax custom_vjp's or custom_jvp's nondiff (static) arguments among
-  its application's: a ``hijax.Static`` in its ``in_avals`` (where 0.11's ``static_argnums``
-  point; 0.12 has only these)."""
-  return set(_static_argnums(prim.in_avals))
-
-
-def _static_argnums(in_avals) -> frozenset[int]:
-  """The static_argnums 0.10's and 0.11's hijax custom rules take, for these ``in_avals``."""
+  its application's, given its ``in_avals``: each a ``hijax.Static`` (where 0.11's
+  ``static_argnums`` point, which its constructors take; 0.12 has only these)."""
   return frozenset(i for i, a in enumerate(in_avals) if isinstance(a, hijax.Static))
 
 
@@ -188,7 +183,7 @@ def custom_vjp3_like(prim, traced, fwd, bwd, in_avals):
     return hijax.CustomVJPTraced(traced, fwd, bwd, in_avals, prim.symbolic_zeros,
                                  prim.opt_remat, prim.with_logs,
                                  generic_batching=prim.generic_batching)
-  static_argnums = _static_argnums(in_avals)
+  static_argnums = hijax_static_positions(in_avals)
   if _JAX_0_11:  # a bwd rule may return logs (defvjp_with_logs)
     return hijax.CustomVJPTraced(traced, fwd, bwd, in_avals, prim.symbolic_zeros,
                                  static_argnums, prim.opt_remat, prim.with_logs)
@@ -241,7 +236,8 @@ def custom_jvp3_like(prim, traced, rule, in_avals):
   those of ``prim``."""
   if _JAX_0_12:
     return CustomJVPTraced(traced, rule, in_avals, prim.symbolic_zeros)
-  return CustomJVPTraced(traced, rule, in_avals, prim.symbolic_zeros, _static_argnums(in_avals))
+  return CustomJVPTraced(traced, rule, in_avals, prim.symbolic_zeros,
+                         hijax_static_positions(in_avals))
 
 
 def custom_vjp_call_bwd_cotangents(result, f):

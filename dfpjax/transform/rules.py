@@ -380,7 +380,7 @@ def _rewritten_primal(ctx, prim, scope: Scope, number: int, key_avals, lead: int
   with its sites rewritten, taking the scope's key after JAX's ``primal_lead`` leading
   arguments (``lead`` of them in the application's arguments)."""
   nk = len(key_avals)
-  static = hijax_static_positions(prim)
+  static = hijax_static_positions(prim.in_avals)
   traced = prim.traced
 
   def primal(*args):
