@@ -43,7 +43,7 @@ def _int64_sums(x, b, geometry):
 
 # (input channels per group, output channels per group, groups, b's window, the window, (first,
 # step) per dimension, transposed): even and odd cin (the path's copies vs element by element),
-# taps straddling the 512-column K blocks (cin 100: tap 5 spans columns 500-600), edge panels
+# taps straddling the 576-column K blocks (cin 100: tap 5 spans columns 500-600), edge panels
 # (cout 40 = 32 + 8, 9, 5), feature groups, flips and strided tap picks (a phase's).
 CASES = {
     "flipped_transposed": (20, 24, 1, (3, 3), (3, 3), ((2, -1), (2, -1)), True),

@@ -36,7 +36,7 @@ typedef struct {
   int backward;
   int plain_weights;              /* b is dy, or w as it lies (dfp_weights_plain) */
   size_t m, n, k;                 /* the per-group GEMM */
-  size_t kpairs, kblocks;
+  size_t kpairs, kc, kblocks;       /* kc: pairs per K block (dfp_kc_pairs) */
   size_t mcp, ncp;                /* micro-panels per cache block */
   size_t mblocks, nblocks, npanels;
   size_t ksplit;                  /* backward: K ranges of each round, summed after the fact */
@@ -58,20 +58,20 @@ static void pack_b_panels(conv_plan* c, size_t g, size_t q0, size_t q1, size_t k
   const dfp_conv_shape* s = &c->args->shape;
   const int nr = c->nr;
   const size_t t = g * c->npanels + q0, channels = s->groups * s->cout;
-  const size_t k0 = (c->round_kb0 + kb0) * 2 * DFP_KC_PAIRS;
-  const size_t k1 = min_size(c->k, (c->round_kb0 + kb1) * 2 * DFP_KC_PAIRS);
+  const size_t k0 = (c->round_kb0 + kb0) * 2 * c->kc;
+  const size_t k1 = min_size(c->k, (c->round_kb0 + kb1) * 2 * c->kc);
   const size_t panel_stride = c->bpanel_stride, bounds_stride = c->bkblocks * DFP_CHUNK_LEVELS;
-  int16_t* dst = c->bpack + t * panel_stride + kb0 * DFP_KC_PAIRS * nr * 2;
+  int16_t* dst = c->bpack + t * panel_stride + kb0 * c->kc * nr * 2;
   uint64_t* bounds = c->bbound + t * bounds_stride + kb0 * DFP_CHUNK_LEVELS;
   if (!c->plain_weights) { /* forward, all of K in one round: w through its view of b */
     for (size_t q = q0; q < q1; ++q, dst += panel_stride, bounds += bounds_stride)
-      if (dfp_pack_weights_panel(c->cfg, c->args->b, s, &c->args->weights, g, q * nr, nr, dst, bounds))
+      if (dfp_pack_weights_panel(c->cfg, c->args->b, s, &c->args->weights, g, q * nr, nr, c->kc, dst, bounds))
         dfp_fail(&c->status, DFP_ERR_BAD_MANTISSA);
     return;
   }
   /* w [taps * cin][groups * cout] or dy [pixels][groups * cout]: the K rows, this group's
    * columns. */
-  if (dfp_pack_panels(c->cfg, c->args->b + k0 * channels + g * s->cout, c->n, k1 - k0, 1, channels, q0 * nr, nr,
+  if (dfp_pack_panels(c->cfg, c->args->b + k0 * channels + g * s->cout, c->n, k1 - k0, c->kc, 1, channels, q0 * nr, nr,
                       q1 - q0, dst, panel_stride, bounds, bounds_stride))
     dfp_fail(&c->status, DFP_ERR_BAD_MANTISSA);
 }
@@ -102,7 +102,7 @@ static void run_block(conv_plan* c, size_t g, size_t mb, size_t nb, size_t kb0, 
   const size_t row0 = mb * c->mcp * mr;
   const size_t panels = min_size(c->mcp, ceil_div(c->m - row0, mr));
   const size_t q0 = nb * c->ncp, q1 = min_size(q0 + c->ncp, c->npanels);
-  const size_t panel_stride = dfp_panel_stride((size_t)DFP_KC_PAIRS * mr * 2);
+  const size_t panel_stride = dfp_panel_stride(c->kc * mr * 2);
   int16_t* apack = (int16_t*)dfp_scratch(DFP_SCRATCH_A_PANELS, panels * panel_stride * sizeof(int16_t));
   uint64_t abound[DFP_IM2COL_MAX_ROWS * DFP_CHUNK_LEVELS];
   if (apack == NULL) {
@@ -111,7 +111,7 @@ static void run_block(conv_plan* c, size_t g, size_t mb, size_t nb, size_t kb0, 
   }
   const size_t bq0 = g * c->npanels + q0;
   for (size_t kb = kb0; kb < kb1; ++kb) {
-    const size_t k0 = kb * 2 * DFP_KC_PAIRS, k1 = min_size(k0 + 2 * DFP_KC_PAIRS, c->k);
+    const size_t k0 = kb * 2 * c->kc, k1 = min_size(k0 + 2 * c->kc, c->k);
     const size_t kc = (k1 - k0 + 1) / 2;
     if (c->backward)
       dfp_im2col_pack_taps(c->cfg, &patches, c->m, row0, mr, panels, k0, k1, apack, panel_stride);
@@ -124,7 +124,7 @@ static void run_block(conv_plan* c, size_t g, size_t mb, size_t nb, size_t kb0, 
     const dfp_block block = {
         .a = apack, .a_stride = panel_stride, .mpanels = panels,
         .abound = abound, .abound_stride = DFP_CHUNK_LEVELS,
-        .b = c->bpack + bq0 * c->bpanel_stride + bkb * DFP_KC_PAIRS * nr * 2, .b_stride = c->bpanel_stride,
+        .b = c->bpack + bq0 * c->bpanel_stride + bkb * c->kc * nr * 2, .b_stride = c->bpanel_stride,
         .npanels = q1 - q0,
         .bbound = c->bbound + (bq0 * c->bkblocks + bkb) * DFP_CHUNK_LEVELS,
         .bbound_stride = c->bkblocks * DFP_CHUNK_LEVELS,
@@ -137,8 +137,8 @@ static void run_block(conv_plan* c, size_t g, size_t mb, size_t nb, size_t kb0, 
 }
 
 /* One cache block over all of K, encoded: the forward pass, and backward-weights in one round
- * of one K range (no sums). A reduction of one K block (K <= 512: the 1x1 layers on up to 512
- * channels, the stem; a sharded batch's weight gradients of the deep layers) into float32 or
+ * of one K range (no sums). A reduction of one K block (K <= 576: the 1x1 layers on up to 576
+ * channels, the 3x3 layers on 64, the stem; a sharded batch's weight gradients of the deep layers) into float32 or
  * int64 is written tile by tile as it is computed (dfp_multiply_encode_block), others through
  * an int64 block of sums. */
 static void block_task(void* arg, size_t t) {
@@ -194,7 +194,7 @@ static size_t plan_rounds(conv_plan* c, size_t bkblocks, size_t blocks, size_t b
     if (bkblocks < c->kblocks) bkblocks -= bkblocks % c->ksplit; /* rounds of whole ranges */
   }
   c->bkblocks = bkblocks;
-  c->bkpairs = min_size(c->kpairs, bkblocks * DFP_KC_PAIRS);
+  c->bkpairs = min_size(c->kpairs, bkblocks * c->kc);
   c->bpanel_stride = dfp_panel_stride(c->bkpairs * c->nr * 2);
   const size_t sums = c->ksplit * c->args->shape.groups * sums_rows(c) * c->npanels * c->nr;
   return bpanels * c->bpanel_stride * sizeof(int16_t) + (needs_sums(c) ? sums * sizeof(int64_t) : 0);
@@ -264,6 +264,7 @@ static int conv_run(const dfp_conv_args* args, int backward, dfp_isa isa, const 
   if (dfp_check_output(&args->out, c.k) != DFP_OK) return DFP_ERR_BAD_SHAPE;
   if (c.m == 0 || c.n == 0) return DFP_OK;
   c.kpairs = (c.k + 1) / 2;
+  c.kc = dfp_kc_pairs(c.kpairs);
   c.kblocks = dfp_kc_blocks(c.kpairs);
   c.npanels = ceil_div(c.n, nr);
   if (backward) {
@@ -282,7 +283,7 @@ static int conv_run(const dfp_conv_args* args, int backward, dfp_isa isa, const 
   const int threads = par->num_threads > 0 ? par->num_threads : 1;
   const size_t whole = plan_rounds(&c, c.kblocks, blocks, bpanels, threads);
   if (backward) { /* rounds of whole K blocks, at least one, where they take less memory */
-    const size_t round = min_size(c.kblocks, CONV_ROUND_BYTES / (bpanels * nr * 2 * DFP_KC_PAIRS * sizeof(int16_t)) + 1);
+    const size_t round = min_size(c.kblocks, CONV_ROUND_BYTES / (bpanels * nr * 2 * c.kc * sizeof(int16_t)) + 1);
     if (plan_rounds(&c, round, blocks, bpanels, threads) >= whole) plan_rounds(&c, c.kblocks, blocks, bpanels, threads);
   }
   const int sums = needs_sums(&c);
@@ -325,7 +326,7 @@ typedef struct {
   const dfp_isa_config* cfg;
   int mr, nr;
   size_t pixels, taps;            /* output pixels per image; window taps */
-  size_t n, k, kpairs, kblocks, npanels; /* the GEMM: N = taps * cin, K = cout */
+  size_t n, k, kpairs, kc, kblocks, npanels; /* the GEMM: N = taps * cin, K = cout */
   dfp_unit_shape units;           /* the columns' units (im2col.h) */
   size_t unit_count;
   size_t* unit_offsets;           /* [unit_count]: from a window's origin to each unit's first
@@ -344,7 +345,7 @@ static void col2im_pack_b_task(void* arg, size_t t) {
    * (dfp_weight_view), w[g * cout + o][tap][c]. */
   const size_t o_stride = c->args->weights.features_major ? c->n : 1;
   const size_t row_stride = c->args->weights.features_major ? 1 : s->groups * s->cout;
-  if (dfp_pack_panel(c->cfg, c->args->b + g * s->cout * o_stride, c->n, c->k, row_stride, o_stride, q * nr, nr,
+  if (dfp_pack_panel(c->cfg, c->args->b + g * s->cout * o_stride, c->n, c->k, c->kc, row_stride, o_stride, q * nr, nr,
                      c->bpack + t * c->kpairs * nr * 2, c->bbound + t * c->kblocks * DFP_CHUNK_LEVELS))
     dfp_fail(&c->status, DFP_ERR_BAD_MANTISSA);
 }
@@ -364,19 +365,19 @@ static void col2im_group(col2im_plan* c, size_t image, size_t g, int16_t* apack,
   for (size_t row0 = 0; row0 < c->pixels; row0 += mcp * mr) {
     const size_t panels = min_size(mcp, ceil_div(c->pixels - row0, mr));
     for (size_t p = 0; p < panels; ++p)
-      if (dfp_pack_panel(c->cfg, dy, c->pixels, c->k, channels_out, 1, row0 + p * mr, mr,
+      if (dfp_pack_panel(c->cfg, dy, c->pixels, c->k, c->kc, channels_out, 1, row0 + p * mr, mr,
                          apack + p * kp * mr * 2, abound + p * levels))
         dfp_fail(&c->status, DFP_ERR_BAD_MANTISSA);
     if (c->kblocks == 0) memset(acc, 0, panels * mr * ldc * sizeof(int64_t));
     for (size_t kb = 0; kb < c->kblocks; ++kb) {
       const dfp_block block = {
-          .a = apack + kb * DFP_KC_PAIRS * mr * 2, .a_stride = kp * mr * 2, .mpanels = panels,
+          .a = apack + kb * c->kc * mr * 2, .a_stride = kp * mr * 2, .mpanels = panels,
           .abound = abound + kb * DFP_CHUNK_LEVELS, .abound_stride = levels,
-          .b = c->bpack + (g * c->npanels * c->kpairs + kb * DFP_KC_PAIRS) * nr * 2,
+          .b = c->bpack + (g * c->npanels * c->kpairs + kb * c->kc) * nr * 2,
           .b_stride = c->kpairs * nr * 2, .npanels = c->npanels,
           .bbound = c->bbound + (g * c->npanels * c->kblocks + kb) * DFP_CHUNK_LEVELS,
           .bbound_stride = c->kblocks * DFP_CHUNK_LEVELS,
-          .kpairs = min_size(c->kpairs - kb * DFP_KC_PAIRS, DFP_KC_PAIRS)};
+          .kpairs = min_size(c->kpairs - kb * c->kc, c->kc)};
       dfp_multiply_block(c->cfg->ukernel, &block, acc, ldc, kb > 0);
     }
     const size_t row1 = min_size(row0 + panels * mr, c->pixels);
@@ -439,6 +440,7 @@ int dfp_conv_backward_data(const dfp_conv_args* args, dfp_isa isa, const dfp_par
   c.n = c.taps * s->cin;
   c.k = s->cout;
   c.kpairs = (c.k + 1) / 2;
+  c.kc = dfp_kc_pairs(c.kpairs);
   c.kblocks = dfp_kc_blocks(c.kpairs);
   c.npanels = ceil_div(c.n, nr);
   if (dfp_check_output(&args->out, c.taps * c.k) != DFP_OK) return DFP_ERR_BAD_SHAPE; /* taps reaching a pixel */

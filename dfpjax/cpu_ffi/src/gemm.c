@@ -21,7 +21,7 @@ typedef struct {
   const dfp_gemm_args* args;
   const dfp_isa_config* cfg;
   int mr, nr;
-  size_t kpairs, kblocks;
+  size_t kpairs, kc, kblocks;      /* kc: pairs per K block (dfp_kc_pairs) */
   size_t mpanels, npanels;         /* per batch element */
   size_t mcp, ncp;                 /* micro-panels per cache block */
   size_t mblocks, nblocks;         /* cache blocks per batch element */
@@ -46,7 +46,7 @@ static void pack_operand(gemm_plan* g, size_t t, const int16_t* operand, size_t 
   const size_t panel0 = t % groups * GEMM_PACK_PANELS, first = t / groups * panels + panel0;
   const size_t count = panels - panel0 < GEMM_PACK_PANELS ? panels - panel0 : GEMM_PACK_PANELS;
   const size_t b = g->batch0 + t / groups, panel_stride = g->kpairs * r * 2;
-  if (dfp_pack_panels(g->cfg, operand + b * rows * k, rows, k, rs, cs, panel0 * r, r, count,
+  if (dfp_pack_panels(g->cfg, operand + b * rows * k, rows, k, g->kc, rs, cs, panel0 * r, r, count,
                       pack + first * panel_stride, panel_stride, bound + first * g->kblocks * DFP_CHUNK_LEVELS,
                       g->kblocks * DFP_CHUNK_LEVELS))
     dfp_fail(&g->status, DFP_ERR_BAD_MANTISSA);
@@ -87,7 +87,7 @@ static void block_task(void* arg, size_t t) {
   const uint64_t* abound = g->abound + ap0 * g->kblocks * DFP_CHUNK_LEVELS;
   const uint64_t* bbound = g->bbound + bq0 * g->kblocks * DFP_CHUNK_LEVELS;
   if (g->kblocks == 1 && dfp_encodes_tiles(g->cfg, a->out.format, a->eb_stride)) {
-    /* K <= 512: each tile encoded as it is computed, no int64 block */
+    /* K <= 576: each tile encoded as it is computed, no int64 block */
     const dfp_block block = {
         .a = apack, .a_stride = g->kpairs * mr * 2, .mpanels = p1 - p0,
         .abound = abound, .abound_stride = DFP_CHUNK_LEVELS,
@@ -106,13 +106,13 @@ static void block_task(void* arg, size_t t) {
     return;
   }
   if (g->kpairs == 0) memset(acc, 0, acc_bytes); /* else the first K block stores its sums */
-  for (size_t pc = 0, kb = 0; pc < g->kpairs; pc += DFP_KC_PAIRS, ++kb) {
+  for (size_t pc = 0, kb = 0; pc < g->kpairs; pc += g->kc, ++kb) {
     const dfp_block block = {
         .a = apack + pc * mr * 2, .a_stride = g->kpairs * mr * 2, .mpanels = p1 - p0,
         .abound = abound + kb * DFP_CHUNK_LEVELS, .abound_stride = g->kblocks * DFP_CHUNK_LEVELS,
         .b = bpack + pc * nr * 2, .b_stride = g->kpairs * nr * 2, .npanels = q1 - q0,
         .bbound = bbound + kb * DFP_CHUNK_LEVELS, .bbound_stride = g->kblocks * DFP_CHUNK_LEVELS,
-        .kpairs = g->kpairs - pc < DFP_KC_PAIRS ? g->kpairs - pc : DFP_KC_PAIRS};
+        .kpairs = g->kpairs - pc < g->kc ? g->kpairs - pc : g->kc};
     dfp_multiply_block(g->cfg->ukernel, &block, acc, ldc, pc > 0);
   }
   for (size_t row = row0; row < row1; ++row)
@@ -173,6 +173,7 @@ int dfp_gemm(const dfp_gemm_args* args, dfp_isa isa, const dfp_parallel* par) {
   if (status != DFP_OK) return status;
   g.args = args;
   g.kpairs = (args->k + 1) / 2;
+  g.kc = dfp_kc_pairs(g.kpairs);
   g.kblocks = dfp_kc_blocks(g.kpairs);
   g.mpanels = (args->m + g.mr - 1) / g.mr;
   g.npanels = (args->n + g.nr - 1) / g.nr;

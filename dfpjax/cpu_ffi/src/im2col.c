@@ -209,7 +209,7 @@ void dfp_im2col_pack_taps(const dfp_isa_config* cfg, const dfp_patches* P, size_
 }
 
 int dfp_pack_weights_panel(const dfp_isa_config* cfg, const int16_t* b, const dfp_conv_shape* s,
-                           const dfp_weight_view* v, size_t g, size_t col0, int width, int16_t* dst,
+                           const dfp_weight_view* v, size_t g, size_t col0, int width, size_t kc, int16_t* dst,
                            uint64_t* bounds) {
   const size_t cin = s->cin, k = s->window[0] * s->window[1] * s->window[2] * cin;
   const size_t valid = s->cout - col0 < (size_t)width ? s->cout - col0 : (size_t)width;
@@ -227,8 +227,8 @@ int dfp_pack_weights_panel(const dfp_isa_config* cfg, const int16_t* b, const df
   const int16_t* base = b + (v->transposed ? g * cin * k_stride : g * s->cout * o_stride) + col0 * o_stride;
   if (valid < (size_t)width || k % 2) memset(dst, 0, (k + 1) / 2 * (size_t)width * 2 * sizeof(int16_t));
   int status = 0;
-  for (size_t c0 = 0; c0 < k; c0 += 2 * DFP_KC_PAIRS, bounds += DFP_CHUNK_LEVELS) {
-    const size_t c1 = c0 + 2 * DFP_KC_PAIRS < k ? c0 + 2 * DFP_KC_PAIRS : k;
+  for (size_t c0 = 0; c0 < k; c0 += 2 * kc, bounds += DFP_CHUNK_LEVELS) {
+    const size_t c1 = c0 + 2 * kc < k ? c0 + 2 * kc : k;
     int16_t* block = dst + (c0 / 2) * (size_t)width * 2;
     for (size_t tap = c0 / cin; tap * cin < c1; ++tap) {
       size_t t[3], at = 0;

@@ -4,8 +4,9 @@
  * per-thread scratch buffers, the error record of parallel tasks, and the serial fallback for a
  * missing thread pool.
  *
- * Block sizes are named <SCOPE>_<BLOCK>_<UNIT>: DFP_KC_PAIRS (pack.h) for the K block shared by
- * all, GEMM_MC_ROWS / GEMM_NC_COLS and CONV_MC_ROWS / CONV_NC_COLS for the cache blocks. */
+ * Block sizes are named <SCOPE>_<BLOCK>_<UNIT>: DFP_KC_PAIRS (pack.h) for the longest K block
+ * (each product's own from dfp_kc_pairs), GEMM_MC_ROWS / GEMM_NC_COLS and CONV_MC_ROWS /
+ * CONV_NC_COLS for the cache blocks. */
 #ifndef DFPJAX_MACRO_H_
 #define DFPJAX_MACRO_H_
 

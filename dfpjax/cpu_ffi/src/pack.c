@@ -104,7 +104,7 @@ int dfp_block_bounds(const dfp_isa_config* cfg, const int16_t* block, size_t kpa
   return low ? -1 : 0;
 }
 
-int dfp_pack_panels(const dfp_isa_config* cfg, const int16_t* src, size_t rows, size_t k,
+int dfp_pack_panels(const dfp_isa_config* cfg, const int16_t* src, size_t rows, size_t k, size_t kc,
                     size_t row_stride, size_t col_stride, size_t row0, int width, size_t panels,
                     int16_t* dst, size_t panel_stride, uint64_t* bounds, size_t bounds_stride) {
   const size_t kpairs = (k + 1) / 2, end = row0 + panels * (size_t)width < rows ? row0 + panels * (size_t)width : rows;
@@ -115,8 +115,8 @@ int dfp_pack_panels(const dfp_isa_config* cfg, const int16_t* src, size_t rows, 
     if ((q + 1) * (size_t)width > valid || k % 2)
       memset(dst + q * panel_stride, 0, kpairs * (size_t)width * 2 * sizeof(int16_t));
   int status = 0;
-  for (size_t c0 = 0; c0 < k; c0 += 2 * DFP_KC_PAIRS, bounds += DFP_CHUNK_LEVELS) {
-    const size_t c1 = c0 + 2 * DFP_KC_PAIRS < k ? c0 + 2 * DFP_KC_PAIRS : k;
+  for (size_t c0 = 0; c0 < k; c0 += 2 * kc, bounds += DFP_CHUNK_LEVELS) {
+    const size_t c1 = c0 + 2 * kc < k ? c0 + 2 * kc : k;
     int16_t* block = dst + (c0 / 2) * (size_t)width * 2;
     dfp_pack_block(cfg, src, c0, c1, row_stride, col_stride, valid, width, block, panel_stride);
     for (size_t q = 0; q < panels; ++q)
@@ -125,8 +125,8 @@ int dfp_pack_panels(const dfp_isa_config* cfg, const int16_t* src, size_t rows, 
   return status;
 }
 
-int dfp_pack_panel(const dfp_isa_config* cfg, const int16_t* src, size_t rows, size_t k,
+int dfp_pack_panel(const dfp_isa_config* cfg, const int16_t* src, size_t rows, size_t k, size_t kc,
                    size_t row_stride, size_t col_stride, size_t row0, int width, int16_t* dst,
                    uint64_t* bounds) {
-  return dfp_pack_panels(cfg, src, rows, k, row_stride, col_stride, row0, width, 1, dst, 0, bounds, 0);
+  return dfp_pack_panels(cfg, src, rows, k, kc, row_stride, col_stride, row0, width, 1, dst, 0, bounds, 0);
 }

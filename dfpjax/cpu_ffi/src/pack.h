@@ -11,26 +11,26 @@
 #include "isa_config.h"
 
 enum {
-  DFP_KC_PAIRS = 256,      /* K block in pairs: a B micro-panel of KC x NR stays in L1 */
+  DFP_KC_PAIRS = 288,      /* the longest K block in pairs (dfp_kc_pairs) */
   DFP_NORM_BLOCK_PAIRS = 8,/* the shortest chunk a norm bound is kept for */
-  DFP_CHUNK_LEVELS = 6,    /* chunks of 8, 16, ..., 256 pairs */
+  DFP_CHUNK_LEVELS = 7,    /* chunks of 8, 16, ..., 512 pairs: the last level covers a whole block */
 };
 
 /* Packs rows [row0, row0 + width) of a rows x k matrix whose element (r, c) is
  * src[r * row_stride + c * col_stride] (one of the strides is 1) into
- * dst[kpairs][width][2], zero padded. For each K block of DFP_KC_PAIRS pairs it writes
+ * dst[kpairs][width][2], zero padded. For each K block of kc pairs (dfp_kc_pairs) it writes
  * DFP_CHUNK_LEVELS bounds: bound[l] = the largest, over the block's chunks of
  * DFP_NORM_BLOCK_PAIRS << l pairs, of the sum over the chunk's norm blocks of the
  * largest squared row norm in the panel. Returns -1 if an element is -32768 (outside
  * the symmetric DFP range, where even one pair could overflow int32), else 0. */
-int dfp_pack_panel(const dfp_isa_config* cfg, const int16_t* src, size_t rows, size_t k,
+int dfp_pack_panel(const dfp_isa_config* cfg, const int16_t* src, size_t rows, size_t k, size_t kc,
                    size_t row_stride, size_t col_stride, size_t row0, int width, int16_t* dst,
                    uint64_t* bounds);
 
 /* dfp_pack_panel for `panels` consecutive panels, rows [row0, row0 + panels * width), panel q
  * at dst + q * panel_stride with its bounds at bounds + q * bounds_stride: each K block of
  * the source read once for all of them (dfp_pack_block). */
-int dfp_pack_panels(const dfp_isa_config* cfg, const int16_t* src, size_t rows, size_t k,
+int dfp_pack_panels(const dfp_isa_config* cfg, const int16_t* src, size_t rows, size_t k, size_t kc,
                     size_t row_stride, size_t col_stride, size_t row0, int width, size_t panels,
                     int16_t* dst, size_t panel_stride, uint64_t* bounds, size_t bounds_stride);
 
@@ -58,8 +58,23 @@ int dfp_block_bounds(const dfp_isa_config* cfg, const int16_t* block, size_t kpa
  * stem's and the 3x3 layers' backward-weights were 7-11% slower per kernel call on Zen 3. */
 static inline size_t dfp_panel_stride(size_t elements) { return elements + 32; }
 
+/* The K block of a reduction of kpairs pairs: as few blocks as DFP_KC_PAIRS allows, of equal
+ * length in whole norm blocks, the last one shorter by at most that rounding. A B micro-panel of
+ * the block stays in L1 (AVX2: at most 18 KB). 288 = 9 taps x 64 channels / 2: a 3x3 window's
+ * reduction over 64 channels (ResNet's 56x56 layers) is one block, each tile encoded as it is
+ * computed, and over 128-512 channels whole blocks (blocks of 256 took those layers' forward and
+ * backward-data 10% longer on Zen 3); a reduction of 512 pairs (K = 1024) two blocks of 256, not
+ * 288 and 224 (the GEMM at 1024^3 3-5% slower). */
+static inline size_t dfp_kc_pairs(size_t kpairs) {
+  const size_t blocks = (kpairs + DFP_KC_PAIRS - 1) / DFP_KC_PAIRS;
+  if (blocks <= 1) return DFP_KC_PAIRS;
+  const size_t even = (kpairs + blocks - 1) / blocks;
+  return (even + DFP_NORM_BLOCK_PAIRS - 1) / DFP_NORM_BLOCK_PAIRS * DFP_NORM_BLOCK_PAIRS;
+}
+
 static inline size_t dfp_kc_blocks(size_t kpairs) {
-  return (kpairs + DFP_KC_PAIRS - 1) / DFP_KC_PAIRS;
+  const size_t kc = dfp_kc_pairs(kpairs);
+  return (kpairs + kc - 1) / kc;
 }
 
 /* The configuration's packing entries. pack_rows: `pairs` pairs of each of the `valid` rows
