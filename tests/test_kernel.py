@@ -253,12 +253,15 @@ def test_a_large_batch_runs_in_rounds_with_the_same_bits(isa, layout):
   _assert_kernel_matches(args, *layout)
 
 
-@pytest.mark.parametrize("shape", [(4101, 64, 528), (32797, 128, 64)], ids=["gemm", "as_convolution"])
+@pytest.mark.parametrize("shape", [(4101, 64, 528), (32797, 128, 64), (8203, 512, 256)],
+                         ids=["gemm", "as_convolution", "as_convolution_through_row_strips"])
 def test_outputs_past_the_caches_are_streamed_with_the_same_bits(isa, shape):
   """A float32 output of 8 MiB or more (macro.h, DFP_STREAM_OUTPUT_BYTES) is written with
   non-temporal stores where the path has them and its rows are 64-byte aligned, by the GEMM's
   loop (one K block, edge rows, and an edge panel on 32-column tiles) and by the convolution
-  loop a large product runs as: the same bits as the reference."""
+  loop a large product runs as, its blocks of 256 columns through row strips on the AVX2 paths
+  (macro.c, STRIP_MIN_COLS; an edge panel of 8203 rows stays direct): the same bits as the
+  reference."""
   m, k, n = shape
   rng = np.random.default_rng(m)
   _, args = _operands(rng, 1, m, k, n, False, False)

@@ -106,3 +106,9 @@ void dfp_split_sums_avx2(const int64_t* s, size_t n, int low_bits, int low_bytes
   dfp_split_sums_portable(s + j, n - j, low_bits, low_bytes, high + j,
                           (uint8_t*)low + j * (size_t)low_bytes);
 }
+
+void dfp_stream_rows_avx2(const uint32_t* src, size_t rows, size_t cols, uint32_t* dst, size_t ldo) {
+  for (size_t r = 0; r < rows; ++r, src += cols, dst += ldo)
+    for (size_t j = 0; j < cols; j += 8)
+      _mm256_stream_si256((__m256i*)(dst + j), _mm256_load_si256((const __m256i*)(src + j)));
+}

@@ -31,9 +31,9 @@ static const dfp_isa_config kConfigs[DFP_ISA_COUNT] = {
 #define AVX2_PACKING dfp_pack_rows_avx2, dfp_pack_columns_avx2, dfp_interleave_pairs_avx2, dfp_norm_bounds_avx2
 #define AVX2_ROWS dfp_encode_f32_avx2, dfp_max_magnitude_avx2, dfp_quantize_row_avx2
     [DFP_ISA_AVX2] = {&dfp_ukernel_avx2, AVX2_PACKING, AVX2_ROWS, dfp_add_runs_avx2, dfp_split_sums_avx2,
-                      dfp_channel_sums_rows_avx2},
+                      dfp_channel_sums_rows_avx2, dfp_stream_rows_avx2},
     [DFP_ISA_AVX_VNNI] = {&dfp_ukernel_avx_vnni, AVX2_PACKING, AVX2_ROWS, dfp_add_runs_avx2, dfp_split_sums_avx2,
-                          dfp_channel_sums_rows_avx2},
+                          dfp_channel_sums_rows_avx2, dfp_stream_rows_avx2},
     [DFP_ISA_AVX512_VNNI] = {&dfp_ukernel_avx512_vnni, dfp_pack_rows_avx2, AVX512_PACK_COLUMNS,
                              dfp_interleave_pairs_avx2, dfp_norm_bounds_avx2, AVX512_ROWS, AVX512_ADD_RUNS,
                              dfp_split_sums_avx2, dfp_channel_sums_rows_avx2},

@@ -43,6 +43,10 @@ typedef struct {
   /* Per-channel float sums of rows, in double (channel_sums.h). */
   void (*channel_sums_rows)(const float* a, const float* b, const float* center, size_t rows,
                             size_t channels, size_t stride, double* sum, double* dot);
+  /* A streamed output's rows through a strip in the cache (macro.c): rows x cols float32 (cols a
+   * multiple of 16) from src [rows][cols] to dst + r * ldo, 64-byte aligned, by non-temporal
+   * stores. NULL where the path's tiles stream their rows themselves (encode_f32_stream). */
+  void (*stream_rows)(const uint32_t* src, size_t rows, size_t cols, uint32_t* dst, size_t ldo);
 } dfp_isa_config;
 
 /* The configuration of a path compiled into this build, else NULL (an unknown index, or an

@@ -67,6 +67,14 @@ static int streams(const dfp_ukernel* uk, const dfp_block_output* o) {
          o->ldo * sizeof(uint32_t) % 64 == 0;
 }
 
+/* A streamed block at least this many columns wide writes each A panel's rows through a strip in
+ * the cache where the path has stream_rows: its tiles encoded there, then the rows streamed out
+ * whole. On Zen 3's avx2 path the 1x1 layers with 256 or more output channels and a short
+ * reduction (the 56x56 and 28x28 expand layers' forward, conv2's reduce layer's backward-data)
+ * took 8-15% less time than with each tile's rows streamed as computed; 64 and 128 columns wide,
+ * 2-20% more (docs/performance.md). */
+enum { STRIP_MIN_COLS = 256 };
+
 void dfp_multiply_encode_block(const dfp_isa_config* cfg, const dfp_block* block, const dfp_block_output* o) {
   const dfp_ukernel* uk = cfg->ukernel;
   const dfp_out_format format = o->out->format;
@@ -75,6 +83,9 @@ void dfp_multiply_encode_block(const dfp_isa_config* cfg, const dfp_block* block
   const size_t kc = block->kpairs, mr = (size_t)uk->mr, nr = (size_t)uk->nr;
   int64_t tile[DFP_TILE_MAX_ELEMENTS];
   int32_t scale[DFP_TILE_MAX_ROWS];
+  uint32_t* strip = NULL; /* [mr][o->cols]; where it cannot be had, the tiles stream themselves */
+  if (stream && cfg->stream_rows != NULL && o->cols >= STRIP_MIN_COLS && o->cols == block->npanels * nr)
+    strip = (uint32_t*)dfp_scratch(DFP_SCRATCH_ROW_STRIP, mr * o->cols * sizeof(uint32_t));
   /* A panel i against every B panel: its tiles write its rows left to right, whole runs of
    * the output rows (the other order, B panel j against every A panel as dfp_multiply_block
    * runs, writes 64 bytes to each of 66 rows in turn: up to 19% slower on the 56x56 1x1
@@ -84,6 +95,13 @@ void dfp_multiply_encode_block(const dfp_isa_config* cfg, const dfp_block* block
     const int whole = rows == mr && !split && (sums || normal_scales(o, row0, mr, scale));
     const int16_t* a = block->a + i * block->a_stride;
     const uint64_t* abound = block->abound + i * block->abound_stride;
+    if (whole && strip != NULL) {
+      for (size_t j = 0; j < block->npanels; ++j)
+        uk->encode_f32(kc, tile_chunk(abound, block->bbound + j * block->bbound_stride, kc), a,
+                       block->b + j * block->b_stride, strip + j * nr, o->cols, scale);
+      cfg->stream_rows(strip, mr, o->cols, (uint32_t*)o->out->data + o->index + row0 * o->ldo, o->ldo);
+      continue;
+    }
     for (size_t j = 0; j < block->npanels; ++j) {
       const size_t col0 = j * nr, cols = o->cols - col0 < nr ? o->cols - col0 : nr;
       const size_t chunk = tile_chunk(abound, block->bbound + j * block->bbound_stride, kc);

@@ -97,9 +97,11 @@ typedef struct {
  * each tile written into the output as soon as it is computed, with no int64 block of sums:
  * int64 sums stored by the microkernel in place (through an int64 tile where the tile is
  * partial); float32 straight from the microkernel's lanes (its encode_f32, or
- * encode_f32_stream for a streamed output, fenced before it returns) where the tile is whole
- * and its rows' scales normal, else through an int64 tile and the output stage; split sums
- * through an int64 tile and the split stage. */
+ * encode_f32_stream for a streamed output, fenced before it returns; for a streamed block of
+ * STRIP_MIN_COLS columns or more, where the path has stream_rows, encode_f32 into a strip of the
+ * A panel's rows that stream_rows writes out, macro.c) where the tile is whole and its rows'
+ * scales normal, else through an int64 tile and the output stage; split sums through an int64
+ * tile and the split stage. */
 void dfp_multiply_encode_block(const dfp_isa_config* cfg, const dfp_block* block, const dfp_block_output* out);
 
 /* out[out_index + j] = fl(s[j]) * 2**(ea + eb[j * eb_stride]) for j < n, in the output
@@ -124,6 +126,9 @@ void dfp_add_runs_portable(int64_t* dst, const size_t* offsets, const int64_t* s
 void dfp_add_runs_avx2(int64_t* dst, const size_t* offsets, const int64_t* src, size_t n, size_t runs);
 void dfp_add_runs_avx512(int64_t* dst, const size_t* offsets, const int64_t* src, size_t n, size_t runs);
 
+/* The AVX2 paths' stream_rows (isa_config.h, encode_avx2.c): 32-byte non-temporal stores. */
+void dfp_stream_rows_avx2(const uint32_t* src, size_t rows, size_t cols, uint32_t* dst, size_t ldo);
+
 /* The configuration's split-sums stage (isa_config.h): plain C and AVX2 (encode_avx2.c). The
  * high parts fit int32 (dfp_check_output) and low_bits <= 16, so the low 32 bits of the
  * logical shift are the arithmetic shift's (AVX2 has no 64-bit arithmetic shift). */
@@ -144,12 +149,18 @@ void dfp_split_sums_avx2(const int64_t* s, size_t n, int low_bits, int low_bytes
  * glibc reuses, the heap keeps the advice). Ignored elsewhere and when it fails. */
 void dfp_advise_output(void* out, size_t bytes);
 
-/* Scratch buffers of a parallel task (packed A panels and their bounds, a block's int64 sums),
+/* Scratch buffers of a parallel task (packed A panels and their bounds, a block's int64 sums, a row strip),
  * one per slot. Taken from the heap for every task, they were a forward 56x56 layer's 1,521
  * allocations of 67 KB a call; with glibc's single arena (MALLOC_ARENA_MAX=1, the trainer's
  * settings in docs/examples.md) shared by every device's thread and by XLA's buffers, those
  * allocations cost ~6% of the 4-device sharded step's CPU time (docs/performance.md). */
-typedef enum { DFP_SCRATCH_A_PANELS, DFP_SCRATCH_A_BOUNDS, DFP_SCRATCH_SUMS, DFP_SCRATCH_SLOTS } dfp_scratch_slot;
+typedef enum {
+  DFP_SCRATCH_A_PANELS,
+  DFP_SCRATCH_A_BOUNDS,
+  DFP_SCRATCH_SUMS,
+  DFP_SCRATCH_ROW_STRIP, /* a streamed block's float32 rows of one A panel (macro.c) */
+  DFP_SCRATCH_SLOTS
+} dfp_scratch_slot;
 
 /* At least bytes of 64-byte aligned memory for slot, owned by the calling thread: kept from
  * task to task and call to call, grown when too small (its contents then lost), freed when
