@@ -36,7 +36,7 @@ typedef struct {
   int backward;
   int plain_weights;              /* b is dy, or w as it lies (dfp_weights_plain) */
   size_t m, n, k;                 /* the per-group GEMM */
-  size_t kpairs, kc, kblocks;       /* kc: pairs per K block (dfp_kc_pairs) */
+  size_t kpairs, kc, kblocks;     /* kc: pairs per K block (dfp_kc_pairs) */
   size_t mcp, ncp;                /* micro-panels per cache block */
   size_t mblocks, nblocks, npanels;
   size_t ksplit;                  /* backward: K ranges of each round, summed after the fact */
@@ -138,9 +138,9 @@ static void run_block(conv_plan* c, size_t g, size_t mb, size_t nb, size_t kb0, 
 
 /* One cache block over all of K, encoded: the forward pass, and backward-weights in one round
  * of one K range (no sums). A reduction of one K block (K <= 576: the 1x1 layers on up to 576
- * channels, the 3x3 layers on 64, the stem; a sharded batch's weight gradients of the deep layers) into float32 or
- * int64 is written tile by tile as it is computed (dfp_multiply_encode_block), others through
- * an int64 block of sums. */
+ * channels, the 3x3 layers on 64, the stem; a sharded batch's weight gradients of the deep
+ * layers) into float32 or int64 is written tile by tile as it is computed
+ * (dfp_multiply_encode_block), others through an int64 block of sums. */
 static void block_task(void* arg, size_t t) {
   conv_plan* c = (conv_plan*)arg;
   const dfp_conv_args* a = c->args;

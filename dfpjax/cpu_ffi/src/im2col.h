@@ -163,9 +163,9 @@ static inline int dfp_weights_plain(const dfp_conv_shape* s, const dfp_weight_vi
 
 /* The forward convolution's B operand w[(t, c)][g * cout + o] (K = taps * cin rows, the
  * group's cout columns) read through the view: columns [col0, col0 + width) of group g packed
- * as dfp_pack_panel packs a panel (K blocks of kc pairs), with its bounds and status, straight from b. Each tap's
- * cin rows lie in b as a matrix of their own, packed by the path's copies where taps start
- * on whole pairs (cin even), else element by element. */
+ * as dfp_pack_panel packs a panel (K blocks of kc pairs), with its bounds and status, straight
+ * from b. Each tap's cin rows lie in b as a matrix of their own, packed by the path's copies
+ * where taps start on whole pairs (cin even), else element by element. */
 int dfp_pack_weights_panel(const dfp_isa_config* cfg, const int16_t* b, const dfp_conv_shape* s,
                            const dfp_weight_view* v, size_t g, size_t col0, int width, size_t kc, int16_t* dst,
                            uint64_t* bounds);

@@ -59,7 +59,7 @@ int dfp_block_bounds(const dfp_isa_config* cfg, const int16_t* block, size_t kpa
 static inline size_t dfp_panel_stride(size_t elements) { return elements + 32; }
 
 /* The K block of a reduction of kpairs pairs: as few blocks as DFP_KC_PAIRS allows, of equal
- * length in whole norm blocks, the last one shorter by at most that rounding. A B micro-panel of
+ * length rounded up to whole norm blocks (the last one shorter). A B micro-panel of
  * the block stays in L1 (AVX2: at most 18 KB). 288 = 9 taps x 64 channels / 2: a 3x3 window's
  * reduction over 64 channels (ResNet's 56x56 layers) is one block, each tile encoded as it is
  * computed, and over 128-512 channels whole blocks (blocks of 256 took those layers' forward and
