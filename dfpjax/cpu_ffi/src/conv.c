@@ -265,7 +265,7 @@ static int conv_run(const dfp_conv_args* args, int backward, dfp_isa isa, const 
   if (c.m == 0 || c.n == 0) return DFP_OK;
   c.kpairs = (c.k + 1) / 2;
   c.kc = dfp_kc_pairs(c.kpairs);
-  c.kblocks = dfp_kc_blocks(c.kpairs);
+  c.kblocks = dfp_kc_blocks(c.kpairs, c.kc);
   c.npanels = ceil_div(c.n, nr);
   if (backward) {
     /* The taps view's rows are x's channels (times taps): each row block reads its slice of
@@ -441,7 +441,7 @@ int dfp_conv_backward_data(const dfp_conv_args* args, dfp_isa isa, const dfp_par
   c.k = s->cout;
   c.kpairs = (c.k + 1) / 2;
   c.kc = dfp_kc_pairs(c.kpairs);
-  c.kblocks = dfp_kc_blocks(c.kpairs);
+  c.kblocks = dfp_kc_blocks(c.kpairs, c.kc);
   c.npanels = ceil_div(c.n, nr);
   if (dfp_check_output(&args->out, c.taps * c.k) != DFP_OK) return DFP_ERR_BAD_SHAPE; /* taps reaching a pixel */
   c.units = dfp_units_of(s);

@@ -174,7 +174,7 @@ int dfp_gemm(const dfp_gemm_args* args, dfp_isa isa, const dfp_parallel* par) {
   g.args = args;
   g.kpairs = (args->k + 1) / 2;
   g.kc = dfp_kc_pairs(g.kpairs);
-  g.kblocks = dfp_kc_blocks(g.kpairs);
+  g.kblocks = dfp_kc_blocks(g.kpairs, g.kc);
   g.mpanels = (args->m + g.mr - 1) / g.mr;
   g.npanels = (args->n + g.nr - 1) / g.nr;
   g.mcp = (GEMM_MC_ROWS + g.mr - 1) / g.mr;

@@ -72,8 +72,8 @@ static inline size_t dfp_kc_pairs(size_t kpairs) {
   return (even + DFP_NORM_BLOCK_PAIRS - 1) / DFP_NORM_BLOCK_PAIRS * DFP_NORM_BLOCK_PAIRS;
 }
 
-static inline size_t dfp_kc_blocks(size_t kpairs) {
-  const size_t kc = dfp_kc_pairs(kpairs);
+/* The K blocks of kc pairs (dfp_kc_pairs) that a reduction of kpairs pairs takes. */
+static inline size_t dfp_kc_blocks(size_t kpairs, size_t kc) {
   return (kpairs + kc - 1) / kc;
 }
 
