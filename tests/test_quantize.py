@@ -1,5 +1,8 @@
 """Spec section 2: float -> DFP, checked against the plain oracle in spec_oracle.py."""
 
+import ctypes
+import ctypes.util
+import platform
 import re
 
 import jax
@@ -9,6 +12,7 @@ import numpy as np
 import pytest
 
 import dfpjax
+from dfpjax import cpu_ffi
 from dfpjax.numerics import quantization
 from dfpjax.numerics.config import QuantConfig
 from dfpjax.primitives import quantize as quantize_primitive
@@ -213,7 +217,14 @@ def _late_maximum_cases():
   ramp = (np.arange(3 * 32768 + 5) - 40).astype(np.float32) * np.float32(2.0**-7)  # a new binade per chunk
   rng = np.random.default_rng(13)
   zeros_first = np.concatenate([np.zeros(40000, np.float32), rng.standard_normal(30000).astype(np.float32)])
-  return [ramp, ramp[::-1].copy(), zeros_first]
+  # Within a chunk the kernel takes pieces of 8192 elements: whole zero pieces before the first
+  # nonzero one, and binades first met in a later piece, so the pieces before are quantized again.
+  zero_pieces = np.concatenate([np.zeros(32768 + 2 * 8192 + 3, np.float32),
+                                rng.standard_normal(20000).astype(np.float32)])
+  late_pieces = rng.standard_normal(2 * 32768 + 9).astype(np.float32)
+  late_pieces[2 * 8192 + 5] = 20.0
+  late_pieces[32768 - 3] = 60.0
+  return [ramp, ramp[::-1].copy(), zeros_first, zero_pieces, late_pieces]
 
 
 @pytest.mark.parametrize("bits, headroom", [(16, 0), (16, 2), (8, 3), (3, 1), (2, 0)])
@@ -274,6 +285,49 @@ def test_kernel_quantization_past_the_caches_streams_the_same_bits(isa):
     t = dfpjax.quantize(jnp.asarray(scaled))
     assert m.nbytes >= 8 << 20
     np.testing.assert_array_equal(m[0], np.asarray(t.mantissa))
+    assert e[0] == int(t.exponent)
+
+
+class _QuantizeArgs(ctypes.Structure):
+  """dfp_kernel.h's dfp_quantize_args."""
+  _fields_ = [("groups", ctypes.c_size_t), ("n", ctypes.c_size_t), ("x", ctypes.c_void_p),
+              ("bits", ctypes.c_int), ("headroom", ctypes.c_int), ("m", ctypes.c_void_p),
+              ("e", ctypes.c_void_p), ("group_max", ctypes.c_void_p)]
+
+
+def _sse_rounding():
+  """The SSE unit's rounding mode as seen on this thread: +-1/3 in float32 tell all four apart."""
+  third = np.float32(1) / np.float32(3)
+  return int(third.view(np.uint32)), int((-np.float32(1) / np.float32(3)).view(np.uint32))
+
+
+# glibc's x86-64 <fenv.h>: FE_TONEAREST, FE_DOWNWARD, FE_UPWARD, FE_TOWARDZERO.
+_ROUNDING_MODES = (0x000, 0x400, 0x800, 0xc00)
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86 rounding-mode constants")
+def test_kernel_quantization_keeps_the_callers_rounding_mode(isa):
+  """The AVX2 rows round by the conversion under a floating-point mode of their own: called
+  (serially, on this thread) under each rounding mode, the spec's bits, and the caller's mode
+  as it was before the call."""
+  libm, lib = ctypes.CDLL(ctypes.util.find_library("m")), cpu_ffi._library()
+  rng = np.random.default_rng(16)
+  x = np.concatenate([np.arange(-40, 41, dtype=np.float32) / 4,  # ties at 16 bits after scaling
+                      rng.standard_normal(3 * 32768 + 11).astype(np.float32)])
+  x[:81] *= np.float32(2.0**-13)
+  t = dfpjax.quantize(jnp.asarray(x))
+  for mode in _ROUNDING_MODES:
+    m, e = np.zeros(x.size, np.int16), np.zeros(1, np.int32)
+    args = _QuantizeArgs(1, x.size, x.ctypes.data, 16, 0, m.ctypes.data, e.ctypes.data, None)
+    assert libm.fesetround(mode) == 0
+    try:
+      before = _sse_rounding()
+      status = lib.dfp_quantize(ctypes.byref(args), cpu_ffi.ISAS.index(isa), None)
+      after = _sse_rounding()
+    finally:
+      libm.fesetround(0)
+    assert status == 0 and after == before
+    np.testing.assert_array_equal(m, np.asarray(t.mantissa))
     assert e[0] == int(t.exponent)
 
 

@@ -46,36 +46,56 @@ static inline __m256i quantize8(__m256i u, __m256i e, __m256i limit) {
   return _mm256_sub_epi32(_mm256_xor_si256(v, negative), negative);
 }
 
-/* Eight lanes as x * 2**-e rounded by the FPU, exact when 2**-e is a normal float
- * (-125 <= e <= 126): a normal product is exact, a subnormal one is below 1/2 and so is
- * a flushed-to-zero input's, so every flush mode gives R's result. */
-static inline __m256i quantize8_float(__m256 x, __m256 scale, __m256i limit) {
-  const __m256 y = _mm256_round_ps(_mm256_mul_ps(x, scale), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m256i v = _mm256_cvtps_epi32(y);  /* |y| <= 2**15: exact */
-  return _mm256_max_epi32(_mm256_min_epi32(v, limit), _mm256_sub_epi32(_mm256_setzero_si256(), limit));
+/* Sixteen lanes as x * 2**-e rounded to nearest even by the conversion itself, under the
+ * rounding the caller set (quantize_row_float), exact when 2**-e is a normal float
+ * (-125 <= e <= 126): a normal product is exact, a subnormal one (or one of a subnormal input)
+ * is below 1/2, so it converts to 0. |x * 2**-e| <= 2**15, so the conversion is exact and the
+ * saturating pack leaves only -32768 (and, for limit < 32767, the lanes past +-limit) to clamp,
+ * on sixteen bits: half the instructions of clamping each eight int32 lanes. */
+static inline __m256i quantize16_float(const float* x, __m256 scale, __m256i low, __m256i high, int clamp_high) {
+  const __m256i a = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x), scale));
+  const __m256i b = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + 8), scale));
+  __m256i v = _mm256_max_epi16(_mm256_packs_epi32(a, b), low);
+  if (clamp_high) v = _mm256_min_epi16(v, high);
+  return v;
+}
+
+static inline void store16(int16_t* m, __m256i packed, int streamed) {
+  /* packs works per 128-bit lane: restore the element order. */
+  packed = _mm256_permute4x64_epi64(packed, _MM_SHUFFLE(3, 1, 2, 0));
+  if (streamed)
+    _mm256_stream_si256((__m256i*)m, packed);
+  else
+    _mm256_storeu_si256((__m256i*)m, packed);
+}
+
+/* The whole rows of sixteen by the float route, under an MXCSR of its own (round to nearest
+ * even, no flush to zero, exceptions masked), restored after: the conversion rounds, where an
+ * explicit vroundps under the caller's mode took a third more instructions in a loop that,
+ * with the max pass, is bound by them (103 MB of floats: 4.8 ms on one Zen 3 core). */
+static size_t quantize_row_float(const float* x, size_t n, int32_t e, int32_t limit, int16_t* m, int streamed) {
+  const __m256 scale = _mm256_castsi256_ps(_mm256_set1_epi32((127 - e) << 23));
+  const __m256i low = _mm256_set1_epi16((int16_t)-limit), high = _mm256_set1_epi16((int16_t)limit);
+  const int clamp_high = limit < INT16_MAX;
+  const unsigned int csr = _mm_getcsr();
+  _mm_setcsr(0x1f80);
+  size_t i = 0;
+  for (; i + 16 <= n; i += 16) store16(m + i, quantize16_float(x + i, scale, low, high, clamp_high), streamed);
+  _mm_setcsr(csr);
+  return i;
 }
 
 void dfp_quantize_row_avx2(const float* x, size_t n, int32_t e, int32_t limit, int16_t* m, int stream) {
-  const __m256i ev = _mm256_set1_epi32(e), lv = _mm256_set1_epi32(limit);
-  const int by_float = e >= -125 && e <= 126;
-  const __m256 scale = _mm256_castsi256_ps(_mm256_set1_epi32(by_float ? (127 - e) << 23 : 0));
   const int streamed = stream && (uintptr_t)m % 32 == 0;
   size_t i = 0;
-  for (; i + 16 <= n; i += 16) {
-    __m256i a, b;
-    if (by_float) {
-      a = quantize8_float(_mm256_loadu_ps(x + i), scale, lv);
-      b = quantize8_float(_mm256_loadu_ps(x + i + 8), scale, lv);
-    } else {
-      a = quantize8(_mm256_loadu_si256((const __m256i*)(x + i)), ev, lv);
-      b = quantize8(_mm256_loadu_si256((const __m256i*)(x + i + 8)), ev, lv);
-    }
-    /* packs works per 128-bit lane: restore the element order. */
-    const __m256i packed = _mm256_permute4x64_epi64(_mm256_packs_epi32(a, b), _MM_SHUFFLE(3, 1, 2, 0));
-    if (streamed)
-      _mm256_stream_si256((__m256i*)(m + i), packed);
-    else
-      _mm256_storeu_si256((__m256i*)(m + i), packed);
+  if (e >= -125 && e <= 126) {
+    i = quantize_row_float(x, n, e, limit, m, streamed);
+  } else {
+    const __m256i ev = _mm256_set1_epi32(e), lv = _mm256_set1_epi32(limit);
+    for (; i + 16 <= n; i += 16)
+      store16(m + i, _mm256_packs_epi32(quantize8(_mm256_loadu_si256((const __m256i*)(x + i)), ev, lv),
+                                        quantize8(_mm256_loadu_si256((const __m256i*)(x + i + 8)), ev, lv)),
+              streamed);
   }
   if (streamed) _mm_sfence();
   const uint32_t* u = (const uint32_t*)x;
