@@ -11,7 +11,8 @@
 
 enum {
   kChunk = 1 << 15,  /* elements per task: big enough to amortize scheduling */
-  kPiece = 1 << 13,  /* elements of a chunk maxed and then quantized while in L1 */
+  kPiece = 1 << 13,  /* elements of a chunk maxed, then quantized while in the cache (32 KB:
+                      * 4 KB pieces took 30% longer, whole chunks 10%, on Zen 3) */
 };
 
 uint32_t dfp_max_magnitude_portable(const float* x, size_t n) {
@@ -44,9 +45,9 @@ static int32_t group_exponent(uint32_t top, const dfp_quantize_args* a) {
 }
 
 /* One pass over the floats where it can: each task takes its chunk piece by piece, raises its
- * group's running max (seen) with each piece's max and quantizes the piece, still in L1, with the
- * exponent of that running max; where the exponent rises within the chunk, the pieces before,
- * still in the cache, are quantized again, so the whole chunk has one exponent, recorded in
+ * group's running max (seen) with each piece's max and quantizes the piece, still in the cache,
+ * with the exponent of that running max; where the exponent rises within the chunk, the pieces
+ * before, still in L2, are quantized again, so the whole chunk has one exponent, recorded in
  * used[task]. The mantissas depend on that exponent alone, so they are the spec's whenever the
  * group's final exponent is the same; the rest (an early chunk below the final binade, a
  * non-finite or all-zero group) are redone from the floats afterwards (redo_task), so the result
