@@ -350,8 +350,21 @@ static void col2im_pack_b_task(void* arg, size_t t) {
     dfp_fail(&c->status, DFP_ERR_BAD_MANTISSA);
 }
 
+/* Adds n sums from element first of row `row` of a row block's sums (int32 or int64, ldc a row)
+ * into dx at each of `runs` offsets, n after n (the path's add_runs). */
+static void add_sums(const col2im_plan* c, int s32, const int64_t* acc, size_t ldc, size_t row, size_t first,
+                     int64_t* dx, const size_t* offsets, size_t n, size_t runs) {
+  if (s32)
+    c->cfg->add_runs_s32(dx, offsets, (const int32_t*)acc + row * ldc + first, n, runs);
+  else
+    c->cfg->add_runs(dx, offsets, acc + row * ldc + first, n, runs);
+}
+
 /* Group g of one image: the GEMM of dy's rows with the weights, per row block into acc
- * (buffers of mcp panels), each column added into the image's dx [input pixels][groups * cin]. */
+ * (buffers of mcp panels), each column added into the image's dx [input pixels][groups * cin].
+ * One K block (cout <= 576) whose sums fit int32, as they do but for near full-scale mantissas,
+ * is summed into int32 (dfp_multiply_block_s32): the stem's tiles over 32 pairs spent a tenth of
+ * their time widening and storing int64 sums. */
 static void col2im_group(col2im_plan* c, size_t image, size_t g, int16_t* apack, uint64_t* abound, int64_t* acc,
                          int64_t* dx) {
   const dfp_conv_shape* s = &c->args->shape;
@@ -368,27 +381,34 @@ static void col2im_group(col2im_plan* c, size_t image, size_t g, int16_t* apack,
       if (dfp_pack_panel(c->cfg, dy, c->pixels, c->k, c->kc, channels_out, 1, row0 + p * mr, mr,
                          apack + p * kp * mr * 2, abound + p * levels))
         dfp_fail(&c->status, DFP_ERR_BAD_MANTISSA);
+    const dfp_block block0 = {
+        .a = apack, .a_stride = kp * mr * 2, .mpanels = panels,
+        .abound = abound, .abound_stride = levels,
+        .b = c->bpack + g * c->npanels * c->kpairs * nr * 2, .b_stride = c->kpairs * nr * 2,
+        .npanels = c->npanels,
+        .bbound = c->bbound + g * c->npanels * c->kblocks * DFP_CHUNK_LEVELS,
+        .bbound_stride = c->kblocks * DFP_CHUNK_LEVELS,
+        .kpairs = min_size(c->kpairs, c->kc)};
+    const int s32 = c->kblocks == 1 && c->cfg->add_runs_s32 != NULL &&
+                    dfp_multiply_block_s32(c->cfg->ukernel, &block0, (int32_t*)acc, ldc);
     if (c->kblocks == 0) memset(acc, 0, panels * mr * ldc * sizeof(int64_t));
-    for (size_t kb = 0; kb < c->kblocks; ++kb) {
-      const dfp_block block = {
-          .a = apack + kb * c->kc * mr * 2, .a_stride = kp * mr * 2, .mpanels = panels,
-          .abound = abound + kb * DFP_CHUNK_LEVELS, .abound_stride = levels,
-          .b = c->bpack + (g * c->npanels * c->kpairs + kb * c->kc) * nr * 2,
-          .b_stride = c->kpairs * nr * 2, .npanels = c->npanels,
-          .bbound = c->bbound + (g * c->npanels * c->kblocks + kb) * DFP_CHUNK_LEVELS,
-          .bbound_stride = c->kblocks * DFP_CHUNK_LEVELS,
-          .kpairs = min_size(c->kpairs - kb * c->kc, c->kc)};
+    for (size_t kb = 0; kb < c->kblocks && !s32; ++kb) {
+      dfp_block block = block0;
+      block.a += kb * c->kc * mr * 2;
+      block.abound += kb * DFP_CHUNK_LEVELS;
+      block.b += kb * c->kc * nr * 2;
+      block.bbound += kb * DFP_CHUNK_LEVELS;
+      block.kpairs = min_size(c->kpairs - kb * c->kc, c->kc);
       dfp_multiply_block(c->cfg->ukernel, &block, acc, ldc, kb > 0);
     }
     const size_t row1 = min_size(row0 + panels * mr, c->pixels);
     size_t pos[3], image_index = 0; /* the pixel's position, stepped (dfp_next_pixel), not divided out */
     dfp_split_pixel(s, row0, pos);
     for (size_t row = row0; row < row1; ++row, dfp_next_pixel(s, &image_index, pos)) {
-      const int64_t* sums = acc + (row - row0) * ldc;
       const int64_t origin = dfp_window_origin(s, 0, pos); /* within the image */
       if (origin >= 0) { /* the whole window inside: every unit at its offset, in one call */
-        c->cfg->add_runs(group_dx + (size_t)origin * channels_in, c->unit_offsets, sums, units.elements,
-                         c->unit_count);
+        add_sums(c, s32, acc, ldc, row - row0, 0, group_dx + (size_t)origin * channels_in, c->unit_offsets,
+                 units.elements, c->unit_count);
         continue;
       }
       /* A unit's taps [lo, hi) add into consecutive input pixels (im2col.h). */
@@ -399,8 +419,8 @@ static void col2im_group(col2im_plan* c, size_t image, size_t g, int16_t* apack,
         const size_t first[3] = {t[0], t[1], t[2] + lo};
         const int64_t pixel = dfp_input_pixel(s, 0, pos, first);
         if (pixel >= 0)
-          c->cfg->add_runs(group_dx + (size_t)pixel * channels_in, &no_offset, sums + (tap + lo) * s->cin,
-                           (hi - lo) * s->cin, 1);
+          add_sums(c, s32, acc, ldc, row - row0, (tap + lo) * s->cin, group_dx + (size_t)pixel * channels_in,
+                   &no_offset, (hi - lo) * s->cin, 1);
       }
     }
   }

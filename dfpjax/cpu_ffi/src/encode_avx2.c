@@ -83,6 +83,18 @@ void dfp_add_runs_avx2(int64_t* dst, const size_t* offsets, const int64_t* src, 
   }
 }
 
+void dfp_add_runs_s32_avx2(int64_t* dst, const size_t* offsets, const int32_t* src, size_t n, size_t runs) {
+  for (size_t r = 0; r < runs; ++r, src += n) {
+    int64_t* d = dst + offsets[r];
+    size_t j = 0;
+    for (; j + 4 <= n; j += 4)
+      _mm256_storeu_si256((__m256i*)(d + j),
+                          _mm256_add_epi64(_mm256_loadu_si256((const __m256i*)(d + j)),
+                                           _mm256_cvtepi32_epi64(_mm_loadu_si128((const __m128i*)(src + j)))));
+    for (; j < n; ++j) d[j] += src[j];
+  }
+}
+
 /* Four sums a step: the logical shift's low halves and the masked low parts, each gathered
  * into the vector's low 128 bits, then packed (unsigned saturation, exact: both fit). */
 void dfp_split_sums_avx2(const int64_t* s, size_t n, int low_bits, int low_bytes, uint32_t* high, void* low) {

@@ -37,6 +37,9 @@ typedef struct {
   /* dst[offsets[r] + j] += src[r * n + j] for r < runs, j < n, int64: the units of col2im's
    * columns of one output pixel into the input pixels they read (conv.c, macro.h). */
   void (*add_runs)(int64_t* dst, const size_t* offsets, const int64_t* src, size_t n, size_t runs);
+  /* add_runs from int32 sums (dfp_multiply_block_s32's); NULL where the path's microkernel has
+   * no store_s32 (ukernel.h): its col2im takes the int64 sums. The AVX2 adds on every x86 path. */
+  void (*add_runs_s32)(int64_t* dst, const size_t* offsets, const int32_t* src, size_t n, size_t runs);
   /* The split sums' output stage of one row (macro.h): high[j] = s[j] >> low_bits and low[j] =
    * s[j] mod 2**low_bits in low_bytes (1 or 2) bytes. */
   void (*split_sums)(const int64_t* s, size_t n, int low_bits, int low_bytes, uint32_t* high, void* low);

@@ -44,6 +44,13 @@ typedef struct {
 void dfp_multiply_block(const dfp_ukernel* uk, const dfp_block* block, int64_t* acc, size_t ldc,
                         int add);
 
+/* dfp_multiply_block for one K block (block->kpairs the whole reduction) into int32 sums, tile
+ * (i, j) at out + i * MR * ldo + j * NR, on a path with store_s32 (ukernel.h): a tile whose bounds
+ * prove one chunk straight from the lanes, any other through the int64 tile where its sums fit
+ * int32. Returns 0 where one does not (out is then partly written: the caller takes the int64
+ * route), else 1. */
+int dfp_multiply_block_s32(const dfp_ukernel* uk, const dfp_block* block, int32_t* out, size_t ldo);
+
 static inline int dfp_out_is_split(dfp_out_format format) {
   return format == DFP_OUT_SPLIT_U8 || format == DFP_OUT_SPLIT_U16;
 }
@@ -125,6 +132,7 @@ void dfp_encode_f32_avx512(const int64_t* s, size_t n, int32_t ea, const int32_t
 void dfp_add_runs_portable(int64_t* dst, const size_t* offsets, const int64_t* src, size_t n, size_t runs);
 void dfp_add_runs_avx2(int64_t* dst, const size_t* offsets, const int64_t* src, size_t n, size_t runs);
 void dfp_add_runs_avx512(int64_t* dst, const size_t* offsets, const int64_t* src, size_t n, size_t runs);
+void dfp_add_runs_s32_avx2(int64_t* dst, const size_t* offsets, const int32_t* src, size_t n, size_t runs);
 
 /* The AVX2 paths' stream_rows (isa_config.h, encode_avx2.c): 32-byte non-temporal stores. */
 void dfp_stream_rows_avx2(const uint32_t* src, size_t rows, size_t cols, uint32_t* dst, size_t ldo);

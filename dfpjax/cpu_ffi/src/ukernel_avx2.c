@@ -16,4 +16,4 @@ DFP_CHECK_TILE(MR, NR);
 #define V_ENCODE_S32 dfp_encode256_s32
 #include "ukernel_template.h"
 
-const dfp_ukernel dfp_ukernel_avx2 = {MR, NR, ukernel, ukernel_f32, ukernel_f32_stream};
+const dfp_ukernel dfp_ukernel_avx2 = {MR, NR, ukernel, ukernel_f32, ukernel_f32_stream, ukernel_s32};

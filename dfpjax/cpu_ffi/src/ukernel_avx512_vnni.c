@@ -74,4 +74,4 @@ static inline void encode_s32(__m512i sum, __m512i scale, uint32_t* out, int str
 #define V_ENCODE_S32 encode_s32
 #include "ukernel_template.h"
 
-const dfp_ukernel dfp_ukernel_avx512_vnni = {MR, NR, ukernel, ukernel_f32, ukernel_f32_stream};
+const dfp_ukernel dfp_ukernel_avx512_vnni = {MR, NR, ukernel, ukernel_f32, ukernel_f32_stream, ukernel_s32};

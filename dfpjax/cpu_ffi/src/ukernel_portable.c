@@ -16,4 +16,4 @@ static void ukernel(size_t kpairs, size_t chunk, const int16_t* a, const int16_t
     for (int j = 0; j < NR; ++j) acc[i * ldc + j] = (add ? acc[i * ldc + j] : 0) + c[i][j];
 }
 
-const dfp_ukernel dfp_ukernel_portable = {MR, NR, ukernel, NULL, NULL};
+const dfp_ukernel dfp_ukernel_portable = {MR, NR, ukernel, NULL, NULL, NULL};

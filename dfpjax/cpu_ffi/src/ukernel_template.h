@@ -9,7 +9,7 @@
  * lanes, carries, a vector that turns nonzero where a lane's sum does not fit -> the sums),
  * V_ANY (whether a vector is nonzero) and V_ENCODE_S32 (sums, scale bits, output row,
  * non-temporally or not), then includes this file, which defines the static `ukernel`,
- * `ukernel_f32` and `ukernel_f32_stream` of ukernel.h's contract. Between chunks each
+ * `ukernel_f32`, `ukernel_f32_stream` and `ukernel_s32` of ukernel.h's contract. Between chunks each
  * accumulator carries all but its low 16 bits out. GCC builds the inner loop clean only without
  * its partial redundancy elimination (CMakeLists.txt, tests/test_ukernel_loops.py). */
 #define DFP_CAT3_(a, b, c) a##b##c
@@ -62,6 +62,17 @@ static void ukernel(size_t kpairs, size_t chunk, const int16_t* a, const int16_t
   for (int i = 0; i < MR; ++i) {
     V_SPILL(c[i][0], carried ? &carry[i][0] : NULL, acc + i * ldc, add);
     V_SPILL(c[i][1], carried ? &carry[i][1] : NULL, acc + i * ldc + NR / 2, add);
+  }
+}
+
+/* One chunk over all of kpairs: the lanes are the sums. */
+static void ukernel_s32(size_t kpairs, const int16_t* a, const int16_t* b, int32_t* out, size_t ldo) {
+  VEC c[MR][2], carry[MR][2];
+  accumulate(kpairs, kpairs, a, b, c, carry);
+#pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i) {
+    V_SI(storeu)((void*)(out + i * ldo), c[i][0]);
+    V_SI(storeu)((void*)(out + i * ldo + NR / 2), c[i][1]);
   }
 }
 
