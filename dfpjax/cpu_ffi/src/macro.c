@@ -52,25 +52,12 @@ void dfp_multiply_block(const dfp_ukernel* uk, const dfp_block* block, int64_t* 
 
 int dfp_multiply_block_s32(const dfp_ukernel* uk, const dfp_block* block, int32_t* out, size_t ldo) {
   const size_t kc = block->kpairs, mr = (size_t)uk->mr, nr = (size_t)uk->nr;
-  int64_t tile[DFP_TILE_MAX_ELEMENTS];
   for (size_t j = 0; j < block->npanels; ++j) {
     const int16_t* b = block->b + j * block->b_stride;
     const uint64_t* bbound = block->bbound + j * block->bbound_stride;
     for (size_t i = 0; i < block->mpanels; ++i) {
-      const int16_t* a = block->a + i * block->a_stride;
-      int32_t* at = out + i * mr * ldo + j * nr;
       const size_t chunk = tile_chunk(block->abound + i * block->abound_stride, bbound, kc);
-      if (chunk == kc) {
-        uk->store_s32(kc, a, b, at, ldo);
-        continue;
-      }
-      uk->fn(kc, chunk, a, b, tile, nr, 0);
-      for (size_t r = 0; r < mr; ++r)
-        for (size_t c = 0; c < nr; ++c) {
-          const int64_t s = tile[r * nr + c];
-          if (s < INT32_MIN || s > INT32_MAX) return 0;
-          at[r * ldo + c] = (int32_t)s;
-        }
+      if (!uk->store_s32(kc, chunk, block->a + i * block->a_stride, b, out + i * mr * ldo + j * nr, ldo)) return 0;
     }
   }
   return 1;

@@ -45,10 +45,9 @@ void dfp_multiply_block(const dfp_ukernel* uk, const dfp_block* block, int64_t* 
                         int add);
 
 /* dfp_multiply_block for one K block (block->kpairs the whole reduction) into int32 sums, tile
- * (i, j) at out + i * MR * ldo + j * NR, on a path with store_s32 (ukernel.h): a tile whose bounds
- * prove one chunk straight from the lanes, any other through the int64 tile where its sums fit
- * int32. Returns 0 where one does not (out is then partly written: the caller takes the int64
- * route), else 1. */
+ * (i, j) at out + i * MR * ldo + j * NR, on a path with store_s32 (ukernel.h), each tile with the
+ * chunk its bounds prove. Returns 0 where a sum does not fit int32 (out is then partly written:
+ * the caller takes the int64 route), else 1. */
 int dfp_multiply_block_s32(const dfp_ukernel* uk, const dfp_block* block, int32_t* out, size_t ldo);
 
 static inline int dfp_out_is_split(dfp_out_format format) {

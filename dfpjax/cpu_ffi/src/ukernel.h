@@ -24,10 +24,10 @@
  * int64 tile). encode_f32_stream is encode_f32 with non-temporal stores, for outputs far larger
  * than the caches (macro.h): every row out + i * ldo is 64-byte aligned, and the caller fences
  * (sfence) before the output is read; NULL where encode_f32 is.
- * store_s32 is the tile of one chunk over all of kpairs (the caller proved it, macro.h) stored
- * as its int32 sums, out[i * ldo + j]: half the stores of the int64 tile and no widening, for
- * reductions so short (col2im's K = 64) that those are a tenth of the tile's time; NULL on
- * the portable path.
+ * Where kpairs is the whole reduction, store_s32 stores the tile as int32 sums, out[i * ldo +
+ * j], and returns 1 where every sum fits int32 (the lanes and carries fold into them), else 0
+ * with nothing stored: half the stores of the int64 tile and no widening, for reductions so
+ * short (col2im's K = 64) that those are a tenth of the tile's time. NULL on the portable path.
  * Each path's kernels are entries of its configuration (isa_config.h). */
 #ifndef DFPJAX_UKERNEL_H_
 #define DFPJAX_UKERNEL_H_
@@ -40,7 +40,8 @@
 typedef void (*dfp_ukernel_fn)(size_t kpairs, size_t chunk, const int16_t* a, const int16_t* b,
                                int64_t* acc, size_t ldc, int add);
 
-typedef void (*dfp_ukernel_s32_fn)(size_t kpairs, const int16_t* a, const int16_t* b, int32_t* out, size_t ldo);
+typedef int (*dfp_ukernel_s32_fn)(size_t kpairs, size_t chunk, const int16_t* a, const int16_t* b, int32_t* out,
+                                  size_t ldo);
 
 typedef void (*dfp_ukernel_f32_fn)(size_t kpairs, size_t chunk, const int16_t* a, const int16_t* b,
                                    uint32_t* out, size_t ldo, const int32_t* scale);

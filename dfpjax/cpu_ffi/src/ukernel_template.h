@@ -65,15 +65,23 @@ static void ukernel(size_t kpairs, size_t chunk, const int16_t* a, const int16_t
   }
 }
 
-/* One chunk over all of kpairs: the lanes are the sums. */
-static void ukernel_s32(size_t kpairs, const int16_t* a, const int16_t* b, int32_t* out, size_t ldo) {
+/* The tile's int32 sums where its lanes and carries fold into them (V_FOLD), else nothing. */
+static int ukernel_s32(size_t kpairs, size_t chunk, const int16_t* a, const int16_t* b, int32_t* out, size_t ldo) {
   VEC c[MR][2], carry[MR][2];
-  accumulate(kpairs, kpairs, a, b, c, carry);
+  accumulate(kpairs, chunk, a, b, c, carry);
+  if (chunk < kpairs) {
+    VEC mismatch = V_SI(setzero)();
+#pragma GCC unroll 8
+    for (int i = 0; i < MR; ++i)
+      for (int j = 0; j < 2; ++j) c[i][j] = V_FOLD(c[i][j], carry[i][j], &mismatch);
+    if (V_ANY(mismatch)) return 0;
+  }
 #pragma GCC unroll 8
   for (int i = 0; i < MR; ++i) {
     V_SI(storeu)((void*)(out + i * ldo), c[i][0]);
     V_SI(storeu)((void*)(out + i * ldo + NR / 2), c[i][1]);
   }
+  return 1;
 }
 
 /* Where the tile's lanes and carries fold into int32 sums (V_FOLD), each converted straight to
