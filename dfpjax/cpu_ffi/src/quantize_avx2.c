@@ -70,9 +70,10 @@ static inline void store16(int16_t* m, __m256i packed, int streamed) {
 }
 
 /* The whole rows of sixteen by the float route, under an MXCSR of its own (round to nearest
- * even, no flush to zero, exceptions masked), restored after: the conversion rounds, where an
- * explicit vroundps under the caller's mode took a third more instructions in a loop that,
- * with the max pass, is bound by them (103 MB of floats: 4.8 ms on one Zen 3 core). */
+ * even, no flush to zero, exceptions masked), restored after: the conversion rounds, where a
+ * vroundps with its own rounding and int32 clamps took nearly twice the instructions in a loop
+ * that, with the max pass, is bound by them (51 MB of floats maxed and quantized: 4.7 ms on one
+ * Zen 3 core, 3.2-3.8 ms now). */
 static size_t quantize_row_float(const float* x, size_t n, int32_t e, int32_t limit, int16_t* m, int streamed) {
   const __m256 scale = _mm256_castsi256_ps(_mm256_set1_epi32((127 - e) << 23));
   const __m256i low = _mm256_set1_epi16((int16_t)-limit), high = _mm256_set1_epi16((int16_t)limit);

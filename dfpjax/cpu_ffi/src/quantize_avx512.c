@@ -16,7 +16,7 @@ uint32_t dfp_max_magnitude_avx512(const float* x, size_t n) {
 }
 
 /* Sixteen lanes as x * 2**-e rounded to nearest even by the conversion's own rounding,
- * exact when 2**-e is a normal float (quantize_avx2.c: quantize8_float), clamped to +-limit. */
+ * exact when 2**-e is a normal float (quantize_avx2.c: quantize16_float), clamped to +-limit. */
 static inline __m512i quantize16_float(__m512 x, __m512 scale, __m512i limit) {
   const __m512i v = _mm512_cvt_roundps_epi32(_mm512_mul_ps(x, scale), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   return _mm512_max_epi32(_mm512_min_epi32(v, limit), _mm512_sub_epi32(_mm512_setzero_si512(), limit));
