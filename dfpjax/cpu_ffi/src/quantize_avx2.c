@@ -47,7 +47,7 @@ static inline __m256i quantize8(__m256i u, __m256i e, __m256i limit) {
 }
 
 /* Sixteen lanes as x * 2**-e rounded to nearest even by the conversion itself, under the
- * rounding the caller set (quantize_row_float), exact when 2**-e is a normal float
+ * MXCSR quantize_row_float sets, exact when 2**-e is a normal float
  * (-125 <= e <= 126): a normal product is exact, a subnormal one (or one of a subnormal input)
  * is below 1/2, so it converts to 0. |x * 2**-e| <= 2**15, so the conversion is exact and the
  * saturating pack leaves only -32768 (and, for limit < 32767, the lanes past +-limit) to clamp,
