@@ -37,30 +37,32 @@ static inline size_t tile_chunk(const uint64_t* abound, const uint64_t* bbound, 
   return chunk;
 }
 
-void dfp_multiply_block(const dfp_ukernel* uk, const dfp_block* block, int64_t* acc, size_t ldc,
-                        int add) {
+/* The block's tiles, B panel by B panel, each with its chunk: into int64 sums (s32 = 0, add as
+ * dfp_multiply_block's) or int32 ones (s32 = 1: 0 at the first tile whose sums do not fit). */
+static int multiply_tiles(const dfp_ukernel* uk, const dfp_block* block, void* out, size_t ld, int add, int s32) {
   const size_t kc = block->kpairs, mr = (size_t)uk->mr, nr = (size_t)uk->nr;
   for (size_t j = 0; j < block->npanels; ++j) {
     const int16_t* b = block->b + j * block->b_stride;
     const uint64_t* bbound = block->bbound + j * block->bbound_stride;
     for (size_t i = 0; i < block->mpanels; ++i) {
-      const size_t chunk = tile_chunk(block->abound + i * block->abound_stride, bbound, kc);
-      uk->fn(kc, chunk, block->a + i * block->a_stride, b, acc + i * mr * ldc + j * nr, ldc, add);
-    }
-  }
-}
-
-int dfp_multiply_block_s32(const dfp_ukernel* uk, const dfp_block* block, int32_t* out, size_t ldo) {
-  const size_t kc = block->kpairs, mr = (size_t)uk->mr, nr = (size_t)uk->nr;
-  for (size_t j = 0; j < block->npanels; ++j) {
-    const int16_t* b = block->b + j * block->b_stride;
-    const uint64_t* bbound = block->bbound + j * block->bbound_stride;
-    for (size_t i = 0; i < block->mpanels; ++i) {
-      const size_t chunk = tile_chunk(block->abound + i * block->abound_stride, bbound, kc);
-      if (!uk->store_s32(kc, chunk, block->a + i * block->a_stride, b, out + i * mr * ldo + j * nr, ldo)) return 0;
+      const int16_t* a = block->a + i * block->a_stride;
+      const size_t chunk = tile_chunk(block->abound + i * block->abound_stride, bbound, kc), at = i * mr * ld + j * nr;
+      if (!s32)
+        uk->fn(kc, chunk, a, b, (int64_t*)out + at, ld, add);
+      else if (!uk->store_s32(kc, chunk, a, b, (int32_t*)out + at, ld))
+        return 0;
     }
   }
   return 1;
+}
+
+void dfp_multiply_block(const dfp_ukernel* uk, const dfp_block* block, int64_t* acc, size_t ldc,
+                        int add) {
+  multiply_tiles(uk, block, acc, ldc, add, 0);
+}
+
+int dfp_multiply_block_s32(const dfp_ukernel* uk, const dfp_block* block, int32_t* out, size_t ldo) {
+  return multiply_tiles(uk, block, out, ldo, 0, 1);
 }
 
 /* Whether all `rows` rows from row0 take the lanes' encoding, with their scale bits. */

@@ -65,17 +65,21 @@ static void ukernel(size_t kpairs, size_t chunk, const int16_t* a, const int16_t
   }
 }
 
-/* The tile's int32 sums where its lanes and carries fold into them (V_FOLD), else nothing. */
+/* sum = the tile's lanes and carries folded into int32 (V_FOLD; sum may be c); whether a sum
+ * does not fit. */
+static inline __attribute__((always_inline)) int fold_tile(VEC c[MR][2], VEC carry[MR][2], VEC sum[MR][2]) {
+  VEC mismatch = V_SI(setzero)();
+#pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < 2; ++j) sum[i][j] = V_FOLD(c[i][j], carry[i][j], &mismatch);
+  return V_ANY(mismatch);
+}
+
+/* The tile's int32 sums where its lanes and carries fold into them, else nothing. */
 static int ukernel_s32(size_t kpairs, size_t chunk, const int16_t* a, const int16_t* b, int32_t* out, size_t ldo) {
   VEC c[MR][2], carry[MR][2];
   accumulate(kpairs, chunk, a, b, c, carry);
-  if (chunk < kpairs) {
-    VEC mismatch = V_SI(setzero)();
-#pragma GCC unroll 8
-    for (int i = 0; i < MR; ++i)
-      for (int j = 0; j < 2; ++j) c[i][j] = V_FOLD(c[i][j], carry[i][j], &mismatch);
-    if (V_ANY(mismatch)) return 0;
-  }
+  if (chunk < kpairs && fold_tile(c, carry, c)) return 0;
 #pragma GCC unroll 8
   for (int i = 0; i < MR; ++i) {
     V_SI(storeu)((void*)(out + i * ldo), c[i][0]);
@@ -92,11 +96,7 @@ static inline __attribute__((always_inline)) void encode_tile(size_t kpairs, siz
   VEC c[MR][2], carry[MR][2], sum[MR][2];
   accumulate(kpairs, chunk, a, b, c, carry);
   if (chunk < kpairs) {
-    VEC mismatch = V_SI(setzero)();
-#pragma GCC unroll 8
-    for (int i = 0; i < MR; ++i)
-      for (int j = 0; j < 2; ++j) sum[i][j] = V_FOLD(c[i][j], carry[i][j], &mismatch);
-    if (V_ANY(mismatch)) {
+    if (fold_tile(c, carry, sum)) {
 #pragma GCC unroll 8
       for (int i = 0; i < MR; ++i) {
         const VEC row_scale = V(set1_epi32)(scale[i]);
