@@ -46,7 +46,8 @@ static int multiply_tiles(const dfp_ukernel* uk, const dfp_block* block, void* o
     const uint64_t* bbound = block->bbound + j * block->bbound_stride;
     for (size_t i = 0; i < block->mpanels; ++i) {
       const int16_t* a = block->a + i * block->a_stride;
-      const size_t chunk = tile_chunk(block->abound + i * block->abound_stride, bbound, kc), at = i * mr * ld + j * nr;
+      const size_t chunk = tile_chunk(block->abound + i * block->abound_stride, bbound, kc);
+      const size_t at = i * mr * ld + j * nr;
       if (!s32)
         uk->fn(kc, chunk, a, b, (int64_t*)out + at, ld, add);
       else if (!uk->store_s32(kc, chunk, a, b, (int32_t*)out + at, ld))

@@ -9,9 +9,9 @@
  * lanes, carries, a vector that turns nonzero where a lane's sum does not fit -> the sums),
  * V_ANY (whether a vector is nonzero) and V_ENCODE_S32 (sums, scale bits, output row,
  * non-temporally or not), then includes this file, which defines the static `ukernel`,
- * `ukernel_f32`, `ukernel_f32_stream` and `ukernel_s32` of ukernel.h's contract. Between chunks each
- * accumulator carries all but its low 16 bits out. GCC builds the inner loop clean only without
- * its partial redundancy elimination (CMakeLists.txt, tests/test_ukernel_loops.py). */
+ * `ukernel_f32`, `ukernel_f32_stream` and `ukernel_s32` of ukernel.h's contract. Between chunks
+ * each accumulator carries all but its low 16 bits out. GCC builds the inner loop clean only
+ * without its partial redundancy elimination (CMakeLists.txt, tests/test_ukernel_loops.py). */
 #define DFP_CAT3_(a, b, c) a##b##c
 #define DFP_CAT3(a, b, c) DFP_CAT3_(a, b, c)
 #define VEC DFP_CAT3(__m, VECTOR_BITS, i)
