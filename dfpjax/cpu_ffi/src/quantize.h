@@ -16,10 +16,16 @@ uint32_t dfp_max_magnitude_avx512(const float* x, size_t n);
 /* m[i] = saturate(R(x[i] * 2**-e)) with |m| <= limit, for a finite x whose largest
  * magnitude gives e (spec section 2), so |x[i]| * 2**-e < 2**15. stream: m belongs to an
  * output of DFP_STREAM_OUTPUT_BYTES or more (macro.h); the AVX2 and AVX-512 rows then store
- * non-temporally where m is 32-byte aligned, and fence before they return. */
-void dfp_quantize_row_portable(const float* x, size_t n, int32_t e, int32_t limit, int16_t* m, int stream);
-void dfp_quantize_row_avx2(const float* x, size_t n, int32_t e, int32_t limit, int16_t* m, int stream);
-void dfp_quantize_row_avx512(const float* x, size_t n, int32_t e, int32_t limit, int16_t* m, int stream);
+ * non-temporally where m is 32-byte aligned, and fence before they return. Returns
+ * dfp_max_magnitude of next[0, next_n) (0 where next_n is 0), read in the same loop: the
+ * quantization's next piece streams from memory while this row, in the cache, is computed
+ * (quantize.c). */
+uint32_t dfp_quantize_row_portable(const float* x, size_t n, int32_t e, int32_t limit, int16_t* m, int stream,
+                                   const float* next, size_t next_n);
+uint32_t dfp_quantize_row_avx2(const float* x, size_t n, int32_t e, int32_t limit, int16_t* m, int stream,
+                               const float* next, size_t next_n);
+uint32_t dfp_quantize_row_avx512(const float* x, size_t n, int32_t e, int32_t limit, int16_t* m, int stream,
+                                 const float* next, size_t next_n);
 
 /* One element, shared by both row kinds (the AVX2 rows' tails). */
 static inline int16_t dfp_quantize_one(uint32_t u, int32_t e, int32_t limit) {

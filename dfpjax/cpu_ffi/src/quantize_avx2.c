@@ -4,16 +4,23 @@
 
 #include "quantize.h"
 
-uint32_t dfp_max_magnitude_avx2(const float* x, size_t n) {
-  const __m256i clear_sign = _mm256_set1_epi32(0x7fffffff);
-  __m256i top = _mm256_setzero_si256();
-  size_t i = 0;
-  for (; i + 8 <= n; i += 8)  /* magnitudes < 2**31: a signed max is the unsigned one */
-    top = _mm256_max_epi32(top, _mm256_and_si256(_mm256_loadu_si256((const __m256i*)(x + i)), clear_sign));
+/* top raised by the magnitudes of x[0, 8): below 2**31, so a signed max is the unsigned one. */
+static inline __m256i raise_top(__m256i top, const float* x) {
+  return _mm256_max_epi32(top, _mm256_and_si256(_mm256_loadu_si256((const __m256i*)x), _mm256_set1_epi32(0x7fffffff)));
+}
+
+static uint32_t horizontal_max(__m256i top) {
   __m128i t = _mm_max_epi32(_mm256_castsi256_si128(top), _mm256_extracti128_si256(top, 1));
   t = _mm_max_epi32(t, _mm_shuffle_epi32(t, _MM_SHUFFLE(1, 0, 3, 2)));
   t = _mm_max_epi32(t, _mm_shuffle_epi32(t, _MM_SHUFFLE(2, 3, 0, 1)));
-  const uint32_t head = (uint32_t)_mm_cvtsi128_si32(t);
+  return (uint32_t)_mm_cvtsi128_si32(t);
+}
+
+uint32_t dfp_max_magnitude_avx2(const float* x, size_t n) {
+  __m256i top = _mm256_setzero_si256();
+  size_t i = 0;
+  for (; i + 8 <= n; i += 8) top = raise_top(top, x + i);
+  const uint32_t head = horizontal_max(top);
   const uint32_t tail = dfp_max_magnitude_portable(x + i, n - i);
   return head > tail ? head : tail;
 }
@@ -69,29 +76,43 @@ static inline void store16(int16_t* m, __m256i packed, int streamed) {
     _mm256_storeu_si256((__m256i*)m, packed);
 }
 
+/* How far ahead of the max's loads the rows prefetch the next piece: without it the fused loop
+ * gained 10% over separate passes, with 2 KB ahead 15-20% (Zen 3, 2 threads, 103 MB). */
+enum { kAhead = 512 };
+
 /* The whole rows of sixteen by the float route, under an MXCSR of its own (round to nearest
  * even, no flush to zero, exceptions masked), restored after: the conversion rounds, where a
  * vroundps with its own rounding and int32 clamps took nearly twice the instructions in a loop
  * that, with the max pass, is bound by them (51 MB of floats maxed and quantized: 4.7 ms on one
- * Zen 3 core, 3.2-3.8 ms now). */
-static size_t quantize_row_float(const float* x, size_t n, int32_t e, int32_t limit, int16_t* m, int streamed) {
+ * Zen 3 core, 3.2-3.8 ms now). The first `paired` elements (a multiple of sixteen) of next are
+ * maxed into *top in the same loop. */
+static size_t quantize_row_float(const float* x, size_t n, int32_t e, int32_t limit, int16_t* m, int streamed,
+                                 const float* next, size_t paired, __m256i* top) {
   const __m256 scale = _mm256_castsi256_ps(_mm256_set1_epi32((127 - e) << 23));
   const __m256i low = _mm256_set1_epi16((int16_t)-limit), high = _mm256_set1_epi16((int16_t)limit);
   const int clamp_high = limit < INT16_MAX;
   const unsigned int csr = _mm_getcsr();
   _mm_setcsr(0x1f80);
   size_t i = 0;
+  for (; i < paired; i += 16) {
+    store16(m + i, quantize16_float(x + i, scale, low, high, clamp_high), streamed);
+    *top = raise_top(raise_top(*top, next + i), next + i + 8);
+    _mm_prefetch((const char*)(next + i + kAhead), _MM_HINT_T0);
+  }
   for (; i + 16 <= n; i += 16) store16(m + i, quantize16_float(x + i, scale, low, high, clamp_high), streamed);
   _mm_setcsr(csr);
   return i;
 }
 
-void dfp_quantize_row_avx2(const float* x, size_t n, int32_t e, int32_t limit, int16_t* m, int stream) {
+uint32_t dfp_quantize_row_avx2(const float* x, size_t n, int32_t e, int32_t limit, int16_t* m, int stream,
+                               const float* next, size_t next_n) {
   const int streamed = stream && (uintptr_t)m % 32 == 0;
-  size_t i = 0;
+  __m256i top = _mm256_setzero_si256();
+  size_t i = 0, maxed = 0; /* next[0, maxed) in top */
   if (e >= -125 && e <= 126) {
-    i = quantize_row_float(x, n, e, limit, m, streamed);
-  } else {
+    maxed = (n < next_n ? n : next_n) / 16 * 16;
+    i = quantize_row_float(x, n, e, limit, m, streamed, next, maxed, &top);
+  } else { /* scales past the normal floats: rare enough to max next apart */
     const __m256i ev = _mm256_set1_epi32(e), lv = _mm256_set1_epi32(limit);
     for (; i + 16 <= n; i += 16)
       store16(m + i, _mm256_packs_epi32(quantize8(_mm256_loadu_si256((const __m256i*)(x + i)), ev, lv),
@@ -101,4 +122,7 @@ void dfp_quantize_row_avx2(const float* x, size_t n, int32_t e, int32_t limit, i
   if (streamed) _mm_sfence();
   const uint32_t* u = (const uint32_t*)x;
   for (; i < n; ++i) m[i] = dfp_quantize_one(u[i], e, limit);
+  const uint32_t head = horizontal_max(top);
+  const uint32_t rest = next_n > maxed ? dfp_max_magnitude_avx2(next + maxed, next_n - maxed) : 0;
+  return head > rest ? head : rest;
 }

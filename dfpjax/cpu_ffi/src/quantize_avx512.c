@@ -5,13 +5,16 @@
 
 #include "quantize.h"
 
+/* top raised by the magnitudes of the lanes of x that mask loads. */
+static inline __m512i raise_top(__m512i top, const float* x, __mmask16 mask) {
+  return _mm512_max_epu32(top, _mm512_and_si512(_mm512_maskz_loadu_epi32(mask, x), _mm512_set1_epi32(0x7fffffff)));
+}
+
 uint32_t dfp_max_magnitude_avx512(const float* x, size_t n) {
-  const __m512i clear_sign = _mm512_set1_epi32(0x7fffffff);
   __m512i top = _mm512_setzero_si512();
   size_t i = 0;
-  for (; i + 16 <= n; i += 16) top = _mm512_max_epu32(top, _mm512_and_si512(_mm512_loadu_si512(x + i), clear_sign));
-  const __mmask16 tail = (__mmask16)((1u << (n - i)) - 1);
-  top = _mm512_max_epu32(top, _mm512_and_si512(_mm512_maskz_loadu_epi32(tail, x + i), clear_sign));
+  for (; i + 16 <= n; i += 16) top = raise_top(top, x + i, 0xffff);
+  top = raise_top(top, x + i, (__mmask16)((1u << (n - i)) - 1));
   return _mm512_reduce_max_epu32(top);
 }
 
@@ -22,14 +25,17 @@ static inline __m512i quantize16_float(__m512 x, __m512 scale, __m512i limit) {
   return _mm512_max_epi32(_mm512_min_epi32(v, limit), _mm512_sub_epi32(_mm512_setzero_si512(), limit));
 }
 
-void dfp_quantize_row_avx512(const float* x, size_t n, int32_t e, int32_t limit, int16_t* m, int stream) {
-  if (e < -125 || e > 126) {
-    dfp_quantize_row_avx2(x, n, e, limit, m, stream);
-    return;
-  }
+/* How far ahead of the max's loads the rows prefetch the next piece (quantize_avx2.c). */
+enum { kAhead = 512 };
+
+uint32_t dfp_quantize_row_avx512(const float* x, size_t n, int32_t e, int32_t limit, int16_t* m, int stream,
+                                 const float* next, size_t next_n) {
+  if (e < -125 || e > 126) return dfp_quantize_row_avx2(x, n, e, limit, m, stream, next, next_n);
   const __m512 scale = _mm512_castsi512_ps(_mm512_set1_epi32((127 - e) << 23));
   const __m512i lv = _mm512_set1_epi32(limit);
   const int streamed = stream && (uintptr_t)m % 32 == 0;
+  const size_t maxed = (n < next_n ? n : next_n) / 16 * 16; /* next[0, maxed) maxed in the loop */
+  __m512i top = _mm512_setzero_si512();
   size_t i = 0;
   for (; i + 16 <= n; i += 16) {
     const __m256i v = _mm512_cvtepi32_epi16(quantize16_float(_mm512_loadu_ps(x + i), scale, lv));
@@ -37,8 +43,15 @@ void dfp_quantize_row_avx512(const float* x, size_t n, int32_t e, int32_t limit,
       _mm256_stream_si256((__m256i*)(m + i), v);
     else
       _mm256_storeu_si256((__m256i*)(m + i), v);
+    if (i < maxed) {
+      top = raise_top(top, next + i, 0xffff);
+      _mm_prefetch((const char*)(next + i + kAhead), _MM_HINT_T0);
+    }
   }
   if (streamed) _mm_sfence();
   const __mmask16 tail = (__mmask16)((1u << (n - i)) - 1);
   _mm512_mask_cvtepi32_storeu_epi16(m + i, tail, quantize16_float(_mm512_maskz_loadu_ps(tail, x + i), scale, lv));
+  const uint32_t head = _mm512_reduce_max_epu32(top);
+  const uint32_t rest = next_n > maxed ? dfp_max_magnitude_avx512(next + maxed, next_n - maxed) : 0;
+  return head > rest ? head : rest;
 }
