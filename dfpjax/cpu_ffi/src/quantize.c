@@ -10,7 +10,9 @@
 #include "macro.h"
 
 enum {
-  kChunk = 1 << 15,  /* elements per task: big enough to amortize scheduling */
+  kChunk = 1 << 16,  /* elements per task: big enough to amortize scheduling and the first
+                      * piece's max and the last one's quantization, each alone (4% faster than
+                      * 1 << 15 on Zen 3, 2 threads, 103 MB) */
   kPiece = 1 << 13,  /* elements of a chunk maxed, then quantized while in the cache (32 KB:
                       * 4 KB pieces took 30% longer, whole chunks 10%, on Zen 3) */
 };
