@@ -199,10 +199,15 @@ def _kernel_quantize(x, bits=16, headroom=0):
   return np.asarray(m), np.asarray(e)
 
 
+# The kernel's tasks and the pieces it maxes and quantizes in the cache (quantize.c's kChunk,
+# kPiece), in elements: the cases below cross their boundaries.
+_CHUNK, _PIECE = 1 << 16, 1 << 13
+
+
 def _kernel_cases():
   rng = np.random.default_rng(11)
   special = _special_values(np.float32)
-  big = rng.standard_normal(2 * 32768 + 21).astype(np.float32)   # several chunks and a tail
+  big = rng.standard_normal(2 * _CHUNK + 21).astype(np.float32)   # several chunks and a tail
   return [special, special[:4], special[4:] * 0, special * np.float32(2.0**-20),
           rng.standard_normal(1000).astype(np.float32) * np.float32(1e-40),  # subnormals only
           np.append(rng.standard_normal(99).astype(np.float32) * np.float32(1e-40), 2.0**-112),
@@ -212,18 +217,18 @@ def _kernel_cases():
 
 
 def _late_maximum_cases():
-  """Groups whose largest magnitude lies in a later chunk of the kernel's (32768 elements) than
+  """Groups whose largest magnitude lies in a later chunk of the kernel's (_CHUNK elements) than
   the first: chunks quantized with the binade seen so far must still get the group's exponent."""
-  ramp = (np.arange(3 * 32768 + 5) - 40).astype(np.float32) * np.float32(2.0**-7)  # a new binade per chunk
+  ramp = (np.arange(3 * _CHUNK + 5) - 40).astype(np.float32) * np.float32(2.0**-7)  # a new binade per chunk
   rng = np.random.default_rng(13)
-  zeros_first = np.concatenate([np.zeros(40000, np.float32), rng.standard_normal(30000).astype(np.float32)])
-  # Within a chunk the kernel takes pieces of 8192 elements: whole zero pieces before the first
+  zeros_first = np.concatenate([np.zeros(_CHUNK + 7000, np.float32), rng.standard_normal(30000).astype(np.float32)])
+  # Within a chunk the kernel takes pieces of _PIECE elements: whole zero pieces before the first
   # nonzero one, and binades first met in a later piece, so the pieces before are quantized again.
-  zero_pieces = np.concatenate([np.zeros(32768 + 2 * 8192 + 3, np.float32),
+  zero_pieces = np.concatenate([np.zeros(_CHUNK + 2 * _PIECE + 3, np.float32),
                                 rng.standard_normal(20000).astype(np.float32)])
-  late_pieces = rng.standard_normal(2 * 32768 + 9).astype(np.float32)
-  late_pieces[2 * 8192 + 5] = 20.0
-  late_pieces[32768 - 3] = 60.0
+  late_pieces = rng.standard_normal(2 * _CHUNK + 9).astype(np.float32)
+  late_pieces[2 * _PIECE + 5] = 20.0
+  late_pieces[_CHUNK - 3] = 60.0
   return [ramp, ramp[::-1].copy(), zeros_first, zero_pieces, late_pieces]
 
 
@@ -260,7 +265,7 @@ def test_kernel_quantization_late_nonfinite_and_binades_per_group(isa):
   # Several chunks per group: a NaN or Inf in the last chunk of one group zeroes what its
   # earlier chunks quantized; each group's later binades are its own.
   rng = np.random.default_rng(14)
-  x = rng.standard_normal((4, 3 * 32768 + 7)).astype(np.float32)
+  x = rng.standard_normal((4, 3 * _CHUNK + 7)).astype(np.float32)
   x[0, -1] = np.inf
   x[1, -2] = np.nan
   x[2, -3] = 1e6  # the only element of its binade, in the last chunk
@@ -313,7 +318,7 @@ def test_kernel_quantization_keeps_the_callers_rounding_mode(isa):
   libm, lib = ctypes.CDLL(ctypes.util.find_library("m")), cpu_ffi._library()
   rng = np.random.default_rng(16)
   x = np.concatenate([np.arange(-40, 41, dtype=np.float32) / 4,  # ties at 16 bits after scaling
-                      rng.standard_normal(3 * 32768 + 11).astype(np.float32)])
+                      rng.standard_normal(3 * _CHUNK + 11).astype(np.float32)])
   x[:81] *= np.float32(2.0**-13)
   t = dfpjax.quantize(jnp.asarray(x))
   for mode in _ROUNDING_MODES:
@@ -343,7 +348,7 @@ def test_kernel_max_magnitudes_match_numpy(isa):
   kernel = jax.jit(dfp_max_magnitudes_p.bind)
   twin = jax.jit(quantize_primitive._max_magnitudes_xla_lowering)
   rng = np.random.default_rng(17)
-  x = rng.standard_normal((4, 2, 3 * 32768 + 7)).astype(np.float32)
+  x = rng.standard_normal((4, 2, 3 * _CHUNK + 7)).astype(np.float32)
   x[0, 1, -1], x[1, 0, 5], x[2], x[3] = np.inf, np.float32(-np.nan), -0.0, x[3] * np.float32(1e-42)
   cases = [c.astype(np.float32)[None] for c in _kernel_cases()] + [x, np.zeros((3, 0), np.float32)]
   for case in cases:
@@ -359,7 +364,7 @@ def test_kernel_quantization_given_max_matches_the_plain_kernel(isa):
   # A shard with its whole group's amax given: the mantissas and exponents one device forms
   # for the group. The group's other shard is the last column here, which carries its max.
   rng = np.random.default_rng(15)
-  cases = [c.astype(np.float32) for c in _kernel_cases() if c.size <= 3 * 32768]
+  cases = [c.astype(np.float32) for c in _kernel_cases() if c.size <= 3 * _CHUNK]
   groups = [np.append(c, other) for c in cases
             for other in (np.float32(0), np.float32(7e3), np.float32(-1e-40), np.float32(np.inf),
                           np.float32(np.nan))]
