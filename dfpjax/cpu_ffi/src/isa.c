@@ -18,9 +18,9 @@ static const dfp_isa_config kConfigs[DFP_ISA_COUNT] = {
                           dfp_split_sums_portable, dfp_channel_sums_rows_portable},
 #if defined(DFPJAX_X86)
 #if defined(DFPJAX_EMULATE_VNNI)
-/* Verification builds run the AVX-512 path on AVX2 hardware: its column copy, output stage,
- * run adds and quantization rows stay AVX2. */
-#define AVX512_ROWS dfp_encode_f32_avx2, dfp_max_magnitude_avx2, dfp_quantize_row_avx2
+/* Verification builds run the AVX-512 path on AVX2 hardware: its column copy, output stage
+ * and run adds stay AVX2; its quantization rows are emulated (vnni_emulation.h). */
+#define AVX512_ROWS dfp_encode_f32_avx2, dfp_max_magnitude_avx512, dfp_quantize_row_avx512
 #define AVX512_ADD_RUNS dfp_add_runs_avx2
 #define AVX512_PACK_COLUMNS dfp_pack_columns_avx2
 #else
