@@ -45,7 +45,7 @@ uint32_t dfp_quantize_row_avx512(const float* x, size_t n, int32_t e, int32_t li
       _mm256_storeu_si256((__m256i*)(m + i), v);
     if (i < maxed) {
       top = raise_top(top, next + i, 0xffff);
-      _mm_prefetch((const char*)(next + i + kAhead), _MM_HINT_T0);
+      _mm_prefetch((const char*)((uintptr_t)(next + i) + kAhead * sizeof(float)), _MM_HINT_T0);
     }
   }
   if (streamed) _mm_sfence();
