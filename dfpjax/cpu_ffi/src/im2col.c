@@ -126,7 +126,7 @@ static size_t inside_run(const dfp_conv_shape* s, const size_t p[3], size_t limi
   return end - p[2] < limit ? end - p[2] : limit;
 }
 
-/* (n, p) -> the pixel `pixels` on, the first of a run of them along one output row. */
+/* (n, p), the first of a run of `pixels` pixels along one output row -> the pixel after the run. */
 static inline void skip_run(const dfp_conv_shape* s, size_t pixels, size_t* n, size_t p[3]) {
   p[2] += pixels - 1; /* the run's last pixel, then the next one */
   dfp_next_pixel(s, n, p);
