@@ -2,7 +2,8 @@
  *   forward           y[(n,p), o]  = sum over (t,c) of patches[(n,p), (t,c)] * w[(t,c), o]
  *   backward-weights  dw[(t,c), o] = sum over (n,p) of patches[(n,p), (t,c)] * dy[(n,p), o]
  * The weights (forward) are packed once as the B operand, the output gradient
- * (backward-weights) at once or in rounds of K blocks (plan_rounds); the patches are packed per
+ * (backward-weights) at once, in rounds of K blocks (plan_rounds) or, with one row block, by
+ * each task for its own K blocks (conv_run); the patches are packed per
  * cache block as the A operand (im2col.c), so no patch matrix is materialized (a 1x1
  * convolution's is x itself). The block routine and output stage are the GEMM's (macro.h).
  * Backward-data is usually a forward convolution of dy with the flipped weights (the caller
@@ -35,6 +36,8 @@ typedef struct {
   int mr, nr;
   int backward;
   int plain_weights;              /* b is dy, or w as it lies (dfp_weights_plain) */
+  int b_in_tasks;                 /* backward-weights of one row block: each task packs its own B
+                                   * K blocks (conv_run), no bpack */
   size_t m, n, k;                 /* the per-group GEMM */
   size_t kpairs, kc, kblocks;     /* kc: pairs per K block (dfp_kc_pairs) */
   size_t mcp, ncp;                /* micro-panels per cache block */
@@ -53,11 +56,23 @@ typedef struct {
 static size_t min_size(size_t a, size_t b) { return a < b ? a : b; }
 static size_t ceil_div(size_t a, size_t b) { return (a + b - 1) / b; }
 
+/* w as it lies [taps * cin][groups * cout] or dy [pixels][groups * cout]: K rows [k0, k1), B
+ * panels [q0, q1) of group g's columns, at dst with panels panel_stride apart and their bounds
+ * bounds_stride apart. */
+static void pack_plain_b(conv_plan* c, size_t g, size_t q0, size_t q1, size_t k0, size_t k1, int16_t* dst,
+                         size_t panel_stride, uint64_t* bounds, size_t bounds_stride) {
+  const dfp_conv_shape* s = &c->args->shape;
+  const size_t channels = s->groups * s->cout;
+  if (dfp_pack_panels(c->cfg, c->args->b + k0 * channels + g * s->cout, c->n, k1 - k0, c->kc, 1, channels,
+                      q0 * (size_t)c->nr, c->nr, q1 - q0, dst, panel_stride, bounds, bounds_stride))
+    dfp_fail(&c->status, DFP_ERR_BAD_MANTISSA);
+}
+
 /* Packs K blocks [kb0, kb1) of the round (indices within it) of B panels [q0, q1) of group g. */
 static void pack_b_panels(conv_plan* c, size_t g, size_t q0, size_t q1, size_t kb0, size_t kb1) {
   const dfp_conv_shape* s = &c->args->shape;
   const int nr = c->nr;
-  const size_t t = g * c->npanels + q0, channels = s->groups * s->cout;
+  const size_t t = g * c->npanels + q0;
   const size_t k0 = (c->round_kb0 + kb0) * 2 * c->kc;
   const size_t k1 = min_size(c->k, (c->round_kb0 + kb1) * 2 * c->kc);
   const size_t panel_stride = c->bpanel_stride, bounds_stride = c->bkblocks * DFP_CHUNK_LEVELS;
@@ -69,11 +84,7 @@ static void pack_b_panels(conv_plan* c, size_t g, size_t q0, size_t q1, size_t k
         dfp_fail(&c->status, DFP_ERR_BAD_MANTISSA);
     return;
   }
-  /* w [taps * cin][groups * cout] or dy [pixels][groups * cout]: the K rows, this group's
-   * columns. */
-  if (dfp_pack_panels(c->cfg, c->args->b + k0 * channels + g * s->cout, c->n, k1 - k0, c->kc, 1, channels, q0 * nr, nr,
-                      q1 - q0, dst, panel_stride, bounds, bounds_stride))
-    dfp_fail(&c->status, DFP_ERR_BAD_MANTISSA);
+  pack_plain_b(c, g, q0, q1, k0, k1, dst, panel_stride, bounds, bounds_stride);
 }
 
 /* Forward: B panel t (group-major) over all of K. */
@@ -109,7 +120,20 @@ static void run_block(conv_plan* c, size_t g, size_t mb, size_t nb, size_t kb0, 
     dfp_fail(&c->status, DFP_ERR_ALLOC);
     return;
   }
-  const size_t bq0 = g * c->npanels + q0;
+  /* B: this K block of the round's bpack, or packed here into a block of this task's own. */
+  const size_t bq0 = g * c->npanels + q0, bpanels = q1 - q0;
+  const size_t own_stride = dfp_panel_stride(c->kc * nr * 2);
+  int16_t* own = NULL;
+  uint64_t* own_bounds = NULL;
+  if (c->b_in_tasks) {
+    own = (int16_t*)dfp_scratch(DFP_SCRATCH_B_PANELS, bpanels * (own_stride * sizeof(int16_t) +
+                                                                 DFP_CHUNK_LEVELS * sizeof(uint64_t)));
+    if (own == NULL) {
+      dfp_fail(&c->status, DFP_ERR_ALLOC);
+      return;
+    }
+    own_bounds = (uint64_t*)(own + bpanels * own_stride);
+  }
   for (size_t kb = kb0; kb < kb1; ++kb) {
     const size_t k0 = kb * 2 * c->kc, k1 = min_size(k0 + 2 * c->kc, c->k);
     const size_t kc = (k1 - k0 + 1) / 2;
@@ -121,14 +145,19 @@ static void run_block(conv_plan* c, size_t g, size_t mb, size_t nb, size_t kb0, 
       if (dfp_block_bounds(c->cfg, apack + p * panel_stride, kc, mr, abound + p * DFP_CHUNK_LEVELS))
         dfp_fail(&c->status, DFP_ERR_BAD_MANTISSA);
     const size_t bkb = kb - c->round_kb0;
-    const dfp_block block = {
+    dfp_block block = {
         .a = apack, .a_stride = panel_stride, .mpanels = panels,
         .abound = abound, .abound_stride = DFP_CHUNK_LEVELS,
         .b = c->bpack + bq0 * c->bpanel_stride + bkb * c->kc * nr * 2, .b_stride = c->bpanel_stride,
-        .npanels = q1 - q0,
+        .npanels = bpanels,
         .bbound = c->bbound + (bq0 * c->bkblocks + bkb) * DFP_CHUNK_LEVELS,
         .bbound_stride = c->bkblocks * DFP_CHUNK_LEVELS,
         .kpairs = kc};
+    if (own != NULL) {
+      pack_plain_b(c, g, q0, q1, k0, k1, own, own_stride, own_bounds, DFP_CHUNK_LEVELS);
+      block.b = own, block.b_stride = own_stride;
+      block.bbound = own_bounds, block.bbound_stride = DFP_CHUNK_LEVELS;
+    }
     if (out != NULL)
       dfp_multiply_encode_block(c->cfg, &block, out);
     else
@@ -175,8 +204,9 @@ static void block_task(void* arg, size_t t) {
 
 static size_t sums_rows(const conv_plan* c) { return c->mblocks * c->mcp * c->mr; }
 
-/* Whether the cache blocks sum several rounds or K ranges: only then do they need the sums. */
-static int needs_sums(const conv_plan* c) { return c->bkblocks < c->kblocks || c->ksplit > 1; }
+/* Whether the cache blocks sum several rounds or K ranges, or pack their own B: only then do they
+ * need the sums. */
+static int needs_sums(const conv_plan* c) { return c->b_in_tasks || c->bkblocks < c->kblocks || c->ksplit > 1; }
 
 /* Sets bpack's rounds of bkblocks K blocks and, for backward-weights with fewer cache blocks
  * than TASKS_PER_THREAD per thread (the stem, the 56x56 and 28x28 layers), splits each round's
@@ -281,18 +311,27 @@ static int conv_run(const dfp_conv_args* args, int backward, dfp_isa isa, const 
   c.nblocks = ceil_div(c.npanels, c.ncp);
   const size_t blocks = s->groups * c.mblocks * c.nblocks, bpanels = s->groups * c.npanels;
   const int threads = par->num_threads > 0 ? par->num_threads : 1;
+  /* Backward-weights with one row block (the stem, the 1x1 layers on 64 and 128 channels) uses
+   * each K block of dy in one task only: its tasks, K ranges, pack their own as they go, into
+   * the cache, instead of rounds of dy packed into bpack first (written out and read back, and
+   * a wait for all threads twice a round). Zen 3, two threads, CPU time with the waits (minima
+   * of six alternations): the stem 11% less, conv2_1x1_expand 7%, conv3_1x1_expand 18%; one
+   * thread about 1% (docs/performance.md). */
+  c.b_in_tasks = backward && c.mblocks == 1 && c.kblocks > 1;
   const size_t whole = plan_rounds(&c, c.kblocks, blocks, bpanels, threads);
-  if (backward) { /* rounds of whole K blocks, at least one, where they take less memory */
+  if (backward && !c.b_in_tasks) { /* rounds of whole K blocks, at least one, where they take less memory */
     const size_t round = min_size(c.kblocks, CONV_ROUND_BYTES / (bpanels * nr * 2 * c.kc * sizeof(int16_t)) + 1);
     if (plan_rounds(&c, round, blocks, bpanels, threads) >= whole) plan_rounds(&c, c.kblocks, blocks, bpanels, threads);
   }
   const int sums = needs_sums(&c);
   dfp_advise_output(args->out.data, c.m * s->groups * s->cout * dfp_out_element_bytes(args->out.format));
-  c.bpack = (int16_t*)malloc(bpanels * c.bpanel_stride * sizeof(int16_t));
-  c.bbound = (uint64_t*)malloc(bpanels * (c.bkblocks ? c.bkblocks : 1) * DFP_CHUNK_LEVELS * sizeof(uint64_t));
+  if (!c.b_in_tasks) {
+    c.bpack = (int16_t*)malloc(bpanels * c.bpanel_stride * sizeof(int16_t));
+    c.bbound = (uint64_t*)malloc(bpanels * (c.bkblocks ? c.bkblocks : 1) * DFP_CHUNK_LEVELS * sizeof(uint64_t));
+  }
   /* Not zeroed: every K range of the first round, which is whole, stores its sums. */
   if (sums) c.sums = (int64_t*)malloc(c.ksplit * s->groups * sums_rows(&c) * c.npanels * nr * sizeof(int64_t));
-  if (!c.bpack || !c.bbound || (sums && !c.sums)) {
+  if ((!c.b_in_tasks && (!c.bpack || !c.bbound)) || (sums && !c.sums)) {
     c.status = DFP_ERR_ALLOC;
   } else if (!sums) {
     c.round_kblocks = c.kblocks;
@@ -304,7 +343,7 @@ static int conv_run(const dfp_conv_args* args, int backward, dfp_isa isa, const 
   } else {
     for (; c.round_kb0 < c.kblocks && c.status == DFP_OK; c.round_kb0 += c.bkblocks) {
       c.round_kblocks = min_size(c.bkblocks, c.kblocks - c.round_kb0);
-      par->parallel_for(par->pool, s->groups * c.round_kblocks, pack_b_kblock_task, &c);
+      if (!c.b_in_tasks) par->parallel_for(par->pool, s->groups * c.round_kblocks, pack_b_kblock_task, &c);
       if (c.status == DFP_OK) par->parallel_for(par->pool, c.ksplit * blocks, backward_task, &c);
     }
     if (c.status == DFP_OK) par->parallel_for(par->pool, s->groups * c.mblocks, backward_encode_task, &c);

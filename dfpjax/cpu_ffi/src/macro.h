@@ -156,14 +156,15 @@ void dfp_split_sums_avx2(const int64_t* s, size_t n, int low_bits, int low_bytes
  * glibc reuses, the heap keeps the advice). Ignored elsewhere and when it fails. */
 void dfp_advise_output(void* out, size_t bytes);
 
-/* Scratch buffers of a parallel task (packed A panels and their bounds, a block's int64 sums,
- * a row strip), one per slot. Taken from the heap for every task, they were a forward 56x56 layer's 1,521
+/* Scratch buffers of a parallel task (packed A panels and their bounds, B panels, a block's
+ * int64 sums, a row strip), one per slot. Taken from the heap for every task, they were a forward 56x56 layer's 1,521
  * allocations of 67 KB a call; with glibc's single arena (MALLOC_ARENA_MAX=1, the trainer's
  * settings in docs/examples.md) shared by every device's thread and by XLA's buffers, those
  * allocations cost ~6% of the 4-device sharded step's CPU time (docs/performance.md). */
 typedef enum {
   DFP_SCRATCH_A_PANELS,
   DFP_SCRATCH_A_BOUNDS,
+  DFP_SCRATCH_B_PANELS, /* a backward-weights task's own packed K block of dy, with its bounds (conv.c) */
   DFP_SCRATCH_SUMS,
   DFP_SCRATCH_ROW_STRIP, /* a streamed block's float32 rows of one A panel (macro.c) */
   DFP_SCRATCH_SLOTS
