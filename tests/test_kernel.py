@@ -372,6 +372,24 @@ def test_minimum_int16_is_rejected(isa):
     jax.block_until_ready(_kernel(False, False, np.float32)(a, zero, b, zero))
 
 
+@pytest.mark.parametrize("operand", ["a", "b"])
+@pytest.mark.parametrize("at", [(0, 0), (7, 21), (12, 39), (16, 33)], ids=lambda at: f"{at[0]}_{at[1]}")
+def test_one_minimum_int16_anywhere_is_rejected(isa, operand, at):
+  """A single -32768 among ordinary values: in the first or a later panel, in a whole 8-pair
+  norm block or the short last one (K = 40: 20 pairs), in either operand."""
+  rng = np.random.default_rng(3)
+  a = rng.integers(-1000, 1001, (1, 17, 40)).astype(np.int16)
+  b = rng.integers(-1000, 1001, (1, 40, 17)).astype(np.int16)
+  row, k = at
+  if operand == "a":
+    a[0, row, k] = -32768
+  else:
+    b[0, k, row] = -32768
+  zero = np.zeros((1, 1), np.int32)
+  with pytest.raises(Exception, match="-32768"):
+    jax.block_until_ready(_kernel(False, False, np.float32)(a, zero, b, zero))
+
+
 def test_unsupported_or_unknown_isa_is_an_error(monkeypatch):
   missing = [name for name in cpu_ffi.ISAS if name not in cpu_ffi.supported_isas()]
   a = jnp.ones((1, 2, 4), jnp.int16)

@@ -67,41 +67,36 @@ void dfp_pack_block(const dfp_isa_config* cfg, const int16_t* src, size_t c0, si
   }
 }
 
-int dfp_norm_bounds_portable(const int16_t* block, size_t kpairs, int width, uint64_t* chunk) {
+int dfp_norm_bounds_portable(const int16_t* block, size_t kpairs, int width, uint64_t* bounds) {
+  /* Per row: its squared norm over each norm block, then over chunks of two of the level
+   * below; each level's bound is its largest chunk over all rows. */
   int low = 0;
-  for (size_t p0 = 0, blk = 0; p0 < kpairs; p0 += DFP_NORM_BLOCK_PAIRS, ++blk) {
-    const size_t p1 = p0 + DFP_NORM_BLOCK_PAIRS < kpairs ? p0 + DFP_NORM_BLOCK_PAIRS : kpairs;
-    uint64_t best = 0;
-    for (int i = 0; i < width; ++i) {
-      uint64_t sq = 0;
+  for (int level = 0; level < DFP_CHUNK_LEVELS; ++level) bounds[level] = 0;
+  for (int i = 0; i < width; ++i) {
+    uint64_t chunk[BLOCKS_PER_KC];
+    size_t count = 0;
+    for (size_t p0 = 0; p0 < kpairs; p0 += DFP_NORM_BLOCK_PAIRS, ++count) {
+      const size_t p1 = p0 + DFP_NORM_BLOCK_PAIRS < kpairs ? p0 + DFP_NORM_BLOCK_PAIRS : kpairs;
+      chunk[count] = 0;
       for (size_t p = p0; p < p1; ++p) {
         const int16_t* v = block + (p * (size_t)width + (size_t)i) * 2;
         low |= v[0] == INT16_MIN || v[1] == INT16_MIN;
-        sq += (uint32_t)((int32_t)v[0] * v[0] + (int32_t)v[1] * v[1]); /* a pair stays below 2**31 */
+        chunk[count] += (uint64_t)((int32_t)v[0] * v[0]) + (uint64_t)((int32_t)v[1] * v[1]);
       }
-      best = sq > best ? sq : best;
     }
-    chunk[blk] = best;
+    for (int level = 0; level < DFP_CHUNK_LEVELS; ++level) {
+      for (size_t b = 0; b < count; ++b) bounds[level] = chunk[b] > bounds[level] ? chunk[b] : bounds[level];
+      for (size_t b = 0; b < count / 2; ++b) chunk[b] = chunk[2 * b] + chunk[2 * b + 1];
+      if (count & 1) chunk[count / 2] = chunk[count - 1];
+      count = (count + 1) / 2;
+    }
   }
   return low;
 }
 
 int dfp_block_bounds(const dfp_isa_config* cfg, const int16_t* block, size_t kpairs, int width,
                      uint64_t* bounds) {
-  /* Level 0: the panel's largest row norm per norm block; level l + 1 sums pairs of
-   * level-l chunks. Each level's bound is its largest chunk. */
-  uint64_t chunk[BLOCKS_PER_KC];
-  const int low = cfg->norm_bounds(block, kpairs, width, chunk);
-  size_t count = (kpairs + DFP_NORM_BLOCK_PAIRS - 1) / DFP_NORM_BLOCK_PAIRS;
-  for (int level = 0; level < DFP_CHUNK_LEVELS; ++level) {
-    uint64_t m = 0;
-    for (size_t b = 0; b < count; ++b) m = chunk[b] > m ? chunk[b] : m;
-    bounds[level] = m;
-    for (size_t b = 0; b < count / 2; ++b) chunk[b] = chunk[2 * b] + chunk[2 * b + 1];
-    if (count & 1) chunk[count / 2] = chunk[count - 1];
-    count = (count + 1) / 2;
-  }
-  return low ? -1 : 0;
+  return cfg->norm_bounds(block, kpairs, width, bounds) ? -1 : 0;
 }
 
 int dfp_pack_panels(const dfp_isa_config* cfg, const int16_t* src, size_t rows, size_t k, size_t kc,

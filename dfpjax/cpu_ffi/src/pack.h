@@ -19,10 +19,11 @@ enum {
 /* Packs rows [row0, row0 + width) of a rows x k matrix whose element (r, c) is
  * src[r * row_stride + c * col_stride] (one of the strides is 1) into
  * dst[kpairs][width][2], zero padded. For each K block of kc pairs (dfp_kc_pairs) it writes
- * DFP_CHUNK_LEVELS bounds: bound[l] = the largest, over the block's chunks of
- * DFP_NORM_BLOCK_PAIRS << l pairs, of the sum over the chunk's norm blocks of the
- * largest squared row norm in the panel. Returns -1 if an element is -32768 (outside
- * the symmetric DFP range, where even one pair could overflow int32), else 0. */
+ * DFP_CHUNK_LEVELS bounds: bound[l] >= the largest squared norm of a panel row over one of
+ * the block's chunks of DFP_NORM_BLOCK_PAIRS << l pairs (chunks at multiples of their length:
+ * the portable path's exact, the AVX2 one's at most 256 per pair above). Returns -1 if an
+ * element is -32768 (outside the symmetric DFP range, where even one pair could overflow
+ * int32), else 0. */
 int dfp_pack_panel(const dfp_isa_config* cfg, const int16_t* src, size_t rows, size_t k, size_t kc,
                    size_t row_stride, size_t col_stride, size_t row0, int width, int16_t* dst,
                    uint64_t* bounds);
@@ -83,21 +84,20 @@ static inline size_t dfp_kc_blocks(size_t kpairs, size_t kc) {
  * interleaved into panels of `width` lanes, lane i into out + (i / width) * panel_stride at
  * [(pair * width + i % width) * 2 + {0, 1}], each pair's k-rows read once for all panels.
  * interleave_pairs: n elements of two rows as n pairs.
- * norm_bounds: for each norm block of DFP_NORM_BLOCK_PAIRS pairs the largest squared row
- * norm of the panel's lanes (an upper bound), into chunk[block]; returns 1 if an element is
- * -32768. */
+ * norm_bounds: the bounds of one packed K block (dfp_block_bounds); returns 1 if an element
+ * is -32768. */
 void dfp_pack_rows_portable(const int16_t* src, size_t pairs, size_t row_stride, size_t valid,
                             int width, uint32_t* out);
 void dfp_pack_columns_portable(const int16_t* src, size_t pairs, size_t col_stride, size_t valid,
                                int width, int16_t* out, size_t panel_stride);
 void dfp_interleave_pairs_portable(const int16_t* in0, const int16_t* in1, size_t n, int16_t* out);
-int dfp_norm_bounds_portable(const int16_t* block, size_t kpairs, int width, uint64_t* chunk);
+int dfp_norm_bounds_portable(const int16_t* block, size_t kpairs, int width, uint64_t* bounds);
 void dfp_pack_rows_avx2(const int16_t* src, size_t pairs, size_t row_stride, size_t valid, int width,
                         uint32_t* out);
 void dfp_pack_columns_avx2(const int16_t* src, size_t pairs, size_t col_stride, size_t valid, int width,
                            int16_t* out, size_t panel_stride);
 void dfp_interleave_pairs_avx2(const int16_t* in0, const int16_t* in1, size_t n, int16_t* out);
-int dfp_norm_bounds_avx2(const int16_t* block, size_t kpairs, int width, uint64_t* chunk);
+int dfp_norm_bounds_avx2(const int16_t* block, size_t kpairs, int width, uint64_t* bounds);
 void dfp_pack_columns_avx512(const int16_t* src, size_t pairs, size_t col_stride, size_t valid, int width,
                              int16_t* out, size_t panel_stride);
 

@@ -1,4 +1,4 @@
-/* The AVX2 entries of packing (pack.h): the panel copies and the level-0 norm bounds. */
+/* The AVX2 entries of packing (pack.h): the panel copies and the norm bounds. */
 #include <immintrin.h>
 
 #include "pack.h"
@@ -184,17 +184,25 @@ void dfp_pack_columns_avx2(const int16_t* src, size_t pairs, size_t col_stride, 
   }
 }
 
+/* The row sums of the norm blocks are kept in units of 256 (each term a square, or a sum of two,
+ * floored by a shift of 8), so that a row's sum over a whole K block fits 32 bits: a term is
+ * below 2**32 / 256, a pair's square below 2**31 / 256, and a row has at most DFP_KC_PAIRS / 2
+ * of the first or DFP_KC_PAIRS of the second. A chunk's bound is then 256 * sum + 256 * pairs:
+ * at least the exact sum, and at most 256 per pair above it (a row of large values sums about
+ * 10**8 a pair). */
+_Static_assert(DFP_KC_PAIRS <= 512, "a row's sum in units of 256 over a K block must fit 32 bits");
+
 /* A whole norm block of a 6-lane panel (the 6 x 16 kernels' A panels): its 48 words in six
  * vectors, with no masked loads, whose lanes hold rows 0-5, 0, 1 / 2-5, 0-3 / 4, 5, 0-5, then
- * the same again; each row's eight squares gathered into lanes 0-5 by permutes (the same sums
- * as pair by pair), lanes 6 and 7 zero. */
+ * the same again (pairs 4 on), so each lane sums two pairs of one row; each row's terms
+ * gathered into lanes 0-5 by permutes, lanes 6 and 7 zero. */
 static inline __m256i six_row_sums(const int16_t* at, __m256i* least) {
   __m256i s[3];
   for (int i = 0; i < 3; ++i) {
     const __m256i v = _mm256_loadu_si256((const __m256i*)(at + 16 * i));
     const __m256i w = _mm256_loadu_si256((const __m256i*)(at + 16 * (i + 3)));
     *least = _mm256_min_epi16(*least, _mm256_min_epi16(v, w));
-    s[i] = _mm256_add_epi32(_mm256_srli_epi32(_mm256_madd_epi16(v, v), 3), _mm256_srli_epi32(_mm256_madd_epi16(w, w), 3));
+    s[i] = _mm256_srli_epi32(_mm256_add_epi32(_mm256_madd_epi16(v, v), _mm256_madd_epi16(w, w)), 8);
   }
   /* Lanes 0-5: row r of s[0], of s[1] (lane r + 4 mod 6), of s[2] (lane r + 2 mod 6). */
   const __m256i rows = _mm256_add_epi32(
@@ -208,33 +216,52 @@ static inline __m256i six_row_sums(const int16_t* at, __m256i* least) {
   return _mm256_blend_epi32(_mm256_add_epi32(rows, rest), _mm256_setzero_si256(), 0xc0);
 }
 
-/* vpmaddwd squares a pair per 32-bit lane, eight lanes at a time. A pair's square s < 2**31
- * enters the sum as floor(s / 8), so that eight of them fit 32 bits; the block's bound
- * 8 * sum + 7 * pairs is then at least the exact sum and at most 56 above. */
-int dfp_norm_bounds_avx2(const int16_t* block, size_t kpairs, int width, uint64_t* chunk) {
-  __m256i least = _mm256_set1_epi16(INT16_MAX);
-  for (size_t p0 = 0, blk = 0; p0 < kpairs; p0 += DFP_NORM_BLOCK_PAIRS, ++blk) {
-    const size_t p1 = p0 + DFP_NORM_BLOCK_PAIRS < kpairs ? p0 + DFP_NORM_BLOCK_PAIRS : kpairs;
-    __m256i best = _mm256_setzero_si256();
-    if (width == 6 && p1 - p0 == DFP_NORM_BLOCK_PAIRS) best = six_row_sums(block + p0 * 12, &least);
-    else for (int g = 0; g < width; g += 8) {
-      const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(width - g),
-                                              _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-      const int whole = width - g >= 8;
-      __m256i sum = _mm256_setzero_si256();
-      for (size_t p = p0; p < p1; ++p) {
-        const int16_t* at = block + (p * (size_t)width + (size_t)g) * 2;
-        const __m256i v = whole ? _mm256_loadu_si256((const __m256i*)at)
-                                : _mm256_maskload_epi32((const int*)at, mask);
-        least = _mm256_min_epi16(least, v);
-        sum = _mm256_add_epi32(sum, _mm256_srli_epi32(_mm256_madd_epi16(v, v), 3));
-      }
-      best = _mm256_max_epu32(best, sum);
+/* Pairs [p0, p1) of lanes [g, g + 8) of a panel `width` lanes wide, lanes past it not loaded:
+ * each row's squares summed in units of 256, lane by lane. */
+static inline __m256i eight_row_sums(const int16_t* block, size_t p0, size_t p1, int width, int g, __m256i* least) {
+  const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(width - g), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  const int whole = width - g >= 8;
+  __m256i sum = _mm256_setzero_si256();
+  for (size_t p = p0; p < p1; ++p) {
+    const int16_t* at = block + (p * (size_t)width + (size_t)g) * 2;
+    const __m256i v = whole ? _mm256_loadu_si256((const __m256i*)at) : _mm256_maskload_epi32((const int*)at, mask);
+    *least = _mm256_min_epi16(*least, v);
+    sum = _mm256_add_epi32(sum, _mm256_srli_epi32(_mm256_madd_epi16(v, v), 8));
+  }
+  return sum;
+}
+
+static inline uint32_t max_lane(__m256i v) {
+  v = _mm256_max_epu32(v, _mm256_permute2x128_si256(v, v, 1));
+  v = _mm256_max_epu32(v, _mm256_shuffle_epi32(v, _MM_SHUFFLE(1, 0, 3, 2)));
+  v = _mm256_max_epu32(v, _mm256_shuffle_epi32(v, _MM_SHUFFLE(2, 3, 0, 1)));
+  return (uint32_t)_mm256_cvtsi256_si32(v);
+}
+
+/* The levels as dfp_norm_bounds_portable's, lane by lane (a lane is a row): each norm block's
+ * row sums, then chunks of two of the level below; each level's largest over chunks and rows
+ * taken across lanes once, at the end. */
+int dfp_norm_bounds_avx2(const int16_t* block, size_t kpairs, int width, uint64_t* bounds) {
+  enum { BLOCKS = DFP_KC_PAIRS / DFP_NORM_BLOCK_PAIRS };
+  __m256i least = _mm256_set1_epi16(INT16_MAX), top[DFP_CHUNK_LEVELS], chunk[BLOCKS];
+  for (int level = 0; level < DFP_CHUNK_LEVELS; ++level) top[level] = _mm256_setzero_si256();
+  for (int g = 0; g < width; g += 8) {
+    size_t count = 0;
+    for (size_t p0 = 0; p0 < kpairs; p0 += DFP_NORM_BLOCK_PAIRS, ++count) {
+      const size_t p1 = p0 + DFP_NORM_BLOCK_PAIRS < kpairs ? p0 + DFP_NORM_BLOCK_PAIRS : kpairs;
+      chunk[count] = width == 6 && p1 - p0 == DFP_NORM_BLOCK_PAIRS ? six_row_sums(block + p0 * 12, &least)
+                                                                  : eight_row_sums(block, p0, p1, width, g, &least);
     }
-    best = _mm256_max_epu32(best, _mm256_permute2x128_si256(best, best, 1));
-    best = _mm256_max_epu32(best, _mm256_shuffle_epi32(best, _MM_SHUFFLE(1, 0, 3, 2)));
-    best = _mm256_max_epu32(best, _mm256_shuffle_epi32(best, _MM_SHUFFLE(2, 3, 0, 1)));
-    chunk[blk] = 8 * (uint64_t)(uint32_t)_mm256_cvtsi256_si32(best) + 7 * (p1 - p0);
+    for (int level = 0; level < DFP_CHUNK_LEVELS; ++level) {
+      for (size_t b = 0; b < count; ++b) top[level] = _mm256_max_epu32(top[level], chunk[b]);
+      for (size_t b = 0; b < count / 2; ++b) chunk[b] = _mm256_add_epi32(chunk[2 * b], chunk[2 * b + 1]);
+      if (count & 1) chunk[count / 2] = chunk[count - 1];
+      count = (count + 1) / 2;
+    }
+  }
+  for (int level = 0; level < DFP_CHUNK_LEVELS; ++level) {
+    const size_t pairs = (size_t)DFP_NORM_BLOCK_PAIRS << level;
+    bounds[level] = 256 * ((uint64_t)max_lane(top[level]) + (pairs < kpairs ? pairs : kpairs));
   }
   const __m256i low = _mm256_cmpeq_epi16(least, _mm256_set1_epi16(INT16_MIN));
   return !_mm256_testz_si256(low, low);
