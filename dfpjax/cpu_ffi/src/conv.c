@@ -144,19 +144,17 @@ static void run_block(conv_plan* c, size_t g, size_t mb, size_t nb, size_t kb0, 
     for (size_t p = 0; p < panels; ++p)
       if (dfp_block_bounds(c->cfg, apack + p * panel_stride, kc, mr, abound + p * DFP_CHUNK_LEVELS))
         dfp_fail(&c->status, DFP_ERR_BAD_MANTISSA);
-    const size_t bkb = kb - c->round_kb0;
-    dfp_block block = {
-        .a = apack, .a_stride = panel_stride, .mpanels = panels,
-        .abound = abound, .abound_stride = DFP_CHUNK_LEVELS,
-        .b = c->bpack + bq0 * c->bpanel_stride + bkb * c->kc * nr * 2, .b_stride = c->bpanel_stride,
-        .npanels = bpanels,
-        .bbound = c->bbound + (bq0 * c->bkblocks + bkb) * DFP_CHUNK_LEVELS,
-        .bbound_stride = c->bkblocks * DFP_CHUNK_LEVELS,
-        .kpairs = kc};
+    dfp_block block = {.a = apack, .a_stride = panel_stride, .mpanels = panels,
+                       .abound = abound, .abound_stride = DFP_CHUNK_LEVELS, .npanels = bpanels, .kpairs = kc};
     if (own != NULL) {
       pack_plain_b(c, g, q0, q1, k0, k1, own, own_stride, own_bounds, DFP_CHUNK_LEVELS);
       block.b = own, block.b_stride = own_stride;
       block.bbound = own_bounds, block.bbound_stride = DFP_CHUNK_LEVELS;
+    } else {
+      const size_t bkb = kb - c->round_kb0;
+      block.b = c->bpack + bq0 * c->bpanel_stride + bkb * c->kc * nr * 2, block.b_stride = c->bpanel_stride;
+      block.bbound = c->bbound + (bq0 * c->bkblocks + bkb) * DFP_CHUNK_LEVELS;
+      block.bbound_stride = c->bkblocks * DFP_CHUNK_LEVELS;
     }
     if (out != NULL)
       dfp_multiply_encode_block(c->cfg, &block, out);
