@@ -2,7 +2,10 @@
  * layer set of benchmarks/conv.py: the quantization of each float operand (dfp_quantize) and
  * the three convolution kernels, each the minimum of --repeats runs on a pool of --threads
  * threads, next to the GEMM at 1024^3 (with its minor page faults per call, which the glibc
- * malloc settings the header names decide: print_malloc_settings). A pass's total is its kernel
+ * malloc settings the header names decide: print_malloc_settings), timed likewise before the
+ * layers and after each one, so that the passes' shares of it at the end are taken against the
+ * median of its minima over the same minutes (on a shared host one GEMM line may read 169 GOP/s
+ * and the next, a minute later, 221: docs/performance.md). A pass's total is its kernel
  * plus the quantization of the operands it reads (forward: x, w; backward-data: dy, w;
  * backward-weights: x, dy), as benchmarks/conv.py times it. The last column counts each
  * kernel's minor page faults per timed call (getrusage, all threads): the operands and outputs
@@ -369,6 +372,22 @@ static double gemm_gops(size_t n) {
   return 2.0 * n * n * n / ms / 1e6;
 }
 
+/* The GEMM lines of the run, before the layers and after each one. */
+enum { MAX_GEMMS = 64 };
+static double gemm_lines[MAX_GEMMS];
+static int gemm_count;
+
+static double time_gemm(void) {
+  const double gops = gemm_gops(1024);
+  if (gemm_count < MAX_GEMMS) gemm_lines[gemm_count++] = gops;
+  return gops;
+}
+
+static int compare_doubles(const void* a, const void* b) {
+  const double x = *(const double*)a, y = *(const double*)b;
+  return (x > y) - (x < y);
+}
+
 /* The glibc malloc tunables in the environment, as benchmarks/common.py's malloc_settings: with
  * the defaults, a fresh process maps the GEMM's packed operands (4 MB at 1024^3) afresh on every
  * call and faults them in, about 1,000 faults and a sixth of its rate on Zen 3 (the GEMM line
@@ -414,10 +433,7 @@ int main(int argc, char** argv) {
   printf("# path %s, batch %zu, %d threads, min of %d%s; %s ms (GOP/s); ", dfp_isa_name(isa), batch, threads,
          repeats, fresh_outputs ? ", fresh outputs" : "", cpu_time ? "CPU" : "wall");
   print_malloc_settings();
-  if (gemm) {
-    const double gops = gemm_gops(1024);
-    printf("# GEMM 1024^3: %.0f GOP/s, %ld minor faults per call\n", gops, last_faults);
-  }
+  if (gemm) printf("# GEMM 1024^3: %.0f GOP/s, %ld minor faults per call\n", time_gemm(), last_faults);
   printf("| layer | GOP | Q(x) / Q(w) / Q(dy) ms | fwd kernel | bwd-data kernel | bwd-weights kernel |"
          " pass GOP/s fwd / data / weights | kernel faults per call fwd / data / weights |\n"
          "|---|---|---|---|---|---|---|---|\n");
@@ -425,10 +441,21 @@ int main(int argc, char** argv) {
   for (int l = 0; l < count; ++l) {
     int chosen = first_layer >= argc;
     for (int i = first_layer; i < argc; ++i) chosen |= !strcmp(argv[i], kLayers[l].name);
-    if (chosen) run_layer(l, batch);
+    if (!chosen) continue;
+    run_layer(l, batch);
+    if (gemm) time_gemm(); /* reported with the others after the table */
   }
   printf("| total | %.1f | | | | | %.0f / %.0f / %.0f | |\n", total_gop, total_gop / totals[0] * 1e3,
          total_gop / totals[1] * 1e3, total_gop / totals[2] * 1e3);
+  if (gemm_count > 0) {
+    qsort(gemm_lines, (size_t)gemm_count, sizeof gemm_lines[0], compare_doubles);
+    const double median = gemm_count % 2 ? gemm_lines[gemm_count / 2]
+                                         : (gemm_lines[gemm_count / 2 - 1] + gemm_lines[gemm_count / 2]) / 2;
+    printf("# the passes against the median of %d GEMM lines, before the layers and after each (%.0f GOP/s; "
+           "%.0f-%.0f): %.0f%% / %.0f%% / %.0f%%\n",
+           gemm_count, median, gemm_lines[0], gemm_lines[gemm_count - 1], 100 * total_gop / totals[0] * 1e3 / median,
+           100 * total_gop / totals[1] * 1e3 / median, 100 * total_gop / totals[2] * 1e3 / median);
+  }
   if (balance)
     printf("| total split | %.1f / %.1f / %.1f | %.1f / %.1f / %.1f | %.1f / %.1f / %.1f |\n", serial_totals[0],
            work_totals[0], totals[0], serial_totals[1], work_totals[1], totals[1], serial_totals[2], work_totals[2],
