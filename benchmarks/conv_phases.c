@@ -445,16 +445,17 @@ int main(int argc, char** argv) {
     run_layer(l, batch);
     if (gemm) time_gemm(); /* reported with the others after the table */
   }
-  printf("| total | %.1f | | | | | %.0f / %.0f / %.0f | |\n", total_gop, total_gop / totals[0] * 1e3,
-         total_gop / totals[1] * 1e3, total_gop / totals[2] * 1e3);
+  double pass_gops[3];
+  for (int p = 0; p < 3; ++p) pass_gops[p] = total_gop / totals[p] * 1e3;
+  printf("| total | %.1f | | | | | %.0f / %.0f / %.0f | |\n", total_gop, pass_gops[0], pass_gops[1], pass_gops[2]);
   if (gemm_count > 0) {
     qsort(gemm_lines, (size_t)gemm_count, sizeof gemm_lines[0], compare_doubles);
     const double median = gemm_count % 2 ? gemm_lines[gemm_count / 2]
                                          : (gemm_lines[gemm_count / 2 - 1] + gemm_lines[gemm_count / 2]) / 2;
     printf("# the passes against the median of %d GEMM lines, before the layers and after each (%.0f GOP/s; "
            "%.0f-%.0f): %.0f%% / %.0f%% / %.0f%%\n",
-           gemm_count, median, gemm_lines[0], gemm_lines[gemm_count - 1], 100 * total_gop / totals[0] * 1e3 / median,
-           100 * total_gop / totals[1] * 1e3 / median, 100 * total_gop / totals[2] * 1e3 / median);
+           gemm_count, median, gemm_lines[0], gemm_lines[gemm_count - 1], 100 * pass_gops[0] / median,
+           100 * pass_gops[1] / median, 100 * pass_gops[2] / median);
   }
   if (balance)
     printf("| total split | %.1f / %.1f / %.1f | %.1f / %.1f / %.1f | %.1f / %.1f / %.1f |\n", serial_totals[0],
