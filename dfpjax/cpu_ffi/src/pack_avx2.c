@@ -162,26 +162,72 @@ static inline void six_lane_panels(const int16_t* in0, const int16_t* in1, int16
  * (256-512 bytes apart): without the prefetch the copy waits on each load, one pair at a time
  * (addresses as integers: prefetches past the source are harmless, they never fault). */
 enum { PREFETCH_PAIRS = 8 };
-void dfp_pack_columns_avx2(const int16_t* src, size_t pairs, size_t col_stride, size_t valid, int width,
-                           int16_t* out, size_t panel_stride) {
+
+/* The lines of lanes [0, lanes) of the k-rows of the pair PREFETCH_PAIRS after the one at in0. */
+static inline void prefetch_pair_ahead(const int16_t* in0, size_t col_stride, size_t lanes) {
+  const uintptr_t ahead = (uintptr_t)in0 + PREFETCH_PAIRS * 2 * col_stride * sizeof(int16_t);
+  for (size_t byte = 0; byte < lanes * 2 + 64; byte += 64) {
+    _mm_prefetch((const char*)(ahead + byte), _MM_HINT_T0);
+    _mm_prefetch((const char*)(ahead + col_stride * sizeof(int16_t) + byte), _MM_HINT_T0);
+  }
+}
+
+/* Whole panels in loops of their own, with nothing but the copies and the prefetch: 16-lane
+ * panels (the 6 x 16 kernels' B panels: dy in backward-weights) one interleave16 each, 6-lane
+ * ones (their A panels: x in backward-weights) two at a time. In one loop with the partial
+ * panels' cases GCC kept the loop's values on the stack: a K block of 16-lane panels from a
+ * source in L2 took 3 times as long (190-210 against 59-69 ps a word, one thread, Zen 3), of
+ * 6-lane ones 10-30% longer. In the kernels dy comes from memory, so less shows there: one
+ * thread's backward-weights of conv2's and conv4's 1x1 expansions 2-4% shorter, the rest
+ * within the noise (docs/performance.md). */
+static void whole_panels16(const int16_t* src, size_t pairs, size_t col_stride, size_t panels, int16_t* out,
+                           size_t panel_stride) {
+  for (size_t p = 0; p < pairs; ++p, out += 32) {
+    const int16_t* in0 = src + 2 * p * col_stride;
+    prefetch_pair_ahead(in0, col_stride, panels * 16);
+    for (size_t q = 0; q < panels; ++q) interleave16(in0 + 16 * q, in0 + col_stride + 16 * q, out + q * panel_stride);
+  }
+}
+
+static void whole_panels6(const int16_t* src, size_t pairs, size_t col_stride, size_t panel_pairs, int16_t* out,
+                          size_t panel_stride) {
+  for (size_t p = 0; p < pairs; ++p, out += 12) {
+    const int16_t* in0 = src + 2 * p * col_stride;
+    prefetch_pair_ahead(in0, col_stride, panel_pairs * 12);
+    for (size_t q = 0; q < panel_pairs; ++q)
+      six_lane_panels(in0 + 12 * q, in0 + col_stride + 12 * q, out + 2 * q * panel_stride, panel_stride);
+  }
+}
+
+/* Lanes [0, valid) of any panels' width, panel by panel through interleave_lanes. */
+static void any_lanes(const int16_t* src, size_t pairs, size_t col_stride, size_t valid, int width, int16_t* out,
+                      size_t panel_stride) {
   for (size_t p = 0; p < pairs; ++p) {
     const int16_t* in0 = src + 2 * p * col_stride;
     const int16_t* in1 = in0 + col_stride;
     /* A wide load reads at most lane valid + 2 of a k-row: for in0 before in1's last valid
      * lane (col_stride >= 8), for in1 before the next pair's: inside the source. */
     const int wide = p + 1 < pairs && col_stride >= 8;
-    const uintptr_t ahead = (uintptr_t)in0 + PREFETCH_PAIRS * 2 * col_stride * sizeof(int16_t);
-    for (size_t byte = 0; byte < valid * 2 + 64; byte += 64) {
-      _mm_prefetch((const char*)(ahead + byte), _MM_HINT_T0);
-      _mm_prefetch((const char*)(ahead + col_stride * sizeof(int16_t) + byte), _MM_HINT_T0);
-    }
-    size_t l0 = 0, q = 0;
-    if (width == 6)
-      for (; l0 + 12 <= valid; l0 += 12, q += 2) six_lane_panels(in0 + l0, in1 + l0, out + q * panel_stride + p * 12, panel_stride);
-    for (; l0 < valid; l0 += (size_t)width, ++q)
+    prefetch_pair_ahead(in0, col_stride, valid);
+    for (size_t l0 = 0, q = 0; l0 < valid; l0 += (size_t)width, ++q)
       interleave_lanes(in0 + l0, in1 + l0, valid - l0 < (size_t)width ? valid - l0 : (size_t)width, wide,
                        out + q * panel_stride + p * (size_t)width * 2);
   }
+}
+
+void dfp_pack_columns_avx2(const int16_t* src, size_t pairs, size_t col_stride, size_t valid, int width,
+                           int16_t* out, size_t panel_stride) {
+  size_t done = 0; /* lanes in whole panels */
+  if (width == 16) {
+    done = valid / 16 * 16;
+    whole_panels16(src, pairs, col_stride, done / 16, out, panel_stride);
+  } else if (width == 6) {
+    done = valid / 12 * 12;
+    whole_panels6(src, pairs, col_stride, done / 12, out, panel_stride);
+  }
+  if (done < valid)
+    any_lanes(src + done, pairs, col_stride, valid - done, width, out + done / (size_t)width * panel_stride,
+              panel_stride);
 }
 
 /* The row sums of the norm blocks are kept in units of 256 (each term a square, or a sum of two,
