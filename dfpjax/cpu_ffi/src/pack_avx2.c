@@ -177,7 +177,7 @@ static inline void prefetch_pair_ahead(const int16_t* in0, size_t col_stride, si
  * ones (their A panels: x in backward-weights) two at a time. In one loop with the partial
  * panels' cases GCC kept the loop's values on the stack: a K block of 16-lane panels from a
  * source in L2 took 3 times as long (190-210 against 59-69 ps a word, one thread, Zen 3), of
- * 6-lane ones 10-30% longer. In the kernels dy comes from memory, so less shows there: one
+ * 6-lane ones 12-34% longer. In the kernels dy comes from memory, so less shows there: one
  * thread's backward-weights of conv2's and conv4's 1x1 expansions 2-4% shorter, the rest
  * within the noise (docs/performance.md). */
 static void whole_panels16(const int16_t* src, size_t pairs, size_t col_stride, size_t panels, int16_t* out,
