@@ -185,7 +185,8 @@ static void whole_panels16(const int16_t* src, size_t pairs, size_t col_stride, 
   for (size_t p = 0; p < pairs; ++p, out += 32) {
     const int16_t* in0 = src + 2 * p * col_stride;
     prefetch_pair_ahead(in0, col_stride, panels * 16);
-    for (size_t q = 0; q < panels; ++q) interleave16(in0 + 16 * q, in0 + col_stride + 16 * q, out + q * panel_stride);
+    for (size_t q = 0; q < panels; ++q)
+      interleave16(in0 + 16 * q, in0 + col_stride + 16 * q, out + q * panel_stride);
   }
 }
 
@@ -277,7 +278,8 @@ static inline __m256i eight_row_sums(const int16_t* block, size_t p0, size_t p1,
       const __m256i v = _mm256_loadu_si256((const __m256i*)at);
       const __m256i w = _mm256_loadu_si256((const __m256i*)(at + 2 * (size_t)width));
       *least = _mm256_min_epi16(*least, _mm256_min_epi16(v, w));
-      sum = _mm256_add_epi32(sum, _mm256_srli_epi32(_mm256_add_epi32(_mm256_madd_epi16(v, v), _mm256_madd_epi16(w, w)), 8));
+      const __m256i squares = _mm256_add_epi32(_mm256_madd_epi16(v, v), _mm256_madd_epi16(w, w));
+      sum = _mm256_add_epi32(sum, _mm256_srli_epi32(squares, 8));
     }
   for (; p < p1; ++p) {
     const int16_t* at = block + (p * (size_t)width + (size_t)g) * 2;
