@@ -239,6 +239,13 @@ void dfp_pack_columns_avx2(const int16_t* src, size_t pairs, size_t col_stride, 
  * 10**8 a pair). */
 _Static_assert(DFP_KC_PAIRS <= 512, "a row's sum in units of 256 over a K block must fit 32 bits");
 
+/* The term of two pairs v and w of the same lanes (rows): their squares summed per lane, in
+ * units of 256; least lowered by their words (an element of -32768 shows there). */
+static inline __m256i two_pair_term(__m256i v, __m256i w, __m256i* least) {
+  *least = _mm256_min_epi16(*least, _mm256_min_epi16(v, w));
+  return _mm256_srli_epi32(_mm256_add_epi32(_mm256_madd_epi16(v, v), _mm256_madd_epi16(w, w)), 8);
+}
+
 /* A whole norm block of a 6-lane panel (the 6 x 16 kernels' A panels): its 48 words in six
  * vectors, with no masked loads, whose lanes hold rows 0-5, 0, 1 / 2-5, 0-3 / 4, 5, 0-5, then
  * the same again (pairs 4 on), so each lane sums two pairs of one row; each row's terms
@@ -248,8 +255,7 @@ static inline __m256i six_row_sums(const int16_t* at, __m256i* least) {
   for (int i = 0; i < 3; ++i) {
     const __m256i v = _mm256_loadu_si256((const __m256i*)(at + 16 * i));
     const __m256i w = _mm256_loadu_si256((const __m256i*)(at + 16 * (i + 3)));
-    *least = _mm256_min_epi16(*least, _mm256_min_epi16(v, w));
-    s[i] = _mm256_srli_epi32(_mm256_add_epi32(_mm256_madd_epi16(v, v), _mm256_madd_epi16(w, w)), 8);
+    s[i] = two_pair_term(v, w, least);
   }
   /* Lanes 0-5: row r of s[0], of s[1] (lane r + 4 mod 6), of s[2] (lane r + 2 mod 6). */
   const __m256i rows = _mm256_add_epi32(
@@ -277,9 +283,7 @@ static inline __m256i eight_row_sums(const int16_t* block, size_t p0, size_t p1,
       const int16_t* at = block + (p * (size_t)width + (size_t)g) * 2;
       const __m256i v = _mm256_loadu_si256((const __m256i*)at);
       const __m256i w = _mm256_loadu_si256((const __m256i*)(at + 2 * (size_t)width));
-      *least = _mm256_min_epi16(*least, _mm256_min_epi16(v, w));
-      const __m256i squares = _mm256_add_epi32(_mm256_madd_epi16(v, v), _mm256_madd_epi16(w, w));
-      sum = _mm256_add_epi32(sum, _mm256_srli_epi32(squares, 8));
+      sum = _mm256_add_epi32(sum, two_pair_term(v, w, least));
     }
   for (; p < p1; ++p) {
     const int16_t* at = block + (p * (size_t)width + (size_t)g) * 2;
