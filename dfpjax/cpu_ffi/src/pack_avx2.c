@@ -190,13 +190,35 @@ static void whole_panels16(const int16_t* src, size_t pairs, size_t col_stride, 
   }
 }
 
-static void whole_panels6(const int16_t* src, size_t pairs, size_t col_stride, size_t panel_pairs, int16_t* out,
-                          size_t panel_stride) {
+/* Lanes 0-3 (tail 4) or 0-7 (tail 8) of k-rows in0 and in1, past the last pair of whole 6-lane
+ * panels: into a partial panel at o, or a whole one and the next's first two lanes. */
+static inline void six_lane_tail(const int16_t* in0, const int16_t* in1, int tail, int16_t* o, size_t panel_stride) {
+  if (tail == 4) {
+    _mm_storeu_si128((__m128i*)o, _mm_unpacklo_epi16(_mm_loadl_epi64((const __m128i*)in0),
+                                                     _mm_loadl_epi64((const __m128i*)in1)));
+    return;
+  }
+  const __m128i x = _mm_loadu_si128((const __m128i*)in0), y = _mm_loadu_si128((const __m128i*)in1);
+  const __m128i lanes47 = _mm_unpackhi_epi16(x, y);
+  _mm_storeu_si128((__m128i*)o, _mm_unpacklo_epi16(x, y));
+  _mm_storel_epi64((__m128i*)(o + 8), lanes47);
+  _mm_storeh_pd((double*)(o + panel_stride), _mm_castsi128_pd(lanes47));
+}
+
+/* tail: 0, or the 4 or 8 lanes past the panel pairs that a power-of-two channel count leaves
+ * (64 = 5 * 12 + 4, 128 = 10 * 12 + 8), copied in the same loop: in a second loop of their own
+ * each pair's k-rows were read again, and a K block of 64 channels took twice as long a word
+ * as one of 256 (173 against 84 ps, from L2, one thread, Zen 3). */
+static inline void whole_panels6(const int16_t* src, size_t pairs, size_t col_stride, size_t panel_pairs, int tail,
+                                 int16_t* out, size_t panel_stride) {
+  const size_t lanes = panel_pairs * 12;
   for (size_t p = 0; p < pairs; ++p, out += 12) {
     const int16_t* in0 = src + 2 * p * col_stride;
-    prefetch_pair_ahead(in0, col_stride, panel_pairs * 12);
+    prefetch_pair_ahead(in0, col_stride, lanes + (size_t)tail);
     for (size_t q = 0; q < panel_pairs; ++q)
       six_lane_panels(in0 + 12 * q, in0 + col_stride + 12 * q, out + 2 * q * panel_stride, panel_stride);
+    if (tail)
+      six_lane_tail(in0 + lanes, in0 + col_stride + lanes, tail, out + 2 * panel_pairs * panel_stride, panel_stride);
   }
 }
 
@@ -223,8 +245,14 @@ void dfp_pack_columns_avx2(const int16_t* src, size_t pairs, size_t col_stride, 
     done = valid / 16 * 16;
     whole_panels16(src, pairs, col_stride, done / 16, out, panel_stride);
   } else if (width == 6) {
+    const size_t tail = valid % 12;
     done = valid / 12 * 12;
-    whole_panels6(src, pairs, col_stride, done / 12, out, panel_stride);
+    if (tail == 4 || tail == 8) {
+      whole_panels6(src, pairs, col_stride, done / 12, (int)tail, out, panel_stride);
+      done = valid;
+    } else {
+      whole_panels6(src, pairs, col_stride, done / 12, 0, out, panel_stride);
+    }
   }
   if (done < valid)
     any_lanes(src + done, pairs, col_stride, valid - done, width, out + done / (size_t)width * panel_stride,
