@@ -113,6 +113,35 @@ def test_chunk_sums_at_the_carry_limit(isa, last):
   np.testing.assert_array_equal(got, np.full((1, 7, 17), exact, np.float32))
 
 
+@pytest.mark.parametrize("operand", ["a", "b"])
+@pytest.mark.parametrize("layout", [(False, False), (True, True)], ids=["mk_kn", "km_nk"])
+def test_every_lane_bounds_its_own_chunks(isa, operand, layout):
+  """One row of a (or column of b) at full scale among zeros, in each lane of the panels in
+  turn, against an operand of full-scale values: that lane's products need a carry every
+  pair, so a chunk length taken from any other lane's norms (all zero) would wrap int32."""
+  m = n = 40  # several 6-, 8-, 16- and 32-lane panels, the last ones partial
+  k = 512
+  zero = np.zeros((1, 1), np.int32)
+  for lane in range(m):
+    a = np.full((1, m, k), 32767, np.int16)
+    b = np.full((1, k, n), 32767, np.int16)
+    if operand == "a":
+      a[:] = 0
+      a[0, lane] = 32767
+    else:
+      b[:] = 0
+      b[0, :, lane] = 32767
+    a_in = np.swapaxes(a, 1, 2).copy() if layout[0] else a
+    b_in = np.swapaxes(b, 1, 2).copy() if layout[1] else b
+    got = _assert_kernel_matches((a_in, zero, b_in, zero), *layout)
+    want = np.zeros((m, n), np.float32)
+    if operand == "a":
+      want[lane] = k * 32767**2
+    else:
+      want[:, lane] = k * 32767**2
+    np.testing.assert_array_equal(got[0], want)
+
+
 def test_mixed_magnitudes_take_every_chunk_length(isa):
   """Blocks of large and small values make the kernel pick short and long safe chunks."""
   rng = np.random.default_rng(11)
