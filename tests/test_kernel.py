@@ -119,7 +119,7 @@ def test_every_lane_bounds_its_own_chunks(isa, operand, layout):
   """One row of a (or column of b) at full scale among zeros, in each lane of the panels in
   turn, against an operand of full-scale values: that lane's products need a carry every
   pair, so a chunk length taken from any other lane's norms (all zero) would wrap int32."""
-  m = n = 40  # several 6-, 8-, 16- and 32-lane panels, the last ones partial
+  m = n = 40  # 6-, 8-, 16- and 32-lane panels, the last 6-, 16- and 32-lane ones partial
   k = 512
   zero = np.zeros((1, 1), np.int32)
   for lane in range(m):

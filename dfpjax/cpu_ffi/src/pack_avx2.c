@@ -207,8 +207,8 @@ static inline void six_lane_tail(const int16_t* in0, const int16_t* in1, int tai
 
 /* tail: 0, or the 4 or 8 lanes past the panel pairs that a power-of-two channel count leaves
  * (64 = 5 * 12 + 4, 128 = 10 * 12 + 8), copied in the same loop: in a second loop of their own
- * each pair's k-rows were read again, and a K block of 64 channels took twice as long a word
- * as one of 256 (173 against 84 ps, from L2, one thread, Zen 3). */
+ * each pair's k-rows were read again (a K block from L2, one thread, Zen 3, ps a word: 64 and
+ * 128 channels 96-106 -> 65, 256 channels 83-84 -> 73). */
 static inline void whole_panels6(const int16_t* src, size_t pairs, size_t col_stride, size_t panel_pairs, int tail,
                                  int16_t* out, size_t panel_stride) {
   const size_t lanes = panel_pairs * 12;
@@ -350,16 +350,16 @@ int dfp_norm_bounds_avx2(const int16_t* block, size_t kpairs, int width, uint64_
   __m256i least = _mm256_set1_epi16(INT16_MAX), top[DFP_CHUNK_LEVELS], chunk[2][BLOCKS];
   for (int level = 0; level < DFP_CHUNK_LEVELS; ++level) top[level] = _mm256_setzero_si256();
   for (int g = 0; g < width; g += 16) {
-    const int pair = g + 8 < width;
+    const int two_groups = g + 8 < width;
     size_t count = 0;
     for (size_t p0 = 0; p0 < kpairs; p0 += DFP_NORM_BLOCK_PAIRS, ++count) {
       const size_t p1 = p0 + DFP_NORM_BLOCK_PAIRS < kpairs ? p0 + DFP_NORM_BLOCK_PAIRS : kpairs;
       chunk[0][count] = width == 6 && p1 - p0 == DFP_NORM_BLOCK_PAIRS ? six_row_sums(block + p0 * 12, &least)
                                                                      : eight_row_sums(block, p0, p1, width, g, &least);
-      if (pair) chunk[1][count] = eight_row_sums(block, p0, p1, width, g + 8, &least);
+      if (two_groups) chunk[1][count] = eight_row_sums(block, p0, p1, width, g + 8, &least);
     }
     fold_levels(chunk[0], count, top);
-    if (pair) fold_levels(chunk[1], count, top);
+    if (two_groups) fold_levels(chunk[1], count, top);
   }
   for (int level = 0; level < DFP_CHUNK_LEVELS; ++level) {
     const size_t pairs = (size_t)DFP_NORM_BLOCK_PAIRS << level;
