@@ -4,6 +4,7 @@
     python benchmarks/train_step.py --networks resnet18,googlenet,vgg16,alexnet --batches 16
     python benchmarks/train_step.py --quick                # 32x32 images, batch 8: a try-out
     python benchmarks/train_step.py --json rows.json > table.md
+    python benchmarks/train_step.py --modes flax-dfp,torch-fp32 --rounds 3   # on a noisy host
 
 Every configuration runs in a process of its own, so that its peak resident memory (VmHWM, read
 after the timed steps and before profiling) is its own and a crash or --timeout loses one row:
@@ -24,6 +25,11 @@ every step; docs/examples.md names the settings that spare those faults, and the
 are set). The frameworks do not share their best malloc settings (PyTorch's steps are fastest under
 the trainer's old ones, DFP's under glibc's huge pages: docs/performance.md): ``--env`` gives a
 mode's processes variables of their own, and the report names them per row.
+On a shared machine the host's load drifts over the minutes a run takes, and it falls on whichever
+configuration runs then: ``--rounds R`` runs the configurations R times, round-robin (each round a
+fresh process per configuration, the profile in the first round only), so that the drift falls on
+all of them alike; a row then pools the timed steps of all its rounds (its median is over them),
+its peak memory is the largest of its rounds', and the notes give each round's median.
 Progress goes to stderr, the markdown report to stdout; its header gives the CPU, its SIMD flags
 and the DFP kernel path (``dfpjax.kernel_info``).
 
@@ -218,6 +224,29 @@ def run_config(spec: dict, timeout: float) -> dict:
   return result
 
 
+def merge_round(row: dict, later: dict) -> dict:
+  """Row ``row`` (its rounds so far) with one more round's result: the timed steps pooled, the
+  per-step counters weighted by steps, the largest peak memory, each round's median kept; a
+  failed round is named in the notes and leaves the others' numbers."""
+  medians = row.get("round_medians_s", [statistics.median(row["step_s"])] if "step_s" in row else [None])
+  if "error" in later:
+    return {**row, "round_medians_s": medians + [None],
+            "note": f"{row.get('note', '')}; round {len(medians) + 1}: {later['error']}".lstrip("; ")}
+  if "step_s" not in row:  # every round before failed: this one's numbers, the failures noted
+    failed = ("round 1" if len(medians) == 1 else f"rounds 1-{len(medians)}") + f": {row.get('error', 'no steps')}"
+    return {**later, "round_medians_s": medians + [statistics.median(later["step_s"])],
+            "note": f"{later.get('note', '')}; {failed}".lstrip("; ")}
+  n, m = len(row["step_s"]), len(later["step_s"])
+  merged = {**row, "step_s": row["step_s"] + later["step_s"],
+            "round_medians_s": medians + [statistics.median(later["step_s"])]}
+  for key in ("cpus_used", "faults_per_step", "system_s_per_step"):
+    merged[key] = (row[key] * n + later[key] * m) / (n + m)
+  for key in ("peak_rss", "peak_rss_compile"):
+    if key in later:
+      merged[key] = max(row.get(key, 0), later[key])
+  return merged
+
+
 def assignments(env: dict) -> str:
   """"NAME=VALUE NAME=VALUE", as a shell would take them."""
   return " ".join(f"{k}={v}" for k, v in env.items())
@@ -383,8 +412,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                            "for other modes. Each framework under its best malloc settings, e.g. "
                            "--env flax-dfp:GLIBC_TUNABLES=glibc.malloc.hugetlb=1 --env "
                            "torch:MALLOC_ARENA_MAX=1")
+  parser.add_argument("--rounds", type=int, default=1,
+                      help="run every configuration this many times, round-robin, pooling each "
+                           "one's steps (default 1)")
   parser.add_argument("--json", help="also write the raw results to this file")
   args = parser.parse_args(argv)
+  if args.rounds < 1:
+    parser.error(f"--rounds must be at least 1, got {args.rounds}")
   args.batches = [int(b) for b in (args.batches or ("8" if args.quick else "16,32")).split(",")]
   args.image_size = args.image_size or (32 if args.quick else 224)
   args.steps = args.steps or {None: 2 if args.quick else 3}
@@ -451,19 +485,29 @@ def main(argv=None) -> None:
            for n in args.networks for b in args.batches for m in args.modes
            if m in FLAX_MODES or (n == "resnet50" and torch_note.startswith("torch "))]
   header = machine_header(torch_note, args.env)
-  rows = []
-  for spec in specs:
-    rows.append(run_config(spec, args.timeout))
-    log(summary_table(rows).splitlines()[-1])
-    if args.json:  # after every row: a run stopped from outside keeps what it measured
-      with open(args.json, "w") as f:
-        json.dump({"header": header, "rows": rows}, f, indent=1)
+  rows = [None] * len(specs)
+  for round_ in range(args.rounds):
+    if args.rounds > 1:
+      log(f"round {round_ + 1} of {args.rounds}")
+    for i, spec in enumerate(specs):
+      result = run_config(spec if round_ == 0 else {**spec, "profile_steps": 0}, args.timeout)
+      rows[i] = result if round_ == 0 else merge_round(rows[i], result)
+      others = [r for j, r in enumerate(rows) if r is not None and j != i]
+      log(summary_table(others + [rows[i]]).splitlines()[-1])  # the others: its baseline
+      if args.json:  # after every row: a run stopped from outside keeps what it measured
+        with open(args.json, "w") as f:
+          json.dump({"header": header, "rows": [r for r in rows if r is not None]}, f, indent=1)
   header += f"; load average {os.getloadavg()[0]:.1f} at the end"
+  rounds = f", pooled over {args.rounds} rounds run round-robin" if args.rounds > 1 else ""
   print(f"{header}\n\nTrain step at {args.image_size}x{args.image_size}, random data, medians of "
-        f"{steps_note(args.steps)} after compilation and one warm-up step:\n\n{summary_table(rows)}")
+        f"{steps_note(args.steps)}{rounds} after compilation and one warm-up step:\n\n"
+        f"{summary_table(rows)}")
   print()
   for r in rows:
     notes = [f"environment {assignments(r['env'])}"] if r["env"] else []
+    if "round_medians_s" in r:
+      notes.append("medians of the rounds " + " / ".join(
+          "failed" if m is None else f"{m:.2f}" for m in r["round_medians_s"]) + " s")
     notes += [r["note"]] if r.get("note") else []
     if notes:
       print(f"- {r['network']} b{r['batch']} {r['mode']}: {'; '.join(notes)}")
