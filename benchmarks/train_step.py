@@ -228,14 +228,16 @@ def merge_round(row: dict, later: dict) -> dict:
   """Row ``row`` (its rounds so far) with one more round's result: the timed steps pooled, the
   per-step counters weighted by steps, the largest peak memory, each round's median kept; a
   failed round is named in the notes and leaves the others' numbers."""
-  medians = row.get("round_medians_s", [statistics.median(row["step_s"])] if "step_s" in row else [None])
+  medians = row.get("round_medians_s",
+                    [statistics.median(row["step_s"])] if "step_s" in row else [None])
   if "error" in later:
-    return {**row, "round_medians_s": medians + [None],
-            "note": f"{row.get('note', '')}; round {len(medians) + 1}: {later['error']}".lstrip("; ")}
+    note = f"{row.get('note', '')}; round {len(medians) + 1}: {later['error']}"
+    return {**row, "round_medians_s": medians + [None], "note": note.lstrip("; ")}
   if "step_s" not in row:  # every round before failed: this one's numbers, the failures noted
-    failed = ("round 1" if len(medians) == 1 else f"rounds 1-{len(medians)}") + f": {row.get('error', 'no steps')}"
+    rounds = "round 1" if len(medians) == 1 else f"rounds 1-{len(medians)}"
+    note = f"{later.get('note', '')}; {rounds}: {row.get('error', 'no steps')}"
     return {**later, "round_medians_s": medians + [statistics.median(later["step_s"])],
-            "note": f"{later.get('note', '')}; {failed}".lstrip("; ")}
+            "note": note.lstrip("; ")}
   n, m = len(row["step_s"]), len(later["step_s"])
   merged = {**row, "step_s": row["step_s"] + later["step_s"],
             "round_medians_s": medians + [statistics.median(later["step_s"])]}

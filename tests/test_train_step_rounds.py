@@ -42,7 +42,8 @@ def test_a_failed_round_is_named_and_leaves_the_others(train_step):
   row = train_step.merge_round(_round([2.0], 1.5e9), {"error": "timed out after 1800 s"})
   assert row["step_s"] == [2.0] and row["round_medians_s"] == [2.0, None]
   assert "round 2: timed out after 1800 s" in row["note"]
-  later = train_step.merge_round({"error": "worker exited with status 1"}, _round([2.4, 2.6], 1.5e9))
+  later = train_step.merge_round({"error": "worker exited with status 1"},
+                                 _round([2.4, 2.6], 1.5e9))
   assert later["step_s"] == [2.4, 2.6] and "error" not in later
   assert later["round_medians_s"] == [None, 2.5]
   assert "round 1: worker exited with status 1" in later["note"]
