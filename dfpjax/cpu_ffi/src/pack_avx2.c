@@ -143,18 +143,28 @@ static inline void interleave_lanes(const int16_t* in0, const int16_t* in1, size
   }
 }
 
+/* Lanes 0-3 of k-rows in0 and in1 interleaved into o: a 6-lane panel's first four. */
+static inline void four_lanes(const int16_t* in0, const int16_t* in1, int16_t* o) {
+  _mm_storeu_si128((__m128i*)o, _mm_unpacklo_epi16(_mm_loadl_epi64((const __m128i*)in0),
+                                                   _mm_loadl_epi64((const __m128i*)in1)));
+}
+
+/* Lanes 0-7 of k-rows in0 and in1 interleaved: lanes 0-5 into the 6-lane panel at o, 6 and 7
+ * into the first two lanes of the next, at o + panel_stride. */
+static inline void eight_lanes(const int16_t* in0, const int16_t* in1, int16_t* o, size_t panel_stride) {
+  const __m128i x = _mm_loadu_si128((const __m128i*)in0), y = _mm_loadu_si128((const __m128i*)in1);
+  const __m128i lanes47 = _mm_unpackhi_epi16(x, y);
+  _mm_storeu_si128((__m128i*)o, _mm_unpacklo_epi16(x, y));
+  _mm_storel_epi64((__m128i*)(o + 8), lanes47);
+  _mm_storeh_pd((double*)(o + panel_stride), _mm_castsi128_pd(lanes47));
+}
+
 /* Lanes 0-11 of k-rows in0 and in1 interleaved into two 6-lane panels, o and o + panel_stride:
  * lanes 0-3, 4-7 and 8-11 as three 4-lane interleaves, the middle one split between the panels
  * (one panel at a time by interleave_lanes takes half again the instructions). */
 static inline void six_lane_panels(const int16_t* in0, const int16_t* in1, int16_t* o, size_t panel_stride) {
-  const __m128i x = _mm_loadu_si128((const __m128i*)in0), y = _mm_loadu_si128((const __m128i*)in1);
-  const __m128i lanes03 = _mm_unpacklo_epi16(x, y), lanes47 = _mm_unpackhi_epi16(x, y);
-  const __m128i lanes811 = _mm_unpacklo_epi16(_mm_loadl_epi64((const __m128i*)(in0 + 8)),
-                                              _mm_loadl_epi64((const __m128i*)(in1 + 8)));
-  _mm_storeu_si128((__m128i*)o, lanes03);
-  _mm_storel_epi64((__m128i*)(o + 8), lanes47);
-  _mm_storeh_pd((double*)(o + panel_stride), _mm_castsi128_pd(lanes47));
-  _mm_storeu_si128((__m128i*)(o + panel_stride + 4), lanes811);
+  eight_lanes(in0, in1, o, panel_stride);
+  four_lanes(in0 + 8, in1 + 8, o + panel_stride + 4);
 }
 
 /* Pair by pair, all the panels' lanes of its two k-rows: the rows are read in order, once,
@@ -190,21 +200,6 @@ static void whole_panels16(const int16_t* src, size_t pairs, size_t col_stride, 
   }
 }
 
-/* Lanes 0-3 (tail 4) or 0-7 (tail 8) of k-rows in0 and in1, past the last pair of whole 6-lane
- * panels: into a partial panel at o, or a whole one and the next's first two lanes. */
-static inline void six_lane_tail(const int16_t* in0, const int16_t* in1, int tail, int16_t* o, size_t panel_stride) {
-  if (tail == 4) {
-    _mm_storeu_si128((__m128i*)o, _mm_unpacklo_epi16(_mm_loadl_epi64((const __m128i*)in0),
-                                                     _mm_loadl_epi64((const __m128i*)in1)));
-    return;
-  }
-  const __m128i x = _mm_loadu_si128((const __m128i*)in0), y = _mm_loadu_si128((const __m128i*)in1);
-  const __m128i lanes47 = _mm_unpackhi_epi16(x, y);
-  _mm_storeu_si128((__m128i*)o, _mm_unpacklo_epi16(x, y));
-  _mm_storel_epi64((__m128i*)(o + 8), lanes47);
-  _mm_storeh_pd((double*)(o + panel_stride), _mm_castsi128_pd(lanes47));
-}
-
 /* tail: 0, or the 4 or 8 lanes past the panel pairs that a power-of-two channel count leaves
  * (64 = 5 * 12 + 4, 128 = 10 * 12 + 8), copied in the same loop: in a second loop of their own
  * each pair's k-rows were read again (a K block from L2, one thread, Zen 3, ps a word: 64 and
@@ -217,8 +212,9 @@ static inline void whole_panels6(const int16_t* src, size_t pairs, size_t col_st
     prefetch_pair_ahead(in0, col_stride, lanes + (size_t)tail);
     for (size_t q = 0; q < panel_pairs; ++q)
       six_lane_panels(in0 + 12 * q, in0 + col_stride + 12 * q, out + 2 * q * panel_stride, panel_stride);
-    if (tail)
-      six_lane_tail(in0 + lanes, in0 + col_stride + lanes, tail, out + 2 * panel_pairs * panel_stride, panel_stride);
+    int16_t* rest = out + 2 * panel_pairs * panel_stride;
+    if (tail == 4) four_lanes(in0 + lanes, in0 + col_stride + lanes, rest);
+    if (tail == 8) eight_lanes(in0 + lanes, in0 + col_stride + lanes, rest, panel_stride);
   }
 }
 
@@ -245,14 +241,9 @@ void dfp_pack_columns_avx2(const int16_t* src, size_t pairs, size_t col_stride, 
     done = valid / 16 * 16;
     whole_panels16(src, pairs, col_stride, done / 16, out, panel_stride);
   } else if (width == 6) {
-    const size_t tail = valid % 12;
-    done = valid / 12 * 12;
-    if (tail == 4 || tail == 8) {
-      whole_panels6(src, pairs, col_stride, done / 12, (int)tail, out, panel_stride);
-      done = valid;
-    } else {
-      whole_panels6(src, pairs, col_stride, done / 12, 0, out, panel_stride);
-    }
+    const size_t tail = valid % 12 == 4 || valid % 12 == 8 ? valid % 12 : 0;
+    whole_panels6(src, pairs, col_stride, valid / 12, (int)tail, out, panel_stride);
+    done = valid / 12 * 12 + tail;
   }
   if (done < valid)
     any_lanes(src + done, pairs, col_stride, valid - done, width, out + done / (size_t)width * panel_stride,
