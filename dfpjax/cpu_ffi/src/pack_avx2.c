@@ -236,7 +236,7 @@ static void any_lanes(const int16_t* src, size_t pairs, size_t col_stride, size_
 
 void dfp_pack_columns_avx2(const int16_t* src, size_t pairs, size_t col_stride, size_t valid, int width,
                            int16_t* out, size_t panel_stride) {
-  size_t done = 0; /* lanes in whole panels */
+  size_t done = 0; /* lanes the whole-panel loops copied (with a 6-lane tail of 4 or 8) */
   if (width == 16) {
     done = valid / 16 * 16;
     whole_panels16(src, pairs, col_stride, done / 16, out, panel_stride);
