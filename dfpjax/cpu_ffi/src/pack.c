@@ -26,10 +26,13 @@ void dfp_pack_columns_portable(const int16_t* src, size_t pairs, size_t col_stri
   for (size_t p = 0; p < pairs; ++p) {
     const int16_t* in0 = src + 2 * p * col_stride;
     const int16_t* in1 = in0 + col_stride;
-    for (size_t i = 0; i < valid; ++i) {
-      int16_t* o = out + i / (size_t)width * panel_stride + (p * (size_t)width + i % (size_t)width) * 2;
-      o[0] = in0[i];
-      o[1] = in1[i];
+    for (size_t l0 = 0, q = 0; l0 < valid; l0 += (size_t)width, ++q) {
+      int16_t* o = out + q * panel_stride + p * (size_t)width * 2;
+      const size_t lanes = valid - l0 < (size_t)width ? valid - l0 : (size_t)width;
+      for (size_t i = 0; i < lanes; ++i) {
+        o[2 * i] = in0[l0 + i];
+        o[2 * i + 1] = in1[l0 + i];
+      }
     }
   }
 }

@@ -82,8 +82,9 @@ static inline size_t dfp_kc_blocks(size_t kpairs, size_t kc) {
  * src + i * row_stride (contiguous in k) into out[pair * width + i]. pack_columns: `pairs`
  * pairs of k-rows src + 2p * col_stride and src + (2p + 1) * col_stride, lanes [0, valid),
  * interleaved into panels of `width` lanes, lane i into out + (i / width) * panel_stride at
- * [(pair * width + i % width) * 2 + {0, 1}], each pair's k-rows read once for all panels.
- * interleave_pairs: n elements of two rows as n pairs.
+ * [(pair * width + i % width) * 2 + {0, 1}], each pair's k-rows read once for all panels; no
+ * other word is written, so with valid <= width - l, out may be lane l of a panel (the
+ * stem's window rows, cut at its panels' edges: im2col.c). interleave_pairs: n elements of two rows as n pairs.
  * norm_bounds: the bounds of one packed K block (dfp_block_bounds); returns 1 if an element
  * is -32768. */
 void dfp_pack_rows_portable(const int16_t* src, size_t pairs, size_t row_stride, size_t valid,

@@ -234,8 +234,59 @@ static void any_lanes(const int16_t* src, size_t pairs, size_t col_stride, size_
   }
 }
 
+/* The first `words` (2 to 16, even) words of lo, then of hi, at o. */
+static inline void store_words(int16_t* o, __m128i lo, __m128i hi, size_t words) {
+  switch (words) {
+    case 16: _mm_storeu_si128((__m128i*)(o + 8), hi); /* fall through */
+    case 8: _mm_storeu_si128((__m128i*)o, lo); break;
+    case 14: _mm_storel_epi64((__m128i*)(o + 8), hi); _mm_storeu_si32(o + 12, _mm_unpackhi_epi64(hi, hi));
+             _mm_storeu_si128((__m128i*)o, lo); break;
+    case 12: _mm_storel_epi64((__m128i*)(o + 8), hi); _mm_storeu_si128((__m128i*)o, lo); break;
+    case 10: _mm_storeu_si32(o + 8, hi); _mm_storeu_si128((__m128i*)o, lo); break;
+    case 6: _mm_storel_epi64((__m128i*)o, lo); _mm_storeu_si32(o + 4, _mm_unpackhi_epi64(lo, lo)); break;
+    case 4: _mm_storel_epi64((__m128i*)o, lo); break;
+    default: _mm_storeu_si32(o, lo); break;
+  }
+}
+
+/* Lanes [0, valid) of one panel, valid <= 8, from 8-lane loads: the stem's window rows cut at
+ * its 6-lane panels' edges (rows of 21 elements, 6 apart: pack_taps in im2col.c), 3-6 lanes a
+ * call, where interleave_lanes took 4 lanes a vector and the rest one by one. Each pair but the
+ * last reads up to lane 7 of its k-rows, at or before a lane the next pair reads (col_stride +
+ * valid >= 8); the last goes lane by lane. Inlined with valid a constant: fixed stores. */
+static inline __attribute__((always_inline)) void narrow_lanes(const int16_t* src, size_t pairs, size_t col_stride,
+                                                                size_t valid, int width, int16_t* out) {
+  size_t p = 0;
+  if (col_stride + valid >= 8)
+    for (; p + 1 < pairs; ++p) {
+      const int16_t* in0 = src + 2 * p * col_stride;
+      if (col_stride >= 32) prefetch_pair_ahead(in0, col_stride, valid);
+      const __m128i x = _mm_loadu_si128((const __m128i*)in0), y = _mm_loadu_si128((const __m128i*)(in0 + col_stride));
+      store_words(out + p * (size_t)width * 2, _mm_unpacklo_epi16(x, y), _mm_unpackhi_epi16(x, y), 2 * valid);
+    }
+  for (; p < pairs; ++p)
+    for (size_t i = 0; i < valid; ++i) {
+      out[(p * (size_t)width + i) * 2] = src[2 * p * col_stride + i];
+      out[(p * (size_t)width + i) * 2 + 1] = src[(2 * p + 1) * col_stride + i];
+    }
+}
+
 void dfp_pack_columns_avx2(const int16_t* src, size_t pairs, size_t col_stride, size_t valid, int width,
                            int16_t* out, size_t panel_stride) {
+  if (valid <= 8 && valid <= (size_t)width) {
+    switch (valid) { /* a loop for each count, its stores fixed */
+      case 1: narrow_lanes(src, pairs, col_stride, 1, width, out); break;
+      case 2: narrow_lanes(src, pairs, col_stride, 2, width, out); break;
+      case 3: narrow_lanes(src, pairs, col_stride, 3, width, out); break;
+      case 4: narrow_lanes(src, pairs, col_stride, 4, width, out); break;
+      case 5: narrow_lanes(src, pairs, col_stride, 5, width, out); break;
+      case 6: narrow_lanes(src, pairs, col_stride, 6, width, out); break;
+      case 7: narrow_lanes(src, pairs, col_stride, 7, width, out); break;
+      case 8: narrow_lanes(src, pairs, col_stride, 8, width, out); break;
+      default: break;
+    }
+    return;
+  }
   size_t done = 0; /* lanes the whole-panel loops copied (with a 6-lane tail of 4 or 8) */
   if (width == 16) {
     done = valid / 16 * 16;
