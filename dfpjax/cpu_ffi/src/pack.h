@@ -84,9 +84,9 @@ static inline size_t dfp_kc_blocks(size_t kpairs, size_t kc) {
  * interleaved into panels of `width` lanes, lane i into out + (i / width) * panel_stride at
  * [(pair * width + i % width) * 2 + {0, 1}], each pair's k-rows read once for all panels; no
  * other word is written, so with valid <= width - l, out may be lane l of a panel (the
- * stem's window rows, cut at its panels' edges: im2col.c). interleave_pairs: n elements of two rows as n pairs.
- * norm_bounds: the bounds of one packed K block (dfp_block_bounds); returns 1 if an element
- * is -32768. */
+ * stem's window rows, cut at its panels' edges: im2col.c). interleave_pairs: n elements of
+ * two rows as n pairs. norm_bounds: the bounds of one packed K block (dfp_block_bounds);
+ * returns 1 if an element is -32768. */
 void dfp_pack_rows_portable(const int16_t* src, size_t pairs, size_t row_stride, size_t valid,
                             int width, uint32_t* out);
 void dfp_pack_columns_portable(const int16_t* src, size_t pairs, size_t col_stride, size_t valid,
