@@ -271,10 +271,8 @@ static inline __attribute__((always_inline)) void narrow_lanes(const int16_t* sr
       store_words(out + p * (size_t)width * 2, _mm_unpacklo_epi16(x, y), _mm_unpackhi_epi16(x, y), 2 * valid);
     }
   for (; p < pairs; ++p)
-    for (size_t i = 0; i < valid; ++i) {
-      out[(p * (size_t)width + i) * 2] = src[2 * p * col_stride + i];
-      out[(p * (size_t)width + i) * 2 + 1] = src[(2 * p + 1) * col_stride + i];
-    }
+    dfp_interleave_pairs_portable(src + 2 * p * col_stride, src + (2 * p + 1) * col_stride, valid,
+                                  out + p * (size_t)width * 2);
 }
 
 void dfp_pack_columns_avx2(const int16_t* src, size_t pairs, size_t col_stride, size_t valid, int width,
