@@ -95,21 +95,67 @@ def test_adversarial_overflow_is_exact(isa, k, sign):
   assert got[0, 0, 0] != np.float32(sign * wrapped)
 
 
-@pytest.mark.parametrize("last", [11585, 11588], ids=["below_limit", "above_limit"])
-def test_chunk_sums_at_the_carry_limit(isa, last):
-  """Rows equal to their columns make Cauchy-Schwarz tight: every 8-pair chunk sums to
-  exactly its bound, 15 * 11585**2 + last**2. Below INT32_MAX - 0xffff (11585) the kernel
-  runs 8-pair chunks, each starting from the remainder the previous one carried; above it
-  (11588, still below INT32_MAX) a chunk started from that remainder would wrap int32."""
-  block = np.array([11585] * 15 + [last], np.int64)
-  assert (block**2).sum() <= 2**31 - 1
-  k = 16 * 40
-  row = np.tile(block, k // 16).astype(np.int16)
+# Per chunk length: the largest value v with (2 * pairs) * v**2 <= INT32_MAX - 0xffff, and the
+# largest last element that keeps (2 * pairs - 1) * v**2 + last**2 below INT32_MAX.
+CARRY_LIMIT_ROWS = {2: (23170, 23171), 4: (16383, 16390), 8: (11585, 11588)}
+
+
+@pytest.mark.parametrize("above", [False, True], ids=["below_limit", "above_limit"])
+@pytest.mark.parametrize("pairs", sorted(CARRY_LIMIT_ROWS))
+def test_chunk_sums_at_the_carry_limit(isa, pairs, above):
+  """Rows equal to their columns make Cauchy-Schwarz tight: every chunk of `pairs` pairs sums
+  to exactly its bound, (2 * pairs - 1) * v**2 + last**2. At INT32_MAX - 0xffff or below
+  (last = v) the kernel may run such chunks, each starting from the remainder the previous one
+  carried; above it (still below INT32_MAX) a chunk that long, started from the remainders
+  these sums leave, would wrap int32, so it must take a shorter one. 8 pairs is the norm
+  block; 2 and 4 pairs are the fine levels, whose bounds the kernel takes from the panels
+  where the norm block's bound fails (as it does here for every tile)."""
+  v, last = CARRY_LIMIT_ROWS[pairs]
+  block = np.array([v] * (2 * pairs - 1) + [last if above else v], np.int64)
+  assert ((block**2).sum() <= 2**31 - 1 - 0xffff) != above and (block**2).sum() <= 2**31 - 1
+  k = 16 * 40  # two K blocks of 160 pairs
+  row = np.tile(block, k // block.size).astype(np.int16)
   a = np.broadcast_to(row, (1, 7, k)).copy()
   b = np.broadcast_to(row[:, None], (1, k, 17)).copy()
   zero = np.zeros((1, 1), np.int32)
   got = _assert_kernel_matches((a, zero, b, zero), False, False)
-  exact = 40 * (block**2).sum()
+  exact = k // block.size * (block**2).sum()
+  np.testing.assert_array_equal(got, np.full((1, 7, 17), exact, np.float32))
+
+
+# Per chunk length, two chunks of a row: the first's squares sum to 2**31 - 2**16 - 1 (at most
+# INT32_MAX - 0xffff, with low 16 bits 0xffff), the second's to INT32_MAX - 0xffff + 1.
+ONE_PAST_THE_LIMIT_ROWS = {
+    2: ([23021, 22990, 23169, 23497], [23151, 23048, 23092, 23388]),
+    4: ([16352, 16260, 16244, 16274, 16237, 16289, 16324, 17073],
+        [16211, 16382, 16244, 16265, 16369, 16219, 16184, 17173]),
+    8: ([11461, 11467, 11401, 11463, 11493, 11559, 11390, 11505, 11472, 11477, 11418, 11430, 11581,
+         11533, 11540, 13067],
+        [11584, 11445, 11574, 11400, 11479, 11566, 11397, 11546, 11397, 11543, 11579, 11433, 11427,
+         11433, 11498, 12968]),
+}
+
+
+@pytest.mark.parametrize("swapped", [False, True], ids=["halves_as_listed", "halves_swapped"])
+@pytest.mark.parametrize("pairs", sorted(ONE_PAST_THE_LIMIT_ROWS))
+def test_a_chunk_one_past_the_limit_is_not_taken(isa, pairs, swapped):
+  """Rows equal to their columns, chunks of `pairs` pairs alternating between the two above:
+  the first leaves its lanes a remainder of 0xffff, from which the second, one past
+  INT32_MAX - 0xffff, reaches exactly 2**31. A bound of that level even one below a chunk's
+  squared norm would take chunks that long, and the second would wrap int32. The second
+  chunk's odd sum has one odd half, first or (swapped) second: a bound kept in units of two
+  must round up either."""
+  first, past = (np.array(r, np.int64) for r in ONE_PAST_THE_LIMIT_ROWS[pairs])
+  past = np.roll(past, pairs) if swapped else past
+  limit = 2**31 - 1 - 0xffff
+  assert (first**2).sum() == 2**31 - 2**16 - 1 and (past**2).sum() == limit + 1
+  k = 16 * 40  # two K blocks of 160 pairs, each starting with `first`
+  row = np.tile(np.concatenate([first, past]), k // (4 * pairs)).astype(np.int16)
+  a = np.broadcast_to(row, (1, 7, k)).copy()
+  b = np.broadcast_to(row[:, None], (1, k, 17)).copy()
+  zero = np.zeros((1, 1), np.int32)
+  got = _assert_kernel_matches((a, zero, b, zero), False, False)
+  exact = k // (4 * pairs) * ((first**2).sum() + (past**2).sum())
   np.testing.assert_array_equal(got, np.full((1, 7, 17), exact, np.float32))
 
 
@@ -153,6 +199,26 @@ def test_mixed_magnitudes_take_every_chunk_length(isa):
   got = _assert_kernel_matches((a, zero, b, zero), False, False)
   s = np.einsum("bmk,bkn->bmn", a.astype(np.int64), b.astype(np.int64))
   assert np.abs(s).max() > 2**31  # the exact sums do leave int32
+  np.testing.assert_array_equal(got, s.astype(np.float32))
+
+
+@pytest.mark.parametrize("layout", [(False, False), (True, True)], ids=["mk_kn", "km_nk"])
+def test_flat_against_gaussian_operands_are_exact(isa, layout):
+  """Uniform mantissas over the whole range (a uniformly initialised layer's weights) against
+  Gaussian ones: the norm block's bound fails for every tile and the fine levels' hold, so the
+  tiles run 2- and 4-pair chunks; edge panels, three K blocks, sums past int32."""
+  rng = np.random.default_rng(17)
+  m, k, n = 53, 1700, 70
+  a = np.clip(rng.normal(0, 6500, (1, m, k)), -32767, 32767).astype(np.int16)
+  b = rng.integers(-32767, 32768, (1, k, n)).astype(np.int16)
+  b[0, :, ::3] = np.abs(b[0, :, ::3])
+  a[0, ::2] = np.abs(a[0, ::2])  # same-sign rows and columns: sums past 2**31
+  a_in = np.swapaxes(a, 1, 2).copy() if layout[0] else a
+  b_in = np.swapaxes(b, 1, 2).copy() if layout[1] else b
+  zero = np.zeros((1, 1), np.int32)
+  got = _assert_kernel_matches((a_in, zero, b_in, zero), *layout)
+  s = np.einsum("bmk,bkn->bmn", a.astype(np.int64), b.astype(np.int64))
+  assert np.abs(s).max() > 2**31
   np.testing.assert_array_equal(got, s.astype(np.float32))
 
 

@@ -159,7 +159,7 @@ static void run_block(conv_plan* c, size_t g, size_t mb, size_t nb, size_t kb0, 
     if (out != NULL)
       dfp_multiply_encode_block(c->cfg, &block, out);
     else
-      dfp_multiply_block(c->cfg->ukernel, &block, acc, ldc, accumulate || kb > kb0);
+      dfp_multiply_block(c->cfg, &block, acc, ldc, accumulate || kb > kb0);
   }
 }
 
@@ -427,7 +427,7 @@ static void col2im_group(col2im_plan* c, size_t image, size_t g, int16_t* apack,
         .bbound_stride = c->kblocks * DFP_CHUNK_LEVELS,
         .kpairs = min_size(c->kpairs, c->kc)};
     const int s32 = c->kblocks == 1 && c->cfg->add_runs_s32 != NULL &&
-                    dfp_multiply_block_s32(c->cfg->ukernel, &block0, (int32_t*)acc, ldc);
+                    dfp_multiply_block_s32(c->cfg, &block0, (int32_t*)acc, ldc);
     if (c->kblocks == 0) memset(acc, 0, panels * mr * ldc * sizeof(int64_t));
     for (size_t kb = 0; kb < c->kblocks && !s32; ++kb) {
       dfp_block block = block0;
@@ -436,7 +436,7 @@ static void col2im_group(col2im_plan* c, size_t image, size_t g, int16_t* apack,
       block.b += kb * c->kc * nr * 2;
       block.bbound += kb * DFP_CHUNK_LEVELS;
       block.kpairs = min_size(c->kpairs - kb * c->kc, c->kc);
-      dfp_multiply_block(c->cfg->ukernel, &block, acc, ldc, kb > 0);
+      dfp_multiply_block(c->cfg, &block, acc, ldc, kb > 0);
     }
     const size_t row1 = min_size(row0 + panels * mr, c->pixels);
     size_t pos[3], image_index = 0; /* the pixel's position, stepped (dfp_next_pixel), not divided out */

@@ -84,8 +84,8 @@ static void block_task(void* arg, size_t t) {
   for (size_t row = row0; row < row1; ++row) ea[row - row0] = a->ea[b * a->ea_batch_stride + row * a->ea_stride];
   const int16_t* apack = g->apack + ap0 * g->kpairs * mr * 2;
   const int16_t* bpack = g->bpack + bq0 * g->kpairs * nr * 2;
-  const uint64_t* abound = g->abound + ap0 * g->kblocks * DFP_CHUNK_LEVELS;
-  const uint64_t* bbound = g->bbound + bq0 * g->kblocks * DFP_CHUNK_LEVELS;
+  uint64_t* abound = g->abound + ap0 * g->kblocks * DFP_CHUNK_LEVELS;
+  uint64_t* bbound = g->bbound + bq0 * g->kblocks * DFP_CHUNK_LEVELS;
   if (g->kblocks == 1 && dfp_encodes_tiles(g->cfg, a->out.format, a->eb_stride)) {
     /* K <= 576: each tile encoded as it is computed, no int64 block */
     const dfp_block block = {
@@ -113,7 +113,7 @@ static void block_task(void* arg, size_t t) {
         .b = bpack + pc * nr * 2, .b_stride = g->kpairs * nr * 2, .npanels = q1 - q0,
         .bbound = bbound + kb * DFP_CHUNK_LEVELS, .bbound_stride = g->kblocks * DFP_CHUNK_LEVELS,
         .kpairs = g->kpairs - pc < g->kc ? g->kpairs - pc : g->kc};
-    dfp_multiply_block(g->cfg->ukernel, &block, acc, ldc, pc > 0);
+    dfp_multiply_block(g->cfg, &block, acc, ldc, pc > 0);
   }
   for (size_t row = row0; row < row1; ++row)
     dfp_encode_row(g->cfg, &a->out, (b * a->m + row) * a->n + col0, acc + (row - row0) * ldc, cols,

@@ -13,9 +13,9 @@
 
 static const dfp_isa_config kConfigs[DFP_ISA_COUNT] = {
     [DFP_ISA_PORTABLE] = {&dfp_ukernel_portable, dfp_pack_rows_portable, dfp_pack_columns_portable,
-                          dfp_interleave_pairs_portable, dfp_norm_bounds_portable, dfp_encode_f32_portable,
-                          dfp_max_magnitude_portable, dfp_quantize_row_portable, dfp_add_runs_portable, NULL,
-                          dfp_split_sums_portable, dfp_channel_sums_rows_portable},
+                          dfp_interleave_pairs_portable, dfp_norm_bounds_portable, dfp_fine_bounds_portable,
+                          dfp_encode_f32_portable, dfp_max_magnitude_portable, dfp_quantize_row_portable,
+                          dfp_add_runs_portable, NULL, dfp_split_sums_portable, dfp_channel_sums_rows_portable},
 #if defined(DFPJAX_X86)
 #if defined(DFPJAX_EMULATE_VNNI)
 /* Verification builds run the AVX-512 path on AVX2 hardware: its column copy, output stage
@@ -28,17 +28,19 @@ static const dfp_isa_config kConfigs[DFP_ISA_COUNT] = {
 #define AVX512_ADD_RUNS dfp_add_runs_avx512
 #define AVX512_PACK_COLUMNS dfp_pack_columns_avx512
 #endif
-#define AVX2_PACKING dfp_pack_rows_avx2, dfp_pack_columns_avx2, dfp_interleave_pairs_avx2, dfp_norm_bounds_avx2
+#define AVX2_BOUNDS dfp_norm_bounds_avx2, dfp_fine_bounds_avx2
+#define AVX2_PACKING dfp_pack_rows_avx2, dfp_pack_columns_avx2, dfp_interleave_pairs_avx2, AVX2_BOUNDS
 #define AVX2_ROWS dfp_encode_f32_avx2, dfp_max_magnitude_avx2, dfp_quantize_row_avx2
     [DFP_ISA_AVX2] = {&dfp_ukernel_avx2, AVX2_PACKING, AVX2_ROWS, dfp_add_runs_avx2, dfp_add_runs_s32_avx2,
                       dfp_split_sums_avx2, dfp_channel_sums_rows_avx2, dfp_stream_rows_avx2},
     [DFP_ISA_AVX_VNNI] = {&dfp_ukernel_avx_vnni, AVX2_PACKING, AVX2_ROWS, dfp_add_runs_avx2, dfp_add_runs_s32_avx2,
                           dfp_split_sums_avx2, dfp_channel_sums_rows_avx2, dfp_stream_rows_avx2},
     [DFP_ISA_AVX512_VNNI] = {&dfp_ukernel_avx512_vnni, dfp_pack_rows_avx2, AVX512_PACK_COLUMNS,
-                             dfp_interleave_pairs_avx2, dfp_norm_bounds_avx2, AVX512_ROWS, AVX512_ADD_RUNS,
+                             dfp_interleave_pairs_avx2, AVX2_BOUNDS, AVX512_ROWS, AVX512_ADD_RUNS,
                              dfp_add_runs_s32_avx2, dfp_split_sums_avx2, dfp_channel_sums_rows_avx2},
 #undef AVX2_ROWS
 #undef AVX2_PACKING
+#undef AVX2_BOUNDS
 #undef AVX512_ROWS
 #undef AVX512_ADD_RUNS
 #undef AVX512_PACK_COLUMNS

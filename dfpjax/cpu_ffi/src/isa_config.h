@@ -26,8 +26,9 @@ typedef struct {
   /* Two rows' elements as pairs, out[2i] = in0[i] and out[2i + 1] = in1[i] for i < n (pack.h):
    * the taps view's two pixels of a pair (im2col.c). */
   void (*interleave_pairs)(const int16_t* in0, const int16_t* in1, size_t n, int16_t* out);
-  /* The norm bounds of a packed K block, every level (pack.h). */
+  /* The bounds of a packed K block: its norm levels, and its fine levels where a tile asks (pack.h). */
   int (*norm_bounds)(const int16_t* block, size_t kpairs, int width, uint64_t* bounds);
+  void (*fine_bounds)(const int16_t* block, size_t kpairs, int width, uint64_t* bounds);
   /* The float32 output stage of one row (macro.h). */
   void (*encode_f32)(const int64_t* s, size_t n, int32_t ea, const int32_t* eb, size_t eb_stride,
                      uint32_t* out);

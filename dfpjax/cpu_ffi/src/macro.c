@@ -16,37 +16,72 @@
 #include "encode.h"
 #include "pack.h"
 
-/* The chunk (in pairs) a tile over kpairs <= DFP_KC_PAIRS pairs runs with: the longest,
- * up to kpairs, over which every partial sum of an A-panel row with a B-panel column provably
- * stays within +-DFP_CHUNK_SUM_MAX, from the panels' bounds for its K block (pack.h). By
- * Cauchy-Schwarz |sum_k a_k b_k| <= ||a|| ||b||, and a row's squared norm over a chunk is at
- * most the bound of its level. The level whose chunks cover kpairs is tried first: safe, it
- * proves the whole reduction at once (one product per tile, where the short K of a 1x1 layer
- * leaves a tile ~200 cycles of arithmetic); else the longest safe level, or 1 (always safe:
- * one pair is at most 2 * 32767^2 < DFP_CHUNK_SUM_MAX) when not even the shortest is. */
-static inline size_t tile_chunk(const uint64_t* abound, const uint64_t* bbound, size_t kpairs) {
-  const unsigned __int128 limit = (unsigned __int128)DFP_CHUNK_SUM_MAX * DFP_CHUNK_SUM_MAX;
-  int whole = 0;
-  while (((size_t)DFP_NORM_BLOCK_PAIRS << whole) < kpairs && whole < DFP_CHUNK_LEVELS - 1) ++whole;
-  if ((unsigned __int128)abound[whole] * bbound[whole] <= limit) return kpairs;
+/* Whether bounds a and b on two vectors' squared norms keep their product within
+ * +-DFP_CHUNK_SUM_MAX (Cauchy-Schwarz). */
+static inline int proves(uint64_t a, uint64_t b) {
+  return (unsigned __int128)a * b <= (unsigned __int128)DFP_CHUNK_SUM_MAX * DFP_CHUNK_SUM_MAX;
+}
+
+/* A panel's fine levels (pack.h's fine_bounds), taken once: tasks sharing the panel may take them at
+ * once, each storing the same values; one that reads a level still DFP_BOUND_UNTAKEN proves
+ * nothing with it, so the stores need no order. */
+static void take_fine_bounds(const dfp_isa_config* cfg, uint64_t* bounds, const int16_t* panel, size_t kpairs,
+                             int width) {
+  if (__atomic_load_n(&bounds[0], __ATOMIC_RELAXED) != DFP_BOUND_UNTAKEN) return;
+  uint64_t fine[DFP_FINE_LEVELS];
+  cfg->fine_bounds(panel, kpairs, width, fine);
+  for (int level = DFP_FINE_LEVELS - 1; level >= 0; --level) __atomic_store_n(&bounds[level], fine[level], __ATOMIC_RELAXED);
+}
+
+/* The chunk of a tile whose norm block's bound fails: the longer fine level its panels' bounds
+ * prove, or 1. Cold: on Gaussian data no tile comes here. */
+static __attribute__((noinline)) size_t short_chunk(const dfp_isa_config* cfg, const dfp_block* block, size_t i,
+                                                    size_t j) {
+  uint64_t* abound = block->abound + i * block->abound_stride;
+  uint64_t* bbound = block->bbound + j * block->bbound_stride;
+  take_fine_bounds(cfg, abound, block->a + i * block->a_stride, block->kpairs, cfg->ukernel->mr);
+  take_fine_bounds(cfg, bbound, block->b + j * block->b_stride, block->kpairs, cfg->ukernel->nr);
+  for (int level = DFP_FINE_LEVELS - 1; level >= 0; --level)
+    if (proves(__atomic_load_n(&abound[level], __ATOMIC_RELAXED), __atomic_load_n(&bbound[level], __ATOMIC_RELAXED)))
+      return (size_t)DFP_SHORT_CHUNK_PAIRS << level;
+  return 1;
+}
+
+/* The chunk (in pairs) tile (i, j) of a block runs with: the longest, up to kpairs, over which
+ * every partial sum of an A-panel row with a B-panel column provably stays within
+ * +-DFP_CHUNK_SUM_MAX, from the panels' bounds for its K block (pack.h). By Cauchy-Schwarz
+ * |sum_k a_k b_k| <= ||a|| ||b||, and a row's squared norm over a chunk is at most the bound of
+ * its level. The level whose chunks cover kpairs is tried first: safe, it proves the whole
+ * reduction at once (one product per tile, where the short K of a 1x1 layer leaves a tile ~200
+ * cycles of arithmetic); else the longest safe level from the norm block's up; else a fine
+ * level (short_chunk), or 1 (always safe: one pair is at most 2 * 32767^2 < DFP_CHUNK_SUM_MAX).
+ * Flat data needs the fine levels: uniform mantissas' norm blocks against Gaussian ones fail
+ * their bound, and a carry after every pair runs at a third of long chunks' rate. */
+static inline size_t tile_chunk(const dfp_isa_config* cfg, const dfp_block* block, size_t i, size_t j) {
+  const uint64_t* abound = block->abound + i * block->abound_stride;
+  const uint64_t* bbound = block->bbound + j * block->bbound_stride;
+  const size_t kpairs = block->kpairs;
+  int whole = DFP_FINE_LEVELS;
+  while (((size_t)DFP_SHORT_CHUNK_PAIRS << whole) < kpairs && whole < DFP_CHUNK_LEVELS - 1) ++whole;
+  if (proves(abound[whole], bbound[whole])) return kpairs;
   size_t chunk = 1;
-  for (int level = 0; level < whole; ++level) {
-    if ((unsigned __int128)abound[level] * bbound[level] > limit) break;
-    chunk = (size_t)DFP_NORM_BLOCK_PAIRS << level;
+  for (int level = DFP_FINE_LEVELS; level < whole; ++level) {
+    if (!proves(abound[level], bbound[level])) break;
+    chunk = (size_t)DFP_SHORT_CHUNK_PAIRS << level;
   }
-  return chunk;
+  return chunk > 1 ? chunk : short_chunk(cfg, block, i, j);
 }
 
 /* The block's tiles, B panel by B panel, each with its chunk: into int64 sums (s32 = 0, add as
  * dfp_multiply_block's) or int32 ones (s32 = 1: 0 at the first tile whose sums do not fit). */
-static int multiply_tiles(const dfp_ukernel* uk, const dfp_block* block, void* out, size_t ld, int add, int s32) {
+static int multiply_tiles(const dfp_isa_config* cfg, const dfp_block* block, void* out, size_t ld, int add, int s32) {
+  const dfp_ukernel* uk = cfg->ukernel;
   const size_t kc = block->kpairs, mr = (size_t)uk->mr, nr = (size_t)uk->nr;
   for (size_t j = 0; j < block->npanels; ++j) {
     const int16_t* b = block->b + j * block->b_stride;
-    const uint64_t* bbound = block->bbound + j * block->bbound_stride;
     for (size_t i = 0; i < block->mpanels; ++i) {
       const int16_t* a = block->a + i * block->a_stride;
-      const size_t chunk = tile_chunk(block->abound + i * block->abound_stride, bbound, kc);
+      const size_t chunk = tile_chunk(cfg, block, i, j);
       const size_t at = i * mr * ld + j * nr;
       if (!s32)
         uk->fn(kc, chunk, a, b, (int64_t*)out + at, ld, add);
@@ -57,13 +92,12 @@ static int multiply_tiles(const dfp_ukernel* uk, const dfp_block* block, void* o
   return 1;
 }
 
-void dfp_multiply_block(const dfp_ukernel* uk, const dfp_block* block, int64_t* acc, size_t ldc,
-                        int add) {
-  multiply_tiles(uk, block, acc, ldc, add, 0);
+void dfp_multiply_block(const dfp_isa_config* cfg, const dfp_block* block, int64_t* acc, size_t ldc, int add) {
+  multiply_tiles(cfg, block, acc, ldc, add, 0);
 }
 
-int dfp_multiply_block_s32(const dfp_ukernel* uk, const dfp_block* block, int32_t* out, size_t ldo) {
-  return multiply_tiles(uk, block, out, ldo, 0, 1);
+int dfp_multiply_block_s32(const dfp_isa_config* cfg, const dfp_block* block, int32_t* out, size_t ldo) {
+  return multiply_tiles(cfg, block, out, ldo, 0, 1);
 }
 
 /* Whether all `rows` rows from row0 take the lanes' encoding, with their scale bits. */
@@ -110,17 +144,16 @@ void dfp_multiply_encode_block(const dfp_isa_config* cfg, const dfp_block* block
     const size_t row0 = i * mr, rows = o->rows - row0 < mr ? o->rows - row0 : mr;
     const int whole = rows == mr && !split && (sums || normal_scales(o, row0, mr, scale));
     const int16_t* a = block->a + i * block->a_stride;
-    const uint64_t* abound = block->abound + i * block->abound_stride;
     if (whole && strip != NULL) {
       for (size_t j = 0; j < block->npanels; ++j)
-        uk->encode_f32(kc, tile_chunk(abound, block->bbound + j * block->bbound_stride, kc), a,
+        uk->encode_f32(kc, tile_chunk(cfg, block, i, j), a,
                        block->b + j * block->b_stride, strip + j * nr, o->cols, scale);
       cfg->stream_rows(strip, mr, o->cols, (uint32_t*)o->out->data + o->index + row0 * o->ldo, o->ldo);
       continue;
     }
     for (size_t j = 0; j < block->npanels; ++j) {
       const size_t col0 = j * nr, cols = o->cols - col0 < nr ? o->cols - col0 : nr;
-      const size_t chunk = tile_chunk(abound, block->bbound + j * block->bbound_stride, kc);
+      const size_t chunk = tile_chunk(cfg, block, i, j);
       const int16_t* b = block->b + j * block->b_stride;
       const size_t index = o->index + row0 * o->ldo + col0;
       if (whole && cols == nr) {

@@ -25,15 +25,16 @@ enum { CONV_NC_COLS = 256 };
 
 /* Packed micro-panels over one K block of kpairs <= DFP_KC_PAIRS pairs: A panel i at
  * a + i * a_stride with its DFP_CHUNK_LEVELS bounds at abound + i * abound_stride, and the
- * same for B panel j. */
+ * same for B panel j. The block routines take a panel's fine levels (pack.h) into its bounds
+ * where a tile asks, so several tasks may share a panel's bounds but must not copy them. */
 typedef struct {
   const int16_t* a;
   size_t a_stride, mpanels;
-  const uint64_t* abound;
+  uint64_t* abound;
   size_t abound_stride;
   const int16_t* b;
   size_t b_stride, npanels;
-  const uint64_t* bbound;
+  uint64_t* bbound;
   size_t bbound_stride;
   size_t kpairs;
 } dfp_block;
@@ -41,14 +42,13 @@ typedef struct {
 /* The block routine: tile (i, j) of acc, at acc + i * MR * ldc + j * NR, gets A panel i x
  * B panel j added (add = 1) or stored (add = 0), exactly, each tile with the longest chunk its
  * panels' bounds prove safe. */
-void dfp_multiply_block(const dfp_ukernel* uk, const dfp_block* block, int64_t* acc, size_t ldc,
-                        int add);
+void dfp_multiply_block(const dfp_isa_config* cfg, const dfp_block* block, int64_t* acc, size_t ldc, int add);
 
 /* dfp_multiply_block for one K block (block->kpairs the whole reduction) into int32 sums, tile
  * (i, j) at out + i * MR * ldo + j * NR, on a path with store_s32 (ukernel.h), each tile with the
  * chunk its bounds prove. Returns 0 where a sum does not fit int32 (out is then partly written:
  * the caller takes the int64 route), else 1. */
-int dfp_multiply_block_s32(const dfp_ukernel* uk, const dfp_block* block, int32_t* out, size_t ldo);
+int dfp_multiply_block_s32(const dfp_isa_config* cfg, const dfp_block* block, int32_t* out, size_t ldo);
 
 static inline int dfp_out_is_split(dfp_out_format format) {
   return format == DFP_OUT_SPLIT_U8 || format == DFP_OUT_SPLIT_U16;

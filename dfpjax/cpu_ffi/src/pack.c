@@ -74,7 +74,7 @@ int dfp_norm_bounds_portable(const int16_t* block, size_t kpairs, int width, uin
   /* Per row: its squared norm over each norm block, then over chunks of two of the level
    * below; each level's bound is its largest chunk over all rows. */
   int low = 0;
-  for (int level = 0; level < DFP_CHUNK_LEVELS; ++level) bounds[level] = 0;
+  for (int level = 0; level < DFP_NORM_LEVELS; ++level) bounds[level] = 0;
   for (int i = 0; i < width; ++i) {
     uint64_t chunk[BLOCKS_PER_KC];
     size_t count = 0;
@@ -87,7 +87,7 @@ int dfp_norm_bounds_portable(const int16_t* block, size_t kpairs, int width, uin
         chunk[count] += (uint64_t)((int32_t)v[0] * v[0]) + (uint64_t)((int32_t)v[1] * v[1]);
       }
     }
-    for (int level = 0; level < DFP_CHUNK_LEVELS; ++level) {
+    for (int level = 0; level < DFP_NORM_LEVELS; ++level) {
       for (size_t b = 0; b < count; ++b) bounds[level] = chunk[b] > bounds[level] ? chunk[b] : bounds[level];
       for (size_t b = 0; b < count / 2; ++b) chunk[b] = chunk[2 * b] + chunk[2 * b + 1];
       if (count & 1) chunk[count / 2] = chunk[count - 1];
@@ -99,7 +99,30 @@ int dfp_norm_bounds_portable(const int16_t* block, size_t kpairs, int width, uin
 
 int dfp_block_bounds(const dfp_isa_config* cfg, const int16_t* block, size_t kpairs, int width,
                      uint64_t* bounds) {
-  return cfg->norm_bounds(block, kpairs, width, bounds) ? -1 : 0;
+  for (int level = 0; level < DFP_FINE_LEVELS; ++level) bounds[level] = DFP_BOUND_UNTAKEN;
+  return cfg->norm_bounds(block, kpairs, width, bounds + DFP_FINE_LEVELS) ? -1 : 0;
+}
+
+void dfp_fine_bounds_portable(const int16_t* block, size_t kpairs, int width, uint64_t* bounds) {
+  /* Rows inner, so that the loops vectorize. */
+  uint32_t two = 0, four = 0;
+  for (size_t p0 = 0; p0 < kpairs; p0 += 4) {
+    uint32_t half[2][64] = {{0}};
+    for (size_t p = p0; p < p0 + 4 && p < kpairs; ++p) {
+      const int16_t* v = block + p * (size_t)width * 2;
+      uint32_t* sum = half[(p - p0) / 2];
+      for (int i = 0; i < width; ++i)
+        sum[i] += (uint32_t)((int32_t)v[2 * i] * v[2 * i]) + (uint32_t)((int32_t)v[2 * i + 1] * v[2 * i + 1]);
+    }
+    for (int i = 0; i < width; ++i) {
+      const uint32_t longer = half[0][i] > half[1][i] ? half[0][i] : half[1][i];
+      const uint32_t both = (half[0][i] + 1) / 2 + (half[1][i] + 1) / 2;
+      two = longer > two ? longer : two;
+      four = both > four ? both : four;
+    }
+  }
+  bounds[0] = two;
+  bounds[1] = 2 * (uint64_t)four;
 }
 
 int dfp_pack_panels(const dfp_isa_config* cfg, const int16_t* src, size_t rows, size_t k, size_t kc,

@@ -12,18 +12,24 @@
 
 enum {
   DFP_KC_PAIRS = 288,      /* the longest K block in pairs (dfp_kc_pairs) */
-  DFP_NORM_BLOCK_PAIRS = 8,/* the shortest chunk a norm bound is kept for */
-  DFP_CHUNK_LEVELS = 7,    /* chunks of 8, 16, ..., 512 pairs: the last level covers a whole block */
+  DFP_SHORT_CHUNK_PAIRS = 2, /* the shortest chunk a bound is kept for: level l bounds chunks of 2 << l pairs */
+  DFP_FINE_LEVELS = 2,     /* chunks of 2 and 4 pairs, bounded only where a tile asks (fine_bounds) */
+  DFP_NORM_BLOCK_PAIRS = 8,/* the shortest chunk a path's norm_bounds bounds, at level DFP_FINE_LEVELS */
+  DFP_NORM_LEVELS = 7,     /* chunks of 8, 16, ..., 512 pairs: the last level covers a whole block */
+  DFP_CHUNK_LEVELS = DFP_FINE_LEVELS + DFP_NORM_LEVELS,
 };
+
+/* A fine level's bound before macro.c takes it: no bound, so it proves nothing. */
+#define DFP_BOUND_UNTAKEN UINT64_MAX
 
 /* Packs rows [row0, row0 + width) of a rows x k matrix whose element (r, c) is
  * src[r * row_stride + c * col_stride] (one of the strides is 1) into
  * dst[kpairs][width][2], zero padded. For each K block of kc pairs (dfp_kc_pairs) it writes
  * DFP_CHUNK_LEVELS bounds: bound[l] >= the largest squared norm of a panel row over one of
- * the block's chunks of DFP_NORM_BLOCK_PAIRS << l pairs (chunks at multiples of their length:
- * the portable path's exact, the AVX2 one's at most 256 per pair above). Returns -1 if an
- * element is -32768 (outside the symmetric DFP range, where even one pair could overflow
- * int32), else 0. */
+ * the block's chunks of DFP_SHORT_CHUNK_PAIRS << l pairs (chunks at multiples of their length),
+ * the first DFP_FINE_LEVELS DFP_BOUND_UNTAKEN, the others the path's norm_bounds (the portable
+ * path's exact, the AVX2 one's at most 256 per pair above). Returns -1 if an element is -32768
+ * (outside the symmetric DFP range, where even one pair could overflow int32), else 0. */
 int dfp_pack_panel(const dfp_isa_config* cfg, const int16_t* src, size_t rows, size_t k, size_t kc,
                    size_t row_stride, size_t col_stride, size_t row0, int width, int16_t* dst,
                    uint64_t* bounds);
@@ -49,6 +55,7 @@ void dfp_pack_block(const dfp_isa_config* cfg, const int16_t* src, size_t c0, si
  * width <= 64); -1 if an element is -32768, else 0. For packers of other sources (im2col.c). */
 int dfp_block_bounds(const dfp_isa_config* cfg, const int16_t* block, size_t kpairs, int width,
                      uint64_t* bounds);
+
 
 /* The distance, in elements, between packed panels of `elements` each that are filled together
  * (pack_columns, and the taps view's packing in im2col.c, write every panel's lanes of a pair
@@ -85,20 +92,26 @@ static inline size_t dfp_kc_blocks(size_t kpairs, size_t kc) {
  * [(pair * width + i % width) * 2 + {0, 1}], each pair's k-rows read once for all panels; no
  * other word is written, so with valid <= width - l, out may be lane l of a panel (the
  * stem's window rows, cut at its panels' edges: im2col.c). interleave_pairs: n elements of
- * two rows as n pairs. norm_bounds: the bounds of one packed K block (dfp_block_bounds);
- * returns 1 if an element is -32768. */
+ * two rows as n pairs. norm_bounds: the DFP_NORM_LEVELS bounds of one packed K block from
+ * DFP_NORM_BLOCK_PAIRS on (dfp_block_bounds' from level DFP_FINE_LEVELS); returns 1 if an
+ * element is -32768. fine_bounds: the fine levels' DFP_FINE_LEVELS bounds of such a block,
+ * at most 2 above the largest squared norms (a pair's squares are below 2**31 and two pairs'
+ * below 2**32; four pairs' are kept in units of 2, each half rounded up), taken only for the
+ * panels of a tile whose norm block's bound fails (macro.c). */
 void dfp_pack_rows_portable(const int16_t* src, size_t pairs, size_t row_stride, size_t valid,
                             int width, uint32_t* out);
 void dfp_pack_columns_portable(const int16_t* src, size_t pairs, size_t col_stride, size_t valid,
                                int width, int16_t* out, size_t panel_stride);
 void dfp_interleave_pairs_portable(const int16_t* in0, const int16_t* in1, size_t n, int16_t* out);
 int dfp_norm_bounds_portable(const int16_t* block, size_t kpairs, int width, uint64_t* bounds);
+void dfp_fine_bounds_portable(const int16_t* block, size_t kpairs, int width, uint64_t* bounds);
 void dfp_pack_rows_avx2(const int16_t* src, size_t pairs, size_t row_stride, size_t valid, int width,
                         uint32_t* out);
 void dfp_pack_columns_avx2(const int16_t* src, size_t pairs, size_t col_stride, size_t valid, int width,
                            int16_t* out, size_t panel_stride);
 void dfp_interleave_pairs_avx2(const int16_t* in0, const int16_t* in1, size_t n, int16_t* out);
 int dfp_norm_bounds_avx2(const int16_t* block, size_t kpairs, int width, uint64_t* bounds);
+void dfp_fine_bounds_avx2(const int16_t* block, size_t kpairs, int width, uint64_t* bounds);
 void dfp_pack_columns_avx512(const int16_t* src, size_t pairs, size_t col_stride, size_t valid, int width,
                              int16_t* out, size_t panel_stride);
 
