@@ -91,13 +91,25 @@ def product(m: int, k: int, n: int, lhs_kmajor: bool = False, batch: int = 1):
   return lead + ((k, m) if lhs_kmajor else (m, k)), lead + (k, n), dims
 
 
-def gemm_kernel(m: int, k: int, n: int, lhs_kmajor: bool = False, batch: int = 1):
-  """The DFP GEMM kernel alone on Gaussian operands quantized beforehand (``product``'s): a
-  zero-argument function, and its operations (``2 * batch * m * n * k``)."""
+def operand(key, shape, distribution: str = "normal"):
+  """Float32 benchmark data: standard Gaussian, or uniform on [-1, 1] (a uniformly initialised
+  layer's weights, Equinox's and PyTorch's default), whose mantissas spread over the whole
+  INT16 range and take the kernel's short chunks (docs/numerics.md)."""
+  if distribution == "normal":
+    return jax.random.normal(key, shape, jnp.float32)
+  if distribution == "uniform":
+    return jax.random.uniform(key, shape, jnp.float32, -1.0, 1.0)
+  raise ValueError(f"distribution must be 'normal' or 'uniform', got {distribution!r}")
+
+
+def gemm_kernel(m: int, k: int, n: int, lhs_kmajor: bool = False, batch: int = 1, rhs: str = "normal"):
+  """The DFP GEMM kernel alone on operands quantized beforehand (``product``'s; a Gaussian, b
+  drawn from ``rhs``, see ``operand``): a zero-argument function, and its operations
+  (``2 * batch * m * n * k``)."""
   a_shape, b_shape, dims = product(m, k, n, lhs_kmajor, batch)
   ka, kb = jax.random.split(jax.random.key(0))
-  qa = dfpjax.quantize(jax.random.normal(ka, a_shape, jnp.float32))
-  qb = dfpjax.quantize(jax.random.normal(kb, b_shape, jnp.float32))
+  qa = dfpjax.quantize(operand(ka, a_shape))
+  qb = dfpjax.quantize(operand(kb, b_shape, rhs))
   kernel = jax.jit(lambda qa, qb: dfpjax.dfp_dot_general(qa, qb, dims))
   return (lambda: kernel(qa, qb)), 2.0 * batch * m * n * k
 

@@ -5,6 +5,7 @@
     python benchmarks/matmul.py --shapes 1024x1024x1024,4096x1024x1024 --json rows.json
     python benchmarks/matmul.py --lhs-kmajor --shapes 64x100352x256  # a^T b, a weight gradient
     python benchmarks/matmul.py --batch 64 --shapes 1024x1024x64     # 64 products a call
+    python benchmarks/matmul.py --rhs uniform        # b uniform on [-1, 1]: flat mantissas
     DFPJAX_ISA=portable python benchmarks/matmul.py  # pin the kernel path
 
 For each (M, K, N) it times, interleaved so that machine noise hits all alike (median of
@@ -12,7 +13,7 @@ For each (M, K, N) it times, interleaved so that machine noise hits all alike (m
 through XLA's intra-op pool):
   fp32    jax.jit(lax.dot_general) on float32 Gaussian operands (M, K) x (K, N) (with
           --lhs-kmajor a (K, M), contracted on its first dimension; with --batch B, a leading
-          batch dimension of B on both)
+          batch dimension of B on both; with --rhs uniform, b uniform on [-1, 1])
   dfp     jax.jit(dfpjax.dfp_dot_general) on the same operands (quantization included)
   kernel  the exact product of operands quantized beforehand (the C kernel alone)
 and prints speed-ups over FP32 (FP32 time / DFP time, > 1 means DFP is faster), GOP/s
@@ -31,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import dfpjax
-from common import (WARMUP, check_calls_kernel, cpu_model, gemm_kernel, kernel_paths, product,
+from common import (WARMUP, check_calls_kernel, cpu_model, gemm_kernel, kernel_paths, operand, product,
                     time_interleaved)
 
 SHAPES = [(256, 256, 256), (512, 512, 512), (1024, 1024, 1024), (2048, 1024, 1024),
@@ -67,14 +68,15 @@ def _peak(isa: str, given: float | None) -> tuple[float | None, str]:
   return None, f"no reference figure for {isa}; pass --peak-gops"
 
 
-def measure(m: int, k: int, n: int, repeats: int, lhs_kmajor: bool = False, batch: int = 1) -> dict:
+def measure(m: int, k: int, n: int, repeats: int, lhs_kmajor: bool = False, batch: int = 1,
+            rhs: str = "normal") -> dict:
   a_shape, b_shape, dims = product(m, k, n, lhs_kmajor, batch)
   ka, kb = jax.random.split(jax.random.key(0))
-  a = jax.random.normal(ka, a_shape, jnp.float32)
-  b = jax.random.normal(kb, b_shape, jnp.float32)
+  a = operand(ka, a_shape)
+  b = operand(kb, b_shape, rhs)
   fp32 = jax.jit(lambda a, b: jax.lax.dot_general(a, b, dims))
   dfp = jax.jit(lambda a, b: dfpjax.dfp_dot_general(a, b, dims))
-  kernel, ops = gemm_kernel(m, k, n, lhs_kmajor, batch)  # the same operands, quantized beforehand
+  kernel, ops = gemm_kernel(m, k, n, lhs_kmajor, batch, rhs)  # the same operands, quantized beforehand
   check_calls_kernel(dfp.lower(a, b).as_text(), "dfp_dot_general")
   t_fp32, t_dfp, t_kernel = time_interleaved(
       [lambda: fp32(a, b), lambda: dfp(a, b), kernel], repeats)
@@ -107,6 +109,9 @@ def main():
   parser.add_argument("--batch", type=int, default=1,
                       help="products per call: batched operands [B, M, K] x [B, K, N] "
                            "(an attention's heads)")
+  parser.add_argument("--rhs", choices=("normal", "uniform"), default="normal",
+                      help="b's distribution: Gaussian, or uniform on [-1, 1] (a uniformly "
+                      "initialised layer's weights: flat mantissas, the kernel's short chunks)")
   parser.add_argument("--peak-gops", type=float,
                       help="INT16 MAC peak (GOP/s) for the kernel-fraction column "
                       "(default: the reference figure for the kernel path)")
@@ -125,7 +130,7 @@ def main():
                cpus=os.cpu_count(), jax=jax.__version__, dfpjax=dfpjax.__version__,
                supported_isas=list(supported), selected_isa=isa, dfpjax_isa_env=forced,
                peak_gops=peak, peak_source=peak_note, repeats=repeats, lhs_kmajor=args.lhs_kmajor,
-               batch=args.batch)
+               batch=args.batch, rhs=args.rhs)
 
   print(f"# {facts['date']}  {facts['cpu']}  ({facts['cpus']} CPUs)  "
         f"jax {jax.__version__}  dfpjax {dfpjax.__version__}")
@@ -136,6 +141,8 @@ def main():
     print("# a^T b: a stored K x M, contracted on its first dimension")
   if args.batch > 1:
     print(f"# {args.batch} products per call (batched operands); GOP/s count all of them")
+  if args.rhs != "normal":
+    print(f"# b drawn {args.rhs} on [-1, 1], a Gaussian")
   print(f"# median of {repeats} interleaved runs after {WARMUP} warm-ups, each "
         "right after an untimed run of its own; "
         "speed-up = FP32 time / DFP time (> 1: DFP faster); rel. error = ||DFP - FP32|| / ||FP32||")
@@ -145,7 +152,7 @@ def main():
   print("|---|---|---|---|---|---|---|---|")
   rows = []
   for m, k, n in shapes:
-    rows.append(measure(m, k, n, repeats, args.lhs_kmajor, args.batch))
+    rows.append(measure(m, k, n, repeats, args.lhs_kmajor, args.batch, args.rhs))
     print(_row(rows[-1], peak), flush=True)
   if args.json:
     with open(args.json, "w") as f:
