@@ -84,12 +84,20 @@ void dfp_pack_rows_avx2(const int16_t* src, size_t pairs, size_t row_stride, siz
       dfp_pack_rows_from(src, done, pairs, row_stride, valid, width, out);
     return;
   }
-  /* Whole groups of eight lanes by the transpose, then the pairs it leaves of them and every
-   * pair of the lanes past the last group. */
+  /* Whole groups of eight lanes by the transpose, the last eight pairs again as the six-row copy
+   * takes them (the stem's window rows on the avx512_vnni path's 8-row panels), then the pairs
+   * it leaves of short rows and every pair of the lanes past the last group. */
   size_t lanes = 0, done = 0;
   if (width % 8 == 0)
-    for (; lanes + 8 <= valid; lanes += 8)
-      done = copy_eight_rows(src + lanes * row_stride, pairs, row_stride, out + lanes, (size_t)width);
+    for (; lanes + 8 <= valid; lanes += 8) {
+      const int16_t* rows = src + lanes * row_stride;
+      done = copy_eight_rows(rows, pairs, row_stride, out + lanes, (size_t)width);
+      if (done < pairs && pairs >= 8) {
+        copy_eight_rows(rows + 2 * (pairs - 8), 8, row_stride, out + lanes + (pairs - 8) * (size_t)width,
+                        (size_t)width);
+        done = pairs;
+      }
+    }
   dfp_pack_rows_from(src, done, pairs, row_stride, lanes, width, out);
   dfp_pack_rows_from(src + lanes * row_stride, 0, pairs, row_stride, valid - lanes, width, out + lanes);
 }
