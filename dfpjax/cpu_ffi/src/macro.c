@@ -22,15 +22,15 @@ static inline int proves(uint64_t a, uint64_t b) {
   return (unsigned __int128)a * b <= (unsigned __int128)DFP_CHUNK_SUM_MAX * DFP_CHUNK_SUM_MAX;
 }
 
-/* A panel's fine levels (pack.h's fine_bounds), taken once: tasks sharing the panel may take them at
- * once, each storing the same values; one that reads a level still DFP_BOUND_UNTAKEN proves
- * nothing with it, so the stores need no order. */
+/* A panel's fine levels (pack.h's fine_bounds), taken once: tasks sharing the panel may take
+ * them at once, each storing the same values; one that reads a level still DFP_BOUND_UNTAKEN
+ * proves nothing with it, so the stores need no order. */
 static void take_fine_bounds(const dfp_isa_config* cfg, uint64_t* bounds, const int16_t* panel, size_t kpairs,
                              int width) {
   if (__atomic_load_n(&bounds[0], __ATOMIC_RELAXED) != DFP_BOUND_UNTAKEN) return;
   uint64_t fine[DFP_FINE_LEVELS];
   cfg->fine_bounds(panel, kpairs, width, fine);
-  for (int level = DFP_FINE_LEVELS - 1; level >= 0; --level) __atomic_store_n(&bounds[level], fine[level], __ATOMIC_RELAXED);
+  for (int level = 0; level < DFP_FINE_LEVELS; ++level) __atomic_store_n(&bounds[level], fine[level], __ATOMIC_RELAXED);
 }
 
 /* The chunk of a tile whose norm block's bound fails: the longer fine level its panels' bounds

@@ -56,7 +56,6 @@ void dfp_pack_block(const dfp_isa_config* cfg, const int16_t* src, size_t c0, si
 int dfp_block_bounds(const dfp_isa_config* cfg, const int16_t* block, size_t kpairs, int width,
                      uint64_t* bounds);
 
-
 /* The distance, in elements, between packed panels of `elements` each that are filled together
  * (pack_columns, and the taps view's packing in im2col.c, write every panel's lanes of a pair
  * before the next pair): one cache line

@@ -1,4 +1,4 @@
-/* The AVX2 entries of packing (pack.h): the panel copies and the norm bounds. */
+/* The AVX2 entries of packing (pack.h): the panel copies, the norm bounds and the fine bounds. */
 #include <immintrin.h>
 
 #include "pack.h"
