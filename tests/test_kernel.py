@@ -95,6 +95,18 @@ def test_adversarial_overflow_is_exact(isa, k, sign):
   assert got[0, 0, 0] != np.float32(sign * wrapped)
 
 
+def _assert_row_times_itself(row):
+  """7 rows of a and 17 columns of b, each `row`, make Cauchy-Schwarz tight: every sum is the
+  row's squared norm, which the kernel must return exactly."""
+  k = row.size
+  a = np.broadcast_to(row.astype(np.int16), (1, 7, k)).copy()
+  b = np.broadcast_to(row.astype(np.int16)[:, None], (1, k, 17)).copy()
+  zero = np.zeros((1, 1), np.int32)
+  got = _assert_kernel_matches((a, zero, b, zero), False, False)
+  exact = (row.astype(np.int64)**2).sum()
+  np.testing.assert_array_equal(got, np.full((1, 7, 17), exact, np.float32))
+
+
 # Per chunk length: the largest value v with (2 * pairs) * v**2 <= INT32_MAX - 0xffff, and the
 # largest last element that keeps (2 * pairs - 1) * v**2 + last**2 below INT32_MAX.
 CARRY_LIMIT_ROWS = {2: (23170, 23171), 4: (16383, 16390), 8: (11585, 11588)}
@@ -113,14 +125,7 @@ def test_chunk_sums_at_the_carry_limit(isa, pairs, above):
   v, last = CARRY_LIMIT_ROWS[pairs]
   block = np.array([v] * (2 * pairs - 1) + [last if above else v], np.int64)
   assert ((block**2).sum() <= 2**31 - 1 - 0xffff) != above and (block**2).sum() <= 2**31 - 1
-  k = 16 * 40  # two K blocks of 160 pairs
-  row = np.tile(block, k // block.size).astype(np.int16)
-  a = np.broadcast_to(row, (1, 7, k)).copy()
-  b = np.broadcast_to(row[:, None], (1, k, 17)).copy()
-  zero = np.zeros((1, 1), np.int32)
-  got = _assert_kernel_matches((a, zero, b, zero), False, False)
-  exact = k // block.size * (block**2).sum()
-  np.testing.assert_array_equal(got, np.full((1, 7, 17), exact, np.float32))
+  _assert_row_times_itself(np.tile(block, 16 * 40 // block.size))  # two K blocks of 160 pairs
 
 
 # Per chunk length, two chunks of a row: the first's squares sum to 2**31 - 2**16 - 1 (at most
@@ -149,14 +154,8 @@ def test_a_chunk_one_past_the_limit_is_not_taken(isa, pairs, swapped):
   past = np.roll(past, pairs) if swapped else past
   limit = 2**31 - 1 - 0xffff
   assert (first**2).sum() == 2**31 - 2**16 - 1 and (past**2).sum() == limit + 1
-  k = 16 * 40  # two K blocks of 160 pairs, each starting with `first`
-  row = np.tile(np.concatenate([first, past]), k // (4 * pairs)).astype(np.int16)
-  a = np.broadcast_to(row, (1, 7, k)).copy()
-  b = np.broadcast_to(row[:, None], (1, k, 17)).copy()
-  zero = np.zeros((1, 1), np.int32)
-  got = _assert_kernel_matches((a, zero, b, zero), False, False)
-  exact = k // (4 * pairs) * ((first**2).sum() + (past**2).sum())
-  np.testing.assert_array_equal(got, np.full((1, 7, 17), exact, np.float32))
+  # Two K blocks of 160 pairs, each starting with `first`.
+  _assert_row_times_itself(np.tile(np.concatenate([first, past]), 16 * 40 // (4 * pairs)))
 
 
 @pytest.mark.parametrize("operand", ["a", "b"])

@@ -104,7 +104,7 @@ int dfp_block_bounds(const dfp_isa_config* cfg, const int16_t* block, size_t kpa
 }
 
 void dfp_fine_bounds_portable(const int16_t* block, size_t kpairs, int width, uint64_t* bounds) {
-  /* Rows inner, so that the loops vectorize. */
+  /* Four pairs of every row at a time: each row's squares over the two halves, then their largest. */
   uint32_t two = 0, four = 0;
   for (size_t p0 = 0; p0 < kpairs; p0 += 4) {
     uint32_t half[2][64] = {{0}};
