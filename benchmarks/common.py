@@ -114,8 +114,9 @@ def gemm_kernel(m: int, k: int, n: int, lhs_kmajor: bool = False, batch: int = 1
   return (lambda: kernel(qa, qb)), 2.0 * batch * m * n * k
 
 
-def time_interleaved(fns, repeats: int) -> list[float]:
-  """Median seconds of each zero-argument function, their runs interleaved.
+def time_interleaved(fns, repeats: int, statistic=np.median) -> list[float]:
+  """Median seconds (or another ``statistic`` of the runs) of each zero-argument function,
+  their runs interleaved.
 
   The order rotates every round so that no function always runs right after the same one.
   Each timed run follows an untimed run of the same function, so its fresh output buffers
@@ -135,6 +136,6 @@ def time_interleaved(fns, repeats: int) -> list[float]:
       start = time.perf_counter()
       jax.block_until_ready(fns[j]())
       times[j].append(time.perf_counter() - start)
-  return [float(np.median(ts)) for ts in times]
+  return [float(statistic(ts)) for ts in times]
 
 

@@ -6,8 +6,8 @@
     DFPJAX_ISA=portable python benchmarks/conv.py --quick
 
 For each layer (NHWC activations, HWIO weights, Gaussian data) and each pass it times,
-interleaved (median of --repeats runs after warm-up, each right after an untimed run of its
-own, both cores through XLA's intra-op pool):
+interleaved (median of --repeats runs after warm-up, or with --min their minimum, each right after
+an untimed run of its own, both cores through XLA's intra-op pool):
   forward           y = conv(x, w)
   backward-data     dx = vjp with respect to x, applied to a cotangent dy
   backward-weights  dw = vjp with respect to w, applied to dy
@@ -17,7 +17,9 @@ including the quantization of the operands it reads), and prints speed-ups over 
 the XLA FP32 passes out: they take most of the run, and the bar below needs none). Then each DFP
 pass's GOP/s against the DFP GEMM kernel's at 1024^3 (operands quantized beforehand, as
 matmul.py's kernel column), which runs in every layer's interleaved rounds: the reference is
-timed in the same minutes as the passes, so the host's drift moves both. The header names
+timed in the same minutes as the passes, so the host's drift moves both (--min takes every
+function's fastest run, the GEMM's too: a share that stays short there is not the noise's
+doing). The header names
 the glibc malloc settings in the environment: with the defaults every output of 32 MB or more
 is a fresh mapping, faulted in and zero-filled as it is written, which costs the DFP passes
 10-20% on two threads (docs/performance.md, "Two threads"); docs/examples.md names the settings
@@ -67,7 +69,7 @@ def _passes(conv, x, w, dy):
   return [lambda: fwd(x, w), lambda: bwd_data(x, w, dy), lambda: bwd_weights(x, w, dy)]
 
 
-def measure(name: str, batch: int, repeats: int, gemm, fp32_passes: bool) -> dict:
+def measure(name: str, batch: int, repeats: int, gemm, fp32_passes: bool, statistic=np.median) -> dict:
   size, cin, window, stride, cout = LAYERS[name]
   padding = [((window - 1) // 2, window // 2)] * 2
   kx, kw, kg = jax.random.split(jax.random.key(0), 3)
@@ -80,7 +82,7 @@ def measure(name: str, batch: int, repeats: int, gemm, fp32_passes: bool) -> dic
   dy = jax.random.normal(kg, jax.eval_shape(fp32, x, w).shape, jnp.float32)
   check_calls_kernel(jax.jit(dfp).lower(x, w).as_text(), "dfp_conv_general_dilated")
   fp32_fns = _passes(fp32, x, w, dy) if fp32_passes else []
-  times = time_interleaved(fp32_fns + _passes(dfp, x, w, dy) + [gemm], repeats)
+  times = time_interleaved(fp32_fns + _passes(dfp, x, w, dy) + [gemm], repeats, statistic)
   fp32_times, dfp_times, gemm_time = times[:len(fp32_fns)], times[len(fp32_fns):-1], times[-1]
   out = dy.shape[1]
   flops = 2.0 * batch * out * out * cout * window * window * cin
@@ -104,6 +106,8 @@ def main():
                       help=f"comma-separated subset of {', '.join(LAYERS)}")
   parser.add_argument("--repeats", type=int, default=5)
   parser.add_argument("--quick", action="store_true", help="batch 2, three layers, 3 repeats")
+  parser.add_argument("--min", action="store_true",
+                      help="each function's fastest run instead of the median (the GEMM's too)")
   parser.add_argument("--no-fp32", action="store_true",
                       help="time only the DFP passes and the GEMM, not the XLA FP32 passes")
   parser.add_argument("--json", metavar="PATH", help="also write the rows to this file")
@@ -120,7 +124,9 @@ def main():
   print(f"# {datetime.datetime.now().isoformat(timespec='seconds')}  {cpu_model()}  "
         f"({os.cpu_count()} CPUs)  jax {jax.__version__}  dfpjax {dfpjax.__version__}  "
         f"kernel path {isa}; load average {os.getloadavg()[0]:.1f}; {malloc_settings()}")
-  print(f"# batch {args.batch}; median of {args.repeats} interleaved runs after {WARMUP} warm-ups, each "
+  statistic = np.min if args.min else np.median
+  print(f"# batch {args.batch}; {'minimum' if args.min else 'median'} of {args.repeats} interleaved runs "
+        f"after {WARMUP} warm-ups, each "
         "right after an untimed run of its own; "
         "cells: XLA FP32 ms / DFP ms (speed-up = FP32 / DFP)")
   print()
@@ -128,7 +134,7 @@ def main():
   print("|---|---|---|---|---|")
   rows = []
   for name in layers:
-    rows.append(measure(name, args.batch, args.repeats, gemm, not args.no_fp32))
+    rows.append(measure(name, args.batch, args.repeats, gemm, not args.no_fp32, statistic))
     r = rows[-1]
     print(f"| {name} | {r['gflop']:.1f} | " + " | ".join(_cell(r[p]) for p in PASSES) + " |",
           flush=True)
@@ -136,7 +142,7 @@ def main():
                     dfp_ms=sum(r[p]["dfp_ms"] for r in rows)) for p in PASSES}
   gflop = sum(r["gflop"] for r in rows)
   print(f"| **total** | {gflop:.1f} | " + " | ".join(_cell(totals[p]) for p in PASSES) + " |")
-  # The GEMM's rate over the same rounds: its median per layer, weighted alike.
+  # The GEMM's rate over the same rounds: its median (or minimum) per layer, weighted alike.
   gemm_gops = len(rows) * gemm_ops / 1e9 / (sum(r["gemm_ms"] for r in rows) / 1e3)
   print()
   print(f"DFP GOP/s over the set and share of the GEMM kernel at {'x'.join(map(str, GEMM))} "
@@ -152,8 +158,8 @@ def main():
     print(f"| {p} | {gops:.0f} | {100 * shares[p]:.0f}% |")
   if args.json:
     with open(args.json, "w") as f:
-      json.dump(dict(isa=isa, batch=args.batch, rows=rows, totals=totals, gemm=GEMM,
-                     gemm_gops=gemm_gops, shares=shares), f, indent=2)
+      json.dump(dict(isa=isa, batch=args.batch, statistic="min" if args.min else "median", rows=rows,
+                     totals=totals, gemm=GEMM, gemm_gops=gemm_gops, shares=shares), f, indent=2)
 
 
 if __name__ == "__main__":
