@@ -279,26 +279,42 @@ def test_short_window_rows_equal_reference_on_every_path(isa, case):
 
 
 def test_weight_gradient_over_several_packing_rounds_on_every_path(isa):
-  """A weight gradient whose cotangent (20000 pixels x 260 channels) the kernel packs in
-  several rounds of K blocks (4 MB each), for a 3x3 and a 1x1 window, and one (17672 pixels x
-  200 channels: 35 K blocks) whose rounds are cut to a whole number of K ranges, the last round
-  shorter than the ranges (some empty): all passes equal the reference bit for bit."""
+  """Weight gradients whose int64 sums over all rows (288 or 300 x 256 columns) outgrow a task's
+  budget, so that the kernel packs the cotangent in rounds of K blocks (4 MB each) shared by
+  the tasks: a 3x3 window over 4900 pixels x 512 channels (9 K blocks, rounds of 8: the last
+  round shorter than its two ranges, one empty) and a 1x1 window over 1600 pixels (3 K blocks,
+  one round). All passes equal the reference bit for bit."""
   rng = np.random.default_rng(11)
   kw = dict(window_strides=(1, 1), padding="SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
-  for lhs_shape, window, cout in (((2, 100, 100, 3), 3, 260), ((2, 100, 100, 3), 1, 260), ((2, 94, 94, 3), 3, 200)):
+  for lhs_shape, rhs_shape in (((1, 70, 70, 32), (3, 3, 32, 512)), ((1, 40, 40, 300), (1, 1, 300, 512))):
     lhs = rng.standard_normal(lhs_shape).astype(np.float32)
-    rhs = rng.standard_normal((window, window, 3, cout)).astype(np.float32)
-    _assert_passes_equal_reference(lhs, rhs, kw, f"on {isa}, {window}x{window} -> {cout}")
+    rhs = rng.standard_normal(rhs_shape).astype(np.float32)
+    _assert_passes_equal_reference(lhs, rhs, kw, f"on {isa}, {rhs_shape}")
+
+
+def test_weight_gradient_with_the_cotangent_packed_in_the_tasks_on_every_path(isa):
+  """Weight gradients whose tasks pack their own K blocks of the cotangent: the stem's kind
+  (3 channels: one row block, two column blocks, 35 or 31 K blocks) and, with sums small
+  enough, several row blocks run on each packed block (3x3 x 32 and 1x1 x 300 channels: two
+  row blocks, 6 and 7 K blocks). All passes equal the reference bit for bit."""
+  rng = np.random.default_rng(13)
+  kw = dict(window_strides=(1, 1), padding="SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  for lhs_shape, rhs_shape in (((2, 100, 100, 3), (3, 3, 3, 260)), ((2, 94, 94, 3), (3, 3, 3, 200)),
+                               ((2, 40, 40, 32), (3, 3, 32, 40)), ((1, 60, 60, 300), (1, 1, 300, 24))):
+    lhs = rng.standard_normal(lhs_shape).astype(np.float32)
+    rhs = rng.standard_normal(rhs_shape).astype(np.float32)
+    _assert_passes_equal_reference(lhs, rhs, kw, f"on {isa}, {rhs_shape}")
 
 
 def test_weight_gradient_in_one_round_without_sums_on_every_path(isa):
-  """Weight gradients whose cache blocks each reduce all pixels in one go, encoded straight
-  from their tile with no int64 sums: over two K blocks (625 pixels, 3x3 x 64 -> 40), and over
-  a cotangent (2704 pixels x 1024 channels) the kernel packs at once because rounds would need
-  more memory for their sums. All passes equal the reference bit for bit."""
+  """Weight gradients whose cache blocks each reduce all pixels in one go, with no int64 sums
+  across K ranges: over two K blocks (625 pixels, 3x3 x 256 -> 64: nine or ten row blocks by
+  the path's tile, the avx2 path's ten enough tasks for two threads), and over a cotangent
+  (2704 pixels x 1024 channels) the kernel packs at once because rounds would need more memory
+  for their sums. All passes equal the reference bit for bit."""
   rng = np.random.default_rng(12)
   kw = dict(window_strides=(1, 1), padding="SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
-  for lhs_shape, rhs_shape in (((1, 25, 25, 64), (3, 3, 64, 40)), ((1, 52, 52, 72), (1, 1, 72, 1024))):
+  for lhs_shape, rhs_shape in (((1, 25, 25, 256), (3, 3, 256, 64)), ((1, 52, 52, 300), (1, 1, 300, 1024))):
     lhs = rng.standard_normal(lhs_shape).astype(np.float32)
     rhs = rng.standard_normal(rhs_shape).astype(np.float32)
     _assert_passes_equal_reference(lhs, rhs, kw, f"on {isa}, {rhs_shape}")

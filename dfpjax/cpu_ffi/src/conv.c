@@ -2,8 +2,8 @@
  *   forward           y[(n,p), o]  = sum over (t,c) of patches[(n,p), (t,c)] * w[(t,c), o]
  *   backward-weights  dw[(t,c), o] = sum over (n,p) of patches[(n,p), (t,c)] * dy[(n,p), o]
  * The weights (forward) are packed once as the B operand, the output gradient
- * (backward-weights) at once, in rounds of K blocks (plan_rounds) or, with one row block, by
- * each task for its own K blocks (conv_run); the patches are packed per
+ * (backward-weights) at once, in rounds of K blocks (plan_rounds) or, where the sums are small,
+ * by each task for its own K blocks (conv_run); the patches are packed per
  * cache block as the A operand (im2col.c), so no patch matrix is materialized (a 1x1
  * convolution's is x itself). The block routine and output stage are the GEMM's (macro.h).
  * Backward-data is usually a forward convolution of dy with the flipped weights (the caller
@@ -28,6 +28,10 @@ enum {
    * need int64 sums the size of the output across them, so layers whose output outweighs
    * their dy (few pixels, many taps and channels) pack all of dy at once (plan_rounds). */
   CONV_ROUND_BYTES = 4 << 20,
+  /* A backward-weights task that packs its own dy keeps int64 sums of every row block of its
+   * column block, read and written once a K block: up to a Zen 3 core's L2. Sums of 1.2 MB
+   * and more (conv3-5's 3x3 layers) took 9-12% longer on two threads than rounds of dy. */
+  CONV_TASK_SUMS_BYTES = 512 << 10,
 };
 
 typedef struct {
@@ -36,8 +40,8 @@ typedef struct {
   int mr, nr;
   int backward;
   int plain_weights;              /* b is dy, or w as it lies (dfp_weights_plain) */
-  int b_in_tasks;                 /* backward-weights of one row block: each task packs its own B
-                                   * K blocks (conv_run), no bpack */
+  int b_in_tasks;                 /* backward-weights with small sums: each task packs its own B K
+                                   * blocks and runs every row block on them (conv_run), no bpack */
   size_t m, n, k;                 /* the per-group GEMM */
   size_t kpairs, kc, kblocks;     /* kc: pairs per K block (dfp_kc_pairs) */
   size_t mcp, ncp;                /* micro-panels per cache block */
@@ -102,19 +106,19 @@ static void pack_b_kblock_task(void* arg, size_t t) {
   pack_b_panels(c, g, 0, c->npanels, kb, kb + 1);
 }
 
-/* Stores (or with accumulate, adds) the sum of K blocks [kb0, kb1) of the round of cache
- * block (mb, nb) of group g in acc (row stride ldc); or, given out (then [kb0, kb1) is the
- * whole reduction, one K block), encodes it there. */
-static void run_block(conv_plan* c, size_t g, size_t mb, size_t nb, size_t kb0, size_t kb1,
+/* Stores (or with accumulate, adds) the sum of K blocks [kb0, kb1) of the round of the cache
+ * blocks of row blocks [mb0, mb1) and column block nb of group g in acc (row mb0 * mcp * MR of
+ * the sums, row stride ldc); or, given out (then [kb0, kb1) is the whole reduction, one K block,
+ * and the row blocks one), encodes it there. With B packed in the task, each K block of B is
+ * packed once for all the row blocks. */
+static void run_block(conv_plan* c, size_t g, size_t mb0, size_t mb1, size_t nb, size_t kb0, size_t kb1,
                       int64_t* acc, size_t ldc, int accumulate, const dfp_block_output* out) {
   const dfp_conv_args* a = c->args;
   const int mr = c->mr, nr = c->nr;
   const dfp_patches patches = {a->x, &a->shape, g * a->shape.cin};
-  const size_t row0 = mb * c->mcp * mr;
-  const size_t panels = min_size(c->mcp, ceil_div(c->m - row0, mr));
   const size_t q0 = nb * c->ncp, q1 = min_size(q0 + c->ncp, c->npanels);
   const size_t panel_stride = dfp_panel_stride(c->kc * mr * 2);
-  int16_t* apack = (int16_t*)dfp_scratch(DFP_SCRATCH_A_PANELS, panels * panel_stride * sizeof(int16_t));
+  int16_t* apack = (int16_t*)dfp_scratch(DFP_SCRATCH_A_PANELS, c->mcp * panel_stride * sizeof(int16_t));
   uint64_t abound[DFP_IM2COL_MAX_ROWS * DFP_CHUNK_LEVELS];
   if (apack == NULL) {
     dfp_fail(&c->status, DFP_ERR_ALLOC);
@@ -137,15 +141,7 @@ static void run_block(conv_plan* c, size_t g, size_t mb, size_t nb, size_t kb0, 
   for (size_t kb = kb0; kb < kb1; ++kb) {
     const size_t k0 = kb * 2 * c->kc, k1 = min_size(k0 + 2 * c->kc, c->k);
     const size_t kc = (k1 - k0 + 1) / 2;
-    if (c->backward)
-      dfp_im2col_pack_taps(c->cfg, &patches, c->m, row0, mr, panels, k0, k1, apack, panel_stride);
-    else
-      dfp_im2col_pack_pixels(c->cfg, &patches, c->m, row0, mr, panels, k0, k1, apack, panel_stride);
-    for (size_t p = 0; p < panels; ++p)
-      if (dfp_block_bounds(c->cfg, apack + p * panel_stride, kc, mr, abound + p * DFP_CHUNK_LEVELS))
-        dfp_fail(&c->status, DFP_ERR_BAD_MANTISSA);
-    dfp_block block = {.a = apack, .a_stride = panel_stride, .mpanels = panels,
-                       .abound = abound, .abound_stride = DFP_CHUNK_LEVELS, .npanels = bpanels, .kpairs = kc};
+    dfp_block block = {.abound = abound, .abound_stride = DFP_CHUNK_LEVELS, .npanels = bpanels, .kpairs = kc};
     if (own != NULL) {
       pack_plain_b(c, g, q0, q1, k0, k1, own, own_stride, own_bounds, DFP_CHUNK_LEVELS);
       block.b = own, block.b_stride = own_stride;
@@ -156,10 +152,22 @@ static void run_block(conv_plan* c, size_t g, size_t mb, size_t nb, size_t kb0, 
       block.bbound = c->bbound + (bq0 * c->bkblocks + bkb) * DFP_CHUNK_LEVELS;
       block.bbound_stride = c->bkblocks * DFP_CHUNK_LEVELS;
     }
-    if (out != NULL)
-      dfp_multiply_encode_block(c->cfg, &block, out);
-    else
-      dfp_multiply_block(c->cfg, &block, acc, ldc, accumulate || kb > kb0);
+    for (size_t mb = mb0; mb < mb1; ++mb) {
+      const size_t row0 = mb * c->mcp * mr;
+      const size_t panels = min_size(c->mcp, ceil_div(c->m - row0, mr));
+      if (c->backward)
+        dfp_im2col_pack_taps(c->cfg, &patches, c->m, row0, mr, panels, k0, k1, apack, panel_stride);
+      else
+        dfp_im2col_pack_pixels(c->cfg, &patches, c->m, row0, mr, panels, k0, k1, apack, panel_stride);
+      for (size_t p = 0; p < panels; ++p)
+        if (dfp_block_bounds(c->cfg, apack + p * panel_stride, kc, mr, abound + p * DFP_CHUNK_LEVELS))
+          dfp_fail(&c->status, DFP_ERR_BAD_MANTISSA);
+      block.a = apack, block.a_stride = panel_stride, block.mpanels = panels;
+      if (out != NULL)
+        dfp_multiply_encode_block(c->cfg, &block, out);
+      else
+        dfp_multiply_block(c->cfg, &block, acc + (row0 - mb0 * c->mcp * mr) * ldc, ldc, accumulate || kb > kb0);
+    }
   }
 }
 
@@ -184,7 +192,7 @@ static void block_task(void* arg, size_t t) {
   if (c->kblocks == 1 && dfp_encodes_tiles(c->cfg, a->out.format, 0)) {
     const dfp_block_output out = {&a->out, row0 * ldo + g * s->cout + col0, ldo, row1 - row0, cols, ea, a->eb,
                                   dfp_stream_output(c->m * ldo * sizeof(float))};
-    run_block(c, g, mb, nb, 0, 1, NULL, 0, 0, &out);
+    run_block(c, g, mb, mb + 1, nb, 0, 1, NULL, 0, 0, &out);
     return;
   }
   const size_t bytes = c->mcp * mr * ldc * sizeof(int64_t);
@@ -194,7 +202,7 @@ static void block_task(void* arg, size_t t) {
     return;
   }
   if (c->kblocks == 0) memset(acc, 0, bytes);
-  run_block(c, g, mb, nb, 0, c->kblocks, acc, ldc, 0, NULL);
+  run_block(c, g, mb, mb + 1, nb, 0, c->kblocks, acc, ldc, 0, NULL);
   for (size_t row = row0; row < row1; ++row)
     dfp_encode_row(c->cfg, &a->out, row * ldo + g * s->cout + col0, acc + (row - row0) * ldc, cols,
                    ea[row - row0], &a->eb, 0);
@@ -206,19 +214,20 @@ static size_t sums_rows(const conv_plan* c) { return c->mblocks * c->mcp * c->mr
  * need the sums. */
 static int needs_sums(const conv_plan* c) { return c->b_in_tasks || c->bkblocks < c->kblocks || c->ksplit > 1; }
 
-/* Sets bpack's rounds of bkblocks K blocks and, for backward-weights with fewer cache blocks
- * than TASKS_PER_THREAD per thread (the stem, the 56x56 and 28x28 layers), splits each round's
- * long pixel reduction into K ranges across threads: ranges of equal length (within a K
- * block; a round of several is a whole number of ranges), so many that the tasks (ranges x
- * blocks) are a multiple of the thread count where a round has the K blocks for it, so that
+/* Sets bpack's rounds of bkblocks K blocks and, for backward-weights with fewer tasks a K range
+ * (its cache blocks, or with B packed in the tasks its column blocks) than TASKS_PER_THREAD per
+ * thread (the stem, the 56x56 and 28x28 layers), splits each round's long pixel reduction
+ * into K ranges across threads: ranges of equal length (within a K block; a round of several
+ * is a whole number of ranges), so many that the tasks (ranges x tasks a range) are a
+ * multiple of the thread count where a round has the K blocks for it, so that
  * the threads end a round together (ranges of ceiling length with a short last one, and 9
  * tasks for 2 threads, idled a thread for 5-10% of the stem's and the 3x3 layers' weight
  * gradients). Returns the bytes of bpack and sums this takes. */
-static size_t plan_rounds(conv_plan* c, size_t bkblocks, size_t blocks, size_t bpanels, int threads) {
+static size_t plan_rounds(conv_plan* c, size_t bkblocks, size_t tasks, size_t bpanels, int threads) {
   c->ksplit = 1;
   if (c->backward && bkblocks > 1) {
-    c->ksplit = min_size(ceil_div(TASKS_PER_THREAD * (size_t)threads, blocks), bkblocks);
-    while (c->ksplit < bkblocks && c->ksplit * blocks % (size_t)threads != 0) ++c->ksplit;
+    c->ksplit = min_size(ceil_div(TASKS_PER_THREAD * (size_t)threads, tasks), bkblocks);
+    while (c->ksplit < bkblocks && c->ksplit * tasks % (size_t)threads != 0) ++c->ksplit;
     if (bkblocks < c->kblocks) bkblocks -= bkblocks % c->ksplit; /* rounds of whole ranges */
   }
   c->bkblocks = bkblocks;
@@ -228,18 +237,22 @@ static size_t plan_rounds(conv_plan* c, size_t bkblocks, size_t blocks, size_t b
   return bpanels * c->bpanel_stride * sizeof(int16_t) + (needs_sums(c) ? sums * sizeof(int64_t) : 0);
 }
 
+/* The row blocks of a backward-weights task: all of them where it packs its own B, else one. */
+static size_t task_mblocks(const conv_plan* c) { return c->b_in_tasks ? c->mblocks : 1; }
+
 static void backward_task(void* arg, size_t t) {
   conv_plan* c = (conv_plan*)arg;
-  const size_t groups = c->args->shape.groups, per_group = c->mblocks * c->nblocks;
+  const size_t rows = task_mblocks(c), groups = c->args->shape.groups;
+  const size_t per_group = c->mblocks / rows * c->nblocks;
   const size_t ks = t / (groups * per_group), rest = t % (groups * per_group);
-  const size_t g = rest / per_group, mb = rest % per_group / c->nblocks, nb = rest % c->nblocks;
+  const size_t g = rest / per_group, mb = rest % per_group / c->nblocks * rows, nb = rest % c->nblocks;
   const size_t ldc = c->npanels * c->nr;
   int64_t* acc = c->sums + ((ks * groups + g) * sums_rows(c) + mb * c->mcp * c->mr) * ldc +
                  nb * c->ncp * c->nr;
   /* Every range of the first round, which is whole (ksplit <= bkblocks), stores its sums. */
   const size_t kb0 = c->round_kb0 + ks * c->round_kblocks / c->ksplit;
   const size_t kb1 = c->round_kb0 + (ks + 1) * c->round_kblocks / c->ksplit;
-  if (kb0 < kb1) run_block(c, g, mb, nb, kb0, kb1, acc, ldc, c->round_kb0 > 0, NULL);
+  if (kb0 < kb1) run_block(c, g, mb, mb + rows, nb, kb0, kb1, acc, ldc, c->round_kb0 > 0, NULL);
 }
 
 /* Sums the K ranges of one row block of one group and writes its weight gradient rows. */
@@ -309,17 +322,22 @@ static int conv_run(const dfp_conv_args* args, int backward, dfp_isa isa, const 
   c.nblocks = ceil_div(c.npanels, c.ncp);
   const size_t blocks = s->groups * c.mblocks * c.nblocks, bpanels = s->groups * c.npanels;
   const int threads = par->num_threads > 0 ? par->num_threads : 1;
-  /* Backward-weights with one row block (the stem, the 1x1 layers on 64 and 128 channels) uses
-   * each K block of dy in one task only: its tasks, K ranges, pack their own as they go, into
-   * the cache, instead of rounds of dy packed into bpack first (written out and read back, and
-   * a wait for all threads twice a round). Zen 3, two threads, CPU time with the waits (minima
-   * of six alternations): the stem 11% less, conv2_1x1_expand 7%, conv3_1x1_expand 18%; one
-   * thread about 1% (docs/performance.md). */
-  c.b_in_tasks = backward && c.mblocks == 1 && c.kblocks > 1;
-  const size_t whole = plan_rounds(&c, c.kblocks, blocks, bpanels, threads);
+  /* Backward-weights whose sums over all the row blocks of a column block fit
+   * CONV_TASK_SUMS_BYTES (the stem, the 1x1 layers on up to 256 channels, the 3x3 layer on 64)
+   * uses each K block of dy in one task only: its tasks, K ranges of a column block, pack their
+   * own as they go, into the cache, and run every row block on it, instead of rounds of dy
+   * packed into bpack first (written out and read back, and a wait for all threads twice a
+   * round). Zen 3, two threads, CPU time with the waits (minima of six alternations): the stem
+   * 11% less, conv2_1x1_expand 7%, conv3_1x1_expand 18%, one thread about 1%; of several row
+   * blocks, wall time: conv2_1x1_reduce and conv2_3x3 2-5% less (docs/performance.md). */
+  const size_t block_cols = min_size(c.ncp, c.npanels) * nr;
+  c.b_in_tasks = backward && c.kblocks > 1 &&
+                 sums_rows(&c) * block_cols * sizeof(int64_t) <= CONV_TASK_SUMS_BYTES;
+  const size_t tasks = s->groups * (c.mblocks / task_mblocks(&c)) * c.nblocks; /* per K range */
+  const size_t whole = plan_rounds(&c, c.kblocks, tasks, bpanels, threads);
   if (backward && !c.b_in_tasks) { /* rounds of whole K blocks, at least one, where they take less memory */
     const size_t round = min_size(c.kblocks, CONV_ROUND_BYTES / (bpanels * nr * 2 * c.kc * sizeof(int16_t)) + 1);
-    if (plan_rounds(&c, round, blocks, bpanels, threads) >= whole) plan_rounds(&c, c.kblocks, blocks, bpanels, threads);
+    if (plan_rounds(&c, round, tasks, bpanels, threads) >= whole) plan_rounds(&c, c.kblocks, tasks, bpanels, threads);
   }
   const int sums = needs_sums(&c);
   dfp_advise_output(args->out.data, c.m * s->groups * s->cout * dfp_out_element_bytes(args->out.format));
@@ -342,7 +360,7 @@ static int conv_run(const dfp_conv_args* args, int backward, dfp_isa isa, const 
     for (; c.round_kb0 < c.kblocks && c.status == DFP_OK; c.round_kb0 += c.bkblocks) {
       c.round_kblocks = min_size(c.bkblocks, c.kblocks - c.round_kb0);
       if (!c.b_in_tasks) par->parallel_for(par->pool, s->groups * c.round_kblocks, pack_b_kblock_task, &c);
-      if (c.status == DFP_OK) par->parallel_for(par->pool, c.ksplit * blocks, backward_task, &c);
+      if (c.status == DFP_OK) par->parallel_for(par->pool, c.ksplit * tasks, backward_task, &c);
     }
     if (c.status == DFP_OK) par->parallel_for(par->pool, s->groups * c.mblocks, backward_encode_task, &c);
   }
