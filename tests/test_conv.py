@@ -281,9 +281,9 @@ def test_short_window_rows_equal_reference_on_every_path(isa, case):
 def test_weight_gradient_over_several_packing_rounds_on_every_path(isa):
   """Weight gradients whose int64 sums over all rows (288 or 300 x 256 columns) outgrow a task's
   budget, so that the kernel packs the cotangent in rounds of K blocks (4 MB each) shared by
-  the tasks: a 3x3 window over 4900 pixels x 512 channels (9 K blocks, rounds of 8: the last
-  round shorter than its two ranges, one empty) and a 1x1 window over 1600 pixels (3 K blocks,
-  one round). All passes equal the reference bit for bit."""
+  the tasks: a 3x3 window over 4900 pixels x 512 channels (9 K blocks, rounds of 8: on two
+  threads the last round shorter than its two ranges, one empty) and a 1x1 window over 1600
+  pixels (3 K blocks, one round). All passes equal the reference bit for bit."""
   rng = np.random.default_rng(11)
   kw = dict(window_strides=(1, 1), padding="SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
   for lhs_shape, rhs_shape in (((1, 70, 70, 32), (3, 3, 32, 512)), ((1, 40, 40, 300), (1, 1, 300, 512))):
@@ -294,9 +294,9 @@ def test_weight_gradient_over_several_packing_rounds_on_every_path(isa):
 
 def test_weight_gradient_with_the_cotangent_packed_in_the_tasks_on_every_path(isa):
   """Weight gradients whose tasks pack their own K blocks of the cotangent: the stem's kind
-  (3 channels: one row block, two column blocks, 35 or 31 K blocks) and, with sums small
-  enough, several row blocks run on each packed block (3x3 x 32 and 1x1 x 300 channels: two
-  row blocks, 6 and 7 K blocks). All passes equal the reference bit for bit."""
+  (3 channels in, one row block; 260 channels out in two column blocks, 200 in one; 35 and 31
+  K blocks) and, their sums small enough, two row blocks run on each packed block (3x3 x 32
+  and 1x1 x 300 channels in; 6 and 7 K blocks). All passes equal the reference bit for bit."""
   rng = np.random.default_rng(13)
   kw = dict(window_strides=(1, 1), padding="SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
   for lhs_shape, rhs_shape in (((2, 100, 100, 3), (3, 3, 3, 260)), ((2, 94, 94, 3), (3, 3, 3, 200)),
