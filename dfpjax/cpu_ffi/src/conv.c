@@ -323,10 +323,11 @@ static int conv_run(const dfp_conv_args* args, int backward, dfp_isa isa, const 
   const size_t blocks = s->groups * c.mblocks * c.nblocks, bpanels = s->groups * c.npanels;
   const int threads = par->num_threads > 0 ? par->num_threads : 1;
   /* Backward-weights whose sums over all the row blocks of a column block fit
-   * CONV_TASK_SUMS_BYTES (the stem, the 1x1 layers on up to 256 channels, the 3x3 layer on 64)
-   * uses each K block of dy in one task only: its tasks, K ranges of a column block, pack their
-   * own as they go, into the cache, and run every row block on it, instead of rounds of dy
-   * packed into bpack first (written out and read back, and a wait for all threads twice a
+   * CONV_TASK_SUMS_BYTES (the stem, the 1x1 layers on 64 and 128 channels and the one from 256
+   * to 64, the 3x3 layer on 64; not the 1x1 from 256 to 1024: 264 x 256 sums) uses each K
+   * block of dy in one task only: its tasks, K ranges of a column block, pack their own as
+   * they go, into the cache, and run every row block on it, instead of rounds of dy packed
+   * into bpack first (written out and read back, and a wait for all threads twice a
    * round). Zen 3, two threads, CPU time with the waits (minima of six alternations): the stem
    * 11% less, conv2_1x1_expand 7%, conv3_1x1_expand 18%, one thread about 1%; of several row
    * blocks, wall time: conv2_1x1_reduce and conv2_3x3 2-5% less (docs/performance.md). */
