@@ -17,7 +17,7 @@
  *   gcc -O2 -pthread -Idfpjax/cpu_ffi/src benchmarks/conv_phases.c "$KERNEL" \
  *       -Wl,--allow-shlib-undefined -o conv_phases
  *   ./conv_phases [--batch 32] [--threads 2] [--repeats 5] [--isa 3] [--no-gemm] [--fresh-outputs]
- *                 [--cpu-time | --balance] [--only fwd|data|weights] [layer ...]
+ *                 [--cpu-time | --balance] [--only fwd|data|weights] [--against LIBRARY] [layer ...]
  *
  * (--isa: 0 portable, 1 avx2, 2 avx_vnni, 3 avx512_vnni; --no-gemm skips the GEMM line, e.g.
  * under `perf record -e cpu-clock`, to profile the convolutions alone; --only times one pass's
@@ -34,7 +34,20 @@
  * time above (serial + tasks) / threads is imbalance, tasks' CPU above the one-thread run's is
  * the threads slowing each other. Load moves these less than wall times, but it does hide the
  * threads' contention for memory: they then seldom run at the same time.)
+ *
+ * --against LIBRARY compares two builds of the kernel in one process: LIBRARY (B, e.g. the
+ * _kernel*.so of a build tree with a change) is loaded beside the linked one (A), and every
+ * timed call runs in both, A then B and B then A in turn, so that the host's drift, which moves
+ * one call's time by a half between runs of a minute apart on a shared VM, falls on both alike.
+ * Each call's row gives both minima and the median over the rounds of B's time over A's in the
+ * same round; the totals, each pass's sum of minima. Two copies of one build on Zen 3 (9 rounds,
+ * the whole set): the kernels' medians 0.93-1.05, the quantizations' 0.90-1.12, the passes'
+ * totals within 2%, where the minima of separate runs a minute apart differed by up to a
+ * quarter: a change shows as a ratio past those on most layers, or in the totals. The warm-up
+ * calls' outputs must agree bit for bit (a quantization's mantissas and exponent, a kernel's
+ * float32): else it names the call and exits with status 1.
  */
+#include <dlfcn.h>
 #include <math.h>
 #include <pthread.h>
 #include <stdatomic.h>
@@ -190,12 +203,24 @@ typedef struct {
   conv_fn conv;
   dfp_conv_args c;
   dfp_gemm_args g;
-  size_t out_bytes; /* the size of the output, for --fresh-outputs */
+  size_t out_bytes; /* the size of the output, for --fresh-outputs and --against's comparison */
+  const char* name;
 } call_t;
 
 static int repeats = 5, fresh_outputs, cpu_time, only = -1; /* only: the one kernel timed (0 fwd, 1 data, 2 weights) */
 static dfp_isa isa;
 static dfp_parallel par;
+
+/* --against: the other build's entries, and what the last best_ms measured of it. */
+typedef int (*quantize_fn)(const dfp_quantize_args*, dfp_isa, const dfp_parallel*);
+typedef int (*gemm_fn)(const dfp_gemm_args*, dfp_isa, const dfp_parallel*);
+static struct {
+  const char* path;
+  conv_fn forward, backward_data, backward_weights;
+  quantize_fn quantize;
+  gemm_fn gemm;
+} against;
+static double last_against_ms, last_ratio; /* B's minimum, the median of B / A by round */
 
 static long minor_faults(void) {
   struct rusage u;
@@ -216,36 +241,95 @@ static long last_faults; /* minor page faults per timed call of the last best_ms
 /* --balance: the serial part and the tasks' CPU ms of the last best_ms's best call. */
 static double last_serial_ms, last_work_ms;
 
-static double best_ms(const call_t* c) {
-  double best = 1e30;
-  long faults = 0;
-  for (int r = 0; r < repeats + 1; ++r) { /* the first run warms up */
-    call_t run = *c;
-    void* out = fresh_outputs && r > 0 ? xla_alloc(c->out_bytes) : NULL; /* the warm-up writes the real one */
-    if (out) run.q.m = out, run.c.out.data = out, run.g.out.data = out;
-    const long f0 = minor_faults();
-    trace_reset();
-    const double t0 = clock_seconds(), thread0 = thread_seconds();
-    const int status = run.kind == QUANTIZE ? dfp_quantize(&run.q, isa, &par)
-                       : run.kind == CONV   ? run.conv(&run.c, isa, &par)
-                                            : dfp_gemm(&run.g, isa, &par);
-    double t = clock_seconds() - t0, work = 0;
-    const double serial = thread_seconds() - thread0 - trace.in_calls;
-    if (balance) t = modelled_seconds(par.num_threads, serial, &work);
-    free(out);
-    if (status != DFP_OK) {
-      fprintf(stderr, "kernel status %d\n", status);
-      exit(1);
-    }
-    if (r > 0 && t < best) best = t, last_serial_ms = serial * 1e3, last_work_ms = work * 1e3;
-    if (r > 0) faults += minor_faults() - f0;
-  }
-  last_faults = faults / (repeats > 0 ? repeats : 1);
-  return best * 1e3;
+/* c run by build `lib`: 0 the linked one, 1 --against's. */
+static int call(const call_t* c, int lib) {
+  if (c->kind == QUANTIZE) return (lib ? against.quantize : dfp_quantize)(&c->q, isa, &par);
+  if (c->kind == GEMM) return (lib ? against.gemm : dfp_gemm)(&c->g, isa, &par);
+  if (!lib) return c->conv(&c->c, isa, &par);
+  const conv_fn f = c->conv == dfp_conv_forward         ? against.forward
+                    : c->conv == dfp_conv_backward_data ? against.backward_data
+                                                        : against.backward_weights;
+  return f(&c->c, isa, &par);
 }
 
-static double quantize_ms(const float* x, size_t n, int16_t* m, int32_t* e) {
-  call_t c = {.kind = QUANTIZE, .q = {1, n, x, 16, 0, m, e}, .out_bytes = n * sizeof(int16_t)};
+static const char* current_layer; /* the layer (or the GEMM) being timed: --against names it where bits differ */
+
+/* --against, the warm-up round: build A's output kept (lib 0), build B's compared with it (lib 1). */
+static void check_bits(const call_t* c, int lib, unsigned char** kept, int32_t* kept_e) {
+  const unsigned char* out = c->kind == QUANTIZE ? (const unsigned char*)c->q.m
+                             : c->kind == CONV   ? (const unsigned char*)c->c.out.data
+                                                 : (const unsigned char*)c->g.out.data;
+  if (lib == 0) {
+    *kept = (unsigned char*)malloc(c->out_bytes);
+    memcpy(*kept, out, c->out_bytes);
+    if (c->kind == QUANTIZE) *kept_e = *c->q.e;
+    return;
+  }
+  size_t differ = 0;
+  for (size_t i = 0; i < c->out_bytes; ++i) differ += (*kept)[i] != out[i];
+  if (differ || (c->kind == QUANTIZE && *kept_e != *c->q.e)) {
+    fprintf(stderr, "%s, %s: the builds' outputs differ (%zu of %zu bytes%s)\n", current_layer, c->name, differ,
+            c->out_bytes, c->kind == QUANTIZE && *kept_e != *c->q.e ? ", and the exponent" : "");
+    exit(1);
+  }
+  free(*kept);
+}
+
+static int compare_doubles(const void* a, const void* b) {
+  const double x = *(const double*)a, y = *(const double*)b;
+  return (x > y) - (x < y);
+}
+
+/* The minimum of --repeats timed runs of c after a warm-up; with --against, of each build's, in
+ * rounds that run both (alternating which first), B's in last_against_ms, with the median of
+ * B's time over A's by round in last_ratio. */
+static double best_ms(const call_t* c) {
+  const int builds = against.path ? 2 : 1;
+  double best[2] = {1e30, 1e30}, *ratio = (double*)malloc((size_t)(repeats > 0 ? repeats : 1) * sizeof(double));
+  long faults = 0;
+  unsigned char* kept = NULL;
+  int32_t kept_e = 0;
+  for (int r = 0; r < repeats + 1; ++r) { /* the first round warms up */
+    double t[2];
+    for (int i = 0; i < builds; ++i) {
+      const int lib = (r + i) % builds; /* the warm-up: A first */
+      call_t run = *c;
+      void* out = fresh_outputs && r > 0 ? xla_alloc(c->out_bytes) : NULL; /* the warm-up writes the real one */
+      if (out) run.q.m = out, run.c.out.data = out, run.g.out.data = out;
+      const long f0 = minor_faults();
+      trace_reset();
+      const double t0 = clock_seconds(), thread0 = thread_seconds();
+      const int status = call(&run, lib);
+      t[lib] = clock_seconds() - t0;
+      double work = 0;
+      const double serial = thread_seconds() - thread0 - trace.in_calls;
+      if (balance) t[lib] = modelled_seconds(par.num_threads, serial, &work);
+      free(out);
+      if (status != DFP_OK) {
+        fprintf(stderr, "kernel status %d%s\n", status, lib ? " (--against's build)" : "");
+        exit(1);
+      }
+      if (r == 0 && builds == 2) check_bits(c, lib, &kept, &kept_e);
+      if (r > 0 && t[lib] < best[lib]) {
+        best[lib] = t[lib];
+        if (lib == 0) last_serial_ms = serial * 1e3, last_work_ms = work * 1e3;
+      }
+      if (r > 0 && lib == 0) faults += minor_faults() - f0;
+    }
+    if (r > 0 && builds == 2) ratio[r - 1] = t[1] / t[0];
+  }
+  last_faults = faults / (repeats > 0 ? repeats : 1);
+  if (builds == 2) {
+    qsort(ratio, (size_t)repeats, sizeof ratio[0], compare_doubles);
+    last_against_ms = best[1] * 1e3;
+    last_ratio = repeats % 2 ? ratio[repeats / 2] : (ratio[repeats / 2 - 1] + ratio[repeats / 2]) / 2;
+  }
+  free(ratio);
+  return best[0] * 1e3;
+}
+
+static double quantize_ms(const char* name, const float* x, size_t n, int16_t* m, int32_t* e) {
+  call_t c = {.kind = QUANTIZE, .q = {1, n, x, 16, 0, m, e}, .out_bytes = n * sizeof(int16_t), .name = name};
   return best_ms(&c);
 }
 
@@ -277,14 +361,14 @@ static dfp_conv_shape shape2d(size_t batch, size_t in, size_t out, size_t window
   return s;
 }
 
-static double totals[3], total_gop, serial_totals[3], work_totals[3];
+static double totals[3], total_gop, serial_totals[3], work_totals[3], against_totals[3];
 
 /* best_ms of a pass's kernel (0 forward, 1 backward-data, 2 backward-weights) and its faults per
  * call, or NaN where --only names another pass. */
 static double kernel_ms(const call_t* c, int pass, long* faults) {
   if (only >= 0 && only != pass) {
     *faults = 0;
-    last_serial_ms = last_work_ms = NAN;
+    last_serial_ms = last_work_ms = last_against_ms = last_ratio = NAN;
     return NAN;
   }
   const double ms = best_ms(c);
@@ -301,21 +385,25 @@ static void run_layer(int l, size_t batch) {
   int16_t *mx = xla_alloc(nx * 2), *mw = xla_alloc(nw * 2), *mdy = xla_alloc(ny * 2);
   float* res = xla_alloc((nx > ny ? (nx > nw ? nx : nw) : (ny > nw ? ny : nw)) * sizeof(float));
   int32_t ex, ew, edy;
-  double split[6][2]; /* --balance: serial and tasks' ms of Q(x), Q(w), Q(dy), fwd, data, weights */
-#define SPLIT(i) (split[i][0] = last_serial_ms, split[i][1] = last_work_ms)
-  const double qx = quantize_ms(x, nx, mx, &ex);
+  /* Of Q(x), Q(w), Q(dy), fwd, data, weights: --balance's serial and tasks' ms, --against's B ms
+   * and median ratio. */
+  double split[6][2], versus[6][2];
+#define SPLIT(i) \
+  (split[i][0] = last_serial_ms, split[i][1] = last_work_ms, versus[i][0] = last_against_ms, versus[i][1] = last_ratio)
+  current_layer = kLayers[l].name;
+  const double qx = quantize_ms("Q(x)", x, nx, mx, &ex);
   SPLIT(0);
-  const double qw = quantize_ms(w, nw, mw, &ew);
+  const double qw = quantize_ms("Q(w)", w, nw, mw, &ew);
   SPLIT(1);
-  const double qdy = quantize_ms(dy, ny, mdy, &edy);
+  const double qdy = quantize_ms("Q(dy)", dy, ny, mdy, &edy);
   SPLIT(2);
   const dfp_conv_shape s = shape2d(batch, size, out, k, stride, pad, cin, cout);
   call_t fwd = {.kind = CONV, .conv = dfp_conv_forward,
                 .c = {.shape = s, .x = mx, .ex = &ex, .b = mw, .eb = ew, .out = {.data = res, .format = DFP_OUT_F32}},
-                .out_bytes = ny * sizeof(float)};
+                .out_bytes = ny * sizeof(float), .name = "fwd kernel"};
   call_t bwd_w = {.kind = CONV, .conv = dfp_conv_backward_weights,
                   .c = {.shape = s, .x = mx, .ex = &ex, .b = mdy, .eb = edy, .out = {.data = res, .format = DFP_OUT_F32}},
-                  .out_bytes = nw * sizeof(float)};
+                  .out_bytes = nw * sizeof(float), .name = "bwd-weights kernel"};
   call_t bwd_d;
   if (cin < 16) { /* the primitive's col2im route */
     bwd_d = (call_t){.kind = CONV, .conv = dfp_conv_backward_data,
@@ -328,6 +416,7 @@ static void run_layer(int l, size_t batch) {
                            .weights = flipped, .x = mdy, .ex = &edy, .b = mw, .eb = ew, .out = {.data = res, .format = DFP_OUT_F32}}};
   }
   bwd_d.out_bytes = nx * sizeof(float);
+  bwd_d.name = "bwd-data kernel";
   long ff, fd, fw;
   const double kf = kernel_ms(&fwd, 0, &ff);
   SPLIT(3);
@@ -338,10 +427,22 @@ static void run_layer(int l, size_t batch) {
 #undef SPLIT
   const double gop = 2.0 * batch * out * out * cout * k * k * cin / 1e9;
   const double pass[3] = {kf + qx + qw, kd + qdy + qw, kw + qx + qdy};
-  printf("| %s | %.2f | %.2f / %.2f / %.2f | %.2f (%.0f) | %.2f (%.0f) | %.2f (%.0f) | %.0f / %.0f / %.0f |"
-         " %ld / %ld / %ld |\n",
-         kLayers[l].name, gop, qx, qw, qdy, kf, gop / kf * 1e3, kd, gop / kd * 1e3, kw, gop / kw * 1e3,
-         gop / pass[0] * 1e3, gop / pass[1] * 1e3, gop / pass[2] * 1e3, ff, fd, fw);
+  if (against.path) {
+    static const char* calls[6] = {"Q(x)", "Q(w)", "Q(dy)", "fwd kernel", "bwd-data kernel", "bwd-weights kernel"};
+    const double ms[6] = {qx, qw, qdy, kf, kd, kw};
+    for (int i = 0; i < 6; ++i)
+      if (!isnan(ms[i]))
+        printf("| %s | %s | %.2f | %.2f | %.3f | %.3f |\n", kLayers[l].name, calls[i], ms[i], versus[i][0],
+               versus[i][0] / ms[i], versus[i][1]);
+    const double b[3] = {versus[3][0] + versus[0][0] + versus[1][0], versus[4][0] + versus[2][0] + versus[1][0],
+                         versus[5][0] + versus[0][0] + versus[2][0]};
+    for (int i = 0; i < 3; ++i) against_totals[i] += b[i];
+  } else {
+    printf("| %s | %.2f | %.2f / %.2f / %.2f | %.2f (%.0f) | %.2f (%.0f) | %.2f (%.0f) | %.0f / %.0f / %.0f |"
+           " %ld / %ld / %ld |\n",
+           kLayers[l].name, gop, qx, qw, qdy, kf, gop / kf * 1e3, kd, gop / kd * 1e3, kw, gop / kw * 1e3,
+           gop / pass[0] * 1e3, gop / pass[1] * 1e3, gop / pass[2] * 1e3, ff, fd, fw);
+  }
   if (balance) {
     static const int parts[3][3] = {{3, 0, 1}, {4, 2, 1}, {5, 0, 2}}; /* kernel, quantizations */
     printf("| %s split |", kLayers[l].name);
@@ -366,7 +467,8 @@ static double gemm_gops(size_t n) {
   for (size_t i = 0; i < n * n; ++i) a[i] = (int16_t)(gauss() * 4000), b[i] = (int16_t)(gauss() * 4000);
   int32_t e = 0;
   call_t g = {.kind = GEMM, .g = {1, n, n, n, a, 0, b, 0, &e, 0, 0, &e, 0, 0, {c, DFP_OUT_F32}},
-              .out_bytes = n * n * sizeof(float)};
+              .out_bytes = n * n * sizeof(float), .name = "GEMM 1024^3"};
+  current_layer = "before or after the layers";
   const double ms = best_ms(&g);
   free(a), free(b), free(c);
   return 2.0 * n * n * n / ms / 1e6;
@@ -381,11 +483,6 @@ static double time_gemm(void) {
   const double gops = gemm_gops(1024);
   if (gemm_count < MAX_GEMMS) gemm_lines[gemm_count++] = gops;
   return gops;
-}
-
-static int compare_doubles(const void* a, const void* b) {
-  const double x = *(const double*)a, y = *(const double*)b;
-  return (x > y) - (x < y);
 }
 
 /* The glibc malloc tunables in the environment, as benchmarks/common.py's malloc_settings: with
@@ -413,6 +510,7 @@ int main(int argc, char** argv) {
     else if (!strcmp(argv[i], "--fresh-outputs")) fresh_outputs = 1;
     else if (!strcmp(argv[i], "--cpu-time")) cpu_time = 1;
     else if (!strcmp(argv[i], "--balance")) balance = 1;
+    else if (!strcmp(argv[i], "--against") && i + 1 < argc) against.path = argv[++i];
     else if (!strcmp(argv[i], "--only") && i + 1 < argc) {
       const char* pass = argv[++i];
       only = !strcmp(pass, "fwd") ? 0 : !strcmp(pass, "data") ? 1 : !strcmp(pass, "weights") ? 2 : -2;
@@ -422,6 +520,27 @@ int main(int argc, char** argv) {
       }
     }
     else { first_layer = i; break; }
+  }
+  if (against.path) {
+    if (balance) {
+      fprintf(stderr, "--against: --balance models one build's tasks; run it without --against\n");
+      return 2;
+    }
+    /* Lazily bound: the library's Python module entry, which needs libpython, is never called. */
+    void* lib = dlopen(against.path, RTLD_LAZY | RTLD_LOCAL);
+    if (lib == NULL) {
+      fprintf(stderr, "--against: %s\n", dlerror());
+      return 2;
+    }
+    against.forward = (conv_fn)dlsym(lib, "dfp_conv_forward");
+    against.backward_data = (conv_fn)dlsym(lib, "dfp_conv_backward_data");
+    against.backward_weights = (conv_fn)dlsym(lib, "dfp_conv_backward_weights");
+    against.quantize = (quantize_fn)dlsym(lib, "dfp_quantize");
+    against.gemm = (gemm_fn)dlsym(lib, "dfp_gemm");
+    if (!against.forward || !against.backward_data || !against.backward_weights || !against.quantize || !against.gemm) {
+      fprintf(stderr, "--against: %s lacks a kernel entry (dfp_conv_*, dfp_quantize, dfp_gemm)\n", against.path);
+      return 2;
+    }
   }
   static pool_t pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER};
   pool.threads = threads;
@@ -434,9 +553,16 @@ int main(int argc, char** argv) {
          repeats, fresh_outputs ? ", fresh outputs" : "", cpu_time ? "CPU" : "wall");
   print_malloc_settings();
   if (gemm) printf("# GEMM 1024^3: %.0f GOP/s, %ld minor faults per call\n", time_gemm(), last_faults);
-  printf("| layer | GOP | Q(x) / Q(w) / Q(dy) ms | fwd kernel | bwd-data kernel | bwd-weights kernel |"
-         " pass GOP/s fwd / data / weights | kernel faults per call fwd / data / weights |\n"
-         "|---|---|---|---|---|---|---|---|\n");
+  if (gemm && against.path)
+    printf("# GEMM 1024^3 of --against's build: %.0f GOP/s, median of B / A by round %.3f\n",
+           2.0 * 1024 * 1024 * 1024 / last_against_ms / 1e6, last_ratio);
+  if (against.path)
+    printf("# A: the linked build; B: %s\n| layer | call | A ms | B ms | B / A of the minima | median of B / A by round |\n"
+           "|---|---|---|---|---|---|\n", against.path);
+  else
+    printf("| layer | GOP | Q(x) / Q(w) / Q(dy) ms | fwd kernel | bwd-data kernel | bwd-weights kernel |"
+           " pass GOP/s fwd / data / weights | kernel faults per call fwd / data / weights |\n"
+           "|---|---|---|---|---|---|---|---|\n");
   const int count = (int)(sizeof kLayers / sizeof kLayers[0]);
   for (int l = 0; l < count; ++l) {
     int chosen = first_layer >= argc;
@@ -447,7 +573,14 @@ int main(int argc, char** argv) {
   }
   double pass_gops[3];
   for (int p = 0; p < 3; ++p) pass_gops[p] = total_gop / totals[p] * 1e3;
-  printf("| total | %.1f | | | | | %.0f / %.0f / %.0f | |\n", total_gop, pass_gops[0], pass_gops[1], pass_gops[2]);
+  if (against.path) {
+    static const char* passes[3] = {"forward", "backward-data", "backward-weights"};
+    for (int p = 0; p < 3; ++p)
+      printf("| total | %s pass | %.2f | %.2f | %.3f | |\n", passes[p], totals[p], against_totals[p],
+             against_totals[p] / totals[p]);
+  } else {
+    printf("| total | %.1f | | | | | %.0f / %.0f / %.0f | |\n", total_gop, pass_gops[0], pass_gops[1], pass_gops[2]);
+  }
   if (gemm_count > 0) {
     qsort(gemm_lines, (size_t)gemm_count, sizeof gemm_lines[0], compare_doubles);
     const double median = gemm_count % 2 ? gemm_lines[gemm_count / 2]
