@@ -526,8 +526,11 @@ int main(int argc, char** argv) {
       fprintf(stderr, "--against: --balance models one build's tasks; run it without --against\n");
       return 2;
     }
-    /* Lazily bound: the library's Python module entry, which needs libpython, is never called. */
-    void* lib = dlopen(against.path, RTLD_LAZY | RTLD_LOCAL);
+    /* Lazily bound: the library's Python module entry, which needs libpython, is never called.
+     * Deep binding: B's own references to the functions it exports (the per-ISA entries its
+     * configuration table names) bind to B's, not to the linked build's of the same name, which
+     * would otherwise stand in for them unseen. */
+    void* lib = dlopen(against.path, RTLD_LAZY | RTLD_LOCAL | RTLD_DEEPBIND);
     if (lib == NULL) {
       fprintf(stderr, "--against: %s\n", dlerror());
       return 2;
