@@ -110,3 +110,23 @@ def test_layers_import_only_downward():
 
 def test_jax_version_is_supported_here():
   _jax_compat.check_jax_version(jax.__version__, _jax_compat.supported_jax())
+
+
+def test_the_kernel_library_exports_its_c_api_and_nothing_inside():
+  """Every function dfp_kernel.h declares and the FFI handlers jax.ffi registers are exported;
+  the library's internals (packing, bounds, microkernel entries, macro-loops) are not, so that
+  nothing loaded beside it (another build of it, in benchmarks/conv_phases.c --against) can
+  stand in for them."""
+  from dfpjax import cpu_ffi
+
+  lib = cpu_ffi._library()
+  header = (PACKAGE / "cpu_ffi" / "src" / "dfp_kernel.h").read_text()
+  declared = re.findall(r"^DFP_API [\w\s*]*?\b(dfp_\w+)\(", header, re.MULTILINE)
+  undeclared = re.findall(r"^(?!DFP_API)[a-z][\w\s*]*?\b(dfp_\w+)\(", header, re.MULTILINE)
+  assert len(declared) >= 13 and not undeclared  # every declared function carries DFP_API
+  handlers = ["DfpQuantize", "DfpQuantizeGivenMax", "DfpDotGeneral", "DfpConv", "DfpMaxMagnitudes",
+              "DfpChannelSums"]
+  assert [name for name in declared + handlers if not hasattr(lib, name)] == []
+  internal = ["dfp_multiply_block", "dfp_pack_columns_portable", "dfp_norm_bounds_portable",
+              "dfp_quantize_row_portable", "dfp_isa_config_for", "dfp_ukernel_portable", "dfp_serial"]
+  assert [name for name in internal if hasattr(lib, name)] == []

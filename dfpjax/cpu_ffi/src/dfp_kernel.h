@@ -36,6 +36,12 @@
 extern "C" {
 #endif
 
+/* The functions of this header and the FFI handlers (ffi_binding.cc) are the library's only
+ * exported symbols; CMakeLists.txt builds the rest hidden, so that nothing inside can be
+ * interposed: two builds in one process (benchmarks/conv_phases.c --against) each keep their
+ * own packing and microkernel entries, and the calls between the files bind directly. */
+#define DFP_API __attribute__((visibility("default")))
+
 typedef enum {
   DFP_ISA_PORTABLE = 0,
   DFP_ISA_AVX2 = 1,
@@ -106,7 +112,7 @@ enum {
   DFP_ERR_BAD_SHAPE = -4,        /* invalid geometry or quantization parameters */
 };
 
-int dfp_gemm(const dfp_gemm_args* args, dfp_isa isa, const dfp_parallel* par);
+DFP_API int dfp_gemm(const dfp_gemm_args* args, dfp_isa isa, const dfp_parallel* par);
 
 /* Geometry of a channels-last convolution with up to 3 spatial dimensions (unused ones
  * have size 1 and unit parameters) and feature groups:
@@ -156,9 +162,9 @@ typedef struct {
   dfp_output out;
 } dfp_conv_args;
 
-int dfp_conv_forward(const dfp_conv_args* args, dfp_isa isa, const dfp_parallel* par);
-int dfp_conv_backward_weights(const dfp_conv_args* args, dfp_isa isa, const dfp_parallel* par);
-int dfp_conv_backward_data(const dfp_conv_args* args, dfp_isa isa, const dfp_parallel* par);
+DFP_API int dfp_conv_forward(const dfp_conv_args* args, dfp_isa isa, const dfp_parallel* par);
+DFP_API int dfp_conv_backward_weights(const dfp_conv_args* args, dfp_isa isa, const dfp_parallel* par);
+DFP_API int dfp_conv_backward_data(const dfp_conv_args* args, dfp_isa isa, const dfp_parallel* par);
 
 /* Spec section 2 for float32, one exponent per group, round half to even: x and m are
  * [groups][n]; e[g] = floor(log2(amax of group g)) - (bits - 2) + headroom, 0 for an
@@ -178,11 +184,11 @@ typedef struct {
   const uint32_t* group_max;
 } dfp_quantize_args;
 
-int dfp_quantize(const dfp_quantize_args* args, dfp_isa isa, const dfp_parallel* par);
+DFP_API int dfp_quantize(const dfp_quantize_args* args, dfp_isa isa, const dfp_parallel* par);
 
 /* top[g] = the largest magnitude bit pattern (the float's bits & 0x7fffffff) of group g of
  * x [groups][n], 0 for an empty group: the group_max of dfp_quantize_args, read in one pass. */
-int dfp_max_magnitudes(const float* x, size_t groups, size_t n, uint32_t* top, dfp_isa isa,
+DFP_API int dfp_max_magnitudes(const float* x, size_t groups, size_t n, uint32_t* top, dfp_isa isa,
                        const dfp_parallel* par);
 
 /* Per-channel sums of float32 operands a, b [groups][rows][channels] and center
@@ -197,17 +203,17 @@ typedef struct {
   float *sum, *dot;
 } dfp_channel_sums_args;
 
-int dfp_channel_sums(const dfp_channel_sums_args* args, dfp_isa isa, const dfp_parallel* par);
+DFP_API int dfp_channel_sums(const dfp_channel_sums_args* args, dfp_isa isa, const dfp_parallel* par);
 
-int dfp_isa_supported(dfp_isa isa);       /* compiled in and runnable on this CPU */
-int dfp_isa_emulated(dfp_isa isa);        /* built on emulated intrinsics (DFPJAX_EMULATE_VNNI) */
-const char* dfp_isa_name(dfp_isa isa);    /* "portable", "avx2", "avx_vnni", "avx512_vnni" */
-dfp_isa dfp_best_isa(void);               /* the fastest supported path that is not emulated */
+DFP_API int dfp_isa_supported(dfp_isa isa);       /* compiled in and runnable on this CPU */
+DFP_API int dfp_isa_emulated(dfp_isa isa);        /* built on emulated intrinsics (DFPJAX_EMULATE_VNNI) */
+DFP_API const char* dfp_isa_name(dfp_isa isa);    /* "portable", "avx2", "avx_vnni", "avx512_vnni" */
+DFP_API dfp_isa dfp_best_isa(void);               /* the fastest supported path that is not emulated */
 /* The microkernel's register tile of a path compiled into this build: 0 and *mr x *nr, else -1. */
-int dfp_isa_tile(dfp_isa isa, int* mr, int* nr);
+DFP_API int dfp_isa_tile(dfp_isa isa, int* mr, int* nr);
 /* The path a call uses: DFPJAX_ISA if set (>= 0), else the best; -1 if DFPJAX_ISA names
  * an unknown path. */
-int dfp_selected_isa(void);
+DFP_API int dfp_selected_isa(void);
 
 #ifdef __cplusplus
 }

@@ -421,6 +421,16 @@ ffi::Error ChannelSums(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buffe
 
 }  // namespace
 
+// The handlers jax.ffi registers by name (dfpjax/cpu_ffi/__init__.py): exported (dfp_kernel.h's DFP_API).
+extern "C" {
+DFP_API XLA_FFI_Error* DfpQuantize(XLA_FFI_CallFrame* call_frame);
+DFP_API XLA_FFI_Error* DfpQuantizeGivenMax(XLA_FFI_CallFrame* call_frame);
+DFP_API XLA_FFI_Error* DfpDotGeneral(XLA_FFI_CallFrame* call_frame);
+DFP_API XLA_FFI_Error* DfpConv(XLA_FFI_CallFrame* call_frame);
+DFP_API XLA_FFI_Error* DfpMaxMagnitudes(XLA_FFI_CallFrame* call_frame);
+DFP_API XLA_FFI_Error* DfpChannelSums(XLA_FFI_CallFrame* call_frame);
+}
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(DfpQuantize, Quantize,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
