@@ -14,90 +14,94 @@ static inline void prefetch_next_rows(const int16_t* src, int rows, size_t row_s
     _mm_prefetch((const char*)((uintptr_t)src + (size_t)(rows + i) * row_stride * sizeof(int16_t)), _MM_HINT_T0);
 }
 
-/* Rows contiguous in k, six rows (the panels of the 6 x 16 kernels): eight pairs at a time
- * as a 6 x 8 transpose of 32-bit words. Returns the pairs done, a multiple of eight. */
-static size_t copy_six_rows(const int16_t* src, size_t pairs, size_t row_stride, uint32_t* out) {
-  size_t p = 0;
-  for (; p + 8 <= pairs; p += 8, src += 16, out += 48) {
-    __m256i r[6];
-    prefetch_next_rows(src, 6, row_stride);
-    for (int i = 0; i < 6; ++i) r[i] = _mm256_loadu_si256((const __m256i*)(src + i * row_stride));
-    /* t: rows (0,1), (2,3), (4,5) interleaved; u: rows 0-3 of pairs (0|4), (1|5), (2|6), (3|7). */
-    const __m256i t0 = _mm256_unpacklo_epi32(r[0], r[1]), t1 = _mm256_unpackhi_epi32(r[0], r[1]);
-    const __m256i t2 = _mm256_unpacklo_epi32(r[2], r[3]), t3 = _mm256_unpackhi_epi32(r[2], r[3]);
-    const __m256i t4 = _mm256_unpacklo_epi32(r[4], r[5]), t5 = _mm256_unpackhi_epi32(r[4], r[5]);
-    const __m256i u[4] = {_mm256_unpacklo_epi64(t0, t2), _mm256_unpackhi_epi64(t0, t2),
-                          _mm256_unpacklo_epi64(t1, t3), _mm256_unpackhi_epi64(t1, t3)};
-    const __m128i rows45[4] = {_mm256_castsi256_si128(t4), _mm256_castsi256_si128(t5),
-                               _mm256_extracti128_si256(t4, 1), _mm256_extracti128_si256(t5, 1)};
-    for (int half = 0; half < 2; ++half)
-      for (int j = 0; j < 4; ++j) {
-        uint32_t* o = out + (half * 4 + j) * 6;
-        const __m128i r03 = half ? _mm256_extracti128_si256(u[j], 1) : _mm256_castsi256_si128(u[j]);
-        const __m128d r45 = _mm_castsi128_pd(rows45[half * 2 + j / 2]);
-        _mm_storeu_si128((__m128i*)o, r03);
-        if (j % 2) _mm_storeh_pd((double*)(o + 4), r45);
-        else _mm_storel_pd((double*)(o + 4), r45);
-      }
-  }
-  return p;
+/* Eight pairs of six rows contiguous in k (the panels of the 6 x 16 kernels) as a 6 x 8
+ * transpose of 32-bit words. */
+static inline __attribute__((always_inline)) void six_rows_group(const int16_t* src, size_t row_stride, uint32_t* out) {
+  __m256i r[6];
+  prefetch_next_rows(src, 6, row_stride);
+  for (int i = 0; i < 6; ++i) r[i] = _mm256_loadu_si256((const __m256i*)(src + i * row_stride));
+  /* t: rows (0,1), (2,3), (4,5) interleaved; u: rows 0-3 of pairs (0|4), (1|5), (2|6), (3|7). */
+  const __m256i t0 = _mm256_unpacklo_epi32(r[0], r[1]), t1 = _mm256_unpackhi_epi32(r[0], r[1]);
+  const __m256i t2 = _mm256_unpacklo_epi32(r[2], r[3]), t3 = _mm256_unpackhi_epi32(r[2], r[3]);
+  const __m256i t4 = _mm256_unpacklo_epi32(r[4], r[5]), t5 = _mm256_unpackhi_epi32(r[4], r[5]);
+  const __m256i u[4] = {_mm256_unpacklo_epi64(t0, t2), _mm256_unpackhi_epi64(t0, t2),
+                        _mm256_unpacklo_epi64(t1, t3), _mm256_unpackhi_epi64(t1, t3)};
+  const __m128i rows45[4] = {_mm256_castsi256_si128(t4), _mm256_castsi256_si128(t5),
+                             _mm256_extracti128_si256(t4, 1), _mm256_extracti128_si256(t5, 1)};
+  for (int half = 0; half < 2; ++half)
+    for (int j = 0; j < 4; ++j) {
+      uint32_t* o = out + (half * 4 + j) * 6;
+      const __m128i r03 = half ? _mm256_extracti128_si256(u[j], 1) : _mm256_castsi256_si128(u[j]);
+      const __m128d r45 = _mm_castsi128_pd(rows45[half * 2 + j / 2]);
+      _mm_storeu_si128((__m128i*)o, r03);
+      if (j % 2) _mm_storeh_pd((double*)(o + 4), r45);
+      else _mm_storel_pd((double*)(o + 4), r45);
+    }
 }
 
-/* Rows contiguous in k, eight rows (the panels of the 8 x 32 kernel, or eight lanes of a wider
- * panel: a B panel read from transposed weights): eight pairs at a time as an 8 x 8 transpose
- * of 32-bit words, into out[pair * width + lane]. Returns the pairs done, a multiple of eight. */
-static size_t copy_eight_rows(const int16_t* src, size_t pairs, size_t row_stride, uint32_t* out, size_t width) {
-  size_t p = 0;
-  for (; p + 8 <= pairs; p += 8, src += 16, out += 8 * width) {
-    __m256i r[8], t[8], u[8];
-    prefetch_next_rows(src, 8, row_stride);
-    for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_si256((const __m256i*)(src + i * row_stride));
-    /* t: row pairs (0,1), (2,3), (4,5), (6,7) interleaved; u[j], u[4 + j]: rows 0-3 and 4-7 of
-     * pairs (j | j + 4) in the two 128-bit lanes. */
-    for (int i = 0; i < 4; ++i) {
-      t[2 * i] = _mm256_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
-      t[2 * i + 1] = _mm256_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
-    }
-    for (int h = 0; h < 2; ++h) {
-      u[4 * h] = _mm256_unpacklo_epi64(t[4 * h], t[4 * h + 2]);
-      u[4 * h + 1] = _mm256_unpackhi_epi64(t[4 * h], t[4 * h + 2]);
-      u[4 * h + 2] = _mm256_unpacklo_epi64(t[4 * h + 1], t[4 * h + 3]);
-      u[4 * h + 3] = _mm256_unpackhi_epi64(t[4 * h + 1], t[4 * h + 3]);
-    }
-    for (int j = 0; j < 4; ++j) {
-      _mm256_storeu_si256((__m256i*)(out + width * j), _mm256_permute2x128_si256(u[j], u[4 + j], 0x20));
-      _mm256_storeu_si256((__m256i*)(out + width * (j + 4)), _mm256_permute2x128_si256(u[j], u[4 + j], 0x31));
-    }
+/* Eight pairs of eight rows contiguous in k (the panels of the 8 x 32 kernel, or eight lanes of
+ * a wider panel: a B panel read from transposed weights) as an 8 x 8 transpose of 32-bit words,
+ * into out[pair * width + lane]. */
+static inline __attribute__((always_inline)) void eight_rows_group(const int16_t* src, size_t row_stride, uint32_t* out, size_t width) {
+  __m256i r[8], t[8], u[8];
+  prefetch_next_rows(src, 8, row_stride);
+  for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_si256((const __m256i*)(src + i * row_stride));
+  /* t: row pairs (0,1), (2,3), (4,5), (6,7) interleaved; u[j], u[4 + j]: rows 0-3 and 4-7 of
+   * pairs (j | j + 4) in the two 128-bit lanes. */
+  for (int i = 0; i < 4; ++i) {
+    t[2 * i] = _mm256_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm256_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
   }
-  return p;
+  for (int h = 0; h < 2; ++h) {
+    u[4 * h] = _mm256_unpacklo_epi64(t[4 * h], t[4 * h + 2]);
+    u[4 * h + 1] = _mm256_unpackhi_epi64(t[4 * h], t[4 * h + 2]);
+    u[4 * h + 2] = _mm256_unpacklo_epi64(t[4 * h + 1], t[4 * h + 3]);
+    u[4 * h + 3] = _mm256_unpackhi_epi64(t[4 * h + 1], t[4 * h + 3]);
+  }
+  for (int j = 0; j < 4; ++j) {
+    _mm256_storeu_si256((__m256i*)(out + width * j), _mm256_permute2x128_si256(u[j], u[4 + j], 0x20));
+    _mm256_storeu_si256((__m256i*)(out + width * (j + 4)), _mm256_permute2x128_si256(u[j], u[4 + j], 0x31));
+  }
+}
+
+/* The first pair of the row copy's group of eight from pair p on, of pairs >= 8: p, or where
+ * fewer than eight are left, the eight that end at the last pair, those already done rewritten
+ * alike (the stem's rows of 21 leave 10 pairs a part, whose last two, word by word, took a fifth
+ * of its packing). */
+static inline size_t group_start(size_t p, size_t pairs) { return p + 8 <= pairs ? p : pairs - 8; }
+
+/* The row copies: every pair where there are eight or more (returns pairs), else none (0). */
+static size_t copy_six_rows(const int16_t* src, size_t pairs, size_t row_stride, uint32_t* out) {
+  if (pairs < 8) return 0;
+  for (size_t p = 0; p < pairs; p += 8) {
+    const size_t at = group_start(p, pairs);
+    six_rows_group(src + 2 * at, row_stride, out + at * 6);
+  }
+  return pairs;
+}
+
+static size_t copy_eight_rows(const int16_t* src, size_t pairs, size_t row_stride, uint32_t* out, size_t width) {
+  if (pairs < 8) return 0;
+  for (size_t p = 0; p < pairs; p += 8) {
+    const size_t at = group_start(p, pairs);
+    eight_rows_group(src + 2 * at, row_stride, out + at * width, width);
+  }
+  return pairs;
 }
 
 void dfp_pack_rows_avx2(const int16_t* src, size_t pairs, size_t row_stride, size_t valid, int width,
                         uint32_t* out) {
   if (width == 6 && valid == 6) {
-    const size_t done = copy_six_rows(src, pairs, row_stride, out);
-    /* The last eight pairs again, those already done rewritten alike: the stem's rows of 21
-     * leave 10 pairs a part, whose last two, word by word, took a fifth of its packing. */
-    if (done < pairs && pairs >= 8)
-      copy_six_rows(src + 2 * (pairs - 8), 8, row_stride, out + (pairs - 8) * 6);
-    else
-      dfp_pack_rows_from(src, done, pairs, row_stride, valid, width, out);
+    dfp_pack_rows_from(src, copy_six_rows(src, pairs, row_stride, out), pairs, row_stride, valid, width, out);
     return;
   }
-  /* Whole groups of eight lanes by the transpose, the last eight pairs again as the six-row copy
-   * takes them (the stem's window rows on the avx512_vnni path's 8-row panels), then the pairs
-   * it leaves of short rows and every pair of the lanes past the last group. */
+  /* Whole groups of eight lanes by the transpose (the stem's window rows on the avx512_vnni
+   * path's 8-row panels too), then the pairs it leaves of short rows and every pair of the
+   * lanes past the last group. */
   size_t lanes = 0, done = 0;
   if (width % 8 == 0)
-    for (; lanes + 8 <= valid; lanes += 8) {
-      const int16_t* rows = src + lanes * row_stride;
-      done = copy_eight_rows(rows, pairs, row_stride, out + lanes, (size_t)width);
-      if (done < pairs && pairs >= 8) {
-        copy_eight_rows(rows + 2 * (pairs - 8), 8, row_stride, out + lanes + (pairs - 8) * (size_t)width,
-                        (size_t)width);
-        done = pairs;
-      }
-    }
+    for (; lanes + 8 <= valid; lanes += 8)
+      done = copy_eight_rows(src + lanes * row_stride, pairs, row_stride, out + lanes, (size_t)width);
   dfp_pack_rows_from(src, done, pairs, row_stride, lanes, width, out);
   dfp_pack_rows_from(src + lanes * row_stride, 0, pairs, row_stride, valid - lanes, width, out + lanes);
 }
@@ -321,6 +325,25 @@ void dfp_pack_columns_avx2(const int16_t* src, size_t pairs, size_t col_stride, 
  * 10**8 a pair). */
 _Static_assert(DFP_KC_PAIRS <= 512, "a row's sum in units of 256 over a K block must fit 32 bits");
 
+/* Lanes [g, g + 8) of a panel `width` lanes wide: whole where all eight lie inside it, else
+ * mask selects those that do (the bounds never load past a panel, whose last may end the
+ * buffer). */
+typedef struct {
+  __m256i mask;
+  int whole;
+} lane_group;
+
+static inline lane_group lane_group_of(int width, int g) {
+  const lane_group lanes = {_mm256_cmpgt_epi32(_mm256_set1_epi32(width - g), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)),
+                            width - g >= 8};
+  return lanes;
+}
+
+/* A pair's words of those lanes at `at`, zero past the panel. */
+static inline __m256i load_lanes(const int16_t* at, lane_group lanes) {
+  return lanes.whole ? _mm256_loadu_si256((const __m256i*)at) : _mm256_maskload_epi32((const int*)at, lanes.mask);
+}
+
 /* The term of two pairs v and w of the same lanes (rows): their squares summed per lane, in
  * units of 256; least lowered by their words (an element of -32768 shows there). */
 static inline __m256i two_pair_term(__m256i v, __m256i w, __m256i* least) {
@@ -356,11 +379,10 @@ static inline __m256i six_row_sums(const int16_t* at, __m256i* least) {
  * a term, as six_row_sums sums them (half the shifts and loop steps: a K block of 16-lane panels
  * in L2, one thread, Zen 3, 63 -> 49 ps a word). */
 static inline __m256i eight_row_sums(const int16_t* block, size_t p0, size_t p1, int width, int g, __m256i* least) {
-  const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(width - g), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-  const int whole = width - g >= 8;
+  const lane_group lanes = lane_group_of(width, g);
   __m256i sum = _mm256_setzero_si256();
   size_t p = p0;
-  if (whole)
+  if (lanes.whole)
     for (; p + 2 <= p1; p += 2) {
       const int16_t* at = block + (p * (size_t)width + (size_t)g) * 2;
       const __m256i v = _mm256_loadu_si256((const __m256i*)at);
@@ -368,8 +390,7 @@ static inline __m256i eight_row_sums(const int16_t* block, size_t p0, size_t p1,
       sum = _mm256_add_epi32(sum, two_pair_term(v, w, least));
     }
   for (; p < p1; ++p) {
-    const int16_t* at = block + (p * (size_t)width + (size_t)g) * 2;
-    const __m256i v = whole ? _mm256_loadu_si256((const __m256i*)at) : _mm256_maskload_epi32((const int*)at, mask);
+    const __m256i v = load_lanes(block + (p * (size_t)width + (size_t)g) * 2, lanes);
     *least = _mm256_min_epi16(*least, v);
     sum = _mm256_add_epi32(sum, _mm256_srli_epi32(_mm256_madd_epi16(v, v), 8));
   }
@@ -428,13 +449,11 @@ void dfp_fine_bounds_avx2(const int16_t* block, size_t kpairs, int width, uint64
   const __m256i one = _mm256_set1_epi32(1);
   __m256i two = _mm256_setzero_si256(), four = _mm256_setzero_si256();
   for (int g = 0; g < width; g += 8) {
-    const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(width - g), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-    const int whole = width - g >= 8;
+    const lane_group lanes = lane_group_of(width, g);
     for (size_t p0 = 0; p0 < kpairs; p0 += 4) {
       __m256i half[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};
       for (size_t p = p0; p < p0 + 4 && p < kpairs; ++p) {
-        const int16_t* at = block + (p * (size_t)width + (size_t)g) * 2;
-        const __m256i v = whole ? _mm256_loadu_si256((const __m256i*)at) : _mm256_maskload_epi32((const int*)at, mask);
+        const __m256i v = load_lanes(block + (p * (size_t)width + (size_t)g) * 2, lanes);
         half[(p - p0) / 2] = _mm256_add_epi32(half[(p - p0) / 2], _mm256_madd_epi16(v, v));
       }
       two = _mm256_max_epu32(two, _mm256_max_epu32(half[0], half[1]));
