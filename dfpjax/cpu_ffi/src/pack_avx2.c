@@ -42,7 +42,8 @@ static inline __attribute__((always_inline)) void six_rows_group(const int16_t* 
 /* Eight pairs of eight rows contiguous in k (the panels of the 8 x 32 kernel, or eight lanes of
  * a wider panel: a B panel read from transposed weights) as an 8 x 8 transpose of 32-bit words,
  * into out[pair * width + lane]. */
-static inline __attribute__((always_inline)) void eight_rows_group(const int16_t* src, size_t row_stride, uint32_t* out, size_t width) {
+static inline __attribute__((always_inline)) void eight_rows_group(const int16_t* src, size_t row_stride, uint32_t* out,
+                                                                    size_t width) {
   __m256i r[8], t[8], u[8];
   prefetch_next_rows(src, 8, row_stride);
   for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_si256((const __m256i*)(src + i * row_stride));
