@@ -114,6 +114,22 @@ void dfp_fine_bounds_avx2(const int16_t* block, size_t kpairs, int width, uint64
 void dfp_pack_columns_avx512(const int16_t* src, size_t pairs, size_t col_stride, size_t valid, int width,
                              int16_t* out, size_t panel_stride);
 
+/* The column copies (pack_columns) go pair by pair, all the panels' lanes of its two k-rows,
+ * reading the rows in order, once, each prefetched DFP_PREFETCH_PAIRS pairs ahead: a k-row of a
+ * dense 1x1 taps view is a pixel of x (256-512 bytes apart), too short a stream for the
+ * hardware prefetcher, and without the prefetch the copy waits on each load, one pair at a
+ * time. The lines of lanes [0, lanes) of the k-rows of the pair DFP_PREFETCH_PAIRS after the
+ * one at in0 (addresses as integers: prefetches past the source are harmless, they never
+ * fault). */
+enum { DFP_PREFETCH_PAIRS = 8 };
+static inline void dfp_prefetch_pair_ahead(const int16_t* in0, size_t col_stride, size_t lanes) {
+  const uintptr_t ahead = (uintptr_t)in0 + DFP_PREFETCH_PAIRS * 2 * col_stride * sizeof(int16_t);
+  for (size_t byte = 0; byte < lanes * 2 + 64; byte += 64) {
+    __builtin_prefetch((const void*)(ahead + byte), 0, 3);
+    __builtin_prefetch((const void*)(ahead + col_stride * sizeof(int16_t) + byte), 0, 3);
+  }
+}
+
 /* What the AVX2 row copy leaves to plain C: pairs [first, pairs) of pack_rows. */
 void dfp_pack_rows_from(const int16_t* src, size_t first, size_t pairs, size_t row_stride,
                         size_t valid, int width, uint32_t* out);

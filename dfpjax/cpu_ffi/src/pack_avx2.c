@@ -186,21 +186,6 @@ static inline void six_lane_panels(const int16_t* in0, const int16_t* in1, int16
   four_lanes(in0 + 8, in1 + 8, o + panel_stride + 4);
 }
 
-/* Pair by pair, all the panels' lanes of its two k-rows: the rows are read in order, once,
- * each prefetched PREFETCH_PAIRS pairs ahead. A row of a dense 1x1 taps view is a pixel of x
- * (256-512 bytes apart): without the prefetch the copy waits on each load, one pair at a time
- * (addresses as integers: prefetches past the source are harmless, they never fault). */
-enum { PREFETCH_PAIRS = 8 };
-
-/* The lines of lanes [0, lanes) of the k-rows of the pair PREFETCH_PAIRS after the one at in0. */
-static inline void prefetch_pair_ahead(const int16_t* in0, size_t col_stride, size_t lanes) {
-  const uintptr_t ahead = (uintptr_t)in0 + PREFETCH_PAIRS * 2 * col_stride * sizeof(int16_t);
-  for (size_t byte = 0; byte < lanes * 2 + 64; byte += 64) {
-    _mm_prefetch((const char*)(ahead + byte), _MM_HINT_T0);
-    _mm_prefetch((const char*)(ahead + col_stride * sizeof(int16_t) + byte), _MM_HINT_T0);
-  }
-}
-
 /* Whole panels in loops of their own, with nothing but the copies and the prefetch: 16-lane
  * panels (the 6 x 16 kernels' B panels: dy in backward-weights) one interleave16 each, 6-lane
  * ones (their A panels: x in backward-weights) two at a time. In one loop with the partial
@@ -213,7 +198,7 @@ static void whole_panels16(const int16_t* src, size_t pairs, size_t col_stride, 
                            size_t panel_stride) {
   for (size_t p = 0; p < pairs; ++p, out += 32) {
     const int16_t* in0 = src + 2 * p * col_stride;
-    prefetch_pair_ahead(in0, col_stride, panels * 16);
+    dfp_prefetch_pair_ahead(in0, col_stride, panels * 16);
     for (size_t q = 0; q < panels; ++q)
       interleave16(in0 + 16 * q, in0 + col_stride + 16 * q, out + q * panel_stride);
   }
@@ -228,7 +213,7 @@ static inline void whole_panels6(const int16_t* src, size_t pairs, size_t col_st
   const size_t lanes = panel_pairs * 12;
   for (size_t p = 0; p < pairs; ++p, out += 12) {
     const int16_t* in0 = src + 2 * p * col_stride;
-    prefetch_pair_ahead(in0, col_stride, lanes + (size_t)tail);
+    dfp_prefetch_pair_ahead(in0, col_stride, lanes + (size_t)tail);
     for (size_t q = 0; q < panel_pairs; ++q)
       six_lane_panels(in0 + 12 * q, in0 + col_stride + 12 * q, out + 2 * q * panel_stride, panel_stride);
     int16_t* rest = out + 2 * panel_pairs * panel_stride;
@@ -246,7 +231,7 @@ static void any_lanes(const int16_t* src, size_t pairs, size_t col_stride, size_
     /* A wide load reads at most lane valid + 2 of a k-row: for in0 before in1's last valid
      * lane (col_stride >= 8), for in1 before the next pair's: inside the source. */
     const int wide = p + 1 < pairs && col_stride >= 8;
-    prefetch_pair_ahead(in0, col_stride, valid);
+    dfp_prefetch_pair_ahead(in0, col_stride, valid);
     for (size_t l0 = 0, q = 0; l0 < valid; l0 += (size_t)width, ++q)
       interleave_lanes(in0 + l0, in1 + l0, valid - l0 < (size_t)width ? valid - l0 : (size_t)width, wide,
                        out + q * panel_stride + p * (size_t)width * 2);
@@ -279,7 +264,7 @@ static inline __attribute__((always_inline)) void narrow_lanes(const int16_t* sr
   if (col_stride + valid >= 8)
     for (; p + 1 < pairs; ++p) {
       const int16_t* in0 = src + 2 * p * col_stride;
-      if (col_stride >= 32) prefetch_pair_ahead(in0, col_stride, valid);
+      if (col_stride >= 32) dfp_prefetch_pair_ahead(in0, col_stride, valid);
       const __m128i x = _mm_loadu_si128((const __m128i*)in0), y = _mm_loadu_si128((const __m128i*)(in0 + col_stride));
       store_words(out + p * (size_t)width * 2, _mm_unpacklo_epi16(x, y), _mm_unpackhi_epi16(x, y), 2 * valid);
     }

@@ -38,10 +38,8 @@ static inline void store_pairs(__m512i v, size_t l, size_t lanes, int width, siz
   }
 }
 
-/* Pair by pair, all the panels' lanes of its two k-rows, read in order once, prefetched
- * PREFETCH_PAIRS pairs ahead as pack_avx2.c does; lanes past `valid` are neither read (masked
- * loads) nor written. */
-enum { PREFETCH_PAIRS = 8 };
+/* Pair by pair, all the panels' lanes of its two k-rows, read in order once
+ * (dfp_prefetch_pair_ahead); lanes past `valid` are neither read (masked loads) nor written. */
 void dfp_pack_columns_avx512(const int16_t* src, size_t pairs, size_t col_stride, size_t valid, int width,
                              int16_t* out, size_t panel_stride) {
   if (width != 8 && width != 16 && width != 32) {
@@ -52,11 +50,7 @@ void dfp_pack_columns_avx512(const int16_t* src, size_t pairs, size_t col_stride
   for (size_t p = 0; p < pairs; ++p) {
     const int16_t* in0 = src + 2 * p * col_stride;
     const int16_t* in1 = in0 + col_stride;
-    const uintptr_t ahead = (uintptr_t)in0 + PREFETCH_PAIRS * 2 * col_stride * sizeof(int16_t);
-    for (size_t byte = 0; byte < valid * 2 + 64; byte += 64) {
-      _mm_prefetch((const char*)(ahead + byte), _MM_HINT_T0);
-      _mm_prefetch((const char*)(ahead + col_stride * sizeof(int16_t) + byte), _MM_HINT_T0);
-    }
+    dfp_prefetch_pair_ahead(in0, col_stride, valid);
     for (size_t l = 0; l < valid; l += 32) {
       const size_t lanes = valid - l < 32 ? valid - l : 32;
       const __mmask32 mask = lanes == 32 ? 0xffffffffu : (__mmask32)((1u << lanes) - 1);
