@@ -243,6 +243,14 @@ def test_recompute_keeps_fewer_buffers_with_the_same_bits():
   assert_same_bits(outputs[False], outputs[True])
 
 
+def test_recompute_region_with_a_complex_output_has_the_gradient_of_its_checkpoint():
+  x, w = jnp.ones((4, 8)), jnp.full((8, 8), 0.1)
+  region = dfpjax.recompute(lambda x, w: (x @ w).astype(jnp.complex64))
+  loss = lambda x, w: jnp.sum(jnp.abs(region(x, w)) ** 2)
+  np.testing.assert_allclose(jax.grad(dfpjax.dfp_transform(loss), 1)(x, w),
+                             jax.grad(loss, 1)(x, w), rtol=1e-3)
+
+
 def recompute_steps(name: str, batch_size: int, variants=(False, True)):
   """The examples' DFP step of ``name`` at 32x32 (three classes), compiled with each of
   ``variants`` as ``recompute_block_tails`` (by default without and with every block tail

@@ -87,9 +87,10 @@ def tied_to_cotangent(fn: Callable, policy: RecomputePolicy) -> Callable:
     return jax.vjp(checkpointed, *args)
 
   def region_bwd(vjp, cotangents):
-    cotangent = next(c for c in cotangents if jnp.issubdtype(c.dtype, jnp.floating))
-    # Its first element; a scalar reduction across devices where the batch is split.
-    flag = first_false(cotangent)
+    # The cotangent of a floating or complex output (JAX calls this only where there is one):
+    # its first element's real part; a scalar reduction across devices where the batch is split.
+    cotangent = next(c for c in cotangents if jnp.issubdtype(c.dtype, jnp.inexact))
+    flag = first_false(jnp.real(cotangent))
     leaves, tree = jax.tree.flatten(vjp)
     leaves = [after(x, flag) if _small_number(x) else x for x in leaves]
     return tuple(jax.tree.unflatten(tree, leaves)(cotangents))
