@@ -872,3 +872,22 @@ def test_module_paths():
   # A transform inside a module does not restart the path.
   assert module_path(_stack("Net", "vmap()", "inner", "fc")) == "Net/inner/fc"
   assert module_path(_stack()) == ""
+  # A scope may repeat its parent's name (a module named like the one that holds it).
+  assert module_path(_stack("Outer", "proj", "proj")) == "Outer/proj/proj"
+  # Left out: Flax's lifted call of a function with its module, jnp.einsum's subscripts.
+  assert module_path(_stack("Net", "Block_0", "Block_0.fn", "Conv_0")) == "Net/Block_0/Conv_0"
+  assert module_path(_stack("Net", "head", "bd,dk->bk")) == "Net/head"
+  assert module_path(_stack("head", "...d, dk")) == "head"
+
+
+def test_keep_float_matches_a_scope_repeating_its_parents_name_and_an_einsums_scope():
+  x, w = jnp.ones((4, 8)), jnp.full((8, 8), 0.1)
+
+  def f(x, w):
+    with jax.named_scope("a"), jax.named_scope("a"):
+      y = x @ w
+    with jax.named_scope("head"):
+      return jnp.einsum("bd,dk->bk", y, w)
+
+  sites = report(f, x, w, config=dfpjax.DFPConfig(keep_float=("a/a", "*head")))
+  assert [(site.path, site.mode) for site in sites] == [("a/a", "float"), ("head", "float")]
