@@ -118,6 +118,14 @@ def staged(custom, hijax_form: bool):
   return define
 
 
+def in_forward_mode(values) -> bool:
+  """Whether any of ``values`` is a tracer of forward-mode differentiation (``jax.jvp``,
+  ``jax.jacfwd``), not of the linearization ``jax.grad``, ``jax.vjp`` and ``jax.linearize`` run:
+  a ``jax.custom_vjp`` has no forward-mode rule, so dfpjax's own (a recompute region's
+  backward pass, report's site wrapper) step aside there."""
+  return any(isinstance(v, ad.JVPTracer) for v in values)
+
+
 # The DFP ops' custom_jvp and report's site wrapper stay classic equations (primitives/,
 # transform/recording.py).
 classic_custom_jvp = staged(jax.custom_jvp, False)
@@ -257,4 +265,4 @@ __all__ = ["api_util", "core", "lu", "source_info_util", "SymbolicZero", "Zero",
            "CUSTOM_VJP3_PRIMAL_LEADING_ARGS", "CUSTOM_JVP3_LEADING_ARGS", "hijax_static_positions",
            "custom_vjp3_like", "custom_vjp3_fwd_keys", "custom_vjp3_bwd_with_keys",
            "custom_jvp3_rule", "custom_jvp3_like", "custom_vjp_call_bwd_cotangents",
-           "CustomJVPTraced"]
+           "CustomJVPTraced", "in_forward_mode"]

@@ -103,6 +103,15 @@ def test_fewer_bits_give_larger_errors(train_step):
     assert all(u8 < 1 and u16 < 1 for u8, u16 in zip(d8.mantissa_use, d16.mantissa_use))
 
 
+def test_forward_mode_measures_the_forward_sites():
+  w = jax.random.normal(jax.random.key(2), (4, 4)) / 2
+  h = jax.random.normal(jax.random.key(3), (3, 4))
+  f = dfp_transform(lambda w, h: jnp.sum(jnp.tanh(h @ w)))
+  rows = diagnose(lambda w, h: jax.jvp(f, (w, h), (w, h)), w, h)
+  assert [(d.role, d.calls) for d in rows] == [("forward", 1)]
+  assert rows[0].rel_error < 1e-3
+
+
 def test_a_site_in_a_loop_is_measured_at_every_iteration():
   w = jax.random.normal(jax.random.key(2), (4, 4)) / 2
   h0 = jax.random.normal(jax.random.key(3), (3, 4))

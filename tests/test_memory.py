@@ -251,6 +251,19 @@ def test_recompute_region_with_a_complex_output_has_the_gradient_of_its_checkpoi
                              jax.grad(loss, 1)(x, w), rtol=1e-3)
 
 
+def test_recompute_region_in_forward_mode_is_its_checkpoint():
+  """A recompute region ties its backward pass to the cotangent (a custom_vjp); jax.jvp and
+  jax.jacfwd, which have no backward pass, run it as the checkpoint it is."""
+  x, w = jnp.ones((4, 8)), jnp.full((8, 8), 0.1)
+  loss = lambda x, w: jnp.sum(dfpjax.recompute(lambda x, w: jnp.tanh(x @ w))(x, w))
+  transformed = dfpjax.dfp_transform(loss)
+  tangent = jax.jvp(transformed, (x, w), (x, w))[1]
+  np.testing.assert_allclose(tangent, jax.jvp(loss, (x, w), (x, w))[1], rtol=1e-4)
+  assert jax.jit(lambda x, w: jax.jvp(transformed, (x, w), (x, w))[1])(x, w) == tangent
+  np.testing.assert_allclose(jax.jacfwd(transformed, 1)(x, w), jax.jacfwd(loss, 1)(x, w),
+                             rtol=1e-3, atol=1e-4)
+
+
 def recompute_steps(name: str, batch_size: int, variants=(False, True)):
   """The examples' DFP step of ``name`` at 32x32 (three classes), compiled with each of
   ``variants`` as ``recompute_block_tails`` (by default without and with every block tail

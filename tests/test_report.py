@@ -95,6 +95,14 @@ def test_report_of_vmap_of_grad_lists_the_backward_sites(mlp):
       sorted((path, role, mode) for path, role, _, mode in FORWARD + BACKWARD)
 
 
+def test_report_of_forward_mode_lists_the_forward_sites(mlp):
+  """jax.jacfwd has no backward pass: the sites run as they are, their tangent products with
+  them (report's backward-pass wrapper is a custom_vjp, which forward mode cannot take)."""
+  loss, params, x, y = mlp
+  records = report(jax.jacfwd(dfp_transform(loss), argnums=1), params, x, y)
+  assert sorted((r.path, r.role, r.out_shape, r.mode) for r in records) == sorted(FORWARD)
+
+
 def test_abstract_arguments(mlp):
   loss, params, x, y = mlp
   abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), (params, x, y))

@@ -23,7 +23,7 @@ from typing import Callable
 
 import jax
 
-from dfpjax._jax_compat import classic_custom_vjp, int_state
+from dfpjax._jax_compat import classic_custom_vjp, in_forward_mode, int_state
 from dfpjax.numerics.config import DFPConfig
 from dfpjax.transform.names import Scope
 
@@ -104,10 +104,16 @@ def wrap(recorder: Recorder, number: int, product: Callable, lhs, rhs, key):
   from a rematerialized forward). With ``recorder.probe``, the operands and results are
   sent to it: ``(lhs, rhs, y)`` when the op runs forward, ``(lhs, rhs, g, dlhs, drhs)``
   when its gradient runs; the float operands are then kept as residuals. The key (or
-  None) is an operand, as a rule that JAX traces late must not close over it."""
+  None) is an operand, as a rule that JAX traces late must not close over it. In forward
+  mode (``jax.jvp``, ``jax.jacfwd``), which a custom_vjp cannot take, the op as it is."""
   def send(role, *arrays):
     if recorder.probe is not None:
       jax.debug.callback(lambda *xs: recorder.probe(number, role, xs), *arrays)
+
+  if in_forward_mode((lhs, rhs)):  # no backward pass; the tangent products count as the op's
+    y = product(lhs, rhs, key)
+    send("forward", lhs, rhs, y)
+    return y
 
   # Classic whatever jax_custom_vjp3 says: a custom_vjp_call equation whose jaxpr shows the DFP
   # primitives (to report and jaxpr walkers); JAX 0.10 cannot differentiate a hijax custom_vjp

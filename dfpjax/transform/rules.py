@@ -20,8 +20,8 @@ from dfpjax._jax_compat import (CUSTOM_JVP3_LEADING_ARGS, CUSTOM_VJP3_LEADING_AR
                                 custom_jvp3_like, custom_jvp3_rule, custom_vjp3_bwd_with_keys,
                                 custom_vjp3_fwd_keys, custom_vjp3_like,
                                 custom_vjp_call_bwd_cotangents, flatten, flatten_args, hijax,
-                                hijax_static_positions, lu, pe, scan_consts_and_carry,
-                                scan_params, shard_map_p, trace_to_jaxpr)
+                                hijax_static_positions, in_forward_mode, lu, pe,
+                                scan_consts_and_carry, scan_params, shard_map_p, trace_to_jaxpr)
 from dfpjax.transform.interpreter import HIGHER_ORDER_RULES, Scope, eval_jaxpr
 from dfpjax.transform.recompute import RecomputePolicy, tied_to_cotangent
 
@@ -120,7 +120,9 @@ def _call_rule(ctx, eqn, invals, scope):
 def _remat_rule(ctx, eqn, invals, scope):
   p = eqn.params
   new, hoisted = _rewrite_closed(ctx, pe.close_jaxpr(p["jaxpr"]), scope, ident=p["jaxpr"])
-  if isinstance(p["policy"], RecomputePolicy) and not p["differentiated"]:
+  # In forward mode there is no backward pass to tie: the region is the checkpoint it is.
+  if (isinstance(p["policy"], RecomputePolicy) and not p["differentiated"]
+      and not in_forward_mode(invals)):
     return tied_to_cotangent(core.jaxpr_as_fun(new), p["policy"])(*hoisted, *invals)
   prevent_cse = p["prevent_cse"]
   if isinstance(prevent_cse, tuple):
