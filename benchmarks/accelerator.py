@@ -28,7 +28,8 @@ import numpy as np
 from jax import lax
 
 import dfpjax
-from common import cpu_model, kernel_paths, time_interleaved
+from common import (cpu_model, kernel_paths, positive_int, positive_ints, time_interleaved,
+                    writable_path)
 
 NHWC = ("NHWC", "HWIO", "NHWC")
 DENSE = (((1,), (0,)), ((), ()))
@@ -171,15 +172,19 @@ def timings(accelerator, cpu, sizes, repeats: int) -> list[dict]:
   return rows
 
 
-def main():
+def parse_args(argv=None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--sizes", default="1024,2048,4096",
-                      help="GEMM sizes n for n x n x n timings")
-  parser.add_argument("--repeats", type=int, default=10)
+  parser.add_argument("--sizes", type=positive_ints, default=[1024, 2048, 4096],
+                      help="comma-separated GEMM sizes n for n x n x n timings")
+  parser.add_argument("--repeats", type=positive_int, default=10)
   parser.add_argument("--no-timing", action="store_true", help="compare the bits only")
-  parser.add_argument("--json", help="write the results here")
-  args = parser.parse_args()
+  parser.add_argument("--json", type=writable_path, help="write the results here")
+  return parser.parse_args(argv)
+
+
+def main(argv=None):
+  args = parse_args(argv)
 
   accelerator = jax.devices()[0]
   if accelerator.platform == "cpu":
@@ -206,8 +211,7 @@ def main():
   exact = all(r["differing"] == 0 for r in results["bits"])
   print(f"\nall bits equal: {exact}\n")
   if not args.no_timing:
-    sizes = [int(s) for s in args.sizes.split(",")]
-    results["timing"] = timings(accelerator, cpu, sizes, args.repeats)
+    results["timing"] = timings(accelerator, cpu, args.sizes, args.repeats)
     keys = list(results["timing"][0])
     print("| " + " | ".join(keys) + " |\n|" + "---|" * len(keys))
     for row in results["timing"]:

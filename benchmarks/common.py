@@ -1,7 +1,9 @@
-"""What the benchmark scripts share: machine facts and interleaved median timing."""
+"""What the benchmark scripts share: argument types, machine facts and interleaved median timing."""
 
 from __future__ import annotations
 
+import argparse
+import math
 import os
 import platform
 import sys
@@ -34,6 +36,61 @@ def _cpuinfo() -> dict[str, str]:
   except OSError:
     pass
   return fields
+
+
+def positive_int(text: str) -> int:
+  """An argparse type: an integer of at least 1 (a count of zero would time nothing)."""
+  try:
+    value = int(text)
+  except ValueError:
+    value = 0
+  if value < 1:
+    raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+  return value
+
+
+def positive_float(text: str) -> float:
+  """An argparse type: a finite number above 0."""
+  try:
+    value = float(text)
+  except ValueError:
+    value = math.nan
+  if not (math.isfinite(value) and value > 0):
+    raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+  return value
+
+
+def positive_ints(text: str) -> list[int]:
+  """An argparse type: comma-separated positive integers, e.g. "16,32"."""
+  try:
+    return [positive_int(item) for item in text.split(",")]
+  except argparse.ArgumentTypeError:
+    raise argparse.ArgumentTypeError(
+        f"expected comma-separated positive integers, got {text!r}") from None
+
+
+def names_of(choices):
+  """An argparse type: a comma-separated list of some of ``choices``."""
+  def names(text: str) -> list[str]:
+    unknown = [name for name in text.split(",") if name not in choices]
+    if unknown:
+      raise argparse.ArgumentTypeError(f"unknown {unknown}; choose from {', '.join(choices)}")
+    return text.split(",")
+  return names
+
+
+def writable_path(path: str) -> str:
+  """An argparse type for ``--json``: the path, once a file there has been opened for writing,
+  so that a run cannot measure for minutes and then fail to save. A file that was not there
+  is removed again."""
+  existed = os.path.exists(path)
+  try:
+    open(path, "a", encoding="utf-8").close()  # "a": an existing file keeps its contents
+  except OSError as err:
+    raise argparse.ArgumentTypeError(f"cannot write {path!r}: {err.strerror}") from None
+  if not existed:
+    os.remove(path)
+  return path
 
 
 def cpu_model() -> str:

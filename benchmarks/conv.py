@@ -40,7 +40,7 @@ from jax import lax
 
 import dfpjax
 from common import (WARMUP, check_calls_kernel, cpu_model, gemm_kernel, kernel_paths,
-                    malloc_settings, time_interleaved)
+                    malloc_settings, names_of, positive_int, time_interleaved, writable_path)
 
 NHWC = ("NHWC", "HWIO", "NHWC")
 # name: (input spatial size, input channels, window, stride, output channels)
@@ -57,6 +57,7 @@ LAYERS = {
     "conv5_3x3": (7, 512, 3, 1, 512),
     "conv5_1x1_expand": (7, 512, 1, 1, 2048),
 }
+QUICK_LAYERS = ["conv1_7x7s2", "conv2_3x3", "conv5_1x1_expand"]
 PASSES = ("forward", "backward-data", "backward-weights")
 GEMM = (1024, 1024, 1024)  # the reference: issue 15's bar is each pass at 85% of its GOP/s
 
@@ -98,27 +99,32 @@ def _cell(t: dict) -> str:
   return f"{t['fp32_ms']:.1f} / {t['dfp_ms']:.1f} ({t['fp32_ms'] / t['dfp_ms']:.2f}x)"
 
 
-def main():
+def parse_args(argv=None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--batch", type=int, default=32)
-  parser.add_argument("--layers", default=",".join(LAYERS),
-                      help=f"comma-separated subset of {', '.join(LAYERS)}")
-  parser.add_argument("--repeats", type=int, default=5)
-  parser.add_argument("--quick", action="store_true", help="batch 2, three layers, 3 repeats")
+  # --quick sets only what is not given: its defaults are None here.
+  parser.add_argument("--batch", type=positive_int, help="default 32; --quick 2")
+  parser.add_argument("--layers", type=names_of(LAYERS),
+                      help=f"comma-separated subset of {', '.join(LAYERS)} (default all; --quick "
+                      f"{','.join(QUICK_LAYERS)})")
+  parser.add_argument("--repeats", type=positive_int, help="default 5; --quick 3")
+  parser.add_argument("--quick", action="store_true",
+                      help="batch 2, three layers, 3 repeats, where not given")
   parser.add_argument("--min", action="store_true",
                       help="each function's fastest run instead of the median (the GEMM's too)")
   parser.add_argument("--no-fp32", action="store_true",
                       help="time only the DFP passes and the GEMM, not the XLA FP32 passes")
-  parser.add_argument("--json", metavar="PATH", help="also write the rows to this file")
-  args = parser.parse_args()
-  layers = args.layers.split(",")
-  if args.quick:
-    args.batch, args.repeats, layers = 2, 3, ["conv1_7x7s2", "conv2_3x3", "conv5_1x1_expand"]
-  unknown = [name for name in layers if name not in LAYERS]
-  if unknown:
-    parser.error(f"unknown layers {unknown}; choose from {list(LAYERS)}")
+  parser.add_argument("--json", metavar="PATH", type=writable_path,
+                      help="also write the rows to this file")
+  args = parser.parse_args(argv)
+  args.batch = args.batch or (2 if args.quick else 32)
+  args.layers = args.layers or (QUICK_LAYERS if args.quick else list(LAYERS))
+  args.repeats = args.repeats or (3 if args.quick else 5)
+  return args
 
+
+def main(argv=None):
+  args = parse_args(argv)
   isa = kernel_paths()["selected_isa"]
   gemm, gemm_ops = gemm_kernel(*GEMM)
   print(f"# {datetime.datetime.now().isoformat(timespec='seconds')}  {cpu_model()}  "
@@ -133,7 +139,7 @@ def main():
   print("| layer | GFLOP | " + " | ".join(PASSES) + " |")
   print("|---|---|---|---|---|")
   rows = []
-  for name in layers:
+  for name in args.layers:
     rows.append(measure(name, args.batch, args.repeats, gemm, not args.no_fp32, statistic))
     r = rows[-1]
     print(f"| {name} | {r['gflop']:.1f} | " + " | ".join(_cell(r[p]) for p in PASSES) + " |",

@@ -32,8 +32,8 @@ import jax.numpy as jnp
 import numpy as np
 
 import dfpjax
-from common import (WARMUP, check_calls_kernel, cpu_model, gemm_kernel, kernel_paths, operand, product,
-                    time_interleaved)
+from common import (WARMUP, check_calls_kernel, cpu_model, gemm_kernel, kernel_paths, operand,
+                    positive_float, positive_int, product, time_interleaved, writable_path)
 
 SHAPES = [(256, 256, 256), (512, 512, 512), (1024, 1024, 1024), (2048, 1024, 1024),
           (4096, 1024, 1024)]
@@ -60,7 +60,7 @@ def _parse_shapes(text: str) -> list[tuple[int, int, int]]:
 
 def _peak(isa: str, given: float | None) -> tuple[float | None, str]:
   """The INT16 peak for the kernel-fraction column and a line saying where it comes from."""
-  if given:
+  if given is not None:
     return given, f"{given:.0f} GOP/s, given by --peak-gops"
   if isa in REFERENCE_PEAKS:
     gops, source = REFERENCE_PEAKS[isa]
@@ -96,29 +96,32 @@ def _row(r: dict, peak: float | None) -> str:
           f"| {share} | {r['rel_err']:.1e} |")
 
 
-def main():
+def parse_args(argv=None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--shapes", type=_parse_shapes,
                       help="comma-separated MxKxN, e.g. 1024x1024x1024,4096x1024x1024")
-  parser.add_argument("--repeats", type=int, help=f"timed runs per shape (default 15, "
+  parser.add_argument("--repeats", type=positive_int, help=f"timed runs per shape (default 15, "
                       f"{QUICK_REPEATS} with --quick)")
   parser.add_argument("--quick", action="store_true", help="three small shapes, a smoke run")
   parser.add_argument("--lhs-kmajor", action="store_true",
                       help="a^T b, a stored K x M (a dense layer's weight gradient, x^T dy)")
-  parser.add_argument("--batch", type=int, default=1,
+  parser.add_argument("--batch", type=positive_int, default=1,
                       help="products per call: batched operands [B, M, K] x [B, K, N] "
                            "(an attention's heads)")
   parser.add_argument("--rhs", choices=("normal", "uniform"), default="normal",
                       help="b's distribution: Gaussian, or uniform on [-1, 1] (a uniformly "
                       "initialised layer's weights: flat mantissas, the kernel's short chunks)")
-  parser.add_argument("--peak-gops", type=float,
+  parser.add_argument("--peak-gops", type=positive_float,
                       help="INT16 MAC peak (GOP/s) for the kernel-fraction column "
                       "(default: the reference figure for the kernel path)")
-  parser.add_argument("--json", metavar="PATH", help="also write the rows to this file")
-  args = parser.parse_args()
-  if args.batch < 1:
-    parser.error(f"--batch must be at least 1, got {args.batch}")
+  parser.add_argument("--json", metavar="PATH", type=writable_path,
+                      help="also write the rows to this file")
+  return parser.parse_args(argv)
+
+
+def main(argv=None):
+  args = parse_args(argv)
   shapes = args.shapes or (QUICK_SHAPES if args.quick else SHAPES)
   repeats = args.repeats or (QUICK_REPEATS if args.quick else 15)
 

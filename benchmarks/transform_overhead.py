@@ -41,7 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from common import cpu_model, kernel_paths
+from common import cpu_model, kernel_paths, names_of, positive_int, writable_path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from examples.imagenet import train  # pylint: disable=wrong-import-position
@@ -146,14 +146,19 @@ def measure(network: str, batch_size: int, calls: int) -> list[dict]:
   return rows
 
 
-def main(argv=None):
+def parse_args(argv=None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--networks", default=",".join(NETWORKS))
-  parser.add_argument("--batch_size", type=int, default=8)
-  parser.add_argument("--calls", type=int, default=300)
-  parser.add_argument("--json", help="also write the rows here")
-  args = parser.parse_args(argv)
+  parser.add_argument("--networks", type=names_of(NETWORKS), default=list(NETWORKS),
+                      help=f"comma-separated, of {','.join(NETWORKS)}")
+  parser.add_argument("--batch_size", type=positive_int, default=8)
+  parser.add_argument("--calls", type=positive_int, default=300)
+  parser.add_argument("--json", type=writable_path, help="also write the rows here")
+  return parser.parse_args(argv)
+
+
+def main(argv=None):
+  args = parse_args(argv)
   print(f"# {cpu_model()}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}, "
         f"jax {jax.__version__}, DFP kernel path {kernel_paths()['selected_isa']}, "
         f"{args.calls} calls per step")
@@ -161,7 +166,7 @@ def main(argv=None):
         "step (us) | DFP / FP32 |")
   print("|---|---|---|---|---|---|---|---|")
   rows = []
-  for network in args.networks.split(","):
+  for network in args.networks:
     fp32, dfp = measure(network, args.batch_size, args.calls)
     rows += [fp32, dfp]
     for r in (fp32, dfp):
