@@ -100,7 +100,6 @@ def worker(args: argparse.Namespace) -> None:
   """
   import jax  # pylint: disable=g-import-not-at-top
 
-  sys.path.insert(0, REPO)  # the examples package
   devices = args.devices[0]
   assert jax.device_count() == devices, (jax.device_count(), devices)
   configs = [_Config(args, mode, state, devices) for mode in args.modes for state in args.states]
@@ -186,25 +185,41 @@ def table(rows: list[dict]) -> str:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+  # pylint: disable-next=g-import-not-at-top
+  from common import names_of, positive_float, positive_int, positive_ints, writable_path
+  sys.path.insert(0, REPO)  # the examples package
+  from examples.imagenet.models import MODELS  # pylint: disable=g-import-not-at-top
   parser = argparse.ArgumentParser(description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--network", default="resnet18", help="a model of examples/imagenet")
-  parser.add_argument("--batch", type=int, default=32, help="global batch, the same for all N")
-  parser.add_argument("--image-size", type=int, default=64)
-  parser.add_argument("--devices", type=lambda s: [int(n) for n in s.split(",")], default=[1, 2, 4],
+  parser.add_argument("--network", default="resnet18", choices=MODELS,
+                      help="a model of examples/imagenet")
+  # --quick sets only what is not given: its defaults are None here.
+  parser.add_argument("--batch", type=positive_int,
+                      help="global batch, the same for all N (default 32; --quick 8)")
+  parser.add_argument("--image-size", type=positive_int, help="default 64; --quick 32")
+  parser.add_argument("--devices", type=positive_ints, default=[1, 2, 4],
                       help="comma-separated device counts (each must divide --batch)")
-  parser.add_argument("--modes", type=lambda s: s.split(","), default=["fp32", "dfp"])
-  parser.add_argument("--states", type=lambda s: s.split(","), default=["replicated"],
+  parser.add_argument("--modes", type=names_of(("fp32", "dfp")), default=["fp32", "dfp"],
+                      help="comma-separated: fp32, dfp")
+  parser.add_argument("--states", type=names_of(("replicated", "sharded")), default=["replicated"],
                       help="comma-separated: replicated, sharded (the trainer's shard_state)")
-  parser.add_argument("--steps", type=int, default=10,
-                      help="timed rounds after the compiling step (one step of each configuration)")
-  parser.add_argument("--timeout", type=float, default=3600, help="seconds for the whole run")
-  parser.add_argument("--quick", action="store_true", help="32x32, batch 8, one timed round")
-  parser.add_argument("--json", help="also write the rows here")
+  parser.add_argument("--steps", type=positive_int,
+                      help="timed rounds after the compiling step (one step of each "
+                           "configuration; default 10, --quick 1)")
+  parser.add_argument("--timeout", type=positive_float, default=3600,
+                      help="seconds for the whole run")
+  parser.add_argument("--quick", action="store_true",
+                      help="32x32, batch 8, one timed round, where not given")
+  parser.add_argument("--json", type=writable_path, help="also write the rows here")
   parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
-  if args.quick:
-    args.batch, args.image_size, args.steps = 8, 32, 1
+  args.batch = args.batch or (8 if args.quick else 32)
+  args.image_size = args.image_size or (32 if args.quick else 64)
+  args.steps = args.steps or (1 if args.quick else 10)
+  uneven = [n for n in args.devices if args.batch % n]
+  if uneven:
+    parser.error(f"--devices {uneven} do not divide --batch {args.batch}: each device takes an "
+                 "equal part of the global batch")
   return args
 
 
@@ -213,19 +228,11 @@ def main(argv=None) -> None:
   if args.worker:
     worker(args)
     return
-  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
   from common import cpu_model, kernel_paths, malloc_settings  # pylint: disable=g-import-not-at-top
   print(f"{args.network}, global batch {args.batch}, {args.image_size}x{args.image_size}, "
         f"{args.steps} timed rounds; {cpu_model()}, {os.cpu_count()} CPUs, DFP kernel path "
         f"{kernel_paths()['selected_isa']}; load average {os.getloadavg()[0]:.1f} at the start; "
         f"{malloc_settings()}\n", flush=True)
-  bad = set(args.states) - {"replicated", "sharded"}
-  if bad:
-    sys.exit(f"--states takes replicated and sharded, got {sorted(bad)}")
-  uneven = [n for n in args.devices if args.batch % n]
-  if uneven:
-    sys.exit(f"--devices {uneven} do not divide --batch {args.batch}: each device takes an "
-             "equal part of the global batch")
   rows = sorted(run_workers(args), key=lambda r: (args.modes.index(r["mode"]),
                                                   args.states.index(r["state"]), r["devices"]))
   print(table(rows))

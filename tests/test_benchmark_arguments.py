@@ -43,12 +43,19 @@ def _refused(script, argv, flag, capsys):
     ("transform_overhead", ["--networks", "bogus"], "--networks"),
     ("accelerator", ["--repeats", "0"], "--repeats"),
     ("accelerator", ["--sizes", "abc"], "--sizes"),
+    ("sharded_step", ["--modes", "bogus"], "--modes"),
+    ("sharded_step", ["--states", "zero"], "--states"),
+    ("sharded_step", ["--devices", "0"], "--devices"),
+    ("sharded_step", ["--devices", "3"], "--devices"),  # 3 does not divide the batch of 32
+    ("sharded_step", ["--steps", "0"], "--steps"),
+    ("sharded_step", ["--network", "bogus"], "--network"),
 ])
 def test_a_bad_value_is_refused_naming_its_flag(load, name, argv, flag, capsys):
   _refused(load(name), argv, flag, capsys)
 
 
-@pytest.mark.parametrize("name", ["matmul", "conv", "transform_overhead", "accelerator"])
+@pytest.mark.parametrize("name", ["matmul", "conv", "transform_overhead", "accelerator",
+                                  "sharded_step"])
 def test_an_unwritable_json_path_is_refused_before_measuring(load, name, tmp_path, capsys):
   _refused(load(name), ["--json", str(tmp_path / "missing" / "rows.json")], "--json", capsys)
 
@@ -64,3 +71,5 @@ def test_a_writable_json_path_is_left_as_it_was(load, tmp_path):
 def test_quick_sets_only_what_is_not_given(load):
   conv = load("conv").parse_args(["--quick", "--layers", "conv5_3x3", "--batch", "8"])
   assert (conv.layers, conv.batch, conv.repeats) == (["conv5_3x3"], 8, 3)
+  sharded = load("sharded_step").parse_args(["--quick", "--steps", "3", "--batch", "16"])
+  assert (sharded.steps, sharded.batch, sharded.image_size) == (3, 16, 32)
