@@ -386,27 +386,34 @@ def comparison_table(rows: list[dict]) -> str:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+  # common loads dfpjax: here, in the parent process only, not in the workers' way.
+  # pylint: disable-next=g-import-not-at-top
+  from common import names_of, positive_float, positive_int, positive_ints, writable_path
   parser = argparse.ArgumentParser(description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--networks", default="resnet50",
+  parser.add_argument("--networks", type=names_of(NETWORKS), default=["resnet50"],
                       help=f"comma-separated, of {','.join(NETWORKS)} (default resnet50)")
-  parser.add_argument("--batches", help="comma-separated batch sizes (default 16,32; --quick 8)")
-  parser.add_argument("--image-size", type=int, help="default 224; --quick 32")
-  parser.add_argument("--modes", default=",".join(FLAX_MODES + TORCH_MODES),
+  # --quick sets only what is not given: its defaults are None here.
+  parser.add_argument("--batches", type=positive_ints,
+                      help="comma-separated batch sizes (default 16,32; --quick 8)")
+  parser.add_argument("--image-size", type=positive_int, help="default 224; --quick 32")
+  parser.add_argument("--modes", type=names_of(FLAX_MODES + TORCH_MODES),
+                      default=list(FLAX_MODES + TORCH_MODES),
                       help="comma-separated, of flax-fp32,flax-dfp,torch-fp32,torch-bf16 "
                            "(torch rows only for resnet50, and only when torch is importable)")
   parser.add_argument("--steps", type=step_counts,
-                      help="timed steps after the warm-up: N (default 3), optionally followed "
-                           "by MODE=N for modes that take fewer, e.g. 3,torch-bf16=1 where bf16 "
-                           "has no hardware support and a step takes minutes")
+                      help="timed steps after the warm-up: N (default 3; --quick 2), optionally "
+                           "followed by MODE=N for modes that take fewer, e.g. 3,torch-bf16=1 "
+                           "where bf16 has no hardware support and a step takes minutes")
   parser.add_argument("--profile-steps", type=int, default=1,
                       help="profiled steps of each Flax configuration (0: no profile)")
   parser.add_argument("--trace-dir", help="keep each profile (perfetto_trace.json.gz, for "
                       "Perfetto's UI) and the step's HLO text (hlo.txt) in a folder of this one")
-  parser.add_argument("--timeout", type=float, default=1800,
+  parser.add_argument("--timeout", type=positive_float, default=1800,
                       help="seconds allowed to one configuration's process")
   parser.add_argument("--quick", action="store_true",
-                      help="32x32 images, batch 8, 2 steps: a try-out, not a measurement")
+                      help="32x32 images, batch 8, 2 steps, where not given: a try-out, not a "
+                           "measurement")
   parser.add_argument("--env", action="append", default=[], type=mode_environment,
                       metavar="MODES:NAME=VALUE[,NAME=VALUE...]",
                       help="environment variables for one mode's processes (MODES: a mode, or "
@@ -414,23 +421,18 @@ def parse_args(argv=None) -> argparse.Namespace:
                            "for other modes. Each framework under its best malloc settings, e.g. "
                            "--env flax-dfp:GLIBC_TUNABLES=glibc.malloc.hugetlb=1 --env "
                            "torch:MALLOC_ARENA_MAX=1")
-  parser.add_argument("--rounds", type=int, default=1,
+  parser.add_argument("--rounds", type=positive_int, default=1,
                       help="run every configuration this many times, round-robin, pooling each "
                            "one's steps (default 1)")
-  parser.add_argument("--json", help="also write the raw results to this file")
+  parser.add_argument("--json", type=writable_path, help="also write the raw results to this file")
   args = parser.parse_args(argv)
-  if args.rounds < 1:
-    parser.error(f"--rounds must be at least 1, got {args.rounds}")
-  args.batches = [int(b) for b in (args.batches or ("8" if args.quick else "16,32")).split(",")]
+  args.batches = args.batches or ([8] if args.quick else [16, 32])
   args.image_size = args.image_size or (32 if args.quick else 224)
   args.steps = args.steps or {None: 2 if args.quick else 3}
-  args.networks = args.networks.split(",")
-  args.modes = args.modes.split(",")
-  unknown = (set(args.networks) - set(NETWORKS) | set(args.modes) - set(FLAX_MODES + TORCH_MODES)
-             | set(args.steps) - {None} - set(FLAX_MODES + TORCH_MODES))
+  unknown = set(args.steps) - {None} - set(FLAX_MODES + TORCH_MODES)
   unknown |= {modes for modes, _ in args.env} - set(FLAX_MODES + TORCH_MODES) - {"flax", "torch"}
   if unknown:
-    parser.error(f"unknown networks or modes: {sorted(unknown)}")
+    parser.error(f"unknown modes: {sorted(unknown)}")
   return args
 
 

@@ -49,13 +49,17 @@ def _refused(script, argv, flag, capsys):
     ("sharded_step", ["--devices", "3"], "--devices"),  # 3 does not divide the batch of 32
     ("sharded_step", ["--steps", "0"], "--steps"),
     ("sharded_step", ["--network", "bogus"], "--network"),
+    ("train_step", ["--batches", ""], "--batches"),
+    ("train_step", ["--batches", "16,abc"], "--batches"),
+    ("train_step", ["--image-size", "0"], "--image-size"),
+    ("train_step", ["--networks", "resnet50,bogus"], "--networks"),
 ])
 def test_a_bad_value_is_refused_naming_its_flag(load, name, argv, flag, capsys):
   _refused(load(name), argv, flag, capsys)
 
 
 @pytest.mark.parametrize("name", ["matmul", "conv", "transform_overhead", "accelerator",
-                                  "sharded_step"])
+                                  "sharded_step", "train_step"])
 def test_an_unwritable_json_path_is_refused_before_measuring(load, name, tmp_path, capsys):
   _refused(load(name), ["--json", str(tmp_path / "missing" / "rows.json")], "--json", capsys)
 
@@ -73,3 +77,5 @@ def test_quick_sets_only_what_is_not_given(load):
   assert (conv.layers, conv.batch, conv.repeats) == (["conv5_3x3"], 8, 3)
   sharded = load("sharded_step").parse_args(["--quick", "--steps", "3", "--batch", "16"])
   assert (sharded.steps, sharded.batch, sharded.image_size) == (3, 16, 32)
+  train = load("train_step").parse_args(["--quick", "--image-size", "64"])
+  assert (train.image_size, train.batches) == (64, [8])

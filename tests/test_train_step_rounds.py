@@ -10,12 +10,11 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def train_step():
+  """The script, its folder left on sys.path for the ``common`` its parse_args imports."""
   sys.path.insert(0, str(ROOT / "benchmarks"))
-  try:
-    import train_step  # pylint: disable=g-import-not-at-top
-  finally:
-    sys.path.remove(str(ROOT / "benchmarks"))
-  return train_step
+  import train_step  # pylint: disable=g-import-not-at-top
+  yield train_step
+  sys.path.remove(str(ROOT / "benchmarks"))
 
 
 def _round(steps, peak, faults=10.0):
