@@ -14,9 +14,9 @@
  * build and run against an installed dfpjax:
  *
  *   KERNEL=$(python -c "import dfpjax.cpu_ffi._kernel as k; print(k.__file__)")
- *   gcc -O2 -pthread -Idfpjax/cpu_ffi/src benchmarks/conv_phases.c "$KERNEL" \
+ *   gcc -O2 -Wall -Wextra -pthread -Idfpjax/cpu_ffi/src benchmarks/conv_phases.c "$KERNEL" \
  *       -Wl,--allow-shlib-undefined -o conv_phases
- *   ./conv_phases [--batch 32] [--threads 2] [--repeats 5] [--isa 3] [--no-gemm] [--fresh-outputs]
+ *   ./conv_phases [--help] [--batch 32] [--threads 2] [--repeats 5] [--isa 3] [--no-gemm] [--fresh-outputs]
  *                 [--cpu-time | --balance] [--only fwd|data|weights] [--against LIBRARY] [layer ...]
  *
  * (--isa: 0 portable, 1 avx2, 2 avx_vnni, 3 avx512_vnni; --no-gemm skips the GEMM line, e.g.
@@ -48,8 +48,11 @@
  * float32): else it names the call and exits with status 1.
  */
 #include <dlfcn.h>
+#include <errno.h>
+#include <limits.h>
 #include <math.h>
 #include <pthread.h>
+#include <stdarg.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -285,7 +288,7 @@ static int compare_doubles(const void* a, const void* b) {
  * B's time over A's by round in last_ratio. */
 static double best_ms(const call_t* c) {
   const int builds = against.path ? 2 : 1;
-  double best[2] = {1e30, 1e30}, *ratio = (double*)malloc((size_t)(repeats > 0 ? repeats : 1) * sizeof(double));
+  double best[2] = {1e30, 1e30}, *ratio = (double*)malloc((size_t)repeats * sizeof(double));
   long faults = 0;
   unsigned char* kept = NULL;
   int32_t kept_e = 0;
@@ -318,7 +321,7 @@ static double best_ms(const call_t* c) {
     }
     if (r > 0 && builds == 2) ratio[r - 1] = t[1] / t[0];
   }
-  last_faults = faults / (repeats > 0 ? repeats : 1);
+  last_faults = faults / repeats;
   if (builds == 2) {
     qsort(ratio, (size_t)repeats, sizeof ratio[0], compare_doubles);
     last_against_ms = best[1] * 1e3;
@@ -497,35 +500,86 @@ static void print_malloc_settings(void) {
   printf("%s\n", any ? "" : "glibc malloc defaults");
 }
 
+static void usage(FILE* to) {
+  fputs("usage: conv_phases [--help] [--batch N] [--threads N] [--repeats N] [--isa 0-3] [--no-gemm]\n"
+        "                   [--fresh-outputs] [--cpu-time | --balance] [--only fwd|data|weights] [--against LIBRARY]\n"
+        "                   [layer ...]\n"
+        "  --isa: 0 portable, 1 avx2, 2 avx_vnni, 3 avx512_vnni (default: the best this CPU runs)\n"
+        "  layers (default all):",
+        to);
+  for (size_t l = 0; l < sizeof kLayers / sizeof kLayers[0]; ++l) fprintf(to, " %s", kLayers[l].name);
+  fputs("\n", to);
+}
+
+/* A command-line mistake: the message and the usage on stderr, exit status 2 (as argparse). */
+__attribute__((format(printf, 1, 2), noreturn)) static void usage_error(const char* format, ...) {
+  va_list args;
+  va_start(args, format);
+  fputs("conv_phases: error: ", stderr);
+  vfprintf(stderr, format, args);
+  va_end(args);
+  fputs("\n", stderr);
+  usage(stderr);
+  exit(2);
+}
+
+/* The value after option argv[*i], which it steps past. */
+static const char* option_value(int argc, char** argv, int* i) {
+  if (*i + 1 >= argc) usage_error("%s: expected a value", argv[*i]);
+  return argv[++*i];
+}
+
+/* An integer option's value, whole (strtol, not atoi's 0 for "abc") and in [low, high]. */
+static int int_value(int argc, char** argv, int* i, int low, int high) {
+  const char* option = argv[*i];
+  const char* text = option_value(argc, argv, i);
+  char* end;
+  errno = 0;
+  const long value = strtol(text, &end, 10);
+  if (end == text || *end || errno || value < low || value > high)
+    usage_error("%s: expected an integer from %d to %d, got '%s'", option, low, high, text);
+  return (int)value;
+}
+
 int main(int argc, char** argv) {
+  enum { LAYERS = sizeof kLayers / sizeof kLayers[0] };
   size_t batch = 32;
-  int threads = 2, first_layer = argc, gemm = 1;
+  int threads = 2, gemm = 1, chosen[LAYERS] = {0}, any_chosen = 0;
   isa = dfp_best_isa();
   for (int i = 1; i < argc; ++i) {
-    if (!strcmp(argv[i], "--batch") && i + 1 < argc) batch = (size_t)atoi(argv[++i]);
-    else if (!strcmp(argv[i], "--threads") && i + 1 < argc) threads = atoi(argv[++i]);
-    else if (!strcmp(argv[i], "--repeats") && i + 1 < argc) repeats = atoi(argv[++i]);
-    else if (!strcmp(argv[i], "--isa") && i + 1 < argc) isa = (dfp_isa)atoi(argv[++i]);
+    if (!strcmp(argv[i], "--help")) {
+      usage(stdout);
+      return 0;
+    }
+    if (!strcmp(argv[i], "--batch")) batch = (size_t)int_value(argc, argv, &i, 1, INT_MAX);
+    else if (!strcmp(argv[i], "--threads")) threads = int_value(argc, argv, &i, 1, INT_MAX);
+    else if (!strcmp(argv[i], "--repeats")) repeats = int_value(argc, argv, &i, 1, INT_MAX);
+    else if (!strcmp(argv[i], "--isa")) {
+      isa = (dfp_isa)int_value(argc, argv, &i, 0, DFP_ISA_COUNT - 1);
+      if (!dfp_isa_supported(isa))
+        usage_error("--isa %d: this CPU cannot run the %s path (or the library was built without it)", (int)isa,
+                    dfp_isa_name(isa));
+    }
     else if (!strcmp(argv[i], "--no-gemm")) gemm = 0;
     else if (!strcmp(argv[i], "--fresh-outputs")) fresh_outputs = 1;
     else if (!strcmp(argv[i], "--cpu-time")) cpu_time = 1;
     else if (!strcmp(argv[i], "--balance")) balance = 1;
-    else if (!strcmp(argv[i], "--against") && i + 1 < argc) against.path = argv[++i];
-    else if (!strcmp(argv[i], "--only") && i + 1 < argc) {
-      const char* pass = argv[++i];
+    else if (!strcmp(argv[i], "--against")) against.path = option_value(argc, argv, &i);
+    else if (!strcmp(argv[i], "--only")) {
+      const char* pass = option_value(argc, argv, &i);
       only = !strcmp(pass, "fwd") ? 0 : !strcmp(pass, "data") ? 1 : !strcmp(pass, "weights") ? 2 : -2;
-      if (only == -2) {
-        fprintf(stderr, "--only: expected fwd, data or weights, got '%s'\n", pass);
-        return 2;
-      }
+      if (only == -2) usage_error("--only: expected fwd, data or weights, got '%s'", pass);
     }
-    else { first_layer = i; break; }
+    else if (argv[i][0] == '-') usage_error("unknown option '%s'", argv[i]);
+    else {
+      int l = 0;
+      while (l < LAYERS && strcmp(argv[i], kLayers[l].name)) ++l;
+      if (l == LAYERS) usage_error("unknown layer '%s'", argv[i]);
+      chosen[l] = any_chosen = 1;
+    }
   }
   if (against.path) {
-    if (balance) {
-      fprintf(stderr, "--against: --balance models one build's tasks; run it without --against\n");
-      return 2;
-    }
+    if (balance) usage_error("--against: --balance models one build's tasks; run it without --against");
     /* Lazily bound: the library's Python module entry, which needs libpython, is never called.
      * Deep binding: B's own references to the functions it exports (the per-ISA entries its
      * configuration table names) bind to B's, not to the linked build's of the same name, which
@@ -545,7 +599,7 @@ int main(int argc, char** argv) {
       return 2;
     }
   }
-  static pool_t pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER};
+  static pool_t pool = {.lock = PTHREAD_MUTEX_INITIALIZER, .wake = PTHREAD_COND_INITIALIZER};
   pool.threads = threads;
   for (int t = 1; t < threads; ++t) {
     pthread_t id;
@@ -566,11 +620,8 @@ int main(int argc, char** argv) {
     printf("| layer | GOP | Q(x) / Q(w) / Q(dy) ms | fwd kernel | bwd-data kernel | bwd-weights kernel |"
            " pass GOP/s fwd / data / weights | kernel faults per call fwd / data / weights |\n"
            "|---|---|---|---|---|---|---|---|\n");
-  const int count = (int)(sizeof kLayers / sizeof kLayers[0]);
-  for (int l = 0; l < count; ++l) {
-    int chosen = first_layer >= argc;
-    for (int i = first_layer; i < argc; ++i) chosen |= !strcmp(argv[i], kLayers[l].name);
-    if (!chosen) continue;
+  for (int l = 0; l < LAYERS; ++l) {
+    if (any_chosen && !chosen[l]) continue;
     run_layer(l, batch);
     if (gemm) time_gemm(); /* reported with the others after the table */
   }
