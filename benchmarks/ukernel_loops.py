@@ -134,9 +134,11 @@ def main(argv=None) -> None:
   parser.add_argument("--mcpu", default="icelake-server,alderlake",
                       help="comma-separated llvm-mca CPU models (llvm-mca -mcpu=help lists them)")
   args = parser.parse_args(argv)
+  if not all(args.mcpu.split(",")):
+    parser.error(f"--mcpu: expected comma-separated CPU models, got {args.mcpu!r}")
   if shutil.which("objdump") is None:
     raise SystemExit("objdump (binutils) is needed to read the kernel library")
-  mcpus = [m for m in args.mcpu.split(",") if m] if shutil.which("llvm-mca") else []
+  mcpus = args.mcpu.split(",") if shutil.which("llvm-mca") else []
   for mcpu in mcpus:
     if mca_cycles([Instruction(0, "nop", ""), Instruction(1, "jmp", "0")], mcpu) is None:
       raise SystemExit(f"--mcpu: llvm-mca has no model of {mcpu!r} (llvm-mca -mcpu=help lists them)")

@@ -73,3 +73,11 @@ def test_the_loop_reader_counts_copies_and_stack_accesses(tool):
 """
   loop, = tool.microkernel_loops(text)
   assert loop[:6] == ("avx512_vnni", "ukernel_f32", 8, 1, 2, 1)
+
+
+def test_an_empty_cpu_model_is_refused(tool, capsys):
+  # It used to drop the models and say llvm-mca was not installed.
+  with pytest.raises(SystemExit) as exit_:
+    tool.main(["--mcpu", ""])
+  assert exit_.value.code == 2
+  assert "--mcpu" in capsys.readouterr().err.splitlines()[-1]
