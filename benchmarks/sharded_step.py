@@ -23,6 +23,7 @@ rendezvous, or preempted), which show where the growth comes from.
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import resource
@@ -228,9 +229,11 @@ def main(argv=None) -> None:
   if args.worker:
     worker(args)
     return
+  import jax  # pylint: disable=g-import-not-at-top
   from common import cpu_model, kernel_paths, malloc_settings  # pylint: disable=g-import-not-at-top
   print(f"{args.network}, global batch {args.batch}, {args.image_size}x{args.image_size}, "
-        f"{args.steps} timed rounds; {cpu_model()}, {os.cpu_count()} CPUs, DFP kernel path "
+        f"{args.steps} timed rounds; {datetime.datetime.now().isoformat(timespec='seconds')}, "
+        f"{cpu_model()}, {os.cpu_count()} CPUs, jax {jax.__version__}, DFP kernel path "
         f"{kernel_paths()['selected_isa']}; load average {os.getloadavg()[0]:.1f} at the start; "
         f"{malloc_settings()}\n", flush=True)
   rows = sorted(run_workers(args), key=lambda r: (args.modes.index(r["mode"]),

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import datetime
 import json
 import os
 import statistics
@@ -159,7 +160,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None):
   args = parse_args(argv)
-  print(f"# {cpu_model()}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}, "
+  print(f"# {datetime.datetime.now().isoformat(timespec='seconds')}, {cpu_model()}, "
+        f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}, "
         f"jax {jax.__version__}, DFP kernel path {kernel_paths()['selected_isa']}, "
         f"{args.calls} calls per step")
   print("| network | state arrays | step | Python calls | dispatch (us) | DFP / FP32 | "
