@@ -103,6 +103,13 @@ def test_report_of_forward_mode_lists_the_forward_sites(mlp):
   assert sorted((r.path, r.role, r.out_shape, r.mode) for r in records) == sorted(FORWARD)
 
 
+def test_a_product_with_an_integer_operand_is_listed_unchanged_with_its_reason():
+  records = report(lambda a, b: lax.dot_general(a, b, (((1,), (0,)), ((), ())),
+                                                preferred_element_type=jnp.float32),
+                   jnp.ones((2, 3), jnp.int8), jnp.ones((3, 2)))
+  assert [(r.mode, r.reason) for r in records] == [("unchanged", "an operand is not floating point")]
+
+
 def test_abstract_arguments(mlp):
   loss, params, x, y = mlp
   abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), (params, x, y))

@@ -61,7 +61,7 @@ class SiteRecord:
 
   Attributes:
     index: the product's position among the floating ones listed, in order; None when
-      the operands are not floating point.
+      an operand is not floating point.
     primitive: the primitive's name.
     shapes, dtypes: of the operands.
     out_dtype: the equation's output type (the DFP op's ``preferred_element_type``).
@@ -71,7 +71,7 @@ class SiteRecord:
     direction: ``"backward"`` when the equation came from a transpose or runs in a custom
       rule's backward pass, else ``"forward"``.
     mode: ``"dfp"`` (rewritten), ``"float"`` (kept in floating point) or ``"unchanged"``
-      (operands not floating point, nothing to rewrite).
+      (an operand not floating point, nothing to rewrite).
     reason: why.
     gradient: for a product that JAX or a DFP op derived from a site when differentiating
       it, ``"data"`` (the gradient of the site's lhs) or ``"weights"`` (of its rhs);
@@ -220,6 +220,11 @@ _SITE_PRIMITIVES = {prims.dot_general_p: "dot_general",
                     prims.conv_general_dilated_p: "conv_general_dilated"}
 
 
+# A product with an integer, boolean or complex operand (int8 x float32 among them) is left as
+# it is: DFP quantizes floating-point operands.
+NOT_FLOATING = "an operand is not floating point"
+
+
 def _site(ctx: Context, eqn, invals, scope: Scope):
   op = _SITE_PRIMITIVES[eqn.primitive]
   avals = [core.typeof(x) for x in invals]
@@ -228,7 +233,7 @@ def _site(ctx: Context, eqn, invals, scope: Scope):
   path = module_path(scope.name_stack)
   config = ctx.config
   if not floating:
-    mode, reason = "unchanged", "operands are not floating point"
+    mode, reason = "unchanged", NOT_FLOATING
   elif op not in config.ops:
     mode, reason = "float", f"{op} is not in config.ops"
   elif op == "conv_general_dilated" and (why := unsupported_rank(avals[0].ndim)) is not None:
@@ -275,7 +280,7 @@ def _unrewritten_product(ctx, eqn, invals, scope: Scope):
   if floating:
     scope.sites.next()
   mode, reason = (("float", _RAGGED) if floating
-                  else ("unchanged", "operands are not floating point"))
+                  else ("unchanged", NOT_FLOATING))
   product = functools.partial(eqn.primitive.bind, **eqn.params)
   return _recorded(ctx, eqn, invals, scope, product, eqn.primitive.name, mode, reason)
 

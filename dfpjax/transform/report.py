@@ -16,7 +16,7 @@ from dfpjax._jax_compat import CustomJVPTraced, hijax, short_dtype_name
 from dfpjax.numerics.config import DFPConfig
 from dfpjax.transform import recording
 from dfpjax.transform.api import Transform, dfp_transform
-from dfpjax.transform.interpreter import SiteRecord
+from dfpjax.transform.interpreter import NOT_FLOATING, SiteRecord
 from dfpjax.transform.names import NameStack, is_backward, module_path
 
 
@@ -181,7 +181,7 @@ def _outside(eqn, stack) -> SiteRecord:
   avals = [v.aval for v in eqn.invars[:2]]
   floating = all(jnp.issubdtype(a.dtype, jnp.floating) for a in avals)
   out = eqn.outvars[0].aval
-  reason = _OUTSIDE if floating else "operands are not floating point"
+  reason = _OUTSIDE if floating else NOT_FLOATING
   return SiteRecord(None, eqn.primitive.name, tuple(a.shape for a in avals),
                     tuple(np.dtype(a.dtype) for a in avals), np.dtype(out.dtype),
                     tuple(out.shape), module_path(stack),
