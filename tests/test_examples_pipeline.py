@@ -104,6 +104,13 @@ def test_eval_pass_pads_the_last_batch(folder):
   assert np.all(out[-1]["image"][1:] == 0)
 
 
+@pytest.mark.parametrize("batch_size", [0, -8])
+def test_loader_refuses_a_batch_size_below_one(subset, batch_size):
+  # -8 made a negative steps_per_epoch, and a training loader that never yielded a batch.
+  with pytest.raises(ValueError, match=f"batch_size must be at least 1, got {batch_size}"):
+    ip.Loader(subset, batch_size=batch_size, train=True, image_size=SIZE)
+
+
 def test_workers_shut_down(folder):
   source = ip.make_source("imagenet_folder", "train", str(folder))
   loader = ip.Loader(source, batch_size=4, train=True, image_size=SIZE, num_workers=2)
@@ -192,20 +199,31 @@ def test_fashion_mnist_prefers_the_full_set(tmp_path):
   np.testing.assert_array_equal(np.asarray(img)[..., 1], images[3])
   assert label == 3
   assert len(ip.make_source("fashion_mnist", "eval", str(tmp_path)).records) == 5
-  # Without the IDX files (or with fashion_mnist_subset), the shipped subset.
-  assert len(ip.make_source("fashion_mnist", "train", str(tmp_path / "none")).records) == 6000
   assert len(ip.make_source("fashion_mnist_subset", "train", str(tmp_path)).records) == 6000
 
 
+def test_fashion_mnist_falls_back_to_the_subset_only_without_a_data_dir(tmp_path, monkeypatch):
+  monkeypatch.setattr(ip, "DEBIAN_FASHION_MNIST_DIR", str(tmp_path / "debian"))
+  assert len(ip.make_source("fashion_mnist", "train").records) == 6000
+  # A folder named by --data_dir that lacks the IDX files is a mistake, not a request for the
+  # subset.
+  with pytest.raises(FileNotFoundError, match=f"looked at {tmp_path}/none/"):
+    ip.make_source("fashion_mnist", "train", str(tmp_path / "none"))
+
+
 def test_missing_data_is_a_clear_error(tmp_path, monkeypatch):
-  with pytest.raises(FileNotFoundError, match=f"{tmp_path}/train"):
+  with pytest.raises(FileNotFoundError, match=f"{tmp_path}/train") as error:
     ip.make_source("imagenet_folder", "train", str(tmp_path))
+  assert str(error.value).count("train/") == 1
+  with pytest.raises(FileNotFoundError, match=f"{tmp_path}/train/.* and {tmp_path}/val/"):
+    ip.make_source("imagenet_folder", "eval", str(tmp_path))
   with pytest.raises(ValueError, match="--data_dir"):
     ip.make_source("imagenet_folder", "train")
   monkeypatch.setattr(ip, "SHIPPED_FASHION_MNIST", str(tmp_path / "missing.npz"))
+  monkeypatch.setattr(ip, "DEBIAN_FASHION_MNIST_DIR", str(tmp_path / "debian"))
   with pytest.raises(FileNotFoundError, match="missing.npz") as error:
-    ip.make_source("fashion_mnist", "train", str(tmp_path))
-  assert str(tmp_path) in str(error.value).replace("missing.npz", "")
+    ip.make_source("fashion_mnist", "train")
+  assert f"{tmp_path}/debian" in str(error.value)
   monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)  # as if not installed
   with pytest.raises(ImportError, match="tensorflow_datasets"):
     ip.make_source("imagenet_tfds", "train")

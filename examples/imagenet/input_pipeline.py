@@ -85,9 +85,8 @@ def image_folder_source(root: str, split: str) -> Source:
   split_dir = pathlib.Path(root) / split
   train_dir = pathlib.Path(root) / "train"
   if not split_dir.is_dir() or not train_dir.is_dir():
-    raise FileNotFoundError(
-        f"no ImageFolder tree: looked for {train_dir}/<class>/*.JPEG and "
-        f"{split_dir}/<class>/*.JPEG")
+    looked = " and ".join(f"{d}/<class>/*.JPEG" for d in dict.fromkeys((train_dir, split_dir)))
+    raise FileNotFoundError(f"no ImageFolder tree: looked for {looked}")
   classes = _class_dirs(train_dir)
   index = {name: i for i, name in enumerate(classes)}
   unknown = sorted(set(_class_dirs(split_dir)) - set(index))
@@ -164,7 +163,8 @@ def read_fashion_mnist_idx(directory: str, split: str) -> tuple[np.ndarray, np.n
 
 def _fashion_mnist_path(data_dir: str | None, which: str) -> str:
   """``which``: "full" (Debian's set, required), "auto" (the full set when present, else the
-  shipped subset) or "subset"."""
+  shipped subset) or "subset". A ``data_dir`` given for "auto" must hold the full set: the
+  subset is the fallback for Debian's folder only, not for a folder named by mistake."""
   directory = data_dir or DEBIAN_FASHION_MNIST_DIR
   full_looked = os.path.join(directory, "{train,t10k}-*-idx*-ubyte.gz")
   if which != "subset" and os.path.exists(os.path.join(directory, "train-images-idx3-ubyte.gz")):
@@ -173,6 +173,9 @@ def _fashion_mnist_path(data_dir: str | None, which: str) -> str:
     raise FileNotFoundError(
         f"dataset 'fashion_mnist_full' needs the full Fashion-MNIST at {full_looked} (Debian: "
         "apt-get install dataset-fashion-mnist; or --data_dir to a folder of the IDX files)")
+  if which == "auto" and data_dir:
+    raise FileNotFoundError(f"no Fashion-MNIST in --data_dir: looked at {full_looked} (without "
+                            "--data_dir, dataset 'fashion_mnist' falls back to the shipped subset)")
   if os.path.exists(SHIPPED_FASHION_MNIST):
     return SHIPPED_FASHION_MNIST
   looked = ([full_looked] if which == "auto" else []) + [SHIPPED_FASHION_MNIST]
@@ -320,6 +323,8 @@ class Loader:
                seed: int = 0, start_step: int = 0, num_workers: int = 0, prefetch: int = 2,
                crop_scale=(0.08, 1.0), shard: tuple[int, int] = (0, 1)):
     self._workers = []
+    if batch_size < 1:
+      raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     index, count = shard
     if count < 1 or not 0 <= index < count or batch_size % count:
       raise ValueError(f"shard must be (index, count) with 0 <= index < count and count dividing "
