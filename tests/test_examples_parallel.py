@@ -295,6 +295,20 @@ def test_the_distributed_flags_go_together(flags, capsys):
   assert "go together" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--coordinator_address", "localhost", "--num_processes", "2", "--process_id", "0"],
+     "--coordinator_address must be host:port, e.g. localhost:12355, got 'localhost'"),
+    (["--coordinator_address", "localhost:1", "--num_processes", "2", "--process_id", "5"],
+     "--process_id must be below --num_processes 2, got 5"),
+    (["--coordinator_address", "localhost:1", "--num_processes", "0", "--process_id", "0"],
+     "argument --num_processes: must be at least 1, got 0"),
+])
+def test_the_distributed_flags_are_checked_before_joining(flags, message, capsys):
+  with pytest.raises(SystemExit) as exit_:
+    main.parse_args(["--workdir", "unused", *flags])
+  assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
 _TRAIN_STEP_HLO = """
 import dataclasses, functools, sys
 sys.path.insert(0, REPO)

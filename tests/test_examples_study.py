@@ -331,20 +331,38 @@ def test_the_command_line(grid, tiny_config_path, capsys):
   _, workdir, _, _ = grid
   main.main(["study", "--config", tiny_config_path, "--workdir", workdir, "--report_only"])
   assert "## tiny" in capsys.readouterr().out
-  with pytest.raises(ValueError, match=r"study mode sets \['dfp_bits'\]"):
-    main.main(["study", "--config", tiny_config_path, "--workdir", workdir, "--dfp_bits", "8"])
-  with pytest.raises(ValueError, match="has no setting 'dfp7'"):
-    main.main(["study", "--config", tiny_config_path, "--workdir", workdir,
-               "--settings", "fp32,dfp7"])
-  with pytest.raises(ValueError, match="not a study config"):
-    main.main(["study", "--config", "resnet18", "--workdir", workdir, "--report_only"])
   with pytest.raises(SystemExit):
     main.parse_args(["train", "--workdir", workdir, "--seeds", "1"])
   with pytest.raises(SystemExit):
     main.parse_args(["train", "--workdir", workdir, "--records", workdir])
-  args = main.parse_args(["study", "--workdir", workdir, "--settings", "fp32,dfp16",
-                          "--seeds", "3,4"])
-  assert args.settings == ("fp32", "dfp16") and args.seeds == (3, 4)
+  args = main.parse_args(["study", "--config", tiny_config_path, "--workdir", workdir,
+                          "--settings", "fp32,dfp8_sr", "--seeds", "3,4"])
+  assert args.settings == ("fp32", "dfp8_sr") and args.seeds == (3, 4)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--dfp_bits", "8"], "study mode sets --dfp_bits itself, per run"),
+    (["--settings", "fp32,dfp7"], "--settings: study 'tiny' has no setting 'dfp7'"),
+    (["--settings", ""], "argument --settings: names nothing: ''"),
+    (["--settings", ","], "argument --settings: names nothing: ','"),
+    (["--seeds", ""], "argument --seeds: names nothing: ''"),
+    (["--seeds", "1,-1"], "argument --seeds: must be at least 0, got -1"),
+    (["--config", ""], "--config: names nothing: ''"),
+    (["--config", "resnet18"], "--config: 'resnet18' is not a study config"),
+    (["--config", "nope"], "--config: no config 'nope'; the configs are alexnet,"),
+    (["--model", "alexnet"], "model_kwargs {'layers': (8, 'M', 16, 'M'), 'hidden': 32} do not "
+                             "fit model 'alexnet'"),
+    (["--batch_size", "16"], "tiny/fp32/seed0 holds a run of another config (fields "
+                             "['batch_size'] differ"),
+])
+def test_the_command_line_refuses_what_cannot_run(grid, tiny_config_path, flags, message,
+                                                  capsys):
+  _, workdir, _, _ = grid
+  before = sorted(os.walk(workdir))
+  with pytest.raises(SystemExit) as exit_:
+    main.main(["study", "--config", tiny_config_path, "--workdir", workdir, *flags])
+  assert exit_.value.code == 2 and message in capsys.readouterr().err
+  assert sorted(os.walk(workdir)) == before
 
 
 def test_full_fashion_mnist_is_required_not_replaced(tmp_path, monkeypatch):

@@ -15,7 +15,8 @@ import orbax.checkpoint as ocp
 import pytest
 from PIL import Image
 
-from examples.imagenet import compare, configs, input_pipeline, main, models, reporting, train
+from examples.imagenet import (benchmark, compare, configs, input_pipeline, main, models,
+                               reporting, train)
 from examples.imagenet.configs.base import Config
 
 # A narrow ResNet-18 on the shipped Fashion-MNIST subset: 93 steps per epoch, so resuming from
@@ -30,6 +31,25 @@ RUN = Config(
 # also restore the rounding keys.
 DFP_RUN = dataclasses.replace(RUN, model_kwargs={"num_filters": 8, "stage_sizes": (1, 1, 1, 1)},
                               dfp=True, dfp_rounding="stochastic")
+
+
+# A two-convolution VGG on the shipped subset, 2 steps: for the checks of the command line and
+# the work directory, whose steps compile in seconds.
+TINY_CONFIG = '''
+from examples.imagenet.configs.base import Config
+
+def get_config():
+  return Config(model="vgg16", model_kwargs={"layers": (8, "M", 16, "M"), "hidden": 32},
+                dataset="fashion_mnist_subset", image_size=16, num_workers=0, batch_size=32,
+                warmup_epochs=0.0, num_epochs=1.0, num_train_steps=2, log_every_steps=1)
+'''
+
+
+@pytest.fixture
+def tiny_config(tmp_path):
+  path = tmp_path / "tiny.py"
+  path.write_text(TINY_CONFIG)
+  return str(path)
 
 
 @pytest.fixture(scope="module", params=[RUN, DFP_RUN], ids=["fp32", "dfp"])
@@ -181,6 +201,96 @@ def test_command_line_overrides(tmp_path):
   plain = main.config_from_args(main.parse_args(["--workdir", "w", "--no-dfp"]))
   assert plain == dataclasses.replace(main.load_config("default"), dfp=False)
   assert main.parse_args(["--workdir", "w"]).mode == "train"
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--batch_size", "-8"], "argument --batch_size: must be at least 1, got -8"),
+    (["--batch_size", "0"], "argument --batch_size: must be at least 1, got 0"),
+    (["--image_size", "0"], "argument --image_size: must be at least 1, got 0"),
+    (["--num_workers", "-1"], "argument --num_workers: must be at least 0, got -1"),
+    (["--num_epochs", "0"], "argument --num_epochs: must be positive, got 0"),
+    (["--steps", "0"], "argument --steps: must be at least 1, got 0"),
+    (["--steps", "-1"], "argument --steps: must be at least 1, got -1"),
+    (["--log_every_steps", "0"], "argument --log_every_steps: must be a positive number of "
+                                 "steps, or -1: once per epoch"),
+    (["--seed", "-1"], "argument --seed: must be at least 0, got -1"),
+    (["--config", "nope"], "--config: no config 'nope'; the configs are alexnet, default,"),
+    (["--config", "base"], "--config: no config 'base'; the configs are alexnet, default,"),
+    (["--config", "missing.py"], "--config: no file 'missing.py'; the configs are alexnet,"),
+    (["--dfp", "--dfp_bits", "20"], "dfp_bits 20, dfp_headroom 0: DFP bits must be"),
+    (["--dfp", "--dfp_headroom", "99"], "dfp_bits 16, dfp_headroom 99: DFP headroom must be"),
+    (["compare", "--dfp_bits", "1"], "dfp_bits 1, dfp_headroom 0: DFP bits must be"),
+    (["--shard_state"], "shard_state splits the state of DFP runs"),
+    (["--model", "alexnet", "--config", "fashion_mnist_resnet"],
+     "model_kwargs {'num_filters': 32} do not fit model 'alexnet'"),
+])
+def test_the_command_line_refuses_what_cannot_run(flags, message, capsys):
+  with pytest.raises(SystemExit) as exit_:
+    main.parse_args(["--workdir", "unused", *flags])
+  assert exit_.value.code == 2
+  assert message in capsys.readouterr().err
+
+
+def test_a_config_file_without_get_config_is_a_command_line_error(tmp_path, capsys):
+  path = tmp_path / "empty.py"
+  path.write_text("NAME = 'empty'\n")
+  with pytest.raises(SystemExit):
+    main.parse_args(["--config", str(path), "--workdir", "unused"])
+  assert f"--config: '{path}' has no get_config(); the configs are alexnet," in (
+      capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("names, message", [
+    ("bogus", "--models: no config 'bogus'; the configs are alexnet,"),
+    ("", "argument --models: names nothing: ''"),
+    ("vgg16,,vgg16", "argument --models: names one twice"),
+])
+def test_benchmark_refuses_unknown_configs(names, message, capsys):
+  with pytest.raises(SystemExit) as exit_:
+    benchmark.main(["--models", names])
+  assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_a_refused_command_writes_nothing(tiny_config, tmp_path):
+  workdir = tmp_path / "run"
+  with pytest.raises(SystemExit):
+    main.main(["--config", tiny_config, "--workdir", str(workdir), "--dfp", "--dfp_bits", "20"])
+  # A run that fails before its first step leaves no directory either.
+  config = dataclasses.replace(main.load_config(tiny_config), dataset="fashion_mnist_full",
+                               data_dir=str(tmp_path / "none"))
+  with pytest.raises(FileNotFoundError):
+    train.train_and_evaluate(config, str(workdir))
+  assert not workdir.exists()
+
+
+def test_a_workdir_of_another_config_is_refused_and_kept(tiny_config, tmp_path, capsys):
+  workdir = str(tmp_path / "run")
+  main.main(["--config", tiny_config, "--workdir", workdir])
+  summary_line = capsys.readouterr().out.splitlines()[-1]
+  config_path = os.path.join(workdir, "config.json")
+  with open(config_path, encoding="utf-8") as f:
+    recorded = f.read()
+  with pytest.raises(SystemExit):
+    main.main(["--config", tiny_config, "--workdir", workdir, "--batch_size", "16"])
+  assert (f"{workdir} holds a run of another config (fields ['batch_size'] differ" in
+          capsys.readouterr().err)
+  with pytest.raises(ValueError, match=r"another config \(fields \['batch_size'\] differ"):
+    train.train_and_evaluate(dataclasses.replace(main.load_config(tiny_config), batch_size=16),
+                             workdir)
+  # Fields that do not change the results may differ: the finished run reports again.
+  main.main(["--config", tiny_config, "--workdir", workdir, "--log_every_steps", "2"])
+  assert capsys.readouterr().out.splitlines() == [summary_line]
+  with open(config_path, encoding="utf-8") as f:
+    assert f.read() == recorded
+
+
+def test_log_every_steps_minus_one_logs_once_per_epoch(tiny_config, tmp_path):
+  # 6,000 images in batches of 3,000: two steps per epoch.
+  config = dataclasses.replace(main.load_config(tiny_config), batch_size=3000, num_train_steps=3,
+                               log_every_steps=-1)
+  train.train_and_evaluate(config, str(tmp_path))
+  records = reporting.read_metrics(str(tmp_path))
+  assert [r["step"] for r in records if r["split"] == "train"] == [2, 3]
 
 
 def test_compare_rejects_bad_dfp_settings_before_training(tmp_path):

@@ -16,7 +16,7 @@ import jax
 import numpy as np
 
 from examples.imagenet import models, train
-from examples.imagenet.main import load_config
+from examples.imagenet.main import at_least, load_config, name_list
 
 
 def benchmark(name: str, image_size: int, batch_size: int, steps: int, dfp: bool) -> dict:
@@ -46,16 +46,21 @@ def benchmark(name: str, image_size: int, batch_size: int, steps: int, dfp: bool
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--models", default=",".join(models.MODELS),
+  parser.add_argument("--models", type=name_list, default=tuple(models.MODELS),
                       help="comma-separated config names (examples/imagenet/configs)")
-  parser.add_argument("--image_size", type=int, default=224)
-  parser.add_argument("--batch_size", type=int, default=16)
-  parser.add_argument("--steps", type=int, default=3, help="timed steps after the first")
+  parser.add_argument("--image_size", type=at_least(1), default=224)
+  parser.add_argument("--batch_size", type=at_least(1), default=16)
+  parser.add_argument("--steps", type=at_least(1), default=3, help="timed steps after the first")
   parser.add_argument("--dfp", action=argparse.BooleanOptionalAction, default=False)
   args = parser.parse_args(argv)
+  for name in args.models:
+    try:
+      load_config(name)
+    except ValueError as e:
+      parser.error(f"--models: {e}")
   print("| network | params | compile + first step (s) | s/step | images/s |")
   print("|---|---|---|---|---|")
-  for name in args.models.split(","):
+  for name in args.models:
     r = benchmark(name, args.image_size, args.batch_size, args.steps, args.dfp)
     print(f"| {r['model']} | {r['params']:,} | {r['compile_s']:.1f} | {r['step_s']:.2f} | "
           f"{r['images_per_sec']:.1f} |", flush=True)

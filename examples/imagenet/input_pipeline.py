@@ -308,6 +308,18 @@ def _worker_loop(reader, tasks: multiprocessing.Queue, results: multiprocessing.
 # ----------------------------------------------------------------------------- loader
 
 
+def steps_per_epoch(source: Source, batch_size: int, train: bool = True) -> int:
+  """The batches of one pass over ``source``: whole ones when training (the rest is dropped),
+  all of it when evaluating (the last batch padded)."""
+  if batch_size < 1:
+    raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+  n = len(source.records)
+  steps = n // batch_size if train else math.ceil(n / batch_size)
+  if steps == 0:
+    raise ValueError(f"{source.description}: fewer examples than one batch of {batch_size}")
+  return steps
+
+
 class Loader:
   """Iterator over the batches of one split, decoded in ``num_workers`` processes.
 
@@ -323,8 +335,7 @@ class Loader:
                seed: int = 0, start_step: int = 0, num_workers: int = 0, prefetch: int = 2,
                crop_scale=(0.08, 1.0), shard: tuple[int, int] = (0, 1)):
     self._workers = []
-    if batch_size < 1:
-      raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    self.steps_per_epoch = steps_per_epoch(source, batch_size, train)
     index, count = shard
     if count < 1 or not 0 <= index < count or batch_size % count:
       raise ValueError(f"shard must be (index, count) with 0 <= index < count and count dividing "
@@ -333,10 +344,6 @@ class Loader:
     self._rows = slice(index * self.local_batch_size, (index + 1) * self.local_batch_size)
     self.source, self.batch_size, self.train = source, batch_size, train
     self.image_size, self.seed, self.crop_scale = image_size, seed, tuple(crop_scale)
-    n = len(source.records)
-    self.steps_per_epoch = n // batch_size if train else math.ceil(n / batch_size)
-    if self.steps_per_epoch == 0:
-      raise ValueError(f"{source.description}: fewer examples than one batch of {batch_size}")
     self._tasks = self._task_stream(start_step)
     self._mean = np.asarray(source.mean, np.float32)
     self._std = np.asarray(source.std, np.float32)

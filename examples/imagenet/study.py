@@ -24,10 +24,6 @@ from typing import Callable, Sequence
 from examples.imagenet import reporting, study_report, train
 from examples.imagenet.configs.base import Config
 
-# Config fields that do not change what a run computes (the data order does not depend on the
-# number of workers), so a study may resume with other values of them.
-RESULT_NEUTRAL_FIELDS = ("num_workers", "data_dir", "log_every_steps", "checkpoint_every_steps",
-                         "max_checkpoints", "memory_optimized_schedule")
 IMAGENET_DATASETS = ("imagenet_folder", "imagenet_tfds")
 # What a finished run's record keeps: all that the study's summary reads.
 RECORD_FILES = ("config.json", reporting.METRICS_FILE, "summary.json")
@@ -99,11 +95,15 @@ class Study:
     if not self.seeds:
       raise ValueError(f"study {self.network!r}: no seeds")
 
-  def base_config(self, dataset: str | None = None) -> Config:
-    """The FP32 config of this study on ``dataset`` (None: the config's own)."""
+  def base_config(self, dataset: str | None = None, overrides: dict | None = None) -> Config:
+    """The FP32 config of this study on ``dataset`` (None: the config's own), with the fields
+    of ``overrides`` replaced."""
     if dataset in IMAGENET_DATASETS:
-      return dataclasses.replace(self.imagenet_config, dataset=dataset)
-    return self.config if dataset is None else dataclasses.replace(self.config, dataset=dataset)
+      config = dataclasses.replace(self.imagenet_config, dataset=dataset)
+    else:
+      config = self.config if dataset is None else dataclasses.replace(self.config,
+                                                                       dataset=dataset)
+    return dataclasses.replace(config, **(overrides or {}))
 
   def setting(self, name: str) -> Setting:
     for setting in self.settings:
@@ -159,37 +159,10 @@ def plan(study: Study, workdir: str, base: Config, settings: Sequence[str] | Non
           for seed in (study.seeds if seeds is None else seeds) for setting in chosen]
 
 
-def _comparable(config: dict) -> dict:
-  return {k: v for k, v in config.items() if k not in RESULT_NEUTRAL_FIELDS}
-
-
-def _as_json(config: Config) -> dict:
-  return json.loads(json.dumps(dataclasses.asdict(config)))
-
-
-def check_directory(run: Run):
-  """Raises if ``run.directory`` holds a run of another config (a changed study or other flags).
-
-  A field that the run's config.json lacks (it was written before the field existed) counts as
-  its default, which is what that run computed with.
-  """
-  path = os.path.join(run.directory, "config.json")
-  if not os.path.exists(path):
-    return
-  with open(path, encoding="utf-8") as f:
-    found = _comparable({**_as_json(Config()), **json.load(f)})
-  wanted = _comparable(_as_json(run.config))
-  if found != wanted:
-    diff = sorted(k for k in found.keys() | wanted.keys() if found.get(k) != wanted.get(k))
-    raise ValueError(
-        f"{run.directory} holds a run of another config (fields {diff} differ: there "
-        f"{ {k: found.get(k) for k in diff} }, here { {k: wanted.get(k) for k in diff} }); use "
-        "another --workdir, the flags that run was started with, or delete that directory")
-
-
 def finished_summary(run: Run) -> dict | None:
-  """The run's summary.json when it finished, else None (also checks the directory's config)."""
-  check_directory(run)
+  """The run's summary.json when it finished, else None (also checks the directory's config:
+  ``train.check_workdir``)."""
+  train.check_workdir(run.config, run.directory)
   path = os.path.join(run.directory, "summary.json")
   if not os.path.exists(path):
     return None
@@ -280,7 +253,7 @@ def run_studies(studies: Sequence[Study], workdir: str, *, dataset: str | None =
     settings, seeds: the part of the grid to train (None: all of it).
     records: a directory of finished runs' records kept beside the code (run_grid).
   """
-  bases = [dataclasses.replace(s.base_config(dataset), **(overrides or {})) for s in studies]
+  bases = [s.base_config(dataset, overrides) for s in studies]
   # Every study is planned before any training, so that a bad setting name fails first.
   runs = [run for study, base in zip(studies, bases)
           for run in plan(study, workdir, base, settings, seeds)]

@@ -32,6 +32,12 @@ from examples.imagenet import input_pipeline, models, parallel, reporting
 from examples.imagenet.configs.base import Config
 
 
+# Config fields that do not change what a run computes (the data order does not depend on the
+# number of workers), so a run may resume with other values of them.
+RESULT_NEUTRAL_FIELDS = ("num_workers", "data_dir", "log_every_steps", "checkpoint_every_steps",
+                         "max_checkpoints", "memory_optimized_schedule")
+
+
 class TrainState(train_state.TrainState):
   batch_stats: Any
   # Base key: step t draws from fold_in(rng, t), so (rng, step) restore all randomness.
@@ -359,34 +365,86 @@ def _every(value: int, steps_per_epoch: int) -> int:
   return value if value > 0 else steps_per_epoch
 
 
+def check_config(config: Config):
+  """Raises ValueError, naming the fields, where ``config`` cannot train: a split state without
+  DFP, DFP settings dfpjax refuses, ``model_kwargs`` that are not fields of ``config.model``."""
+  if config.shard_state and not config.dfp:
+    raise ValueError("shard_state splits the state of DFP runs (dfp=True): XLA's float "
+                     "convolutions would spread a kernel's split onto the activations")
+  if config.dfp:
+    try:
+      make_dfp_config(config)
+    except ValueError as e:  # dfpjax's words, with the fields that set them
+      raise ValueError(f"dfp_bits {config.dfp_bits}, dfp_headroom {config.dfp_headroom}: "
+                       f"{e}") from e
+  try:
+    create_model(config, num_classes=10)  # builds the module only: no weights
+  except TypeError as e:
+    raise ValueError(f"model_kwargs {config.model_kwargs} do not fit model {config.model!r} "
+                     f"({e}): a --model needs a --config of that network") from e
+
+
+def _json(config: Config) -> dict:
+  return json.loads(json.dumps(dataclasses.asdict(config)))
+
+
+def read_config(workdir: str) -> Config | None:
+  """The config of the run in ``workdir`` (its config.json), or None where there is none; a
+  field that config.json lacks (it was written before the field existed) is its default, which
+  is what that run computed with."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    return None
+  with open(path, encoding="utf-8") as f:
+    recorded = json.load(f)
+  # JSON has no tuples: a config's sequences are tuples (hashable, as Flax's module fields).
+  tuples = lambda v: (tuple(map(tuples, v)) if isinstance(v, list) else
+                      {k: tuples(x) for k, x in v.items()} if isinstance(v, dict) else v)
+  return Config(**{k: tuples(v) for k, v in recorded.items()})
+
+
+def check_workdir(config: Config, workdir: str):
+  """Raises ValueError if ``workdir`` holds a run of another config (other flags or a changed
+  config file); the RESULT_NEUTRAL_FIELDS may differ."""
+  found = read_config(workdir)
+  if found is None:
+    return
+  found, wanted = _json(found), _json(config)
+  diff = sorted(k for k in wanted if k not in RESULT_NEUTRAL_FIELDS and found[k] != wanted[k])
+  if diff:
+    raise ValueError(
+        f"{workdir} holds a run of another config (fields {diff} differ: there "
+        f"{ {k: found[k] for k in diff} }, here { {k: wanted[k] for k in diff} }); use "
+        "another --workdir, the flags that run was started with, or delete that directory")
+
+
 def train_and_evaluate(config: Config, workdir: str) -> dict[str, Any]:
   """Trains (resuming from ``workdir``'s latest checkpoint), evaluates, and writes to ``workdir``:
   config.json, metrics.jsonl, tensorboard/, checkpoints/, curves.png and summary.json.
 
   Returns the summary: final train/eval metrics, images/s and wall time. A workdir trained to
-  the end already returns its summary.json.
+  the end already returns its summary.json. A workdir of another config (``check_workdir``), or
+  a config that cannot train, is an error before anything is written.
   """
-  if config.shard_state and not config.dfp:
-    raise ValueError("shard_state splits the state of DFP runs (dfp=True): XLA's float "
-                     "convolutions would spread a kernel's split onto the activations")
+  check_config(config)
+  check_workdir(config, workdir)
   data_parallel = parallel.DataParallel.over_all_devices(config.batch_size, config.shard_state)
   lead = jax.process_index() == 0  # the one process that writes files other than checkpoints
-  os.makedirs(workdir, exist_ok=True)
-  if lead:
-    with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-      json.dump(dataclasses.asdict(config), f, indent=2)
   train_source = input_pipeline.make_source(config.dataset, "train", config.data_dir)
   eval_source = input_pipeline.make_source(config.dataset, "eval", config.data_dir)
-  steps_per_epoch = len(train_source.records) // config.batch_size
+  steps_per_epoch = input_pipeline.steps_per_epoch(train_source, config.batch_size)
   num_steps, learning_rate_fn = create_schedule(config, steps_per_epoch)
-
   model = create_model(config, train_source.num_classes)
+
   manager = checkpoint_manager(workdir, config)
   summary_path = os.path.join(workdir, "summary.json")
   if manager.latest_step() == num_steps and os.path.exists(summary_path):
     manager.close()  # nothing to train: report the run that finished rather than an empty one
     with open(summary_path, encoding="utf-8") as f:
       return json.load(f)
+  if lead:
+    with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+      json.dump(dataclasses.asdict(config), f, indent=2)
   state = restore_or_create(manager, functools.partial(
       create_train_state, config, model, config.image_size, learning_rate_fn), data_parallel)
   start_step = int(state.step)
@@ -410,7 +468,7 @@ def train_and_evaluate(config: Config, workdir: str) -> dict[str, Any]:
   writer = reporting.MetricWriter(workdir) if lead else None
   progress = reporting.ProgressBar(num_steps, start_step,
                                    stream=None if lead else open(os.devnull, "w"))
-  log_every = config.log_every_steps
+  log_every = _every(config.log_every_steps, steps_per_epoch)
   start_time = time.perf_counter()
   eval_every = _every(config.eval_every_steps, steps_per_epoch)
   checkpoint_every = _every(config.checkpoint_every_steps, steps_per_epoch)
