@@ -91,6 +91,28 @@ def test_gradient_spread_measures_each_setting_against_the_float_network(tiny, d
   assert len(rows) == 1 + len(spread)  # the header, one row per label
 
 
+def test_a_study_trained_with_override_flags_is_read_as_it_was_trained(tiny, tmp_path):
+  workdir = str(tmp_path)
+  study.run_studies([tiny], workdir, overrides={"num_train_steps": 2}, settings=["fp32"],
+                    log=lambda line: None)
+  config, state, _ = study_diagnose.trained_fp32(tiny, workdir, 0)
+  assert config == dataclasses.replace(tiny.config, num_train_steps=2)
+  assert int(state.step) == 2
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--config", "nope"], "--config: no config 'nope'; the configs are alexnet,"),
+    (["--config", "resnet18"], "--config: 'resnet18' is not a study config"),
+    (["--draws", "0"], "argument --draws: must be at least 1, got 0"),
+    (["--gradients", "bogus"], "--gradients: study 'resnet18' has no setting 'bogus'"),
+    (["--gradients", ","], "argument --gradients: names nothing: ','"),
+])
+def test_the_command_line_refuses_what_cannot_run(flags, message, capsys):
+  with pytest.raises(SystemExit) as exit_:
+    study_diagnose.parse_args(["--config", "study_resnet18", "--workdir", "unused", *flags])
+  assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
 def test_a_missing_fp32_run_is_named_with_the_command_that_trains_it(tiny, tmp_path):
   with pytest.raises(FileNotFoundError, match=r"no finished FP32 run of 'tiny' with seed 3 .*"
                                               r"--settings fp32 --seeds 3"):

@@ -40,19 +40,23 @@ PASSES = ("forward", "backward-data", "backward-weights")
 
 
 def trained_fp32(study_: study.Study, workdir: str, seed: int):
-  """(config, state) of the study's FP32 run with ``seed``, restored from its last checkpoint."""
-  run = study.plan(study_, workdir, study_.config, [study.FP32.name], [seed])[0]
-  if study.finished_summary(run) is None:
+  """(config, state, source) of the study's FP32 run with ``seed``, restored from its last
+  checkpoint. The config is the one the run recorded (config.json): a study trained with flags
+  that override its config (``--steps``, ``--dataset``) is read as it was trained."""
+  directory = study.run_directory(workdir, study_.network, study.FP32.name, seed)
+  config = train.read_config(directory)
+  if config is None or not os.path.exists(os.path.join(directory, "summary.json")):
     raise FileNotFoundError(
-        f"no finished FP32 run of {study_.network!r} with seed {seed} in {run.directory}: train "
-        f"it first (study --config ... --settings fp32 --seeds {seed} --workdir {workdir})")
-  config = run.config
+        f"no finished FP32 run of {study_.network!r} with seed {seed} in {directory}: train it "
+        f"first (python -m examples.imagenet.main study --config ... --settings fp32 --seeds "
+        f"{seed} --workdir {workdir})")
   source = input_pipeline.make_source(config.dataset, "train", config.data_dir)
-  _, learning_rate_fn = train.create_schedule(config, len(source.records) // config.batch_size)
+  _, learning_rate_fn = train.create_schedule(
+      config, input_pipeline.steps_per_epoch(source, config.batch_size))
   model = train.create_model(config, source.num_classes)
   create_state = functools.partial(train.create_train_state, config, model, config.image_size,
                                    learning_rate_fn)
-  manager = train.checkpoint_manager(run.directory, config)
+  manager = train.checkpoint_manager(directory, config)
   try:
     state = manager.restore(manager.latest_step(),
                             args=ocp.args.StandardRestore(jax.eval_shape(create_state)))
@@ -226,21 +230,30 @@ def parse_args(argv=None) -> argparse.Namespace:
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--config", required=True, help="a study config, e.g. study_resnet18")
   parser.add_argument("--workdir", required=True, help="the study's workdir")
-  parser.add_argument("--seed", type=int, default=0, help="the FP32 run whose weights to use")
-  parser.add_argument("--gradients", default="",
+  parser.add_argument("--seed", type=main.at_least(0), default=0,
+                      help="the FP32 run whose weights to use")
+  parser.add_argument("--gradients", type=main.name_list,
                       help="comma-separated settings (e.g. dfp16,dfp16_sr): measure their whole "
                            "weight gradients (gradient_spread) instead of the per-product table")
-  parser.add_argument("--draws", type=int, default=8,
+  parser.add_argument("--draws", type=main.at_least(1), default=8,
                       help="with --gradients: rounding keys per stochastic setting, and "
                            "perturbations of the images")
-  return parser.parse_args(argv)
+  args = parser.parse_args(argv)
+  try:
+    args.study = main.load_study(args.config)
+  except ValueError as e:
+    parser.error(f"--config: {e}")
+  for name in args.gradients or ():
+    try:
+      args.study.setting(name)
+    except ValueError as e:
+      parser.error(f"--gradients: {e}")
+  return args
 
 
 if __name__ == "__main__":
   args = parse_args()
   if args.gradients:
-    print(run_gradients(main.load_study(args.config), args.workdir,
-                        [s.strip() for s in args.gradients.split(",") if s.strip()], args.draws,
-                        args.seed))
+    print(run_gradients(args.study, args.workdir, list(args.gradients), args.draws, args.seed))
   else:
-    print(run(main.load_study(args.config), args.workdir, args.seed))
+    print(run(args.study, args.workdir, args.seed))
