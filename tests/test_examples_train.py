@@ -284,6 +284,13 @@ def test_a_workdir_of_another_config_is_refused_and_kept(tiny_config, tmp_path, 
     assert f.read() == recorded
 
 
+def test_a_workdir_recording_a_field_config_has_no_more_is_refused(tiny_config, tmp_path):
+  with open(tmp_path / "config.json", "w", encoding="utf-8") as f:
+    json.dump({**dataclasses.asdict(main.load_config(tiny_config)), "retired_flag": 1}, f)
+  with pytest.raises(ValueError, match=r"fields that Config has no more \(\['retired_flag'\]\)"):
+    train.train_and_evaluate(main.load_config(tiny_config), str(tmp_path))
+
+
 def test_log_every_steps_minus_one_logs_once_per_epoch(tiny_config, tmp_path):
   # 6,000 images in batches of 3,000: two steps per epoch.
   config = dataclasses.replace(main.load_config(tiny_config), batch_size=3000, num_train_steps=3,

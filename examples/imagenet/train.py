@@ -397,6 +397,10 @@ def read_config(workdir: str) -> Config | None:
     return None
   with open(path, encoding="utf-8") as f:
     recorded = json.load(f)
+  unknown = sorted(set(recorded) - {field.name for field in dataclasses.fields(Config)})
+  if unknown:
+    raise ValueError(f"{path} records fields that Config has no more ({unknown}): a run of an "
+                     "older version; use another --workdir, or delete that directory")
   # JSON has no tuples: a config's sequences are tuples (hashable, as Flax's module fields).
   tuples = lambda v: (tuple(map(tuples, v)) if isinstance(v, list) else
                       {k: tuples(x) for k, x in v.items()} if isinstance(v, dict) else v)
