@@ -48,6 +48,11 @@ def test_kernel_info_rejects_an_unknown_dfpjax_isa(monkeypatch):
     dfpjax.kernel_info()
 
 
+def _private(name: str) -> bool:
+  """A leading underscore, but not a dunder (a module's ``__path__`` is no private name)."""
+  return name.startswith("_") and not (name.startswith("__") and name.endswith("__"))
+
+
 def _private_uses(source: str) -> list[tuple[int, str]]:
   """(line, what) for each place in ``source`` that reaches past dfpjax's public names or into
   an underscore name of the examples."""
@@ -65,13 +70,13 @@ def _private_uses(source: str) -> list[tuple[int, str]]:
         found.append((node.lineno, f"from {node.module} import {', '.join(names)}"))
       if node.module.startswith("examples"):
         found += [(node.lineno, f"from {node.module} import {n}") for n in names
-                  if n.startswith("_")]
+                  if _private(n)]
         example_aliases |= {a.asname or a.name for a in node.names}
   for node in ast.walk(tree):
     if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name):
       if node.value.id == "dfpjax" and node.attr not in public:
         found.append((node.lineno, f"dfpjax.{node.attr}"))
-      if node.value.id in example_aliases and node.attr.startswith("_"):
+      if node.value.id in example_aliases and _private(node.attr):
         found.append((node.lineno, f"{node.value.id}.{node.attr}"))
   return sorted(found)
 
@@ -88,7 +93,8 @@ def test_benchmarks_and_examples_use_only_public_names(folder):
 def test_the_public_name_check_finds_private_uses():
   source = ("import dfpjax\nfrom dfpjax import cpu_ffi, quantize\nimport dfpjax.primitives\n"
             "from examples.imagenet import train\n"
-            "print(dfpjax.cpu_ffi, dfpjax.quantize, train._private, dfpjax.__version__)\n")
+            "print(dfpjax.cpu_ffi, dfpjax.quantize, train._private, train.__file__, "
+            "dfpjax.__version__)\n")
   assert _private_uses(source) == [
       (2, "from dfpjax import cpu_ffi, quantize"), (3, "import dfpjax.primitives"),
       (5, "dfpjax.cpu_ffi"), (5, "train._private")]
