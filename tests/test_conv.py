@@ -174,6 +174,32 @@ def _forward_and_gradients(lhs, rhs, kw, g_seed=0):
   return [np.asarray(v) for v in (y, *vjp(g))]
 
 
+# Convolutions with no output pixels: a window past the input, and an input with none ('SAME');
+# few input channels (backward-data by col2im) and many.
+EMPTY_CASES = {"window_past_input": ((2, 3, 3, 3), (5, 5, 3, 4), "VALID"),
+               "input_without_pixels": ((2, 0, 5, 3), (3, 3, 3, 4), "SAME"),
+               "many_channels": ((2, 3, 3, 40), (5, 5, 40, 4), "VALID")}
+
+
+@pytest.mark.parametrize("case", EMPTY_CASES)
+def test_empty_outputs_have_zero_gradients_on_every_path(isa, case):
+  """An empty output, and zero gradients, as lax.conv_general_dilated gives, on the forced
+  kernel path and the reference twin (the weight gradient's kernel divided by the output's
+  pixels per image, which are none, and the twin stacked no patches)."""
+  lhs_shape, rhs_shape, padding = EMPTY_CASES[case]
+  rng = np.random.default_rng(0)
+  lhs = rng.standard_normal(lhs_shape).astype(np.float32)
+  rhs = rng.standard_normal(rhs_shape).astype(np.float32)
+  kw = dict(window_strides=(1, 1), padding=padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  got = _forward_and_gradients(lhs, rhs, kw)
+  with reference_mode():
+    want = _forward_and_gradients(lhs, rhs, kw)
+  assert got[0].size == 0 and got[0].shape == want[0].shape
+  for a, b, shape in zip(got[1:], want[1:], (lhs_shape, rhs_shape)):
+    np.testing.assert_array_equal(a, np.zeros(shape, np.float32))
+    np.testing.assert_array_equal(b, a)
+
+
 @pytest.mark.parametrize("seed", range(5))
 def test_kernel_equals_reference_on_every_path(isa, seed):
   """Forward, backward-data and backward-weights on the forced kernel path equal the pure-XLA

@@ -188,7 +188,10 @@ static void block_task(void* arg, size_t t) {
   const size_t col0 = nb * c->ncp * nr, cols = min_size(ldc, c->n - col0);
   const size_t pixels_per_image = s->out[0] * s->out[1] * s->out[2], ldo = s->groups * s->cout;
   int32_t ea[DFP_IM2COL_MAX_ROWS]; /* a block's rows: at most CONV_MC_ROWS or DFP_IM2COL_MAX_ROWS */
-  for (size_t row = row0; row < row1; ++row) ea[row - row0] = a->ex[row / pixels_per_image * a->ex_batch_stride];
+  /* Rows are pixels where the exponents are per image (forward); backward-weights' are taps and
+   * channels, over a reduction that may have no pixels at all (an empty output's gradient). */
+  for (size_t row = row0; row < row1; ++row)
+    ea[row - row0] = a->ex[a->ex_batch_stride ? row / pixels_per_image * a->ex_batch_stride : 0];
   if (c->kblocks == 1 && dfp_encodes_tiles(c->cfg, a->out.format, 0)) {
     const dfp_block_output out = {&a->out, row0 * ldo + g * s->cout + col0, ldo, row1 - row0, cols, ea, a->eb,
                                   dfp_stream_output(c->m * ldo * sizeof(float))};
