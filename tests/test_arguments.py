@@ -32,6 +32,14 @@ def test_strides_must_be_one_positive_integer_per_spatial_dimension(strides):
     _conv((1, 1, 5, 5), (1, 1, 2, 2), strides)
 
 
+@pytest.mark.parametrize("padding", [((0.9, 0.9), (1, 1)), ((1, 1), (1.5, 0)), "FULL"])
+def test_padding_must_be_integer_pairs_or_a_name(padding):
+  with pytest.raises(ValueError, match="padding must be 'SAME', 'SAME_LOWER', 'VALID' or one "
+                                       r"\(low, high\) pair of integers per spatial dimension"):
+    dfpjax.dfp_conv_general_dilated(jnp.ones((2, 5, 5, 3)), jnp.ones((3, 3, 3, 4)), (1, 1),
+                                    padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
 @pytest.mark.parametrize("name", ["lhs_dilation", "rhs_dilation"])
 def test_dilations_must_be_positive(name):
   with pytest.raises(ValueError, match=f"{name} must be 2 positive integers"):
@@ -83,11 +91,15 @@ def test_mantissas_must_be_int16():
     dfpjax.dfp_dot_general(a, b, DOT)
 
 
-def test_exponents_must_be_integers():
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.int16, jnp.uint8, jnp.uint32])
+def test_exponents_must_be_int32(dtype):
   a = _dfp(jnp.ones((2, 3), jnp.int16))
-  b = _dfp(jnp.ones((3, 4), jnp.int16), exponent=jnp.zeros((), jnp.float32))
-  with pytest.raises(TypeError, match="rhs is a DFPTensor with a float32 exponent"):
+  b = _dfp(jnp.ones((3, 4), jnp.int16), exponent=jnp.zeros((), dtype))
+  with pytest.raises(TypeError, match=f"rhs is a DFPTensor with a {np.dtype(dtype)} exponent; "
+                                      "DFP exponents are int32"):
     dfpjax.dfp_dot_general(a, b, DOT)
+  # A Python int is taken as an int32.
+  assert dfpjax.dfp_dot_general(a, _dfp(jnp.ones((3, 4), jnp.int16), exponent=-2), DOT).shape == (2, 4)
 
 
 def test_valid_per_channel_dfp_tensors_still_multiply():

@@ -13,6 +13,9 @@ from jax import lax
 
 from dfpjax import cpu_ffi
 
+_PADDING_EXPECTED = ("dfp_conv_general_dilated: padding must be 'SAME', 'SAME_LOWER', 'VALID' or one "
+                     "(low, high) pair of integers per spatial dimension")
+
 
 @dataclasses.dataclass(frozen=True)
 class ConvParams:
@@ -169,6 +172,8 @@ def canonical_params(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilati
                        f"{count!r}")
   dnums = lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
   if isinstance(padding, str):
+    if padding.upper() not in ("SAME", "SAME_LOWER", "VALID"):
+      raise ValueError(_PADDING_EXPECTED + f", got {padding!r}")
     if any(d != 1 for d in lhs_dilation):
       raise ValueError("dfp_conv_general_dilated: string padding is not defined with lhs_dilation; "
                        "give explicit padding (as lax.conv_general_dilated requires)")
@@ -177,10 +182,12 @@ def canonical_params(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilati
     padding = lax.padtype_to_pads(np.take(lhs.shape, lhs_perm)[2:], effective_rhs, window_strides,
                                   padding)
   try:
-    padding = tuple((int(lo), int(hi)) for lo, hi in padding)
+    pairs = tuple((int(lo), int(hi)) for lo, hi in padding)
+    if pairs != tuple((lo, hi) for lo, hi in padding):  # 0.9 is no padding of 0
+      raise ValueError
   except (TypeError, ValueError) as err:
-    raise ValueError("dfp_conv_general_dilated: padding must be 'SAME', 'SAME_LOWER', 'VALID' or "
-                     f"one (low, high) pair per spatial dimension, got {padding!r}") from err
+    raise ValueError(_PADDING_EXPECTED + f", got {padding!r}") from err
+  padding = pairs
   params = ConvParams(window_strides, padding, lhs_dilation, rhs_dilation, dnums,
                       int(feature_group_count), int(batch_group_count))
   float_conv_shape(lhs.shape, rhs.shape, params)  # JAX's checks, with JAX's messages

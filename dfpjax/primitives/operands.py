@@ -41,15 +41,15 @@ def float_operands(op: str, lhs, rhs, config, key):
 
 
 def check_dfp_operand(t: DFPTensor, name: str, op: str) -> None:
-  """Checks a DFPTensor operand: int16 mantissas, and integer exponents shaped as its
+  """Checks a DFPTensor operand: int16 mantissas, and int32 exponents shaped as its
   ``channel_axis`` says (one per tensor, or one per index along that axis)."""
   if np.dtype(t.mantissa.dtype) != np.int16:
     raise TypeError(f"{op}: {name} is a DFPTensor with {t.mantissa.dtype} mantissas; DFP "
                     "mantissas are int16")
-  exponent_dtype = jnp.result_type(t.exponent)
-  if not jnp.issubdtype(exponent_dtype, jnp.integer):
+  exponent_dtype = jnp.result_type(t.exponent)  # a Python int's is int32
+  if exponent_dtype != np.int32:
     raise TypeError(f"{op}: {name} is a DFPTensor with a {exponent_dtype} exponent; DFP "
-                    "exponents are integers (int32)")
+                    "exponents are int32")
   shape = np.shape(t.exponent)
   if t.channel_axis is None:
     if math.prod(shape) != 1:
