@@ -182,6 +182,15 @@ def test_bad_settings_are_rejected():
     dfpjax.quantize(jnp.ones(3), rounding="up")
 
 
+def test_config_names_are_a_string_or_a_sequence_of_strings():
+  assert dfpjax.DFPConfig(ops="dot_general").ops == ("dot_general",)
+  assert dfpjax.DFPConfig(keep_float="*/head").keep_float == ("*/head",)
+  for field, value in [("ops", None), ("keep_float", None), ("keep_float", [1])]:
+    with pytest.raises(TypeError, match=f"DFPConfig.{field} must be a string or a sequence of "
+                                        "strings"):
+      dfpjax.DFPConfig(**{field: value})
+
+
 def test_empty_tensors_quantize_to_exponent_zero():
   t = dfpjax.quantize(jnp.zeros((0, 3)))
   assert t.mantissa.shape == (0, 3) and int(t.exponent) == 0

@@ -81,15 +81,12 @@ class DFPConfig:
       raise TypeError("DFPConfig.forward and .gradient must be QuantConfig instances")
     if self.gradient.granularity != "tensor":
       raise ValueError("DFPConfig.gradient.granularity must be 'tensor' (see the docstring)")
-    ops = tuple(self.ops)
+    ops = _names(self.ops, "ops")
     unknown = sorted(set(ops) - set(SUPPORTED_OPS))
     if unknown:
       raise ValueError(f"DFPConfig.ops has unsupported ops {unknown}; supported: {SUPPORTED_OPS}")
     object.__setattr__(self, "ops", ops)
-    if isinstance(self.keep_float, str):
-      object.__setattr__(self, "keep_float", (self.keep_float,))
-    else:
-      object.__setattr__(self, "keep_float", tuple(self.keep_float))
+    object.__setattr__(self, "keep_float", _names(self.keep_float, "keep_float"))
 
   @property
   def needs_key(self) -> bool:
@@ -98,3 +95,16 @@ class DFPConfig:
   def keeps_float(self, site_path: str) -> bool:
     """Whether the call site at ``site_path`` is excluded from DFP."""
     return any(fnmatch.fnmatchcase(site_path, pattern) for pattern in self.keep_float)
+
+
+def _names(value, field: str) -> tuple[str, ...]:
+  """``DFPConfig.<field>`` as a tuple of strings: one string is one name, not its letters."""
+  if isinstance(value, str):
+    return (value,)
+  try:
+    names = tuple(value)
+  except TypeError:
+    names = None
+  if names is None or not all(isinstance(name, str) for name in names):
+    raise TypeError(f"DFPConfig.{field} must be a string or a sequence of strings, got {value!r}")
+  return names
