@@ -198,6 +198,13 @@ def test_integer_and_excluded_ops_are_left_alone():
   assert report(f, *args, config=only_conv)[1].reason == "dot_general is not in config.ops"
 
 
+def test_transform_takes_a_function_and_a_key_only_where_it_rounds_stochastically():
+  with pytest.raises(TypeError, match="dfp_transform: fn must be a function, got int"):
+    dfp_transform(3)
+  with pytest.raises(TypeError, match="dfp_key is given, but the config rounds to nearest"):
+    dfp_transform(lambda x: x @ x)(jnp.ones((2, 2)), dfp_key=jax.random.key(0))
+
+
 def test_float64_site_raises_clearly():
   with jax.enable_x64(True):
     x = jnp.ones((2, 2), jnp.float64)

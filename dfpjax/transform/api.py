@@ -125,6 +125,8 @@ def dfp_transform(fn: Callable, config: DFPConfig | None = None, *,
     A function with ``fn``'s signature. When the config rounds stochastically it takes
     one more keyword argument, ``dfp_key`` (a ``jax.random`` key).
   """
+  if not callable(fn):
+    raise TypeError(f"dfp_transform: fn must be a function, got {type(fn).__name__}")
   config = DFPConfig() if config is None else config
   if not isinstance(config, DFPConfig):
     raise TypeError(f"config must be a dfpjax.DFPConfig, got {type(config).__name__}")
@@ -132,7 +134,12 @@ def dfp_transform(fn: Callable, config: DFPConfig | None = None, *,
 
   @functools.wraps(fn)
   def transformed(*args, **kwargs):
-    key = kwargs.pop("dfp_key", None) if config.needs_key else None
+    if config.needs_key:
+      key = kwargs.pop("dfp_key", None)
+    elif "dfp_key" in kwargs:  # else fn would be called with it, and name it as its own
+      raise TypeError("dfp_key is given, but the config rounds to nearest: it takes no key")
+    else:
+      key = None
     return transform(key, args, kwargs)
 
   transformed.dfp_transform = transform
