@@ -182,6 +182,15 @@ def test_bad_settings_are_rejected():
     dfpjax.quantize(jnp.ones(3), rounding="up")
 
 
+def test_bits_and_headroom_are_integers_numpys_too_but_not_bools():
+  config = dfpjax.QuantConfig(bits=np.int64(8), headroom=np.int32(1))
+  assert (config.bits, config.headroom) == (8, 1) and type(config.bits) is int
+  with pytest.raises(ValueError, match="headroom must be an integer in 0..bits-2=14, got True"):
+    dfpjax.QuantConfig(headroom=True)
+  with pytest.raises(ValueError, match="bits must be an integer in 2..16, got 8.0"):
+    dfpjax.QuantConfig(bits=8.0)
+
+
 def test_config_names_are_a_string_or_a_sequence_of_strings():
   assert dfpjax.DFPConfig(ops="dot_general").ops == ("dot_general",)
   assert dfpjax.DFPConfig(keep_float="*/head").keep_float == ("*/head",)

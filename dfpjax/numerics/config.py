@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import numbers
 from typing import Literal
 
 Rounding = Literal["nearest", "stochastic"]
 Granularity = Literal["tensor", "channel"]
 
 SUPPORTED_OPS = ("dot_general", "conv_general_dilated")
+
+
+def _integer(value) -> bool:
+  """An integer (a NumPy one too), not a bool."""
+  return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,11 +47,13 @@ class QuantConfig:
     axes = self.exponent_axes
     if not isinstance(axes, tuple) or not all(isinstance(a, str) for a in axes):
       raise TypeError(f"DFP exponent_axes must be a tuple of mesh axis names, got {axes!r}")
-    if not isinstance(self.bits, int) or not 2 <= self.bits <= 16:
+    if not _integer(self.bits) or not 2 <= self.bits <= 16:
       raise ValueError(f"DFP bits must be an integer in 2..16, got {self.bits!r}")
-    if not isinstance(self.headroom, int) or not 0 <= self.headroom <= self.bits - 2:
+    if not _integer(self.headroom) or not 0 <= self.headroom <= self.bits - 2:
       raise ValueError(
           f"DFP headroom must be an integer in 0..bits-2={self.bits - 2}, got {self.headroom!r}")
+    object.__setattr__(self, "bits", int(self.bits))  # a NumPy integer hashes and prints as one
+    object.__setattr__(self, "headroom", int(self.headroom))
     if self.rounding not in ("nearest", "stochastic"):
       raise ValueError(f"DFP rounding must be 'nearest' or 'stochastic', got {self.rounding!r}")
     if self.granularity not in ("tensor", "channel"):
