@@ -32,7 +32,7 @@ def module_path(name_stack: source_info_util.NameStack) -> str:
   out: the one JAX puts around a ``remat``'s recomputation, the ``Block_0.fn`` a Flax
   lifted transform of a function called with module ``Block_0`` adds (``nn.remat(fn)``), and
   the one ``jnp.einsum`` names after its subscripts (``bd,dk->bk``). A scope may repeat its
-  parent's name (``nn.Sequential``'s ``layers_0`` in another's).
+  parent's name (a ``Dense(name="proj")`` in a module named ``proj``: ``Outer/proj/proj``).
   """
   groups: list[list[str]] = [[]]
   previous_was_scope = False
