@@ -49,6 +49,17 @@ def positive_int(text: str) -> int:
   return value
 
 
+def non_negative_int(text: str) -> int:
+  """An argparse type: an integer of at least 0 (a count where 0 turns a step off)."""
+  try:
+    value = int(text)
+  except ValueError:
+    value = -1
+  if value < 0:
+    raise argparse.ArgumentTypeError(f"expected an integer of at least 0, got {text!r}")
+  return value
+
+
 def positive_float(text: str) -> float:
   """An argparse type: a finite number above 0."""
   try:

@@ -578,6 +578,7 @@ int main(int argc, char** argv) {
       chosen[l] = any_chosen = 1;
     }
   }
+  if (cpu_time && balance) usage_error("--cpu-time and --balance: one way of timing, not both");
   if (against.path) {
     if (balance) usage_error("--against: --balance models one build's tasks; run it without --against");
     /* Lazily bound: the library's Python module entry, which needs libpython, is never called.

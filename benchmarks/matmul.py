@@ -51,7 +51,10 @@ REFERENCE_PEAKS = {
 def _parse_shapes(text: str) -> list[tuple[int, int, int]]:
   shapes = []
   for item in text.split(","):
-    dims = tuple(int(d) for d in item.lower().split("x"))
+    try:
+      dims = tuple(int(d) for d in item.lower().split("x"))
+    except ValueError:  # "abc": argparse would say only "invalid _parse_shapes value"
+      dims = ()
     if len(dims) != 3 or min(dims) < 1:
       raise argparse.ArgumentTypeError(f"shape {item!r} is not MxKxN")
     shapes.append(dims)

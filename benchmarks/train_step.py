@@ -388,7 +388,8 @@ def comparison_table(rows: list[dict]) -> str:
 def parse_args(argv=None) -> argparse.Namespace:
   # common loads dfpjax: here, in the parent process only, not in the workers' way.
   # pylint: disable-next=g-import-not-at-top
-  from common import names_of, positive_float, positive_int, positive_ints, writable_path
+  from common import (names_of, non_negative_int, positive_float, positive_int, positive_ints,
+                      writable_path)
   parser = argparse.ArgumentParser(description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--networks", type=names_of(NETWORKS), default=["resnet50"],
@@ -405,7 +406,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                       help="timed steps after the warm-up: N (default 3; --quick 2), optionally "
                            "followed by MODE=N for modes that take fewer, e.g. 3,torch-bf16=1 "
                            "where bf16 has no hardware support and a step takes minutes")
-  parser.add_argument("--profile-steps", type=int, default=1,
+  parser.add_argument("--profile-steps", type=non_negative_int, default=1,
                       help="profiled steps of each Flax configuration (0: no profile)")
   parser.add_argument("--trace-dir", help="keep each profile (perfetto_trace.json.gz, for "
                       "Perfetto's UI) and the step's HLO text (hlo.txt) in a folder of this one")

@@ -53,6 +53,8 @@ def _refused(script, argv, flag, capsys):
     ("train_step", ["--batches", "16,abc"], "--batches"),
     ("train_step", ["--image-size", "0"], "--image-size"),
     ("train_step", ["--networks", "resnet50,bogus"], "--networks"),
+    ("train_step", ["--profile-steps", "-1"], "--profile-steps"),
+    ("matmul", ["--shapes", "abc"], "shape 'abc' is not MxKxN"),
 ])
 def test_a_bad_value_is_refused_naming_its_flag(load, name, argv, flag, capsys):
   _refused(load(name), argv, flag, capsys)
