@@ -38,26 +38,22 @@ def _cpuinfo() -> dict[str, str]:
   return fields
 
 
-def positive_int(text: str) -> int:
-  """An argparse type: an integer of at least 1 (a count of zero would time nothing)."""
-  try:
-    value = int(text)
-  except ValueError:
-    value = 0
-  if value < 1:
-    raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-  return value
+def _integer_at_least(low: int, expected: str):
+  """An argparse type: an integer of at least ``low``."""
+  def parse(text: str) -> int:
+    try:
+      value = int(text)
+    except ValueError:
+      value = low - 1
+    if value < low:
+      raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+    return value
+  return parse
 
 
-def non_negative_int(text: str) -> int:
-  """An argparse type: an integer of at least 0 (a count where 0 turns a step off)."""
-  try:
-    value = int(text)
-  except ValueError:
-    value = -1
-  if value < 0:
-    raise argparse.ArgumentTypeError(f"expected an integer of at least 0, got {text!r}")
-  return value
+# A count of zero would time nothing; where 0 turns a step off, at least 0.
+positive_int = _integer_at_least(1, "a positive integer")
+non_negative_int = _integer_at_least(0, "an integer of at least 0")
 
 
 def positive_float(text: str) -> float:
