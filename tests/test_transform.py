@@ -205,6 +205,16 @@ def test_transform_takes_a_function_and_a_key_only_where_it_rounds_stochasticall
     dfp_transform(lambda x: x @ x)(jnp.ones((2, 2)), dfp_key=jax.random.key(0))
 
 
+def test_outputs_are_arrays_as_jit_returns_them():
+  f = lambda x, n: (x @ x.T, 3, 2.5, np.ones(2, np.float32), n)
+  args = (jnp.ones((2, 2)), np.arange(3, dtype=np.int32))
+  outs, jitted = dfp_transform(f)(*args), jax.jit(f)(*args)
+  assert all(type(o) is type(j) for o, j in zip(outs, jitted)), [type(o) for o in outs]
+  for o, j in zip(outs, jitted):
+    assert o.dtype == j.dtype and o.weak_type == j.weak_type
+    np.testing.assert_array_equal(o, j)
+
+
 def test_float64_site_raises_clearly():
   with jax.enable_x64(True):
     x = jnp.ones((2, 2), jnp.float64)

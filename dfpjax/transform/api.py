@@ -6,6 +6,7 @@ import functools
 from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
+import jax.numpy as jnp
 from jax.extend.core import ClosedJaxpr  # public: it outlives JAX 0.12 folding it into Jaxpr
 
 from dfpjax._jax_compat import api_util, core, source_info_util
@@ -58,6 +59,9 @@ class Transform:
       key = None
     scope = interpreter.Scope(source_info_util.current_name_stack(), key)
     outs = interpreter.eval_jaxpr(ctx, traced.jaxpr.jaxpr, traced.jaxpr.consts, leaves, scope)
+    # A constant output comes back as the jaxpr's literal, a JAX-internal typed number, and an
+    # input passed through as it came (a NumPy array): arrays, as jax.jit returns them.
+    outs = [o if isinstance(o, jax.Array) else jnp.asarray(o) for o in outs]
     return jax.tree.unflatten(traced.out_tree, outs)
 
   def _traced(self, args, kwargs):
