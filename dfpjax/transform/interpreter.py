@@ -225,10 +225,15 @@ _SITE_PRIMITIVES = {prims.dot_general_p: "dot_general",
 NOT_FLOATING = "an operand is not floating point"
 
 
+def floating_operands(avals) -> bool:
+  """Whether a product's operands (their avals) are all floating point (else NOT_FLOATING)."""
+  return all(jnp.issubdtype(a.dtype, jnp.floating) for a in avals)
+
+
 def _site(ctx: Context, eqn, invals, scope: Scope):
   op = _SITE_PRIMITIVES[eqn.primitive]
   avals = [core.typeof(x) for x in invals]
-  floating = all(jnp.issubdtype(a.dtype, jnp.floating) for a in avals)
+  floating = floating_operands(avals)
   number = scope.sites.next() if floating else None
   path = module_path(scope.name_stack)
   config = ctx.config
@@ -276,7 +281,7 @@ def _unrewritten_product(ctx, eqn, invals, scope: Scope):
   """A floating product that ``dfp_transform`` does not rewrite: runs as it is, listed by
   ``report``."""
   avals = [core.typeof(x) for x in invals]
-  floating = all(jnp.issubdtype(a.dtype, jnp.floating) for a in avals[:2])
+  floating = floating_operands(avals[:2])
   if floating:
     scope.sites.next()
   mode, reason = (("float", _RAGGED) if floating

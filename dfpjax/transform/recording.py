@@ -110,19 +110,18 @@ def wrap(recorder: Recorder, number: int, product: Callable, lhs, rhs, key):
     if recorder.probe is not None:
       jax.debug.callback(lambda *xs: recorder.probe(number, role, xs), *arrays)
 
-  if in_forward_mode((lhs, rhs)):  # no backward pass; the tangent products count as the op's
+  def forward(lhs, rhs, key):
     y = product(lhs, rhs, key)
     send("forward", lhs, rhs, y)
     return y
 
+  if in_forward_mode((lhs, rhs)):  # no backward pass; the tangent products count as the op's
+    return forward(lhs, rhs, key)
+
   # Classic whatever jax_custom_vjp3 says: a custom_vjp_call equation whose jaxpr shows the DFP
   # primitives (to report and jaxpr walkers); JAX 0.10 cannot differentiate a hijax custom_vjp
   # inside jax.checkpoint.
-  @classic_custom_vjp
-  def wrapped(lhs, rhs, key):
-    y = product(lhs, rhs, key)
-    send("forward", lhs, rhs, y)
-    return y
+  wrapped = classic_custom_vjp(forward)
 
   def fwd(lhs, rhs, key):
     y, vjp = jax.vjp(lambda a, b: product(a, b, key), lhs, rhs)

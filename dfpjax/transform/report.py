@@ -7,7 +7,6 @@ import math
 from typing import Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.extend import core
 from jax.extend.core import primitives as prims
@@ -16,7 +15,7 @@ from dfpjax._jax_compat import CustomJVPTraced, hijax, short_dtype_name
 from dfpjax.numerics.config import DFPConfig
 from dfpjax.transform import recording
 from dfpjax.transform.api import Transform, dfp_transform
-from dfpjax.transform.interpreter import NOT_FLOATING, SiteRecord
+from dfpjax.transform.interpreter import NOT_FLOATING, SiteRecord, floating_operands
 from dfpjax.transform.names import NameStack, is_backward, module_path
 
 
@@ -179,7 +178,7 @@ def _walk(jaxpr, name_stack=NameStack()):
 
 def _outside(eqn, stack) -> SiteRecord:
   avals = [v.aval for v in eqn.invars[:2]]
-  floating = all(jnp.issubdtype(a.dtype, jnp.floating) for a in avals)
+  floating = floating_operands(avals)
   out = eqn.outvars[0].aval
   reason = _OUTSIDE if floating else NOT_FLOATING
   return SiteRecord(None, eqn.primitive.name, tuple(a.shape for a in avals),
