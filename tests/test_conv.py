@@ -283,8 +283,12 @@ def test_1x1_convolutions_as_gemms_equal_reference_on_every_path(isa, case):
 # Windows whose rows are runs of 8-32 elements in x (window width x channels), which the
 # im2col copies move by fixed-size head and tail copies: each length band's ends, and the stem
 # (7x7 stride 2 on 3 channels: 21), padded so that edge windows take the bounds-checked copy.
+# Where consecutive pixels' rows lie a few words apart (the stem's 6; 8 channels at stride 1,
+# whose two pairs' four rows fill exactly 32 words, over runs of an odd number of pairs), the
+# AVX-512 copy of backward-weights' taps view takes two pairs per load.
 SHORT_RUN_CASES = {
     "stem_21": ((1, 29, 27, 3), (7, 7, 3, 10), dict(window_strides=(2, 2), padding=((3, 3), (3, 3)))),
+    "close_rows_32": ((2, 9, 11, 8), (3, 1, 8, 6), dict(padding=((1, 1), (0, 0)))),
     "runs_8": ((2, 9, 12, 2), (3, 4, 2, 7), dict(padding=((1, 1), (2, 1)))),
     "runs_15": ((1, 11, 13, 5), (2, 3, 5, 6), dict(window_strides=(1, 2), padding=((0, 1), (1, 1)))),
     "runs_32": ((1, 12, 14, 4), (2, 8, 4, 5), dict(padding=((1, 0), (3, 4)))),

@@ -1,7 +1,8 @@
 /* The avx512_vnni path's column copy (pack.h's pack_columns): two k-rows' lanes interleaved
  * into pairs 32 lanes at a time, where pack_avx2.c takes 16. The B panels of the 8 x 32
  * kernel (weight gradients' dy, 32 lanes a panel) and the taps view's A panels (8 lanes a
- * panel) are this path's widths; any other goes to the AVX2 copy. */
+ * panel, two pairs at a time where the k-rows lie close) are this path's widths; any other
+ * goes to the AVX2 copy. */
 #include <immintrin.h>
 
 #include "pack.h"
@@ -38,10 +39,39 @@ static inline void store_pairs(__m512i v, size_t l, size_t lanes, int width, siz
   }
 }
 
+/* One 8-lane panel's lanes [0, valid) of k-rows so close (3 * col_stride + valid <= 32 words)
+ * that two pairs' four k-rows lie in one 32-word load: the stem's window rows (3 channels at
+ * stride 2: k-rows 6 words apart, parts of 21 rows cut at the panels' edges), one load, one
+ * word permute and one store for two pairs where the copy below takes two loads, two permutes
+ * and a store for each. Word 16q + 2i + h of a result is lane i of k-row 2q + h. */
+static void pack_close_rows(const int16_t* src, size_t pairs, size_t col_stride, size_t valid, int16_t* out) {
+  const __m512i krow = _mm512_set_epi16(3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2,
+                                        1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0);
+  const __m512i lane = _mm512_set_epi16(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0,
+                                        7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0);
+  const __m512i index = _mm512_add_epi16(_mm512_mullo_epi16(krow, _mm512_set1_epi16((short)col_stride)), lane);
+  const __mmask32 one = pair_words(valid), two = one | one << 16;
+  const __mmask32 span_two = (__mmask32)((1ull << (3 * col_stride + valid)) - 1);
+  const __mmask32 span_one = (__mmask32)((1ull << (col_stride + valid)) - 1);
+  size_t p = 0;
+  for (; p + 2 <= pairs; p += 2) {
+    const __m512i v = _mm512_maskz_loadu_epi16(span_two, src + 2 * p * col_stride);
+    _mm512_mask_storeu_epi16(out + p * 16, two, _mm512_permutexvar_epi16(index, v));
+  }
+  if (p < pairs) {
+    const __m512i v = _mm512_maskz_loadu_epi16(span_one, src + 2 * p * col_stride);
+    _mm512_mask_storeu_epi16(out + p * 16, one, _mm512_permutexvar_epi16(index, v));
+  }
+}
+
 /* Pair by pair, all the panels' lanes of its two k-rows, read in order once
  * (dfp_prefetch_pair_ahead); lanes past `valid` are neither read (masked loads) nor written. */
 void dfp_pack_columns_avx512(const int16_t* src, size_t pairs, size_t col_stride, size_t valid, int width,
                              int16_t* out, size_t panel_stride) {
+  if (width == 8 && valid <= 8 && 3 * col_stride + valid <= 32) {
+    pack_close_rows(src, pairs, col_stride, valid, out);
+    return;
+  }
   if (width != 8 && width != 16 && width != 32) {
     dfp_pack_columns_avx2(src, pairs, col_stride, valid, width, out, panel_stride);
     return;
