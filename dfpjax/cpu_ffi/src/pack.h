@@ -113,6 +113,8 @@ int dfp_norm_bounds_avx2(const int16_t* block, size_t kpairs, int width, uint64_
 void dfp_fine_bounds_avx2(const int16_t* block, size_t kpairs, int width, uint64_t* bounds);
 void dfp_pack_columns_avx512(const int16_t* src, size_t pairs, size_t col_stride, size_t valid, int width,
                              int16_t* out, size_t panel_stride);
+void dfp_pack_rows_avx512(const int16_t* src, size_t pairs, size_t row_stride, size_t valid, int width,
+                          uint32_t* out);
 
 /* The column copies (pack_columns) go pair by pair, all the panels' lanes of its two k-rows,
  * reading the rows in order, once, each prefetched DFP_PREFETCH_PAIRS pairs ahead: a k-row of a

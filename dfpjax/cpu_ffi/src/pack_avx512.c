@@ -98,3 +98,34 @@ void dfp_pack_columns_avx512(const int16_t* src, size_t pairs, size_t col_stride
     }
   }
 }
+
+/* Rows of an 8-lane panel so close that all their pairs lie within 64 words ((valid - 1) *
+ * row_stride + 2 * pairs): the stem's window rows in the forward pass' pixels view (8 pixels 6
+ * words apart, parts of 21 elements: 10 pairs in 62 words), two loads for the part and one
+ * two-source word permute and one store for each two pairs, where the AVX2 copy transposes
+ * them through 8 x 8 blocks. Word 16q + 2i + h of a result is word 2(p + q) + h of row i. */
+static void pack_close_rows_into_pairs(const int16_t* src, size_t pairs, size_t row_stride, size_t valid, size_t span,
+                                       uint32_t* out) {
+  const __m512i row = _mm512_set_epi16(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0,
+                                       7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0);
+  const __m512i word = _mm512_set_epi16(3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2,
+                                        1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0);
+  __m512i index = _mm512_add_epi16(_mm512_mullo_epi16(row, _mm512_set1_epi16((short)row_stride)), word);
+  const __m512i low = _mm512_maskz_loadu_epi16((__mmask32)((1ull << (span < 32 ? span : 32)) - 1), src);
+  const __m512i high = _mm512_maskz_loadu_epi16((__mmask32)((1ull << (span > 32 ? span - 32 : 0)) - 1), src + 32);
+  const __mmask16 one = (__mmask16)((1u << valid) - 1), two = (__mmask16)(one | one << 8);
+  size_t p = 0;
+  for (; p + 2 <= pairs; p += 2, index = _mm512_add_epi16(index, _mm512_set1_epi16(4)))
+    _mm512_mask_storeu_epi32(out + p * 8, two, _mm512_permutex2var_epi16(low, index, high));
+  if (p < pairs) _mm512_mask_storeu_epi32(out + p * 8, one, _mm512_permutex2var_epi16(low, index, high));
+}
+
+void dfp_pack_rows_avx512(const int16_t* src, size_t pairs, size_t row_stride, size_t valid, int width,
+                          uint32_t* out) {
+  const size_t span = valid > 0 ? (valid - 1) * row_stride + 2 * pairs : 0;
+  if (width == 8 && valid > 0 && valid <= 8 && span <= 64) {
+    pack_close_rows_into_pairs(src, pairs, row_stride, valid, span, out);
+    return;
+  }
+  dfp_pack_rows_avx2(src, pairs, row_stride, valid, width, out);
+}
