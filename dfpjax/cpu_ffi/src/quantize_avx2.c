@@ -94,6 +94,7 @@ static size_t quantize_row_float(const float* x, size_t n, int32_t e, int32_t li
     store16(m + i, quantize16_float(x + i, scale, low, high, clamp_high), streamed);
     *top = raise_top(raise_top(*top, next + i), next + i + 8);
     _mm_prefetch((const char*)((uintptr_t)(next + i) + DFP_QUANTIZE_AHEAD * sizeof(float)), _MM_HINT_T0);
+    _mm_prefetch((const char*)((uintptr_t)(next + i) + DFP_QUANTIZE_L2_AHEAD * sizeof(float)), _MM_HINT_T1);
   }
   for (; i + 16 <= n; i += 16) store16(m + i, quantize16_float(x + i, scale, low, high, clamp_high), streamed);
   _mm_setcsr(csr);

@@ -43,6 +43,7 @@ uint32_t dfp_quantize_row_avx512(const float* x, size_t n, int32_t e, int32_t li
     if (i < maxed) {
       top = raise_top(top, next + i, 0xffff);
       _mm_prefetch((const char*)((uintptr_t)(next + i) + DFP_QUANTIZE_AHEAD * sizeof(float)), _MM_HINT_T0);
+      _mm_prefetch((const char*)((uintptr_t)(next + i) + DFP_QUANTIZE_L2_AHEAD * sizeof(float)), _MM_HINT_T1);
     }
   }
   if (streamed) _mm_sfence();
