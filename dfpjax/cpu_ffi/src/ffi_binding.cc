@@ -409,7 +409,7 @@ ffi::Error ChannelSums(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buffe
   dfp_channel_sums_args args{};
   args.groups = groups;
   args.channels = channels;
-  args.rows = groups * channels ? a.element_count() / (groups * channels) : 0;
+  args.rows = groups * channels != 0 ? a.element_count() / (groups * channels) : 0;
   args.a = a.typed_data();
   args.b = b.typed_data();
   args.center = center.typed_data();
