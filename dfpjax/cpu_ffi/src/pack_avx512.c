@@ -1,8 +1,10 @@
-/* The avx512_vnni path's column copy (pack.h's pack_columns): two k-rows' lanes interleaved
- * into pairs 32 lanes at a time, where pack_avx2.c takes 16. The B panels of the 8 x 32
- * kernel (weight gradients' dy, 32 lanes a panel) and the taps view's A panels (8 lanes a
- * panel, two pairs at a time where the k-rows lie close) are this path's widths; any other
- * goes to the AVX2 copy. */
+/* The avx512_vnni path's copies (pack.h). The column copy (pack_columns): two k-rows' lanes
+ * interleaved into pairs 32 lanes at a time, where pack_avx2.c takes 16. The B panels of the
+ * 8 x 32 kernel (weight gradients' dy, 32 lanes a panel) and the taps view's A panels (8 lanes
+ * a panel, two pairs at a time where the k-rows lie close) are this path's widths; any other
+ * goes to the AVX2 copy. The row copy (pack_rows): the 8-lane A panels of rows contiguous in k,
+ * sixteen pairs at a time, or all of a part's pairs from two loads where the rows lie close;
+ * any other to the AVX2 copy. */
 #include <immintrin.h>
 
 #include "pack.h"
@@ -44,7 +46,7 @@ static inline void store_pairs(__m512i v, size_t l, size_t lanes, int width, siz
  * stride 2: k-rows 6 words apart, parts of 21 rows cut at the panels' edges), one load, one
  * word permute and one store for two pairs where the copy below takes two loads, two permutes
  * and a store for each. Word 16q + 2i + h of a result is lane i of k-row 2q + h. */
-static void pack_close_rows(const int16_t* src, size_t pairs, size_t col_stride, size_t valid, int16_t* out) {
+static void close_k_rows(const int16_t* src, size_t pairs, size_t col_stride, size_t valid, int16_t* out) {
   const __m512i krow = _mm512_set_epi16(3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2,
                                         1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0);
   const __m512i lane = _mm512_set_epi16(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0,
@@ -69,7 +71,7 @@ static void pack_close_rows(const int16_t* src, size_t pairs, size_t col_stride,
 void dfp_pack_columns_avx512(const int16_t* src, size_t pairs, size_t col_stride, size_t valid, int width,
                              int16_t* out, size_t panel_stride) {
   if (width == 8 && valid <= 8 && 3 * col_stride + valid <= 32) {
-    pack_close_rows(src, pairs, col_stride, valid, out);
+    close_k_rows(src, pairs, col_stride, valid, out);
     return;
   }
   if (width != 8 && width != 16 && width != 32) {
@@ -104,8 +106,8 @@ void dfp_pack_columns_avx512(const int16_t* src, size_t pairs, size_t col_stride
  * words apart, parts of 21 elements: 10 pairs in 62 words), two loads for the part and one
  * two-source word permute and one store for each two pairs, where the AVX2 copy transposes
  * them through 8 x 8 blocks. Word 16q + 2i + h of a result is word 2(p + q) + h of row i. */
-static void pack_close_rows_into_pairs(const int16_t* src, size_t pairs, size_t row_stride, size_t valid, size_t span,
-                                       uint32_t* out) {
+static void close_rows(const int16_t* src, size_t pairs, size_t row_stride, size_t valid, size_t span,
+                       uint32_t* out) {
   const __m512i row = _mm512_set_epi16(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0,
                                        7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0);
   const __m512i word = _mm512_set_epi16(3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2,
@@ -167,7 +169,7 @@ void dfp_pack_rows_avx512(const int16_t* src, size_t pairs, size_t row_stride, s
                           uint32_t* out) {
   const size_t span = valid > 0 ? (valid - 1) * row_stride + 2 * pairs : 0;
   if (width == 8 && valid > 0 && valid <= 8 && span <= 64) {
-    pack_close_rows_into_pairs(src, pairs, row_stride, valid, span, out);
+    close_rows(src, pairs, row_stride, valid, span, out);
     return;
   }
   if (width == 8 && valid == 8 && pairs >= 16) {
