@@ -91,6 +91,14 @@ def test_mantissas_must_be_int16():
     dfpjax.dfp_dot_general(a, b, DOT)
 
 
+def test_mantissas_must_be_arrays():
+  a = _dfp([[1, 2, 3], [4, 5, 6]])
+  b = _dfp(jnp.ones((3, 4), jnp.int16))
+  with pytest.raises(TypeError, match="dfp_dot_general: lhs is a DFPTensor whose mantissa is a list, "
+                                      "not an array; DFP mantissas are int16 arrays"):
+    dfpjax.dfp_dot_general(a, b, DOT)
+
+
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.int16, jnp.uint8, jnp.uint32])
 def test_exponents_must_be_int32(dtype):
   a = _dfp(jnp.ones((2, 3), jnp.int16))

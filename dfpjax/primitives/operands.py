@@ -43,8 +43,12 @@ def float_operands(op: str, lhs, rhs, config, key):
 def check_dfp_operand(t: DFPTensor, name: str, op: str) -> None:
   """Checks a DFPTensor operand: int16 mantissas, and int32 exponents shaped as its
   ``channel_axis`` says (one per tensor, or one per index along that axis)."""
-  if np.dtype(t.mantissa.dtype) != np.int16:
-    raise TypeError(f"{op}: {name} is a DFPTensor with {t.mantissa.dtype} mantissas; DFP "
+  mantissa_dtype = getattr(t.mantissa, "dtype", None)
+  if mantissa_dtype is None:
+    raise TypeError(f"{op}: {name} is a DFPTensor whose mantissa is a {type(t.mantissa).__name__}, "
+                    "not an array; DFP mantissas are int16 arrays")
+  if np.dtype(mantissa_dtype) != np.int16:
+    raise TypeError(f"{op}: {name} is a DFPTensor with {mantissa_dtype} mantissas; DFP "
                     "mantissas are int16")
   exponent_dtype = jnp.result_type(t.exponent)  # a Python int's is int32
   if exponent_dtype != np.int32:
