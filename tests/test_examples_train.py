@@ -221,6 +221,9 @@ def test_command_line_overrides(tmp_path):
     (["--dfp", "--dfp_headroom", "99"], "dfp_bits 16, dfp_headroom 99: DFP headroom must be"),
     (["compare", "--dfp_bits", "1"], "dfp_bits 1, dfp_headroom 0: DFP bits must be"),
     (["--shard_state"], "shard_state splits the state of DFP runs"),
+    (["--dfp_bits", "8", "--dfp_rounding", "stochastic"],
+     "--dfp_bits, --dfp_rounding: DFP settings for a run that trains in FP32"),
+    (["--no-dfp", "--dfp_keep_float", "*/head"], "--dfp_keep_float: DFP settings for a run that"),
     (["--model", "alexnet", "--config", "fashion_mnist_resnet"],
      "model_kwargs {'num_filters': 32} do not fit model 'alexnet'"),
 ])

@@ -197,11 +197,17 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace):
       parser.error(f"--process_id must be below --num_processes {args.num_processes}, got "
                    f"{args.process_id}")
   try:
-    for config, workdir in study_runs(args) if args.mode == "study" else command_runs(args):
+    runs = study_runs(args) if args.mode == "study" else command_runs(args)
+    for config, workdir in runs:
       train.check_config(config)
       train.check_workdir(config, workdir)
   except ValueError as e:
     parser.error(str(e))
+  # compare trains a DFP run beside the FP32 one, and study refuses these flags itself.
+  dfp_flags = sorted(f"--{k}" for k in config_overrides(args) if k.startswith("dfp_"))
+  if args.mode == "train" and dfp_flags and not runs[0][0].dfp:
+    parser.error(f"{', '.join(dfp_flags)}: DFP settings for a run that trains in FP32 (its "
+                 "config's dfp is False): add --dfp, or leave them out")
 
 
 def config_overrides(args: argparse.Namespace) -> dict:
