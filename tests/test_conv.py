@@ -285,7 +285,8 @@ def test_1x1_convolutions_as_gemms_equal_reference_on_every_path(isa, case):
 # (7x7 stride 2 on 3 channels: 21), padded so that edge windows take the bounds-checked copy.
 # Where consecutive pixels' rows lie a few words apart (the stem's 6; 8 channels at stride 1,
 # whose two pairs' four rows fill exactly 32 words, over runs of an odd number of pairs), the
-# AVX-512 copy of backward-weights' taps view takes two pairs per load.
+# AVX-512 copies take two pairs per load (backward-weights' taps view) or a part's pairs from two
+# loads (the forward's pixels view).
 SHORT_RUN_CASES = {
     "stem_21": ((1, 29, 27, 3), (7, 7, 3, 10), dict(window_strides=(2, 2), padding=((3, 3), (3, 3)))),
     "close_rows_32": ((2, 9, 11, 8), (3, 1, 8, 6), dict(padding=((1, 1), (0, 0)))),
