@@ -28,8 +28,8 @@ def dyadic(rng, shape, scale=8.0):
 
 
 # Channels: a row narrower than a vector, vector rows with a tail, and more than one task's
-# block of channels (512); rows: within one block of rows and across many.
-SHAPES = [(3, 5, 7), (2, 9, 11, 67), (4, 33, 1000), (16, 12, 12, 64)]
+# block of channels (1024); rows: within one block of rows and across many (2048 rows of 64).
+SHAPES = [(3, 5, 7), (2, 9, 11, 67), (4, 33, 1100), (16, 24, 24, 64)]
 
 
 @pytest.mark.parametrize("shape", SHAPES)
