@@ -46,6 +46,15 @@ def test_dilations_must_be_positive(name):
     _conv((1, 1, 5, 5), (1, 1, 2, 2), (1, 1), **{name: (1, 0)})
 
 
+def test_window_must_not_be_empty():
+  """lax.conv_general_dilated cannot lower a window with a zero dimension; neither is it summed
+  to zeros here."""
+  with pytest.raises(ValueError, match=r"rhs has shape \(0, 3, 3, 4\), a window of \(0, 3\): "
+                                       "every spatial dimension of the window must be at least 1"):
+    dfpjax.dfp_conv_general_dilated(jnp.ones((1, 5, 5, 3)), jnp.ones((0, 3, 3, 4)), (1, 1),
+                                    "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
 def test_group_counts_must_be_positive():
   with pytest.raises(ValueError, match="feature_group_count must be a positive integer, got 0"):
     _conv((1, 1, 5, 5), (1, 1, 2, 2), (1, 1), feature_group_count=0)

@@ -171,6 +171,10 @@ def canonical_params(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilati
       raise ValueError(f"dfp_conv_general_dilated: {name} must be a positive integer, got "
                        f"{count!r}")
   dnums = lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+  window = tuple(int(rhs.shape[d]) for d in dnums.rhs_spec[2:])
+  if 0 in window:  # XLA's verifier refuses it when lowering; an empty sum is no convolution
+    raise ValueError(f"dfp_conv_general_dilated: rhs has shape {tuple(rhs.shape)}, a window of "
+                     f"{window}: every spatial dimension of the window must be at least 1")
   if isinstance(padding, str):
     if padding.upper() not in ("SAME", "SAME_LOWER", "VALID"):
       raise ValueError(_PADDING_EXPECTED + f", got {padding!r}")
