@@ -112,6 +112,20 @@ def test_forward_mode_measures_the_forward_sites():
   assert rows[0].rel_error < 1e-3
 
 
+def test_dfp_ops_called_directly_are_reported_but_not_measured():
+  """The report lists a dfp_dot_general the function calls itself; diagnose measures the
+  transform's sites only (it probes what a transform rewrites), with the report's indices."""
+  w = jax.random.normal(jax.random.key(2), (4, 4)) / 2
+  h = jax.random.normal(jax.random.key(3), (3, 4))
+  f = lambda w, h: jnp.sum(jnp.tanh(dfpjax.dfp_dot_general(h, w, (((1,), (0,)), ((), ()))) @ w))
+  step = jax.grad(dfp_transform(f))
+  listed = [(r.index, r.role, r.reason) for r in report(step, w, h) if r.mode == "dfp"]
+  assert [reason for *_, reason in listed].count("a DFP op called directly") == 1
+  measured = [(d.index, d.role) for d in diagnose(step, w, h)]
+  assert measured == [(i, role) for i, role, reason in listed if "called directly" not in reason]
+  assert [role for _, role in measured] == ["forward", "backward-data", "backward-weights"]
+
+
 def test_a_site_in_a_loop_is_measured_at_every_iteration():
   w = jax.random.normal(jax.random.key(2), (4, 4)) / 2
   h0 = jax.random.normal(jax.random.key(3), (3, 4))

@@ -143,6 +143,36 @@ def test_products_outside_any_transform_are_listed():
       ("backward-data", "dfp"), ("backward-weights", "dfp"), ("forward", "dfp")]
 
 
+def test_dfp_ops_called_directly_are_listed_with_their_gradients():
+  """dfp_dot_general and dfp_conv_general_dilated called by the function itself, not by a
+  transform: each listed once as a DFP product with the user's shapes, in forward mode too,
+  and its two gradients when differentiated; the rest of the function is transformed."""
+  x = jax.random.normal(jax.random.key(7), (2, 6, 6, 3))
+  w = jax.random.normal(jax.random.key(8), (3, 3, 3, 4))
+  v = jax.random.normal(jax.random.key(9), (4, 5))
+
+  def f(x, w, v):
+    y = dfpjax.dfp_conv_general_dilated(x, w, (1, 1), "SAME",
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    z = dfpjax.dfp_dot_general(y, v, (((3,), (0,)), ((), ())))
+    return jnp.sum(jnp.tanh(z) @ jnp.ones((5, 2)))
+
+  direct = lambda records: sorted((r.role, r.primitive, r.shapes, r.out_shape, r.mode)
+                                  for r in records if "called directly" in r.reason)
+  forward = [("forward", "conv_general_dilated", ((2, 6, 6, 3), (3, 3, 3, 4)), (2, 6, 6, 4), "dfp"),
+             ("forward", "dot_general", ((2, 6, 6, 4), (4, 5)), (2, 6, 6, 5), "dfp")]
+  records = report(f, x, w, v)
+  assert direct(records) == forward
+  assert [(r.role, r.mode, r.reason) for r in records if "called directly" not in r.reason] == [
+      ("forward", "dfp", "rewritten")]
+  assert direct(report(lambda x, t: jax.jvp(lambda x: f(x, w, v), (x,), (t,)), x, x)) == forward
+  assert direct(report(jax.grad(f, argnums=(0, 1, 2)), x, w, v)) == sorted(forward + [
+      ("backward-data", "conv_general_dilated", ((2, 6, 6, 4), (3, 3, 3, 4)), (2, 6, 6, 3), "dfp"),
+      ("backward-data", "dot_general", ((2, 6, 6, 5), (4, 5)), (2, 6, 6, 4), "dfp"),
+      ("backward-weights", "conv_general_dilated", ((2, 6, 6, 4), (2, 6, 6, 3)), (3, 3, 3, 4), "dfp"),
+      ("backward-weights", "dot_general", ((2, 6, 6, 5), (2, 6, 6, 4)), (4, 5), "dfp")])
+
+
 @jax.custom_jvp
 def scaled_matmul(x, w):
   return x @ w

@@ -60,13 +60,13 @@ def assert_bitwise_equal(a, b):
 def float_sites(closed):
   """(primitive, path, backward) of the floating dot_general/conv sites left in a jaxpr."""
   return [(eqn.primitive.name, module_path(stack), is_backward(stack))
-          for eqn, stack in walk(closed.jaxpr)
+          for eqn, stack, _ in walk(closed.jaxpr)
           if eqn.primitive.name in ("dot_general", "conv_general_dilated")
           and all(jnp.issubdtype(v.aval.dtype, jnp.floating) for v in eqn.invars)]
 
 
 def count(closed, name):
-  return sum(eqn.primitive.name == name for eqn, _ in walk(closed.jaxpr))
+  return sum(eqn.primitive.name == name for eqn, *_ in walk(closed.jaxpr))
 
 
 # ---------------------------------------------------------------------------------------
@@ -188,7 +188,7 @@ def test_integer_and_excluded_ops_are_left_alone():
   args = (jnp.ones((2, 3), jnp.int16), jnp.ones((3, 2), jnp.int16), jnp.ones((2, 3)),
           jnp.ones((3, 2)))
   closed = jax.make_jaxpr(dfp_transform(f))(*args)
-  ints = [e for e, _ in walk(closed.jaxpr) if e.primitive.name == "dot_general"
+  ints = [e for e, *_ in walk(closed.jaxpr) if e.primitive.name == "dot_general"
           and e.invars[0].aval.dtype == jnp.int16]
   assert len(ints) == 1 and float_sites(closed) == []
   records = report(f, *args)
@@ -301,7 +301,7 @@ def test_remat_keeps_policy():
   policy = jax.checkpoint_policies.nothing_saveable
   f = jax.checkpoint(lambda w, x: jnp.sin(x @ w).sum(), policy=policy, prevent_cse=False)
   closed = jax.make_jaxpr(dfp_transform(f))(jnp.ones((3, 3)), jnp.ones((2, 3)))
-  (remat,) = [e for e, _ in walk(closed.jaxpr) if e.primitive.name == "remat2"]
+  (remat,) = [e for e, *_ in walk(closed.jaxpr) if e.primitive.name == "remat2"]
   assert remat.params["policy"] is policy and remat.params["prevent_cse"] is False
 
 
@@ -616,7 +616,7 @@ def test_the_dfp_ops_stay_classic_equations_under_the_opt_in_flags():
   f = lambda x, w: (x @ w).sum()
   dot = lambda x, w: dfpjax.dfp_dot_general(x, w, (((1,), (0,)), ((), ()))).sum()
   with custom_jvp3(True), custom_vjp3(True):
-    names = {eqn.primitive.name for eqn, _ in walk(jax.make_jaxpr(jax.grad(dot))(x, w).jaxpr)}
+    names = {eqn.primitive.name for eqn, *_ in walk(jax.make_jaxpr(jax.grad(dot))(x, w).jaxpr)}
     records = report(jax.grad(f, argnums=(0, 1)), x, w)
     grad = jax.make_jaxpr(jax.grad(dfp_transform(f), argnums=(0, 1)))(x, w)
   assert "custom_jvp_call" in names and "call_hi_primitive" not in names

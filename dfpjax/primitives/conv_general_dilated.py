@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -329,6 +330,7 @@ def _exact_backward_weights(qx: DFPTensor, qg: DFPTensor, rhs_shape, p: ConvPara
 @dataclasses.dataclass(frozen=True)
 class _Spec:
   """A ``dfp_conv_general_dilated`` call's static parameters and its products (``bilinear``)."""
+  primitive: ClassVar[str] = "conv_general_dilated"  # the float product it stands for (report)
   params: ConvParams
   forward: QuantConfig
   gradient: QuantConfig

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -339,6 +340,7 @@ def exact_dot(qa: DFPTensor, qb: DFPTensor, dims: DotDims, out_dtype):
 @dataclasses.dataclass(frozen=True)
 class _Spec:
   """A ``dfp_dot_general`` call's static parameters and its products (``bilinear``)."""
+  primitive: ClassVar[str] = "dot_general"  # the float product it stands for (report)
   dims: DotDims
   forward: QuantConfig
   gradient: QuantConfig

@@ -67,7 +67,8 @@ def diagnose(fn: Callable, *args, config: DFPConfig | None = None, **kwargs) -> 
 
   ``fn`` is taken as :func:`dfpjax.report` takes it (e.g. ``jax.value_and_grad`` of a
   transformed loss, or a train step that calls one); the products are those of the
-  report with mode ``"dfp"``, in its order and with its indices, each site's forward
+  report with mode ``"dfp"`` that a transform rewrote (not the DFP ops ``fn`` calls
+  directly), in its order and with its indices, each site's forward
   product and, where ``fn`` differentiates it, its backward-data and backward-weights
   products. Each is measured on the operands it was actually given in this run (sent to
   the host by ``jax.debug.callback``, so this is for diagnosis, not for training):
@@ -89,7 +90,7 @@ def diagnose(fn: Callable, *args, config: DFPConfig | None = None, **kwargs) -> 
   jax.effects_barrier()
   out = Diagnosis()
   for record, number in zip(sites, sites.numbers):
-    if record.mode != "dfp":
+    if record.mode != "dfp" or number is None:  # float, or a DFP op called directly
       continue
     params, cfg = recorder.details[number]
     measured = _measure(recorder.records[number], params, cfg, record.gradient,

@@ -56,7 +56,9 @@ def report(fn: Callable, *args, config: DFPConfig | None = None, **kwargs) -> Re
   to ``DFPConfig()``). ``fn`` is traced as it is and, if no transform ran in that trace,
   as ``dfp_transform(fn, config)``; every product in the traced program is listed: the
   sites that the transforms met while it was traced, the backward products that JAX or
-  the DFP ops derived from them, and the floating products outside any transform. ``config``, if given, replaces the transforms' own configs. The arguments
+  the DFP ops derived from them, the floating products outside any transform, and the DFP
+  ops called directly (``dfp_dot_general``, ``dfp_conv_general_dilated``) with their
+  gradients. ``config``, if given, replaces the transforms' own configs. The arguments
   may be ``jax.ShapeDtypeStruct``s: nothing is computed.
 
   One record per product in the traced program, in its order (a product in a loop body
@@ -113,6 +115,8 @@ _DFP_PRODUCTS = {"dfp_dot_general", "dfp_conv", "dfp_tangent", "dfp_cotangent"}
 _PRODUCTS = {"dot_general", "conv_general_dilated", "ragged_dot_general", *_DFP_PRODUCTS}
 _OUTSIDE = "outside dfp_transform"
 _DFP_GRADIENT = "gradient of a DFP site (cotangent quantized with config.gradient)"
+_EXPLICIT = "a DFP op called directly"
+_EXPLICIT_GRADIENT = "gradient of a DFP op called directly"
 
 
 def sites_of(jaxpr: core.Jaxpr, recorder: recording.Recorder) -> Report:
@@ -132,13 +136,15 @@ def sites_of(jaxpr: core.Jaxpr, recorder: recording.Recorder) -> Report:
     out.append(dataclasses.replace(record, index=index))
     numbers.append(number)
 
-  for eqn, stack in _walk(jaxpr):
+  for eqn, stack, parent in _walk(jaxpr):
     if eqn.primitive.name not in _PRODUCTS:
       continue
     found = recording.site_of(stack)
     if found is None:
-      if eqn.primitive.name not in _DFP_PRODUCTS:
-        add(_outside(eqn, stack), None, eqn)
+      records = (_explicit(eqn, stack, parent) if eqn.primitive.name in _DFP_PRODUCTS
+                 else [_outside(eqn, stack)])
+      for record in records:
+        add(record, None, (eqn, record.gradient))
       continue
     number, in_gradient = found
     site = recorder.records[number]
@@ -161,19 +167,20 @@ def sites_of(jaxpr: core.Jaxpr, recorder: recording.Recorder) -> Report:
 _CUSTOM_RULE_PRIMS = tuple(t for t in (hijax.CustomVJPTraced, CustomJVPTraced) if t is not None)
 
 
-def _walk(jaxpr, name_stack=NameStack()):
-  """Yields (eqn, absolute name stack) for every equation, sub-jaxprs included."""
+def _walk(jaxpr, name_stack=NameStack(), parent=None):
+  """Yields (eqn, absolute name stack, the equation whose sub-jaxpr holds it or None) for
+  every equation, sub-jaxprs included."""
   for eqn in jaxpr.eqns:
     stack = name_stack + eqn.source_info.name_stack
-    yield eqn, stack
+    yield eqn, stack, parent
     for value in eqn.params.values():
       if isinstance(value, _CUSTOM_RULE_PRIMS):
         value = value.traced.jaxpr
       for v in value if isinstance(value, (tuple, list)) else (value,):
         if isinstance(v, core.ClosedJaxpr):
-          yield from _walk(v.jaxpr, stack)
+          yield from _walk(v.jaxpr, stack, eqn)
         elif isinstance(v, core.Jaxpr):
-          yield from _walk(v, stack)
+          yield from _walk(v, stack, eqn)
 
 
 def _outside(eqn, stack) -> SiteRecord:
@@ -186,6 +193,35 @@ def _outside(eqn, stack) -> SiteRecord:
                     tuple(out.shape), module_path(stack),
                     "backward" if is_backward(stack) else "forward",
                     "float" if floating else "unchanged", reason)
+
+
+def _record(primitive, operands, out, stack, reason, direction=None, gradient=None) -> SiteRecord:
+  avals = [v.aval for v in operands]
+  return SiteRecord(None, primitive, tuple(tuple(a.shape) for a in avals),
+                    tuple(np.dtype(a.dtype) for a in avals), np.dtype(out.aval.dtype),
+                    tuple(out.aval.shape), module_path(stack),
+                    direction or ("backward" if is_backward(stack) else "forward"), "dfp", reason,
+                    gradient)
+
+
+def _explicit(eqn, stack, parent) -> list[SiteRecord]:
+  """The products of a DFP op called directly, not by a transform (bilinear.py's
+  primitives), listed as a transform's DFP site is: its forward product, with the float
+  operands and result of the custom_jvp call around the kernel's (``parent``, whose operands
+  begin with the two floats), and its two gradients (``dfp_cotangent``: the cotangent, then
+  the two floats); its tangent products (forward mode) count as the op's."""
+  name = eqn.primitive.name
+  if name == "dfp_cotangent":
+    primitive = eqn.params["layout"].spec.primitive
+    g, lhs, rhs = eqn.invars[:3]
+    return [_record(primitive, (g, rhs), eqn.outvars[0], stack, _EXPLICIT_GRADIENT, "backward", "data"),
+            _record(primitive, (g, lhs), eqn.outvars[1], stack, _EXPLICIT_GRADIENT, "backward", "weights")]
+  if name == "dfp_tangent":
+    return []
+  primitive = {"dfp_dot_general": "dot_general", "dfp_conv": "conv_general_dilated"}[name]
+  operands, out = ((parent.invars[:2], parent.outvars[0]) if parent is not None
+                    else (eqn.invars[:2], eqn.outvars[0]))
+  return [_record(primitive, operands, out, stack, _EXPLICIT)]
 
 
 def _dfp_gradients(site: SiteRecord) -> list[SiteRecord]:
