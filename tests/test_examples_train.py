@@ -189,18 +189,19 @@ def test_command_line_overrides(tmp_path):
   config_file = tmp_path / "mine.py"
   config_file.write_text("from examples.imagenet.configs.base import Config\n"
                          "def get_config():\n  return Config(model='alexnet', seed=3)\n")
-  args = main.parse_args(["compare", "--config", str(config_file), "--workdir", "w", "--dfp",
-                          "--dfp_bits", "12", "--dfp_rounding", "stochastic", "--dfp_keep_float",
-                          "*/conv1, */fc8,", "--steps", "5", "--batch_size", "8"])
+  args = main.parse_args(["compare", "--config", str(config_file), "--workdir", "w", "--data_dir",
+                          "d", "--dfp", "--dfp_bits", "12", "--dfp_rounding", "stochastic",
+                          "--dfp_keep_float", "*/conv1, */fc8,", "--steps", "5",
+                          "--batch_size", "8"])
   config = main.config_from_args(args)
   assert args.mode == "compare"
   assert (config.model, config.seed, config.dfp, config.dfp_bits, config.dfp_rounding) == \
       ("alexnet", 3, True, 12, "stochastic")
   assert config.dfp_keep_float == ("*/conv1", "*/fc8")
   assert (config.num_train_steps, config.batch_size) == (5, 8)
-  plain = main.config_from_args(main.parse_args(["--workdir", "w", "--no-dfp"]))
-  assert plain == dataclasses.replace(main.load_config("default"), dfp=False)
-  assert main.parse_args(["--workdir", "w"]).mode == "train"
+  plain = main.config_from_args(main.parse_args(["--workdir", "w", "--data_dir", "d", "--no-dfp"]))
+  assert plain == dataclasses.replace(main.load_config("default"), dfp=False, data_dir="d")
+  assert main.parse_args(["--workdir", "w", "--data_dir", "d"]).mode == "train"
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -229,9 +230,20 @@ def test_command_line_overrides(tmp_path):
 ])
 def test_the_command_line_refuses_what_cannot_run(flags, message, capsys):
   with pytest.raises(SystemExit) as exit_:
-    main.parse_args(["--workdir", "unused", *flags])
+    main.parse_args(["--workdir", "unused", "--data_dir", "unused", *flags])
   assert exit_.value.code == 2
   assert message in capsys.readouterr().err
+
+
+def test_an_image_folder_dataset_without_its_folder_is_a_command_line_error(capsys):
+  """The default dataset reads --data_dir: without it the command stops before any run."""
+  for flags in ([], ["compare"],
+                ["--dataset", "imagenet_folder", "--config", "fashion_mnist_resnet"]):
+    with pytest.raises(SystemExit) as exit_:
+      main.parse_args([*flags, "--workdir", "unused"])
+    assert exit_.value.code == 2
+    assert "dataset 'imagenet_folder' needs --data_dir" in capsys.readouterr().err
+  assert main.parse_args(["--workdir", "unused", "--data_dir", "unused"]).data_dir == "unused"
 
 
 def test_a_config_file_without_get_config_is_a_command_line_error(tmp_path, capsys):
