@@ -214,22 +214,28 @@ def fashion_mnist_source(split: str, data_dir: str | None = None, which: str = "
                 FASHION_MNIST_STD, f"Fashion-MNIST {split} from {path} ({n} images)")
 
 
+def check_dataset(dataset: str, data_dir: str | None):
+  """Raises ValueError where ``make_source`` could not open ``dataset`` for what its name and
+  ``data_dir`` say alone (no file is read): an unknown name, an ImageFolder without its folder."""
+  if dataset not in DATASETS:
+    raise ValueError(f"unknown dataset {dataset!r}; available: {DATASETS}")
+  if dataset == "imagenet_folder" and not data_dir:
+    raise ValueError("dataset 'imagenet_folder' needs --data_dir (the folder holding train/ "
+                     "and val/)")
+
+
 def make_source(dataset: str, split: str, data_dir: str | None = None) -> Source:
   """``split`` is ``"train"`` or ``"eval"``; ``dataset`` one of ``DATASETS``."""
   if split not in ("train", "eval"):
     raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
+  check_dataset(dataset, data_dir)
   train = split == "train"
   if dataset == "imagenet_folder":
-    if not data_dir:
-      raise ValueError("dataset 'imagenet_folder' needs --data_dir (the folder holding train/ "
-                       "and val/)")
     return image_folder_source(data_dir, "train" if train else "val")
   if dataset == "imagenet_tfds":
     return tfds_source("train" if train else "validation", data_dir)
-  if dataset in FASHION_MNIST_DATASETS:
-    return fashion_mnist_source("train" if train else "test", data_dir,
-                                FASHION_MNIST_DATASETS[dataset])
-  raise ValueError(f"unknown dataset {dataset!r}; available: {DATASETS}")
+  return fashion_mnist_source("train" if train else "test", data_dir,
+                              FASHION_MNIST_DATASETS[dataset])
 
 
 # ----------------------------------------------------------------------------- preprocessing

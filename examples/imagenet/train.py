@@ -367,8 +367,8 @@ def _every(value: int, steps_per_epoch: int) -> int:
 
 def check_config(config: Config):
   """Raises ValueError, naming the fields, where ``config`` cannot train: a split state without
-  DFP, DFP settings dfpjax refuses, ``model_kwargs`` that are not fields of ``config.model``, an
-  ImageFolder dataset without ``data_dir``."""
+  DFP, DFP settings dfpjax refuses, ``model_kwargs`` that are not fields of ``config.model``, a
+  dataset that cannot be opened as named (``input_pipeline.check_dataset``)."""
   if config.shard_state and not config.dfp:
     raise ValueError("shard_state splits the state of DFP runs (dfp=True): XLA's float "
                      "convolutions would spread a kernel's split onto the activations")
@@ -383,9 +383,7 @@ def check_config(config: Config):
   except TypeError as e:
     raise ValueError(f"model_kwargs {config.model_kwargs} do not fit model {config.model!r} "
                      f"({e}): a --model needs a --config of that network") from e
-  if config.dataset == "imagenet_folder" and not config.data_dir:
-    raise ValueError("dataset 'imagenet_folder' needs --data_dir (data_dir: the folder holding "
-                     "train/ and val/)")
+  input_pipeline.check_dataset(config.dataset, config.data_dir)
 
 
 def _json(config: Config) -> dict:
