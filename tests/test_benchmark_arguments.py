@@ -38,6 +38,8 @@ def _refused(script, argv, flag, capsys):
     ("conv", ["--repeats", "0"], "--repeats"),
     ("conv", ["--batch", "-1"], "--batch"),
     ("conv", ["--layers", "conv5_3x33"], "--layers"),
+    ("batch_norm_sums", ["--batch", "0"], "--batch"),
+    ("batch_norm_sums", ["--repeats", "0"], "--repeats"),
     ("transform_overhead", ["--calls", "0"], "--calls"),
     ("transform_overhead", ["--batch_size", "0"], "--batch_size"),
     ("transform_overhead", ["--networks", "bogus"], "--networks"),
