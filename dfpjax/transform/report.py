@@ -219,8 +219,11 @@ def _explicit(eqn, stack, parent) -> list[SiteRecord]:
   if name == "dfp_tangent":
     return []
   primitive = {"dfp_dot_general": "dot_general", "dfp_conv": "conv_general_dilated"}[name]
-  operands, out = ((parent.invars[:2], parent.outvars[0]) if parent is not None
-                    else (eqn.invars[:2], eqn.outvars[0]))
+  operands, out = eqn.invars[:2], eqn.outvars[0]  # the kernel's view, where no call wraps it
+  if (parent is not None and len(parent.invars) >= 2 and len(parent.outvars) == 1
+      and floating_operands([v.aval for v in parent.invars[:2]])
+      and math.prod(parent.outvars[0].aval.shape) == math.prod(out.aval.shape)):
+    operands, out = parent.invars[:2], parent.outvars[0]
   return [_record(primitive, operands, out, stack, _EXPLICIT)]
 
 
