@@ -183,25 +183,22 @@ def _walk(jaxpr, name_stack=NameStack(), parent=None):
           yield from _walk(v, stack, eqn)
 
 
-def _outside(eqn, stack) -> SiteRecord:
-  avals = [v.aval for v in eqn.invars[:2]]
-  floating = floating_operands(avals)
-  out = eqn.outvars[0].aval
-  reason = _OUTSIDE if floating else NOT_FLOATING
-  return SiteRecord(None, eqn.primitive.name, tuple(a.shape for a in avals),
-                    tuple(np.dtype(a.dtype) for a in avals), np.dtype(out.dtype),
-                    tuple(out.shape), module_path(stack),
-                    "backward" if is_backward(stack) else "forward",
-                    "float" if floating else "unchanged", reason)
-
-
-def _record(primitive, operands, out, stack, reason, direction=None, gradient=None) -> SiteRecord:
+def _record(primitive, operands, out, stack, mode, reason, direction=None,
+            gradient=None) -> SiteRecord:
+  """The record of a product of ``operands`` giving ``out`` (jaxpr variables) outside any
+  site; its pass from ``stack`` unless ``direction`` is given."""
   avals = [v.aval for v in operands]
   return SiteRecord(None, primitive, tuple(tuple(a.shape) for a in avals),
                     tuple(np.dtype(a.dtype) for a in avals), np.dtype(out.aval.dtype),
                     tuple(out.aval.shape), module_path(stack),
-                    direction or ("backward" if is_backward(stack) else "forward"), "dfp", reason,
+                    direction or ("backward" if is_backward(stack) else "forward"), mode, reason,
                     gradient)
+
+
+def _outside(eqn, stack) -> SiteRecord:
+  floating = floating_operands([v.aval for v in eqn.invars[:2]])
+  return _record(eqn.primitive.name, eqn.invars[:2], eqn.outvars[0], stack,
+                 "float" if floating else "unchanged", _OUTSIDE if floating else NOT_FLOATING)
 
 
 def _explicit(eqn, stack, parent) -> list[SiteRecord]:
@@ -214,8 +211,10 @@ def _explicit(eqn, stack, parent) -> list[SiteRecord]:
   if name == "dfp_cotangent":
     primitive = eqn.params["layout"].spec.primitive
     g, lhs, rhs = eqn.invars[:3]
-    return [_record(primitive, (g, rhs), eqn.outvars[0], stack, _EXPLICIT_GRADIENT, "backward", "data"),
-            _record(primitive, (g, lhs), eqn.outvars[1], stack, _EXPLICIT_GRADIENT, "backward", "weights")]
+    gradient = lambda operands, out, which: _record(primitive, operands, out, stack, "dfp",
+                                                    _EXPLICIT_GRADIENT, "backward", which)
+    return [gradient((g, rhs), eqn.outvars[0], "data"),
+            gradient((g, lhs), eqn.outvars[1], "weights")]
   if name == "dfp_tangent":
     return []
   primitive = {"dfp_dot_general": "dot_general", "dfp_conv": "conv_general_dilated"}[name]
@@ -224,7 +223,7 @@ def _explicit(eqn, stack, parent) -> list[SiteRecord]:
       and floating_operands([v.aval for v in parent.invars[:2]])
       and math.prod(parent.outvars[0].aval.shape) == math.prod(out.aval.shape)):
     operands, out = parent.invars[:2], parent.outvars[0]
-  return [_record(primitive, operands, out, stack, _EXPLICIT)]
+  return [_record(primitive, operands, out, stack, "dfp", _EXPLICIT)]
 
 
 def _dfp_gradients(site: SiteRecord) -> list[SiteRecord]:
