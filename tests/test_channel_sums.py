@@ -43,6 +43,13 @@ def test_sums_are_the_exact_sums_rounded_once(isa, shape):
   np.testing.assert_array_equal(dot, expected_dot)
 
 
+def test_no_rows_give_positive_zeros(isa):
+  """Sums over no rows: +0.0 for every channel, in both results."""
+  a = np.zeros((0, 3, 5), np.float32)
+  for result in jax.jit(dfpjax.channel_sums)(a, a, np.ones(5, np.float32)):
+    np.testing.assert_array_equal(np.asarray(result).view(np.uint32), np.zeros(5, np.uint32))
+
+
 def sequential_sums(a, b, center):
   """The kernel's definition for fewer rows than one task's block: each channel's terms added
   in row order in double, the products exact, rounded to float32 once."""

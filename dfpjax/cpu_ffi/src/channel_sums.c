@@ -63,29 +63,31 @@ int dfp_channel_sums(const dfp_channel_sums_args* args, dfp_isa isa, const dfp_p
   if (par == NULL) par = &dfp_serial;
   const size_t groups = args->groups, channels = args->channels, rows = args->rows;
   if (groups == 0 || channels == 0) return DFP_OK;
+  if (rows == 0) { /* sums of nothing */
+    for (size_t i = 0; i < groups * channels; ++i) args->sum[i] = args->dot[i] = 0.0f;
+    return DFP_OK;
+  }
   const size_t task_channels = channels < kBlockChannels ? channels : kBlockChannels;
   job j = {args, kBlockElements / task_channels, 0, (channels + kBlockChannels - 1) / kBlockChannels, NULL,
            dfp_isa_config_for(isa)};
-  j.blocks_per_group = rows ? (rows + j.block_rows - 1) / j.block_rows : 0;
-  const size_t blocks = groups * j.blocks_per_group, tasks = blocks * j.channel_blocks;
-  if (tasks) {
-    j.partial = (double*)malloc(blocks * 2 * channels * sizeof(double));
-    if (j.partial == NULL) return DFP_ERR_ALLOC;
-    par->parallel_for(par->pool, tasks, block_task, &j);
-  }
+  j.blocks_per_group = (rows + j.block_rows - 1) / j.block_rows;
+  const size_t blocks = groups * j.blocks_per_group;
+  j.partial = (double*)malloc(blocks * 2 * channels * sizeof(double));
+  if (j.partial == NULL) return DFP_ERR_ALLOC;
+  par->parallel_for(par->pool, blocks * j.channel_blocks, block_task, &j);
   /* Each channel's blocks added in block order from 0.0, into the group's first block, a block
    * at a time: channel by channel, a walk down the blocks 16 KiB apart took longer than the
    * rows did (6.3 MB of 1024 channels' blocks). */
   for (size_t g = 0; g < groups; ++g) {
     double* total = j.partial + g * j.blocks_per_group * 2 * channels;
-    for (size_t c = 0; c < 2 * channels && j.blocks_per_group; ++c) total[c] = 0.0 + total[c];
+    for (size_t c = 0; c < 2 * channels; ++c) total[c] = 0.0 + total[c];
     for (size_t k = 1; k < j.blocks_per_group; ++k) {
       const double* block = total + k * 2 * channels;
       for (size_t c = 0; c < 2 * channels; ++c) total[c] += block[c];
     }
     for (size_t c = 0; c < channels; ++c) {
-      args->sum[g * channels + c] = j.blocks_per_group ? (float)total[c] : 0.0f;
-      args->dot[g * channels + c] = j.blocks_per_group ? (float)total[channels + c] : 0.0f;
+      args->sum[g * channels + c] = (float)total[c];
+      args->dot[g * channels + c] = (float)total[channels + c];
     }
   }
   free(j.partial);
