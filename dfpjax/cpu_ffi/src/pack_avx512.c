@@ -41,17 +41,25 @@ static inline void store_pairs(__m512i v, size_t l, size_t lanes, int width, siz
   }
 }
 
+/* The two close copies' word index patterns, for word 16q + 2i + h of a two-pair result:
+ * 2q + h (its pair's half) and i (its lane). */
+static inline __m512i half_of_word(void) {
+  return _mm512_set_epi16(3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2,
+                          1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0);
+}
+static inline __m512i lane_of_word(void) {
+  return _mm512_set_epi16(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0,
+                          7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0);
+}
+
 /* One 8-lane panel's lanes [0, valid) of k-rows so close (3 * col_stride + valid <= 32 words)
  * that two pairs' four k-rows lie in one 32-word load: the stem's window rows (3 channels at
  * stride 2: k-rows 6 words apart, parts of 21 rows cut at the panels' edges), one load, one
  * word permute and one store for two pairs where the copy below takes two loads, two permutes
  * and a store for each. Word 16q + 2i + h of a result is lane i of k-row 2q + h. */
 static void close_k_rows(const int16_t* src, size_t pairs, size_t col_stride, size_t valid, int16_t* out) {
-  const __m512i krow = _mm512_set_epi16(3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2,
-                                        1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0);
-  const __m512i lane = _mm512_set_epi16(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0,
-                                        7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0);
-  const __m512i index = _mm512_add_epi16(_mm512_mullo_epi16(krow, _mm512_set1_epi16((short)col_stride)), lane);
+  const __m512i index =
+      _mm512_add_epi16(_mm512_mullo_epi16(half_of_word(), _mm512_set1_epi16((short)col_stride)), lane_of_word());
   const __mmask32 one = pair_words(valid), two = one | one << 16;
   const __mmask32 span_two = (__mmask32)((1ull << (3 * col_stride + valid)) - 1);
   const __mmask32 span_one = (__mmask32)((1ull << (col_stride + valid)) - 1);
@@ -108,11 +116,8 @@ void dfp_pack_columns_avx512(const int16_t* src, size_t pairs, size_t col_stride
  * them through 8 x 8 blocks. Word 16q + 2i + h of a result is word 2(p + q) + h of row i. */
 static void close_rows(const int16_t* src, size_t pairs, size_t row_stride, size_t valid, size_t span,
                        uint32_t* out) {
-  const __m512i row = _mm512_set_epi16(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0,
-                                       7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0);
-  const __m512i word = _mm512_set_epi16(3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2,
-                                        1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0);
-  __m512i index = _mm512_add_epi16(_mm512_mullo_epi16(row, _mm512_set1_epi16((short)row_stride)), word);
+  __m512i index =
+      _mm512_add_epi16(_mm512_mullo_epi16(lane_of_word(), _mm512_set1_epi16((short)row_stride)), half_of_word());
   const __m512i low = _mm512_maskz_loadu_epi16((__mmask32)((1ull << (span < 32 ? span : 32)) - 1), src);
   const __m512i high = _mm512_maskz_loadu_epi16((__mmask32)((1ull << (span > 32 ? span - 32 : 0)) - 1), src + 32);
   const __mmask16 one = (__mmask16)((1u << valid) - 1), two = (__mmask16)(one | one << 8);
