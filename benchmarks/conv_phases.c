@@ -7,7 +7,10 @@
  * median of its minima over the same minutes (on a shared host one GEMM line may read 169 GOP/s
  * and the next, a minute later, 221: docs/performance.md). A pass's total is its kernel
  * plus the quantization of the operands it reads (forward: x, w; backward-data: dy, w;
- * backward-weights: x, dy), as benchmarks/conv.py times it. The last column counts each
+ * backward-weights: x, dy), as benchmarks/conv.py times it; a last line gives the kernels'
+ * share of the GEMM without the quantizations, and the most the passes could reach with the
+ * kernels at the GEMM's rate and each quantization at its floor (stream_floats: the same bytes
+ * read and written on the same threads, no arithmetic). The last column counts each
  * kernel's minor page faults per timed call (getrusage, all threads): the operands and outputs
  * are allocated once per layer, so these are the faults of the kernel's own scratch, unless
  * --fresh-outputs (below). Not built by CI;
@@ -48,6 +51,7 @@
  * float32): else it names the call and exits with status 1.
  */
 #include <dlfcn.h>
+#include <emmintrin.h>
 #include <errno.h>
 #include <limits.h>
 #include <math.h>
@@ -199,7 +203,7 @@ static double now(void) {
 }
 
 typedef int (*conv_fn)(const dfp_conv_args*, dfp_isa, const dfp_parallel*);
-enum { QUANTIZE, CONV, GEMM };
+enum { QUANTIZE, CONV, GEMM, STREAM };
 typedef struct {
   int kind;
   dfp_quantize_args q;
@@ -244,8 +248,30 @@ static long last_faults; /* minor page faults per timed call of the last best_ms
 /* --balance: the serial part and the tasks' CPU ms of the last best_ms's best call. */
 static double last_serial_ms, last_work_ms;
 
+/* The floor of a quantization on this machine: its floats read and as many INT16 written, with
+ * the non-temporal stores the kernel gives outputs past the caches, in tasks of kStreamChunk
+ * elements on the same pool, but no max and no rounding (SSE2, the x86-64 baseline; the loop
+ * waits on memory, not on its arithmetic). */
+enum { kStreamChunk = 1 << 16 };
+static void stream_task(void* arg, size_t t) {
+  const dfp_quantize_args* q = (const dfp_quantize_args*)arg;
+  const size_t begin = t * kStreamChunk, end = begin + kStreamChunk < q->n ? begin + kStreamChunk : q->n;
+  size_t i = begin;
+  for (; i + 8 <= end; i += 8) {
+    const __m128i lo = _mm_cvttps_epi32(_mm_loadu_ps(q->x + i)), hi = _mm_cvttps_epi32(_mm_loadu_ps(q->x + i + 4));
+    _mm_stream_si128((__m128i*)(q->m + i), _mm_packs_epi32(lo, hi));
+  }
+  for (; i < end; ++i) q->m[i] = (int16_t)q->x[i];
+}
+
+static void stream_floats(const dfp_quantize_args* q) {
+  par.parallel_for(par.pool, (q->n + kStreamChunk - 1) / kStreamChunk, stream_task, (void*)q);
+  _mm_sfence();
+}
+
 /* c run by build `lib`: 0 the linked one, 1 --against's. */
 static int call(const call_t* c, int lib) {
+  if (c->kind == STREAM) return stream_floats(&c->q), DFP_OK;
   if (c->kind == QUANTIZE) return (lib ? against.quantize : dfp_quantize)(&c->q, isa, &par);
   if (c->kind == GEMM) return (lib ? against.gemm : dfp_gemm)(&c->g, isa, &par);
   if (!lib) return c->conv(&c->c, isa, &par);
@@ -336,6 +362,14 @@ static double quantize_ms(const char* name, const float* x, size_t n, int16_t* m
   return best_ms(&c);
 }
 
+/* best_ms of stream_floats over a quantization's operand and output; 0 with --against, which
+ * compares builds, not the memory. */
+static double floor_ms(const float* x, size_t n, int16_t* m) {
+  if (against.path) return 0;
+  call_t c = {.kind = STREAM, .q = {1, n, x, 16, 0, m, NULL}, .out_bytes = n * sizeof(int16_t), .name = "floor"};
+  return best_ms(&c);
+}
+
 /* name: input size, input channels, window, stride, output channels (benchmarks/conv.py). */
 static const struct {
   const char* name;
@@ -365,6 +399,7 @@ static dfp_conv_shape shape2d(size_t batch, size_t in, size_t out, size_t window
 }
 
 static double totals[3], total_gop, serial_totals[3], work_totals[3], against_totals[3];
+static double quantize_totals[3], floor_totals[3]; /* each pass's quantizations, and their floor */
 
 /* best_ms of a pass's kernel (0 forward, 1 backward-data, 2 backward-weights) and its faults per
  * call, or NaN where --only names another pass. */
@@ -400,6 +435,7 @@ static void run_layer(int l, size_t batch) {
   SPLIT(1);
   const double qdy = quantize_ms("Q(dy)", dy, ny, mdy, &edy);
   SPLIT(2);
+  const double fx = floor_ms(x, nx, mx), fw_ = floor_ms(w, nw, mw), fdy = floor_ms(dy, ny, mdy);
   const dfp_conv_shape s = shape2d(batch, size, out, k, stride, pad, cin, cout);
   call_t fwd = {.kind = CONV, .conv = dfp_conv_forward,
                 .c = {.shape = s, .x = mx, .ex = &ex, .b = mw, .eb = ew, .out = {.data = res, .format = DFP_OUT_F32}},
@@ -458,7 +494,8 @@ static void run_layer(int l, size_t batch) {
     printf("\n");
   }
   fflush(stdout);
-  for (int i = 0; i < 3; ++i) totals[i] += pass[i];
+  const double quantizations[3] = {qx + qw, qdy + qw, qx + qdy}, floors[3] = {fx + fw_, fdy + fw_, fx + fdy};
+  for (int i = 0; i < 3; ++i) totals[i] += pass[i], quantize_totals[i] += quantizations[i], floor_totals[i] += floors[i];
   total_gop += gop;
   free(x), free(w), free(dy), free(mx), free(mw), free(mdy), free(res);
 }
@@ -644,6 +681,22 @@ int main(int argc, char** argv) {
            "%.0f-%.0f): %.0f%% / %.0f%% / %.0f%%\n",
            gemm_count, median, gemm_lines[0], gemm_lines[gemm_count - 1], 100 * pass_gops[0] / median,
            100 * pass_gops[1] / median, 100 * pass_gops[2] / median);
+    if (!against.path && only < 0) {
+      /* What bounds those shares: the kernels' own, and the most the passes could reach with the
+       * kernels at the GEMM's rate and the quantizations at their floor. */
+      const double at_gemm_ms = total_gop / median * 1e3;
+      double kernels[3], ceiling[3];
+      for (int p = 0; p < 3; ++p) {
+        kernels[p] = 100 * at_gemm_ms / (totals[p] - quantize_totals[p]);
+        ceiling[p] = 100 * at_gemm_ms / (at_gemm_ms + floor_totals[p]);
+      }
+      printf("# the kernels alone: %.0f%% / %.0f%% / %.0f%% of that GEMM; the passes' quantizations %.1f / %.1f / %.1f ms, "
+             "their floor (the floats read, as many INT16 streamed out, no arithmetic: stream_floats) %.1f / %.1f / %.1f ms; "
+             "with the kernels at the GEMM's rate and the quantizations at that floor the passes would reach "
+             "%.0f%% / %.0f%% / %.0f%%\n",
+             kernels[0], kernels[1], kernels[2], quantize_totals[0], quantize_totals[1], quantize_totals[2],
+             floor_totals[0], floor_totals[1], floor_totals[2], ceiling[0], ceiling[1], ceiling[2]);
+    }
   }
   if (balance)
     printf("| total split | %.1f / %.1f / %.1f | %.1f / %.1f / %.1f | %.1f / %.1f / %.1f |\n", serial_totals[0],
