@@ -247,7 +247,13 @@ def _late_maximum_cases():
   late_pieces = rng.standard_normal(2 * _CHUNK + 9).astype(np.float32)
   late_pieces[2 * _PIECE + 5] = 20.0
   late_pieces[_CHUNK - 3] = 60.0
-  return [ramp, ramp[::-1].copy(), zeros_first, zero_pieces, late_pieces]
+  # A piece is quantized with the exponent of the maxima before it: here binades far above it
+  # (2**200 times), which the rows must survive (saturating, no undefined behaviour) until the
+  # pieces are quantized again.
+  jumps = rng.standard_normal(2 * _CHUNK + 9).astype(np.float32) * np.float32(1e-30)
+  jumps[_PIECE + 100] = 1e30
+  jumps[_CHUNK + 3 * _PIECE + 1] = -3e38
+  return [ramp, ramp[::-1].copy(), zeros_first, zero_pieces, late_pieces, jumps]
 
 
 @pytest.mark.parametrize("bits, headroom", [(16, 0), (16, 2), (8, 3), (3, 1), (2, 0)])

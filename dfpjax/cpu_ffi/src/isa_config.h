@@ -34,8 +34,7 @@ typedef struct {
                      uint32_t* out);
   /* Quantization rows (quantize.h). */
   uint32_t (*max_magnitude)(const float* x, size_t n);
-  uint32_t (*quantize_row)(const float* x, size_t n, int32_t e, int32_t limit, int16_t* m, int stream,
-                           const float* next, size_t next_n);
+  uint32_t (*quantize_row)(const float* x, size_t n, int32_t e, int32_t limit, int16_t* m, int stream);
   /* dst[offsets[r] + j] += src[r * n + j] for r < runs, j < n, int64: the units of col2im's
    * columns of one output pixel into the input pixels they read (conv.c, macro.h). */
   void (*add_runs)(int64_t* dst, const size_t* offsets, const int64_t* src, size_t n, size_t runs);

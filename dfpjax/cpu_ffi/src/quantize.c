@@ -10,11 +10,10 @@
 #include "macro.h"
 
 enum {
-  kChunk = 1 << 16,  /* elements per task: big enough to amortize scheduling and the first
-                      * piece's max and the last one's quantization, each alone (4% faster than
-                      * 1 << 15 on Zen 3, 2 threads, 103 MB) */
-  kPiece = 1 << 13,  /* elements of a chunk maxed, then quantized while in the cache (32 KB:
-                      * 16 KB and 64 KB pieces took 5-10% longer, 103 MB on 2 Zen 3 threads) */
+  kChunk = 1 << 16,  /* elements per task: big enough to amortize scheduling (4% faster than
+                      * 1 << 15 on Zen 3, 2 threads, 103 MB; 1 << 17 and 1 << 18 no faster on Zen 4) */
+  kPiece = 1 << 13,  /* elements of a chunk quantized before its group's exponent is checked
+                      * again: the chunk so far is quantized again from the cache where it rose */
 };
 
 uint32_t dfp_max_magnitude_portable(const float* x, size_t n) {
@@ -27,12 +26,11 @@ uint32_t dfp_max_magnitude_portable(const float* x, size_t n) {
   return top;
 }
 
-uint32_t dfp_quantize_row_portable(const float* x, size_t n, int32_t e, int32_t limit, int16_t* m, int stream,
-                                   const float* next, size_t next_n) {
+uint32_t dfp_quantize_row_portable(const float* x, size_t n, int32_t e, int32_t limit, int16_t* m, int stream) {
   (void)stream; /* plain stores: the specification */
   const uint32_t* u = (const uint32_t*)x;
   for (size_t i = 0; i < n; ++i) m[i] = dfp_quantize_one(u[i], e, limit);
-  return dfp_max_magnitude_portable(next, next_n);
+  return dfp_max_magnitude_portable(x, n);
 }
 
 /* floor(log2) of the float whose magnitude bits are mag > 0 (subnormals included). */
@@ -48,24 +46,24 @@ static int32_t group_exponent(uint32_t top, const dfp_quantize_args* a) {
                            : floor_log2_bits(top) - (a->bits - 2) + a->headroom;
 }
 
-/* One pass over the floats where it can: each task takes its chunk piece by piece, raises its
- * group's running max (seen) with each piece's max and quantizes the piece, still in the cache,
- * with the exponent of that running max, in the loop that maxes the next piece from memory (the
- * rows' next: 15-20% faster than a max pass, then a quantize pass per piece, on Zen 3 with 2
- * threads); where the exponent rises within the chunk, the pieces
- * before, still in L2, are quantized again, so the whole chunk has one exponent, recorded in
- * used[task]. The mantissas depend on that exponent alone, so they are the spec's whenever the
- * group's final exponent is the same; the rest (an early chunk below the final binade, a
- * non-finite or all-zero group) are redone from the floats afterwards (redo_task), so the result
- * never depends on the order the tasks ran in. At worst (a group's max rising binade by binade,
- * chunk by chunk) that is one more quantize pass than reading the floats twice would take. A
- * chunk's max taken whole before its quantization left the memory idle while the chunk was
- * quantized from L2: 103 MB of floats took 5 ms against 3 ms for one streamed read and write on
- * Zen 3, 2 threads. */
+/* One pass over the floats where it can: each task takes its chunk piece by piece and quantizes
+ * each piece, as it streams in from memory, with the exponent of its group's running max
+ * (seen) before the piece, taking the piece's own max from the same loads; where the piece (or
+ * another task) raised that max into a higher binade, the chunk so far, still in L2, is
+ * quantized again, so the whole chunk has one exponent, recorded in used[task]. The mantissas
+ * depend on that exponent alone, so they are the spec's whenever the group's final exponent is
+ * the same; the rest (an early chunk below the final binade, a non-finite or all-zero group)
+ * are redone from the floats afterwards (redo_task), so the result never depends on the order
+ * the tasks ran in. A rise of a group's binade costs at most one chunk quantized again in the
+ * cache; the chunks finished before the group's last rise are quantized once more, from
+ * memory. Maxing each piece before quantizing it (the max of the next piece in the loop of
+ * this one: the floats read from memory, then again from the cache) took 10-20% longer on
+ * Zen 4, 2 threads: 103 MB in 3.1-3.5 ms against 2.8-3.1, where streaming the same bytes in and
+ * out with no arithmetic takes 2.8-3.0 (benchmarks/conv_phases.c). */
 typedef struct {
   const dfp_quantize_args* args;
   size_t chunks_per_group;
-  uint32_t* seen;  /* [groups]: the largest chunk max of the group so far; once every task
+  uint32_t* seen;  /* [groups]: the largest magnitude of the group seen so far; once every task
                     * has run, the group's max */
   int32_t* used;   /* [tasks]: the exponent the chunk was quantized with, kNotQuantized if none */
   const dfp_isa_config* cfg;
@@ -101,25 +99,35 @@ static void max_quantize_task(void* arg, size_t task) {
   chunk_range(j, task, &g, &begin, &len);
   const float* x = a->x + g * a->n + begin;
   int16_t* m = a->m + g * a->n + begin;
+  const int32_t limit = (1 << (a->bits - 1)) - 1;
   int32_t e = kNotQuantized;
-  size_t done = 0; /* [0, done) quantized with e */
-  uint32_t piece_max = j->cfg->max_magnitude(x, piece_length(len, 0));
+  size_t done = 0; /* [0, done) quantized with e: 0 or p at each piece */
   for (size_t p = 0; p < len; p += kPiece) {
-    const size_t n = piece_length(len, p), next_n = piece_length(len, p + n);
+    const size_t n = piece_length(len, p);
+    if (done == 0) { /* the exponent of the group's max so far, if there is one */
+      const uint32_t before = __atomic_load_n(&j->seen[g], __ATOMIC_RELAXED);
+      if (before >= 0x7f800000u) break; /* non-finite: redo_task writes the zeros */
+      e = before ? group_exponent(before, a) : kNotQuantized;
+    }
+    uint32_t piece_max;
+    if (e != kNotQuantized && done == p) {
+      piece_max = j->cfg->quantize_row(x + p, n, e, limit, m + p, j->stream);
+      done = p + n;
+    } else { /* quantized below, once there is an exponent */
+      piece_max = j->cfg->max_magnitude(x + p, n);
+    }
     const uint32_t running = raise_max(&j->seen[g], piece_max);
-    if (running >= 0x7f800000u) { /* non-finite: redo_task writes the zeros */
-      e = kNotQuantized;
+    if (running >= 0x7f800000u) {
+      done = 0;
       break;
     }
-    if (running == 0) { /* all zero so far: quantized once there is an exponent */
-      piece_max = j->cfg->max_magnitude(x + p + n, next_n);
-      continue;
-    }
+    if (running == 0) continue; /* all zero so far */
     const int32_t now = group_exponent(running, a);
-    if (now != e) e = now, done = 0;
-    piece_max = j->cfg->quantize_row(x + done, p + n - done, e, (1 << (a->bits - 1)) - 1, m + done, j->stream,
-                                     x + p + n, next_n);
-    done = p + n;
+    if (now != e || done < p + n) { /* a higher binade (this piece's or another task's), or
+                                      * pieces maxed before there was an exponent */
+      j->cfg->quantize_row(x, p + n, now, limit, m, j->stream);
+      e = now, done = p + n;
+    }
   }
   j->used[task] = done == len ? e : kNotQuantized;
 }
@@ -136,11 +144,11 @@ static void redo_task(void* arg, size_t task) {
   if (zeros)
     for (size_t i = 0; i < len; ++i) m[i] = 0;
   else
-    j->cfg->quantize_row(a->x + g * a->n + begin, len, e, (1 << (a->bits - 1)) - 1, m, j->stream, NULL, 0);
+    j->cfg->quantize_row(a->x + g * a->n + begin, len, e, (1 << (a->bits - 1)) - 1, m, j->stream);
 }
 
-/* dfp_max_magnitudes: max_quantize_task's first step alone, each chunk's max raising its
- * group's in j->seen (the caller's top). */
+/* dfp_max_magnitudes: max_quantize_task's maxima alone, each chunk's raising its group's in
+ * j->seen (the caller's top). */
 static void max_task(void* arg, size_t task) {
   const job* j = (const job*)arg;
   size_t g, begin, len;

@@ -8,11 +8,12 @@
 #include <stddef.h>
 #include <stdint.h>
 
-/* How far ahead of their max's loads, in floats, the SIMD rows prefetch the next piece: without
- * it the fused loop gained 10% over separate passes, with 2 KB ahead 15-20% (Zen 3, 2 threads,
- * 103 MB); and, into L2, DFP_QUANTIZE_L2_AHEAD (8 KB: a 103 MB tensor's quantization 5-10%
- * shorter on Zen 4, 2 threads; 4 KB less, 16 and 32 KB no more). The addresses as integers: a
- * prefetch past the piece is harmless, it never faults. */
+/* How far ahead of their loads, in floats, the SIMD rows prefetch their floats: without it the
+ * fused loop gained 10% over separate passes, with 2 KB ahead 15-20% (Zen 3, 2 threads,
+ * 103 MB; on Zen 4 1 KB or 8 KB 4-6% slower, none 12%); and, into L2, DFP_QUANTIZE_L2_AHEAD
+ * (8 KB: a 103 MB tensor's quantization 5-10% shorter on Zen 4, 2 threads; 4 KB less, 16 and
+ * 32 KB no more). The addresses as integers: a prefetch past the row is harmless, it never
+ * faults. */
 enum { DFP_QUANTIZE_AHEAD = 512, DFP_QUANTIZE_L2_AHEAD = 2048 };
 
 /* The largest magnitude bit pattern (sign cleared) of x[0, n). */
@@ -20,28 +21,26 @@ uint32_t dfp_max_magnitude_portable(const float* x, size_t n);
 uint32_t dfp_max_magnitude_avx2(const float* x, size_t n);
 uint32_t dfp_max_magnitude_avx512(const float* x, size_t n);
 
-/* m[i] = saturate(R(x[i] * 2**-e)) with |m| <= limit, for a finite x whose largest
- * magnitude gives e (spec section 2), so |x[i]| * 2**-e < 2**15. stream: m belongs to an
- * output of DFP_STREAM_OUTPUT_BYTES or more (macro.h); the AVX2 and AVX-512 rows then store
- * non-temporally where m is 32-byte aligned, and fence before they return. Returns
- * dfp_max_magnitude of next[0, next_n) (0 where next_n is 0), read in the same loop: the
- * quantization's next piece streams from memory while this row, in the cache, is computed
- * (quantize.c). */
-uint32_t dfp_quantize_row_portable(const float* x, size_t n, int32_t e, int32_t limit, int16_t* m, int stream,
-                                   const float* next, size_t next_n);
-uint32_t dfp_quantize_row_avx2(const float* x, size_t n, int32_t e, int32_t limit, int16_t* m, int stream,
-                               const float* next, size_t next_n);
-uint32_t dfp_quantize_row_avx512(const float* x, size_t n, int32_t e, int32_t limit, int16_t* m, int stream,
-                                 const float* next, size_t next_n);
+/* m[i] = saturate(R(x[i] * 2**-e)) with |m| <= limit (spec section 2) where |x[i]| * 2**-e
+ * < 2**15, as for every finite x[i] when e is the exponent of a largest magnitude at least
+ * x's; returns dfp_max_magnitude of x[0, n), taken from the same loads. The one-pass
+ * quantization (quantize.c) gives a row the exponent of the maxima seen before it: where an
+ * x[i] lies past that range, or is not finite, m[i] is some value (no undefined behaviour) that
+ * the caller then overwrites. stream: m belongs to an output of DFP_STREAM_OUTPUT_BYTES or more
+ * (macro.h); the AVX2 and AVX-512 rows then store non-temporally where m is 32-byte aligned, and
+ * fence before they return. */
+uint32_t dfp_quantize_row_portable(const float* x, size_t n, int32_t e, int32_t limit, int16_t* m, int stream);
+uint32_t dfp_quantize_row_avx2(const float* x, size_t n, int32_t e, int32_t limit, int16_t* m, int stream);
+uint32_t dfp_quantize_row_avx512(const float* x, size_t n, int32_t e, int32_t limit, int16_t* m, int stream);
 
 /* One element, shared by both row kinds (the AVX2 rows' tails). */
 static inline int16_t dfp_quantize_one(uint32_t u, int32_t e, int32_t limit) {
   const uint32_t mag = u & 0x7fffffffu, biased = mag >> 23;
   const uint32_t sig = biased ? (mag & 0x7fffffu) | 0x800000u : mag;
   const int32_t shift = (int32_t)(biased ? biased : 1) - 150 - e;  /* |x| = sig * 2**(shift + e) */
-  uint32_t q;
+  uint64_t q;
   if (shift >= 0) {
-    q = sig << shift;
+    q = (uint64_t)sig << (shift < 40 ? shift : 40); /* past the range (quantize_row) saturates */
   } else {
     /* Past 25 bits every sig (< 2**24) rounds to 0, as at 25. */
     const int r = -shift > 25 ? 25 : -shift;
@@ -49,7 +48,7 @@ static inline int16_t dfp_quantize_one(uint32_t u, int32_t e, int32_t limit) {
     q = (sig >> r);
     q += rem > half || (rem == half && (q & 1));
   }
-  const int32_t v = q > (uint32_t)limit ? limit : (int32_t)q;
+  const int32_t v = q > (uint64_t)limit ? limit : (int32_t)q;
   return (int16_t)(u >> 31 ? -v : v);
 }
 

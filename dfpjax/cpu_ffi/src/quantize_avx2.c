@@ -4,9 +4,9 @@
 
 #include "quantize.h"
 
-/* top raised by the magnitudes of x[0, 8): below 2**31, so a signed max is the unsigned one. */
-static inline __m256i raise_top(__m256i top, const float* x) {
-  return _mm256_max_epi32(top, _mm256_and_si256(_mm256_loadu_si256((const __m256i*)x), _mm256_set1_epi32(0x7fffffff)));
+/* top raised by the magnitude bits of u's lanes: below 2**31, so a signed max is the unsigned one. */
+static inline __m256i raise_top(__m256i top, __m256i u) {
+  return _mm256_max_epi32(top, _mm256_and_si256(u, _mm256_set1_epi32(0x7fffffff)));
 }
 
 static uint32_t horizontal_max(__m256i top) {
@@ -19,7 +19,7 @@ static uint32_t horizontal_max(__m256i top) {
 uint32_t dfp_max_magnitude_avx2(const float* x, size_t n) {
   __m256i top = _mm256_setzero_si256();
   size_t i = 0;
-  for (; i + 8 <= n; i += 8) top = raise_top(top, x + i);
+  for (; i + 8 <= n; i += 8) top = raise_top(top, _mm256_loadu_si256((const __m256i*)(x + i)));
   const uint32_t head = horizontal_max(top);
   const uint32_t tail = dfp_max_magnitude_portable(x + i, n - i);
   return head > tail ? head : tail;
@@ -59,9 +59,9 @@ static inline __m256i quantize8(__m256i u, __m256i e, __m256i limit) {
  * is below 1/2, so it converts to 0. |x * 2**-e| <= 2**15, so the conversion is exact and the
  * saturating pack leaves only -32768 (and, for limit < 32767, the lanes past +-limit) to clamp,
  * on sixteen bits: half the instructions of clamping each eight int32 lanes. */
-static inline __m256i quantize16_float(const float* x, __m256 scale, __m256i low, __m256i high, int clamp_high) {
-  const __m256i a = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x), scale));
-  const __m256i b = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + 8), scale));
+static inline __m256i quantize16_float(__m256 x0, __m256 x1, __m256 scale, __m256i low, __m256i high, int clamp_high) {
+  const __m256i a = _mm256_cvtps_epi32(_mm256_mul_ps(x0, scale));
+  const __m256i b = _mm256_cvtps_epi32(_mm256_mul_ps(x1, scale));
   __m256i v = _mm256_max_epi16(_mm256_packs_epi32(a, b), low);
   if (clamp_high) v = _mm256_min_epi16(v, high);
   return v;
@@ -79,47 +79,44 @@ static inline void store16(int16_t* m, __m256i packed, int streamed) {
 /* The whole rows of sixteen by the float route, under an MXCSR of its own (round to nearest
  * even, no flush to zero, exceptions masked), restored after: the conversion rounds, where a
  * vroundps with its own rounding and int32 clamps took nearly twice the instructions in a loop
- * that, with the max pass, is bound by them (51 MB of floats maxed and quantized: 4.7 ms on one
- * Zen 3 core, 3.2-3.8 ms now). The first `paired` elements (a multiple of sixteen) of next are
- * maxed into *top in the same loop. */
+ * that, with the max, is bound by them (51 MB of floats maxed and quantized: 4.7 ms on one
+ * Zen 3 core, 3.2-3.8 ms now). Each vector's magnitudes raise *top. */
 static size_t quantize_row_float(const float* x, size_t n, int32_t e, int32_t limit, int16_t* m, int streamed,
-                                 const float* next, size_t paired, __m256i* top) {
+                                 __m256i* top) {
   const __m256 scale = _mm256_castsi256_ps(_mm256_set1_epi32((127 - e) << 23));
   const __m256i low = _mm256_set1_epi16((int16_t)-limit), high = _mm256_set1_epi16((int16_t)limit);
   const int clamp_high = limit < INT16_MAX;
   const unsigned int csr = _mm_getcsr();
   _mm_setcsr(0x1f80);
   size_t i = 0;
-  for (; i < paired; i += 16) {
-    store16(m + i, quantize16_float(x + i, scale, low, high, clamp_high), streamed);
-    *top = raise_top(raise_top(*top, next + i), next + i + 8);
-    _mm_prefetch((const char*)((uintptr_t)(next + i) + DFP_QUANTIZE_AHEAD * sizeof(float)), _MM_HINT_T0);
-    _mm_prefetch((const char*)((uintptr_t)(next + i) + DFP_QUANTIZE_L2_AHEAD * sizeof(float)), _MM_HINT_T1);
+  for (; i + 16 <= n; i += 16) {
+    const __m256 x0 = _mm256_loadu_ps(x + i), x1 = _mm256_loadu_ps(x + i + 8);
+    *top = raise_top(raise_top(*top, _mm256_castps_si256(x0)), _mm256_castps_si256(x1));
+    store16(m + i, quantize16_float(x0, x1, scale, low, high, clamp_high), streamed);
+    _mm_prefetch((const char*)((uintptr_t)(x + i) + DFP_QUANTIZE_AHEAD * sizeof(float)), _MM_HINT_T0);
+    _mm_prefetch((const char*)((uintptr_t)(x + i) + DFP_QUANTIZE_L2_AHEAD * sizeof(float)), _MM_HINT_T1);
   }
-  for (; i + 16 <= n; i += 16) store16(m + i, quantize16_float(x + i, scale, low, high, clamp_high), streamed);
   _mm_setcsr(csr);
   return i;
 }
 
-uint32_t dfp_quantize_row_avx2(const float* x, size_t n, int32_t e, int32_t limit, int16_t* m, int stream,
-                               const float* next, size_t next_n) {
+uint32_t dfp_quantize_row_avx2(const float* x, size_t n, int32_t e, int32_t limit, int16_t* m, int stream) {
   const int streamed = stream && (uintptr_t)m % 32 == 0;
   __m256i top = _mm256_setzero_si256();
-  size_t i = 0, maxed = 0; /* next[0, maxed) in top */
+  size_t i = 0;
   if (e >= -125 && e <= 126) {
-    maxed = (n < next_n ? n : next_n) / 16 * 16;
-    i = quantize_row_float(x, n, e, limit, m, streamed, next, maxed, &top);
-  } else { /* scales past the normal floats: rare enough to max next apart */
+    i = quantize_row_float(x, n, e, limit, m, streamed, &top);
+  } else { /* scales past the normal floats */
     const __m256i ev = _mm256_set1_epi32(e), lv = _mm256_set1_epi32(limit);
-    for (; i + 16 <= n; i += 16)
-      store16(m + i, _mm256_packs_epi32(quantize8(_mm256_loadu_si256((const __m256i*)(x + i)), ev, lv),
-                                        quantize8(_mm256_loadu_si256((const __m256i*)(x + i + 8)), ev, lv)),
-              streamed);
+    for (; i + 16 <= n; i += 16) {
+      const __m256i u0 = _mm256_loadu_si256((const __m256i*)(x + i)), u1 = _mm256_loadu_si256((const __m256i*)(x + i + 8));
+      top = raise_top(raise_top(top, u0), u1);
+      store16(m + i, _mm256_packs_epi32(quantize8(u0, ev, lv), quantize8(u1, ev, lv)), streamed);
+    }
   }
   if (streamed) _mm_sfence();
   const uint32_t* u = (const uint32_t*)x;
-  for (; i < n; ++i) m[i] = dfp_quantize_one(u[i], e, limit);
-  const uint32_t head = horizontal_max(top);
-  const uint32_t rest = next_n > maxed ? dfp_max_magnitude_avx2(next + maxed, next_n - maxed) : 0;
-  return head > rest ? head : rest;
+  for (size_t j = i; j < n; ++j) m[j] = dfp_quantize_one(u[j], e, limit);
+  const uint32_t head = horizontal_max(top), tail = dfp_max_magnitude_portable(x + i, n - i);
+  return head > tail ? head : tail;
 }
