@@ -10,7 +10,7 @@
 
 /* How far ahead of their loads, in floats, the SIMD rows prefetch their floats: without it the
  * fused loop gained 10% over separate passes, with 2 KB ahead 15-20% (Zen 3, 2 threads,
- * 103 MB; on Zen 4 1 KB or 8 KB 4-6% slower, none 12%); and, into L2, DFP_QUANTIZE_L2_AHEAD
+ * 103 MB; on Zen 4, 2 threads, 1, 4 or 8 KB 2-8% slower, none 12%); and, into L2, DFP_QUANTIZE_L2_AHEAD
  * (8 KB: a 103 MB tensor's quantization 5-10% shorter on Zen 4, 2 threads; 4 KB less, 16 and
  * 32 KB no more). The addresses as integers: a prefetch past the row is harmless, it never
  * faults. */
