@@ -363,9 +363,9 @@ static double quantize_ms(const char* name, const float* x, size_t n, int16_t* m
 }
 
 /* best_ms of stream_floats over a quantization's operand and output; 0 with --against, which
- * compares builds, not the memory. */
+ * compares builds, not the memory, and with --only, which prints no shares. */
 static double floor_ms(const float* x, size_t n, int16_t* m) {
-  if (against.path) return 0;
+  if (against.path || only >= 0) return 0;
   call_t c = {.kind = STREAM, .q = {1, n, x, 16, 0, m, NULL}, .out_bytes = n * sizeof(int16_t), .name = "floor"};
   return best_ms(&c);
 }
@@ -435,7 +435,7 @@ static void run_layer(int l, size_t batch) {
   SPLIT(1);
   const double qdy = quantize_ms("Q(dy)", dy, ny, mdy, &edy);
   SPLIT(2);
-  const double fx = floor_ms(x, nx, mx), fw_ = floor_ms(w, nw, mw), fdy = floor_ms(dy, ny, mdy);
+  const double floor_x = floor_ms(x, nx, mx), floor_w = floor_ms(w, nw, mw), floor_dy = floor_ms(dy, ny, mdy);
   const dfp_conv_shape s = shape2d(batch, size, out, k, stride, pad, cin, cout);
   call_t fwd = {.kind = CONV, .conv = dfp_conv_forward,
                 .c = {.shape = s, .x = mx, .ex = &ex, .b = mw, .eb = ew, .out = {.data = res, .format = DFP_OUT_F32}},
@@ -494,7 +494,8 @@ static void run_layer(int l, size_t batch) {
     printf("\n");
   }
   fflush(stdout);
-  const double quantizations[3] = {qx + qw, qdy + qw, qx + qdy}, floors[3] = {fx + fw_, fdy + fw_, fx + fdy};
+  const double quantizations[3] = {qx + qw, qdy + qw, qx + qdy};
+  const double floors[3] = {floor_x + floor_w, floor_dy + floor_w, floor_x + floor_dy};
   for (int i = 0; i < 3; ++i) totals[i] += pass[i], quantize_totals[i] += quantizations[i], floor_totals[i] += floors[i];
   total_gop += gop;
   free(x), free(w), free(dy), free(mx), free(mw), free(mdy), free(res);
