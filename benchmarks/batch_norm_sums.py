@@ -18,14 +18,12 @@ speed-ups (XLA ms / channel_sums ms, > 1: channel_sums faster).
 from __future__ import annotations
 
 import argparse
-import datetime
-import os
 
 import jax
 import jax.numpy as jnp
 
 import dfpjax
-from common import cpu_model, kernel_paths, malloc_settings, positive_int, time_interleaved
+from common import kernel_paths, positive_int, run_header, time_interleaved
 
 # (height, width, channels) of ResNet-50's BatchNorm inputs (v1.5: the stride in the 3x3
 # convolutions), and how many of the 53 have that shape.
@@ -63,10 +61,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None):
   args = parse_args(argv)
-  isa = kernel_paths()["selected_isa"]
-  print(f"# {datetime.datetime.now().isoformat(timespec='seconds')}  {cpu_model()}  "
-        f"({os.cpu_count()} CPUs)  jax {jax.__version__}  dfpjax {dfpjax.__version__}  "
-        f"kernel path {isa}; load average {os.getloadavg()[0]:.1f}; {malloc_settings()}")
+  print(run_header(kernel_paths()["selected_isa"]))
   print(f"# batch {args.batch}; median of {args.repeats} interleaved runs; cells: XLA FP32 ms / "
         "channel_sums ms (speed-up)")
   print()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import datetime
 import math
 import os
 import platform
@@ -115,6 +116,14 @@ def malloc_settings() -> str:
   kernel's time includes (docs/performance.md, "Two threads")."""
   names = sorted(k for k in os.environ if k.startswith("MALLOC_") or k == "GLIBC_TUNABLES")
   return " ".join(f"{k}={os.environ[k]}" for k in names) or "glibc malloc defaults"
+
+
+def run_header(isa: str) -> str:
+  """The first line of a one-process benchmark's report: the time, the CPU, the versions, the
+  kernel path ``isa``, the load and the malloc settings."""
+  return (f"# {datetime.datetime.now().isoformat(timespec='seconds')}  {cpu_model()}  "
+          f"({os.cpu_count()} CPUs)  jax {jax.__version__}  dfpjax {dfpjax.__version__}  "
+          f"kernel path {isa}; load average {os.getloadavg()[0]:.1f}; {malloc_settings()}")
 
 
 def cpu_flags() -> list[str]:

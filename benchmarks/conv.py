@@ -29,9 +29,7 @@ that spare the faults (huge pages) or keep the buffers.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
 
 import jax
 import jax.numpy as jnp
@@ -39,8 +37,8 @@ import numpy as np
 from jax import lax
 
 import dfpjax
-from common import (WARMUP, check_calls_kernel, cpu_model, gemm_kernel, kernel_paths,
-                    malloc_settings, names_of, positive_int, time_interleaved, writable_path)
+from common import (WARMUP, check_calls_kernel, gemm_kernel, kernel_paths, names_of, positive_int,
+                    run_header, time_interleaved, writable_path)
 
 NHWC = ("NHWC", "HWIO", "NHWC")
 # name: (input spatial size, input channels, window, stride, output channels)
@@ -127,9 +125,7 @@ def main(argv=None):
   args = parse_args(argv)
   isa = kernel_paths()["selected_isa"]
   gemm, gemm_ops = gemm_kernel(*GEMM)
-  print(f"# {datetime.datetime.now().isoformat(timespec='seconds')}  {cpu_model()}  "
-        f"({os.cpu_count()} CPUs)  jax {jax.__version__}  dfpjax {dfpjax.__version__}  "
-        f"kernel path {isa}; load average {os.getloadavg()[0]:.1f}; {malloc_settings()}")
+  print(run_header(isa))
   statistic = np.min if args.min else np.median
   print(f"# batch {args.batch}; {'minimum' if args.min else 'median'} of {args.repeats} interleaved runs "
         f"after {WARMUP} warm-ups, each "
