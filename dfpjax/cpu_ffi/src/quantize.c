@@ -27,6 +27,25 @@ uint32_t dfp_max_magnitude_portable(const float* x, size_t n) {
   return top;
 }
 
+/* One element of the portable row (the specification; the SIMD rows' tails take that row). */
+static int16_t dfp_quantize_one(uint32_t u, int32_t e, int32_t limit) {
+  const uint32_t mag = u & 0x7fffffffu, biased = mag >> 23;
+  const uint32_t sig = biased ? (mag & 0x7fffffu) | 0x800000u : mag;
+  const int32_t shift = (int32_t)(biased ? biased : 1) - 150 - e;  /* |x| = sig * 2**(shift + e) */
+  uint64_t q;
+  if (shift >= 0) {
+    q = (uint64_t)sig << (shift < 40 ? shift : 40); /* past the range (quantize_row) saturates */
+  } else {
+    /* Past 25 bits every sig (< 2**24) rounds to 0, as at 25. */
+    const int r = -shift > 25 ? 25 : -shift;
+    const uint32_t rem = sig & ((1u << r) - 1), half = 1u << (r - 1);
+    q = (sig >> r);
+    q += rem > half || (rem == half && (q & 1));
+  }
+  const int32_t v = q > (uint64_t)limit ? limit : (int32_t)q;
+  return (int16_t)(u >> 31 ? -v : v);
+}
+
 uint32_t dfp_quantize_row_portable(const float* x, size_t n, int32_t e, int32_t limit, int16_t* m, int stream) {
   (void)stream; /* plain stores: the specification */
   const uint32_t* u = (const uint32_t*)x;

@@ -115,8 +115,6 @@ uint32_t dfp_quantize_row_avx2(const float* x, size_t n, int32_t e, int32_t limi
     }
   }
   if (streamed) _mm_sfence();
-  const uint32_t* u = (const uint32_t*)x;
-  for (size_t j = i; j < n; ++j) m[j] = dfp_quantize_one(u[j], e, limit);
-  const uint32_t head = horizontal_max(top), tail = dfp_max_magnitude_portable(x + i, n - i);
+  const uint32_t head = horizontal_max(top), tail = dfp_quantize_row_portable(x + i, n - i, e, limit, m + i, 0);
   return head > tail ? head : tail;
 }
