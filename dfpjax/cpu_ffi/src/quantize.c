@@ -17,6 +17,9 @@ enum {
                       * again: the chunk so far is quantized again from the cache where it rose */
 };
 
+/* The magnitude bits of +inf: a group whose max is at or above them is not finite. */
+static const uint32_t kInfBits = 0x7f800000u;
+
 uint32_t dfp_max_magnitude_portable(const float* x, size_t n) {
   const uint32_t* u = (const uint32_t*)x;
   uint32_t top = 0;
@@ -61,7 +64,7 @@ static int32_t floor_log2_bits(uint32_t mag) {
 
 /* The exponent of a group whose largest magnitude bit pattern is top. */
 static int32_t group_exponent(uint32_t top, const dfp_quantize_args* a) {
-  return top >= 0x7f800000u ? DFP_NONFINITE_EXPONENT
+  return top >= kInfBits ? DFP_NONFINITE_EXPONENT
          : top == 0        ? 0
                            : floor_log2_bits(top) - (a->bits - 2) + a->headroom;
 }
@@ -126,7 +129,7 @@ static void max_quantize_task(void* arg, size_t task) {
     const size_t n = piece_length(len, p);
     if (done == 0) { /* the exponent of the group's max so far, if there is one */
       const uint32_t before = __atomic_load_n(&j->seen[g], __ATOMIC_RELAXED);
-      if (before >= 0x7f800000u) break; /* non-finite: redo_task writes the zeros */
+      if (before >= kInfBits) break; /* non-finite: redo_task writes the zeros */
       e = before ? group_exponent(before, a) : kNotQuantized;
     }
     uint32_t piece_max;
@@ -137,7 +140,7 @@ static void max_quantize_task(void* arg, size_t task) {
       piece_max = j->cfg->max_magnitude(x + p, n);
     }
     const uint32_t running = raise_max(&j->seen[g], piece_max);
-    if (running >= 0x7f800000u) {
+    if (running >= kInfBits) {
       done = 0;
       break;
     }
