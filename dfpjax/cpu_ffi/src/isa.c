@@ -24,11 +24,13 @@ static const dfp_isa_config kConfigs[DFP_ISA_COUNT] = {
 #define AVX512_ADD_RUNS dfp_add_runs_avx2
 #define AVX512_PACK_COLUMNS dfp_pack_columns_avx2
 #define AVX512_PACK_ROWS dfp_pack_rows_avx2
+#define AVX512_BOUNDS dfp_norm_bounds_avx2, dfp_fine_bounds_avx2
 #else
 #define AVX512_ROWS dfp_encode_f32_avx512, dfp_max_magnitude_avx512, dfp_quantize_row_avx512
 #define AVX512_ADD_RUNS dfp_add_runs_avx512
 #define AVX512_PACK_COLUMNS dfp_pack_columns_avx512
 #define AVX512_PACK_ROWS dfp_pack_rows_avx512
+#define AVX512_BOUNDS dfp_norm_bounds_avx512, dfp_fine_bounds_avx2
 #endif
 #define AVX2_BOUNDS dfp_norm_bounds_avx2, dfp_fine_bounds_avx2
 #define AVX2_PACKING dfp_pack_rows_avx2, dfp_pack_columns_avx2, dfp_interleave_pairs_avx2, AVX2_BOUNDS
@@ -38,7 +40,7 @@ static const dfp_isa_config kConfigs[DFP_ISA_COUNT] = {
     [DFP_ISA_AVX_VNNI] = {&dfp_ukernel_avx_vnni, AVX2_PACKING, AVX2_ROWS, dfp_add_runs_avx2, dfp_add_runs_s32_avx2,
                           dfp_split_sums_avx2, dfp_channel_sums_rows_avx2, dfp_stream_rows_avx2},
     [DFP_ISA_AVX512_VNNI] = {&dfp_ukernel_avx512_vnni, AVX512_PACK_ROWS, AVX512_PACK_COLUMNS,
-                             dfp_interleave_pairs_avx2, AVX2_BOUNDS, AVX512_ROWS, AVX512_ADD_RUNS,
+                             dfp_interleave_pairs_avx2, AVX512_BOUNDS, AVX512_ROWS, AVX512_ADD_RUNS,
                              dfp_add_runs_s32_avx2, dfp_split_sums_avx2, dfp_channel_sums_rows_avx2},
 #undef AVX2_ROWS
 #undef AVX2_PACKING
@@ -47,6 +49,7 @@ static const dfp_isa_config kConfigs[DFP_ISA_COUNT] = {
 #undef AVX512_ADD_RUNS
 #undef AVX512_PACK_COLUMNS
 #undef AVX512_PACK_ROWS
+#undef AVX512_BOUNDS
 #endif
 };
 

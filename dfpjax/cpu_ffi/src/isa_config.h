@@ -3,8 +3,8 @@
  * which never ask which ISA they run on. The portable path's entries are plain C, so forcing
  * it runs, and tests, what a CPU without AVX2 would run; the x86 paths share the AVX2 helpers
  * (pack_avx2.c, encode_avx2.c, quantize_avx2.c) and differ in their microkernels, but for the
- * avx512_vnni path's column copy, output stage, run adds and quantization rows (pack_avx512.c,
- * encode_avx512.c, quantize_avx512.c). */
+ * avx512_vnni path's copies, B panels' norm bounds, output stage, run adds and quantization rows
+ * (pack_avx512.c, encode_avx512.c, quantize_avx512.c). */
 #ifndef DFPJAX_ISA_CONFIG_H_
 #define DFPJAX_ISA_CONFIG_H_
 

@@ -1,7 +1,7 @@
 /* Packing into the VNNI pair layout (see ukernel.h), with the norm summaries from which
  * macro.c proves int32 chunks safe. The loops are portable; the copies and the norm bounds
  * are entries of the path's configuration (isa_config.h): the portable ones here, the AVX2
- * ones in pack_avx2.c. */
+ * ones in pack_avx2.c, the avx512_vnni path's in pack_avx512.c. */
 #ifndef DFPJAX_PACK_H_
 #define DFPJAX_PACK_H_
 
@@ -115,6 +115,7 @@ void dfp_pack_columns_avx512(const int16_t* src, size_t pairs, size_t col_stride
                              int16_t* out, size_t panel_stride);
 void dfp_pack_rows_avx512(const int16_t* src, size_t pairs, size_t row_stride, size_t valid, int width,
                           uint32_t* out);
+int dfp_norm_bounds_avx512(const int16_t* block, size_t kpairs, int width, uint64_t* bounds);
 
 /* The column copies (pack_columns) go pair by pair, all the panels' lanes of its two k-rows,
  * reading the rows in order, once, each prefetched DFP_PREFETCH_PAIRS pairs ahead: a k-row of a

@@ -4,7 +4,8 @@
  * a panel, two pairs at a time where the k-rows lie close) are this path's widths; any other
  * goes to the AVX2 copy. The row copy (pack_rows): the 8-lane A panels of rows contiguous in k,
  * sixteen pairs at a time, or all of a part's pairs from two loads where the rows lie close;
- * any other to the AVX2 copy. */
+ * any other to the AVX2 copy. The norm bounds of panels 16 or 32 lanes wide (the B panels);
+ * others' are the AVX2 bounds. */
 #include <immintrin.h>
 
 #include "pack.h"
@@ -214,4 +215,60 @@ void dfp_pack_rows_avx512(const int16_t* src, size_t pairs, size_t row_stride, s
     return;
   }
   dfp_pack_rows_avx2(src, pairs, row_stride, valid, width, out);
+}
+
+/* The norm bounds (pack.h) of this path's B panels, and of any whose width is a multiple of 16:
+ * pack_avx2.c's row sums at twice the width, 16 lanes a vector, each pair's squares by
+ * vpmaddwd and the next pair's added by vpdpwssd (a two-pair term, below 2**32, floored into
+ * units of 256 as there). Other widths (the 8-lane A panels, whose two pairs a vector made
+ * these sums no faster) go to the AVX2 bounds. */
+
+/* The row sums of pairs [0, n) (n <= DFP_NORM_BLOCK_PAIRS) of the 16 lanes at `at`, pairs
+ * `stride` words apart; least lowered by their words. */
+static inline __m512i norm_block_sums(const int16_t* at, size_t stride, size_t n, __m512i* least) {
+  __m512i sum = _mm512_setzero_si512();
+  size_t p = 0;
+  for (; p + 2 <= n; p += 2) {
+    const __m512i v = _mm512_loadu_si512((const void*)(at + p * stride));
+    const __m512i w = _mm512_loadu_si512((const void*)(at + (p + 1) * stride));
+    *least = _mm512_min_epi16(*least, _mm512_min_epi16(v, w));
+    sum = _mm512_add_epi32(sum, _mm512_srli_epi32(_mm512_dpwssd_epi32(_mm512_madd_epi16(v, v), w, w), 8));
+  }
+  if (p < n) {
+    const __m512i v = _mm512_loadu_si512((const void*)(at + p * stride));
+    *least = _mm512_min_epi16(*least, v);
+    sum = _mm512_add_epi32(sum, _mm512_srli_epi32(_mm512_madd_epi16(v, v), 8));
+  }
+  return sum;
+}
+
+/* pack_avx2.c's fold_levels at this width. */
+static inline void fold_levels(__m512i* chunk, size_t count, __m512i* top) {
+  for (int level = 0; level < DFP_NORM_LEVELS; ++level) {
+    for (size_t b = 0; b < count; ++b) top[level] = _mm512_max_epu32(top[level], chunk[b]);
+    for (size_t b = 0; b < count / 2; ++b) chunk[b] = _mm512_add_epi32(chunk[2 * b], chunk[2 * b + 1]);
+    if (count & 1) chunk[count / 2] = chunk[count - 1];
+    count = (count + 1) / 2;
+  }
+}
+
+int dfp_norm_bounds_avx512(const int16_t* block, size_t kpairs, int width, uint64_t* bounds) {
+  if (width % 16 != 0) return dfp_norm_bounds_avx2(block, kpairs, width, bounds);
+  enum { BLOCKS = DFP_KC_PAIRS / DFP_NORM_BLOCK_PAIRS };
+  __m512i least = _mm512_set1_epi16(INT16_MAX), top[DFP_NORM_LEVELS], chunk[BLOCKS];
+  for (int level = 0; level < DFP_NORM_LEVELS; ++level) top[level] = _mm512_setzero_si512();
+  const size_t stride = 2 * (size_t)width;
+  for (int g = 0; g < width; g += 16) {
+    size_t count = 0;
+    for (size_t p0 = 0; p0 < kpairs; p0 += DFP_NORM_BLOCK_PAIRS, ++count) {
+      const size_t n = kpairs - p0 < DFP_NORM_BLOCK_PAIRS ? kpairs - p0 : DFP_NORM_BLOCK_PAIRS;
+      chunk[count] = norm_block_sums(block + p0 * stride + 2 * (size_t)g, stride, n, &least);
+    }
+    fold_levels(chunk, count, top);
+  }
+  for (int level = 0; level < DFP_NORM_LEVELS; ++level) {
+    const size_t pairs = (size_t)DFP_NORM_BLOCK_PAIRS << level;
+    bounds[level] = 256 * ((uint64_t)_mm512_reduce_max_epu32(top[level]) + (pairs < kpairs ? pairs : kpairs));
+  }
+  return _mm512_cmpeq_epi16_mask(least, _mm512_set1_epi16(INT16_MIN)) != 0;
 }
