@@ -28,8 +28,8 @@ enum {
  * DFP_CHUNK_LEVELS bounds: bound[l] >= the largest squared norm of a panel row over one of
  * the block's chunks of DFP_SHORT_CHUNK_PAIRS << l pairs (chunks at multiples of their length),
  * the first DFP_FINE_LEVELS DFP_BOUND_UNTAKEN, the others the path's norm_bounds (the portable
- * path's exact, the AVX2 one's at most 256 per pair above). Returns -1 if an element is -32768
- * (outside the symmetric DFP range, where even one pair could overflow int32), else 0. */
+ * path's exact, the AVX2 and AVX-512 ones at most 256 per pair above). Returns -1 if an element
+ * is -32768 (outside the symmetric DFP range, where even one pair could overflow int32), else 0. */
 int dfp_pack_panel(const dfp_isa_config* cfg, const int16_t* src, size_t rows, size_t k, size_t kc,
                    size_t row_stride, size_t col_stride, size_t row0, int width, int16_t* dst,
                    uint64_t* bounds);
