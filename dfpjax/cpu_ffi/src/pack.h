@@ -141,6 +141,19 @@ static inline void dfp_prefetch_pair_ahead(const int16_t* in0, size_t col_stride
   }
 }
 
+/* A path's fold of one lane group's norm block sums into the levels, for its vector type
+ * (pack_avx2.c's and pack_avx512.c's): each level's largest over chunks and rows into top, then
+ * chunks of two of the level below, an odd last chunk carried up as it is. */
+#define DFP_DEFINE_FOLD_LEVELS(name, vec, max_epu32, add_epi32)                                     \
+  static inline void name(vec* chunk, size_t count, vec* top) {                                     \
+    for (int level = 0; level < DFP_NORM_LEVELS; ++level) {                                         \
+      for (size_t b = 0; b < count; ++b) top[level] = max_epu32(top[level], chunk[b]);              \
+      for (size_t b = 0; b < count / 2; ++b) chunk[b] = add_epi32(chunk[2 * b], chunk[2 * b + 1]);  \
+      if (count & 1) chunk[count / 2] = chunk[count - 1];                                           \
+      count = (count + 1) / 2;                                                                      \
+    }                                                                                               \
+  }
+
 /* What the AVX2 row copy leaves to plain C: pairs [first, pairs) of pack_rows. */
 void dfp_pack_rows_from(const int16_t* src, size_t first, size_t pairs, size_t row_stride,
                         size_t valid, int width, uint32_t* out);

@@ -390,16 +390,7 @@ static inline uint32_t max_lane(__m256i v) {
   return (uint32_t)_mm256_cvtsi256_si32(v);
 }
 
-/* The levels of one group's norm block sums: each level's largest over chunks and rows into top,
- * then chunks of two of the level below. */
-static inline void fold_levels(__m256i* chunk, size_t count, __m256i* top) {
-  for (int level = 0; level < DFP_NORM_LEVELS; ++level) {
-    for (size_t b = 0; b < count; ++b) top[level] = _mm256_max_epu32(top[level], chunk[b]);
-    for (size_t b = 0; b < count / 2; ++b) chunk[b] = _mm256_add_epi32(chunk[2 * b], chunk[2 * b + 1]);
-    if (count & 1) chunk[count / 2] = chunk[count - 1];
-    count = (count + 1) / 2;
-  }
-}
+DFP_DEFINE_FOLD_LEVELS(fold_levels, __m256i, _mm256_max_epu32, _mm256_add_epi32)
 
 /* The levels as dfp_norm_bounds_portable's, lane by lane (a lane is a row): each norm block's
  * row sums, then chunks of two of the level below; each level's largest over chunks and rows

@@ -242,15 +242,7 @@ static inline __m512i norm_block_sums(const int16_t* at, size_t stride, size_t n
   return sum;
 }
 
-/* pack_avx2.c's fold_levels at this width. */
-static inline void fold_levels(__m512i* chunk, size_t count, __m512i* top) {
-  for (int level = 0; level < DFP_NORM_LEVELS; ++level) {
-    for (size_t b = 0; b < count; ++b) top[level] = _mm512_max_epu32(top[level], chunk[b]);
-    for (size_t b = 0; b < count / 2; ++b) chunk[b] = _mm512_add_epi32(chunk[2 * b], chunk[2 * b + 1]);
-    if (count & 1) chunk[count / 2] = chunk[count - 1];
-    count = (count + 1) / 2;
-  }
-}
+DFP_DEFINE_FOLD_LEVELS(fold_levels, __m512i, _mm512_max_epu32, _mm512_add_epi32)
 
 int dfp_norm_bounds_avx512(const int16_t* block, size_t kpairs, int width, uint64_t* bounds) {
   if (width % 16 != 0) return dfp_norm_bounds_avx2(block, kpairs, width, bounds);
