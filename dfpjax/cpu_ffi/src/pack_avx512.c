@@ -42,10 +42,10 @@ static inline void store_pairs(__m512i v, size_t l, size_t lanes, int width, siz
 }
 
 /* All 32 pairs of lanes [l, l + 32), low and high as the copy below makes them, into their
- * panels by unmasked stores: 512-bit ones, or for 8-lane panels 256-bit ones. Masked 512-bit
- * stores are slow on Zen 4 even with every word in the mask: copying a K block of 64 lanes held
- * in L2, one thread, took 2.3x as long into 8-lane panels (half-word masks) and 1.36x into
- * 32-lane ones (whole masks). */
+ * panels: 512-bit stores, or for 8-lane panels 256-bit halves, with no lane counts, masks or
+ * loop over halves to work out (store_pairs'). With those for every group, copying a K block of
+ * 64 lanes held in L2, one thread, Zen 4, took 2.3x as long into 8-lane panels and 1.36x into
+ * 32-lane ones; the masked stores themselves cost no more than unmasked ones. */
 static inline void store_whole(__m512i low, __m512i high, size_t l, int width, size_t pair, int16_t* out,
                                size_t panel_stride) {
   if (width == 32) {
