@@ -398,6 +398,10 @@ static dfp_conv_shape shape2d(size_t batch, size_t in, size_t out, size_t window
   return s;
 }
 
+/* The operands (0 x, 1 w, 2 dy) whose quantizations each pass includes: forward x and w,
+ * backward-data dy and w, backward-weights x and dy. */
+static const int kPassOperands[3][2] = {{0, 1}, {2, 1}, {0, 2}};
+
 static double totals[3], total_gop, serial_totals[3], work_totals[3], against_totals[3];
 static double quantize_totals[3], floor_totals[3]; /* each pass's quantizations, and their floor */
 
@@ -465,7 +469,12 @@ static void run_layer(int l, size_t batch) {
   SPLIT(5);
 #undef SPLIT
   const double gop = 2.0 * batch * out * out * cout * k * k * cin / 1e9;
-  const double pass[3] = {kf + qx + qw, kd + qdy + qw, kw + qx + qdy};
+  const double q[3] = {qx, qw, qdy}, floor_of[3] = {floor_x, floor_w, floor_dy}, kernel[3] = {kf, kd, kw};
+  double quantizations[3], floors[3], pass[3];
+  for (int i = 0; i < 3; ++i) {
+    const int a = kPassOperands[i][0], b = kPassOperands[i][1];
+    quantizations[i] = q[a] + q[b], floors[i] = floor_of[a] + floor_of[b], pass[i] = kernel[i] + quantizations[i];
+  }
   if (against.path) {
     static const char* calls[6] = {"Q(x)", "Q(w)", "Q(dy)", "fwd kernel", "bwd-data kernel", "bwd-weights kernel"};
     const double ms[6] = {qx, qw, qdy, kf, kd, kw};
@@ -473,9 +482,8 @@ static void run_layer(int l, size_t batch) {
       if (!isnan(ms[i]))
         printf("| %s | %s | %.2f | %.2f | %.3f | %.3f |\n", kLayers[l].name, calls[i], ms[i], versus[i][0],
                versus[i][0] / ms[i], versus[i][1]);
-    const double b[3] = {versus[3][0] + versus[0][0] + versus[1][0], versus[4][0] + versus[2][0] + versus[1][0],
-                         versus[5][0] + versus[0][0] + versus[2][0]};
-    for (int i = 0; i < 3; ++i) against_totals[i] += b[i];
+    for (int i = 0; i < 3; ++i)
+      against_totals[i] += versus[3 + i][0] + versus[kPassOperands[i][0]][0] + versus[kPassOperands[i][1]][0];
   } else {
     printf("| %s | %.2f | %.2f / %.2f / %.2f | %.2f (%.0f) | %.2f (%.0f) | %.2f (%.0f) | %.0f / %.0f / %.0f |"
            " %ld / %ld / %ld |\n",
@@ -483,19 +491,17 @@ static void run_layer(int l, size_t batch) {
            gop / pass[0] * 1e3, gop / pass[1] * 1e3, gop / pass[2] * 1e3, ff, fd, fw);
   }
   if (balance) {
-    static const int parts[3][3] = {{3, 0, 1}, {4, 2, 1}, {5, 0, 2}}; /* kernel, quantizations */
     printf("| %s split |", kLayers[l].name);
     for (int i = 0; i < 3; ++i) {
+      const int parts[3] = {3 + i, kPassOperands[i][0], kPassOperands[i][1]}; /* kernel, quantizations */
       double serial = 0, work = 0;
-      for (int j = 0; j < 3; ++j) serial += split[parts[i][j]][0], work += split[parts[i][j]][1];
+      for (int j = 0; j < 3; ++j) serial += split[parts[j]][0], work += split[parts[j]][1];
       printf(" %.2f / %.2f / %.2f |", serial, work, pass[i]);
       serial_totals[i] += serial, work_totals[i] += work;
     }
     printf("\n");
   }
   fflush(stdout);
-  const double quantizations[3] = {qx + qw, qdy + qw, qx + qdy};
-  const double floors[3] = {floor_x + floor_w, floor_dy + floor_w, floor_x + floor_dy};
   for (int i = 0; i < 3; ++i) totals[i] += pass[i], quantize_totals[i] += quantizations[i], floor_totals[i] += floors[i];
   total_gop += gop;
   free(x), free(w), free(dy), free(mx), free(mw), free(mdy), free(res);
