@@ -62,6 +62,9 @@ static int32_t floor_log2_bits(uint32_t mag) {
   return biased ? (int32_t)biased - 127 : (31 - __builtin_clz(mag)) - 149;
 }
 
+/* The largest mantissa magnitude of a bits-bit quantization. */
+static int32_t mantissa_limit(const dfp_quantize_args* a) { return (1 << (a->bits - 1)) - 1; }
+
 /* The exponent of a group whose largest magnitude bit pattern is top. */
 static int32_t group_exponent(uint32_t top, const dfp_quantize_args* a) {
   return top >= kInfBits ? DFP_NONFINITE_EXPONENT
@@ -122,7 +125,7 @@ static void max_quantize_task(void* arg, size_t task) {
   chunk_range(j, task, &g, &begin, &len);
   const float* x = a->x + g * a->n + begin;
   int16_t* m = a->m + g * a->n + begin;
-  const int32_t limit = (1 << (a->bits - 1)) - 1;
+  const int32_t limit = mantissa_limit(a);
   int32_t e = kNotQuantized;
   size_t done = 0; /* [0, done) quantized with e: 0 or p at each piece */
   for (size_t p = 0; p < len; p += kPiece) {
@@ -167,7 +170,7 @@ static void redo_task(void* arg, size_t task) {
   if (zeros)
     for (size_t i = 0; i < len; ++i) m[i] = 0;
   else
-    j->cfg->quantize_row(a->x + g * a->n + begin, len, e, (1 << (a->bits - 1)) - 1, m, j->stream);
+    j->cfg->quantize_row(a->x + g * a->n + begin, len, e, mantissa_limit(a), m, j->stream);
 }
 
 /* dfp_max_magnitudes: max_quantize_task's maxima alone, each chunk's raising its group's in
