@@ -51,11 +51,13 @@ class Run:
     return [m.group(1) for text in self.hlo for m in re.finditer(r"= (\S+) all-gather\(", text)]
 
 
-def run_on_devices(snippet: str, devices: int, timeout: float = 600, axis_type="Explicit") -> Run:
-  """Runs ``snippet`` with ``devices`` simulated CPU devices; returns its reports."""
+def run_on_devices(snippet: str, devices: int, timeout: float = 600, axis_type="Explicit",
+                   xla_flags: str = "") -> Run:
+  """Runs ``snippet`` with ``devices`` simulated CPU devices (and ``xla_flags`` besides the
+  environment's); returns its reports."""
   env = dict(os.environ)
-  env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
-                      f" --xla_force_host_platform_device_count={devices}").strip()
+  env["XLA_FLAGS"] = " ".join(filter(None, [env.get("XLA_FLAGS", ""), xla_flags,
+                                           f"--xla_force_host_platform_device_count={devices}"]))
   env["JAX_PLATFORMS"] = "cpu"
   program = _PRELUDE.replace("{axis_type}", axis_type) + textwrap.dedent(snippet) + _EPILOGUE
   proc = subprocess.run([sys.executable, "-c", program], env=env, capture_output=True, text=True,

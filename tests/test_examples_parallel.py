@@ -66,9 +66,14 @@ def get_config():
 # The DFP runs' first channels: the replicated and the split state's runs give the same bits
 # only where XLA compiles the optimizer's elementwise update of a kernel and of each device's
 # block of it alike. XLA:CPU in jaxlib 0.12 contracts ``a * b + c`` into one FMA for most
-# shapes but not for arrays whose two minor dimensions are (4, 5), (4, 7) or (4, 8) (measured
-# on AVX2): 4 filters would give ResNet-18 kernels of 4 x 8 channels.
+# shapes but not for all, and which ones depends on the vector ISA it compiles for: with AVX2
+# code, arrays whose two minor dimensions are (4, 5), (4, 7) or (4, 8), so 4 filters would give
+# ResNet-18 kernels of 4 x 8 channels; with AVX-512 code others (on Zen 4, 8 filters end with
+# the momentum of a 3x3x8x16 kernel, split into 3x3x8x4 blocks, a last bit apart). So the runs
+# compile XLA's own code for AVX2 on every CPU (XLA_CODEGEN_FLAGS; the DFP kernels keep the
+# CPU's path), and take 8 filters.
 SHARD_STATE_FILTERS = 8
+XLA_CODEGEN_FLAGS = "--xla_cpu_max_isa=AVX2"
 # About 8x the largest FP32 difference measured above.
 FP32_TOLERANCE = 5e-4
 # A run alone takes 30-60 s; the fixture below runs its eight processes at once.
@@ -76,8 +81,8 @@ RUN_TIMEOUT_S = 900
 
 
 def _environment(devices: int) -> dict[str, str]:
-  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-             JAX_PLATFORMS="cpu")
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} {XLA_CODEGEN_FLAGS}")
   env["PYTHONPATH"] = os.pathsep.join(filter(None, [REPO, env.get("PYTHONPATH")]))
   return env
 
@@ -418,7 +423,7 @@ def test_sharded_state_gives_the_replicated_states_bits():
   all-reduce each way."""
   from multidevice import run_on_devices  # pylint: disable=g-import-not-at-top
   run = run_on_devices(f"REPO = {REPO!r}\nFILTERS = {SHARD_STATE_FILTERS}\n" + _SHARDED_STATE, 4,
-                       axis_type="Auto")
+                       axis_type="Auto", xla_flags=XLA_CODEGEN_FLAGS)
   assert run.results["split_kernels"].sum() == 20  # ResNet-18's convolutions, not the head
   leaves = [name for name in run.results if name.startswith("False.")]
   assert len(leaves) > 60
