@@ -22,11 +22,12 @@ PACKAGE = pathlib.Path(_jax_compat.__file__).parent
 LAYERS = {"_jax_compat": 0, "numerics": 1, "cpu_ffi": 2, "primitives": 3, "transform": 4}
 
 
-PYPROJECT = tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text())
+def _pyproject() -> dict:
+  return tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text())
 
 
 def test_supported_range_is_the_one_pyproject_pins():
-  (pinned,) = [r.specifier for r in map(Requirement, PYPROJECT["project"]["dependencies"])
+  (pinned,) = [r.specifier for r in map(Requirement, _pyproject()["project"]["dependencies"])
                if r.name == "jax"]
   supported = _jax_compat.supported_jax()
   assert supported.startswith(">=") and Requirement(f"jax{supported}").specifier == pinned
@@ -37,7 +38,7 @@ def test_the_kernel_builds_against_the_oldest_supported_jax_each_python_has():
   0.12), so the build takes the headers of the oldest JAX in range: jax 0.10.2 (wheels up to
   Python 3.13), else 0.11.2."""
   supported = SpecifierSet(_jax_compat.supported_jax())
-  build = [Requirement(r) for r in PYPROJECT["build-system"]["requires"]]
+  build = [Requirement(r) for r in _pyproject()["build-system"]["requires"]]
   for python, oldest in [("3.11", "0.10.2"), ("3.13", "0.10.2"), ("3.14", "0.11.2")]:
     pins = {r.name: str(r.specifier) for r in build if r.name in ("jax", "jaxlib")
             and r.marker is not None and r.marker.evaluate({"python_version": python})}
