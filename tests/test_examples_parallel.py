@@ -65,13 +65,10 @@ def get_config():
 """
 # The DFP runs' first channels: the replicated and the split state's runs give the same bits
 # only where XLA compiles the optimizer's elementwise update of a kernel and of each device's
-# block of it alike. XLA:CPU in jaxlib 0.12 contracts ``a * b + c`` into one FMA for most
-# shapes but not for all, and which ones depends on the vector ISA it compiles for: with AVX2
-# code, arrays whose two minor dimensions are (4, 5), (4, 7) or (4, 8), so 4 filters would give
-# ResNet-18 kernels of 4 x 8 channels; with AVX-512 code others (on Zen 4, 8 filters end with
-# the momentum of a 3x3x8x16 kernel, split into 3x3x8x4 blocks, a last bit apart). So the runs
+# block of it alike, which XLA:CPU in jaxlib 0.12 does for some shapes only, and which ones
+# depends on the vector ISA it compiles for (docs/development.md, "JAX 0.12"). So the runs
 # compile XLA's own code for AVX2 on every CPU (XLA_CODEGEN_FLAGS; the DFP kernels keep the
-# CPU's path), and take 8 filters.
+# CPU's path), where 8 filters avoid those shapes (4 would not).
 SHARD_STATE_FILTERS = 8
 XLA_CODEGEN_FLAGS = "--xla_cpu_max_isa=AVX2"
 # About 8x the largest FP32 difference measured above.
