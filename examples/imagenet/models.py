@@ -184,20 +184,16 @@ def _lrn_fwd(x, size, alpha, beta, k, groups):
 
 
 def _lrn_bwd(size, alpha, beta, k, groups, residuals, g):
-  # JAX's transpose of local_response_norm's JVP, operation for operation.
-  del beta, k
+  # JAX's gradient with the slope kept: JAX's own transposes (jax.vjp) of the quotient and of
+  # the window sum, which its releases write differently (jax 0.12.1: the denominator's
+  # cotangent as (x / d) * -(g / d), before it -(g * d**-2) * x).
+  del beta
   x, denominator, slope = residuals
-  c = x.shape[-1]
-  d_base = -((g * lax.integer_pow(denominator, -2)) * x)
-  d_base = alpha * (d_base.reshape(slope.shape) * slope)
-  d_sq = None
-  for i in range(size):  # the window's slices, last first, each padded back to its place
-    shifted = lax.pad(d_base, jnp.zeros((), d_base.dtype),
-                      [(0, 0, 0)] * (d_base.ndim - 1) + [(size - 1 - i, i, 0)])
-    d_sq = shifted if d_sq is None else d_sq + shifted
-  half = size // 2
-  d_sq = d_sq[..., half:half + c // groups] * (2.0 * x.reshape(slope.shape))
-  return (g / denominator + d_sq.reshape(x.shape),)
+  _, quotient_vjp = jax.vjp(jnp.divide, x, denominator)
+  d_x, d_denominator = quotient_vjp(g)
+  _, base_vjp = jax.vjp(lambda x: _lrn_base(x, size, alpha, k, groups), x)
+  (d_window,) = base_vjp(d_denominator.reshape(slope.shape) * slope)
+  return (d_x + d_window,)
 
 
 local_response_norm.defvjp(_lrn_fwd, _lrn_bwd)
