@@ -500,9 +500,41 @@ def test_every_path_reports_consistently():
   assert cpu_ffi.best_isa() == cpu_ffi.supported_isas()[-1]
 
 
+def test_the_kernel_is_built_for_an_ffi_api_the_installed_jaxlib_accepts():
+  built, installed = cpu_ffi.kernel_ffi_api(), cpu_ffi.installed_ffi_api()
+  assert installed is not None and built <= installed  # jaxlib ships the header it speaks
+  assert built >= (0, 3)  # jax 0.10.2's, the oldest supported
+  cpu_ffi.check_ffi_api(built, installed)
+
+
+@pytest.mark.parametrize("built, installed, refused", [
+    ((0, 3), (0, 2), True), ((1, 0), (0, 9), True), ((0, 3), (0, 3), False),
+    ((0, 3), (0, 5), False), ((0, 5), None, False)])  # None: no header, XLA checks at the call
+def test_a_kernel_built_for_a_newer_ffi_api_is_refused_by_name(built, installed, refused):
+  if not refused:
+    cpu_ffi.check_ffi_api(built, installed)
+    return
+  with pytest.raises(RuntimeError, match=rf"built against XLA FFI API {built[0]}\.{built[1]}, newer "
+                     rf"than the installed jaxlib .*'s {installed[0]}\.{installed[1]}, .*reinstall dfpjax"):
+    cpu_ffi.check_ffi_api(built, installed)
+
+
+def test_the_installed_ffi_api_is_read_from_the_header_jaxlib_ships(monkeypatch, tmp_path):
+  header = tmp_path / "xla" / "ffi" / "api" / "c_api.h"
+  monkeypatch.setattr(jax.ffi, "include_dir", lambda: str(tmp_path))
+  assert cpu_ffi.installed_ffi_api() is None
+  header.parent.mkdir(parents=True)
+  header.write_text("#define XLA_FFI_API_MAJOR 1  // comment\n#define XLA_FFI_API_MINOR 7\n")
+  assert cpu_ffi.installed_ffi_api() is None  # a line the reader does not know: no guess
+  header.write_text("// the API\n#define XLA_FFI_API_MAJOR 1\n\n#define XLA_FFI_API_MINOR 7\n")
+  assert cpu_ffi.installed_ffi_api() == (1, 7)
+
+
 def test_kernel_info_reports_the_paths_and_their_tiles():
   info = cpu_ffi.kernel_info()
-  assert set(info) == {"supported_isas", "emulated_isas", "best_isa", "selected_isa", "microkernel"}
+  assert set(info) == {"supported_isas", "emulated_isas", "best_isa", "selected_isa", "microkernel",
+                       "ffi_api"}
+  assert info["ffi_api"] == "{}.{}".format(*cpu_ffi.kernel_ffi_api())
   assert info["supported_isas"] == cpu_ffi.supported_isas() and info["best_isa"] == cpu_ffi.best_isa()
   assert info["selected_isa"] == cpu_ffi.selected_isa()
   assert tuple(info["microkernel"]) == info["supported_isas"]

@@ -131,10 +131,10 @@ def test_jax_version_is_supported_here():
 
 
 def test_the_kernel_library_exports_its_c_api_and_nothing_inside():
-  """Every function dfp_kernel.h declares and the FFI handlers jax.ffi registers are exported;
-  the library's internals (packing, bounds, microkernel entries, macro-loops) are not, so that
-  nothing loaded beside it (another build of it, in benchmarks/conv_phases.c --against) can
-  stand in for them."""
+  """Every function dfp_kernel.h declares, the FFI handlers jax.ffi registers and the FFI API
+  version they were built for are exported; the library's internals (packing, bounds,
+  microkernel entries, macro-loops) are not, so that nothing loaded beside it (another build of
+  it, in benchmarks/conv_phases.c --against) can stand in for them."""
   from dfpjax import cpu_ffi
 
   lib = cpu_ffi._library()
@@ -143,7 +143,7 @@ def test_the_kernel_library_exports_its_c_api_and_nothing_inside():
   undeclared = re.findall(r"^(?!DFP_API)[a-z][\w\s*]*?\b(dfp_\w+)\(", header, re.MULTILINE)
   assert len(declared) >= 13 and not undeclared  # every declared function carries DFP_API
   handlers = ["DfpQuantize", "DfpQuantizeGivenMax", "DfpDotGeneral", "DfpConv", "DfpMaxMagnitudes",
-              "DfpChannelSums"]
+              "DfpChannelSums", "DfpFfiApiVersion"]
   assert [name for name in declared + handlers if not hasattr(lib, name)] == []
   internal = ["dfp_multiply_block", "dfp_pack_columns_portable", "dfp_norm_bounds_portable",
               "dfp_quantize_row_portable", "dfp_isa_config_for", "dfp_ukernel_portable", "dfp_serial"]

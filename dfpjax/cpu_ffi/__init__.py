@@ -12,7 +12,9 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import functools
+import importlib.metadata
 import os
+import re
 
 import jax
 import numpy as np
@@ -66,9 +68,42 @@ def register() -> None:
   _register()
 
 
+def kernel_ffi_api() -> tuple[int, int]:
+  """The XLA FFI API version (major, minor) of the headers the kernel was built against."""
+  major, minor = ctypes.c_int32(), ctypes.c_int32()
+  _library().DfpFfiApiVersion(ctypes.byref(major), ctypes.byref(minor))
+  return major.value, minor.value
+
+
+def installed_ffi_api() -> tuple[int, int] | None:
+  """The installed jaxlib's XLA FFI API version, as the C API header it ships for handlers
+  (under ``jax.ffi.include_dir()``) defines it; None where that header is missing."""
+  try:
+    with open(os.path.join(jax.ffi.include_dir(), "xla", "ffi", "api", "c_api.h")) as f:
+      header = f.read()
+  except OSError:
+    return None
+  parts = [re.search(rf"^#define XLA_FFI_API_{part} (\d+)$", header, re.MULTILINE)
+           for part in ("MAJOR", "MINOR")]
+  return None if None in parts else (int(parts[0].group(1)), int(parts[1].group(1)))
+
+
+def check_ffi_api(built: tuple[int, int], installed: tuple[int, int] | None) -> None:
+  """Raises RuntimeError where the kernel was ``built`` against a newer XLA FFI API than the
+  ``installed`` jaxlib's, whose XLA would refuse its handlers at their first call."""
+  if installed is not None and built > installed:
+    raise RuntimeError(
+        f"dfpjax's kernel was built against XLA FFI API {built[0]}.{built[1]}, newer than the "
+        f"installed jaxlib {importlib.metadata.version('jaxlib')}'s {installed[0]}.{installed[1]}, "
+        "which refuses its handlers (a build with --no-build-isolation takes the headers of the "
+        "jaxlib installed at the time): reinstall dfpjax (`pip install .`, or `pip install -e .` "
+        "in a checkout, builds it against the oldest JAX it supports)")
+
+
 @functools.cache
 def _register() -> None:
   lib = _library()
+  check_ffi_api(kernel_ffi_api(), installed_ffi_api())
   jax.ffi.register_ffi_target(DOT_GENERAL_TARGET, jax.ffi.pycapsule(lib.DfpDotGeneral),
                               platform="cpu")
   jax.ffi.register_ffi_target(CONV_TARGET, jax.ffi.pycapsule(lib.DfpConv), platform="cpu")
@@ -196,7 +231,8 @@ def kernel_info() -> dict:
   functions of those names; ``selected_isa`` raises ``ValueError`` for a bad ``DFPJAX_ISA``),
   and ``microkernel``: for each supported path its register tile as a string ``"MRxNR"``
   (rows of the left operand by columns of the right one per microkernel call), read from the
-  kernel's per-ISA table.
+  kernel's per-ISA table; ``ffi_api``: the XLA FFI API version of the headers it was built
+  against, ``"major.minor"``.
   """
   lib = _library()
   tiles = {}
@@ -206,4 +242,5 @@ def kernel_info() -> dict:
       raise RuntimeError(f"dfpjax: the kernel reports {name} as supported but has no tile for it")
     tiles[name] = f"{mr.value}x{nr.value}"
   return dict(supported_isas=supported_isas(), emulated_isas=emulated_isas(), best_isa=best_isa(),
-              selected_isa=selected_isa(), microkernel=tiles)
+              selected_isa=selected_isa(), microkernel=tiles,
+              ffi_api="{}.{}".format(*kernel_ffi_api()))

@@ -429,6 +429,14 @@ DFP_API XLA_FFI_Error* DfpDotGeneral(XLA_FFI_CallFrame* call_frame);
 DFP_API XLA_FFI_Error* DfpConv(XLA_FFI_CallFrame* call_frame);
 DFP_API XLA_FFI_Error* DfpMaxMagnitudes(XLA_FFI_CallFrame* call_frame);
 DFP_API XLA_FFI_Error* DfpChannelSums(XLA_FFI_CallFrame* call_frame);
+// The XLA FFI API version of the headers the handlers were built against: a jaxlib refuses
+// handlers of a newer one, which dfpjax/cpu_ffi/__init__.py checks before registering them.
+DFP_API void DfpFfiApiVersion(int32_t* major, int32_t* minor);
+}
+
+void DfpFfiApiVersion(int32_t* major, int32_t* minor) {
+  *major = XLA_FFI_API_MAJOR;
+  *minor = XLA_FFI_API_MINOR;
 }
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(DfpQuantize, Quantize,
