@@ -514,8 +514,9 @@ def test_a_kernel_built_for_a_newer_ffi_api_is_refused_by_name(built, installed,
   if not refused:
     cpu_ffi.check_ffi_api(built, installed)
     return
-  with pytest.raises(RuntimeError, match=rf"built against XLA FFI API {built[0]}\.{built[1]}, newer "
-                     rf"than the installed jaxlib .*'s {installed[0]}\.{installed[1]}, .*reinstall dfpjax"):
+  message = (rf"built against XLA FFI API {built[0]}\.{built[1]}, newer than the installed "
+             rf"jaxlib .*'s {installed[0]}\.{installed[1]}, .*reinstall dfpjax")
+  with pytest.raises(RuntimeError, match=message):
     cpu_ffi.check_ffi_api(built, installed)
 
 
