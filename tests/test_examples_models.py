@@ -202,41 +202,6 @@ def test_local_response_norm(groups):
                              rtol=1e-5)
 
 
-def plain_local_response_norm(x, size=5, alpha=1e-4, beta=0.75, k=2.0, groups=1):
-  """The same formula with JAX's own gradient: a sum of shifted slices, a power, a division."""
-  *lead, c = x.shape
-  sq = jnp.square(x.reshape(*lead, groups, c // groups))
-  padded = jnp.pad(sq, [(0, 0)] * (sq.ndim - 1) + [(size // 2, size // 2)])
-  window_sum = sum(padded[..., i:i + sq.shape[-1]] for i in range(size))
-  return x / jnp.power(k + alpha * window_sum, beta).reshape(x.shape)
-
-
-def _lrn_gradients(shape, kwargs, dtype):
-  """``x``, then the values and the gradients of ``models.local_response_norm`` and of the plain
-  formula, under jit."""
-  rng = np.random.default_rng(2)
-  x = jnp.asarray(np.maximum(rng.normal(scale=3.0, size=shape), 0), dtype)
-  dy = jnp.asarray(rng.normal(size=shape), dtype)
-  grad = jax.jit(lambda f, x, dy: jax.vjp(f, x)[1](dy)[0], static_argnums=0)
-  out = []
-  for fn in (models.local_response_norm, plain_local_response_norm):
-    f = functools.partial(fn, **kwargs)
-    out.append((jax.jit(f)(x), grad(f, x, dy)))
-  return out
-
-
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-@pytest.mark.parametrize("shape, kwargs", [
-    ((2, 7, 7, 24), {"size": 5, "alpha": 1e-4 / 5, "beta": 0.75, "k": 1.0}),  # GoogLeNet's
-    ((2, 5, 5, 16), {"groups": 2})])  # AlexNet's towers
-def test_local_response_norm_has_jaxs_gradient_bits_with_the_models_settings(shape, kwargs, dtype):
-  """Its values and its gradient (the slope kept from the forward pass) bit for bit those of
-  JAX's gradient of the formula, under jit."""
-  (value, grad), (plain_value, plain_grad) = _lrn_gradients(shape, kwargs, dtype)
-  np.testing.assert_array_equal(_bits(value), _bits(plain_value))
-  np.testing.assert_array_equal(_bits(grad), _bits(plain_grad))
-
-
 MODEL_VARIANTS = [
     ("resnet18", {}), ("resnet50", {}), ("googlenet", {"aux_logits": True}),
     ("vgg16", {"batch_norm": True}), ("alexnet", {}), ("alexnet", {"one_tower": True}),

@@ -147,56 +147,22 @@ def adaptive_avg_pool(x, out: int):
   return pool_axis(pool_axis(x, 1), 2)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4, 5))
 def local_response_norm(x, size: int = 5, alpha: float = 1e-4, beta: float = 0.75,
                         k: float = 2.0, groups: int = 1):
   """Cross-channel LRN as in Krizhevsky et al. (2012): x / (k + alpha * sum_window x^2)^beta.
 
   Unlike Caffe and PyTorch, ``alpha`` is not divided by ``size``. With ``groups > 1`` the window
-  stays inside each group of channels, as it did on each GPU of the two-tower AlexNet.
-
-  The gradient is JAX's, operation for operation, with the slope
-  ``beta * (k + alpha * sum)^(beta - 1)`` kept from the forward pass, ``dfpjax.materialized``,
-  so that XLA:CPU computes its ``pow`` once instead of once for each of the window's shifts in
-  the backward pass's fusion: the same bits where XLA compiles the ``pow`` and the neighbouring
-  float work alike (tested at the models' settings; with jax 0.11, ``beta`` 0.6 moved a few
-  gradients by up to 10 ulp) (docs/performance.md, "The local response norm's gradient").
+  stays inside each group of channels, as it did on each GPU of the two-tower AlexNet. The
+  window sum is a sum of shifted slices: differentiable, and no matmul for DFP to pick up. The
+  gradient is JAX's: XLA:CPU computes each ``pow`` once per element (a custom VJP that kept the
+  power's slope from the forward pass for that was no faster by 2026-12-07; docs/performance.md).
   """
-  return x / jnp.power(_lrn_base(x, size, alpha, k, groups), beta).reshape(x.shape)
-
-
-def _lrn_base(x, size, alpha, k, groups):
-  """``k + alpha * sum_window x^2``, shaped ``(..., groups, channels // groups)``."""
   *lead, c = x.shape
   sq = jnp.square(x.reshape(*lead, groups, c // groups))
   half = size // 2
   padded = jnp.pad(sq, [(0, 0)] * (sq.ndim - 1) + [(half, half)])
-  # A sum of shifted slices: differentiable, and no matmul for DFP to pick up.
-  return k + alpha * sum(padded[..., i:i + sq.shape[-1]] for i in range(size))
-
-
-def _lrn_fwd(x, size, alpha, beta, k, groups):
-  base = _lrn_base(x, size, alpha, k, groups)
-  denominator = jnp.power(base, beta).reshape(x.shape)
-  beta = jnp.asarray(beta, base.dtype)  # beta - 1 rounded in the dtype, as JAX's pow rule does
-  slope = beta * jnp.power(base, beta - 1)
-  return x / denominator, (x, denominator, dfpjax.materialized(slope))
-
-
-def _lrn_bwd(size, alpha, beta, k, groups, residuals, g):
-  # JAX's gradient with the slope kept: JAX's own transposes (jax.vjp) of the quotient and of
-  # the window sum, which its releases write differently (jax 0.12.1: the denominator's
-  # cotangent as (x / d) * -(g / d), before it -(g * d**-2) * x).
-  del beta
-  x, denominator, slope = residuals
-  _, quotient_vjp = jax.vjp(jnp.divide, x, denominator)
-  d_x, d_denominator = quotient_vjp(g)
-  _, base_vjp = jax.vjp(lambda x: _lrn_base(x, size, alpha, k, groups), x)
-  (d_window,) = base_vjp(d_denominator.reshape(slope.shape) * slope)
-  return (d_x + d_window,)
-
-
-local_response_norm.defvjp(_lrn_fwd, _lrn_bwd)
+  window_sum = sum(padded[..., i:i + sq.shape[-1]] for i in range(size))
+  return x / jnp.power(k + alpha * window_sum, beta).reshape(x.shape)
 
 
 def same_conv(features: int, kernel_size: tuple[int, int], strides=(1, 1), **kwargs):
