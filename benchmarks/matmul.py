@@ -29,7 +29,6 @@ import os
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 import dfpjax
 from common import (WARMUP, check_calls_kernel, cpu_model, gemm_kernel, kernel_paths, operand,

@@ -1,7 +1,6 @@
 """Arguments the DFP ops refuse, each with an error that names the argument and the problem,
 and a convolution the kernel cannot run, which dfp_transform keeps in float."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

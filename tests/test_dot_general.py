@@ -5,11 +5,9 @@ float64 (exact), multiplied with XLA's own float64 dot_general (exact at these s
 rounded once to float32. Gradients use JAX's own transpose rules on those float64 values.
 """
 
-import itertools
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 import pytest
 from jax import lax

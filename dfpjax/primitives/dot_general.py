@@ -22,7 +22,6 @@ from typing import ClassVar
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
 from jax.interpreters import batching
 
 from dfpjax import cpu_ffi

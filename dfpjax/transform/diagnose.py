@@ -14,7 +14,6 @@ from jax.extend.core import jaxpr_as_fun
 
 from dfpjax.numerics.config import DFPConfig, QuantConfig
 from dfpjax.numerics.quantization import NONFINITE_EXPONENT, quantize_with
-from dfpjax.transform import recording
 from dfpjax.transform.report import sites_of, trace_recorded
 
 

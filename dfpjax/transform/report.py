@@ -9,7 +9,6 @@ from typing import Callable
 import jax
 import numpy as np
 from jax.extend import core
-from jax.extend.core import primitives as prims
 
 from dfpjax._jax_compat import CustomJVPTraced, hijax, short_dtype_name
 from dfpjax.numerics.config import DFPConfig
