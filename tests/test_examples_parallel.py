@@ -78,8 +78,11 @@ RUN_TIMEOUT_S = 900
 
 
 def _environment(devices: int) -> dict[str, str]:
-  env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} {XLA_CODEGEN_FLAGS}")
+  """The trainer's environment: the caller's XLA flags (as multidevice.run_on_devices keeps
+  them), then the codegen flags and the device count, which win over any the caller set."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env["XLA_FLAGS"] = " ".join(filter(None, [env.get("XLA_FLAGS", ""), XLA_CODEGEN_FLAGS,
+                                           f"--xla_force_host_platform_device_count={devices}"]))
   env["PYTHONPATH"] = os.pathsep.join(filter(None, [REPO, env.get("PYTHONPATH")]))
   return env
 
