@@ -5,7 +5,6 @@ float64 (exact), multiplied with XLA's own float64 dot_general (exact at these s
 rounded once to float32. Gradients use JAX's own transpose rules on those float64 values.
 """
 
-
 import jax
 import jax.numpy as jnp
 import numpy as np

@@ -518,9 +518,10 @@ def test_2d_mesh_batch_and_features_give_one_devices_bits(axis_type):
                for dtype, dims in (re.match(r"(\w+)\[([\d,]*)\]", g).groups()
                                    for g in Run([], [hlo]).all_gathers())]
     assert all(size <= weight_size[op] for dtype, size in gathers if dtype == "s16"), program
-    if op == "conv":  # the contracted sums' halves where the input's features are split: by the
-      # program (x_features), by XLA's propagation of the weights' (w_in, under Auto), never
-      # with the output features split (w_out)
+    if op == "conv":
+      # The contracted sums' halves, where the input's features are split: by the program
+      # (x_features), by XLA's propagation of the weights' split (w_in, under Auto), never with
+      # the output features split (w_out).
       batch_sized = [size for _, size in gathers if size > weight_size[op]]
       expected = {"x_features": [[y_block] * 3], "w_in": [[y_block] * 3, []], "w_out": [[]]}[split]
       assert batch_sized in expected, (program, gathers)
