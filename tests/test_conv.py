@@ -175,10 +175,26 @@ def _forward_and_gradients(lhs, rhs, kw, g_seed=0):
 
 
 # Convolutions with no output pixels: a window past the input, and an input with none ('SAME');
-# few input channels (backward-data by col2im) and many.
-EMPTY_CASES = {"window_past_input": ((2, 3, 3, 3), (5, 5, 3, 4), "VALID"),
-               "input_without_pixels": ((2, 0, 5, 3), (3, 3, 3, 4), "SAME"),
-               "many_channels": ((2, 3, 3, 40), (5, 5, 40, 4), "VALID")}
+# few input channels (backward-data by col2im) and many, the latter also strided (backward-data
+# then convolves dy dilated by the stride: an empty dy dilates to nothing).
+EMPTY_CASES = {"window_past_input": ((2, 3, 3, 3), (5, 5, 3, 4), dict(padding="VALID")),
+               "input_without_pixels": ((2, 0, 5, 3), (3, 3, 3, 4), dict(padding="SAME")),
+               "many_channels": ((2, 3, 3, 40), (5, 5, 40, 4), dict(padding="VALID")),
+               "many_channels_strided": ((2, 4, 5, 20), (8, 3, 20, 4),
+                                         dict(window_strides=(2, 1), padding=((0, 0), (1, 1))))}
+
+
+def _empty_case_passes(lhs_shape, rhs_shape, kw):
+  """The three passes on the forced path and on the reference twin, ones as the cotangent."""
+  rng = np.random.default_rng(0)
+  lhs = rng.standard_normal(lhs_shape).astype(np.float32)
+  rhs = rng.standard_normal(rhs_shape).astype(np.float32)
+  kw = {"window_strides": (1, 1), "dimension_numbers": ("NHWC", "HWIO", "NHWC"), **kw}
+  got = _forward_and_gradients(lhs, rhs, kw)
+  assert got[0].shape == lax.conv_general_dilated(lhs, rhs, **kw).shape
+  with reference_mode():
+    want = _forward_and_gradients(lhs, rhs, kw)
+  return got, want
 
 
 @pytest.mark.parametrize("case", EMPTY_CASES)
@@ -186,16 +202,21 @@ def test_empty_outputs_have_zero_gradients_on_every_path(isa, case):
   """An empty output, and zero gradients, as lax.conv_general_dilated gives, on the forced
   kernel path and the reference twin (the weight gradient's kernel divided by the output's
   pixels per image, which are none, and the twin stacked no patches)."""
-  lhs_shape, rhs_shape, padding = EMPTY_CASES[case]
-  rng = np.random.default_rng(0)
-  lhs = rng.standard_normal(lhs_shape).astype(np.float32)
-  rhs = rng.standard_normal(rhs_shape).astype(np.float32)
-  kw = dict(window_strides=(1, 1), padding=padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))
-  got = _forward_and_gradients(lhs, rhs, kw)
-  with reference_mode():
-    want = _forward_and_gradients(lhs, rhs, kw)
+  lhs_shape, rhs_shape, kw = EMPTY_CASES[case]
+  got, want = _empty_case_passes(lhs_shape, rhs_shape, kw)
   assert got[0].size == 0 and got[0].shape == want[0].shape
   for a, b, shape in zip(got[1:], want[1:], (lhs_shape, rhs_shape)):
+    np.testing.assert_array_equal(a, np.zeros(shape, np.float32))
+    np.testing.assert_array_equal(b, a)
+
+
+def test_empty_input_dilated_gives_laxs_output_of_zeros_on_every_path(isa):
+  """An input with no pixels along a dilated dimension dilates to nothing, so its padding
+  alone makes lax's output rows (4 here, not 3): zeros, with zero gradients."""
+  got, want = _empty_case_passes((2, 0, 5, 3), (1, 3, 3, 4),
+                                 dict(lhs_dilation=(2, 1), padding=((2, 2), (1, 1))))
+  assert got[0].shape == (2, 4, 5, 4)
+  for a, b, shape in zip(got, want, ((2, 4, 5, 4), (2, 0, 5, 3), (1, 3, 3, 4))):
     np.testing.assert_array_equal(a, np.zeros(shape, np.float32))
     np.testing.assert_array_equal(b, a)
 
