@@ -185,7 +185,8 @@ EMPTY_CASES = {"window_past_input": ((2, 3, 3, 3), (5, 5, 3, 4), dict(padding="V
 
 
 def _empty_case_passes(lhs_shape, rhs_shape, kw):
-  """The three passes on the forced path and on the reference twin, ones as the cotangent."""
+  """The three passes on the forced path and on the reference twin (_forward_and_gradients),
+  the forward output checked against lax's shape."""
   rng = np.random.default_rng(0)
   lhs = rng.standard_normal(lhs_shape).astype(np.float32)
   rhs = rng.standard_normal(rhs_shape).astype(np.float32)
