@@ -176,12 +176,18 @@ def _forward_and_gradients(lhs, rhs, kw, g_seed=0):
 
 # Convolutions with no output pixels: a window past the input, and an input with none ('SAME');
 # few input channels (backward-data by col2im) and many, the latter also strided (backward-data
-# then convolves dy dilated by the stride: an empty dy dilates to nothing).
+# then convolves dy dilated by the stride: an empty dy dilates to nothing); batch groups, whose
+# backward-weights is a forward convolution with dy, now empty, as its window.
 EMPTY_CASES = {"window_past_input": ((2, 3, 3, 3), (5, 5, 3, 4), dict(padding="VALID")),
                "input_without_pixels": ((2, 0, 5, 3), (3, 3, 3, 4), dict(padding="SAME")),
                "many_channels": ((2, 3, 3, 40), (5, 5, 40, 4), dict(padding="VALID")),
                "many_channels_strided": ((2, 4, 5, 20), (8, 3, 20, 4),
-                                         dict(window_strides=(2, 1), padding=((0, 0), (1, 1))))}
+                                         dict(window_strides=(2, 1), padding=((0, 0), (1, 1)))),
+               "batch_groups_window_past_input": ((4, 3, 3, 2), (5, 5, 2, 4),
+                                                  dict(padding="VALID", batch_group_count=2)),
+               "batch_groups_input_without_pixels": ((4, 7, 0, 2), (2, 2, 2, 4),
+                                                     dict(window_strides=(2, 2), padding="SAME",
+                                                          batch_group_count=2))}
 
 
 def _empty_case_passes(lhs_shape, rhs_shape, kw):

@@ -34,11 +34,13 @@ class ConvParams:
 
 def output_size(size, window, stride, padding, lhs_dilation, rhs_dilation) -> int:
   """The output length along one spatial dimension: the windows that fit in the padded,
-  dilated input (none when the window is larger). An empty input dilates to nothing, as in
-  ``lax``'s shape rule (not to ``1 - lhs_dilation``)."""
+  dilated input (none when the window is larger). An empty input or window dilates to
+  nothing, as in ``lax``'s shape rule (not to ``1 - dilation``): a backward-weights
+  convolution's window is the forward's cotangent, which can be empty."""
   lo, hi = padding
   dilated = (size - 1) * lhs_dilation + 1 if size else 0
-  return max(0, (dilated + lo + hi - ((window - 1) * rhs_dilation + 1)) // stride + 1)
+  span = (window - 1) * rhs_dilation + 1 if window else 0
+  return max(0, (dilated + lo + hi - span) // stride + 1)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -83,7 +83,7 @@ def _patches(x, window_shape, out_spatial, p: ConvParams):
     limit = [n, *(f + (k - 1) * st + 1 for f, k, st in zip(first, count, step)), c]
     return lax.slice(x, start, limit, [1, *step, 1])
 
-  if math.prod(out_spatial) == 0:  # an empty output: no patches to slice
+  if math.prod(out_spatial) == 0 or math.prod(window_shape) == 0:  # no patches, or empty ones
     return jnp.zeros((n, *out_spatial, math.prod(window_shape), c), x.dtype)
   if math.prod(window_shape) <= math.prod(out_spatial):
     taps = [window_slice([o * d for o, d in zip(offset, p.rhs_dilation)], out_spatial, p.window_strides)
