@@ -32,15 +32,19 @@ class ConvParams:
     return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
 
+def dilated_size(size, dilation) -> int:
+  """A length with ``dilation - 1`` zeros between neighbours, as in ``lax``'s shape rule: an
+  empty one stays empty (not ``1 - dilation`` long)."""
+  return (size - 1) * dilation + 1 if size else 0
+
+
 def output_size(size, window, stride, padding, lhs_dilation, rhs_dilation) -> int:
   """The output length along one spatial dimension: the windows that fit in the padded,
-  dilated input (none when the window is larger). An empty input or window dilates to
-  nothing, as in ``lax``'s shape rule (not to ``1 - dilation``): a backward-weights
-  convolution's window is the forward's cotangent, which can be empty."""
+  dilated input (none when the window is larger). The input or the window may be empty: a
+  backward-weights convolution's window is the forward's cotangent."""
   lo, hi = padding
-  dilated = (size - 1) * lhs_dilation + 1 if size else 0
-  span = (window - 1) * rhs_dilation + 1 if window else 0
-  return max(0, (dilated + lo + hi - span) // stride + 1)
+  span = dilated_size(window, rhs_dilation)
+  return max(0, (dilated_size(size, lhs_dilation) + lo + hi - span) // stride + 1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -185,7 +189,7 @@ def canonical_params(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilati
       raise ValueError("dfp_conv_general_dilated: string padding is not defined with lhs_dilation; "
                        "give explicit padding (as lax.conv_general_dilated requires)")
     lhs_perm, rhs_perm, _ = dnums
-    effective_rhs = [(k - 1) * r + 1 for k, r in zip(np.take(rhs.shape, rhs_perm)[2:], rhs_dilation)]
+    effective_rhs = [dilated_size(k, r) for k, r in zip(np.take(rhs.shape, rhs_perm)[2:], rhs_dilation)]
     padding = lax.padtype_to_pads(np.take(lhs.shape, lhs_perm)[2:], effective_rhs, window_strides,
                                   padding)
   try:

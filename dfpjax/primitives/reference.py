@@ -22,7 +22,7 @@ from dfpjax.numerics import floatbits
 from dfpjax.numerics.config import QuantConfig
 from dfpjax.numerics.quantization import NONFINITE_EXPONENT, DFPTensor, quantize_with
 from dfpjax.primitives import conv_transpose
-from dfpjax.primitives.conv_params import ConvParams, Geometry
+from dfpjax.primitives.conv_params import ConvParams, Geometry, dilated_size
 
 
 def encode_exact(s, exponent, nonfinite, out_dtype):
@@ -80,7 +80,7 @@ def _patches(x, window_shape, out_spatial, p: ConvParams):
 
   def window_slice(first, count, step):
     start = [0, *first, 0]
-    limit = [n, *(f + (k - 1) * st + 1 for f, k, st in zip(first, count, step)), c]
+    limit = [n, *(f + dilated_size(k, st) for f, k, st in zip(first, count, step)), c]
     return lax.slice(x, start, limit, [1, *step, 1])
 
   if math.prod(out_spatial) == 0 or math.prod(window_shape) == 0:  # no patches, or empty ones
