@@ -132,6 +132,27 @@ def test_max_pool_2d_has_nn_max_pools_values_and_gradient_bits(shape, window, st
     np.testing.assert_array_equal(_bits(grad(pool, x, dy)), _bits(grad(plain, x, dy)))
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("shape, window, strides, padding", POOLS)
+def test_relu_after_max_pool_2d_has_the_bits_of_relu_before_it(shape, window, strides, padding,
+                                                               dtype):
+  """The models take a ReLU after the pool that follows it (on fewer pixels): without NaNs, the
+  same values and gradient bits as before it, over ties (the window's first maximum takes the
+  gradient), all-negative windows, zeros of both signs, -inf beside -inf padding, -0 cotangents."""
+  rng = np.random.default_rng(1)
+  pool = lambda x: models.max_pool_2d(x, window, strides, padding)
+  before, after = lambda x: pool(nn.relu(x)), lambda x: nn.relu(pool(x))
+  grad = jax.jit(lambda f, x, dy: jax.vjp(f, x)[1](dy)[0], static_argnums=0)
+  for x in (rng.normal(size=shape), rng.normal(size=shape) - 2, rng.integers(-2, 3, size=shape),
+            np.where(rng.random(shape) < 0.7, -np.inf, rng.normal(size=shape)),
+            np.where(rng.random(shape) < 0.5, -0.0, 0.0)):
+    x = jnp.asarray(x, dtype)
+    y = jax.jit(before)(x)
+    np.testing.assert_array_equal(_bits(jax.jit(after)(x)), _bits(y))
+    dy = jnp.asarray(rng.normal(size=y.shape), dtype).at[0].set(-0.0)
+    np.testing.assert_array_equal(_bits(grad(after, x, dy)), _bits(grad(before, x, dy)))
+
+
 def test_max_pool_2d_gradient_takes_images_of_fewer_than_2_31_elements():
   x = jax.ShapeDtypeStruct((2, 2**16, 2**15, 1), jnp.float32)
   with pytest.raises(ValueError, match=r"max_pool_2d: images of 2147483648 elements; .* fewer "
