@@ -36,8 +36,9 @@ LAYOUTS = {1: [("NWC", "WIO", "NWC"), ("NCW", "OIW", "NCW")],
            3: [("NDHWC", "DHWIO", "NDHWC")]}
 
 
-def _random_conv(rng):
-  """A random valid convolution: rank, layout, strides, padding, dilations, groups."""
+def _random_conv(rng, empty=False):
+  """A random valid convolution: rank, layout, strides, padding, dilations, groups; if empty,
+  one whose input or output has no elements (spatial sizes from 0)."""
   nd = int(rng.choice([1, 2, 2, 2, 3]))
   layout = LAYOUTS[nd][rng.integers(len(LAYOUTS[nd]))]
   groups = int(rng.choice([1, 1, 2, 4]))
@@ -48,7 +49,7 @@ def _random_conv(rng):
     groups = in_features = int(rng.integers(2, 5))
   out_features = int(rng.integers(1, 3)) * groups * batch_groups
   batch = int(rng.integers(1, 3)) * batch_groups
-  spatial = [int(rng.integers(3, 9 if nd < 3 else 6)) for _ in range(nd)]
+  spatial = [int(rng.integers(0, 3) if empty else rng.integers(3, 9 if nd < 3 else 6)) for _ in range(nd)]
   window = [int(rng.integers(1, 4)) for _ in range(nd)]
   strides = [int(rng.integers(1, 4)) for _ in range(nd)]  # stride > kernel included
   rhs_dilation = [int(rng.integers(1, 3)) for _ in range(nd)]
@@ -69,18 +70,19 @@ def _random_conv(rng):
                          jax.ShapeDtypeStruct(lhs_shape, jnp.float32),
                          jax.ShapeDtypeStruct(rhs_shape, jnp.float32))
   except (ValueError, TypeError):
-    return _random_conv(rng)
-  if 0 in out.shape:
-    return _random_conv(rng)
+    return _random_conv(rng, empty)
+  if (0 in out.shape or 0 in lhs_shape) != empty:
+    return _random_conv(rng, empty)
   lhs = rng.standard_normal(lhs_shape).astype(np.float32)
   rhs = rng.standard_normal(rhs_shape).astype(np.float32)
   return lhs, rhs, kwargs
 
 
-@pytest.mark.parametrize("seed", range(12))
-def test_random_convolutions_forward_and_gradients(seed):
+@pytest.mark.parametrize("seed, empty", [(seed, False) for seed in range(12)] +
+                         [(seed, True) for seed in range(12)])
+def test_random_convolutions_forward_and_gradients(seed, empty):
   rng = np.random.default_rng(seed)
-  lhs, rhs, kw = _random_conv(rng)
+  lhs, rhs, kw = _random_conv(rng, empty)
   f = lambda a, b: dfpjax.dfp_conv_general_dilated(a, b, **kw)
   y, vjp = jax.vjp(f, lhs, rhs)
   g = rng.standard_normal(y.shape).astype(np.float32)
