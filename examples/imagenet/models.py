@@ -159,16 +159,32 @@ def local_response_norm(x, size: int = 5, alpha: float = 1e-4, beta: float = 0.7
 
   Unlike Caffe and PyTorch, ``alpha`` is not divided by ``size``. With ``groups > 1`` the window
   stays inside each group of channels, as it did on each GPU of the two-tower AlexNet. The
-  window sum is a sum of shifted slices: differentiable, and no matmul for DFP to pick up. The
-  gradient is JAX's: XLA:CPU computes each ``pow`` once per element (a custom VJP that kept the
-  power's slope from the forward pass for that was no faster by 2026-12-07; docs/performance.md).
+  window sum is a sum of shifted slices: differentiable, and no matmul for DFP to pick up.
+
+  The gradient is JAX's, with the window sum's cotangent stored (``cotangent_materialized``):
+  the window sum's transpose adds that cotangent at each of the window's shifts, and XLA:CPU
+  fused its computation (a ``pow`` of the window sum, itself a sum of shifted squares) into each
+  shift, five times per element: GoogLeNet's DFP step at batch 16 spent a quarter of its time in
+  conv2's LRN gradient (docs/performance.md, "The local response norm's gradient, stored").
+  Computed once, in another fusion, the gradient differs from the plain formula's in the last
+  bits where its two terms cancel, as accurate against the exact one (tested).
   """
   *lead, c = x.shape
   sq = jnp.square(x.reshape(*lead, groups, c // groups))
   half = size // 2
   padded = jnp.pad(sq, [(0, 0)] * (sq.ndim - 1) + [(half, half)])
-  window_sum = sum(padded[..., i:i + sq.shape[-1]] for i in range(size))
+  window_sum = cotangent_materialized(sum(padded[..., i:i + sq.shape[-1]] for i in range(size)))
   return x / jnp.power(k + alpha * window_sum, beta).reshape(x.shape)
+
+
+@jax.custom_vjp
+def cotangent_materialized(x):
+  """``x``, whose cotangent is ``dfpjax.materialized``: computed once and stored, where XLA:CPU
+  would fuse its computation into each of its consumers in the backward pass."""
+  return x
+
+
+cotangent_materialized.defvjp(lambda x: (x, None), lambda _, g: (dfpjax.materialized(g),))
 
 
 def same_conv(features: int, kernel_size: tuple[int, int], strides=(1, 1), **kwargs):
