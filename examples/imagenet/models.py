@@ -165,16 +165,33 @@ def local_response_norm(x, size: int = 5, alpha: float = 1e-4, beta: float = 0.7
   the window sum's transpose adds that cotangent at each of the window's shifts, and XLA:CPU
   fused its computation (a ``pow`` of the window sum, itself a sum of shifted squares) into each
   shift, five times per element: GoogLeNet's DFP step at batch 16 spent a quarter of its time in
-  conv2's LRN gradient (docs/performance.md, "The local response norm's gradient, stored").
-  Computed once, in another fusion, the gradient differs from the plain formula's in the last
-  bits where its two terms cancel, as accurate against the exact one (tested).
+  conv2's LRN gradient. The power is ``_power``'s (square roots for the models' beta 0.75, its
+  slope from its value). Both change the last bits against the plain formula (many ulp of the
+  gradient where its two terms cancel), with errors against the exact values and gradient of the
+  same size (tested); docs/performance.md, "The local response norm's gradient, stored".
   """
   *lead, c = x.shape
   sq = jnp.square(x.reshape(*lead, groups, c // groups))
   half = size // 2
   padded = jnp.pad(sq, [(0, 0)] * (sq.ndim - 1) + [(half, half)])
   window_sum = cotangent_materialized(sum(padded[..., i:i + sq.shape[-1]] for i in range(size)))
-  return x / jnp.power(k + alpha * window_sum, beta).reshape(x.shape)
+  return x / _power(k + alpha * window_sum, beta).reshape(x.shape)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
+def _power(base, exponent: float):
+  """``base ** exponent`` for ``base > 0``; for 0.75 (the models') ``sqrt(base * sqrt(base))``:
+  two correctly rounded square roots and a product, where XLA:CPU's ``pow`` (a logarithm and an
+  exponential) took 3 ns an element. The derivative ``exponent * value / base``, from the value:
+  no second ``pow`` in the backward pass."""
+  return jnp.sqrt(base * jnp.sqrt(base)) if exponent == 0.75 else jnp.power(base, exponent)
+
+
+@_power.defjvp
+def _power_jvp(exponent, primals, tangents):
+  (base,), (tangent,) = primals, tangents
+  value = _power(base, exponent)
+  return value, tangent * (exponent * value / base)
 
 
 @jax.custom_vjp
