@@ -248,7 +248,7 @@ def test_local_response_norm_is_as_accurate_as_the_plain_formula(alpha, k, group
   d = k + alpha W(x^2), W the window sum), and a gradient whose error against the exact one
   (g / d^beta - 2 alpha beta x W(g x d^(-beta-1)), W symmetric) is within 1.5 times that of
   JAX's gradient of the plain formula in float32 at its largest (both ~1e-7: the two terms
-  cancel in places, so the two gradients differ by many ulp there) and 1.25 times in mean
+  cancel in places, so the two gradients differ by many ulp there) and 1.25 times in root mean
   square."""
   rng = np.random.default_rng(2)
   x = np.maximum(rng.normal(scale=scale, size=(4, 9, 9, 64)), 0).astype(np.float32)
