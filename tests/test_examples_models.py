@@ -98,6 +98,11 @@ def _bits(a):
   return np.asarray(a, np.float32).view(np.uint32)
 
 
+# f(x) and its gradient along the cotangent g, jitted (f static).
+_value_and_gradient = jax.jit(lambda f, x, g: (lambda y, back: (y, back(g)[0]))(*jax.vjp(f, x)),
+                              static_argnums=0)
+
+
 # (input shape, window, strides, padding): the models' pools (ResNet's stem, GoogLeNet's branch
 # pool, VGG's, AlexNet's and Caffe's ceil mode on odd and tiny maps).
 POOLS = [((2, 17, 19, 8), (3, 3), (2, 2), ((1, 1), (1, 1))),
@@ -128,8 +133,8 @@ def test_max_pool_2d_has_nn_max_pools_values_and_gradient_bits(shape, window, st
     dy = jnp.asarray(rng.normal(size=y.shape), dtype).at[0].set(-0.0)
     np.testing.assert_array_equal(_bits(jax.jit(pool)(x)), _bits(y))
     np.testing.assert_array_equal(_bits(jax.jit(lambda x: jax.vjp(pool, x)[0])(x)), _bits(y))
-    grad = jax.jit(lambda f, x, dy: jax.vjp(f, x)[1](dy)[0], static_argnums=0)
-    np.testing.assert_array_equal(_bits(grad(pool, x, dy)), _bits(grad(plain, x, dy)))
+    np.testing.assert_array_equal(_bits(_value_and_gradient(pool, x, dy)[1]),
+                                  _bits(_value_and_gradient(plain, x, dy)[1]))
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
@@ -142,7 +147,6 @@ def test_relu_after_max_pool_2d_has_the_bits_of_relu_before_it(shape, window, st
   rng = np.random.default_rng(1)
   pool = lambda x: models.max_pool_2d(x, window, strides, padding)
   before, after = lambda x: pool(nn.relu(x)), lambda x: nn.relu(pool(x))
-  grad = jax.jit(lambda f, x, dy: jax.vjp(f, x)[1](dy)[0], static_argnums=0)
   for x in (rng.normal(size=shape), rng.normal(size=shape) - 2, rng.integers(-2, 3, size=shape),
             np.where(rng.random(shape) < 0.7, -np.inf, rng.normal(size=shape)),
             np.where(rng.random(shape) < 0.5, -0.0, 0.0)):
@@ -150,7 +154,8 @@ def test_relu_after_max_pool_2d_has_the_bits_of_relu_before_it(shape, window, st
     y = jax.jit(before)(x)
     np.testing.assert_array_equal(_bits(jax.jit(after)(x)), _bits(y))
     dy = jnp.asarray(rng.normal(size=y.shape), dtype).at[0].set(-0.0)
-    np.testing.assert_array_equal(_bits(grad(after, x, dy)), _bits(grad(before, x, dy)))
+    np.testing.assert_array_equal(_bits(_value_and_gradient(after, x, dy)[1]),
+                                  _bits(_value_and_gradient(before, x, dy)[1]))
 
 
 def test_max_pool_2d_gradient_takes_images_of_fewer_than_2_31_elements():
@@ -210,25 +215,24 @@ def test_adaptive_avg_pool_matches_torchvision_bins(size, out):
   np.testing.assert_allclose(models.adaptive_avg_pool(jnp.asarray(x), out), expected, atol=1e-6)
 
 
+def _window_sums(v, size, groups):
+  """Each channel's sum of ``v`` (NHWC) over channels c - size // 2 .. c + size // 2 within its
+  group: the LRN's window."""
+  width, half = v.shape[-1] // groups, size // 2
+  sums = np.empty_like(v)
+  for c in range(v.shape[-1]):
+    lo, hi = max(c // width * width, c - half), min((c // width + 1) * width, c + half + 1)
+    sums[..., c] = np.sum(v[..., lo:hi], axis=-1)
+  return sums
+
+
 @pytest.mark.parametrize("groups", [1, 2])
 def test_local_response_norm(groups):
   x = np.random.default_rng(1).normal(scale=20.0, size=(2, 3, 3, 8)).astype(np.float32)
   alpha, beta, k = 1e-4, 0.75, 2.0  # size 5: channels c-2..c+2 within the group
-  expected = np.empty_like(x)
-  width = 8 // groups
-  for c in range(8):
-    lo, hi = max(c // width * width, c - 2), min((c // width + 1) * width, c + 3)
-    expected[..., c] = x[..., c] / (k + alpha * np.sum(x[..., lo:hi] ** 2, axis=-1)) ** beta
+  expected = x / (k + alpha * _window_sums(x ** 2, 5, groups)) ** beta
   np.testing.assert_allclose(models.local_response_norm(jnp.asarray(x), groups=groups), expected,
                              rtol=1e-5)
-
-
-def _window_sums(v, size, groups):
-  """Sums over each channel's window (within its group) of float64 ``v``, NHWC."""
-  *lead, c = v.shape
-  v = v.reshape(*lead, groups, c // groups)
-  padded = np.pad(v, [(0, 0)] * (v.ndim - 1) + [(size // 2, size // 2)])
-  return sum(padded[..., i:i + v.shape[-1]] for i in range(size)).reshape(*lead, c)
 
 
 def _plain_local_response_norm(x, size, alpha, beta, k, groups):
@@ -260,9 +264,9 @@ def test_local_response_norm_is_as_accurate_as_the_plain_formula(alpha, k, group
   exact_y = x64 / d ** beta
   exact_dx = g64 / d ** beta - 2 * alpha * beta * x64 * _window_sums(g64 * x64 * d ** (-beta - 1),
                                                                        size, groups)
-  vjp = jax.jit(lambda f, x, g: (lambda y, back: (y, back(g)[0]))(*jax.vjp(f, x)), static_argnums=0)
-  y, dx = vjp(functools.partial(models.local_response_norm, **settings), x, g)
-  _, plain_dx = vjp(functools.partial(_plain_local_response_norm, **settings), x, g)
+  y, dx = _value_and_gradient(functools.partial(models.local_response_norm, **settings), x, g)
+  _, plain_dx = _value_and_gradient(functools.partial(_plain_local_response_norm, **settings), x,
+                                    g)
   nonzero = exact_y != 0
   assert np.all(np.abs(np.asarray(y, np.float64) - exact_y)[nonzero]
                 <= 2 * 2.0**-23 * np.abs(exact_y)[nonzero])
@@ -290,8 +294,7 @@ def test_cotangent_materialized_is_the_identity_both_ways():
   """Values and cotangents come back bit for bit (NaN, -0, subnormals, infinities), jitted."""
   x = jnp.asarray([1.5, -0.0, np.nan, 1e-40, -np.inf, 3.0], jnp.float32)
   g = jnp.asarray([-0.0, 2.0, 1e-42, np.nan, 5.0, -np.inf], jnp.float32)
-  y, dx = jax.jit(lambda x, g: (lambda y, back: (y, back(g)[0]))(
-      *jax.vjp(models.cotangent_materialized, x)))(x, g)
+  y, dx = _value_and_gradient(models.cotangent_materialized, x, g)
   np.testing.assert_array_equal(_bits(y), _bits(x))
   np.testing.assert_array_equal(_bits(dx), _bits(g))
 
