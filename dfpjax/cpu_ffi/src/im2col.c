@@ -116,22 +116,6 @@ static size_t valid_rows(size_t rows, size_t row0, int width, size_t q) {
   return first >= rows ? 0 : rows - first < (size_t)width ? rows - first : (size_t)width;
 }
 
-/* Pixels from (n, p) on, at most `limit`, whose windows lie inside the input along one output
- * row, given that (n, p)'s does (dfp_window_origin): the window's origin steps stride[2] input
- * pixels a pixel, so one pixel's row of x is the last one's moved by a constant. */
-static size_t inside_run(const dfp_conv_shape* s, const size_t p[3], size_t limit) {
-  const int64_t last = (int64_t)s->in[2] - 1 - ((int64_t)s->window[2] - 1) * s->rhs_dil[2] + s->pad_lo[2];
-  size_t end = (size_t)(last / s->stride[2]) + 1; /* the first p2 whose window leaves the input */
-  if (end > s->out[2]) end = s->out[2];
-  return end - p[2] < limit ? end - p[2] : limit;
-}
-
-/* (n, p), the first of a run of `pixels` pixels along one output row -> the pixel after the run. */
-static inline void skip_run(const dfp_conv_shape* s, size_t pixels, size_t* n, size_t p[3]) {
-  p[2] += pixels - 1; /* the run's last pixel, then the next one */
-  dfp_next_pixel(s, n, p);
-}
-
 void dfp_im2col_pack_pixels(const dfp_isa_config* cfg, const dfp_patches* P, size_t rows, size_t row0,
                             int width, size_t panels, size_t k0, size_t k1, int16_t* dst, size_t panel_stride) {
   const dfp_conv_shape* s = P->shape;
@@ -161,7 +145,7 @@ void dfp_im2col_pack_pixels(const dfp_isa_config* cfg, const dfp_patches* P, siz
       continue;
     }
     const int64_t origin = !dense && valid == (size_t)width ? dfp_window_origin(s, n, p) : -1;
-    if (origin >= 0 && inside_run(s, p, valid) == valid) {
+    if (origin >= 0 && dfp_inside_run(s, p, valid) == valid) {
       const int16_t* x = P->x + (size_t)origin * channels;
       uint32_t* out = (uint32_t*)(dst + q * panel_stride);
       for (size_t j = 0; j < count; ++j) {
@@ -179,7 +163,7 @@ void dfp_im2col_pack_pixels(const dfp_isa_config* cfg, const dfp_patches* P, siz
           out[(b - k0) / 2 * (size_t)width + i] =
               (uint16_t)low[i * run_stride] | (high ? (uint32_t)(uint16_t)high[i * run_stride] << 16 : 0u);
       }
-      skip_run(s, valid, &n, p);
+      dfp_skip_run(s, valid, &n, p);
       continue;
     }
     for (size_t i = 0; i < valid; ++i, dfp_next_pixel(s, &n, p)) copy_parts(P, &u, n, p, parts, count, k0, buffer[i]);
@@ -238,7 +222,7 @@ void dfp_im2col_pack_taps(const dfp_isa_config* cfg, const dfp_patches* P, size_
   size_t n = dfp_split_pixel(s, k0, p);
   for (size_t k = k0; k < k1;) {
     const int64_t first = dfp_window_origin(s, n, p);
-    const size_t run = first >= 0 ? inside_run(s, p, k1 - k) / 2 * 2 : 0;
+    const size_t run = first >= 0 ? dfp_inside_run(s, p, k1 - k) / 2 * 2 : 0;
     if (run > 0) {
       const int16_t* x = P->x + (size_t)first * channels;
       int16_t* at = dst + (k - k0) / 2 * (size_t)width * 2;
@@ -255,7 +239,7 @@ void dfp_im2col_pack_taps(const dfp_isa_config* cfg, const dfp_patches* P, size_
                             at + (r - row0) / (size_t)width * panel_stride + 2 * lane, panel_stride);
         }
       }
-      skip_run(s, run, &n, p);
+      dfp_skip_run(s, run, &n, p);
       k += run;
       continue;
     }

@@ -104,6 +104,22 @@ static inline void dfp_next_pixel(const dfp_conv_shape* s, size_t* n, size_t p[3
   }
 }
 
+/* Pixels from (n, p) on, at most `limit`, whose windows lie inside the input along one output
+ * row, given that (n, p)'s does (dfp_window_origin): the window's origin steps stride[2] input
+ * pixels a pixel, so one pixel's row of x is the last one's moved by a constant. */
+static inline size_t dfp_inside_run(const dfp_conv_shape* s, const size_t p[3], size_t limit) {
+  const int64_t last = (int64_t)s->in[2] - 1 - ((int64_t)s->window[2] - 1) * s->rhs_dil[2] + s->pad_lo[2];
+  size_t end = (size_t)(last / s->stride[2]) + 1; /* the first p2 whose window leaves the input */
+  if (end > s->out[2]) end = s->out[2];
+  return end - p[2] < limit ? end - p[2] : limit;
+}
+
+/* (n, p), the first of a run of `pixels` pixels along one output row -> the pixel after the run. */
+static inline void dfp_skip_run(const dfp_conv_shape* s, size_t pixels, size_t* n, size_t p[3]) {
+  p[2] += pixels - 1; /* the run's last pixel, then the next one */
+  dfp_next_pixel(s, n, p);
+}
+
 /* Both views walk the columns (pixels view) or rows (taps view) tap * cin + c in "units": runs
  * of taps whose elements lie contiguously in x. A unit is a whole window row along the last
  * dimension when the input has one feature group and no dilation there (a 7x7 stem on 3
