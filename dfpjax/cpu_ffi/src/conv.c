@@ -466,8 +466,8 @@ static void col2im_group(col2im_plan* c, size_t image, size_t g, int16_t* apack,
     for (size_t row = row0; row < row1;) {
       const int64_t origin = dfp_window_origin(s, 0, pos); /* within the image */
       if (origin >= 0) { /* a run of whole windows along the output row: every unit at its offset,
-                          * one call a pixel, the origin stepped (found pixel by pixel, it took 5%
-                          * of the stem's kernel) */
+                          * one call a pixel, the origin stepped (the loop that found it pixel by
+                          * pixel took 5% of the stem's kernel) */
         const size_t run = dfp_inside_run(s, pos, row1 - row), step = (size_t)s->stride[2] * channels_in;
         for (size_t q = 0; q < run; ++q)
           add_sums(c, s32, acc, ldc, row - row0 + q, 0, group_dx + (size_t)origin * channels_in + q * step,
