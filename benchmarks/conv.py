@@ -19,8 +19,9 @@ pass's GOP/s against the DFP GEMM kernel's at 1024^3 (operands quantized beforeh
 matmul.py's kernel column), which runs in every layer's interleaved rounds: the reference is
 timed in the same minutes as the passes, so the host's drift moves both (--min takes every
 function's fastest run, the GEMM's too: a share that stays short there is not the noise's
-doing). The header names
-the glibc malloc settings in the environment: with the defaults every output of 32 MB or more
+doing), and where each layer gains or loses against the bar: its time less its operations' time
+at 85% of the GEMM's rate (BAR_SHARE). The header names the glibc malloc settings in the
+environment: with the defaults every output of 32 MB or more
 is a fresh mapping, faulted in and zero-filled as it is written, which costs the DFP passes
 10-20% on two threads (docs/performance.md, "Two threads"); docs/examples.md names the settings
 that spare the faults (huge pages) or keep the buffers.
@@ -57,7 +58,8 @@ LAYERS = {
 }
 QUICK_LAYERS = ["conv1_7x7s2", "conv2_3x3", "conv5_1x1_expand"]
 PASSES = ("forward", "backward-data", "backward-weights")
-GEMM = (1024, 1024, 1024)  # the reference: issue 15's bar is each pass at 85% of its GOP/s
+GEMM = (1024, 1024, 1024)  # the reference: issue 15's bar is each pass at BAR_SHARE of its GOP/s
+BAR_SHARE = 0.85
 
 
 def _passes(conv, x, w, dy):
@@ -158,6 +160,16 @@ def main(argv=None):
     gops = gflop / (totals[p]["dfp_ms"] / 1e3)
     shares[p] = gops / gemm_gops
     print(f"| {p} | {gops:.0f} | {100 * shares[p]:.0f}% |")
+  # Where a pass gains or loses against the bar: each layer's time less its share of the time
+  # the whole set may take at BAR_SHARE of the GEMM's rate (the layer's operations at that rate).
+  print()
+  print(f"Each layer's ms over (+) or under (-) its share of the bar ({100 * BAR_SHARE:.0f}% of "
+        f"{gemm_gops:.0f} GOP/s):")
+  print("| layer | " + " | ".join(PASSES) + " |")
+  print("|---|---|---|---|")
+  for r in rows + [dict(layer="**total**", gflop=gflop, **totals)]:
+    allowed_ms = r["gflop"] / (BAR_SHARE * gemm_gops) * 1e3
+    print(f"| {r['layer']} | " + " | ".join(f"{r[p]['dfp_ms'] - allowed_ms:+.1f}" for p in PASSES) + " |")
   if args.json:
     with open(args.json, "w") as f:
       json.dump(dict(isa=isa, batch=args.batch, statistic="min" if args.min else "median", rows=rows,
