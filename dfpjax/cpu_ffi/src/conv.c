@@ -431,6 +431,7 @@ static void col2im_group(col2im_plan* c, size_t image, size_t g, int16_t* apack,
   const size_t mcp = ceil_div(CONV_MC_ROWS, mr), ldc = c->npanels * nr, levels = c->kblocks * DFP_CHUNK_LEVELS;
   const size_t kp = c->kpairs ? c->kpairs : 1;
   const size_t channels_out = s->groups * s->cout, channels_in = s->groups * s->cin;
+  const size_t run_stride = dfp_run_stride(s);
   const dfp_unit_shape units = c->units;
   const int16_t* dy = c->args->x + image * c->pixels * channels_out + g * s->cout;
   int64_t* group_dx = dx + g * s->cin;
@@ -468,9 +469,9 @@ static void col2im_group(col2im_plan* c, size_t image, size_t g, int16_t* apack,
       if (origin >= 0) { /* a run of whole windows along the output row: every unit at its offset,
                           * one call a pixel, the origin stepped (the loop that found it pixel by
                           * pixel took 5% of the stem's kernel) */
-        const size_t run = dfp_inside_run(s, pos, row1 - row), step = (size_t)s->stride[2] * channels_in;
+        const size_t run = dfp_inside_run(s, pos, row1 - row);
         for (size_t q = 0; q < run; ++q)
-          add_sums(c, s32, acc, ldc, row - row0 + q, 0, group_dx + (size_t)origin * channels_in + q * step,
+          add_sums(c, s32, acc, ldc, row - row0 + q, 0, group_dx + (size_t)origin * channels_in + q * run_stride,
                    c->unit_offsets, units.elements, c->unit_count);
         dfp_skip_run(s, run, &image_index, pos);
         row += run;

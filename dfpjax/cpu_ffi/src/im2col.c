@@ -135,7 +135,7 @@ void dfp_im2col_pack_pixels(const dfp_isa_config* cfg, const dfp_patches* P, siz
    * layers' window rows (conv2_3x3's forward and backward-data kernels 3-4% shorter, Zen 3)
    * and, a pair that straddles two parts word by word, the stem's rows of 21 (its patches of
    * one image packed in 0.40 ms against 0.47, one thread, Zen 3). */
-  const size_t run_stride = (size_t)s->stride[2] * channels;
+  const size_t run_stride = dfp_run_stride(s);
   for (size_t q = 0; q < panels; ++q) {
     const size_t first = row0 + q * (size_t)width, valid = valid_rows(rows, row0, width, q);
     if (valid == 0) continue;
@@ -209,7 +209,7 @@ void dfp_im2col_pack_taps(const dfp_isa_config* cfg, const dfp_patches* P, size_
    * kernel 5-6% shorter, one thread, Zen 3). */
   int aligned = 1;
   for (size_t j = 0; j < count; ++j) aligned &= (parts[j].a - row0) % (size_t)width == 0;
-  const size_t run_stride = (size_t)s->stride[2] * channels;
+  const size_t run_stride = dfp_run_stride(s);
   /* Any other pair (a window reaching outside the input, a run's odd last pixel): pixels k and
    * k + 1, each unit part read straight from x where the pixel's window lies inside the input
    * (else from edge, filled by copy_unit's checks), interleaved into pair_row (rows past the

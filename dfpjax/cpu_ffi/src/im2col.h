@@ -114,6 +114,9 @@ static inline size_t dfp_inside_run(const dfp_conv_shape* s, const size_t p[3], 
   return end - p[2] < limit ? end - p[2] : limit;
 }
 
+/* Elements of x from one pixel's window origin in such a run to the next one's. */
+static inline size_t dfp_run_stride(const dfp_conv_shape* s) { return (size_t)s->stride[2] * s->groups * s->cin; }
+
 /* (n, p), the first of a run of `pixels` pixels along one output row -> the pixel after the run. */
 static inline void dfp_skip_run(const dfp_conv_shape* s, size_t pixels, size_t* n, size_t p[3]) {
   p[2] += pixels - 1; /* the run's last pixel, then the next one */
